@@ -1,0 +1,44 @@
+# HolePunch developer entry points. Every target installs what it needs first (`deps`), so each
+# works on a fresh Debian 12 machine as root.
+SHELL := /bin/bash
+SWIFT ?= swift
+APT_PACKAGES := libngtcp2-dev libngtcp2-crypto-gnutls-dev libgnutls28-dev liblua5.4-dev pkg-config \
+	gnutls-bin nftables iproute2 python3 python3-venv ngtcp2-server ngtcp2-client coturn stun-client procps
+VENV := .build/venv
+
+.PHONY: deps build test demo bench clean
+
+## deps: apt-install the system libraries and test tools; a no-op when all are present.
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	@if [ ! -x $(VENV)/bin/python ] || ! $(VENV)/bin/python -c 'import aioquic' 2>/dev/null; then \
+		python3 -m venv $(VENV) && $(VENV)/bin/pip install -q 'aioquic==1.7.2' ; \
+	fi
+
+## build: debug build of every target.
+build: deps
+	$(SWIFT) build
+
+## test: the whole test suite (tests that need root or namespaces skip with a reason elsewhere).
+test: deps
+	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test
+
+## demo: the current main demo.
+demo: deps
+	$(SWIFT) build -c release --product holepunch
+	.build/release/holepunch demo
+
+## bench: every benchmark (prints tables, writes JSON under bench-results/).
+bench: deps
+	$(SWIFT) build -c release --product holepunch
+	mkdir -p bench-results
+	.build/release/holepunch bench quic --json bench-results/quic.json
+
+clean:
+	rm -rf .build

@@ -1,0 +1,111 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+/// Settings shared by every Swift target: Swift 6 language mode is the package default;
+/// `InternalImportsByDefault` keeps C types out of the public API.
+let swiftSettings: [SwiftSetting] = [
+    .enableUpcomingFeature("InternalImportsByDefault"),
+]
+
+let package = Package(
+    name: "HolePunch",
+    platforms: [.macOS(.v14)],
+    products: [
+        .library(name: "HolePunch", targets: ["HolePunch"]),
+        .library(name: "HolePunchQUIC", targets: ["HolePunchQUIC"]),
+        .library(name: "HolePunchSTUN", targets: ["HolePunchSTUN"]),
+        .library(name: "HolePunchStrategy", targets: ["HolePunchStrategy"]),
+        .library(name: "HolePunchRendezvous", targets: ["HolePunchRendezvous"]),
+        .executable(name: "holepunch", targets: ["holepunch"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+    ],
+    targets: [
+        // MARK: C libraries from Debian and the thin shim over them.
+        .systemLibrary(
+            name: "CNgtcp2",
+            pkgConfig: "libngtcp2_crypto_gnutls",
+            providers: [.apt(["libngtcp2-dev", "libngtcp2-crypto-gnutls-dev"])]
+        ),
+        .systemLibrary(
+            name: "CGnuTLS",
+            pkgConfig: "gnutls",
+            providers: [.apt(["libgnutls28-dev"])]
+        ),
+        .systemLibrary(
+            name: "CLua",
+            pkgConfig: "lua5.4",
+            providers: [.apt(["liblua5.4-dev"])]
+        ),
+        .target(
+            name: "CHolePunchShims",
+            dependencies: ["CNgtcp2", "CGnuTLS", "CLua"]
+        ),
+
+        // MARK: Swift modules. Dependencies point one way: CLI -> HolePunch -> (Strategy, QUIC, STUN) -> C.
+        .target(
+            name: "HolePunchQUIC",
+            dependencies: [
+                "CNgtcp2", "CGnuTLS", "CHolePunchShims",
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .target(
+            name: "HolePunchSTUN",
+            dependencies: ["CGnuTLS", "CHolePunchShims"],
+            swiftSettings: swiftSettings
+        ),
+        .target(
+            name: "HolePunchStrategy",
+            dependencies: [
+                "CLua", "CHolePunchShims",
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .target(
+            name: "HolePunch",
+            dependencies: [
+                "HolePunchQUIC", "HolePunchSTUN", "HolePunchStrategy",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .target(
+            name: "HolePunchRendezvous",
+            dependencies: [
+                "HolePunch", "HolePunchQUIC", "HolePunchSTUN",
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .executableTarget(
+            name: "holepunch",
+            dependencies: [
+                "HolePunch", "HolePunchQUIC", "HolePunchSTUN", "HolePunchStrategy", "HolePunchRendezvous",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+
+        // MARK: Tests (swift-testing).
+        .testTarget(name: "HolePunchQUICTests", dependencies: ["HolePunchQUIC"], swiftSettings: swiftSettings),
+        .testTarget(name: "HolePunchSTUNTests", dependencies: ["HolePunchSTUN"], swiftSettings: swiftSettings),
+        .testTarget(name: "HolePunchStrategyTests", dependencies: ["HolePunchStrategy"], swiftSettings: swiftSettings),
+        .testTarget(
+            name: "HolePunchTests",
+            dependencies: [
+                "HolePunch",
+                .product(name: "MetricsTestKit", package: "swift-metrics"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(name: "HolePunchRendezvousTests", dependencies: ["HolePunchRendezvous"], swiftSettings: swiftSettings),
+    ]
+)

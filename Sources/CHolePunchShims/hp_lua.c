@@ -1,0 +1,1 @@
+#include "hp_lua.h"

@@ -1,0 +1,8 @@
+import Testing
+@testable import HolePunchQUIC
+
+@Suite struct HolePunchQUICModuleTests {
+    @Test func moduleLoads() {
+        #expect(Bool(true))
+    }
+}

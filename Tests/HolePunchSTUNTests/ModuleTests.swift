@@ -1,0 +1,8 @@
+import Testing
+@testable import HolePunchSTUN
+
+@Suite struct HolePunchSTUNModuleTests {
+    @Test func moduleLoads() {
+        #expect(Bool(true))
+    }
+}

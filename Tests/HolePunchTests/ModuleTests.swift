@@ -1,0 +1,8 @@
+import Testing
+@testable import HolePunch
+
+@Suite struct HolePunchModuleTests {
+    @Test func moduleLoads() {
+        #expect(Bool(true))
+    }
+}
