@@ -107,5 +107,6 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .testTarget(name: "HolePunchRendezvousTests", dependencies: ["HolePunchRendezvous"], swiftSettings: swiftSettings),
+        .testTarget(name: "HolePunchLabTests", dependencies: [], swiftSettings: swiftSettings),
     ]
 )
