@@ -12,6 +12,7 @@ let package = Package(
     platforms: [.macOS(.v14)],
     products: [
         .library(name: "HolePunch", targets: ["HolePunch"]),
+        .library(name: "HolePunchNet", targets: ["HolePunchNet"]),
         .library(name: "HolePunchQUIC", targets: ["HolePunchQUIC"]),
         .library(name: "HolePunchSTUN", targets: ["HolePunchSTUN"]),
         .library(name: "HolePunchStrategy", targets: ["HolePunchStrategy"]),
@@ -47,16 +48,21 @@ let package = Package(
 
         // MARK: Swift modules. Dependencies point one way: CLI -> HolePunch -> (Strategy, QUIC, STUN) -> C.
         .target(
+            name: "HolePunchNet",
+            dependencies: [],
+            swiftSettings: swiftSettings
+        ),
+        .target(
             name: "HolePunchQUIC",
             dependencies: [
-                "CNgtcp2", "CGnuTLS", "CHolePunchShims",
+                "HolePunchNet", "CNgtcp2", "CGnuTLS", "CHolePunchShims",
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: swiftSettings
         ),
         .target(
             name: "HolePunchSTUN",
-            dependencies: ["CGnuTLS", "CHolePunchShims"],
+            dependencies: ["HolePunchNet", "CGnuTLS", "CHolePunchShims"],
             swiftSettings: swiftSettings
         ),
         .target(
@@ -87,7 +93,7 @@ let package = Package(
         .executableTarget(
             name: "holepunch",
             dependencies: [
-                "HolePunch", "HolePunchQUIC", "HolePunchSTUN", "HolePunchStrategy", "HolePunchRendezvous",
+                "HolePunch", "HolePunchNet", "HolePunchQUIC", "HolePunchSTUN", "HolePunchStrategy", "HolePunchRendezvous",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -95,8 +101,8 @@ let package = Package(
         ),
 
         // MARK: Tests (swift-testing).
-        .testTarget(name: "HolePunchQUICTests", dependencies: ["HolePunchQUIC"], swiftSettings: swiftSettings),
-        .testTarget(name: "HolePunchSTUNTests", dependencies: ["HolePunchSTUN"], swiftSettings: swiftSettings),
+        .testTarget(name: "HolePunchQUICTests", dependencies: ["HolePunchQUIC", "HolePunchNet"], swiftSettings: swiftSettings),
+        .testTarget(name: "HolePunchSTUNTests", dependencies: ["HolePunchSTUN", "HolePunchNet"], swiftSettings: swiftSettings),
         .testTarget(name: "HolePunchStrategyTests", dependencies: ["HolePunchStrategy"], swiftSettings: swiftSettings),
         .testTarget(
             name: "HolePunchTests",
