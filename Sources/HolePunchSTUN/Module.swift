@@ -1,1 +1,0 @@
-// HolePunchSTUN module.

@@ -1,1 +1,0 @@
-// HolePunchStrategy module.

@@ -1,8 +1,0 @@
-import Testing
-@testable import HolePunchSTUN
-
-@Suite struct HolePunchSTUNModuleTests {
-    @Test func moduleLoads() {
-        #expect(Bool(true))
-    }
-}

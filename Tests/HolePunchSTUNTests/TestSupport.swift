@@ -1,0 +1,42 @@
+import HolePunchNet
+@testable import HolePunchSTUN
+
+/// Parses whitespace-separated or contiguous hex into bytes.
+func hex(_ text: String) -> [UInt8] {
+    let digits = text.filter { $0.isHexDigit }
+    var bytes: [UInt8] = []
+    var index = digits.startIndex
+    while index < digits.endIndex {
+        let next = digits.index(index, offsetBy: 2)
+        bytes.append(UInt8(digits[index..<next], radix: 16)!)
+        index = next
+    }
+    return bytes
+}
+
+/// A tiny deterministic generator (SplitMix64) so that fuzz runs are reproducible.
+struct SplitMix64: RandomNumberGenerator {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
+func addr(_ text: String) -> SocketAddress { try! SocketAddress(parsing: text) }
+
+/// Runs `body` and returns the STUNError it throws, or nil.
+func stunError(_ body: () throws -> Void) -> STUNError? {
+    do {
+        try body()
+        return nil
+    } catch let error as STUNError {
+        return error
+    } catch {
+        return STUNError(.unexpectedMessage, "not a STUNError: \(error)")
+    }
+}
