@@ -1,7 +1,0 @@
-import Testing
-
-@Suite struct LabPlaceholderTests {
-    @Test func placeholder() {
-        #expect(Bool(true))
-    }
-}
