@@ -1,1 +1,567 @@
+// Sandboxed Lua states for strategy scripts. Everything that can raise a Lua error lives here, in C:
+// the count hook, the capped allocator's consequences, the helper library `hp`, and the replacements for
+// base functions that would let a script escape its limits. Swift only enters Lua through hp_lua_call
+// (a lua_pcall), so a longjmp never crosses a Swift frame.
 #include "hp_lua.h"
+
+#include <math.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+// Helper lists (hp.range and friends) never exceed this many elements: a port list cannot be longer.
+#define HP_MAX_LIST 65536
+// Longest `hp.log` message and most messages per call: a script must not flood the host's logs.
+#define HP_MAX_LOG_LEN 1024
+#define HP_MAX_LOGS_PER_CALL 64
+
+struct hp_lua {
+    lua_State *L;
+    size_t limit;
+    size_t used;
+    int headroom;        // 1 outside protected calls: Swift-side pushes must never fail
+    int abort_reason;    // HP_LUA_ABORT_*, sticky for the duration of one call
+    int64_t budget;      // instructions allowed in this call
+    int64_t spent;       // instructions counted so far (in hook granules)
+    int granularity;     // instructions between two hook invocations
+    int64_t deadline_ns; // CLOCK_MONOTONIC deadline of this call
+    uint64_t seed;       // from ctx.seed, restarts the generator at every call
+    uint64_t rng;
+    int log_count;
+    hp_lua_log_fn log_fn;
+    void *log_user;
+};
+
+static atomic_long hp_live_states;
+
+static int64_t hp_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static hp_lua *hp_from(lua_State *L) {
+    void *ud = NULL;
+    lua_getallocf(L, &ud);
+    return (hp_lua *)ud;
+}
+
+// The capped allocator. Refusing an allocation makes Lua raise a memory error inside the protected call;
+// the refusal is remembered so that a script cannot swallow it with pcall and carry on.
+static void *hp_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+    hp_lua *h = (hp_lua *)ud;
+    size_t old = ptr ? osize : 0; // with ptr == NULL, osize encodes an object type, not a size
+    if (nsize == 0) {
+        if (ptr) {
+            h->used -= old;
+            free(ptr);
+        }
+        return NULL;
+    }
+    if (nsize > old && !h->headroom && h->used + (nsize - old) > h->limit) {
+        h->abort_reason = HP_LUA_ABORT_MEMORY;
+        return NULL;
+    }
+    void *p = realloc(ptr, nsize);
+    if (p == NULL) {
+        return NULL;
+    }
+    h->used = h->used - old + nsize;
+    return p;
+}
+
+// Raises `msg` prefixed with the position of the innermost Lua frame that has a line.
+static int hp_raise_at(lua_State *L, int first_level, const char *msg) {
+    lua_Debug ar;
+    for (int level = first_level; lua_getstack(L, level, &ar); level++) {
+        if (lua_getinfo(L, "Sl", &ar) && ar.currentline > 0) {
+            lua_pushfstring(L, "%s:%d: %s", ar.short_src, ar.currentline, msg);
+            return lua_error(L);
+        }
+    }
+    lua_pushstring(L, msg);
+    return lua_error(L);
+}
+
+// Count hook: enforces the instruction budget and the wall-clock deadline. Once tripped it keeps raising,
+// so a script that catches the error only burns another granule before it is raised again.
+static void hp_hook(lua_State *L, lua_Debug *ar) {
+    (void)ar;
+    hp_lua *h = hp_from(L);
+    h->spent += h->granularity;
+    if (h->abort_reason == HP_LUA_ABORT_BUDGET || h->spent >= h->budget) {
+        h->abort_reason = HP_LUA_ABORT_BUDGET;
+        hp_raise_at(L, 0, "instruction budget exceeded");
+    }
+    if (h->abort_reason == HP_LUA_ABORT_TIME || hp_now_ns() >= h->deadline_ns) {
+        h->abort_reason = HP_LUA_ABORT_TIME;
+        hp_raise_at(L, 0, "time limit exceeded");
+    }
+}
+
+// Message handler: string errors already carry a position; other error values get one, and a type name.
+static int hp_msgh(lua_State *L) {
+    if (lua_type(L, 1) == LUA_TSTRING) {
+        return 1;
+    }
+    const char *tn = luaL_typename(L, 1);
+    lua_Debug ar;
+    for (int level = 1; lua_getstack(L, level, &ar); level++) {
+        if (lua_getinfo(L, "Sl", &ar) && ar.currentline > 0) {
+            lua_pushfstring(L, "%s:%d: (error object is a %s value)", ar.short_src, ar.currentline, tn);
+            return 1;
+        }
+    }
+    lua_pushfstring(L, "(error object is a %s value)", tn);
+    return 1;
+}
+
+static uint64_t hp_next_random(hp_lua *h) {
+    // splitmix64: tiny, good enough for port spreading, and identical on every platform.
+    uint64_t z = (h->rng += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+// MARK: replacements for base functions
+
+// pcall that cannot catch sandbox aborts (budget, time, memory).
+static int hp_sb_pcall(lua_State *L) {
+    luaL_checkany(L, 1);
+    int st = lua_pcall(L, lua_gettop(L) - 1, LUA_MULTRET, 0);
+    if (st != LUA_OK) {
+        if (hp_from(L)->abort_reason != HP_LUA_ABORT_NONE) {
+            return lua_error(L);
+        }
+        lua_pushboolean(L, 0);
+        lua_insert(L, -2);
+        return 2;
+    }
+    lua_pushboolean(L, 1);
+    lua_insert(L, 1);
+    return lua_gettop(L);
+}
+
+// xpcall with the same rule.
+static int hp_sb_xpcall(lua_State *L) {
+    int n = lua_gettop(L);
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    lua_pushvalue(L, 1);
+    lua_copy(L, 2, 1);
+    lua_replace(L, 2); // stack: handler, f, args...
+    int st = lua_pcall(L, n - 2, LUA_MULTRET, 1);
+    if (st != LUA_OK && hp_from(L)->abort_reason != HP_LUA_ABORT_NONE) {
+        return lua_error(L);
+    }
+    lua_pushboolean(L, st == LUA_OK);
+    lua_replace(L, 1);
+    return lua_gettop(L);
+}
+
+// setmetatable that refuses finalisers: a __gc would run Lua code outside any budgeted call.
+static int hp_sb_setmetatable(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    int t = lua_type(L, 2);
+    luaL_argexpected(L, t == LUA_TNIL || t == LUA_TTABLE, 2, "nil or table");
+    if (luaL_getmetafield(L, 1, "__metatable") != LUA_TNIL) {
+        return luaL_error(L, "cannot change a protected metatable");
+    }
+    if (t == LUA_TTABLE) {
+        lua_pushliteral(L, "__gc");
+        if (lua_rawget(L, 2) != LUA_TNIL) {
+            return luaL_error(L, "finalisers (__gc) are not allowed in strategies");
+        }
+        lua_pop(L, 1);
+    }
+    lua_settop(L, 2);
+    lua_setmetatable(L, 1);
+    return 1;
+}
+
+// load restricted to text chunks given as strings.
+static int hp_sb_load(lua_State *L) {
+    if (lua_type(L, 1) != LUA_TSTRING) {
+        return luaL_error(L, "load: only string chunks are allowed in strategies");
+    }
+    size_t len = 0;
+    const char *src = lua_tolstring(L, 1, &len);
+    const char *name = luaL_optstring(L, 2, "=(load)");
+    int has_env = !lua_isnone(L, 4);
+    int st = luaL_loadbufferx(L, src, len, name, "t");
+    if (st != LUA_OK) {
+        lua_pushnil(L);
+        lua_insert(L, -2);
+        return 2;
+    }
+    if (has_env) {
+        lua_pushvalue(L, 4);
+        if (!lua_setupvalue(L, -2, 1)) {
+            lua_pop(L, 1);
+        }
+    }
+    return 1;
+}
+
+// math.random driven by the per-call generator, so plans stay deterministic for a given ctx.seed.
+static int hp_sb_random(lua_State *L) {
+    hp_lua *h = hp_from(L);
+    uint64_t r = hp_next_random(h);
+    lua_Integer lo, hi;
+    switch (lua_gettop(L)) {
+    case 0:
+        lua_pushnumber(L, (lua_Number)(r >> 11) * 0x1.0p-53);
+        return 1;
+    case 1:
+        lo = 1;
+        hi = luaL_checkinteger(L, 1);
+        break;
+    case 2:
+        lo = luaL_checkinteger(L, 1);
+        hi = luaL_checkinteger(L, 2);
+        break;
+    default:
+        return luaL_error(L, "wrong number of arguments");
+    }
+    luaL_argcheck(L, lo <= hi, lua_gettop(L), "interval is empty");
+    uint64_t span = (uint64_t)hi - (uint64_t)lo;
+    uint64_t v = span == UINT64_MAX ? r : r % (span + 1);
+    lua_pushinteger(L, (lua_Integer)((uint64_t)lo + v));
+    return 1;
+}
+
+// MARK: the hp helper library
+
+static int hp_is_port(lua_Integer p) { return p >= 1 && p <= 65535; }
+
+static int hp_range(lua_State *L) {
+    lua_Integer lo = luaL_checkinteger(L, 1);
+    lua_Integer hi = luaL_checkinteger(L, 2);
+    lua_Integer step = luaL_optinteger(L, 3, lo <= hi ? 1 : -1);
+    luaL_argcheck(L, step != 0, 3, "step must not be zero");
+    luaL_argcheck(L, lo > -(1LL << 40) && lo < (1LL << 40), 1, "out of range");
+    luaL_argcheck(L, hi > -(1LL << 40) && hi < (1LL << 40), 2, "out of range");
+    if ((step > 0 && lo > hi) || (step < 0 && lo < hi)) {
+        lua_createtable(L, 0, 0);
+        return 1;
+    }
+    lua_Integer dist = hi > lo ? hi - lo : lo - hi;
+    lua_Integer astep = step > 0 ? step : -step;
+    lua_Integer count = dist / astep + 1;
+    if (count > HP_MAX_LIST) {
+        return luaL_error(L, "hp.range: %I elements requested, at most %d allowed", count, HP_MAX_LIST);
+    }
+    lua_createtable(L, (int)count, 0);
+    for (lua_Integer i = 0; i < count; i++) {
+        lua_pushinteger(L, lo + i * step);
+        lua_rawseti(L, -2, i + 1);
+    }
+    return 1;
+}
+
+static int hp_around(lua_State *L) {
+    lua_Integer base = luaL_checkinteger(L, 1);
+    lua_Integer radius = luaL_checkinteger(L, 2);
+    luaL_argcheck(L, radius >= 0 && radius < HP_MAX_LIST / 2, 2, "radius must be in 0...32767");
+    lua_createtable(L, (int)(2 * radius + 1), 0);
+    lua_Integer n = 0;
+    for (lua_Integer d = 0; d <= radius; d++) {
+        lua_Integer cand[2] = {base + d, base - d};
+        for (int k = 0; k < (d == 0 ? 1 : 2); k++) {
+            if (hp_is_port(cand[k])) {
+                lua_pushinteger(L, cand[k]);
+                lua_rawseti(L, -2, ++n);
+            }
+        }
+    }
+    return 1;
+}
+
+static int hp_sequence(lua_State *L) {
+    lua_Integer base = luaL_checkinteger(L, 1);
+    lua_Integer delta = luaL_checkinteger(L, 2);
+    lua_Integer n = luaL_checkinteger(L, 3);
+    luaL_argcheck(L, n >= 0 && n <= HP_MAX_LIST, 3, "count must be in 0...65536");
+    luaL_argcheck(L, delta > -HP_MAX_LIST && delta < HP_MAX_LIST, 2, "delta out of range");
+    luaL_argcheck(L, base > -(1LL << 40) && base < (1LL << 40), 1, "out of range");
+    lua_createtable(L, (int)n, 0);
+    lua_Integer out = 0;
+    for (lua_Integer i = 0; i < n; i++) {
+        lua_Integer p = base + i * delta;
+        if (hp_is_port(p)) {
+            lua_pushinteger(L, p);
+            lua_rawseti(L, -2, ++out);
+        }
+    }
+    return 1;
+}
+
+static int hp_random_ports(lua_State *L) {
+    hp_lua *h = hp_from(L);
+    lua_Integer n = luaL_checkinteger(L, 1);
+    lua_Integer lo = luaL_optinteger(L, 2, 1024);
+    lua_Integer hi = luaL_optinteger(L, 3, 65535);
+    luaL_argcheck(L, hp_is_port(lo), 2, "must be a port (1...65535)");
+    luaL_argcheck(L, hp_is_port(hi) && hi >= lo, 3, "must be a port not below lo");
+    luaL_argcheck(L, n >= 0 && n <= hi - lo + 1, 1, "more ports requested than the range holds");
+    // A bitmap of drawn ports keeps them distinct; it is Lua-allocated, so it counts against the cap.
+    unsigned char *seen = (unsigned char *)lua_newuserdatauv(L, 65536 / 8, 0);
+    memset(seen, 0, 65536 / 8);
+    uint64_t span = (uint64_t)(hi - lo + 1);
+    lua_createtable(L, (int)n, 0);
+    for (lua_Integer i = 1; i <= n;) {
+        lua_Integer p = lo + (lua_Integer)(hp_next_random(h) % span);
+        if (seen[p >> 3] & (1u << (p & 7))) {
+            continue;
+        }
+        seen[p >> 3] |= (unsigned char)(1u << (p & 7));
+        lua_pushinteger(L, p);
+        lua_rawseti(L, -2, i++);
+    }
+    return 1;
+}
+
+static int hp_merge(lua_State *L) {
+    int nargs = lua_gettop(L);
+    for (int a = 1; a <= nargs; a++) {
+        luaL_checktype(L, a, LUA_TTABLE);
+    }
+    unsigned char *seen = (unsigned char *)lua_newuserdatauv(L, 65536 / 8, 0);
+    memset(seen, 0, 65536 / 8);
+    lua_createtable(L, 0, 0);
+    lua_Integer out = 0;
+    for (int a = 1; a <= nargs; a++) {
+        lua_Integer len = (lua_Integer)lua_rawlen(L, a);
+        for (lua_Integer i = 1; i <= len; i++) {
+            lua_rawgeti(L, a, i);
+            int isnum = 0;
+            lua_Integer p = lua_tointegerx(L, -1, &isnum);
+            if (!isnum || !hp_is_port(p)) {
+                return luaL_error(L, "hp.merge: argument %d, element %I is not a port (1...65535)", a, i);
+            }
+            lua_pop(L, 1);
+            if (seen[p >> 3] & (1u << (p & 7))) {
+                continue;
+            }
+            if (out >= HP_MAX_LIST) {
+                return luaL_error(L, "hp.merge: more than %d ports", HP_MAX_LIST);
+            }
+            seen[p >> 3] |= (unsigned char)(1u << (p & 7));
+            lua_pushinteger(L, p);
+            lua_rawseti(L, -2, ++out);
+        }
+    }
+    return 1;
+}
+
+static int hp_clamp(lua_State *L) {
+    lua_Number x = luaL_checknumber(L, 1);
+    lua_Number lo = luaL_checknumber(L, 2);
+    lua_Number hi = luaL_checknumber(L, 3);
+    luaL_argcheck(L, lo <= hi, 3, "hi must not be below lo");
+    int all_int = lua_isinteger(L, 1) && lua_isinteger(L, 2) && lua_isinteger(L, 3);
+    if (isnan(x)) {
+        x = lo;
+    }
+    lua_Number r = x < lo ? lo : (x > hi ? hi : x);
+    if (all_int) {
+        lua_pushinteger(L, (lua_Integer)r);
+    } else {
+        lua_pushnumber(L, r);
+    }
+    return 1;
+}
+
+// Badness of a legacy NAT type name: the worse NAT of a pair picks the timing row.
+static int hp_nat_rank(const char *s) {
+    if (strcmp(s, "full_cone") == 0) return 0;
+    if (strcmp(s, "restricted") == 0) return 1;
+    if (strcmp(s, "port_restricted") == 0) return 2;
+    if (strcmp(s, "unknown") == 0) return 3;
+    if (strcmp(s, "symmetric") == 0) return 4;
+    return -1;
+}
+
+static const char *hp_nat_arg(lua_State *L, int arg) {
+    if (lua_type(L, arg) == LUA_TTABLE) {
+        lua_pushliteral(L, "type");
+        lua_rawget(L, arg);
+        lua_replace(L, arg);
+    }
+    const char *s = luaL_checkstring(L, arg);
+    if (hp_nat_rank(s) < 0) {
+        luaL_argerror(L, arg, "not a NAT type name");
+    }
+    return s;
+}
+
+static int hp_worst_nat(lua_State *L) {
+    const char *a = hp_nat_arg(L, 1);
+    const char *b = hp_nat_arg(L, 2);
+    lua_pushstring(L, hp_nat_rank(a) >= hp_nat_rank(b) ? a : b);
+    return 1;
+}
+
+static int hp_log(lua_State *L) {
+    static const char *const levels[] = {"trace", "debug", "info", "notice", "warning", "error", NULL};
+    hp_lua *h = hp_from(L);
+    int level = luaL_checkoption(L, 1, NULL, levels);
+    size_t len = 0;
+    const char *msg = luaL_tolstring(L, 2, &len);
+    if (h->log_fn == NULL || h->log_count >= HP_MAX_LOGS_PER_CALL) {
+        return 0;
+    }
+    h->log_count++;
+    h->log_fn(h->log_user, level, msg, len > HP_MAX_LOG_LEN ? HP_MAX_LOG_LEN : len);
+    return 0;
+}
+
+static const luaL_Reg hp_funcs[] = {
+    {"range", hp_range},
+    {"around", hp_around},
+    {"sequence", hp_sequence},
+    {"random_ports", hp_random_ports},
+    {"merge", hp_merge},
+    {"clamp", hp_clamp},
+    {"worst_nat", hp_worst_nat},
+    {"log", hp_log},
+    {NULL, NULL},
+};
+
+// MARK: state set-up
+
+static int hp_open_sandbox(lua_State *L) {
+    static const luaL_Reg libs[] = {
+        {LUA_GNAME, luaopen_base},
+        {LUA_STRLIBNAME, luaopen_string},
+        {LUA_TABLIBNAME, luaopen_table},
+        {LUA_MATHLIBNAME, luaopen_math},
+        {LUA_UTF8LIBNAME, luaopen_utf8},
+        {NULL, NULL},
+    };
+    for (const luaL_Reg *lib = libs; lib->func; lib++) {
+        luaL_requiref(L, lib->name, lib->func, 1);
+        lua_pop(L, 1);
+    }
+    lua_pushglobaltable(L);
+    // Host access and uncounted execution paths are removed rather than wrapped.
+    static const char *const removed[] = {"dofile", "loadfile", "print", "collectgarbage", "warn", NULL};
+    for (const char *const *name = removed; *name; name++) {
+        lua_pushnil(L);
+        lua_setfield(L, -2, *name);
+    }
+    lua_pushcfunction(L, hp_sb_load);
+    lua_setfield(L, -2, "load");
+    lua_pushcfunction(L, hp_sb_pcall);
+    lua_setfield(L, -2, "pcall");
+    lua_pushcfunction(L, hp_sb_xpcall);
+    lua_setfield(L, -2, "xpcall");
+    lua_pushcfunction(L, hp_sb_setmetatable);
+    lua_setfield(L, -2, "setmetatable");
+
+    lua_getfield(L, -1, LUA_STRLIBNAME);
+    lua_pushnil(L);
+    lua_setfield(L, -2, "dump");
+    lua_pop(L, 1);
+
+    lua_getfield(L, -1, LUA_MATHLIBNAME);
+    lua_pushcfunction(L, hp_sb_random);
+    lua_setfield(L, -2, "random");
+    lua_pushnil(L);
+    lua_setfield(L, -2, "randomseed");
+    lua_pop(L, 1);
+
+    luaL_newlib(L, hp_funcs);
+    lua_pushinteger(L, 1);
+    lua_setfield(L, -2, "version");
+    lua_setfield(L, -2, "hp");
+    lua_pop(L, 1);
+    return 0;
+}
+
+hp_lua *hp_lua_new(size_t mem_limit, hp_lua_log_fn log_fn, void *log_user) {
+    hp_lua *h = (hp_lua *)calloc(1, sizeof *h);
+    if (h == NULL) {
+        return NULL;
+    }
+    h->limit = mem_limit;
+    h->headroom = 1;
+    h->log_fn = log_fn;
+    h->log_user = log_user;
+    h->L = lua_newstate(hp_alloc, h);
+    if (h->L == NULL) {
+        free(h);
+        return NULL;
+    }
+    lua_pushcfunction(h->L, hp_open_sandbox);
+    if (lua_pcall(h->L, 0, 0, 0) != LUA_OK) {
+        lua_close(h->L);
+        free(h);
+        return NULL;
+    }
+    atomic_fetch_add(&hp_live_states, 1);
+    return h;
+}
+
+void hp_lua_free(hp_lua *h) {
+    if (h == NULL) {
+        return;
+    }
+    h->headroom = 1;
+    lua_close(h->L);
+    free(h);
+    atomic_fetch_sub(&hp_live_states, 1);
+}
+
+long hp_lua_live_states(void) { return atomic_load(&hp_live_states); }
+lua_State *hp_lua_state(hp_lua *h) { return h->L; }
+size_t hp_lua_mem_used(const hp_lua *h) { return h->used; }
+void hp_lua_set_headroom(hp_lua *h, int on) { h->headroom = on; }
+void hp_lua_set_seed(hp_lua *h, uint64_t seed) { h->seed = seed; }
+int hp_lua_abort_reason(const hp_lua *h) { return h->abort_reason; }
+
+static void hp_begin(hp_lua *h, int64_t budget, int64_t time_limit_ns) {
+    h->abort_reason = HP_LUA_ABORT_NONE;
+    h->budget = budget > 0 ? budget : 1;
+    h->spent = 0;
+    h->granularity = h->budget < 1000 ? (int)h->budget : 1000;
+    h->deadline_ns = hp_now_ns() + (time_limit_ns > 0 ? time_limit_ns : 0);
+    h->rng = h->seed;
+    h->log_count = 0;
+    h->headroom = 0;
+    lua_sethook(h->L, hp_hook, LUA_MASKCOUNT, h->granularity);
+}
+
+static void hp_end(hp_lua *h, int status) {
+    lua_sethook(h->L, NULL, 0, 0);
+    h->headroom = 1;
+    if (status != LUA_OK) {
+        // Drop whatever a failed call piled up, so the next call starts with its full memory allowance.
+        lua_gc(h->L, LUA_GCCOLLECT, 0);
+    }
+}
+
+int hp_lua_call(hp_lua *h, int nargs, int64_t budget, int64_t time_limit_ns) {
+    lua_State *L = h->L;
+    int func = lua_gettop(L) - nargs;
+    lua_pushcfunction(L, hp_msgh);
+    lua_insert(L, func);
+    hp_begin(h, budget, time_limit_ns);
+    int st = lua_pcall(L, nargs, 1, func);
+    hp_end(h, st);
+    lua_remove(L, func);
+    return st;
+}
+
+int hp_lua_load_run(hp_lua *h, const char *src, size_t len, const char *chunkname,
+                    int64_t budget, int64_t time_limit_ns) {
+    h->abort_reason = HP_LUA_ABORT_NONE;
+    h->headroom = 0; // lua_load is protected: a huge chunk fails with LUA_ERRMEM instead of growing
+    int st = luaL_loadbufferx(h->L, src, len, chunkname, "t");
+    h->headroom = 1;
+    if (st != LUA_OK) {
+        return st;
+    }
+    return hp_lua_call(h, 0, budget, time_limit_ns);
+}

@@ -1,0 +1,243 @@
+import Foundation
+public import Logging
+
+extension Logger {
+    /// A logger that drops everything: the default when the caller passes none.
+    static var noop: Logger { Logger(label: "holepunch.strategy", factory: { _ in SwiftLogNoOpLogHandler() }) }
+}
+
+/// A strategy written in Lua 5.4, run in a sandbox: no `io`, `os`, `package`, `require` or `debug`; text
+/// chunks only; an instruction budget, a memory cap and a wall-clock cap. See `docs/strategies.md`.
+///
+/// Concurrency: a `lua_State` is not thread-safe, and the executor calls strategies from many tasks, so
+/// every use of the state happens while holding `lock`. A lock rather than an actor, because the hooks are
+/// synchronous (see ``PunchStrategy``) and each call is bounded by ``Limits/timeLimit``; contention only
+/// delays another punch's planning by at most that much. This is why the type can be `@unchecked Sendable`:
+/// its only mutable state, `engine`, is read and replaced under the lock, and the engine never escapes it.
+public final class LuaStrategy: PunchStrategy, @unchecked Sendable {
+    /// Per-state resource limits.
+    public struct Limits: Sendable, Hashable {
+        /// Lua VM instructions allowed per hook call (counted by a count hook, in granules of 1000).
+        public var instructionBudget: Int
+        /// Bytes the state may allocate in total.
+        public var memoryLimit: Int
+        /// Wall-clock time allowed per hook call.
+        public var timeLimit: Duration
+
+        /// Creates limits; the defaults are 1,000,000 instructions, 8 MiB and 100 ms.
+        public init(instructionBudget: Int = 1_000_000, memoryLimit: Int = 8 << 20,
+                    timeLimit: Duration = .milliseconds(100)) {
+            self.instructionBudget = max(1, instructionBudget)
+            self.memoryLimit = max(64 << 10, memoryLimit)
+            self.timeLimit = timeLimit
+        }
+    }
+
+    /// The file the script came from, when it came from a file.
+    public let path: String?
+    /// The limits every state of this strategy gets.
+    public let limits: Limits
+    private let logger: Logger
+    private let lock = NSLock()
+    private var engine: LuaEngine
+
+    /// Loads the script at `path`.
+    public convenience init(path: String, limits: Limits = Limits(), logger: Logger? = nil) throws(StrategyError) {
+        let bytes = try Self.read(path)
+        try self.init(bytes: bytes, displayName: path, path: path, limits: limits, logger: logger ?? .noop)
+    }
+
+    /// Loads a script from a string; `chunkName` names it in errors (e.g. `inline.lua`).
+    public convenience init(source: String, chunkName: String = "strategy.lua", limits: Limits = Limits(),
+                            logger: Logger? = nil) throws(StrategyError) {
+        try self.init(bytes: Array(source.utf8), displayName: chunkName, path: nil, limits: limits,
+                      logger: logger ?? .noop)
+    }
+
+    private init(bytes: [UInt8], displayName: String, path: String?, limits: Limits, logger: Logger) throws(StrategyError) {
+        self.path = path
+        self.limits = limits
+        self.logger = logger
+        engine = try LuaEngine.load(source: bytes, displayName: displayName, limits: limits, logger: logger)
+    }
+
+    private static func read(_ path: String) throws(StrategyError) -> [UInt8] {
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw StrategyError(code: .fileUnreadable, message: "cannot read the file", file: path)
+        }
+        return Array(data)
+    }
+
+    /// Number of Lua states alive in the process: a debug counter for leak checks.
+    public static var liveStateCount: Int { LuaEngine.liveStates }
+
+    /// The script's `name` field, or its file name without `.lua`.
+    public var name: String { lock.withLock { engine.name } }
+
+    /// Bytes the current state has allocated.
+    public var memoryUsed: Int { lock.withLock { engine.memoryUsed } }
+
+    /// Loads the file again. If the new version fails to load, the old one stays in force and the error
+    /// is thrown. Throws `fileUnreadable` for strategies that were loaded from a string.
+    public func reload() throws(StrategyError) {
+        guard let path else {
+            throw StrategyError(code: .fileUnreadable, message: "this strategy was not loaded from a file")
+        }
+        let fresh = try LuaEngine.load(source: try Self.read(path), displayName: path, limits: limits, logger: logger)
+        lock.withLock { engine = fresh }
+    }
+
+    /// Replaces the script with `source`, keeping the old one if the new one fails to load.
+    public func reload(source: String, chunkName: String? = nil) throws(StrategyError) {
+        let name = chunkName ?? lock.withLock { engine.displayName }
+        let fresh = try LuaEngine.load(source: Array(source.utf8), displayName: name, limits: limits, logger: logger)
+        lock.withLock { engine = fresh }
+    }
+
+    /// Runs the script's `plan(ctx)`. Missing fields take the built-in default plan's values for `ctx`.
+    public func plan(_ ctx: PunchContext) throws(StrategyError) -> PunchPlan {
+        lock.lock()
+        defer { lock.unlock() }
+        return try engine.plan(ctx)
+    }
+
+    /// Runs `on_probe(ctx, event)` if the script has one; missing fields keep the current plan's values.
+    public func onProbe(_ ctx: PunchContext, _ event: ProbeEvent) throws(StrategyError) -> PunchPlan? {
+        lock.lock()
+        defer { lock.unlock() }
+        return try engine.onProbe(ctx, event)
+    }
+
+    /// Runs `on_result(ctx, outcome)` if the script has one.
+    public func onResult(_ ctx: PunchContext, _ outcome: PunchOutcome) throws(StrategyError) {
+        lock.lock()
+        defer { lock.unlock() }
+        try engine.onResult(ctx, outcome)
+    }
+}
+
+/// Wraps a strategy so that a failing script never breaks a punch: on any error it logs why, counts a
+/// fallback and answers with ``DefaultStrategy`` (or the fallback given). The executor uses this wrapper,
+/// calls its non-throwing hooks, and maps ``fallbackCount`` / `onFallback` to its metric.
+public final class FallbackStrategy: PunchStrategy, @unchecked Sendable {
+    // @unchecked Sendable: `count` and `last` are only touched under `lock`; the rest is immutable.
+
+    /// The wrapped strategy; nil when the script could not even be loaded.
+    public let primary: (any PunchStrategy)?
+    /// What answers when `primary` fails.
+    public let fallback: DefaultStrategy
+    private let logger: Logger
+    private let onFallback: (@Sendable (StrategyError) -> Void)?
+    private let lock = NSLock()
+    private var count = 0
+    private var last: StrategyError?
+    private let primaryName: String
+
+    /// Wraps `primary`. `loadError` is the reason when `primary` is nil; `onFallback` is called (outside
+    /// any lock) each time the fallback is used, e.g. to increment a metric.
+    public init(primary: (any PunchStrategy)?, loadError: StrategyError? = nil, logger: Logger? = nil,
+                onFallback: (@Sendable (StrategyError) -> Void)? = nil) {
+        self.primary = primary
+        self.fallback = DefaultStrategy()
+        self.logger = logger ?? .noop
+        self.onFallback = onFallback
+        self.last = loadError
+        self.primaryName = primary?.name ?? "unloaded"
+        if let loadError {
+            self.logger.info("strategy failed to load, using the built-in default", metadata: Self.metadata(loadError))
+        }
+    }
+
+    /// Loads the Lua script at `path`; if that fails, the wrapper runs the built-in default and says why.
+    public static func loading(path: String, limits: LuaStrategy.Limits = .init(), logger: Logger? = nil,
+                               onFallback: (@Sendable (StrategyError) -> Void)? = nil) -> FallbackStrategy {
+        do {
+            return FallbackStrategy(primary: try LuaStrategy(path: path, limits: limits, logger: logger),
+                                    logger: logger, onFallback: onFallback)
+        } catch {
+            return FallbackStrategy(primary: nil, loadError: error, logger: logger, onFallback: onFallback)
+        }
+    }
+
+    /// Loads a Lua script from a string, with the same fallback rule.
+    public static func loading(source: String, chunkName: String = "strategy.lua", limits: LuaStrategy.Limits = .init(),
+                               logger: Logger? = nil,
+                               onFallback: (@Sendable (StrategyError) -> Void)? = nil) -> FallbackStrategy {
+        do {
+            return FallbackStrategy(primary: try LuaStrategy(source: source, chunkName: chunkName, limits: limits,
+                                                             logger: logger),
+                                    logger: logger, onFallback: onFallback)
+        } catch {
+            return FallbackStrategy(primary: nil, loadError: error, logger: logger, onFallback: onFallback)
+        }
+    }
+
+    /// The primary's name, or `unloaded` when the script never loaded.
+    public var name: String { primaryName }
+
+    /// How many hook calls were answered by the fallback (or failed, for `onResult`).
+    public var fallbackCount: Int { lock.withLock { count } }
+
+    /// The most recent failure (including a load failure), if any.
+    public var lastError: StrategyError? { lock.withLock { last } }
+
+    /// The primary's plan, or the default plan when it fails or is missing.
+    public func plan(_ ctx: PunchContext) -> PunchPlan {
+        guard let primary else {
+            noteFallback(lastError ?? StrategyError(code: .missingHook, message: "no strategy loaded"), hook: "plan")
+            return fallback.plan(ctx)
+        }
+        do {
+            return try primary.plan(ctx)
+        } catch {
+            noteFallback(Self.typed(error), hook: "plan")
+            return fallback.plan(ctx)
+        }
+    }
+
+    /// The primary's replacement plan, or nil (keep the current plan) when it fails.
+    public func onProbe(_ ctx: PunchContext, _ event: ProbeEvent) -> PunchPlan? {
+        guard let primary else { return nil }
+        do {
+            return try primary.onProbe(ctx, event)
+        } catch {
+            noteFallback(Self.typed(error), hook: "on_probe")
+            return nil
+        }
+    }
+
+    /// Forwards the outcome; a failure is logged and counted, never thrown.
+    public func onResult(_ ctx: PunchContext, _ outcome: PunchOutcome) {
+        guard let primary else { return }
+        do {
+            try primary.onResult(ctx, outcome)
+        } catch {
+            noteFallback(Self.typed(error), hook: "on_result")
+        }
+    }
+
+    private static func typed(_ error: any Error) -> StrategyError {
+        (error as? StrategyError)
+            ?? StrategyError(code: .strategyFailed, message: String(describing: error))
+    }
+
+    private static func metadata(_ e: StrategyError) -> Logger.Metadata {
+        var m: Logger.Metadata = ["strategy.error.code": "\(e.code)", "strategy.error": "\(e.description)"]
+        if let f = e.file { m["strategy.file"] = "\(f)" }
+        if let l = e.line { m["strategy.line"] = "\(l)" }
+        if let f = e.field { m["strategy.field"] = "\(f)" }
+        return m
+    }
+
+    private func noteFallback(_ error: StrategyError, hook: String) {
+        lock.withLock {
+            count += 1
+            last = error
+        }
+        var meta = Self.metadata(error)
+        meta["strategy.name"] = "\(primaryName)"
+        meta["strategy.hook"] = "\(hook)"
+        logger.info("strategy failed, using the built-in default", metadata: meta)
+        onFallback?(error)
+    }
+}

@@ -1,0 +1,167 @@
+/// The legacy NAT classification of the seed (`macula_hole_punch`), derived from a ``NATProfile``.
+///
+/// The raw values are the seed's stable names, used in Lua (`ctx.local_nat.type`), JSON and the CLI.
+public enum NATType: String, Sendable, Hashable, Codable, CaseIterable, CustomStringConvertible {
+    /// Endpoint-independent mapping and filtering.
+    case fullCone = "full_cone"
+    /// Endpoint-independent mapping, address-dependent filtering.
+    case restricted = "restricted"
+    /// Endpoint-independent mapping, address-and-port-dependent filtering.
+    case portRestricted = "port_restricted"
+    /// Mapping depends on the destination: a new public port per remote endpoint.
+    case symmetric = "symmetric"
+    /// Not measured, or the measurement was inconclusive.
+    case unknown = "unknown"
+
+    /// The stable name, e.g. `port_restricted`.
+    public var description: String { rawValue }
+
+    /// How hard this NAT is to punch; the worse side of a pair picks the seed's timing row.
+    /// `unknown` ranks just below `symmetric`, matching the seed's "anything else" row.
+    public var difficulty: Int {
+        switch self {
+        case .fullCone: 0
+        case .restricted: 1
+        case .portRestricted: 2
+        case .unknown: 3
+        case .symmetric: 4
+        }
+    }
+
+    /// The harder of two NAT types.
+    public static func worst(_ a: NATType, _ b: NATType) -> NATType {
+        a.difficulty >= b.difficulty ? a : b
+    }
+}
+
+/// RFC 4787 / RFC 5780 behaviour of a NAT for one aspect (mapping or filtering).
+public enum NATBehavior: String, Sendable, Hashable, Codable, CaseIterable {
+    /// The same for every remote endpoint.
+    case endpointIndependent = "endpoint_independent"
+    /// Depends on the remote address only.
+    case addressDependent = "address_dependent"
+    /// Depends on the remote address and port.
+    case addressAndPortDependent = "address_and_port_dependent"
+    /// Not measured.
+    case unknown = "unknown"
+}
+
+/// How a NAT picks the public port of a new mapping.
+public enum PortAllocation: String, Sendable, Hashable, Codable, CaseIterable {
+    /// The public port equals the local port when free.
+    case portPreserving = "port_preserving"
+    /// Each new mapping takes the previous public port plus a fixed delta.
+    case sequential = "sequential"
+    /// Public ports are drawn at random.
+    case random = "random"
+    /// Not measured.
+    case unknown = "unknown"
+}
+
+/// A measured NAT behaviour: mapping, filtering, port allocation and the observed port delta.
+public struct NATProfile: Sendable, Hashable, Codable {
+    /// Mapping behaviour.
+    public var mapping: NATBehavior
+    /// Filtering behaviour.
+    public var filtering: NATBehavior
+    /// Port allocation behaviour.
+    public var allocation: PortAllocation
+    /// Observed difference between consecutive public ports (sequential allocation); 0 when not known.
+    public var portDelta: Int
+    /// How sure discovery is of this profile, in 0...1.
+    public var confidence: Double
+
+    /// Creates a profile; `confidence` is clamped into 0...1 (NaN becomes 0).
+    public init(
+        mapping: NATBehavior,
+        filtering: NATBehavior,
+        allocation: PortAllocation = .unknown,
+        portDelta: Int = 0,
+        confidence: Double = 1
+    ) {
+        self.mapping = mapping
+        self.filtering = filtering
+        self.allocation = allocation
+        self.portDelta = portDelta
+        self.confidence = confidence.isNaN ? 0 : min(max(confidence, 0), 1)
+    }
+
+    /// The most plausible profile for a legacy type, for peers that only report the seed's labels.
+    /// A symmetric NAT is assumed sequential with delta 1, the common case; confidence is 0.5 because
+    /// nothing was measured.
+    public init(legacy type: NATType) {
+        switch type {
+        case .fullCone: self = .fullCone
+        case .restricted: self = .restricted
+        case .portRestricted: self = .portRestricted
+        case .symmetric: self = NATProfile.symmetricSequential
+        case .unknown: self = .unknown
+        }
+        if type != .unknown { confidence = 0.5 }
+    }
+
+    /// The legacy label: EIM+EIF full cone, EIM+ADF restricted, EIM+APDF port restricted, any
+    /// other known mapping symmetric. An EIM NAT with unknown filtering is reported as port restricted,
+    /// the safe assumption for punching.
+    public var type: NATType {
+        switch mapping {
+        case .unknown:
+            return .unknown
+        case .addressDependent, .addressAndPortDependent:
+            return .symmetric
+        case .endpointIndependent:
+            switch filtering {
+            case .endpointIndependent: return .fullCone
+            case .addressDependent: return .restricted
+            case .addressAndPortDependent, .unknown: return .portRestricted
+            }
+        }
+    }
+
+    /// Lab preset `full_cone`.
+    public static let fullCone = NATProfile(
+        mapping: .endpointIndependent, filtering: .endpointIndependent, allocation: .portPreserving)
+    /// Lab preset `restricted`.
+    public static let restricted = NATProfile(
+        mapping: .endpointIndependent, filtering: .addressDependent, allocation: .portPreserving)
+    /// Lab preset `port_restricted`.
+    public static let portRestricted = NATProfile(
+        mapping: .endpointIndependent, filtering: .addressAndPortDependent, allocation: .portPreserving)
+    /// Lab preset `symmetric_seq`: a new port per destination, allocated sequentially with delta 1.
+    public static let symmetricSequential = NATProfile(
+        mapping: .addressAndPortDependent, filtering: .addressAndPortDependent,
+        allocation: .sequential, portDelta: 1)
+    /// Lab preset `symmetric_random`: a new, random port per destination.
+    public static let symmetricRandom = NATProfile(
+        mapping: .addressAndPortDependent, filtering: .addressAndPortDependent, allocation: .random)
+    /// Nothing known.
+    public static let unknown = NATProfile(
+        mapping: .unknown, filtering: .unknown, allocation: .unknown, confidence: 0)
+
+    /// The lab's five NAT types by their lab names, in the lab's order.
+    public static let labPresets: [(name: String, profile: NATProfile)] = [
+        ("full_cone", .fullCone),
+        ("restricted", .restricted),
+        ("port_restricted", .portRestricted),
+        ("symmetric_seq", .symmetricSequential),
+        ("symmetric_random", .symmetricRandom),
+    ]
+
+    /// A lab preset by name (`full_cone`, `restricted`, `port_restricted`, `symmetric_seq`,
+    /// `symmetric_random`, plus `symmetric` as `symmetric_seq` and `unknown`), or nil.
+    public static func preset(named name: String) -> NATProfile? {
+        switch name {
+        case "symmetric": return .symmetricSequential
+        case "unknown": return .unknown
+        default: return labPresets.first { $0.name == name }?.profile
+        }
+    }
+}
+
+/// Which side of a punch this peer plays. The initiator dials QUIC; the target accepts.
+public enum PunchRole: String, Sendable, Hashable, Codable, CaseIterable {
+    /// Dials the QUIC connection once a path is proven.
+    case initiator
+    /// Accepts the QUIC connection from the pinned peer.
+    case target
+}

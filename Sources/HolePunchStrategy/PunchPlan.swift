@@ -1,0 +1,314 @@
+/// One entry of a plan's remote port list: a single port or an inclusive range.
+public enum PortSpec: Sendable, Hashable, Codable {
+    /// One port.
+    case port(UInt16)
+    /// An inclusive range, expanded in ascending order.
+    case range(ClosedRange<UInt16>)
+
+    /// Number of ports this entry expands to.
+    public var count: Int {
+        switch self {
+        case .port: 1
+        case .range(let r): r.count
+        }
+    }
+}
+
+/// An ordered list of remote ports without duplicates. Order is what a strategy uses to say "most likely
+/// first", so it is preserved exactly; a port that appears again later is dropped at its later position.
+/// Port 0 is never a valid destination and is dropped.
+public struct PortList: Sendable, Hashable, Codable, RandomAccessCollection, ExpressibleByArrayLiteral,
+    CustomStringConvertible
+{
+    /// The expanded ports, in probe order.
+    public private(set) var ports: [UInt16]
+
+    /// Expands `specs` in order and drops duplicates and port 0.
+    public init(_ specs: [PortSpec]) {
+        var seen = Set<UInt16>()
+        var out: [UInt16] = []
+        func add(_ p: UInt16) {
+            if p != 0, seen.insert(p).inserted { out.append(p) }
+        }
+        for spec in specs {
+            switch spec {
+            case .port(let p): add(p)
+            case .range(let r): for p in r { add(p) }
+            }
+        }
+        ports = out
+    }
+
+    /// A list from single ports, in order.
+    public init(ports: [UInt16]) {
+        self.init(ports.map(PortSpec.port))
+    }
+
+    /// A list from single ports, in order.
+    public init(arrayLiteral elements: UInt16...) {
+        self.init(ports: elements)
+    }
+
+    /// Index of the first port.
+    public var startIndex: Int { ports.startIndex }
+    /// One past the last port.
+    public var endIndex: Int { ports.endIndex }
+    /// The port at `position` in probe order.
+    public subscript(position: Int) -> UInt16 { ports[position] }
+
+    /// Keeps only the first `n` ports.
+    public mutating func truncate(to n: Int) {
+        if ports.count > n { ports.removeSubrange(Swift.max(n, 0)...) }
+    }
+
+    /// `N ports: a, b, c…` with at most five shown.
+    public var description: String {
+        let head = ports.prefix(5).map(String.init).joined(separator: ", ")
+        return "\(ports.count) ports: \(head)\(ports.count > 5 ? ", …" : "")"
+    }
+}
+
+/// What one punch attempt does: where to probe, from how many sockets, at what cadence, for how long.
+///
+/// A round sends `packetsPerRound` probes from each local socket, walking `ports` in order and wrapping
+/// around, so the packet rate is `packetsPerRound × localSockets / interval`. Build one directly or get one
+/// from a ``PunchStrategy``; always run ``validated(_:)`` before executing it.
+public struct PunchPlan: Sendable, Hashable, Codable {
+    /// Remote ports to probe, most likely first.
+    public var ports: PortList
+    /// Local UDP sockets to probe from (more than one for birthday attacks on random-allocation NATs).
+    public var localSockets: Int
+    /// Probes sent per round from each local socket.
+    public var packetsPerRound: Int
+    /// Time between the starts of two rounds.
+    public var interval: Duration
+    /// Number of probe rounds.
+    public var rounds: Int
+    /// Deadline of the whole punch, measured from the start instant.
+    public var timeout: Duration
+    /// Deadline of the QUIC handshake once a path is proven.
+    public var connectTimeout: Duration
+    /// Delay after the coordinated start instant before the first probe.
+    public var startDelay: Duration
+    /// Initial RTT estimate handed to QUIC for the handshake.
+    public var initialRTT: Duration
+    /// Also send QUIC Initials to candidate ports directly (the seed's "both connect, one wins" mode).
+    public var dialCandidatesDirectly: Bool
+    /// Optional IP TTL for the first round of probes: enough to open our own NAT, too low to reach the
+    /// peer's NAT and trip its filter before it has punched. Nil means the system default.
+    public var lowTTL: Int?
+
+    /// Creates a plan. Defaults are the ones documented in `docs/strategies.md`.
+    public init(
+        ports: PortList,
+        localSockets: Int = 1,
+        packetsPerRound: Int = 3,
+        interval: Duration = .milliseconds(200),
+        rounds: Int = 5,
+        timeout: Duration = .milliseconds(2000),
+        connectTimeout: Duration = .milliseconds(1500),
+        startDelay: Duration = .milliseconds(100),
+        initialRTT: Duration = .milliseconds(333),
+        dialCandidatesDirectly: Bool = true,
+        lowTTL: Int? = nil
+    ) {
+        self.ports = ports
+        self.localSockets = localSockets
+        self.packetsPerRound = packetsPerRound
+        self.interval = interval
+        self.rounds = rounds
+        self.timeout = timeout
+        self.connectTimeout = connectTimeout
+        self.startDelay = startDelay
+        self.initialRTT = initialRTT
+        self.dialCandidatesDirectly = dialCandidatesDirectly
+        self.lowTTL = lowTTL
+    }
+
+    /// Probe packets per second this plan sends, all sockets together.
+    public var packetsPerSecond: Double {
+        let seconds = interval.seconds
+        return seconds > 0 ? Double(packetsPerRound * localSockets) / seconds : .infinity
+    }
+
+    /// Rounds that fit before the timeout (a round that starts after the deadline never runs).
+    public var effectiveRounds: Int {
+        let usable = (timeout - startDelay).seconds
+        guard usable > 0 else { return 0 }
+        let interval = self.interval.seconds
+        guard interval > 0 else { return rounds }
+        return min(rounds, Int((usable / interval).rounded(.down)) + 1)
+    }
+
+    /// Total probe packets the plan may send.
+    public var packetBudget: Int { effectiveRounds * packetsPerRound * localSockets }
+
+    /// Distinct remote ports that actually get probed, given the rounds that fit.
+    public var probedPortCount: Int { min(ports.count, effectiveRounds * packetsPerRound) }
+}
+
+/// The core's safety limits. ``PunchPlan/validated(_:)`` clamps every plan into them.
+public struct PlanLimits: Sendable, Hashable, Codable {
+    /// Highest probe rate of one punch session, all sockets together.
+    public var maxPacketsPerSecond: Double
+    /// Most remote ports in one plan.
+    public var maxTotalPorts: Int
+    /// Most local sockets in one plan.
+    public var maxLocalSockets: Int
+    /// Most probes per round per socket.
+    public var maxPacketsPerRound: Int
+    /// Most rounds.
+    public var maxRounds: Int
+    /// Shortest and longest allowed punch timeout.
+    public var timeoutBounds: ClosedRange<Duration>
+    /// Shortest and longest allowed connect timeout.
+    public var connectTimeoutBounds: ClosedRange<Duration>
+    /// Shortest and longest allowed interval.
+    public var intervalBounds: ClosedRange<Duration>
+    /// Longest start delay.
+    public var maxStartDelay: Duration
+    /// Allowed QUIC initial RTT.
+    public var initialRTTBounds: ClosedRange<Duration>
+
+    /// Creates limits; the defaults are the documented ones (200 packets/s, 2048 ports, 64 sockets…).
+    public init(
+        maxPacketsPerSecond: Double = 200,
+        maxTotalPorts: Int = 2048,
+        maxLocalSockets: Int = 64,
+        maxPacketsPerRound: Int = 256,
+        maxRounds: Int = 1000,
+        timeoutBounds: ClosedRange<Duration> = .milliseconds(100)...(.seconds(30)),
+        connectTimeoutBounds: ClosedRange<Duration> = .milliseconds(100)...(.seconds(30)),
+        intervalBounds: ClosedRange<Duration> = .milliseconds(1)...(.seconds(10)),
+        maxStartDelay: Duration = .seconds(5),
+        initialRTTBounds: ClosedRange<Duration> = .milliseconds(1)...(.seconds(10))
+    ) {
+        self.maxPacketsPerSecond = maxPacketsPerSecond
+        self.maxTotalPorts = maxTotalPorts
+        self.maxLocalSockets = maxLocalSockets
+        self.maxPacketsPerRound = maxPacketsPerRound
+        self.maxRounds = maxRounds
+        self.timeoutBounds = timeoutBounds
+        self.connectTimeoutBounds = connectTimeoutBounds
+        self.intervalBounds = intervalBounds
+        self.maxStartDelay = maxStartDelay
+        self.initialRTTBounds = initialRTTBounds
+    }
+
+    /// The documented defaults.
+    public static let `default` = PlanLimits()
+}
+
+/// Why ``PunchPlan/validated(_:)`` changed a field, e.g. `packetsPerRound: 900 → 256 (max 256)`.
+public struct ClampReason: Sendable, Hashable, Codable, CustomStringConvertible {
+    /// The plan field that was changed (Swift name).
+    public var field: String
+    /// The value the strategy asked for.
+    public var requested: String
+    /// The value that will run.
+    public var applied: String
+    /// The rule that applied, in words.
+    public var rule: String
+
+    /// Creates a reason.
+    public init(field: String, requested: String, applied: String, rule: String) {
+        self.field = field
+        self.requested = requested
+        self.applied = applied
+        self.rule = rule
+    }
+
+    /// One human-readable line.
+    public var description: String { "\(field): \(requested) → \(applied) (\(rule))" }
+}
+
+extension PunchPlan {
+    /// This plan clamped into `limits`, with one reason per change. Never fails: an unsafe plan becomes
+    /// a safe one, and the reasons say how. The packet rate is enforced last, by stretching the interval,
+    /// because the rate cap is the limit that protects the network.
+    public func validated(_ limits: PlanLimits = .default) -> (plan: PunchPlan, reasons: [ClampReason]) {
+        var p = self
+        var reasons: [ClampReason] = []
+        func note(_ field: String, _ from: some CustomStringConvertible, _ to: some CustomStringConvertible,
+                  _ rule: String) {
+            reasons.append(ClampReason(field: field, requested: from.description, applied: to.description,
+                                       rule: rule))
+        }
+        func clampInt(_ field: String, _ value: inout Int, _ range: ClosedRange<Int>) {
+            let c = min(max(value, range.lowerBound), range.upperBound)
+            if c != value {
+                note(field, value, c, value < range.lowerBound ? "min \(range.lowerBound)" : "max \(range.upperBound)")
+                value = c
+            }
+        }
+        func clampDuration(_ field: String, _ value: inout Duration, _ range: ClosedRange<Duration>) {
+            let c = min(max(value, range.lowerBound), range.upperBound)
+            if c != value {
+                note(field, value.formattedMilliseconds, c.formattedMilliseconds,
+                     value < range.lowerBound ? "min \(range.lowerBound.formattedMilliseconds)"
+                                              : "max \(range.upperBound.formattedMilliseconds)")
+                value = c
+            }
+        }
+
+        if p.ports.count > limits.maxTotalPorts {
+            let before = p.ports.count
+            p.ports.truncate(to: limits.maxTotalPorts)
+            note("ports", "\(before) ports", "\(p.ports.count) ports", "max \(limits.maxTotalPorts), first ones kept")
+        }
+        clampInt("localSockets", &p.localSockets, 1...max(1, limits.maxLocalSockets))
+        clampInt("packetsPerRound", &p.packetsPerRound, 1...max(1, limits.maxPacketsPerRound))
+        if !p.ports.isEmpty && p.packetsPerRound > p.ports.count {
+            note("packetsPerRound", p.packetsPerRound, p.ports.count, "no more than the number of ports")
+            p.packetsPerRound = p.ports.count
+        }
+        clampInt("rounds", &p.rounds, 1...max(1, limits.maxRounds))
+        clampDuration("timeout", &p.timeout, limits.timeoutBounds)
+        clampDuration("connectTimeout", &p.connectTimeout, limits.connectTimeoutBounds)
+        clampDuration("interval", &p.interval, limits.intervalBounds)
+        clampDuration("startDelay", &p.startDelay, .zero...max(.zero, limits.maxStartDelay))
+        clampDuration("initialRTT", &p.initialRTT, limits.initialRTTBounds)
+        if let ttl = p.lowTTL, !(1...255).contains(ttl) {
+            note("lowTTL", ttl, "nil", "TTL must be in 1...255")
+            p.lowTTL = nil
+        }
+
+        if limits.maxPacketsPerSecond > 0, p.packetsPerSecond > limits.maxPacketsPerSecond {
+            let before = p.interval
+            let seconds = Double(p.packetsPerRound * p.localSockets) / limits.maxPacketsPerSecond
+            // Round up to whole microseconds so the resulting rate is at or just below the cap.
+            let micros = (seconds * 1_000_000).rounded(.up)
+            p.interval = .microseconds(Int64(micros))
+            note("interval", before.formattedMilliseconds, p.interval.formattedMilliseconds,
+                 "max \(limits.maxPacketsPerSecond.formatted) packets/s for \(p.packetsPerRound) packets × \(p.localSockets) sockets per round")
+        }
+        return (p, reasons)
+    }
+}
+
+extension Duration {
+    /// This duration in (fractional) seconds.
+    var seconds: Double {
+        let c = components
+        return Double(c.seconds) + Double(c.attoseconds) / 1e18
+    }
+
+    /// This duration in (fractional) milliseconds.
+    var milliseconds: Double { seconds * 1000 }
+
+    /// `250 ms`, `0.5 ms`.
+    var formattedMilliseconds: String { "\(milliseconds.formatted) ms" }
+
+    /// A duration from fractional milliseconds (rounded to nanoseconds).
+    static func fromMilliseconds(_ ms: Double) -> Duration {
+        .nanoseconds(Int64((ms * 1_000_000).rounded()))
+    }
+}
+
+extension Double {
+    /// Shortest readable form: `200`, `1.5`, `0.333`.
+    var formatted: String {
+        if self == rounded(), abs(self) < 1e15 { return String(Int64(self)) }
+        return String((self * 1000).rounded() / 1000)
+    }
+}

@@ -1,0 +1,128 @@
+/// Decides where and how hard to punch. The executor asks ``plan(_:)`` before each attempt, may ask
+/// ``onProbe(_:_:)`` between rounds, and reports the result through ``onResult(_:_:)``.
+///
+/// The hooks are synchronous on purpose: a plan is a small, CPU-bound computation (microseconds), and a
+/// Lua strategy is bounded by its instruction budget and wall-clock cap, so the caller's task is never
+/// blocked for long. Making them `async` would cost an actor hop per call and buy nothing. Conformers must
+/// be `Sendable`: the executor calls them from many punch tasks at once, so an implementation with mutable
+/// state serialises it itself (``LuaStrategy`` uses a lock around its `lua_State`).
+///
+/// Plans are validated by the caller (``PunchPlan/validated(_:)``); a strategy need not clamp.
+public protocol PunchStrategy: Sendable {
+    /// A short, stable name for logs and metrics (a bounded dimension: the file name, not a path).
+    var name: String { get }
+
+    /// The plan for one attempt. Throws ``StrategyError`` when the strategy cannot produce one.
+    func plan(_ ctx: PunchContext) throws -> PunchPlan
+
+    /// Called after each probe round; returns a replacement plan for the remaining rounds, or nil to keep
+    /// the current one. The default keeps it.
+    func onProbe(_ ctx: PunchContext, _ event: ProbeEvent) throws -> PunchPlan?
+
+    /// Called once with the attempt's outcome. The default ignores it.
+    func onResult(_ ctx: PunchContext, _ outcome: PunchOutcome) throws
+}
+
+extension PunchStrategy {
+    /// Keeps the current plan.
+    public func onProbe(_ ctx: PunchContext, _ event: ProbeEvent) throws -> PunchPlan? { nil }
+    /// Ignores the outcome.
+    public func onResult(_ ctx: PunchContext, _ outcome: PunchOutcome) throws {}
+}
+
+/// The built-in strategy: the seed's timing table and its documented (but never implemented) cadence,
+/// without the seed's port bugs. It is the fallback whenever a script is missing or fails, so it never
+/// throws and depends on nothing but the context.
+///
+/// Timing row, picked by the worse NAT of the pair:
+///
+/// | worst NAT | timeout | connect timeout | ports per round |
+/// |---|---|---|---|
+/// | symmetric | 4000 ms | 3000 ms | 5 |
+/// | full cone (both) | 1000 ms | 800 ms | 1 |
+/// | anything else | 2000 ms | 1500 ms | 3 |
+///
+/// Cadence, by the same worst NAT: full cone 50 ms start delay / 100 ms interval / 3 rounds; symmetric
+/// 150 / 300 / 7; anything else (restricted, port restricted, unknown) 100 / 200 / 5.
+///
+/// Ports: every candidate port in the order given (the seed dropped all but the first N), then, when the
+/// peer's NAT allocates sequentially, the next N ports it would allocate, nearest first (the seed tried
+/// them in ascending order from a wrong base).
+public struct DefaultStrategy: PunchStrategy {
+    /// One row of the seed's timing table.
+    public struct TimingRow: Sendable, Hashable {
+        /// Punch timeout.
+        public var timeout: Duration
+        /// QUIC connect timeout.
+        public var connectTimeout: Duration
+        /// Ports tried in parallel (probes per round).
+        public var parallelPorts: Int
+    }
+
+    /// One row of the seed's documented cadence.
+    public struct Cadence: Sendable, Hashable {
+        /// Delay before the first probe.
+        public var initialDelay: Duration
+        /// Time between rounds.
+        public var interval: Duration
+        /// Number of rounds.
+        public var retries: Int
+    }
+
+    /// `builtin-default`, the name used in logs and metrics.
+    public let name = "builtin-default"
+
+    /// Creates the strategy.
+    public init() {}
+
+    /// The timing row for a pair: symmetric anywhere, both full cone, or anything else.
+    public static func timingRow(local: NATType, remote: NATType) -> TimingRow {
+        if local == .symmetric || remote == .symmetric {
+            return TimingRow(timeout: .milliseconds(4000), connectTimeout: .milliseconds(3000), parallelPorts: 5)
+        }
+        if local == .fullCone && remote == .fullCone {
+            return TimingRow(timeout: .milliseconds(1000), connectTimeout: .milliseconds(800), parallelPorts: 1)
+        }
+        return TimingRow(timeout: .milliseconds(2000), connectTimeout: .milliseconds(1500), parallelPorts: 3)
+    }
+
+    /// The documented cadence for the worse NAT type of a pair.
+    public static func cadence(worst: NATType) -> Cadence {
+        switch worst {
+        case .fullCone:
+            Cadence(initialDelay: .milliseconds(50), interval: .milliseconds(100), retries: 3)
+        case .symmetric:
+            Cadence(initialDelay: .milliseconds(150), interval: .milliseconds(300), retries: 7)
+        case .restricted, .portRestricted, .unknown:
+            Cadence(initialDelay: .milliseconds(100), interval: .milliseconds(200), retries: 5)
+        }
+    }
+
+    /// The plan described above. Never throws.
+    public func plan(_ ctx: PunchContext) -> PunchPlan {
+        let row = Self.timingRow(local: ctx.localNAT.type, remote: ctx.remoteNAT.type)
+        let cadence = Self.cadence(worst: ctx.worstNAT)
+        var specs = ctx.candidatePorts.map(PortSpec.port)
+        let remote = ctx.remoteNAT
+        if remote.mapping != .endpointIndependent, remote.allocation == .sequential,
+           let base = ctx.candidatePorts.first {
+            let delta = remote.portDelta == 0 ? 1 : remote.portDelta
+            for k in 1...row.parallelPorts {
+                let p = Int(base) + k * delta
+                if (1...65535).contains(p) { specs.append(.port(UInt16(p))) }
+            }
+        }
+        return PunchPlan(
+            ports: PortList(specs),
+            localSockets: 1,
+            packetsPerRound: row.parallelPorts,
+            interval: cadence.interval,
+            rounds: cadence.retries,
+            timeout: row.timeout,
+            connectTimeout: row.connectTimeout,
+            startDelay: cadence.initialDelay,
+            initialRTT: ctx.rtt ?? .milliseconds(333),
+            dialCandidatesDirectly: true
+        )
+    }
+}
