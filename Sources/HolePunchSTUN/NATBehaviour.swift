@@ -1,0 +1,175 @@
+public import HolePunchNet
+
+/// How a NAT maps one local address to public ones (RFC 4787 §4.1, measured as RFC 5780 §4.3 describes).
+public enum NATMapping: String, Hashable, Sendable, Codable, CaseIterable {
+    /// The same public address for every destination.
+    case endpointIndependent
+    /// A new public address per destination IP.
+    case addressDependent
+    /// A new public address per destination IP and port ("symmetric").
+    case addressAndPortDependent
+    /// Not measured, or not measurable with this server.
+    case unknown
+}
+
+/// Which inbound packets a NAT lets through to a mapping (RFC 4787 §5, measured as RFC 5780 §4.4 describes).
+public enum NATFiltering: String, Hashable, Sendable, Codable, CaseIterable {
+    /// Anyone may send to the mapping.
+    case endpointIndependent
+    /// Only IPs the inside host has sent to.
+    case addressDependent
+    /// Only IP:port pairs the inside host has sent to.
+    case addressAndPortDependent
+    /// Not measured, or not measurable with this server.
+    case unknown
+}
+
+/// How a NAT picks the public port of a fresh mapping.
+public enum NATAllocation: String, Hashable, Sendable, Codable, CaseIterable {
+    /// The public port equals the local port.
+    case portPreserving
+    /// Each fresh mapping gets the previous one's port plus a constant delta (see ``NATBehaviour/portDelta``).
+    case sequential
+    /// No pattern found.
+    case random
+    /// Not enough fresh mappings were observed.
+    case unknown
+}
+
+/// One STUN transaction that discovery ran, and what came of it.
+public struct NATTestRecord: Hashable, Sendable, Codable {
+    /// Which test: `basic`, `filtering.changeIPAndPort`, `filtering.changePort`, `filtering.control`,
+    /// `mapping.alternateIP`, `mapping.alternateIPAndPort`, `mapping.alternatePort`, `allocation.N`.
+    public var name: String
+    /// Index of the local socket used (0 is the primary socket).
+    public var socket: Int
+    /// The local address of that socket.
+    public var localAddress: SocketAddress
+    /// Where the request went.
+    public var destination: SocketAddress
+    /// The CHANGE-REQUEST flags sent, if any.
+    public var changeIP: Bool
+    /// The CHANGE-REQUEST flags sent, if any.
+    public var changePort: Bool
+    /// How many times the request was sent.
+    public var transmissions: Int
+    /// `answered`, `error`, `noResponse` (every retransmission went unanswered), `abandoned` (overall timeout)
+    /// or `wrongSource` (the server ignored CHANGE-REQUEST).
+    public var outcome: String
+    /// The reflexive address the server reported.
+    public var mappedAddress: SocketAddress?
+    /// The address the response actually came from.
+    public var responseFrom: SocketAddress?
+    /// The STUN error code, for error responses.
+    public var errorCode: Int?
+}
+
+/// The evidence behind a ``NATBehaviour`` verdict.
+public struct NATEvidence: Hashable, Sendable, Codable {
+    /// The server's primary address.
+    public var server: SocketAddress
+    /// The server's OTHER-ADDRESS, if it announced one.
+    public var otherAddress: SocketAddress?
+    /// The primary socket's local address.
+    public var localAddress: SocketAddress
+    /// `false` when the reflexive address equals the local address (no NAT), `true` when it differs,
+    /// `nil` when unknown (no answer, or the local IP is a wildcard and the port matched).
+    public var natDetected: Bool?
+    /// Every test, in the order it was started.
+    public var tests: [NATTestRecord]
+    /// Why a verdict is what it is, in words.
+    public var notes: [String]
+    /// Per-dimension confidence, 0…1 (mapping, filtering, allocation).
+    public var mappingConfidence: Double
+    /// See ``mappingConfidence``.
+    public var filteringConfidence: Double
+    /// See ``mappingConfidence``.
+    public var allocationConfidence: Double
+
+    /// Every distinct reflexive address seen, in order.
+    public var mappedAddresses: [SocketAddress] {
+        var seen: [SocketAddress] = []
+        for test in tests {
+            if let mapped = test.mappedAddress, !seen.contains(mapped) { seen.append(mapped) }
+        }
+        return seen
+    }
+}
+
+/// What NAT behaviour discovery concluded.
+public struct NATBehaviour: Hashable, Sendable, Codable {
+    /// Mapping behaviour.
+    public var mapping: NATMapping
+    /// Filtering behaviour.
+    public var filtering: NATFiltering
+    /// Port allocation behaviour.
+    public var allocation: NATAllocation
+    /// For `sequential` allocation, the measured port step between consecutive fresh mappings.
+    public var portDelta: Int?
+    /// Overall confidence, 0…1: the mean of the per-dimension confidences in ``evidence``.
+    public var confidence: Double
+    /// The evidence.
+    public var evidence: NATEvidence
+    /// The reflexive address of the primary socket, as seen by the server's primary address.
+    public var reflexiveAddress: SocketAddress? { evidence.tests.first?.mappedAddress }
+
+    /// The legacy (RFC 3489-style) label: `full_cone`, `restricted`, `port_restricted`, `symmetric` or `unknown`.
+    ///
+    /// Any mapping other than endpoint-independent is `symmetric`; with endpoint-independent mapping, the
+    /// filtering picks `full_cone` / `restricted` / `port_restricted`; anything unmeasured is `unknown`.
+    public var legacyLabel: String {
+        NATBehaviour.legacyLabel(mapping: mapping, filtering: filtering)
+    }
+
+    /// The legacy label for a mapping and filtering pair (see ``legacyLabel``).
+    public static func legacyLabel(mapping: NATMapping, filtering: NATFiltering) -> String {
+        switch (mapping, filtering) {
+        case (.addressDependent, _), (.addressAndPortDependent, _): "symmetric"
+        case (.endpointIndependent, .endpointIndependent): "full_cone"
+        case (.endpointIndependent, .addressDependent): "restricted"
+        case (.endpointIndependent, .addressAndPortDependent): "port_restricted"
+        default: "unknown"
+        }
+    }
+
+    /// Creates a verdict.
+    public init(
+        mapping: NATMapping, filtering: NATFiltering, allocation: NATAllocation, portDelta: Int?,
+        confidence: Double, evidence: NATEvidence
+    ) {
+        self.mapping = mapping
+        self.filtering = filtering
+        self.allocation = allocation
+        self.portDelta = portDelta
+        self.confidence = confidence
+        self.evidence = evidence
+    }
+
+    private enum CodingKeys: String, CodingKey {
+        case mapping, filtering, allocation, portDelta, confidence, evidence, legacyLabel
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        self.init(
+            mapping: try c.decode(NATMapping.self, forKey: .mapping),
+            filtering: try c.decode(NATFiltering.self, forKey: .filtering),
+            allocation: try c.decode(NATAllocation.self, forKey: .allocation),
+            portDelta: try c.decodeIfPresent(Int.self, forKey: .portDelta),
+            confidence: try c.decode(Double.self, forKey: .confidence),
+            evidence: try c.decode(NATEvidence.self, forKey: .evidence)
+        )
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(mapping, forKey: .mapping)
+        try c.encode(filtering, forKey: .filtering)
+        try c.encode(allocation, forKey: .allocation)
+        try c.encodeIfPresent(portDelta, forKey: .portDelta)
+        try c.encode(confidence, forKey: .confidence)
+        try c.encode(evidence, forKey: .evidence)
+        // The label is derived, but written out so that JSON readers need not re-derive it.
+        try c.encode(legacyLabel, forKey: .legacyLabel)
+    }
+}
