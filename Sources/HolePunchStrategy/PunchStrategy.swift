@@ -115,7 +115,8 @@ public struct DefaultStrategy: PunchStrategy {
         return PunchPlan(
             ports: PortList(specs),
             localSockets: 1,
-            packetsPerRound: row.parallelPorts,
+            // The seed's "ports in parallel", never more than there are ports.
+            packetsPerRound: max(1, min(row.parallelPorts, specs.isEmpty ? row.parallelPorts : PortList(specs).count)),
             interval: cadence.interval,
             rounds: cadence.retries,
             timeout: row.timeout,

@@ -1,0 +1,232 @@
+import Foundation
+import Testing
+@testable import HolePunchStrategy
+
+extension LuaTests {
+    /// The hostile corpus: each script is contained with a typed error, and the fallback answers with the
+    /// built-in default plan.
+    @Suite struct Hostile {
+        static let small = LuaStrategy.Limits(instructionBudget: 200_000, memoryLimit: 2 << 20, timeLimit: .seconds(5))
+
+        /// Runs `source` behind a `FallbackStrategy` and checks containment; returns the typed error.
+        @discardableResult
+        func contained(_ source: String, limits: LuaStrategy.Limits = Hostile.small, code: StrategyError.Code,
+                       field: String? = nil, atLine line: Int? = nil,
+                       sourceLocation: SourceLocation = #_sourceLocation) throws -> StrategyError {
+            let logs = CapturedLogs()
+            let fallbacks = Counter()
+            let s = FallbackStrategy.loading(source: source, chunkName: "hostile.lua", limits: limits,
+                                             logger: logs.logger, onFallback: { _ in fallbacks.increment() })
+            let plan = s.plan(LuaTests.ctx)
+            #expect(plan == DefaultStrategy().plan(LuaTests.ctx), sourceLocation: sourceLocation)
+            #expect(s.fallbackCount == 1, sourceLocation: sourceLocation)
+            #expect(fallbacks.value == 1, sourceLocation: sourceLocation)
+            let error = try #require(s.lastError, sourceLocation: sourceLocation)
+            #expect(error.code == code, "\(error)", sourceLocation: sourceLocation)
+            #expect(error.file == "hostile.lua", sourceLocation: sourceLocation)
+            if let field { #expect(error.field == field, "\(error)", sourceLocation: sourceLocation) }
+            if let line { #expect(error.line == line, "\(error)", sourceLocation: sourceLocation) }
+            #expect(logs.all.contains { $0.2["strategy.error.code"]?.description == code.rawValue },
+                    sourceLocation: sourceLocation)
+            return error
+        }
+
+        static func planBody(_ body: String) -> String {
+            "return { plan = function(ctx)\n\(body)\nreturn { ports = ctx.ports } end }"
+        }
+
+        @Test func infiniteLoop() throws {
+            let e = try contained(Self.planBody("while true do end"), code: .instructionBudgetExceeded, atLine: 2)
+            #expect(e.description.hasPrefix("hostile.lua:2: "))
+        }
+
+        @Test func infiniteLoopThatCatchesTheBudgetError() throws {
+            try contained(Self.planBody("while true do pcall(function() while true do end end) end"),
+                          code: .instructionBudgetExceeded)
+        }
+
+        @Test func infiniteLoopInTheMainChunk() throws {
+            try contained("while true do end", code: .instructionBudgetExceeded)
+        }
+
+        @Test func wallClockCap() throws {
+            let limits = LuaStrategy.Limits(instructionBudget: Int.max / 2, memoryLimit: 2 << 20, timeLimit: .milliseconds(20))
+            try contained(Self.planBody("while true do end"), limits: limits, code: .timeLimitExceeded)
+        }
+
+        @Test func unboundedTableGrowth() throws {
+            let limits = LuaStrategy.Limits(instructionBudget: 100_000_000, memoryLimit: 2 << 20, timeLimit: .seconds(10))
+            try contained(Self.planBody("local t = {} local i = 0 while true do i = i + 1 t[i] = {i} end"),
+                          limits: limits, code: .memoryLimitExceeded)
+        }
+
+        @Test func hugeStringRep() throws {
+            // Lua refuses 2^40 bytes up front; either way the call fails with a typed error.
+            let e = try contained(Self.planBody("local s = string.rep('x', 2^40)"), code: .runtime, atLine: 2)
+            #expect(e.message.contains("too large"))
+        }
+
+        @Test func largeStringRepHitsTheMemoryCap() throws {
+            try contained(Self.planBody("local s = string.rep('x', 2^26)"), code: .memoryLimitExceeded)
+        }
+
+        @Test func memoryErrorCaughtByPcallStillAborts() throws {
+            try contained(Self.planBody("pcall(string.rep, 'x', 2^26) while true do end"), code: .memoryLimitExceeded)
+        }
+
+        @Test func deepRecursion() throws {
+            // Under the default 8 MiB cap, the Lua stack hits the memory cap first.
+            let limits = LuaStrategy.Limits(instructionBudget: 100_000_000)
+            try contained(Self.planBody("local function f(n) return 1 + f(n + 1) end f(1)"),
+                          limits: limits, code: .memoryLimitExceeded)
+        }
+
+        @Test func deepRecursionWithRoomForTheStack() throws {
+            // With room to spare, Lua's own stack limit stops it, as an ordinary runtime error.
+            let limits = LuaStrategy.Limits(instructionBudget: 100_000_000, memoryLimit: 256 << 20, timeLimit: .seconds(10))
+            let e = try contained(Self.planBody("local function f(n) return 1 + f(n + 1) end f(1)"),
+                                  limits: limits, code: .runtime)
+            #expect(e.message.contains("stack overflow"))
+        }
+
+        @Test func osExecute() throws {
+            let e = try contained(Self.planBody("os.execute('touch /tmp/pwned')"), code: .runtime, atLine: 2)
+            #expect(e.message.contains("os"))
+        }
+
+        @Test func ioOpen() throws {
+            try contained(Self.planBody("local f = io.open('/etc/passwd')"), code: .runtime, atLine: 2)
+        }
+
+        @Test func requireIsAbsent() throws {
+            try contained(Self.planBody("require('os')"), code: .runtime, atLine: 2)
+        }
+
+        @Test func dofileIsAbsent() throws {
+            try contained("dofile('/etc/passwd') return {}", code: .runtime, atLine: 1)
+        }
+
+        @Test func loadOfABinaryChunk() throws {
+            // A binary chunk header (string.dump is removed, so it is written by hand).
+            let e = try contained(Self.planBody("local f, err = load('\\27Lua\\84\\0\\25\\147\\13\\10\\26\\10') assert(f, err)"),
+                                  code: .runtime, atLine: 2)
+            #expect(e.message.contains("binary"))
+        }
+
+        @Test func binaryChunkAsTheScript() throws {
+            let e = try contained("\u{1B}LuaT\0 binary", code: .syntax)
+            #expect(e.message.contains("binary"))
+        }
+
+        @Test func coroutineYieldAcrossTheHook() throws {
+            try contained(Self.planBody("coroutine.yield(1)"), code: .runtime, atLine: 2)
+        }
+
+        @Test func finaliserIsRefused() throws {
+            try contained(Self.planBody("setmetatable({}, { __gc = function() while true do end end })"),
+                          code: .runtime, atLine: 2)
+        }
+
+        @Test func nonStringError() throws {
+            let e = try contained(Self.planBody("error({})"), code: .runtime, atLine: 2)
+            #expect(e.message.contains("table value"))
+        }
+
+        @Test func millionPorts() throws {
+            let limits = LuaStrategy.Limits(instructionBudget: 50_000_000, memoryLimit: 128 << 20, timeLimit: .seconds(20))
+            let e = try contained("""
+                return { plan = function(ctx)
+                    local p = {}
+                    for i = 1, 1000000 do p[i] = (i % 65535) + 1 end
+                    return { ports = p }
+                end }
+                """, limits: limits, code: .invalidPlan, field: "ports", atLine: 1)
+            #expect(e.message.contains("at most"))
+        }
+
+        @Test func millionPortsUnderDefaultLimits() throws {
+            let e = try contained("""
+                return { plan = function(ctx)
+                    local p = {}
+                    for i = 1, 1000000 do p[i] = (i % 65535) + 1 end
+                    return { ports = p }
+                end }
+                """, limits: LuaStrategy.Limits(), code: .instructionBudgetExceeded)
+            #expect(e.line == 3)
+        }
+
+        @Test func negativePort() throws {
+            try contained("return { plan = function(ctx) return { ports = { 5, -1 } } end }",
+                          code: .invalidPlan, field: "ports[2]", atLine: 1)
+        }
+
+        @Test func nanTimeout() throws {
+            try contained("return { plan = function(ctx) return { ports = ctx.ports, timeout_ms = 0/0 } end }",
+                          code: .invalidPlan, field: "timeout_ms")
+        }
+
+        @Test func infiniteInterval() throws {
+            try contained("return { plan = function(ctx) return { ports = ctx.ports, interval_ms = math.huge } end }",
+                          code: .invalidPlan, field: "interval_ms")
+        }
+
+        @Test func absurdSocketCount() throws {
+            try contained("return { plan = function(ctx) return { ports = ctx.ports, sockets = 1e9 } end }",
+                          code: .invalidPlan, field: "sockets")
+        }
+
+        @Test func fractionalRounds() throws {
+            try contained("return { plan = function(ctx) return { ports = ctx.ports, rounds = 2.5 } end }",
+                          code: .invalidPlan, field: "rounds")
+        }
+
+        @Test func wrongFieldType() throws {
+            try contained("return { plan = function(ctx) return { ports = '1,2,3' } end }",
+                          code: .invalidPlan, field: "ports")
+        }
+
+        @Test func unknownField() throws {
+            try contained("return { plan = function(ctx) return { ports = ctx.ports, timout_ms = 5 } end }",
+                          code: .invalidPlan, field: "timout_ms")
+        }
+
+        @Test func emptyPorts() throws {
+            try contained("return { plan = function(ctx) return { ports = {} } end }", code: .invalidPlan, field: "ports")
+        }
+
+        @Test func planReturnsNothing() throws {
+            try contained("return { plan = function(ctx) end }", code: .invalidPlan)
+        }
+
+        @Test func scriptReturnsNothing() throws {
+            try contained("local x = 1", code: .missingHook)
+        }
+
+        @Test func scriptWithoutPlan() throws {
+            try contained("return { on_result = function() end }", code: .missingHook, field: "plan")
+        }
+
+        @Test func syntaxError() throws {
+            try contained("return { plan = function(ctx) return { ports = } end }", code: .syntax, atLine: 1)
+        }
+
+        @Test func metatableTricksAreIgnored() throws {
+            // Plan conversion reads raw fields: an __index cannot inject values or run code outside the
+            // call, so this plan is simply empty and takes every default.
+            let s = try LuaStrategy(source: """
+                return { plan = function(ctx)
+                    return setmetatable({}, { __index = function() while true do end end })
+                end }
+                """)
+            #expect(try s.plan(LuaTests.ctx) == DefaultStrategy().plan(LuaTests.ctx))
+        }
+    }
+}
+
+/// A thread-safe counter for callbacks.
+final class Counter: @unchecked Sendable {
+    private let lock = NSLock()
+    private var n = 0
+    func increment() { lock.withLock { n += 1 } }
+    var value: Int { lock.withLock { n } }
+}

@@ -1,0 +1,77 @@
+-- default.lua: our best general strategy. Use it unless you have measured that another one does better
+-- on your networks.
+--
+-- * Timing scales with the measured RTT and with history: the interval is about half an RTT, the
+--   timeout covers the rounds plus a few RTTs and at least three times the median time-to-connect seen
+--   for this NAT pair, and every retry widens it.
+-- * Sequential NATs: predicts the peer's next ports from its observed delta, likely-first (the port
+--   that won last time, then base+delta, base+2·delta…), plus a small window around the base.
+-- * Random allocation: a birthday spread, many local sockets on our random side, many random remote
+--   ports against theirs.
+-- * Easy NATs (endpoint-independent mapping on both sides): only the candidate ports, few packets.
+
+local function cone(p) return p.mapping == "endpoint_independent" end
+
+local function plan(ctx)
+    local rtt = ctx.rtt_ms or 100
+    local attempt = ctx.attempt
+    local remote, localnat = ctx.remote_nat, ctx.local_nat
+    local base = ctx.ports[1]
+    local history = ctx.history
+    local max_pps = ctx.limits.max_pps
+
+    local ports = {}
+    local sockets = 1
+    local first = {}
+
+    -- The offset that won last time with this peer (or this NAT pair) goes first.
+    local offset = history.peer.last_offset or history.pair.last_offset
+    if base and offset and offset ~= 0 then first[1] = base + offset end
+
+    if cone(remote) or base == nil then
+        ports = hp.merge(first, ctx.ports)
+    elseif remote.allocation == "random" then
+        local n = hp.clamp(128 * attempt, 128, 1024)
+        ports = hp.merge(first, ctx.ports, hp.random_ports(n, 1024, 65535))
+    else
+        -- Sequential (or unknown) allocation: walk forward by the delta, widening with each attempt.
+        local delta = remote.port_delta ~= 0 and remote.port_delta or 1
+        local ahead = 8 * attempt
+        ports = hp.merge(first, ctx.ports, hp.sequence(base + delta, delta, ahead), hp.around(base, 2))
+    end
+
+    if not cone(localnat) and localnat.allocation == "random" then
+        -- Our own NAT picks random ports: open many mappings so the peer's probes meet one.
+        sockets = math.min(ctx.limits.max_sockets, 16 * attempt)
+    end
+
+    local easy = cone(remote) and cone(localnat)
+    local interval = hp.clamp(rtt / 2, easy and 50 or 20, 300)
+    local packets = easy and #ports or math.max(1, math.min(#ports, 16))
+    -- Stay under the rate cap rather than being clamped: fewer packets per round, same interval.
+    local budget = math.floor(max_pps * interval / 1000 / sockets)
+    packets = hp.clamp(packets, 1, math.max(1, budget))
+    if budget < 1 then interval = math.ceil(1000 * sockets / max_pps) end
+
+    local rounds_needed = math.ceil(#ports / packets) + 2
+    local rounds = easy and 3 or hp.clamp(rounds_needed, 5, 200)
+    local timeout = rounds * interval + 3 * rtt
+    if history.pair.median_ttc_ms then timeout = math.max(timeout, 3 * history.pair.median_ttc_ms) end
+    timeout = timeout * (1 + 0.5 * (attempt - 1))
+    timeout = hp.clamp(timeout, easy and 1000 or 2000, 20000)
+
+    return {
+        ports = ports,
+        sockets = sockets,
+        packets_per_round = packets,
+        interval_ms = interval,
+        rounds = rounds,
+        timeout_ms = timeout,
+        connect_timeout_ms = hp.clamp(4 * rtt, 800, 5000),
+        start_delay_ms = 0,
+        initial_rtt_ms = hp.clamp(rtt * 1.5, 10, 1000),
+        dial_direct = cone(remote),
+    }
+end
+
+return { name = "default", plan = plan }
