@@ -49,34 +49,44 @@ public enum StrategyCheck {
         return out
     }
 
-    /// Plans every context; returns the errors (at most one per distinct message, so a broken script
-    /// does not print 360 copies). A plan that differs between two identical calls is an error too.
+    /// Plans every context; returns the errors, one per distinct failure, each saying in how many contexts
+    /// it happened and the first one (so a broken script does not print 360 copies). A plan that differs
+    /// between two identical calls, or that has no ports, is an error too.
     public static func run(_ strategy: some PunchStrategy, file: String) -> [StrategyError] {
-        var errors: [StrategyError] = []
-        var seen = Set<String>()
-        func add(_ e: StrategyError) {
-            if seen.insert(e.description).inserted { errors.append(e) }
+        var order: [StrategyError] = []
+        var seen: [StrategyError: (label: String, count: Int)] = [:]
+        func add(_ e: StrategyError, _ label: String) {
+            if let s = seen[e] {
+                seen[e] = (s.label, s.count + 1)
+            } else {
+                seen[e] = (label, 1)
+                order.append(e)
+            }
         }
-        for (label, ctx) in allContexts() {
+        let contexts = allContexts()
+        for (label, ctx) in contexts {
             do {
                 let plan = try strategy.plan(ctx)
                 if plan.ports.isEmpty {
-                    add(StrategyError(code: .invalidPlan, message: "\(label): the plan has no ports", file: file,
-                                      field: "ports"))
+                    add(StrategyError(code: .invalidPlan, message: "the plan has no ports", file: file, field: "ports"),
+                        label)
                 }
                 if try strategy.plan(ctx) != plan {
-                    add(StrategyError(code: .invalidPlan,
-                                      message: "\(label): plan is not deterministic for the same ctx", file: file))
+                    add(StrategyError(code: .invalidPlan, message: "plan is not deterministic for the same ctx",
+                                      file: file), label)
                 }
             } catch let e as StrategyError {
-                var e = e
-                e.message = "\(label): \(e.message)"
-                add(e)
+                add(e, label)
             } catch {
-                add(StrategyError(code: .strategyFailed, message: "\(label): \(error)", file: file))
+                add(StrategyError(code: .strategyFailed, message: "\(error)", file: file), label)
             }
         }
-        return errors
+        return order.map { e in
+            var e = e
+            let s = seen[e]!
+            e.message += " (in \(s.count) of \(contexts.count) contexts; first: \(s.label))"
+            return e
+        }
     }
 }
 

@@ -6,6 +6,6 @@ struct HolePunchCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "holepunch",
         abstract: "Direct, encrypted QUIC connections between peers behind NATs.",
-        subcommands: []
+        subcommands: [StrategyCommand.self, BenchGroupCommand.self]
     )
 }
