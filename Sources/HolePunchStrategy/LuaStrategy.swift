@@ -218,7 +218,8 @@ public final class FallbackStrategy: PunchStrategy, @unchecked Sendable {
 
     private static func typed(_ error: any Error) -> StrategyError {
         (error as? StrategyError)
-            ?? StrategyError(code: .strategyFailed, message: String(describing: error))
+            ?? StrategyError(code: .strategyFailed, message: "the strategy threw an error",
+                             cause: String(describing: error))
     }
 
     private static func metadata(_ e: StrategyError) -> Logger.Metadata {

@@ -43,14 +43,18 @@ public struct StrategyError: Error, Sendable, Hashable, CustomStringConvertible 
     public var line: Int?
     /// The plan field at fault, for `invalidPlan` (e.g. `ports[3]`, `timeout_ms`).
     public var field: String?
+    /// The underlying error's description, when this wraps one (e.g. a Swift strategy's own error).
+    public var cause: String?
 
     /// Creates an error.
-    public init(code: Code, message: String, file: String? = nil, line: Int? = nil, field: String? = nil) {
+    public init(code: Code, message: String, file: String? = nil, line: Int? = nil, field: String? = nil,
+                cause: String? = nil) {
         self.code = code
         self.message = message
         self.file = file
         self.line = line
         self.field = field
+        self.cause = cause
     }
 
     /// `file:line: message`, or as much of it as is known.

@@ -284,3 +284,63 @@ import Testing
         #expect(oneSided == 0)
     }
 }
+
+@Suite struct FallbackWithSwiftStrategiesTests {
+    struct Boom: Error, CustomStringConvertible { var description: String { "boom" } }
+
+    struct Failing: PunchStrategy {
+        let name = "failing"
+        func plan(_ ctx: PunchContext) throws -> PunchPlan { throw Boom() }
+        func onProbe(_ ctx: PunchContext, _ event: ProbeEvent) throws -> PunchPlan? { throw Boom() }
+        func onResult(_ ctx: PunchContext, _ outcome: PunchOutcome) throws { throw Boom() }
+    }
+
+    struct Fixed: PunchStrategy {
+        let name = "fixed"
+        func plan(_ ctx: PunchContext) throws -> PunchPlan { PunchPlan(ports: [1234]) }
+    }
+
+    static let ctx = PunchContext(localNAT: .fullCone, remoteNAT: .symmetricSequential, candidatePorts: [50000])
+
+    @Test func anyErrorIsTypedAndCounted() throws {
+        let s = FallbackStrategy(primary: Failing())
+        #expect(s.plan(Self.ctx) == DefaultStrategy().plan(Self.ctx))
+        let event = ProbeEvent(round: 1, elapsed: .zero, probesSent: 1, currentPlan: PunchPlan(ports: [1]))
+        #expect(s.onProbe(Self.ctx, event) == nil)
+        s.onResult(Self.ctx, .failure(code: .cancelled, rounds: 0))
+        #expect(s.fallbackCount == 3)
+        let e = try #require(s.lastError)
+        #expect(e.code == .strategyFailed)
+        #expect(e.cause == "boom")
+        #expect(s.name == "failing")
+    }
+
+    @Test func aWorkingStrategyIsUsedAsIs() {
+        let s = FallbackStrategy(primary: Fixed())
+        #expect(Array(s.plan(Self.ctx).ports) == [1234])
+        #expect(s.fallbackCount == 0)
+        #expect(s.lastError == nil)
+    }
+
+    @Test func noPrimaryMeansDefaultEveryTime() {
+        let s = FallbackStrategy(primary: nil, loadError: StrategyError(code: .fileUnreadable, message: "gone", file: "x.lua"))
+        #expect(s.plan(Self.ctx) == DefaultStrategy().plan(Self.ctx))
+        #expect(s.plan(Self.ctx) == DefaultStrategy().plan(Self.ctx))
+        #expect(s.fallbackCount == 2)
+        #expect(s.lastError?.code == .fileUnreadable)
+        #expect(s.name == "unloaded")
+    }
+
+    @Test func missingFileFallsBack() {
+        let s = FallbackStrategy.loading(path: "/nonexistent/strategy.lua")
+        #expect(s.lastError?.code == .fileUnreadable)
+        #expect(s.lastError?.description == "/nonexistent/strategy.lua: cannot read the file")
+        #expect(s.plan(Self.ctx) == DefaultStrategy().plan(Self.ctx))
+    }
+
+    @Test func errorDescriptionIsFileLineMessage() {
+        #expect(StrategyError(code: .runtime, message: "m", file: "f.lua", line: 3).description == "f.lua:3: m")
+        #expect(StrategyError(code: .runtime, message: "m", file: "f.lua").description == "f.lua: m")
+        #expect(StrategyError(code: .runtime, message: "m").description == "m")
+    }
+}
