@@ -231,6 +231,23 @@ static int hp_sb_random(lua_State *L) {
     return 1;
 }
 
+// string.find in plain mode only. Lua's pattern matcher backtracks inside C, where neither the count hook
+// nor the deadline can stop it ("a*a*a*a*b" on a long subject is polynomial of high degree), so the
+// pattern functions are not offered: find treats its pattern as plain text; match, gmatch and gsub are gone.
+static int hp_sb_find(lua_State *L) {
+    luaL_checkstring(L, 1);
+    luaL_checkstring(L, 2);
+    lua_Integer init = luaL_optinteger(L, 3, 1);
+    lua_settop(L, 2);
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_pushvalue(L, 1);
+    lua_pushvalue(L, 2);
+    lua_pushinteger(L, init);
+    lua_pushboolean(L, 1);
+    lua_call(L, 4, LUA_MULTRET);
+    return lua_gettop(L) - 2;
+}
+
 // MARK: the hp helper library
 
 static int hp_is_port(lua_Integer p) { return p >= 1 && p <= 65535; }
@@ -462,8 +479,14 @@ static int hp_open_sandbox(lua_State *L) {
     lua_setfield(L, -2, "setmetatable");
 
     lua_getfield(L, -1, LUA_STRLIBNAME);
-    lua_pushnil(L);
-    lua_setfield(L, -2, "dump");
+    static const char *const string_removed[] = {"dump", "match", "gmatch", "gsub", NULL};
+    lua_getfield(L, -1, "find");
+    lua_pushcclosure(L, hp_sb_find, 1);
+    lua_setfield(L, -2, "find");
+    for (const char *const *name = string_removed; *name; name++) {
+        lua_pushnil(L);
+        lua_setfield(L, -2, *name);
+    }
     lua_pop(L, 1);
 
     lua_getfield(L, -1, LUA_MATHLIBNAME);

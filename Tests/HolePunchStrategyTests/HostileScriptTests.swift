@@ -210,6 +210,21 @@ extension LuaTests {
             try contained("return { plan = function(ctx) return { ports = } end }", code: .syntax, atLine: 1)
         }
 
+        @Test func patternBacktrackingCannotHang() throws {
+            // With Lua patterns this search would run for hours inside C, out of the hook's reach; find is
+            // plain-text only, so it returns at once, and the pattern functions are gone.
+            let s = try LuaStrategy(source: """
+                return { plan = function(ctx)
+                    assert(string.rep('a', 100000):find('a*a*a*a*a*b') == nil)
+                    assert(('x.y'):find('.', 1) == 2)
+                    assert(string.match == nil and string.gmatch == nil and string.gsub == nil)
+                    return { ports = ctx.ports }
+                end }
+                """)
+            #expect(Array(try s.plan(LuaTests.ctx).ports) == [50000, 50100])
+            try contained(Self.planBody("local m = ('aaaa'):match('a*a*b')"), code: .runtime, atLine: 2)
+        }
+
         @Test func metatableTricksAreIgnored() throws {
             // Plan conversion reads raw fields: an __index cannot inject values or run code outside the
             // call, so this plan is simply empty and takes every default.
