@@ -1,0 +1,128 @@
+public import HolePunchNet
+
+/// Which incoming connections an endpoint accepts, judged on the peer's authenticated NodeID.
+public enum AcceptPolicy: Sendable {
+    /// Accept every authenticated peer.
+    case any
+    /// Accept no incoming connections: the endpoint only dials.
+    case none
+    /// Accept only these NodeIDs.
+    case allow(Set<NodeID>)
+    /// Ask a closure, on the endpoint's event loop during the handshake: keep it fast and non-blocking.
+    case decide(@Sendable (NodeID, SocketAddress) -> Bool)
+}
+
+/// Settings for an ``Endpoint`` and the connections it makes or accepts.
+public struct EndpointConfiguration: Sendable {
+    /// The identity presented in every handshake.
+    public var identity: Identity
+    /// Which incoming connections to accept.
+    public var acceptPolicy: AcceptPolicy
+    /// The TLS ALPN protocol both sides must offer.
+    public var alpn: String
+    /// Close a connection after this long without traffic.
+    public var idleTimeout: Duration
+    /// Send a PING after this long without traffic, so NAT mappings stay open; nil disables keep-alive.
+    public var keepAliveInterval: Duration?
+    /// Give up a handshake after this long.
+    public var handshakeTimeout: Duration
+    /// The RTT assumed before any is measured; it sets how soon Initials are retransmitted.
+    /// QUIC's default is 333 ms; punching wants much less.
+    public var initialRTT: Duration
+    /// The flow-control window for each stream, in bytes; extended as the application reads.
+    public var streamReceiveWindow: Int
+    /// The flow-control window for a whole connection, in bytes.
+    public var connectionReceiveWindow: Int
+    /// How many bidirectional streams a peer may open at once.
+    public var maxIncomingStreams: Int
+    /// How many unacknowledged bytes a stream buffers before `write` waits.
+    public var streamSendBuffer: Int
+    /// How many connections (in any state) the endpoint holds at most; new Initials beyond it are dropped.
+    public var maxConnections: Int
+    /// Test seam: when false, the client presents no certificate, so servers can be tested against that case.
+    var presentsCertificate = true
+
+    /// Creates a configuration with sane defaults for an identity.
+    public init(
+        identity: Identity,
+        acceptPolicy: AcceptPolicy = .any,
+        alpn: String = "holepunch/1",
+        idleTimeout: Duration = .seconds(30),
+        keepAliveInterval: Duration? = .seconds(10),
+        handshakeTimeout: Duration = .seconds(10),
+        initialRTT: Duration = .milliseconds(100),
+        streamReceiveWindow: Int = 4 << 20,
+        connectionReceiveWindow: Int = 16 << 20,
+        maxIncomingStreams: Int = 128,
+        streamSendBuffer: Int = 4 << 20,
+        maxConnections: Int = 4096
+    ) {
+        self.identity = identity
+        self.acceptPolicy = acceptPolicy
+        self.alpn = alpn
+        self.idleTimeout = idleTimeout
+        self.keepAliveInterval = keepAliveInterval
+        self.handshakeTimeout = handshakeTimeout
+        self.initialRTT = initialRTT
+        self.streamReceiveWindow = streamReceiveWindow
+        self.connectionReceiveWindow = connectionReceiveWindow
+        self.maxIncomingStreams = maxIncomingStreams
+        self.streamSendBuffer = streamSendBuffer
+        self.maxConnections = maxConnections
+    }
+}
+
+/// Per-dial overrides of the endpoint's configuration.
+public struct ConnectOptions: Sendable {
+    /// Overrides ``EndpointConfiguration/initialRTT`` for this dial (punching retransmits Initials fast).
+    public var initialRTT: Duration?
+    /// Overrides ``EndpointConfiguration/handshakeTimeout`` for this dial.
+    public var handshakeTimeout: Duration?
+
+    /// Creates options; nil keeps the endpoint's value.
+    public init(initialRTT: Duration? = nil, handshakeTimeout: Duration? = nil) {
+        self.initialRTT = initialRTT
+        self.handshakeTimeout = handshakeTimeout
+    }
+}
+
+/// Counters for one endpoint's socket.
+public struct EndpointStats: Sendable, Hashable {
+    /// Datagrams received.
+    public var datagramsReceived = 0
+    /// Datagrams sent.
+    public var datagramsSent = 0
+    /// Datagrams passed to the STUN-range handler.
+    public var stunDatagrams = 0
+    /// Datagrams dropped: not QUIC, not STUN, unroutable, malformed, or unacceptable Initials.
+    public var datagramsDropped = 0
+    /// Handshakes accepted and completed.
+    public var connectionsAccepted = 0
+    /// Handshakes that failed, either direction.
+    public var handshakeFailures = 0
+    /// Sends that the kernel refused (full buffer or an error); QUIC retransmits them.
+    public var sendErrors = 0
+}
+
+/// Statistics for one connection.
+public struct ConnectionStats: Sendable, Hashable {
+    /// The smoothed round-trip time.
+    public var smoothedRTT: Duration
+    /// The minimum round-trip time seen.
+    public var minRTT: Duration
+    /// The latest round-trip sample.
+    public var latestRTT: Duration
+    /// UDP payload bytes sent on this connection.
+    public var bytesSent: Int
+    /// UDP payload bytes received on this connection.
+    public var bytesReceived: Int
+    /// Packets sent.
+    public var packetsSent: Int
+    /// Packets received.
+    public var packetsReceived: Int
+    /// Probe timeouts so far: each means ngtcp2 declared data lost and retransmitted it.
+    /// (ngtcp2 0.12 exposes no per-packet loss counter; the PTO count is its nearest public figure.)
+    public var probeTimeouts: Int
+    /// The congestion window, bytes.
+    public var congestionWindow: Int
+}

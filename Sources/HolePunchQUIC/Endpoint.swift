@@ -1,0 +1,894 @@
+public import HolePunchNet
+public import Logging
+internal import CNgtcp2
+internal import CGnuTLS
+internal import CHolePunchShims
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One UDP socket that dials and accepts QUIC connections, and carries raw datagrams (STUN, punch probes) too.
+///
+/// A NAT mapping belongs to one local address and port, so everything a peer sends for a punch leaves from this
+/// one socket. Datagrams are sorted by their first byte (RFC 9443): `0x00–0x03` go to the datagram handler (STUN and
+/// probes), those with the QUIC fixed bit are routed by destination connection ID, and the rest are dropped and
+/// counted.
+///
+/// The actor's executor is the event loop that owns the socket, so all ngtcp2 and GnuTLS state stays on one thread.
+public actor Endpoint {
+    nonisolated let loop: EventLoop
+
+    /// The executor: the endpoint's event loop.
+    public nonisolated var unownedExecutor: UnownedSerialExecutor { loop.asUnownedSerialExecutor() }
+
+    /// The address the socket is bound to, with the real port when bound to port 0.
+    public nonisolated let localAddress: SocketAddress
+    /// This endpoint's NodeID, from its identity.
+    public nonisolated let nodeID: NodeID
+    /// Accepted connections, each already authenticated: its ``QUICConnection/peerNodeID`` passed the accept policy.
+    public nonisolated let incoming: AsyncStream<QUICConnection>
+
+    private let incomingContinuation: AsyncStream<QUICConnection>.Continuation
+    private let fd: Int32
+    private var configuration: EndpointConfiguration
+    private let logger: Logger
+    private let credentials: TLSCredentials
+    private let router: ConnectionRouter
+    private var connections: [UInt64: ConnectionCore] = [:]
+    private var nextKey: UInt64 = 1
+    private var datagramHandler: (@Sendable ([UInt8], SocketAddress) -> Void)?
+    private var unreachableHandler: (@Sendable (SocketAddress) -> Void)?
+    private var counters = EndpointStats()
+    private var isClosed = false
+    private var failures: [QUICError] = []
+    private var touched: [ConnectionCore] = []
+    private var touchedKeys: Set<UInt64> = []
+    private let io: SocketBuffers
+
+    /// Binds a UDP socket and starts serving it.
+    ///
+    /// - Parameters:
+    ///   - address: where to bind; port 0 picks a free port (see ``localAddress``).
+    ///   - configuration: identity, accept policy and transport settings.
+    ///   - logger: where the endpoint logs (at debug level and below, never above info).
+    /// - Throws: ``QUICError`` (`socket`) when the socket cannot be bound, or (`tls`) when the identity is unusable.
+    public static func bind(
+        _ address: SocketAddress,
+        configuration: EndpointConfiguration,
+        logger: Logger = Logger(label: "holepunch.quic", factory: { _ in SwiftLogNoOpLogHandler() })
+    ) async throws -> Endpoint {
+        let endpoint = try Endpoint(address: address, configuration: configuration, logger: logger)
+        try await endpoint.start()
+        return endpoint
+    }
+
+    private init(address: SocketAddress, configuration: EndpointConfiguration, logger: Logger) throws {
+        let family = address.isIPv6 ? AF_INET6 : AF_INET
+        let fd = socket(family, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw QUICError(.socket, "socket(): \(String(cString: strerror(errno)))") }
+        var bufferSize: Int32 = 4 << 20
+        _ = setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &bufferSize, socklen_t(MemoryLayout<Int32>.size))
+        _ = setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bufferSize, socklen_t(MemoryLayout<Int32>.size))
+        // ICMP errors (port or host unreachable) are queued for us to read, with the address they concern.
+        var on: Int32 = 1
+        if family == AF_INET {
+            _ = setsockopt(fd, Int32(IPPROTO_IP), IP_RECVERR, &on, socklen_t(MemoryLayout<Int32>.size))
+        } else {
+            _ = setsockopt(fd, Int32(IPPROTO_IPV6), IPV6_RECVERR, &on, socklen_t(MemoryLayout<Int32>.size))
+        }
+        let bound = address.withSockAddr { Glibc.bind(fd, $0, $1) }
+        guard bound == 0 else {
+            let message = String(cString: strerror(errno))
+            Glibc.close(fd)
+            throw QUICError(.socket, "bind(\(address)): \(message)")
+        }
+        var storage = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let named = withUnsafeMutablePointer(to: &storage) { pointer in
+            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
+        }
+        let local = withUnsafePointer(to: &storage) { pointer in
+            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { SocketAddress($0) }
+        }
+        guard named == 0, let local else {
+            Glibc.close(fd)
+            throw QUICError(.socket, "getsockname failed")
+        }
+        do {
+            credentials = try TLSCredentials(
+                identity: configuration.identity, presentCertificate: configuration.presentsCertificate
+            )
+        } catch {
+            Glibc.close(fd)
+            throw error
+        }
+        self.fd = fd
+        self.localAddress = local
+        self.nodeID = configuration.identity.nodeID
+        self.configuration = configuration
+        self.logger = logger
+        self.router = ConnectionRouter(policy: configuration.acceptPolicy)
+        self.loop = EventLoopGroup.shared.next()
+        self.io = SocketBuffers(local: local)
+        (incoming, incomingContinuation) = AsyncStream.makeStream(of: QUICConnection.self)
+    }
+
+    deinit {
+        // Normally `close()` has run. If not, unregister and close on the loop thread that owns the handler table.
+        if !isClosed {
+            let fd = self.fd
+            let loop = self.loop
+            loop.execute {
+                loop.unregister(fd: fd)
+                Glibc.close(fd)
+            }
+            incomingContinuation.finish()
+        }
+    }
+
+    private func start() throws {
+        try loop.register(fd: fd) { [weak self] events in
+            guard let self else { return }
+            self.assumeIsolated { $0.handleSocketEvents(events) }
+        }
+    }
+
+    // MARK: Public API
+
+    /// Dials a peer and completes a mutually authenticated handshake.
+    ///
+    /// Returns once the handshake is *confirmed*: the peer has also verified our certificate.
+    /// Cancelling the calling task abandons the attempt at once and frees its state.
+    ///
+    /// - Throws: ``QUICError`` with `peerAuthenticationFailed` (the peer is not `expecting`), `handshakeFailed`
+    ///   (the peer rejected us), `handshakeTimeout`, `cancelled`, or `endpointClosed`.
+    public func connect(
+        to remote: SocketAddress, expecting peer: NodeID, options: ConnectOptions = ConnectOptions()
+    ) async throws -> QUICConnection {
+        guard !isClosed else { throw QUICError(.endpointClosed, "the endpoint is closed") }
+        guard remote.isIPv6 == localAddress.isIPv6 else {
+            throw QUICError(.invalidArgument, "cannot dial \(remote) from a socket bound to \(localAddress)")
+        }
+        try Task.checkCancellation()
+        let core = try makeClientConnection(to: remote, expecting: peer, options: options)
+        let key = core.key
+        flush(core)
+        try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+                switch core.phase {
+                case .closed(let error): continuation.resume(throwing: error)
+                case .established: continuation.resume()
+                case .handshaking: core.handshakeWaiter = continuation
+                }
+            }
+        } onCancel: { [loop] in
+            loop.execute { self.assumeIsolated { $0.abandon(key) } }
+        }
+        return QUICConnection(endpoint: self, key: key, peerNodeID: peer, remoteAddress: remote, isClient: true)
+    }
+
+    /// Sends raw bytes from the endpoint's socket (punch probes, STUN).
+    ///
+    /// - Throws: ``QUICError`` (`socket`) when the kernel refuses the datagram.
+    public func send(datagram: [UInt8], to address: SocketAddress) throws {
+        guard !isClosed else { throw QUICError(.endpointClosed, "the endpoint is closed") }
+        let sent = datagram.withUnsafeBytes { bytes in
+            address.withSockAddr { sendto(fd, bytes.baseAddress, bytes.count, 0, $0, $1) }
+        }
+        guard sent >= 0 else {
+            counters.sendErrors += 1
+            throw QUICError(.socket, "sendto(\(address)): \(String(cString: strerror(errno)))")
+        }
+        counters.datagramsSent += 1
+    }
+
+    /// Sets the receiver of datagrams whose first byte is 0x00–0x03 (STUN and punch probes).
+    ///
+    /// It runs on the endpoint's event loop for each datagram: keep it short and hand work off.
+    public func setDatagramHandler(_ handler: (@Sendable ([UInt8], SocketAddress) -> Void)?) {
+        datagramHandler = handler
+    }
+
+    /// Sets the receiver of ICMP unreachable reports: the address that a datagram from this socket could not reach.
+    public func setUnreachableHandler(_ handler: (@Sendable (SocketAddress) -> Void)?) {
+        unreachableHandler = handler
+    }
+
+    /// Replaces the accept policy for connections that arrive from now on.
+    public func setAcceptPolicy(_ policy: AcceptPolicy) {
+        router.policy = policy
+        configuration.acceptPolicy = policy
+    }
+
+    /// The socket's counters.
+    public var stats: EndpointStats { counters }
+
+    /// How many connections the endpoint holds, in any state; zero once all are closed or abandoned.
+    public var connectionCount: Int { connections.count }
+
+    /// How many connection IDs route to a connection; zero once all are closed.
+    public var routeCount: Int { router.routes.count }
+
+    /// The most recent handshake failures (newest last, at most 32), on either side.
+    public var recentHandshakeFailures: [QUICError] { failures }
+
+    /// Closes every connection (application code 0) and the socket. Idempotent.
+    public func close() {
+        guard !isClosed else { return }
+        for core in Array(connections.values) {
+            sendClose(core, applicationCode: 0, reason: "endpoint closed")
+            finish(core, QUICError(.endpointClosed, "the endpoint was closed"))
+        }
+        isClosed = true
+        loop.unregister(fd: fd)
+        Glibc.close(fd)
+        incomingContinuation.finish()
+    }
+
+    // MARK: Connection setup
+
+    private func allocateKey() -> UInt64 {
+        defer { nextKey += 1 }
+        return nextKey
+    }
+
+    private func settings(initialRTT: Duration, handshakeTimeout: Duration) -> ngtcp2_settings {
+        var settings = ngtcp2_settings()
+        ngtcp2_settings_default_versioned(NGTCP2_SETTINGS_VERSION, &settings)
+        settings.initial_ts = hp_now_ns()
+        settings.initial_rtt = nanoseconds(initialRTT)
+        settings.handshake_timeout = nanoseconds(handshakeTimeout)
+        settings.max_window = UInt64(configuration.connectionReceiveWindow) * 2
+        settings.max_stream_window = UInt64(configuration.streamReceiveWindow) * 2
+        return settings
+    }
+
+    private func transportParams() -> ngtcp2_transport_params {
+        var params = ngtcp2_transport_params()
+        ngtcp2_transport_params_default_versioned(NGTCP2_TRANSPORT_PARAMS_VERSION, &params)
+        params.initial_max_streams_bidi = UInt64(configuration.maxIncomingStreams)
+        params.initial_max_streams_uni = 0
+        params.initial_max_stream_data_bidi_local = UInt64(configuration.streamReceiveWindow)
+        params.initial_max_stream_data_bidi_remote = UInt64(configuration.streamReceiveWindow)
+        params.initial_max_data = UInt64(configuration.connectionReceiveWindow)
+        params.max_idle_timeout = nanoseconds(configuration.idleTimeout)
+        // We would rather not invite RFC 9287 greasing (the socket is shared with STUN), but ngtcp2 0.12 advertises
+        // it regardless of this field; `dispatch` copes with greased packets.
+        params.grease_quic_bit = 0
+        return params
+    }
+
+    private func makeClientConnection(
+        to remote: SocketAddress, expecting peer: NodeID, options: ConnectOptions
+    ) throws -> ConnectionCore {
+        let core = ConnectionCore(key: allocateKey(), isClient: true, remote: remote, expectedNodeID: peer)
+        core.router = router
+        var dcid = randomCID(length: 18)
+        var scid = randomCID(length: localCIDLength)
+        var callbacks = ConnectionCore.makeCallbacks(client: true)
+        var settings = settings(
+            initialRTT: options.initialRTT ?? configuration.initialRTT,
+            handshakeTimeout: options.handshakeTimeout ?? configuration.handshakeTimeout
+        )
+        var params = transportParams()
+        try core.makeSession(credentials: credentials, alpn: configuration.alpn)
+        var conn: OpaquePointer?
+        let rv = io.withPath(remote: remote) { path in
+            ngtcp2_conn_client_new_versioned(
+                &conn, &dcid, &scid, path, NGTCP2_PROTO_VER_V1,
+                NGTCP2_CALLBACKS_VERSION, &callbacks, NGTCP2_SETTINGS_VERSION, &settings,
+                NGTCP2_TRANSPORT_PARAMS_VERSION, &params, nil, Unmanaged.passUnretained(core).toOpaque()
+            )
+        }
+        guard rv == 0, let conn else {
+            throw QUICError(.invalidArgument, "ngtcp2_conn_client_new: \(String(cString: ngtcp2_strerror(rv)))")
+        }
+        core.conn = conn
+        ngtcp2_conn_set_tls_native_handle(conn, UnsafeMutableRawPointer(core.session))
+        configureKeepAlive(conn)
+        let key = CIDKey(scid)
+        core.localCIDs.insert(key)
+        router.routes[key] = core
+        connections[core.key] = core
+        return core
+    }
+
+    private func makeServerConnection(header: inout ngtcp2_pkt_hd, from remote: SocketAddress) -> ConnectionCore? {
+        let core = ConnectionCore(key: allocateKey(), isClient: false, remote: remote, expectedNodeID: nil)
+        core.router = router
+        var scid = randomCID(length: localCIDLength)
+        var callbacks = ConnectionCore.makeCallbacks(client: false)
+        var settings = settings(initialRTT: configuration.initialRTT, handshakeTimeout: configuration.handshakeTimeout)
+        var params = transportParams()
+        params.original_dcid = header.dcid
+        params.stateless_reset_token_present = 1
+        withUnsafeMutableBytes(of: &params.stateless_reset_token) { raw in
+            _ = gnutls_rnd(GNUTLS_RND_RANDOM, raw.baseAddress, raw.count)
+        }
+        do {
+            try core.makeSession(credentials: credentials, alpn: configuration.alpn)
+        } catch {
+            logger.debug("tls session setup failed", metadata: ["error": "\(error)"])
+            return nil
+        }
+        var conn: OpaquePointer?
+        let rv = io.withPath(remote: remote) { path in
+            ngtcp2_conn_server_new_versioned(
+                &conn, &header.scid, &scid, path, header.version,
+                NGTCP2_CALLBACKS_VERSION, &callbacks, NGTCP2_SETTINGS_VERSION, &settings,
+                NGTCP2_TRANSPORT_PARAMS_VERSION, &params, nil, Unmanaged.passUnretained(core).toOpaque()
+            )
+        }
+        guard rv == 0, let conn else { return nil }
+        core.conn = conn
+        ngtcp2_conn_set_tls_native_handle(conn, UnsafeMutableRawPointer(core.session))
+        configureKeepAlive(conn)
+        for key in [CIDKey(scid), CIDKey(header.dcid)] {
+            core.localCIDs.insert(key)
+            router.routes[key] = core
+        }
+        connections[core.key] = core
+        return core
+    }
+
+    private func configureKeepAlive(_ conn: OpaquePointer) {
+        if let interval = configuration.keepAliveInterval {
+            ngtcp2_conn_set_keep_alive_timeout(conn, nanoseconds(interval))
+        }
+    }
+
+    private func randomCID(length: Int) -> ngtcp2_cid {
+        var bytes = [UInt8](repeating: 0, count: length)
+        _ = gnutls_rnd(GNUTLS_RND_RANDOM, &bytes, length)
+        var cid = ngtcp2_cid()
+        bytes.withUnsafeBufferPointer { ngtcp2_cid_init(&cid, $0.baseAddress, length) }
+        return cid
+    }
+
+    // MARK: Receiving
+
+    private func handleSocketEvents(_ events: UInt32) {
+        guard !isClosed else { return }
+        if events & EPOLLERR.rawValue != 0 {
+            drainErrorQueue()
+        }
+        for _ in 0..<256 {
+            let (count, from) = io.receive(fd: fd)
+            if count < 0 {
+                let error = errno
+                if error == EAGAIN || error == EWOULDBLOCK { break }
+                // A queued ICMP error surfaces here as ECONNREFUSED and the like; the error queue has the detail.
+                drainErrorQueue()
+                continue
+            }
+            counters.datagramsReceived += 1
+            guard let from else { counters.datagramsDropped += 1; continue }
+            dispatch(count: count, from: from)
+        }
+        flushTouched()
+    }
+
+    private func drainErrorQueue() {
+        var storage = sockaddr_storage()
+        while true {
+            let found = withUnsafeMutablePointer(to: &storage) { hp_read_icmp_unreachable(fd, $0) }
+            if found < 0 { break }
+            if found == 1 {
+                let address = withUnsafePointer(to: &storage) { pointer in
+                    pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { SocketAddress($0) }
+                }
+                if let address { unreachableHandler?(address) }
+            }
+        }
+    }
+
+    /// Sorts one datagram: QUIC for a known connection, STUN range, a new client Initial, or junk.
+    ///
+    /// ngtcp2 0.12 always advertises RFC 9287 ("greasing the QUIC bit"), so a peer built on it may clear the fixed
+    /// bit on any packet after the handshake starts, and a greased short header can even start with 0x00–0x03.
+    /// So the connection-ID lookup comes first: a datagram whose DCID routes to a live connection is QUIC whatever
+    /// its first byte. Only then does the RFC 9443 first-byte rule apply, to everything else.
+    private func dispatch(count: Int, from: SocketAddress) {
+        guard count > 0 else {
+            counters.datagramsDropped += 1
+            return
+        }
+        let packet = UnsafeRawBufferPointer(rebasing: io.receiveBuffer[0..<count])
+        let bytes = packet.baseAddress!.assumingMemoryBound(to: UInt8.self)
+        let first = packet[0]
+        var versionCID = ngtcp2_version_cid()
+        let decoded = ngtcp2_pkt_decode_version_cid(&versionCID, bytes, count, localCIDLength) == 0
+        if decoded, let dcid = versionCID.dcid,
+           let core = router.routes[CIDKey(UnsafeRawBufferPointer(start: dcid, count: versionCID.dcidlen))] {
+            read(core, packet: bytes, count: count, from: from)
+            return
+        }
+        if first <= 3 {
+            counters.stunDatagrams += 1
+            datagramHandler?(Array(packet), from)
+            return
+        }
+        // Unknown DCID: only a client Initial (long header, fixed bit set: a client cannot grease before it has
+        // seen our transport parameters) may start a new server connection.
+        guard decoded, first & 0xc0 == 0xc0, !isAcceptDisabled, connections.count < configuration.maxConnections else {
+            counters.datagramsDropped += 1
+            return
+        }
+        var header = ngtcp2_pkt_hd()
+        guard ngtcp2_accept(&header, bytes, count) == 0,
+              let core = makeServerConnection(header: &header, from: from)
+        else {
+            counters.datagramsDropped += 1
+            return
+        }
+        read(core, packet: bytes, count: count, from: from)
+    }
+
+    private var isAcceptDisabled: Bool {
+        if case .none = router.policy { return true }
+        return false
+    }
+
+    private func read(_ core: ConnectionCore, packet: UnsafePointer<UInt8>, count: Int, from: SocketAddress) {
+        guard let conn = core.conn else { return }
+        core.bytesReceived += count
+        core.packetsReceived += 1
+        var info = ngtcp2_pkt_info()
+        let rv = io.withPath(remote: from) { path in
+            ngtcp2_conn_read_pkt_versioned(conn, path, NGTCP2_PKT_INFO_VERSION, &info, packet, count, hp_now_ns())
+        }
+        if rv != 0 {
+            fail(core, rv: rv)
+            return
+        }
+        if core.announceAccepted {
+            core.announceAccepted = false
+            counters.connectionsAccepted += 1
+            if let peer = core.peerNodeID {
+                incomingContinuation.yield(
+                    QUICConnection(endpoint: self, key: core.key, peerNodeID: peer, remoteAddress: core.remote, isClient: false)
+                )
+            }
+        }
+        touch(core)
+    }
+
+    private func touch(_ core: ConnectionCore) {
+        if touchedKeys.insert(core.key).inserted { touched.append(core) }
+    }
+
+    private func flushTouched() {
+        let batch = touched
+        touched.removeAll(keepingCapacity: true)
+        touchedKeys.removeAll(keepingCapacity: true)
+        for core in batch where !core.isClosed {
+            wakeWriters(core)
+            flush(core)
+        }
+    }
+
+    // MARK: Sending
+
+    /// Writes every packet ngtcp2 has ready for `core` (stream data, ACKs, retransmissions), then re-arms its timer.
+    func flush(_ core: ConnectionCore) {
+        guard let conn = core.conn, !isClosed else { return }
+        let now = hp_now_ns()
+        var pending = core.streams.values.filter { $0.hasUnsent && $0.writeClosedError == nil }.sorted { $0.id < $1.id }
+        var index = 0
+        var packets = 0
+        var vectors = [ngtcp2_vec](repeating: ngtcp2_vec(), count: 16)
+        while packets < 128 {
+            let stream: StreamState? = index < pending.count ? pending[index] : nil
+            var flags = UInt32(NGTCP2_WRITE_STREAM_FLAG_MORE)
+            var vectorCount = 0
+            var offered: UInt64 = 0
+            if let stream {
+                (vectorCount, offered) = fillVectors(stream, into: &vectors)
+                if stream.finRequested && stream.sentOffset + offered == stream.queuedEnd {
+                    flags |= UInt32(NGTCP2_WRITE_STREAM_FLAG_FIN)
+                }
+            }
+            var consumed: ngtcp2_ssize = -1
+            let written = vectors.withUnsafeBufferPointer { vecs in
+                ngtcp2_conn_writev_stream_versioned(
+                    conn, &core.writePath.pointee.path, NGTCP2_PKT_INFO_VERSION, nil,
+                    io.sendBuffer.baseAddress!.assumingMemoryBound(to: UInt8.self), io.sendBuffer.count,
+                    &consumed, flags, stream?.id ?? -1, vecs.baseAddress, vectorCount, now
+                )
+            }
+            if let stream, consumed >= 0 {
+                stream.sentOffset += UInt64(consumed)
+                if flags & UInt32(NGTCP2_WRITE_STREAM_FLAG_FIN) != 0 && UInt64(consumed) == offered {
+                    stream.finSent = true
+                }
+                if !stream.hasUnsent { index += 1 }
+            }
+            if written < 0 {
+                switch Int32(written) {
+                case NGTCP2_ERR_WRITE_MORE:
+                    continue
+                case NGTCP2_ERR_STREAM_DATA_BLOCKED, NGTCP2_ERR_STREAM_SHUT_WR, NGTCP2_ERR_STREAM_NOT_FOUND:
+                    index += 1
+                    continue
+                default:
+                    fail(core, rv: Int32(written))
+                    return
+                }
+            }
+            if written == 0 { break }
+            sendPacket(core, count: Int(written))
+            packets += 1
+            if stream == nil && index < pending.count { continue }
+            if index >= pending.count { pending.removeAll() }
+        }
+        ngtcp2_conn_update_pkt_tx_time(conn, now)
+        if packets >= 128 {
+            // More may be ready: come back after other sockets and jobs had a turn.
+            let key = core.key
+            loop.execute { self.assumeIsolated { $0.flushIfOpen(key) } }
+        }
+        rearm(core)
+    }
+
+    private func flushIfOpen(_ key: UInt64) {
+        if let core = connections[key] { flush(core) }
+    }
+
+    private func fillVectors(_ stream: StreamState, into vectors: inout [ngtcp2_vec]) -> (Int, UInt64) {
+        var count = 0
+        var total: UInt64 = 0
+        var chunkStart = stream.chunksBaseOffset
+        for chunk in stream.chunks {
+            let chunkEnd = chunkStart + UInt64(chunk.count)
+            defer { chunkStart = chunkEnd }
+            guard chunkEnd > stream.sentOffset else { continue }
+            let skip = stream.sentOffset > chunkStart ? Int(stream.sentOffset - chunkStart) : 0
+            vectors[count] = ngtcp2_vec(
+                base: chunk.baseAddress!.advanced(by: skip).assumingMemoryBound(to: UInt8.self),
+                len: chunk.count - skip
+            )
+            total += UInt64(chunk.count - skip)
+            count += 1
+            if count == vectors.count { break }
+        }
+        return (count, total)
+    }
+
+    private func sendPacket(_ core: ConnectionCore, count: Int) {
+        let remote = core.writePath.pointee.path.remote
+        let sent = sendto(fd, io.sendBuffer.baseAddress, count, 0, remote.addr, remote.addrlen)
+        if sent < 0 {
+            counters.sendErrors += 1
+        } else {
+            counters.datagramsSent += 1
+            core.bytesSent += count
+            core.packetsSent += 1
+        }
+    }
+
+    private func sendClose(_ core: ConnectionCore, applicationCode: UInt64?, reason: String, rv: Int32 = 0) {
+        guard let conn = core.conn, !isClosed else { return }
+        core.closeReason = Array(reason.utf8.prefix(256))
+        var ccerr = ngtcp2_connection_close_error()
+        core.closeReason.withUnsafeMutableBufferPointer { reasonBytes in
+            if let applicationCode {
+                ngtcp2_connection_close_error_set_application_error(
+                    &ccerr, applicationCode, reasonBytes.baseAddress, reasonBytes.count
+                )
+            } else if rv == NGTCP2_ERR_CRYPTO {
+                ngtcp2_connection_close_error_set_transport_error_tls_alert(
+                    &ccerr, ngtcp2_conn_get_tls_alert(conn), reasonBytes.baseAddress, reasonBytes.count
+                )
+            } else {
+                ngtcp2_connection_close_error_set_transport_error_liberr(
+                    &ccerr, rv, reasonBytes.baseAddress, reasonBytes.count
+                )
+            }
+            let written = ngtcp2_conn_write_connection_close_versioned(
+                conn, &core.writePath.pointee.path, NGTCP2_PKT_INFO_VERSION, nil,
+                io.sendBuffer.baseAddress!.assumingMemoryBound(to: UInt8.self), io.sendBuffer.count, &ccerr, hp_now_ns()
+            )
+            if written > 0 { sendPacket(core, count: Int(written)) }
+        }
+    }
+
+    // MARK: Timers
+
+    private func rearm(_ core: ConnectionCore) {
+        guard let conn = core.conn, !core.isClosed else { return }
+        let expiry = ngtcp2_conn_get_expiry(conn)
+        if expiry == .max {
+            if let timer = core.timerID { loop.cancelTimer(timer) }
+            core.timerID = nil
+            core.armedDeadline = .max
+            return
+        }
+        // An earlier timer is kept: when it fires, the real expiry is checked and the timer re-armed. This keeps
+        // the heap small under bulk traffic, where the expiry moves with every packet.
+        if core.timerID != nil && core.armedDeadline <= expiry { return }
+        if let timer = core.timerID { loop.cancelTimer(timer) }
+        core.armedDeadline = expiry
+        let key = core.key
+        core.timerID = loop.schedule(at: expiry) { [weak self] in
+            self?.assumeIsolated { $0.timerFired(key) }
+        }
+    }
+
+    private func timerFired(_ key: UInt64) {
+        guard let core = connections[key], let conn = core.conn else { return }
+        core.timerID = nil
+        core.armedDeadline = .max
+        let now = hp_now_ns()
+        if now >= ngtcp2_conn_get_expiry(conn) {
+            let rv = ngtcp2_conn_handle_expiry(conn, now)
+            if rv != 0 {
+                fail(core, rv: rv)
+                return
+            }
+        }
+        flush(core)
+    }
+
+    // MARK: Failure and teardown
+
+    /// Ends a connection after ngtcp2 reported `rv`: tells the peer when that is still useful, then cleans up.
+    private func fail(_ core: ConnectionCore, rv: Int32) {
+        let error: QUICError
+        switch rv {
+        case NGTCP2_ERR_IDLE_CLOSE:
+            error = QUICError(.idleTimeout, "no traffic for \(configuration.idleTimeout)")
+        case NGTCP2_ERR_HANDSHAKE_TIMEOUT:
+            error = QUICError(.handshakeTimeout, "the handshake with \(core.remote) did not complete in time")
+        case NGTCP2_ERR_DRAINING, NGTCP2_ERR_DROP_CONN, NGTCP2_ERR_CLOSING:
+            error = core.error(forReadFailure: rv)
+        default:
+            error = core.error(forReadFailure: rv)
+            sendClose(core, applicationCode: nil, reason: error.description, rv: rv)
+        }
+        finish(core, error)
+    }
+
+    /// Abandons a dial whose task was cancelled.
+    private func abandon(_ key: UInt64) {
+        guard let core = connections[key], case .handshaking = core.phase else { return }
+        sendClose(core, applicationCode: 0, reason: "dial cancelled")
+        finish(core, QUICError(.cancelled, "the dial to \(core.remote) was cancelled"))
+    }
+
+    /// Removes a connection: routes, timer, waiters, native state. Every exit path ends here exactly once.
+    private func finish(_ core: ConnectionCore, _ error: QUICError) {
+        guard !core.isClosed else { return }
+        let wasHandshaking: Bool
+        if case .handshaking = core.phase { wasHandshaking = true } else { wasHandshaking = false }
+        core.phase = .closed(error)
+        if wasHandshaking && error.code != .cancelled && error.code != .endpointClosed {
+            counters.handshakeFailures += 1
+            failures.append(error)
+            if failures.count > 32 { failures.removeFirst() }
+            logger.debug("handshake failed", metadata: ["peer.address": "\(core.remote)", "error": "\(error)"])
+        }
+        for key in core.localCIDs where router.routes[key] === core {
+            router.routes[key] = nil
+        }
+        core.localCIDs.removeAll()
+        if let timer = core.timerID { loop.cancelTimer(timer) }
+        core.timerID = nil
+        core.handshakeWaiter?.resume(throwing: error)
+        core.handshakeWaiter = nil
+        core.streamAcceptWaiter?.resume(throwing: error)
+        core.streamAcceptWaiter = nil
+        for stream in core.streams.values {
+            if let waiter = stream.readWaiter {
+                stream.readWaiter = nil
+                waiter.resume()
+            }
+            let writers = stream.writeWaiters
+            stream.writeWaiters.removeAll()
+            for writer in writers { writer.resume(throwing: error) }
+        }
+        for waiter in core.closeWaiters { waiter.resume(returning: error) }
+        core.closeWaiters.removeAll()
+        connections[core.key] = nil
+        core.freeNative()
+    }
+
+    private func wakeWriters(_ core: ConnectionCore) {
+        let limit = UInt64(configuration.streamSendBuffer)
+        for stream in core.streams.values where !stream.writeWaiters.isEmpty && stream.unacked < limit {
+            let writers = stream.writeWaiters
+            stream.writeWaiters.removeAll()
+            for writer in writers { writer.resume() }
+        }
+    }
+
+    // MARK: Operations for connection and stream handles
+
+    private func established(_ key: UInt64) throws -> ConnectionCore {
+        guard let core = connections[key] else {
+            throw QUICError(.closedLocally, "the connection is closed")
+        }
+        if case .closed(let error) = core.phase { throw error }
+        return core
+    }
+
+    func openStream(_ key: UInt64) throws -> Int64 {
+        let core = try established(key)
+        var id: Int64 = -1
+        let rv = ngtcp2_conn_open_bidi_stream(core.conn, &id, nil)
+        guard rv == 0 else {
+            throw QUICError(.limitExceeded, "cannot open a stream: \(String(cString: ngtcp2_strerror(rv)))")
+        }
+        core.streams[id] = StreamState(id: id)
+        return id
+    }
+
+    func acceptStream(_ key: UInt64) async throws -> Int64? {
+        guard let core = connections[key] else { return nil }
+        if !core.pendingIncomingStreams.isEmpty { return core.pendingIncomingStreams.removeFirst() }
+        if case .closed = core.phase { return nil }
+        return try await withCheckedThrowingContinuation { core.streamAcceptWaiter = $0 }
+    }
+
+    func write(_ key: UInt64, stream id: Int64, bytes: [UInt8]) async throws {
+        let core = try established(key)
+        guard let stream = core.streams[id] else { throw QUICError(.invalidArgument, "stream \(id) is closed") }
+        if let error = stream.writeClosedError { throw error }
+        guard !stream.finRequested else { throw QUICError(.invalidArgument, "stream \(id) is already finished") }
+        guard bytes.count > 0 else { return }
+        let chunk = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes.count, alignment: 1)
+        bytes.withUnsafeBytes { chunk.copyMemory(from: $0) }
+        stream.chunks.append(chunk)
+        stream.queuedEnd += UInt64(bytes.count)
+        flush(core)
+        let limit = UInt64(configuration.streamSendBuffer)
+        while stream.unacked >= limit {
+            try await withCheckedThrowingContinuation { stream.writeWaiters.append($0) }
+            if let error = stream.writeClosedError { throw error }
+            if case .closed(let error) = core.phase { throw error }
+        }
+    }
+
+    func finish(_ key: UInt64, stream id: Int64) throws {
+        let core = try established(key)
+        guard let stream = core.streams[id] else { throw QUICError(.invalidArgument, "stream \(id) is closed") }
+        stream.finRequested = true
+        flush(core)
+    }
+
+    func read(_ key: UInt64, stream id: Int64, maxBytes: Int) async throws -> [UInt8]? {
+        while true {
+            guard let core = connections[key] else { throw QUICError(.closedLocally, "the connection is closed") }
+            guard let stream = core.streams[id] else { return nil }
+            if stream.receivedStart < stream.received.count {
+                let end = min(stream.received.count, stream.receivedStart + maxBytes)
+                let chunk = Array(stream.received[stream.receivedStart..<end])
+                stream.receivedStart = end
+                if stream.receivedStart == stream.received.count {
+                    stream.received.removeAll(keepingCapacity: true)
+                    stream.receivedStart = 0
+                } else if stream.receivedStart > 1 << 20 {
+                    stream.received.removeFirst(stream.receivedStart)
+                    stream.receivedStart = 0
+                }
+                if let conn = core.conn {
+                    // Flow control follows consumption: the peer may send as much again as the app just took.
+                    ngtcp2_conn_extend_max_stream_offset(conn, id, UInt64(chunk.count))
+                    ngtcp2_conn_extend_max_offset(conn, UInt64(chunk.count))
+                    flush(core)
+                }
+                return chunk
+            }
+            if let error = stream.resetError { throw error }
+            if stream.finReceived {
+                if core.conn == nil || stream.chunks.isEmpty && stream.finSent { core.streams[id] = nil }
+                return nil
+            }
+            if case .closed(let error) = core.phase { throw error }
+            try await withCheckedThrowingContinuation { stream.readWaiter = $0 }
+        }
+    }
+
+    func reset(_ key: UInt64, stream id: Int64, code: UInt64) {
+        guard let core = connections[key], let conn = core.conn, core.streams[id] != nil else { return }
+        _ = ngtcp2_conn_shutdown_stream(conn, id, code)
+        flush(core)
+    }
+
+    func closeConnection(_ key: UInt64, code: UInt64, reason: String) {
+        guard let core = connections[key] else { return }
+        sendClose(core, applicationCode: code, reason: reason)
+        var error = QUICError(.closedLocally, "closed locally with code \(code)")
+        error.applicationErrorCode = code
+        finish(core, error)
+    }
+
+    func waitClosed(_ key: UInt64) async -> QUICError {
+        guard let core = connections[key] else { return QUICError(.closedLocally, "the connection is closed") }
+        if case .closed(let error) = core.phase { return error }
+        return await withCheckedContinuation { core.closeWaiters.append($0) }
+    }
+
+    func connectionStats(_ key: UInt64) -> ConnectionStats? {
+        guard let core = connections[key], let conn = core.conn else { return nil }
+        var stat = ngtcp2_conn_stat()
+        ngtcp2_conn_get_conn_stat_versioned(conn, NGTCP2_CONN_STAT_VERSION, &stat)
+        return ConnectionStats(
+            smoothedRTT: .nanoseconds(Int64(stat.smoothed_rtt)),
+            minRTT: .nanoseconds(Int64(min(stat.min_rtt, UInt64(Int64.max)))),
+            latestRTT: .nanoseconds(Int64(stat.latest_rtt)),
+            bytesSent: core.bytesSent,
+            bytesReceived: core.bytesReceived,
+            packetsSent: core.packetsSent,
+            packetsReceived: core.packetsReceived,
+            probeTimeouts: stat.pto_count,
+            congestionWindow: Int(stat.cwnd)
+        )
+    }
+
+    func isOpen(_ key: UInt64) -> Bool {
+        guard let core = connections[key] else { return false }
+        return !core.isClosed
+    }
+}
+
+/// Converts a duration to ngtcp2's nanosecond ticks.
+func nanoseconds(_ duration: Duration) -> UInt64 {
+    let (seconds, attoseconds) = duration.components
+    return UInt64(max(0, seconds)) * 1_000_000_000 + UInt64(max(0, attoseconds) / 1_000_000_000)
+}
+
+/// The endpoint's receive and send buffers and the path storage ngtcp2 reads addresses from: allocated once,
+/// freed in deinit. `ngtcp2_path_storage` points into itself, so it lives on the heap and is never copied.
+final class SocketBuffers {
+    let receiveBuffer: UnsafeMutableRawBufferPointer
+    let sendBuffer: UnsafeMutableRawBufferPointer
+    private let path: UnsafeMutablePointer<ngtcp2_path_storage>
+    private let localStorage: UnsafeMutablePointer<sockaddr_storage>
+    private let localLength: socklen_t
+    private let fromStorage: UnsafeMutablePointer<sockaddr_storage>
+
+    init(local: SocketAddress) {
+        receiveBuffer = .allocate(byteCount: 65_536, alignment: 16)
+        sendBuffer = .allocate(byteCount: 65_536, alignment: 16)
+        path = .allocate(capacity: 1)
+        ngtcp2_path_storage_zero(path)
+        localStorage = .allocate(capacity: 1)
+        localStorage.initialize(to: sockaddr_storage())
+        localLength = local.fill(&localStorage.pointee)
+        fromStorage = .allocate(capacity: 1)
+        fromStorage.initialize(to: sockaddr_storage())
+    }
+
+    deinit {
+        receiveBuffer.deallocate()
+        sendBuffer.deallocate()
+        path.deallocate()
+        localStorage.deallocate()
+        fromStorage.deallocate()
+    }
+
+    /// Calls `body` with a path from the local address to `remote`.
+    func withPath<R>(remote: SocketAddress, _ body: (UnsafePointer<ngtcp2_path>) -> R) -> R {
+        var remoteStorage = sockaddr_storage()
+        let remoteLength = remote.fill(&remoteStorage)
+        return withUnsafePointer(to: &remoteStorage) { remotePointer in
+            remotePointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { remoteAddress in
+                localStorage.withMemoryRebound(to: sockaddr.self, capacity: 1) { localAddress in
+                    ngtcp2_path_storage_init(path, localAddress, localLength, remoteAddress, remoteLength, nil)
+                }
+                return body(&path.pointee.path)
+            }
+        }
+    }
+
+    /// Receives one datagram into `receiveBuffer`; returns its size (or -1 with errno set) and its source.
+    func receive(fd: Int32) -> (Int, SocketAddress?) {
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let count = fromStorage.withMemoryRebound(to: sockaddr.self, capacity: 1) { from in
+            recvfrom(fd, receiveBuffer.baseAddress, receiveBuffer.count, 0, from, &length)
+        }
+        guard count >= 0 else { return (-1, nil) }
+        let from = fromStorage.withMemoryRebound(to: sockaddr.self, capacity: 1) { SocketAddress($0) }
+        return (count, from)
+    }
+}

@@ -1,0 +1,256 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Synchronization
+import Foundation
+internal import CHolePunchShims
+
+/// One thread running `epoll`: it drives sockets, timers and the jobs of every actor that uses it as executor.
+///
+/// ngtcp2 connections and GnuTLS sessions are not thread-safe, so every endpoint pins all of its C state to one
+/// loop: the endpoint actor's executor *is* the loop, and socket readiness and timer callbacks run on the same
+/// thread, where they may `assumeIsolated` into the actor without a hop.
+///
+/// `@unchecked Sendable`: the mutable state is either behind `pending` (a `Mutex`) or touched only on the loop
+/// thread (`timers`, `handlers`), which `preconditionInLoop()` guards in debug builds.
+final class EventLoop: SerialExecutor, @unchecked Sendable {
+    private struct Pending {
+        var jobs: [UnownedJob] = []
+        var closures: [() -> Void] = []
+        var stopping = false
+    }
+
+    private struct Timer {
+        var deadline: UInt64
+        var id: UInt64
+    }
+
+    private let epollFD: Int32
+    private let wakeFD: Int32
+    private let pending = Mutex(Pending())
+    private var threadID: pthread_t?
+    private let started = DispatchSemaphore(value: 0)
+
+    // Loop-thread only.
+    private var timerHeap: [Timer] = []
+    private var timerCallbacks: [UInt64: () -> Void] = [:]
+    private var nextTimerID: UInt64 = 1
+    private var handlers: [Int32: (UInt32) -> Void] = [:]
+
+    /// Starts a loop on a new thread.
+    init(name: String) {
+        epollFD = epoll_create1(Int32(EPOLL_CLOEXEC))
+        precondition(epollFD >= 0, "epoll_create1 failed: \(errno)")
+        wakeFD = eventfd(0, Int32(EFD_NONBLOCK | EFD_CLOEXEC))
+        precondition(wakeFD >= 0, "eventfd failed: \(errno)")
+        var event = epoll_event()
+        event.events = EPOLLIN.rawValue
+        event.data.fd = wakeFD
+        precondition(epoll_ctl(epollFD, EPOLL_CTL_ADD, wakeFD, &event) == 0)
+        let thread = Thread { [unowned self] in
+            self.threadID = pthread_self()
+            self.started.signal()
+            self.run()
+        }
+        thread.name = name
+        thread.stackSize = 1 << 20
+        thread.start()
+        started.wait()
+    }
+
+    /// Whether the caller runs on this loop's thread.
+    var inLoop: Bool {
+        guard let threadID else { return false }
+        return pthread_equal(threadID, pthread_self()) != 0
+    }
+
+    // MARK: SerialExecutor
+
+    func enqueue(_ job: consuming ExecutorJob) {
+        let unowned = UnownedJob(job)
+        pending.withLock { $0.jobs.append(unowned) }
+        wake()
+    }
+
+    func asUnownedSerialExecutor() -> UnownedSerialExecutor {
+        UnownedSerialExecutor(ordinary: self)
+    }
+
+    func checkIsolated() {
+        precondition(inLoop, "not on the endpoint's event loop")
+    }
+
+    func isIsolatingCurrentContext() -> Bool? {
+        inLoop
+    }
+
+    // MARK: Scheduling
+
+    /// Runs `work` on the loop thread, soon.
+    func execute(_ work: @escaping @Sendable () -> Void) {
+        pending.withLock { $0.closures.append(work) }
+        wake()
+    }
+
+    /// Arms a one-shot timer at `deadline` (monotonic ns). Loop thread only. Returns an id for `cancelTimer`.
+    @discardableResult
+    func schedule(at deadline: UInt64, _ callback: @escaping () -> Void) -> UInt64 {
+        checkIsolated()
+        let id = nextTimerID
+        nextTimerID += 1
+        timerCallbacks[id] = callback
+        timerHeap.append(Timer(deadline: deadline, id: id))
+        siftUp(timerHeap.count - 1)
+        return id
+    }
+
+    /// Disarms a timer; a no-op when it already fired. Loop thread only.
+    func cancelTimer(_ id: UInt64) {
+        timerCallbacks[id] = nil
+    }
+
+    /// Watches `fd` for readability; `handler` runs on the loop thread. Loop thread only.
+    func register(fd: Int32, _ handler: @escaping (UInt32) -> Void) throws {
+        checkIsolated()
+        var event = epoll_event()
+        event.events = EPOLLIN.rawValue
+        event.data.fd = fd
+        guard epoll_ctl(epollFD, EPOLL_CTL_ADD, fd, &event) == 0 else {
+            throw QUICError(.socket, "epoll_ctl(ADD) failed: \(String(cString: strerror(errno)))")
+        }
+        handlers[fd] = handler
+    }
+
+    /// Stops watching `fd`. Loop thread only. The caller still owns and closes the descriptor.
+    func unregister(fd: Int32) {
+        checkIsolated()
+        var event = epoll_event()
+        _ = epoll_ctl(epollFD, EPOLL_CTL_DEL, fd, &event)
+        handlers[fd] = nil
+    }
+
+    private func wake() {
+        var one: UInt64 = 1
+        _ = write(wakeFD, &one, 8)
+    }
+
+    // MARK: The loop
+
+    private func run() {
+        var events = [epoll_event](repeating: epoll_event(), count: 64)
+        while true {
+            let timeout = nextTimeoutMilliseconds()
+            let count = epoll_wait(epollFD, &events, Int32(events.count), timeout)
+            if count > 0 {
+                for i in 0..<Int(count) {
+                    let fd = events[i].data.fd
+                    if fd == wakeFD {
+                        var value: UInt64 = 0
+                        _ = read(wakeFD, &value, 8)
+                    } else if let handler = handlers[fd] {
+                        handler(events[i].events)
+                    }
+                }
+            }
+            fireTimers()
+            if runPending() { break }
+        }
+        close(epollFD)
+        close(wakeFD)
+    }
+
+    /// Runs queued jobs and closures; returns true when the loop should stop.
+    private func runPending() -> Bool {
+        while true {
+            let batch = pending.withLock { state -> Pending in
+                let taken = state
+                state.jobs.removeAll(keepingCapacity: true)
+                state.closures.removeAll(keepingCapacity: true)
+                return taken
+            }
+            if batch.jobs.isEmpty && batch.closures.isEmpty { return batch.stopping }
+            for job in batch.jobs {
+                job.runSynchronously(on: asUnownedSerialExecutor())
+            }
+            for closure in batch.closures {
+                closure()
+            }
+        }
+    }
+
+    private func nextTimeoutMilliseconds() -> Int32 {
+        let hasWork = pending.withLock { !$0.jobs.isEmpty || !$0.closures.isEmpty }
+        if hasWork { return 0 }
+        while let top = timerHeap.first, timerCallbacks[top.id] == nil {
+            popTimer()
+        }
+        guard let top = timerHeap.first else { return -1 }
+        let now = hp_now_ns()
+        if top.deadline <= now { return 0 }
+        // Round up so that a timer never fires early, which would spin.
+        let ms = (top.deadline - now + 999_999) / 1_000_000
+        return Int32(min(ms, 60_000))
+    }
+
+    private func fireTimers() {
+        let now = hp_now_ns()
+        while let top = timerHeap.first, top.deadline <= now {
+            popTimer()
+            if let callback = timerCallbacks.removeValue(forKey: top.id) {
+                callback()
+            }
+        }
+    }
+
+    private func popTimer() {
+        let last = timerHeap.removeLast()
+        if !timerHeap.isEmpty {
+            timerHeap[0] = last
+            siftDown(0)
+        }
+    }
+
+    private func siftUp(_ index: Int) {
+        var child = index
+        while child > 0 {
+            let parent = (child - 1) / 2
+            if timerHeap[parent].deadline <= timerHeap[child].deadline { break }
+            timerHeap.swapAt(parent, child)
+            child = parent
+        }
+    }
+
+    private func siftDown(_ index: Int) {
+        var parent = index
+        let count = timerHeap.count
+        while true {
+            let left = 2 * parent + 1
+            let right = left + 1
+            var smallest = parent
+            if left < count && timerHeap[left].deadline < timerHeap[smallest].deadline { smallest = left }
+            if right < count && timerHeap[right].deadline < timerHeap[smallest].deadline { smallest = right }
+            if smallest == parent { return }
+            timerHeap.swapAt(parent, smallest)
+            parent = smallest
+        }
+    }
+}
+
+/// The process-wide set of event loops, one per core, that endpoints are spread over.
+final class EventLoopGroup: Sendable {
+    /// The shared group used by endpoints that are not given a loop.
+    static let shared = EventLoopGroup(count: max(1, ProcessInfo.processInfo.activeProcessorCount))
+
+    private let loops: [EventLoop]
+    private let counter = Atomic<Int>(0)
+
+    init(count: Int) {
+        loops = (0..<count).map { EventLoop(name: "holepunch-loop-\($0)") }
+    }
+
+    /// The next loop, round-robin.
+    func next() -> EventLoop {
+        let index = counter.wrappingAdd(1, ordering: .relaxed).oldValue
+        return loops[index % loops.count]
+    }
+}

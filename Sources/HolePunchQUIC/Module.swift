@@ -1,1 +1,0 @@
-// HolePunchQUIC module.

@@ -1,8 +1,0 @@
-import Testing
-@testable import HolePunchQUIC
-
-@Suite struct HolePunchQUICModuleTests {
-    @Test func moduleLoads() {
-        #expect(Bool(true))
-    }
-}
