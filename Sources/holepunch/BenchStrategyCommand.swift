@@ -32,18 +32,9 @@ struct BenchStrategyCommand: AsyncParsableCommand {
         guard iterations >= 100 else { throw ValidationError("--iterations must be at least 100") }
     }
 
-    struct Result: Codable {
-        var strategy: String
-        var source: String
-        var iterations: Int
-        var medianMicros: Double
-        var p99Micros: Double
-        var meanMicros: Double
-    }
-
     struct Report: Codable {
         var contexts: Int
-        var results: [Result]
+        var results: [StrategyBenchmark.Result]
     }
 
     static let shipped = ["default", "macula", "aggressive", "conservative", "sequential", "birthday"]
@@ -60,9 +51,10 @@ struct BenchStrategyCommand: AsyncParsableCommand {
             }
         }
         let contexts = StrategyCheck.allContexts().map(\.ctx)
-        var results: [Result] = []
+        var results: [StrategyBenchmark.Result] = []
         for (label, source, strategy) in candidates {
-            results.append(try measure(label: label, source: source, strategy: strategy, contexts: contexts))
+            results.append(try StrategyBenchmark.measure(strategy, label: label, source: source, contexts: contexts,
+                                                         iterations: iterations))
         }
         printTable([["strategy", "median µs", "p99 µs", "mean µs", "calls"]] + results.map {
             [$0.strategy, String(format: "%.2f", $0.medianMicros), String(format: "%.2f", $0.p99Micros),
@@ -79,26 +71,5 @@ struct BenchStrategyCommand: AsyncParsableCommand {
                 throw ExitCode.failure
             }
         }
-    }
-
-    func measure(label: String, source: String, strategy: any PunchStrategy, contexts: [PunchContext]) throws -> Result {
-        let clock = ContinuousClock()
-        // Warm up caches, the allocator and Lua's string table before timing.
-        for i in 0..<min(2000, iterations) { _ = try strategy.plan(contexts[i % contexts.count]) }
-        var samples: [Double] = []
-        samples.reserveCapacity(iterations)
-        for i in 0..<iterations {
-            let ctx = contexts[i % contexts.count]
-            let start = clock.now
-            let plan = try strategy.plan(ctx)
-            let elapsed = clock.now - start
-            precondition(!plan.ports.isEmpty || ctx.candidatePorts.isEmpty)
-            let c = elapsed.components
-            samples.append(Double(c.seconds) * 1e6 + Double(c.attoseconds) / 1e12)
-        }
-        samples.sort()
-        func percentile(_ p: Double) -> Double { samples[min(samples.count - 1, Int(Double(samples.count) * p))] }
-        return Result(strategy: label, source: source, iterations: iterations, medianMicros: percentile(0.5),
-                      p99Micros: percentile(0.99), meanMicros: samples.reduce(0, +) / Double(samples.count))
     }
 }
