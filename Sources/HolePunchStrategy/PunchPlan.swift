@@ -25,15 +25,32 @@ public struct PortList: Sendable, Hashable, Codable, RandomAccessCollection, Exp
 
     /// Expands `specs` in order and drops duplicates and port 0.
     public init(_ specs: [PortSpec]) {
-        var seen = Set<UInt16>()
         var out: [UInt16] = []
-        func add(_ p: UInt16) {
-            if p != 0, seen.insert(p).inserted { out.append(p) }
-        }
-        for spec in specs {
-            switch spec {
-            case .port(let p): add(p)
-            case .range(let r): for p in r { add(p) }
+        out.reserveCapacity(specs.reduce(0) { $0 + $1.count })
+        if out.capacity <= 16 {
+            // Plans against easy NATs have a handful of ports: a linear scan beats any set.
+            func add(_ p: UInt16) { if p != 0, !out.contains(p) { out.append(p) } }
+            for spec in specs {
+                switch spec {
+                case .port(let p): add(p)
+                case .range(let r): for p in r { add(p) }
+                }
+            }
+        } else {
+            // One bit per port (8 KiB): constant-time duplicate checks for birthday-sized lists.
+            var seen = [UInt64](repeating: 0, count: 1024)
+            func add(_ p: UInt16) {
+                let word = Int(p >> 6), bit = UInt64(1) << UInt64(p & 63)
+                if p != 0, seen[word] & bit == 0 {
+                    seen[word] |= bit
+                    out.append(p)
+                }
+            }
+            for spec in specs {
+                switch spec {
+                case .port(let p): add(p)
+                case .range(let r): for p in r { add(p) }
+                }
             }
         }
         ports = out

@@ -344,3 +344,13 @@ import Testing
         #expect(StrategyError(code: .runtime, message: "m").description == "m")
     }
 }
+
+@Suite struct LargePortListTests {
+    @Test func largeListsKeepOrderAndDropDuplicates() {
+        let specs: [PortSpec] = [.range(60000...60100), .port(1), .range(59990...60010), .port(0), .port(1), .port(65535)]
+        let list = PortList(specs)
+        #expect(list.count == 101 + 1 + 10 + 1)
+        #expect(Array(list.prefix(2)) == [60000, 60001])
+        #expect(Array(list[101...]) == [1] + Array(59990...59999) + [65535])
+    }
+}
