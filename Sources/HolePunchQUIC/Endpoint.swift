@@ -44,6 +44,8 @@ public actor Endpoint {
     private var touched: [ConnectionCore] = []
     private var touchedKeys: Set<UInt64> = []
     private let io: SocketBuffers
+    /// In-memory transport for tests: packets go straight to this peer's dispatch, no socket involved.
+    private weak var memoryPeer: Endpoint?
 
     /// Binds a UDP socket and starts serving it.
     ///
@@ -113,9 +115,39 @@ public actor Endpoint {
         (incoming, incomingContinuation) = AsyncStream.makeStream(of: QUICConnection.self)
     }
 
+    /// Creates an endpoint with no socket, for in-memory tests; `link(to:)` connects two of them.
+    init(inMemoryAt address: SocketAddress, configuration: EndpointConfiguration) throws {
+        credentials = try TLSCredentials(
+            identity: configuration.identity, presentCertificate: configuration.presentsCertificate
+        )
+        self.fd = -1
+        self.localAddress = address
+        self.nodeID = configuration.identity.nodeID
+        self.configuration = configuration
+        self.logger = Logger(label: "holepunch.quic.memory", factory: { _ in SwiftLogNoOpLogHandler() })
+        self.router = ConnectionRouter(policy: configuration.acceptPolicy)
+        self.loop = EventLoopGroup.shared.next()
+        self.io = SocketBuffers(local: address)
+        (incoming, incomingContinuation) = AsyncStream.makeStream(of: QUICConnection.self)
+    }
+
+    /// Joins an in-memory endpoint to its peer (one direction; call on both).
+    func link(to peer: Endpoint) {
+        memoryPeer = peer
+    }
+
+    /// Delivers a datagram from the in-memory peer, through the same dispatch as the socket path.
+    func receiveInMemory(_ datagram: [UInt8], from: SocketAddress) {
+        guard !isClosed, datagram.count <= io.receiveBuffer.count else { return }
+        counters.datagramsReceived += 1
+        datagram.withUnsafeBytes { io.receiveBuffer.copyMemory(from: $0) }
+        dispatch(count: datagram.count, from: from)
+        flushTouched()
+    }
+
     deinit {
         // Normally `close()` has run. If not, unregister and close on the loop thread that owns the handler table.
-        if !isClosed {
+        if !isClosed && fd >= 0 {
             let fd = self.fd
             let loop = self.loop
             loop.execute {
@@ -172,6 +204,10 @@ public actor Endpoint {
     /// - Throws: ``QUICError`` (`socket`) when the kernel refuses the datagram.
     public func send(datagram: [UInt8], to address: SocketAddress) throws {
         guard !isClosed else { throw QUICError(.endpointClosed, "the endpoint is closed") }
+        if fd < 0 {
+            deliverInMemory(datagram)
+            return
+        }
         let sent = datagram.withUnsafeBytes { bytes in
             address.withSockAddr { sendto(fd, bytes.baseAddress, bytes.count, 0, $0, $1) }
         }
@@ -220,8 +256,10 @@ public actor Endpoint {
             finish(core, QUICError(.endpointClosed, "the endpoint was closed"))
         }
         isClosed = true
-        loop.unregister(fd: fd)
-        Glibc.close(fd)
+        if fd >= 0 {
+            loop.unregister(fd: fd)
+            Glibc.close(fd)
+        }
         incomingContinuation.finish()
     }
 
@@ -554,7 +592,20 @@ public actor Endpoint {
         return (count, total)
     }
 
+    private func deliverInMemory(_ datagram: [UInt8]) {
+        counters.datagramsSent += 1
+        guard let peer = memoryPeer else { return }
+        let from = localAddress
+        peer.loop.execute { peer.assumeIsolated { $0.receiveInMemory(datagram, from: from) } }
+    }
+
     private func sendPacket(_ core: ConnectionCore, count: Int) {
+        if fd < 0 {
+            deliverInMemory(Array(UnsafeRawBufferPointer(rebasing: io.sendBuffer[0..<count])))
+            core.bytesSent += count
+            core.packetsSent += 1
+            return
+        }
         let remote = core.writePath.pointee.path.remote
         let sent = sendto(fd, io.sendBuffer.baseAddress, count, 0, remote.addr, remote.addrlen)
         if sent < 0 {

@@ -2,7 +2,6 @@ import Foundation
 import Testing
 @testable import HolePunchQUIC
 import HolePunchNet
-@testable import HolePunchQUIC
 
 @Suite("QUIC over loopback")
 struct LoopbackTests {
@@ -24,5 +23,182 @@ struct LoopbackTests {
         await connection.close()
         await client.close()
         await server.close()
+    }
+}
+
+extension LoopbackTests {
+    @Test("1 MiB echo arrives intact (SHA-256 match)")
+    func megabyteEcho() async throws {
+        let server = try await makeEndpoint(TestIdentities.b)
+        let client = try await makeEndpoint(TestIdentities.a)
+        let echo = startEchoServer(server)
+        defer { echo.cancel() }
+        var generator = SystemRandomNumberGenerator()
+        let payload = (0..<(1 << 20)).map { _ in UInt8.random(in: 0...255, using: &generator) }
+        let reply = try await withDeadline(.seconds(30)) {
+            let connection = try await client.connect(to: server.localAddress, expecting: TestIdentities.b.nodeID)
+            let stream = try await connection.openStream()
+            // Write and read concurrently: the echo comes back while we are still sending.
+            async let received = stream.readToEnd()
+            var offset = 0
+            while offset < payload.count {
+                let end = min(payload.count, offset + 50_000)
+                try await stream.write(Array(payload[offset..<end]))
+                offset = end
+            }
+            try await stream.finish()
+            return try await received
+        }
+        #expect(reply.count == payload.count)
+        #expect(SHA256.hash(reply) == SHA256.hash(payload))
+        await client.close()
+        await server.close()
+    }
+
+    @Test("simultaneous open: A dials B while B dials A on the same two sockets")
+    func simultaneousOpen() async throws {
+        let a = try await makeEndpoint(TestIdentities.a)
+        let b = try await makeEndpoint(TestIdentities.b)
+        let echoA = startEchoServer(a)
+        let echoB = startEchoServer(b)
+        defer { echoA.cancel(); echoB.cancel() }
+        let (fromA, fromB) = try await withDeadline(.seconds(10)) {
+            async let ab = a.connect(to: b.localAddress, expecting: TestIdentities.b.nodeID)
+            async let ba = b.connect(to: a.localAddress, expecting: TestIdentities.a.nodeID)
+            return try await (ab, ba)
+        }
+        #expect(fromA.peerNodeID == TestIdentities.b.nodeID)
+        #expect(fromB.peerNodeID == TestIdentities.a.nodeID)
+        // Each side holds its client connection plus the server side of the other's dial.
+        #expect(await a.connectionCount == 2)
+        #expect(await b.connectionCount == 2)
+        for (connection, text) in [(fromA, "from a"), (fromB, "from b")] {
+            let stream = try await connection.openStream()
+            try await stream.write(Array(text.utf8))
+            try await stream.finish()
+            let reply = try await withDeadline(.seconds(10)) { try await stream.readToEnd() }
+            #expect(String(decoding: reply, as: UTF8.self) == text)
+        }
+        await a.close()
+        await b.close()
+    }
+
+    @Test("100 concurrent connections into one endpoint")
+    func hundredConcurrent() async throws {
+        let server = try await makeEndpoint(TestIdentities.b)
+        let echo = startEchoServer(server)
+        defer { echo.cancel() }
+        let client = try await makeEndpoint(TestIdentities.a)
+        let target = server.localAddress
+        let replies = try await withDeadline(.seconds(60)) {
+            try await withThrowingTaskGroup(of: Bool.self) { group in
+                for index in 0..<100 {
+                    group.addTask {
+                        let connection = try await client.connect(to: target, expecting: TestIdentities.b.nodeID)
+                        let stream = try await connection.openStream()
+                        let text = Array("connection \(index)".utf8)
+                        try await stream.write(text)
+                        try await stream.finish()
+                        let reply = try await stream.readToEnd()
+                        await connection.close()
+                        return reply == text
+                    }
+                }
+                var ok = 0
+                for try await matched in group where matched { ok += 1 }
+                return ok
+            }
+        }
+        #expect(replies == 100)
+        #expect(await server.stats.connectionsAccepted == 100)
+        await client.close()
+        await server.close()
+    }
+}
+
+@Suite("QUIC authentication")
+struct AuthenticationTests {
+    @Test("a wrong expected NodeID fails on both sides, naming expected and received")
+    func wrongExpectedNodeID() async throws {
+        let server = try await makeEndpoint(TestIdentities.b)
+        let client = try await makeEndpoint(TestIdentities.a)
+        let error = await #expect(throws: QUICError.self) {
+            _ = try await withDeadline(.seconds(10)) {
+                try await client.connect(to: server.localAddress, expecting: TestIdentities.c.nodeID)
+            }
+        }
+        #expect(error?.code == .peerAuthenticationFailed)
+        #expect(error?.expectedNodeID == TestIdentities.c.nodeID)
+        #expect(error?.receivedNodeID == TestIdentities.b.nodeID)
+        // The server saw its handshake fail too (the client's alert), and accepted nothing.
+        let serverFailure = try await waitForFailure(server)
+        #expect(serverFailure.code == .handshakeFailed)
+        #expect(serverFailure.message.contains(TestIdentities.c.nodeID.description))
+        #expect(await server.stats.connectionsAccepted == 0)
+        #expect(await server.connectionCount == 0)
+        await client.close()
+        await server.close()
+    }
+
+    @Test("a server's allow-list rejects a NodeID it does not name, on both sides")
+    func allowListRejects() async throws {
+        let server = try await makeEndpoint(TestIdentities.b, policy: .allow([TestIdentities.c.nodeID]))
+        let client = try await makeEndpoint(TestIdentities.a)
+        let error = await #expect(throws: QUICError.self) {
+            _ = try await withDeadline(.seconds(10)) {
+                try await client.connect(to: server.localAddress, expecting: TestIdentities.b.nodeID)
+            }
+        }
+        #expect(error?.code == .handshakeFailed)
+        let serverFailure = try await waitForFailure(server)
+        #expect(serverFailure.code == .peerAuthenticationFailed)
+        #expect(serverFailure.expectedNodeID == TestIdentities.c.nodeID)
+        #expect(serverFailure.receivedNodeID == TestIdentities.a.nodeID)
+        await client.close()
+        await server.close()
+    }
+
+    @Test("a peer with no certificate is rejected")
+    func noCertificate() async throws {
+        let server = try await makeEndpoint(TestIdentities.b)
+        let client = try await makeEndpoint(TestIdentities.a) { $0.presentsCertificate = false }
+        await #expect(throws: QUICError.self) {
+            _ = try await withDeadline(.seconds(10)) {
+                try await client.connect(to: server.localAddress, expecting: TestIdentities.b.nodeID)
+            }
+        }
+        let serverFailure = try await waitForFailure(server)
+        #expect(serverFailure.code == .peerAuthenticationFailed)
+        #expect(serverFailure.receivedNodeID == nil)
+        #expect(await server.stats.connectionsAccepted == 0)
+        await client.close()
+        await server.close()
+    }
+
+    @Test("a decide-callback policy sees the authenticated NodeID")
+    func decideCallback() async throws {
+        let expected = TestIdentities.a.nodeID
+        let server = try await makeEndpoint(TestIdentities.b, policy: .decide { node, _ in node == expected })
+        let client = try await makeEndpoint(TestIdentities.a)
+        let connection = try await withDeadline(.seconds(10)) {
+            try await client.connect(to: server.localAddress, expecting: TestIdentities.b.nodeID)
+        }
+        var iterator = server.incoming.makeAsyncIterator()
+        let accepted = try #require(await iterator.next())
+        #expect(accepted.peerNodeID == expected)
+        await connection.close()
+        await client.close()
+        await server.close()
+    }
+
+    /// Waits (bounded) until the endpoint has recorded a handshake failure.
+    private func waitForFailure(_ endpoint: Endpoint) async throws -> QUICError {
+        let clock = ContinuousClock()
+        let deadline = clock.now + .seconds(10)
+        while clock.now < deadline {
+            if let failure = await endpoint.recentHandshakeFailures.last { return failure }
+            try await Task.sleep(for: .milliseconds(5))
+        }
+        throw TimeoutError()
     }
 }
