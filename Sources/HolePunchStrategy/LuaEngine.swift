@@ -129,7 +129,8 @@ final class LuaEngine {
         }
         let nt = rawField(table, "name")
         if nt == LUA_TSTRING {
-            name = string(-1)
+            // Names end up in logs and metric dimensions: keep them short.
+            name = String(string(-1).prefix(64))
             sink.strategyName = name
         } else if nt != LUA_TNIL {
             throw StrategyError(code: .missingHook, message: "name must be a string, not \(typeName(-1))",
