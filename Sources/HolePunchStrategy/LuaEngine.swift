@@ -196,7 +196,9 @@ final class LuaEngine {
     // MARK: errors
 
     private func error(status: Int32, phase: String) -> StrategyError {
-        let raw = lua_type(L, -1) == LUA_TSTRING ? string(-1) : "(no message)"
+        var raw = lua_type(L, -1) == LUA_TSTRING ? string(-1) : "(no message)"
+        // A script chooses its error text: bound it before it reaches logs and terminals.
+        if raw.utf8.count > 512 { raw = String(raw.prefix(500)) + "… (truncated)" }
         let (line, text) = splitPosition(raw)
         let code: StrategyError.Code
         switch (status, hp_lua_abort_reason(handle)) {

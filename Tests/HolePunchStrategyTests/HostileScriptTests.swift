@@ -127,6 +127,12 @@ extension LuaTests {
                           code: .runtime, atLine: 2)
         }
 
+        @Test func hugeErrorMessageIsTruncated() throws {
+            let e = try contained(Self.planBody("error(string.rep('x', 1000000))"), code: .runtime, atLine: 2)
+            #expect(e.message.utf8.count < 1024)
+            #expect(e.message.hasSuffix("(truncated)"))
+        }
+
         @Test func nonStringError() throws {
             let e = try contained(Self.planBody("error({})"), code: .runtime, atLine: 2)
             #expect(e.message.contains("table value"))
