@@ -322,7 +322,15 @@ wait_for_file() {  # $1 file, $2 seconds, $3 what
 
 start_bg() {  # $1 name, rest: command. Detached, fds closed, PID recorded.
     local name=$1; shift
-    "$@" </dev/null >"$STATE/logs/$name.log" 2>&1 &
+    (
+        # Close every inherited descriptor above 2: a caller's pipe or socket (Foundation's
+        # Process watches one to see its child exit) must not stay open in a long-lived child.
+        for fd in /proc/$BASHPID/fd/*; do
+            fd=${fd##*/}
+            [[ $fd =~ ^[0-9]+$ ]] && ((fd > 2)) && { eval "exec $fd>&-" 2>/dev/null || true; }
+        done
+        exec "$@" </dev/null >"$STATE/logs/$name.log" 2>&1
+    ) &
     echo $! >"$STATE/pids/$name.pid"
 }
 

@@ -259,6 +259,15 @@ def cmd_query(args):
     res = {"local_port": c.local_port, "response": r}
     if r:
         res["mapped"] = r["mapped"]
+    if args.again:
+        # the same query from the same socket again, N seconds after the start (mapping timeouts)
+        start = time.monotonic()
+        later = []
+        for at in args.again:
+            time.sleep(max(0.0, start + at - time.monotonic()))
+            ra = c.query(args.server, reply_from=args.reply_from)
+            later.append(ra["mapped"] if ra else None)
+        res["again"] = later
     out(res)
     return 0 if r else 1
 
@@ -422,6 +431,8 @@ def main():
     p.add_argument("--bind", type=hostport)
     p.add_argument("--timeout", type=float, default=0.4)
     p.add_argument("--tries", type=int, default=3)
+    p.add_argument("--again", type=float, action="append",
+                   help="repeat the query from the same socket this many seconds after the first (repeatable)")
     p.set_defaults(fn=cmd_query)
 
     p = sub.add_parser("rtt")
