@@ -120,42 +120,52 @@ public final class LuaStrategy: PunchStrategy, @unchecked Sendable {
 /// fallback and answers with ``DefaultStrategy`` (or the fallback given). The executor uses this wrapper,
 /// calls its non-throwing hooks, and maps ``fallbackCount`` / `onFallback` to its metric.
 public final class FallbackStrategy: PunchStrategy, @unchecked Sendable {
-    // @unchecked Sendable: `count` and `last` are only touched under `lock`; the rest is immutable.
+    // @unchecked Sendable: `current`, `count` and `last` are only touched under `lock`; the rest is
+    // immutable. Hooks run outside the lock, so a slow script never blocks `fallbackCount` readers.
 
-    /// The wrapped strategy; nil when the script could not even be loaded.
-    public let primary: (any PunchStrategy)?
-    /// What answers when `primary` fails.
+    /// What answers when the primary fails.
     public let fallback: DefaultStrategy
     private let logger: Logger
     private let onFallback: (@Sendable (StrategyError) -> Void)?
+    private let reloadPath: String?
+    private let reloadLimits: LuaStrategy.Limits
     private let lock = NSLock()
+    private var current: (any PunchStrategy)?
     private var count = 0
     private var last: StrategyError?
-    private let primaryName: String
 
     /// Wraps `primary`. `loadError` is the reason when `primary` is nil; `onFallback` is called (outside
     /// any lock) each time the fallback is used, e.g. to increment a metric.
-    public init(primary: (any PunchStrategy)?, loadError: StrategyError? = nil, logger: Logger? = nil,
-                onFallback: (@Sendable (StrategyError) -> Void)? = nil) {
-        self.primary = primary
+    public convenience init(primary: (any PunchStrategy)?, loadError: StrategyError? = nil, logger: Logger? = nil,
+                            onFallback: (@Sendable (StrategyError) -> Void)? = nil) {
+        self.init(primary: primary, loadError: loadError, path: nil, limits: .init(), logger: logger,
+                  onFallback: onFallback)
+    }
+
+    private init(primary: (any PunchStrategy)?, loadError: StrategyError?, path: String?, limits: LuaStrategy.Limits,
+                 logger: Logger?, onFallback: (@Sendable (StrategyError) -> Void)?) {
+        self.current = primary
         self.fallback = DefaultStrategy()
         self.logger = logger ?? .noop
         self.onFallback = onFallback
         self.last = loadError
-        self.primaryName = primary?.name ?? "unloaded"
+        self.reloadPath = path
+        self.reloadLimits = limits
         if let loadError {
             self.logger.info("strategy failed to load, using the built-in default", metadata: Self.metadata(loadError))
         }
     }
 
     /// Loads the Lua script at `path`; if that fails, the wrapper runs the built-in default and says why.
+    /// ``reload()`` can load the file again later, e.g. once it is fixed.
     public static func loading(path: String, limits: LuaStrategy.Limits = .init(), logger: Logger? = nil,
                                onFallback: (@Sendable (StrategyError) -> Void)? = nil) -> FallbackStrategy {
         do {
             return FallbackStrategy(primary: try LuaStrategy(path: path, limits: limits, logger: logger),
-                                    logger: logger, onFallback: onFallback)
+                                    loadError: nil, path: path, limits: limits, logger: logger, onFallback: onFallback)
         } catch {
-            return FallbackStrategy(primary: nil, loadError: error, logger: logger, onFallback: onFallback)
+            return FallbackStrategy(primary: nil, loadError: error, path: path, limits: limits, logger: logger,
+                                    onFallback: onFallback)
         }
     }
 
@@ -172,8 +182,26 @@ public final class FallbackStrategy: PunchStrategy, @unchecked Sendable {
         }
     }
 
+    /// The wrapped strategy; nil while the script could not be loaded.
+    public var primary: (any PunchStrategy)? { lock.withLock { current } }
+
+    /// Loads the script file again. A Lua primary reloads in place and keeps its old version if the new
+    /// one is invalid; a wrapper whose file never loaded tries to load it now. Throws the load error, or
+    /// `fileUnreadable` when the wrapper was not created from a file.
+    public func reload() throws(StrategyError) {
+        if let lua = primary as? LuaStrategy, lua.path != nil {
+            try lua.reload()
+            return
+        }
+        guard let path = reloadPath else {
+            throw StrategyError(code: .fileUnreadable, message: "this strategy was not loaded from a file")
+        }
+        let fresh = try LuaStrategy(path: path, limits: reloadLimits, logger: logger)
+        lock.withLock { current = fresh }
+    }
+
     /// The primary's name, or `unloaded` when the script never loaded.
-    public var name: String { primaryName }
+    public var name: String { primary?.name ?? "unloaded" }
 
     /// How many hook calls were answered by the fallback (or failed, for `onResult`).
     public var fallbackCount: Int { lock.withLock { count } }
@@ -236,7 +264,7 @@ public final class FallbackStrategy: PunchStrategy, @unchecked Sendable {
             last = error
         }
         var meta = Self.metadata(error)
-        meta["strategy.name"] = "\(primaryName)"
+        meta["strategy.name"] = "\(name)"
         meta["strategy.hook"] = "\(hook)"
         logger.info("strategy failed, using the built-in default", metadata: meta)
         onFallback?(error)

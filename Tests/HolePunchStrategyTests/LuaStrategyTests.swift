@@ -307,6 +307,29 @@ extension LuaTests {
             #expect(Array(try s.plan(LuaTests.ctx).ports) == [3333])
         }
 
+        @Test func fallbackWrapperReloadsAFixedFile() throws {
+            let url = FileManager.default.temporaryDirectory.appendingPathComponent("hp-fix-\(UUID().uuidString).lua")
+            defer { try? FileManager.default.removeItem(at: url) }
+            try Data("return { plan = function(ctx) return { ports = { 0 } } end".utf8).write(to: url)
+            let s = FallbackStrategy.loading(path: url.path)
+            #expect(s.primary == nil)
+            #expect(s.lastError?.code == .syntax)
+            #expect(s.plan(LuaTests.ctx) == DefaultStrategy().plan(LuaTests.ctx))
+            #expect(throws: StrategyError.self) { try s.reload() }
+            #expect(s.primary == nil)
+
+            try Data("return { name = 'fixed', plan = function(ctx) return { ports = { 4444 } } end }".utf8).write(to: url)
+            try s.reload()
+            #expect(s.name == "fixed")
+            #expect(Array(s.plan(LuaTests.ctx).ports) == [4444])
+            #expect(s.fallbackCount == 1)
+
+            // A broken edit now keeps the working version.
+            try Data("return 42".utf8).write(to: url)
+            #expect { try s.reload() } throws: { e in (e as? StrategyError)?.code == .missingHook }
+            #expect(Array(s.plan(LuaTests.ctx).ports) == [4444])
+        }
+
         @Test func noLeakUnderRepeatedLoadAndRelease() throws {
             let baseline = LuaStrategy.liveStateCount
             for _ in 0..<200 {
