@@ -24,12 +24,14 @@ public final class LuaStrategy: PunchStrategy, @unchecked Sendable {
         /// Wall-clock time allowed per hook call.
         public var timeLimit: Duration
 
-        /// Creates limits; the defaults are 1,000,000 instructions, 8 MiB and 100 ms.
+        /// Creates limits; the defaults are 1,000,000 instructions, 8 MiB and 100 ms. Values are kept
+        /// within sane bounds: at least 1 instruction, 64 KiB (a bare state needs about 20 KiB) and 1 ms;
+        /// at most 1 hour of wall-clock time.
         public init(instructionBudget: Int = 1_000_000, memoryLimit: Int = 8 << 20,
                     timeLimit: Duration = .milliseconds(100)) {
             self.instructionBudget = max(1, instructionBudget)
             self.memoryLimit = max(64 << 10, memoryLimit)
-            self.timeLimit = timeLimit
+            self.timeLimit = min(max(timeLimit, .milliseconds(1)), .seconds(3600))
         }
     }
 
