@@ -7,10 +7,14 @@
 -- * Sequential NATs: predicts the peer's next ports from its observed delta, likely-first (the port
 --   that won last time, then base+delta, base+2·delta…), plus a small window around the base.
 -- * Random allocation: a birthday spread, many local sockets on our random side, many random remote
---   ports against theirs.
+--   ports against theirs (unless our NAT's filter lets their probes in anyway).
 -- * Easy NATs (endpoint-independent mapping on both sides): only the candidate ports, few packets.
 
 local function cone(p) return p.mapping == "endpoint_independent" end
+-- Our NAT admits the peer from any of its ports once we have sent to its address.
+local function lenient(p)
+    return cone(p) and (p.filtering == "endpoint_independent" or p.filtering == "address_dependent")
+end
 
 local function plan(ctx)
     local rtt = ctx.rtt_ms or 100
@@ -30,8 +34,14 @@ local function plan(ctx)
 
     if cone(remote) or base == nil then
         ports = hp.merge(first, ctx.ports)
+    elseif remote.allocation == "random" and lenient(localnat) then
+        -- Their probes to our known port get in wherever their NAT maps them: no need to chase it.
+        ports = hp.merge(first, ctx.ports)
     elseif remote.allocation == "random" then
-        local n = hp.clamp(128 * attempt, 128, 1024)
+        -- Birthday spread: with n of their fresh mappings and m probed ports, P(hit) ≈ 1 − (1 − n/64512)^m,
+        -- so probe as many random ports as the limits allow, more on each retry.
+        local room = ctx.limits.max_ports - #ctx.ports - #first
+        local n = hp.clamp(512 * attempt, 1, math.max(1, room))
         ports = hp.merge(first, ctx.ports, hp.random_ports(n, 1024, 65535))
     else
         -- Sequential (or unknown) allocation: walk forward by the delta, widening with each attempt.
@@ -41,8 +51,8 @@ local function plan(ctx)
     end
 
     if not cone(localnat) and localnat.allocation == "random" then
-        -- Our own NAT picks random ports: open many mappings so the peer's probes meet one.
-        sockets = math.min(ctx.limits.max_sockets, 16 * attempt)
+        -- Our own NAT picks random ports: open as many mappings as allowed so the peer's probes meet one.
+        sockets = ctx.limits.max_sockets
     end
 
     local easy = cone(remote) and cone(localnat)
@@ -54,7 +64,7 @@ local function plan(ctx)
     if budget < 1 then interval = math.ceil(1000 * sockets / max_pps) end
 
     local rounds_needed = math.ceil(#ports / packets) + 2
-    local rounds = easy and 3 or hp.clamp(rounds_needed, 5, 200)
+    local rounds = easy and 3 or hp.clamp(rounds_needed, 5, ctx.limits.max_rounds)
     local timeout = rounds * interval + 3 * rtt
     if history.pair.median_ttc_ms then timeout = math.max(timeout, 3 * history.pair.median_ttc_ms) end
     timeout = timeout * (1 + 0.5 * (attempt - 1))
