@@ -27,7 +27,8 @@ final class Opened: @unchecked Sendable {
     var all: [CountingTransport] { lock.withLock { list } }
 }
 
-@Suite(.serialized) struct LoopbackDiscoveryTests {
+extension RealNetworkTests {
+@Suite struct LoopbackDiscoveryTests {
     @Test func ourClientAgainstOurServerSeesNoNAT() async throws {
         let server = try STUNServer(configuration: .init(primary: .loopbackV4(port: 0), alternatePort: 0, alternateIP: .v4(127, 0, 0, 2)))
         try server.start()
@@ -94,4 +95,5 @@ final class Opened: @unchecked Sendable {
         // Nothing else is sent after cancellation.
         #expect(silent.receive(timeoutMilliseconds: 300) == nil)
     }
+}
 }

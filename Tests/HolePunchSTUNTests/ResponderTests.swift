@@ -131,6 +131,7 @@ import Testing
     }
 }
 
+extension RealNetworkTests {
 @Suite struct STUNServerTests {
     @Test func serverAnswersFromTheRightSocketsOnLoopback() throws {
         let server = try STUNServer(configuration: .init(primary: .loopbackV4(port: 0), alternatePort: 0, alternateIP: .v4(127, 0, 0, 2)))
@@ -158,4 +159,5 @@ import Testing
         #expect(client.receive(timeoutMilliseconds: 200) == nil)
         #expect(server.statistics.ignored >= 1)
     }
+}
 }

@@ -1,4 +1,5 @@
 import HolePunchNet
+import Testing
 @testable import HolePunchSTUN
 
 /// Parses whitespace-separated or contiguous hex into bytes.
@@ -40,3 +41,7 @@ func stunError(_ body: () throws -> Void) -> STUNError? {
         return STUNError(.unexpectedMessage, "not a STUNError: \(error)")
     }
 }
+
+/// Every test that opens real sockets or runs other programs, serialized: they block threads while they wait,
+/// and the timing bounds some of them check must not suffer from each other on a 2-core machine.
+@Suite(.serialized) enum RealNetworkTests {}
