@@ -76,9 +76,10 @@ let package = Package(
         .target(
             name: "HolePunch",
             dependencies: [
-                "HolePunchQUIC", "HolePunchSTUN", "HolePunchStrategy",
+                "HolePunchNet", "HolePunchQUIC", "HolePunchSTUN", "HolePunchStrategy",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
             ],
             swiftSettings: swiftSettings
         ),

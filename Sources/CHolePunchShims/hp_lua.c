@@ -541,7 +541,6 @@ void hp_lua_free(hp_lua *h) {
 long hp_lua_live_states(void) { return atomic_load(&hp_live_states); }
 lua_State *hp_lua_state(hp_lua *h) { return h->L; }
 size_t hp_lua_mem_used(const hp_lua *h) { return h->used; }
-void hp_lua_set_headroom(hp_lua *h, int on) { h->headroom = on; }
 void hp_lua_set_seed(hp_lua *h, uint64_t seed) { h->seed = seed; }
 int hp_lua_abort_reason(const hp_lua *h) { return h->abort_reason; }
 

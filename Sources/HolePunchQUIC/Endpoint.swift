@@ -239,6 +239,9 @@ public actor Endpoint {
     /// The socket's counters.
     public var stats: EndpointStats { counters }
 
+    /// The identity this endpoint presents.
+    public var identity: Identity { configuration.identity }
+
     /// How many connections the endpoint holds, in any state; zero once all are closed or abandoned.
     public var connectionCount: Int { connections.count }
 

@@ -28,12 +28,11 @@ hp_lua *hp_lua_new(size_t mem_limit, hp_lua_log_fn log_fn, void *log_user);
 void hp_lua_free(hp_lua *h);
 /// Number of states alive in this process (a debug counter for leak tests).
 long hp_lua_live_states(void);
-/// The raw state, for the non-raising API calls Swift makes between protected calls.
+/// The raw state, for the non-raising API calls Swift makes between protected calls. Between calls the
+/// allocator ignores the cap ("headroom"), so those pushes cannot fail with a memory error either.
 lua_State *hp_lua_state(hp_lua *h);
 /// Bytes currently allocated by the state.
 size_t hp_lua_mem_used(const hp_lua *h);
-/// While on, the allocator ignores the cap, so Swift-side pushes between protected calls cannot raise.
-void hp_lua_set_headroom(hp_lua *h, int on);
 /// Seed for `hp.random_ports` during the next call.
 void hp_lua_set_seed(hp_lua *h, uint64_t seed);
 /// Why the last protected call was aborted (HP_LUA_ABORT_*), or NONE.

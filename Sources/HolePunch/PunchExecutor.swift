@@ -1,0 +1,660 @@
+public import Logging
+public import CoreMetrics
+import HolePunchSTUN
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Runs hole punches on a shared-socket ``Endpoint``: the seed's `macula_hole_punch` API, done right.
+///
+/// Probes, the QUIC handshake and (through the rendezvous) the advertised mapping all use the endpoint's one
+/// socket. A punch is planned by a ``PunchStrategy`` (Lua or Swift), clamped by ``PlanLimits``, and run by a
+/// ``PunchSession`` state machine; the first connection that proves the pinned NodeID wins.
+///
+/// The executor takes over the endpoint's datagram handler (for probes) and accept policy (to admit only peers
+/// of live target sessions, plus whatever ``Configuration/acceptOthers`` allows). Datagrams and connections that
+/// belong to no punch are passed on through ``otherDatagrams(_:)`` and ``otherConnections``.
+public actor PunchExecutor {
+    /// Settings for an executor.
+    public struct Configuration: Sendable {
+        /// The strategy used when a punch's options name none.
+        public var strategy: any PunchStrategy
+        /// Safety limits every plan is clamped to.
+        public var limits: PlanLimits
+        /// Which connections that belong to no punch the endpoint still accepts.
+        public var acceptOthers: AcceptPolicy
+
+        /// Creates a configuration.
+        public init(strategy: any PunchStrategy = DefaultStrategy(), limits: PlanLimits = .default, acceptOthers: AcceptPolicy = .none) {
+            self.strategy = strategy
+            self.limits = limits
+            self.acceptOthers = acceptOthers
+        }
+    }
+
+    /// The endpoint whose socket punches from.
+    public nonisolated let endpoint: Endpoint
+    /// Outcomes of earlier punches, read by strategies for adaptive timing.
+    public nonisolated let history: PunchHistory
+    /// Connections accepted by the endpoint that belong to no punch.
+    public nonisolated let otherConnections: AsyncStream<QUICConnection>
+
+    private let otherConnectionsContinuation: AsyncStream<QUICConnection>.Continuation
+    private let configuration: Configuration
+    private let logger: Logger
+    private let metrics: PunchMetrics
+    private let admission: Admission
+    private var runtimes: [PunchID: PunchRuntime] = [:]
+    private var bySession: [String: PunchID] = [:]
+    private var nextID: UInt64 = 1
+    private var installed = false
+    private var acceptTask: Task<Void, Never>?
+    private var otherDatagramHandler: (@Sendable ([UInt8], SocketAddress) -> Void)?
+
+    /// Creates an executor for an endpoint.
+    ///
+    /// - Parameters:
+    ///   - endpoint: the shared socket to punch from.
+    ///   - configuration: default strategy, limits and accept policy for other connections.
+    ///   - history: where outcomes are recorded (pass a loaded one to persist adaptive timing).
+    ///   - logger: where the executor logs (info and below).
+    ///   - metricsFactory: where metrics go; nil uses the process's bootstrapped factory.
+    public init(
+        endpoint: Endpoint,
+        configuration: Configuration = Configuration(),
+        history: PunchHistory = PunchHistory(),
+        logger: Logger = Logger(label: "holepunch.punch", factory: { _ in SwiftLogNoOpLogHandler() }),
+        metricsFactory: (any MetricsFactory)? = nil
+    ) {
+        self.endpoint = endpoint
+        self.configuration = configuration
+        self.history = history
+        self.logger = logger
+        self.metrics = PunchMetrics(factory: metricsFactory ?? MetricsSystem.factory)
+        self.admission = Admission(others: configuration.acceptOthers)
+        (otherConnections, otherConnectionsContinuation) = AsyncStream.makeStream(of: QUICConnection.self)
+    }
+
+    // MARK: The seed's API
+
+    /// Punches to a peer and returns the authenticated connection: the seed's `execute`.
+    ///
+    /// Cancelling the calling task cancels the punch, exactly like ``cancel(_:)``.
+    ///
+    /// - Parameter timeout: an overall limit that overrides the plan's timeout.
+    /// - Throws: ``PunchError`` with `timeout`, `unreachable`, `allPortsFailed`, `cancelled`,
+    ///   `peerAuthenticationFailed` or `invalidOptions`.
+    public func punch(_ options: PunchOptions, timeout: Duration? = nil) async throws(PunchError) -> QUICConnection {
+        var options = options
+        if let timeout { options.timeout = timeout }
+        let handle = await startPunch(options)
+        let id = handle.id
+        let result = await withTaskCancellationHandler {
+            await handle.result()
+        } onCancel: {
+            Task { await self.cancelIfActive(id) }
+        }
+        return try result.get()
+    }
+
+    /// Starts a punch and returns at once with its handle: the seed's `execute_async`.
+    public func startPunch(_ options: PunchOptions) async -> PunchHandle {
+        await installIfNeeded()
+        let id = PunchID(rawValue: nextID)
+        nextID += 1
+        let (events, eventsContinuation) = AsyncStream.makeStream(of: PunchEvent.self)
+        let box = ResultBox()
+        let handle = PunchHandle(id: id, events: events, box: box)
+        let startedAt = ContinuousClock.now
+        do {
+            let runtime = try await prepare(id: id, options: options, box: box, events: eventsContinuation, startedAt: startedAt)
+            runtimes[id] = runtime
+            bySession[options.sessionID] = id
+            if options.role == .target { admission.expect(options.targetNodeID) }
+            metrics.active.increment()
+            let now = monotonicNanoseconds()
+            if now >= runtime.session.configuration.startAt {
+                apply(runtime, runtime.session.handle(.start(now: now)))
+            } else {
+                arm(runtime, at: runtime.session.configuration.startAt)
+            }
+        } catch let error as PunchError {
+            box.deliver(.failure(error))
+            eventsContinuation.yield(.done(.failure(error)))
+            eventsContinuation.finish()
+            metrics.record(outcome: error.code.rawValue, strategy: (options.strategy ?? configuration.strategy).name,
+                           pair: "\(options.localNAT.type)/\(options.remoteNAT.type)")
+        } catch {
+            let wrapped = PunchError(code: .invalidOptions, message: "\(error)")
+            box.deliver(.failure(wrapped))
+            eventsContinuation.yield(.done(.failure(wrapped)))
+            eventsContinuation.finish()
+        }
+        return handle
+    }
+
+    /// Cancels a punch: timers, probes, extra sockets and half-open handshakes stop, and its result becomes
+    /// `cancelled` (unless it had already ended).
+    ///
+    /// - Throws: ``PunchLookupError`` when no punch with that id is active (the seed's `{error, not_found}`).
+    public func cancel(_ id: PunchID) throws(PunchLookupError) {
+        guard let runtime = runtimes[id] else { throw PunchLookupError(id: id) }
+        apply(runtime, runtime.session.handle(.cancel))
+    }
+
+    /// The punches in progress, oldest first.
+    public func activePunches() -> [PunchInfo] {
+        let now = ContinuousClock.now
+        return runtimes.values.sorted { $0.id < $1.id }.map { runtime in
+            PunchInfo(
+                id: runtime.id,
+                targetHost: runtime.options.targetHost,
+                targetNodeID: runtime.options.targetNodeID,
+                role: runtime.options.role,
+                phase: runtime.session.phase.description,
+                portsTried: runtime.session.portsTried,
+                round: runtime.session.round,
+                startedAt: runtime.startedAt,
+                elapsed: now - runtime.startedAt
+            )
+        }
+    }
+
+    /// Sets where STUN-range datagrams that are not probes of a live punch go (e.g. a STUN or rendezvous client).
+    public func otherDatagrams(_ handler: (@Sendable ([UInt8], SocketAddress) -> Void)?) {
+        otherDatagramHandler = handler
+    }
+
+    /// Stops accepting for punches and cancels every active punch.
+    public func shutdown() {
+        for runtime in runtimes.values.sorted(by: { $0.id < $1.id }) {
+            apply(runtime, runtime.session.handle(.cancel))
+        }
+        acceptTask?.cancel()
+        acceptTask = nil
+        otherConnectionsContinuation.finish()
+    }
+
+    private func cancelIfActive(_ id: PunchID) {
+        try? cancel(id)
+    }
+
+    // MARK: Setup
+
+    private func installIfNeeded() async {
+        guard !installed else { return }
+        installed = true
+        let admission = self.admission
+        await endpoint.setAcceptPolicy(.decide { node, address in admission.admits(node, from: address) })
+        await installHandlers(on: endpoint, socket: 0, punch: nil)
+        let incoming = endpoint.incoming
+        acceptTask = Task { [weak self] in
+            for await connection in incoming {
+                guard let self else { return }
+                await self.accepted(connection)
+            }
+        }
+    }
+
+    private func installHandlers(on endpoint: Endpoint, socket: Int, punch: PunchID?) async {
+        await endpoint.setDatagramHandler { [weak self] bytes, from in
+            guard let self else { return }
+            Task { await self.datagram(bytes, from: from, socket: socket) }
+        }
+        await endpoint.setUnreachableHandler { [weak self] address in
+            guard let self else { return }
+            Task { await self.unreachable(address, punch: punch) }
+        }
+    }
+
+    private func prepare(
+        id: PunchID, options: PunchOptions, box: ResultBox,
+        events: AsyncStream<PunchEvent>.Continuation, startedAt: ContinuousClock.Instant
+    ) async throws -> PunchRuntime {
+        guard !options.sessionID.isEmpty, !options.sessionID.contains(":") else {
+            throw PunchError(code: .invalidOptions, message: "the session id must be non-empty and contain no ':'")
+        }
+        guard !options.sessionKey.isEmpty else {
+            throw PunchError(code: .invalidOptions, message: "the session key is empty")
+        }
+        guard bySession[options.sessionID] == nil else {
+            throw PunchError(code: .invalidOptions, message: "session \(options.sessionID) is already being punched")
+        }
+        let host: SocketAddress
+        do {
+            host = try SocketAddress(host: options.targetHost, port: 0)
+        } catch {
+            throw PunchError(code: .invalidOptions, message: "target host: \(error)")
+        }
+        guard host.isIPv6 == endpoint.localAddress.isIPv6 else {
+            throw PunchError(code: .invalidOptions, message: "target \(options.targetHost) is not in the endpoint's address family")
+        }
+        guard !options.targetPorts.isEmpty, !options.targetPorts.contains(0) else {
+            throw PunchError(code: .invalidOptions, message: "target ports must be a non-empty list of ports 1-65535")
+        }
+        if let localPort = options.localPort, localPort != endpoint.localAddress.port {
+            throw PunchError(
+                code: .invalidOptions,
+                message: "local port \(localPort) is not the endpoint's port \(endpoint.localAddress.port): a punch must leave from the advertised socket"
+            )
+        }
+        let strategy = options.strategy ?? configuration.strategy
+        var context = PunchContext(
+            localNAT: options.localNAT,
+            remoteNAT: options.remoteNAT,
+            candidateHosts: [options.targetHost],
+            candidatePorts: options.targetPorts,
+            localPort: endpoint.localAddress.port,
+            rtt: options.rtt,
+            role: options.role,
+            seed: stableSeed(options.sessionID),
+            peerID: options.targetNodeID.description,
+            limits: configuration.limits
+        )
+        context = history.fill(context)
+        context.attempt = context.peerHistory.attempts + 1
+        var plan: PunchPlan
+        var strategyName = strategy.name
+        do {
+            plan = try strategy.plan(context)
+        } catch {
+            // A strategy never breaks a punch: fall back to the built-in plan and say why.
+            logger.info("strategy failed, using the built-in default plan", metadata: [
+                "punch.id": "\(id)", "strategy": "\(strategy.name)", "error": "\(error)",
+            ])
+            metrics.fallback(strategy: strategy.name)
+            plan = DefaultStrategy().plan(context)
+            strategyName = "builtin-default"
+        }
+        if let timeout = options.timeout { plan.timeout = timeout }
+        let (validated, reasons) = plan.validated(configuration.limits)
+        for reason in reasons {
+            logger.debug("plan clamped", metadata: ["punch.id": "\(id)", "reason": "\(reason)"])
+        }
+        let candidates = validated.ports.map { port -> SocketAddress in
+            var address = host
+            address.port = port
+            return address
+        }
+        let startDelay: Duration
+        switch options.punchTime {
+        case .now: startDelay = .zero
+        case .after(let delay): startDelay = delay
+        case .at(let instant): startDelay = max(.zero, instant - ContinuousClock.now)
+        }
+        let now = monotonicNanoseconds()
+        let startAt = now + nanoseconds(startDelay) + nanoseconds(validated.startDelay)
+        let session = PunchSession(PunchSession.Configuration(
+            role: options.role, candidates: candidates, plan: validated,
+            startAt: startAt, deadline: startAt + nanoseconds(validated.timeout)
+        ))
+        let runtime = PunchRuntime(
+            id: id, options: options, session: session, context: context, strategy: strategy,
+            strategyName: strategyName, box: box, events: events, startedAt: startedAt
+        )
+        runtime.sockets = [endpoint]
+        // Extra sockets for birthday attacks: same identity, dial-only, probes routed to this punch.
+        if validated.localSockets > 1 {
+            var bindAddress = endpoint.localAddress
+            bindAddress.port = 0
+            let identity = await endpoint.identity
+            for index in 1..<validated.localSockets {
+                do {
+                    let extra = try await Endpoint.bind(
+                        bindAddress,
+                        configuration: EndpointConfiguration(identity: identity, acceptPolicy: .none)
+                    )
+                    await installHandlers(on: extra, socket: index, punch: id)
+                    runtime.sockets.append(extra)
+                } catch {
+                    for socket in runtime.sockets.dropFirst() { await socket.close() }
+                    throw PunchError(code: .invalidOptions, message: "cannot open local socket \(index): \(error)")
+                }
+            }
+        }
+        return runtime
+    }
+
+    // MARK: Events
+
+    private func datagram(_ bytes: [UInt8], from: SocketAddress, socket: Int) {
+        guard let message = try? STUNMessage.decode(bytes),
+              let username = message.username,
+              let separator = username.firstIndex(of: ":"),
+              let id = bySession[String(username[..<separator])],
+              let runtime = runtimes[id]
+        else {
+            if socket == 0 { otherDatagramHandler?(bytes, from) }
+            return
+        }
+        guard let probe = try? PunchProbe.verify(bytes, sessionID: runtime.options.sessionID, key: runtime.options.sessionKey),
+              probe.senderRole != runtime.options.role.rawValue
+        else {
+            // Forged, for another key, or our own probe reflected back: ignore.
+            return
+        }
+        let event: PunchSession.Event = probe.isResponse
+            ? .probeResponse(from: from, socket: socket)
+            : .probeRequest(from: from, socket: socket)
+        apply(runtime, runtime.session.handle(event), replyTo: probe.transactionID)
+    }
+
+    private func unreachable(_ address: SocketAddress, punch: PunchID?) {
+        if let punch, let runtime = runtimes[punch] {
+            apply(runtime, runtime.session.handle(.unreachable(address)))
+            return
+        }
+        for runtime in runtimes.values where runtime.session.configuration.candidates.contains(address) {
+            apply(runtime, runtime.session.handle(.unreachable(address)))
+        }
+    }
+
+    private func accepted(_ connection: QUICConnection) async {
+        let runtime = runtimes.values
+            .filter { $0.options.role == .target && $0.options.targetNodeID == connection.peerNodeID && !$0.session.phase.isTerminal }
+            .min { $0.id < $1.id }
+        guard let runtime else {
+            otherConnectionsContinuation.yield(connection)
+            return
+        }
+        let id = runtime.allocateConnectionID()
+        runtime.connections[id] = connection
+        apply(runtime, runtime.session.handle(.accepted(id: id)))
+    }
+
+    private func timerFired(_ id: PunchID, generation: Int) {
+        guard let runtime = runtimes[id], runtime.timerGeneration == generation else { return }
+        runtime.timerTask = nil
+        apply(runtime, runtime.session.handle(.timer(now: monotonicNanoseconds())))
+    }
+
+    private func dialFinished(_ id: PunchID, dial: Int, result: Result<QUICConnection, any Error>) {
+        guard let runtime = runtimes[id] else {
+            // The punch ended while this handshake completed: nobody wants the connection.
+            if case .success(let connection) = result {
+                Task { await connection.close(errorCode: PunchExecutor.duplicateCode, reason: "punch already ended") }
+            }
+            return
+        }
+        runtime.dials[dial] = nil
+        switch result {
+        case .success(let connection):
+            runtime.connections[dial] = connection
+            apply(runtime, runtime.session.handle(.dialEstablished(id: dial)))
+        case .failure(let error):
+            let authentication = (error as? QUICError)?.code == .peerAuthenticationFailed
+            if authentication { runtime.authenticationError = error as? QUICError }
+            apply(runtime, runtime.session.handle(.dialFailed(id: dial, authentication: authentication)))
+        }
+    }
+
+    // MARK: Actions
+
+    /// The application error code that closes a connection which lost the tie-break.
+    public static let duplicateCode: UInt64 = 0x4850_0001
+
+    private func apply(_ runtime: PunchRuntime, _ actions: [PunchSession.Action], replyTo transaction: STUNTransactionID? = nil) {
+        for action in actions {
+            switch action {
+            case .sendProbes(let probes):
+                let options = runtime.options
+                let sockets = runtime.sockets
+                Task {
+                    for probe in probes {
+                        guard probe.socket < sockets.count,
+                              let bytes = try? PunchProbe.request(sessionID: options.sessionID, senderRole: options.role.rawValue, key: options.sessionKey)
+                        else { continue }
+                        try? await sockets[probe.socket].send(datagram: bytes, to: probe.to)
+                    }
+                }
+            case .respond(let socket, let to):
+                guard let transaction, socket < runtime.sockets.count,
+                      let bytes = try? PunchProbe.response(
+                        transactionID: transaction, sessionID: runtime.options.sessionID,
+                        senderRole: runtime.options.role.rawValue, key: runtime.options.sessionKey, observedAddress: to
+                      )
+                else { continue }
+                let endpoint = runtime.sockets[socket]
+                Task { try? await endpoint.send(datagram: bytes, to: to) }
+            case .dial(let dial, let socket, let to):
+                guard socket < runtime.sockets.count else { continue }
+                let endpoint = runtime.sockets[socket]
+                let node = runtime.options.targetNodeID
+                let plan = runtime.session.configuration.plan
+                let punchID = runtime.id
+                runtime.dialSockets[dial] = socket
+                runtime.dialTargets[dial] = to
+                runtime.events.yield(.connecting(to: to))
+                runtime.dials[dial] = Task {
+                    let result: Result<QUICConnection, any Error>
+                    do {
+                        let connection = try await endpoint.connect(
+                            to: to, expecting: node,
+                            options: ConnectOptions(initialRTT: plan.initialRTT, handshakeTimeout: plan.connectTimeout)
+                        )
+                        result = .success(connection)
+                    } catch {
+                        result = .failure(error)
+                    }
+                    self.dialFinished(punchID, dial: dial, result: result)
+                }
+            case .abandonDial(let dial):
+                // Cancelling the dial's task abandons its half-open handshake at once.
+                runtime.dials.removeValue(forKey: dial)?.cancel()
+            case .closeDuplicate(let id):
+                if let connection = runtime.connections.removeValue(forKey: id) {
+                    Task { await connection.close(errorCode: PunchExecutor.duplicateCode, reason: "duplicate connection") }
+                }
+            case .armTimer(let at):
+                arm(runtime, at: at)
+            case .roundStarted(let round):
+                runtime.events.yield(.roundStarted(round: round, ports: runtime.session.portsTried.count))
+            case .pathProven(let address):
+                runtime.events.yield(.probeAnswered(from: address))
+            case .succeed(let id):
+                succeed(runtime, connection: id)
+            case .fail(let code):
+                fail(runtime, code: code)
+            }
+        }
+    }
+
+    private func arm(_ runtime: PunchRuntime, at deadline: UInt64) {
+        runtime.timerTask?.cancel()
+        runtime.timerGeneration += 1
+        let generation = runtime.timerGeneration
+        let id = runtime.id
+        let delay = deadline > monotonicNanoseconds() ? deadline - monotonicNanoseconds() : 0
+        runtime.timerTask = Task {
+            if delay > 0 {
+                do { try await Task.sleep(for: .nanoseconds(Int64(delay))) } catch { return }
+            }
+            await self.timerFired(id, generation: generation)
+        }
+    }
+
+    private func succeed(_ runtime: PunchRuntime, connection id: Int) {
+        guard let connection = runtime.connections.removeValue(forKey: id) else {
+            fail(runtime, code: .timeout)
+            return
+        }
+        let elapsed = elapsedSinceStart(runtime)
+        let winningSocket = runtime.dialSockets[id] ?? 0
+        let remote = runtime.dialTargets[id] ?? connection.remoteAddress
+        let port = remote.port
+        let offset = runtime.options.targetPorts.first.map { Int(port) - Int($0) } ?? 0
+        let outcome = PunchOutcome.success(timeToConnect: elapsed, winningPort: port, portOffset: offset, rounds: runtime.session.round)
+        let success = PunchSuccess(
+            remoteAddress: remote, localPort: runtime.sockets[min(winningSocket, runtime.sockets.count - 1)].localAddress.port,
+            timeToConnect: elapsed, rounds: runtime.session.round
+        )
+        end(runtime, outcome: outcome, keepSocket: winningSocket)
+        if runtime.box.deliver(.success(connection)) {
+            runtime.events.yield(.done(.success(success)))
+            metrics.timeToConnect.recordNanoseconds(Int64(nanoseconds(elapsed)))
+        }
+        runtime.events.finish()
+        logger.debug("punch connected", metadata: [
+            "punch.id": "\(runtime.id)", "peer.address": "\(remote)", "punch.rounds": "\(runtime.session.round)",
+        ])
+    }
+
+    private func fail(_ runtime: PunchRuntime, code: PunchFailureCode) {
+        let elapsed = elapsedSinceStart(runtime)
+        var message: String
+        switch code {
+        case .timeout: message = "no authenticated connection before the deadline"
+        case .unreachable: message = "every candidate port answered ICMP unreachable"
+        case .allPortsFailed: message = "no planned port answered a probe"
+        case .cancelled: message = "the punch was cancelled"
+        case .peerAuthenticationFailed:
+            message = runtime.authenticationError.map { "\($0)" } ?? "the peer was not the expected NodeID"
+        default: message = code.rawValue
+        }
+        if code != .cancelled { message += " (\(runtime.options.targetHost), \(runtime.options.targetPorts.count) candidate ports)" }
+        let error = PunchError(
+            code: code, message: message, portsTried: runtime.session.portsTried,
+            rounds: runtime.session.round, elapsed: elapsed
+        )
+        end(runtime, outcome: .failure(code: code, rounds: runtime.session.round), keepSocket: nil)
+        if runtime.box.deliver(.failure(error)) {
+            runtime.events.yield(.done(.failure(error)))
+        }
+        runtime.events.finish()
+    }
+
+    /// Tears a punch down: timer, dials, losing sockets, registrations; records the outcome.
+    private func end(_ runtime: PunchRuntime, outcome: PunchOutcome, keepSocket: Int?) {
+        runtime.timerTask?.cancel()
+        runtime.timerTask = nil
+        runtime.timerGeneration += 1
+        for task in runtime.dials.values { task.cancel() }
+        runtime.dials.removeAll()
+        for connection in runtime.connections.values {
+            Task { await connection.close(errorCode: PunchExecutor.duplicateCode, reason: "duplicate connection") }
+        }
+        runtime.connections.removeAll()
+        for (index, socket) in runtime.sockets.enumerated() where index > 0 && index != keepSocket {
+            Task { await socket.close() }
+        }
+        runtimes[runtime.id] = nil
+        bySession[runtime.options.sessionID] = nil
+        if runtime.options.role == .target { admission.forget(runtime.options.targetNodeID) }
+        metrics.active.decrement()
+        let pair = "\(runtime.options.localNAT.type)/\(runtime.options.remoteNAT.type)"
+        let outcomeName: String
+        switch outcome {
+        case .success: outcomeName = "success"
+        case .failure(let code, _): outcomeName = code.rawValue
+        }
+        metrics.record(outcome: outcomeName, strategy: runtime.strategyName, pair: pair)
+        if case .failure(.cancelled, _) = outcome {
+            // A cancellation says nothing about the network: it is not history.
+        } else {
+            history.record(outcome, for: runtime.context)
+        }
+        try? runtime.strategy.onResult(runtime.context, outcome)
+    }
+
+    private func elapsedSinceStart(_ runtime: PunchRuntime) -> Duration {
+        let now = monotonicNanoseconds()
+        let start = runtime.session.configuration.startAt
+        return .nanoseconds(Int64(now > start ? now - start : 0))
+    }
+}
+
+/// No punch has the given id.
+public struct PunchLookupError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// The id that was asked for.
+    public var id: PunchID
+    public var description: String { "not found: no active punch \(id)" }
+}
+
+/// The mutable state of one punch; owned by the executor actor and touched only there.
+final class PunchRuntime {
+    let id: PunchID
+    let options: PunchOptions
+    var session: PunchSession
+    let context: PunchContext
+    let strategy: any PunchStrategy
+    let strategyName: String
+    let box: ResultBox
+    let events: AsyncStream<PunchEvent>.Continuation
+    let startedAt: ContinuousClock.Instant
+    var sockets: [Endpoint] = []
+    var dials: [Int: Task<Void, Never>] = [:]
+    var dialSockets: [Int: Int] = [:]
+    var dialTargets: [Int: SocketAddress] = [:]
+    var connections: [Int: QUICConnection] = [:]
+    var timerTask: Task<Void, Never>?
+    var timerGeneration = 0
+    var authenticationError: QUICError?
+    private var nextConnectionID = 1_000_000
+
+    init(
+        id: PunchID, options: PunchOptions, session: PunchSession, context: PunchContext,
+        strategy: any PunchStrategy, strategyName: String, box: ResultBox,
+        events: AsyncStream<PunchEvent>.Continuation, startedAt: ContinuousClock.Instant
+    ) {
+        self.id = id
+        self.options = options
+        self.session = session
+        self.context = context
+        self.strategy = strategy
+        self.strategyName = strategyName
+        self.box = box
+        self.events = events
+        self.startedAt = startedAt
+    }
+
+    /// Ids for accepted connections, apart from dial ids.
+    func allocateConnectionID() -> Int {
+        nextConnectionID += 1
+        return nextConnectionID
+    }
+}
+
+/// Which peers the endpoint admits: the pinned peers of live target punches, plus the configured others.
+/// Consulted on the endpoint's event loop during handshakes, so it is a lock, not an actor.
+final class Admission: Sendable {
+    private let expected = Mutex<[NodeID: Int]>([:])
+    private let others: AcceptPolicy
+
+    init(others: AcceptPolicy) { self.others = others }
+
+    func expect(_ node: NodeID) { expected.withLock { $0[node, default: 0] += 1 } }
+
+    func forget(_ node: NodeID) {
+        expected.withLock { table in
+            if let count = table[node], count > 1 { table[node] = count - 1 } else { table[node] = nil }
+        }
+    }
+
+    func admits(_ node: NodeID, from address: SocketAddress) -> Bool {
+        if expected.withLock({ $0[node] != nil }) { return true }
+        switch others {
+        case .any: return true
+        case .none: return false
+        case .allow(let set): return set.contains(node)
+        case .decide(let decide): return decide(node, address)
+        }
+    }
+}
+
+/// A stable 64-bit seed from the session id (FNV-1a), so plans are deterministic per session.
+func stableSeed(_ text: String) -> UInt64 {
+    var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+    for byte in text.utf8 {
+        hash ^= UInt64(byte)
+        hash = hash &* 0x0000_0100_0000_01b3
+    }
+    return hash
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock the punch session's instants are on.
+func monotonicNanoseconds() -> UInt64 {
+    var spec = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &spec)
+    return UInt64(spec.tv_sec) * 1_000_000_000 + UInt64(spec.tv_nsec)
+}

@@ -1,0 +1,276 @@
+import HolePunchNet
+import HolePunchStrategy
+
+/// The punch protocol for one session, as a value-type state machine: events in, actions out, no I/O, no clock.
+///
+/// The executor feeds it socket, timer and QUIC events and performs the actions it returns. Everything that
+/// decides *what happens next* lives here, so tests can drive every transition synchronously.
+struct PunchSession {
+    /// What the session needs to know up front.
+    struct Configuration {
+        var role: PunchRole
+        /// The peer's candidate addresses, in the plan's port order.
+        var candidates: [SocketAddress]
+        /// The validated plan.
+        var plan: PunchPlan
+        /// Monotonic nanoseconds at which probing starts.
+        var startAt: UInt64
+        /// Monotonic nanoseconds after which the punch has timed out.
+        var deadline: UInt64
+    }
+
+    /// Where the session is.
+    enum Phase: Equatable, CustomStringConvertible {
+        /// Waiting for the coordinated start instant.
+        case scheduled
+        /// Sending probes; no path proven yet.
+        case probing
+        /// A QUIC handshake is under way (the initiator dialled).
+        case connecting
+        /// Ended with a connection.
+        case succeeded
+        /// Ended with an error.
+        case failed(PunchFailureCode)
+
+        var description: String {
+            switch self {
+            case .scheduled: "scheduled"
+            case .probing: "probing"
+            case .connecting: "connecting"
+            case .succeeded: "succeeded"
+            case .failed(let code): "failed(\(code))"
+            }
+        }
+
+        var isTerminal: Bool {
+            switch self {
+            case .succeeded, .failed: true
+            default: false
+            }
+        }
+    }
+
+    /// Something that happened.
+    enum Event: Equatable {
+        /// The start instant arrived.
+        case start(now: UInt64)
+        /// The timer the session asked for fired.
+        case timer(now: UInt64)
+        /// An authenticated probe request from the peer arrived on local socket `socket`.
+        case probeRequest(from: SocketAddress, socket: Int)
+        /// An authenticated probe response from the peer arrived on local socket `socket`.
+        case probeResponse(from: SocketAddress, socket: Int)
+        /// ICMP said `address` is unreachable.
+        case unreachable(SocketAddress)
+        /// A dial completed its handshake with the pinned peer.
+        case dialEstablished(id: Int)
+        /// A dial failed; `authentication` when the peer was not the pinned NodeID.
+        case dialFailed(id: Int, authentication: Bool)
+        /// The target accepted a QUIC connection from the pinned peer for this session.
+        case accepted(id: Int)
+        /// The user cancelled.
+        case cancel
+    }
+
+    /// A probe to send: from local socket `socket` to `to`.
+    struct Probe: Equatable {
+        var socket: Int
+        var to: SocketAddress
+    }
+
+    /// Something the executor must do.
+    enum Action: Equatable {
+        case sendProbes([Probe])
+        case respond(socket: Int, to: SocketAddress)
+        case dial(id: Int, socket: Int, to: SocketAddress)
+        case abandonDial(id: Int)
+        /// Close an established connection that lost the tie-break.
+        case closeDuplicate(id: Int)
+        case armTimer(at: UInt64)
+        case succeed(connection: Int)
+        case fail(PunchFailureCode)
+        /// Report progress (round started) to observers.
+        case roundStarted(Int)
+        /// Report that a probe from the peer proved a path.
+        case pathProven(SocketAddress)
+    }
+
+    let configuration: Configuration
+    private(set) var phase: Phase = .scheduled
+    private(set) var round = 0
+    private(set) var portsTried: [UInt16] = []
+    private(set) var probesSent = 0
+    private(set) var provenAddresses: [SocketAddress] = []
+    private(set) var unreachable: Set<SocketAddress> = []
+    private var triedSet: Set<UInt16> = []
+    private var cursor = 0
+    private var nextDialID = 1
+    private var dialsInFlight: [Int: SocketAddress] = [:]
+    private var dialledAddresses: Set<SocketAddress> = []
+    private var winner: Int?
+    private var roundsExhaustedAt: UInt64?
+
+    init(_ configuration: Configuration) {
+        self.configuration = configuration
+    }
+
+    private var plan: PunchPlan { configuration.plan }
+
+    /// Feeds one event, returns what to do. Events after the end are ignored (they return no actions).
+    mutating func handle(_ event: Event) -> [Action] {
+        if case .cancel = event {
+            guard !phase.isTerminal else { return [] }
+            return finish(.cancelled)
+        }
+        if phase.isTerminal {
+            // A late probe, dial or timer after the end changes nothing, except that a connection completing
+            // after another won is closed as a duplicate.
+            if case .dialEstablished(let id) = event, id != winner { return [.closeDuplicate(id: id)] }
+            if case .accepted(let id) = event, id != winner { return [.closeDuplicate(id: id)] }
+            return []
+        }
+        switch event {
+        case .start(let now):
+            return start(now)
+        case .timer(let now):
+            return timer(now)
+        case .probeRequest(let from, let socket):
+            // Always answer: the answer is what proves the path to the peer.
+            return [.respond(socket: socket, to: from)] + proven(from, socket: socket)
+        case .probeResponse(let from, let socket):
+            return proven(from, socket: socket)
+        case .unreachable(let address):
+            return markUnreachable(address)
+        case .dialEstablished(let id):
+            guard dialsInFlight.removeValue(forKey: id) != nil else { return [] }
+            return succeed(id)
+        case .dialFailed(let id, let authentication):
+            guard dialsInFlight.removeValue(forKey: id) != nil else { return [] }
+            if authentication { return finish(.peerAuthenticationFailed) }
+            if dialsInFlight.isEmpty && phase == .connecting { phase = .probing }
+            return allPortsFailedIfDone()
+        case .accepted(let id):
+            guard configuration.role == .target else { return [.closeDuplicate(id: id)] }
+            return succeed(id)
+        case .cancel:
+            return []
+        }
+    }
+
+    /// The dial currently in flight to `address`, for result bookkeeping.
+    func dialAddress(_ id: Int) -> SocketAddress? { dialsInFlight[id] }
+
+    // MARK: Transitions
+
+    private mutating func start(_ now: UInt64) -> [Action] {
+        guard phase == .scheduled else { return [] }
+        phase = .probing
+        if configuration.candidates.isEmpty { return finish(.unreachable) }
+        var actions: [Action] = []
+        if configuration.role == .initiator && plan.dialCandidatesDirectly {
+            // The seed's mode: dial the first candidates straight away; whichever path opens first wins.
+            for address in configuration.candidates.prefix(max(1, plan.packetsPerRound)) {
+                actions += dial(address, socket: 0)
+            }
+        }
+        actions += nextRound(now)
+        return actions
+    }
+
+    private mutating func timer(_ now: UInt64) -> [Action] {
+        if now >= configuration.deadline { return finish(.timeout) }
+        if phase == .scheduled { return start(now) }
+        if round < plan.rounds { return nextRound(now) }
+        if let exhausted = roundsExhaustedAt, now >= exhausted { return allPortsFailedIfDone(now: now) }
+        return [.armTimer(at: configuration.deadline)]
+    }
+
+    private mutating func nextRound(_ now: UInt64) -> [Action] {
+        round += 1
+        var probes: [Probe] = []
+        let candidates = configuration.candidates
+        for socket in 0..<max(1, plan.localSockets) {
+            for _ in 0..<max(1, plan.packetsPerRound) {
+                let address = candidates[cursor % candidates.count]
+                cursor += 1
+                if unreachable.contains(address) { continue }
+                probes.append(Probe(socket: socket, to: address))
+                if triedSet.insert(address.port).inserted { portsTried.append(address.port) }
+            }
+        }
+        probesSent += probes.count
+        var actions: [Action] = [.roundStarted(round), .sendProbes(probes)]
+        let interval = nanoseconds(plan.interval)
+        if round >= plan.rounds {
+            // Give the last probes one interval to be answered before calling the ports exhausted.
+            roundsExhaustedAt = now + interval
+        }
+        actions.append(.armTimer(at: min(now + interval, configuration.deadline)))
+        return actions
+    }
+
+    private mutating func proven(_ from: SocketAddress, socket: Int) -> [Action] {
+        var actions: [Action] = []
+        if !provenAddresses.contains(from) {
+            provenAddresses.append(from)
+            actions.append(.pathProven(from))
+        }
+        if configuration.role == .initiator {
+            actions += dial(from, socket: socket)
+        }
+        return actions
+    }
+
+    private mutating func dial(_ address: SocketAddress, socket: Int) -> [Action] {
+        guard dialledAddresses.insert(address).inserted else { return [] }
+        let id = nextDialID
+        nextDialID += 1
+        dialsInFlight[id] = address
+        phase = .connecting
+        return [.dial(id: id, socket: socket, to: address)]
+    }
+
+    private mutating func markUnreachable(_ address: SocketAddress) -> [Action] {
+        guard configuration.candidates.contains(address) else { return [] }
+        unreachable.insert(address)
+        // Unreachable means every candidate said so and nothing else got through.
+        if provenAddresses.isEmpty && Set(configuration.candidates).isSubset(of: unreachable) {
+            return finish(.unreachable)
+        }
+        return []
+    }
+
+    private mutating func allPortsFailedIfDone(now: UInt64? = nil) -> [Action] {
+        guard round >= plan.rounds, let exhausted = roundsExhaustedAt else { return [] }
+        if let now, now < exhausted { return [.armTimer(at: exhausted)] }
+        if now == nil { return [] }
+        // A proven path or a dial still in flight may yet connect: then only the deadline ends the punch.
+        guard dialsInFlight.isEmpty && provenAddresses.isEmpty else { return [.armTimer(at: configuration.deadline)] }
+        return finish(.allPortsFailed)
+    }
+
+    private mutating func succeed(_ id: Int) -> [Action] {
+        winner = id
+        phase = .succeeded
+        // Deterministic tie-break: the first connection to complete wins; every other dial is abandoned.
+        var actions: [Action] = dialsInFlight.keys.sorted().map { .abandonDial(id: $0) }
+        dialsInFlight.removeAll()
+        actions.append(.succeed(connection: id))
+        return actions
+    }
+
+    private mutating func finish(_ code: PunchFailureCode) -> [Action] {
+        phase = .failed(code)
+        var actions: [Action] = dialsInFlight.keys.sorted().map { .abandonDial(id: $0) }
+        dialsInFlight.removeAll()
+        actions.append(.fail(code))
+        return actions
+    }
+}
+
+/// Converts a duration to nanoseconds on the monotonic clock (negative durations count as zero).
+func nanoseconds(_ duration: Duration) -> UInt64 {
+    let (seconds, attoseconds) = duration.components
+    guard seconds >= 0 else { return 0 }
+    return UInt64(seconds) * 1_000_000_000 + UInt64(max(0, attoseconds) / 1_000_000_000)
+}

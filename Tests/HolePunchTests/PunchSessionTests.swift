@@ -1,0 +1,192 @@
+import Testing
+@testable import HolePunch
+
+/// Drives the punch state machine synchronously: no sockets, no clock.
+@Suite("Punch session state machine")
+struct PunchSessionTests {
+    static let ms: UInt64 = 1_000_000
+    static let host = SocketAddress.loopbackV4(port: 0)
+    static func address(_ port: UInt16) -> SocketAddress { .loopbackV4(port: port) }
+
+    static func session(
+        role: PunchRole = .initiator, ports: [UInt16] = [4000, 4001, 4002], rounds: Int = 3,
+        perRound: Int = 3, dialDirect: Bool = false, timeout: UInt64 = 2000
+    ) -> PunchSession {
+        let plan = PunchPlan(
+            ports: PortList(ports: ports), localSockets: 1, packetsPerRound: perRound,
+            interval: .milliseconds(100), rounds: rounds, timeout: .milliseconds(Int64(timeout)),
+            connectTimeout: .milliseconds(500), startDelay: .zero, initialRTT: .milliseconds(50),
+            dialCandidatesDirectly: dialDirect
+        )
+        return PunchSession(PunchSession.Configuration(
+            role: role, candidates: ports.map(address), plan: plan, startAt: 1000 * ms, deadline: (1000 + timeout) * ms
+        ))
+    }
+
+    @Test("scheduled → probing sends the first round and arms the next")
+    func start() {
+        var session = Self.session()
+        #expect(session.phase == .scheduled)
+        let actions = session.handle(.start(now: 1000 * Self.ms))
+        #expect(session.phase == .probing)
+        #expect(actions.contains(.sendProbes([4000, 4001, 4002].map { .init(socket: 0, to: Self.address($0)) })))
+        #expect(actions.contains(.armTimer(at: 1100 * Self.ms)))
+        #expect(session.portsTried == [4000, 4001, 4002])
+        #expect(session.round == 1)
+    }
+
+    @Test("a timer before the start instant starts the session")
+    func timerStarts() {
+        var session = Self.session()
+        _ = session.handle(.timer(now: 1000 * Self.ms))
+        #expect(session.phase == .probing)
+    }
+
+    @Test("probing → connecting on a verified answer; connecting → succeeded when the dial completes")
+    func initiatorSuccess() {
+        var session = Self.session()
+        _ = session.handle(.start(now: 1000 * Self.ms))
+        let answered = session.handle(.probeResponse(from: Self.address(4002), socket: 0))
+        #expect(answered.contains(.dial(id: 1, socket: 0, to: Self.address(4002))))
+        #expect(answered.contains(.pathProven(Self.address(4002))))
+        #expect(session.phase == .connecting)
+        let done = session.handle(.dialEstablished(id: 1))
+        #expect(done == [.succeed(connection: 1)])
+        #expect(session.phase == .succeeded)
+    }
+
+    @Test("a probe request is always answered, and proves the path")
+    func requestAnswered() {
+        var session = Self.session(role: .target)
+        _ = session.handle(.start(now: 1000 * Self.ms))
+        let actions = session.handle(.probeRequest(from: Self.address(4001), socket: 0))
+        #expect(actions.first == .respond(socket: 0, to: Self.address(4001)))
+        #expect(!actions.contains { if case .dial = $0 { return true } else { return false } }, "the target never dials")
+        #expect(session.phase == .probing)
+        #expect(session.handle(.accepted(id: 7)) == [.succeed(connection: 7)])
+        #expect(session.phase == .succeeded)
+    }
+
+    @Test("rounds advance on the timer; the window walks the port list")
+    func rounds() {
+        var session = Self.session(ports: [1, 2, 3, 4, 5], rounds: 3, perRound: 2)
+        _ = session.handle(.start(now: 1000 * Self.ms))
+        #expect(session.portsTried == [1, 2])
+        _ = session.handle(.timer(now: 1100 * Self.ms))
+        #expect(session.round == 2)
+        #expect(session.portsTried == [1, 2, 3, 4])
+        _ = session.handle(.timer(now: 1200 * Self.ms))
+        #expect(session.portsTried == [1, 2, 3, 4, 5])
+    }
+
+    @Test("rounds exhausted without an answer → allPortsFailed after a grace interval")
+    func allPortsFailed() {
+        var session = Self.session(rounds: 2)
+        _ = session.handle(.start(now: 1000 * Self.ms))
+        _ = session.handle(.timer(now: 1100 * Self.ms))
+        #expect(session.phase == .probing)
+        let actions = session.handle(.timer(now: 1200 * Self.ms))
+        #expect(actions.last == .fail(.allPortsFailed))
+        #expect(session.phase == .failed(.allPortsFailed))
+    }
+
+    @Test("the deadline fires timeout, even mid-probing")
+    func timeout() {
+        var session = Self.session(rounds: 50, timeout: 300)
+        _ = session.handle(.start(now: 1000 * Self.ms))
+        _ = session.handle(.timer(now: 1100 * Self.ms))
+        let actions = session.handle(.timer(now: 1300 * Self.ms))
+        #expect(actions.last == .fail(.timeout))
+        #expect(session.phase == .failed(.timeout))
+    }
+
+    @Test("a proven path keeps the punch alive past the rounds, until the deadline")
+    func provenWaitsForDeadline() {
+        var session = Self.session(role: .target, rounds: 1, timeout: 1000)
+        _ = session.handle(.start(now: 1000 * Self.ms))
+        _ = session.handle(.probeRequest(from: Self.address(4000), socket: 0))
+        let actions = session.handle(.timer(now: 1100 * Self.ms))
+        #expect(actions == [.armTimer(at: 2000 * Self.ms)])
+        #expect(session.handle(.timer(now: 2000 * Self.ms)).last == .fail(.timeout))
+    }
+
+    @Test("every candidate unreachable → unreachable")
+    func unreachable() {
+        var session = Self.session(ports: [1, 2])
+        _ = session.handle(.start(now: 1000 * Self.ms))
+        #expect(session.handle(.unreachable(Self.address(1))).isEmpty)
+        #expect(session.handle(.unreachable(Self.address(99))).isEmpty, "addresses outside the candidates are ignored")
+        #expect(session.handle(.unreachable(Self.address(2))) == [.fail(.unreachable)])
+    }
+
+    @Test("a dial that meets the wrong NodeID fails the punch with peerAuthenticationFailed")
+    func authenticationFailure() {
+        var session = Self.session()
+        _ = session.handle(.start(now: 1000 * Self.ms))
+        _ = session.handle(.probeResponse(from: Self.address(4000), socket: 0))
+        #expect(session.handle(.dialFailed(id: 1, authentication: true)) == [.fail(.peerAuthenticationFailed)])
+    }
+
+    @Test("a plain dial failure returns to probing")
+    func dialFailureKeepsProbing() {
+        var session = Self.session()
+        _ = session.handle(.start(now: 1000 * Self.ms))
+        _ = session.handle(.probeResponse(from: Self.address(4000), socket: 0))
+        _ = session.handle(.dialFailed(id: 1, authentication: false))
+        #expect(session.phase == .probing)
+    }
+
+    @Test("cancel ends the session in every phase, abandoning dials; twice is a no-op")
+    func cancelEveryPhase() {
+        var scheduled = Self.session()
+        #expect(scheduled.handle(.cancel) == [.fail(.cancelled)])
+        var probing = Self.session()
+        _ = probing.handle(.start(now: 1000 * Self.ms))
+        #expect(probing.handle(.cancel) == [.fail(.cancelled)])
+        var connecting = Self.session()
+        _ = connecting.handle(.start(now: 1000 * Self.ms))
+        _ = connecting.handle(.probeResponse(from: Self.address(4000), socket: 0))
+        #expect(connecting.handle(.cancel) == [.abandonDial(id: 1), .fail(.cancelled)])
+        var succeeded = Self.session()
+        _ = succeeded.handle(.start(now: 1000 * Self.ms))
+        _ = succeeded.handle(.probeResponse(from: Self.address(4000), socket: 0))
+        _ = succeeded.handle(.dialEstablished(id: 1))
+        #expect(succeeded.handle(.cancel).isEmpty)
+        #expect(succeeded.phase == .succeeded)
+        #expect(probing.handle(.cancel).isEmpty)
+    }
+
+    @Test("a late probe after success is ignored")
+    func lateProbe() {
+        var session = Self.session()
+        _ = session.handle(.start(now: 1000 * Self.ms))
+        _ = session.handle(.probeResponse(from: Self.address(4000), socket: 0))
+        _ = session.handle(.dialEstablished(id: 1))
+        #expect(session.handle(.probeResponse(from: Self.address(4001), socket: 0)).isEmpty)
+        #expect(session.handle(.probeRequest(from: Self.address(4001), socket: 0)).isEmpty)
+        #expect(session.handle(.timer(now: 5000 * Self.ms)).isEmpty)
+        #expect(session.phase == .succeeded)
+    }
+
+    @Test("duplicate connections are tie-broken: the first wins, others are abandoned or closed")
+    func duplicates() {
+        var session = Self.session(dialDirect: true)
+        let started = session.handle(.start(now: 1000 * Self.ms))
+        let dials = started.filter { if case .dial = $0 { return true } else { return false } }
+        #expect(dials.count == 3, "the seed's mode dials the first candidates directly")
+        let won = session.handle(.dialEstablished(id: 2))
+        #expect(won == [.abandonDial(id: 1), .abandonDial(id: 3), .succeed(connection: 2)])
+        // A loser that completes anyway is closed, never delivered.
+        #expect(session.handle(.dialEstablished(id: 3)) == [.closeDuplicate(id: 3)])
+        var target = Self.session(role: .target)
+        _ = target.handle(.start(now: 1000 * Self.ms))
+        _ = target.handle(.accepted(id: 10))
+        #expect(target.handle(.accepted(id: 11)) == [.closeDuplicate(id: 11)])
+    }
+
+    @Test("no candidates at all → unreachable at the start")
+    func noCandidates() {
+        var session = Self.session(ports: [])
+        #expect(session.handle(.start(now: 1000 * Self.ms)) == [.fail(.unreachable)])
+    }
+}
