@@ -450,6 +450,29 @@ extension LuaTests {
             }
         }
 
+        @Test func checkReportsEachDistinctFailureOnce() throws {
+            let s = try LuaStrategy(source: """
+                return { plan = function(ctx)
+                    if ctx.remote_nat.type == "symmetric" then return { ports = { 70000 } } end
+                    if ctx.attempt == 5 then error("fifth attempt") end
+                    return { ports = ctx.ports, rounds = ctx.role == "target" and math.random(1, 1000000) or 5 }
+                end }
+                """, chunkName: "flaky.lua")
+            let errors = StrategyCheck.run(s, file: "flaky.lua")
+            let codes = errors.map(\.code)
+            #expect(codes.contains(.invalidPlan))
+            #expect(codes.contains(.runtime))
+            let port = try #require(errors.first { $0.field == "ports[1]" })
+            // Bad plans point at the line where the hook is defined.
+            #expect(port.description.hasPrefix("flaky.lua:1: plan field 'ports[1]': 70000 is not a port"))
+            #expect(port.message.contains("in 120 of 360 contexts"))
+            let fifth = try #require(errors.first { $0.code == .runtime })
+            #expect(fifth.line == 3)
+            // math.random restarts from ctx.seed on every call, so even this plan is deterministic.
+            #expect(!errors.contains { $0.message.contains("deterministic") })
+            #expect(StrategyCheck.run(try LuaStrategy(source: LuaTests.minimal), file: "ok.lua").isEmpty)
+        }
+
         @Test func simulatorRatesPlans() throws {
             let s = try LuaStrategy(path: LuaTests.shippedPath("default"))
             let rows = StrategySimulator.simulate(s, pairs: [(.named("full_cone")!, .named("full_cone")!),
