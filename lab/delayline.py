@@ -77,11 +77,9 @@ def main():
     delay = max(0.0, args.delay) / 1000.0
     jitter = max(0.0, args.jitter) / 1000.0
 
-    running = True
 
     def stop(_sig, _frm):
-        nonlocal running
-        running = False
+        raise SystemExit(0)  # interrupts select() at once; frames still queued are lost, like a cut cable
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -95,7 +93,7 @@ def main():
     queue = []  # (due, seq, out_fd, frame)
     seq = 0
     clock = time.monotonic
-    while running:
+    while True:
         now = clock()
         timeout = max(0.0, queue[0][0] - now) if queue else 0.5
         try:

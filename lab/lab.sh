@@ -88,6 +88,12 @@ cmd_check() {
 # ------------------------------------------------------------------------------------------
 # down
 # ------------------------------------------------------------------------------------------
+alive() {  # $1 pid: running (a zombie waiting to be reaped by init counts as gone)
+    local st
+    st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null) || return 1
+    [[ -n $st && ${st:0:1} != Z ]]
+}
+
 kill_pid_file() {
     local f=$1 pid
     pid=$(cat "$f" 2>/dev/null || true)
@@ -96,8 +102,8 @@ kill_pid_file() {
     if [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q "$LAB_DIR/"; then
         kill -TERM "$pid" 2>/dev/null || true
         local i
-        for i in $(seq 1 50); do [[ -e /proc/$pid ]] || break; sleep 0.05; done
-        kill -KILL "$pid" 2>/dev/null || true
+        for i in $(seq 1 100); do alive "$pid" || break; sleep 0.02; done
+        alive "$pid" && kill -KILL "$pid" 2>/dev/null || true
     fi
 }
 

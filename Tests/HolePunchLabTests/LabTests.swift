@@ -220,13 +220,22 @@ struct LabTests {
         }
     }
 
+    /// True while `pid` exists and is not a zombie (a killed orphan waits for init to reap it).
+    static func isRunning(_ pid: Int32) -> Bool {
+        guard let data = FileManager.default.contents(atPath: "/proc/\(pid)/stat") else { return false }
+        let text = String(decoding: data, as: UTF8.self)
+        guard let close = text.lastIndex(of: ")") else { return false }
+        let state = text[text.index(after: close)...].trimmingCharacters(in: .whitespaces).first
+        return state != nil && state != "Z"
+    }
+
     /// Processes whose command line mentions this lab's namespaces (the delay lines do).
     static func processesMentioning(_ lab: String) -> [Int32] {
         let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
         return entries.compactMap { Int32($0) }.filter { pid in
             guard let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") else { return false }
             let cmd = String(decoding: data.map { $0 == 0 ? 0x20 : $0 }, as: UTF8.self)
-            return cmd.contains("/run/netns/\(lab)-")
+            return cmd.contains("/run/netns/\(lab)-") && isRunning(pid)
         }
     }
 
@@ -269,7 +278,7 @@ struct LabTests {
         let r = try LabSupport.run([LabSupport.labScript, "down"], env: lab.env, timeout: 30)
         #expect(r.status == 0, "second down failed: \(r.stderr)")
         #expect(LabSupport.namespaces(ofLab: lab.name).isEmpty)
-        for pid in pids { #expect(kill(pid, 0) != 0, "process \(pid) survived down") }
+        for pid in pids { #expect(!Self.isRunning(pid), "process \(pid) survived down") }
         #expect(!FileManager.default.fileExists(atPath: st.state_dir))
         let s = try LabSupport.run([LabSupport.labScript, "status", "--json"], env: lab.env, timeout: 30)
         #expect(s.status != 0 && s.stdout.contains("\"up\": false"))
