@@ -68,6 +68,10 @@ public struct NATDiscoveryClient: Sendable {
                 extras.append(extra)
             }
         }
+        if Task.isCancelled {
+            for extra in extras { await extra.close() }
+            throw CancellationError()
+        }
         let transports: [any STUNTransport] = [transport] + extras
         let result = await drive(transports)
         for extra in extras { await extra.close() }
