@@ -1,3 +1,4 @@
+import Foundation
 import HolePunchNet
 import Testing
 @testable import HolePunchSTUN
@@ -158,6 +159,43 @@ extension RealNetworkTests {
         try client.send([1, 2, 3], to: server.primaryAddress)
         #expect(client.receive(timeoutMilliseconds: 200) == nil)
         #expect(server.statistics.ignored >= 1)
+    }
+
+    @Test func serverWorksOnIPv6Loopback() throws {
+        let server = try STUNServer(configuration: .init(primary: addr("[::1]:0"), alternatePort: 0))
+        try server.start()
+        defer { server.stop() }
+        let client = try UDPSocket(binding: addr("[::1]:0"))
+        defer { client.close() }
+        let request = STUNMessage(.request, attributes: [.changeRequest(changeIP: false, changePort: true)])
+        try client.send(try request.encoded(fingerprint: true), to: server.primaryAddress)
+        let (bytes, from) = try #require(client.receive(timeoutMilliseconds: 2000))
+        #expect(from == server.localAddresses[1])
+        let reply = try STUNMessage.decode(bytes)
+        #expect(reply.xorMappedAddress == client.localAddress)
+        #expect(reply.otherAddress == server.localAddresses[1])
+    }
+
+    @Test func stopAndDeinitReleaseEveryDescriptor() throws {
+        func openDescriptors() throws -> Int {
+            try FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count
+        }
+        let before = try openDescriptors()
+        for round in 0..<20 {
+            let server = try STUNServer(configuration: .init(primary: .loopbackV4(port: 0), alternatePort: 0, alternateIP: .v4(127, 0, 0, 2)))
+            try server.start()
+            // Half are stopped explicitly, half only released (deinit must do the same).
+            if round % 2 == 0 { server.stop() }
+        }
+        // 20 servers × (4 sockets + 2 pipe ends) would leak 120; allow slack for the test runner's own files.
+        #expect(try openDescriptors() - before < 10)
+    }
+
+    @Test func aPunchProbeIsAnsweredByAPlainResponder() throws {
+        let probe = try PunchProbe.request(sessionID: "s", senderRole: "initiator", key: [1, 2, 3])
+        let responder = STUNResponder(configuration: .init(primary: addr("127.0.0.1:3478")))
+        let reply = try #require(responder.replies(to: probe, from: addr("127.0.0.1:9"), receivedOn: addr("127.0.0.1:3478")).first)
+        #expect(try STUNMessage.decode(reply.bytes).xorMappedAddress == addr("127.0.0.1:9"))
     }
 }
 }
