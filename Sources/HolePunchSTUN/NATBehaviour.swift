@@ -149,6 +149,7 @@ public struct NATBehaviour: Hashable, Sendable, Codable {
         case mapping, filtering, allocation, portDelta, confidence, evidence, legacyLabel
     }
 
+    /// Decodes a verdict; `legacyLabel` in the input is ignored because it is derived.
     public init(from decoder: any Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
         self.init(
@@ -161,6 +162,7 @@ public struct NATBehaviour: Hashable, Sendable, Codable {
         )
     }
 
+    /// Encodes the verdict, including the derived `legacyLabel`.
     public func encode(to encoder: any Encoder) throws {
         var c = encoder.container(keyedBy: CodingKeys.self)
         try c.encode(mapping, forKey: .mapping)

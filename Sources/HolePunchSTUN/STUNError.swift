@@ -12,6 +12,7 @@ public struct STUNError: Error, Sendable, CustomStringConvertible {
         /// Creates a code from its name.
         public init(_ rawValue: String) { self.rawValue = rawValue }
 
+        /// The code's name.
         public var description: String { rawValue }
 
         /// Fewer bytes than the header or a declared length needs.
@@ -60,6 +61,7 @@ public struct STUNError: Error, Sendable, CustomStringConvertible {
         self.cause = cause
     }
 
+    /// `STUN <code>: <message>`, plus the cause when there is one.
     public var description: String {
         if let cause { return "STUN \(code): \(message) (\(cause))" }
         return "STUN \(code): \(message)"

@@ -18,6 +18,7 @@ public struct STUNTransactionID: Hashable, Sendable, CustomStringConvertible {
         return STUNTransactionID((0..<12).map { _ in UInt8.random(in: 0...255, using: &generator) })!
     }
 
+    /// The ID in lowercase hex.
     public var description: String { bytes.map { hex2($0) }.joined() }
 }
 
@@ -50,6 +51,7 @@ public struct STUNMessage: Hashable, Sendable {
         public init(_ rawValue: UInt16) { self.rawValue = rawValue & 0x0FFF }
         /// Binding, the only method STUN itself defines.
         public static let binding = Method(0x001)
+        /// `Binding`, or the method number in hex.
         public var description: String { rawValue == 1 ? "Binding" : "method(0x\(String(rawValue, radix: 16)))" }
     }
 

@@ -61,10 +61,12 @@ public final class UDPSTUNTransport: STUNTransport {
         subscriber.finish()
     }
 
+    /// Sends one datagram without blocking; a full socket buffer drops it silently, like the network would.
     public func send(_ bytes: [UInt8], to destination: SocketAddress) async throws {
         try socket.send(bytes, to: destination)
     }
 
+    /// Starts a new subscription (ending the previous one); the poll thread starts with the first.
     public func incoming() -> AsyncStream<STUNDatagram> {
         let (stream, continuation) = AsyncStream.makeStream(of: STUNDatagram.self, bufferingPolicy: .bufferingNewest(256))
         subscriber.replace(continuation)
@@ -73,6 +75,7 @@ public final class UDPSTUNTransport: STUNTransport {
         return stream
     }
 
+    /// Stops the poll thread, closes the socket and ends the stream; idempotent.
     public func close() async {
         closeNow()
     }
