@@ -113,6 +113,20 @@ enum RFC5769 {
         #expect(stunError { try STUNMessage.verifyIntegrity(of: bytes, credential: STUNCredential(key: [9, 9, 8])) }?.code == .badIntegrity)
     }
 
+    @Test func messageTypeInterleavesClassAndMethodBits() throws {
+        let cases: [(STUNMessage.Class, UInt16, UInt16)] = [
+            (.request, 0x001, 0x0001), (.indication, 0x001, 0x0011), (.successResponse, 0x001, 0x0101),
+            (.errorResponse, 0x001, 0x0111), (.request, 0xFFF, 0x3EEF), (.errorResponse, 0x003, 0x0113),
+        ]
+        for (messageClass, method, type) in cases {
+            let message = STUNMessage(messageClass, method: .init(method))
+            #expect(message.messageType == type)
+            let (c, m) = STUNMessage.split(type: type)
+            #expect(c == messageClass && m.rawValue == method)
+            #expect(try STUNMessage.decode(message.encoded()).messageClass == messageClass)
+        }
+    }
+
     @Test func attributesAfterIntegrityAreIgnored() throws {
         let base = STUNMessage(.request, attributes: [.username("a:b")])
         var bytes = try base.encoded(integrity: STUNCredential(key: [1]))
