@@ -68,6 +68,9 @@ def main():
     ap.add_argument("--jitter", type=float, default=0.0, help="+- jitter in ms (uniform)")
     ap.add_argument("--ready-file", help="file written once both TAPs are attached")
     args = ap.parse_args()
+    # A parent may have spawned us with signals blocked (Foundation's Process does, from a
+    # thread that blocks them); lab.sh and the tests stop us with SIGTERM, so unblock it.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
     fa = open_tap(*args.a)
     fb = open_tap(*args.b)

@@ -12,6 +12,11 @@
 # Instance name: env HP_LAB (default "hp"); every namespace is "$HP_LAB-<host>".
 set -euo pipefail
 
+if [[ -n ${HP_LAB_TRACE:-} ]]; then  # debugging: timestamped xtrace appended to this file
+    exec 2>>"$HP_LAB_TRACE"
+    PS4='+ $EPOCHREALTIME ${FUNCNAME[0]:-main}: '
+    set -x
+fi
 LAB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 P=${HP_LAB:-hp}
 if ! [[ $P =~ ^[a-z][a-z0-9]{0,15}$ ]]; then

@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import select
+import signal
 import socket
 import statistics
 import sys
@@ -462,6 +463,9 @@ def main():
     p.set_defaults(fn=cmd_ping)
 
     args = ap.parse_args()
+    # A parent may have spawned us with signals blocked (Foundation's Process does, from a
+    # thread that blocks them); lab.sh and the tests stop us with SIGTERM, so unblock it.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     return args.fn(args)
 
 
