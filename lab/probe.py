@@ -15,6 +15,7 @@ Standard library only.  Every subcommand prints one JSON object on stdout.
   rtt       N requests at a fixed interval; RTT statistics and loss.
   listen    receive on a port for a while, print what arrived.
   send      send N datagrams to a target, then report replies and ICMP errors seen.
+  punch     raw UDP hole punch between two peers (register/lookup at `serve`).
   ping      ICMP echo until the first reply (there is no ping binary on the lab machines).
 
 Wire format: JSON in one datagram.  Request {"op": "probe", "id": N, "reply_from": "ip:port"?};
@@ -71,6 +72,7 @@ def cmd_serve(args):
     write_ready(args.ready_file)
     deadline = time.monotonic() + args.lifetime if args.lifetime > 0 else None
     served = 0
+    registry = {}
     while True:
         timeout = 1.0
         if deadline is not None:
@@ -90,6 +92,18 @@ def cmd_serve(args):
             if not isinstance(req, dict):
                 continue
             local = s.getsockname()
+            op = req.get("op", "probe")
+            if op in ("register", "lookup"):
+                # a minimal rendezvous for `punch`: names -> the mapped address seen here
+                name = str(req.get("name", ""))
+                if op == "register":
+                    registry[name] = fmt(src)
+                resp = {"id": req.get("id"), "mapped": fmt(src), "peer": registry.get(name)}
+                try:
+                    s.sendto(json.dumps(resp).encode(), src)
+                except OSError:
+                    pass
+                continue
             sender = s
             rf = req.get("reply_from")
             if rf:
@@ -125,12 +139,14 @@ class Client:
     def local_port(self):
         return self.sock.getsockname()[1]
 
-    def query(self, server, reply_from=None):
+    def query(self, server, reply_from=None, extra=None):
         """Returns the response dict, or None when nothing came back after all tries."""
         for _ in range(self.tries):
             rid = self.next_id
             self.next_id += 1
             req = {"op": "probe", "id": rid}
+            if extra:
+                req.update(extra)
             if reply_from:
                 req["reply_from"] = fmt(reply_from)
             self.sock.sendto(json.dumps(req).encode(), server)
@@ -269,8 +285,105 @@ def cmd_query(args):
             ra = c.query(args.server, reply_from=args.reply_from)
             later.append(ra["mapped"] if ra else None)
         res["again"] = later
+    if args.listen:
+        # keep the socket (and so the mapping's owner) and report what arrives unasked
+        write_ready(args.ready_file)
+        got = []
+        deadline = time.monotonic() + args.listen
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            rd, _, _ = select.select([c.sock], [], [], left)
+            if rd:
+                try:
+                    data, src = c.sock.recvfrom(65536)
+                except OSError:
+                    continue
+                got.append({"from": fmt(src), "at": round(time.monotonic() - (deadline - args.listen), 3)})
+        res["received"] = got
     out(res)
     return 0 if r else 1
+
+
+def cmd_punch(args):
+    """Raw UDP hole punch between two peers, via the probe server's register/lookup.
+
+    Both sides register their mapped address under a name, look the other one up, then send a
+    punch datagram every --interval ms to the looked-up address and to every address a punch
+    from the peer arrived from.  Connected = we heard the peer and the peer says it heard us.
+    Times are measured from the moment the peer's address is known."""
+    c = Client(bind=args.bind or ("0.0.0.0", 0), timeout=args.rtt_timeout, tries=5)
+    start = time.monotonic()
+    deadline = start + args.timeout
+    reg = c.query(args.rendezvous, extra={"op": "register", "name": args.name})
+    res = {"name": args.name, "peer_name": args.peer, "local_port": c.local_port,
+           "mapped": reg["mapped"] if reg else None, "connected": False}
+    peer = None
+    while peer is None and time.monotonic() < deadline:
+        r = c.query(args.rendezvous, extra={"op": "lookup", "name": args.peer})
+        if r and r.get("peer"):
+            peer = hostport(r["peer"])
+        else:
+            time.sleep(0.02)
+    if peer is None:
+        res["error"] = "peer never registered"
+        out(res)
+        return 1
+    res["peer_registered"] = fmt(peer)
+    targets = [peer]
+    heard_from = None
+    peer_heard = False
+    sent = 0
+    t0 = time.monotonic()
+    next_send = t0
+    interval = args.interval / 1000.0
+    sock = c.sock
+    while True:
+        now = time.monotonic()
+        if now >= deadline:
+            break
+        if now >= next_send:
+            msg = json.dumps({"punch": args.name, "heard": heard_from is not None}).encode()
+            for t in targets:
+                try:
+                    sock.sendto(msg, t)
+                    sent += 1
+                except OSError:
+                    pass
+            next_send += interval
+            continue
+        rd, _, _ = select.select([sock], [], [], max(0.0, min(next_send, deadline) - now))
+        if not rd:
+            continue
+        try:
+            data, src = sock.recvfrom(65536)
+            d = json.loads(data.decode())
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue
+        if not isinstance(d, dict) or d.get("punch") != args.peer:
+            continue
+        if heard_from is None:
+            heard_from = src
+            res["first_heard_ms"] = (time.monotonic() - t0) * 1000.0
+            if src not in targets:
+                targets.append(src)
+        if d.get("heard"):
+            peer_heard = True
+        if heard_from is not None and peer_heard:
+            res["connected"] = True
+            res["time_ms"] = (time.monotonic() - t0) * 1000.0
+            # tell the peer we heard it, a few times, so it completes as well
+            msg = json.dumps({"punch": args.name, "heard": True}).encode()
+            for _ in range(3):
+                sock.sendto(msg, heard_from)
+                sent += 1
+                time.sleep(interval)
+            break
+    res["peer_observed"] = fmt(heard_from) if heard_from else None
+    res["sent"] = sent
+    out(res)
+    return 0 if res["connected"] else 1
 
 
 def cmd_rtt(args):
@@ -434,7 +547,20 @@ def main():
     p.add_argument("--tries", type=int, default=3)
     p.add_argument("--again", type=float, action="append",
                    help="repeat the query from the same socket this many seconds after the first (repeatable)")
+    p.add_argument("--listen", type=float, default=0,
+                   help="afterwards, listen this many seconds on the same socket and report what arrives")
+    p.add_argument("--ready-file", help="written when the listening starts")
     p.set_defaults(fn=cmd_query)
+
+    p = sub.add_parser("punch")
+    p.add_argument("--name", required=True, help="this side's name at the rendezvous")
+    p.add_argument("--peer", required=True, help="the other side's name")
+    p.add_argument("--rendezvous", type=hostport, default=("198.51.100.10", 3478))
+    p.add_argument("--bind", type=hostport)
+    p.add_argument("--interval", type=float, default=20.0, help="ms between punch datagrams")
+    p.add_argument("--timeout", type=float, default=5.0, help="give up after this many seconds")
+    p.add_argument("--rtt-timeout", type=float, default=0.5, help="s to wait for a rendezvous answer")
+    p.set_defaults(fn=cmd_punch)
 
     p = sub.add_parser("rtt")
     p.add_argument("--server", type=hostport, required=True)

@@ -281,6 +281,14 @@ struct ListenResult: Decodable {
     var received: [Datagram]
 }
 
+struct PunchResult: Decodable {
+    var connected: Bool
+    var time_ms: Double?
+    var first_heard_ms: Double?
+    var peer_observed: String?
+    var sent: Int?
+}
+
 struct SendResult: Decodable {
     var sent: Int
     var replies: Int
