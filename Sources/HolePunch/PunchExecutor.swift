@@ -111,7 +111,7 @@ public actor PunchExecutor {
             let runtime = try await prepare(id: id, options: options, box: box, events: eventsContinuation, startedAt: startedAt)
             runtimes[id] = runtime
             bySession[options.sessionID] = id
-            if options.role == .target { admission.expect(options.targetNodeID) }
+            if options.role == .target { admission.expect(options.targetNodeID, session: options.sessionID) }
             metrics.active.increment()
             let now = monotonicNanoseconds()
             if now >= runtime.session.configuration.startAt {
@@ -186,7 +186,7 @@ public actor PunchExecutor {
         guard !installed else { return }
         installed = true
         let admission = self.admission
-        await endpoint.setAcceptPolicy(.decide { node, address in admission.admits(node, from: address) })
+        await endpoint.setAcceptPolicy(.decide { admission.admits($0) })
         await installHandlers(on: endpoint, socket: 0, punch: nil)
         let incoming = endpoint.incoming
         acceptTask = Task { [weak self] in
@@ -351,10 +351,13 @@ public actor PunchExecutor {
     }
 
     private func accepted(_ connection: QUICConnection) async {
-        let runtime = runtimes.values
-            .filter { $0.options.role == .target && $0.options.targetNodeID == connection.peerNodeID && !$0.session.phase.isTerminal }
-            .min { $0.id < $1.id }
-        guard let runtime else {
+        // The initiator names the session in the TLS server name, so a late handshake from an earlier session of
+        // the same peer can never be mistaken for this one.
+        guard let serverName = connection.serverName,
+              let session = PunchExecutor.sessionID(fromServerName: serverName),
+              let punchID = bySession[session], let runtime = runtimes[punchID],
+              runtime.options.role == .target, runtime.options.targetNodeID == connection.peerNodeID
+        else {
             otherConnectionsContinuation.yield(connection)
             return
         }
@@ -423,6 +426,7 @@ public actor PunchExecutor {
                 let node = runtime.options.targetNodeID
                 let plan = runtime.session.configuration.plan
                 let punchID = runtime.id
+                let serverName = PunchExecutor.serverName(forSession: runtime.options.sessionID)
                 runtime.dialSockets[dial] = socket
                 runtime.dialTargets[dial] = to
                 runtime.events.yield(.connecting(to: to))
@@ -431,7 +435,9 @@ public actor PunchExecutor {
                     do {
                         let connection = try await endpoint.connect(
                             to: to, expecting: node,
-                            options: ConnectOptions(initialRTT: plan.initialRTT, handshakeTimeout: plan.connectTimeout)
+                            options: ConnectOptions(
+                                initialRTT: plan.initialRTT, handshakeTimeout: plan.connectTimeout, serverName: serverName
+                            )
                         )
                         result = .success(connection)
                     } catch {
@@ -540,7 +546,7 @@ public actor PunchExecutor {
         }
         runtimes[runtime.id] = nil
         bySession[runtime.options.sessionID] = nil
-        if runtime.options.role == .target { admission.forget(runtime.options.targetNodeID) }
+        if runtime.options.role == .target { admission.forget(session: runtime.options.sessionID) }
         metrics.active.decrement()
         let pair = "\(runtime.options.localNAT.type)/\(runtime.options.remoteNAT.type)"
         let outcomeName: String
@@ -615,30 +621,61 @@ final class PunchRuntime {
     }
 }
 
-/// Which peers the endpoint admits: the pinned peers of live target punches, plus the configured others.
-/// Consulted on the endpoint's event loop during handshakes, so it is a lock, not an actor.
+/// Which handshakes the endpoint admits: the pinned peer of a live target punch, naming that punch's session in
+/// its TLS server name; plus the configured others. Consulted on the endpoint's event loop during handshakes,
+/// so it is a lock, not an actor.
 final class Admission: Sendable {
-    private let expected = Mutex<[NodeID: Int]>([:])
+    private let expected = Mutex<[String: NodeID]>([:])
     private let others: AcceptPolicy
 
     init(others: AcceptPolicy) { self.others = others }
 
-    func expect(_ node: NodeID) { expected.withLock { $0[node, default: 0] += 1 } }
+    func expect(_ node: NodeID, session: String) { expected.withLock { $0[session] = node } }
 
-    func forget(_ node: NodeID) {
-        expected.withLock { table in
-            if let count = table[node], count > 1 { table[node] = count - 1 } else { table[node] = nil }
+    func forget(session: String) { expected.withLock { $0[session] = nil } }
+
+    func admits(_ handshake: IncomingHandshake) -> Bool {
+        if let name = handshake.serverName, let session = PunchExecutor.sessionID(fromServerName: name),
+           expected.withLock({ $0[session] == handshake.nodeID }) {
+            return true
         }
-    }
-
-    func admits(_ node: NodeID, from address: SocketAddress) -> Bool {
-        if expected.withLock({ $0[node] != nil }) { return true }
         switch others {
         case .any: return true
         case .none: return false
-        case .allow(let set): return set.contains(node)
-        case .decide(let decide): return decide(node, address)
+        case .allow(let set): return set.contains(handshake.nodeID)
+        case .decide(let decide): return decide(handshake)
         }
+    }
+}
+
+extension PunchExecutor {
+    /// The TLS server name that carries a session id: its UTF-8 in hex, in DNS labels of at most 60 characters,
+    /// under `.punch.holepunch` (so any session id fits the SNI's character rules).
+    static func serverName(forSession session: String) -> String {
+        let hex = session.utf8.map { String($0, radix: 16).count == 1 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined()
+        var labels: [String] = []
+        var rest = Substring(hex)
+        while !rest.isEmpty {
+            labels.append(String(rest.prefix(60)))
+            rest = rest.dropFirst(60)
+        }
+        return (labels + ["punch", "holepunch"]).joined(separator: ".")
+    }
+
+    /// The session id in a server name made by ``serverName(forSession:)``; nil for any other name.
+    static func sessionID(fromServerName name: String) -> String? {
+        guard name.hasSuffix(".punch.holepunch") else { return nil }
+        let hex = String(name.dropLast(".punch.holepunch".count).filter { $0 != "." })
+        guard hex.count % 2 == 0, !hex.isEmpty else { return nil }
+        var bytes: [UInt8] = []
+        var index = hex.startIndex
+        while index < hex.endIndex {
+            let next = hex.index(index, offsetBy: 2)
+            guard let byte = UInt8(hex[index..<next], radix: 16) else { return nil }
+            bytes.append(byte)
+            index = next
+        }
+        return String(bytes: bytes, encoding: .utf8)
     }
 }
 

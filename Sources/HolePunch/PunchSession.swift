@@ -107,6 +107,10 @@ struct PunchSession {
     private var nextDialID = 1
     private var dialsInFlight: [Int: SocketAddress] = [:]
     private var dialledAddresses: Set<SocketAddress> = []
+    private var dialSockets: [Int: Int] = [:]
+    private var redials: [SocketAddress: Int] = [:]
+    /// How often one proven address is dialled again after a failed handshake.
+    static let maxRedials = 3
     private var winner: Int?
     private var roundsExhaustedAt: UInt64?
 
@@ -145,8 +149,15 @@ struct PunchSession {
             guard dialsInFlight.removeValue(forKey: id) != nil else { return [] }
             return succeed(id)
         case .dialFailed(let id, let authentication):
-            guard dialsInFlight.removeValue(forKey: id) != nil else { return [] }
+            guard let address = dialsInFlight.removeValue(forKey: id) else { return [] }
             if authentication { return finish(.peerAuthenticationFailed) }
+            dialledAddresses.remove(address)
+            // A proven path whose handshake failed (lost packets, a slow peer) is dialled again while the deadline
+            // allows, a bounded number of times; otherwise the next proof of the path may dial it.
+            if provenAddresses.contains(address), redials[address, default: 0] < PunchSession.maxRedials {
+                redials[address, default: 0] += 1
+                return dial(address, socket: dialSockets[id] ?? 0)
+            }
             if dialsInFlight.isEmpty && phase == .connecting { phase = .probing }
             return allPortsFailedIfDone()
         case .accepted(let id):
@@ -226,6 +237,7 @@ struct PunchSession {
         let id = nextDialID
         nextDialID += 1
         dialsInFlight[id] = address
+        dialSockets[id] = socket
         phase = .connecting
         return [.dial(id: id, socket: socket, to: address)]
     }

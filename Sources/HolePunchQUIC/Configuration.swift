@@ -9,7 +9,18 @@ public enum AcceptPolicy: Sendable {
     /// Accept only these NodeIDs.
     case allow(Set<NodeID>)
     /// Ask a closure, on the endpoint's event loop during the handshake: keep it fast and non-blocking.
-    case decide(@Sendable (NodeID, SocketAddress) -> Bool)
+    case decide(@Sendable (IncomingHandshake) -> Bool)
+}
+
+/// What an accept policy knows about a peer when it decides: all of it authenticated except the address.
+public struct IncomingHandshake: Sendable, Hashable {
+    /// The peer's NodeID, proven by its certificate.
+    public var nodeID: NodeID
+    /// Where the handshake comes from.
+    public var address: SocketAddress
+    /// The TLS server name the client asked for (SNI), if any. Punches put their session id here, so a
+    /// target can tell which session an incoming connection belongs to.
+    public var serverName: String?
 }
 
 /// Settings for an ``Endpoint`` and the connections it makes or accepts.
@@ -78,11 +89,15 @@ public struct ConnectOptions: Sendable {
     public var initialRTT: Duration?
     /// Overrides ``EndpointConfiguration/handshakeTimeout`` for this dial.
     public var handshakeTimeout: Duration?
+    /// The TLS server name (SNI) to send; the acceptor sees it in ``IncomingHandshake/serverName`` and
+    /// ``QUICConnection/serverName``. Letters, digits, '-' and '.' only.
+    public var serverName: String?
 
     /// Creates options; nil keeps the endpoint's value.
-    public init(initialRTT: Duration? = nil, handshakeTimeout: Duration? = nil) {
+    public init(initialRTT: Duration? = nil, handshakeTimeout: Duration? = nil, serverName: String? = nil) {
         self.initialRTT = initialRTT
         self.handshakeTimeout = handshakeTimeout
+        self.serverName = serverName
     }
 }
 

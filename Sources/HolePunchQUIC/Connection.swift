@@ -14,13 +14,16 @@ public final class QUICConnection: Sendable {
     public let remoteAddress: SocketAddress
     /// Whether this side dialled (QUIC client) rather than accepted.
     public let isClient: Bool
+    /// The TLS server name the client sent (on the accepting side, as received; only known to `.decide` policies).
+    public let serverName: String?
 
-    init(endpoint: Endpoint, key: UInt64, peerNodeID: NodeID, remoteAddress: SocketAddress, isClient: Bool) {
+    init(endpoint: Endpoint, key: UInt64, peerNodeID: NodeID, remoteAddress: SocketAddress, isClient: Bool, serverName: String?) {
         self.endpoint = endpoint
         self.key = key
         self.peerNodeID = peerNodeID
         self.remoteAddress = remoteAddress
         self.isClient = isClient
+        self.serverName = serverName
     }
 
     /// Opens a bidirectional stream.

@@ -103,6 +103,8 @@ final class ConnectionCore {
     /// Who we expect on the other side (the dialled NodeID); nil on the accepting side.
     let expectedNodeID: NodeID?
     var peerNodeID: NodeID?
+    /// The SNI: sent by a client, received by a server.
+    var serverName: String?
     var verifyError: QUICError?
     var streams: [Int64: StreamState] = [:]
     var pendingIncomingStreams: [Int64] = []
@@ -195,7 +197,20 @@ final class ConnectionCore {
         }
         if !isClient {
             gnutls_certificate_server_set_request(session, GNUTLS_CERT_REQUIRE)
+        } else if let serverName {
+            let name = Array(serverName.utf8)
+            try check(gnutls_server_name_set(session, GNUTLS_NAME_DNS, name, name.count), .invalidArgument, "setting the server name")
         }
+    }
+
+    /// The SNI the client sent, read on the server during the handshake.
+    private func receivedServerName() -> String? {
+        guard let session else { return nil }
+        var buffer = [UInt8](repeating: 0, count: 256)
+        var length = buffer.count
+        var type: UInt32 = 0
+        guard gnutls_server_name_get(session, &buffer, &length, &type, 0) == 0 else { return nil }
+        return String(decoding: buffer.prefix(min(length, buffer.count)).prefix { $0 != 0 }, as: UTF8.self)
     }
 
     // MARK: Peer verification (called by GnuTLS during the handshake)
@@ -231,7 +246,9 @@ final class ConnectionCore {
             case .any: allowed = true
             case .none: allowed = false
             case .allow(let set): allowed = set.contains(received)
-            case .decide(let decide): allowed = decide(received, remote)
+            case .decide(let decide):
+                serverName = receivedServerName()
+                allowed = decide(IncomingHandshake(nodeID: received, address: remote, serverName: serverName))
             }
             guard allowed else {
                 var error = QUICError.peerAuthentication(

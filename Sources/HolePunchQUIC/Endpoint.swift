@@ -196,7 +196,9 @@ public actor Endpoint {
         } onCancel: { [loop] in
             loop.execute { self.assumeIsolated { $0.abandon(key) } }
         }
-        return QUICConnection(endpoint: self, key: key, peerNodeID: peer, remoteAddress: remote, isClient: true)
+        return QUICConnection(
+            endpoint: self, key: key, peerNodeID: peer, remoteAddress: remote, isClient: true, serverName: options.serverName
+        )
     }
 
     /// Sends raw bytes from the endpoint's socket (punch probes, STUN).
@@ -304,6 +306,7 @@ public actor Endpoint {
     ) throws -> ConnectionCore {
         let core = ConnectionCore(key: allocateKey(), isClient: true, remote: remote, expectedNodeID: peer)
         core.router = router
+        core.serverName = options.serverName
         var dcid = randomCID(length: 18)
         var scid = randomCID(length: localCIDLength)
         var callbacks = ConnectionCore.makeCallbacks(client: true)
@@ -487,7 +490,10 @@ public actor Endpoint {
             counters.connectionsAccepted += 1
             if let peer = core.peerNodeID {
                 incomingContinuation.yield(
-                    QUICConnection(endpoint: self, key: core.key, peerNodeID: peer, remoteAddress: core.remote, isClient: false)
+                    QUICConnection(
+                        endpoint: self, key: core.key, peerNodeID: peer, remoteAddress: core.remote, isClient: false,
+                        serverName: core.serverName
+                    )
                 )
             }
         }

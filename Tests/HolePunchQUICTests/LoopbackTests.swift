@@ -178,14 +178,21 @@ struct AuthenticationTests {
     @Test("a decide-callback policy sees the authenticated NodeID")
     func decideCallback() async throws {
         let expected = TestIdentities.a.nodeID
-        let server = try await makeEndpoint(TestIdentities.b, policy: .decide { node, _ in node == expected })
+        let server = try await makeEndpoint(TestIdentities.b, policy: .decide { $0.nodeID == expected && $0.serverName == "session-7" })
         let client = try await makeEndpoint(TestIdentities.a)
         let connection = try await withDeadline(.seconds(10)) {
-            try await client.connect(to: server.localAddress, expecting: TestIdentities.b.nodeID)
+            try await client.connect(
+                to: server.localAddress, expecting: TestIdentities.b.nodeID, options: ConnectOptions(serverName: "session-7")
+            )
         }
         var iterator = server.incoming.makeAsyncIterator()
         let accepted = try #require(await iterator.next())
         #expect(accepted.peerNodeID == expected)
+        #expect(accepted.serverName == "session-7")
+        // Without the server name the same peer is refused.
+        await #expect(throws: QUICError.self) {
+            _ = try await client.connect(to: server.localAddress, expecting: TestIdentities.b.nodeID)
+        }
         await connection.close()
         await client.close()
         await server.close()

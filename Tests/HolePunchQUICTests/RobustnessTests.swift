@@ -147,8 +147,10 @@ struct RobustnessTests {
         try await exerciseOnce()
         let before = openFileDescriptorCount()
         for _ in 0..<5 { try await exerciseOnce() }
+        // Five rounds that each leaked even one descriptor would show as before + 5; descriptors of earlier tests
+        // that close meanwhile can only lower the count.
         let after = openFileDescriptorCount()
-        #expect(after == before, "descriptors before \(before), after \(after)")
+        #expect(after <= before, "descriptors before \(before), after \(after)")
     }
 
     private func exerciseOnce() async throws {

@@ -127,13 +127,21 @@ struct PunchSessionTests {
         #expect(session.handle(.dialFailed(id: 1, authentication: true)) == [.fail(.peerAuthenticationFailed)])
     }
 
-    @Test("a plain dial failure returns to probing")
-    func dialFailureKeepsProbing() {
+    @Test("a failed handshake on a proven path is dialled again, at most three times, then probing resumes")
+    func dialFailureRedials() {
         var session = Self.session()
         _ = session.handle(.start(now: 1000 * Self.ms))
         _ = session.handle(.probeResponse(from: Self.address(4000), socket: 0))
-        _ = session.handle(.dialFailed(id: 1, authentication: false))
+        for attempt in 1...PunchSession.maxRedials {
+            let actions = session.handle(.dialFailed(id: attempt, authentication: false))
+            #expect(actions == [.dial(id: attempt + 1, socket: 0, to: Self.address(4000))])
+            #expect(session.phase == .connecting)
+        }
+        #expect(session.handle(.dialFailed(id: PunchSession.maxRedials + 1, authentication: false)).isEmpty)
         #expect(session.phase == .probing)
+        // A fresh proof of the path dials it again.
+        let again = session.handle(.probeResponse(from: Self.address(4000), socket: 0))
+        #expect(again.contains(.dial(id: PunchSession.maxRedials + 2, socket: 0, to: Self.address(4000))))
     }
 
     @Test("cancel ends the session in every phase, abandoning dials; twice is a no-op")
