@@ -116,14 +116,14 @@ struct LabTests {
 
     @Test("cone filtering: who gets in while the mapping lives, nobody after it expired", .timeLimit(.minutes(1)))
     func coneFilteringAndExpiry() throws {
-        try withLab(["--nat-a", "full_cone", "--nat-b", "restricted", "--mapping-timeout", "2", "--probe-server"]) { lab in
+        try withLab(["--nat-a", "full_cone", "--nat-b", "restricted", "--mapping-timeout", "3", "--probe-server"]) { lab in
             for (peer, pub, admitted) in [("peer-a", Self.natAPublic, ["198.51.100.20:6001", "\(Self.rdv1):6001"]),
                                           ("peer-b", Self.natBPublic, ["\(Self.rdv1):6001"])] {
                 // The peer contacts rdv:3478 once from port 40010, then only listens.
                 let ready = FileManager.default.temporaryDirectory.appendingPathComponent("\(lab.name)-\(peer)-cone.ready").path
                 let listener = try lab.background(peer, ["python3", LabSupport.probeScript, "query",
                                                          "--server", "\(Self.rdv1):3478", "--bind", "0.0.0.0:40010",
-                                                         "--listen", "4.5", "--ready-file", ready])
+                                                         "--listen", "6", "--ready-file", ready])
                 defer { _ = listener.stop(); try? FileManager.default.removeItem(atPath: ready) }
                 #expect(LabSupport.waitUntil(timeout: 10) { FileManager.default.fileExists(atPath: ready) })
                 let start = Date()
@@ -133,8 +133,8 @@ struct LabTests {
                     _ = try lab.probe(parts[0], ["send", "--to", "\(pub):40010", "--bind", parts[1], "--count", "1", "--wait", "0"],
                                       as: SendResult.self)
                 }
-                // after it (2 s idle timeout): nobody
-                usleep(useconds_t(max(0, 3.5 - Date().timeIntervalSince(start)) * 1_000_000))
+                // after it (3 s idle timeout, counted from the peer's only packet): nobody
+                usleep(useconds_t(max(0, 5.0 - Date().timeIntervalSince(start)) * 1_000_000))
                 for src in ["other:198.51.100.20:6002", "rdv:\(Self.rdv1):6002"] {
                     let parts = src.split(separator: ":", maxSplits: 1).map(String.init)
                     _ = try lab.probe(parts[0], ["send", "--to", "\(pub):40010", "--bind", parts[1], "--count", "1", "--wait", "0"],
