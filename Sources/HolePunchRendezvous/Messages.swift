@@ -1,0 +1,228 @@
+internal import Foundation
+public import HolePunch
+
+/// Candidates, profile and TTLs the server confirms after a ``ClientMessage/register(_:)``.
+public struct Registered: Codable, Sendable, Hashable {
+    /// The peer's address as the server saw it: the punch socket's public mapping.
+    public var observedAddress: SocketAddress
+    /// How long the registration lives without a keep-alive, in milliseconds.
+    public var ttlMilliseconds: Int
+    /// How often the client should send a keep-alive, in milliseconds (a third of the TTL).
+    public var keepAliveMilliseconds: Int
+    /// The server's STUN responder (primary address), if it runs one, for NAT behaviour discovery.
+    public var stunServer: SocketAddress?
+
+    /// Creates a confirmation.
+    public init(observedAddress: SocketAddress, ttlMilliseconds: Int, keepAliveMilliseconds: Int, stunServer: SocketAddress?) {
+        self.observedAddress = observedAddress
+        self.ttlMilliseconds = ttlMilliseconds
+        self.keepAliveMilliseconds = keepAliveMilliseconds
+        self.stunServer = stunServer
+    }
+}
+
+/// What a peer publishes when it registers.
+public struct Registration: Codable, Sendable, Hashable {
+    /// Addresses the peer is reachable at on its own network (hairpin and same-LAN cases).
+    public var lanAddresses: [SocketAddress]
+    /// What the peer's NAT does, if it measured it.
+    public var nat: NATProfile?
+
+    /// Creates a registration.
+    public init(lanAddresses: [SocketAddress] = [], nat: NATProfile? = nil) {
+        self.lanAddresses = lanAddresses
+        self.nat = nat
+    }
+}
+
+/// The server's instruction to punch: sent to both peers of a session.
+public struct Coordinate: Codable, Sendable, Hashable {
+    /// The request this answers (the initiator's id); nil in the target's copy.
+    public var requestID: UInt64?
+    /// A random session id, shared by both peers (it appears in probes and in the TLS server name).
+    public var sessionID: String
+    /// 32 random bytes that authenticate this session's probes.
+    public var sessionKey: [UInt8]
+    /// The other peer's NodeID: the punched connection must prove it.
+    public var peer: NodeID
+    /// The other peer's candidates: observed (public) address first, then its LAN addresses.
+    public var candidates: [SocketAddress]
+    /// The other peer's NAT profile (``NATProfile/unknown`` if it published none).
+    public var peerNAT: NATProfile
+    /// This recipient's role: the requester is the initiator, the other peer the target.
+    public var role: PunchRole
+    /// Start probing this many microseconds after the message is received (clock-free start).
+    public var startDelayMicroseconds: Int64
+    /// The server's RTT estimate between the two peers (sum of half RTTs), in microseconds, as a hint.
+    public var peerRTTMicroseconds: Int64?
+
+    /// Creates a coordinate message.
+    public init(
+        requestID: UInt64?, sessionID: String, sessionKey: [UInt8], peer: NodeID, candidates: [SocketAddress],
+        peerNAT: NATProfile, role: PunchRole, startDelayMicroseconds: Int64, peerRTTMicroseconds: Int64?
+    ) {
+        self.requestID = requestID
+        self.sessionID = sessionID
+        self.sessionKey = sessionKey
+        self.peer = peer
+        self.candidates = candidates
+        self.peerNAT = peerNAT
+        self.role = role
+        self.startDelayMicroseconds = startDelayMicroseconds
+        self.peerRTTMicroseconds = peerRTTMicroseconds
+    }
+
+    /// The start delay as a `Duration`.
+    public var startDelay: Duration { .microseconds(startDelayMicroseconds) }
+}
+
+/// A typed refusal, sent to the peer whose request failed.
+public struct ErrorReply: Codable, Sendable, Hashable {
+    /// The request it answers, if any.
+    public var requestID: UInt64?
+    /// The error code (``RendezvousError/Code`` name).
+    public var code: String
+    /// A human-readable explanation.
+    public var message: String
+
+    /// Creates an error reply.
+    public init(requestID: UInt64?, code: String, message: String) {
+        self.requestID = requestID
+        self.code = code
+        self.message = message
+    }
+}
+
+/// Messages a peer sends on its control stream.
+public enum ClientMessage: Codable, Sendable, Hashable {
+    /// Registers (or updates the registration of) the authenticated NodeID.
+    case register(Registration)
+    /// Keeps the registration (and the NAT mapping) alive.
+    case keepAlive
+    /// Asks for a punch to `target`; the reply is a ``ServerMessage/coordinate(_:)`` or an ``ServerMessage/error(_:)``
+    /// with the same `requestID`.
+    case requestPunch(requestID: UInt64, target: NodeID)
+    /// Answers a ``ServerMessage/ping(id:)`` at once, so the server can measure the RTT.
+    case pong(id: UInt64)
+    /// Acknowledges a coordinate message at once: the server takes the midpoint of send and ack as the arrival
+    /// time and reports the skew between the two peers.
+    case coordinateAck(sessionID: String)
+    /// Reports a session's outcome (ends the session on the server).
+    case punchResult(sessionID: String, outcome: String)
+}
+
+/// Messages the server sends on a peer's control stream.
+public enum ServerMessage: Codable, Sendable, Hashable {
+    /// The registration was accepted.
+    case registered(Registered)
+    /// A keep-alive was accepted.
+    case keepAliveAck
+    /// Punch now: session, candidates, roles and start delay.
+    case coordinate(Coordinate)
+    /// Measures the RTT; the peer answers with ``ClientMessage/pong(id:)``.
+    case ping(id: UInt64)
+    /// A request failed.
+    case error(ErrorReply)
+}
+
+/// Framing: a 4-byte big-endian length, then that many bytes of JSON.
+///
+/// JSON keeps the protocol readable in captures and trivially versionable; the messages are small and rare
+/// (registration, keep-alive every few seconds, a coordinate per punch), so a binary format buys nothing
+/// measurable here (see `holepunch bench rendezvous`).
+public enum RendezvousFraming {
+    /// The largest frame either side accepts; anything larger is a protocol error that closes the connection.
+    public static let maximumFrame = 16 * 1024
+
+    /// Encodes one message into a frame.
+    public static func frame<M: Encodable>(_ message: M) -> [UInt8] {
+        // The message types only hold strings, numbers and arrays: encoding cannot fail.
+        let body = (try? JSONEncoder().encode(message)).map { Array($0) } ?? []
+        let n = UInt32(body.count)
+        return [UInt8(n >> 24), UInt8((n >> 16) & 0xFF), UInt8((n >> 8) & 0xFF), UInt8(n & 0xFF)] + body
+    }
+
+    /// Decodes one message body.
+    public static func decode<M: Decodable>(_ type: M.Type, from body: [UInt8]) throws(RendezvousError) -> M {
+        do {
+            return try JSONDecoder().decode(type, from: Data(body))
+        } catch {
+            throw RendezvousError(.protocolViolation, "undecodable message: \(error)")
+        }
+    }
+}
+
+/// Accumulates stream bytes and cuts them into frame bodies.
+public struct FrameReader: Sendable {
+    private var buffer: [UInt8] = []
+
+    /// Creates an empty reader.
+    public init() {}
+
+    /// Appends received bytes.
+    public mutating func append(_ bytes: [UInt8]) {
+        buffer.append(contentsOf: bytes)
+    }
+
+    /// The next complete frame body, or nil when more bytes are needed.
+    ///
+    /// - Throws: ``RendezvousError`` `protocolViolation` when a frame announces more than
+    ///   ``RendezvousFraming/maximumFrame`` bytes.
+    public mutating func next() throws(RendezvousError) -> [UInt8]? {
+        guard buffer.count >= 4 else { return nil }
+        let length = Int(buffer[0]) << 24 | Int(buffer[1]) << 16 | Int(buffer[2]) << 8 | Int(buffer[3])
+        guard length <= RendezvousFraming.maximumFrame else {
+            throw RendezvousError(.protocolViolation, "frame of \(length) bytes exceeds \(RendezvousFraming.maximumFrame)")
+        }
+        guard buffer.count >= 4 + length else { return nil }
+        let body = Array(buffer[4..<(4 + length)])
+        buffer.removeFirst(4 + length)
+        return body
+    }
+}
+
+/// Why a rendezvous operation failed.
+public struct RendezvousError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// An extensible error code.
+    public struct Code: Hashable, Sendable, CustomStringConvertible {
+        /// The code's stable name (also sent on the wire in ``ErrorReply/code``).
+        public let name: String
+        /// Creates a code.
+        public init(_ name: String) { self.name = name }
+        public var description: String { name }
+
+        /// The target NodeID is not registered.
+        public static let unknownTarget = Code("unknownTarget")
+        /// The peer sent requests faster than its rate limit allows.
+        public static let rateLimited = Code("rateLimited")
+        /// The request needs a registration first.
+        public static let notRegistered = Code("notRegistered")
+        /// A peer asked for a punch to itself.
+        public static let selfTarget = Code("selfTarget")
+        /// The server holds as many registrations or sessions as it allows.
+        public static let capacity = Code("capacity")
+        /// A malformed or unexpected message.
+        public static let protocolViolation = Code("protocolViolation")
+        /// The rendezvous could not be reached or authenticated.
+        public static let connectionFailed = Code("connectionFailed")
+        /// The connection to the rendezvous ended.
+        public static let disconnected = Code("disconnected")
+        /// No answer came in time.
+        public static let timeout = Code("timeout")
+        /// The server is shutting down.
+        public static let shuttingDown = Code("shuttingDown")
+    }
+
+    /// The error code.
+    public var code: Code
+    /// A human-readable explanation.
+    public var message: String
+
+    /// Creates an error.
+    public init(_ code: Code, _ message: String) {
+        self.code = code
+        self.message = message
+    }
+
+    public var description: String { "\(code): \(message)" }
+}

@@ -1,1 +1,0 @@
-// HolePunchRendezvous module.

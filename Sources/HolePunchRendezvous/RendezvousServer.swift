@@ -1,0 +1,372 @@
+public import HolePunch
+public import HolePunchSTUN
+public import Logging
+public import ServiceLifecycle
+
+/// Settings for a ``RendezvousServer``.
+public struct RendezvousServerConfiguration: Sendable {
+    /// Where the QUIC endpoint listens (port 0 picks one).
+    public var listen: SocketAddress
+    /// The server's identity; its NodeID is what peers pin (`--rendezvous-id`).
+    public var identity: Identity
+    /// The STUN responder: nil runs none. Ports given as 0 are chosen by the kernel.
+    public var stun: STUNResponderConfiguration?
+    /// Registration, session and rate-limit rules.
+    public var state: RendezvousState.Configuration
+    /// How often registrations and sessions are checked for expiry.
+    public var housekeepingInterval: Duration
+    /// RTT samples taken right after a registration (one more per keep-alive).
+    public var pingsPerRegistration: Int
+    /// Test seam: a one-way delay added to the path to a peer, in both directions (the server's writes to it
+    /// are held back, and its messages are handled late, by this much). Models a far peer on loopback.
+    public var linkDelay: (@Sendable (NodeID) -> Duration)?
+
+    /// Creates a configuration.
+    public init(
+        listen: SocketAddress,
+        identity: Identity,
+        stun: STUNResponderConfiguration? = nil,
+        state: RendezvousState.Configuration = .init(),
+        housekeepingInterval: Duration = .seconds(1),
+        pingsPerRegistration: Int = 4,
+        linkDelay: (@Sendable (NodeID) -> Duration)? = nil
+    ) {
+        self.listen = listen
+        self.identity = identity
+        self.stun = stun
+        self.state = state
+        self.housekeepingInterval = housekeepingInterval
+        self.pingsPerRegistration = pingsPerRegistration
+        self.linkDelay = linkDelay
+    }
+}
+
+/// What a ``RendezvousServer`` has done so far.
+public struct RendezvousStatistics: Sendable, Hashable {
+    /// Peers registered now.
+    public var registrations = 0
+    /// Sessions live now.
+    public var sessions = 0
+    /// Connections open now.
+    public var connections = 0
+    /// Sessions created since start.
+    public var coordinations = 0
+    /// Requests refused (unknown target, rate limit…) since start.
+    public var refusals = 0
+    /// The most recent measured start skews (newest last, at most 64).
+    public var recentSkews: [Duration] = []
+    /// STUN datagrams received and answered, if a responder runs.
+    public var stunReceived = 0
+    /// STUN replies sent.
+    public var stunSent = 0
+}
+
+/// The rendezvous: a QUIC server on our stack that registers peers and coordinates their punches.
+///
+/// Peers dial it from their punch socket, so ``QUICConnection/remoteAddress`` is the punch mapping, and the
+/// TLS handshake proves their NodeID. Each peer opens one bidirectional control stream carrying
+/// length-prefixed JSON (``ClientMessage`` in, ``ServerMessage`` out). The protocol logic lives in
+/// ``RendezvousState``; this actor only does I/O, timers and RTT pings.
+///
+/// Lifecycle: ``bind(configuration:logger:)`` binds the sockets (so callers learn the real ports), ``run()``
+/// serves until ``shutdown()``, task cancellation or a ServiceLifecycle graceful shutdown.
+public actor RendezvousServer: Service {
+    private enum Phase { case bound, running, stopped }
+
+    /// The QUIC endpoint peers connect to.
+    public nonisolated let endpoint: Endpoint
+    /// The server's NodeID.
+    public nonisolated let nodeID: NodeID
+    /// The QUIC listen address (with the real port).
+    public nonisolated let address: SocketAddress
+    /// The STUN responder's bound addresses (primary first), empty when none runs.
+    public nonisolated let stunAddresses: [SocketAddress]
+
+    private let configuration: RendezvousServerConfiguration
+    private let stunServer: STUNServer?
+    private let logger: Logger
+    private let clock = ContinuousClock()
+    private let origin: ContinuousClock.Instant
+    private var phase = Phase.bound
+    private var state: RendezvousState
+    private var links: [UInt64: Link] = [:]
+    private var linkByNode: [NodeID: UInt64] = [:]
+    private var nextConnection: UInt64 = 1
+    private var nextPing: UInt64 = 1
+    private var pendingPings: [UInt64: (node: NodeID, sentAt: Duration?, samplesLeft: Int)] = [:]
+    private var stats = RendezvousStatistics()
+    private var stopWaiters: [CheckedContinuation<Void, Never>] = []
+
+    /// One peer connection and the queue its writer drains.
+    private struct Link {
+        var node: NodeID
+        var connection: QUICConnection
+        var outbox: AsyncStream<Outgoing>.Continuation
+    }
+
+    /// A frame to write once `notBefore` has passed; the session id marks coordinate messages.
+    private struct Outgoing: Sendable {
+        var frame: [UInt8]
+        var notBefore: ContinuousClock.Instant
+        var sessionID: String?
+        var pingID: UInt64?
+    }
+
+    /// Binds the QUIC endpoint and the STUN sockets; nothing runs until ``run()``.
+    ///
+    /// - Throws: ``RendezvousError`` `connectionFailed` when a socket cannot be bound.
+    public static func bind(
+        configuration: RendezvousServerConfiguration,
+        logger: Logger = Logger(label: "holepunch.rendezvous", factory: { _ in SwiftLogNoOpLogHandler() })
+    ) async throws(RendezvousError) -> RendezvousServer {
+        let endpoint: Endpoint
+        do {
+            endpoint = try await Endpoint.bind(
+                configuration.listen,
+                configuration: EndpointConfiguration(identity: configuration.identity, acceptPolicy: .any,
+                                                     keepAliveInterval: nil, maxConnections: 65_536),
+                logger: logger
+            )
+        } catch {
+            throw RendezvousError(.connectionFailed, "cannot listen on \(configuration.listen): \(error)")
+        }
+        var stun: STUNServer?
+        if let stunConfiguration = configuration.stun {
+            do {
+                stun = try STUNServer(configuration: stunConfiguration)
+            } catch {
+                await endpoint.close()
+                throw RendezvousError(.connectionFailed, "cannot bind the STUN responder: \(error)")
+            }
+        }
+        return RendezvousServer(endpoint: endpoint, stun: stun, configuration: configuration, logger: logger)
+    }
+
+    private init(endpoint: Endpoint, stun: STUNServer?, configuration: RendezvousServerConfiguration, logger: Logger) {
+        self.endpoint = endpoint
+        self.nodeID = endpoint.nodeID
+        self.address = endpoint.localAddress
+        self.stunServer = stun
+        self.stunAddresses = stun?.localAddresses ?? []
+        self.configuration = configuration
+        self.logger = logger
+        self.state = RendezvousState(configuration: configuration.state)
+        self.origin = ContinuousClock.now
+    }
+
+    /// Serves until ``shutdown()``, cancellation, or graceful shutdown; then closes every connection and socket.
+    ///
+    /// - Throws: ``RendezvousError`` `shuttingDown` when the server already ran.
+    public func run() async throws {
+        guard phase == .bound else { throw RendezvousError(.shuttingDown, "the server has already run") }
+        phase = .running
+        do { try stunServer?.start() } catch {
+            logger.info("stun responder failed to start", metadata: ["error": "\(error)"])
+        }
+        logger.info("rendezvous listening", metadata: ["rendezvous.address": "\(address)", "rendezvous.node": "\(nodeID)"])
+        await withGracefulShutdownHandler {
+            await withTaskCancellationHandler {
+                await withDiscardingTaskGroup { group in
+                    group.addTask { await self.housekeeping() }
+                    for await connection in self.endpoint.incoming {
+                        group.addTask { await self.serve(connection) }
+                    }
+                    // The endpoint closed: stop the timers and any connection still being served.
+                    group.cancelAll()
+                }
+            } onCancel: {
+                Task { await self.shutdown() }
+            }
+        } onGracefulShutdown: {
+            Task { await self.shutdown() }
+        }
+        await shutdown()
+    }
+
+    /// Stops serving: closes every connection, the endpoint and the STUN sockets. Idempotent.
+    public func shutdown() async {
+        guard phase != .stopped else { return }
+        phase = .stopped
+        for link in links.values { link.outbox.finish() }
+        await endpoint.close()
+        stunServer?.stop()
+        for waiter in stopWaiters { waiter.resume() }
+        stopWaiters.removeAll()
+    }
+
+    /// Current counters.
+    public func statistics() -> RendezvousStatistics {
+        var snapshot = stats
+        snapshot.registrations = state.registrationCount
+        snapshot.sessions = state.sessionCount
+        snapshot.connections = links.count
+        if let stun = stunServer?.statistics {
+            snapshot.stunReceived = stun.received
+            snapshot.stunSent = stun.sent
+        }
+        return snapshot
+    }
+
+    /// The server's RTT estimate for a registered peer (for tests and monitoring).
+    public func rtt(of node: NodeID) -> Duration? { state.peer(node)?.rtt }
+
+    /// Whether `node` is registered.
+    public func isRegistered(_ node: NodeID) -> Bool { state.peer(node) != nil }
+
+    // MARK: Connections
+
+    private var now: Duration { origin.duration(to: clock.now) }
+
+    private func serve(_ connection: QUICConnection) async {
+        guard phase == .running else {
+            await connection.close(errorCode: 1, reason: "shutting down")
+            return
+        }
+        let id = nextConnection
+        nextConnection += 1
+        let node = connection.peerNodeID
+        // A peer that never opens its control stream is closed by the QUIC idle timeout.
+        guard let stream = try? await connection.acceptStream(), phase == .running else {
+            await connection.close()
+            return
+        }
+        let (outbox, continuation) = AsyncStream.makeStream(of: Outgoing.self)
+        links[id] = Link(node: node, connection: connection, outbox: continuation)
+        linkByNode[node] = id
+        let delay = configuration.linkDelay?(node) ?? .zero
+        await withDiscardingTaskGroup { group in
+            group.addTask { await self.write(outbox, to: stream, node: node, pathDelay: delay) }
+            await self.read(stream, node: node, connection: id, pathDelay: delay)
+            continuation.finish()
+        }
+        links[id] = nil
+        if linkByNode[node] == id { linkByNode[node] = nil }
+        apply(state.disconnected(node: node, connection: id))
+        await connection.close()
+    }
+
+    private func read(_ stream: QUICStream, node: NodeID, connection: UInt64, pathDelay: Duration) async {
+        var reader = FrameReader()
+        do {
+            while let chunk = try await stream.read() {
+                reader.append(chunk)
+                while let body = try reader.next() {
+                    let message = try RendezvousFraming.decode(ClientMessage.self, from: body)
+                    if pathDelay > .zero { try await clock.sleep(for: pathDelay) }
+                    guard phase == .running else { return }
+                    handle(message, from: node, connection: connection)
+                }
+            }
+        } catch {
+            logger.debug("peer connection ended", metadata: ["peer.node": "\(node.short)", "error": "\(error)"])
+        }
+    }
+
+    private func write(_ outbox: AsyncStream<Outgoing>, to stream: QUICStream, node: NodeID, pathDelay: Duration) async {
+        for await item in outbox {
+            if item.notBefore > clock.now {
+                guard (try? await clock.sleep(until: item.notBefore)) != nil else { return }
+            }
+            // The send instant is taken before the (simulated) path delay: it is part of the path.
+            noteSent(item, node: node)
+            if pathDelay > .zero {
+                guard (try? await clock.sleep(for: pathDelay)) != nil else { return }
+            }
+            do { try await stream.write(item.frame) } catch { return }
+        }
+    }
+
+    private func noteSent(_ item: Outgoing, node: NodeID) {
+        let at = now
+        if let session = item.sessionID { state.coordinateSent(node: node, sessionID: session, now: at) }
+        if let ping = item.pingID { pendingPings[ping]?.sentAt = at }
+    }
+
+    private func handle(_ message: ClientMessage, from node: NodeID, connection: UInt64) {
+        let at = now
+        switch message {
+        case .register(let registration):
+            guard let link = links[connection] else { return }
+            let stun = configuration.stun != nil ? stunAddresses.first : nil
+            let wasCurrent = state.peer(node)?.connection == connection
+            let actions = state.register(node: node, connection: connection, observed: link.connection.remoteAddress,
+                                         registration: registration, stunServer: stun, now: at)
+            apply(actions)
+            if !wasCurrent, state.peer(node)?.connection == connection {
+                logger.info("peer registered", metadata: ["peer.node": "\(node.short)",
+                                                          "peer.observed": "\(link.connection.remoteAddress)"])
+                ping(node, samples: configuration.pingsPerRegistration)
+            }
+        case .keepAlive:
+            apply(state.keepAlive(node: node, connection: connection, now: at))
+            ping(node, samples: 1)
+        case .requestPunch(let requestID, let target):
+            apply(state.requestPunch(from: node, requestID: requestID, target: target, secret: .random(), now: at))
+        case .pong(let id):
+            guard let pending = pendingPings.removeValue(forKey: id), pending.node == node, let sent = pending.sentAt else { return }
+            state.rttSample(node: node, rtt: at - sent)
+            if pending.samplesLeft > 1 { ping(node, samples: pending.samplesLeft - 1) }
+        case .coordinateAck(let sessionID):
+            apply(state.coordinateAcked(node: node, sessionID: sessionID, now: at))
+        case .punchResult(let sessionID, let outcome):
+            apply(state.punchResult(node: node, sessionID: sessionID, outcome: outcome))
+        }
+    }
+
+    private func ping(_ node: NodeID, samples: Int) {
+        guard samples > 0 else { return }
+        let id = nextPing
+        nextPing += 1
+        pendingPings[id] = (node, nil, samples)
+        enqueue(.ping(id: id), to: node, after: .zero, pingID: id)
+    }
+
+    private func apply(_ actions: [RendezvousState.Action]) {
+        for action in actions {
+            switch action {
+            case let .send(message, node, after):
+                if case .error = message { stats.refusals += 1 }
+                var session: String?
+                if case .coordinate(let coordinate) = message { session = coordinate.sessionID }
+                enqueue(message, to: node, after: after, sessionID: session)
+            case let .close(node, connection, reason):
+                guard let link = links[connection] else { continue }
+                logger.info("peer connection closed", metadata: ["peer.node": "\(node.short)", "reason": "\(reason)"])
+                link.outbox.finish()
+                let quic = link.connection
+                Task { await quic.close(errorCode: 2, reason: reason) }
+            case let .sessionStarted(sessionID, initiator, target, nearDelay):
+                stats.coordinations += 1
+                logger.debug("session started", metadata: [
+                    "session.id": "\(sessionID)", "peer.initiator": "\(initiator.short)", "peer.target": "\(target.short)",
+                    "session.near_delay": "\(nearDelay)",
+                ])
+            case let .skewMeasured(sessionID, skew, planned):
+                stats.recentSkews.append(skew)
+                if stats.recentSkews.count > 64 { stats.recentSkews.removeFirst() }
+                logger.info("start skew measured", metadata: [
+                    "session.id": "\(sessionID)", "session.skew": "\(skew)", "session.planned_skew": "\(planned)",
+                ])
+            case let .sessionEnded(sessionID, reason):
+                logger.debug("session ended", metadata: ["session.id": "\(sessionID)", "reason": "\(reason)"])
+            }
+        }
+    }
+
+    private func enqueue(_ message: ServerMessage, to node: NodeID, after: Duration, sessionID: String? = nil, pingID: UInt64? = nil) {
+        guard let id = linkByNode[node], let link = links[id] else { return }
+        link.outbox.yield(Outgoing(frame: RendezvousFraming.frame(message), notBefore: clock.now.advanced(by: after),
+                                   sessionID: sessionID, pingID: pingID))
+    }
+
+    private func housekeeping() async {
+        while phase == .running {
+            guard (try? await clock.sleep(for: configuration.housekeepingInterval)) != nil else { return }
+            let at = now
+            apply(state.tick(now: at))
+            // Pings unanswered for a TTL are dropped (the peer's connection is dying anyway).
+            let limit = configuration.state.registrationTTL
+            pendingPings = pendingPings.filter { $0.value.sentAt.map { at - $0 < limit } ?? true }
+        }
+    }
+}

@@ -1,0 +1,382 @@
+public import HolePunch
+
+/// A session's id and probe key, drawn by the driver (the state machine itself draws no randomness, so tests
+/// can script it).
+public struct SessionSecret: Sendable, Hashable {
+    /// The session id: lowercase hex, usable in a TLS server name and in a probe's USERNAME.
+    public var id: String
+    /// 32 random bytes that authenticate the session's probes.
+    public var key: [UInt8]
+
+    /// Creates a secret.
+    public init(id: String, key: [UInt8]) {
+        self.id = id
+        self.key = key
+    }
+
+    /// A fresh random secret: a 128-bit id and a 256-bit key from the system generator.
+    public static func random() -> SessionSecret {
+        var generator = SystemRandomNumberGenerator()
+        return random(using: &generator)
+    }
+
+    /// A fresh secret from `generator`.
+    public static func random<G: RandomNumberGenerator>(using generator: inout G) -> SessionSecret {
+        let digits: [Character] = Array("0123456789abcdef")
+        var id = ""
+        id.reserveCapacity(32)
+        for _ in 0..<2 {
+            var word = generator.next()
+            for _ in 0..<16 {
+                id.append(digits[Int(word & 0xF)])
+                word >>= 4
+            }
+        }
+        var key: [UInt8] = []
+        key.reserveCapacity(32)
+        for _ in 0..<4 {
+            let word = generator.next()
+            for shift in stride(from: 0, to: 64, by: 8) { key.append(UInt8(truncatingIfNeeded: word >> UInt64(shift))) }
+        }
+        return SessionSecret(id: id, key: key)
+    }
+}
+
+/// The rendezvous's registrations, sessions and rate limits: a value-type state machine with no I/O.
+///
+/// The driver (``RendezvousServer``) feeds it events: one `mutating func` per event, each returning the
+/// ``Action``s to carry out. Time is a `Duration` since the driver's origin, so tests drive it on virtual time.
+///
+/// Clock-free start: ``requestPunch(from:requestID:target:secret:now:)`` sends the coordinate message to the
+/// peer with the larger RTT at once and delays the nearer peer's by (RTT_far − RTT_near)/2, so that both copies
+/// arrive together; both are told to start the same fixed ``Configuration/startDelay`` after receipt. Acks of
+/// the coordinate messages give a measured skew (``Action/skewMeasured(sessionID:skew:planned:)``).
+public struct RendezvousState: Sendable {
+    /// Timers and limits.
+    public struct Configuration: Sendable, Hashable {
+        /// A registration lives this long after its last register or keep-alive.
+        public var registrationTTL: Duration
+        /// A session is forgotten this long after it was created (or earlier, once a result arrives).
+        public var sessionTTL: Duration
+        /// Both peers start probing this long after they receive the coordinate message.
+        public var startDelay: Duration
+        /// The most a nearer peer's coordinate message is held back, whatever the RTTs say.
+        public var maxCompensation: Duration
+        /// The most registrations held; further new NodeIDs are refused with `capacity`.
+        public var maxRegistrations: Int
+        /// The most live sessions; further requests are refused with `capacity`.
+        public var maxSessions: Int
+        /// Token bucket per peer for registers and punch requests: this many at once…
+        public var rateBurst: Double
+        /// …refilled at this many per second.
+        public var ratePerSecond: Double
+
+        /// Creates a configuration.
+        public init(
+            registrationTTL: Duration = .seconds(30),
+            sessionTTL: Duration = .seconds(30),
+            startDelay: Duration = .milliseconds(150),
+            maxCompensation: Duration = .seconds(2),
+            maxRegistrations: Int = 100_000,
+            maxSessions: Int = 100_000,
+            rateBurst: Double = 10,
+            ratePerSecond: Double = 2
+        ) {
+            self.registrationTTL = registrationTTL
+            self.sessionTTL = sessionTTL
+            self.startDelay = startDelay
+            self.maxCompensation = maxCompensation
+            self.maxRegistrations = maxRegistrations
+            self.maxSessions = maxSessions
+            self.rateBurst = rateBurst
+            self.ratePerSecond = ratePerSecond
+        }
+    }
+
+    /// What the driver must do.
+    public enum Action: Sendable, Hashable {
+        /// Send `message` to `node`'s current connection after `after` (zero: at once).
+        case send(ServerMessage, to: NodeID, after: Duration)
+        /// Close `node`'s connection `connection` (its registration expired or was replaced).
+        case close(NodeID, connection: UInt64, reason: String)
+        /// A session was created: both coordinate messages are among the actions returned with it.
+        case sessionStarted(sessionID: String, initiator: NodeID, target: NodeID, nearDelay: Duration)
+        /// Both peers acknowledged: `skew` is the measured difference of their arrival times, `planned` the
+        /// difference the RTT estimates predicted.
+        case skewMeasured(sessionID: String, skew: Duration, planned: Duration)
+        /// A session ended (`expired`, or the outcome a peer reported).
+        case sessionEnded(sessionID: String, reason: String)
+    }
+
+    /// A registered peer, as the state machine holds it.
+    public struct Peer: Sendable, Hashable {
+        /// The connection the registration arrived on.
+        public var connection: UInt64
+        /// The observed (public) address.
+        public var observed: SocketAddress
+        /// Published LAN addresses and NAT profile.
+        public var registration: Registration
+        /// When it expires unless refreshed.
+        public var expires: Duration
+        /// The RTT estimate: the minimum of the last four samples (scheduling noise only ever adds delay).
+        public var rtt: Duration? { rttWindow.minimum }
+        var rttWindow = RTTWindow()
+        var tokens: Double
+        var refilled: Duration
+    }
+
+    /// The last four RTT samples, inline (no allocation per peer).
+    struct RTTWindow: Sendable, Hashable {
+        var samples: (Int64, Int64, Int64, Int64) = (.max, .max, .max, .max)
+        var next = 0
+
+        mutating func add(_ sample: Duration) {
+            let nanos = Int64(sample.components.seconds) * 1_000_000_000 + sample.components.attoseconds / 1_000_000_000
+            switch next & 3 {
+            case 0: samples.0 = nanos
+            case 1: samples.1 = nanos
+            case 2: samples.2 = nanos
+            default: samples.3 = nanos
+            }
+            next += 1
+        }
+
+        var minimum: Duration? {
+            let low = min(min(samples.0, samples.1), min(samples.2, samples.3))
+            return low == .max ? nil : .nanoseconds(low)
+        }
+
+        static func == (a: RTTWindow, b: RTTWindow) -> Bool {
+            a.next == b.next && a.samples == b.samples
+        }
+
+        func hash(into hasher: inout Hasher) {
+            hasher.combine(next)
+            hasher.combine(samples.0)
+            hasher.combine(samples.1)
+            hasher.combine(samples.2)
+            hasher.combine(samples.3)
+        }
+    }
+
+    struct Session: Sendable {
+        var initiator: NodeID
+        var target: NodeID
+        var expires: Duration
+        var planned: Duration
+        var sent: [Duration?] = [nil, nil]
+        var acked: [Duration?] = [nil, nil]
+    }
+
+    /// The configuration.
+    public let configuration: Configuration
+    private(set) var peers: [NodeID: Peer] = [:]
+    private var sessions: [String: Session] = [:]
+
+    /// Creates an empty state.
+    public init(configuration: Configuration = Configuration()) {
+        self.configuration = configuration
+    }
+
+    /// How many peers are registered.
+    public var registrationCount: Int { peers.count }
+    /// How many sessions are live.
+    public var sessionCount: Int { sessions.count }
+    /// A registered peer, if any.
+    public func peer(_ node: NodeID) -> Peer? { peers[node] }
+
+    // MARK: Events
+
+    /// A peer registers (or updates its registration) on `connection`, seen from `observed`.
+    ///
+    /// A registration from a new connection replaces the old one, whose connection is closed.
+    public mutating func register(
+        node: NodeID, connection: UInt64, observed: SocketAddress, registration: Registration,
+        stunServer: SocketAddress? = nil, now: Duration
+    ) -> [Action] {
+        var actions: [Action] = []
+        if var existing = peers[node] {
+            guard take(&existing, now: now) else {
+                peers[node] = existing
+                return [.send(.error(ErrorReply(requestID: nil, code: RendezvousError.Code.rateLimited.name,
+                                                message: "too many registrations; slow down")), to: node, after: .zero)]
+            }
+            if existing.connection != connection {
+                actions.append(.close(node, connection: existing.connection, reason: "replaced by a newer connection"))
+                existing.rttWindow = RTTWindow()
+            }
+            existing.connection = connection
+            existing.observed = observed
+            existing.registration = registration
+            existing.expires = now + configuration.registrationTTL
+            peers[node] = existing
+        } else {
+            guard peers.count < configuration.maxRegistrations else {
+                return [.send(.error(ErrorReply(requestID: nil, code: RendezvousError.Code.capacity.name,
+                                                message: "the rendezvous holds its maximum of registrations")),
+                              to: node, after: .zero)]
+            }
+            var peer = Peer(connection: connection, observed: observed, registration: registration,
+                            expires: now + configuration.registrationTTL, tokens: configuration.rateBurst, refilled: now)
+            _ = take(&peer, now: now)
+            peers[node] = peer
+        }
+        let ttl = configuration.registrationTTL
+        actions.append(.send(.registered(Registered(
+            observedAddress: observed, ttlMilliseconds: Int(ttl / .milliseconds(1)),
+            keepAliveMilliseconds: Int(ttl / .milliseconds(3)), stunServer: stunServer
+        )), to: node, after: .zero))
+        return actions
+    }
+
+    /// A keep-alive: refreshes the registration. Unregistered peers are told so.
+    public mutating func keepAlive(node: NodeID, connection: UInt64, now: Duration) -> [Action] {
+        guard var peer = peers[node], peer.connection == connection else {
+            return [.send(.error(ErrorReply(requestID: nil, code: RendezvousError.Code.notRegistered.name,
+                                            message: "keep-alive without a registration; register again")),
+                          to: node, after: .zero)]
+        }
+        peer.expires = now + configuration.registrationTTL
+        peers[node] = peer
+        return [.send(.keepAliveAck, to: node, after: .zero)]
+    }
+
+    /// An RTT sample for `node` (from a ping/pong or the QUIC stack).
+    public mutating func rttSample(node: NodeID, rtt: Duration) {
+        peers[node]?.rttWindow.add(rtt)
+    }
+
+    /// `from` asks for a punch to `target`.
+    ///
+    /// Refusals (`notRegistered`, `rateLimited`, `selfTarget`, `unknownTarget`, `capacity`) go to the requester
+    /// only. Otherwise a session starts and both peers get a ``Coordinate``: the farther peer at once, the
+    /// nearer one after (RTT_far − RTT_near)/2 (capped by ``Configuration/maxCompensation``).
+    public mutating func requestPunch(
+        from node: NodeID, requestID: UInt64, target: NodeID, secret: SessionSecret, now: Duration
+    ) -> [Action] {
+        func refuse(_ code: RendezvousError.Code, _ message: String) -> [Action] {
+            [.send(.error(ErrorReply(requestID: requestID, code: code.name, message: message)), to: node, after: .zero)]
+        }
+        guard var requester = peers[node] else {
+            return refuse(.notRegistered, "register before asking for a punch")
+        }
+        guard take(&requester, now: now) else {
+            peers[node] = requester
+            return refuse(.rateLimited, "more than \(Int(configuration.rateBurst)) requests at once or "
+                          + "\(configuration.ratePerSecond)/s; retry later")
+        }
+        peers[node] = requester
+        guard target != node else { return refuse(.selfTarget, "cannot punch to yourself") }
+        guard let other = peers[target] else {
+            return refuse(.unknownTarget, "no peer \(target) is registered at this rendezvous")
+        }
+        guard sessions.count < configuration.maxSessions else {
+            return refuse(.capacity, "the rendezvous holds its maximum of sessions; retry later")
+        }
+        let rttI = requester.rtt ?? .zero
+        let rttT = other.rtt ?? .zero
+        let half = (rttI > rttT ? rttI - rttT : rttT - rttI) / 2
+        let compensation = min(half, configuration.maxCompensation)
+        let initiatorIsFar = rttI >= rttT
+        let pairRTT = (rttI + rttT) / 2
+        let hint: Int64? = (requester.rtt != nil && other.rtt != nil) ? Int64(pairRTT / .microseconds(1)) : nil
+        let start = Int64(configuration.startDelay / .microseconds(1))
+        let toInitiator = Coordinate(
+            requestID: requestID, sessionID: secret.id, sessionKey: secret.key, peer: target,
+            candidates: [other.observed] + other.registration.lanAddresses, peerNAT: other.registration.nat ?? .unknown,
+            role: .initiator, startDelayMicroseconds: start, peerRTTMicroseconds: hint
+        )
+        let toTarget = Coordinate(
+            requestID: nil, sessionID: secret.id, sessionKey: secret.key, peer: node,
+            candidates: [requester.observed] + requester.registration.lanAddresses,
+            peerNAT: requester.registration.nat ?? .unknown,
+            role: .target, startDelayMicroseconds: start, peerRTTMicroseconds: hint
+        )
+        // Residual skew the estimates predict once compensation is capped (zero unless the cap bites).
+        let planned = half - compensation
+        sessions[secret.id] = Session(initiator: node, target: target, expires: now + configuration.sessionTTL, planned: planned)
+        let far: Action
+        let near: Action
+        if initiatorIsFar {
+            far = .send(.coordinate(toInitiator), to: node, after: .zero)
+            near = .send(.coordinate(toTarget), to: target, after: compensation)
+        } else {
+            far = .send(.coordinate(toTarget), to: target, after: .zero)
+            near = .send(.coordinate(toInitiator), to: node, after: compensation)
+        }
+        return [
+            .sessionStarted(sessionID: secret.id, initiator: node, target: target, nearDelay: compensation),
+            far, near,
+        ]
+    }
+
+    /// The driver actually wrote a session's coordinate message to `node` at `now`.
+    public mutating func coordinateSent(node: NodeID, sessionID: String, now: Duration) {
+        guard var session = sessions[sessionID], let side = side(of: node, in: session) else { return }
+        session.sent[side] = now
+        sessions[sessionID] = session
+    }
+
+    /// `node` acknowledged the coordinate message. Once both have, the skew is measured: each arrival is taken
+    /// as the midpoint of the send and the ack (the RTT/2 assumption of a symmetric path).
+    public mutating func coordinateAcked(node: NodeID, sessionID: String, now: Duration) -> [Action] {
+        guard var session = sessions[sessionID], let side = side(of: node, in: session),
+              session.acked[side] == nil, session.sent[side] != nil else { return [] }
+        session.acked[side] = now
+        sessions[sessionID] = session
+        guard let s0 = session.sent[0], let s1 = session.sent[1], let a0 = session.acked[0], let a1 = session.acked[1] else {
+            return []
+        }
+        let arrival0 = s0 + (a0 - s0) / 2
+        let arrival1 = s1 + (a1 - s1) / 2
+        let skew = arrival0 > arrival1 ? arrival0 - arrival1 : arrival1 - arrival0
+        return [.skewMeasured(sessionID: sessionID, skew: skew, planned: session.planned)]
+    }
+
+    /// A peer of the session reports its outcome; the session ends.
+    public mutating func punchResult(node: NodeID, sessionID: String, outcome: String) -> [Action] {
+        guard let session = sessions[sessionID], side(of: node, in: session) != nil else { return [] }
+        sessions[sessionID] = nil
+        return [.sessionEnded(sessionID: sessionID, reason: outcome)]
+    }
+
+    /// A connection ended: the registration made on it (if still current) goes away.
+    public mutating func disconnected(node: NodeID, connection: UInt64) -> [Action] {
+        if let peer = peers[node], peer.connection == connection {
+            peers[node] = nil
+        }
+        return []
+    }
+
+    /// Housekeeping: expires registrations (closing their connections) and sessions.
+    public mutating func tick(now: Duration) -> [Action] {
+        var actions: [Action] = []
+        for (node, peer) in peers where peer.expires <= now {
+            peers[node] = nil
+            actions.append(.close(node, connection: peer.connection, reason: "registration expired"))
+        }
+        for (id, session) in sessions where session.expires <= now {
+            sessions[id] = nil
+            actions.append(.sessionEnded(sessionID: id, reason: "expired"))
+        }
+        return actions
+    }
+
+    // MARK: Helpers
+
+    private func side(of node: NodeID, in session: Session) -> Int? {
+        if session.initiator == node { return 0 }
+        if session.target == node { return 1 }
+        return nil
+    }
+
+    /// Refills the bucket and takes a token; false when empty.
+    private func take(_ peer: inout Peer, now: Duration) -> Bool {
+        let elapsed = Double((now - peer.refilled) / .microseconds(1)) / 1_000_000
+        peer.tokens = min(configuration.rateBurst, peer.tokens + max(0, elapsed) * configuration.ratePerSecond)
+        peer.refilled = now
+        guard peer.tokens >= 1 else { return false }
+        peer.tokens -= 1
+        return true
+    }
+}
