@@ -8,6 +8,7 @@
 #   lab.sh status [--json|--env]
 #   lab.sh check               exit 0 if this machine can run the lab, else print why
 #   lab.sh hosts               list the host names
+#   lab.sh list                list the labs present on this machine (any name)
 #
 # Instance name: env HP_LAB (default "hp"); every namespace is "$HP_LAB-<host>".
 set -euo pipefail
@@ -55,7 +56,7 @@ nsx() { local h=$1; shift; ip netns exec "$(ns "$h")" "$@"; }
 ns_exists() { [[ -e /run/netns/$1 ]]; }
 
 usage() {
-    sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     cat <<EOF
 
 up options (a plain option applies to both routers; -a / -b suffixed ones to one router):
@@ -549,6 +550,16 @@ cmd_exec() {
     exec ip netns exec "$(ns "$h")" "$@"
 }
 
+cmd_list() {  # every lab: a namespace "<name>-wan" next to "<name>-rdv"
+    local f n
+    for f in /run/netns/*-wan; do
+        [[ -e $f ]] || continue
+        n=${f##*/}; n=${n%-wan}
+        [[ $n =~ ^[a-z][a-z0-9]{0,15}$ && -e /run/netns/$n-rdv ]] && echo "$n"
+    done
+    return 0
+}
+
 main() {
     local cmd=${1:-}
     [[ $# -gt 0 ]] && shift
@@ -559,6 +570,7 @@ main() {
         status) cmd_status "$@" ;;
         check) cmd_check ;;
         hosts) echo "${HOSTS[*]}" ;;
+        list) cmd_list ;;
         ruleset) parse_up "$@"; nat_ruleset a ;;  # debugging: print router a's ruleset for these options
         -h|--help|help|"") usage ;;
         *) usage >&2; exit 2 ;;

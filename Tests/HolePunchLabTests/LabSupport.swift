@@ -25,13 +25,30 @@ enum LabSupport {
         guard FileManager.default.isExecutableFile(atPath: labScript) else { return "missing \(labScript)" }
         do {
             let r = try run([labScript, "check"], env: ["HP_LAB": runPrefix + "c"], timeout: 30)
-            if r.status == 0 { return nil }
+            if r.status == 0 {
+                reapStaleLabs()
+                return nil
+            }
             let why = (r.stdout + r.stderr).trimmingCharacters(in: .whitespacesAndNewlines)
             return why.isEmpty ? "lab.sh check failed" : why
         } catch {
             return "cannot run lab.sh check: \(error)"
         }
     }()
+
+    /// Deletes labs left by earlier test processes that died without cleaning up (SIGKILL, a
+    /// crash): names `hpt<pid>x<n>` whose pid no longer runs. Never touches any other lab.
+    static func reapStaleLabs() {
+        guard let r = try? run([labScript, "list"], timeout: 30) else { return }
+        for name in r.stdout.split(separator: "\n").map(String.init) {
+            guard name.hasPrefix("hpt"), let x = name.firstIndex(of: "x"),
+                  let pid = Int32(name[name.index(name.startIndex, offsetBy: 3)..<x]),
+                  pid != ProcessInfo.processInfo.processIdentifier, kill(pid, 0) != 0, errno == ESRCH
+            else { continue }
+            print("HolePunchLabTests: deleting stale lab \(name) (its test process \(pid) is gone)")
+            _ = try? run([labScript, "down"], env: ["HP_LAB": name], timeout: 60)
+        }
+    }
 
     static var available: Bool {
         if let why = unavailableReason {
