@@ -314,6 +314,7 @@ struct LabTests {
     @Test("a failing up cleans up after itself", .timeLimit(.minutes(1)), arguments: ["public", "routers"])
     func failedUpCleansUp(_ failAt: String) throws {
         let name = LabSupport.uniqueName()
+        defer { _ = try? LabSupport.run([LabSupport.labScript, "down"], env: ["HP_LAB": name], timeout: 60) }
         let r = try LabSupport.run([LabSupport.labScript, "up", "--delay", "10", "--probe-server"],
                                    env: ["HP_LAB": name, "HP_LAB_FAIL_AT": failAt, "HP_LAB_QUIET": "1"], timeout: 60)
         #expect(r.status != 0, "up was told to fail at \(failAt)")
@@ -325,6 +326,7 @@ struct LabTests {
     @Test("bad options create nothing", .timeLimit(.minutes(1)))
     func badOptions() throws {
         let name = LabSupport.uniqueName()
+        defer { _ = try? LabSupport.run([LabSupport.labScript, "down"], env: ["HP_LAB": name], timeout: 60) }
         for opts in [["--nat-a", "bogus"], ["--loss", "x"], ["--port-preservation", "maybe"], ["--frobnicate", "1"]] {
             let r = try LabSupport.run([LabSupport.labScript, "up"] + opts, env: ["HP_LAB": name], timeout: 30)
             #expect(r.status != 0, "up \(opts) should fail")
@@ -335,6 +337,7 @@ struct LabTests {
     @Test("down removes namespaces, delay lines and state, and is idempotent", .timeLimit(.minutes(1)))
     func downIsIdempotent() throws {
         let lab = try Lab(["--delay-a", "5", "--delay-b", "5", "--probe-server"])
+        defer { lab.down() }
         let st = try lab.status()
         let pids = ["delay-a", "delay-b", "probe-server"].compactMap { name -> Int32? in
             let path = "\(st.state_dir)/pids/\(name).pid"
