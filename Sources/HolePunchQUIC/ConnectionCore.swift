@@ -217,7 +217,6 @@ final class ConnectionCore {
 
     /// Checks the peer's certificate against the expected NodeID or the accept policy. Returns false to abort.
     func verifyPeer(policy: AcceptPolicy) -> Bool {
-        defer { print("DEBUG verify", isClient, verifyError as Any) }
         guard let session else { return false }
         var count: UInt32 = 0
         guard let certs = gnutls_certificate_get_peers(session, &count), count > 0 else {

@@ -27,6 +27,10 @@ final class EventLoop: SerialExecutor, @unchecked Sendable {
 
     private let epollFD: Int32
     private let wakeFD: Int32
+    /// Timers need sub-millisecond precision (ngtcp2 paces packets in microseconds), which `epoll_wait`'s
+    /// millisecond timeout cannot give: a timerfd armed to the earliest deadline can.
+    private let timerFD: Int32
+    private var armedTimerDeadline: UInt64 = 0
     private let pending = Mutex(Pending())
     private var threadID: pthread_t?
     private let started = DispatchSemaphore(value: 0)
@@ -43,10 +47,14 @@ final class EventLoop: SerialExecutor, @unchecked Sendable {
         precondition(epollFD >= 0, "epoll_create1 failed: \(errno)")
         wakeFD = eventfd(0, Int32(EFD_NONBLOCK | EFD_CLOEXEC))
         precondition(wakeFD >= 0, "eventfd failed: \(errno)")
-        var event = epoll_event()
-        event.events = EPOLLIN.rawValue
-        event.data.fd = wakeFD
-        precondition(epoll_ctl(epollFD, EPOLL_CTL_ADD, wakeFD, &event) == 0)
+        timerFD = timerfd_create(CLOCK_MONOTONIC, Int32(TFD_NONBLOCK | TFD_CLOEXEC))
+        precondition(timerFD >= 0, "timerfd_create failed: \(errno)")
+        for fd in [wakeFD, timerFD] {
+            var event = epoll_event()
+            event.events = EPOLLIN.rawValue
+            event.data.fd = fd
+            precondition(epoll_ctl(epollFD, EPOLL_CTL_ADD, fd, &event) == 0)
+        }
         let thread = Thread { [unowned self] in
             self.threadID = pthread_self()
             self.started.signal()
@@ -144,9 +152,9 @@ final class EventLoop: SerialExecutor, @unchecked Sendable {
             if count > 0 {
                 for i in 0..<Int(count) {
                     let fd = events[i].data.fd
-                    if fd == wakeFD {
+                    if fd == wakeFD || fd == timerFD {
                         var value: UInt64 = 0
-                        _ = read(wakeFD, &value, 8)
+                        _ = read(fd, &value, 8)
                     } else if let handler = handlers[fd] {
                         handler(events[i].events)
                     }
@@ -157,6 +165,7 @@ final class EventLoop: SerialExecutor, @unchecked Sendable {
         }
         close(epollFD)
         close(wakeFD)
+        close(timerFD)
     }
 
     /// Runs queued jobs and closures; returns true when the loop should stop.
@@ -187,9 +196,14 @@ final class EventLoop: SerialExecutor, @unchecked Sendable {
         guard let top = timerHeap.first else { return -1 }
         let now = hp_now_ns()
         if top.deadline <= now { return 0 }
-        // Round up so that a timer never fires early, which would spin.
-        let ms = (top.deadline - now + 999_999) / 1_000_000
-        return Int32(min(ms, 60_000))
+        if top.deadline != armedTimerDeadline {
+            armedTimerDeadline = top.deadline
+            var spec = itimerspec()
+            spec.it_value.tv_sec = Int(top.deadline / 1_000_000_000)
+            spec.it_value.tv_nsec = Int(top.deadline % 1_000_000_000)
+            _ = timerfd_settime(timerFD, Int32(TFD_TIMER_ABSTIME), &spec, nil)
+        }
+        return -1
     }
 
     private func fireTimers() {

@@ -1,5 +1,8 @@
 import Foundation
 internal import CGnuTLS
+// The GnuTLS enum constants (GNUTLS_X509_FMT_*) resolve through CNgtcp2 in release (WMO) builds, which also
+// include gnutls.h; importing it here keeps both build modes compiling.
+internal import CNgtcp2
 internal import CHolePunchShims
 
 /// A node's identity: the SHA-256 of its certificate's SubjectPublicKeyInfo.

@@ -230,10 +230,22 @@ struct PunchExecutorTests {
                     strategy: FixedStrategy(timeout: .seconds(30))
                 ))
                 group.addTask {
-                    let connection = try await executor.punch(options(
+                    let handle = await executor.startPunch(options(
                         to: b, session: session, key: key, role: .initiator, expecting: PunchIdentities.b.nodeID,
                         strategy: FixedStrategy(timeout: .seconds(30))
                     ))
+                    // Keep the progress so that a failure explains itself.
+                    var log: [String] = []
+                    let clock = ContinuousClock()
+                    let started = clock.now
+                    for await event in handle.events { log.append("\(clock.now - started) \(event)") }
+                    if case .failure(let error) = await handle.result() {
+                        Issue.record("""
+                            \(session) failed: \(error); events \(log); initiator \(await endpoint.stats); \
+                            target \(await b.stats) failures \(await b.recentHandshakeFailures.suffix(3))
+                            """)
+                    }
+                    let connection = try await handle.value()
                     let accepted = try await targetHandle.value()
                     return connection.peerNodeID == PunchIdentities.b.nodeID && accepted.peerNodeID == identity.nodeID
                 }

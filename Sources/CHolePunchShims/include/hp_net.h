@@ -6,6 +6,7 @@
 #include <netinet/in.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/timerfd.h>
 
 /// CLOCK_MONOTONIC in nanoseconds: the one clock every ngtcp2 timestamp uses.
 uint64_t hp_now_ns(void);
