@@ -80,7 +80,6 @@ def main():
     delay = max(0.0, args.delay) / 1000.0
     jitter = max(0.0, args.jitter) / 1000.0
 
-
     def stop(_sig, _frm):
         raise SystemExit(0)  # interrupts select() at once; frames still queued are lost, like a cut cable
 
@@ -129,7 +128,6 @@ def main():
                 os.write(out, frame)
             except OSError:
                 pass  # the link is going away, or the TAP is full: the frame is lost
-    return 0
 
 
 if __name__ == "__main__":
