@@ -210,6 +210,9 @@ public actor RendezvousServer: Service {
     /// The server's RTT estimate for a registered peer (for tests and monitoring).
     public func rtt(of node: NodeID) -> Duration? { state.peer(node)?.rtt }
 
+    /// How many RTT samples the server has for `node` (0 when unregistered).
+    public func rttSamples(of node: NodeID) -> Int { state.peer(node)?.rttSamples ?? 0 }
+
     /// Whether `node` is registered.
     public func isRegistered(_ node: NodeID) -> Bool { state.peer(node) != nil }
 

@@ -120,6 +120,8 @@ public struct RendezvousState: Sendable {
         public var expires: Duration
         /// The RTT estimate: the minimum of the last four samples (scheduling noise only ever adds delay).
         public var rtt: Duration? { rttWindow.minimum }
+        /// How many RTT samples have arrived.
+        public var rttSamples: Int { rttWindow.next }
         var rttWindow = RTTWindow()
         var tokens: Double
         var refilled: Duration

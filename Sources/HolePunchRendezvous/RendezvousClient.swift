@@ -1,0 +1,414 @@
+public import HolePunch
+public import HolePunchSTUN
+public import Logging
+import Synchronization
+
+/// Settings for a ``RendezvousClient``.
+public struct RendezvousClientConfiguration: Sendable {
+    /// The rendezvous's QUIC address.
+    public var server: SocketAddress
+    /// The rendezvous's NodeID: the handshake must prove it.
+    public var serverNodeID: NodeID
+    /// How long to wait for the rendezvous to answer a register or punch request.
+    public var requestTimeout: Duration
+    /// The strategy for this client's punches; nil uses the executor's.
+    public var strategy: (any PunchStrategy)?
+    /// An overall limit on each punch; nil keeps the plan's.
+    public var punchTimeout: Duration?
+
+    /// Creates a configuration.
+    public init(
+        server: SocketAddress, serverNodeID: NodeID, requestTimeout: Duration = .seconds(10),
+        strategy: (any PunchStrategy)? = nil, punchTimeout: Duration? = nil
+    ) {
+        self.server = server
+        self.serverNodeID = serverNodeID
+        self.requestTimeout = requestTimeout
+        self.strategy = strategy
+        self.punchTimeout = punchTimeout
+    }
+}
+
+/// A coordinate message as this peer received it, with the instants derived from its receipt.
+public struct ReceivedCoordinate: Sendable {
+    /// The message.
+    public var coordinate: Coordinate
+    /// When it was decoded here (monotonic clock).
+    public var receivedAt: ContinuousClock.Instant
+    /// When probing starts: ``receivedAt`` plus the coordinate's start delay.
+    public var startAt: ContinuousClock.Instant { receivedAt.advanced(by: coordinate.startDelay) }
+}
+
+/// A punch the rendezvous asked this peer to accept (the target role), already started.
+public struct IncomingPunch: Sendable {
+    /// The coordinate message that started it.
+    public var coordinate: ReceivedCoordinate
+    /// The running punch: live events and the result.
+    public var handle: PunchHandle
+}
+
+/// A peer's side of the rendezvous, on the peer's punch ``Endpoint`` and its ``PunchExecutor``.
+///
+/// The client dials the rendezvous from the punch socket (so the server sees the punch mapping), opens one
+/// control stream, registers and keeps the registration alive. ``requestPunch(to:)`` asks for a punch and runs
+/// it as the initiator; coordinate messages for the target role start punches on their own, announced on
+/// ``incomingPunches`` and, once connected, on ``incoming``. Pings are answered and coordinate messages acked
+/// at once, which is what lets the server time the clock-free start.
+public actor RendezvousClient {
+    /// The executor punches run on.
+    public nonisolated let executor: PunchExecutor
+    /// Connections punched for the target role.
+    public nonisolated let incoming: AsyncStream<QUICConnection>
+    /// Target-role punches as they start (with live events).
+    public nonisolated let incomingPunches: AsyncStream<IncomingPunch>
+
+    private let configuration: RendezvousClientConfiguration
+    private let logger: Logger
+    private let incomingContinuation: AsyncStream<QUICConnection>.Continuation
+    private let punchesContinuation: AsyncStream<IncomingPunch>.Continuation
+    private var connection: QUICConnection?
+    private var stream: QUICStream?
+    private var tasks: [Task<Void, Never>] = []
+    private var nextRequest: UInt64 = 1
+    private var registerWaiter: CheckedContinuation<Result<Registered, RendezvousError>, Never>?
+    private var requestWaiters: [UInt64: CheckedContinuation<Result<ReceivedCoordinate, RendezvousError>, Never>] = [:]
+    private var closedReason: RendezvousError?
+    private var localNAT: NATProfile = .unknown
+    /// The last confirmation from the server.
+    public private(set) var registered: Registered?
+
+    /// Creates a client; nothing is sent until ``connect(_:)``.
+    public init(
+        executor: PunchExecutor, configuration: RendezvousClientConfiguration,
+        logger: Logger = Logger(label: "holepunch.rendezvous.client", factory: { _ in SwiftLogNoOpLogHandler() })
+    ) {
+        self.executor = executor
+        self.configuration = configuration
+        self.logger = logger
+        (incoming, incomingContinuation) = AsyncStream.makeStream(of: QUICConnection.self)
+        (incomingPunches, punchesContinuation) = AsyncStream.makeStream(of: IncomingPunch.self)
+    }
+
+    /// This peer's NodeID.
+    public nonisolated var nodeID: NodeID { executor.endpoint.nodeID }
+
+    /// Dials the rendezvous from the punch socket, opens the control stream and registers.
+    ///
+    /// - Returns: the server's confirmation with the observed (public) address.
+    /// - Throws: ``RendezvousError`` `connectionFailed`, `timeout`, `disconnected` or a refusal code.
+    public func connect(_ registration: Registration = Registration()) async throws(RendezvousError) -> Registered {
+        guard connection == nil else { return try await register(registration) }
+        do {
+            let quic = try await executor.endpoint.connect(to: configuration.server, expecting: configuration.serverNodeID,
+                                                           options: ConnectOptions(handshakeTimeout: configuration.requestTimeout))
+            connection = quic
+            stream = try await quic.openStream()
+        } catch {
+            throw RendezvousError(.connectionFailed, "cannot reach the rendezvous at \(configuration.server): \(error)")
+        }
+        let reader = Task { await self.readLoop() }
+        tasks.append(reader)
+        let confirmed = try await register(registration)
+        tasks.append(Task { await self.keepAliveLoop() })
+        return confirmed
+    }
+
+    /// Registers again with new LAN addresses or NAT profile (the NodeID and observed address stay).
+    ///
+    /// - Throws: ``RendezvousError``.
+    public func register(_ registration: Registration) async throws(RendezvousError) -> Registered {
+        if let closedReason { throw closedReason }
+        if let nat = registration.nat { localNAT = nat }
+        let result = await withCheckedContinuation { (continuation: CheckedContinuation<Result<Registered, RendezvousError>, Never>) in
+            registerWaiter?.resume(returning: .failure(RendezvousError(.protocolViolation, "superseded by a newer register")))
+            registerWaiter = continuation
+            armTimeout { client in
+                client.registerWaiter?.resume(returning: .failure(RendezvousError(.timeout, "the rendezvous did not confirm the registration")))
+                client.registerWaiter = nil
+            }
+            Task { await self.send(.register(registration)) }
+        }
+        let confirmed = try result.get()
+        registered = confirmed
+        return confirmed
+    }
+
+    /// Asks the rendezvous to coordinate a punch to `target` and waits for this side's coordinate message.
+    ///
+    /// - Throws: ``RendezvousError`` (`unknownTarget`, `rateLimited`, `timeout`, `disconnected`…).
+    public func coordinate(to target: NodeID) async throws(RendezvousError) -> ReceivedCoordinate {
+        if let closedReason { throw closedReason }
+        let id = nextRequest
+        nextRequest += 1
+        let result = await withCheckedContinuation { (continuation: CheckedContinuation<Result<ReceivedCoordinate, RendezvousError>, Never>) in
+            requestWaiters[id] = continuation
+            armTimeout { client in
+                client.requestWaiters.removeValue(forKey: id)?.resume(returning: .failure(
+                    RendezvousError(.timeout, "the rendezvous did not answer the punch request")))
+            }
+            Task { await self.send(.requestPunch(requestID: id, target: target)) }
+        }
+        return try result.get()
+    }
+
+    /// Starts the punch a coordinate message describes, on the executor; the outcome is reported to the server.
+    public func startPunch(_ received: ReceivedCoordinate) async -> PunchHandle {
+        let handle = await executor.startPunch(options(for: received))
+        let session = received.coordinate.sessionID
+        tasks.append(Task {
+            let outcome: String
+            switch await handle.result() {
+            case .success: outcome = "connected"
+            case .failure(let error): outcome = error.code.rawValue
+            }
+            await self.send(.punchResult(sessionID: session, outcome: outcome))
+        })
+        return handle
+    }
+
+    /// Requests a punch to `target`, runs it as the initiator and returns the authenticated connection.
+    ///
+    /// - Throws: ``RendezvousError`` when the rendezvous refuses or fails, ``PunchError`` when the punch fails.
+    public func requestPunch(to target: NodeID) async throws -> QUICConnection {
+        let received = try await coordinate(to: target)
+        let handle = await startPunch(received)
+        return try await handle.value()
+    }
+
+    /// Runs RFC 5780 NAT behaviour discovery from the punch socket against `server` (by default the STUN
+    /// responder the rendezvous advertised), and remembers the profile for later punches.
+    ///
+    /// Extra sockets for the allocation test bind to the punch socket's IP, port 0.
+    ///
+    /// - Throws: ``RendezvousError`` `protocolViolation` when no STUN server is known; `CancellationError`.
+    public func discoverNAT(server: SocketAddress? = nil, configuration discovery: NATDiscovery.Configuration = .init())
+        async throws -> NATBehaviour
+    {
+        guard let target = server ?? registered?.stunServer else {
+            throw RendezvousError(.protocolViolation, "the rendezvous advertises no STUN responder; pass one")
+        }
+        let transport = EndpointSTUNTransport(endpoint: executor.endpoint)
+        await transport.install(executor: executor)
+        defer { transport.finish() }
+        let local = executor.endpoint.localAddress
+        let fresh = SocketAddress(ip: local.ip, port: 0)
+        let client = NATDiscoveryClient(server: target, transport: transport,
+                                        makeExtraTransport: { try UDPSTUNTransport(binding: fresh) },
+                                        configuration: discovery)
+        let behaviour = try await client.run()
+        localNAT = NATProfile(behaviour)
+        return behaviour
+    }
+
+    /// Closes the control connection and ends ``incoming``; running punches continue to their end.
+    public func close() async {
+        fail(RendezvousError(.disconnected, "the client was closed"))
+        for task in tasks { task.cancel() }
+        tasks.removeAll()
+        await connection?.close()
+    }
+
+    // MARK: Internals
+
+    /// Turns a coordinate message into punch options: which candidate to dial, when to start, what to expect.
+    ///
+    /// Candidate rule: the peer's observed address, unless it shares our public IP (same NAT, where hairpinning
+    /// may be unsupported) and it published a LAN address of our family, which is then used instead.
+    func options(for received: ReceivedCoordinate) -> PunchOptions {
+        let coordinate = received.coordinate
+        let family = executor.endpoint.localAddress.isIPv6
+        let usable = coordinate.candidates.filter { $0.isIPv6 == family }
+        var chosen = usable.first ?? coordinate.candidates.first ?? configuration.server
+        if let mine = registered?.observedAddress, chosen.ip == mine.ip, usable.count > 1 {
+            chosen = usable[1]
+        }
+        let ports = [chosen.port] + usable.filter { $0.ip == chosen.ip && $0.port != chosen.port }.map(\.port)
+        return PunchOptions(
+            targetHost: chosen.host, targetPorts: ports, sessionID: coordinate.sessionID, sessionKey: coordinate.sessionKey,
+            punchTime: .at(received.startAt), role: coordinate.role, localNAT: localNAT, remoteNAT: coordinate.peerNAT,
+            targetNodeID: coordinate.peer, strategy: configuration.strategy,
+            rtt: coordinate.peerRTTMicroseconds.map { .microseconds($0) }, timeout: configuration.punchTimeout
+        )
+    }
+
+    private func armTimeout(_ body: @escaping @Sendable (isolated RendezvousClient) -> Void) {
+        let limit = configuration.requestTimeout
+        // Not kept in `tasks`: it ends by itself after `limit` and does nothing if the waiter is gone.
+        Task {
+            guard (try? await Task.sleep(for: limit)) != nil else { return }
+            body(self)
+        }
+    }
+
+    private func send(_ message: ClientMessage) async {
+        guard let stream, closedReason == nil else { return }
+        do {
+            try await stream.write(RendezvousFraming.frame(message))
+        } catch {
+            fail(RendezvousError(.disconnected, "lost the rendezvous connection: \(error)"))
+        }
+    }
+
+    private func readLoop() async {
+        guard let stream else { return }
+        var reader = FrameReader()
+        do {
+            while let chunk = try await stream.read() {
+                reader.append(chunk)
+                while let body = try reader.next() {
+                    let receivedAt = ContinuousClock.now
+                    await handle(try RendezvousFraming.decode(ServerMessage.self, from: body), receivedAt: receivedAt)
+                }
+            }
+            fail(RendezvousError(.disconnected, "the rendezvous closed the connection"))
+        } catch {
+            fail(RendezvousError(.disconnected, "lost the rendezvous connection: \(error)"))
+        }
+    }
+
+    private func handle(_ message: ServerMessage, receivedAt: ContinuousClock.Instant) async {
+        switch message {
+        case .ping(let id):
+            await send(.pong(id: id))
+        case .registered(let confirmed):
+            registered = confirmed
+            registerWaiter?.resume(returning: .success(confirmed))
+            registerWaiter = nil
+        case .keepAliveAck:
+            break
+        case .coordinate(let coordinate):
+            await send(.coordinateAck(sessionID: coordinate.sessionID))
+            let received = ReceivedCoordinate(coordinate: coordinate, receivedAt: receivedAt)
+            if coordinate.role == .initiator {
+                if let id = coordinate.requestID, let waiter = requestWaiters.removeValue(forKey: id) {
+                    waiter.resume(returning: .success(received))
+                }
+            } else {
+                logger.info("punch requested by peer", metadata: ["peer.node": "\(coordinate.peer.short)",
+                                                                  "session.id": "\(coordinate.sessionID)"])
+                let handle = await startPunch(received)
+                punchesContinuation.yield(IncomingPunch(coordinate: received, handle: handle))
+                let sink = incomingContinuation
+                tasks.append(Task {
+                    if case .success(let connection) = await handle.result() { sink.yield(connection) }
+                })
+            }
+        case .error(let reply):
+            let error = RendezvousError(RendezvousError.Code(reply.code), reply.message)
+            if let id = reply.requestID, let waiter = requestWaiters.removeValue(forKey: id) {
+                waiter.resume(returning: .failure(error))
+            } else if let waiter = registerWaiter {
+                registerWaiter = nil
+                waiter.resume(returning: .failure(error))
+            } else {
+                logger.info("rendezvous error", metadata: ["error": "\(error)"])
+            }
+        }
+    }
+
+    private func keepAliveLoop() async {
+        while closedReason == nil {
+            let interval = Duration.milliseconds(max(registered?.keepAliveMilliseconds ?? 10_000, 50))
+            guard (try? await Task.sleep(for: interval)) != nil else { return }
+            await send(.keepAlive)
+        }
+    }
+
+    private func fail(_ error: RendezvousError) {
+        guard closedReason == nil else { return }
+        closedReason = error
+        registerWaiter?.resume(returning: .failure(error))
+        registerWaiter = nil
+        for waiter in requestWaiters.values { waiter.resume(returning: .failure(error)) }
+        requestWaiters.removeAll()
+        incomingContinuation.finish()
+        punchesContinuation.finish()
+    }
+
+    /// Why the client stopped, once it has (nil while connected).
+    public var failure: RendezvousError? { closedReason }
+}
+
+extension NATProfile {
+    /// The strategy vocabulary for a measured NAT behaviour: the one place `NATBehaviour` (HolePunchSTUN)
+    /// becomes a `NATProfile` (HolePunchStrategy). The names match one to one; a missing port delta becomes 0.
+    public init(_ behaviour: NATBehaviour) {
+        func aspect(_ mapping: NATMapping) -> NATBehavior {
+            switch mapping {
+            case .endpointIndependent: .endpointIndependent
+            case .addressDependent: .addressDependent
+            case .addressAndPortDependent: .addressAndPortDependent
+            case .unknown: .unknown
+            }
+        }
+        func aspect(_ filtering: NATFiltering) -> NATBehavior {
+            switch filtering {
+            case .endpointIndependent: .endpointIndependent
+            case .addressDependent: .addressDependent
+            case .addressAndPortDependent: .addressAndPortDependent
+            case .unknown: .unknown
+            }
+        }
+        let allocation: PortAllocation = switch behaviour.allocation {
+        case .portPreserving: .portPreserving
+        case .sequential: .sequential
+        case .random: .random
+        case .unknown: .unknown
+        }
+        self.init(mapping: aspect(behaviour.mapping), filtering: aspect(behaviour.filtering), allocation: allocation,
+                  portDelta: behaviour.portDelta ?? 0, confidence: behaviour.confidence)
+    }
+}
+
+/// A ``STUNTransport`` over the punch endpoint's shared socket: sends with ``Endpoint/send(datagram:to:)`` and
+/// receives the STUN-range datagrams that are not punch probes.
+///
+/// The executor installs its datagram handler only with its first punch, so until then the endpoint's own
+/// handler is set too; once the executor takes over, it forwards through ``PunchExecutor/otherDatagrams(_:)``.
+final class EndpointSTUNTransport: STUNTransport {
+    let endpoint: Endpoint
+    let localAddress: SocketAddress
+    private let sink = Mutex<AsyncStream<STUNDatagram>.Continuation?>(nil)
+
+    init(endpoint: Endpoint) {
+        self.endpoint = endpoint
+        self.localAddress = endpoint.localAddress
+    }
+
+    func install(executor: PunchExecutor) async {
+        let handler: @Sendable ([UInt8], SocketAddress) -> Void = { [self] bytes, from in
+            deliver(STUNDatagram(bytes: bytes, from: from))
+        }
+        await executor.otherDatagrams(handler)
+        await endpoint.setDatagramHandler(handler)
+    }
+
+    private func deliver(_ datagram: STUNDatagram) {
+        _ = sink.withLock { $0?.yield(datagram) }
+    }
+
+    func send(_ bytes: [UInt8], to destination: SocketAddress) async throws {
+        try await endpoint.send(datagram: bytes, to: destination)
+    }
+
+    func incoming() -> AsyncStream<STUNDatagram> {
+        let (stream, continuation) = AsyncStream.makeStream(of: STUNDatagram.self, bufferingPolicy: .bufferingNewest(256))
+        let previous = sink.withLock { current in
+            defer { current = continuation }
+            return current
+        }
+        previous?.finish()
+        return stream
+    }
+
+    func close() async {
+        finish()
+    }
+
+    func finish() {
+        sink.withLock { current in
+            current?.finish()
+            current = nil
+        }
+    }
+}

@@ -1,8 +1,0 @@
-import Testing
-@testable import HolePunchRendezvous
-
-@Suite struct HolePunchRendezvousModuleTests {
-    @Test func moduleLoads() {
-        #expect(Bool(true))
-    }
-}
