@@ -168,6 +168,9 @@ public struct RendezvousState: Sendable {
         var planned: Duration
         var sent: [Duration?] = [nil, nil]
         var acked: [Duration?] = [nil, nil]
+        /// Set once a peer reported an outcome; the record stays until both acks are in (for the skew).
+        var ended = false
+        var bothAcked: Bool { acked[0] != nil && acked[1] != nil }
     }
 
     /// The configuration.
@@ -332,13 +335,16 @@ public struct RendezvousState: Sendable {
         let arrival0 = s0 + (a0 - s0) / 2
         let arrival1 = s1 + (a1 - s1) / 2
         let skew = arrival0 > arrival1 ? arrival0 - arrival1 : arrival1 - arrival0
+        if session.ended { sessions[sessionID] = nil }
         return [.skewMeasured(sessionID: sessionID, skew: skew, planned: session.planned)]
     }
 
-    /// A peer of the session reports its outcome; the session ends.
+    /// A peer of the session reports its outcome; the session ends (its record stays until both coordinate
+    /// acks are in, so a fast result from the near peer does not lose the far peer's skew sample).
     public mutating func punchResult(node: NodeID, sessionID: String, outcome: String) -> [Action] {
-        guard let session = sessions[sessionID], side(of: node, in: session) != nil else { return [] }
-        sessions[sessionID] = nil
+        guard var session = sessions[sessionID], side(of: node, in: session) != nil, !session.ended else { return [] }
+        session.ended = true
+        sessions[sessionID] = session.bothAcked ? nil : session
         return [.sessionEnded(sessionID: sessionID, reason: outcome)]
     }
 
@@ -359,7 +365,7 @@ public struct RendezvousState: Sendable {
         }
         for (id, session) in sessions where session.expires <= now {
             sessions[id] = nil
-            actions.append(.sessionEnded(sessionID: id, reason: "expired"))
+            if !session.ended { actions.append(.sessionEnded(sessionID: id, reason: "expired")) }
         }
         return actions
     }

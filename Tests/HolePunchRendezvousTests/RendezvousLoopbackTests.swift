@@ -1,0 +1,209 @@
+import Foundation
+import HolePunch
+import HolePunchSTUN
+import Testing
+@testable import HolePunchRendezvous
+
+enum Identities {
+    static let server = try! Identity.generate(commonName: "rdv-server")
+    static let a = try! Identity.generate(commonName: "rdv-a")
+    static let b = try! Identity.generate(commonName: "rdv-b")
+    static let c = try! Identity.generate(commonName: "rdv-c")
+}
+
+/// Polls `condition` until it holds or `limit` passes: a bounded wait, not a fixed sleep.
+func eventually(_ limit: Duration = .seconds(5), _ condition: () async -> Bool) async -> Bool {
+    let clock = ContinuousClock()
+    let end = clock.now + limit
+    while clock.now < end {
+        if await condition() { return true }
+        try? await Task.sleep(for: .milliseconds(2))
+    }
+    return await condition()
+}
+
+/// Runs `body` with a time limit; throws `Deadline` if it does not finish in time.
+struct Deadline: Error {}
+func within<T: Sendable>(_ limit: Duration, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
+    try await withThrowingTaskGroup(of: T?.self) { group in
+        group.addTask { try await body() }
+        group.addTask { try? await Task.sleep(for: limit); return nil }
+        defer { group.cancelAll() }
+        guard let first = try await group.next(), let value = first else { throw Deadline() }
+        return value
+    }
+}
+
+/// A running server plus helpers to make clients.
+struct Harness {
+    let server: RendezvousServer
+    let task: Task<Void, any Error>
+
+    static func start(
+        state: RendezvousState.Configuration = .init(), stun: Bool = false,
+        linkDelay: (@Sendable (NodeID) -> Duration)? = nil
+    ) async throws -> Harness {
+        let configuration = RendezvousServerConfiguration(
+            listen: .loopbackV4(port: 0), identity: Identities.server,
+            stun: stun ? STUNResponderConfiguration(primary: .loopbackV4(port: 0), alternatePort: 0) : nil,
+            state: state, housekeepingInterval: .milliseconds(100), linkDelay: linkDelay
+        )
+        let server = try await RendezvousServer.bind(configuration: configuration)
+        let task = Task { try await server.run() }
+        return Harness(server: server, task: task)
+    }
+
+    func client(_ identity: Identity, strategy: (any PunchStrategy)? = nil) async throws -> RendezvousClient {
+        let endpoint = try await Endpoint.bind(.loopbackV4(port: 0), configuration: EndpointConfiguration(identity: identity, acceptPolicy: .none))
+        let executor = PunchExecutor(endpoint: endpoint)
+        return RendezvousClient(executor: executor, configuration: RendezvousClientConfiguration(
+            server: server.address, serverNodeID: server.nodeID, requestTimeout: .seconds(5), strategy: strategy,
+            punchTimeout: .seconds(10)))
+    }
+
+    func stop(_ clients: RendezvousClient...) async {
+        for client in clients {
+            await client.close()
+            await client.executor.shutdown()
+            await client.executor.endpoint.close()
+        }
+        await server.shutdown()
+        _ = await task.result
+    }
+}
+
+@Suite("Rendezvous on loopback", .serialized)
+struct RendezvousLoopbackTests {
+    @Test("register: the observed address is the punch socket's; A punches to B by NodeID and a line goes both ways")
+    func punchByNodeID() async throws {
+        let harness = try await Harness.start()
+        let a = try await harness.client(Identities.a)
+        let b = try await harness.client(Identities.b)
+        let registeredA = try await a.connect()
+        _ = try await b.connect()
+        #expect(registeredA.observedAddress == a.executor.endpoint.localAddress)
+        #expect(await harness.server.isRegistered(Identities.b.nodeID))
+
+        let accepted = Task { () -> QUICConnection? in
+            for await connection in b.incoming { return connection }
+            return nil
+        }
+        let connection = try await within(.seconds(20)) { try await a.requestPunch(to: Identities.b.nodeID) }
+        let inbound = try #require(try await within(.seconds(20)) { await accepted.value })
+        #expect(connection.peerNodeID == Identities.b.nodeID)
+        #expect(inbound.peerNodeID == Identities.a.nodeID)
+        #expect(connection.remoteAddress == b.executor.endpoint.localAddress)
+
+        let stream = try await connection.openStream()
+        try await stream.write(Array("hello from A\n".utf8))
+        let incoming = try #require(try await inbound.acceptStream())
+        let line = try #require(try await incoming.read())
+        #expect(String(decoding: line, as: UTF8.self) == "hello from A\n")
+        try await incoming.write(Array("hello from B\n".utf8))
+        let reply = try #require(try await stream.read())
+        #expect(String(decoding: reply, as: UTF8.self) == "hello from B\n")
+
+        #expect(await harness.server.statistics().coordinations == 1)
+        await harness.stop(a, b)
+    }
+
+    @Test("unknown NodeID: a clear unknownTarget error naming the NodeID, and nothing sent to anyone else")
+    func unknownTarget() async throws {
+        let harness = try await Harness.start()
+        let a = try await harness.client(Identities.a)
+        _ = try await a.connect()
+        let error = await #expect(throws: RendezvousError.self) {
+            _ = try await a.requestPunch(to: Identities.c.nodeID)
+        }
+        #expect(error?.code == .unknownTarget)
+        #expect(error?.message.contains(Identities.c.nodeID.description) == true)
+        #expect(await harness.server.statistics().refusals == 1)
+        #expect(await harness.server.statistics().sessions == 0)
+        await harness.stop(a)
+    }
+
+    @Test("a wrong rendezvous NodeID fails the connection with connectionFailed")
+    func wrongServerID() async throws {
+        let harness = try await Harness.start()
+        let endpoint = try await Endpoint.bind(.loopbackV4(port: 0), configuration: EndpointConfiguration(identity: Identities.a, acceptPolicy: .none))
+        let client = RendezvousClient(executor: PunchExecutor(endpoint: endpoint), configuration: RendezvousClientConfiguration(
+            server: harness.server.address, serverNodeID: Identities.c.nodeID, requestTimeout: .seconds(3)))
+        let error = await #expect(throws: RendezvousError.self) { _ = try await client.connect() }
+        #expect(error?.code == .connectionFailed)
+        await harness.stop(client)
+    }
+
+    @Test("start synchronisation: with 40 ms and 2 ms one-way delays injected, both peers start within 10 ms")
+    func startSkew() async throws {
+        let far = Identities.a.nodeID
+        let harness = try await Harness.start(linkDelay: { $0 == far ? .milliseconds(40) : .milliseconds(2) })
+        let a = try await harness.client(Identities.a)
+        let b = try await harness.client(Identities.b)
+        _ = try await a.connect()
+        _ = try await b.connect()
+        // Wait for the registration pings (4 each) so both RTT estimates exist.
+        let sampled = await eventually(.seconds(10)) {
+            let samplesA = await harness.server.rttSamples(of: Identities.a.nodeID)
+            let samplesB = await harness.server.rttSamples(of: Identities.b.nodeID)
+            return samplesA >= 4 && samplesB >= 4
+        }
+        #expect(sampled)
+        let rttA = try #require(await harness.server.rtt(of: Identities.a.nodeID))
+        let rttB = try #require(await harness.server.rtt(of: Identities.b.nodeID))
+        #expect(rttA >= .milliseconds(80))
+        #expect(rttB < .milliseconds(40))
+
+        // Uncompensated, B would start (80 − 4)/2 = 38 ms before A; B is the target here, A the initiator.
+        var skews: [Duration] = []
+        for round in 0..<3 {
+            let targetStart = Task { () -> ContinuousClock.Instant? in
+                for await punch in b.incomingPunches {
+                    try? await b.executor.cancel(punch.handle.id)
+                    return punch.coordinate.startAt
+                }
+                return nil
+            }
+            let received = try await a.coordinate(to: Identities.b.nodeID)
+            try? await a.executor.cancel((await a.startPunch(received)).id)
+            let startB = try #require(await targetStart.value, "round \(round)")
+            let skew = received.startAt > startB ? received.startAt - startB : startB - received.startAt
+            skews.append(skew)
+        }
+        #expect(skews.allSatisfy { $0 < .milliseconds(10) }, "start skews \(skews)")
+        // The server measured it too, from the coordinate acks.
+        #expect(await eventually { await harness.server.statistics().recentSkews.count == 3 })
+        let measured = await harness.server.statistics().recentSkews
+        #expect(measured.allSatisfy { $0 < .milliseconds(10) }, "server-measured skews \(measured)")
+        await harness.stop(a, b)
+    }
+
+    @Test("keep-alives hold a registration past its TTL; a closed client's registration goes away")
+    func keepAlive() async throws {
+        let harness = try await Harness.start(state: .init(registrationTTL: .milliseconds(600)))
+        let a = try await harness.client(Identities.a)
+        let confirmed = try await a.connect()
+        #expect(confirmed.keepAliveMilliseconds == 200)
+        // Three TTLs later it is still registered thanks to keep-alives.
+        let start = ContinuousClock.now
+        #expect(await eventually(.seconds(3)) { ContinuousClock.now - start > .milliseconds(1800) })
+        #expect(await harness.server.isRegistered(Identities.a.nodeID))
+        await a.close()
+        #expect(await eventually { !(await harness.server.isRegistered(Identities.a.nodeID)) })
+        await harness.stop(a)
+    }
+
+    @Test("NAT discovery over the punch socket against the rendezvous's STUN responder: no NAT on loopback")
+    func discovery() async throws {
+        let harness = try await Harness.start(stun: true)
+        let a = try await harness.client(Identities.a)
+        let confirmed = try await a.connect()
+        let stun = try #require(confirmed.stunServer)
+        #expect(stun == harness.server.stunAddresses.first)
+        let behaviour = try await within(.seconds(15)) { try await a.discoverNAT() }
+        #expect(behaviour.reflexiveAddress == a.executor.endpoint.localAddress)
+        #expect(behaviour.evidence.natDetected == false)
+        // Publish it: the registration carries the profile.
+        _ = try await a.register(Registration(nat: NATProfile(behaviour)))
+        await harness.stop(a)
+    }
+}
