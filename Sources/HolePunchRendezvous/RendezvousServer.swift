@@ -373,3 +373,15 @@ public actor RendezvousServer: Service {
         }
     }
 }
+
+extension RendezvousServer {
+    /// Runs the server in a ServiceLifecycle `ServiceGroup` that shuts it down gracefully on SIGTERM or SIGINT
+    /// (what `holepunch rendezvous` does), and returns once it has stopped.
+    ///
+    /// - Throws: whatever ``run()`` or the group throws.
+    public func runUntilSignalled(logger: Logger) async throws {
+        let group = ServiceGroup(configuration: ServiceGroupConfiguration(
+            services: [.init(service: self)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        try await group.run()
+    }
+}

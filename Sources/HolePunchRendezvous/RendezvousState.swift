@@ -120,6 +120,10 @@ public struct RendezvousState: Sendable {
         public var expires: Duration
         /// The RTT estimate: the minimum of the last four samples (scheduling noise only ever adds delay).
         public var rtt: Duration? { rttWindow.minimum }
+        /// Observed address first, then the LAN addresses that differ from it.
+        public var candidates: [SocketAddress] {
+            [observed] + registration.lanAddresses.filter { $0 != observed }
+        }
         /// How many RTT samples have arrived.
         public var rttSamples: Int { rttWindow.next }
         var rttWindow = RTTWindow()
@@ -288,12 +292,12 @@ public struct RendezvousState: Sendable {
         let start = Int64(configuration.startDelay / .microseconds(1))
         let toInitiator = Coordinate(
             requestID: requestID, sessionID: secret.id, sessionKey: secret.key, peer: target,
-            candidates: [other.observed] + other.registration.lanAddresses, peerNAT: other.registration.nat ?? .unknown,
+            candidates: other.candidates, peerNAT: other.registration.nat ?? .unknown,
             role: .initiator, startDelayMicroseconds: start, peerRTTMicroseconds: hint
         )
         let toTarget = Coordinate(
             requestID: nil, sessionID: secret.id, sessionKey: secret.key, peer: node,
-            candidates: [requester.observed] + requester.registration.lanAddresses,
+            candidates: requester.candidates,
             peerNAT: requester.registration.nat ?? .unknown,
             role: .target, startDelayMicroseconds: start, peerRTTMicroseconds: hint
         )

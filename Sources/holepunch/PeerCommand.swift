@@ -1,0 +1,296 @@
+import ArgumentParser
+import Foundation
+import HolePunch
+import HolePunchRendezvous
+import HolePunchSTUN
+import Logging
+
+/// `holepunch peer …`: register at a rendezvous, then punch to a peer (`--connect`) or accept punches, and pipe
+/// standard input and output over the punched QUIC connection.
+struct PeerCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "peer",
+        abstract: "Register at a rendezvous; punch to a NodeID (--connect) or wait for punches; then pipe stdin/stdout.",
+        discussion: """
+            Status lines go to standard error (JSON objects with --json): registered, nat, coordinated, progress, \
+            connected, error. Standard output carries only the bytes received from the other peer, so the command \
+            can be piped. Standard input is sent to the other peer; the command exits once both directions have \
+            ended (stdin EOF and the peer's end of stream). With --echo, what arrives is sent back instead of stdin. \
+            Exit status: 0 success, 1 usage or local error, 2 rendezvous error, 3 punch failure.
+            """
+    )
+
+    @Option(help: "The rendezvous's QUIC address, numeric HOST:PORT.")
+    var rendezvous: String
+
+    @Option(help: "The rendezvous's NodeID (it prints it at start), or @FILE to read it from its --node-id-file.")
+    var rendezvousId: String
+
+    @Option(help: "This peer's identity file; created if missing.")
+    var identity: String
+
+    @Option(help: "Local address of the punch socket (default: wildcard of the rendezvous's family, port 0). A specific IP is also published as a LAN candidate.")
+    var listen: String?
+
+    @Option(help: "A Lua strategy file (loaded with the built-in default as fallback).")
+    var strategy: String?
+
+    @Option(help: "Punch to this NodeID instead of waiting for punches.")
+    var connect: String?
+
+    @Flag(inversion: .prefixedNo, help: "Measure this NAT against the rendezvous's STUN responder before waiting or punching.")
+    var natDetect = true
+
+    @Flag(help: "Send back whatever arrives instead of reading standard input.")
+    var echo = false
+
+    @Option(help: "Overall punch timeout in seconds (default: the strategy's).")
+    var timeout: Int?
+
+    @Flag(help: "Status lines as JSON objects.")
+    var json = false
+
+    @Flag(help: "Debug logs to standard error.")
+    var verbose = false
+
+    func run() async throws {
+        signal(SIGPIPE, SIG_IGN)
+        let server: SocketAddress
+        do { server = try SocketAddress(parsing: rendezvous) } catch {
+            throw cliFailure("\(error)", hint: "--rendezvous takes a numeric HOST:PORT such as 127.0.0.1:3478")
+        }
+        let serverID = try parseNodeID(rendezvousId, what: "--rendezvous-id",
+                                       hint: "copy the NodeID printed by `holepunch rendezvous`, or pass @FILE from its --node-id-file")
+        let target = try connect.map { try parseNodeID($0, what: "--connect", hint: "copy the NodeID the other peer printed") }
+        let local: SocketAddress
+        if let listen {
+            do { local = try SocketAddress(parsing: listen) } catch { throw cliFailure("\(error)", hint: "e.g. --listen 127.0.0.1:0") }
+        } else {
+            local = server.isIPv6 ? SocketAddress(ip: .v6([UInt8](repeating: 0, count: 16)), port: 0) : .anyV4(port: 0)
+        }
+        let id: Identity
+        do { id = try loadOrCreateIdentity(identity).0 } catch {
+            throw cliFailure("cannot load or create the identity \(identity): \(error)", hint: "check the path and its permissions")
+        }
+        let logger = verbose ? Logger(label: "holepunch.peer", factory: { StreamLogHandler.standardError(label: $0) })
+                             : Logger(label: "holepunch.peer", factory: { _ in SwiftLogNoOpLogHandler() })
+        let endpoint: Endpoint
+        do {
+            endpoint = try await Endpoint.bind(local, configuration: EndpointConfiguration(identity: id, acceptPolicy: .none), logger: logger)
+        } catch {
+            throw cliFailure("cannot bind \(local): \(error)", hint: "choose another --listen address or port")
+        }
+        var chosen: (any PunchStrategy)?
+        if let strategy {
+            let loaded = FallbackStrategy.loading(path: strategy, logger: logger)
+            if let problem = loaded.lastError {
+                status("warning", ["message": "strategy \(strategy) failed to load, using the built-in default: \(problem)"])
+            }
+            chosen = loaded
+        }
+        let executor = PunchExecutor(endpoint: endpoint, configuration: PunchExecutor.Configuration(strategy: chosen ?? DefaultStrategy()),
+                                     logger: logger)
+        let client = RendezvousClient(executor: executor, configuration: RendezvousClientConfiguration(
+            server: server, serverNodeID: serverID, punchTimeout: timeout.map { .seconds($0) }), logger: logger)
+        defer { endpoint.closeSoon() }
+
+        let lan: [SocketAddress] = local.isWildcard ? [] : [endpoint.localAddress]
+        let registered: Registered
+        do { registered = try await client.connect(Registration(lanAddresses: lan)) } catch {
+            throw rendezvousFailure(error)
+        }
+        status("registered", ["node": id.nodeID.description, "observed": registered.observedAddress.description,
+                              "local": endpoint.localAddress.description])
+        if natDetect, registered.stunServer != nil {
+            do {
+                let behaviour = try await client.discoverNAT()
+                let profile = NATProfile(behaviour)
+                status("nat", ["type": profile.type.rawValue, "mapping": profile.mapping.rawValue, "filtering": profile.filtering.rawValue,
+                               "allocation": profile.allocation.rawValue, "confidence": profile.confidence])
+                _ = try await client.register(Registration(lanAddresses: lan, nat: profile))
+            } catch {
+                status("warning", ["message": "NAT discovery failed, punching with an unknown profile: \(error)"])
+            }
+        }
+
+        let connection: QUICConnection
+        if let target {
+            connection = try await punch(to: target, client: client)
+        } else {
+            status("waiting", ["message": "waiting for punches"])
+            connection = try await acceptPunch(client: client)
+        }
+        await client.close()
+        try await pipe(connection)
+        await connection.close()
+    }
+
+    // MARK: Steps
+
+    private func punch(to target: NodeID, client: RendezvousClient) async throws -> QUICConnection {
+        let received: ReceivedCoordinate
+        do { received = try await client.coordinate(to: target) } catch { throw rendezvousFailure(error) }
+        report(received)
+        let handle = await client.startPunch(received)
+        let progress = Task { for await event in handle.events { self.report(event) } }
+        let result = await handle.result()
+        await progress.value
+        switch result {
+        case .success(let connection): return connection
+        case .failure(let error): throw punchFailure(error)
+        }
+    }
+
+    private func acceptPunch(client: RendezvousClient) async throws -> QUICConnection {
+        for await punch in client.incomingPunches {
+            report(punch.coordinate)
+            let handle = punch.handle
+            let progress = Task { for await event in handle.events { self.report(event) } }
+            let result = await handle.result()
+            await progress.value
+            switch result {
+            case .success(let connection): return connection
+            case .failure(let error):
+                // A failed incoming punch is reported; the peer keeps waiting for the next one.
+                status("punch-failed", ["code": error.code.rawValue, "message": error.message])
+            }
+        }
+        let reason = await client.failure.map { "\($0)" } ?? "the rendezvous connection ended"
+        throw cliFailure("stopped waiting: \(reason)", hint: "is the rendezvous still running?", code: 2)
+    }
+
+    /// Pipes stdin (or the echo) to the stream and the stream to stdout until both directions end.
+    private func pipe(_ connection: QUICConnection) async throws {
+        let stream: QUICStream
+        do {
+            if connection.isClient {
+                stream = try await connection.openStream()
+            } else {
+                guard let accepted = try await connection.acceptStream() else {
+                    throw QUICError(.connectionClosed, "the peer closed the connection before opening a stream")
+                }
+                stream = accepted
+            }
+        } catch {
+            throw cliFailure("the punched connection failed: \(error)", hint: nil, code: 3)
+        }
+        let echo = self.echo
+        await withTaskGroup(of: Void.self) { group in
+            if !echo {
+                group.addTask {
+                    for await line in standardInputLines() {
+                        do { try await stream.write(line) } catch { return }
+                    }
+                    try? await stream.finish()
+                }
+            } else if connection.isClient {
+                // The dialling side opens the stream by writing; an echo peer with no input sends nothing else.
+                group.addTask { try? await stream.write([]) }
+            }
+            group.addTask {
+                while let chunk = try? await stream.read() {
+                    FileHandle.standardOutput.write(Data(chunk))
+                    if echo { try? await stream.write(chunk) }
+                }
+                if echo { try? await stream.finish() }
+            }
+        }
+    }
+
+    // MARK: Output
+
+    private func report(_ received: ReceivedCoordinate) {
+        let c = received.coordinate
+        status("coordinated", ["session": c.sessionID, "role": c.role.rawValue, "peer": c.peer.description,
+                               "candidates": c.candidates.map(\.description), "peerNAT": c.peerNAT.type.rawValue,
+                               "startInMs": Double(c.startDelayMicroseconds) / 1000])
+    }
+
+    private func report(_ event: PunchEvent) {
+        switch event {
+        case let .roundStarted(round, ports): status("round", ["round": round, "ports": ports])
+        case let .probeAnswered(from): status("probe-answered", ["from": from.description])
+        case let .connecting(to): status("connecting", ["to": to.description])
+        case let .done(.success(success)):
+            status("connected", ["path": "\(success.localPort)->\(success.remoteAddress)", "remote": success.remoteAddress.description,
+                                 "localPort": Int(success.localPort), "timeToConnectMs": milliseconds(success.timeToConnect),
+                                 "rounds": success.rounds])
+        case .done(.failure): break  // reported once, with a hint, by the caller
+        }
+    }
+
+    private func status(_ event: String, _ fields: [String: Any]) {
+        if json {
+            var object = fields
+            object["event"] = event
+            emitStatus(jsonLine(object))
+        } else {
+            let text = fields.sorted { $0.key < $1.key }.map { key, value -> String in
+                if let list = value as? [String] { return "\(key)=\(list.joined(separator: ","))" }
+                return "\(key)=\(value)"
+            }.joined(separator: " ")
+            emitStatus("\(event) \(text)")
+        }
+    }
+
+    private func rendezvousFailure(_ error: RendezvousError) -> ExitCode {
+        let hint: String = switch error.code {
+        case .unknownTarget: "is the other peer running and registered at this rendezvous? check the NodeID it printed"
+        case .connectionFailed: "check --rendezvous HOST:PORT and --rendezvous-id (the rendezvous prints its NodeID at start)"
+        case .rateLimited: "wait a few seconds before asking again"
+        case .timeout, .disconnected: "is the rendezvous still running and reachable over UDP?"
+        default: "see the rendezvous's log (--verbose)"
+        }
+        if json { status("error", ["code": error.code.name, "message": error.message]) }
+        return cliFailure("rendezvous \(error.code): \(error.message)", hint: hint, code: 2)
+    }
+
+    private func punchFailure(_ error: PunchError) -> ExitCode {
+        if json { status("error", ["code": error.code.rawValue, "message": error.message, "portsTried": error.portsTried.count,
+                                   "rounds": error.rounds]) }
+        return cliFailure("punch failed: \(error.code.rawValue): \(error.message)",
+                          hint: "the peer may have gone away, or the NATs need another strategy (--strategy)", code: 3)
+    }
+}
+
+private func milliseconds(_ duration: Duration) -> Double {
+    (duration / .microseconds(1)).rounded() / 1000
+}
+
+/// Parses a NodeID, or reads it from the file after `@`.
+func parseNodeID(_ text: String, what: String, hint: String) throws -> NodeID {
+    var value = text
+    if text.hasPrefix("@") {
+        let path = String(text.dropFirst())
+        guard let contents = try? String(contentsOfFile: path, encoding: .utf8) else {
+            throw cliFailure("\(what): cannot read \(path)", hint: hint)
+        }
+        value = contents.trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+    do { return try NodeID(parsing: value) } catch {
+        throw cliFailure("\(what): \(error)", hint: hint)
+    }
+}
+
+/// Standard input, line by line (newline kept), read on a dedicated thread so no cooperative thread blocks.
+func standardInputLines() -> AsyncStream<[UInt8]> {
+    let (stream, continuation) = AsyncStream.makeStream(of: [UInt8].self)
+    let thread = Thread {
+        while let line = readLine(strippingNewline: false) { continuation.yield(Array(line.utf8)) }
+        continuation.finish()
+    }
+    thread.start()
+    return stream
+}
+
+extension SocketAddress {
+    /// Whether this is 0.0.0.0 or ::.
+    var isWildcard: Bool { ipBytes.allSatisfy { $0 == 0 } }
+}
+
+extension Endpoint {
+    /// Closes the endpoint from a synchronous context (a `defer`).
+    nonisolated func closeSoon() {
+        Task { await self.close() }
+    }
+}

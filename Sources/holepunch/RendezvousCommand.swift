@@ -1,0 +1,111 @@
+import ArgumentParser
+import Foundation
+import HolePunch
+import HolePunchRendezvous
+import HolePunchSTUN
+import Logging
+
+/// `holepunch rendezvous --listen ADDR:PORT …`: the rendezvous server plus its STUN responder.
+struct RendezvousCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "rendezvous",
+        abstract: "Run a rendezvous: registers peers over QUIC and coordinates their punches; answers STUN.",
+        discussion: """
+            Prints one line `rendezvous NODEID quic ADDR stun ADDR…` (JSON with --json) once listening. Peers pin \
+            that NodeID with `peer --rendezvous-id`; --identity keeps it stable across restarts and --node-id-file \
+            writes it for scripts. STUN runs on --stun-port (default listen port + 1) with its alternate port \
+            (--alt-port, default STUN port + 1) and, when given, the alternate IP (--alt-address). SIGTERM or \
+            SIGINT shut down gracefully.
+            """
+    )
+
+    @Option(help: "QUIC listen address, numeric ADDR:PORT (port 0 picks one).")
+    var listen: String
+
+    @Option(help: "Identity file; created if missing. Without it the NodeID is new on every start.")
+    var identity: String?
+
+    @Option(help: "Write the NodeID to this file once listening.")
+    var nodeIDFile: String?
+
+    @Option(help: "STUN primary port (default: listen port + 1; 0 picks one).")
+    var stunPort: UInt16?
+
+    @Option(help: "STUN alternate port for RFC 5780 tests (default: STUN port + 1; 0 picks one).")
+    var altPort: UInt16?
+
+    @Option(help: "STUN alternate IP for RFC 5780 tests (same family as --listen), e.g. 127.0.0.2.")
+    var altAddress: String?
+
+    @Flag(help: "Run no STUN responder.")
+    var noStun = false
+
+    @Option(help: "Both peers start probing this many ms after receiving the coordinate message.")
+    var startDelayMs: Int = 150
+
+    @Option(help: "Registration lifetime without keep-alives, in seconds (peers keep alive every third of it).")
+    var registrationTtl: Int = 30
+
+    @Option(help: "Punch requests a peer may make at once (token bucket size).")
+    var rateBurst: Double = 10
+
+    @Option(help: "Punch requests per second a peer regains.")
+    var ratePerSecond: Double = 2
+
+    @Flag(help: "Print the start line as JSON.")
+    var json = false
+
+    @Flag(help: "Log registrations, sessions and measured skews to standard error.")
+    var verbose = false
+
+    func run() async throws {
+        let address: SocketAddress
+        do { address = try SocketAddress(parsing: listen) } catch {
+            throw cliFailure("\(error)", hint: "use a numeric address such as 127.0.0.1:3478")
+        }
+        let id: Identity
+        do { id = try loadOrCreateIdentity(identity).0 } catch {
+            throw cliFailure("cannot load or create the identity \(identity ?? ""): \(error)", hint: "check the path and its permissions")
+        }
+        var stun: STUNResponderConfiguration?
+        if !noStun {
+            let primaryPort = stunPort ?? (address.port == 0 ? 0 : address.port &+ 1)
+            let alternate = altPort ?? (primaryPort == 0 ? 0 : primaryPort &+ 1)
+            var altIP: SocketAddress.IP?
+            if let altAddress {
+                do { altIP = try SocketAddress(parsing: altAddress.contains(":") && !altAddress.hasPrefix("[") ? "[\(altAddress)]:0" : "\(altAddress):0").ip } catch {
+                    throw cliFailure("\(error)", hint: "--alt-address takes a numeric IP such as 127.0.0.2")
+                }
+            }
+            stun = STUNResponderConfiguration(primary: SocketAddress(ip: address.ip, port: primaryPort), alternatePort: alternate,
+                                              alternateIP: altIP, software: "holepunch")
+        }
+        let logger = verbose ? Logger(label: "holepunch.rendezvous", factory: { StreamLogHandler.standardError(label: $0) })
+                             : Logger(label: "holepunch.rendezvous", factory: { _ in SwiftLogNoOpLogHandler() })
+        let configuration = RendezvousServerConfiguration(
+            listen: address, identity: id, stun: stun,
+            state: RendezvousState.Configuration(registrationTTL: .seconds(max(registrationTtl, 1)),
+                                                 startDelay: .milliseconds(max(startDelayMs, 0)),
+                                                 rateBurst: rateBurst, ratePerSecond: ratePerSecond)
+        )
+        let server: RendezvousServer
+        do { server = try await RendezvousServer.bind(configuration: configuration, logger: logger) } catch {
+            throw cliFailure("\(error.message)", hint: "is the port (or listen port + 1 for STUN) already in use? try --stun-port or --no-stun")
+        }
+        if let nodeIDFile {
+            do { try (server.nodeID.description + "\n").write(toFile: nodeIDFile, atomically: true, encoding: .utf8) } catch {
+                throw cliFailure("cannot write \(nodeIDFile): \(error)", hint: "check the path")
+            }
+        }
+        if json {
+            emitLine(jsonLine(["event": "listening", "nodeID": server.nodeID.description, "quic": server.address.description,
+                            "stun": server.stunAddresses.map(\.description)]))
+        } else {
+            let stunText = server.stunAddresses.isEmpty ? "none" : server.stunAddresses.map(\.description).joined(separator: " ")
+            emitLine("rendezvous \(server.nodeID) quic \(server.address) stun \(stunText)")
+        }
+        do { try await server.runUntilSignalled(logger: logger) } catch {
+            throw cliFailure("the rendezvous stopped: \(error)", hint: nil)
+        }
+    }
+}
