@@ -495,12 +495,9 @@ public actor PunchExecutor {
             remoteAddress: remote, localPort: runtime.sockets[min(winningSocket, runtime.sockets.count - 1)].localAddress.port,
             timeToConnect: elapsed, rounds: runtime.session.round
         )
-        end(runtime, outcome: outcome, keepSocket: winningSocket)
-        if runtime.box.deliver(.success(connection)) {
-            runtime.events.yield(.done(.success(success)))
-            metrics.timeToConnect.recordNanoseconds(Int64(nanoseconds(elapsed)))
-        }
-        runtime.events.finish()
+        let closing = end(runtime, outcome: outcome, keepSocket: winningSocket)
+        metrics.timeToConnect.recordNanoseconds(Int64(nanoseconds(elapsed)))
+        deliver(runtime, .success(connection), event: .done(.success(success)), after: closing)
         logger.debug("punch connected", metadata: [
             "punch.id": "\(runtime.id)", "peer.address": "\(remote)", "punch.rounds": "\(runtime.session.round)",
         ])
@@ -523,15 +520,32 @@ public actor PunchExecutor {
             code: code, message: message, portsTried: runtime.session.portsTried,
             rounds: runtime.session.round, elapsed: elapsed
         )
-        end(runtime, outcome: .failure(code: code, rounds: runtime.session.round), keepSocket: nil)
-        if runtime.box.deliver(.failure(error)) {
-            runtime.events.yield(.done(.failure(error)))
-        }
-        runtime.events.finish()
+        let closing = end(runtime, outcome: .failure(code: code, rounds: runtime.session.round), keepSocket: nil)
+        deliver(runtime, .failure(error), event: .done(.failure(error)), after: closing)
     }
 
-    /// Tears a punch down: timer, dials, losing sockets, registrations; records the outcome.
-    private func end(_ runtime: PunchRuntime, outcome: PunchOutcome, keepSocket: Int?) {
+    /// Delivers the result once the punch's losing sockets are closed, so "result delivered" means the punch has
+    /// really stopped.
+    private func deliver(
+        _ runtime: PunchRuntime, _ result: Result<QUICConnection, PunchError>, event: PunchEvent, after closing: [Endpoint]
+    ) {
+        let box = runtime.box
+        let events = runtime.events
+        if closing.isEmpty {
+            if box.deliver(result) { events.yield(event) }
+            events.finish()
+            return
+        }
+        Task {
+            for socket in closing { await socket.close() }
+            if box.deliver(result) { events.yield(event) }
+            events.finish()
+        }
+    }
+
+    /// Tears a punch down: timer, dials, registrations; records the outcome. Returns the losing extra sockets,
+    /// which the caller closes before delivering the result.
+    private func end(_ runtime: PunchRuntime, outcome: PunchOutcome, keepSocket: Int?) -> [Endpoint] {
         runtime.timerTask?.cancel()
         runtime.timerTask = nil
         runtime.timerGeneration += 1
@@ -541,9 +555,7 @@ public actor PunchExecutor {
             Task { await connection.close(errorCode: PunchExecutor.duplicateCode, reason: "duplicate connection") }
         }
         runtime.connections.removeAll()
-        for (index, socket) in runtime.sockets.enumerated() where index > 0 && index != keepSocket {
-            Task { await socket.close() }
-        }
+        let closing = runtime.sockets.enumerated().filter { $0.offset > 0 && $0.offset != keepSocket }.map(\.element)
         runtimes[runtime.id] = nil
         bySession[runtime.options.sessionID] = nil
         if runtime.options.role == .target { admission.forget(session: runtime.options.sessionID) }
@@ -561,6 +573,7 @@ public actor PunchExecutor {
             history.record(outcome, for: runtime.context)
         }
         try? runtime.strategy.onResult(runtime.context, outcome)
+        return closing
     }
 
     private func elapsedSinceStart(_ runtime: PunchRuntime) -> Duration {

@@ -68,9 +68,16 @@ public actor Endpoint {
         let family = address.isIPv6 ? AF_INET6 : AF_INET
         let fd = socket(family, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw QUICError(.socket, "socket(): \(String(cString: strerror(errno)))") }
+        // Bursts (a target answering hundreds of punches, bulk transfer) overflow the default ~200 KiB queue.
+        // The FORCE variants (root only) go past net.core.rmem_max; otherwise the kernel caps the request.
         var bufferSize: Int32 = 4 << 20
-        _ = setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &bufferSize, socklen_t(MemoryLayout<Int32>.size))
-        _ = setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bufferSize, socklen_t(MemoryLayout<Int32>.size))
+        let size = socklen_t(MemoryLayout<Int32>.size)
+        if setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &bufferSize, size) != 0 {
+            _ = setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &bufferSize, size)
+        }
+        if setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &bufferSize, size) != 0 {
+            _ = setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bufferSize, size)
+        }
         // ICMP errors (port or host unreachable) are queued for us to read, with the address they concern.
         var on: Int32 = 1
         if family == AF_INET {

@@ -227,12 +227,12 @@ struct PunchExecutorTests {
                 let session = "load\(index)"
                 let targetHandle = await target.startPunch(options(
                     to: endpoint, session: session, key: key, role: .target, expecting: identity.nodeID,
-                    strategy: FixedStrategy(timeout: .seconds(30))
+                    strategy: FixedStrategy(rounds: 100, timeout: .seconds(30))
                 ))
                 group.addTask {
                     let handle = await executor.startPunch(options(
                         to: b, session: session, key: key, role: .initiator, expecting: PunchIdentities.b.nodeID,
-                        strategy: FixedStrategy(timeout: .seconds(30))
+                        strategy: FixedStrategy(rounds: 100, timeout: .seconds(30))
                     ))
                     // Keep the progress so that a failure explains itself.
                     var log: [String] = []
@@ -242,7 +242,8 @@ struct PunchExecutorTests {
                     if case .failure(let error) = await handle.result() {
                         Issue.record("""
                             \(session) failed: \(error); events \(log); initiator \(await endpoint.stats); \
-                            target \(await b.stats) failures \(await b.recentHandshakeFailures.suffix(3))
+                            target \(await b.stats) failures \(await b.recentHandshakeFailures.suffix(3)); \
+                            target side \(await targetHandle.result())
                             """)
                     }
                     let connection = try await handle.value()
