@@ -9,6 +9,8 @@
 #   lab.sh check               exit 0 if this machine can run the lab, else print why
 #   lab.sh hosts               list the host names
 #   lab.sh list                list the labs present on this machine (any name)
+#   lab.sh renat [--nat-a T] [--nat-b T] [--port-preservation…] [--mapping-timeout…]
+#                              re-make both routers' NAT in a running lab (links and delays stay)
 #
 # Instance name: env HP_LAB (default "hp"); every namespace is "$HP_LAB-<host>".
 set -euo pipefail
@@ -56,7 +58,7 @@ nsx() { local h=$1; shift; ip netns exec "$(ns "$h")" "$@"; }
 ns_exists() { [[ -e /run/netns/$1 ]]; }
 
 usage() {
-    sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     cat <<EOF
 
 up options (a plain option applies to both routers; -a / -b suffixed ones to one router):
@@ -232,6 +234,10 @@ table ip hpnat {
         timeout ${to}s
         size 65535
     }
+    # UDP packets from the LAN to the routers' public range (probes and QUIC toward the other peer,
+    # not the rendezvous): the matrix reads it before and after each punch to count packets sent
+    counter topeer {
+    }
     # internal endpoints that already have their first (port-preserving) mapping
     set first {
         type ipv4_addr . inet_service
@@ -297,6 +303,7 @@ EOF
     # unsolicited inbound traffic is silently dropped (before conntrack confirms an entry)
     chain forward {
         type filter hook forward priority filter; policy drop;
+        iifname "lan0" oifname "wan0" ip daddr 203.0.113.0/24 meta l4proto udp counter name topeer accept
         iifname "lan0" oifname "wan0" accept
         ct state established,related accept
         iifname "wan0" ct status dnat accept
@@ -502,8 +509,34 @@ cmd_up() {
     # (the pings leave only ICMP conntrack entries behind; no UDP mapping exists yet)
 
     write_summary
+    declare -p OPT | sed 's/^declare -A/declare -gA/' >"$STATE/opts"
     trap - EXIT INT TERM
     log "up: nat-a=${OPT[nat_a]} nat-b=${OPT[nat_b]} (state in $STATE)"
+}
+
+# Re-make both routers' NAT (types, port preservation, mapping timeout) in a running lab, keeping the
+# links, delay lines and background processes: the matrix runs all 25 pairs in one lab this way.
+# The table is replaced atomically (its dynamic maps start empty); conntrack entries of old flows stay
+# but belong to ports no new punch uses (each punch binds fresh ephemeral ports).
+cmd_renat() {
+    local h
+    for h in "${HOSTS[@]}"; do ns_exists "$(ns "$h")" || die "lab '$P' is not up (no namespace $(ns "$h"))"; done
+    [[ -e $STATE/opts ]] || die "lab '$P' has no saved options (made by an older lab.sh?)"
+    # shellcheck disable=SC1091
+    source "$STATE/opts"
+    # the previous types' auto port preservation must be re-derived for the new types
+    OPT[pp_a]=auto; OPT[pp_b]=auto
+    parse_up "$@"
+    local s
+    for s in a b; do
+        nat_ruleset "$s" >"$STATE/nat-$s.nft"
+        { echo "delete table ip hpnat"; cat "$STATE/nat-$s.nft"; } | nsx "nat-$s" nft -f -
+        nsx "nat-$s" sysctl -qw net.netfilter.nf_conntrack_udp_timeout="${OPT[timeout_$s]}" \
+            net.netfilter.nf_conntrack_udp_timeout_stream="${OPT[timeout_$s]}"
+    done
+    declare -p OPT | sed 's/^declare -A/declare -gA/' >"$STATE/opts"
+    write_summary
+    log "renat: nat-a=${OPT[nat_a]} nat-b=${OPT[nat_b]}"
 }
 
 cmd_status() {
@@ -570,6 +603,7 @@ main() {
         check) cmd_check ;;
         hosts) echo "${HOSTS[*]}" ;;
         list) cmd_list ;;
+        renat) cmd_renat "$@" ;;
         ruleset) parse_up "$@"; nat_ruleset a ;;  # debugging: print router a's ruleset for these options
         -h|--help|help|"") usage ;;
         *) usage >&2; exit 2 ;;

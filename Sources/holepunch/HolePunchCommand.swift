@@ -6,6 +6,6 @@ struct HolePunchCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "holepunch",
         abstract: "Direct, encrypted QUIC connections between peers behind NATs.",
-        subcommands: [DemoCommand.self, StrategyCommand.self, BenchGroupCommand.self, RendezvousCommand.self, PeerCommand.self, IdentityCommand.self, NATCommand.self]
+        subcommands: [DemoCommand.self, StrategyCommand.self, BenchGroupCommand.self, RendezvousCommand.self, PeerCommand.self, IdentityCommand.self, NATCommand.self, LabCommand.self]
     )
 }

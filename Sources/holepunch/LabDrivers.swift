@@ -1,0 +1,302 @@
+import ArgumentParser
+import Foundation
+import HolePunch
+import HolePunchRendezvous
+import HolePunchSTUN
+#if canImport(Glibc)
+import Glibc
+#endif
+
+// The small programs `holepunch lab matrix` and the lab tests start inside the namespaces. They print one JSON
+// object per line (machine-readable progress and a final result) and exit on their own, so a harness never has
+// to interpret human output or guess when a punch ended.
+
+/// Foundation's `Process` may start us with SIGTERM/SIGINT blocked (it inherits the spawning thread's mask).
+/// Unblocking them before any other thread exists lets the harness stop us with a plain SIGTERM.
+func labUnblockTerminationSignals() {
+    var set = sigset_t()
+    sigemptyset(&set)
+    sigaddset(&set, SIGTERM)
+    sigaddset(&set, SIGINT)
+    pthread_sigmask(SIG_UNBLOCK, &set, nil)
+    signal(SIGTERM, SIG_DFL)
+    signal(SIGINT, SIG_DFL)
+}
+
+/// Prints one JSON object on its own line and flushes (stdout is a file, not a terminal, under the harness).
+func labEmit(_ object: [String: Any]) {
+    if var data = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]) {
+        data.append(0x0A)
+        // FileHandle writes straight to the descriptor: nothing sits in a stdio buffer when we exit.
+        FileHandle.standardOutput.write(data)
+    }
+}
+
+/// The profile a lab NAT type is built to have (docs/lab.md), for peers told their NAT instead of measuring it.
+func labProfile(_ type: String) -> NATProfile? {
+    switch type {
+    case "full_cone": .fullCone
+    case "restricted": .restricted
+    case "port_restricted": .portRestricted
+    case "symmetric_seq": .symmetricSequential
+    case "symmetric_random": .symmetricRandom
+    case "unknown": .unknown
+    default: nil
+    }
+}
+
+/// A JSON object crossing task boundaries (the values are plain JSON: strings, numbers, bools, arrays, objects).
+struct LabRecord: @unchecked Sendable {
+    var fields: [String: Any]
+}
+
+/// Runs `body`, or gives up after `limit` with nil.
+func labWithin<T: Sendable>(_ limit: Duration, _ body: @escaping @Sendable () async -> T) async -> T? {
+    await withTaskGroup(of: T?.self) { group in
+        group.addTask { await body() }
+        group.addTask { try? await Task.sleep(for: limit); return nil }
+        let first = await group.next() ?? nil
+        group.cancelAll()
+        return first
+    }
+}
+
+func labMilliseconds(_ duration: Duration) -> Double {
+    let parts = duration.components
+    return ((Double(parts.seconds) * 1e3 + Double(parts.attoseconds) / 1e15) * 1000).rounded() / 1000
+}
+
+// MARK: - lab rendezvous
+
+/// `holepunch lab rendezvous`: the rendezvous server plus its RFC 5780 STUN responder, for the lab's rdv host.
+struct LabRendezvousCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "rendezvous",
+        abstract: "Lab driver: run a rendezvous with a STUN responder and write a ready file once listening.")
+
+    @Option(help: "QUIC listen address, numeric ADDR:PORT.") var listen = "198.51.100.10:7000"
+    @Option(help: "Identity file (made with the same format as `identity create`).") var identity: String
+    @Option(help: "STUN primary address.") var stun = "198.51.100.10:3480"
+    @Option(help: "STUN alternate port.") var stunAltPort: UInt16 = 3481
+    @Option(help: "STUN alternate IP.") var stunAltIP = "198.51.100.11"
+    @Option(help: "Start delay of coordinated punches, ms.") var startDelay = 150
+    @Option(help: "Written (with the NodeID) once listening.") var readyFile: String?
+
+    func run() async throws {
+        labUnblockTerminationSignals()
+        let id = try Identity.load(from: identity)
+        let primary = try SocketAddress(parsing: stun)
+        let alternate = try SocketAddress(parsing: "\(stunAltIP):\(stunAltPort)")
+        let configuration = RendezvousServerConfiguration(
+            listen: try SocketAddress(parsing: listen), identity: id,
+            stun: STUNResponderConfiguration(primary: primary, alternatePort: stunAltPort, alternateIP: alternate.ip),
+            // The matrix registers a fresh pair of identities per trial, quickly: no rate limit worth the name.
+            state: RendezvousState.Configuration(startDelay: .milliseconds(startDelay), rateBurst: 10_000, ratePerSecond: 10_000),
+            housekeepingInterval: .milliseconds(500)
+        )
+        let server = try await RendezvousServer.bind(configuration: configuration)
+        let task = Task { try await server.run() }
+        labEmit(["event": "listening", "address": "\(server.address)", "node": "\(server.nodeID)",
+                 "stun": server.stunAddresses.map { "\($0)" }])
+        if let readyFile { try "\(server.nodeID)\n".write(toFile: readyFile, atomically: true, encoding: .utf8) }
+        _ = await task.result
+    }
+}
+
+// MARK: - lab detect
+
+/// `holepunch lab detect`: RFC 5780 NAT behaviour discovery printed as one JSON object (the `NATBehaviour`).
+struct LabDetectCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "detect",
+        abstract: "Lab driver: classify this host's NAT against a STUN responder; print the verdict as JSON.")
+
+    @Option(help: "STUN primary address.") var stun = "198.51.100.10:3480"
+    @Option(help: "Local address to bind.") var bind = "0.0.0.0:0"
+
+    func run() async throws {
+        labUnblockTerminationSignals()
+        let behaviour = try await NATDiscoveryClient.discover(server: try SocketAddress(parsing: stun),
+                                                              bindAddress: try SocketAddress(parsing: bind))
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        print(String(decoding: try encoder.encode(behaviour), as: UTF8.self))
+    }
+}
+
+// MARK: - lab peer
+
+/// `holepunch lab peer`: one peer of one punch, through the rendezvous; exits when the punch has ended.
+///
+/// Without `--connect` it is the target: it registers, writes `--ready-file`, and waits for the punch the
+/// rendezvous coordinates. With `--connect NODEID` it is the initiator: it registers and requests the punch
+/// (retrying while the target is not registered yet). Both print `{"event": "result", …}` with the time to
+/// connect from the coordinated start, rounds and error code; after a success a line goes both ways over a
+/// stream, which proves the connection carries data.
+struct LabPeerCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "peer", abstract: "Lab driver: register at a rendezvous, punch once, print JSON lines, exit.")
+
+    @Option(help: "The rendezvous, numeric HOST:PORT.") var rendezvous = "198.51.100.10:7000"
+    @Option(help: "The rendezvous's NodeID.") var rendezvousID: String
+    @Option(help: "This peer's identity file.") var identity: String
+    @Option(help: "Punch to this NodeID (initiator); without it, wait for a punch (target).") var connect: String?
+    @Option(help: "Lua strategy file; default: the built-in default strategy.") var strategy: String?
+    @Option(help: "Tell the rendezvous this NAT type (full_cone … symmetric_random) instead of measuring it.")
+    var nat: String?
+    @Flag(help: "Measure the NAT (RFC 5780, from the punch socket) and publish the result.") var discover = false
+    @Option(help: "Give up after this many seconds (whole run).") var timeout: Double = 15
+    @Option(help: "Punch timeout in seconds (overrides the plan's).") var punchTimeout: Double?
+    @Option(help: "Local address to bind.") var bind = "0.0.0.0:0"
+    @Option(help: "Written once registered.") var readyFile: String?
+
+    func run() async throws {
+        labUnblockTerminationSignals()
+        let started = ContinuousClock.now
+        let role = connect == nil ? "target" : "initiator"
+        var strategyName = "default"
+        var chosen: (any PunchStrategy)?
+        if let strategy {
+            let lua = try LuaStrategy(path: strategy)
+            chosen = lua
+            strategyName = lua.name
+        }
+        var profile: NATProfile?
+        if let nat {
+            guard let known = labProfile(nat) else { throw ValidationError("unknown NAT type \(nat)") }
+            profile = known
+        }
+        let endpoint = try await Endpoint.bind(try SocketAddress(parsing: bind),
+                                               configuration: EndpointConfiguration(identity: try Identity.load(from: identity),
+                                                                                    acceptPolicy: .none))
+        let executor = PunchExecutor(endpoint: endpoint, configuration: .init(strategy: chosen ?? DefaultStrategy()))
+        let client = RendezvousClient(executor: executor, configuration: RendezvousClientConfiguration(
+            server: try SocketAddress(parsing: rendezvous), serverNodeID: try NodeID(parsing: rendezvousID),
+            requestTimeout: .seconds(5), strategy: chosen, punchTimeout: punchTimeout.map { .milliseconds(Int($0 * 1000)) }))
+        let limit = Duration.milliseconds(Int(timeout * 1000))
+        let (target, nat, measure, ready) = (connect, profile, discover, readyFile)
+        let outcome = await labWithin(limit) {
+            LabRecord(fields: await Self.punch(client: client, role: role, target: target, profile: nat, discover: measure,
+                                               readyFile: ready))
+        }
+        var result = outcome?.fields ?? ["ok": false, "error": "harnessTimeout", "message": "no result within \(timeout) s"]
+        result["event"] = "result"
+        result["role"] = role
+        result["strategy"] = strategyName
+        result["wall_ms"] = labMilliseconds(ContinuousClock.now - started)
+        labEmit(result)
+        // Exit at once: the result is out, and a graceful QUIC teardown would only add time to every trial.
+        Glibc.exit((result["ok"] as? Bool) == true ? 0 : 1)
+    }
+
+    private static func punch(client: RendezvousClient, role: String, target: String?, profile: NATProfile?,
+                              discover: Bool, readyFile: String?) async -> [String: Any]
+    {
+        do {
+            let registered = try await client.connect(Registration(nat: profile))
+            var line: [String: Any] = ["event": "registered", "observed": "\(registered.observedAddress)",
+                                       "node": "\(client.nodeID)", "role": role]
+            if discover {
+                let behaviour = try await client.discoverNAT()
+                _ = try await client.register(Registration(nat: NATProfile(behaviour)))
+                line["nat"] = ["mapping": behaviour.mapping.rawValue, "filtering": behaviour.filtering.rawValue,
+                               "allocation": behaviour.allocation.rawValue]
+            }
+            labEmit(line)
+            if let readyFile { try "\(client.nodeID)\n".write(toFile: readyFile, atomically: true, encoding: .utf8) }
+
+            let handle: PunchHandle
+            if let target {
+                let received = try await coordinate(client: client, to: try NodeID(parsing: target))
+                handle = await client.startPunch(received)
+            } else {
+                var iterator = client.incomingPunches.makeAsyncIterator()
+                guard let incoming = await iterator.next() else {
+                    return ["ok": false, "error": "disconnected", "message": "\(await client.failure.map { "\($0)" } ?? "closed")"]
+                }
+                handle = incoming.handle
+            }
+            var rounds = 0
+            var ports = 0
+            var done: Result<PunchSuccess, PunchError>?
+            for await event in handle.events {
+                switch event {
+                case .roundStarted(let round, let tried):
+                    rounds = max(rounds, round)
+                    ports = max(ports, tried)
+                case .done(let result):
+                    done = result
+                default:
+                    break
+                }
+            }
+            let final: Result<PunchSuccess, PunchError> = done ?? .failure(PunchError(code: .cancelled, message: "no result event"))
+            switch final {
+            case .success(let success):
+                var line: [String: Any] = [
+                    "ok": true, "time_ms": labMilliseconds(success.timeToConnect), "rounds": success.rounds,
+                    "ports": ports, "remote": "\(success.remoteAddress)", "local_port": Int(success.localPort),
+                ]
+                if case .success(let connection) = await handle.result() {
+                    line["peer_node"] = "\(connection.peerNodeID)"
+                    line["echo"] = await exchangeLine(connection, initiator: target != nil)
+                }
+                return line
+            case .failure(let error):
+                return ["ok": false, "error": error.code.rawValue, "message": error.message,
+                        "time_ms": labMilliseconds(error.elapsed), "rounds": max(rounds, error.rounds),
+                        "ports": max(ports, error.portsTried.count)]
+            }
+        } catch let error as RendezvousError {
+            return ["ok": false, "error": "rendezvous." + error.code.name, "message": error.message]
+        } catch let error as PunchError {
+            return ["ok": false, "error": error.code.rawValue, "message": error.message]
+        } catch {
+            return ["ok": false, "error": "other", "message": "\(error)"]
+        }
+    }
+
+    /// Asks for the punch; the target may register a moment after us, so retry while the rendezvous does not
+    /// know it (the caller's overall timeout bounds this).
+    private static func coordinate(client: RendezvousClient, to peer: NodeID) async throws -> ReceivedCoordinate {
+        while true {
+            let result: Result<ReceivedCoordinate, RendezvousError>
+            do { result = .success(try await client.coordinate(to: peer)) } catch { result = .failure(error) }
+            switch result {
+            case .success(let received):
+                return received
+            case .failure(let error) where error.code == .unknownTarget:
+                try await Task.sleep(for: .milliseconds(20))
+            case .failure(let error):
+                throw error
+            }
+        }
+    }
+
+    /// The initiator sends a line and reads the echo; the target echoes it and waits (bounded) for the close,
+    /// so neither side exits while the other still needs its packets (a lost handshake packet is resent).
+    private static func exchangeLine(_ connection: QUICConnection, initiator: Bool) async -> Bool {
+        let ok = await labWithin(.seconds(5)) { () async -> Bool in
+            do {
+                if initiator {
+                    let stream = try await connection.openStream()
+                    try await stream.write(Array("hello through the NAT\n".utf8))
+                    try await stream.finish()
+                    let echo = try await stream.readToEnd(limit: 1024)
+                    await connection.close()
+                    return echo == Array("hello through the NAT\n".utf8)
+                } else {
+                    guard let stream = try await connection.acceptStream() else { return false }
+                    let line = try await stream.readToEnd(limit: 1024)
+                    try await stream.write(line)
+                    try await stream.finish()
+                    _ = await connection.waitClosed()
+                    return true
+                }
+            } catch {
+                return false
+            }
+        }
+        return ok ?? false
+    }
+}
