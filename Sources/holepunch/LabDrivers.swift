@@ -81,6 +81,7 @@ struct LabRendezvousCommand: AsyncParsableCommand {
     @Option(help: "STUN alternate IP.") var stunAltIP = "198.51.100.11"
     @Option(help: "Start delay of coordinated punches, ms.") var startDelay = 150
     @Option(help: "Written (with the NodeID) once listening.") var readyFile: String?
+    @Flag(help: "Run no STUN responder (e.g. for an impostor QUIC server).") var noStun = false
 
     func run() async throws {
         labUnblockTerminationSignals()
@@ -89,7 +90,7 @@ struct LabRendezvousCommand: AsyncParsableCommand {
         let alternate = try SocketAddress(parsing: "\(stunAltIP):\(stunAltPort)")
         let configuration = RendezvousServerConfiguration(
             listen: try SocketAddress(parsing: listen), identity: id,
-            stun: STUNResponderConfiguration(primary: primary, alternatePort: stunAltPort, alternateIP: alternate.ip),
+            stun: noStun ? nil : STUNResponderConfiguration(primary: primary, alternatePort: stunAltPort, alternateIP: alternate.ip),
             // The matrix registers a fresh pair of identities per trial, quickly: no rate limit worth the name.
             state: RendezvousState.Configuration(startDelay: .milliseconds(startDelay), rateBurst: 10_000, ratePerSecond: 10_000),
             housekeepingInterval: .milliseconds(500)

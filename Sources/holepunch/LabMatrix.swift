@@ -31,6 +31,10 @@ struct LabMatrixCommand: AsyncParsableCommand {
     @Option(help: "Lab name (default hpmx<pid>).") var name: String?
     @Flag(help: "Peers measure their NAT (RFC 5780) instead of being told the lab's configured type.") var discover = false
     @Flag(help: "Skip the raw UDP reference punch.") var noRaw = false
+    @Flag(help: """
+        Impostor check: a QUIC server with another identity runs in `other`, and router b DNATs every new inbound         UDP flow to it, so whatever the initiator dials first at b's address answers with the wrong identity.
+        """)
+    var impostor = false
 
     func run() async throws {
         if let reason = LabScript.unavailableReason() { throw LabFailure(reason) }
@@ -55,7 +59,7 @@ struct LabMatrixCommand: AsyncParsableCommand {
         defer { lab.down() }
         let report = try await MatrixRunner(
             lab: lab, strategies: files, pairs: selected, trials: trials, delay: delay, loss: loss,
-            punchTimeout: punchTimeout, discover: discover, raw: !noRaw
+            punchTimeout: punchTimeout, discover: discover, raw: !noRaw, impostor: impostor
         ).run()
         let tables = report.markdown()
         print(tables)
@@ -217,6 +221,8 @@ struct TrialResult: Sendable {
     var packets: Int
     var error: String?
     var message: String?
+    var peerNode: String? = nil
+    var expectedPeer: String? = nil
 }
 
 /// One pair's results for one strategy.
@@ -256,6 +262,8 @@ struct RawResult: Sendable {
 }
 
 struct MatrixReport: Sendable {
+    /// With `--impostor`: UDP packets router b sent to the impostor (for the last pair).
+    var impostorPackets: Int?
     var strategies: [String]
     var results: [String: [PairResult]]  // strategy -> pairs in order
     var raw: [String: RawResult]  // "a:b" -> raw punch
@@ -324,6 +332,8 @@ struct MatrixReport: Sendable {
                         if let time = trial.timeMs { run["time_ms"] = time }
                         if let error = trial.error { run["error"] = error }
                         if let message = trial.message { run["message"] = message }
+                        if let peer = trial.peerNode { run["peer_node"] = peer }
+                        if let expected = trial.expectedPeer { run["expected_peer"] = expected }
                         return run
                     },
                 ]
@@ -340,8 +350,10 @@ struct MatrixReport: Sendable {
             if let time = value.timeMs { entry["time_ms"] = time }
             return entry
         }
-        return ["date": date, "trials": trials, "delay_ms": delay, "loss_pct": loss, "rtt_ms": rttMs,
+        var top: [String: Any] = ["date": date, "trials": trials, "delay_ms": delay, "loss_pct": loss, "rtt_ms": rttMs,
                 "strategies": strategiesJSON, "raw_udp": rawJSON]
+        if let impostorPackets { top["impostor_packets"] = impostorPackets }
+        return top
     }
 }
 
@@ -355,6 +367,10 @@ struct MatrixRunner {
     let punchTimeout: Double
     let discover: Bool
     let raw: Bool
+    let impostor: Bool
+
+    /// Where the impostor listens (in `other`); router b DNATs new inbound UDP flows there.
+    static let impostorAddress = "198.51.100.20:7443"
 
     private func progress(_ line: String) {
         FileHandle.standardError.write(Data((line + "\n").utf8))
@@ -383,6 +399,21 @@ struct MatrixRunner {
         }
         let rdvNode = try String(contentsOfFile: ready, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
 
+        var impostorServer: LabChild?
+        defer { impostorServer?.stop() }
+        if impostor {
+            let identity = lab.file("impostor.identity")
+            try Identity.generate(commonName: "lab-impostor").save(to: identity)
+            let impostorReady = lab.file("impostor.ready")
+            impostorServer = try lab.exec("other", [lab.executable, "lab", "rendezvous", "--listen", Self.impostorAddress,
+                                                    "--identity", identity, "--no-stun", "--ready-file", impostorReady],
+                                          stem: "impostor")
+            while !FileManager.default.fileExists(atPath: impostorReady) {
+                guard impostorServer?.process.isRunning == true else { throw LabFailure("the impostor did not start") }
+                try await Task.sleep(for: .milliseconds(10))
+            }
+        }
+
         let rtt = await measureRTT()
         progress("peer-to-peer RTT \(String(format: "%.1f", rtt)) ms (sum of both peers' RTTs to the rendezvous)")
         var results: [String: [PairResult]] = [:]
@@ -390,6 +421,12 @@ struct MatrixRunner {
         for (index, pair) in pairs.enumerated() {
             let label = "[\(index + 1)/\(pairs.count)] \(pair.0) × \(pair.1)"
             if index > 0 { try await lab.run(["renat", "--nat-a", pair.0, "--nat-b", pair.1]) }
+            if impostor {
+                // After the cone DNAT (which admits the real flows of recorded mappings), before nothing else:
+                // every other new inbound UDP flow to b's public address goes to the impostor.
+                try await lab.run(["exec", "nat-b", "--", "nft", "add rule ip hpnat prerouting iifname \"wan0\" meta l4proto udp "
+                                   + "counter dnat ip to \(Self.impostorAddress)"])
+            }
             if raw {
                 let reference = await rawPunch(tag: index)
                 raws["\(pair.0):\(pair.1)"] = reference
@@ -409,7 +446,12 @@ struct MatrixRunner {
                 results[short, default: []].append(result)
             }
         }
-        return MatrixReport(strategies: strategies.map { URL(fileURLWithPath: $0).lastPathComponent }, results: results, raw: raws,
+        var impostorPackets: Int?
+        if impostor, let child = try? lab.exec("nat-b", ["nft", "list", "chain", "ip", "hpnat", "prerouting"], stem: "impostor-counter"),
+           await child.wait(.seconds(5)) == 0, let range = child.output.range(of: "packets ") {
+            impostorPackets = Int(child.output[range.upperBound...].prefix { $0.isNumber })
+        }
+        return MatrixReport(impostorPackets: impostorPackets, strategies: strategies.map { URL(fileURLWithPath: $0).lastPathComponent }, results: results, raw: raws,
                             rttMs: rtt, trials: trials, delay: delay, loss: loss, date: date)
     }
 
@@ -485,6 +527,7 @@ struct MatrixRunner {
             ok: ok, timeMs: result["time_ms"] as? Double, rounds: result["rounds"] as? Int ?? 0, packets: max(0, after - before),
             error: ok ? nil : error,
             message: ok ? nil : ((result["message"] as? String) ?? initiator.errors.split(separator: "\n").last.map(String.init))
-                .map { $0 + ((targetResult["error"] as? String).map { " (target: \($0))" } ?? "") })
+                .map { $0 + ((targetResult["error"] as? String).map { " (target: \($0))" } ?? "") },
+            peerNode: result["peer_node"] as? String, expectedPeer: "\(b.nodeID)")
     }
 }
