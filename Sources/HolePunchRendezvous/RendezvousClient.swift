@@ -15,6 +15,9 @@ public struct RendezvousClientConfiguration: Sendable {
     public var strategy: (any PunchStrategy)?
     /// An overall limit on each punch; nil keeps the plan's.
     public var punchTimeout: Duration?
+    /// Whether target-role coordinate messages start punches (true), or are only acknowledged and counted in
+    /// ``RendezvousClient/targetCoordinates`` (false: load tests of the rendezvous itself).
+    public var acceptsPunches = true
 
     /// Creates a configuration.
     public init(
@@ -74,6 +77,8 @@ public actor RendezvousClient {
     private var requestWaiters: [UInt64: CheckedContinuation<Result<ReceivedCoordinate, RendezvousError>, Never>] = [:]
     private var closedReason: RendezvousError?
     private var localNAT: NATProfile = .unknown
+    /// Target-role coordinate messages received so far.
+    public private(set) var targetCoordinates = 0
     /// The last confirmation from the server.
     public private(set) var registered: Registered?
 
@@ -283,7 +288,10 @@ public actor RendezvousClient {
                 if let id = coordinate.requestID, let waiter = requestWaiters.removeValue(forKey: id) {
                     waiter.resume(returning: .success(received))
                 }
+            } else if !configuration.acceptsPunches {
+                targetCoordinates += 1
             } else {
+                targetCoordinates += 1
                 logger.info("punch requested by peer", metadata: ["peer.node": "\(coordinate.peer.short)",
                                                                   "session.id": "\(coordinate.sessionID)"])
                 let handle = await startPunch(received)
