@@ -262,7 +262,7 @@ struct RawResult: Sendable {
 }
 
 struct MatrixReport: Sendable {
-    /// With `--impostor`: UDP packets router b sent to the impostor (for the last pair).
+    /// With `--impostor`: UDP packets router b sent to the impostor, over all pairs.
     var impostorPackets: Int?
     var strategies: [String]
     var results: [String: [PairResult]]  // strategy -> pairs in order
@@ -416,6 +416,7 @@ struct MatrixRunner {
 
         let rtt = await measureRTT()
         progress("peer-to-peer RTT \(String(format: "%.1f", rtt)) ms (sum of both peers' RTTs to the rendezvous)")
+        var impostorPackets: Int? = impostor ? 0 : nil
         var results: [String: [PairResult]] = [:]
         var raws: [String: RawResult] = [:]
         for (index, pair) in pairs.enumerated() {
@@ -445,11 +446,11 @@ struct MatrixRunner {
                 }
                 results[short, default: []].append(result)
             }
-        }
-        var impostorPackets: Int?
-        if impostor, let child = try? lab.exec("nat-b", ["nft", "list", "chain", "ip", "hpnat", "prerouting"], stem: "impostor-counter"),
-           await child.wait(.seconds(5)) == 0, let range = child.output.range(of: "packets ") {
-            impostorPackets = Int(child.output[range.upperBound...].prefix { $0.isNumber })
+            // The impostor rule's counter, before renat replaces the table: packets b's router gave to the impostor.
+            if impostor, let child = try? lab.exec("nat-b", ["nft", "list", "chain", "ip", "hpnat", "prerouting"], stem: "impostor-counter"),
+               await child.wait(.seconds(5)) == 0, let range = child.output.range(of: "packets ") {
+                impostorPackets? += Int(child.output[range.upperBound...].prefix { $0.isNumber }) ?? 0
+            }
         }
         return MatrixReport(impostorPackets: impostorPackets, strategies: strategies.map { URL(fileURLWithPath: $0).lastPathComponent }, results: results, raw: raws,
                             rttMs: rtt, trials: trials, delay: delay, loss: loss, date: date)
