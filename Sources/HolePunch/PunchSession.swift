@@ -113,6 +113,9 @@ struct PunchSession {
     static let maxRedials = 3
     private var winner: Int?
     private var roundsExhaustedAt: UInt64?
+    /// The peer answered one of our probes: it hears us, and we hear it. Probing has done its job then, so later
+    /// rounds send nothing (requests from the peer are still answered).
+    private(set) var bothWaysOpen = false
 
     init(_ configuration: Configuration) {
         self.configuration = configuration
@@ -142,6 +145,7 @@ struct PunchSession {
             // Always answer: the answer is what proves the path to the peer.
             return [.respond(socket: socket, to: from)] + proven(from, socket: socket)
         case .probeResponse(let from, let socket):
+            bothWaysOpen = true
             return proven(from, socket: socket)
         case .unreachable(let address):
             return markUnreachable(address)
@@ -200,7 +204,7 @@ struct PunchSession {
         round += 1
         var probes: [Probe] = []
         let candidates = configuration.candidates
-        for socket in 0..<max(1, plan.localSockets) {
+        for socket in 0..<(bothWaysOpen ? 0 : max(1, plan.localSockets)) {
             for _ in 0..<max(1, plan.packetsPerRound) {
                 let address = candidates[cursor % candidates.count]
                 cursor += 1

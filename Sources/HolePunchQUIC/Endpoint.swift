@@ -118,7 +118,7 @@ public actor Endpoint {
         self.logger = logger
         self.router = ConnectionRouter(policy: configuration.acceptPolicy)
         self.loop = EventLoopGroup.shared.next()
-        self.io = SocketBuffers(local: local)
+        self.io = SocketBuffers(local: local, loop: loop)
         (incoming, incomingContinuation) = AsyncStream.makeStream(of: QUICConnection.self)
     }
 
@@ -134,7 +134,7 @@ public actor Endpoint {
         self.logger = Logger(label: "holepunch.quic.memory", factory: { _ in SwiftLogNoOpLogHandler() })
         self.router = ConnectionRouter(policy: configuration.acceptPolicy)
         self.loop = EventLoopGroup.shared.next()
-        self.io = SocketBuffers(local: address)
+        self.io = SocketBuffers(local: address, loop: loop)
         (incoming, incomingContinuation) = AsyncStream.makeStream(of: QUICConnection.self)
     }
 
@@ -904,8 +904,8 @@ func nanoseconds(_ duration: Duration) -> UInt64 {
     return UInt64(max(0, seconds)) * 1_000_000_000 + UInt64(max(0, attoseconds) / 1_000_000_000)
 }
 
-/// The endpoint's receive and send buffers and the path storage ngtcp2 reads addresses from: allocated once,
-/// freed in deinit. `ngtcp2_path_storage` points into itself, so it lives on the heap and is never copied.
+/// The endpoint's view of its loop's scratch buffers, and the path storage ngtcp2 reads addresses from (owned:
+/// freed in deinit). `ngtcp2_path_storage` points into itself, so it lives on the heap and is never copied.
 final class SocketBuffers {
     let receiveBuffer: UnsafeMutableRawBufferPointer
     let sendBuffer: UnsafeMutableRawBufferPointer
@@ -914,9 +914,9 @@ final class SocketBuffers {
     private let localLength: socklen_t
     private let fromStorage: UnsafeMutablePointer<sockaddr_storage>
 
-    init(local: SocketAddress) {
-        receiveBuffer = .allocate(byteCount: 65_536, alignment: 16)
-        sendBuffer = .allocate(byteCount: 65_536, alignment: 16)
+    init(local: SocketAddress, loop: EventLoop) {
+        receiveBuffer = loop.receiveBuffer
+        sendBuffer = loop.sendBuffer
         path = .allocate(capacity: 1)
         ngtcp2_path_storage_zero(path)
         localStorage = .allocate(capacity: 1)
@@ -927,8 +927,6 @@ final class SocketBuffers {
     }
 
     deinit {
-        receiveBuffer.deallocate()
-        sendBuffer.deallocate()
         path.deallocate()
         localStorage.deallocate()
         fromStorage.deallocate()

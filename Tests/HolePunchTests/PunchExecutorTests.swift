@@ -205,8 +205,10 @@ struct PunchExecutorTests {
             let counts = (await a.connectionCount, await b.connectionCount)
             return counts == (0, 0)
         })
-        let leaked = await eventually { openFileDescriptors() == baselineFDs }
-        #expect(leaked, "descriptors: \(baselineFDs) before, \(openFileDescriptors()) after: \(descriptorTargets())")
+        // A leak per iteration would show as a thousand descriptors; other suites running in parallel open and
+        // close a few of their own meanwhile, hence the small allowance.
+        let bounded = await eventually { openFileDescriptors() <= baselineFDs + 16 }
+        #expect(bounded, "descriptors: \(baselineFDs) before, \(openFileDescriptors()) after: \(descriptorTargets())")
         await a.close()
         await b.close()
     }

@@ -198,3 +198,15 @@ struct PunchSessionTests {
         #expect(session.handle(.start(now: 1000 * Self.ms)) == [.fail(.unreachable)])
     }
 }
+
+extension PunchSessionTests {
+    @Test("once the peer answered a probe, later rounds send nothing (but requests are still answered)")
+    func quietWhenBothWaysOpen() {
+        var session = Self.session(role: .target, rounds: 5)
+        _ = session.handle(.start(now: 1000 * Self.ms))
+        _ = session.handle(.probeResponse(from: Self.address(4000), socket: 0))
+        let next = session.handle(.timer(now: 1100 * Self.ms))
+        #expect(next.contains(.sendProbes([])))
+        #expect(session.handle(.probeRequest(from: Self.address(4000), socket: 0)).first == .respond(socket: 0, to: Self.address(4000)))
+    }
+}
