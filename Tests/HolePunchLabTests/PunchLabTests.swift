@@ -1,0 +1,194 @@
+import Foundation
+import Testing
+
+/// Our own code in the lab: NAT discovery classification, a real punch for every NAT pair, an impostor, loss.
+///
+/// These drive the `holepunch` binary that `swift test` builds next to the test bundle (or `$HOLEPUNCH_BIN`):
+/// `holepunch lab matrix` runs the punches (one lab, `renat` between pairs, one rendezvous), so the tests check
+/// the product path a user runs. Part of the serialized lab suite, so they never compete with its timing tests.
+extension LabTests {
+    /// The `holepunch` executable, or nil (the tests are then skipped with a message).
+    static let holepunchBinary: String? = {
+        if let path = ProcessInfo.processInfo.environment["HOLEPUNCH_BIN"], FileManager.default.isExecutableFile(atPath: path) {
+            return path
+        }
+        // swift test builds every product into the directory of the test bundle.
+        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        var dir = URL(fileURLWithPath: exe).deletingLastPathComponent()
+        for _ in 0..<3 {
+            let candidate = dir.appendingPathComponent("holepunch").path
+            if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+            dir.deleteLastPathComponent()
+        }
+        return nil
+    }()
+
+    static var haveBinary: Bool {
+        if holepunchBinary == nil { print("HolePunchLabTests: punch tests skipped: no holepunch binary (set HOLEPUNCH_BIN)") }
+        return holepunchBinary != nil
+    }
+
+    static let natTypes = ["full_cone", "restricted", "port_restricted", "symmetric_seq", "symmetric_random"]
+
+    /// One pair's entry of the matrix JSON.
+    struct MatrixPair: Decodable {
+        struct Run: Decodable {
+            var ok: Bool
+            var error: String?
+            var message: String?
+            var time_ms: Double?
+            var peer_node: String?
+            var expected_peer: String?
+        }
+        var a: String
+        var b: String
+        var successes: Int
+        var trials: Int
+        var runs: [Run]
+    }
+
+    struct Matrix: Decodable {
+        var strategies: [String: [MatrixPair]]
+        var impostor_packets: Int?
+    }
+
+    /// Runs `holepunch lab matrix` with a unique lab name; the lab is always deleted (by the matrix, and again
+    /// here in case it was killed), and no namespace of it may remain.
+    static func matrix(_ arguments: [String], timeout: TimeInterval) throws -> [MatrixPair] {
+        try matrixReport(arguments, timeout: timeout).strategies["default.lua"] ?? []
+    }
+
+    static func matrixReport(_ arguments: [String], timeout: TimeInterval) throws -> Matrix {
+        let name = LabSupport.uniqueName()
+        let json = NSTemporaryDirectory() + "holepunch-lab-test-\(name).json"
+        defer {
+            _ = try? LabSupport.run([LabSupport.labScript, "down"], env: ["HP_LAB": name], timeout: 60)
+            #expect(LabSupport.namespaces(ofLab: name).isEmpty, "lab \(name) left namespaces behind")
+            try? FileManager.default.removeItem(atPath: json)
+        }
+        let argv = [holepunchBinary!, "lab", "matrix", "--name", name, "--json", json, "--no-raw",
+                    "--strategy", LabSupport.repoRoot.appendingPathComponent("strategies/default.lua").path] + arguments
+        let r = try LabSupport.run(argv, timeout: timeout)
+        guard !r.timedOut, r.status == 0 else {
+            throw LabSupport.LabError(description: "lab matrix failed (exit \(r.status), timed out \(r.timedOut)): \(r.stderr.suffix(2000))")
+        }
+        return try JSONDecoder().decode(Matrix.self, from: Data(contentsOf: URL(fileURLWithPath: json)))
+    }
+
+    // MARK: Classification by our own discovery
+
+    /// The NATBehaviour JSON of `holepunch nat detect --json` / `holepunch lab detect`.
+    struct Behaviour: Decodable {
+        var mapping: String
+        var filtering: String
+        var allocation: String
+        var portDelta: Int?
+    }
+
+    @Test("our NAT discovery classifies each lab NAT type as configured", .timeLimit(.minutes(3)),
+          .enabled(if: LabTests.haveBinary, "needs the holepunch binary"))
+    func discoveryClassifies() throws {
+        let expected: [String: (String, String, String)] = [
+            "full_cone": ("endpointIndependent", "endpointIndependent", "portPreserving"),
+            "restricted": ("endpointIndependent", "addressDependent", "portPreserving"),
+            "port_restricted": ("endpointIndependent", "addressAndPortDependent", "portPreserving"),
+            "symmetric_seq": ("addressAndPortDependent", "addressAndPortDependent", "sequential"),
+            "symmetric_random": ("addressAndPortDependent", "addressAndPortDependent", "random"),
+        ]
+        try withLab(["--nat-a", "full_cone", "--nat-b", "full_cone"]) { lab in
+            // Our STUN responder (RFC 5780: two addresses, two ports) runs with the lab rendezvous in rdv.
+            let identity = NSTemporaryDirectory() + "holepunch-lab-\(lab.name)-rdv.identity"
+            defer { try? FileManager.default.removeItem(atPath: identity) }
+            let made = try LabSupport.run([Self.holepunchBinary!, "identity", "create", identity, "--force"], timeout: 30)
+            #expect(made.status == 0, "identity create: \(made.stderr)")
+            let ready = identity + ".ready"
+            let server = try lab.background("rdv", [Self.holepunchBinary!, "lab", "rendezvous", "--identity", identity,
+                                                    "--ready-file", ready])
+            defer {
+                _ = server.stop()
+                try? FileManager.default.removeItem(atPath: ready)
+            }
+            #expect(LabSupport.waitUntil(timeout: 20) { FileManager.default.fileExists(atPath: ready) }, "rendezvous did not start")
+            for type in Self.natTypes {
+                let renat = try LabSupport.run([LabSupport.labScript, "renat", "--nat-a", type, "--nat-b", type], env: lab.env)
+                #expect(renat.status == 0, "renat \(type): \(renat.stderr)")
+                for host in ["peer-a", "peer-b"] {
+                    // `holepunch nat detect` is the product command; `lab detect` is the same discovery.
+                    var r = try lab.exec(host, [Self.holepunchBinary!, "nat", "detect", "--stun", "198.51.100.10:3480", "--json"],
+                                         timeout: 60)
+                    if r.status != 0 && r.stdout.isEmpty {
+                        r = try lab.exec(host, [Self.holepunchBinary!, "lab", "detect"], timeout: 60)
+                    }
+                    let line = r.stdout.split(separator: "\n").last.map(String.init) ?? ""
+                    let got = try JSONDecoder().decode(Behaviour.self, from: Data(line.utf8))
+                    let want = expected[type]!
+                    #expect(got.mapping == want.0, "\(type) from \(host): mapping \(got.mapping)")
+                    #expect(got.filtering == want.1, "\(type) from \(host): filtering \(got.filtering)")
+                    #expect(got.allocation == want.2, "\(type) from \(host): allocation \(got.allocation)")
+                    if type == "symmetric_seq" { #expect(got.portDelta == 1, "\(type) from \(host): delta \(String(describing: got.portDelta))") }
+                }
+            }
+        }
+    }
+
+    // MARK: Punches
+
+    @Test("a real punch for every NAT pair (default strategy, 20 ms one-way on each WAN link)", .timeLimit(.minutes(6)),
+          .enabled(if: LabTests.haveBinary, "needs the holepunch binary"))
+    func punchEveryPair() throws {
+        let pairs = try Self.matrix(["--trials", "1", "--delay", "20", "--punch-timeout", "5"], timeout: 330)
+        #expect(pairs.count == 25)
+        for pair in pairs {
+            let run = pair.runs.first
+            let detail = "\(pair.a) × \(pair.b): \(run?.error ?? "ok") \(run?.message ?? "")"
+            print("HolePunchLabTests punch \(detail) \(run?.time_ms.map { "\($0) ms" } ?? "")")
+            if pair.a == "symmetric_random" && pair.b == "symmetric_random" {
+                // Only a clean outcome is required: a success, or a punch error code, never a harness timeout.
+                #expect(run?.ok == true || !["harnessTimeout", "noResult", "targetNotRegistered"].contains(run?.error ?? "noResult"),
+                        "\(detail)")
+            } else {
+                #expect(pair.successes == pair.trials, "\(detail)")
+            }
+            if let run, run.ok { #expect(run.peer_node == run.expected_peer, "\(detail): connected to the wrong NodeID") }
+        }
+    }
+
+    @Test("impostor: a QUIC server with another identity behind b's public address never wins", .timeLimit(.minutes(3)),
+          .enabled(if: LabTests.haveBinary, "needs the holepunch binary"))
+    func impostorNeverWins() throws {
+        let report = try Self.matrixReport(
+            ["--trials", "2", "--delay", "20", "--punch-timeout", "5", "--impostor",
+             "--pair", "port_restricted:symmetric_seq", "--pair", "full_cone:symmetric_random", "--pair", "port_restricted:full_cone"],
+            timeout: 170)
+        let pairs = report.strategies["default.lua"] ?? []
+        #expect(pairs.count == 3)
+        // The test means something only if the impostor was actually reached.
+        #expect((report.impostor_packets ?? 0) > 0, "no packet reached the impostor")
+        for pair in pairs {
+            for run in pair.runs {
+                if run.ok {
+                    #expect(run.peer_node == run.expected_peer, "\(pair.a) × \(pair.b): connected to \(run.peer_node ?? "?")")
+                } else {
+                    #expect(["peerAuthenticationFailed", "timeout", "allPortsFailed"].contains(run.error ?? ""),
+                            "\(pair.a) × \(pair.b): \(run.error ?? "?") \(run.message ?? "")")
+                }
+            }
+        }
+    }
+
+    @Test("loss: 20% each way on both WAN links, a cone pair punches in at least 9 of 10 trials", .timeLimit(.minutes(4)),
+          .enabled(if: LabTests.haveBinary, "needs the holepunch binary"))
+    func punchUnderLoss() throws {
+        let pairs = try Self.matrix(["--trials", "10", "--delay", "20", "--loss", "20", "--punch-timeout", "5",
+                                     "--pair", "port_restricted:port_restricted"], timeout: 230)
+        let pair = try #require(pairs.first)
+        let errors = pair.runs.compactMap(\.error)
+        #expect(pair.successes >= 9, "\(pair.successes)/10 succeeded; errors: \(errors)")
+    }
+
+    @Test("zz: no namespace of this run is left after the punch tests", .timeLimit(.minutes(1)))
+    func zzNothingLeftAfterPunches() {
+        #expect(LabSupport.namespaces(startingWith: LabSupport.runPrefix).isEmpty,
+                "left: \(LabSupport.namespaces(startingWith: LabSupport.runPrefix))")
+    }
+}
