@@ -162,8 +162,16 @@ public actor PunchExecutor {
     }
 
     /// Sets where STUN-range datagrams that are not probes of a live punch go (e.g. a STUN or rendezvous client).
-    public func otherDatagrams(_ handler: (@Sendable ([UInt8], SocketAddress) -> Void)?) {
+    ///
+    /// Installs the executor on its endpoint if no punch has done so yet, so datagrams flow from now on.
+    public func otherDatagrams(_ handler: (@Sendable ([UInt8], SocketAddress) -> Void)?) async {
         otherDatagramHandler = handler
+        await installIfNeeded()
+    }
+
+    /// Takes over the endpoint's datagram handler and accept policy now, instead of at the first punch.
+    public func start() async {
+        await installIfNeeded()
     }
 
     /// Stops accepting for punches and cancels every active punch.
