@@ -119,8 +119,8 @@ extension LabTests {
                     if r.status != 0 && r.stdout.isEmpty {
                         r = try lab.exec(host, [Self.holepunchBinary!, "lab", "detect"], timeout: 60)
                     }
-                    let line = r.stdout.split(separator: "\n").last.map(String.init) ?? ""
-                    let got = try JSONDecoder().decode(Behaviour.self, from: Data(line.utf8))
+                    // `nat detect --json` pretty-prints one object over many lines: decode the whole output.
+                    let got = try JSONDecoder().decode(Behaviour.self, from: Data(r.stdout.utf8))
                     let want = expected[type]!
                     #expect(got.mapping == want.0, "\(type) from \(host): mapping \(got.mapping)")
                     #expect(got.filtering == want.1, "\(type) from \(host): filtering \(got.filtering)")
