@@ -249,7 +249,11 @@ EOF
     if [[ $type == symmetric_seq ]]; then
         # index -> port map: nft 1.0.6 byte-swaps "numgen inc … offset N" used as a port.
         local i elems=""
-        for ((i = 0; i < SEQ_SIZE; i++)); do elems+="$i : $((SEQ_BASE + i)), "; done
+        # Each renat moves the sequence to a new block of ports: the new table's counter restarts at 0, and
+        # the previous table's conntrack entries (still alive) would otherwise hold the same ports, so a new
+        # flow to the same destination could not get its port and would be dropped.
+        local base=$((SEQ_BASE + (${OPT[seqgen]:-0} % 8) * SEQ_SIZE))
+        for ((i = 0; i < SEQ_SIZE; i++)); do elems+="$i : $((base + i)), "; done
         cat <<EOF
     map seqport {
         typeof numgen inc mod $SEQ_SIZE : udp sport
@@ -526,6 +530,7 @@ cmd_renat() {
     source "$STATE/opts"
     # the previous types' auto port preservation must be re-derived for the new types
     OPT[pp_a]=auto; OPT[pp_b]=auto
+    OPT[seqgen]=$(( ${OPT[seqgen]:-0} + 1 ))
     parse_up "$@"
     local s
     for s in a b; do
