@@ -103,6 +103,23 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
 
+        // MARK: Examples (public API only; see examples/*/README.md).
+        .executableTarget(
+            name: "hp-chat",
+            dependencies: [
+                "HolePunch", "HolePunchRendezvous",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            path: "examples/chat/Sources",
+            swiftSettings: swiftSettings
+        ),
+        .executableTarget(
+            name: "hp-embed",
+            dependencies: ["HolePunch", "HolePunchRendezvous"],
+            path: "examples/embed/Sources",
+            swiftSettings: swiftSettings
+        ),
+
         // MARK: Tests (swift-testing).
         .testTarget(name: "HolePunchQUICTests", dependencies: ["HolePunchQUIC", "HolePunchNet"], swiftSettings: swiftSettings),
         .testTarget(name: "HolePunchSTUNTests", dependencies: ["HolePunchSTUN", "HolePunchNet"], swiftSettings: swiftSettings),

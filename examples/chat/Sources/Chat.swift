@@ -1,0 +1,146 @@
+import ArgumentParser
+import Foundation
+import HolePunch
+import HolePunchRendezvous
+
+/// `hp-chat`: two peers register at a rendezvous, one punches to the other by NodeID, and then each side's
+/// standard input goes to the other side's standard output, line by line.
+@main
+struct Chat: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "hp-chat",
+        abstract: "Punch to another peer through a rendezvous, then chat line by line.",
+        discussion: """
+            Start one peer without --connect (it waits), then the other with --connect and the first one's NodeID \
+            (printed as `registered node=…`). Status lines go to standard error; standard output carries only what \
+            the other peer typed. Exit status: 0 done, 1 local error, 2 rendezvous error, 3 punch failed or \
+            connection lost.
+            """
+    )
+
+    @Option(help: "The rendezvous's QUIC address, numeric HOST:PORT.")
+    var rendezvous: String
+
+    @Option(help: "The rendezvous's NodeID, or @FILE to read it from a file.")
+    var rendezvousId: String
+
+    @Option(help: "This peer's identity file (created if missing).")
+    var identity: String
+
+    @Option(help: "Punch to this NodeID instead of waiting for the other peer.")
+    var connect: String?
+
+    @Option(help: "A Lua strategy file; the built-in default answers if it fails to load.")
+    var strategy: String?
+
+    @Option(help: "Local address of the punch socket.")
+    var listen = "0.0.0.0:0"
+
+    func run() async throws {
+        // A peer that vanishes must give us an error, not kill us with SIGPIPE on stdout.
+        signal(SIGPIPE, SIG_IGN)
+        let peer = try await ChatPeer.start(rendezvous: rendezvous, rendezvousID: rendezvousId, identity: identity,
+                                            strategy: strategy, listen: listen)
+        let connection: QUICConnection
+        if let connect {
+            connection = try await peer.punch(to: try nodeID(connect, what: "--connect"))
+        } else {
+            say("waiting for a peer to connect to node=\(peer.client.nodeID)")
+            connection = try await peer.waitForPunch()
+        }
+        // The rendezvous is only needed to meet; the punched connection stands on its own.
+        await peer.client.close()
+        try await chat(over: connection)
+    }
+}
+
+/// The line the dialling side sends first: QUIC streams only reach the other side once they carry bytes, and
+/// the dialler's user may not type for a while. It also tells a chat peer from some other program.
+let greeting = Array("hp-chat/1\n".utf8)
+
+/// How one direction of the chat ended.
+enum Ended: Sendable {
+    case inputDone
+    case peerDone
+    case lost(String)
+}
+
+/// Pipes standard input to the stream and the stream to standard output until both directions end.
+func chat(over connection: QUICConnection) async throws {
+    let stream: QUICStream
+    var pending: [UInt8] = []
+    do {
+        if connection.isClient {
+            stream = try await connection.openStream()
+            try await stream.write(greeting)
+        } else {
+            guard let accepted = try await connection.acceptStream() else { throw lost("the peer closed before saying hello") }
+            stream = accepted
+            // Strip the greeting; whatever follows it is already chat text.
+            while !pending.starts(with: greeting) {
+                guard pending.count < greeting.count, let chunk = try await stream.read() else {
+                    throw lost("the peer is not an hp-chat peer")
+                }
+                pending += chunk
+            }
+            pending.removeFirst(greeting.count)
+        }
+    } catch let error as ExitCode {
+        throw error
+    } catch {
+        throw lost("\(error)")
+    }
+    say("chatting with node=\(connection.peerNodeID) via \(connection.remoteAddress) (Ctrl-D to leave)")
+    if !pending.isEmpty { FileHandle.standardOutput.write(Data(pending)) }
+
+    let input = standardInputLines()
+    // `closeNow`: this side ended last, so both ends of the stream are delivered and it may close at once.
+    let (outcome, closeNow) = await withTaskGroup(of: Ended.self) { group -> (Ended, Bool) in
+        group.addTask {
+            for await line in input {
+                do { try await stream.write(line) } catch { return .lost("\(error)") }
+            }
+            return .inputDone
+        }
+        group.addTask {
+            do {
+                while let chunk = try await stream.read() { FileHandle.standardOutput.write(Data(chunk)) }
+                return .peerDone
+            } catch {
+                return .lost("\(error)")
+            }
+        }
+        let first = await group.next() ?? .lost("no direction ran")
+        switch first {
+        case .inputDone:
+            // We are done talking; keep printing until the peer is done too.
+            try? await stream.finish()
+            return (await group.next() ?? .peerDone, true)
+        case .peerDone:
+            // The peer left: stop reading stdin (the task ends on cancellation) and say goodbye.
+            group.cancelAll()
+            try? await stream.finish()
+            return (.peerDone, false)
+        case .lost:
+            group.cancelAll()
+            return (first, true)
+        }
+    }
+    switch outcome {
+    case .lost(let reason):
+        await connection.close()
+        throw lost(reason)
+    case .peerDone, .inputDone:
+        say("peer left")
+        // Closing at once could drop our end-of-stream before it is delivered, so the side that finished first
+        // waits (bounded) for the other side, which finished last, to close.
+        let clock = ContinuousClock()
+        let end = clock.now + .seconds(2)
+        while !closeNow, await connection.isOpen, clock.now < end { try? await Task.sleep(for: .milliseconds(20)) }
+        await connection.close()
+    }
+}
+
+func lost(_ reason: String) -> ExitCode {
+    fail("connection lost: \(reason)", hint: "the other peer quit or its network went away", code: 3)
+}
