@@ -119,6 +119,15 @@ let package = Package(
             path: "examples/embed/Sources",
             swiftSettings: swiftSettings
         ),
+        .executableTarget(
+            name: "hp-file-send",
+            dependencies: [
+                "HolePunch", "HolePunchRendezvous",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            path: "examples/file-send/Sources",
+            swiftSettings: swiftSettings
+        ),
 
         // MARK: Tests (swift-testing).
         .testTarget(name: "HolePunchQUICTests", dependencies: ["HolePunchQUIC", "HolePunchNet"], swiftSettings: swiftSettings),
