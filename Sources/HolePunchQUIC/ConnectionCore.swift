@@ -351,8 +351,8 @@ final class ConnectionCore {
         stream.writeWaiters.removeAll()
         for waiter in waiters { waiter.resume() }
         stream.freeAll()
-        // Keep the state while unread data remains; the reader removes it when drained.
-        if stream.receivedStart >= stream.received.count {
+        // Keep the state while unread data or an unreported reset remains; the reader removes it then.
+        if stream.receivedStart >= stream.received.count && stream.resetError == nil {
             streams[id] = nil
         }
     }

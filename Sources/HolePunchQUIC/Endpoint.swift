@@ -41,6 +41,10 @@ public actor Endpoint {
     private var counters = EndpointStats()
     private var isClosed = false
     private var failures: [QUICError] = []
+    /// Why recently ended connections ended, so a handle asking after the fact gets the real reason.
+    /// Bounded: the oldest entries go first.
+    private var endedReasons: [UInt64: QUICError] = [:]
+    private var endedOrder: [UInt64] = []
     private var touched: [ConnectionCore] = []
     private var touchedKeys: Set<UInt64> = []
     private let io: SocketBuffers
@@ -756,7 +760,16 @@ public actor Endpoint {
         for waiter in core.closeWaiters { waiter.resume(returning: error) }
         core.closeWaiters.removeAll()
         connections[core.key] = nil
+        endedReasons[core.key] = error
+        endedOrder.append(core.key)
+        if endedOrder.count > 4096 {
+            endedReasons[endedOrder.removeFirst()] = nil
+        }
         core.freeNative()
+    }
+
+    private func endedError(_ key: UInt64) -> QUICError {
+        endedReasons[key] ?? QUICError(.closedLocally, "the connection is closed")
     }
 
     private func wakeWriters(_ core: ConnectionCore) {
@@ -771,9 +784,7 @@ public actor Endpoint {
     // MARK: Operations for connection and stream handles
 
     private func established(_ key: UInt64) throws -> ConnectionCore {
-        guard let core = connections[key] else {
-            throw QUICError(.closedLocally, "the connection is closed")
-        }
+        guard let core = connections[key] else { throw endedError(key) }
         if case .closed(let error) = core.phase { throw error }
         return core
     }
@@ -824,7 +835,7 @@ public actor Endpoint {
 
     func read(_ key: UInt64, stream id: Int64, maxBytes: Int) async throws -> [UInt8]? {
         while true {
-            guard let core = connections[key] else { throw QUICError(.closedLocally, "the connection is closed") }
+            guard let core = connections[key] else { throw endedError(key) }
             guard let stream = core.streams[id] else { return nil }
             if stream.receivedStart < stream.received.count {
                 let end = min(stream.received.count, stream.receivedStart + maxBytes)
@@ -845,7 +856,10 @@ public actor Endpoint {
                 }
                 return chunk
             }
-            if let error = stream.resetError { throw error }
+            if let error = stream.resetError {
+                core.streams[id] = nil
+                throw error
+            }
             if stream.finReceived {
                 if core.conn == nil || stream.chunks.isEmpty && stream.finSent { core.streams[id] = nil }
                 return nil
@@ -870,7 +884,7 @@ public actor Endpoint {
     }
 
     func waitClosed(_ key: UInt64) async -> QUICError {
-        guard let core = connections[key] else { return QUICError(.closedLocally, "the connection is closed") }
+        guard let core = connections[key] else { return endedError(key) }
         if case .closed(let error) = core.phase { return error }
         return await withCheckedContinuation { core.closeWaiters.append($0) }
     }

@@ -1,0 +1,124 @@
+import Foundation
+import Testing
+import HolePunchNet
+@testable import HolePunchQUIC
+
+@Suite("QUIC connection lifecycle")
+struct ConnectionLifecycleTests {
+    @Test("closing with an application error code reaches the peer with that code")
+    func closeWithCode() async throws {
+        let server = try await makeEndpoint(TestIdentities.b)
+        let client = try await makeEndpoint(TestIdentities.a)
+        let connection = try await withDeadline(.seconds(10)) {
+            try await client.connect(to: server.localAddress, expecting: TestIdentities.b.nodeID)
+        }
+        let accepted = try await withDeadline(.seconds(10)) {
+            var iterator = server.incoming.makeAsyncIterator()
+            return await iterator.next()
+        }
+        let serverSide = try #require(accepted)
+        await connection.close(errorCode: 42, reason: "bye")
+        let seen = try await withDeadline(.seconds(10)) { await serverSide.waitClosed() }
+        #expect(seen.code == .connectionClosed)
+        #expect(seen.applicationErrorCode == 42)
+        #expect(seen.message.contains("bye"))
+        #expect(await server.connectionCount == 0)
+        await client.close()
+        await server.close()
+    }
+
+    @Test("a stream reset reaches the reader as streamReset with the code")
+    func streamReset() async throws {
+        let server = try await makeEndpoint(TestIdentities.b)
+        let client = try await makeEndpoint(TestIdentities.a)
+        let connection = try await withDeadline(.seconds(10)) {
+            try await client.connect(to: server.localAddress, expecting: TestIdentities.b.nodeID)
+        }
+        let serverSide = try #require(try await withDeadline(.seconds(10)) {
+            var iterator = server.incoming.makeAsyncIterator()
+            return await iterator.next()
+        })
+        let stream = try await connection.openStream()
+        try await stream.write([1, 2, 3])
+        let incoming = try #require(try await withDeadline(.seconds(10)) { try await serverSide.acceptStream() })
+        #expect(try await incoming.read() == [1, 2, 3])
+        await stream.reset(errorCode: 7)
+        let error = await #expect(throws: QUICError.self) {
+            _ = try await withDeadline(.seconds(10)) { try await incoming.readToEnd() }
+        }
+        #expect(error?.code == .streamReset)
+        #expect(error?.applicationErrorCode == 7)
+        await client.close()
+        await server.close()
+    }
+
+    @Test("an idle connection closes after its idle timeout, on both sides")
+    func idleTimeout() async throws {
+        let quiet: (inout EndpointConfiguration) -> Void = {
+            $0.idleTimeout = .milliseconds(300)
+            $0.keepAliveInterval = nil
+        }
+        let server = try await makeEndpoint(TestIdentities.b, configure: quiet)
+        let client = try await makeEndpoint(TestIdentities.a, configure: quiet)
+        let connection = try await withDeadline(.seconds(10)) {
+            try await client.connect(to: server.localAddress, expecting: TestIdentities.b.nodeID)
+        }
+        let reason = try await withDeadline(.seconds(10)) { await connection.waitClosed() }
+        #expect(reason.code == .idleTimeout)
+        #expect(await client.connectionCount == 0)
+        #expect(await eventually { await server.connectionCount == 0 })
+        await client.close()
+        await server.close()
+    }
+
+    @Test("keep-alive holds an otherwise idle connection open past the idle timeout")
+    func keepAlive() async throws {
+        let lively: (inout EndpointConfiguration) -> Void = {
+            $0.idleTimeout = .milliseconds(400)
+            $0.keepAliveInterval = .milliseconds(100)
+        }
+        let server = try await makeEndpoint(TestIdentities.b, configure: lively)
+        let client = try await makeEndpoint(TestIdentities.a, configure: lively)
+        let connection = try await withDeadline(.seconds(10)) {
+            try await client.connect(to: server.localAddress, expecting: TestIdentities.b.nodeID)
+        }
+        // Three idle timeouts pass with no application traffic at all.
+        try await Task.sleep(for: .milliseconds(1200))
+        #expect(await connection.isOpen)
+        await client.close()
+        await server.close()
+    }
+
+    @Test("a dial to a silent port ends with handshakeTimeout after the configured timeout")
+    func handshakeTimeout() async throws {
+        let silent = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
+        defer { close(silent) }
+        _ = SocketAddress.loopbackV4(port: 0).withSockAddr { bind(silent, $0, $1) }
+        var storage = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        _ = withUnsafeMutablePointer(to: &storage) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(silent, $0, &length) } }
+        let target = try #require(withUnsafePointer(to: &storage) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { SocketAddress($0) } })
+        let client = try await makeEndpoint(TestIdentities.a)
+        let error = await #expect(throws: QUICError.self) {
+            _ = try await withDeadline(.seconds(10)) {
+                try await client.connect(
+                    to: target, expecting: TestIdentities.b.nodeID,
+                    options: ConnectOptions(initialRTT: .milliseconds(10), handshakeTimeout: .milliseconds(300))
+                )
+            }
+        }
+        #expect(error?.code == .handshakeTimeout)
+        #expect(await client.connectionCount == 0)
+        await client.close()
+    }
+
+    private func eventually(_ condition: () async -> Bool) async -> Bool {
+        let clock = ContinuousClock()
+        let end = clock.now + .seconds(5)
+        while clock.now < end {
+            if await condition() { return true }
+            try? await Task.sleep(for: .milliseconds(5))
+        }
+        return await condition()
+    }
+}
