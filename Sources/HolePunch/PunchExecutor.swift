@@ -464,6 +464,7 @@ public actor PunchExecutor {
                 arm(runtime, at: at)
             case .roundStarted(let round):
                 runtime.events.yield(.roundStarted(round: round, ports: runtime.session.portsTried.count))
+                consultOnProbe(runtime, round: round)
             case .pathProven(let address):
                 runtime.events.yield(.probeAnswered(from: address))
             case .succeed(let id):
@@ -472,6 +473,35 @@ public actor PunchExecutor {
                 fail(runtime, code: code)
             }
         }
+    }
+
+    /// Gives the strategy's `onProbe` hook the round's outcome; a plan it returns replaces the current one
+    /// (validated and clamped like any plan, restricted to the candidate host).
+    private func consultOnProbe(_ runtime: PunchRuntime, round: Int) {
+        let session = runtime.session
+        let event = ProbeEvent(
+            round: round, elapsed: elapsedSinceStart(runtime), probesSent: session.probesSent,
+            answeredPorts: session.provenAddresses.map(\.port),
+            unreachablePorts: session.unreachable.map(\.port).sorted(),
+            currentPlan: session.configuration.plan
+        )
+        let replacement: PunchPlan?
+        do {
+            replacement = try runtime.strategy.onProbe(runtime.context, event)
+        } catch {
+            logger.debug("on_probe failed; keeping the plan", metadata: ["punch.id": "\(runtime.id)", "error": "\(error)"])
+            return
+        }
+        guard var plan = replacement else { return }
+        if let timeout = runtime.options.timeout { plan.timeout = timeout }
+        let (validated, _) = plan.validated(configuration.limits)
+        guard let host = session.configuration.candidates.first else { return }
+        let candidates = validated.ports.map { port -> SocketAddress in
+            var address = host
+            address.port = port
+            return address
+        }
+        runtime.session.replacePlan(validated, candidates: candidates)
     }
 
     private func arm(_ runtime: PunchRuntime, at deadline: UInt64) {

@@ -95,7 +95,7 @@ struct PunchSession {
         case pathProven(SocketAddress)
     }
 
-    let configuration: Configuration
+    private(set) var configuration: Configuration
     private(set) var phase: Phase = .scheduled
     private(set) var round = 0
     private(set) var portsTried: [UInt16] = []
@@ -170,6 +170,18 @@ struct PunchSession {
         case .cancel:
             return []
         }
+    }
+
+    /// Adopts a new plan between rounds (a strategy's `on_probe` widened or narrowed it): later rounds walk the new
+    /// candidates from their start, with the new cadence; the deadline moves to the start plus the new timeout.
+    /// Rounds already sent count towards the new plan's rounds.
+    mutating func replacePlan(_ plan: PunchPlan, candidates: [SocketAddress]) {
+        guard !phase.isTerminal, !candidates.isEmpty else { return }
+        configuration.plan = plan
+        configuration.candidates = candidates
+        configuration.deadline = configuration.startAt + nanoseconds(plan.timeout)
+        cursor = 0
+        roundsExhaustedAt = nil
     }
 
     /// The dial currently in flight to `address`, for result bookkeeping.

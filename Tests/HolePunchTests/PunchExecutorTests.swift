@@ -284,3 +284,43 @@ struct PunchExecutorTests {
         await b.close()
     }
 }
+
+/// Widens the ports after the first unanswered round, like a strategy's `on_probe` would.
+struct WideningStrategy: PunchStrategy {
+    let name = "test-widening"
+    let extra: UInt16
+    func plan(_ ctx: PunchContext) throws -> PunchPlan {
+        try FixedStrategy(perRound: 1, interval: .milliseconds(20), rounds: 20).plan(ctx)
+    }
+    func onProbe(_ ctx: PunchContext, _ event: ProbeEvent) throws -> PunchPlan? {
+        guard event.round == 2, event.answeredPorts.isEmpty else { return nil }
+        var plan = event.currentPlan
+        plan.ports = PortList(ports: Array(plan.ports) + [extra])
+        return plan
+    }
+}
+
+extension PunchExecutorTests {
+    @Test("a strategy's onProbe can widen the ports mid-punch, reaching a peer the first plan missed")
+    func onProbeWidens() async throws {
+        let a = try await bindEndpoint(PunchIdentities.a)
+        let b = try await bindEndpoint(PunchIdentities.b)
+        let initiator = PunchExecutor(endpoint: a)
+        let target = PunchExecutor(endpoint: b)
+        let silent = try SilentSocket()
+        let key = sessionKey()
+        // The target only listens and answers; it never probes the initiator (no ports to probe would be invalid,
+        // so it probes a silent socket), so only the initiator's widened probes can find it.
+        let targetHandle = await target.startPunch(options(to: a, ports: [silent.port], session: "widen", key: key,
+                                                           role: .target, expecting: PunchIdentities.a.nodeID,
+                                                           strategy: FixedStrategy(rounds: 100, timeout: .seconds(10))))
+        let connection = try await initiator.punch(options(
+            to: b, ports: [silent.port], session: "widen", key: key, role: .initiator,
+            expecting: PunchIdentities.b.nodeID, strategy: WideningStrategy(extra: b.localAddress.port)
+        ))
+        #expect(connection.peerNodeID == PunchIdentities.b.nodeID)
+        _ = try await targetHandle.value()
+        await a.close()
+        await b.close()
+    }
+}

@@ -210,3 +210,18 @@ extension PunchSessionTests {
         #expect(session.handle(.probeRequest(from: Self.address(4000), socket: 0)).first == .respond(socket: 0, to: Self.address(4000)))
     }
 }
+
+extension PunchSessionTests {
+    @Test("a replaced plan takes effect from the next round: new ports, new deadline")
+    func replacePlan() {
+        var session = Self.session(ports: [1, 2], rounds: 5, perRound: 1, timeout: 1000)
+        _ = session.handle(.start(now: 1000 * Self.ms))
+        var wider = session.configuration.plan
+        wider.ports = PortList(ports: [7, 8, 9])
+        wider.timeout = .milliseconds(3000)
+        session.replacePlan(wider, candidates: [7, 8, 9].map(Self.address))
+        _ = session.handle(.timer(now: 1100 * Self.ms))
+        #expect(session.portsTried == [1, 7])
+        #expect(session.configuration.deadline == 4000 * Self.ms)
+    }
+}
