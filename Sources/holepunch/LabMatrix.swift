@@ -88,9 +88,17 @@ final class LabChild: @unchecked Sendable {
         process.executableURL = URL(fileURLWithPath: arguments[0])
         process.arguments = Array(arguments.dropFirst())
         process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        let out = FileHandle(forWritingAtPath: outPath)
+        let err = FileHandle(forWritingAtPath: errPath)
         process.standardInput = FileHandle.nullDevice
-        process.standardOutput = FileHandle(forWritingAtPath: outPath)
-        process.standardError = FileHandle(forWritingAtPath: errPath)
+        process.standardOutput = out
+        process.standardError = err
+        // Close our copies once the child has its own: a full matrix starts thousands of children, and the
+        // leaked descriptors made Foundation's Process.run() crash (memcpy in run, descriptor number > 1024).
+        defer {
+            try? out?.close()
+            try? err?.close()
+        }
         try process.run()
     }
 
