@@ -143,5 +143,6 @@ let package = Package(
         ),
         .testTarget(name: "HolePunchRendezvousTests", dependencies: ["HolePunchRendezvous"], swiftSettings: swiftSettings),
         .testTarget(name: "HolePunchLabTests", dependencies: [], swiftSettings: swiftSettings),
+        .testTarget(name: "ExamplesTests", dependencies: [], swiftSettings: swiftSettings),
     ]
 )
