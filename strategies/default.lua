@@ -44,10 +44,14 @@ local function plan(ctx)
         local n = hp.clamp(512 * attempt, 1, math.max(1, room))
         ports = hp.merge(first, ctx.ports, hp.random_ports(n, 1024, 65535))
     else
-        -- Sequential (or unknown) allocation: walk forward by the delta, widening with each attempt.
+        -- Sequential (or unknown) allocation: walk forward by the delta, widening with each attempt. The
+        -- observed port itself is the peer's mapping towards the rendezvous, which its NAT will not reuse for
+        -- us: base + delta comes first. When both NATs are sequential this ordering is what makes the two
+        -- sides' fresh mappings meet (each side's k-th probe leaves from its base + k·delta towards the other's
+        -- base + k·delta), so both sides must use it.
         local delta = remote.port_delta ~= 0 and remote.port_delta or 1
         local ahead = 8 * attempt
-        ports = hp.merge(first, ctx.ports, hp.sequence(base + delta, delta, ahead), hp.around(base, 2))
+        ports = hp.merge(first, hp.sequence(base + delta, delta, ahead), ctx.ports, hp.around(base, 2))
     end
 
     if not cone(localnat) and localnat.allocation == "random" then
@@ -68,7 +72,9 @@ local function plan(ctx)
     local timeout = rounds * interval + 3 * rtt
     if history.pair.median_ttc_ms then timeout = math.max(timeout, 3 * history.pair.median_ttc_ms) end
     timeout = timeout * (1 + 0.5 * (attempt - 1))
-    timeout = hp.clamp(timeout, easy and 1000 or 2000, 20000)
+    -- The floor leaves room for a lossy path: a QUIC handshake that loses packets recovers by probe timeouts
+    -- (initial RTT, then doubling), which needs seconds, not one RTT. Success comes as fast either way.
+    timeout = hp.clamp(timeout, easy and 3000 or 4000, 20000)
 
     return {
         ports = ports,
@@ -77,7 +83,7 @@ local function plan(ctx)
         interval_ms = interval,
         rounds = rounds,
         timeout_ms = timeout,
-        connect_timeout_ms = hp.clamp(4 * rtt, 800, 5000),
+        connect_timeout_ms = hp.clamp(8 * rtt, 1500, 5000),
         start_delay_ms = 0,
         initial_rtt_ms = hp.clamp(rtt * 1.5, 10, 1000),
         dial_direct = cone(remote),

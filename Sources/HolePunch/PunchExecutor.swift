@@ -309,11 +309,24 @@ public actor PunchExecutor {
             let identity = await endpoint.identity
             for index in 1..<validated.localSockets {
                 do {
+                    // A target's extra sockets accept its peer too: in a birthday punch the initiator dials
+                    // whichever of our random mappings its probes found.
+                    let admission = self.admission
+                    let policy: AcceptPolicy = options.role == .target ? .decide { admission.admits($0) } : .none
                     let extra = try await Endpoint.bind(
                         bindAddress,
-                        configuration: EndpointConfiguration(identity: identity, acceptPolicy: .none)
+                        configuration: EndpointConfiguration(identity: identity, acceptPolicy: policy)
                     )
                     await installHandlers(on: extra, socket: index, punch: id)
+                    if options.role == .target {
+                        let incoming = extra.incoming
+                        Task { [weak self] in
+                            for await connection in incoming {
+                                guard let self else { return }
+                                await self.accepted(connection)
+                            }
+                        }
+                    }
                     runtime.sockets.append(extra)
                 } catch {
                     for socket in runtime.sockets.dropFirst() { await socket.close() }
