@@ -69,6 +69,11 @@ local function plan(ctx)
 
     local rounds_needed = math.ceil(#ports / packets) + 2
     local rounds = easy and 3 or hp.clamp(rounds_needed, 5, ctx.limits.max_rounds)
+    if remote.allocation == "random" then
+        -- A random-allocation peer opens many sockets before its probes start, and they reach us from ports we
+        -- cannot predict: keep the window open for at least 1.5 s so its probes still find us listening.
+        rounds = hp.clamp(math.max(rounds, math.ceil(1500 / interval)), 1, ctx.limits.max_rounds)
+    end
     local timeout = rounds * interval + 3 * rtt
     if history.pair.median_ttc_ms then timeout = math.max(timeout, 3 * history.pair.median_ttc_ms) end
     timeout = timeout * (1 + 0.5 * (attempt - 1))

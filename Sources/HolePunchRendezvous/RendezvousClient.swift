@@ -371,8 +371,8 @@ extension NATProfile {
 /// A ``STUNTransport`` over the punch endpoint's shared socket: sends with ``Endpoint/send(datagram:to:)`` and
 /// receives the STUN-range datagrams that are not punch probes.
 ///
-/// The executor installs its datagram handler only with its first punch, so until then the endpoint's own
-/// handler is set too; once the executor takes over, it forwards through ``PunchExecutor/otherDatagrams(_:)``.
+/// Datagrams arrive through ``PunchExecutor/otherDatagrams(_:)``, which installs the executor on the endpoint if
+/// no punch has yet.
 final class EndpointSTUNTransport: STUNTransport {
     let endpoint: Endpoint
     let localAddress: SocketAddress
@@ -387,8 +387,9 @@ final class EndpointSTUNTransport: STUNTransport {
         let handler: @Sendable ([UInt8], SocketAddress) -> Void = { [self] bytes, from in
             deliver(STUNDatagram(bytes: bytes, from: from))
         }
+        // The executor owns the endpoint's handler (punch probes) and forwards everything else here. Setting the
+        // endpoint's handler directly would take probes away from the executor for good.
         await executor.otherDatagrams(handler)
-        await endpoint.setDatagramHandler(handler)
     }
 
     private func deliver(_ datagram: STUNDatagram) {

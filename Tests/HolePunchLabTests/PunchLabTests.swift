@@ -142,10 +142,20 @@ extension LabTests {
             let run = pair.runs.first
             let detail = "\(pair.a) × \(pair.b): \(run?.error ?? "ok") \(run?.message ?? "")"
             print("HolePunchLabTests punch \(detail) \(run?.time_ms.map { "\($0) ms" } ?? "")")
+            let clean = run?.ok == true || !["harnessTimeout", "noResult", "targetNotRegistered"].contains(run?.error ?? "noResult")
+            let types = [pair.a, pair.b]
             if pair.a == "symmetric_random" && pair.b == "symmetric_random" {
                 // Only a clean outcome is required: a success, or a punch error code, never a harness timeout.
-                #expect(run?.ok == true || !["harnessTimeout", "noResult", "targetNotRegistered"].contains(run?.error ?? "noResult"),
-                        "\(detail)")
+                #expect(clean, "\(detail)")
+            } else if types.contains("symmetric_random") && !types.contains(where: { ["full_cone", "restricted"].contains($0) }) {
+                // Birthday pairs: the random side opens 64 mappings and the other side probes ~500 random ports,
+                // P(hit) ≈ 1 − e^(−64·513/64511) ≈ 40 % per attempt under the default limits (64 sockets, 200
+                // packets/s). Known and measured (docs/matrix.md); a clean outcome is still required.
+                #expect(clean, "\(detail)")
+                withKnownIssue("birthday punch against symmetric_random succeeds ~40 % per attempt under default limits",
+                               isIntermittent: true) {
+                    #expect(pair.successes == pair.trials, "\(detail)")
+                }
             } else {
                 #expect(pair.successes == pair.trials, "\(detail)")
             }

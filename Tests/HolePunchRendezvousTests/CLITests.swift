@@ -1,0 +1,123 @@
+import Foundation
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The CLI as a user meets it: every subcommand documents itself, bad input is one clear error, and the README's
+/// demo works in its loopback mode.
+@Suite("holepunch CLI", .serialized)
+struct CLITests {
+    private func binary() -> String? {
+        if let path = HolepunchBinary.path { return path }
+        if ProcessInfo.processInfo.environment["CI"] != nil {
+            Issue.record("the holepunch binary was not found next to the test bundle (set HOLEPUNCH_BINARY)")
+        } else {
+            print("skipping: the holepunch binary was not found next to the test bundle (set HOLEPUNCH_BINARY)")
+        }
+        return nil
+    }
+
+    /// Runs the binary to completion (bounded), returning exit status, stdout and stderr, both read to EOF.
+    private func run(_ binary: String, _ arguments: [String], limit: TimeInterval = 60) throws -> (Int32, String, String) {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: binary)
+        process.arguments = arguments
+        process.currentDirectoryURL = FileManager.default.temporaryDirectory
+        let outPipe = Pipe(), errPipe = Pipe()
+        process.standardOutput = outPipe
+        process.standardError = errPipe
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        let output = Output()
+        let group = DispatchGroup()
+        DispatchQueue.global().async(group: group) { output.setOut(outPipe.fileHandleForReading.readDataToEndOfFile()) }
+        DispatchQueue.global().async(group: group) { output.setErr(errPipe.fileHandleForReading.readDataToEndOfFile()) }
+        if group.wait(timeout: .now() + limit) == .timedOut {
+            // Only the PID this test started.
+            kill(process.processIdentifier, SIGKILL)
+            Issue.record("holepunch \(arguments.joined(separator: " ")) did not finish within \(limit) s")
+            group.wait()
+        }
+        process.waitUntilExit()
+        return (process.terminationStatus, output.out, output.err)
+    }
+
+    /// The subcommand names listed under SUBCOMMANDS in a help text.
+    private func subcommands(in help: String) -> [String] {
+        var names: [String] = []
+        var inSection = false
+        for line in help.split(separator: "\n", omittingEmptySubsequences: false) {
+            if line.hasPrefix("SUBCOMMANDS:") { inSection = true; continue }
+            if inSection {
+                if line.isEmpty || !line.hasPrefix("  ") { if !names.isEmpty { break } else { continue } }
+                if let name = line.split(separator: " ").first, !name.isEmpty, !line.hasPrefix("    ") || names.isEmpty {
+                    names.append(String(name))
+                }
+            }
+        }
+        return names.filter { $0 != "help" && !$0.hasPrefix("See") && !$0.hasPrefix("(") }
+    }
+
+    @Test("every subcommand's --help exits 0 and shows a usage line")
+    func helpEverywhere() throws {
+        guard let binary = binary() else { return }
+        var queue: [[String]] = [[]]
+        var visited = 0
+        while let path = queue.first {
+            queue.removeFirst()
+            let (status, out, err) = try run(binary, path + ["--help"])
+            #expect(status == 0, "holepunch \(path.joined(separator: " ")) --help exited \(status): \(err)")
+            #expect(out.contains("USAGE:"), "no usage for \(path)")
+            visited += 1
+            for name in subcommands(in: out) { queue.append(path + [name]) }
+        }
+        // The root, and at least demo/strategy/bench/rendezvous/peer/identity/nat with their children.
+        #expect(visited >= 12, "only \(visited) commands documented themselves")
+    }
+
+    @Test("bad arguments exit non-zero with one clear error line, never a crash", arguments: [
+        ["demo", "--nat-a", "nonsense"],
+        ["demo", "--strategy", "/nonexistent/strategy.lua"],
+        ["peer", "--no-such-flag"],
+        ["identity", "show", "/nonexistent/id.pem"],
+        ["strategy", "check", "/nonexistent/strategy.lua"],
+        ["bench", "punch", "--concurrent", "0"],
+        ["nat", "detect", "--stun", "not-an-address"],
+    ])
+    func badArguments(_ arguments: [String]) throws {
+        guard let binary = binary() else { return }
+        let (status, _, err) = try run(binary, arguments)
+        #expect(status != 0)
+        // One error line first (what went wrong), then at most a hint or the usage: never a trace.
+        let lines = err.split(separator: "\n").map(String.init)
+        let first = lines.first ?? ""
+        #expect(!first.isEmpty && first.count <= 300, "no clear first error line in: \(err)")
+        #expect(lines.count <= 5, "too much output for one error: \(err)")
+        #expect(lines.dropFirst().allSatisfy { !$0.lowercased().hasPrefix("error") }, "more than one error line: \(err)")
+        #expect(!err.contains("Fatal error") && !err.contains("Stack dump") && !err.contains("backtrace"))
+    }
+
+    @Test("the README demo, in its loopback mode, reports a successful punch and a message each way")
+    func demoLoopback() throws {
+        guard let binary = binary() else { return }
+        let (status, out, err) = try run(binary, ["demo", "--loopback", "--json"])
+        #expect(status == 0, "demo failed: \(err)")
+        let object = try JSONSerialization.jsonObject(with: Data(out.utf8)) as? [String: Any]
+        #expect(object?["success"] as? Bool == true)
+        #expect(object?["messageRoundTrip"] as? Bool == true)
+        #expect(object?["mode"] as? String == "loopback")
+        #expect((object?["timeToConnectMs"] as? Double ?? -1) > 0)
+    }
+}
+
+/// Both outputs of a child, filled from two reader threads. `@unchecked Sendable`: guarded by `lock`.
+private final class Output: @unchecked Sendable {
+    private let lock = NSLock()
+    private var outData = Data()
+    private var errData = Data()
+    func setOut(_ data: Data) { lock.withLock { outData = data } }
+    func setErr(_ data: Data) { lock.withLock { errData = data } }
+    var out: String { lock.withLock { String(decoding: outData, as: UTF8.self) } }
+    var err: String { lock.withLock { String(decoding: errData, as: UTF8.self) } }
+}
