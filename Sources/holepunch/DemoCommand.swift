@@ -8,47 +8,73 @@ struct DemoCommand: AsyncParsableCommand {
         commandName: "demo",
         abstract: "Show a real punch: two peers, live progress, time to connect, a message each way.",
         discussion: """
-            The loopback demo runs two peers in this process, each with its own UDP socket and identity: both
-            probe, the initiator dials the first proven path, and the mutually authenticated QUIC connection carries
-            a message each way.
+            As root, where network namespaces work, the demo builds the real-NAT lab (lab/demo.sh): two Linux NAT
+            routers of the chosen types, a rendezvous on the public side, and a peer behind each router; peer A
+            punches to peer B through the rendezvous and a line goes across and back. Elsewhere (or with
+            --loopback) it says so and runs two peers in this process on loopback instead, each with its own socket
+            and identity.
 
             Examples:
               holepunch demo
+              holepunch demo --nat-a restricted --nat-b symmetric_random
               holepunch demo --strategy strategies/aggressive.lua
-              holepunch demo --json
+              holepunch demo --loopback --json
             """
     )
 
-    @Option(help: "A Lua strategy file for the initiator (default: the built-in strategy).")
+    @Option(help: "A Lua strategy file (default: strategies/default.lua when present, else the built-in strategy).")
     var strategy: String?
 
-    @Option(help: "The NAT type the initiator believes it is behind (full_cone, restricted, port_restricted, symmetric, unknown).")
-    var natA: String = "unknown"
+    @Option(help: "Peer A's NAT: full_cone, restricted, port_restricted, symmetric_seq or symmetric_random.")
+    var natA: String = "port_restricted"
 
-    @Option(help: "The NAT type the initiator believes the target is behind.")
-    var natB: String = "unknown"
+    @Option(help: "Peer B's NAT (same choices).")
+    var natB: String = "symmetric_seq"
+
+    @Option(help: "One-way delay on each router's public link in the lab, in milliseconds.")
+    var delay: Int = 20
 
     @Flag(help: "Print one JSON object with the outcome instead of the narrated run.")
     var json = false
 
+    @Flag(help: "Run in this process on loopback, even where the real-NAT lab could run.")
+    var loopback = false
+
+    static let labTypes = ["full_cone", "restricted", "port_restricted", "symmetric_seq", "symmetric_random"]
+
     func validate() throws {
-        for value in [natA, natB] where NATType(rawValue: value) == nil {
-            throw ValidationError("unknown NAT type '\(value)'; use one of: \(NATType.allCases.map(\.rawValue).joined(separator: ", "))")
+        for value in [natA, natB] where !Self.labTypes.contains(value) {
+            throw ValidationError("unknown NAT type '\(value)'; use one of: \(Self.labTypes.joined(separator: ", "))")
         }
+        guard (0...1000).contains(delay) else { throw ValidationError("--delay must be 0...1000 ms") }
         if let strategy, !FileManager.default.fileExists(atPath: strategy) {
             throw ValidationError("strategy file '\(strategy)' does not exist")
         }
     }
 
     func run() async throws {
+        let strategyPath = strategy ?? (FileManager.default.fileExists(atPath: "strategies/default.lua") ? "strategies/default.lua" : nil)
+        if !loopback {
+            switch LabDemo.availability() {
+            case .available(let script):
+                let binary = Bundle.main.executablePath ?? CommandLine.arguments[0]
+                var arguments = [script, binary, "--nat-a", natA, "--nat-b", natB, "--delay", String(delay)]
+                if let strategyPath { arguments += ["--strategy", strategyPath] }
+                let status = try LabDemo.run(arguments)
+                if status != 0 { throw ExitCode(status) }
+                return
+            case .unavailable(let reason):
+                if !json { print("The real-NAT lab is not available here (\(reason)); running the loopback demo instead.") }
+            }
+        }
         let quiet = json
         let narrate: @Sendable (String) -> Void = { line in
             if !quiet { print(line) }
         }
         let outcome = try await LoopbackDemo.run(
-            strategyPath: strategy,
-            natA: NATType(rawValue: natA) ?? .unknown,
-            natB: NATType(rawValue: natB) ?? .unknown,
+            strategyPath: strategyPath,
+            natA: NATProfile.preset(named: natA) ?? NATProfile(legacy: .unknown),
+            natB: NATProfile.preset(named: natB) ?? NATProfile(legacy: .unknown),
             narrate: narrate
         )
         if json {
@@ -74,7 +100,7 @@ struct DemoOutcome: Codable {
 
 enum LoopbackDemo {
     static func run(
-        strategyPath: String?, natA: NATType, natB: NATType, narrate: @escaping @Sendable (String) -> Void
+        strategyPath: String?, natA: NATProfile, natB: NATProfile, narrate: @escaping @Sendable (String) -> Void
     ) async throws -> DemoOutcome {
         narrate("HolePunch demo (loopback): two peers in one process, each with its own socket and identity.")
         let identityA = try Identity.generate(commonName: "demo-a")
@@ -89,7 +115,7 @@ enum LoopbackDemo {
         } else {
             strategy = DefaultStrategy()
         }
-        narrate("  strategy: \(strategyPath ?? "built-in default"); NAT types A=\(natA) B=\(natB)")
+        narrate("  strategy: \(strategyPath ?? "built-in default"); NAT profiles as declared: A=\(natA.type) B=\(natB.type) (no real NAT on loopback)")
         let executorA = PunchExecutor(endpoint: a, configuration: .init(strategy: strategy))
         let executorB = PunchExecutor(endpoint: b, configuration: .init(strategy: strategy))
         let key = (0..<32).map { _ in UInt8.random(in: 0...255) }
@@ -98,12 +124,12 @@ enum LoopbackDemo {
         let start = PunchTime.at(ContinuousClock.now + .milliseconds(50))
         let targetHandle = await executorB.startPunch(PunchOptions(
             targetHost: "127.0.0.1", targetPorts: [a.localAddress.port], sessionID: session, sessionKey: key,
-            punchTime: start, role: .target, localNAT: NATProfile(legacy: natB), remoteNAT: NATProfile(legacy: natA),
+            punchTime: start, role: .target, localNAT: natB, remoteNAT: natA,
             targetNodeID: identityA.nodeID
         ))
         let handle = await executorA.startPunch(PunchOptions(
             targetHost: "127.0.0.1", targetPorts: [b.localAddress.port], sessionID: session, sessionKey: key,
-            punchTime: start, role: .initiator, localNAT: NATProfile(legacy: natA), remoteNAT: NATProfile(legacy: natB),
+            punchTime: start, role: .initiator, localNAT: natA, remoteNAT: natB,
             targetNodeID: identityB.nodeID
         ))
         var outcome = DemoOutcome(mode: "loopback", success: false, strategy: strategyPath ?? "built-in default", messageRoundTrip: false)
@@ -147,5 +173,49 @@ enum LoopbackDemo {
         await accepted.close()
         narrate(outcome.messageRoundTrip ? "demo: punch succeeded, messages exchanged." : "demo: messages did not match.")
         return outcome
+    }
+}
+
+/// The real-NAT lab demo: `lab/demo.sh`, found next to the working directory or the binary's package.
+enum LabDemo {
+    enum Availability {
+        case available(String)
+        case unavailable(String)
+    }
+
+    static func availability() -> Availability {
+        guard getuid() == 0 else { return .unavailable("not root") }
+        guard FileManager.default.fileExists(atPath: "/dev/net/tun") else { return .unavailable("no /dev/net/tun") }
+        guard let script = findScript() else { return .unavailable("lab/demo.sh not found; run from the package root") }
+        let probe = Process()
+        probe.executableURL = URL(fileURLWithPath: "/bin/sh")
+        probe.arguments = ["-c", "command -v ip >/dev/null && command -v nft >/dev/null && ip netns list >/dev/null"]
+        probe.standardOutput = FileHandle.nullDevice
+        probe.standardError = FileHandle.nullDevice
+        guard (try? probe.run()) != nil else { return .unavailable("cannot run /bin/sh") }
+        probe.waitUntilExit()
+        guard probe.terminationStatus == 0 else { return .unavailable("ip netns or nft is not available") }
+        return .available(script)
+    }
+
+    private static func findScript() -> String? {
+        var candidates = [FileManager.default.currentDirectoryPath + "/lab/demo.sh"]
+        // The binary lives in <package>/.build/<triple>/<config>/holepunch.
+        var directory = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent()
+        for _ in 0..<4 {
+            directory = directory.deletingLastPathComponent()
+            candidates.append(directory.appendingPathComponent("lab/demo.sh").path)
+        }
+        return candidates.first { FileManager.default.fileExists(atPath: $0) }
+    }
+
+    /// Runs the script with this terminal's output; returns its exit status.
+    static func run(_ arguments: [String]) throws -> Int32 {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/bin/bash")
+        process.arguments = arguments
+        try process.run()
+        process.waitUntilExit()
+        return process.terminationStatus
     }
 }
