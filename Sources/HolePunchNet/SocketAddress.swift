@@ -216,3 +216,21 @@ extension SocketAddress {
         }
     }
 }
+
+extension SocketAddress {
+    /// The address a socket is bound to (`getsockname`), with the real port after binding port 0; nil when the
+    /// call fails or the socket is not IPv4 or IPv6.
+    public init?(boundTo fd: Int32) {
+        var storage = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let named = withUnsafeMutablePointer(to: &storage) { pointer in
+            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
+        }
+        guard named == 0 else { return nil }
+        let address = withUnsafePointer(to: &storage) { pointer in
+            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { SocketAddress($0) }
+        }
+        guard let address else { return nil }
+        self = address
+    }
+}

@@ -95,15 +95,7 @@ public actor Endpoint {
             Glibc.close(fd)
             throw QUICError(.socket, "bind(\(address)): \(message)")
         }
-        var storage = sockaddr_storage()
-        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
-        let named = withUnsafeMutablePointer(to: &storage) { pointer in
-            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
-        }
-        let local = withUnsafePointer(to: &storage) { pointer in
-            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { SocketAddress($0) }
-        }
-        guard named == 0, let local else {
+        guard let local = SocketAddress(boundTo: fd) else {
             Glibc.close(fd)
             throw QUICError(.socket, "getsockname failed")
         }

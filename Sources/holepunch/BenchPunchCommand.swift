@@ -199,10 +199,7 @@ enum PunchBenchmark {
         let silent = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
         defer { close(silent) }
         _ = SocketAddress.loopbackV4(port: 0).withSockAddr { bind(silent, $0, $1) }
-        var storage = sockaddr_storage()
-        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
-        _ = withUnsafeMutablePointer(to: &storage) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(silent, $0, &length) } }
-        let port = withUnsafePointer(to: &storage) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { SocketAddress($0)?.port ?? 0 } }
+        let port = SocketAddress(boundTo: silent)?.port ?? 0
         let clock = ContinuousClock()
         var samples: [Double] = []
         for index in 0..<count {

@@ -94,10 +94,7 @@ struct ConnectionLifecycleTests {
         let silent = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
         defer { close(silent) }
         _ = SocketAddress.loopbackV4(port: 0).withSockAddr { bind(silent, $0, $1) }
-        var storage = sockaddr_storage()
-        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
-        _ = withUnsafeMutablePointer(to: &storage) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(silent, $0, &length) } }
-        let target = try #require(withUnsafePointer(to: &storage) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { SocketAddress($0) } })
+        let target = try #require(SocketAddress(boundTo: silent))
         let client = try await makeEndpoint(TestIdentities.a)
         let error = await #expect(throws: QUICError.self) {
             _ = try await withDeadline(.seconds(10)) {

@@ -89,10 +89,7 @@ struct RobustnessTests {
         defer { close(silent) }
         let bound = SocketAddress.loopbackV4(port: 0).withSockAddr { bind(silent, $0, $1) }
         #expect(bound == 0)
-        var storage = sockaddr_storage()
-        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
-        _ = withUnsafeMutablePointer(to: &storage) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(silent, $0, &length) } }
-        let target = try #require(withUnsafePointer(to: &storage) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { SocketAddress($0) } })
+        let target = try #require(SocketAddress(boundTo: silent))
 
         let client = try await makeEndpoint(TestIdentities.a)
         let dial = Task { try await client.connect(to: target, expecting: TestIdentities.b.nodeID) }

@@ -61,10 +61,7 @@ func unusedPort() -> UInt16 {
 }
 
 private func boundPort(_ fd: Int32) -> UInt16 {
-    var storage = sockaddr_storage()
-    var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
-    _ = withUnsafeMutablePointer(to: &storage) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) } }
-    return withUnsafePointer(to: &storage) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { SocketAddress($0)!.port } }
+    SocketAddress(boundTo: fd)?.port ?? 0
 }
 
 func sessionKey() -> [UInt8] { (0..<32).map { _ in UInt8.random(in: 0...255) } }
