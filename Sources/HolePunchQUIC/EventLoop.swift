@@ -17,7 +17,6 @@ final class EventLoop: SerialExecutor, @unchecked Sendable {
     private struct Pending {
         var jobs: [UnownedJob] = []
         var closures: [() -> Void] = []
-        var stopping = false
     }
 
     private struct Timer {
@@ -150,6 +149,7 @@ final class EventLoop: SerialExecutor, @unchecked Sendable {
 
     // MARK: The loop
 
+    /// Runs for the life of the process: loops belong to the shared group, and endpoints come and go on them.
     private func run() {
         var events = [epoll_event](repeating: epoll_event(), count: 64)
         while true {
@@ -167,15 +167,12 @@ final class EventLoop: SerialExecutor, @unchecked Sendable {
                 }
             }
             fireTimers()
-            if runPending() { break }
+            runPending()
         }
-        close(epollFD)
-        close(wakeFD)
-        close(timerFD)
     }
 
-    /// Runs queued jobs and closures; returns true when the loop should stop.
-    private func runPending() -> Bool {
+    /// Runs queued jobs and closures until none are left.
+    private func runPending() {
         while true {
             let batch = pending.withLock { state -> Pending in
                 let taken = state
@@ -183,7 +180,7 @@ final class EventLoop: SerialExecutor, @unchecked Sendable {
                 state.closures.removeAll(keepingCapacity: true)
                 return taken
             }
-            if batch.jobs.isEmpty && batch.closures.isEmpty { return batch.stopping }
+            if batch.jobs.isEmpty && batch.closures.isEmpty { return }
             for job in batch.jobs {
                 job.runSynchronously(on: asUnownedSerialExecutor())
             }
