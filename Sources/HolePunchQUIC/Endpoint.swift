@@ -45,6 +45,10 @@ public actor Endpoint {
     /// Bounded: the oldest entries go first.
     private var endedReasons: [UInt64: QUICError] = [:]
     private var endedOrder: [UInt64] = []
+    /// Ended connections that still hold received stream data (or streams not yet accepted): a peer that sends and
+    /// closes at once must not lose what already arrived. Bounded: the oldest go first.
+    private var drainable: [UInt64: ConnectionCore] = [:]
+    private var drainableOrder: [UInt64] = []
     private var touched: [ConnectionCore] = []
     private var touchedKeys: Set<UInt64> = []
     private let io: SocketBuffers
@@ -752,6 +756,14 @@ public actor Endpoint {
         for waiter in core.closeWaiters { waiter.resume(returning: error) }
         core.closeWaiters.removeAll()
         connections[core.key] = nil
+        let unread = !core.pendingIncomingStreams.isEmpty || core.streams.values.contains {
+            $0.receivedStart < $0.received.count || $0.finReceived || $0.resetError != nil
+        }
+        if unread {
+            drainable[core.key] = core
+            drainableOrder.append(core.key)
+            if drainableOrder.count > 64 { drainable[drainableOrder.removeFirst()] = nil }
+        }
         endedReasons[core.key] = error
         endedOrder.append(core.key)
         if endedOrder.count > 4096 {
@@ -793,7 +805,7 @@ public actor Endpoint {
     }
 
     func acceptStream(_ key: UInt64) async throws -> Int64? {
-        guard let core = connections[key] else { return nil }
+        guard let core = connections[key] ?? drainable[key] else { return nil }
         if !core.pendingIncomingStreams.isEmpty { return core.pendingIncomingStreams.removeFirst() }
         if case .closed = core.phase { return nil }
         return try await withCheckedThrowingContinuation { core.streamAcceptWaiter = $0 }
@@ -827,7 +839,7 @@ public actor Endpoint {
 
     func read(_ key: UInt64, stream id: Int64, maxBytes: Int) async throws -> [UInt8]? {
         while true {
-            guard let core = connections[key] else { throw endedError(key) }
+            guard let core = connections[key] ?? drainable[key] else { throw endedError(key) }
             guard let stream = core.streams[id] else { return nil }
             if stream.receivedStart < stream.received.count {
                 let end = min(stream.received.count, stream.receivedStart + maxBytes)

@@ -119,3 +119,29 @@ struct ConnectionLifecycleTests {
         return await condition()
     }
 }
+
+extension ConnectionLifecycleTests {
+    @Test("data that arrived before the peer closed is still readable, to its end")
+    func readAfterPeerClose() async throws {
+        let server = try await makeEndpoint(TestIdentities.b)
+        let client = try await makeEndpoint(TestIdentities.a)
+        let connection = try await withDeadline(.seconds(10)) {
+            try await client.connect(to: server.localAddress, expecting: TestIdentities.b.nodeID)
+        }
+        let serverSide = try #require(try await withDeadline(.seconds(10)) {
+            var iterator = server.incoming.makeAsyncIterator()
+            return await iterator.next()
+        })
+        // The client sends a line, finishes and closes at once, like a process that exits after writing.
+        let stream = try await connection.openStream()
+        try await stream.write(Array("last words".utf8))
+        try await stream.finish()
+        await connection.close()
+        _ = try await withDeadline(.seconds(10)) { await serverSide.waitClosed() }
+        let incoming = try #require(try await serverSide.acceptStream())
+        let text = try await withDeadline(.seconds(10)) { try await incoming.readToEnd() }
+        #expect(String(decoding: text, as: UTF8.self) == "last words")
+        await client.close()
+        await server.close()
+    }
+}
