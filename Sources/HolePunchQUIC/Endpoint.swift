@@ -527,7 +527,7 @@ public actor Endpoint {
     func flush(_ core: ConnectionCore) {
         guard let conn = core.conn, !isClosed else { return }
         let now = hp_now_ns()
-        var pending = core.streams.values.filter { $0.hasUnsent && $0.writeClosedError == nil }.sorted { $0.id < $1.id }
+        let pending = core.streams.values.filter { $0.hasUnsent && $0.writeClosedError == nil }.sorted { $0.id < $1.id }
         var index = 0
         var packets = 0
         var vectors = [ngtcp2_vec](repeating: ngtcp2_vec(), count: 16)
@@ -572,8 +572,6 @@ public actor Endpoint {
             if written == 0 { break }
             sendPacket(core, count: Int(written))
             packets += 1
-            if stream == nil && index < pending.count { continue }
-            if index >= pending.count { pending.removeAll() }
         }
         ngtcp2_conn_update_pkt_tx_time(conn, now)
         if packets >= 128 {

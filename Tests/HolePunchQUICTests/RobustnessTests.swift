@@ -143,11 +143,11 @@ struct RobustnessTests {
         // Warm up once so lazily created process-wide descriptors (event loops, identities) exist before counting.
         try await exerciseOnce()
         let before = openFileDescriptorCount()
-        for _ in 0..<5 { try await exerciseOnce() }
-        // Five rounds that each leaked even one descriptor would show as before + 5; descriptors of earlier tests
-        // that close meanwhile can only lower the count.
+        for _ in 0..<20 { try await exerciseOnce() }
+        // Twenty rounds that each leaked even one descriptor would show as before + 20. Suites running in parallel
+        // open and close a few descriptors of their own meanwhile, hence the small allowance.
         let after = openFileDescriptorCount()
-        #expect(after <= before, "descriptors before \(before), after \(after)")
+        #expect(after <= before + 8, "descriptors before \(before), after \(after)")
     }
 
     private func exerciseOnce() async throws {
