@@ -104,10 +104,19 @@ let package = Package(
         ),
 
         // MARK: Examples (public API only; see examples/*/README.md).
+        .target(
+            name: "HolePunchExampleSupport",
+            dependencies: [
+                "HolePunch", "HolePunchRendezvous",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            path: "examples/shared/Sources",
+            swiftSettings: swiftSettings
+        ),
         .executableTarget(
             name: "hp-chat",
             dependencies: [
-                "HolePunch", "HolePunchRendezvous",
+                "HolePunch", "HolePunchRendezvous", "HolePunchExampleSupport",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             path: "examples/chat/Sources",
@@ -122,7 +131,7 @@ let package = Package(
         .executableTarget(
             name: "hp-file-send",
             dependencies: [
-                "HolePunch", "HolePunchRendezvous",
+                "HolePunch", "HolePunchRendezvous", "HolePunchExampleSupport",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             path: "examples/file-send/Sources",

@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import HolePunch
 import HolePunchRendezvous
+import HolePunchExampleSupport
 
 /// `hp-chat`: two peers register at a rendezvous, one punches to the other by NodeID, and then each side's
 /// standard input goes to the other side's standard output, line by line.
@@ -39,7 +40,7 @@ struct Chat: AsyncParsableCommand {
     func run() async throws {
         // A peer that vanishes must give us an error, not kill us with SIGPIPE on stdout.
         signal(SIGPIPE, SIG_IGN)
-        let peer = try await ChatPeer.start(rendezvous: rendezvous, rendezvousID: rendezvousId, identity: identity,
+        let peer = try await Peer.start(rendezvous: rendezvous, rendezvousID: rendezvousId, identity: identity,
                                             strategy: strategy, listen: listen)
         let connection: QUICConnection
         if let connect {

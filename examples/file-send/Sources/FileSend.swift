@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import HolePunch
 import HolePunchRendezvous
+import HolePunchExampleSupport
 
 /// `hp-file-send`: send one file to a peer over a punched QUIC connection, verified by SHA-256.
 ///

@@ -1,14 +1,16 @@
-import ArgumentParser
+public import ArgumentParser
 import Foundation
-import HolePunch
-import HolePunchRendezvous
+public import HolePunch
+public import HolePunchRendezvous
 
-/// The punching half of the example: identity, endpoint, executor and rendezvous client, wired the way an
-/// application would wire them.
-struct Peer {
-    let client: RendezvousClient
+/// The punching half of the chat and file-send examples: identity, endpoint, executor and rendezvous client,
+/// wired the way an application would wire them. One copy, shared by both examples.
+public struct Peer {
+    /// The rendezvous client, registered.
+    public let client: RendezvousClient
 
-    static func start(rendezvous: String, rendezvousID: String, identity path: String, strategy: String?,
+    /// Loads or creates the identity, binds the punch socket, registers at the rendezvous.
+    public static func start(rendezvous: String, rendezvousID: String, identity path: String, strategy: String?,
                       listen: String) async throws -> Peer {
         let server: SocketAddress, local: SocketAddress
         do { server = try SocketAddress(parsing: rendezvous) } catch {
@@ -59,7 +61,7 @@ struct Peer {
     }
 
     /// Initiator: asks the rendezvous to coordinate, then punches.
-    func punch(to target: NodeID) async throws -> QUICConnection {
+    public func punch(to target: NodeID) async throws -> QUICConnection {
         let received: ReceivedCoordinate
         do { received = try await client.coordinate(to: target) } catch {
             throw fail("rendezvous \(error.code): \(error.message)",
@@ -69,7 +71,7 @@ struct Peer {
     }
 
     /// Target: the rendezvous starts punches for us; the first that succeeds wins, failures are reported.
-    func waitForPunch() async throws -> QUICConnection {
+    public func waitForPunch() async throws -> QUICConnection {
         for await punch in client.incomingPunches {
             if case .failure(let error) = await punch.handle.result() {
                 // One failed attempt is not the end: the other peer may retry.
@@ -94,20 +96,20 @@ struct Peer {
     }
 }
 
-/// A status line on standard error, so standard output stays free for scripts.
-func say(_ line: String) {
+/// A status line on standard error, so standard output stays free for the data.
+public func say(_ line: String) {
     FileHandle.standardError.write(Data((line + "\n").utf8))
 }
 
 /// Prints one error line and a hint, and returns the exit status to throw.
-func fail(_ message: String, hint: String, code: Int32 = 1) -> ExitCode {
+public func fail(_ message: String, hint: String, code: Int32 = 1) -> ExitCode {
     say("error: \(message)")
     say("hint: \(hint)")
     return ExitCode(code)
 }
 
 /// A NodeID from text, or from the file after `@`.
-func nodeID(_ text: String, what: String) throws -> NodeID {
+public func nodeID(_ text: String, what: String) throws -> NodeID {
     var value = text
     if text.hasPrefix("@") {
         guard let contents = try? String(contentsOfFile: String(text.dropFirst()), encoding: .utf8) else {
