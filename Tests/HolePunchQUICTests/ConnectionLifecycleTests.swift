@@ -7,16 +7,7 @@ import HolePunchNet
 struct ConnectionLifecycleTests {
     @Test("closing with an application error code reaches the peer with that code")
     func closeWithCode() async throws {
-        let server = try await makeEndpoint(TestIdentities.b)
-        let client = try await makeEndpoint(TestIdentities.a)
-        let connection = try await withDeadline(.seconds(10)) {
-            try await client.connect(to: server.localAddress, expecting: TestIdentities.b.nodeID)
-        }
-        let accepted = try await withDeadline(.seconds(10)) {
-            var iterator = server.incoming.makeAsyncIterator()
-            return await iterator.next()
-        }
-        let serverSide = try #require(accepted)
+        let (client, server, connection, serverSide) = try await connectedPair()
         await connection.close(errorCode: 42, reason: "bye")
         let seen = try await withDeadline(.seconds(10)) { await serverSide.waitClosed() }
         #expect(seen.code == .connectionClosed)
@@ -29,15 +20,7 @@ struct ConnectionLifecycleTests {
 
     @Test("a stream reset reaches the reader as streamReset with the code")
     func streamReset() async throws {
-        let server = try await makeEndpoint(TestIdentities.b)
-        let client = try await makeEndpoint(TestIdentities.a)
-        let connection = try await withDeadline(.seconds(10)) {
-            try await client.connect(to: server.localAddress, expecting: TestIdentities.b.nodeID)
-        }
-        let serverSide = try #require(try await withDeadline(.seconds(10)) {
-            var iterator = server.incoming.makeAsyncIterator()
-            return await iterator.next()
-        })
+        let (client, server, connection, serverSide) = try await connectedPair()
         let stream = try await connection.openStream()
         try await stream.write([1, 2, 3])
         let incoming = try #require(try await withDeadline(.seconds(10)) { try await serverSide.acceptStream() })
@@ -123,15 +106,7 @@ struct ConnectionLifecycleTests {
 extension ConnectionLifecycleTests {
     @Test("data that arrived before the peer closed is still readable, to its end")
     func readAfterPeerClose() async throws {
-        let server = try await makeEndpoint(TestIdentities.b)
-        let client = try await makeEndpoint(TestIdentities.a)
-        let connection = try await withDeadline(.seconds(10)) {
-            try await client.connect(to: server.localAddress, expecting: TestIdentities.b.nodeID)
-        }
-        let serverSide = try #require(try await withDeadline(.seconds(10)) {
-            var iterator = server.incoming.makeAsyncIterator()
-            return await iterator.next()
-        })
+        let (client, server, connection, serverSide) = try await connectedPair()
         // The client sends a line, finishes and closes at once, like a process that exits after writing.
         let stream = try await connection.openStream()
         try await stream.write(Array("last words".utf8))
@@ -144,4 +119,18 @@ extension ConnectionLifecycleTests {
         await client.close()
         await server.close()
     }
+}
+
+/// Two loopback endpoints, a dialled connection, and the server's side of it.
+func connectedPair() async throws -> (client: Endpoint, server: Endpoint, connection: QUICConnection, accepted: QUICConnection) {
+    let server = try await makeEndpoint(TestIdentities.b)
+    let client = try await makeEndpoint(TestIdentities.a)
+    let connection = try await withDeadline(.seconds(10)) {
+        try await client.connect(to: server.localAddress, expecting: TestIdentities.b.nodeID)
+    }
+    let accepted = try #require(try await withDeadline(.seconds(10)) {
+        var iterator = server.incoming.makeAsyncIterator()
+        return await iterator.next()
+    })
+    return (client, server, connection, accepted)
 }
