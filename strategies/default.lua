@@ -38,11 +38,11 @@ local function plan(ctx)
         -- Their probes to our known port get in wherever their NAT maps them: no need to chase it.
         ports = hp.merge(first, ctx.ports)
     elseif remote.allocation == "random" then
-        -- Birthday spread: with n of their fresh mappings and m probed ports, P(hit) ≈ 1 − (1 − n/64512)^m,
-        -- so probe as many random ports as the limits allow, more on each retry.
+        -- Birthday spray: their side opens n fresh mappings (max_sockets) towards our port; each of our m probes
+        -- to a random port of theirs hits one with P ≈ 1 − (1 − n/64512)^m. 256 × 2000 gives > 99.9 %, so
+        -- probe as many random ports as the limits allow, at the full rate (see `spray` below).
         local room = ctx.limits.max_ports - #ctx.ports - #first
-        local n = hp.clamp(512 * attempt, 1, math.max(1, room))
-        ports = hp.merge(first, ctx.ports, hp.random_ports(n, 1024, 65535))
+        ports = hp.merge(first, ctx.ports, hp.random_ports(math.max(1, room), 1024, 65535))
     else
         -- Sequential (or unknown) allocation: walk forward by the delta, widening with each attempt. The
         -- observed port itself is the peer's mapping towards the rendezvous, which its NAT will not reuse for
@@ -54,16 +54,19 @@ local function plan(ctx)
         ports = hp.merge(first, hp.sequence(base + delta, delta, ahead), ctx.ports, hp.around(base, 2))
     end
 
-    if not cone(localnat) and localnat.allocation == "random" then
-        -- Our own NAT picks random ports: open as many mappings as allowed so the peer's probes meet one.
-        sockets = ctx.limits.max_sockets
-    end
+    -- Our own NAT picks a random port per destination, and their NAT filters by port: open as many mappings as
+    -- allowed so that their spray meets one. (A lenient peer NAT admits our one mapping from any port.)
+    local sprayed = localnat.allocation == "random" and not cone(localnat) and not lenient(remote)
+    if sprayed then sockets = ctx.limits.max_sockets end
 
     local easy = cone(remote) and cone(localnat)
+    -- A birthday search: one side sprays random ports at the other's many fresh mappings.
+    local spray = remote.allocation == "random" and not cone(remote) and not lenient(localnat)
     local interval = hp.clamp(rtt / 2, easy and 50 or 20, 300)
     local packets = easy and #ports or math.max(1, math.min(#ports, 16))
     -- Stay under the rate cap rather than being clamped: fewer packets per round, same interval.
     local budget = math.floor(max_pps * interval / 1000 / sockets)
+    if spray then packets = budget end
     packets = hp.clamp(packets, 1, math.max(1, budget))
     if budget < 1 then interval = math.ceil(1000 * sockets / max_pps) end
 
@@ -73,6 +76,12 @@ local function plan(ctx)
         -- A random-allocation peer opens many sockets before its probes start, and they reach us from ports we
         -- cannot predict: keep the window open for at least 1.5 s so its probes still find us listening.
         rounds = hp.clamp(math.max(rounds, math.ceil(1500 / interval)), 1, ctx.limits.max_rounds)
+    end
+    if sprayed then
+        -- Our mappings are what their spray looks for: keep them open (and probing keeps them alive) until the
+        -- whole spray, max_ports probes at max_pps, has had time to arrive.
+        local spray_ms = 1000 * ctx.limits.max_ports / max_pps + 2 * rtt
+        rounds = hp.clamp(math.max(rounds, math.ceil(spray_ms / interval)), 1, ctx.limits.max_rounds)
     end
     local timeout = rounds * interval + 3 * rtt
     if history.pair.median_ttc_ms then timeout = math.max(timeout, 3 * history.pair.median_ttc_ms) end

@@ -105,11 +105,19 @@ struct PunchSession {
     private var triedSet: Set<UInt16> = []
     private var cursor = 0
     private var nextDialID = 1
-    private var dialsInFlight: [Int: SocketAddress] = [:]
-    private var dialledAddresses: Set<SocketAddress> = []
-    private var dialSockets: [Int: Int] = [:]
-    private var redials: [SocketAddress: Int] = [:]
-    /// How often one proven address is dialled again after a failed handshake.
+    /// A local socket and a remote address: what a dial runs over. The same remote address can be reached through
+    /// several of our sockets (a birthday punch), and only the socket its probe arrived on has a NAT mapping the
+    /// peer's NAT lets in, so dials are told apart by both.
+    private struct Path: Hashable {
+        var socket: Int
+        var address: SocketAddress
+    }
+    private var dialsInFlight: [Int: Path] = [:]
+    private var dialledPaths: Set<Path> = []
+    /// Paths a probe from the peer arrived over.
+    private var provenPaths: Set<Path> = []
+    private var redials: [Path: Int] = [:]
+    /// How often one proven path is dialled again after a failed handshake.
     static let maxRedials = 3
     private var winner: Int?
     private var roundsExhaustedAt: UInt64?
@@ -153,14 +161,14 @@ struct PunchSession {
             guard dialsInFlight.removeValue(forKey: id) != nil else { return [] }
             return succeed(id)
         case .dialFailed(let id, let authentication):
-            guard let address = dialsInFlight.removeValue(forKey: id) else { return [] }
+            guard let path = dialsInFlight.removeValue(forKey: id) else { return [] }
             if authentication { return finish(.peerAuthenticationFailed) }
-            dialledAddresses.remove(address)
+            dialledPaths.remove(path)
             // A proven path whose handshake failed (lost packets, a slow peer) is dialled again while the deadline
             // allows, a bounded number of times; otherwise the next proof of the path may dial it.
-            if provenAddresses.contains(address), redials[address, default: 0] < PunchSession.maxRedials {
-                redials[address, default: 0] += 1
-                return dial(address, socket: dialSockets[id] ?? 0)
+            if provenPaths.contains(path), redials[path, default: 0] < PunchSession.maxRedials {
+                redials[path, default: 0] += 1
+                return dial(path.address, socket: path.socket)
             }
             if dialsInFlight.isEmpty && phase == .connecting { phase = .probing }
             return allPortsFailedIfDone()
@@ -185,7 +193,7 @@ struct PunchSession {
     }
 
     /// The dial currently in flight to `address`, for result bookkeeping.
-    func dialAddress(_ id: Int) -> SocketAddress? { dialsInFlight[id] }
+    func dialAddress(_ id: Int) -> SocketAddress? { dialsInFlight[id]?.address }
 
     // MARK: Transitions
 
@@ -242,6 +250,7 @@ struct PunchSession {
             provenAddresses.append(from)
             actions.append(.pathProven(from))
         }
+        provenPaths.insert(Path(socket: socket, address: from))
         if configuration.role == .initiator {
             actions += dial(from, socket: socket)
         }
@@ -249,11 +258,11 @@ struct PunchSession {
     }
 
     private mutating func dial(_ address: SocketAddress, socket: Int) -> [Action] {
-        guard dialledAddresses.insert(address).inserted else { return [] }
+        let path = Path(socket: socket, address: address)
+        guard dialledPaths.insert(path).inserted else { return [] }
         let id = nextDialID
         nextDialID += 1
-        dialsInFlight[id] = address
-        dialSockets[id] = socket
+        dialsInFlight[id] = path
         phase = .connecting
         return [.dial(id: id, socket: socket, to: address)]
     }

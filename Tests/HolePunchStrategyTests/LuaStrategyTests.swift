@@ -154,9 +154,9 @@ extension LuaTests {
             ("ctx.history.peer.success_rate", "0.5"),
             ("ctx.history.peer.median_ttc_ms", "300"),
             ("ctx.history.peer.last_offset", "-1"),
-            ("ctx.limits.max_pps", "200"),
+            ("ctx.limits.max_pps", "1000"),
             ("ctx.limits.max_ports", "2048"),
-            ("ctx.limits.max_sockets", "64"),
+            ("ctx.limits.max_sockets", "256"),
         ])
         func contextFieldArrives(expr: String, expected: String) throws {
             let s = try LuaStrategy(source: """
@@ -439,7 +439,7 @@ extension LuaTests {
             let c = StrategyCheck.context(local: .named("symmetric_random")!, remote: .named("full_cone")!,
                                           role: .initiator, attempt: 1)
             let (plan, reasons) = try s.plan(c).validated()
-            #expect(plan.localSockets == 64)
+            #expect(plan.localSockets == PlanLimits.default.maxLocalSockets)
             #expect(reasons.isEmpty)
             let other = StrategyCheck.context(local: .named("full_cone")!, remote: .named("symmetric_random")!,
                                               role: .initiator, attempt: 1)

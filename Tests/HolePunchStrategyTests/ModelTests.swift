@@ -90,11 +90,11 @@ import Testing
                                        "connectTimeout", "interval", "startDelay", "initialRTT", "lowTTL"]))
         #expect(out.ports.count == 2048)
         #expect(Array(out.ports.prefix(2)) == [1, 2])
-        #expect(out.localSockets == 64)
+        #expect(out.localSockets == PlanLimits.default.maxLocalSockets)
         #expect(out.rounds == 1000)
         #expect(out.timeout == .milliseconds(100))
         #expect(out.lowTTL == nil)
-        #expect(out.packetsPerSecond <= 200)
+        #expect(out.packetsPerSecond <= PlanLimits.default.maxPacketsPerSecond)
         #expect(reasons.allSatisfy { !$0.description.isEmpty })
     }
 

@@ -144,6 +144,23 @@ struct PunchSessionTests {
         #expect(again.contains(.dial(id: PunchSession.maxRedials + 2, socket: 0, to: Self.address(4000))))
     }
 
+    @Test("a path proven on another local socket is dialled from that socket, even while a direct dial to the same address is in flight")
+    func dialFollowsTheProvingSocket() {
+        // A birthday punch from a random-allocation NAT: the direct dial leaves from socket 0, whose mapping the
+        // peer's port-dependent filter drops; the peer's probe then arrives on extra socket 7, the only one with a
+        // mapping it lets in. Deduplicating dials by address alone left the punch waiting on the dead socket.
+        var session = Self.session(ports: [4000], dialDirect: true)
+        let started = session.handle(.start(now: 1000 * Self.ms))
+        #expect(started.contains(.dial(id: 1, socket: 0, to: Self.address(4000))))
+        let proven = session.handle(.probeRequest(from: Self.address(4000), socket: 7))
+        #expect(proven.contains(.dial(id: 2, socket: 7, to: Self.address(4000))))
+        // A failed handshake on the proven path is retried on the same socket.
+        #expect(session.handle(.dialFailed(id: 2, authentication: false)) == [.dial(id: 3, socket: 7, to: Self.address(4000))])
+        // The direct dial on socket 0 was never proven: its failure is not retried.
+        #expect(session.handle(.dialFailed(id: 1, authentication: false)).isEmpty)
+        #expect(session.handle(.dialEstablished(id: 3)) == [.succeed(connection: 3)])
+    }
+
     @Test("cancel ends the session in every phase, abandoning dials; twice is a no-op")
     func cancelEveryPhase() {
         var scheduled = Self.session()
