@@ -72,6 +72,12 @@ local function plan(ctx)
 
     local rounds_needed = math.ceil(#ports / packets) + 2
     local rounds = easy and 3 or hp.clamp(rounds_needed, 5, ctx.limits.max_rounds)
+    -- On a lossy path every probe of a short plan can be lost, and the peer may start late (its copy of the
+    -- coordinated start crossed the same lossy path and was retransmitted); a side whose rounds run out before it
+    -- hears anything gives up (allPortsFailed) while its peer still punches. Keep probing for at least 2.5 s (or
+    -- 12 RTTs): on a clean path this costs nothing, since probing stops as soon as the peer answers one probe.
+    local window = math.max(2500, 12 * rtt)
+    rounds = hp.clamp(math.max(rounds, math.ceil(window / interval)), 1, ctx.limits.max_rounds)
     if remote.allocation == "random" then
         -- A random-allocation peer opens many sockets before its probes start, and they reach us from ports we
         -- cannot predict: keep the window open for at least 1.5 s so its probes still find us listening.
@@ -90,6 +96,12 @@ local function plan(ctx)
     -- (initial RTT, then doubling), which needs seconds, not one RTT. Success comes as fast either way.
     timeout = hp.clamp(timeout, easy and 3000 or 4000, 20000)
 
+    -- Each handshake datagram goes out twice: QUIC drops the duplicates, a punch handshake is ~6 datagrams (a few
+    -- KB once), and on a lossy path it turns a 36 % per-datagram loss into ~13 %, instead of waiting out probe
+    -- timeouts that double each time. After failures with this peer or NAT pair, three copies.
+    local failures = (history.peer.attempts - history.peer.successes) + (history.pair.attempts - history.pair.successes)
+    local copies = (attempt > 1 or failures > 0) and 3 or 2
+
     return {
         ports = ports,
         sockets = sockets,
@@ -101,6 +113,7 @@ local function plan(ctx)
         start_delay_ms = 0,
         initial_rtt_ms = hp.clamp(rtt * 1.5, 10, 1000),
         dial_direct = cone(remote),
+        handshake_copies = hp.clamp(copies, 1, ctx.limits.max_handshake_copies),
     }
 end
 

@@ -111,7 +111,14 @@ public actor PunchExecutor {
             let runtime = try await prepare(id: id, options: options, box: box, events: eventsContinuation, startedAt: startedAt)
             runtimes[id] = runtime
             bySession[options.sessionID] = id
-            if options.role == .target { admission.expect(options.targetNodeID, session: options.sessionID) }
+            if options.role == .target {
+                let plan = runtime.session.configuration.plan
+                admission.expect(
+                    options.targetNodeID, session: options.sessionID,
+                    from: runtime.session.configuration.candidates.first,
+                    hints: HandshakeHints(packetCopies: plan.handshakeCopies, initialRTT: plan.initialRTT)
+                )
+            }
             metrics.active.increment()
             let now = monotonicNanoseconds()
             if now >= runtime.session.configuration.startAt {
@@ -195,6 +202,7 @@ public actor PunchExecutor {
         installed = true
         let admission = self.admission
         await endpoint.setAcceptPolicy(.decide { admission.admits($0) })
+        await endpoint.setHandshakeHintProvider { admission.hints(for: $0) }
         await installHandlers(on: endpoint, socket: 0, punch: nil)
         let incoming = endpoint.incoming
         acceptTask = Task { [weak self] in
@@ -319,6 +327,7 @@ public actor PunchExecutor {
                     )
                     await installHandlers(on: extra, socket: index, punch: id)
                     if options.role == .target {
+                        await extra.setHandshakeHintProvider { admission.hints(for: $0) }
                         let incoming = extra.incoming
                         Task { [weak self] in
                             for await connection in incoming {
@@ -457,7 +466,8 @@ public actor PunchExecutor {
                         let connection = try await endpoint.connect(
                             to: to, expecting: node,
                             options: ConnectOptions(
-                                initialRTT: plan.initialRTT, handshakeTimeout: plan.connectTimeout, serverName: serverName
+                                initialRTT: plan.initialRTT, handshakeTimeout: plan.connectTimeout, serverName: serverName,
+                                handshakePacketCopies: plan.handshakeCopies
                             )
                         )
                         result = .success(connection)
@@ -689,18 +699,37 @@ final class PunchRuntime {
 /// its TLS server name; plus the configured others. Consulted on the endpoint's event loop during handshakes,
 /// so it is a lock, not an actor.
 final class Admission: Sendable {
-    private let expected = Mutex<[String: NodeID]>([:])
+    /// A live target punch: whom it admits, from which host, and how its handshake runs.
+    private struct Expected {
+        var node: NodeID
+        var host: SocketAddress?
+        var hints: HandshakeHints
+    }
+    private let expected = Mutex<[String: Expected]>([:])
     private let others: AcceptPolicy
 
     init(others: AcceptPolicy) { self.others = others }
 
-    func expect(_ node: NodeID, session: String) { expected.withLock { $0[session] = node } }
+    /// Admits `node` for `session`; handshakes from `host`'s IP address (any port: a birthday peer dials from a port
+    /// nobody predicted) run with `hints`.
+    func expect(_ node: NodeID, session: String, from host: SocketAddress?, hints: HandshakeHints) {
+        var host = host
+        host?.port = 0
+        expected.withLock { $0[session] = Expected(node: node, host: host, hints: hints) }
+    }
 
     func forget(session: String) { expected.withLock { $0[session] = nil } }
 
+    /// Hints for a handshake that `address` starts: those of a live target punch expecting a peer at that IP.
+    func hints(for address: SocketAddress) -> HandshakeHints? {
+        var host = address
+        host.port = 0
+        return expected.withLock { table in table.values.first { $0.host == host }?.hints }
+    }
+
     func admits(_ handshake: IncomingHandshake) -> Bool {
         if let name = handshake.serverName, let session = PunchExecutor.sessionID(fromServerName: name),
-           expected.withLock({ $0[session] == handshake.nodeID }) {
+           expected.withLock({ $0[session]?.node == handshake.nodeID }) {
             return true
         }
         switch others {

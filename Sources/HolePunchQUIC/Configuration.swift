@@ -92,13 +92,41 @@ public struct ConnectOptions: Sendable {
     /// The TLS server name (SNI) to send; the acceptor sees it in ``IncomingHandshake/serverName`` and
     /// ``QUICConnection/serverName``. Letters, digits, '-' and '.' only.
     public var serverName: String?
+    /// How many times each handshake datagram is sent (1–4; default 1). See ``HandshakeHints/packetCopies``.
+    public var handshakePacketCopies: Int
 
     /// Creates options; nil keeps the endpoint's value.
-    public init(initialRTT: Duration? = nil, handshakeTimeout: Duration? = nil, serverName: String? = nil) {
+    public init(
+        initialRTT: Duration? = nil, handshakeTimeout: Duration? = nil, serverName: String? = nil,
+        handshakePacketCopies: Int = 1
+    ) {
         self.initialRTT = initialRTT
         self.handshakeTimeout = handshakeTimeout
         self.serverName = serverName
+        self.handshakePacketCopies = handshakePacketCopies
     }
+}
+
+/// How to run the handshake of connections that a known peer address will open to this endpoint: a punch tells
+/// its socket what it learned about the path before the peer dials. See ``Endpoint/setHandshakeHintProvider(_:)``.
+public struct HandshakeHints: Sendable, Hashable {
+    /// How many times each datagram is sent until the handshake is done (1–4). QUIC ignores duplicate packets, so
+    /// copies cost only bandwidth, and they turn a per-datagram loss rate p into about p^copies for independent
+    /// loss: on a path losing 36 % a handshake of ~6 datagrams completes without a retransmission 7 % of the time
+    /// with one copy and 43 % with two. Only for paths whose peer is authenticated otherwise (punch probes): a
+    /// server that multiplied its first flight for any address would amplify spoofed Initials.
+    public var packetCopies: Int
+    /// Initial RTT for the handshake (nil: the endpoint's).
+    public var initialRTT: Duration?
+
+    /// Creates hints.
+    public init(packetCopies: Int = 1, initialRTT: Duration? = nil) {
+        self.packetCopies = packetCopies
+        self.initialRTT = initialRTT
+    }
+
+    /// The most copies allowed.
+    public static let maxPacketCopies = 4
 }
 
 /// Counters for one endpoint's socket.

@@ -117,6 +117,8 @@ final class ConnectionCore {
     var closeReason: [UInt8] = []
     weak var router: ConnectionRouter?
     // Statistics.
+    /// Times each datagram is sent while the handshake runs (``HandshakeHints/packetCopies``).
+    var handshakeCopies = 1
     var bytesSent = 0
     var bytesReceived = 0
     var packetsSent = 0

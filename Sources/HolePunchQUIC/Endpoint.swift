@@ -39,6 +39,8 @@ public actor Endpoint {
     private var datagramHandler: (@Sendable ([UInt8], SocketAddress) -> Void)?
     private var unreachableHandler: (@Sendable (SocketAddress) -> Void)?
     private var counters = EndpointStats()
+    /// Handshake hints for connections a peer address opens (``setHandshakeHintProvider(_:)``).
+    private var handshakeHintProvider: (@Sendable (SocketAddress) -> HandshakeHints?)?
     private var isClosed = false
     private var failures: [QUICError] = []
     /// Why recently ended connections ended, so a handle asking after the fact gets the real reason.
@@ -239,6 +241,14 @@ public actor Endpoint {
         unreachableHandler = handler
     }
 
+    /// Sets what decides the handshake hints of connections that peers open to this endpoint from now on: asked
+    /// once per new incoming connection, on the event loop, with the peer's address; nil hints mean the defaults.
+    /// Keep it short (a lock and a lookup). A punch uses it to send copies of its handshake datagrams to a peer it
+    /// has authenticated by probes.
+    public func setHandshakeHintProvider(_ provider: (@Sendable (SocketAddress) -> HandshakeHints?)?) {
+        handshakeHintProvider = provider
+    }
+
     /// Replaces the accept policy for connections that arrive from now on.
     public func setAcceptPolicy(_ policy: AcceptPolicy) {
         router.policy = policy
@@ -314,6 +324,7 @@ public actor Endpoint {
         let core = ConnectionCore(key: allocateKey(), isClient: true, remote: remote, expectedNodeID: peer)
         core.router = router
         core.serverName = options.serverName
+        core.handshakeCopies = min(max(options.handshakePacketCopies, 1), HandshakeHints.maxPacketCopies)
         var dcid = randomCID(length: 18)
         var scid = randomCID(length: localCIDLength)
         var callbacks = ConnectionCore.makeCallbacks(client: true)
@@ -347,9 +358,13 @@ public actor Endpoint {
     private func makeServerConnection(header: inout ngtcp2_pkt_hd, from remote: SocketAddress) -> ConnectionCore? {
         let core = ConnectionCore(key: allocateKey(), isClient: false, remote: remote, expectedNodeID: nil)
         core.router = router
+        let hints = handshakeHintProvider?(remote)
+        core.handshakeCopies = min(max(hints?.packetCopies ?? 1, 1), HandshakeHints.maxPacketCopies)
         var scid = randomCID(length: localCIDLength)
         var callbacks = ConnectionCore.makeCallbacks(client: false)
-        var settings = settings(initialRTT: configuration.initialRTT, handshakeTimeout: configuration.handshakeTimeout)
+        var settings = settings(
+            initialRTT: hints?.initialRTT ?? configuration.initialRTT, handshakeTimeout: configuration.handshakeTimeout
+        )
         var params = transportParams()
         params.original_dcid = header.dcid
         params.stateless_reset_token_present = 1
@@ -614,20 +629,28 @@ public actor Endpoint {
     }
 
     private func sendPacket(_ core: ConnectionCore, count: Int) {
+        // Until the handshake is done, a lossy punched path may ask for copies of every datagram (HandshakeHints).
+        var copies = 1
+        if case .handshaking = core.phase { copies = core.handshakeCopies }
         if fd < 0 {
-            deliverInMemory(Array(UnsafeRawBufferPointer(rebasing: io.sendBuffer[0..<count])))
-            core.bytesSent += count
-            core.packetsSent += 1
+            let datagram = Array(UnsafeRawBufferPointer(rebasing: io.sendBuffer[0..<count]))
+            for _ in 0..<copies {
+                deliverInMemory(datagram)
+                core.bytesSent += count
+                core.packetsSent += 1
+            }
             return
         }
         let remote = core.writePath.pointee.path.remote
-        let sent = sendto(fd, io.sendBuffer.baseAddress, count, 0, remote.addr, remote.addrlen)
-        if sent < 0 {
-            counters.sendErrors += 1
-        } else {
-            counters.datagramsSent += 1
-            core.bytesSent += count
-            core.packetsSent += 1
+        for _ in 0..<copies {
+            let sent = sendto(fd, io.sendBuffer.baseAddress, count, 0, remote.addr, remote.addrlen)
+            if sent < 0 {
+                counters.sendErrors += 1
+            } else {
+                counters.datagramsSent += 1
+                core.bytesSent += count
+                core.packetsSent += 1
+            }
         }
     }
 

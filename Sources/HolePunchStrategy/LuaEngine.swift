@@ -328,6 +328,7 @@ final class LuaEngine {
         set("max_rounds", int: ctx.limits.maxRounds)
         set("min_timeout_ms", number: ctx.limits.timeoutBounds.lowerBound.milliseconds)
         set("max_timeout_ms", number: ctx.limits.timeoutBounds.upperBound.milliseconds)
+        set("max_handshake_copies", int: ctx.limits.maxHandshakeCopies)
         lua_setfield(L, -2, "limits")
     }
 
@@ -344,6 +345,7 @@ final class LuaEngine {
         set("initial_rtt_ms", number: p.initialRTT.milliseconds)
         set("dial_direct", bool: p.dialCandidatesDirectly)
         if let ttl = p.lowTTL { set("low_ttl", int: ttl) }
+        set("handshake_copies", int: p.handshakeCopies)
     }
 
     private func pushEvent(_ e: ProbeEvent) {
@@ -426,11 +428,12 @@ final class LuaEngine {
             case "start_delay_ms": plan.startDelay = try millis(key, allowZero: true, max: 3_600_000)
             case "initial_rtt_ms": plan.initialRTT = try millis(key, allowZero: false, max: 600_000)
             case "low_ttl": plan.lowTTL = try integer(key, 1...255)
+            case "handshake_copies": plan.handshakeCopies = try integer(key, 1...16)
             case "dial_direct":
                 guard lua_type(L, -1) == LUA_TBOOLEAN else { throw fail(key, "expected a boolean, got \(typeName(-1))") }
                 plan.dialCandidatesDirectly = lua_toboolean(L, -1) != 0
             default:
-                throw fail(key, "unknown field (known: ports, sockets, packets_per_round, rounds, interval_ms, timeout_ms, connect_timeout_ms, start_delay_ms, initial_rtt_ms, dial_direct, low_ttl)")
+                throw fail(key, "unknown field (known: ports, sockets, packets_per_round, rounds, interval_ms, timeout_ms, connect_timeout_ms, start_delay_ms, initial_rtt_ms, dial_direct, low_ttl, handshake_copies)")
             }
             lua_settop(L, -2)
         }

@@ -114,6 +114,9 @@ public struct PunchPlan: Sendable, Hashable, Codable {
     /// Optional IP TTL for the first round of probes: enough to open our own NAT, too low to reach the
     /// peer's NAT and trip its filter before it has punched. Nil means the system default.
     public var lowTTL: Int?
+    /// How many times each QUIC handshake datagram is sent on the punched path (1 = once). Copies turn a per-datagram
+    /// loss rate p into about p^copies for independent loss, for a few kilobytes once per punch.
+    public var handshakeCopies: Int
 
     /// Creates a plan. Defaults are the ones documented in `docs/strategies.md`.
     public init(
@@ -127,7 +130,8 @@ public struct PunchPlan: Sendable, Hashable, Codable {
         startDelay: Duration = .milliseconds(100),
         initialRTT: Duration = .milliseconds(333),
         dialCandidatesDirectly: Bool = true,
-        lowTTL: Int? = nil
+        lowTTL: Int? = nil,
+        handshakeCopies: Int = 1
     ) {
         self.ports = ports
         self.localSockets = localSockets
@@ -140,6 +144,7 @@ public struct PunchPlan: Sendable, Hashable, Codable {
         self.initialRTT = initialRTT
         self.dialCandidatesDirectly = dialCandidatesDirectly
         self.lowTTL = lowTTL
+        self.handshakeCopies = handshakeCopies
     }
 
     /// Probe packets per second this plan sends, all sockets together.
@@ -186,6 +191,8 @@ public struct PlanLimits: Sendable, Hashable, Codable {
     public var maxStartDelay: Duration
     /// Allowed QUIC initial RTT.
     public var initialRTTBounds: ClosedRange<Duration>
+    /// Most copies of each handshake datagram.
+    public var maxHandshakeCopies: Int
 
     /// Creates limits; the defaults are the documented ones (1000 packets/s, 2048 ports, 256 sockets…).
     ///
@@ -203,7 +210,8 @@ public struct PlanLimits: Sendable, Hashable, Codable {
         connectTimeoutBounds: ClosedRange<Duration> = .milliseconds(100)...(.seconds(30)),
         intervalBounds: ClosedRange<Duration> = .milliseconds(1)...(.seconds(10)),
         maxStartDelay: Duration = .seconds(5),
-        initialRTTBounds: ClosedRange<Duration> = .milliseconds(1)...(.seconds(10))
+        initialRTTBounds: ClosedRange<Duration> = .milliseconds(1)...(.seconds(10)),
+        maxHandshakeCopies: Int = 3
     ) {
         self.maxPacketsPerSecond = maxPacketsPerSecond
         self.maxTotalPorts = maxTotalPorts
@@ -215,6 +223,7 @@ public struct PlanLimits: Sendable, Hashable, Codable {
         self.intervalBounds = intervalBounds
         self.maxStartDelay = maxStartDelay
         self.initialRTTBounds = initialRTTBounds
+        self.maxHandshakeCopies = maxHandshakeCopies
     }
 
     /// The documented defaults.
@@ -290,6 +299,7 @@ extension PunchPlan {
         clampDuration("interval", &p.interval, limits.intervalBounds)
         clampDuration("startDelay", &p.startDelay, .zero...max(.zero, limits.maxStartDelay))
         clampDuration("initialRTT", &p.initialRTT, limits.initialRTTBounds)
+        clampInt("handshakeCopies", &p.handshakeCopies, 1...max(1, limits.maxHandshakeCopies))
         if let ttl = p.lowTTL, !(1...255).contains(ttl) {
             note("lowTTL", ttl, "nil", "TTL must be in 1...255")
             p.lowTTL = nil
