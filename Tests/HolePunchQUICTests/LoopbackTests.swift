@@ -209,3 +209,41 @@ struct AuthenticationTests {
         throw TimeoutError()
     }
 }
+
+extension LoopbackTests {
+    /// With a 2 s initial RTT the first probe timeout is ~6 s, past the 3 s handshake timeout: a handshake whose
+    /// first datagram is lost cannot recover in time, so only the copies can carry it.
+    @Test("handshake copies (client and server) carry a handshake across a path that drops every other datagram; one copy times out",
+          arguments: [1, 2])
+    func handshakeCopiesSurviveAlternateLoss(copies: Int) async throws {
+        let server = try await makeEndpoint(TestIdentities.b) { $0.initialRTT = .seconds(2) }
+        let relay = try AlternateDropRelay(to: server.localAddress)
+        defer { relay.stop() }
+        let relayAddress = relay.address
+        await server.setHandshakeHintProvider { from in
+            from == relayAddress ? HandshakeHints(packetCopies: copies, initialRTT: .seconds(2)) : nil
+        }
+        let client = try await makeEndpoint(TestIdentities.a)
+        let options = ConnectOptions(initialRTT: .seconds(2), handshakeTimeout: .seconds(3), handshakePacketCopies: copies)
+        let result: Result<QUICConnection, QUICError>
+        do {
+            result = .success(try await withDeadline(.seconds(20)) {
+                try await client.connect(to: relayAddress, expecting: TestIdentities.b.nodeID, options: options)
+            })
+        } catch let error as QUICError {
+            result = .failure(error)
+        }
+        switch (copies, result) {
+        case (1, .failure(let error)):
+            #expect(error.code == .handshakeTimeout)
+        case (2, .success(let connection)):
+            #expect(connection.peerNodeID == TestIdentities.b.nodeID)
+            await connection.close()
+        default:
+            Issue.record("copies \(copies): unexpected \(result)")
+        }
+        #expect(relay.dropped > 0)
+        await client.close()
+        await server.close()
+    }
+}

@@ -1,5 +1,6 @@
 import Foundation
 import HolePunchNet
+import Synchronization
 @testable import HolePunchQUIC
 
 /// Identities are slow-ish to generate (key generation + signing), so tests share a few.
@@ -59,5 +60,77 @@ func startEchoServer(_ endpoint: Endpoint) -> Task<Void, Never> {
                 }
             }
         }
+    }
+}
+
+/// A UDP relay on 127.0.0.1 between one client and `target` that drops every other datagram in each direction,
+/// starting with the first: a deterministic stand-in for a lossy path, for tests of loss recovery.
+///
+/// Whoever sends to ``address`` first becomes the client; datagrams from `target` go back to it.
+final class AlternateDropRelay: @unchecked Sendable {
+    let address: SocketAddress
+    private let fd: Int32
+    private let target: SocketAddress
+    private let stopped = Mutex(false)
+    private let counts = Mutex((forwarded: 0, dropped: 0))
+    private let finished = DispatchSemaphore(value: 0)
+
+    init(to target: SocketAddress) throws {
+        self.target = target
+        let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
+        guard fd >= 0 else { throw TimeoutError() }
+        let bound = SocketAddress.loopbackV4(port: 0).withSockAddr { bind(fd, $0, $1) }
+        guard bound == 0, let local = SocketAddress(boundTo: fd) else {
+            close(fd)
+            throw TimeoutError()
+        }
+        self.fd = fd
+        address = local
+        Thread { [self] in
+            run()
+            finished.signal()
+        }.start()
+    }
+
+    /// Datagrams passed on and dropped so far, both directions.
+    var forwarded: Int { counts.withLock { $0.forwarded } }
+    var dropped: Int { counts.withLock { $0.dropped } }
+
+    private func run() {
+        var client: SocketAddress?
+        var seen = [0, 0]  // datagrams per direction: 0 = towards target, 1 = towards client
+        var buffer = [UInt8](repeating: 0, count: 65_536)
+        while !stopped.withLock({ $0 }) {
+            var descriptor = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            guard poll(&descriptor, 1, 50) > 0 else { continue }
+            var storage = sockaddr_storage()
+            var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+            let count = buffer.withUnsafeMutableBytes { bytes in
+                withUnsafeMutablePointer(to: &storage) {
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { recvfrom(fd, bytes.baseAddress, bytes.count, 0, $0, &length) }
+                }
+            }
+            guard count > 0,
+                  let from = withUnsafePointer(to: &storage, { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { SocketAddress($0) } })
+            else { continue }
+            let direction = from == target ? 1 : 0
+            if direction == 0 { client = from }
+            guard let destination = direction == 0 ? target : client else { continue }
+            seen[direction] += 1
+            if seen[direction] % 2 == 1 {
+                counts.withLock { $0.dropped += 1 }
+                continue
+            }
+            counts.withLock { $0.forwarded += 1 }
+            _ = buffer.withUnsafeBytes { bytes in
+                destination.withSockAddr { sendto(fd, bytes.baseAddress, count, 0, $0, $1) }
+            }
+        }
+    }
+
+    func stop() {
+        stopped.withLock { $0 = true }
+        finished.wait()
+        close(fd)
     }
 }
