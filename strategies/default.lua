@@ -6,8 +6,12 @@
 --   for this NAT pair, and every retry widens it.
 -- * Sequential NATs: predicts the peer's next ports from its observed delta, likely-first (the port
 --   that won last time, then base+delta, base+2·delta…), plus a small window around the base.
--- * Random allocation: a birthday spread, many local sockets on our random side, many random remote
---   ports against theirs (unless our NAT's filter lets their probes in anyway).
+-- * Random allocation against an endpoint-independent mapping with a port-dependent filter: a birthday search,
+--   max_sockets local sockets on the random side, max_ports random probes at max_pps from the other. Against a
+--   lenient filter (full cone, restricted) one socket suffices; against another symmetric NAT nothing can aim,
+--   so only the known ports are tried (a cheap, clean failure).
+-- * Lossy paths: probing lasts at least 2.5 s, and each QUIC handshake datagram is sent twice (three times after
+--   failures).
 -- * Easy NATs (endpoint-independent mapping on both sides): only the candidate ports, few packets.
 
 local function cone(p) return p.mapping == "endpoint_independent" end
@@ -32,7 +36,13 @@ local function plan(ctx)
     local offset = history.peer.last_offset or history.pair.last_offset
     if base and offset and offset ~= 0 then first[1] = base + offset end
 
-    if cone(remote) or base == nil then
+    -- Both mappings symmetric and one of them random: the random side's mapping depends on the destination port,
+    -- which the other (symmetric) side only picks when it sends, so neither side has a port to aim at. Meeting by
+    -- chance would take ~sockets × probes ≈ 64512 × ln(1/(1−p)) packets per side for success p; we do not spray.
+    local hopeless = not cone(remote) and not cone(localnat)
+        and (remote.allocation == "random" or localnat.allocation == "random")
+
+    if cone(remote) or base == nil or hopeless then
         ports = hp.merge(first, ctx.ports)
     elseif remote.allocation == "random" and lenient(localnat) then
         -- Their probes to our known port get in wherever their NAT maps them: no need to chase it.
@@ -56,12 +66,12 @@ local function plan(ctx)
 
     -- Our own NAT picks a random port per destination, and their NAT filters by port: open as many mappings as
     -- allowed so that their spray meets one. (A lenient peer NAT admits our one mapping from any port.)
-    local sprayed = localnat.allocation == "random" and not cone(localnat) and not lenient(remote)
+    local sprayed = localnat.allocation == "random" and not cone(localnat) and cone(remote) and not lenient(remote)
     if sprayed then sockets = ctx.limits.max_sockets end
 
     local easy = cone(remote) and cone(localnat)
     -- A birthday search: one side sprays random ports at the other's many fresh mappings.
-    local spray = remote.allocation == "random" and not cone(remote) and not lenient(localnat)
+    local spray = remote.allocation == "random" and not cone(remote) and cone(localnat) and not lenient(localnat)
     local interval = hp.clamp(rtt / 2, easy and 50 or 20, 300)
     local packets = easy and #ports or math.max(1, math.min(#ports, 16))
     -- Stay under the rate cap rather than being clamped: fewer packets per round, same interval.
@@ -78,11 +88,6 @@ local function plan(ctx)
     -- 12 RTTs): on a clean path this costs nothing, since probing stops as soon as the peer answers one probe.
     local window = math.max(2500, 12 * rtt)
     rounds = hp.clamp(math.max(rounds, math.ceil(window / interval)), 1, ctx.limits.max_rounds)
-    if remote.allocation == "random" then
-        -- A random-allocation peer opens many sockets before its probes start, and they reach us from ports we
-        -- cannot predict: keep the window open for at least 1.5 s so its probes still find us listening.
-        rounds = hp.clamp(math.max(rounds, math.ceil(1500 / interval)), 1, ctx.limits.max_rounds)
-    end
     if sprayed then
         -- Our mappings are what their spray looks for: keep them open (and probing keeps them alive) until the
         -- whole spray, max_ports probes at max_pps, has had time to arrive.
