@@ -322,6 +322,8 @@ EOF
 }
 
 # netdev ingress loss on one device: $1 host, $2 ifname, $3 percent
+# Loss hits IPv4 only: dropping ARP as well stalled the first packets between the two routers (one segment, so
+# they resolve each other) for a second or more per lost exchange, which a real path's loss never does.
 add_loss() {
     local h=$1 dev=$2 pct=$3 n
     n=$(awk -v p="$pct" 'BEGIN{printf "%d", p * 100 + 0.5}')
@@ -330,7 +332,7 @@ add_loss() {
 table netdev hploss_$dev {
     chain ingress {
         type filter hook ingress device "$dev" priority -500; policy accept;
-        numgen random mod 10000 < $n drop
+        meta protocol ip numgen random mod 10000 < $n drop
     }
 }
 EOF

@@ -358,7 +358,7 @@ public actor PunchExecutor {
             if socket == 0 { otherDatagramHandler?(bytes, from) }
             return
         }
-        guard let probe = try? PunchProbe.verify(bytes, sessionID: runtime.options.sessionID, key: runtime.options.sessionKey),
+        guard let probe = try? PunchProbe.verify(message, bytes: bytes, sessionID: runtime.options.sessionID, key: runtime.options.sessionKey),
               probe.senderRole != runtime.options.role.rawValue
         else {
             // Forged, for another key, or our own probe reflected back: ignore.
@@ -489,6 +489,7 @@ public actor PunchExecutor {
                 runtime.events.yield(.roundStarted(round: round, ports: runtime.session.portsTried.count))
                 consultOnProbe(runtime, round: round)
             case .pathProven(let address):
+                if runtime.firstPathProven == nil { runtime.firstPathProven = elapsedSinceStart(runtime) }
                 runtime.events.yield(.probeAnswered(from: address))
             case .succeed(let id):
                 succeed(runtime, connection: id)
@@ -568,7 +569,16 @@ public actor PunchExecutor {
         let elapsed = elapsedSinceStart(runtime)
         var message: String
         switch code {
-        case .timeout: message = "no authenticated connection before the deadline"
+        case .timeout:
+            message = "no authenticated connection before the deadline"
+            if let proven = runtime.firstPathProven {
+                message += ": a path was proven after \(proven.components.seconds * 1000 + proven.components.attoseconds / 1_000_000_000_000_000) ms"
+                if runtime.options.role == .initiator {
+                    message += ", \(runtime.session.dialsStarted) QUIC handshake(s) started"
+                }
+            } else {
+                message += ": no probe of either side got through"
+            }
         case .unreachable: message = "every candidate port answered ICMP unreachable"
         case .allPortsFailed: message = "no planned port answered a probe"
         case .cancelled: message = "the punch was cancelled"
@@ -670,6 +680,8 @@ final class PunchRuntime {
     var timerTask: Task<Void, Never>?
     var timerGeneration = 0
     var authenticationError: QUICError?
+    /// When the first verified probe from the peer arrived, from the start instant (for failure reports).
+    var firstPathProven: Duration?
     private var nextConnectionID = 1_000_000
 
     init(

@@ -192,6 +192,9 @@ struct PunchSession {
         roundsExhaustedAt = nil
     }
 
+    /// QUIC handshakes this session has started (dials, including redials).
+    var dialsStarted: Int { nextDialID - 1 }
+
     /// The dial currently in flight to `address`, for result bookkeeping.
     func dialAddress(_ id: Int) -> SocketAddress? { dialsInFlight[id]?.address }
 

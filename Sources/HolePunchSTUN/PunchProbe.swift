@@ -73,7 +73,14 @@ public enum PunchProbe {
     /// - Throws: ``STUNError``; `.badIntegrity` / `.missingIntegrity` for forgeries, `.unexpectedMessage`
     ///   for STUN that is not a probe of this session.
     public static func verify(_ bytes: [UInt8], sessionID: String, key: [UInt8]) throws(STUNError) -> Verified {
-        let message = try STUNMessage.decode(bytes)
+        try verify(STUNMessage.decode(bytes), bytes: bytes, sessionID: sessionID, key: key)
+    }
+
+    /// Verifies a probe that the caller has already decoded (to find its session) from `bytes`: the same checks as
+    /// ``verify(_:sessionID:key:)`` without decoding twice. `message` must be the decoding of `bytes`.
+    public static func verify(
+        _ message: STUNMessage, bytes: [UInt8], sessionID: String, key: [UInt8]
+    ) throws(STUNError) -> Verified {
         guard message.method == .binding else { throw STUNError(.unexpectedMessage, "probe is not a Binding message") }
         let isResponse: Bool
         switch message.messageClass {
