@@ -74,7 +74,8 @@ extension LuaTests {
                 return { name = "full", plan = function(ctx)
                     return { ports = { 7, {10, 12}, 7, 11, 3 }, sockets = 4, packets_per_round = 2,
                              interval_ms = 25.5, rounds = 9, timeout_ms = 3000, connect_timeout_ms = 900,
-                             start_delay_ms = 0, initial_rtt_ms = 50, dial_direct = false, low_ttl = 3 }
+                             start_delay_ms = 0, initial_rtt_ms = 50, dial_direct = false, low_ttl = 3,
+                             handshake_copies = 2 }
                 end }
                 """)
             let plan = try s.plan(LuaTests.ctx)
@@ -90,6 +91,7 @@ extension LuaTests {
             #expect(plan.initialRTT == .milliseconds(50))
             #expect(plan.dialCandidatesDirectly == false)
             #expect(plan.lowTTL == 3)
+            #expect(plan.handshakeCopies == 2)
         }
 
         @Test func plansAreDeterministicForAContext() throws {
@@ -157,6 +159,7 @@ extension LuaTests {
             ("ctx.limits.max_pps", "1000"),
             ("ctx.limits.max_ports", "2048"),
             ("ctx.limits.max_sockets", "256"),
+            ("ctx.limits.max_handshake_copies", "3"),
         ])
         func contextFieldArrives(expr: String, expected: String) throws {
             let s = try LuaStrategy(source: """
@@ -418,6 +421,40 @@ extension LuaTests {
                 #expect(plan.ports.count <= row.parallelPorts)
                 #expect(Array(plan.ports) == Array(plan.ports).sorted())
             }
+        }
+
+        @Test func defaultRunsABirthdaySearchOnlyWhereItCanMeet() throws {
+            let s = try LuaStrategy(path: LuaTests.shippedPath("default"))
+            func plan(_ local: String, _ remote: String) throws -> PunchPlan {
+                try s.plan(StrategyCheck.context(local: .named(local)!, remote: .named(remote)!, role: .initiator,
+                                                 attempt: 1)).validated().plan
+            }
+            // The random side opens every allowed socket; the endpoint-independent side sprays every allowed port.
+            let random = try plan("symmetric_random", "port_restricted")
+            #expect(random.localSockets == PlanLimits.default.maxLocalSockets)
+            let spray = try plan("port_restricted", "symmetric_random")
+            #expect(spray.ports.count == PlanLimits.default.maxTotalPorts)
+            #expect(spray.localSockets == 1)
+            // Against a lenient filter one socket does it, and two symmetric NATs with a random one get no spray.
+            #expect(try plan("symmetric_random", "restricted").localSockets == 1)
+            for (local, remote) in [("symmetric_seq", "symmetric_random"), ("symmetric_random", "symmetric_seq"),
+                                    ("symmetric_random", "symmetric_random")] {
+                let hopeless = try plan(local, remote)
+                #expect(hopeless.localSockets == 1, "\(local) × \(remote)")
+                #expect(hopeless.packetBudget < 100, "\(local) × \(remote): \(hopeless.packetBudget) packets")
+            }
+        }
+
+        @Test func defaultCopiesHandshakesAndMoreAfterFailures() throws {
+            let s = try LuaStrategy(path: LuaTests.shippedPath("default"))
+            var c = StrategyCheck.context(local: .named("port_restricted")!, remote: .named("port_restricted")!,
+                                          role: .initiator, attempt: 1)
+            let first = try s.plan(c)
+            #expect(first.handshakeCopies == 2)
+            // Probing lasts at least 2.5 s even for the easiest pair (a lossy or late peer must still be heard).
+            #expect(Double(first.rounds) * first.interval.seconds >= 2.5)
+            c.pairHistory = HistorySummary(attempts: 3, successes: 1)
+            #expect(try s.plan(c).handshakeCopies == 3)
         }
 
         @Test func defaultPredictsSequentialPortsLikelyFirst() throws {

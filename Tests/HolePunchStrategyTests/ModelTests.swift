@@ -83,17 +83,20 @@ import Testing
     @Test func everyBoundIsClampedWithAReason() {
         let plan = PunchPlan(ports: PortList([.range(1...5000)]), localSockets: 500, packetsPerRound: 1000,
                              interval: .seconds(60), rounds: 1_000_000, timeout: .milliseconds(5),
-                             connectTimeout: .seconds(100), startDelay: .seconds(60), initialRTT: .zero, lowTTL: 900)
+                             connectTimeout: .seconds(100), startDelay: .seconds(60), initialRTT: .zero, lowTTL: 900,
+                             handshakeCopies: 50)
         let (out, reasons) = plan.validated()
         let fields = Set(reasons.map(\.field))
         #expect(fields.isSuperset(of: ["ports", "localSockets", "packetsPerRound", "rounds", "timeout",
-                                       "connectTimeout", "interval", "startDelay", "initialRTT", "lowTTL"]))
+                                       "connectTimeout", "interval", "startDelay", "initialRTT", "lowTTL",
+                                       "handshakeCopies"]))
         #expect(out.ports.count == 2048)
         #expect(Array(out.ports.prefix(2)) == [1, 2])
         #expect(out.localSockets == PlanLimits.default.maxLocalSockets)
         #expect(out.rounds == 1000)
         #expect(out.timeout == .milliseconds(100))
         #expect(out.lowTTL == nil)
+        #expect(out.handshakeCopies == PlanLimits.default.maxHandshakeCopies)
         #expect(out.packetsPerSecond <= PlanLimits.default.maxPacketsPerSecond)
         #expect(reasons.allSatisfy { !$0.description.isEmpty })
     }
