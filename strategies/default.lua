@@ -105,7 +105,7 @@ local function plan(ctx)
     -- KB once), and on a lossy path it turns a 36 % per-datagram loss into ~13 %, instead of waiting out probe
     -- timeouts that double each time. After failures with this peer or NAT pair, three copies.
     local failures = (history.peer.attempts - history.peer.successes) + (history.pair.attempts - history.pair.successes)
-    local copies = (attempt > 1 or failures > 0) and 3 or 2
+    local copies = failures > 0 and 3 or 2
 
     return {
         ports = ports,
@@ -118,7 +118,7 @@ local function plan(ctx)
         start_delay_ms = 0,
         initial_rtt_ms = hp.clamp(rtt * 1.5, 10, 1000),
         dial_direct = cone(remote),
-        handshake_copies = hp.clamp(copies, 1, ctx.limits.max_handshake_copies),
+        handshake_copies = math.min(copies, math.max(1, ctx.limits.max_handshake_copies)),
     }
 end
 

@@ -208,7 +208,7 @@ public actor PunchExecutor {
         acceptTask = Task { [weak self] in
             for await connection in incoming {
                 guard let self else { return }
-                await self.accepted(connection)
+                await self.accepted(connection, socket: 0)
             }
         }
     }
@@ -332,7 +332,7 @@ public actor PunchExecutor {
                         Task { [weak self] in
                             for await connection in incoming {
                                 guard let self else { return }
-                                await self.accepted(connection)
+                                await self.accepted(connection, socket: index)
                             }
                         }
                     }
@@ -380,7 +380,9 @@ public actor PunchExecutor {
         }
     }
 
-    private func accepted(_ connection: QUICConnection) async {
+    /// A handshake from the pinned peer completed on local socket `socket` (0: the endpoint; more: a target's extra
+    /// socket in a birthday punch, which must then be the one kept open).
+    private func accepted(_ connection: QUICConnection, socket: Int) async {
         // The initiator names the session in the TLS server name, so a late handshake from an earlier session of
         // the same peer can never be mistaken for this one.
         guard let serverName = connection.serverName,
@@ -393,6 +395,7 @@ public actor PunchExecutor {
         }
         let id = runtime.allocateConnectionID()
         runtime.connections[id] = connection
+        runtime.dialSockets[id] = socket
         apply(runtime, runtime.session.handle(.accepted(id: id)))
     }
 
@@ -577,7 +580,7 @@ public actor PunchExecutor {
                     message += ", \(runtime.session.dialsStarted) QUIC handshake(s) started"
                 }
             } else {
-                message += ": no probe of either side got through"
+                message += ": no probe from the peer arrived"
             }
         case .unreachable: message = "every candidate port answered ICMP unreachable"
         case .allPortsFailed: message = "no planned port answered a probe"
@@ -732,7 +735,10 @@ final class Admission: Sendable {
 
     func forget(session: String) { expected.withLock { $0[session] = nil } }
 
-    /// Hints for a handshake that `address` starts: those of a live target punch expecting a peer at that IP.
+    /// Hints for a handshake that `address` starts: those of a live target punch expecting a peer at that IP. Asked
+    /// before the accept policy sees the ClientHello, so a spoofed Initial from that IP gets copies too: bounded to
+    /// that one address (the rendezvous named it) and to the seconds the punch is live. With two live punches for
+    /// peers behind one IP, either's hints apply (they come from the same strategy).
     func hints(for address: SocketAddress) -> HandshakeHints? {
         var host = address
         host.port = 0

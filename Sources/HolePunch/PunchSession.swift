@@ -114,8 +114,11 @@ struct PunchSession {
     }
     private var dialsInFlight: [Int: Path] = [:]
     private var dialledPaths: Set<Path> = []
-    /// Paths a probe from the peer arrived over.
+    /// Paths a probe from the peer arrived over, in the order they were proven.
     private var provenPaths: Set<Path> = []
+    private var provenOrder: [Path] = []
+    /// Proven paths whose handshakes failed more often than redials allow (until a fresh proof).
+    private var exhaustedPaths: Set<Path> = []
     private var redials: [Path: Int] = [:]
     /// How often one proven path is dialled again after a failed handshake.
     static let maxRedials = 3
@@ -165,10 +168,18 @@ struct PunchSession {
             if authentication { return finish(.peerAuthenticationFailed) }
             dialledPaths.remove(path)
             // A proven path whose handshake failed (lost packets, a slow peer) is dialled again while the deadline
-            // allows, a bounded number of times; otherwise the next proof of the path may dial it.
-            if provenPaths.contains(path), redials[path, default: 0] < PunchSession.maxRedials {
-                redials[path, default: 0] += 1
-                return dial(path.address, socket: path.socket)
+            // allows, a bounded number of times; then the next proven path, if any; otherwise the next proof of
+            // the path may dial it.
+            if provenPaths.contains(path) {
+                if redials[path, default: 0] < PunchSession.maxRedials {
+                    redials[path, default: 0] += 1
+                    return dial(path.address, socket: path.socket)
+                }
+                exhaustedPaths.insert(path)
+            }
+            if configuration.role == .initiator {
+                let next = dialNextProvenPath()
+                if !next.isEmpty { return next }
             }
             if dialsInFlight.isEmpty && phase == .connecting { phase = .probing }
             return allPortsFailedIfDone()
@@ -253,11 +264,31 @@ struct PunchSession {
             provenAddresses.append(from)
             actions.append(.pathProven(from))
         }
-        provenPaths.insert(Path(socket: socket, address: from))
+        let path = Path(socket: socket, address: from)
+        if provenPaths.insert(path).inserted { provenOrder.append(path) }
+        exhaustedPaths.remove(path)
         if configuration.role == .initiator {
-            actions += dial(from, socket: socket)
+            actions += dialNextProvenPath()
         }
         return actions
+    }
+
+    /// The initiator's handshakes over proven paths run one at a time, oldest proof first, and a proof abandons
+    /// the unproven direct dials. The target keeps the first handshake *it* completes, so two handshakes racing
+    /// over different paths (a birthday punch proves several of our sockets; a cone peer answers on several
+    /// ports) could leave the two sides holding different connections, each closing the other's as a duplicate.
+    private mutating func dialNextProvenPath() -> [Action] {
+        var actions: [Action] = []
+        for (id, path) in dialsInFlight.sorted(by: { $0.key < $1.key }) where !provenPaths.contains(path) {
+            dialsInFlight[id] = nil
+            dialledPaths.remove(path)
+            actions.append(.abandonDial(id: id))
+        }
+        guard dialsInFlight.isEmpty else { return actions }
+        guard let next = provenOrder.first(where: { !dialledPaths.contains($0) && !exhaustedPaths.contains($0) }) else {
+            return actions
+        }
+        return actions + dial(next.address, socket: next.socket)
     }
 
     private mutating func dial(_ address: SocketAddress, socket: Int) -> [Action] {

@@ -119,6 +119,9 @@ final class ConnectionCore {
     // Statistics.
     /// Times each datagram is sent while the handshake runs (``HandshakeHints/packetCopies``).
     var handshakeCopies = 1
+    /// Datagrams a server still copies after its handshake completed: the first of them carries HANDSHAKE_DONE,
+    /// which the client's dial waits for, so losing it would cost the client a whole probe timeout.
+    var copiesAfterHandshake = 2
     var bytesSent = 0
     var bytesReceived = 0
     var packetsSent = 0

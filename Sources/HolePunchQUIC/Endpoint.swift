@@ -631,7 +631,12 @@ public actor Endpoint {
     private func sendPacket(_ core: ConnectionCore, count: Int) {
         // Until the handshake is done, a lossy punched path may ask for copies of every datagram (HandshakeHints).
         var copies = 1
-        if case .handshaking = core.phase { copies = core.handshakeCopies }
+        if case .handshaking = core.phase {
+            copies = core.handshakeCopies
+        } else if !core.isClient, core.handshakeCopies > 1, core.copiesAfterHandshake > 0, case .established = core.phase {
+            core.copiesAfterHandshake -= 1
+            copies = core.handshakeCopies
+        }
         if fd < 0 {
             let datagram = Array(UnsafeRawBufferPointer(rebasing: io.sendBuffer[0..<count]))
             for _ in 0..<copies {

@@ -531,6 +531,11 @@ struct MatrixRunner {
             ok = false
             error = "wrongPeer"
         }
+        if ok, result["echo"] as? Bool != true {
+            // The punch reported a connection, but no line made it through and back: not a working connection.
+            ok = false
+            error = "noEcho"
+        }
         if result.isEmpty { error = "noResult" }
         return TrialResult(
             ok: ok, timeMs: result["time_ms"] as? Double, rounds: result["rounds"] as? Int ?? 0, packets: max(0, after - before),

@@ -128,9 +128,16 @@ final class AlternateDropRelay: @unchecked Sendable {
         }
     }
 
+    /// Stops the relay thread and closes the socket; later calls do nothing.
     func stop() {
-        stopped.withLock { $0 = true }
+        let first = stopped.withLock { wasStopped in
+            defer { wasStopped = true }
+            return !wasStopped
+        }
+        guard first else { return }
         finished.wait()
         close(fd)
     }
+
+    deinit { stop() }
 }

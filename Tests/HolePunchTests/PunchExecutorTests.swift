@@ -285,6 +285,61 @@ struct PunchExecutorTests {
     }
 }
 
+extension PunchExecutorTests {
+    @Test("a target that wins on an extra socket keeps that socket: data flows after the punch")
+    func targetWinsOnExtraSocket() async throws {
+        // The shape of a birthday punch whose random side is the target: the initiator only ever hears the target's
+        // extra socket 1 (the target's socket 0 probes a silent port, and the initiator's only candidate is silent),
+        // so the handshake lands on socket 1, which must stay open when the punch ends.
+        let a = try await bindEndpoint(PunchIdentities.a)
+        let b = try await bindEndpoint(PunchIdentities.b)
+        let silentForTarget = try SilentSocket()
+        let silentForInitiator = try SilentSocket()
+        let initiator = PunchExecutor(endpoint: a)
+        let target = PunchExecutor(endpoint: b)
+        let key = sessionKey()
+        let targetHandle = await target.startPunch(options(
+            to: a, ports: [silentForTarget.port, a.localAddress.port], session: "extra-win", key: key, role: .target,
+            expecting: PunchIdentities.a.nodeID, strategy: FixedStrategy(perRound: 1, sockets: 2)
+        ))
+        let initiatorHandle = await initiator.startPunch(options(
+            to: b, ports: [silentForInitiator.port], session: "extra-win", key: key, role: .initiator,
+            expecting: PunchIdentities.b.nodeID
+        ))
+        let dialled = try await initiatorHandle.value()
+        let accepted = try await targetHandle.value()
+        #expect(dialled.remoteAddress.port != b.localAddress.port, "the handshake should have used the extra socket")
+        let reply = try await withThrowingTaskGroup(of: [UInt8]?.self) { group in
+            group.addTask {
+                guard let stream = try await accepted.acceptStream() else { return nil }
+                let line = try await stream.readToEnd(limit: 64)
+                try await stream.write(line)
+                try await stream.finish()
+                return nil
+            }
+            group.addTask {
+                let stream = try await dialled.openStream()
+                try await stream.write(Array("over the extra socket".utf8))
+                try await stream.finish()
+                return try await stream.readToEnd(limit: 64)
+            }
+            group.addTask {
+                try await Task.sleep(for: .seconds(10))
+                throw Deadline()
+            }
+            defer { group.cancelAll() }
+            while let result = try await group.next() {
+                if let result { return result }
+            }
+            return []
+        }
+        #expect(reply == Array("over the extra socket".utf8))
+        await dialled.close()
+        await a.close()
+        await b.close()
+    }
+}
+
 /// Widens the ports after the first unanswered round, like a strategy's `on_probe` would.
 struct WideningStrategy: PunchStrategy {
     let name = "test-widening"

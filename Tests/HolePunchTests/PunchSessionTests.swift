@@ -153,12 +153,35 @@ struct PunchSessionTests {
         let started = session.handle(.start(now: 1000 * Self.ms))
         #expect(started.contains(.dial(id: 1, socket: 0, to: Self.address(4000))))
         let proven = session.handle(.probeRequest(from: Self.address(4000), socket: 7))
+        // The proof abandons the unproven direct dial and dials over the proven path.
+        #expect(proven.contains(.abandonDial(id: 1)))
         #expect(proven.contains(.dial(id: 2, socket: 7, to: Self.address(4000))))
         // A failed handshake on the proven path is retried on the same socket.
         #expect(session.handle(.dialFailed(id: 2, authentication: false)) == [.dial(id: 3, socket: 7, to: Self.address(4000))])
-        // The direct dial on socket 0 was never proven: its failure is not retried.
+        // The abandoned direct dial's late failure changes nothing.
         #expect(session.handle(.dialFailed(id: 1, authentication: false)).isEmpty)
         #expect(session.handle(.dialEstablished(id: 3)) == [.succeed(connection: 3)])
+    }
+
+    @Test("handshakes over proven paths run one at a time, oldest proof first; the next path is dialled when one is exhausted")
+    func provenPathsOneAtATime() {
+        // The target keeps the first handshake it completes: two racing handshakes over different paths could
+        // leave the sides holding different connections.
+        var session = Self.session(ports: [4000, 4001])
+        _ = session.handle(.start(now: 1000 * Self.ms))
+        #expect(session.handle(.probeRequest(from: Self.address(4000), socket: 3)).contains(.dial(id: 1, socket: 3, to: Self.address(4000))))
+        let second = session.handle(.probeRequest(from: Self.address(4000), socket: 5))
+        let third = session.handle(.probeResponse(from: Self.address(4001), socket: 0))
+        #expect(!second.contains { if case .dial = $0 { true } else { false } })
+        #expect(!third.contains { if case .dial = $0 { true } else { false } })
+        // Path (3, 4000) fails, then its redials fail: the next proven path is (5, 4000).
+        var id = 1
+        for _ in 0..<PunchSession.maxRedials {
+            #expect(session.handle(.dialFailed(id: id, authentication: false)) == [.dial(id: id + 1, socket: 3, to: Self.address(4000))])
+            id += 1
+        }
+        #expect(session.handle(.dialFailed(id: id, authentication: false)) == [.dial(id: id + 1, socket: 5, to: Self.address(4000))])
+        #expect(session.handle(.dialEstablished(id: id + 1)) == [.succeed(connection: id + 1)])
     }
 
     @Test("cancel ends the session in every phase, abandoning dials; twice is a no-op")
