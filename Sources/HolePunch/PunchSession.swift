@@ -278,6 +278,8 @@ struct PunchSession {
     /// over different paths (a birthday punch proves several of our sockets; a cone peer answers on several
     /// ports) could leave the two sides holding different connections, each closing the other's as a duplicate.
     private mutating func dialNextProvenPath() -> [Action] {
+        // Without a proof, the direct dials are all we have: leave them running.
+        guard !provenOrder.isEmpty else { return [] }
         var actions: [Action] = []
         for (id, path) in dialsInFlight.sorted(by: { $0.key < $1.key }) where !provenPaths.contains(path) {
             dialsInFlight[id] = nil

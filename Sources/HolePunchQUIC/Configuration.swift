@@ -113,8 +113,9 @@ public struct HandshakeHints: Sendable, Hashable {
     /// How many times each datagram is sent until the handshake is done (1–4). QUIC ignores duplicate packets, so
     /// copies cost only bandwidth, and they turn a per-datagram loss rate p into about p^copies for independent
     /// loss: on a path losing 36 % a handshake of ~6 datagrams completes without a retransmission 7 % of the time
-    /// with one copy and 43 % with two. Only for addresses a punch expects its peer at: copies bypass ngtcp2's 3× anti-amplification
-    /// accounting, so a server that multiplied its first flight for any address would amplify spoofed Initials.
+    /// with one copy and 43 % with two. Only for addresses a punch expects its peer at: copies bypass ngtcp2's 3×
+    /// anti-amplification accounting, so a server that multiplied its first flight for any address would amplify
+    /// spoofed Initials.
     public var packetCopies: Int
     /// Initial RTT for the handshake (nil: the endpoint's).
     public var initialRTT: Duration?

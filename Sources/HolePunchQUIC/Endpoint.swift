@@ -243,8 +243,8 @@ public actor Endpoint {
 
     /// Sets what decides the handshake hints of connections that peers open to this endpoint from now on: asked
     /// once per new incoming connection, on the event loop, with the peer's address; nil hints mean the defaults.
-    /// Keep it short (a lock and a lookup). A punch uses it to send copies of its handshake datagrams to a peer it
-    /// has authenticated by probes.
+    /// Keep it short (a lock and a lookup). A target punch uses it to send copies of its handshake datagrams to the
+    /// IP address the rendezvous named as its peer's, while the punch is live.
     public func setHandshakeHintProvider(_ provider: (@Sendable (SocketAddress) -> HandshakeHints?)?) {
         handshakeHintProvider = provider
     }

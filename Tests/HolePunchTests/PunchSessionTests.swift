@@ -163,6 +163,16 @@ struct PunchSessionTests {
         #expect(session.handle(.dialEstablished(id: 3)) == [.succeed(connection: 3)])
     }
 
+    @Test("without a proof, a failed direct dial leaves the other direct dials running")
+    func directDialsSurviveEachOther() {
+        var session = Self.session(ports: [4000, 4001, 4002], dialDirect: true)
+        let started = session.handle(.start(now: 1000 * Self.ms))
+        #expect(started.filter { if case .dial = $0 { true } else { false } }.count == 3)
+        let failed = session.handle(.dialFailed(id: 1, authentication: false))
+        #expect(!failed.contains { if case .abandonDial = $0 { true } else { false } })
+        #expect(session.handle(.dialEstablished(id: 2)) == [.abandonDial(id: 3), .succeed(connection: 2)])
+    }
+
     @Test("handshakes over proven paths run one at a time, oldest proof first; the next path is dialled when one is exhausted")
     func provenPathsOneAtATime() {
         // The target keeps the first handshake it completes: two racing handshakes over different paths could
