@@ -139,19 +139,24 @@ let package = Package(
         ),
 
         // MARK: Tests (swift-testing).
+        // Process and wait helpers shared by test targets (a test target cannot depend on another).
+        .target(name: "ProcessTestSupport", path: "Tests/ProcessTestSupport", swiftSettings: swiftSettings),
         .testTarget(name: "HolePunchQUICTests", dependencies: ["HolePunchQUIC", "HolePunchNet"], swiftSettings: swiftSettings),
         .testTarget(name: "HolePunchSTUNTests", dependencies: ["HolePunchSTUN", "HolePunchNet"], swiftSettings: swiftSettings),
         .testTarget(name: "HolePunchStrategyTests", dependencies: ["HolePunchStrategy"], swiftSettings: swiftSettings),
         .testTarget(
             name: "HolePunchTests",
             dependencies: [
-                "HolePunch",
+                "HolePunch", "ProcessTestSupport",
                 .product(name: "MetricsTestKit", package: "swift-metrics"),
             ],
             swiftSettings: swiftSettings
         ),
-        .testTarget(name: "HolePunchRendezvousTests", dependencies: ["HolePunchRendezvous"], swiftSettings: swiftSettings),
+        .testTarget(
+            name: "HolePunchRendezvousTests", dependencies: ["HolePunchRendezvous", "ProcessTestSupport"],
+            swiftSettings: swiftSettings
+        ),
         .testTarget(name: "HolePunchLabTests", dependencies: [], swiftSettings: swiftSettings),
-        .testTarget(name: "ExamplesTests", dependencies: [], swiftSettings: swiftSettings),
+        .testTarget(name: "ExamplesTests", dependencies: ["ProcessTestSupport"], swiftSettings: swiftSettings),
     ]
 )

@@ -1,4 +1,5 @@
 import Foundation
+import ProcessTestSupport
 import Testing
 #if canImport(Glibc)
 import Glibc
@@ -8,16 +9,6 @@ import Glibc
 /// demo works in its loopback mode.
 @Suite("holepunch CLI", .serialized)
 struct CLITests {
-    private func binary() -> String? {
-        if let path = HolepunchBinary.path { return path }
-        if ProcessInfo.processInfo.environment["CI"] != nil {
-            Issue.record("the holepunch binary was not found next to the test bundle (set HOLEPUNCH_BINARY)")
-        } else {
-            print("skipping: the holepunch binary was not found next to the test bundle (set HOLEPUNCH_BINARY)")
-        }
-        return nil
-    }
-
     /// Runs the binary to completion (bounded), returning exit status, stdout and stderr, both read to EOF.
     private func run(_ binary: String, _ arguments: [String], limit: TimeInterval = 60) throws -> (Int32, String, String) {
         let process = Process()
@@ -61,7 +52,7 @@ struct CLITests {
 
     @Test("every subcommand's --help exits 0 and shows a usage line")
     func helpEverywhere() throws {
-        guard let binary = binary() else { return }
+        guard let binary = holepunchBinaryOrSkip() else { return }
         var queue: [[String]] = [[]]
         var visited = 0
         while let path = queue.first {
@@ -86,7 +77,7 @@ struct CLITests {
         ["nat", "detect", "--stun", "not-an-address"],
     ])
     func badArguments(_ arguments: [String]) throws {
-        guard let binary = binary() else { return }
+        guard let binary = holepunchBinaryOrSkip() else { return }
         let (status, _, err) = try run(binary, arguments)
         #expect(status != 0)
         // One error line first (what went wrong), then at most a hint or the usage: never a trace.
@@ -100,7 +91,7 @@ struct CLITests {
 
     @Test("the README demo, in its loopback mode, reports a successful punch and a message each way")
     func demoLoopback() throws {
-        guard let binary = binary() else { return }
+        guard let binary = holepunchBinaryOrSkip() else { return }
         let (status, out, err) = try run(binary, ["demo", "--loopback", "--json"])
         #expect(status == 0, "demo failed: \(err)")
         let object = try JSONSerialization.jsonObject(with: Data(out.utf8)) as? [String: Any]

@@ -1,4 +1,5 @@
 import Foundation
+import ProcessTestSupport
 import HolePunch
 import HolePunchSTUN
 import Testing
@@ -9,17 +10,6 @@ enum Identities {
     static let a = try! Identity.generate(commonName: "rdv-a")
     static let b = try! Identity.generate(commonName: "rdv-b")
     static let c = try! Identity.generate(commonName: "rdv-c")
-}
-
-/// Polls `condition` until it holds or `limit` passes: a bounded wait, not a fixed sleep.
-func eventually(_ limit: Duration = .seconds(5), _ condition: () async -> Bool) async -> Bool {
-    let clock = ContinuousClock()
-    let end = clock.now + limit
-    while clock.now < end {
-        if await condition() { return true }
-        try? await Task.sleep(for: .milliseconds(2))
-    }
-    return await condition()
 }
 
 /// Runs `body` with a time limit; throws `Deadline` if it does not finish in time.

@@ -1,4 +1,5 @@
 import Foundation
+import ProcessTestSupport
 import Synchronization
 @testable import HolePunch
 #if canImport(Glibc)
@@ -82,17 +83,6 @@ func options(
 }
 
 struct Deadline: Error {}
-
-/// Polls `condition` until it holds or `limit` passes: a bounded wait, not a fixed sleep.
-func eventually(_ limit: Duration = .seconds(5), _ condition: () async -> Bool) async -> Bool {
-    let clock = ContinuousClock()
-    let end = clock.now + limit
-    while clock.now < end {
-        if await condition() { return true }
-        try? await Task.sleep(for: .milliseconds(2))
-    }
-    return await condition()
-}
 
 /// What each open descriptor points at, for leak reports.
 func descriptorTargets() -> [String] {
