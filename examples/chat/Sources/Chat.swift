@@ -19,29 +19,13 @@ struct Chat: AsyncParsableCommand {
             """
     )
 
-    @Option(help: "The rendezvous's QUIC address, numeric HOST:PORT.")
-    var rendezvous: String
-
-    @Option(help: "The rendezvous's NodeID, or @FILE to read it from a file.")
-    var rendezvousId: String
-
-    @Option(help: "This peer's identity file (created if missing).")
-    var identity: String
+    @OptionGroup var peerOptions: PeerOptions
 
     @Option(help: "Punch to this NodeID instead of waiting for the other peer.")
     var connect: String?
 
-    @Option(help: "A Lua strategy file; the built-in default answers if it fails to load.")
-    var strategy: String?
-
-    @Option(help: "Local address of the punch socket.")
-    var listen = "0.0.0.0:0"
-
     func run() async throws {
-        // A peer that vanishes must give us an error, not kill us with SIGPIPE on stdout.
-        signal(SIGPIPE, SIG_IGN)
-        let peer = try await Peer.start(rendezvous: rendezvous, rendezvousID: rendezvousId, identity: identity,
-                                            strategy: strategy, listen: listen)
+        let peer = try await peerOptions.start()
         let connection: QUICConnection
         if let connect {
             connection = try await peer.punch(to: try nodeID(connect, what: "--connect"))

@@ -24,31 +24,6 @@ struct FileSend: AsyncParsableCommand {
     )
 }
 
-/// The options both sides share.
-struct PeerOptions: ParsableArguments {
-    @Option(help: "The rendezvous's QUIC address, numeric HOST:PORT.")
-    var rendezvous: String
-
-    @Option(help: "The rendezvous's NodeID, or @FILE to read it from a file.")
-    var rendezvousId: String
-
-    @Option(help: "This peer's identity file (created if missing).")
-    var identity: String
-
-    @Option(help: "A Lua strategy file; the built-in default answers if it fails to load.")
-    var strategy: String?
-
-    @Option(help: "Local address of the punch socket.")
-    var listen = "0.0.0.0:0"
-
-    func start() async throws -> Peer {
-        // A peer that vanishes must give us an error, not kill us with SIGPIPE.
-        signal(SIGPIPE, SIG_IGN)
-        return try await Peer.start(rendezvous: rendezvous, rendezvousID: rendezvousId, identity: identity,
-                                    strategy: strategy, listen: listen)
-    }
-}
-
 let magic = Array("hp-file-send/1\n".utf8)
 
 struct Header: Codable {

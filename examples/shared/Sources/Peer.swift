@@ -122,3 +122,31 @@ public func nodeID(_ text: String, what: String) throws -> NodeID {
     }
 }
 
+/// The options every example peer shares: rendezvous, identity, strategy, punch socket.
+public struct PeerOptions: ParsableArguments {
+    @Option(help: "The rendezvous's QUIC address, numeric HOST:PORT.")
+    public var rendezvous: String
+
+    @Option(help: "The rendezvous's NodeID, or @FILE to read it from a file.")
+    public var rendezvousId: String
+
+    @Option(help: "This peer's identity file (created if missing).")
+    public var identity: String
+
+    @Option(help: "A Lua strategy file; the built-in default answers if it fails to load.")
+    public var strategy: String?
+
+    @Option(help: "Local address of the punch socket.")
+    public var listen = "0.0.0.0:0"
+
+    /// Creates the options (ArgumentParser fills them in).
+    public init() {}
+
+    /// Ignores SIGPIPE and starts the peer: identity, punch socket, rendezvous registration.
+    public func start() async throws -> Peer {
+        // A peer that vanishes must give us an error, not kill us with SIGPIPE.
+        signal(SIGPIPE, SIG_IGN)
+        return try await Peer.start(rendezvous: rendezvous, rendezvousID: rendezvousId, identity: identity,
+                                    strategy: strategy, listen: listen)
+    }
+}
