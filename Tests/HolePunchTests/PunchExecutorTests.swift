@@ -7,13 +7,9 @@ import Testing
 struct PunchExecutorTests {
     @Test("success with the target on the third of five ports; PunchInfo shows the ports tried")
     func thirdOfFive() async throws {
-        let a = try await bindEndpoint(PunchIdentities.a)
-        let b = try await bindEndpoint(PunchIdentities.b)
-        let initiator = PunchExecutor(endpoint: a)
-        let target = PunchExecutor(endpoint: b)
+        let (a, b, initiator, target, key) = try await punchPair()
         let silent = try (0..<4).map { _ in try SilentSocket() }
         let ports = [silent[0].port, silent[1].port, b.localAddress.port, silent[2].port, silent[3].port]
-        let key = sessionKey()
         let slow = FixedStrategy(perRound: 1, interval: .milliseconds(50), rounds: 10)
         let handle = await initiator.startPunch(options(to: b, ports: ports, session: "s1", key: key, role: .initiator,
                                                         expecting: PunchIdentities.b.nodeID, strategy: slow))
@@ -123,11 +119,7 @@ struct PunchExecutorTests {
 
     @Test("peerAuthenticationFailed: the peer answers probes but is not the NodeID dialled")
     func wrongNodeID() async throws {
-        let a = try await bindEndpoint(PunchIdentities.a)
-        let b = try await bindEndpoint(PunchIdentities.b)
-        let initiator = PunchExecutor(endpoint: a)
-        let target = PunchExecutor(endpoint: b)
-        let key = sessionKey()
+        let (a, b, initiator, target, key) = try await punchPair()
         let targetHandle = await target.startPunch(options(to: a, session: "auth", key: key, role: .target,
                                                            expecting: PunchIdentities.a.nodeID))
         let error = await #expect(throws: PunchError.self) {
@@ -156,10 +148,7 @@ struct PunchExecutorTests {
 
     @Test("the result is delivered exactly once under racing cancel and success (1,000 iterations)")
     func exactlyOnce() async throws {
-        let a = try await bindEndpoint(PunchIdentities.a)
-        let b = try await bindEndpoint(PunchIdentities.b)
-        let initiator = PunchExecutor(endpoint: a)
-        let target = PunchExecutor(endpoint: b)
+        let (a, b, initiator, target, _) = try await punchPair()
         // The runtime creates its timer descriptor on the first sleep; make that happen before counting.
         try await Task.sleep(for: .milliseconds(1))
         let baselineFDs = openFileDescriptors()
@@ -265,11 +254,7 @@ struct PunchExecutorTests {
 
     @Test("several local sockets: probes leave from each, the winner's socket stays and the rest close")
     func extraSockets() async throws {
-        let a = try await bindEndpoint(PunchIdentities.a)
-        let b = try await bindEndpoint(PunchIdentities.b)
-        let initiator = PunchExecutor(endpoint: a)
-        let target = PunchExecutor(endpoint: b)
-        let key = sessionKey()
+        let (a, b, initiator, target, key) = try await punchPair()
         let baseline = openFileDescriptors()
         let targetHandle = await target.startPunch(options(to: a, session: "multi", key: key, role: .target,
                                                            expecting: PunchIdentities.a.nodeID))
@@ -292,13 +277,9 @@ extension PunchExecutorTests {
         // The shape of a birthday punch whose random side is the target: the initiator only ever hears the target's
         // extra socket 1 (the target's socket 0 probes a silent port, and the initiator's only candidate is silent),
         // so the handshake lands on socket 1, which must stay open when the punch ends.
-        let a = try await bindEndpoint(PunchIdentities.a)
-        let b = try await bindEndpoint(PunchIdentities.b)
+        let (a, b, initiator, target, key) = try await punchPair()
         let silentForTarget = try SilentSocket()
         let silentForInitiator = try SilentSocket()
-        let initiator = PunchExecutor(endpoint: a)
-        let target = PunchExecutor(endpoint: b)
-        let key = sessionKey()
         let targetHandle = await target.startPunch(options(
             to: a, ports: [silentForTarget.port, a.localAddress.port], session: "extra-win", key: key, role: .target,
             expecting: PunchIdentities.a.nodeID, strategy: FixedStrategy(perRound: 1, sockets: 2)
@@ -359,12 +340,8 @@ struct WideningStrategy: PunchStrategy {
 extension PunchExecutorTests {
     @Test("a strategy's onProbe can widen the ports mid-punch, reaching a peer the first plan missed")
     func onProbeWidens() async throws {
-        let a = try await bindEndpoint(PunchIdentities.a)
-        let b = try await bindEndpoint(PunchIdentities.b)
-        let initiator = PunchExecutor(endpoint: a)
-        let target = PunchExecutor(endpoint: b)
+        let (a, b, initiator, target, key) = try await punchPair()
         let silent = try SilentSocket()
-        let key = sessionKey()
         // The target only listens and answers; it never probes the initiator (no ports to probe would be invalid,
         // so it probes a silent socket), so only the initiator's widened probes can find it.
         let targetHandle = await target.startPunch(options(to: a, ports: [silent.port], session: "widen", key: key,

@@ -67,6 +67,14 @@ private func boundPort(_ fd: Int32) -> UInt16 {
 
 func sessionKey() -> [UInt8] { (0..<32).map { _ in UInt8.random(in: 0...255) } }
 
+/// Two loopback endpoints (identities a and b), an executor on each and a fresh session key: the setup of most
+/// executor tests. The caller closes the endpoints.
+func punchPair() async throws -> (a: Endpoint, b: Endpoint, initiator: PunchExecutor, target: PunchExecutor, key: [UInt8]) {
+    let a = try await bindEndpoint(PunchIdentities.a)
+    let b = try await bindEndpoint(PunchIdentities.b)
+    return (a, b, PunchExecutor(endpoint: a), PunchExecutor(endpoint: b), sessionKey())
+}
+
 func openFileDescriptors() -> Int {
     (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count) ?? -1
 }
