@@ -9,6 +9,16 @@ extension Child {
         let id = stderr.text[range.upperBound...].prefix { $0.isLetter || $0.isNumber }
         return id.isEmpty ? nil : String(id)
     }
+
+    /// Starts an example peer that waits to be punched to, and returns it once it has registered (bounded), with
+    /// the NodeID it printed.
+    static func waitingPeer(_ binary: String, _ arguments: [String], in dir: URL) async throws -> (Child, String) {
+        let peer = try Child(binary, arguments, directory: dir)
+        let registered = await eventually(.seconds(15)) { peer.registeredNode != nil && peer.stderr.text.contains("waiting") }
+        if !registered { peer.stop() }
+        try #require(registered, "the peer did not register: \(peer.stderr.text)")
+        return (peer, try #require(peer.registeredNode))
+    }
 }
 
 @Suite("examples end to end on loopback", .serialized)
@@ -23,11 +33,8 @@ struct ExamplesTests {
         defer { rendezvous.stop() }
         let common = ["--rendezvous", quic, "--rendezvous-id", "@rdv.id", "--listen", "127.0.0.1:0"]
 
-        let b = try Child(chat, common + ["--identity", "b.pem"], directory: dir)
+        let (b, bID) = try await Child.waitingPeer(chat, common + ["--identity", "b.pem"], in: dir)
         defer { b.stop() }
-        let registered = await eventually(.seconds(15)) { b.registeredNode != nil && b.stderr.text.contains("waiting") }
-        try #require(registered, "B did not register: \(b.stderr.text)")
-        let bID = try #require(b.registeredNode)
 
         let a = try Child(chat, common + ["--identity", "a.pem", "--connect", bID], directory: dir)
         defer { a.stop() }
@@ -59,11 +66,9 @@ struct ExamplesTests {
         defer { rendezvous.stop() }
         let common = ["--rendezvous", quic, "--rendezvous-id", "@rdv.id", "--listen", "127.0.0.1:0"]
 
-        let receiver = try Child(fileSend, ["receive", "--out", "inbox", "--identity", "b.pem"] + common, directory: dir)
+        let (receiver, bID) = try await Child.waitingPeer(
+            fileSend, ["receive", "--out", "inbox", "--identity", "b.pem"] + common, in: dir)
         defer { receiver.stop() }
-        let registered = await eventually(.seconds(15)) { receiver.registeredNode != nil && receiver.stderr.text.contains("waiting") }
-        try #require(registered, "receiver did not register: \(receiver.stderr.text)")
-        let bID = try #require(receiver.registeredNode)
 
         let sender = try Child(fileSend, ["send", "payload.bin", "--to", bID, "--identity", "a.pem"] + common, directory: dir)
         defer { sender.stop() }
@@ -92,11 +97,9 @@ struct ExamplesTests {
         let (rendezvous, quic) = try await startRendezvous(holepunch, in: dir)
         defer { rendezvous.stop() }
         let common = ["--rendezvous", quic, "--rendezvous-id", "@rdv.id", "--listen", "127.0.0.1:0"]
-        let receiver = try Child(fileSend, ["receive", "--out", "inbox", "--identity", "b.pem"] + common, directory: dir)
+        let (receiver, bID) = try await Child.waitingPeer(
+            fileSend, ["receive", "--out", "inbox", "--identity", "b.pem"] + common, in: dir)
         defer { receiver.stop() }
-        let registered = await eventually(.seconds(15)) { receiver.registeredNode != nil && receiver.stderr.text.contains("waiting") }
-        try #require(registered, "receiver did not register: \(receiver.stderr.text)")
-        let bID = try #require(receiver.registeredNode)
         let sender = try Child(fileSend, ["send", "big.bin", "--to", bID, "--identity", "a.pem"] + common, directory: dir)
         defer { sender.stop() }
         let flowing = await eventually(.seconds(20)) { receiver.stderr.text.contains("received [") }
