@@ -541,7 +541,7 @@ public actor PunchExecutor {
             if delay > 0 {
                 do { try await Task.sleep(for: .nanoseconds(Int64(delay))) } catch { return }
             }
-            await self.timerFired(id, generation: generation)
+            self.timerFired(id, generation: generation)
         }
     }
 

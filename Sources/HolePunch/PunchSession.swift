@@ -100,7 +100,11 @@ struct PunchSession {
     private(set) var round = 0
     private(set) var portsTried: [UInt16] = []
     private(set) var probesSent = 0
-    private(set) var provenAddresses: [SocketAddress] = []
+    /// Peer addresses a verified probe came from, first proof first (each once, whichever local socket it reached).
+    var provenAddresses: [SocketAddress] {
+        var seen: Set<SocketAddress> = []
+        return provenOrder.compactMap { seen.insert($0.address).inserted ? $0.address : nil }
+    }
     private(set) var unreachable: Set<SocketAddress> = []
     private var triedSet: Set<UInt16> = []
     private var cursor = 0
@@ -260,10 +264,7 @@ struct PunchSession {
 
     private mutating func proven(_ from: SocketAddress, socket: Int) -> [Action] {
         var actions: [Action] = []
-        if !provenAddresses.contains(from) {
-            provenAddresses.append(from)
-            actions.append(.pathProven(from))
-        }
+        if !provenOrder.contains(where: { $0.address == from }) { actions.append(.pathProven(from)) }
         let path = Path(socket: socket, address: from)
         if provenPaths.insert(path).inserted { provenOrder.append(path) }
         exhaustedPaths.remove(path)
@@ -307,7 +308,7 @@ struct PunchSession {
         guard configuration.candidates.contains(address) else { return [] }
         unreachable.insert(address)
         // Unreachable means every candidate said so and nothing else got through.
-        if provenAddresses.isEmpty && Set(configuration.candidates).isSubset(of: unreachable) {
+        if provenOrder.isEmpty && Set(configuration.candidates).isSubset(of: unreachable) {
             return finish(.unreachable)
         }
         return []
@@ -318,7 +319,7 @@ struct PunchSession {
         if let now, now < exhausted { return [.armTimer(at: exhausted)] }
         if now == nil { return [] }
         // A proven path or a dial still in flight may yet connect: then only the deadline ends the punch.
-        guard dialsInFlight.isEmpty && provenAddresses.isEmpty else { return [.armTimer(at: configuration.deadline)] }
+        guard dialsInFlight.isEmpty && provenOrder.isEmpty else { return [.armTimer(at: configuration.deadline)] }
         return finish(.allPortsFailed)
     }
 
