@@ -87,8 +87,8 @@ enum LabSupport {
             let id = UUID().uuidString
             outURL = dir.appendingPathComponent("hplab-\(id).out")
             errURL = dir.appendingPathComponent("hplab-\(id).err")
-            FileManager.default.createFile(atPath: outURL.path, contents: nil)
-            FileManager.default.createFile(atPath: errURL.path, contents: nil)
+            _ = FileManager.default.createFile(atPath: outURL.path, contents: nil)
+            _ = FileManager.default.createFile(atPath: errURL.path, contents: nil)
             process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
             process.arguments = argv
             var environment = ProcessInfo.processInfo.environment
