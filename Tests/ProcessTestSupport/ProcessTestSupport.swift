@@ -6,7 +6,8 @@ import Testing
 import Glibc
 #endif
 
-/// Polls `condition` until it holds or `limit` passes: a bounded wait, not a fixed sleep.
+/// Polls `condition` until it holds or `limit` passes: a bounded wait, not a fixed sleep. `condition` must not
+/// block; to bound an operation that may hang, use ``withDeadline(_:_:)``.
 public func eventually(_ limit: Duration = .seconds(5), _ condition: () async -> Bool) async -> Bool {
     let clock = ContinuousClock()
     let end = clock.now + limit
@@ -15,6 +16,75 @@ public func eventually(_ limit: Duration = .seconds(5), _ condition: () async ->
         try? await Task.sleep(for: .milliseconds(2))
     }
     return await condition()
+}
+
+/// The deadline of a ``withDeadline(_:_:)`` passed before its operation ended.
+public struct DeadlineExceeded: Error, CustomStringConvertible {
+    /// The limit that passed.
+    public var limit: Duration
+    public var description: String { "timed out after \(limit)" }
+}
+
+/// Runs `body` and returns its result, or throws ``DeadlineExceeded`` once `limit` passes, even when `body`
+/// ignores cancellation (a read that never returns): the body's task is cancelled and left to end on its own,
+/// so a hung operation fails the test instead of hanging the suite.
+public func withDeadline<T: Sendable>(
+    _ limit: Duration, _ body: @escaping @Sendable () async throws -> T
+) async throws -> T {
+    let outcome = DeadlineOutcome<T>()
+    return try await withTaskCancellationHandler {
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, any Error>) in
+            outcome.install(continuation)
+            let work = Task {
+                do { outcome.resolve(.success(try await body())) } catch { outcome.resolve(.failure(error)) }
+            }
+            outcome.onResolve { work.cancel() }
+            Task {
+                try? await Task.sleep(for: limit)
+                outcome.resolve(.failure(DeadlineExceeded(limit: limit)))
+            }
+        }
+    } onCancel: {
+        outcome.resolve(.failure(CancellationError()))
+    }
+}
+
+/// Resumes a ``withDeadline(_:_:)`` continuation exactly once, whichever of body, timer or cancellation comes
+/// first. `@unchecked Sendable`: every field is only touched under `lock`.
+private final class DeadlineOutcome<T: Sendable>: @unchecked Sendable {
+    private let lock = NSLock()
+    private var continuation: CheckedContinuation<T, any Error>?
+    private var early: Result<T, any Error>?
+    private var cleanup: (@Sendable () -> Void)?
+
+    func install(_ continuation: CheckedContinuation<T, any Error>) {
+        let pending: Result<T, any Error>? = lock.withLock {
+            if let early { return early }
+            self.continuation = continuation
+            return nil
+        }
+        if let pending { continuation.resume(with: pending) }
+    }
+
+    func onResolve(_ body: @escaping @Sendable () -> Void) {
+        let resolved = lock.withLock { () -> Bool in
+            if early != nil { return true }
+            cleanup = body
+            return false
+        }
+        if resolved { body() }
+    }
+
+    func resolve(_ result: Result<T, any Error>) {
+        let (waiting, body): (CheckedContinuation<T, any Error>?, (@Sendable () -> Void)?) = lock.withLock {
+            guard early == nil else { return (nil, nil) }
+            early = result
+            defer { continuation = nil; cleanup = nil }
+            return (continuation, cleanup)
+        }
+        waiting?.resume(with: result)
+        body?()
+    }
 }
 
 /// A built executable: `$<env>` if set, else next to the test bundle, where SwiftPM puts executables and the test
@@ -60,13 +130,41 @@ public func scratchDirectory(_ prefix: String) throws -> URL {
     return dir
 }
 
-/// Collected output of one pipe. `@unchecked Sendable`: `data` is only touched under `lock`.
+/// Collected output of one pipe, read to end of file by a thread of its own. `@unchecked Sendable`: `data` and
+/// `ended` are only touched under `lock`.
+///
+/// A blocking reader rather than `readabilityHandler`: Foundation on Linux never reports EOF to the handler, so
+/// nobody could tell "the child printed nothing more" from "its last lines are still in the pipe".
 public final class Collected: @unchecked Sendable {
     private let lock = NSLock()
     private var data = Data()
-    func append(_ chunk: Data) { lock.withLock { data.append(chunk) } }
+    private var ended = false
+
+    /// Starts reading `handle` until end of file.
+    init(reading handle: FileHandle) {
+        let fd = handle.fileDescriptor
+        let thread = Thread { [self] in
+            var buffer = [UInt8](repeating: 0, count: 65_536)
+            while true {
+                let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+                if n > 0 {
+                    let chunk = Data(buffer[0..<n])
+                    lock.withLock { data.append(chunk) }
+                } else if n < 0 && errno == EINTR {
+                    continue
+                } else {
+                    break
+                }
+            }
+            lock.withLock { ended = true }
+        }
+        thread.start()
+    }
+
     /// Everything read so far, as UTF-8.
     public var text: String { lock.withLock { String(decoding: data, as: UTF8.self) } }
+    /// Whether the pipe reached end of file: after that `text` is complete.
+    public var reachedEnd: Bool { lock.withLock { ended } }
 }
 
 /// A child process we started, with its stdin, stdout and stderr; `stop()` kills it by its own PID only.
@@ -74,22 +172,30 @@ public final class Child: @unchecked Sendable {
     // @unchecked Sendable: the Process and pipes are set up once in init and then only read.
     public let process = Process()
     public let stdin = Pipe()
-    public let stdout = Collected()
-    public let stderr = Collected()
-    private let outPipe = Pipe()
-    private let errPipe = Pipe()
+    public let stdout: Collected
+    public let stderr: Collected
+    private let outPipe: Pipe
+    private let errPipe: Pipe
 
     /// Starts `binary` with `arguments` in `directory`.
     public init(_ binary: String, _ arguments: [String], directory: URL) throws {
+        let outPipe = Pipe(), errPipe = Pipe()
+        self.outPipe = outPipe
+        self.errPipe = errPipe
+        stdout = Collected(reading: outPipe.fileHandleForReading)
+        stderr = Collected(reading: errPipe.fileHandleForReading)
         process.executableURL = URL(fileURLWithPath: binary)
         process.arguments = arguments
         process.currentDirectoryURL = directory
         process.standardInput = stdin
         process.standardOutput = outPipe
         process.standardError = errPipe
-        let out = stdout, err = stderr
-        outPipe.fileHandleForReading.readabilityHandler = { out.append($0.availableData) }
-        errPipe.fileHandleForReading.readabilityHandler = { err.append($0.availableData) }
+        // Our copies of the write ends must be closed, or the readers never see EOF (`run()` closes them through
+        // the same handles once the child has them; closing again is then a no-op).
+        defer {
+            try? outPipe.fileHandleForWriting.close()
+            try? errPipe.fileHandleForWriting.close()
+        }
         try process.run()
     }
 
@@ -100,18 +206,24 @@ public final class Child: @unchecked Sendable {
     /// The child's PID.
     public var pid: Int32 { process.processIdentifier }
 
-    /// Waits (bounded) for the process to exit; returns its status, or nil if it is still running.
+    /// Waits (bounded) for the process to exit and for its stdout and stderr to reach end of file; returns its
+    /// status, or nil if it is still running.
+    ///
+    /// The process can end before its pipes have been drained: reading `stdout.text` right after the exit alone
+    /// could miss the last lines (a flaky empty NodeID once). If the pipes never reach EOF within `limit` (a
+    /// grandchild holds them open), the status is still returned, with whatever output arrived.
     public func waitExit(_ limit: Duration) async -> Int32? {
-        let ok = await eventually(limit) { !self.process.isRunning }
-        return ok ? process.terminationStatus : nil
+        let clock = ContinuousClock()
+        let end = clock.now + limit
+        guard await eventually(limit, { !self.process.isRunning }) else { return nil }
+        _ = await eventually(max(.zero, end - clock.now)) { self.stdout.reachedEnd && self.stderr.reachedEnd }
+        return process.terminationStatus
     }
 
     /// SIGKILL to this PID if it still runs (Foundation may spawn children with SIGTERM blocked).
     public func stop() {
         if process.isRunning { kill(process.processIdentifier, SIGKILL) }
         process.waitUntilExit()
-        outPipe.fileHandleForReading.readabilityHandler = nil
-        errPipe.fileHandleForReading.readabilityHandler = nil
     }
 }
 
