@@ -147,8 +147,12 @@ public struct Identity: Sendable {
 
     /// Loads an identity from a PEM file holding the private key and the certificate.
     ///
+    /// - Parameter warning: told (once, before parsing) when the file can be read by users other than its owner:
+    ///   the private key is the node's identity, so anyone who can read it can impersonate the node. Loading goes
+    ///   on; the caller decides how loudly to say it (the CLI prints a `warning:` line).
     /// - Throws: ``QUICError`` (`identity`) naming the path for a missing, unreadable or corrupt file.
-    public static func load(from path: String) throws -> Identity {
+    public static func load(from path: String, warning: (String) -> Void = { _ in }) throws -> Identity {
+        if let problem = permissionProblem(ofFile: path) { warning(problem) }
         guard FileManager.default.fileExists(atPath: path) else {
             throw QUICError(.identity, "identity file '\(path)' does not exist (create one with `holepunch identity create \(path)`)")
         }
@@ -172,14 +176,60 @@ public struct Identity: Sendable {
 
     /// Writes the key and certificate to a PEM file readable only by its owner (mode 0600).
     ///
+    /// The file is born private: the bytes go to a new temporary file in the same directory, created with mode 0600
+    /// (`mkstemp`), flushed to disk, then renamed over `path` in one step. There is no moment at which the key sits
+    /// in a file that others may read (creating with default permissions and tightening them afterwards leaves such a
+    /// window, and umask 0 would make it world-readable), and a reader never sees a half-written file. An existing
+    /// file or symbolic link at `path` is replaced, not written through.
+    ///
     /// - Throws: ``QUICError`` (`identity`) when the file cannot be written.
     public func save(to path: String) throws {
         let text = privateKeyPEM + (privateKeyPEM.hasSuffix("\n") ? "" : "\n") + certificatePEM
-        guard FileManager.default.createFile(
-            atPath: path, contents: Data(text.utf8), attributes: [.posixPermissions: 0o600]
-        ) else {
-            throw QUICError(.identity, "cannot write identity file '\(path)': \(String(cString: strerror(errno)))")
+        func failure(_ step: String) -> QUICError {
+            QUICError(.identity, "cannot write identity file '\(path)': \(step): \(String(cString: strerror(errno)))")
         }
+        let url = URL(fileURLWithPath: path)
+        let directory = url.deletingLastPathComponent().path
+        var template = Array("\(directory)/.\(url.lastPathComponent).XXXXXX".utf8CString)
+        let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+        guard fd >= 0 else { throw failure("creating a temporary file in '\(directory)'") }
+        let temporary = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        var renamed = false
+        defer { if !renamed { unlink(temporary) } }
+        // mkstemp already gives 0600; fchmod makes it independent of the C library's choice and of the umask.
+        guard fchmod(fd, 0o600) == 0 else {
+            close(fd)
+            throw failure("setting mode 0600")
+        }
+        let bytes = Array(text.utf8)
+        var written = 0
+        while written < bytes.count {
+            let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + written, bytes.count - written) }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else {
+                close(fd)
+                throw failure("writing")
+            }
+            written += n
+        }
+        guard fsync(fd) == 0 else {
+            close(fd)
+            throw failure("flushing")
+        }
+        close(fd)
+        guard rename(temporary, path) == 0 else { throw failure("renaming the temporary file into place") }
+        renamed = true
+    }
+
+    /// Why the identity file at `path` is not private, or nil when only its owner can read it (or it cannot be
+    /// inspected; loading then reports the real problem).
+    public static func permissionProblem(ofFile path: String) -> String? {
+        var info = stat()
+        guard stat(path, &info) == 0 else { return nil }
+        let mode = info.st_mode & 0o777
+        guard mode & 0o077 != 0 else { return nil }
+        return "identity file '\(path)' is readable by others (mode \(String(mode, radix: 8))): its private key lets anyone "
+            + "who can read it act as this node; run `chmod 600 \(path)`"
     }
 
     /// The certificate as DER bytes.

@@ -50,7 +50,7 @@ struct IdentityShowCommand: AsyncParsableCommand {
 
     func run() async throws {
         let identity: Identity
-        do { identity = try Identity.load(from: file) } catch {
+        do { identity = try Identity.load(from: file, warning: warnIdentity) } catch {
             throw cliFailure("cannot load \(file): \(error)", hint: "create one with `holepunch identity create \(file)`")
         }
         if json {
@@ -79,10 +79,15 @@ func jsonLine(_ object: [String: Any]) -> String {
 /// Loads an identity, creating (and saving) one when the file does not exist yet.
 func loadOrCreateIdentity(_ path: String?) throws -> (Identity, created: Bool) {
     guard let path else { return (try Identity.generate(), true) }
-    if FileManager.default.fileExists(atPath: path) { return (try Identity.load(from: path), false) }
+    if FileManager.default.fileExists(atPath: path) { return (try Identity.load(from: path, warning: warnIdentity), false) }
     let identity = try Identity.generate()
     try identity.save(to: path)
     return (identity, true)
+}
+
+/// Prints an identity file's permission problem as a `warning:` line on standard error.
+func warnIdentity(_ problem: String) {
+    emitStatus("warning: \(problem)")
 }
 
 /// Writes one line to standard output at once (unbuffered), so scripts reading a pipe see it immediately.

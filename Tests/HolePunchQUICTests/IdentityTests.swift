@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Testing
 @testable import HolePunchQUIC
 
@@ -79,5 +80,48 @@ struct IdentityTests {
         chmod(path, 0)
         let error = #expect(throws: QUICError.self) { try Identity.load(from: path) }
         #expect(error?.message.contains("not readable") == true)
+    }
+
+    @Test("save never leaves the key in a file others can read, not even for a moment")
+    func bornPrivate() throws {
+        let path = temporaryPath("watched.pem")
+        let identity = TestIdentities.a
+        // A watcher stats the path as fast as it can while the file is saved again and again: creating the file with
+        // default permissions and chmod-ing it afterwards shows up as a 0644 sighting.
+        let stop = Mutex(false)
+        let sightings = Mutex<Set<UInt32>>([])
+        let watcher = Thread {
+            var info = stat()
+            while !stop.withLock({ $0 }) {
+                if stat(path, &info) == 0 {
+                    let mode = UInt32(info.st_mode & 0o777)
+                    sightings.withLock { _ = $0.insert(mode) }
+                }
+            }
+        }
+        watcher.start()
+        for _ in 0..<150 { try identity.save(to: path) }
+        stop.withLock { $0 = true }
+        let modes = sightings.withLock { $0 }
+        #expect(modes == [0o600], "modes seen: \(modes.map { String($0, radix: 8) })")
+        #expect(try Identity.load(from: path).nodeID == identity.nodeID)
+        // No temporary files are left beside it.
+        let siblings = try FileManager.default.contentsOfDirectory(atPath: (path as NSString).deletingLastPathComponent)
+        #expect(siblings == ["watched.pem"])
+    }
+
+    @Test("loading a key file that others can read warns, and still loads; a private one does not warn")
+    func warnsOnReadableKey() throws {
+        let path = temporaryPath("shared.pem")
+        try TestIdentities.b.save(to: path)
+        var warnings: [String] = []
+        _ = try Identity.load(from: path, warning: { warnings.append($0) })
+        #expect(warnings.isEmpty)
+        chmod(path, 0o644)
+        let loaded = try Identity.load(from: path, warning: { warnings.append($0) })
+        #expect(loaded.nodeID == TestIdentities.b.nodeID)
+        #expect(warnings.count == 1)
+        #expect(warnings.first?.contains("readable by others (mode 644)") == true)
+        #expect(warnings.first?.contains("chmod 600") == true)
     }
 }

@@ -23,7 +23,7 @@ public struct Peer {
         let identity: Identity
         do {
             if FileManager.default.fileExists(atPath: path) {
-                identity = try Identity.load(from: path)
+                identity = try Identity.load(from: path, warning: { say("warning: \($0)") })
             } else {
                 identity = try Identity.generate()
                 try identity.save(to: path)
