@@ -364,6 +364,11 @@ public actor PunchExecutor {
             // Forged, for another key, or our own probe reflected back: ignore.
             return
         }
+        // A copy of a genuine probe, replayed from elsewhere or again, proves nothing (see ProbeLedger).
+        let fresh = probe.isResponse
+            ? runtime.ledger.acceptResponse(probe.transactionID, socket: socket, from: from)
+            : runtime.ledger.acceptRequest(probe.transactionID)
+        guard fresh else { return }
         let event: PunchSession.Event = probe.isResponse
             ? .probeResponse(from: from, socket: socket)
             : .probeRequest(from: from, socket: socket)
@@ -436,12 +441,20 @@ public actor PunchExecutor {
             case .sendProbes(let probes):
                 let options = runtime.options
                 let sockets = runtime.sockets
+                // Each request's transaction is recorded before it leaves, so only answers to it are believed.
+                var outgoing: [(socket: Endpoint, to: SocketAddress, bytes: [UInt8])] = []
+                for probe in probes where probe.socket < sockets.count {
+                    let transaction = STUNTransactionID.random()
+                    guard let bytes = try? PunchProbe.request(
+                        sessionID: options.sessionID, senderRole: options.role.rawValue, key: options.sessionKey,
+                        transactionID: transaction
+                    ) else { continue }
+                    runtime.ledger.recordSent(transaction, socket: probe.socket, to: probe.to)
+                    outgoing.append((sockets[probe.socket], probe.to, bytes))
+                }
                 Task {
-                    for probe in probes {
-                        guard probe.socket < sockets.count,
-                              let bytes = try? PunchProbe.request(sessionID: options.sessionID, senderRole: options.role.rawValue, key: options.sessionKey)
-                        else { continue }
-                        try? await sockets[probe.socket].send(datagram: bytes, to: probe.to)
+                    for datagram in outgoing {
+                        try? await datagram.socket.send(datagram: datagram.bytes, to: datagram.to)
                     }
                 }
             case .respond(let socket, let to):
@@ -683,6 +696,8 @@ final class PunchRuntime {
     var timerTask: Task<Void, Never>?
     var timerGeneration = 0
     var authenticationError: QUICError?
+    /// Probe transactions sent and seen, against replayed copies.
+    var ledger = ProbeLedger()
     /// When the first verified probe from the peer arrived, from the start instant (for failure reports).
     var firstPathProven: Duration?
     private var nextConnectionID = 1_000_000
