@@ -155,6 +155,10 @@ public enum RendezvousFraming {
 /// Accumulates stream bytes and cuts them into frame bodies.
 public struct FrameReader: Sendable {
     private var buffer: [UInt8] = []
+    /// Bytes moved inside the buffer to drop consumed frames (a test seam for the cost of framing).
+    package private(set) var bytesMoved = 0
+    /// Bytes received and not yet returned as frames.
+    package var buffered: Int { buffer.count }
 
     /// Creates an empty reader.
     public init() {}
@@ -176,6 +180,7 @@ public struct FrameReader: Sendable {
         }
         guard buffer.count >= 4 + length else { return nil }
         let body = Array(buffer[4..<(4 + length)])
+        bytesMoved += buffer.count - (4 + length)
         buffer.removeFirst(4 + length)
         return body
     }
