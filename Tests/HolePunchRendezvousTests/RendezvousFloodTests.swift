@@ -44,13 +44,16 @@ struct Flooder {
 
 @Suite("Rendezvous under a flooding client", .serialized)
 struct RendezvousFloodTests {
-    @Test("keep-alive flood, never reading: the flooder is closed, and an honest pair still registers and punches")
+    @Test("keep-alive flood, never reading: the flooder is closed as rateLimited, queues stay bounded, and an honest pair still registers and punches")
     func keepAliveFlood() async throws {
-        let harness = try await Harness.start()
+        let limits = RendezvousLimits()
+        let harness = try await Harness.start(limits: limits)
         let a = try await harness.client(Identities.a)
         let b = try await harness.client(Identities.b)
         _ = try await b.connect()
         let flooder = try await Flooder.connect(harness, identity: Identities.c)
+        // The transport grants the one stream the protocol uses: a second cannot even be opened.
+        await #expect(throws: QUICError.self) { _ = try await flooder.connection.openStream() }
         let flood = Task { await flooder.flood(.keepAlive, count: 400_000) }
 
         // During the flood: an honest registration and a punch to a registered peer.
@@ -60,10 +63,78 @@ struct RendezvousFloodTests {
 
         let closed = try await within(.seconds(15)) { await flooder.connection.waitClosed() }
         #expect(closed.code == .connectionClosed, "\(closed)")
-        _ = await flood.value
+        #expect(closed.applicationErrorCode == RendezvousCloseCode.rateLimited, "\(closed)")
+        #expect(closed.message.contains("rateLimited"), "\(closed)")
+        let written = await flood.value
+        #expect(written < 400_000, "the flood ran to the end: the server never closed it")
+
+        let statistics = await harness.server.statistics()
+        #expect(statistics.closedForRate == 1)
+        #expect(statistics.largestQueue <= limits.maxQueuedFrames)
         #expect(await harness.server.isRegistered(Identities.a.nodeID))
+        #expect(!(await harness.server.isRegistered(Identities.c.nodeID)))
+        // Nothing of the flooder stays behind: its queue and pings went with its connection.
+        #expect(await eventually {
+            let now = await harness.server.statistics()
+            return now.connections == 2 && now.queuedFrames == 0 && now.pendingPings == 0
+        })
         await flooder.close()
         await connection.close()
         await harness.stop(a, b)
+    }
+
+    @Test("a peer that never reads: its reply queue hits the bound and the connection is closed as backlog")
+    func neverReads() async throws {
+        // Message rates effectively unlimited, so only the queue bound can stop it.
+        let limits = RendezvousLimits(messageBurst: 1e12, messagesPerSecond: 1e12, maxQueuedFrames: 32, streamSendBuffer: 2_048)
+        let harness = try await Harness.start(limits: limits)
+        let flooder = try await Flooder.connect(harness, identity: Identities.c, receiveWindow: 1_024)
+        let flood = Task { await flooder.flood(.keepAlive, count: 400_000) }
+        let closed = try await within(.seconds(15)) { await flooder.connection.waitClosed() }
+        #expect(closed.applicationErrorCode == RendezvousCloseCode.backlog, "\(closed)")
+        #expect(await flood.value < 400_000)
+        let statistics = await harness.server.statistics()
+        #expect(statistics.closedForBacklog == 1)
+        #expect(statistics.closedForRate == 0)
+        #expect(statistics.largestQueue <= 32)
+        #expect(await eventually { await harness.server.statistics().connections == 0 })
+        await flooder.close()
+        await harness.stop()
+    }
+
+    @Test("streams after the control stream, where the transport allows them, are reset unread")
+    func extraStreams() async throws {
+        let harness = try await Harness.start(limits: RendezvousLimits(streamsPerConnection: 3))
+        let flooder = try await Flooder.connect(harness, identity: Identities.c)
+        var extras: [QUICStream] = []
+        for _ in 0..<2 {
+            let extra = try await flooder.connection.openStream()
+            try await extra.write([UInt8](repeating: 0x55, count: 1_000))
+            extras.append(extra)
+        }
+        #expect(await eventually { await harness.server.statistics().streamsRefused == 2 })
+        for extra in extras {
+            let error = await #expect(throws: QUICError.self) {
+                _ = try await within(.seconds(5)) { try await extra.read() }
+            }
+            #expect(error?.applicationErrorCode == RendezvousCloseCode.streamRefused, "\(String(describing: error))")
+        }
+        // The control stream still serves the peer.
+        #expect(await eventually { await harness.server.isRegistered(Identities.c.nodeID) })
+        await flooder.close()
+        await harness.stop()
+    }
+
+    @Test("pings a peer never answers expire after pingTimeout, while its connection stays open")
+    func unansweredPingsExpire() async throws {
+        let harness = try await Harness.start(limits: RendezvousLimits(pingTimeout: .milliseconds(300)))
+        // Registers, and never reads: the registration's first ping is never answered.
+        let flooder = try await Flooder.connect(harness, identity: Identities.c)
+        #expect(await eventually { await harness.server.statistics().pendingPings == 1 })
+        #expect(await eventually { await harness.server.statistics().pendingPings == 0 })
+        #expect(await harness.server.statistics().connections == 1)
+        #expect(await harness.server.isRegistered(Identities.c.nodeID))
+        await flooder.close()
+        await harness.stop()
     }
 }
