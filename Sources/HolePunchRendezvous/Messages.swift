@@ -152,15 +152,33 @@ public enum RendezvousFraming {
     }
 }
 
-/// Accumulates stream bytes and cuts them into frame bodies.
+/// Accumulates stream bytes and cuts them into frame bodies, in time linear in the bytes received.
+///
+/// Consumed frames are skipped by advancing a read index; the buffer is compacted only once the consumed prefix
+/// is at least as long as what remains (and on every append that finds it fully consumed), so each byte is moved
+/// at most once on average however the bytes are chunked.
 public struct FrameReader: Sendable {
     private var buffer: [UInt8] = []
+    /// Where the next unread byte is in `buffer`.
+    private var start = 0
+    /// Bytes moved inside the buffer to drop consumed frames (a test seam for the cost of framing).
+    package private(set) var bytesMoved = 0
+    /// Bytes received and not yet returned as frames.
+    package var buffered: Int { buffer.count - start }
 
     /// Creates an empty reader.
     public init() {}
 
     /// Appends received bytes.
     public mutating func append(_ bytes: [UInt8]) {
+        if start == buffer.count {
+            buffer.removeAll(keepingCapacity: true)
+            start = 0
+        } else if start >= buffer.count - start {
+            bytesMoved += buffer.count - start
+            buffer.removeFirst(start)
+            start = 0
+        }
         buffer.append(contentsOf: bytes)
     }
 
@@ -169,14 +187,14 @@ public struct FrameReader: Sendable {
     /// - Throws: ``RendezvousError`` `protocolViolation` when a frame announces more than
     ///   ``RendezvousFraming/maximumFrame`` bytes.
     public mutating func next() throws(RendezvousError) -> [UInt8]? {
-        guard buffer.count >= 4 else { return nil }
-        let length = Int(buffer[0]) << 24 | Int(buffer[1]) << 16 | Int(buffer[2]) << 8 | Int(buffer[3])
+        guard buffer.count - start >= 4 else { return nil }
+        let length = Int(buffer[start]) << 24 | Int(buffer[start + 1]) << 16 | Int(buffer[start + 2]) << 8 | Int(buffer[start + 3])
         guard length <= RendezvousFraming.maximumFrame else {
             throw RendezvousError(.protocolViolation, "frame of \(length) bytes exceeds \(RendezvousFraming.maximumFrame)")
         }
-        guard buffer.count >= 4 + length else { return nil }
-        let body = Array(buffer[4..<(4 + length)])
-        buffer.removeFirst(4 + length)
+        guard buffer.count - start >= 4 + length else { return nil }
+        let body = Array(buffer[(start + 4)..<(start + 4 + length)])
+        start += 4 + length
         return body
     }
 }

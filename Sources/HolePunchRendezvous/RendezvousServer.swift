@@ -13,6 +13,8 @@ public struct RendezvousServerConfiguration: Sendable {
     public var stun: STUNResponderConfiguration?
     /// Registration, session and rate-limit rules.
     public var state: RendezvousState.Configuration
+    /// What one peer connection may cost: message rate, queued replies, streams, pings and buffers.
+    public var limits: RendezvousLimits
     /// How often registrations and sessions are checked for expiry.
     public var housekeepingInterval: Duration
     /// RTT samples taken right after a registration (one more per keep-alive).
@@ -27,6 +29,7 @@ public struct RendezvousServerConfiguration: Sendable {
         identity: Identity,
         stun: STUNResponderConfiguration? = nil,
         state: RendezvousState.Configuration = .init(),
+        limits: RendezvousLimits = .init(),
         housekeepingInterval: Duration = .seconds(1),
         pingsPerRegistration: Int = 4,
         linkDelay: (@Sendable (NodeID) -> Duration)? = nil
@@ -35,6 +38,7 @@ public struct RendezvousServerConfiguration: Sendable {
         self.identity = identity
         self.stun = stun
         self.state = state
+        self.limits = limits
         self.housekeepingInterval = housekeepingInterval
         self.pingsPerRegistration = pingsPerRegistration
         self.linkDelay = linkDelay
@@ -59,6 +63,22 @@ public struct RendezvousStatistics: Sendable, Hashable {
     public var stunReceived = 0
     /// STUN replies sent.
     public var stunSent = 0
+    /// Connections closed since start for sending faster than ``RendezvousLimits/messagesPerSecond``.
+    public var closedForRate = 0
+    /// Connections closed since start because their reply queue reached ``RendezvousLimits/maxQueuedFrames``.
+    public var closedForBacklog = 0
+    /// Connections closed since start for an undecodable message or an oversized frame.
+    public var closedForProtocol = 0
+    /// Streams after the control stream that were reset unread, since start.
+    public var streamsRefused = 0
+    /// Pings skipped since start because a connection had ``RendezvousLimits/maxPendingPings`` outstanding.
+    public var pingsSkipped = 0
+    /// RTT pings outstanding now, over all connections.
+    public var pendingPings = 0
+    /// Replies queued now, over all connections.
+    public var queuedFrames = 0
+    /// The longest any one connection's reply queue has been since start.
+    public var largestQueue = 0
 }
 
 /// The rendezvous: a QUIC server on our stack that registers peers and coordinates their punches.
@@ -93,15 +113,30 @@ public actor RendezvousServer: Service {
     private var linkByNode: [NodeID: UInt64] = [:]
     private var nextConnection: UInt64 = 1
     private var nextPing: UInt64 = 1
-    private var pendingPings: [UInt64: (node: NodeID, sentAt: Duration?, samplesLeft: Int)] = [:]
     private var stats = RendezvousStatistics()
     private var stopWaiters: [CheckedContinuation<Void, Never>] = []
 
-    /// One peer connection and the queue its writer drains.
+    /// One peer connection, the queue its writer drains and everything else it may cost (each bounded by
+    /// ``RendezvousLimits``).
     private struct Link {
         var node: NodeID
         var connection: QUICConnection
         var outbox: AsyncStream<Outgoing>.Continuation
+        /// Frames in `outbox` the writer has not taken yet.
+        var queued = 0
+        /// Every message the peer sends takes a token.
+        var messages: TokenBucket
+        /// RTT pings sent on this connection and not answered yet, by ping id.
+        var pings: [UInt64: Ping] = [:]
+        /// Set once the server decided to close it: nothing more is read, handled or queued.
+        var closing = false
+    }
+
+    /// An RTT ping in flight: `sentAt` is nil until the writer hands it to QUIC.
+    private struct Ping {
+        var queuedAt: Duration
+        var sentAt: Duration?
+        var samplesLeft: Int
     }
 
     /// A frame to write once `notBefore` has passed; the session id marks coordinate messages.
@@ -121,10 +156,14 @@ public actor RendezvousServer: Service {
     ) async throws(RendezvousError) -> RendezvousServer {
         let endpoint: Endpoint
         do {
+            let limits = configuration.limits
             endpoint = try await Endpoint.bind(
                 configuration.listen,
-                configuration: EndpointConfiguration(identity: configuration.identity, acceptPolicy: .any,
-                                                     keepAliveInterval: nil, maxConnections: 65_536),
+                configuration: EndpointConfiguration(
+                    identity: configuration.identity, acceptPolicy: .any, keepAliveInterval: nil,
+                    streamReceiveWindow: limits.streamReceiveWindow, connectionReceiveWindow: limits.connectionReceiveWindow,
+                    maxIncomingStreams: max(1, limits.streamsPerConnection), streamSendBuffer: limits.streamSendBuffer,
+                    maxConnections: limits.maxConnections),
                 logger: logger
             )
         } catch {
@@ -200,6 +239,8 @@ public actor RendezvousServer: Service {
         snapshot.registrations = state.registrationCount
         snapshot.sessions = state.sessionCount
         snapshot.connections = links.count
+        snapshot.pendingPings = links.values.reduce(0) { $0 + $1.pings.count }
+        snapshot.queuedFrames = links.values.reduce(0) { $0 + $1.queued }
         if let stun = stunServer?.statistics {
             snapshot.stunReceived = stun.received
             snapshot.stunSent = stun.sent
@@ -220,9 +261,16 @@ public actor RendezvousServer: Service {
 
     private var now: Duration { origin.duration(to: clock.now) }
 
+    /// Why the server ends a connection: the QUIC application code and reason it closes with.
+    private struct Ending {
+        var code: UInt64
+        var reason: String
+        static let normal = Ending(code: 0, reason: "")
+    }
+
     private func serve(_ connection: QUICConnection) async {
         guard phase == .running else {
-            await connection.close(errorCode: 1, reason: "shutting down")
+            await connection.close(errorCode: RendezvousCloseCode.shuttingDown, reason: "shutting down")
             return
         }
         let id = nextConnection
@@ -233,45 +281,75 @@ public actor RendezvousServer: Service {
             await connection.close()
             return
         }
+        let limits = configuration.limits
         let (outbox, continuation) = AsyncStream.makeStream(of: Outgoing.self)
-        links[id] = Link(node: node, connection: connection, outbox: continuation)
+        links[id] = Link(node: node, connection: connection, outbox: continuation,
+                         messages: TokenBucket(burst: limits.messageBurst, perSecond: limits.messagesPerSecond, now: now))
         linkByNode[node] = id
         let delay = configuration.linkDelay?(node) ?? .zero
         await withDiscardingTaskGroup { group in
-            group.addTask { await self.write(outbox, to: stream, node: node, pathDelay: delay) }
-            await self.read(stream, node: node, connection: id, pathDelay: delay)
+            group.addTask { await self.write(outbox, to: stream, node: node, connection: id, pathDelay: delay) }
+            group.addTask { await self.refuseExtraStreams(on: connection) }
+            let ending = await self.read(stream, node: node, connection: id, pathDelay: delay)
             continuation.finish()
+            // Closing ends the writer (a blocked write fails) and the stream refuser (accept returns).
+            await self.end(connection: id, ending)
         }
         links[id] = nil
         if linkByNode[node] == id { linkByNode[node] = nil }
         apply(state.disconnected(node: node, connection: id))
-        await connection.close()
     }
 
-    private func read(_ stream: QUICStream, node: NodeID, connection: UInt64, pathDelay: Duration) async {
+    /// Reads and handles the control stream until it ends or a limit is hit; returns how to close.
+    private func read(_ stream: QUICStream, node: NodeID, connection: UInt64, pathDelay: Duration) async -> Ending {
         var reader = FrameReader()
         do {
             while let chunk = try await stream.read() {
                 reader.append(chunk)
                 while let body = try reader.next() {
+                    guard phase == .running, links[connection]?.closing == false else { return .normal }
+                    // Every frame costs a token before it is decoded: decoding is the expensive part.
+                    guard links[connection]?.messages.take(now: now) == true else {
+                        stats.closedForRate += 1
+                        let limits = configuration.limits
+                        return Ending(code: RendezvousCloseCode.rateLimited, reason: "\(RendezvousError.Code.rateLimited): "
+                                      + "more than \(Int(limits.messageBurst)) messages at once or \(limits.messagesPerSecond)/s")
+                    }
                     let message = try RendezvousFraming.decode(ClientMessage.self, from: body)
                     if pathDelay > .zero { try await clock.sleep(for: pathDelay) }
-                    guard phase == .running else { return }
+                    guard phase == .running, links[connection]?.closing == false else { return .normal }
                     handle(message, from: node, connection: connection)
                 }
             }
+        } catch let error as RendezvousError where error.code == .protocolViolation {
+            stats.closedForProtocol += 1
+            logger.debug("peer protocol violation", metadata: ["peer.node": "\(node.short)", "error": "\(error)"])
+            return Ending(code: RendezvousCloseCode.protocolViolation, reason: "\(error)")
         } catch {
             logger.debug("peer connection ended", metadata: ["peer.node": "\(node.short)", "error": "\(error)"])
         }
+        return .normal
     }
 
-    private func write(_ outbox: AsyncStream<Outgoing>, to stream: QUICStream, node: NodeID, pathDelay: Duration) async {
+    /// The protocol uses one stream per connection: any other the transport lets a peer open is reset unread,
+    /// and drained so that its buffered bytes are released.
+    private func refuseExtraStreams(on connection: QUICConnection) async {
+        while let extra = try? await connection.acceptStream() {
+            stats.streamsRefused += 1
+            await extra.reset(errorCode: RendezvousCloseCode.streamRefused)
+            while (try? await extra.read()) != nil {}
+        }
+    }
+
+    private func write(_ outbox: AsyncStream<Outgoing>, to stream: QUICStream, node: NodeID, connection: UInt64,
+                       pathDelay: Duration) async {
         for await item in outbox {
+            links[connection]?.queued -= 1
             if item.notBefore > clock.now {
                 guard (try? await clock.sleep(until: item.notBefore)) != nil else { return }
             }
             // The send instant is taken before the (simulated) path delay: it is part of the path.
-            noteSent(item, node: node)
+            noteSent(item, node: node, connection: connection)
             if pathDelay > .zero {
                 guard (try? await clock.sleep(for: pathDelay)) != nil else { return }
             }
@@ -279,10 +357,10 @@ public actor RendezvousServer: Service {
         }
     }
 
-    private func noteSent(_ item: Outgoing, node: NodeID) {
+    private func noteSent(_ item: Outgoing, node: NodeID, connection: UInt64) {
         let at = now
         if let session = item.sessionID { state.coordinateSent(node: node, sessionID: session, now: at) }
-        if let ping = item.pingID { pendingPings[ping]?.sentAt = at }
+        if let ping = item.pingID { links[connection]?.pings[ping]?.sentAt = at }
     }
 
     private func handle(_ message: ClientMessage, from node: NodeID, connection: UInt64) {
@@ -301,12 +379,16 @@ public actor RendezvousServer: Service {
                 ping(node, samples: configuration.pingsPerRegistration)
             }
         case .keepAlive:
-            apply(state.keepAlive(node: node, connection: connection, now: at))
-            ping(node, samples: 1)
+            let actions = state.keepAlive(node: node, connection: connection, now: at)
+            apply(actions)
+            // Only an accepted keep-alive earns an RTT sample: a refused one queues nothing but its refusal.
+            if actions.contains(where: { if case .send(.keepAliveAck, _, _) = $0 { true } else { false } }) {
+                ping(node, samples: 1)
+            }
         case .requestPunch(let requestID, let target):
             apply(state.requestPunch(from: node, requestID: requestID, target: target, secret: .random(), now: at))
         case .pong(let id):
-            guard let pending = pendingPings.removeValue(forKey: id), pending.node == node, let sent = pending.sentAt else { return }
+            guard let pending = links[connection]?.pings.removeValue(forKey: id), let sent = pending.sentAt else { return }
             state.rttSample(node: node, rtt: at - sent)
             if pending.samplesLeft > 1 { ping(node, samples: pending.samplesLeft - 1) }
         case .coordinateAck(let sessionID):
@@ -317,10 +399,14 @@ public actor RendezvousServer: Service {
     }
 
     private func ping(_ node: NodeID, samples: Int) {
-        guard samples > 0 else { return }
+        guard samples > 0, let connection = linkByNode[node], let link = links[connection], !link.closing else { return }
+        guard link.pings.count < configuration.limits.maxPendingPings else {
+            stats.pingsSkipped += 1
+            return
+        }
         let id = nextPing
         nextPing += 1
-        pendingPings[id] = (node, nil, samples)
+        links[connection]?.pings[id] = Ping(queuedAt: now, sentAt: nil, samplesLeft: samples)
         enqueue(.ping(id: id), to: node, after: .zero, pingID: id)
     }
 
@@ -333,11 +419,9 @@ public actor RendezvousServer: Service {
                 if case .coordinate(let coordinate) = message { session = coordinate.sessionID }
                 enqueue(message, to: node, after: after, sessionID: session)
             case let .close(node, connection, reason):
-                guard let link = links[connection] else { continue }
+                guard links[connection] != nil else { continue }
                 logger.info("peer connection closed", metadata: ["peer.node": "\(node.short)", "reason": "\(reason)"])
-                link.outbox.finish()
-                let quic = link.connection
-                Task { await quic.close(errorCode: 2, reason: reason) }
+                closeSoon(connection, Ending(code: RendezvousCloseCode.replaced, reason: reason))
             case let .sessionStarted(sessionID, initiator, target, nearDelay):
                 stats.coordinations += 1
                 logger.debug("session started", metadata: [
@@ -357,9 +441,39 @@ public actor RendezvousServer: Service {
     }
 
     private func enqueue(_ message: ServerMessage, to node: NodeID, after: Duration, sessionID: String? = nil, pingID: UInt64? = nil) {
-        guard let id = linkByNode[node], let link = links[id] else { return }
+        guard let id = linkByNode[node], let link = links[id], !link.closing else { return }
+        // A peer that does not read its replies must not make the server hold an ever longer queue for it.
+        guard link.queued < configuration.limits.maxQueuedFrames else {
+            stats.closedForBacklog += 1
+            logger.info("peer connection closed", metadata: ["peer.node": "\(node.short)", "reason": "backlog"])
+            closeSoon(id, Ending(code: RendezvousCloseCode.backlog, reason: "\(RendezvousError.Code.rateLimited): "
+                                 + "\(link.queued) replies queued unread"))
+            return
+        }
+        links[id]?.queued += 1
+        stats.largestQueue = max(stats.largestQueue, link.queued + 1)
         link.outbox.yield(Outgoing(frame: RendezvousFraming.frame(message), notBefore: clock.now.advanced(by: after),
                                    sessionID: sessionID, pingID: pingID))
+    }
+
+    /// Marks a connection closing (nothing more is handled or queued for it) and closes it from a task, since
+    /// this runs in the middle of handling; `serve` cleans up once its read fails.
+    private func closeSoon(_ connection: UInt64, _ ending: Ending) {
+        guard let link = links[connection], !link.closing else { return }
+        links[connection]?.closing = true
+        links[connection]?.pings.removeAll()
+        link.outbox.finish()
+        let quic = link.connection
+        Task { await quic.close(errorCode: ending.code, reason: ending.reason) }
+    }
+
+    /// Closes a connection `serve` is done with (unless it is closing already).
+    private func end(connection: UInt64, _ ending: Ending) async {
+        guard let link = links[connection], !link.closing else { return }
+        links[connection]?.closing = true
+        links[connection]?.pings.removeAll()
+        link.outbox.finish()
+        await link.connection.close(errorCode: ending.code, reason: ending.reason)
     }
 
     private func housekeeping() async {
@@ -367,9 +481,12 @@ public actor RendezvousServer: Service {
             guard (try? await clock.sleep(for: configuration.housekeepingInterval)) != nil else { return }
             let at = now
             apply(state.tick(now: at))
-            // Pings unanswered for a TTL are dropped (the peer's connection is dying anyway).
-            let limit = configuration.state.registrationTTL
-            pendingPings = pendingPings.filter { $0.value.sentAt.map { at - $0 < limit } ?? true }
+            // A ping unanswered for `pingTimeout` is dropped, whether it went out or is still queued behind a
+            // peer that does not read.
+            let timeout = configuration.limits.pingTimeout
+            for (id, link) in links where !link.pings.isEmpty {
+                links[id]?.pings = link.pings.filter { at - $0.value.queuedAt < timeout }
+            }
         }
     }
 }

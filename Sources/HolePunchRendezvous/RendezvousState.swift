@@ -239,10 +239,20 @@ public struct RendezvousState: Sendable {
     }
 
     /// A keep-alive: refreshes the registration. Unregistered peers are told so.
+    ///
+    /// Keep-alives take a token from the peer's bucket like registers and punch requests (an honest peer sends
+    /// one every third of the TTL): each accepted one costs the driver an ack and an RTT ping, so a flood of them
+    /// is refused with `rateLimited` and refreshes nothing.
     public mutating func keepAlive(node: NodeID, connection: UInt64, now: Duration) -> [Action] {
         guard var peer = peers[node], peer.connection == connection else {
             return [.send(.error(ErrorReply(requestID: nil, code: RendezvousError.Code.notRegistered.name,
                                             message: "keep-alive without a registration; register again")),
+                          to: node, after: .zero)]
+        }
+        guard take(&peer, now: now) else {
+            peers[node] = peer
+            return [.send(.error(ErrorReply(requestID: nil, code: RendezvousError.Code.rateLimited.name,
+                                            message: "keep-alives faster than \(configuration.ratePerSecond)/s; slow down")),
                           to: node, after: .zero)]
         }
         peer.expires = now + configuration.registrationTTL

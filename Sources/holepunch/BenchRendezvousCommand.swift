@@ -136,7 +136,9 @@ struct BenchRendezvousCommand: AsyncParsableCommand {
     private func realQUIC(clock: ContinuousClock) async throws -> [String: Any] {
         let serverConfiguration = RendezvousServerConfiguration(
             listen: .loopbackV4(port: 0), identity: try Identity.generate(),
-            state: .init(maxSessions: quicCoordinations + 16, rateBurst: Double(quicCoordinations), ratePerSecond: 1e9))
+            state: .init(maxSessions: quicCoordinations + 16, rateBurst: Double(quicCoordinations), ratePerSecond: 1e9),
+            // A throughput bench, not a hostile one: lift the per-connection message rate and queue bounds.
+            limits: RendezvousLimits(messageBurst: 1e12, messagesPerSecond: 1e12, maxQueuedFrames: 4 * quicCoordinations + 64))
         let server: RendezvousServer
         do { server = try await RendezvousServer.bind(configuration: serverConfiguration) } catch {
             throw cliFailure("cannot start the in-process rendezvous: \(error)", hint: nil)

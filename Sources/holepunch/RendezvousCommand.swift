@@ -52,11 +52,32 @@ struct RendezvousCommand: AsyncParsableCommand {
     @Option(help: "Punch requests per second a peer regains.")
     var ratePerSecond: Double = 2
 
+    @Option(help: "Messages of any kind one connection may send at once; a connection that runs out is closed.")
+    var messageBurst: Double = RendezvousLimits().messageBurst
+
+    @Option(help: "Messages per second one connection regains.")
+    var messagesPerSecond: Double = RendezvousLimits().messagesPerSecond
+
+    @Option(help: "Replies queued for a peer that is not reading before its connection is closed.")
+    var maxQueuedReplies: Int = RendezvousLimits().maxQueuedFrames
+
+    @Option(help: "Peer connections held at most (in any state).")
+    var maxConnections: Int = RendezvousLimits().maxConnections
+
     @Flag(help: "Print the start line as JSON.")
     var json = false
 
     @Flag(help: "Log registrations, sessions and measured skews to standard error.")
     var verbose = false
+
+    func validate() throws {
+        guard messageBurst >= 1, messagesPerSecond > 0 else {
+            throw ValidationError("--message-burst must be >= 1 and --messages-per-second > 0")
+        }
+        guard maxQueuedReplies >= 1, maxConnections >= 1 else {
+            throw ValidationError("--max-queued-replies and --max-connections must be >= 1")
+        }
+    }
 
     func run() async throws {
         let address: SocketAddress
@@ -86,7 +107,9 @@ struct RendezvousCommand: AsyncParsableCommand {
             listen: address, identity: id, stun: stun,
             state: RendezvousState.Configuration(registrationTTL: .seconds(max(registrationTtl, 1)),
                                                  startDelay: .milliseconds(max(startDelayMs, 0)),
-                                                 rateBurst: rateBurst, ratePerSecond: ratePerSecond)
+                                                 rateBurst: rateBurst, ratePerSecond: ratePerSecond),
+            limits: RendezvousLimits(messageBurst: messageBurst, messagesPerSecond: messagesPerSecond,
+                                     maxQueuedFrames: maxQueuedReplies, maxConnections: maxConnections)
         )
         let server: RendezvousServer
         do { server = try await RendezvousServer.bind(configuration: configuration, logger: logger) } catch {

@@ -75,6 +75,8 @@ struct CLITests {
         ["strategy", "check", "/nonexistent/strategy.lua"],
         ["bench", "punch", "--concurrent", "0"],
         ["nat", "detect", "--stun", "not-an-address"],
+        ["rendezvous", "--listen", "127.0.0.1:0", "--message-burst", "0"],
+        ["bench", "rendezvous-flood", "--seconds", "0"],
     ])
     func badArguments(_ arguments: [String]) throws {
         guard let binary = holepunchBinaryOrSkip() else { return }

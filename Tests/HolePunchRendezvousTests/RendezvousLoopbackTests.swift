@@ -30,13 +30,13 @@ struct Harness {
     let task: Task<Void, any Error>
 
     static func start(
-        state: RendezvousState.Configuration = .init(), stun: Bool = false,
+        state: RendezvousState.Configuration = .init(), limits: RendezvousLimits = .init(), stun: Bool = false,
         linkDelay: (@Sendable (NodeID) -> Duration)? = nil
     ) async throws -> Harness {
         let configuration = RendezvousServerConfiguration(
             listen: .loopbackV4(port: 0), identity: Identities.server,
             stun: stun ? STUNResponderConfiguration(primary: .loopbackV4(port: 0), alternatePort: 0) : nil,
-            state: state, housekeepingInterval: .milliseconds(100), linkDelay: linkDelay
+            state: state, limits: limits, housekeepingInterval: .milliseconds(100), linkDelay: linkDelay
         )
         let server = try await RendezvousServer.bind(configuration: configuration)
         let task = Task { try await server.run() }

@@ -189,6 +189,22 @@ struct RendezvousStateTests {
         #expect(errorCode(state.requestPunch(from: node(1), requestID: 11, target: node(2), secret: secret("z"), now: .seconds(1))) == "rateLimited")
     }
 
+    @Test("keep-alives share the per-peer bucket: a flood is refused with rateLimited and refreshes nothing")
+    func keepAliveRateLimit() {
+        var state = RendezvousState(configuration: .init(registrationTTL: .seconds(10), rateBurst: 3, ratePerSecond: 1))
+        _ = state.register(node: node(1), connection: 1, observed: addrA, registration: Registration(), now: .zero)
+        // Registration took one token and a second has refilled a second later: three keep-alives are acknowledged.
+        var replies: [ServerMessage?] = []
+        for _ in 0..<3 { replies.append(state.keepAlive(node: node(1), connection: 1, now: .seconds(1)).first?.sent?.message) }
+        #expect(replies == [.keepAliveAck, .keepAliveAck, .keepAliveAck])
+        #expect(errorCode(state.keepAlive(node: node(1), connection: 1, now: .seconds(1))) == "rateLimited")
+        // A refused keep-alive does not extend the registration: it expires 10 s after the last accepted one.
+        #expect(errorCode(state.keepAlive(node: node(1), connection: 1, now: .seconds(1))) == "rateLimited")
+        #expect(state.peer(node(1))?.expires == .seconds(11))
+        // The bucket refills: an honest keep-alive a few seconds later is accepted again.
+        #expect(state.keepAlive(node: node(1), connection: 1, now: .seconds(4)).first?.sent?.message == .keepAliveAck)
+    }
+
     @Test("sessions expire, or end with a reported result")
     func sessionExpiry() {
         var state = twoPeers(.init(sessionTTL: .seconds(5)))
