@@ -37,7 +37,10 @@ struct HandshakeGate {
     }
 
     var validation: AddressValidation
-    var perHostLimit: Int
+    /// Unvalidated handshakes one IP address may have pending; beyond it, Retry.
+    var unvalidatedPerHost: Int
+    /// Validated handshakes one IP address may have pending; beyond it, refuse.
+    var validatedPerHost: Int
     var maxConnections: Int
     /// Server handshakes in progress whose source is not validated.
     private(set) var unvalidatedCount = 0
@@ -46,17 +49,19 @@ struct HandshakeGate {
     private var perHost: [SocketAddress: (unvalidated: Int, validated: Int)] = [:]
     private var pending: [UInt64: (host: SocketAddress, validated: Bool)] = [:]
 
-    init(validation: AddressValidation, perHostLimit: Int, maxConnections: Int) {
+    init(validation: AddressValidation, unvalidatedPerHost: Int, validatedPerHost: Int, maxConnections: Int) {
         self.validation = validation
-        self.perHostLimit = perHostLimit
+        self.unvalidatedPerHost = unvalidatedPerHost
+        self.validatedPerHost = validatedPerHost
         self.maxConnections = maxConnections
     }
 
     /// The gate an endpoint with `configuration` uses.
     init(_ configuration: EndpointConfiguration) {
         self.init(
-            validation: configuration.addressValidation, perHostLimit: configuration.maxPendingHandshakesPerHost,
-            maxConnections: configuration.maxConnections
+            validation: configuration.addressValidation,
+            unvalidatedPerHost: configuration.maxUnvalidatedHandshakesPerHost,
+            validatedPerHost: configuration.maxPendingHandshakesPerHost, maxConnections: configuration.maxConnections
         )
     }
 
@@ -65,7 +70,7 @@ struct HandshakeGate {
         let counts = perHost[Self.host(source)] ?? (0, 0)
         switch proof {
         case .retryToken, .vouched:
-            guard counts.validated < perHostLimit, connections - unvalidatedCount < maxConnections else { return .refuse }
+            guard counts.validated < validatedPerHost, connections - unvalidatedCount < maxConnections else { return .refuse }
             return .accept(validated: true)
         case .none:
             let required: Bool
@@ -73,7 +78,7 @@ struct HandshakeGate {
             case .always: required = true
             case .underLoad(let pendingHandshakes): required = unvalidatedCount >= pendingHandshakes
             }
-            if required || counts.unvalidated >= perHostLimit || connections >= maxConnections { return .retry }
+            if required || counts.unvalidated >= unvalidatedPerHost || connections >= maxConnections { return .retry }
             return .accept(validated: false)
         }
     }

@@ -27,8 +27,8 @@ public struct IncomingHandshake: Sendable, Hashable {
 /// the endpoint spends a TLS session, a key exchange and a signature on its handshake.
 ///
 /// Either way, a source that the handshake hint provider answers for (a punch probe proved that exact address) is
-/// taken as validated, and a source that already holds ``EndpointConfiguration/maxPendingHandshakesPerHost``
-/// unvalidated handshakes from its IP address gets a Retry.
+/// taken as validated, and a source whose IP address already holds
+/// ``EndpointConfiguration/maxUnvalidatedHandshakesPerHost`` unvalidated handshakes gets a Retry.
 public enum AddressValidation: Sendable, Hashable {
     /// Every new client pays one extra round trip: a flood of spoofed Initials costs no TLS work at all.
     case always
@@ -68,9 +68,12 @@ public struct EndpointConfiguration: Sendable {
     public var maxConnections: Int
     /// When new clients must validate their address first (default: once 16 unvalidated handshakes are pending).
     public var addressValidation: AddressValidation
-    /// How many handshakes one IP address may have in progress at once, counted apart for unvalidated sources
-    /// (beyond it they get a Retry) and validated ones (beyond it their Initials are dropped). Any port counts:
-    /// a spoofer picks ports freely. Default 8.
+    /// How many handshakes from unvalidated sources one IP address may have in progress at once; beyond it its
+    /// new clients get a Retry. Any port counts: a spoofer picks ports freely. Default 8.
+    public var maxUnvalidatedHandshakesPerHost: Int
+    /// How many handshakes from validated sources (a Retry token, or an address the hint provider vouches for) one
+    /// IP address may have in progress at once; beyond it their Initials are dropped, and the clients retransmit
+    /// later. Keeps one real host from filling ``maxConnections`` with half-open handshakes. Default 128.
     public var maxPendingHandshakesPerHost: Int
     /// Test seam: when false, the client presents no certificate, so servers can be tested against that case.
     var presentsCertificate = true
@@ -90,7 +93,8 @@ public struct EndpointConfiguration: Sendable {
         streamSendBuffer: Int = 4 << 20,
         maxConnections: Int = 4096,
         addressValidation: AddressValidation = .underLoad(pendingHandshakes: 16),
-        maxPendingHandshakesPerHost: Int = 8
+        maxUnvalidatedHandshakesPerHost: Int = 8,
+        maxPendingHandshakesPerHost: Int = 128
     ) {
         self.identity = identity
         self.acceptPolicy = acceptPolicy
@@ -105,6 +109,7 @@ public struct EndpointConfiguration: Sendable {
         self.streamSendBuffer = streamSendBuffer
         self.maxConnections = maxConnections
         self.addressValidation = addressValidation
+        self.maxUnvalidatedHandshakesPerHost = maxUnvalidatedHandshakesPerHost
         self.maxPendingHandshakesPerHost = maxPendingHandshakesPerHost
     }
 }

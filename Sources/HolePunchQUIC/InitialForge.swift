@@ -33,10 +33,11 @@ package final class InitialForge {
         buffer.deallocate()
     }
 
-    /// One client Initial (a padded datagram of at least 1200 bytes) from `local` to `remote`.
+    /// One client Initial (a padded datagram of at least 1200 bytes) from `local` to `remote`, carrying `token`
+    /// in its token field if given (as a client does after a Retry).
     ///
     /// - Throws: ``QUICError`` when ngtcp2 or GnuTLS refuse to build it.
-    package func make(from local: SocketAddress, to remote: SocketAddress) throws -> [UInt8] {
+    package func make(from local: SocketAddress, to remote: SocketAddress, token: [UInt8] = []) throws -> [UInt8] {
         let core = ConnectionCore(key: 0, isClient: true, remote: remote, expectedNodeID: nil)
         defer { core.freeNative() }
         try core.makeSession(credentials: credentials, alpn: alpn)
@@ -46,6 +47,7 @@ package final class InitialForge {
         var settings = ngtcp2_settings()
         ngtcp2_settings_default_versioned(NGTCP2_SETTINGS_VERSION, &settings)
         settings.initial_ts = hp_now_ns()
+        var token = token
         var params = ngtcp2_transport_params()
         ngtcp2_transport_params_default_versioned(NGTCP2_TRANSPORT_PARAMS_VERSION, &params)
         var localStorage = sockaddr_storage()
@@ -62,11 +64,15 @@ package final class InitialForge {
             }
         }
         var conn: OpaquePointer?
-        let rv = ngtcp2_conn_client_new_versioned(
-            &conn, &dcid, &scid, &path.pointee.path, NGTCP2_PROTO_VER_V1,
-            NGTCP2_CALLBACKS_VERSION, &callbacks, NGTCP2_SETTINGS_VERSION, &settings,
-            NGTCP2_TRANSPORT_PARAMS_VERSION, &params, nil, Unmanaged.passUnretained(core).toOpaque()
-        )
+        let rv = token.withUnsafeMutableBufferPointer { tokenBytes in
+            // ngtcp2 copies the token while it creates the connection.
+            settings.token = ngtcp2_vec(base: tokenBytes.baseAddress, len: tokenBytes.count)
+            return ngtcp2_conn_client_new_versioned(
+                &conn, &dcid, &scid, &path.pointee.path, NGTCP2_PROTO_VER_V1,
+                NGTCP2_CALLBACKS_VERSION, &callbacks, NGTCP2_SETTINGS_VERSION, &settings,
+                NGTCP2_TRANSPORT_PARAMS_VERSION, &params, nil, Unmanaged.passUnretained(core).toOpaque()
+            )
+        }
         guard rv == 0, let conn else {
             throw QUICError(.invalidArgument, "ngtcp2_conn_client_new: \(String(cString: ngtcp2_strerror(rv)))")
         }

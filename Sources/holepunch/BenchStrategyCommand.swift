@@ -7,7 +7,7 @@ struct BenchGroupCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
         abstract: "Benchmarks.",
-        subcommands: [BenchStrategyCommand.self, BenchQUICCommand.self, BenchPunchCommand.self, BenchRendezvousCommand.self]
+        subcommands: [BenchStrategyCommand.self, BenchQUICCommand.self, BenchPunchCommand.self, BenchRendezvousCommand.self, BenchInitialsCommand.self]
     )
 }
 
