@@ -124,6 +124,25 @@ struct AddressValidationTests {
         await server.close()
     }
 
+    @Test("a dial that copies its handshake datagrams gets through a Retry: one server handshake, not one per copy")
+    func retryWithCopies() async throws {
+        let server = try await makeEndpoint(TestIdentities.b) { $0.addressValidation = .always }
+        let client = try await makeEndpoint(TestIdentities.a)
+        let connection = try await withDeadline(.seconds(10)) {
+            try await client.connect(
+                to: server.localAddress, expecting: TestIdentities.b.nodeID, options: ConnectOptions(handshakePacketCopies: 3)
+            )
+        }
+        #expect(connection.peerNodeID == TestIdentities.b.nodeID)
+        let stats = await server.stats
+        #expect(stats.retriesSent >= 1)
+        #expect(stats.incomingHandshakesStarted == 1)
+        #expect(await server.connectionCount == 1)
+        await connection.close()
+        await client.close()
+        await server.close()
+    }
+
     @Test("a forged Retry token gets a stateless INVALID_TOKEN close and no TLS session")
     func forgedToken() async throws {
         let server = try await makeEndpoint(TestIdentities.b)
