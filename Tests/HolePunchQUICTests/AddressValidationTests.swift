@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Testing
 import HolePunchNet
 @testable import HolePunchQUIC
@@ -138,6 +139,29 @@ struct AddressValidationTests {
         #expect(stats.retriesSent >= 1)
         #expect(stats.incomingHandshakesStarted == 1)
         #expect(await server.connectionCount == 1)
+        await connection.close()
+        await client.close()
+        await server.close()
+    }
+
+    /// A punch's probe can prove the peer's address a moment after its first Initial arrived.
+    @Test("a handshake whose first Initial got no hints asks again on its next datagrams, and stops once answered")
+    func hintsAskedAgain() async throws {
+        let server = try await makeEndpoint(TestIdentities.b)
+        let calls = Mutex(0)
+        await server.setHandshakeHintProvider { _ in
+            let call = calls.withLock { count in
+                count += 1
+                return count
+            }
+            return call == 1 ? nil : HandshakeHints(packetCopies: 2)
+        }
+        let client = try await makeEndpoint(TestIdentities.a)
+        let connection = try await withDeadline(.seconds(10)) {
+            try await client.connect(to: server.localAddress, expecting: TestIdentities.b.nodeID)
+        }
+        #expect(calls.withLock { $0 } == 2)
+        #expect(await server.stats.retriesSent == 0)
         await connection.close()
         await client.close()
         await server.close()
