@@ -81,14 +81,19 @@ struct InitialFloodResult: Codable {
     var punchConnected: Bool
     var punchError: String?
     var timeToConnectMs: Double?
-    /// CPU (user + system) of the process during the flood, minus the flood sender thread's own.
+    /// CPU (user + system) of the process from the flood's start until both the flood and the punch ended, minus
+    /// the flood sender thread's own: the target endpoint's work, plus the (small) initiator's.
     var endpointCPUSeconds: Double
+    /// ``endpointCPUSeconds`` over that window, in % of one core.
     var endpointCPUPercent: Double
     var incomingHandshakesStarted: Int
     var retriesSent: Int
     var initialsRefused: Int
     var datagramsReceived: Int
     var datagramsDropped: Int
+    var sendErrors: Int
+    var handshakeFailures: Int
+    var connectionsAccepted: Int
     var connectionsAtEnd: Int
 
     static func printTable(_ results: [InitialFloodResult]) {
@@ -140,6 +145,8 @@ enum InitialFlood {
         let sender = try FloodSender(sources: sources, to: target.localAddress, initials: initials, rate: rate, seconds: seconds)
 
         let cpuBefore = PunchBenchmark.cpuSeconds()
+        let clock = ContinuousClock()
+        let measureStart = clock.now
         sender.start()
         try await Task.sleep(for: .seconds(1))
         let key = (0..<32).map { _ in UInt8.random(in: 0...255) }
@@ -160,6 +167,7 @@ enum InitialFlood {
         _ = await targetHandle.result()
         let (sent, floodSeconds, senderCPU) = await sender.finish()
         let cpu = PunchBenchmark.cpuSeconds() - cpuBefore - senderCPU
+        let window = clock.now - measureStart
         let stats = await target.stats
         let connectionsAtEnd = await target.connectionCount
         var punchError: String?
@@ -171,7 +179,8 @@ enum InitialFlood {
         await targetExecutor.shutdown()
         await initiator.close()
         await target.close()
-        let wall = max(floodSeconds, 0.001)
+        // The window runs until both the flood and the punch ended (a failing punch outlasts the flood).
+        let wall = max(Double(window.components.seconds) + Double(window.components.attoseconds) / 1e18, 0.001)
         return InitialFloodResult(
             mode: mode, initialsSent: sent, floodSeconds: floodSeconds, punchConnected: punchError == nil,
             punchError: punchError,
@@ -179,7 +188,9 @@ enum InitialFlood {
             endpointCPUSeconds: cpu, endpointCPUPercent: cpu / wall * 100,
             incomingHandshakesStarted: stats.incomingHandshakesStarted, retriesSent: stats.retriesSent,
             initialsRefused: stats.initialsRefused, datagramsReceived: stats.datagramsReceived,
-            datagramsDropped: stats.datagramsDropped, connectionsAtEnd: connectionsAtEnd
+            datagramsDropped: stats.datagramsDropped, sendErrors: stats.sendErrors,
+            handshakeFailures: stats.handshakeFailures, connectionsAccepted: stats.connectionsAccepted,
+            connectionsAtEnd: connectionsAtEnd
         )
     }
 }
