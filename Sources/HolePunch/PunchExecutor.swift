@@ -115,7 +115,6 @@ public actor PunchExecutor {
                 let plan = runtime.session.configuration.plan
                 admission.expect(
                     options.targetNodeID, session: options.sessionID,
-                    from: runtime.session.configuration.candidates.first,
                     hints: HandshakeHints(packetCopies: plan.handshakeCopies, initialRTT: plan.initialRTT)
                 )
             }
@@ -505,6 +504,7 @@ public actor PunchExecutor {
                 runtime.events.yield(.roundStarted(round: round, ports: runtime.session.portsTried.count))
                 consultOnProbe(runtime, round: round)
             case .pathProven(let address):
+                admission.proved(address, session: runtime.options.sessionID)
                 if runtime.firstPathProven == nil { runtime.firstPathProven = elapsedSinceStart(runtime) }
                 runtime.events.yield(.probeAnswered(from: address))
             case .succeed(let id):
@@ -729,35 +729,37 @@ final class PunchRuntime {
 /// its TLS server name; plus the configured others. Consulted on the endpoint's event loop during handshakes,
 /// so it is a lock, not an actor.
 final class Admission: Sendable {
-    /// A live target punch: whom it admits, from which host, and how its handshake runs.
+    /// A live target punch: whom it admits, how its handshake runs, and the peer addresses its probes proved.
     private struct Expected {
         var node: NodeID
-        var host: SocketAddress?
         var hints: HandshakeHints
+        var proven: Set<SocketAddress> = []
     }
     private let expected = Mutex<[String: Expected]>([:])
     private let others: AcceptPolicy
 
     init(others: AcceptPolicy) { self.others = others }
 
-    /// Admits `node` for `session`; handshakes from `host`'s IP address (any port: a birthday peer dials from a port
-    /// nobody predicted) run with `hints`.
-    func expect(_ node: NodeID, session: String, from host: SocketAddress?, hints: HandshakeHints) {
-        var host = host
-        host?.port = 0
-        expected.withLock { $0[session] = Expected(node: node, host: host, hints: hints) }
+    /// Admits `node` for `session`; handshakes from addresses its probes prove (``proved(_:session:)``) run with
+    /// `hints`.
+    func expect(_ node: NodeID, session: String, hints: HandshakeHints) {
+        expected.withLock { $0[session] = Expected(node: node, hints: hints) }
+    }
+
+    /// A probe of `session` proved that its peer sends from `address`; a no-op for a session that is not a live
+    /// target punch.
+    func proved(_ address: SocketAddress, session: String) {
+        expected.withLock { _ = $0[session]?.proven.insert(address) }
     }
 
     func forget(session: String) { expected.withLock { $0[session] = nil } }
 
-    /// Hints for a handshake that `address` starts: those of a live target punch expecting a peer at that IP. Asked
-    /// before the accept policy sees the ClientHello, so a spoofed Initial from that IP gets copies too: bounded to
-    /// that one address (the rendezvous named it) and to the seconds the punch is live. With two live punches for
-    /// peers behind one IP, either's hints apply (they come from the same strategy).
+    /// Hints for a handshake that `address` starts: those of a live target punch whose probes proved that exact
+    /// address (IP and port). Asked before the accept policy sees the ClientHello, and the endpoint takes an answer
+    /// as vouching for the address (copies, no Retry): so an address merely expected (the IP the rendezvous named),
+    /// which anyone can spoof, gets nothing. With two live punches proving one address, either's hints apply.
     func hints(for address: SocketAddress) -> HandshakeHints? {
-        var host = address
-        host.port = 0
-        return expected.withLock { table in table.values.first { $0.host == host }?.hints }
+        expected.withLock { table in table.values.first { $0.proven.contains(address) }?.hints }
     }
 
     func admits(_ handshake: IncomingHandshake) -> Bool {

@@ -23,6 +23,21 @@ public struct IncomingHandshake: Sendable, Hashable {
     public var serverName: String?
 }
 
+/// When a new client must first prove it receives at its address, with a Retry round trip (RFC 9000 §8.1), before
+/// the endpoint spends a TLS session, a key exchange and a signature on its handshake.
+///
+/// Either way, a source that the handshake hint provider answers for (a punch probe proved that exact address) is
+/// taken as validated, and a source whose IP address already holds
+/// ``EndpointConfiguration/maxUnvalidatedHandshakesPerHost`` unvalidated handshakes gets a Retry.
+public enum AddressValidation: Sendable, Hashable {
+    /// Every new client pays one extra round trip: a flood of spoofed Initials costs no TLS work at all.
+    case always
+    /// Clients pay the extra round trip only while this many handshakes from unvalidated sources are already in
+    /// progress: normal operation keeps one-round-trip handshakes, a flood costs at most this many TLS sessions
+    /// (and connection slots) at a time.
+    case underLoad(pendingHandshakes: Int)
+}
+
 /// Settings for an ``Endpoint`` and the connections it makes or accepts.
 public struct EndpointConfiguration: Sendable {
     /// The identity presented in every handshake.
@@ -48,8 +63,18 @@ public struct EndpointConfiguration: Sendable {
     public var maxIncomingStreams: Int
     /// How many unacknowledged bytes a stream buffers before `write` waits.
     public var streamSendBuffer: Int
-    /// How many connections (in any state) the endpoint holds at most; new Initials beyond it are dropped.
+    /// How many connections the endpoint holds at most; new Initials beyond it are dropped (or, from unvalidated
+    /// sources, answered with a Retry). Unvalidated handshakes do not count: ``addressValidation`` bounds them.
     public var maxConnections: Int
+    /// When new clients must validate their address first (default: once 16 unvalidated handshakes are pending).
+    public var addressValidation: AddressValidation
+    /// How many handshakes from unvalidated sources one IP address may have in progress at once; beyond it its
+    /// new clients get a Retry. Any port counts: a spoofer picks ports freely. Default 8.
+    public var maxUnvalidatedHandshakesPerHost: Int
+    /// How many handshakes from validated sources (a Retry token, or an address the hint provider vouches for) one
+    /// IP address may have in progress at once; beyond it their Initials are dropped, and the clients retransmit
+    /// later. Keeps one real host from filling ``maxConnections`` with half-open handshakes. Default 128.
+    public var maxPendingHandshakesPerHost: Int
     /// Test seam: when false, the client presents no certificate, so servers can be tested against that case.
     var presentsCertificate = true
 
@@ -66,7 +91,10 @@ public struct EndpointConfiguration: Sendable {
         connectionReceiveWindow: Int = 16 << 20,
         maxIncomingStreams: Int = 128,
         streamSendBuffer: Int = 4 << 20,
-        maxConnections: Int = 4096
+        maxConnections: Int = 4096,
+        addressValidation: AddressValidation = .underLoad(pendingHandshakes: 16),
+        maxUnvalidatedHandshakesPerHost: Int = 8,
+        maxPendingHandshakesPerHost: Int = 128
     ) {
         self.identity = identity
         self.acceptPolicy = acceptPolicy
@@ -80,6 +108,9 @@ public struct EndpointConfiguration: Sendable {
         self.maxIncomingStreams = maxIncomingStreams
         self.streamSendBuffer = streamSendBuffer
         self.maxConnections = maxConnections
+        self.addressValidation = addressValidation
+        self.maxUnvalidatedHandshakesPerHost = maxUnvalidatedHandshakesPerHost
+        self.maxPendingHandshakesPerHost = maxPendingHandshakesPerHost
     }
 }
 
@@ -113,9 +144,9 @@ public struct HandshakeHints: Sendable, Hashable {
     /// How many times each datagram is sent until the handshake is done (1–4). QUIC ignores duplicate packets, so
     /// copies cost only bandwidth, and they turn a per-datagram loss rate p into about p^copies for independent
     /// loss: on a path losing 36 % a handshake of ~6 datagrams completes without a retransmission 7 % of the time
-    /// with one copy and 43 % with two. Only for addresses a punch expects its peer at: copies bypass ngtcp2's 3×
-    /// anti-amplification accounting, so a server that multiplied its first flight for any address would amplify
-    /// spoofed Initials.
+    /// with one copy and 43 % with two. Only for addresses a probe proved: copies bypass ngtcp2's 3×
+    /// anti-amplification accounting, so a server that multiplied its first flight for an address that was merely
+    /// expected (an IP the rendezvous named) would amplify Initials spoofed from it.
     public var packetCopies: Int
     /// Initial RTT for the handshake (nil: the endpoint's).
     public var initialRTT: Duration?
@@ -146,6 +177,16 @@ public struct EndpointStats: Sendable, Hashable {
     public var handshakeFailures = 0
     /// Sends that the kernel refused (full buffer or an error); QUIC retransmits them.
     public var sendErrors = 0
+    /// Server handshakes started: each cost a TLS session, and a key exchange and a signature once it answers.
+    public var incomingHandshakesStarted = 0
+    /// Retry packets sent to new clients whose address was not yet validated (``AddressValidation``).
+    public var retriesSent = 0
+    /// Initials whose Retry token was forged, expired, or issued to another address; each got a stateless
+    /// INVALID_TOKEN close.
+    public var invalidRetryTokens = 0
+    /// Initials from validated sources dropped at a limit (``EndpointConfiguration/maxPendingHandshakesPerHost``
+    /// or ``EndpointConfiguration/maxConnections``).
+    public var initialsRefused = 0
 }
 
 /// Statistics for one connection.

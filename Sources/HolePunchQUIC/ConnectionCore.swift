@@ -119,6 +119,8 @@ final class ConnectionCore {
     // Statistics.
     /// Times each datagram is sent while the handshake runs (``HandshakeHints/packetCopies``).
     var handshakeCopies = 1
+    /// Whether the handshake hint provider answered for this server connection's peer (asked until it does).
+    var hintsAsked = false
     /// Datagrams a server still copies after its handshake completed: the first of them carries HANDSHAKE_DONE,
     /// which the client's dial waits for, so losing it would cost the client a whole probe timeout.
     var copiesAfterHandshake = 2

@@ -39,6 +39,9 @@ public actor Endpoint {
     private var datagramHandler: (@Sendable ([UInt8], SocketAddress) -> Void)?
     private var unreachableHandler: (@Sendable (SocketAddress) -> Void)?
     private var counters = EndpointStats()
+    /// What new client Initials get (a connection, a Retry, nothing), and the server handshakes pending per source.
+    private var gate: HandshakeGate
+    private let retryKey = RetryTokenKey()
     /// Handshake hints for connections a peer address opens (``setHandshakeHintProvider(_:)``).
     private var handshakeHintProvider: (@Sendable (SocketAddress) -> HandshakeHints?)?
     private var isClosed = false
@@ -119,6 +122,7 @@ public actor Endpoint {
         self.configuration = configuration
         self.logger = logger
         self.router = ConnectionRouter(policy: configuration.acceptPolicy)
+        self.gate = HandshakeGate(configuration)
         self.loop = EventLoopGroup.shared.next()
         self.io = SocketBuffers(local: local, loop: loop)
         (incoming, incomingContinuation) = AsyncStream.makeStream(of: QUICConnection.self)
@@ -135,6 +139,7 @@ public actor Endpoint {
         self.configuration = configuration
         self.logger = Logger(label: "holepunch.quic.memory", factory: { _ in SwiftLogNoOpLogHandler() })
         self.router = ConnectionRouter(policy: configuration.acceptPolicy)
+        self.gate = HandshakeGate(configuration)
         self.loop = EventLoopGroup.shared.next()
         self.io = SocketBuffers(local: address, loop: loop)
         (incoming, incomingContinuation) = AsyncStream.makeStream(of: QUICConnection.self)
@@ -242,9 +247,12 @@ public actor Endpoint {
     }
 
     /// Sets what decides the handshake hints of connections that peers open to this endpoint from now on: asked
-    /// once per new incoming connection, on the event loop, with the peer's address; nil hints mean the defaults.
-    /// Keep it short (a lock and a lookup). A target punch uses it to send copies of its handshake datagrams to the
-    /// IP address the rendezvous named as its peer's, while the punch is live.
+    /// on the event loop with the peer's address, for each new client Initial and again on the packets of a
+    /// handshake that got none yet; nil hints mean the defaults. Keep it short (a lock and a lookup).
+    ///
+    /// Answering for an address vouches for it: its Initials skip address validation (no Retry round trip) and
+    /// its handshake datagrams may be copied, beyond QUIC's anti-amplification limit. So answer only for addresses
+    /// shown to be the peer's: a target punch answers for the exact addresses its peer's probes came from.
     public func setHandshakeHintProvider(_ provider: (@Sendable (SocketAddress) -> HandshakeHints?)?) {
         handshakeHintProvider = provider
     }
@@ -263,6 +271,9 @@ public actor Endpoint {
 
     /// How many connections the endpoint holds, in any state; zero once all are closed or abandoned.
     public var connectionCount: Int { connections.count }
+
+    /// How many server handshakes are in progress from sources not yet validated (see ``AddressValidation``).
+    public var unvalidatedHandshakes: Int { gate.unvalidatedCount }
 
     /// How many connection IDs route to a connection; zero once all are closed.
     public var routeCount: Int { router.routes.count }
@@ -325,8 +336,8 @@ public actor Endpoint {
         core.router = router
         core.serverName = options.serverName
         core.handshakeCopies = min(max(options.handshakePacketCopies, 1), HandshakeHints.maxPacketCopies)
-        var dcid = randomCID(length: 18)
-        var scid = randomCID(length: localCIDLength)
+        var dcid = randomConnectionID(length: 18)
+        var scid = randomConnectionID(length: localCIDLength)
         var callbacks = ConnectionCore.makeCallbacks(client: true)
         var settings = settings(
             initialRTT: options.initialRTT ?? configuration.initialRTT,
@@ -355,18 +366,31 @@ public actor Endpoint {
         return core
     }
 
-    private func makeServerConnection(header: inout ngtcp2_pkt_hd, from remote: SocketAddress) -> ConnectionCore? {
+    /// A server connection for a client Initial. `originalDCID` is set when the Initial carried a valid Retry
+    /// token: the DCID of the client's first Initial, which the transport parameters must name.
+    private func makeServerConnection(
+        header: inout ngtcp2_pkt_hd, from remote: SocketAddress, hints: HandshakeHints?, originalDCID: ngtcp2_cid?
+    ) -> ConnectionCore? {
         let core = ConnectionCore(key: allocateKey(), isClient: false, remote: remote, expectedNodeID: nil)
         core.router = router
-        let hints = handshakeHintProvider?(remote)
         core.handshakeCopies = min(max(hints?.packetCopies ?? 1, 1), HandshakeHints.maxPacketCopies)
-        var scid = randomCID(length: localCIDLength)
+        var scid = randomConnectionID(length: localCIDLength)
         var callbacks = ConnectionCore.makeCallbacks(client: false)
         var settings = settings(
             initialRTT: hints?.initialRTT ?? configuration.initialRTT, handshakeTimeout: configuration.handshakeTimeout
         )
         var params = transportParams()
-        params.original_dcid = header.dcid
+        if let originalDCID {
+            // After a Retry the client checks both IDs (RFC 9000 §7.3): the first DCID it used and our Retry's SCID,
+            // which it now sends to.
+            params.original_dcid = originalDCID
+            params.retry_scid = header.dcid
+            params.retry_scid_present = 1
+            // ngtcp2 copies the token; with it the path counts as validated (no anti-amplification wait).
+            settings.token = header.token
+        } else {
+            params.original_dcid = header.dcid
+        }
         params.stateless_reset_token_present = 1
         withUnsafeMutableBytes(of: &params.stateless_reset_token) { raw in
             _ = gnutls_rnd(GNUTLS_RND_RANDOM, raw.baseAddress, raw.count)
@@ -386,6 +410,7 @@ public actor Endpoint {
             )
         }
         guard rv == 0, let conn else { return nil }
+        counters.incomingHandshakesStarted += 1
         core.conn = conn
         ngtcp2_conn_set_tls_native_handle(conn, UnsafeMutableRawPointer(core.session))
         configureKeepAlive(conn)
@@ -401,14 +426,6 @@ public actor Endpoint {
         if let interval = configuration.keepAliveInterval {
             ngtcp2_conn_set_keep_alive_timeout(conn, nanoseconds(interval))
         }
-    }
-
-    private func randomCID(length: Int) -> ngtcp2_cid {
-        var bytes = [UInt8](repeating: 0, count: length)
-        _ = gnutls_rnd(GNUTLS_RND_RANDOM, &bytes, length)
-        var cid = ngtcp2_cid()
-        bytes.withUnsafeBufferPointer { ngtcp2_cid_init(&cid, $0.baseAddress, length) }
-        return cid
     }
 
     // MARK: Receiving
@@ -476,18 +493,87 @@ public actor Endpoint {
         }
         // Unknown DCID: only a client Initial (long header, fixed bit set: a client cannot grease before it has
         // seen our transport parameters) may start a new server connection.
-        guard decoded, first & 0xc0 == 0xc0, !isAcceptDisabled, connections.count < configuration.maxConnections else {
-            counters.datagramsDropped += 1
-            return
-        }
         var header = ngtcp2_pkt_hd()
-        guard ngtcp2_accept(&header, bytes, count) == 0,
-              let core = makeServerConnection(header: &header, from: from)
-        else {
+        guard decoded, first & 0xc0 == 0xc0, !isAcceptDisabled, ngtcp2_accept(&header, bytes, count) == 0 else {
             counters.datagramsDropped += 1
             return
         }
-        read(core, packet: bytes, count: count, from: from)
+        acceptInitial(&header, packet: bytes, count: count, from: from)
+    }
+
+    /// A client Initial for a new connection: validates the source's address (``AddressValidation``), then starts
+    /// a server connection, sends a Retry, or drops it.
+    private func acceptInitial(_ header: inout ngtcp2_pkt_hd, packet: UnsafePointer<UInt8>, count: Int, from: SocketAddress) {
+        let hints = handshakeHintProvider?(from)
+        var proof: HandshakeGate.Proof = hints == nil ? .none : .vouched
+        var originalDCID: ngtcp2_cid?
+        if header.token.len > 0, let base = header.token.base, base[0] == RetryTokenKey.magic {
+            guard let original = retryKey.verify(
+                UnsafeBufferPointer(start: base, count: header.token.len), version: header.version, remote: from,
+                dcid: header.dcid, now: hp_now_ns()
+            ) else {
+                // RFC 9000 §8.1.3: the client will not take another Retry, so tell it at once rather than let it time out.
+                counters.invalidRetryTokens += 1
+                sendInvalidTokenClose(header, to: from)
+                return
+            }
+            originalDCID = original
+            proof = .retryToken
+        }
+        switch gate.decide(from: from, proof: proof, connections: connections.count) {
+        case .refuse:
+            counters.initialsRefused += 1
+            counters.datagramsDropped += 1
+        case .retry:
+            sendRetry(header, to: from)
+        case .accept(let validated):
+            guard let core = makeServerConnection(header: &header, from: from, hints: hints, originalDCID: originalDCID) else {
+                counters.datagramsDropped += 1
+                return
+            }
+            core.hintsAsked = hints != nil
+            gate.started(core.key, from: from, validated: validated)
+            read(core, packet: packet, count: count, from: from)
+        }
+    }
+
+    /// Answers an Initial with a Retry carrying a token for its source address; keeps no state.
+    private func sendRetry(_ header: ngtcp2_pkt_hd, to remote: SocketAddress) {
+        var retrySCID = randomConnectionID(length: localCIDLength)
+        var clientSCID = header.scid
+        var originalDCID = header.dcid
+        guard var token = retryKey.make(
+            version: header.version, remote: remote, retrySCID: retrySCID, originalDCID: originalDCID, now: hp_now_ns()
+        ) else { return }
+        let written = ngtcp2_crypto_write_retry(
+            io.sendBuffer.baseAddress!.assumingMemoryBound(to: UInt8.self), io.sendBuffer.count, header.version,
+            &clientSCID, &retrySCID, &originalDCID, &token, token.count
+        )
+        guard written > 0 else { return }
+        counters.retriesSent += 1
+        sendStateless(count: Int(written), to: remote)
+    }
+
+    /// Closes, without any connection state, the handshake of an Initial whose Retry token failed verification.
+    private func sendInvalidTokenClose(_ header: ngtcp2_pkt_hd, to remote: SocketAddress) {
+        var clientSCID = header.scid
+        var dcid = header.dcid
+        let written = ngtcp2_crypto_write_connection_close(
+            io.sendBuffer.baseAddress!.assumingMemoryBound(to: UInt8.self), io.sendBuffer.count, header.version,
+            &clientSCID, &dcid, UInt64(NGTCP2_INVALID_TOKEN), nil, 0
+        )
+        guard written > 0 else { return }
+        sendStateless(count: Int(written), to: remote)
+    }
+
+    /// Sends the first `count` bytes of the send buffer to `remote`: a packet that belongs to no connection.
+    private func sendStateless(count: Int, to remote: SocketAddress) {
+        if fd < 0 {
+            deliverInMemory(Array(UnsafeRawBufferPointer(rebasing: io.sendBuffer[0..<count])))
+            return
+        }
+        let sent = remote.withSockAddr { sendto(fd, io.sendBuffer.baseAddress, count, 0, $0, $1) }
+        if sent < 0 { counters.sendErrors += 1 } else { counters.datagramsSent += 1 }
     }
 
     private var isAcceptDisabled: Bool {
@@ -499,6 +585,11 @@ public actor Endpoint {
         guard let conn = core.conn else { return }
         core.bytesReceived += count
         core.packetsReceived += 1
+        if !core.hintsAsked, gate.isPending(core.key), let hints = handshakeHintProvider?(from) {
+            // A probe may prove the path just after the first Initial arrived: later handshake datagrams get copies.
+            core.hintsAsked = true
+            core.handshakeCopies = min(max(hints.packetCopies, 1), HandshakeHints.maxPacketCopies)
+        }
         var info = ngtcp2_pkt_info()
         let rv = io.withPath(remote: from) { path in
             ngtcp2_conn_read_pkt_versioned(conn, path, NGTCP2_PKT_INFO_VERSION, &info, packet, count, hp_now_ns())
@@ -509,6 +600,7 @@ public actor Endpoint {
         }
         if core.announceAccepted {
             core.announceAccepted = false
+            gate.ended(core.key)
             counters.connectionsAccepted += 1
             if let peer = core.peerNodeID {
                 incomingContinuation.yield(
@@ -754,6 +846,7 @@ public actor Endpoint {
         let wasHandshaking: Bool
         if case .handshaking = core.phase { wasHandshaking = true } else { wasHandshaking = false }
         core.phase = .closed(error)
+        gate.ended(core.key)
         if wasHandshaking && error.code != .cancelled && error.code != .endpointClosed {
             counters.handshakeFailures += 1
             failures.append(error)

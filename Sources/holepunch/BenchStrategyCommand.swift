@@ -7,7 +7,10 @@ struct BenchGroupCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
         abstract: "Benchmarks.",
-        subcommands: [BenchStrategyCommand.self, BenchQUICCommand.self, BenchPunchCommand.self, BenchRendezvousCommand.self, BenchRendezvousFloodCommand.self]
+        subcommands: [
+            BenchStrategyCommand.self, BenchQUICCommand.self, BenchPunchCommand.self, BenchRendezvousCommand.self,
+            BenchRendezvousFloodCommand.self, BenchInitialsCommand.self,
+        ]
     )
 }
 

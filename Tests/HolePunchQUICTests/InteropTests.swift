@@ -243,8 +243,9 @@ struct QUICInteropTests {
         await client.close()
     }
 
-    @Test("aioquic client → our server: accept policy allows exactly its NodeID, 1 MiB echo")
-    func aioquicClientToOurServer() async throws {
+    @Test("aioquic client → our server: accept policy allows exactly its NodeID, 1 MiB echo (also through a Retry)",
+          arguments: [false, true])
+    func aioquicClientToOurServer(retry: Bool) async throws {
         let peer = try PeerScript(
             python: try python(), script: AioquicPeer.script("aioquic_echo_client.py"),
             arguments: ["--bytes", "\(Self.payloadSize)"]
@@ -253,7 +254,9 @@ struct QUICInteropTests {
         let identity = try await peer.expectLine("IDENTITY")
         let clientID = try NodeID(parsing: try #require(field("nodeid", of: identity), "bad IDENTITY line: \(identity)"))
 
-        let server = try await makeEndpoint(TestIdentities.b, policy: .allow([clientID]))
+        let server = try await makeEndpoint(TestIdentities.b, policy: .allow([clientID])) {
+            if retry { $0.addressValidation = .always }
+        }
         // Echo the first stream of the first connection, and report who it came from.
         let echoTask = Task { () -> (NodeID, Int)? in
             for await connection in server.incoming {
@@ -286,6 +289,7 @@ struct QUICInteropTests {
         #expect(echoed?.1 == Self.payloadSize)
         let stats = await server.stats
         #expect(stats.connectionsAccepted == 1)
+        #expect(stats.retriesSent == (retry ? 1 : 0))
         await server.close()
     }
 
