@@ -1,5 +1,6 @@
 import Foundation
 import HolePunch
+import ProcessTestSupport
 import Testing
 @testable import HolePunchRendezvous
 
@@ -174,5 +175,47 @@ struct ClientCandidateTests {
         #expect(options.targetHost == "127.0.0.1")
         #expect(options.targetPorts == [4000])
         await client.executor.endpoint.close()
+    }
+}
+
+@Suite("Peer input: the target decides who may make it punch", .serialized)
+struct AdmissionTests {
+    @Test("a requester outside the target's allow-list starts no punch there, and the rendezvous hears 'refused'")
+    func refusedByAllowList() async throws {
+        let harness = try await Harness.start()
+        let a = try await harness.client(Identities.a)
+        let endpoint = try await Endpoint.bind(.loopbackV4(port: 0), configuration: EndpointConfiguration(identity: Identities.b, acceptPolicy: .none))
+        var configuration = RendezvousClientConfiguration(server: harness.server.address, serverNodeID: harness.server.nodeID,
+                                                          requestTimeout: .seconds(5), punchTimeout: .seconds(10))
+        configuration.admission = .allowList([Identities.c.nodeID])
+        let b = RendezvousClient(executor: PunchExecutor(endpoint: endpoint), configuration: configuration)
+        _ = try await a.connect()
+        _ = try await b.connect()
+        let received = try await a.coordinate(to: Identities.b.nodeID)
+        #expect(await eventually(.seconds(10)) { await b.refusedCoordinates == 1 })
+        #expect(await b.executor.activePunches().isEmpty)
+        // B's 'refused' result ended the session on the server.
+        #expect(await eventually(.seconds(10)) { await harness.server.statistics().sessions == 0 })
+        _ = received
+        await harness.stop(a, b)
+    }
+
+    @Test("an admission callback sees the requester's NodeID and its yes starts the punch")
+    func admittedByCallback() async throws {
+        let harness = try await Harness.start()
+        let a = try await harness.client(Identities.a)
+        let endpoint = try await Endpoint.bind(.loopbackV4(port: 0), configuration: EndpointConfiguration(identity: Identities.b, acceptPolicy: .none))
+        var configuration = RendezvousClientConfiguration(server: harness.server.address, serverNodeID: harness.server.nodeID,
+                                                          requestTimeout: .seconds(5), punchTimeout: .seconds(10))
+        let asked = Identities.a.nodeID
+        configuration.admission = PunchAdmission { $0 == asked }
+        let b = RendezvousClient(executor: PunchExecutor(endpoint: endpoint), configuration: configuration)
+        _ = try await a.connect()
+        _ = try await b.connect()
+        let connection = try await within(.seconds(20)) { try await a.requestPunch(to: Identities.b.nodeID) }
+        #expect(connection.peerNodeID == Identities.b.nodeID)
+        #expect(await b.refusedCoordinates == 0)
+        await connection.close()
+        await harness.stop(a, b)
     }
 }

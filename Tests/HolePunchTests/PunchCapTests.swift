@@ -28,4 +28,24 @@ struct PunchCapTests {
         if case .failure(let error) = await other.result() { #expect(error.code == .cancelled) }
         await endpoint.close()
     }
+
+    @Test("the process-wide cap: with maxConcurrentPunches 3, the fourth punch fails with tooManyPunches")
+    func processCap() async throws {
+        let endpoint = try await bindEndpoint(PunchIdentities.a)
+        var configuration = PunchExecutor.Configuration()
+        configuration.maxConcurrentPunches = 3
+        let executor = PunchExecutor(endpoint: endpoint, configuration: configuration)
+        let port = unusedPort()
+        let peers = [PunchIdentities.a, PunchIdentities.b, PunchIdentities.c].map(\.nodeID)
+        for i in 0..<3 { _ = await executor.startPunch(options(i, peer: peers[i], port: port)) }
+        let fourth = await executor.startPunch(options(3, peer: PunchIdentities.b.nodeID, port: port))
+        if case .failure(let error) = await fourth.result() {
+            #expect(error.code == .tooManyPunches)
+        } else {
+            Issue.record("the fourth punch succeeded")
+        }
+        #expect(await executor.activePunches().count == 3)
+        await executor.shutdown()
+        await endpoint.close()
+    }
 }
