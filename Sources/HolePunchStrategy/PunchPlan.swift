@@ -323,10 +323,10 @@ extension PunchPlan {
 }
 
 extension Duration {
-    /// This duration in (fractional) seconds.
+    /// This duration in (fractional) seconds. Computed as a ratio of durations, not from `components`, which
+    /// traps when the whole seconds leave Int64 (e.g. the difference of two extreme durations in an unvalidated plan).
     var seconds: Double {
-        let c = components
-        return Double(c.seconds) + Double(c.attoseconds) / 1e18
+        self / .seconds(1)
     }
 
     /// This duration in (fractional) milliseconds.
