@@ -113,6 +113,8 @@ public actor RendezvousClient {
     /// Target-role coordinate messages refused so far (by ``RendezvousClientConfiguration/admission``, or because
     /// none of the requester's candidates may be probed).
     public private(set) var refusedCoordinates = 0
+    /// Messages from the rendezvous dropped because they failed validation (``RendezvousLimits``).
+    public private(set) var invalidMessages = 0
     /// The last confirmation from the server.
     public private(set) var registered: Registered?
 
@@ -317,7 +319,17 @@ public actor RendezvousClient {
                 reader.append(chunk)
                 while let body = try reader.next() {
                     let receivedAt = ContinuousClock.now
-                    await handle(try RendezvousFraming.decode(ServerMessage.self, from: body), receivedAt: receivedAt)
+                    let message: ServerMessage
+                    do {
+                        message = try RendezvousFraming.decode(ServerMessage.self, from: body)
+                    } catch {
+                        // The framing is intact, only this message is out of range (e.g. another peer's profile
+                        // relayed by a server that does not check it): drop it, keep the registration.
+                        invalidMessages += 1
+                        logger.info("invalid message from the rendezvous dropped", metadata: ["error": "\(error)"])
+                        continue
+                    }
+                    await handle(message, receivedAt: receivedAt)
                 }
             }
             fail(RendezvousError(.disconnected, "the rendezvous closed the connection"))

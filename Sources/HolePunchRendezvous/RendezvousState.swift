@@ -73,7 +73,9 @@ public struct RendezvousState: Sendable {
         /// Token bucket per *target* for punch requests, whoever sends them: this many at once…
         ///
         /// The per-requester bucket alone lets many (or many fake) requesters make one peer punch without pause;
-        /// this one bounds the probes any single peer can be made to send.
+        /// this one bounds the probes any single peer can be made to send. Its defaults (30, 5/s) are larger than
+        /// the requester's (10, 2/s), so that one requester alone cannot use up a target's bucket and lock honest
+        /// peers out of it.
         public var targetRateBurst: Double
         /// …refilled at this many per second.
         public var targetRatePerSecond: Double
@@ -88,8 +90,8 @@ public struct RendezvousState: Sendable {
             maxSessions: Int = 100_000,
             rateBurst: Double = 10,
             ratePerSecond: Double = 2,
-            targetRateBurst: Double = 10,
-            targetRatePerSecond: Double = 2
+            targetRateBurst: Double = 30,
+            targetRatePerSecond: Double = 5
         ) {
             self.registrationTTL = registrationTTL
             self.sessionTTL = sessionTTL

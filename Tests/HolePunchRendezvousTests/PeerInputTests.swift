@@ -130,7 +130,7 @@ struct ServerPeerInputTests {
         _ = state.register(node: node(99), connection: 99, observed: addrB, registration: Registration(), now: .zero)
         var started = 0
         var limited = 0
-        for i in 1...40 {
+        for i in 1...60 {
             let requester = node(UInt8(i))
             _ = state.register(node: requester, connection: UInt64(i), observed: addrA, registration: Registration(), now: .zero)
             let actions = state.requestPunch(from: requester, requestID: 1, target: node(99),
@@ -138,8 +138,18 @@ struct ServerPeerInputTests {
             if !coordinates(actions).isEmpty { started += 1 }
             if errorCode(actions) == RendezvousError.Code.rateLimited.name { limited += 1 }
         }
-        #expect(started == 10, "the default per-target burst is 10")
-        #expect(limited == 40 - started)
+        #expect(started == Int(RendezvousState.Configuration().targetRateBurst))
+        #expect(limited == 60 - started)
+        // One requester alone cannot use up a target's bucket: its own runs out first.
+        var single = RendezvousState()
+        _ = single.register(node: node(99), connection: 99, observed: addrB, registration: Registration(), now: .zero)
+        _ = single.register(node: node(1), connection: 1, observed: addrA, registration: Registration(), now: .zero)
+        for i in 1...20 {
+            _ = single.requestPunch(from: node(1), requestID: UInt64(i), target: node(99), secret: secret("t\(i)"), now: .zero)
+        }
+        _ = single.register(node: node(2), connection: 2, observed: addrA, registration: Registration(), now: .zero)
+        let honest = single.requestPunch(from: node(2), requestID: 1, target: node(99), secret: secret("h"), now: .zero)
+        #expect(coordinates(honest).count == 2)
     }
 }
 
@@ -217,5 +227,62 @@ struct AdmissionTests {
         #expect(await b.refusedCoordinates == 0)
         await connection.close()
         await harness.stop(a, b)
+    }
+}
+
+@Suite("Peer input: a hostile peer on the public API cannot crash a waiting peer", .serialized)
+struct HostilePeerTests {
+    @Test("bad profile, bad LAN address and a request flood; then an honest punch to the same peer still works")
+    func hostileThenHonest() async throws {
+        let harness = try await Harness.start()
+        let b = try await harness.client(Identities.b)
+        _ = try await b.connect()
+        let hostileIdentity = try Identity.generate(commonName: "hostile")
+
+        // 1. A NAT profile no NAT produces: the rendezvous refuses it at decode and drops the connection.
+        let h1 = try await harness.client(hostileIdentity)
+        var profile = NATProfile.symmetricSequential
+        profile.portDelta = .max
+        let refusedProfile: Bool
+        do {
+            _ = try await h1.connect(Registration(nat: profile))
+            refusedProfile = false
+        } catch {
+            refusedProfile = true
+        }
+        #expect(refusedProfile)
+        #expect(await harness.server.statistics().registrations == 1)
+
+        // 2. A "LAN" address that is a multicast group: refused with protocolViolation.
+        let h2 = try await harness.client(hostileIdentity)
+        let multicast = try SocketAddress(parsing: "224.0.0.251:5353")
+        do {
+            _ = try await h2.connect(Registration(lanAddresses: [multicast]))
+            Issue.record("a multicast LAN address was accepted")
+        } catch {
+            #expect(error.code == .protocolViolation)
+        }
+
+        // 3. A flood of punch requests to B: the rendezvous rate-limits, B runs at most its per-peer cap.
+        let h3 = try await harness.client(hostileIdentity)
+        _ = try await h3.connect()
+        var limited = 0
+        for _ in 0..<14 {
+            do {
+                _ = try await h3.coordinate(to: Identities.b.nodeID)
+            } catch {
+                if error.code == RendezvousError.Code.rateLimited { limited += 1 }
+            }
+        }
+        #expect(limited > 0)
+        #expect(await b.executor.activePunches().count <= 8)
+
+        // 4. B is alive and an honest peer still punches to it.
+        let a = try await harness.client(Identities.a)
+        _ = try await a.connect()
+        let connection = try await within(.seconds(30)) { try await a.requestPunch(to: Identities.b.nodeID) }
+        #expect(connection.peerNodeID == Identities.b.nodeID)
+        await connection.close()
+        await harness.stop(a, b, h1, h2, h3)
     }
 }
