@@ -24,6 +24,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        // Test-only: property-based tests feed decoders and planners random and extreme values.
+        .package(url: "https://github.com/x-sheep/swift-property-based.git", from: "2.0.1"),
     ],
     targets: [
         // MARK: C libraries from Debian and the thin shim over them.
@@ -143,17 +145,26 @@ let package = Package(
         .target(name: "ProcessTestSupport", path: "Tests/ProcessTestSupport", swiftSettings: swiftSettings),
         .testTarget(name: "HolePunchQUICTests", dependencies: ["HolePunchQUIC", "HolePunchNet"], swiftSettings: swiftSettings),
         .testTarget(name: "HolePunchSTUNTests", dependencies: ["HolePunchSTUN", "HolePunchNet"], swiftSettings: swiftSettings),
-        .testTarget(name: "HolePunchStrategyTests", dependencies: ["HolePunchStrategy"], swiftSettings: swiftSettings),
+        .testTarget(
+            name: "HolePunchStrategyTests",
+            dependencies: ["HolePunchStrategy", .product(name: "PropertyBased", package: "swift-property-based")],
+            swiftSettings: swiftSettings
+        ),
         .testTarget(
             name: "HolePunchTests",
             dependencies: [
                 "HolePunch", "ProcessTestSupport",
                 .product(name: "MetricsTestKit", package: "swift-metrics"),
+                .product(name: "PropertyBased", package: "swift-property-based"),
             ],
             swiftSettings: swiftSettings
         ),
         .testTarget(
-            name: "HolePunchRendezvousTests", dependencies: ["HolePunchRendezvous", "ProcessTestSupport"],
+            name: "HolePunchRendezvousTests",
+            dependencies: [
+                "HolePunchRendezvous", "ProcessTestSupport",
+                .product(name: "PropertyBased", package: "swift-property-based"),
+            ],
             swiftSettings: swiftSettings
         ),
         .testTarget(name: "HolePunchLabTests", dependencies: [], swiftSettings: swiftSettings),

@@ -24,6 +24,11 @@ public actor PunchExecutor {
         public var limits: PlanLimits
         /// Which connections that belong to no punch the endpoint still accepts.
         public var acceptOthers: AcceptPolicy
+        /// Most punches running at once; more fail at once with `tooManyPunches` (each punch holds sockets,
+        /// timers and a probe budget, and a punch can be started by a remote peer).
+        public var maxConcurrentPunches = 256
+        /// Most punches running at once to one peer NodeID, so one peer cannot take every slot.
+        public var maxPunchesPerPeer = 8
 
         /// Creates a configuration.
         public init(strategy: any PunchStrategy = DefaultStrategy(), limits: PlanLimits = .default, acceptOthers: AcceptPolicy = .none) {
@@ -232,6 +237,14 @@ public actor PunchExecutor {
         }
         guard !options.sessionKey.isEmpty else {
             throw PunchError(code: .invalidOptions, message: "the session key is empty")
+        }
+        guard runtimes.count < configuration.maxConcurrentPunches else {
+            throw PunchError(code: .tooManyPunches,
+                             message: "\(runtimes.count) punches are running, the most this executor allows")
+        }
+        guard runtimes.values.count(where: { $0.options.targetNodeID == options.targetNodeID }) < configuration.maxPunchesPerPeer else {
+            throw PunchError(code: .tooManyPunches,
+                             message: "\(configuration.maxPunchesPerPeer) punches to \(options.targetNodeID.short) are running already")
         }
         guard bySession[options.sessionID] == nil else {
             throw PunchError(code: .invalidOptions, message: "session \(options.sessionID) is already being punched")

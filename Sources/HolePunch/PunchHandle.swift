@@ -17,6 +17,17 @@ public final class PunchHandle: Sendable {
         self.box = box
     }
 
+    /// A handle for a punch that never started: its result is `error` at once and its events end with it.
+    /// For callers that refuse a punch before it reaches an executor (e.g. a peer this side does not admit).
+    package static func failed(_ error: PunchError) -> PunchHandle {
+        let (events, continuation) = AsyncStream.makeStream(of: PunchEvent.self)
+        continuation.yield(.done(.failure(error)))
+        continuation.finish()
+        let box = ResultBox()
+        box.deliver(.failure(error))
+        return PunchHandle(id: PunchID(rawValue: 0), events: events, box: box)
+    }
+
     /// Waits for the outcome.
     public func result() async -> Result<QUICConnection, PunchError> {
         await box.wait()

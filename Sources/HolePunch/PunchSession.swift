@@ -346,5 +346,9 @@ struct PunchSession {
 func nanoseconds(_ duration: Duration) -> UInt64 {
     let (seconds, attoseconds) = duration.components
     guard seconds >= 0 else { return 0 }
-    return UInt64(seconds) * 1_000_000_000 + UInt64(max(0, attoseconds) / 1_000_000_000)
+    // Saturates at 2^62 ns (about 146 years) instead of trapping: a start delay or timeout may come from another
+    // peer, and callers add a few of these to a monotonic instant, which must not overflow either.
+    let cap: UInt64 = 1 << 62
+    guard UInt64(seconds) < cap / 1_000_000_000 else { return cap }
+    return min(cap, UInt64(seconds) * 1_000_000_000 + UInt64(max(0, attoseconds) / 1_000_000_000))
 }

@@ -77,12 +77,17 @@ public struct PunchOptions: Sendable {
 extension PunchFailureCode {
     /// The options were invalid (bad host, no ports, a local port that is not the endpoint's, empty session).
     public static let invalidOptions = PunchFailureCode(rawValue: "invalidOptions")
+    /// The executor runs as many punches as it allows, in total or to this peer
+    /// (``PunchExecutor/Configuration/maxConcurrentPunches``, ``PunchExecutor/Configuration/maxPunchesPerPeer``).
+    public static let tooManyPunches = PunchFailureCode(rawValue: "tooManyPunches")
+    /// This side refused the punch: the peer is not admitted, or none of its candidates may be probed.
+    public static let refused = PunchFailureCode(rawValue: "refused")
 }
 
 /// Why a punch failed, with what it had tried.
 public struct PunchError: Error, Sendable, Hashable, CustomStringConvertible {
     /// The failure code: `timeout`, `unreachable`, `allPortsFailed`, `cancelled`, `peerAuthenticationFailed`,
-    /// or `invalidOptions`.
+    /// `invalidOptions`, `tooManyPunches` or `refused`.
     public var code: PunchFailureCode
     /// A human-readable explanation.
     public var message: String

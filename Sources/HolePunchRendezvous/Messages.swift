@@ -19,6 +19,24 @@ public struct Registered: Codable, Sendable, Hashable {
         self.keepAliveMilliseconds = keepAliveMilliseconds
         self.stunServer = stunServer
     }
+
+    /// Decodes and validates (``validate()``): a server cannot hand the client absurd timers.
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        self.init(observedAddress: try c.decode(SocketAddress.self, forKey: .observedAddress),
+                  ttlMilliseconds: try c.decode(Int.self, forKey: .ttlMilliseconds),
+                  keepAliveMilliseconds: try c.decode(Int.self, forKey: .keepAliveMilliseconds),
+                  stunServer: try c.decodeIfPresent(SocketAddress.self, forKey: .stunServer))
+        try validate()
+    }
+
+    /// Checks the timers against ``RendezvousLimits``.
+    ///
+    /// - Throws: ``RendezvousError`` `protocolViolation` naming the field.
+    public func validate() throws(RendezvousError) {
+        try RendezvousLimits.check("ttlMilliseconds", ttlMilliseconds, RendezvousLimits.ttlMilliseconds)
+        try RendezvousLimits.check("keepAliveMilliseconds", keepAliveMilliseconds, 1...ttlMilliseconds)
+    }
 }
 
 /// What a peer publishes when it registers.
@@ -32,6 +50,23 @@ public struct Registration: Codable, Sendable, Hashable {
     public init(lanAddresses: [SocketAddress] = [], nat: NATProfile? = nil) {
         self.lanAddresses = lanAddresses
         self.nat = nat
+    }
+
+    /// Decodes and validates (``validate()``); the NAT profile validates itself (``NATProfile/init(from:)``).
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        self.init(lanAddresses: try c.decodeIfPresent([SocketAddress].self, forKey: .lanAddresses) ?? [],
+                  nat: try c.decodeIfPresent(NATProfile.self, forKey: .nat))
+        try validate()
+    }
+
+    /// Checks the counts against ``RendezvousLimits`` and the NAT profile's ranges. Which addresses may be
+    /// published is the server's decision, against the observed address (``CandidateFilter/isPublishable(lan:observed:)``).
+    ///
+    /// - Throws: ``RendezvousError`` `protocolViolation` naming the field.
+    public func validate() throws(RendezvousError) {
+        try RendezvousLimits.check("lanAddresses count", lanAddresses.count, 0...RendezvousLimits.maxLANAddresses)
+        if let nat { try RendezvousLimits.check(nat) }
     }
 }
 
@@ -74,6 +109,40 @@ public struct Coordinate: Codable, Sendable, Hashable {
 
     /// The start delay as a `Duration`.
     public var startDelay: Duration { .microseconds(startDelayMicroseconds) }
+
+    /// Decodes and validates (``validate()``): everything in it was chosen by the server or by the other peer.
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        self.init(
+            requestID: try c.decodeIfPresent(UInt64.self, forKey: .requestID),
+            sessionID: try c.decode(String.self, forKey: .sessionID),
+            sessionKey: try c.decode([UInt8].self, forKey: .sessionKey),
+            peer: try c.decode(NodeID.self, forKey: .peer),
+            candidates: try c.decode([SocketAddress].self, forKey: .candidates),
+            peerNAT: try c.decode(NATProfile.self, forKey: .peerNAT),
+            role: try c.decode(PunchRole.self, forKey: .role),
+            startDelayMicroseconds: try c.decode(Int64.self, forKey: .startDelayMicroseconds),
+            peerRTTMicroseconds: try c.decodeIfPresent(Int64.self, forKey: .peerRTTMicroseconds)
+        )
+        try validate()
+    }
+
+    /// Checks every field against ``RendezvousLimits``: session id and key, candidate count, NAT profile, start
+    /// delay and RTT. Which candidates may be probed is decided later, against this side's own addresses
+    /// (``CandidateFilter``).
+    ///
+    /// - Throws: ``RendezvousError`` `protocolViolation` naming the field.
+    public func validate() throws(RendezvousError) {
+        try RendezvousLimits.checkSessionID(sessionID)
+        try RendezvousLimits.check("sessionKey length", sessionKey.count, RendezvousLimits.sessionKeyLength)
+        try RendezvousLimits.check("candidates count", candidates.count, 1...RendezvousLimits.maxCandidates)
+        try RendezvousLimits.check(peerNAT)
+        try RendezvousLimits.check("startDelayMicroseconds", startDelayMicroseconds,
+                                   0...RendezvousLimits.maxStartDelayMicroseconds)
+        if let rtt = peerRTTMicroseconds {
+            try RendezvousLimits.check("peerRTTMicroseconds", rtt, 0...RendezvousLimits.maxRTTMicroseconds)
+        }
+    }
 }
 
 /// A typed refusal, sent to the peer whose request failed.
@@ -90,6 +159,22 @@ public struct ErrorReply: Codable, Sendable, Hashable {
         self.requestID = requestID
         self.code = code
         self.message = message
+    }
+
+    /// Decodes and validates (``validate()``).
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        self.init(requestID: try c.decodeIfPresent(UInt64.self, forKey: .requestID),
+                  code: try c.decode(String.self, forKey: .code), message: try c.decode(String.self, forKey: .message))
+        try validate()
+    }
+
+    /// Checks the string lengths against ``RendezvousLimits``.
+    ///
+    /// - Throws: ``RendezvousError`` `protocolViolation` naming the field.
+    public func validate() throws(RendezvousError) {
+        try RendezvousLimits.check("code length", code.utf8.count, 1...RendezvousLimits.maxCodeLength)
+        try RendezvousLimits.check("message length", message.utf8.count, 0...RendezvousLimits.maxMessageLength)
     }
 }
 
@@ -125,6 +210,94 @@ public enum ServerMessage: Codable, Sendable, Hashable {
     case error(ErrorReply)
 }
 
+extension ClientMessage {
+    /// Checks the fields the synthesized decoder cannot: session ids and outcome strings (the structs it carries
+    /// validate themselves when decoded).
+    ///
+    /// - Throws: ``RendezvousError`` `protocolViolation` naming the field.
+    public func validate() throws(RendezvousError) {
+        switch self {
+        case .register(let registration):
+            try registration.validate()
+        case .keepAlive, .requestPunch, .pong:
+            break
+        case .coordinateAck(let sessionID):
+            try RendezvousLimits.checkSessionID(sessionID)
+        case .punchResult(let sessionID, let outcome):
+            try RendezvousLimits.checkSessionID(sessionID)
+            try RendezvousLimits.check("outcome length", outcome.utf8.count, 1...RendezvousLimits.maxCodeLength)
+        }
+    }
+}
+
+extension ServerMessage {
+    /// Checks the message's payload (again, for values built in code rather than decoded).
+    ///
+    /// - Throws: ``RendezvousError`` `protocolViolation` naming the field.
+    public func validate() throws(RendezvousError) {
+        switch self {
+        case .registered(let confirmed): try confirmed.validate()
+        case .coordinate(let coordinate): try coordinate.validate()
+        case .error(let reply): try reply.validate()
+        case .keepAliveAck, .ping: break
+        }
+    }
+}
+
+/// The ranges every value of the rendezvous protocol must lie in. Both sides check them where a message is
+/// decoded (``RendezvousFraming/decode(_:from:)``), so a value outside them never reaches a planner, a timer or a
+/// log line: the message is refused with ``RendezvousError/Code/protocolViolation``.
+public enum RendezvousLimits {
+    /// Most LAN addresses one registration may publish.
+    public static let maxLANAddresses = 8
+    /// Most candidates in a coordinate message: the observed address plus the LAN addresses.
+    public static let maxCandidates = 1 + maxLANAddresses
+    /// Session ids: 1 to 64 characters of `[0-9A-Za-z-]` (the server draws 32 lowercase hex digits); they appear
+    /// in probe USERNAMEs (where `:` separates) and in TLS server names.
+    public static let maxSessionIDLength = 64
+    /// Session keys: the server draws 32 bytes; 16...64 are accepted.
+    public static let sessionKeyLength = 16...64
+    /// The longest start delay a coordinate may ask for: 10 s.
+    public static let maxStartDelayMicroseconds: Int64 = 10_000_000
+    /// The largest RTT hint: 60 s.
+    public static let maxRTTMicroseconds: Int64 = 60_000_000
+    /// Registration TTLs from 100 ms (tests run short ones) to a day.
+    public static let ttlMilliseconds = 100...86_400_000
+    /// Longest error code or outcome string, in UTF-8 bytes.
+    public static let maxCodeLength = 64
+    /// Longest error message, in UTF-8 bytes.
+    public static let maxMessageLength = 1024
+
+    static func violation(_ field: String, _ detail: String) -> RendezvousError {
+        RendezvousError(.protocolViolation, "field \(field): \(detail)")
+    }
+
+    static func check<T: Comparable & CustomStringConvertible>(
+        _ field: String, _ value: T, _ range: ClosedRange<T>
+    ) throws(RendezvousError) {
+        guard range.contains(value) else {
+            throw violation(field, "\(value) is outside \(range.lowerBound)...\(range.upperBound)")
+        }
+    }
+
+    static func checkSessionID(_ id: String) throws(RendezvousError) {
+        let bytes = id.utf8
+        try check("sessionID length", bytes.count, 1...maxSessionIDLength)
+        let allowed = bytes.allSatisfy { b in
+            (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(b) || (UInt8(ascii: "a")...UInt8(ascii: "z")).contains(b)
+                || (UInt8(ascii: "A")...UInt8(ascii: "Z")).contains(b) || b == UInt8(ascii: "-")
+        }
+        guard allowed else { throw violation("sessionID", "only letters, digits and '-' are allowed") }
+    }
+
+    static func check(_ nat: NATProfile) throws(RendezvousError) {
+        try check("portDelta", nat.portDelta, -NATProfile.maxPortDelta...NATProfile.maxPortDelta)
+        guard nat.confidence.isFinite, (0...1).contains(nat.confidence) else {
+            throw violation("confidence", "\(nat.confidence) is not in 0...1")
+        }
+    }
+}
+
 /// Framing: a 4-byte big-endian length, then that many bytes of JSON.
 ///
 /// JSON keeps the protocol readable in captures and trivially versionable; the messages are small and rare
@@ -142,13 +315,22 @@ public enum RendezvousFraming {
         return [UInt8(n >> 24), UInt8((n >> 16) & 0xFF), UInt8((n >> 8) & 0xFF), UInt8(n & 0xFF)] + body
     }
 
-    /// Decodes one message body.
+    /// Decodes one message body and validates it: the structs check their fields as they are decoded, and a
+    /// ``ClientMessage`` or ``ServerMessage`` is checked as a whole (``RendezvousLimits``).
+    ///
+    /// - Throws: ``RendezvousError`` `protocolViolation`, naming the field when a value is out of range.
     public static func decode<M: Decodable>(_ type: M.Type, from body: [UInt8]) throws(RendezvousError) -> M {
+        let message: M
         do {
-            return try JSONDecoder().decode(type, from: Data(body))
+            message = try JSONDecoder().decode(type, from: Data(body))
+        } catch let error as RendezvousError {
+            throw error
         } catch {
             throw RendezvousError(.protocolViolation, "undecodable message: \(error)")
         }
+        if let client = message as? ClientMessage { try client.validate() }
+        if let server = message as? ServerMessage { try server.validate() }
+        return message
     }
 }
 

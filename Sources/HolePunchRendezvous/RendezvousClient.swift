@@ -3,6 +3,35 @@ public import HolePunchSTUN
 public import Logging
 import Synchronization
 
+/// Who may make this peer punch: asked, with the requester's NodeID, for every target-role coordinate message
+/// before a punch starts. A refused request starts nothing (no probe leaves), and the rendezvous is told the
+/// outcome `refused`.
+///
+/// The decision runs on the client's message loop, so it should answer quickly (a lookup, not a network call).
+public struct PunchAdmission: Sendable {
+    private let decide: @Sendable (NodeID) async -> Bool
+
+    /// An admission decided by `decide` (true admits).
+    public init(_ decide: @escaping @Sendable (NodeID) async -> Bool) {
+        self.decide = decide
+    }
+
+    /// Whether `peer` may make this side punch.
+    public func admits(_ peer: NodeID) async -> Bool {
+        await decide(peer)
+    }
+
+    /// Every registered peer may (the default: a public rendezvous's peers are strangers, but the punched
+    /// connection still has to prove the NodeID the rendezvous named).
+    public static let any = PunchAdmission { _ in true }
+    /// No one may: this peer only punches out.
+    public static let none = PunchAdmission { _ in false }
+    /// Only these NodeIDs may.
+    public static func allowList(_ nodes: Set<NodeID>) -> PunchAdmission {
+        PunchAdmission { nodes.contains($0) }
+    }
+}
+
 /// Settings for a ``RendezvousClient``.
 public struct RendezvousClientConfiguration: Sendable {
     /// The rendezvous's QUIC address.
@@ -18,6 +47,8 @@ public struct RendezvousClientConfiguration: Sendable {
     /// Whether target-role coordinate messages start punches (true), or are only acknowledged and counted in
     /// ``RendezvousClient/targetCoordinates`` (false: load tests of the rendezvous itself).
     public var acceptsPunches = true
+    /// Who may make this peer punch (target role); ``PunchAdmission/any`` by default.
+    public var admission = PunchAdmission.any
 
     /// Creates a configuration.
     public init(
@@ -79,6 +110,11 @@ public actor RendezvousClient {
     private var localNAT: NATProfile = .unknown
     /// Target-role coordinate messages received so far.
     public private(set) var targetCoordinates = 0
+    /// Target-role coordinate messages refused so far (by ``RendezvousClientConfiguration/admission``, or because
+    /// none of the requester's candidates may be probed).
+    public private(set) var refusedCoordinates = 0
+    /// Messages from the rendezvous dropped because they failed validation (``RendezvousLimits``).
+    public private(set) var invalidMessages = 0
     /// The last confirmation from the server.
     public private(set) var registered: Registered?
 
@@ -157,8 +193,20 @@ public actor RendezvousClient {
     }
 
     /// Starts the punch a coordinate message describes, on the executor; the outcome is reported to the server.
+    ///
+    /// When none of the peer's candidates may be probed (``CandidateFilter``), nothing starts: the handle fails
+    /// at once with `refused`.
     public func startPunch(_ received: ReceivedCoordinate) async -> PunchHandle {
-        let handle = await executor.startPunch(options(for: received))
+        let handle: PunchHandle
+        do {
+            handle = await executor.startPunch(try options(for: received))
+        } catch {
+            logger.info("punch refused: no candidate may be probed", metadata: [
+                "peer.node": "\(received.coordinate.peer.short)", "session.id": "\(received.coordinate.sessionID)",
+            ])
+            if received.coordinate.role == .target { refusedCoordinates += 1 }
+            handle = .failed(error)
+        }
         let session = received.coordinate.sessionID
         tasks.append(Task {
             let outcome: String
@@ -217,13 +265,22 @@ public actor RendezvousClient {
 
     /// Turns a coordinate message into punch options: which candidate to dial, when to start, what to expect.
     ///
-    /// Candidate rule: the peer's observed address, unless it shares our public IP (same NAT, where hairpinning
-    /// may be unsupported) and it published a LAN address of our family, which is then used instead.
-    func options(for received: ReceivedCoordinate) -> PunchOptions {
+    /// Candidate rule: only candidates ``CandidateFilter`` permits (our family; never loopback, link-local,
+    /// multicast, broadcast or unspecified addresses unless our rendezvous is in that scope; LAN addresses only
+    /// when private and the peer shares our public IP). Of those, the peer's observed address, unless it shares
+    /// our public IP (same NAT, where hairpinning may be unsupported) and a LAN address survived, which is then
+    /// used instead.
+    ///
+    /// - Throws: ``PunchError`` `refused` when no candidate may be probed.
+    func options(for received: ReceivedCoordinate) throws(PunchError) -> PunchOptions {
         let coordinate = received.coordinate
-        let family = executor.endpoint.localAddress.isIPv6
-        let usable = coordinate.candidates.filter { $0.isIPv6 == family }
-        var chosen = usable.first ?? coordinate.candidates.first ?? configuration.server
+        let filter = CandidateFilter(rendezvous: configuration.server, ourObserved: registered?.observedAddress,
+                                     ipv6: executor.endpoint.localAddress.isIPv6)
+        let usable = filter.permitted(coordinate.candidates)
+        guard var chosen = usable.first else {
+            throw PunchError(code: .refused, message: "none of the peer's candidates may be probed from here: "
+                             + coordinate.candidates.prefix(RendezvousLimits.maxCandidates).map(\.description).joined(separator: ", "))
+        }
         if let mine = registered?.observedAddress, chosen.ip == mine.ip, usable.count > 1 {
             chosen = usable[1]
         }
@@ -262,7 +319,17 @@ public actor RendezvousClient {
                 reader.append(chunk)
                 while let body = try reader.next() {
                     let receivedAt = ContinuousClock.now
-                    await handle(try RendezvousFraming.decode(ServerMessage.self, from: body), receivedAt: receivedAt)
+                    let message: ServerMessage
+                    do {
+                        message = try RendezvousFraming.decode(ServerMessage.self, from: body)
+                    } catch {
+                        // The framing is intact, only this message is out of range (e.g. another peer's profile
+                        // relayed by a server that does not check it): drop it, keep the registration.
+                        invalidMessages += 1
+                        logger.info("invalid message from the rendezvous dropped", metadata: ["error": "\(error)"])
+                        continue
+                    }
+                    await handle(message, receivedAt: receivedAt)
                 }
             }
             fail(RendezvousError(.disconnected, "the rendezvous closed the connection"))
@@ -290,6 +357,13 @@ public actor RendezvousClient {
                 }
             } else if !configuration.acceptsPunches {
                 targetCoordinates += 1
+            } else if !(await configuration.admission.admits(coordinate.peer)) {
+                targetCoordinates += 1
+                refusedCoordinates += 1
+                logger.info("punch refused by the admission policy", metadata: [
+                    "peer.node": "\(coordinate.peer.short)", "session.id": "\(coordinate.sessionID)",
+                ])
+                await send(.punchResult(sessionID: coordinate.sessionID, outcome: PunchFailureCode.refused.rawValue))
             } else {
                 targetCoordinates += 1
                 logger.info("punch requested by peer", metadata: ["peer.node": "\(coordinate.peer.short)",

@@ -70,6 +70,15 @@ public struct RendezvousState: Sendable {
         public var rateBurst: Double
         /// …refilled at this many per second.
         public var ratePerSecond: Double
+        /// Token bucket per *target* for punch requests, whoever sends them: this many at once…
+        ///
+        /// The per-requester bucket alone lets many (or many fake) requesters make one peer punch without pause;
+        /// this one bounds the probes any single peer can be made to send. Its defaults (30, 5/s) are larger than
+        /// the requester's (10, 2/s), so that one requester alone cannot use up a target's bucket and lock honest
+        /// peers out of it.
+        public var targetRateBurst: Double
+        /// …refilled at this many per second.
+        public var targetRatePerSecond: Double
 
         /// Creates a configuration.
         public init(
@@ -80,7 +89,9 @@ public struct RendezvousState: Sendable {
             maxRegistrations: Int = 100_000,
             maxSessions: Int = 100_000,
             rateBurst: Double = 10,
-            ratePerSecond: Double = 2
+            ratePerSecond: Double = 2,
+            targetRateBurst: Double = 30,
+            targetRatePerSecond: Double = 5
         ) {
             self.registrationTTL = registrationTTL
             self.sessionTTL = sessionTTL
@@ -90,6 +101,8 @@ public struct RendezvousState: Sendable {
             self.maxSessions = maxSessions
             self.rateBurst = rateBurst
             self.ratePerSecond = ratePerSecond
+            self.targetRateBurst = targetRateBurst
+            self.targetRatePerSecond = targetRatePerSecond
         }
     }
 
@@ -129,6 +142,9 @@ public struct RendezvousState: Sendable {
         var rttWindow = RTTWindow()
         var tokens: Double
         var refilled: Duration
+        /// The bucket for punch requests *to* this peer.
+        var targetTokens: Double
+        var targetRefilled: Duration
     }
 
     /// The last four RTT samples, inline (no allocation per peer).
@@ -199,10 +215,23 @@ public struct RendezvousState: Sendable {
     /// A peer registers (or updates its registration) on `connection`, seen from `observed`.
     ///
     /// A registration from a new connection replaces the old one, whose connection is closed.
+    ///
+    /// A registration out of ``RendezvousLimits``, or with a LAN address other peers must not be sent to
+    /// (``CandidateFilter/isPublishable(lan:observed:)``: multicast, broadcast, unspecified, a loopback or
+    /// link-local address of a peer not observed in that scope, a public address that is not the peer's), is
+    /// refused with `protocolViolation` and changes nothing.
     public mutating func register(
         node: NodeID, connection: UInt64, observed: SocketAddress, registration: Registration,
         stunServer: SocketAddress? = nil, now: Duration
     ) -> [Action] {
+        func refuse(_ message: String) -> [Action] {
+            [.send(.error(ErrorReply(requestID: nil, code: RendezvousError.Code.protocolViolation.name, message: message)),
+                   to: node, after: .zero)]
+        }
+        do { try registration.validate() } catch { return refuse(error.message) }
+        if let bad = registration.lanAddresses.first(where: { !CandidateFilter.isPublishable(lan: $0, observed: observed) }) {
+            return refuse("LAN address \(bad) (\(bad.scope)) may not be published by a peer observed at \(observed)")
+        }
         var actions: [Action] = []
         if var existing = peers[node] {
             guard take(&existing, now: now) else {
@@ -226,7 +255,8 @@ public struct RendezvousState: Sendable {
                               to: node, after: .zero)]
             }
             var peer = Peer(connection: connection, observed: observed, registration: registration,
-                            expires: now + configuration.registrationTTL, tokens: configuration.rateBurst, refilled: now)
+                            expires: now + configuration.registrationTTL, tokens: configuration.rateBurst, refilled: now,
+                            targetTokens: configuration.targetRateBurst, targetRefilled: now)
             _ = take(&peer, now: now)
             peers[node] = peer
         }
@@ -286,9 +316,16 @@ public struct RendezvousState: Sendable {
         }
         peers[node] = requester
         guard target != node else { return refuse(.selfTarget, "cannot punch to yourself") }
-        guard let other = peers[target] else {
+        guard var other = peers[target] else {
             return refuse(.unknownTarget, "no peer \(target) is registered at this rendezvous")
         }
+        guard Self.take(&other.targetTokens, &other.targetRefilled, burst: configuration.targetRateBurst,
+                        rate: configuration.targetRatePerSecond, now: now) else {
+            peers[target] = other
+            return refuse(.rateLimited, "peer \(target.short) receives more than \(Int(configuration.targetRateBurst)) "
+                          + "punch requests at once or \(configuration.targetRatePerSecond)/s; retry later")
+        }
+        peers[target] = other
         guard sessions.count < configuration.maxSessions else {
             return refuse(.capacity, "the rendezvous holds its maximum of sessions; retry later")
         }
@@ -392,13 +429,19 @@ public struct RendezvousState: Sendable {
         return nil
     }
 
-    /// Refills the bucket and takes a token; false when empty.
+    /// Refills the peer's own bucket and takes a token; false when empty.
     private func take(_ peer: inout Peer, now: Duration) -> Bool {
-        let elapsed = Double((now - peer.refilled) / .microseconds(1)) / 1_000_000
-        peer.tokens = min(configuration.rateBurst, peer.tokens + max(0, elapsed) * configuration.ratePerSecond)
-        peer.refilled = now
-        guard peer.tokens >= 1 else { return false }
-        peer.tokens -= 1
+        Self.take(&peer.tokens, &peer.refilled, burst: configuration.rateBurst, rate: configuration.ratePerSecond, now: now)
+    }
+
+    /// Refills a token bucket and takes a token; false when empty.
+    private static func take(_ tokens: inout Double, _ refilled: inout Duration, burst: Double, rate: Double,
+                             now: Duration) -> Bool {
+        let elapsed = Double((now - refilled) / .microseconds(1)) / 1_000_000
+        tokens = min(burst, tokens + max(0, elapsed) * rate)
+        refilled = now
+        guard tokens >= 1 else { return false }
+        tokens -= 1
         return true
     }
 }

@@ -67,11 +67,15 @@ public struct NATProfile: Sendable, Hashable, Codable {
     /// Port allocation behaviour.
     public var allocation: PortAllocation
     /// Observed difference between consecutive public ports (sequential allocation); 0 when not known.
+    /// Meaningful values lie in ±``maxPortDelta``; planners must still not trust it (it is a public `var`).
     public var portDelta: Int
     /// How sure discovery is of this profile, in 0...1.
     public var confidence: Double
 
-    /// Creates a profile; `confidence` is clamped into 0...1 (NaN becomes 0).
+    /// The largest meaningful port delta: two ports differ by at most 65535.
+    public static let maxPortDelta = 65535
+
+    /// Creates a profile; `portDelta` is clamped into ±``maxPortDelta`` and `confidence` into 0...1 (NaN becomes 0).
     public init(
         mapping: NATBehavior,
         filtering: NATBehavior,
@@ -82,8 +86,31 @@ public struct NATProfile: Sendable, Hashable, Codable {
         self.mapping = mapping
         self.filtering = filtering
         self.allocation = allocation
-        self.portDelta = portDelta
+        self.portDelta = min(max(portDelta, -Self.maxPortDelta), Self.maxPortDelta)
         self.confidence = confidence.isNaN ? 0 : min(max(confidence, 0), 1)
+    }
+
+    /// Decodes a profile and refuses values no NAT produces: a port delta beyond ±``maxPortDelta``, a confidence
+    /// outside 0...1. Profiles arrive from other peers (through the rendezvous) and from files, so they are
+    /// refused rather than clamped: a sender of nonsense should hear about it.
+    ///
+    /// - Throws: `DecodingError.dataCorrupted` naming the field.
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        let delta = try c.decode(Int.self, forKey: .portDelta)
+        guard (-Self.maxPortDelta...Self.maxPortDelta).contains(delta) else {
+            throw DecodingError.dataCorruptedError(forKey: .portDelta, in: c,
+                                                   debugDescription: "port delta \(delta) is outside ±\(Self.maxPortDelta)")
+        }
+        let confidence = try c.decode(Double.self, forKey: .confidence)
+        guard confidence.isFinite, (0...1).contains(confidence) else {
+            throw DecodingError.dataCorruptedError(forKey: .confidence, in: c,
+                                                   debugDescription: "confidence \(confidence) is outside 0...1")
+        }
+        self.init(mapping: try c.decode(NATBehavior.self, forKey: .mapping),
+                  filtering: try c.decode(NATBehavior.self, forKey: .filtering),
+                  allocation: try c.decode(PortAllocation.self, forKey: .allocation),
+                  portDelta: delta, confidence: confidence)
     }
 
     /// The most plausible profile for a legacy type, for peers that only report the seed's labels.
@@ -98,6 +125,17 @@ public struct NATProfile: Sendable, Hashable, Codable {
         case .unknown: self = .unknown
         }
         if type != .unknown { confidence = 0.5 }
+    }
+
+    /// The public port a sequential NAT would give its `k`-th next mapping after `base`: `base + k·delta` (delta 1
+    /// when unknown), or nil when that is not a port. Never traps, whatever `portDelta` and `k` hold: the delta
+    /// comes from another peer, and a planner must not die of someone else's number.
+    public func predictedPort(after base: UInt16, step k: Int) -> UInt16? {
+        let delta = portDelta == 0 ? 1 : portDelta
+        let (offset, o1) = k.multipliedReportingOverflow(by: delta)
+        let (port, o2) = Int(base).addingReportingOverflow(offset)
+        guard !o1, !o2, (1...65535).contains(port) else { return nil }
+        return UInt16(port)
     }
 
     /// The legacy label: EIM+EIF full cone, EIM+ADF restricted, EIM+APDF port restricted, any

@@ -150,7 +150,8 @@ public struct PunchPlan: Sendable, Hashable, Codable {
     /// Probe packets per second this plan sends, all sockets together.
     public var packetsPerSecond: Double {
         let seconds = interval.seconds
-        return seconds > 0 ? Double(packetsPerRound * localSockets) / seconds : .infinity
+        // Doubles, not Int products: an unvalidated plan may hold any counts, and reading its rate must not trap.
+        return seconds > 0 ? Double(packetsPerRound) * Double(localSockets) / seconds : .infinity
     }
 
     /// Rounds that fit before the timeout (a round that starts after the deadline never runs).
@@ -159,14 +160,16 @@ public struct PunchPlan: Sendable, Hashable, Codable {
         guard usable > 0 else { return 0 }
         let interval = self.interval.seconds
         guard interval > 0 else { return rounds }
-        return min(rounds, Int((usable / interval).rounded(.down)) + 1)
+        // Compared as a Double first: a tiny interval over a long timeout is more rounds than an Int holds.
+        let fit = (usable / interval).rounded(.down)
+        return fit >= Double(rounds) ? rounds : min(rounds, Int(fit) + 1)
     }
 
-    /// Total probe packets the plan may send.
-    public var packetBudget: Int { effectiveRounds * packetsPerRound * localSockets }
+    /// Total probe packets the plan may send (saturating at `Int.max` for absurd, unvalidated plans).
+    public var packetBudget: Int { saturatingProduct(effectiveRounds, packetsPerRound, localSockets) }
 
     /// Distinct remote ports that actually get probed, given the rounds that fit.
-    public var probedPortCount: Int { min(ports.count, effectiveRounds * packetsPerRound) }
+    public var probedPortCount: Int { min(ports.count, saturatingProduct(effectiveRounds, packetsPerRound)) }
 }
 
 /// The core's safety limits. ``PunchPlan/validated(_:)`` clamps every plan into them.
@@ -307,9 +310,10 @@ extension PunchPlan {
 
         if limits.maxPacketsPerSecond > 0, p.packetsPerSecond > limits.maxPacketsPerSecond {
             let before = p.interval
-            let seconds = Double(p.packetsPerRound * p.localSockets) / limits.maxPacketsPerSecond
-            // Round up to whole microseconds so the resulting rate is at or just below the cap.
-            let micros = (seconds * 1_000_000).rounded(.up)
+            let seconds = Double(p.packetsPerRound) * Double(p.localSockets) / limits.maxPacketsPerSecond
+            // Round up to whole microseconds so the resulting rate is at or just below the cap; a cap so low that
+            // the interval leaves Int64 saturates instead of trapping.
+            let micros = min((seconds * 1_000_000).rounded(.up), 9e18)
             p.interval = .microseconds(Int64(micros))
             note("interval", before.formattedMilliseconds, p.interval.formattedMilliseconds,
                  "max \(limits.maxPacketsPerSecond.formatted) packets/s for \(p.packetsPerRound) packets × \(p.localSockets) sockets per round")
@@ -319,10 +323,10 @@ extension PunchPlan {
 }
 
 extension Duration {
-    /// This duration in (fractional) seconds.
+    /// This duration in (fractional) seconds. Computed as a ratio of durations, not from `components`, which
+    /// traps when the whole seconds leave Int64 (e.g. the difference of two extreme durations in an unvalidated plan).
     var seconds: Double {
-        let c = components
-        return Double(c.seconds) + Double(c.attoseconds) / 1e18
+        self / .seconds(1)
     }
 
     /// This duration in (fractional) milliseconds.
@@ -331,10 +335,25 @@ extension Duration {
     /// `250 ms`, `0.5 ms`.
     var formattedMilliseconds: String { "\(milliseconds.formatted) ms" }
 
-    /// A duration from fractional milliseconds (rounded to nanoseconds).
+    /// A duration from fractional milliseconds (rounded to nanoseconds); NaN is zero and values beyond Int64
+    /// nanoseconds (about 292 years) saturate, so no script's number can trap here.
     static func fromMilliseconds(_ ms: Double) -> Duration {
-        .nanoseconds(Int64((ms * 1_000_000).rounded()))
+        let nanos = (ms * 1_000_000).rounded()
+        guard !nanos.isNaN else { return .zero }
+        return .nanoseconds(Int64(min(max(nanos, -9e18), 9e18)))
     }
+}
+
+/// The product of non-negative counts, `Int.max` when it overflows (a negative factor makes it 0).
+func saturatingProduct(_ factors: Int...) -> Int {
+    var product = 1
+    for f in factors {
+        guard f > 0 else { return 0 }
+        let (r, overflow) = product.multipliedReportingOverflow(by: f)
+        if overflow { return .max }
+        product = r
+    }
+    return product
 }
 
 extension Double {

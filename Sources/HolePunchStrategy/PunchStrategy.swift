@@ -106,10 +106,8 @@ public struct DefaultStrategy: PunchStrategy {
         let remote = ctx.remoteNAT
         if remote.mapping != .endpointIndependent, remote.allocation == .sequential,
            let base = ctx.candidatePorts.first {
-            let delta = remote.portDelta == 0 ? 1 : remote.portDelta
             for k in 1...row.parallelPorts {
-                let p = Int(base) + k * delta
-                if (1...65535).contains(p) { specs.append(.port(UInt16(p))) }
+                if let p = remote.predictedPort(after: base, step: k) { specs.append(.port(p)) }
             }
         }
         return PunchPlan(

@@ -115,11 +115,9 @@ public enum NATModel {
             return 1 - Foundation.pow(1 - min(1, n / randomRange), m)
         }
         // Sequential (or unknown allocation): the mapping is base + k·delta for k in 1...spread, uniformly.
-        let delta = remote.portDelta == 0 ? 1 : remote.portDelta
         let set = Set(probed)
-        let hits = (1...sequentialSpread).filter { k in
-            let p = Int(base) + k * delta
-            return (1...65535).contains(p) && set.contains(UInt16(p))
+        let hits = (1...max(1, sequentialSpread)).filter { k in
+            remote.predictedPort(after: base, step: k).map(set.contains) ?? false
         }.count
         return Double(hits) / Double(sequentialSpread)
     }

@@ -38,6 +38,11 @@ struct PeerCommand: AsyncParsableCommand {
     @Option(help: "Punch to this NodeID instead of waiting for punches.")
     var connect: String?
 
+    @Option(name: .customLong("allow"),
+            help: ArgumentHelp("Only this NodeID may make this peer punch (repeatable; default: any registered peer).",
+                               valueName: "nodeid"))
+    var allow: [String] = []
+
     @Flag(inversion: .prefixedNo, help: "Measure this NAT against the rendezvous's STUN responder before waiting or punching.")
     var natDetect = true
 
@@ -62,6 +67,7 @@ struct PeerCommand: AsyncParsableCommand {
         let serverID = try parseNodeID(rendezvousId, what: "--rendezvous-id",
                                        hint: "copy the NodeID printed by `holepunch rendezvous`, or pass @FILE from its --node-id-file")
         let target = try connect.map { try parseNodeID($0, what: "--connect", hint: "copy the NodeID the other peer printed") }
+        let allowed = try Set(allow.map { try parseNodeID($0, what: "--allow", hint: "copy the NodeID the other peer printed") })
         let local: SocketAddress
         if let listen {
             do { local = try SocketAddress(parsing: listen) } catch { throw cliFailure("\(error)", hint: "e.g. --listen 127.0.0.1:0") }
@@ -90,8 +96,10 @@ struct PeerCommand: AsyncParsableCommand {
         }
         let executor = PunchExecutor(endpoint: endpoint, configuration: PunchExecutor.Configuration(strategy: chosen ?? DefaultStrategy()),
                                      logger: logger)
-        let client = RendezvousClient(executor: executor, configuration: RendezvousClientConfiguration(
-            server: server, serverNodeID: serverID, punchTimeout: timeout.map { .seconds($0) }), logger: logger)
+        var clientConfiguration = RendezvousClientConfiguration(server: server, serverNodeID: serverID,
+                                                                punchTimeout: timeout.map { .seconds($0) })
+        clientConfiguration.admission = allowed.isEmpty ? .any : .allowList(allowed)
+        let client = RendezvousClient(executor: executor, configuration: clientConfiguration, logger: logger)
         defer { endpoint.closeSoon() }
 
         let lan: [SocketAddress] = local.isWildcard ? [] : [endpoint.localAddress]

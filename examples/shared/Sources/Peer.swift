@@ -10,8 +10,10 @@ public struct Peer {
     public let client: RendezvousClient
 
     /// Loads or creates the identity, binds the punch socket, registers at the rendezvous.
+    ///
+    /// `allow` lists the NodeIDs that may make this peer punch; empty admits any registered peer.
     public static func start(rendezvous: String, rendezvousID: String, identity path: String, strategy: String?,
-                      listen: String) async throws -> Peer {
+                      listen: String, allow: [String] = []) async throws -> Peer {
         let server: SocketAddress, local: SocketAddress
         do { server = try SocketAddress(parsing: rendezvous) } catch {
             throw fail("--rendezvous: \(error)", hint: "a numeric HOST:PORT such as 127.0.0.1:3478")
@@ -20,6 +22,7 @@ public struct Peer {
             throw fail("--listen: \(error)", hint: "a numeric HOST:PORT such as 0.0.0.0:0")
         }
         let serverID = try nodeID(rendezvousID, what: "--rendezvous-id")
+        let allowed = try Set(allow.map { try nodeID($0, what: "--allow") })
         let identity: Identity
         do {
             if FileManager.default.fileExists(atPath: path) {
@@ -46,8 +49,10 @@ public struct Peer {
             chosen = loaded
         }
         let executor = PunchExecutor(endpoint: endpoint, configuration: PunchExecutor.Configuration(strategy: chosen))
-        let client = RendezvousClient(executor: executor,
-                                      configuration: RendezvousClientConfiguration(server: server, serverNodeID: serverID))
+        var configuration = RendezvousClientConfiguration(server: server, serverNodeID: serverID)
+        // Who may make us punch: a stranger on a public rendezvous could otherwise point our probes at will.
+        configuration.admission = allowed.isEmpty ? .any : .allowList(allowed)
+        let client = RendezvousClient(executor: executor, configuration: configuration)
         // A specific listen IP is worth publishing: a peer behind the same NAT can reach it directly.
         let lan = local.ipBytes.allSatisfy { $0 == 0 } ? [] : [endpoint.localAddress]
         do {
@@ -139,6 +144,10 @@ public struct PeerOptions: ParsableArguments {
     @Option(help: "Local address of the punch socket.")
     public var listen = "0.0.0.0:0"
 
+    @Option(name: .customLong("allow"),
+            help: ArgumentHelp("Only this NodeID may make this peer punch (repeatable; default: any).", valueName: "nodeid"))
+    public var allow: [String] = []
+
     /// Creates the options (ArgumentParser fills them in).
     public init() {}
 
@@ -147,6 +156,6 @@ public struct PeerOptions: ParsableArguments {
         // A peer that vanishes must give us an error, not kill us with SIGPIPE.
         signal(SIGPIPE, SIG_IGN)
         return try await Peer.start(rendezvous: rendezvous, rendezvousID: rendezvousId, identity: identity,
-                                    strategy: strategy, listen: listen)
+                                    strategy: strategy, listen: listen, allow: allow)
     }
 }

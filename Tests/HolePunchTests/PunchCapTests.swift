@@ -1,0 +1,51 @@
+import Testing
+@testable import HolePunch
+
+@Suite("Punch caps: one peer cannot hold every punch slot of a process", .serialized)
+struct PunchCapTests {
+    func options(_ i: Int, peer: NodeID, port: UInt16) -> PunchOptions {
+        PunchOptions(targetHost: "127.0.0.1", targetPorts: [port], sessionID: "cap\(i)", sessionKey: sessionKey(),
+                     punchTime: .after(.seconds(60)), role: .initiator, targetNodeID: peer)
+    }
+
+    @Test("the ninth concurrent punch to one peer fails at once with tooManyPunches (default 8 per peer)")
+    func perPeerCap() async throws {
+        let endpoint = try await bindEndpoint(PunchIdentities.a)
+        let executor = PunchExecutor(endpoint: endpoint)
+        let port = unusedPort()
+        var handles: [PunchHandle] = []
+        for i in 1...9 { handles.append(await executor.startPunch(options(i, peer: PunchIdentities.b.nodeID, port: port))) }
+        #expect(await executor.activePunches().count == 8)
+        // Another peer still gets a slot.
+        let other = await executor.startPunch(options(10, peer: PunchIdentities.c.nodeID, port: port))
+        #expect(await executor.activePunches().count == 9)
+        await executor.shutdown()
+        if case .failure(let error) = await handles[8].result() {
+            #expect(error.code.rawValue == "tooManyPunches")
+        } else {
+            Issue.record("the ninth punch succeeded")
+        }
+        if case .failure(let error) = await other.result() { #expect(error.code == .cancelled) }
+        await endpoint.close()
+    }
+
+    @Test("the process-wide cap: with maxConcurrentPunches 3, the fourth punch fails with tooManyPunches")
+    func processCap() async throws {
+        let endpoint = try await bindEndpoint(PunchIdentities.a)
+        var configuration = PunchExecutor.Configuration()
+        configuration.maxConcurrentPunches = 3
+        let executor = PunchExecutor(endpoint: endpoint, configuration: configuration)
+        let port = unusedPort()
+        let peers = [PunchIdentities.a, PunchIdentities.b, PunchIdentities.c].map(\.nodeID)
+        for i in 0..<3 { _ = await executor.startPunch(options(i, peer: peers[i], port: port)) }
+        let fourth = await executor.startPunch(options(3, peer: PunchIdentities.b.nodeID, port: port))
+        if case .failure(let error) = await fourth.result() {
+            #expect(error.code == .tooManyPunches)
+        } else {
+            Issue.record("the fourth punch succeeded")
+        }
+        #expect(await executor.activePunches().count == 3)
+        await executor.shutdown()
+        await endpoint.close()
+    }
+}
