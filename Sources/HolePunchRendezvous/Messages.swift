@@ -30,12 +30,12 @@ public struct Registered: Codable, Sendable, Hashable {
         try validate()
     }
 
-    /// Checks the timers against ``RendezvousLimits``.
+    /// Checks the timers against ``RendezvousMessageLimits``.
     ///
     /// - Throws: ``RendezvousError`` `protocolViolation` naming the field.
     public func validate() throws(RendezvousError) {
-        try RendezvousLimits.check("ttlMilliseconds", ttlMilliseconds, RendezvousLimits.ttlMilliseconds)
-        try RendezvousLimits.check("keepAliveMilliseconds", keepAliveMilliseconds, 1...ttlMilliseconds)
+        try RendezvousMessageLimits.check("ttlMilliseconds", ttlMilliseconds, RendezvousMessageLimits.ttlMilliseconds)
+        try RendezvousMessageLimits.check("keepAliveMilliseconds", keepAliveMilliseconds, 1...ttlMilliseconds)
     }
 }
 
@@ -60,13 +60,13 @@ public struct Registration: Codable, Sendable, Hashable {
         try validate()
     }
 
-    /// Checks the counts against ``RendezvousLimits`` and the NAT profile's ranges. Which addresses may be
+    /// Checks the counts against ``RendezvousMessageLimits`` and the NAT profile's ranges. Which addresses may be
     /// published is the server's decision, against the observed address (``CandidateFilter/isPublishable(lan:observed:)``).
     ///
     /// - Throws: ``RendezvousError`` `protocolViolation` naming the field.
     public func validate() throws(RendezvousError) {
-        try RendezvousLimits.check("lanAddresses count", lanAddresses.count, 0...RendezvousLimits.maxLANAddresses)
-        if let nat { try RendezvousLimits.check(nat) }
+        try RendezvousMessageLimits.check("lanAddresses count", lanAddresses.count, 0...RendezvousMessageLimits.maxLANAddresses)
+        if let nat { try RendezvousMessageLimits.check(nat) }
     }
 }
 
@@ -127,20 +127,20 @@ public struct Coordinate: Codable, Sendable, Hashable {
         try validate()
     }
 
-    /// Checks every field against ``RendezvousLimits``: session id and key, candidate count, NAT profile, start
+    /// Checks every field against ``RendezvousMessageLimits``: session id and key, candidate count, NAT profile, start
     /// delay and RTT. Which candidates may be probed is decided later, against this side's own addresses
     /// (``CandidateFilter``).
     ///
     /// - Throws: ``RendezvousError`` `protocolViolation` naming the field.
     public func validate() throws(RendezvousError) {
-        try RendezvousLimits.checkSessionID(sessionID)
-        try RendezvousLimits.check("sessionKey length", sessionKey.count, RendezvousLimits.sessionKeyLength)
-        try RendezvousLimits.check("candidates count", candidates.count, 1...RendezvousLimits.maxCandidates)
-        try RendezvousLimits.check(peerNAT)
-        try RendezvousLimits.check("startDelayMicroseconds", startDelayMicroseconds,
-                                   0...RendezvousLimits.maxStartDelayMicroseconds)
+        try RendezvousMessageLimits.checkSessionID(sessionID)
+        try RendezvousMessageLimits.check("sessionKey length", sessionKey.count, RendezvousMessageLimits.sessionKeyLength)
+        try RendezvousMessageLimits.check("candidates count", candidates.count, 1...RendezvousMessageLimits.maxCandidates)
+        try RendezvousMessageLimits.check(peerNAT)
+        try RendezvousMessageLimits.check("startDelayMicroseconds", startDelayMicroseconds,
+                                   0...RendezvousMessageLimits.maxStartDelayMicroseconds)
         if let rtt = peerRTTMicroseconds {
-            try RendezvousLimits.check("peerRTTMicroseconds", rtt, 0...RendezvousLimits.maxRTTMicroseconds)
+            try RendezvousMessageLimits.check("peerRTTMicroseconds", rtt, 0...RendezvousMessageLimits.maxRTTMicroseconds)
         }
     }
 }
@@ -169,12 +169,12 @@ public struct ErrorReply: Codable, Sendable, Hashable {
         try validate()
     }
 
-    /// Checks the string lengths against ``RendezvousLimits``.
+    /// Checks the string lengths against ``RendezvousMessageLimits``.
     ///
     /// - Throws: ``RendezvousError`` `protocolViolation` naming the field.
     public func validate() throws(RendezvousError) {
-        try RendezvousLimits.check("code length", code.utf8.count, 1...RendezvousLimits.maxCodeLength)
-        try RendezvousLimits.check("message length", message.utf8.count, 0...RendezvousLimits.maxMessageLength)
+        try RendezvousMessageLimits.check("code length", code.utf8.count, 1...RendezvousMessageLimits.maxCodeLength)
+        try RendezvousMessageLimits.check("message length", message.utf8.count, 0...RendezvousMessageLimits.maxMessageLength)
     }
 }
 
@@ -222,10 +222,10 @@ extension ClientMessage {
         case .keepAlive, .requestPunch, .pong:
             break
         case .coordinateAck(let sessionID):
-            try RendezvousLimits.checkSessionID(sessionID)
+            try RendezvousMessageLimits.checkSessionID(sessionID)
         case .punchResult(let sessionID, let outcome):
-            try RendezvousLimits.checkSessionID(sessionID)
-            try RendezvousLimits.check("outcome length", outcome.utf8.count, 1...RendezvousLimits.maxCodeLength)
+            try RendezvousMessageLimits.checkSessionID(sessionID)
+            try RendezvousMessageLimits.check("outcome length", outcome.utf8.count, 1...RendezvousMessageLimits.maxCodeLength)
         }
     }
 }
@@ -247,7 +247,7 @@ extension ServerMessage {
 /// The ranges every value of the rendezvous protocol must lie in. Both sides check them where a message is
 /// decoded (``RendezvousFraming/decode(_:from:)``), so a value outside them never reaches a planner, a timer or a
 /// log line: the message is refused with ``RendezvousError/Code/protocolViolation``.
-public enum RendezvousLimits {
+public enum RendezvousMessageLimits {
     /// Most LAN addresses one registration may publish.
     public static let maxLANAddresses = 8
     /// Most candidates in a coordinate message: the observed address plus the LAN addresses.
@@ -316,7 +316,7 @@ public enum RendezvousFraming {
     }
 
     /// Decodes one message body and validates it: the structs check their fields as they are decoded, and a
-    /// ``ClientMessage`` or ``ServerMessage`` is checked as a whole (``RendezvousLimits``).
+    /// ``ClientMessage`` or ``ServerMessage`` is checked as a whole (``RendezvousMessageLimits``).
     ///
     /// - Throws: ``RendezvousError`` `protocolViolation`, naming the field when a value is out of range.
     public static func decode<M: Decodable>(_ type: M.Type, from body: [UInt8]) throws(RendezvousError) -> M {

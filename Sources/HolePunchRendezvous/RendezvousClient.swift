@@ -113,7 +113,7 @@ public actor RendezvousClient {
     /// Target-role coordinate messages refused so far (by ``RendezvousClientConfiguration/admission``, or because
     /// none of the requester's candidates may be probed).
     public private(set) var refusedCoordinates = 0
-    /// Messages from the rendezvous dropped because they failed validation (``RendezvousLimits``).
+    /// Messages from the rendezvous dropped because they failed validation (``RendezvousMessageLimits``).
     public private(set) var invalidMessages = 0
     /// The last confirmation from the server.
     public private(set) var registered: Registered?
@@ -279,7 +279,7 @@ public actor RendezvousClient {
         let usable = filter.permitted(coordinate.candidates)
         guard var chosen = usable.first else {
             throw PunchError(code: .refused, message: "none of the peer's candidates may be probed from here: "
-                             + coordinate.candidates.prefix(RendezvousLimits.maxCandidates).map(\.description).joined(separator: ", "))
+                             + coordinate.candidates.prefix(RendezvousMessageLimits.maxCandidates).map(\.description).joined(separator: ", "))
         }
         if let mine = registered?.observedAddress, chosen.ip == mine.ip, usable.count > 1 {
             chosen = usable[1]

@@ -45,7 +45,7 @@ func decodeResult<M: Decodable>(_ type: M.Type, _ body: [UInt8]) -> Result<M, Re
     Result { () throws(RendezvousError) in try RendezvousFraming.decode(type, from: body) }
 }
 
-@Suite("Decoders: random and extreme wire values give a typed error or a message within RendezvousLimits")
+@Suite("Decoders: random and extreme wire values give a typed error or a message within RendezvousMessageLimits")
 struct DecoderPropertyTests {
     /// Counts the inputs that passed validation, so a test can show its success branch ran at all.
     final class Counter: Sendable {
@@ -101,9 +101,9 @@ struct DecoderPropertyTests {
             accepted.add()
             #expect(abs(c.peerNAT.portDelta) <= NATProfile.maxPortDelta)
             #expect((0...1).contains(c.peerNAT.confidence))
-            #expect((0...RendezvousLimits.maxStartDelayMicroseconds).contains(c.startDelayMicroseconds))
-            #expect((1...RendezvousLimits.maxCandidates).contains(c.candidates.count))
-            #expect(RendezvousLimits.sessionKeyLength.contains(c.sessionKey.count))
+            #expect((0...RendezvousMessageLimits.maxStartDelayMicroseconds).contains(c.startDelayMicroseconds))
+            #expect((1...RendezvousMessageLimits.maxCandidates).contains(c.candidates.count))
+            #expect(RendezvousMessageLimits.sessionKeyLength.contains(c.sessionKey.count))
             let permitted = filter.permitted(c.candidates)
             #expect(permitted.allSatisfy { !$0.scope.isNeverAProbeTarget && $0.scope != .loopback })
             let ctx = PunchContext(localNAT: .portRestricted, remoteNAT: c.peerNAT,
@@ -139,7 +139,7 @@ struct DecoderPropertyTests {
                 Issue.record("decoded as \(decoded)")
                 return
             }
-            #expect(r.lanAddresses.count <= RendezvousLimits.maxLANAddresses)
+            #expect(r.lanAddresses.count <= RendezvousMessageLimits.maxLANAddresses)
             var state = RendezvousState()
             let actions = state.register(node: node(1), connection: 1, observed: observed, registration: r, now: .zero)
             if let peer = state.peer(node(1)) {
@@ -159,9 +159,9 @@ struct DecoderPropertyTests {
             switch decodeResult(ClientMessage.self, body) {
             case .success(let message):
                 guard case .punchResult(let id, let text) = message else { return }
-                #expect((1...RendezvousLimits.maxSessionIDLength).contains(id.utf8.count))
+                #expect((1...RendezvousMessageLimits.maxSessionIDLength).contains(id.utf8.count))
                 #expect(!id.contains(":"))
-                #expect((1...RendezvousLimits.maxCodeLength).contains(text.utf8.count))
+                #expect((1...RendezvousMessageLimits.maxCodeLength).contains(text.utf8.count))
             case .failure(let error):
                 #expect(error.code == .protocolViolation)
             }

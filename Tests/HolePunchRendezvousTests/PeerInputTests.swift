@@ -48,7 +48,7 @@ struct PeerInputTests {
     }
 }
 
-@Suite("Peer input: decoders refuse values outside RendezvousLimits")
+@Suite("Peer input: decoders refuse values outside RendezvousMessageLimits")
 struct DecoderLimitTests {
     func refused(_ bytes: [UInt8]) -> Bool {
         do {
