@@ -6,7 +6,7 @@ extension LuaStrategy.Limits {
     /// again (at least 20 ms) for the sandbox to notice the deadline, unwind and hand the result back.
     /// The sandbox stops calls at the time limit itself (count hook, bounded library calls, large
     /// allocations); this bound is what holds if some single step inside Lua still runs long.
-    var abandonAfter: Duration { timeLimit + max(timeLimit, .milliseconds(20)) }
+    var abandonAfter: Duration { abandonAfterOverride ?? timeLimit + max(timeLimit, .milliseconds(20)) }
 }
 
 /// The result of one call, delivered exactly once: by the engine when the call returns, or by the
@@ -82,12 +82,12 @@ extension LuaEngine {
                 slot.resolve(outcome)
             }
             DispatchQueue.global().asyncAfter(deadline: .now() + wait.timeInterval) { [weak self] in
-                guard let self else { return }
-                let abandoned = slot.resolve(.failure(self.abandoned(hook, after: wait)))
-                if abandoned {
-                    // Only a call that is still executing keeps the state busy; one still queued will skip.
-                    self.stateLock.withLock { if self.running { self.overrun = true } }
-                }
+                guard let self, !slot.isResolved else { return }
+                // Mark the state busy before the caller hears of it, so its next call already fails fast.
+                // Only a call that is still executing keeps the state busy; one still queued will skip.
+                // If the call ends in between, it clears the mark itself (under the same lock).
+                self.stateLock.withLock { if self.running { self.overrun = true } }
+                slot.resolve(.failure(self.abandoned(hook, after: wait)))
             }
         }
         return try result.get()

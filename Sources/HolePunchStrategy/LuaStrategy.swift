@@ -28,6 +28,9 @@ public final class LuaStrategy: PunchStrategy, @unchecked Sendable {
         public var memoryLimit: Int
         /// Wall-clock time allowed per hook call.
         public var timeLimit: Duration
+        /// Tests only: how long a caller waits before abandoning a call, instead of `abandonAfter`'s rule,
+        /// so that the abandon path can be exercised with a script the sandbox would stop in time.
+        var abandonAfterOverride: Duration?
 
         /// Creates limits; the defaults are 1,000,000 instructions, 8 MiB and 100 ms. Values are kept
         /// within sane bounds: at least 1 instruction, 64 KiB (a bare state needs about 20 KiB) and 1 ms;
@@ -102,6 +105,9 @@ public final class LuaStrategy: PunchStrategy, @unchecked Sendable {
     }
 
     private var current: LuaEngine { lock.withLock { engine } }
+
+    /// The engine in force, for tests that wait on its queue.
+    var engineForTesting: LuaEngine { current }
 
     /// Runs the script's `plan(ctx)`. Missing fields take the built-in default plan's values for `ctx`.
     public func plan(_ ctx: PunchContext) throws(StrategyError) -> PunchPlan {

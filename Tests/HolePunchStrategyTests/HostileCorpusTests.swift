@@ -1,0 +1,120 @@
+import Foundation
+import Testing
+@testable import HolePunchStrategy
+
+extension LuaTests {
+    /// The hostile corpus in `strategies/hostile/`: scripts that do their work inside single calls into Lua's C
+    /// library (or single VM instructions), where the count hook never fires. Each must end with a typed
+    /// budget, time or memory error, promptly, on the executor's path and under `strategy check`.
+    @Suite struct HostileCorpus {
+        static let directory = LuaTests.repoRoot.appendingPathComponent("strategies/hostile")
+        static var files: [String] {
+            let names = (try? FileManager.default.contentsOfDirectory(atPath: directory.path)) ?? []
+            return names.filter { $0.hasSuffix(".lua") }.sorted()
+        }
+
+        /// Far above the "about twice the limit" the sandbox achieves (see the report's table); only a hang
+        /// or a call that runs for many limits fails it, not a slow machine.
+        static let generousBound: Duration = .seconds(5)
+
+        @Test func theCorpusIsThere() {
+            #expect(Self.files.count >= 15, "\(Self.files)")
+        }
+
+        @Test(arguments: HostileCorpus.files)
+        func endsWithATypedAbortOnTheExecutorPath(_ name: String) async throws {
+            let path = Self.directory.appendingPathComponent(name).path
+            let logs = CapturedLogs()
+            let strategy = FallbackStrategy.loading(path: path, logger: logs.logger)
+            let clock = ContinuousClock()
+            let start = clock.now
+            let plan = await strategy.detachedPlan(LuaTests.ctx)
+            let elapsed = clock.now - start
+            #expect(plan == DefaultStrategy().plan(LuaTests.ctx))
+            let error = try #require(strategy.lastError)
+            #expect(error.isSandboxAbort, "\(error)")
+            #expect(error.file == path)
+            #expect(error.line != nil, "no line in \(error)")
+            #expect(elapsed < Self.generousBound, "\(name) took \(elapsed)")
+            // A script that fails at run time is a warning, not a debug note.
+            #expect(logs.all.contains { $0.0 == .warning && $0.2["strategy.error.code"]?.description == error.code.rawValue })
+        }
+
+        @Test(arguments: HostileCorpus.files)
+        func endsWithATypedAbortOnTheSynchronousPath(_ name: String) throws {
+            let path = Self.directory.appendingPathComponent(name).path
+            let error: StrategyError
+            do {
+                let strategy = try LuaStrategy(path: path)
+                _ = try strategy.plan(LuaTests.ctx)
+                Issue.record("\(name) planned without an error")
+                return
+            } catch let e {
+                error = e
+            }
+            #expect(error.isSandboxAbort, "\(error)")
+            #expect(error.line != nil, "no line in \(error)")
+        }
+
+        @Test(arguments: HostileCorpus.files)
+        func theCheckerReportsEachFileAsFailing(_ name: String) {
+            let path = Self.directory.appendingPathComponent(name).path
+            let errors: [StrategyError]
+            do {
+                errors = StrategyCheck.run(try LuaStrategy(path: path), file: path)
+            } catch let e {
+                errors = [e]
+            }
+            #expect(errors.count == 1, "\(errors)")
+            #expect(errors.first?.isSandboxAbort == true, "\(errors)")
+            #expect(errors.first?.description.hasPrefix(path + ":") == true, "\(errors)")
+        }
+
+        @Test func everyShippedStrategyPassesTheChecker() throws {
+            let dir = LuaTests.repoRoot.appendingPathComponent("strategies")
+            let shipped = try FileManager.default.contentsOfDirectory(atPath: dir.path).filter { $0.hasSuffix(".lua") }
+            #expect(shipped.count >= LuaTests.shipped.count)
+            for name in shipped {
+                let path = dir.appendingPathComponent(name).path
+                let errors = StrategyCheck.run(try LuaStrategy(path: path), file: path)
+                #expect(errors.isEmpty, "\(name): \(errors)")
+            }
+        }
+
+        @Test func anOverrunningCallIsAbandonedAndTheStrategyRecovers() async throws {
+            // A wait shorter than the time limit stands in for a step the sandbox cannot interrupt in time.
+            var limits = LuaStrategy.Limits(instructionBudget: Int.max / 2, timeLimit: .milliseconds(500))
+            limits.abandonAfterOverride = .milliseconds(30)
+            let strategy = try LuaStrategy(source: """
+                local first = true
+                return { plan = function(ctx)
+                    if first then
+                        first = false
+                        while true do end
+                    end
+                    return { ports = ctx.ports }
+                end }
+                """, chunkName: "overrun.lua", limits: limits)
+            let abandoned = await #expect(throws: StrategyError.self) { _ = try await strategy.detachedPlan(LuaTests.ctx) }
+            #expect(abandoned?.code == .timeLimitExceeded)
+            #expect(abandoned?.message.contains("abandoned") == true, "\(String(describing: abandoned))")
+            #expect(abandoned?.line == 5, "\(String(describing: abandoned))")
+            // While the abandoned call is being stopped, calls fail at once rather than queue behind it.
+            let busy = await #expect(throws: StrategyError.self) { _ = try await strategy.detachedPlan(LuaTests.ctx) }
+            #expect(busy?.code == .timeLimitExceeded)
+            #expect(busy?.message.contains("still stopping") == true, "\(String(describing: busy))")
+            // Once the sandbox has stopped it (at the time limit), the strategy answers again.
+            try await Self.waitUntilIdle(strategy)
+            let plan = try await strategy.detachedPlan(LuaTests.ctx)
+            #expect(Array(plan.ports) == [50000, 50100])
+        }
+
+        /// Waits (event, not sleep) until the strategy's queue has finished what it was running.
+        static func waitUntilIdle(_ strategy: LuaStrategy) async throws {
+            let engine = strategy.engineForTesting
+            await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+                engine.queue.async { c.resume() }
+            }
+        }
+    }
+}
