@@ -37,6 +37,7 @@ struct hp_lua {
     size_t limit;
     size_t used;
     int headroom;        // 1 outside protected calls: Swift-side pushes must never fail
+    int in_call;         // 1 between hp_begin and hp_end: the budget and the deadline are those of this call
     int abort_reason;    // HP_LUA_ABORT_*, sticky for the duration of one call
     int64_t budget;      // instructions allowed in this call
     int64_t spent;       // instructions counted so far (in hook granules)
@@ -87,13 +88,16 @@ static void *hp_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
         // to what it allocates: charge it, and let large allocations stop a call that is out of budget or
         // time without waiting for the next hook granule.
         h->spent += (int64_t)((nsize - old) / 64);
-        if (nsize - old >= HP_BIG_ALLOC && h->abort_reason == HP_LUA_ABORT_NONE) {
-            if (h->spent >= h->budget) {
-                h->abort_reason = HP_LUA_ABORT_BUDGET;
-                return NULL;
+        if (nsize - old >= HP_BIG_ALLOC && h->in_call) {
+            if (h->abort_reason == HP_LUA_ABORT_NONE) {
+                if (h->spent >= h->budget) {
+                    h->abort_reason = HP_LUA_ABORT_BUDGET;
+                } else if (hp_now_ns() >= h->deadline_ns) {
+                    h->abort_reason = HP_LUA_ABORT_TIME;
+                }
             }
-            if (hp_now_ns() >= h->deadline_ns) {
-                h->abort_reason = HP_LUA_ABORT_TIME;
+            // Keep refusing: Lua retries a failed allocation once after a full collection.
+            if (h->abort_reason == HP_LUA_ABORT_BUDGET || h->abort_reason == HP_LUA_ABORT_TIME) {
                 return NULL;
             }
         }
@@ -863,12 +867,14 @@ static void hp_begin(hp_lua *h, int64_t budget, int64_t time_limit_ns) {
     h->load_bytes = 0;
     atomic_store_explicit(&h->last_line, 0, memory_order_relaxed);
     h->headroom = 0;
+    h->in_call = 1;
     lua_sethook(h->L, hp_hook, LUA_MASKCOUNT, h->granularity);
 }
 
 static void hp_end(hp_lua *h, int status) {
     lua_sethook(h->L, NULL, 0, 0);
     h->headroom = 1;
+    h->in_call = 0;
     if (status != LUA_OK) {
         // Drop whatever a failed call piled up, so the next call starts with its full memory allowance.
         lua_gc(h->L, LUA_GCCOLLECT, 0);

@@ -81,6 +81,18 @@ extension LuaTests {
             }
         }
 
+        @Test func aLargeScriptStillLoadsAndPlans() throws {
+            // Large allocations check the budget and the clock only inside a call: compiling a script (and
+            // its 200 KB literal) happens before any call and must not trip over the previous call's values.
+            let big = String(repeating: "x", count: 200_000)
+            let s = try LuaStrategy(source: "local big = '\(big)'\n" + LuaTests.minimal)
+            #expect(Array(try s.plan(LuaTests.ctx).ports) == [50000, 50100])
+            let t = try LuaStrategy(source: LuaTests.minimal)
+            _ = try t.plan(LuaTests.ctx)
+            try t.reload(source: "local big = '\(big)'\n" + LuaTests.minimal)
+            #expect(Array(try t.plan(LuaTests.ctx).ports) == [50000, 50100])
+        }
+
         @Test func anOverrunningCallIsAbandonedAndTheStrategyRecovers() async throws {
             // A wait shorter than the time limit stands in for a step the sandbox cannot interrupt in time.
             var limits = LuaStrategy.Limits(instructionBudget: Int.max / 2, timeLimit: .milliseconds(500))
