@@ -131,12 +131,17 @@ public final class LuaStrategy: PunchStrategy, @unchecked Sendable {
 
     /// ``onProbe(_:_:)`` on the strategy's own queue, with the same bound.
     public func detachedOnProbe(_ ctx: PunchContext, _ event: ProbeEvent) async throws(StrategyError) -> PunchPlan? {
-        try await current.detached(hook: "on_probe") { (e) throws(StrategyError) in try e.onProbe(ctx, event) }
+        let engine = current
+        // Most scripts have no on_probe: skip the queue hop and the timer for every round of every punch.
+        guard engine.hasOnProbe else { return nil }
+        return try await engine.detached(hook: "on_probe") { (e) throws(StrategyError) in try e.onProbe(ctx, event) }
     }
 
     /// ``onResult(_:_:)`` on the strategy's own queue, with the same bound.
     public func detachedOnResult(_ ctx: PunchContext, _ outcome: PunchOutcome) async throws(StrategyError) {
-        try await current.detached(hook: "on_result") { (e) throws(StrategyError) in try e.onResult(ctx, outcome) }
+        let engine = current
+        guard engine.hasOnResult else { return }
+        try await engine.detached(hook: "on_result") { (e) throws(StrategyError) in try e.onResult(ctx, outcome) }
     }
 }
 

@@ -81,6 +81,27 @@ extension LuaTests {
             }
         }
 
+        @Test func hostileOnProbeAndOnResultAreContainedToo() async throws {
+            let logs = CapturedLogs()
+            let strategy = FallbackStrategy.loading(source: """
+                return {
+                    plan = function(ctx) return { ports = ctx.ports } end,
+                    on_probe = function(ctx, ev) return { ports = { string.rep('', 1 << 40) } } end,
+                    on_result = function(ctx, r) table.move({}, 1, 1 << 40, 1) end,
+                }
+                """, chunkName: "hooks.lua", logger: logs.logger)
+            let event = ProbeEvent(round: 1, elapsed: .milliseconds(10), probesSent: 1, answeredPorts: [],
+                                   unreachablePorts: [], currentPlan: DefaultStrategy().plan(LuaTests.ctx))
+            #expect(await strategy.detachedOnProbe(LuaTests.ctx, event) == nil)
+            #expect(strategy.lastError?.code == .instructionBudgetExceeded)
+            #expect(strategy.lastError?.line == 3, "\(String(describing: strategy.lastError))")
+            await strategy.detachedOnResult(LuaTests.ctx, .failure(code: .timeout, rounds: 1))
+            #expect(strategy.lastError?.code == .instructionBudgetExceeded)
+            #expect(strategy.lastError?.line == 4, "\(String(describing: strategy.lastError))")
+            #expect(strategy.fallbackCount == 2)
+            #expect(logs.all.filter { $0.0 == .warning }.count == 2)
+        }
+
         @Test func aLargeScriptStillLoadsAndPlans() throws {
             // Large allocations check the budget and the clock only inside a call: compiling a script (and
             // its 200 KB literal) happens before any call and must not trip over the previous call's values.
