@@ -273,10 +273,10 @@ public actor PunchExecutor {
         var plan: PunchPlan
         var strategyName = strategy.name
         do {
-            // Off the actor: a slow script must not hold up other punches (a Lua call is abandoned after its time limit).
+            // Off the actor: a slow script must not hold up other punches (Lua calls are abandoned when they overrun).
             plan = try await strategy.detachedPlan(context)
         } catch {
-            // A strategy never breaks a punch: fall back to the built-in plan and say why (a warning: the script is broken).
+            // A strategy never breaks a punch: fall back to the built-in plan and say why, as a warning (it is broken).
             logger.warning("strategy failed, using the built-in default plan", metadata: [
                 "punch.id": "\(id)", "strategy": "\(strategy.name)", "error": "\(error)",
             ])
@@ -284,6 +284,7 @@ public actor PunchExecutor {
             plan = DefaultStrategy().plan(context)
             strategyName = "builtin-default"
         }
+        // The plan was awaited: another start for the same session may have got in meanwhile.
         guard bySession[options.sessionID] == nil else {
             throw PunchError(code: .invalidOptions, message: "session \(options.sessionID) is already being punched")
         }
