@@ -351,12 +351,41 @@ static void hp_check_result_size(lua_State *L, double bytes, const char *fn) {
     }
 }
 
+// Whether `msg` starts with a `chunk:line:` position.
+static int hp_has_position(const char *msg) {
+    const char *colon = strchr(msg, ':');
+    if (colon == NULL || colon[1] < '0' || colon[1] > '9') return 0;
+    const char *p = colon + 1;
+    while (*p >= '0' && *p <= '9') p++;
+    return *p == ':';
+}
+
+// Calls the function below the top `nargs` values, all results kept. Called from a wrapper, the original
+// would report errors without a position and as "bad argument #1 to '?'" (Lua names functions by how they
+// were called); its own errors get the wrapper's name and the calling line back. Sandbox aborts, memory
+// errors and errors that already carry a position (from Lua callbacks) pass through unchanged.
+static void hp_call_original(lua_State *L, int nargs) {
+    int st = lua_pcall(L, nargs, LUA_MULTRET, 0);
+    if (st == LUA_OK) {
+        return;
+    }
+    if (st == LUA_ERRMEM || hp_from(L)->abort_reason != HP_LUA_ABORT_NONE || lua_type(L, -1) != LUA_TSTRING ||
+        hp_has_position(lua_tostring(L, -1))) {
+        lua_error(L);
+    }
+    const char *full = lua_tostring(L, lua_upvalueindex(2));
+    const char *dot = full ? strrchr(full, '.') : NULL;
+    lua_pushfstring(L, "'%s'", dot ? dot + 1 : (full ? full : "?"));
+    luaL_gsub(L, lua_tostring(L, -2), "'?'", lua_tostring(L, -1));
+    hp_raise_at(L, 1, lua_tostring(L, -1));
+}
+
 // Calls the original function (upvalue 1) with the wrapper's arguments, returning all its results.
 static int hp_forward(lua_State *L) {
     int n = lua_gettop(L);
     lua_pushvalue(L, lua_upvalueindex(1));
     lua_insert(L, 1);
-    lua_call(L, n, LUA_MULTRET);
+    hp_call_original(L, n);
     return lua_gettop(L);
 }
 
@@ -409,7 +438,7 @@ static int hp_sb_find(lua_State *L) {
     lua_pushvalue(L, 2);
     lua_pushinteger(L, init);
     lua_pushboolean(L, 1);
-    lua_call(L, 4, LUA_MULTRET);
+    hp_call_original(L, 4);
     return lua_gettop(L) - 2;
 }
 

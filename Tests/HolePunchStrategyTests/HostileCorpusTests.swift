@@ -102,6 +102,21 @@ extension LuaTests {
             #expect(logs.all.filter { $0.0 == .warning }.count == 2)
         }
 
+        @Test(arguments: [
+            ("local x = string.sub()", "bad argument #1 to 'sub'"),
+            ("local x = table.concat({1, {}, 3})", "for 'concat'"),
+            ("local x = ('x'):rep('a')", "to 'rep'"),
+            ("table.sort({3, 1, 2}, function(a, b) error('boom') end)", "boom"),
+        ])
+        func ordinaryErrorsInBoundedCallsKeepTheirPositionAndName(_ body: String, _ expected: String) throws {
+            // The bounded wrappers call the original functions from C; their errors must still read as before.
+            let s = try LuaStrategy(source: LuaTests.Hostile.planBody(body), chunkName: "plain.lua")
+            let e = try #require(throws: StrategyError.self) { _ = try s.plan(LuaTests.ctx) }
+            #expect(e.code == .runtime)
+            #expect(e.line == 2, "\(e)")
+            #expect(e.message.contains(expected), "\(e)")
+        }
+
         @Test func aLargeScriptStillLoadsAndPlans() throws {
             // Large allocations check the budget and the clock only inside a call: compiling a script (and
             // its 200 KB literal) happens before any call and must not trip over the previous call's values.
