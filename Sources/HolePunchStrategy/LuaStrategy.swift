@@ -22,11 +22,13 @@ extension Logger {
 public final class LuaStrategy: PunchStrategy, @unchecked Sendable {
     /// Per-state resource limits.
     public struct Limits: Sendable, Hashable {
-        /// Lua VM instructions allowed per hook call (counted by a count hook, in granules of 1000).
+        /// Lua VM instructions allowed per hook call (counted by a count hook, in granules of 1000). Calls
+        /// into the C library and large allocations are charged against it too, in instruction-sized units.
         public var instructionBudget: Int
         /// Bytes the state may allocate in total.
         public var memoryLimit: Int
-        /// Wall-clock time allowed per hook call.
+        /// Wall-clock time allowed per hook call. The executor abandons a call still running at twice this
+        /// (at least 20 ms more).
         public var timeLimit: Duration
         /// Tests only: how long a caller waits before abandoning a call, instead of `abandonAfter`'s rule,
         /// so that the abandon path can be exercised with a script the sandbox would stop in time.
