@@ -131,8 +131,9 @@ extension LuaTests {
 
         @Test func anOverrunningCallIsAbandonedAndTheStrategyRecovers() async throws {
             // A wait shorter than the time limit stands in for a step the sandbox cannot interrupt in time.
-            var limits = LuaStrategy.Limits(instructionBudget: Int.max / 2, timeLimit: .milliseconds(500))
-            limits.abandonAfterOverride = .milliseconds(30)
+            // The wait is long enough for the call to start even on a loaded machine, and far below the limit.
+            var limits = LuaStrategy.Limits(instructionBudget: Int.max / 2, timeLimit: .seconds(2))
+            limits.abandonAfterOverride = .milliseconds(200)
             let strategy = try LuaStrategy(source: """
                 local first = true
                 return { plan = function(ctx)
