@@ -285,15 +285,20 @@ public actor PunchExecutor {
         var plan: PunchPlan
         var strategyName = strategy.name
         do {
-            plan = try strategy.plan(context)
+            // Off the actor: a slow script must not hold up other punches (Lua calls are abandoned when they overrun).
+            plan = try await strategy.detachedPlan(context)
         } catch {
-            // A strategy never breaks a punch: fall back to the built-in plan and say why.
-            logger.info("strategy failed, using the built-in default plan", metadata: [
+            // A strategy never breaks a punch: fall back to the built-in plan and say why, as a warning (it is broken).
+            logger.warning("strategy failed, using the built-in default plan", metadata: [
                 "punch.id": "\(id)", "strategy": "\(strategy.name)", "error": "\(error)",
             ])
             metrics.fallback(strategy: strategy.name)
             plan = DefaultStrategy().plan(context)
             strategyName = "builtin-default"
+        }
+        // The plan was awaited: another start for the same session may have got in meanwhile.
+        guard bySession[options.sessionID] == nil else {
+            throw PunchError(code: .invalidOptions, message: "session \(options.sessionID) is already being punched")
         }
         if let timeout = options.timeout { plan.timeout = timeout }
         let (validated, reasons) = plan.validated(configuration.limits)
@@ -538,14 +543,22 @@ public actor PunchExecutor {
             unreachablePorts: session.unreachable.map(\.port).sorted(),
             currentPlan: session.configuration.plan
         )
-        let replacement: PunchPlan?
-        do {
-            replacement = try runtime.strategy.onProbe(runtime.context, event)
-        } catch {
-            logger.debug("on_probe failed; keeping the plan", metadata: ["punch.id": "\(runtime.id)", "error": "\(error)"])
-            return
+        // The hook runs off the actor; its answer is applied when it comes, if the punch is still running.
+        let (strategy, context, id) = (runtime.strategy, runtime.context, runtime.id)
+        Task {
+            do {
+                guard let plan = try await strategy.detachedOnProbe(context, event) else { return }
+                self.replacePlan(id, with: plan)
+            } catch {
+                self.logger.warning("on_probe failed; keeping the plan", metadata: ["punch.id": "\(id)", "error": "\(error)"])
+            }
         }
-        guard var plan = replacement else { return }
+    }
+
+    private func replacePlan(_ id: PunchID, with replacement: PunchPlan) {
+        guard let runtime = runtimes[id] else { return }
+        let session = runtime.session
+        var plan = replacement
         if let timeout = runtime.options.timeout { plan.timeout = timeout }
         let (validated, _) = plan.validated(configuration.limits)
         guard let host = session.configuration.candidates.first else { return }
@@ -672,7 +685,14 @@ public actor PunchExecutor {
         } else {
             history.record(outcome, for: runtime.context)
         }
-        try? runtime.strategy.onResult(runtime.context, outcome)
+        let (strategy, context, id) = (runtime.strategy, runtime.context, runtime.id)
+        Task {
+            do {
+                try await strategy.detachedOnResult(context, outcome)
+            } catch {
+                self.logger.warning("on_result failed", metadata: ["punch.id": "\(id)", "error": "\(error)"])
+            }
+        }
         return closing
     }
 

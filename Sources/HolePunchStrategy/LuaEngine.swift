@@ -33,10 +33,24 @@ private let luaLogThunk: hp_lua_log_fn = { user, level, msg, len in
 
 /// Owns one sandboxed `lua_State` (through `hp_lua`) with a loaded strategy, and closes it in `deinit`.
 ///
-/// Not thread-safe: `LuaStrategy` serialises every use behind its lock. Invariant: between protected
-/// calls, Swift only uses Lua API functions that cannot raise (raw accesses on tables without metatables,
-/// pushes made while the allocator is in headroom mode), so a Lua error can never unwind through Swift.
-final class LuaEngine {
+/// The state is not thread-safe: every use of it happens while holding `callLock` (see `LuaEngine+Calls`),
+/// either on the caller's thread or on the engine's own `queue`. That is why the type can be
+/// `@unchecked Sendable`: the hook methods are only reached through those two paths, the other stored
+/// properties are immutable after `load` (or, like `memoryUsed` and the overrun flag, read atomically or
+/// under `stateLock`). Invariant: between protected calls, Swift only uses Lua API functions that cannot
+/// raise (raw accesses on tables without metatables, pushes made while the allocator is in headroom mode),
+/// so a Lua error can never unwind through Swift.
+final class LuaEngine: @unchecked Sendable {
+    /// Held for every use of the Lua state.
+    let callLock = NSLock()
+    /// Where calls that must not hold up their caller's thread (the executor's) run, one at a time.
+    let queue = DispatchQueue(label: "holepunch.strategy.lua")
+    /// Guards `running` and `overrun`.
+    let stateLock = NSLock()
+    /// A call on `queue` is executing.
+    var running = false
+    /// The running call overran its caller's wait and was abandoned; new calls fail at once until it ends.
+    var overrun = false
     let handle: OpaquePointer
     let L: OpaquePointer
     let displayName: String
@@ -211,17 +225,30 @@ final class LuaEngine {
         var message = text
         switch code {
         case .instructionBudgetExceeded:
-            message = "\(phase): instruction budget of \(limits.instructionBudget) exceeded"
+            // A refused library call explains itself ("string.rep: refused, …"); the plain budget does not.
+            message = text.hasSuffix("instruction budget exceeded") || text == "not enough memory"
+                ? "\(phase): instruction budget of \(limits.instructionBudget) exceeded"
+                : "\(phase): \(text)"
         case .timeLimitExceeded:
             message = "\(phase): time limit of \(limits.timeLimit.formattedMilliseconds) exceeded"
         case .memoryLimitExceeded:
-            message = "\(phase): memory limit of \(limits.memoryLimit) bytes exceeded"
+            message = text.contains("memory limit")
+                ? "\(phase): \(text)"
+                : "\(phase): memory limit of \(limits.memoryLimit) bytes exceeded"
         case .syntax:
             break
         default:
             message = "\(phase): \(text)"
         }
-        return StrategyError(code: code, message: message, file: displayName, line: line)
+        // An abort raised by the allocator carries no position: use the line the sandbox saw last.
+        let known = line ?? (code == .runtime || code == .syntax ? nil : lastLine)
+        return StrategyError(code: code, message: message, file: displayName, line: known)
+    }
+
+    /// The script line last seen running in the current (or last) call, if any; readable from any thread.
+    var lastLine: Int? {
+        let l = Int(hp_lua_last_line(handle))
+        return l > 0 ? l : nil
     }
 
     /// Splits `name:line: text` when `name` is this script's short name.

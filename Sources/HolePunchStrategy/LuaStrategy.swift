@@ -9,20 +9,30 @@ extension Logger {
 /// A strategy written in Lua 5.4, run in a sandbox: no `io`, `os`, `package`, `require` or `debug`; text
 /// chunks only; an instruction budget, a memory cap and a wall-clock cap. See `docs/strategies.md`.
 ///
-/// Concurrency: a `lua_State` is not thread-safe, and the executor calls strategies from many tasks, so
-/// every use of the state happens while holding `lock`. A lock rather than an actor, because the hooks are
-/// synchronous (see ``PunchStrategy``) and each call is bounded by ``Limits/timeLimit``; contention only
-/// delays another punch's planning by at most that much. This is why the type can be `@unchecked Sendable`:
-/// its only mutable state, `engine`, is read and replaced under the lock, and the engine never escapes it.
+/// Limits: every Lua instruction and every call into Lua's C library is charged to the instruction
+/// budget before it runs (a call that would do too much is refused up front), allocations count against
+/// the memory cap, and the wall-clock cap is checked by the count hook, by library calls and by large
+/// allocations.
+///
+/// Concurrency: a `lua_State` is not thread-safe, so every use of it holds the engine's call lock. The
+/// synchronous hooks run on the caller's thread (tools, benchmarks); the executor uses the `detached…`
+/// hooks, which run on the strategy's own queue and give up after twice the time limit (at least
+/// 20 ms more), so a slow script never holds the executor or another strategy. This type is
+/// `@unchecked Sendable` because its only mutable state, `engine`, is read and replaced under `lock`.
 public final class LuaStrategy: PunchStrategy, @unchecked Sendable {
     /// Per-state resource limits.
     public struct Limits: Sendable, Hashable {
-        /// Lua VM instructions allowed per hook call (counted by a count hook, in granules of 1000).
+        /// Lua VM instructions allowed per hook call (counted by a count hook, in granules of 1000). Calls
+        /// into the C library and large allocations are charged against it too, in instruction-sized units.
         public var instructionBudget: Int
         /// Bytes the state may allocate in total.
         public var memoryLimit: Int
-        /// Wall-clock time allowed per hook call.
+        /// Wall-clock time allowed per hook call. The executor abandons a call still running at twice this
+        /// (at least 20 ms more).
         public var timeLimit: Duration
+        /// Tests only: how long a caller waits before abandoning a call, instead of `abandonAfter`'s rule,
+        /// so that the abandon path can be exercised with a script the sandbox would stop in time.
+        var abandonAfterOverride: Duration?
 
         /// Creates limits; the defaults are 1,000,000 instructions, 8 MiB and 100 ms. Values are kept
         /// within sane bounds: at least 1 instruction, 64 KiB (a bare state needs about 20 KiB) and 1 ms;
@@ -96,25 +106,44 @@ public final class LuaStrategy: PunchStrategy, @unchecked Sendable {
         lock.withLock { engine = fresh }
     }
 
+    private var current: LuaEngine { lock.withLock { engine } }
+
+    /// The engine in force, for tests that wait on its queue.
+    var engineForTesting: LuaEngine { current }
+
     /// Runs the script's `plan(ctx)`. Missing fields take the built-in default plan's values for `ctx`.
     public func plan(_ ctx: PunchContext) throws(StrategyError) -> PunchPlan {
-        lock.lock()
-        defer { lock.unlock() }
-        return try engine.plan(ctx)
+        try current.withState(hook: "plan") { (e) throws(StrategyError) in try e.plan(ctx) }
     }
 
     /// Runs `on_probe(ctx, event)` if the script has one; missing fields keep the current plan's values.
     public func onProbe(_ ctx: PunchContext, _ event: ProbeEvent) throws(StrategyError) -> PunchPlan? {
-        lock.lock()
-        defer { lock.unlock() }
-        return try engine.onProbe(ctx, event)
+        try current.withState(hook: "on_probe") { (e) throws(StrategyError) in try e.onProbe(ctx, event) }
     }
 
     /// Runs `on_result(ctx, outcome)` if the script has one.
     public func onResult(_ ctx: PunchContext, _ outcome: PunchOutcome) throws(StrategyError) {
-        lock.lock()
-        defer { lock.unlock() }
-        try engine.onResult(ctx, outcome)
+        try current.withState(hook: "on_result") { (e) throws(StrategyError) in try e.onResult(ctx, outcome) }
+    }
+
+    /// ``plan(_:)`` on the strategy's own queue; a call that overruns is abandoned with `timeLimitExceeded`.
+    public func detachedPlan(_ ctx: PunchContext) async throws(StrategyError) -> PunchPlan {
+        try await current.detached(hook: "plan") { (e) throws(StrategyError) in try e.plan(ctx) }
+    }
+
+    /// ``onProbe(_:_:)`` on the strategy's own queue, with the same bound.
+    public func detachedOnProbe(_ ctx: PunchContext, _ event: ProbeEvent) async throws(StrategyError) -> PunchPlan? {
+        let engine = current
+        // Most scripts have no on_probe: skip the queue hop and the timer for every round of every punch.
+        guard engine.hasOnProbe else { return nil }
+        return try await engine.detached(hook: "on_probe") { (e) throws(StrategyError) in try e.onProbe(ctx, event) }
+    }
+
+    /// ``onResult(_:_:)`` on the strategy's own queue, with the same bound.
+    public func detachedOnResult(_ ctx: PunchContext, _ outcome: PunchOutcome) async throws(StrategyError) {
+        let engine = current
+        guard engine.hasOnResult else { return }
+        try await engine.detached(hook: "on_result") { (e) throws(StrategyError) in try e.onResult(ctx, outcome) }
     }
 }
 
@@ -246,6 +275,41 @@ public final class FallbackStrategy: PunchStrategy, @unchecked Sendable {
         }
     }
 
+    /// ``plan(_:)`` through the primary's `detachedPlan`: off the caller's executor, bounded in time.
+    public func detachedPlan(_ ctx: PunchContext) async -> PunchPlan {
+        guard let primary else {
+            noteFallback(lastError ?? StrategyError(code: .missingHook, message: "no strategy loaded"), hook: "plan")
+            return fallback.plan(ctx)
+        }
+        do {
+            return try await primary.detachedPlan(ctx)
+        } catch {
+            noteFallback(Self.typed(error), hook: "plan")
+            return fallback.plan(ctx)
+        }
+    }
+
+    /// ``onProbe(_:_:)`` through the primary's `detachedOnProbe`.
+    public func detachedOnProbe(_ ctx: PunchContext, _ event: ProbeEvent) async -> PunchPlan? {
+        guard let primary else { return nil }
+        do {
+            return try await primary.detachedOnProbe(ctx, event)
+        } catch {
+            noteFallback(Self.typed(error), hook: "on_probe")
+            return nil
+        }
+    }
+
+    /// ``onResult(_:_:)`` through the primary's `detachedOnResult`.
+    public func detachedOnResult(_ ctx: PunchContext, _ outcome: PunchOutcome) async {
+        guard let primary else { return }
+        do {
+            try await primary.detachedOnResult(ctx, outcome)
+        } catch {
+            noteFallback(Self.typed(error), hook: "on_result")
+        }
+    }
+
     private static func typed(_ error: any Error) -> StrategyError {
         (error as? StrategyError)
             ?? StrategyError(code: .strategyFailed, message: "the strategy threw an error",
@@ -268,7 +332,9 @@ public final class FallbackStrategy: PunchStrategy, @unchecked Sendable {
         var meta = Self.metadata(error)
         meta["strategy.name"] = "\(name)"
         meta["strategy.hook"] = "\(hook)"
-        logger.info("strategy failed, using the built-in default", metadata: meta)
+        // Warning, not info: a script that fails at run time is a fault the operator must see, even though
+        // the punch itself goes on with the built-in plan.
+        logger.warning("strategy failed, using the built-in default", metadata: meta)
         onFallback?(error)
     }
 }

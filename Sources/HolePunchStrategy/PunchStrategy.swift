@@ -1,11 +1,11 @@
 /// Decides where and how hard to punch. The executor asks ``plan(_:)`` before each attempt, may ask
 /// ``onProbe(_:_:)`` between rounds, and reports the result through ``onResult(_:_:)``.
 ///
-/// The hooks are synchronous on purpose: a plan is a small, CPU-bound computation (microseconds), and a
-/// Lua strategy is bounded by its instruction budget and wall-clock cap, so the caller's task is never
-/// blocked for long. Making them `async` would cost an actor hop per call and buy nothing. Conformers must
-/// be `Sendable`: the executor calls them from many punch tasks at once, so an implementation with mutable
-/// state serialises it itself (``LuaStrategy`` uses a lock around its `lua_State`).
+/// The hooks are synchronous, because a plan is a small, CPU-bound computation (microseconds) and tools
+/// call them in tight loops. The executor calls the `detached…` variants instead, which by default run the
+/// synchronous hook off the executor's actor, so even a slow strategy cannot stall other punches. Conformers
+/// must be `Sendable`: the executor calls them from many punch tasks at once, so an implementation with
+/// mutable state serialises it itself (``LuaStrategy`` uses a lock around its `lua_State`).
 ///
 /// Plans are validated by the caller (``PunchPlan/validated(_:)``); a strategy need not clamp.
 public protocol PunchStrategy: Sendable {
@@ -21,9 +21,32 @@ public protocol PunchStrategy: Sendable {
 
     /// Called once with the attempt's outcome. The default ignores it.
     func onResult(_ ctx: PunchContext, _ outcome: PunchOutcome) throws
+
+    /// ``plan(_:)`` as the executor calls it: without holding the caller's actor, so a slow strategy never
+    /// stalls other punches. The default runs ``plan(_:)`` from a nonisolated async function, that is on
+    /// the global concurrent executor; ``LuaStrategy`` runs it on its own queue and abandons a call that
+    /// overruns its time limit.
+    func detachedPlan(_ ctx: PunchContext) async throws -> PunchPlan
+
+    /// ``onProbe(_:_:)`` as the executor calls it; see ``detachedPlan(_:)``.
+    func detachedOnProbe(_ ctx: PunchContext, _ event: ProbeEvent) async throws -> PunchPlan?
+
+    /// ``onResult(_:_:)`` as the executor calls it; see ``detachedPlan(_:)``.
+    func detachedOnResult(_ ctx: PunchContext, _ outcome: PunchOutcome) async throws
 }
 
 extension PunchStrategy {
+    /// Runs ``plan(_:)`` off the caller's actor (a nonisolated async function runs on the global executor).
+    public func detachedPlan(_ ctx: PunchContext) async throws -> PunchPlan { try plan(ctx) }
+    /// Runs ``onProbe(_:_:)`` off the caller's actor.
+    public func detachedOnProbe(_ ctx: PunchContext, _ event: ProbeEvent) async throws -> PunchPlan? {
+        try onProbe(ctx, event)
+    }
+    /// Runs ``onResult(_:_:)`` off the caller's actor.
+    public func detachedOnResult(_ ctx: PunchContext, _ outcome: PunchOutcome) async throws {
+        try onResult(ctx, outcome)
+    }
+
     /// Keeps the current plan.
     public func onProbe(_ ctx: PunchContext, _ event: ProbeEvent) throws -> PunchPlan? { nil }
     /// Ignores the outcome.

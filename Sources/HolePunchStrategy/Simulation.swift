@@ -77,6 +77,9 @@ public enum StrategyCheck {
                 }
             } catch let e as StrategyError {
                 add(e, label)
+                // A script that ran out of budget, time or memory is failed: running it over the remaining
+                // contexts would only take up to its time limit once more for each of them.
+                if e.isSandboxAbort { break }
             } catch {
                 add(StrategyError(code: .strategyFailed, message: "\(error)", file: file), label)
             }

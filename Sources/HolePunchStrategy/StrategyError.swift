@@ -19,11 +19,12 @@ public struct StrategyError: Error, Sendable, Hashable, CustomStringConvertible 
         public static let missingHook = Code(rawValue: "missingHook")
         /// A Lua runtime error (including calls to functions the sandbox removed).
         public static let runtime = Code(rawValue: "runtime")
-        /// The instruction budget of one call ran out.
+        /// The instruction budget of one call ran out, or a single library call (e.g. `string.rep`,
+        /// `table.move`, `load`) asked for more work than the sandbox allows; the message says which.
         public static let instructionBudgetExceeded = Code(rawValue: "instructionBudgetExceeded")
         /// The memory cap of the state was reached.
         public static let memoryLimitExceeded = Code(rawValue: "memoryLimitExceeded")
-        /// The wall-clock cap of one call ran out.
+        /// The wall-clock cap of one call ran out, or the call overran it and was abandoned.
         public static let timeLimitExceeded = Code(rawValue: "timeLimitExceeded")
         /// The returned plan had a wrong type, a bad value or an unknown field.
         public static let invalidPlan = Code(rawValue: "invalidPlan")
@@ -55,6 +56,12 @@ public struct StrategyError: Error, Sendable, Hashable, CustomStringConvertible 
         self.line = line
         self.field = field
         self.cause = cause
+    }
+
+    /// Whether the sandbox stopped the script (instruction budget, time or memory), as opposed to an error
+    /// of the script's own making.
+    public var isSandboxAbort: Bool {
+        code == .instructionBudgetExceeded || code == .timeLimitExceeded || code == .memoryLimitExceeded
     }
 
     /// `file:line: message`, or as much of it as is known.

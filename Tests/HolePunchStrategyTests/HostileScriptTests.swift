@@ -61,9 +61,56 @@ extension LuaTests {
         }
 
         @Test func hugeStringRep() throws {
-            // Lua refuses 2^40 bytes up front; either way the call fails with a typed error.
-            let e = try contained(Self.planBody("local s = string.rep('x', 2^40)"), code: .runtime, atLine: 2)
+            // The sandbox refuses 2^40 bytes up front, as a memory error that pcall cannot swallow.
+            let e = try contained(Self.planBody("local s = string.rep('x', 2^40)"), code: .memoryLimitExceeded, atLine: 2)
             #expect(e.message.contains("too large"))
+        }
+
+        @Test func stringRepOfNothingIsRefusedBeforeItStarts() throws {
+            // No allocation at all: 2^40 empty copies used to loop inside C, out of the hook's reach.
+            let e = try contained(Self.planBody("local s = string.rep('', 1 << 40)"), code: .instructionBudgetExceeded,
+                                  atLine: 2)
+            #expect(e.message.contains("string.rep: refused"), "\(e)")
+        }
+
+        @Test func tableMoveOverAHugeRangeIsRefused() throws {
+            let e = try contained(Self.planBody("table.move({}, 1, 1 << 40, 1)"), code: .instructionBudgetExceeded, atLine: 2)
+            #expect(e.message.contains("table.move: refused"), "\(e)")
+        }
+
+        @Test func aFakeLengthCannotMakeInsertShiftForever() throws {
+            let e = try contained(Self.planBody("""
+                local t = setmetatable({}, { __len = function() return 1 << 40 end })
+                table.insert(t, 1, 'x')
+                """), code: .instructionBudgetExceeded, atLine: 3)
+            #expect(e.message.contains("table.insert: refused"), "\(e)")
+        }
+
+        @Test func quadraticPlainFindIsCharged() throws {
+            let e = try contained(Self.planBody("""
+                local s, n = string.rep('a', 1 << 19), string.rep('a', 1 << 12) .. 'b'
+                s:find(n, 1, true)
+                """), code: .instructionBudgetExceeded, atLine: 3)
+            #expect(e.message.contains("string.find"), "\(e)")
+        }
+
+        @Test func oversizedLoadChunksAreRefused() throws {
+            let limits = LuaStrategy.Limits(instructionBudget: Int.max / 2, memoryLimit: 64 << 20, timeLimit: .seconds(5))
+            let e = try contained(Self.planBody("load(string.rep(' ', 300000))"), limits: limits,
+                                  code: .instructionBudgetExceeded, atLine: 2)
+            #expect(e.message.contains("load: refused"), "\(e)")
+            let many = try contained(Self.planBody("for i = 1, 100 do load('return 1') end"), limits: limits,
+                                     code: .instructionBudgetExceeded, atLine: 2)
+            #expect(many.message.contains("chunks"), "\(many)")
+        }
+
+        @Test func aHugeBudgetStillLeavesTheClockInCharge() throws {
+            // With an instruction budget that never runs out, loops of capped library calls end on time.
+            let limits = LuaStrategy.Limits(instructionBudget: Int.max / 2, memoryLimit: 8 << 20, timeLimit: .milliseconds(50))
+            try contained(Self.planBody("local t = {} for i = 1, 1000 do t[i] = i end while true do table.concat(t, ',') end"),
+                          limits: limits, code: .timeLimitExceeded, atLine: 2)
+            try contained(Self.planBody("local t = {} while true do table.move(t, 1, 1 << 20, 1) end"),
+                          limits: limits, code: .timeLimitExceeded, atLine: 2)
         }
 
         @Test func largeStringRepHitsTheMemoryCap() throws {

@@ -37,6 +37,9 @@ size_t hp_lua_mem_used(const hp_lua *h);
 void hp_lua_set_seed(hp_lua *h, uint64_t seed);
 /// Why the last protected call was aborted (HP_LUA_ABORT_*), or NONE.
 int hp_lua_abort_reason(const hp_lua *h);
+/// The script line last seen running (by the count hook or a bounded library call), or 0. Safe to read
+/// from another thread while a call runs: it names where an abandoned call was when it was given up.
+int hp_lua_last_line(const hp_lua *h);
 
 /// Loads `src` as a text chunk named `chunkname` and runs it with the limits; on LUA_OK the chunk's first
 /// result is on the top of the stack, otherwise the error message (a string) is.

@@ -1,0 +1,7 @@
+-- string.upper of a long string, in a loop.
+return { plan = function(ctx)
+    local s = string.rep('x', 1 << 21)
+    while true do
+        local u = s:upper()
+    end
+end }
