@@ -52,6 +52,8 @@ public actor PunchExecutor {
     private let admission: Admission
     private var runtimes: [PunchID: PunchRuntime] = [:]
     private var bySession: [String: PunchID] = [:]
+    /// Sessions whose punch is being prepared (awaiting its strategy), with the peer each is to.
+    private var preparing: [String: NodeID] = [:]
     private var nextID: UInt64 = 1
     private var installed = false
     private var acceptTask: Task<Void, Never>?
@@ -238,17 +240,24 @@ public actor PunchExecutor {
         guard !options.sessionKey.isEmpty else {
             throw PunchError(code: .invalidOptions, message: "the session key is empty")
         }
-        guard runtimes.count < configuration.maxConcurrentPunches else {
+        // Punches still being prepared count too: preparing awaits the strategy, and starts made meanwhile must
+        // not slip past the caps or start the same session twice.
+        let running = runtimes.count + preparing.count
+        guard running < configuration.maxConcurrentPunches else {
             throw PunchError(code: .tooManyPunches,
-                             message: "\(runtimes.count) punches are running, the most this executor allows")
+                             message: "\(running) punches are running, the most this executor allows")
         }
-        guard runtimes.values.count(where: { $0.options.targetNodeID == options.targetNodeID }) < configuration.maxPunchesPerPeer else {
+        let toPeer = runtimes.values.count(where: { $0.options.targetNodeID == options.targetNodeID })
+            + preparing.values.count(where: { $0 == options.targetNodeID })
+        guard toPeer < configuration.maxPunchesPerPeer else {
             throw PunchError(code: .tooManyPunches,
                              message: "\(configuration.maxPunchesPerPeer) punches to \(options.targetNodeID.short) are running already")
         }
-        guard bySession[options.sessionID] == nil else {
+        guard bySession[options.sessionID] == nil, preparing[options.sessionID] == nil else {
             throw PunchError(code: .invalidOptions, message: "session \(options.sessionID) is already being punched")
         }
+        preparing[options.sessionID] = options.targetNodeID
+        defer { preparing[options.sessionID] = nil }
         let host: SocketAddress
         do {
             host = try SocketAddress(host: options.targetHost, port: 0)
@@ -295,10 +304,6 @@ public actor PunchExecutor {
             metrics.fallback(strategy: strategy.name)
             plan = DefaultStrategy().plan(context)
             strategyName = "builtin-default"
-        }
-        // The plan was awaited: another start for the same session may have got in meanwhile.
-        guard bySession[options.sessionID] == nil else {
-            throw PunchError(code: .invalidOptions, message: "session \(options.sessionID) is already being punched")
         }
         if let timeout = options.timeout { plan.timeout = timeout }
         let (validated, reasons) = plan.validated(configuration.limits)

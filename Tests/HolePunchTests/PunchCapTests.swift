@@ -48,4 +48,35 @@ struct PunchCapTests {
         await executor.shutdown()
         await endpoint.close()
     }
+
+    @Test("starts made while other punches await their strategy count against the caps and the session")
+    func capsHoldWhilePlanning() async throws {
+        let endpoint = try await bindEndpoint(PunchIdentities.a)
+        let executor = PunchExecutor(endpoint: endpoint)
+        let port = unusedPort()
+        // Twenty starts at once, all to one peer: each awaits its plan off the actor, so they interleave.
+        let results = await withTaskGroup(of: PunchHandle.self) { group in
+            for i in 0..<20 {
+                group.addTask { await executor.startPunch(self.options(i, peer: PunchIdentities.b.nodeID, port: port)) }
+            }
+            var handles: [PunchHandle] = []
+            for await handle in group { handles.append(handle) }
+            return handles
+        }
+        #expect(results.count == 20)
+        #expect(await executor.activePunches().count == 8)
+        // The same session started twice concurrently runs once.
+        let twins = await withTaskGroup(of: PunchHandle.self) { group in
+            for _ in 0..<2 {
+                group.addTask { await executor.startPunch(self.options(99, peer: PunchIdentities.c.nodeID, port: port)) }
+            }
+            var handles: [PunchHandle] = []
+            for await handle in group { handles.append(handle) }
+            return handles
+        }
+        #expect(twins.count == 2)
+        #expect(await executor.activePunches().count == 9)
+        await executor.shutdown()
+        await endpoint.close()
+    }
 }
