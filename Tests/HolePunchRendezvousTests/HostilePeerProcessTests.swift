@@ -1,0 +1,107 @@
+import Foundation
+import HolePunch
+import ProcessTestSupport
+import Testing
+@testable import HolePunchRendezvous
+
+/// The hardening issue's end-to-end check, as a user would meet it: a `holepunch rendezvous` process, a
+/// `holepunch peer` process waiting for punches, and a hostile peer built on the public Swift API that tries the
+/// bad-profile, bad-candidate and flood cases against it. The waiting peer must stay up, and an honest
+/// `holepunch peer --connect` must still reach it afterwards.
+@Suite("Hostile peer against a waiting holepunch peer process", .serialized)
+struct HostilePeerProcessTests {
+    func nodeID(_ binary: String, _ file: String, in dir: URL) async throws -> String {
+        let child = try Child(binary, ["identity", "show", file], directory: dir)
+        defer { child.stop() }
+        #expect(await child.waitExit(.seconds(10)) == 0)
+        return child.stdout.text.trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    /// A client of the rendezvous process at `quic`, made from the public API only.
+    func hostileClient(quic: String, dir: URL) async throws -> RendezvousClient {
+        let serverID = try NodeID(parsing: String(contentsOf: dir.appendingPathComponent("rdv.id"), encoding: .utf8)
+            .trimmingCharacters(in: .whitespacesAndNewlines))
+        let identity = try Identity.generate(commonName: "hostile")
+        let endpoint = try await Endpoint.bind(.loopbackV4(port: 0), configuration: EndpointConfiguration(identity: identity))
+        let executor = PunchExecutor(endpoint: endpoint)
+        return RendezvousClient(executor: executor, configuration: RendezvousClientConfiguration(
+            server: try SocketAddress(parsing: quic), serverNodeID: serverID, requestTimeout: .seconds(5)))
+    }
+
+    @Test("bad profiles, third-party candidates and a punch flood never crash the waiting peer; an honest punch still works")
+    func hostileThenHonest() async throws {
+        guard let binary = holepunchBinaryOrSkip() else { return }
+        let dir = try scratchDirectory("hp-hostile")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let (rendezvous, quic) = try await startRendezvous(binary, in: dir, extra: ["--no-stun"])
+        defer { rendezvous.stop() }
+        let common = ["peer", "--rendezvous", quic, "--rendezvous-id", "@rdv.id", "--listen", "127.0.0.1:0", "--no-nat-detect"]
+        let victim = try Child(binary, common + ["--identity", "victim.pem"], directory: dir)
+        defer { victim.stop() }
+        let waiting = await eventually(.seconds(15)) { victim.stderr.text.contains("waiting") }
+        try #require(waiting, "the victim did not register: \(victim.stderr.text)")
+        let victimID = try NodeID(parsing: try await nodeID(binary, "victim.pem", in: dir))
+
+        // 1. NAT profiles no NAT produces: Int.max / Int.min deltas, a NaN confidence. Each is refused where the
+        //    rendezvous decodes it; none reaches the victim's planner.
+        for tamper in [{ (p: inout NATProfile) in p.portDelta = .max }, { p in p.portDelta = .min },
+                       { p in p.confidence = .nan }] {
+            let hostile = try await hostileClient(quic: quic, dir: dir)
+            var profile = NATProfile.symmetricSequential
+            tamper(&profile)
+            do {
+                _ = try await hostile.connect(Registration(nat: profile))
+                // Accepted (the unhardened server did): ask for a punch, so the victim plans with the profile.
+                _ = try? await hostile.coordinate(to: victimID)
+                Issue.record("the rendezvous accepted the profile \(profile)")
+            } catch {
+                #expect(error.code == .protocolViolation || error.code == .disconnected, "\(error)")
+            }
+            await hostile.close()
+            await hostile.executor.endpoint.close()
+        }
+
+        // 2. "LAN" candidates that would aim the victim's probes at third parties: refused at registration.
+        for lan in ["224.0.0.251:5353", "255.255.255.255:9", "0.0.0.0:9", "203.0.113.9:443", "169.254.1.1:9"] {
+            let hostile = try await hostileClient(quic: quic, dir: dir)
+            do {
+                _ = try await hostile.connect(Registration(lanAddresses: [try SocketAddress(parsing: lan)]))
+                _ = try? await hostile.coordinate(to: victimID)
+                Issue.record("the rendezvous accepted the LAN address \(lan)")
+            } catch {
+                #expect((error as? RendezvousError)?.code == .protocolViolation, "\(lan): \(error)")
+            }
+            await hostile.close()
+            await hostile.executor.endpoint.close()
+        }
+
+        // 3. A flood of punch requests to the victim: the rendezvous rate-limits the requester, and the victim runs
+        //    at most its per-peer cap of punches towards it.
+        let flooder = try await hostileClient(quic: quic, dir: dir)
+        _ = try await flooder.connect()
+        var limited = 0, coordinated = 0
+        for _ in 0..<30 {
+            do {
+                _ = try await flooder.coordinate(to: victimID)
+                coordinated += 1
+            } catch {
+                if error.code == .rateLimited { limited += 1 }
+            }
+        }
+        #expect(limited > 0, "no request was rate-limited (\(coordinated) coordinated)")
+        #expect(coordinated > 0)
+        #expect(victim.process.isRunning, "the victim died: \(victim.stderr.text)")
+
+        // 4. The victim is alive, and an honest peer process punches to it and gets a line across.
+        let honest = try Child(binary, common + ["--identity", "honest.pem", "--connect", victimID.description],
+                               directory: dir)
+        defer { honest.stop() }
+        honest.write("hello victim\n")
+        let crossed = await eventually(.seconds(30)) { victim.stdout.text.contains("hello victim") }
+        #expect(crossed, "honest: \(honest.stderr.text) | victim: \(victim.stderr.text)")
+        #expect(victim.process.isRunning)
+        #expect(!victim.stderr.text.contains("Fatal error"))
+        await flooder.close()
+        await flooder.executor.endpoint.close()
+    }
+}
