@@ -50,6 +50,9 @@ public struct EndpointConfiguration: Sendable {
     public var streamSendBuffer: Int
     /// How many connections (in any state) the endpoint holds at most; new Initials beyond it are dropped.
     public var maxConnections: Int
+    /// The longest a graceful ``QUICConnection/close(errorCode:reason:timeout:)`` waits for the peer to acknowledge
+    /// what was written before it closes anyway (its default wait is 16 PTOs, at least 1 s, at most this).
+    public var closeTimeout: Duration = .seconds(5)
     /// Test seam: when false, the client presents no certificate, so servers can be tested against that case.
     var presentsCertificate = true
 
