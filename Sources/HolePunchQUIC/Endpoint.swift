@@ -269,6 +269,9 @@ public actor Endpoint {
     /// How many connection IDs route to a connection; zero once all are closed.
     public var routeCount: Int { router.routes.count }
 
+    /// How many callers are suspended in a connection or stream wait (tests: a cancelled wait leaves none).
+    var suspendedWaiterCount: Int { waiters.count }
+
     /// The most recent handshake failures (newest last, at most 32), on either side.
     public var recentHandshakeFailures: [QUICError] { failures }
 
