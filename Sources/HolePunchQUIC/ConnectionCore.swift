@@ -146,6 +146,8 @@ final class ConnectionCore {
     var bytesReceived = 0
     var packetsSent = 0
     var packetsReceived = 0
+    /// When the last datagram for this connection arrived (monotonic ns; 0: none yet).
+    var lastReceivedAt: UInt64 = 0
     /// Set when a callback asked the endpoint to announce a newly established server connection.
     var announceAccepted = false
 
@@ -205,7 +207,8 @@ final class ConnectionCore {
 
     /// Drops a stream's state once its reader saw the end and ngtcp2 closed it: nothing can change any more.
     func retireIfDone(_ stream: StreamState) {
-        guard stream.endReported, stream.closedByStack else { return }
+        // A reset stream stays, so every later read reports the reset again (the peer's stream limit bounds them).
+        guard stream.endReported, stream.finReceived, stream.closedByStack else { return }
         if !stream.isDelivered {
             undeliveredStreams[stream.id] = stream.writeClosedError
                 ?? QUICError(.streamReset, "stream \(stream.id) closed before the peer acknowledged everything written")

@@ -506,6 +506,7 @@ public actor Endpoint {
         guard let conn = core.conn else { return }
         core.bytesReceived += count
         core.packetsReceived += 1
+        core.lastReceivedAt = hp_now_ns()
         var info = ngtcp2_pkt_info()
         let rv = io.withPath(remote: from) { path in
             ngtcp2_conn_read_pkt_versioned(conn, path, NGTCP2_PKT_INFO_VERSION, &info, packet, count, hp_now_ns())
@@ -920,10 +921,10 @@ public actor Endpoint {
 
     /// Waits for the next acknowledgement progress on `core`, at most one PTO: a FIN whose acknowledgement ngtcp2
     /// reported without saying so is settled by ``settleFins(_:)`` when a PTO passes with nothing in flight.
-    private func waitForAcknowledgements(_ core: ConnectionCore) async throws {
+    private func waitForAcknowledgements(_ core: ConnectionCore, until deadline: UInt64? = nil) async throws {
         guard let conn = core.conn else { return }
         let key = core.key
-        let timer = loop.schedule(at: hp_now_ns() + ngtcp2_conn_get_pto(conn)) { [weak self] in
+        let timer = loop.schedule(at: deadline ?? hp_now_ns() + ngtcp2_conn_get_pto(conn)) { [weak self] in
             self?.assumeIsolated { $0.deliveryTick(key) }
         }
         defer { loop.cancelTimer(timer) }
@@ -1016,11 +1017,26 @@ public actor Endpoint {
             // Cancellation ends the wait: the caller wants out, so close at once.
             do { try await waitForAcknowledgements(core) } catch { break }
         }
+        if !core.isClosed {
+            // Acknowledgements of what we just received may still wait out their delay (up to max_ack_delay, 25 ms
+            // by default), and CONNECTION_CLOSE carries none: without them the peer, whose own graceful close
+            // waits for exactly those acknowledgements, would see our close first and report its data undelivered.
+            // The connection's timer sends them when due; wait until then.
+            let ackDue = core.lastReceivedAt + ackDelayAllowance
+            let now = hp_now_ns()
+            if ackDue > now && core.lastReceivedAt > 0 {
+                try? await waitForAcknowledgements(core, until: ackDue)
+            }
+        }
         if core.isClosed { return ended[key]?.undelivered.isEmpty ?? false }
         let delivered = core.undeliveredStreamIDs.isEmpty
         abortConnection(key, code: code, reason: reason)
         return delivered
     }
+
+    /// How long after a packet arrives its acknowledgement may still be pending: ngtcp2's default max_ack_delay
+    /// (25 ms) and a margin for the timer.
+    private var ackDelayAllowance: UInt64 { 30_000_000 }
 
     /// The default bound of a graceful close: 16 PTOs (enough for four retransmissions with backoff), at least
     /// one second, at most ``EndpointConfiguration/closeTimeout``.
