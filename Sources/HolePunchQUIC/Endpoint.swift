@@ -275,7 +275,8 @@ public actor Endpoint {
     /// The most recent handshake failures (newest last, at most 32), on either side.
     public var recentHandshakeFailures: [QUICError] { failures }
 
-    /// Closes every connection (application code 0) and the socket. Idempotent.
+    /// Closes every connection (application code 0) and the socket, at once: like ``QUICConnection/abort(errorCode:reason:)``,
+    /// it does not wait for acknowledgements, so close connections gracefully first. Idempotent.
     public func close() {
         guard !isClosed else { return }
         for core in Array(connections.values) {
