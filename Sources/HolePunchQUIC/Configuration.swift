@@ -75,6 +75,9 @@ public struct EndpointConfiguration: Sendable {
     /// IP address may have in progress at once; beyond it their Initials are dropped, and the clients retransmit
     /// later. Keeps one real host from filling ``maxConnections`` with half-open handshakes. Default 128.
     public var maxPendingHandshakesPerHost: Int
+    /// The longest a graceful ``QUICConnection/close(errorCode:reason:timeout:)`` waits for the peer to acknowledge
+    /// what was written before it closes anyway (its default wait is 16 PTOs, at least 1 s, at most this).
+    public var closeTimeout: Duration = .seconds(5)
     /// Test seam: when false, the client presents no certificate, so servers can be tested against that case.
     var presentsCertificate = true
 

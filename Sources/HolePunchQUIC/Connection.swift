@@ -2,8 +2,14 @@ public import HolePunchNet
 
 /// An authenticated QUIC connection: a handle to state that lives on its endpoint's event loop.
 ///
-/// Dropping the handle does not close the connection; call ``close(errorCode:reason:)``, or let the idle timeout
-/// end it.
+/// Dropping the handle does not close the connection; call ``close(errorCode:reason:timeout:)``, or let the idle
+/// timeout end it.
+///
+/// Ending a connection without losing its last bytes: finish each stream you wrote (``QUICStream/finish()``), then
+/// ``close(errorCode:reason:timeout:)``, which waits until the peer has acknowledged all of it. ``abort(errorCode:reason:)``
+/// closes at once and discards what is unacknowledged. Every wait here (``acceptStream()``, ``waitClosed()``, and the
+/// stream's reads, writes and ``QUICStream/delivered()``) ends promptly when its task is cancelled, and any number of
+/// tasks may wait at once.
 public final class QUICConnection: Sendable {
     /// The endpoint that owns the connection.
     public let endpoint: Endpoint
@@ -34,20 +40,47 @@ public final class QUICConnection: Sendable {
         return QUICStream(connection: self, id: id)
     }
 
-    /// Waits for the next stream the peer opens; nil once the connection has closed cleanly.
+    /// Waits for the next stream the peer opens; nil once the peer has closed the connection with application
+    /// code 0 and every stream it opened was accepted.
     ///
-    /// - Throws: ``QUICError`` when the connection ends with an error while waiting.
+    /// Concurrent callers each get a different stream.
+    ///
+    /// - Throws: ``QUICError``: the connection's error when it ended any other way (a peer's non-zero code, an idle
+    ///   timeout, a local close), or `cancelled` when the calling task is cancelled.
     public func acceptStream() async throws -> QUICStream? {
         guard let id = try await endpoint.acceptStream(key) else { return nil }
         return QUICStream(connection: self, id: id)
     }
 
-    /// Closes the connection with an application error code (0 means no error) and a short reason.
-    public func close(errorCode: UInt64 = 0, reason: String = "") async {
-        await endpoint.closeConnection(key, code: errorCode, reason: reason)
+    /// Closes the connection gracefully, with an application error code (0 means no error) and a short reason.
+    ///
+    /// First waits until the peer has acknowledged every byte written on every stream, and the end of each stream
+    /// that was finished; only then sends CONNECTION_CLOSE. Data the peer acknowledged stays readable there even
+    /// after the close arrives, so a peer that writes, finishes and closes loses nothing. Meanwhile no new streams
+    /// or writes are taken (they throw `closedLocally`); reads go on.
+    ///
+    /// The wait ends early when the connection ends or the calling task is cancelled (then it closes at once), and
+    /// at the latest after `timeout`: by default 16 probe timeouts (PTO), at least 1 s and at most
+    /// ``EndpointConfiguration/closeTimeout``. A stream that was never finished is waited for only up to what was
+    /// written; its reader on the other side gets an error, not an end.
+    ///
+    /// - Returns: whether everything written was acknowledged before the connection ended (true when nothing was
+    ///   written). False means the peer may have missed data: treat it like a failed write.
+    @discardableResult
+    public func close(errorCode: UInt64 = 0, reason: String = "", timeout: Duration? = nil) async -> Bool {
+        await endpoint.closeConnection(key, code: errorCode, reason: reason, timeout: timeout)
+    }
+
+    /// Closes the connection at once: sends CONNECTION_CLOSE now and discards data the peer has not acknowledged,
+    /// so its reads of unfinished streams fail. For aborts; ``close(errorCode:reason:timeout:)`` is the orderly way.
+    public func abort(errorCode: UInt64 = 0, reason: String = "") async {
+        await endpoint.abortConnection(key, code: errorCode, reason: reason)
     }
 
     /// Waits until the connection ends, and returns why.
+    ///
+    /// Any number of tasks may wait. A cancelled waiter returns at once with a `cancelled` error (the connection
+    /// itself is unaffected).
     public func waitClosed() async -> QUICError {
         await endpoint.waitClosed(key)
     }
@@ -75,21 +108,46 @@ public final class QUICStream: Sendable {
         self.id = id
     }
 
-    /// Queues bytes for sending. Waits while the stream's unacknowledged data exceeds its send buffer.
+    /// Queues bytes for sending. Waits first while the stream's unacknowledged data fills its send buffer
+    /// (``EndpointConfiguration/streamSendBuffer``), so a write that throws queued nothing.
     ///
-    /// - Throws: ``QUICError`` when the stream was finished or reset, or the connection closed.
+    /// Returning means the bytes are queued, not that they arrived: see ``delivered()``.
+    ///
+    /// - Throws: ``QUICError`` when the stream was finished, reset or stopped by the peer, the connection closed or
+    ///   is closing, or (`cancelled`) the calling task was cancelled while waiting.
     public func write(_ bytes: [UInt8]) async throws {
         try await connection.endpoint.write(connection.key, stream: id, bytes: bytes)
     }
 
-    /// Ends the sending side (FIN) after the queued bytes.
+    /// Ends the sending side (FIN) after the queued bytes. Returns at once; ``delivered()`` waits for the peer's
+    /// acknowledgement, and ``QUICConnection/close(errorCode:reason:timeout:)`` waits for it too.
     public func finish() async throws {
         try await connection.endpoint.finish(connection.key, stream: id)
     }
 
-    /// Reads the next bytes as they arrive (at most `maxBytes`); nil at the end of the stream.
+    /// Waits until the peer has acknowledged every byte written so far and, once ``finish()`` was called, the end
+    /// of the stream.
     ///
-    /// - Throws: ``QUICError`` (`streamReset`) when the peer reset the stream, or the connection's error.
+    /// An acknowledgement means the peer's QUIC stack holds the bytes: they stay readable there even if this side
+    /// closes next. (Whether the peer's application has read them is for the application protocol to say.)
+    ///
+    /// - Throws: ``QUICError``: `streamReset` when the stream was reset or the peer stopped reading before
+    ///   everything was acknowledged; the connection's error when it ended first; `cancelled` when the calling
+    ///   task is cancelled.
+    public func delivered() async throws {
+        try await connection.endpoint.delivered(connection.key, stream: id)
+    }
+
+    /// Reads the next bytes as they arrive (at most `maxBytes`); nil only at the end of the stream: the peer
+    /// finished it and every byte before the end has been returned.
+    ///
+    /// Any other end is an error, never nil: a reset, or the connection ending before the end of the stream
+    /// (closed by the peer with any code, including 0; an idle timeout; a local close). Bytes that arrived before
+    /// such an end are still returned first. Concurrent readers each get different bytes.
+    ///
+    /// - Throws: ``QUICError``: `streamReset` when the stream was reset; the connection's error (`connectionClosed`,
+    ///   `idleTimeout`, `closedLocally`, `endpointClosed`, …) when it ended before the end of the stream;
+    ///   `cancelled` when the calling task is cancelled.
     public func read(maxBytes: Int = 65_536) async throws -> [UInt8]? {
         try await connection.endpoint.read(connection.key, stream: id, maxBytes: maxBytes)
     }
@@ -108,7 +166,8 @@ public final class QUICStream: Sendable {
         return all
     }
 
-    /// Abruptly ends both directions with an application error code (RESET_STREAM and STOP_SENDING).
+    /// Abruptly ends both directions with an application error code (RESET_STREAM and STOP_SENDING). Later reads,
+    /// writes and ``delivered()`` on this side throw `streamReset`.
     public func reset(errorCode: UInt64) async {
         await connection.endpoint.reset(connection.key, stream: id, code: errorCode)
     }

@@ -49,19 +49,31 @@ final class StreamState {
     var ackedOffset: UInt64 = 0
     var finRequested = false
     var finSent = false
-    var writeWaiters: [CheckedContinuation<Void, any Error>] = []
+    /// The peer acknowledged the FIN.
+    var finAcked = false
+    /// When the last of the stream's data was acknowledged after its FIN had gone out, while the FIN's own
+    /// acknowledgement was not seen: ngtcp2 merges a lost FIN into retransmitted data, and the acknowledgement of
+    /// that merged frame does not say it carried the FIN (see `Endpoint.settleFins`). Monotonic ns.
+    var unconfirmedFinSince: UInt64?
+    let writeWaiters = WaitList()
     var writeClosedError: QUICError?
     // Receive side.
     var received: [UInt8] = []
     var receivedStart = 0
     var finReceived = false
     var resetError: QUICError?
-    var readWaiter: CheckedContinuation<Void, any Error>?
+    let readWaiters = WaitList()
+    /// The application has been told how the receive side ended (nil returned, or the reset thrown).
+    var endReported = false
+    /// ngtcp2 closed the stream: both sides ended cleanly, or one was reset.
+    var closedByStack = false
 
     init(id: Int64) { self.id = id }
 
     var unacked: UInt64 { queuedEnd - ackedOffset }
     var hasUnsent: Bool { sentOffset < queuedEnd || (finRequested && !finSent) }
+    /// Everything written was acknowledged, and the FIN too once `finish` asked for it.
+    var isDelivered: Bool { ackedOffset >= queuedEnd && (!finRequested || finAcked) }
 
     func releaseAcked() {
         while let first = chunks.first, chunksBaseOffset + UInt64(first.count) <= ackedOffset {
@@ -108,9 +120,17 @@ final class ConnectionCore {
     var verifyError: QUICError?
     var streams: [Int64: StreamState] = [:]
     var pendingIncomingStreams: [Int64] = []
-    var streamAcceptWaiter: CheckedContinuation<Int64?, any Error>?
+    let acceptWaiters = WaitList()
     var handshakeWaiter: CheckedContinuation<Void, any Error>?
-    var closeWaiters: [CheckedContinuation<QUICError, Never>] = []
+    let closeWaiters = WaitList()
+    /// Woken by every acknowledgement, stream end and connection end: `delivered()` and the graceful close wait here.
+    let deliveryWaiters = WaitList()
+    /// The endpoint's table of suspended callers, so callbacks can wake them.
+    var waiters: Waiters?
+    /// A graceful close is waiting for acknowledgements: no new streams or data.
+    var isClosing = false
+    /// Streams retired from ``streams`` whose send side was not fully acknowledged (reset or stopped).
+    var undeliveredStreams: [Int64: QUICError] = [:]
     var localCIDs: Set<CIDKey> = []
     var timerID: UInt64?
     var armedDeadline: UInt64 = .max
@@ -128,6 +148,8 @@ final class ConnectionCore {
     var bytesReceived = 0
     var packetsSent = 0
     var packetsReceived = 0
+    /// When the last datagram for this connection arrived (monotonic ns; 0: none yet).
+    var lastReceivedAt: UInt64 = 0
     /// Set when a callback asked the endpoint to announce a newly established server connection.
     var announceAccepted = false
 
@@ -164,6 +186,36 @@ final class ConnectionCore {
     var isClosed: Bool {
         if case .closed = phase { return true }
         return false
+    }
+
+    /// Streams whose written data (or FIN) the peer has not acknowledged, including retired ones.
+    var undeliveredStreamIDs: Set<Int64> {
+        Set(streams.values.filter { !$0.isDelivered }.map(\.id)).union(undeliveredStreams.keys)
+    }
+
+    /// Nothing left for a graceful close to wait for: every stream is delivered or can no longer be.
+    var everythingSettled: Bool {
+        streams.values.allSatisfy { $0.isDelivered || $0.writeClosedError != nil }
+    }
+
+    func wake(_ list: WaitList) { waiters?.wake(list) }
+
+    /// Wakes everyone who waits on something `stream` may have changed.
+    func wakeStream(_ stream: StreamState) {
+        wake(stream.readWaiters)
+        wake(stream.writeWaiters)
+        wake(deliveryWaiters)
+    }
+
+    /// Drops a stream's state once its reader saw the end and ngtcp2 closed it: nothing can change any more.
+    func retireIfDone(_ stream: StreamState) {
+        // A reset stream stays, so every later read reports the reset again (the peer's stream limit bounds them).
+        guard stream.endReported, stream.finReceived, stream.closedByStack else { return }
+        if !stream.isDelivered {
+            undeliveredStreams[stream.id] = stream.writeClosedError
+                ?? QUICError(.streamReset, "stream \(stream.id) closed before the peer acknowledged everything written")
+        }
+        streams[stream.id] = nil
     }
 
     // MARK: Setup
@@ -292,12 +344,8 @@ final class ConnectionCore {
         // Only the peer's streams arrive here; ours are created in `openStream`.
         guard streams[id] == nil else { return }
         streams[id] = StreamState(id: id)
-        if let waiter = streamAcceptWaiter {
-            streamAcceptWaiter = nil
-            waiter.resume(returning: id)
-        } else {
-            pendingIncomingStreams.append(id)
-        }
+        pendingIncomingStreams.append(id)
+        wake(acceptWaiters)
     }
 
     func onStreamData(_ id: Int64, flags: UInt32, data: UnsafeBufferPointer<UInt8>) {
@@ -310,16 +358,22 @@ final class ConnectionCore {
         }
         stream.received.append(contentsOf: data)
         if flags & NGTCP2_STREAM_DATA_FLAG_FIN != 0 { stream.finReceived = true }
-        if let waiter = stream.readWaiter {
-            stream.readWaiter = nil
-            waiter.resume()
-        }
+        wake(stream.readWaiters)
     }
 
     func onAcked(_ id: Int64, offset: UInt64, length: UInt64) {
         guard let stream = streams[id] else { return }
         stream.ackedOffset = max(stream.ackedOffset, offset + length)
+        if length == 0 {
+            // ngtcp2 reports an acknowledgement without data only for a frame that carried the FIN. The FIN is sent
+            // in a frame of its own (see `Endpoint.flush`), so this is how its acknowledgement normally shows.
+            stream.finAcked = true
+        } else if stream.finSent, !stream.finAcked, stream.ackedOffset >= stream.queuedEnd,
+                  stream.unconfirmedFinSince == nil {
+            stream.unconfirmedFinSince = hp_now_ns()
+        }
         stream.releaseAcked()
+        wake(deliveryWaiters)
     }
 
     func onStreamReset(_ id: Int64, code: UInt64) {
@@ -327,10 +381,7 @@ final class ConnectionCore {
         var error = QUICError(.streamReset, "the peer reset stream \(id) with code \(code)")
         error.applicationErrorCode = code
         stream.resetError = error
-        if let waiter = stream.readWaiter {
-            stream.readWaiter = nil
-            waiter.resume()
-        }
+        wakeStream(stream)
     }
 
     func onStreamStopSending(_ id: Int64, code: UInt64) {
@@ -338,30 +389,30 @@ final class ConnectionCore {
         var error = QUICError(.streamReset, "the peer stopped reading stream \(id) with code \(code)")
         error.applicationErrorCode = code
         stream.writeClosedError = error
-        let waiters = stream.writeWaiters
-        stream.writeWaiters.removeAll()
-        for waiter in waiters { waiter.resume(throwing: error) }
+        wakeStream(stream)
     }
 
     func onStreamClose(_ id: Int64, code: UInt64?) {
         guard let stream = streams[id] else { return }
+        stream.closedByStack = true
+        if code == nil {
+            // ngtcp2 closes a stream without an error code only once all its data and FIN were acknowledged.
+            stream.finAcked = true
+            stream.ackedOffset = max(stream.ackedOffset, stream.queuedEnd)
+        } else if !stream.isDelivered && stream.writeClosedError == nil {
+            var error = QUICError(.streamReset, "stream \(id) was reset before the peer acknowledged everything written")
+            error.applicationErrorCode = code
+            stream.writeClosedError = error
+        }
         if !stream.finReceived && stream.resetError == nil {
             var error = QUICError(.streamReset, "stream \(id) closed before its end")
             error.applicationErrorCode = code
             stream.resetError = error
         }
-        if let waiter = stream.readWaiter {
-            stream.readWaiter = nil
-            waiter.resume()
-        }
-        let waiters = stream.writeWaiters
-        stream.writeWaiters.removeAll()
-        for waiter in waiters { waiter.resume() }
         stream.freeAll()
-        // Keep the state while unread data or an unreported reset remains; the reader removes it then.
-        if stream.receivedStart >= stream.received.count && stream.resetError == nil {
-            streams[id] = nil
-        }
+        wakeStream(stream)
+        // Keep the state until the reader has seen how the stream ended; it retires the stream then.
+        retireIfDone(stream)
     }
 
     func onNewConnectionID(_ cid: UnsafeMutablePointer<ngtcp2_cid>, token: UnsafeMutablePointer<UInt8>, length: Int) -> Int32 {
@@ -554,4 +605,9 @@ final class TLSCredentials {
     deinit {
         gnutls_certificate_free_credentials(handle)
     }
+}
+
+extension QUICError {
+    /// The peer closed the connection with application code 0: an orderly end, after which no more streams come.
+    var isOrderlyPeerClose: Bool { code == .connectionClosed && applicationErrorCode == 0 }
 }

@@ -46,9 +46,11 @@ public actor Endpoint {
     private var handshakeHintProvider: (@Sendable (SocketAddress) -> HandshakeHints?)?
     private var isClosed = false
     private var failures: [QUICError] = []
-    /// Why recently ended connections ended, so a handle asking after the fact gets the real reason.
-    /// Bounded: the oldest entries go first.
-    private var endedReasons: [UInt64: QUICError] = [:]
+    /// Why recently ended connections ended, and which of their streams were not fully acknowledged, so a handle
+    /// asking after the fact gets the real answer. Bounded: the oldest entries go first.
+    private var ended: [UInt64: EndedConnection] = [:]
+    /// Every suspended caller of a connection or stream operation.
+    private let waiters = Waiters()
     private var endedOrder: [UInt64] = []
     /// Ended connections that still hold received stream data (or streams not yet accepted): a peer that sends and
     /// closes at once must not lose what already arrived. Bounded: the oldest go first.
@@ -278,10 +280,14 @@ public actor Endpoint {
     /// How many connection IDs route to a connection; zero once all are closed.
     public var routeCount: Int { router.routes.count }
 
+    /// How many callers are suspended in a connection or stream wait (tests: a cancelled wait leaves none).
+    var suspendedWaiterCount: Int { waiters.count }
+
     /// The most recent handshake failures (newest last, at most 32), on either side.
     public var recentHandshakeFailures: [QUICError] { failures }
 
-    /// Closes every connection (application code 0) and the socket. Idempotent.
+    /// Closes every connection (application code 0) and the socket, at once: like ``QUICConnection/abort(errorCode:reason:)``,
+    /// it does not wait for acknowledgements, so close connections gracefully first. Idempotent.
     public func close() {
         guard !isClosed else { return }
         for core in Array(connections.values) {
@@ -334,6 +340,7 @@ public actor Endpoint {
     ) throws -> ConnectionCore {
         let core = ConnectionCore(key: allocateKey(), isClient: true, remote: remote, expectedNodeID: peer)
         core.router = router
+        core.waiters = waiters
         core.serverName = options.serverName
         core.handshakeCopies = min(max(options.handshakePacketCopies, 1), HandshakeHints.maxPacketCopies)
         var dcid = randomConnectionID(length: 18)
@@ -373,6 +380,7 @@ public actor Endpoint {
     ) -> ConnectionCore? {
         let core = ConnectionCore(key: allocateKey(), isClient: false, remote: remote, expectedNodeID: nil)
         core.router = router
+        core.waiters = waiters
         core.handshakeCopies = min(max(hints?.packetCopies ?? 1, 1), HandshakeHints.maxPacketCopies)
         var scid = randomConnectionID(length: localCIDLength)
         var callbacks = ConnectionCore.makeCallbacks(client: false)
@@ -585,6 +593,7 @@ public actor Endpoint {
         guard let conn = core.conn else { return }
         core.bytesReceived += count
         core.packetsReceived += 1
+        core.lastReceivedAt = hp_now_ns()
         if !core.hintsAsked, gate.isPending(core.key), let hints = handshakeHintProvider?(from) {
             // A probe may prove the path just after the first Initial arrived: later handshake datagrams get copies.
             core.hintsAsked = true
@@ -645,7 +654,9 @@ public actor Endpoint {
             var offered: UInt64 = 0
             if let stream {
                 (vectorCount, offered) = fillVectors(stream, into: &vectors)
-                if stream.finRequested && stream.sentOffset + offered == stream.queuedEnd {
+                // The FIN goes in a STREAM frame of its own, after the data: ngtcp2 then reports its
+                // acknowledgement distinctly (a zero-length ack), which is how `delivered()` knows the end arrived.
+                if stream.finRequested && offered == 0 && stream.sentOffset == stream.queuedEnd {
                     flags |= UInt32(NGTCP2_WRITE_STREAM_FLAG_FIN)
                 }
             }
@@ -861,19 +872,11 @@ public actor Endpoint {
         core.timerID = nil
         core.handshakeWaiter?.resume(throwing: error)
         core.handshakeWaiter = nil
-        core.streamAcceptWaiter?.resume(throwing: error)
-        core.streamAcceptWaiter = nil
-        for stream in core.streams.values {
-            if let waiter = stream.readWaiter {
-                stream.readWaiter = nil
-                waiter.resume()
-            }
-            let writers = stream.writeWaiters
-            stream.writeWaiters.removeAll()
-            for writer in writers { writer.resume(throwing: error) }
-        }
-        for waiter in core.closeWaiters { waiter.resume(returning: error) }
-        core.closeWaiters.removeAll()
+        // Every waiter wakes, re-checks and finds the connection closed (or the data it still may read).
+        waiters.wake(core.acceptWaiters)
+        for stream in core.streams.values { core.wakeStream(stream) }
+        waiters.wake(core.deliveryWaiters)
+        waiters.wake(core.closeWaiters)
         connections[core.key] = nil
         let unread = !core.pendingIncomingStreams.isEmpty || core.streams.values.contains {
             $0.receivedStart < $0.received.count || $0.finReceived || $0.resetError != nil
@@ -883,24 +886,22 @@ public actor Endpoint {
             drainableOrder.append(core.key)
             if drainableOrder.count > 64 { drainable[drainableOrder.removeFirst()] = nil }
         }
-        endedReasons[core.key] = error
+        ended[core.key] = EndedConnection(reason: error, undelivered: core.undeliveredStreamIDs)
         endedOrder.append(core.key)
         if endedOrder.count > 4096 {
-            endedReasons[endedOrder.removeFirst()] = nil
+            ended[endedOrder.removeFirst()] = nil
         }
         core.freeNative()
     }
 
     private func endedError(_ key: UInt64) -> QUICError {
-        endedReasons[key] ?? QUICError(.closedLocally, "the connection is closed")
+        ended[key]?.reason ?? QUICError(.closedLocally, "the connection is closed")
     }
 
     private func wakeWriters(_ core: ConnectionCore) {
         let limit = UInt64(configuration.streamSendBuffer)
         for stream in core.streams.values where !stream.writeWaiters.isEmpty && stream.unacked < limit {
-            let writers = stream.writeWaiters
-            stream.writeWaiters.removeAll()
-            for writer in writers { writer.resume() }
+            waiters.wake(stream.writeWaiters)
         }
     }
 
@@ -912,8 +913,33 @@ public actor Endpoint {
         return core
     }
 
-    func openStream(_ key: UInt64) throws -> Int64 {
+    /// A connection that still takes new data: established and not closing.
+    private func writable(_ key: UInt64) throws -> ConnectionCore {
         let core = try established(key)
+        guard !core.isClosing else { throw QUICError(.closedLocally, "the connection is closing") }
+        return core
+    }
+
+    /// Suspends the caller on `list` until an event wakes it (it then re-checks its condition), or its task is
+    /// cancelled (it throws ``QUICError/Code/cancelled`` and leaves nothing behind).
+    private func suspend(on list: WaitList) async throws {
+        let ticket = waiters.makeTicket()
+        try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+                // A task cancelled before it got here would never be woken by the handler, which already ran.
+                if Task.isCancelled {
+                    continuation.resume(throwing: QUICError(.cancelled, "the waiting task was cancelled"))
+                } else {
+                    waiters.park(ticket, continuation, on: list)
+                }
+            }
+        } onCancel: { [loop] in
+            loop.execute { self.assumeIsolated { $0.waiters.cancel(ticket) } }
+        }
+    }
+
+    func openStream(_ key: UInt64) throws -> Int64 {
+        let core = try writable(key)
         var id: Int64 = -1
         let rv = ngtcp2_conn_open_bidi_stream(core.conn, &id, nil)
         guard rv == 0 else {
@@ -924,41 +950,108 @@ public actor Endpoint {
     }
 
     func acceptStream(_ key: UInt64) async throws -> Int64? {
-        guard let core = connections[key] ?? drainable[key] else { return nil }
-        if !core.pendingIncomingStreams.isEmpty { return core.pendingIncomingStreams.removeFirst() }
-        if case .closed = core.phase { return nil }
-        return try await withCheckedThrowingContinuation { core.streamAcceptWaiter = $0 }
+        while true {
+            guard let core = connections[key] ?? drainable[key] else {
+                let error = endedError(key)
+                if error.isOrderlyPeerClose { return nil }
+                throw error
+            }
+            if !core.pendingIncomingStreams.isEmpty { return core.pendingIncomingStreams.removeFirst() }
+            if case .closed(let error) = core.phase {
+                // Only the peer's own orderly close means "no more streams"; anything else is an error to report.
+                if error.isOrderlyPeerClose { return nil }
+                throw error
+            }
+            try await suspend(on: core.acceptWaiters)
+        }
     }
 
     func write(_ key: UInt64, stream id: Int64, bytes: [UInt8]) async throws {
-        let core = try established(key)
-        guard let stream = core.streams[id] else { throw QUICError(.invalidArgument, "stream \(id) is closed") }
-        if let error = stream.writeClosedError { throw error }
-        guard !stream.finRequested else { throw QUICError(.invalidArgument, "stream \(id) is already finished") }
-        guard bytes.count > 0 else { return }
-        let chunk = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes.count, alignment: 1)
-        bytes.withUnsafeBytes { chunk.copyMemory(from: $0) }
-        stream.chunks.append(chunk)
-        stream.queuedEnd += UInt64(bytes.count)
-        flush(core)
         let limit = UInt64(configuration.streamSendBuffer)
-        while stream.unacked >= limit {
-            try await withCheckedThrowingContinuation { stream.writeWaiters.append($0) }
+        while true {
+            let core = try writable(key)
+            guard let stream = core.streams[id] else { throw QUICError(.invalidArgument, "stream \(id) is closed") }
             if let error = stream.writeClosedError { throw error }
-            if case .closed(let error) = core.phase { throw error }
+            guard !stream.finRequested else { throw QUICError(.invalidArgument, "stream \(id) is already finished") }
+            guard bytes.count > 0 else { return }
+            // Wait for room before queueing, so a write that throws (cancelled, closed) queued nothing.
+            if stream.unacked < limit {
+                let chunk = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes.count, alignment: 1)
+                bytes.withUnsafeBytes { chunk.copyMemory(from: $0) }
+                stream.chunks.append(chunk)
+                stream.queuedEnd += UInt64(bytes.count)
+                flush(core)
+                return
+            }
+            try await suspend(on: stream.writeWaiters)
         }
     }
 
     func finish(_ key: UInt64, stream id: Int64) throws {
         let core = try established(key)
         guard let stream = core.streams[id] else { throw QUICError(.invalidArgument, "stream \(id) is closed") }
+        if let error = stream.writeClosedError { throw error }
         stream.finRequested = true
         flush(core)
+    }
+
+    func delivered(_ key: UInt64, stream id: Int64) async throws {
+        while true {
+            guard let core = connections[key] ?? drainable[key] else {
+                if let ended = ended[key], !ended.undelivered.contains(id) { return }
+                throw endedError(key)
+            }
+            guard let stream = core.streams[id] else {
+                // Retired: both sides ended; only a failed send side is remembered.
+                if let error = core.undeliveredStreams[id] { throw error }
+                return
+            }
+            if stream.isDelivered { return }
+            if let error = stream.writeClosedError { throw error }
+            if case .closed(let error) = core.phase { throw error }
+            try await waitForAcknowledgements(core)
+        }
+    }
+
+    /// Waits for the next acknowledgement progress on `core`, at most one PTO: a FIN whose acknowledgement ngtcp2
+    /// reported without saying so is settled by ``settleFins(_:)`` when a PTO passes with nothing in flight.
+    private func waitForAcknowledgements(_ core: ConnectionCore, until deadline: UInt64? = nil) async throws {
+        guard let conn = core.conn else { return }
+        let key = core.key
+        let timer = loop.schedule(at: deadline ?? hp_now_ns() + ngtcp2_conn_get_pto(conn)) { [weak self] in
+            self?.assumeIsolated { $0.deliveryTick(key) }
+        }
+        defer { loop.cancelTimer(timer) }
+        try await suspend(on: core.deliveryWaiters)
+    }
+
+    private func deliveryTick(_ key: UInt64) {
+        guard let core = connections[key] else { return }
+        settleFins(core)
+        waiters.wake(core.deliveryWaiters)
+    }
+
+    /// Marks as acknowledged each FIN that went out before the last of its stream's data was acknowledged, once a
+    /// PTO has passed since then with nothing in flight: a lost FIN would have been retransmitted (and be in flight)
+    /// within that time, so it was acknowledged inside a retransmission that merged it with data.
+    private func settleFins(_ core: ConnectionCore) {
+        guard let conn = core.conn else { return }
+        let candidates = core.streams.values.filter { $0.unconfirmedFinSince != nil && !$0.finAcked }
+        guard !candidates.isEmpty else { return }
+        var stat = ngtcp2_conn_stat()
+        ngtcp2_conn_get_conn_stat_versioned(conn, NGTCP2_CONN_STAT_VERSION, &stat)
+        guard stat.bytes_in_flight == 0 else { return }
+        let now = hp_now_ns()
+        let pto = ngtcp2_conn_get_pto(conn)
+        for stream in candidates where now >= stream.unconfirmedFinSince! + pto {
+            stream.finAcked = true
+        }
     }
 
     func read(_ key: UInt64, stream id: Int64, maxBytes: Int) async throws -> [UInt8]? {
         while true {
             guard let core = connections[key] ?? drainable[key] else { throw endedError(key) }
+            // A stream leaves the table only after its reader saw the clean end and both sides closed.
             guard let stream = core.streams[id] else { return nil }
             if stream.receivedStart < stream.received.count {
                 let end = min(stream.received.count, stream.receivedStart + maxBytes)
@@ -979,26 +1072,75 @@ public actor Endpoint {
                 }
                 return chunk
             }
-            if let error = stream.resetError {
-                core.streams[id] = nil
-                throw error
-            }
+            // ngtcp2 hands data over in order, so a FIN means every byte before it has been returned above.
             if stream.finReceived {
-                if core.conn == nil || stream.chunks.isEmpty && stream.finSent { core.streams[id] = nil }
+                stream.endReported = true
+                core.retireIfDone(stream)
                 return nil
             }
+            if let error = stream.resetError {
+                // Kept: every later read reports the same error rather than a clean end.
+                stream.endReported = true
+                throw error
+            }
             if case .closed(let error) = core.phase { throw error }
-            try await withCheckedThrowingContinuation { stream.readWaiter = $0 }
+            try await suspend(on: stream.readWaiters)
         }
     }
 
     func reset(_ key: UInt64, stream id: Int64, code: UInt64) {
-        guard let core = connections[key], let conn = core.conn, core.streams[id] != nil else { return }
+        guard let core = connections[key], let conn = core.conn, let stream = core.streams[id] else { return }
         _ = ngtcp2_conn_shutdown_stream(conn, id, code)
+        var error = QUICError(.streamReset, "stream \(id) was reset locally with code \(code)")
+        error.applicationErrorCode = code
+        if !stream.isDelivered && stream.writeClosedError == nil { stream.writeClosedError = error }
+        if !stream.finReceived && stream.resetError == nil { stream.resetError = error }
+        core.wakeStream(stream)
         flush(core)
     }
 
-    func closeConnection(_ key: UInt64, code: UInt64, reason: String) {
+    /// The graceful close: waits (bounded) until every stream's written data and FIN are acknowledged, then closes.
+    func closeConnection(_ key: UInt64, code: UInt64, reason: String, timeout: Duration?) async -> Bool {
+        guard let core = connections[key] else { return ended[key]?.undelivered.isEmpty ?? true }
+        core.isClosing = true
+        let start = ContinuousClock.now
+        let limit = timeout ?? defaultCloseTimeout(core)
+        while !core.isClosed, !core.everythingSettled, ContinuousClock.now - start < limit {
+            settleFins(core)
+            if core.everythingSettled { break }
+            // Cancellation ends the wait: the caller wants out, so close at once.
+            do { try await waitForAcknowledgements(core) } catch { break }
+        }
+        if !core.isClosed {
+            // Acknowledgements of what we just received may still wait out their delay (up to max_ack_delay, 25 ms
+            // by default), and CONNECTION_CLOSE carries none: without them the peer, whose own graceful close
+            // waits for exactly those acknowledgements, would see our close first and report its data undelivered.
+            // The connection's timer sends them when due; wait until then.
+            let ackDue = core.lastReceivedAt + ackDelayAllowance
+            let now = hp_now_ns()
+            if ackDue > now && core.lastReceivedAt > 0 {
+                try? await waitForAcknowledgements(core, until: ackDue)
+            }
+        }
+        if core.isClosed { return ended[key]?.undelivered.isEmpty ?? false }
+        let delivered = core.undeliveredStreamIDs.isEmpty
+        abortConnection(key, code: code, reason: reason)
+        return delivered
+    }
+
+    /// How long after a packet arrives its acknowledgement may still be pending: ngtcp2's default max_ack_delay
+    /// (25 ms) and a margin for the timer.
+    private var ackDelayAllowance: UInt64 { 30_000_000 }
+
+    /// The default bound of a graceful close: 16 PTOs (enough for four retransmissions with backoff), at least
+    /// one second, at most ``EndpointConfiguration/closeTimeout``.
+    private func defaultCloseTimeout(_ core: ConnectionCore) -> Duration {
+        let pto = core.conn.map { Duration.nanoseconds(Int64(ngtcp2_conn_get_pto($0))) } ?? .zero
+        return min(max(pto * 16, .seconds(1)), configuration.closeTimeout)
+    }
+
+    /// The immediate close: CONNECTION_CLOSE now; unacknowledged data is discarded.
+    func abortConnection(_ key: UInt64, code: UInt64, reason: String) {
         guard let core = connections[key] else { return }
         sendClose(core, applicationCode: code, reason: reason)
         var error = QUICError(.closedLocally, "closed locally with code \(code)")
@@ -1007,9 +1149,13 @@ public actor Endpoint {
     }
 
     func waitClosed(_ key: UInt64) async -> QUICError {
-        guard let core = connections[key] else { return endedError(key) }
-        if case .closed(let error) = core.phase { return error }
-        return await withCheckedContinuation { core.closeWaiters.append($0) }
+        while true {
+            guard let core = connections[key] else { return endedError(key) }
+            if case .closed(let error) = core.phase { return error }
+            do { try await suspend(on: core.closeWaiters) } catch {
+                return error as? QUICError ?? QUICError(.cancelled, "the waiting task was cancelled")
+            }
+        }
     }
 
     func connectionStats(_ key: UInt64) -> ConnectionStats? {
@@ -1033,6 +1179,13 @@ public actor Endpoint {
         guard let core = connections[key] else { return false }
         return !core.isClosed
     }
+}
+
+/// How a connection ended, kept a while for handles that ask afterwards.
+struct EndedConnection {
+    var reason: QUICError
+    /// Streams whose written data or FIN the peer had not acknowledged when the connection ended.
+    var undelivered: Set<Int64>
 }
 
 /// Converts a duration to ngtcp2's nanosecond ticks.

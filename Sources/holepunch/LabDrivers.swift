@@ -240,7 +240,9 @@ struct LabPeerCommand: AsyncParsableCommand {
                 ]
                 if case .success(let connection) = await handle.result() {
                     line["peer_node"] = "\(connection.peerNodeID)"
-                    line["echo"] = await exchangeLine(connection, initiator: target != nil)
+                    let outcome = await exchangeLine(connection, initiator: target != nil)
+                    line["echo"] = outcome == "delivered"
+                    line["echo_outcome"] = outcome
                 }
                 return line
             case .failure(let error):
@@ -274,30 +276,32 @@ struct LabPeerCommand: AsyncParsableCommand {
         }
     }
 
-    /// The initiator sends a line and reads the echo; the target echoes it and waits (bounded) for the close,
-    /// so neither side exits while the other still needs its packets (a lost handshake packet is resent).
-    private static func exchangeLine(_ connection: QUICConnection, initiator: Bool) async -> Bool {
-        let ok = await labWithin(.seconds(5)) { () async -> Bool in
+    /// The initiator sends a line and reads the echo; the target echoes it, finishes and closes at once, as
+    /// `holepunch peer --echo` does: the graceful close must carry the echo to the initiator over a lossy path.
+    /// Returns `delivered` (the whole line and a clean end), `silentLoss` (a clean end with bytes missing: the bug
+    /// of issue 18), `error: …` or `timeout`.
+    private static func exchangeLine(_ connection: QUICConnection, initiator: Bool) async -> String {
+        let line = Array("hello through the NAT\n".utf8)
+        let outcome = await labWithin(.seconds(8)) { () async -> String in
             do {
                 if initiator {
                     let stream = try await connection.openStream()
-                    try await stream.write(Array("hello through the NAT\n".utf8))
+                    try await stream.write(line)
                     try await stream.finish()
                     let echo = try await stream.readToEnd(limit: 1024)
                     await connection.close()
-                    return echo == Array("hello through the NAT\n".utf8)
+                    return echo == line ? "delivered" : "silentLoss"
                 } else {
-                    guard let stream = try await connection.acceptStream() else { return false }
-                    let line = try await stream.readToEnd(limit: 1024)
-                    try await stream.write(line)
+                    guard let stream = try await connection.acceptStream() else { return "error: no stream" }
+                    let received = try await stream.readToEnd(limit: 1024)
+                    try await stream.write(received)
                     try await stream.finish()
-                    _ = await connection.waitClosed()
-                    return true
+                    return await connection.close() ? "delivered" : "error: echo not acknowledged"
                 }
             } catch {
-                return false
+                return "error: \(error)"
             }
         }
-        return ok ?? false
+        return outcome ?? "timeout"
     }
 }

@@ -522,7 +522,7 @@ struct MatrixRunner {
         _ = await initiator.wait(limit)
         _ = await target.wait(.seconds(8))
         let after = await lab.packetCounter("nat-a") + lab.packetCounter("nat-b")
-        let result = initiator.lastJSON ?? [:]
+        var result = initiator.lastJSON ?? [:]
         let targetResult = target.lastJSON ?? [:]
         var ok = result["ok"] as? Bool == true
         var error = result["error"] as? String
@@ -534,7 +534,10 @@ struct MatrixRunner {
         if ok, result["echo"] as? Bool != true {
             // The punch reported a connection, but no line made it through and back: not a working connection.
             ok = false
-            error = "noEcho"
+            // A clean end with bytes missing is the silent loss a graceful close exists to prevent: named apart.
+            let outcome = result["echo_outcome"] as? String ?? ""
+            error = outcome == "silentLoss" ? "silentLoss" : "noEcho"
+            result["message"] = "echo: \(outcome)"
         }
         if result.isEmpty { error = "noResult" }
         return TrialResult(

@@ -15,8 +15,11 @@ struct PeerCommand: AsyncParsableCommand {
             Status lines go to standard error (JSON objects with --json): registered, nat, coordinated, progress, \
             connected, error. Standard output carries only the bytes received from the other peer, so the command \
             can be piped. Standard input is sent to the other peer; the command exits once both directions have \
-            ended (stdin EOF and the peer's end of stream). With --echo, what arrives is sent back instead of stdin. \
-            Exit status: 0 success, 1 usage or local error, 2 rendezvous error, 3 punch failure.
+            ended (stdin EOF and the peer's end of stream) and the peer has acknowledged everything sent, then \
+            closes the connection. With --echo, what arrives is sent back instead of stdin. \
+            Exit status: 0 success (both directions ended cleanly, everything sent was acknowledged), 1 usage or \
+            local error, 2 rendezvous error, 3 punch failure or a connection that failed before both directions \
+            ended cleanly (one error line).
             """
     )
 
@@ -130,7 +133,6 @@ struct PeerCommand: AsyncParsableCommand {
         }
         await client.close()
         try await pipe(connection)
-        await connection.close()
     }
 
     // MARK: Steps
@@ -167,7 +169,9 @@ struct PeerCommand: AsyncParsableCommand {
         throw cliFailure("stopped waiting: \(reason)", hint: "is the rendezvous still running?", code: 2)
     }
 
-    /// Pipes stdin (or the echo) to the stream and the stream to stdout until both directions end.
+    /// Pipes stdin (or the echo) to the stream and the stream to stdout until both directions end, then closes
+    /// gracefully. Succeeds only when the peer's end of stream arrived after all its bytes and the peer acknowledged
+    /// everything this side sent; anything else is a punch-connection failure (exit 3, one error line).
     private func pipe(_ connection: QUICConnection) async throws {
         let stream: QUICStream
         do {
@@ -180,29 +184,41 @@ struct PeerCommand: AsyncParsableCommand {
                 stream = accepted
             }
         } catch {
-            throw cliFailure("the punched connection failed: \(error)", hint: nil, code: 3)
+            throw connectionFailure("\(error)")
         }
         let echo = self.echo
-        await withTaskGroup(of: Void.self) { group in
-            if !echo {
-                group.addTask {
-                    for await line in standardInputLines() {
-                        do { try await stream.write(line) } catch { return }
+        do {
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                if !echo {
+                    group.addTask {
+                        for await line in standardInputLines() { try await stream.write(line) }
+                        try await stream.finish()
                     }
-                    try? await stream.finish()
                 }
-            } else if connection.isClient {
-                // The dialling side opens the stream by writing; an echo peer with no input sends nothing else.
-                group.addTask { try? await stream.write([]) }
-            }
-            group.addTask {
-                while let chunk = try? await stream.read() {
-                    FileHandle.standardOutput.write(Data(chunk))
-                    if echo { try? await stream.write(chunk) }
+                group.addTask {
+                    while let chunk = try await stream.read() {
+                        FileHandle.standardOutput.write(Data(chunk))
+                        if echo { try await stream.write(chunk) }
+                    }
+                    if echo { try await stream.finish() }
                 }
-                if echo { try? await stream.finish() }
+                // The first failure ends both directions.
+                try await group.waitForAll()
             }
+        } catch {
+            await connection.abort(errorCode: 1, reason: "transfer failed")
+            throw connectionFailure("\(error)")
         }
+        // The graceful close waits for the peer to acknowledge what we wrote, our end of stream included.
+        guard await connection.close() else {
+            throw connectionFailure("the peer did not acknowledge everything sent before the connection ended")
+        }
+    }
+
+    /// The punched connection failed after it was made: exit 3 with one error line.
+    private func connectionFailure(_ message: String) -> ExitCode {
+        if json { status("error", ["code": "connection", "message": message]) }
+        return cliFailure("the punched connection failed: \(message)", hint: nil, code: 3)
     }
 
     // MARK: Output

@@ -63,20 +63,25 @@ func startEchoServer(_ endpoint: Endpoint) -> Task<Void, Never> {
     }
 }
 
-/// A UDP relay on 127.0.0.1 between one client and `target` that drops every other datagram in each direction,
-/// starting with the first: a deterministic stand-in for a lossy path, for tests of loss recovery.
+/// A UDP relay on 127.0.0.1 between one client and `target` that drops datagrams: by default every other datagram
+/// in each direction, starting with the first (a deterministic stand-in for a lossy path); with `lossRate`, each
+/// datagram independently with that probability, drawn from a generator seeded with `seed` (reproducible).
 ///
 /// Whoever sends to ``address`` first becomes the client; datagrams from `target` go back to it.
 final class AlternateDropRelay: @unchecked Sendable {
     let address: SocketAddress
     private let fd: Int32
     private let target: SocketAddress
+    private let lossRate: Double?
+    private let seed: UInt64
     private let stopped = Mutex(false)
     private let counts = Mutex((forwarded: 0, dropped: 0))
     private let finished = DispatchSemaphore(value: 0)
 
-    init(to target: SocketAddress) throws {
+    init(to target: SocketAddress, lossRate: Double? = nil, seed: UInt64 = 1) throws {
         self.target = target
+        self.lossRate = lossRate
+        self.seed = seed
         let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
         guard fd >= 0 else { throw TimeoutError() }
         let bound = SocketAddress.loopbackV4(port: 0).withSockAddr { bind(fd, $0, $1) }
@@ -99,6 +104,7 @@ final class AlternateDropRelay: @unchecked Sendable {
     private func run() {
         var client: SocketAddress?
         var seen = [0, 0]  // datagrams per direction: 0 = towards target, 1 = towards client
+        var random = SplitMix64(seed: seed)
         var buffer = [UInt8](repeating: 0, count: 65_536)
         while !stopped.withLock({ $0 }) {
             var descriptor = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
@@ -117,7 +123,8 @@ final class AlternateDropRelay: @unchecked Sendable {
             if direction == 0 { client = from }
             guard let destination = direction == 0 ? target : client else { continue }
             seen[direction] += 1
-            if seen[direction] % 2 == 1 {
+            let drop = lossRate.map { Double(random.next() >> 11) / Double(1 << 53) < $0 } ?? (seen[direction] % 2 == 1)
+            if drop {
                 counts.withLock { $0.dropped += 1 }
                 continue
             }
@@ -140,4 +147,19 @@ final class AlternateDropRelay: @unchecked Sendable {
     }
 
     deinit { stop() }
+}
+
+/// A small seeded generator (SplitMix64), so a lossy relay drops the same datagrams on every run of a seed.
+struct SplitMix64: RandomNumberGenerator {
+    private var state: UInt64
+
+    init(seed: UInt64) { state = seed }
+
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
 }

@@ -41,6 +41,31 @@ struct ProcessTests {
         #expect(await b.waitExit(.seconds(10)) == 0)
     }
 
+    @Test("peer --echo: A sends a line and ends its input; the echo comes back whole and both exit 0")
+    func echoBothExitZero() async throws {
+        guard let binary = holepunchBinaryOrSkip() else { return }
+        let dir = try scratchDirectory("hp-echo")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let (rendezvous, quic) = try await startRendezvous(binary, in: dir)
+        defer { rendezvous.stop() }
+        let common = ["peer", "--rendezvous", quic, "--rendezvous-id", "@rdv.id", "--listen", "127.0.0.1:0", "--no-nat-detect"]
+        let b = try Child(binary, common + ["--identity", "b.pem", "--echo"], directory: dir)
+        defer { b.stop() }
+        let waiting = await eventually(.seconds(15)) { b.stderr.text.contains("waiting") }
+        try #require(waiting, "B did not register: \(b.stderr.text)")
+        let bID = try await nodeID(binary, "b.pem", in: dir)
+
+        let a = try Child(binary, common + ["--identity", "a.pem", "--connect", bID], directory: dir)
+        defer { a.stop() }
+        a.write("hello through the echo\n")
+        a.closeInput()
+        // The echo side writes, finishes and closes at once: its graceful close must not cut the echo short.
+        #expect(await a.waitExit(.seconds(20)) == 0, "A err: \(a.stderr.text)")
+        #expect(await b.waitExit(.seconds(10)) == 0, "B err: \(b.stderr.text)")
+        #expect(a.stdout.text == "hello through the echo\n", "A err: \(a.stderr.text)")
+        #expect(!a.stderr.text.contains("error"))
+    }
+
     @Test("an unknown NodeID: one clear error line with a hint, exit status 2")
     func unknownNodeID() async throws {
         guard let binary = holepunchBinaryOrSkip() else { return }

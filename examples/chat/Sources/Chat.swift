@@ -14,8 +14,8 @@ struct Chat: AsyncParsableCommand {
         discussion: """
             Start one peer without --connect (it waits), then the other with --connect and the first one's NodeID \
             (printed as `registered node=…`). Status lines go to standard error; standard output carries only what \
-            the other peer typed. Exit status: 0 done, 1 local error, 2 rendezvous error, 3 punch failed or \
-            connection lost.
+            the other peer typed. Exit status: 0 done (both sides ended and everything typed was acknowledged), \
+            1 local error, 2 rendezvous error, 3 punch failed or connection lost.
             """
     )
 
@@ -79,8 +79,7 @@ func chat(over connection: QUICConnection) async throws {
     if !pending.isEmpty { FileHandle.standardOutput.write(Data(pending)) }
 
     let input = standardInputLines()
-    // `closeNow`: this side ended last, so both ends of the stream are delivered and it may close at once.
-    let (outcome, closeNow) = await withTaskGroup(of: Ended.self) { group -> (Ended, Bool) in
+    let outcome = await withTaskGroup(of: Ended.self) { group -> Ended in
         group.addTask {
             for await line in input {
                 do { try await stream.write(line) } catch { return .lost("\(error)") }
@@ -99,30 +98,30 @@ func chat(over connection: QUICConnection) async throws {
         switch first {
         case .inputDone:
             // We are done talking; keep printing until the peer is done too.
-            try? await stream.finish()
-            return (await group.next() ?? .peerDone, true)
+            do { try await stream.finish() } catch {
+                group.cancelAll()
+                return .lost("\(error)")
+            }
+            return await group.next() ?? .peerDone
         case .peerDone:
             // The peer left: stop reading stdin (the task ends on cancellation) and say goodbye.
             group.cancelAll()
-            try? await stream.finish()
-            return (.peerDone, false)
+            do { try await stream.finish() } catch { return .lost("\(error)") }
+            return .peerDone
         case .lost:
             group.cancelAll()
-            return (first, true)
+            return first
         }
     }
     switch outcome {
     case .lost(let reason):
-        await connection.close()
+        await connection.abort(errorCode: 1, reason: "connection lost")
         throw lost(reason)
     case .peerDone, .inputDone:
         say("peer left")
-        // Closing at once could drop our end-of-stream before it is delivered, so the side that finished first
-        // waits (bounded) for the other side, which finished last, to close.
-        let clock = ContinuousClock()
-        let end = clock.now + .seconds(2)
-        while !closeNow, await connection.isOpen, clock.now < end { try? await Task.sleep(for: .milliseconds(20)) }
-        await connection.close()
+        // The graceful close waits until the peer has acknowledged everything we typed and our end of stream, so
+        // whichever side closes first loses nothing: the other still reads it all after the close arrives.
+        guard await connection.close() else { throw lost("the peer did not acknowledge everything we sent") }
     }
 }
 

@@ -75,9 +75,11 @@ struct Send: AsyncParsableCommand {
             throw error
         } catch {
             progress.end()
-            await connection.close()
+            await connection.abort(errorCode: 1, reason: "transfer failed")
             throw dropped(error, progress)
         }
+        // The receiver's answer means it has everything; the graceful close still lets our last
+        // acknowledgements go out before CONNECTION_CLOSE.
         await connection.close()
         guard reply == "ok\n" else {
             throw fail("the receiver reports a SHA-256 mismatch", hint: "the data was damaged on the way; send it again", code: 4)
@@ -139,9 +141,13 @@ struct Receive: AsyncParsableCommand {
             let digest = hash.finalize()
             let claimed = try await reader.read(exactly: 32)
             guard digest == claimed else {
-                try? await stream.write(Array("mismatch\n".utf8))
-                try? await stream.finish()
-                await waitForClose(connection)
+                do {
+                    try await stream.write(Array("mismatch\n".utf8))
+                    try await stream.finish()
+                } catch {
+                    say("could not tell the sender about the mismatch: \(error)")
+                }
+                await connection.close()
                 try? FileManager.default.removeItem(atPath: partial!)
                 throw fail("SHA-256 mismatch: computed \(digest.hex), sender says \(claimed.hex)",
                            hint: "the data was damaged on the way; ask for it again", code: 4)
@@ -158,11 +164,15 @@ struct Receive: AsyncParsableCommand {
         } catch {
             progress.end()
             if let partial { try? FileManager.default.removeItem(atPath: partial) }
-            await connection.close()
+            await connection.abort(errorCode: 1, reason: "transfer failed")
             throw dropped(error, progress)
         }
-        // The sender closes once it has read our answer; closing first could lose that answer.
-        await waitForClose(connection)
+        // The graceful close waits until the sender has acknowledged our answer and end of stream, so closing
+        // first loses nothing: the sender still reads the answer after our close arrives.
+        guard await connection.close() else {
+            throw fail("the file was received, but the sender did not acknowledge our answer",
+                       hint: "the sender may report a failure although the file is here", code: 3)
+        }
     }
 }
 
@@ -170,14 +180,6 @@ struct Receive: AsyncParsableCommand {
 func dropped(_ error: any Error, _ progress: Progress) -> ExitCode {
     fail("the connection dropped after \(progress.done) of \(progress.total) bytes: \(error)",
          hint: "the other peer quit or the network path went away; run both sides again", code: 3)
-}
-
-/// Waits (bounded) for the other side to close the connection, then closes it.
-func waitForClose(_ connection: QUICConnection) async {
-    let clock = ContinuousClock()
-    let end = clock.now + .seconds(3)
-    while await connection.isOpen, clock.now < end { try? await Task.sleep(for: .milliseconds(20)) }
-    await connection.close()
 }
 
 /// Reads a stream in exact amounts: QUIC delivers bytes in whatever chunks arrived.
