@@ -49,6 +49,8 @@ struct hp_lua {
     int load_count;      // chunks compiled by `load` in this call
     size_t load_bytes;   // and their total size
     atomic_int last_line; // line of the script last seen running: read by another thread when a call is abandoned
+    atomic_ullong call_seq;   // which watched call is running (hp_lua_watch); a stale interrupt is ignored
+    atomic_int interrupted;   // set by hp_lua_interrupt from another thread: the call is past its deadline
     hp_lua_log_fn log_fn;
     void *log_user;
 };
@@ -130,6 +132,12 @@ static void hp_hook(lua_State *L, lua_Debug *ar) {
     hp_lua *h = hp_from(L);
     if (lua_getinfo(L, "l", ar) && ar->currentline > 0) {
         atomic_store_explicit(&h->last_line, ar->currentline, memory_order_relaxed);
+    }
+    if (atomic_load_explicit(&h->interrupted, memory_order_relaxed)) {
+        // The watchdog saw the deadline pass while one granule ran long (single instructions that do
+        // unbounded work without allocating, such as comparing long strings full of NUL bytes).
+        h->abort_reason = HP_LUA_ABORT_TIME;
+        hp_raise_at(L, 0, "time limit exceeded");
     }
     h->spent += h->granularity;
     if (h->abort_reason == HP_LUA_ABORT_BUDGET || h->spent >= h->budget) {
@@ -469,20 +477,52 @@ static int hp_sb_linear(lua_State *L) {
     return hp_forward(L);
 }
 
+// The table library reads lengths through __len and elements through __index / __newindex, all of which a
+// script controls. A __len may answer differently when the library asks again after we priced the call (1, then
+// 2^62), so tables with one are refused outright. Each element access through an __index or __newindex chain may
+// take up to Lua's MAXTAGLOOP (2,000) lookups in C without running a Lua instruction, so it is priced as that.
+#define HP_META_CHAIN 2000.0
+static double hp_table_factor(lua_State *L, int idx, const char *fn) {
+    if (lua_type(L, idx) != LUA_TTABLE) {
+        return 1.0;
+    }
+    if (luaL_getmetafield(L, idx, "__len") != LUA_TNIL) {
+        lua_pop(L, 1);
+        lua_pushfstring(L, "%s: refused, a table whose length comes from __len", fn);
+        hp_abort(L, HP_LUA_ABORT_BUDGET, lua_tostring(L, -1));
+    }
+    double factor = 1.0;
+    if (luaL_getmetafield(L, idx, "__index") != LUA_TNIL) {
+        lua_pop(L, 1);
+        factor = HP_META_CHAIN;
+    }
+    if (luaL_getmetafield(L, idx, "__newindex") != LUA_TNIL) {
+        lua_pop(L, 1);
+        factor = HP_META_CHAIN;
+    }
+    return factor;
+}
+
 // table.move(a1, f, e, t [, a2]): `table.move({}, 1, 2^40, 1)` loops in C without allocating.
 static int hp_sb_move(lua_State *L) {
     lua_Integer f = luaL_checkinteger(L, 2);
     lua_Integer e = luaL_checkinteger(L, 3);
     luaL_checkinteger(L, 4);
-    hp_charge(L, hp_span(f, e) * HP_UNITS_PER_ELEMENT, "table.move");
+    double factor = hp_table_factor(L, 1, "table.move");
+    if (!lua_isnoneornil(L, 5)) {
+        double other = hp_table_factor(L, 5, "table.move");
+        factor = other > factor ? other : factor;
+    }
+    hp_charge(L, hp_span(f, e) * HP_UNITS_PER_ELEMENT * factor, "table.move");
     return hp_forward(L);
 }
 
 // table.unpack(t [, i [, j]]).
 static int hp_sb_unpack(lua_State *L) {
+    double factor = hp_table_factor(L, 1, "table.unpack");
     lua_Integer i = luaL_optinteger(L, 2, 1);
     lua_Integer j = lua_isnoneornil(L, 3) ? luaL_len(L, 1) : luaL_checkinteger(L, 3);
-    hp_charge(L, hp_span(i, j) * 2.0, "table.unpack");
+    hp_charge(L, hp_span(i, j) * 2.0 * factor, "table.unpack");
     return hp_forward(L);
 }
 
@@ -490,19 +530,24 @@ static int hp_sb_unpack(lua_State *L) {
 static int hp_sb_concat(lua_State *L) {
     size_t lsep = 0;
     luaL_optlstring(L, 2, "", &lsep);
+    double factor = hp_table_factor(L, 1, "table.concat");
     lua_Integer i = luaL_optinteger(L, 3, 1);
     lua_Integer j = lua_isnoneornil(L, 4) ? luaL_len(L, 1) : luaL_checkinteger(L, 4);
     double n = hp_span(i, j);
-    hp_charge(L, n * HP_UNITS_PER_ELEMENT, "table.concat");
+    hp_charge(L, n * HP_UNITS_PER_ELEMENT * factor, "table.concat");
     double bytes = n > 1 ? (n - 1) * (double)lsep : 0;
     if (lua_type(L, 1) == LUA_TTABLE) {
         // Raw reads see what the concatenation will copy unless metamethods supply the elements; those
         // run Lua code, which the count hook sees, and their strings still meet the memory cap.
-        for (lua_Integer k = i; k <= j && n > 0; k++) {
+        // Counted by position, never past j: `k <= j` alone never ends when j is math.maxinteger.
+        for (lua_Integer k = i; n > 0; k++) {
             if (lua_rawgeti(L, 1, k) == LUA_TSTRING) {
                 bytes += (double)lua_rawlen(L, -1);
             }
             lua_pop(L, 1);
+            if (k == j) {
+                break;
+            }
         }
     }
     hp_check_result_size(L, bytes, "table.concat");
@@ -515,6 +560,7 @@ static int hp_sb_concat(lua_State *L) {
 static int hp_sb_shift(lua_State *L) {
     int nargs = lua_gettop(L);
     int is_insert = lua_toboolean(L, lua_upvalueindex(3));
+    double factor = hp_table_factor(L, 1, lua_tostring(L, lua_upvalueindex(2)));
     lua_Integer size = luaL_len(L, 1);
     double n = 0;
     if (is_insert && nargs == 3) {
@@ -522,15 +568,16 @@ static int hp_sb_shift(lua_State *L) {
     } else if (!is_insert && nargs >= 2) {
         n = hp_span(luaL_checkinteger(L, 2), size);
     }
-    hp_charge(L, n * HP_UNITS_PER_ELEMENT, lua_tostring(L, lua_upvalueindex(2)));
+    hp_charge(L, n * HP_UNITS_PER_ELEMENT * factor, lua_tostring(L, lua_upvalueindex(2)));
     return hp_forward(L);
 }
 
 // table.sort(t [, comp]): n log n comparisons and swaps (a Lua comparator is counted by the hook too).
 static int hp_sb_sort(lua_State *L) {
+    double factor = hp_table_factor(L, 1, "table.sort");
     lua_Integer n = luaL_len(L, 1);
     double dn = n > 1 ? (double)n : 1.0;
-    hp_charge(L, dn * (log2(dn) + 1.0) * HP_UNITS_PER_ELEMENT, "table.sort");
+    hp_charge(L, dn * (log2(dn) + 1.0) * HP_UNITS_PER_ELEMENT * factor, "table.sort");
     return hp_forward(L);
 }
 
@@ -650,6 +697,13 @@ static int hp_merge(lua_State *L) {
     for (int a = 1; a <= nargs; a++) {
         luaL_checktype(L, a, LUA_TTABLE);
     }
+    // Every element of every argument is visited, duplicates included (which never reach the output cap):
+    // charge them all before starting, like the wrapped library functions.
+    double elements = 0;
+    for (int a = 1; a <= nargs; a++) {
+        elements += (double)lua_rawlen(L, a);
+    }
+    hp_charge(L, elements * 2.0, "hp.merge");
     unsigned char seen[65536 / 8]; // as in hp_random_ports
     memset(seen, 0, sizeof seen);
     lua_createtable(L, 0, 0);
@@ -897,6 +951,7 @@ static void hp_begin(hp_lua *h, int64_t budget, int64_t time_limit_ns) {
     atomic_store_explicit(&h->last_line, 0, memory_order_relaxed);
     h->headroom = 0;
     h->in_call = 1;
+    atomic_store_explicit(&h->interrupted, 0, memory_order_relaxed);
     lua_sethook(h->L, hp_hook, LUA_MASKCOUNT, h->granularity);
 }
 
@@ -920,6 +975,26 @@ int hp_lua_call(hp_lua *h, int nargs, int64_t budget, int64_t time_limit_ns) {
     hp_end(h, st);
     lua_remove(L, func);
     return st;
+}
+
+unsigned long long hp_lua_watch(hp_lua *h) {
+    return atomic_fetch_add(&h->call_seq, 1) + 1;
+}
+
+void hp_lua_unwatch(hp_lua *h) {
+    atomic_fetch_add(&h->call_seq, 1);
+}
+
+// Called from another thread once a watched call's deadline has passed. lua_sethook may be called
+// asynchronously (Lua's own documentation of it: at worst one extra hook call): a hook after every
+// instruction makes the next instruction boundary raise the time error. Ignored if the call it was
+// armed for has ended.
+void hp_lua_interrupt(hp_lua *h, unsigned long long seq) {
+    if (atomic_load(&h->call_seq) != seq) {
+        return;
+    }
+    atomic_store(&h->interrupted, 1);
+    lua_sethook(h->L, hp_hook, LUA_MASKCOUNT, 1);
 }
 
 int hp_lua_load_run(hp_lua *h, const char *src, size_t len, const char *chunkname,

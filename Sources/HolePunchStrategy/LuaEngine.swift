@@ -106,9 +106,11 @@ final class LuaEngine: @unchecked Sendable {
     private func run(source: [UInt8]) throws(StrategyError) {
         let top = lua_gettop(L)
         defer { lua_settop(L, top) }
-        let status = source.withUnsafeBufferPointer { buf in
-            buf.withMemoryRebound(to: CChar.self) { chars in
-                hp_lua_load_run(handle, chars.baseAddress, chars.count, "@" + shortName, budget, timeNs)
+        let status = watched {
+            source.withUnsafeBufferPointer { buf in
+                buf.withMemoryRebound(to: CChar.self) { chars in
+                    hp_lua_load_run(handle, chars.baseAddress, chars.count, "@" + shortName, budget, timeNs)
+                }
             }
         }
         if status != LUA_OK {
@@ -201,10 +203,28 @@ final class LuaEngine: @unchecked Sendable {
 
     private func call(nargs: Int32, seed: UInt64, hook: String) throws(StrategyError) {
         hp_lua_set_seed(handle, seed)
-        let status = hp_lua_call(handle, nargs, budget, timeNs)
+        let status = watched { hp_lua_call(handle, nargs, budget, timeNs) }
         if status != LUA_OK {
             throw error(status: status, phase: hook)
         }
+    }
+
+    /// Runs one call into Lua under a watchdog. The sandbox checks its deadline itself (count hook, charged library
+    /// calls, large allocations), but between two hook granules a single instruction may run long without
+    /// allocating (comparing multi-megabyte strings of NUL bytes: ~60 ms each, hundreds per granule). Shortly after
+    /// the deadline the watchdog sets a hook on every instruction, so the next instruction boundary raises the time
+    /// error: the overrun is bounded by one instruction, on the synchronous path (`strategy check`) as well.
+    private func watched<T>(_ body: () -> T) -> T {
+        let token = hp_lua_watch(handle)
+        let deadline = DispatchTime.now() + .nanoseconds(Int(clamping: timeNs) &+ 5_000_000)
+        DispatchQueue.global().asyncAfter(deadline: deadline) { [weak self] in
+            // Weak: a released strategy frees its state at once. While the closure holds the engine the state
+            // cannot be freed; a token of a call that has ended is ignored.
+            guard let self else { return }
+            hp_lua_interrupt(self.handle, token)
+        }
+        defer { hp_lua_unwatch(handle) }
+        return body()
     }
 
     // MARK: errors

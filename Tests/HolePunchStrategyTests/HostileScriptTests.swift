@@ -86,6 +86,33 @@ extension LuaTests {
             #expect(e.message.contains("table.insert: refused"), "\(e)")
         }
 
+        @Test func concatAtTheLastIntegerPositionEnds() async throws {
+            // The pricing loop once ran `k <= j; k++` and never ended for j == math.maxinteger. Run it off the
+            // caller with the abandon rule, so a regression fails with timeLimitExceeded instead of hanging.
+            let source = """
+                return { plan = function(ctx)
+                    local t = {}
+                    t[math.maxinteger] = "x"
+                    local s = table.concat(t, "", math.maxinteger, math.maxinteger)
+                    assert(s == "x")
+                    return { ports = ctx.ports }
+                end }
+                """
+            let strategy = FallbackStrategy.loading(source: source, chunkName: "concat.lua",
+                                                    limits: LuaStrategy.Limits(timeLimit: .milliseconds(200)))
+            _ = await strategy.detachedPlan(LuaTests.ctx)
+            #expect(strategy.lastError == nil, "\(String(describing: strategy.lastError))")
+        }
+
+        @Test func aLengthThatChangesBetweenCallsIsRefused() throws {
+            let e = try contained(Self.planBody("""
+                local n = 0
+                local t = setmetatable({}, { __len = function() n = n + 1; return n % 2 == 1 and 1 or (1 << 62) end })
+                table.insert(t, 1, 'x')
+                """), code: .instructionBudgetExceeded, atLine: 4)
+            #expect(e.message.contains("table.insert: refused, a table whose length comes from __len"), "\(e)")
+        }
+
         @Test func quadraticPlainFindIsCharged() throws {
             let e = try contained(Self.planBody("""
                 local s, n = string.rep('a', 1 << 19), string.rep('a', 1 << 12) .. 'b'

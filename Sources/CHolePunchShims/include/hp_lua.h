@@ -48,6 +48,11 @@ int hp_lua_load_run(hp_lua *h, const char *src, size_t len, const char *chunknam
 /// Calls the function below the top `nargs` values, under the limits, with one result. On error the top is
 /// a string message with a position when one is known.
 int hp_lua_call(hp_lua *h, int nargs, int64_t budget, int64_t time_limit_ns);
+// Watchdog for one call: hp_lua_watch returns a token before the call, hp_lua_unwatch retires it after;
+// hp_lua_interrupt(h, token), from any thread, stops the call at its next instruction with a time error.
+unsigned long long hp_lua_watch(hp_lua *h);
+void hp_lua_unwatch(hp_lua *h);
+void hp_lua_interrupt(hp_lua *h, unsigned long long token);
 
 // Wrappers for function-like macros.
 static inline void hp_lua_pop(lua_State *L, int n) { lua_pop(L, n); }
