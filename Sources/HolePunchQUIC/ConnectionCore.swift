@@ -399,8 +399,8 @@ final class ConnectionCore {
             // ngtcp2 closes a stream without an error code only once all its data and FIN were acknowledged.
             stream.finAcked = true
             stream.ackedOffset = max(stream.ackedOffset, stream.queuedEnd)
-        } else if !stream.isDelivered && stream.writeClosedError == nil {
-            var error = QUICError(.streamReset, "stream \(id) was reset before the peer acknowledged everything written")
+        } else if stream.writeClosedError == nil {
+            var error = QUICError(.streamReset, "stream \(id) was reset; nothing more can be written to it")
             error.applicationErrorCode = code
             stream.writeClosedError = error
         }

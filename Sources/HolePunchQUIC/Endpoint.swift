@@ -594,7 +594,9 @@ public actor Endpoint {
         core.bytesReceived += count
         core.packetsReceived += 1
         core.lastReceivedAt = hp_now_ns()
-        if !core.hintsAsked, gate.isPending(core.key), let hints = handshakeHintProvider?(from) {
+        // Only datagrams from the handshake's own address may earn it copies: the copies go to `core.remote`, and a
+        // packet from a vouched-for address must not buy amplification towards an address someone spoofed.
+        if !core.hintsAsked, from == core.remote, gate.isPending(core.key), let hints = handshakeHintProvider?(from) {
             // A probe may prove the path just after the first Initial arrived: later handshake datagrams get copies.
             core.hintsAsked = true
             core.handshakeCopies = min(max(hints.packetCopies, 1), HandshakeHints.maxPacketCopies)
@@ -1093,7 +1095,8 @@ public actor Endpoint {
         _ = ngtcp2_conn_shutdown_stream(conn, id, code)
         var error = QUICError(.streamReset, "stream \(id) was reset locally with code \(code)")
         error.applicationErrorCode = code
-        if !stream.isDelivered && stream.writeClosedError == nil { stream.writeClosedError = error }
+        // Writes after a reset must fail even when everything before it was delivered: they would never be sent.
+        if stream.writeClosedError == nil { stream.writeClosedError = error }
         if !stream.finReceived && stream.resetError == nil { stream.resetError = error }
         core.wakeStream(stream)
         flush(core)
@@ -1103,13 +1106,17 @@ public actor Endpoint {
     func closeConnection(_ key: UInt64, code: UInt64, reason: String, timeout: Duration?) async -> Bool {
         guard let core = connections[key] else { return ended[key]?.undelivered.isEmpty ?? true }
         core.isClosing = true
-        let start = ContinuousClock.now
         let limit = timeout ?? defaultCloseTimeout(core)
-        while !core.isClosed, !core.everythingSettled, ContinuousClock.now - start < limit {
+        // One deadline for the whole close, and no single wait past it: a PTO can be longer than the bound asked for
+        // (and a peer that delays its ACKs inflates it).
+        let deadline = hp_now_ns() &+ UInt64(clamping: max(0, limit.components.seconds) * 1_000_000_000
+            + max(0, limit.components.attoseconds) / 1_000_000_000)
+        while !core.isClosed, !core.everythingSettled, hp_now_ns() < deadline {
             settleFins(core)
             if core.everythingSettled { break }
+            let pto = core.conn.map { ngtcp2_conn_get_pto($0) } ?? 0
             // Cancellation ends the wait: the caller wants out, so close at once.
-            do { try await waitForAcknowledgements(core) } catch { break }
+            do { try await waitForAcknowledgements(core, until: min(hp_now_ns() &+ pto, deadline)) } catch { break }
         }
         if !core.isClosed {
             // Acknowledgements of what we just received may still wait out their delay (up to max_ack_delay, 25 ms
@@ -1119,7 +1126,10 @@ public actor Endpoint {
             let ackDue = core.lastReceivedAt + ackDelayAllowance
             let now = hp_now_ns()
             if ackDue > now && core.lastReceivedAt > 0 {
-                try? await waitForAcknowledgements(core, until: ackDue)
+                // Other events wake delivery waiters too: keep waiting until the acknowledgements are due.
+                while !core.isClosed, hp_now_ns() < ackDue {
+                    do { try await waitForAcknowledgements(core, until: ackDue) } catch { break }
+                }
             }
         }
         if core.isClosed { return ended[key]?.undelivered.isEmpty ?? false }

@@ -124,6 +124,23 @@ struct WaitTests {
         await server.close()
     }
 
+    @Test("writing after a reset fails even when everything written before it was delivered")
+    func writeAfterResetFails() async throws {
+        let (client, server, connection, serverSide) = try await connectedPair()
+        let stream = try await connection.openStream()
+        try await stream.write([1, 2, 3])
+        let incoming = try #require(try await withDeadline(.seconds(10)) { try await serverSide.acceptStream() })
+        #expect(try await incoming.read() == [1, 2, 3])
+        try await withDeadline(.seconds(10)) { try await stream.delivered() }
+        await stream.reset(errorCode: 7)
+        let writeError = await #expect(throws: QUICError.self) { try await stream.write([4]) }
+        #expect(writeError?.code == .streamReset)
+        let finishError = await #expect(throws: QUICError.self) { try await stream.finish() }
+        #expect(finishError?.code == .streamReset)
+        await client.close()
+        await server.close()
+    }
+
     @Test("after a local close, reads and acceptStream throw closedLocally instead of ending cleanly")
     func localCloseIsAnError() async throws {
         let (client, server, connection, _) = try await connectedPair()
