@@ -54,6 +54,9 @@ public actor PunchExecutor {
     private var bySession: [String: PunchID] = [:]
     /// Sessions whose punch is being prepared (awaiting its strategy), with the peer each is to.
     private var preparing: [String: NodeID] = [:]
+    /// Punches being prepared, by id, and those of them cancelled meanwhile.
+    private var preparingPunches: Set<PunchID> = []
+    private var cancelledWhilePreparing: Set<PunchID> = []
     private var nextID: UInt64 = 1
     private var installed = false
     private var acceptTask: Task<Void, Never>?
@@ -115,7 +118,14 @@ public actor PunchExecutor {
         let handle = PunchHandle(id: id, events: events, box: box)
         let startedAt = ContinuousClock.now
         do {
+            preparingPunches.insert(id)
+            defer { preparingPunches.remove(id) }
             let runtime = try await prepare(id: id, options: options, box: box, events: eventsContinuation, startedAt: startedAt)
+            if cancelledWhilePreparing.remove(id) != nil {
+                // Cancelled (or the executor shut down) while its plan was being made: it never starts.
+                for socket in runtime.sockets.dropFirst() { await socket.close() }
+                throw PunchError(code: .cancelled, message: "the punch was cancelled before it started")
+            }
             runtimes[id] = runtime
             bySession[options.sessionID] = id
             if options.role == .target {
@@ -152,6 +162,11 @@ public actor PunchExecutor {
     ///
     /// - Throws: ``PunchLookupError`` when no punch with that id is active (the seed's `{error, not_found}`).
     public func cancel(_ id: PunchID) throws(PunchLookupError) {
+        if runtimes[id] == nil, preparingPunches.contains(id) {
+            // Still awaiting its strategy: it ends as cancelled as soon as its plan arrives.
+            cancelledWhilePreparing.insert(id)
+            return
+        }
         guard let runtime = runtimes[id] else { throw PunchLookupError(id: id) }
         apply(runtime, runtime.session.handle(.cancel))
     }
@@ -189,6 +204,7 @@ public actor PunchExecutor {
 
     /// Stops accepting for punches and cancels every active punch.
     public func shutdown() {
+        cancelledWhilePreparing.formUnion(preparingPunches)
         for runtime in runtimes.values.sorted(by: { $0.id < $1.id }) {
             apply(runtime, runtime.session.handle(.cancel))
         }

@@ -121,6 +121,11 @@ struct PunchSession {
     /// Paths a probe from the peer arrived over, in the order they were proven.
     private var provenPaths: Set<Path> = []
     private var provenOrder: [Path] = []
+    /// The addresses of ``provenPaths``, for constant-time "first proof of this address" checks.
+    private var provenAddressSet: Set<SocketAddress> = []
+    /// The most paths one punch remembers as proven. A real punch proves a handful (a birthday punch: a few of
+    /// our sockets; a cone peer: a port or two).
+    static let maxProvenPaths = 64
     /// Proven paths whose handshakes failed more often than redials allow (until a fresh proof).
     private var exhaustedPaths: Set<Path> = []
     private var redials: [Path: Int] = [:]
@@ -264,9 +269,15 @@ struct PunchSession {
 
     private mutating func proven(_ from: SocketAddress, socket: Int) -> [Action] {
         var actions: [Action] = []
-        if !provenOrder.contains(where: { $0.address == from }) { actions.append(.pathProven(from)) }
         let path = Path(socket: socket, address: from)
-        if provenPaths.insert(path).inserted { provenOrder.append(path) }
+        if !provenPaths.contains(path) {
+            // The peer holds the session key and may send fresh probes from as many source addresses as it has (an
+            // IPv6 /64 is plenty): beyond a bound, new paths are answered but not remembered or dialled.
+            guard provenPaths.count < PunchSession.maxProvenPaths else { return [] }
+            provenPaths.insert(path)
+            provenOrder.append(path)
+            if provenAddressSet.insert(from).inserted { actions.append(.pathProven(from)) }
+        }
         exhaustedPaths.remove(path)
         if configuration.role == .initiator {
             actions += dialNextProvenPath()

@@ -1,3 +1,5 @@
+import Foundation
+import ProcessTestSupport
 import Testing
 @testable import HolePunch
 
@@ -78,5 +80,70 @@ struct PunchCapTests {
         #expect(await executor.activePunches().count == 9)
         await executor.shutdown()
         await endpoint.close()
+    }
+
+    @Test("a punch whose plan is still being made when the executor shuts down ends cancelled and never probes")
+    func shutdownWhilePlanning() async throws {
+        let endpoint = try await bindEndpoint(PunchIdentities.a)
+        let executor = PunchExecutor(endpoint: endpoint)
+        let gate = PlanGate()
+        var opts = options(1, peer: PunchIdentities.b.nodeID, port: unusedPort())
+        opts.punchTime = .now
+        opts.strategy = GatedStrategy(gate: gate)
+        let started = Task { await executor.startPunch(opts) }
+        #expect(await eventually { gate.entered })
+        await executor.shutdown()
+        gate.release()
+        let handle = await started.value
+        if case .failure(let error) = await handle.result() {
+            #expect(error.code == .cancelled, "\(error)")
+        } else {
+            Issue.record("the punch connected")
+        }
+        #expect(await executor.activePunches().isEmpty)
+        await endpoint.close()
+    }
+}
+
+/// Lets a test hold a strategy's plan until it says so.
+final class PlanGate: @unchecked Sendable {
+    // @unchecked Sendable: every field is touched only under `lock`.
+    private let lock = NSLock()
+    private var isEntered = false
+    private var waiter: CheckedContinuation<Void, Never>?
+    private var released = false
+
+    var entered: Bool { lock.withLock { isEntered } }
+
+    func wait() async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let resumeNow: Bool = lock.withLock {
+                isEntered = true
+                if released { return true }
+                waiter = continuation
+                return false
+            }
+            if resumeNow { continuation.resume() }
+        }
+    }
+
+    func release() {
+        let waiting: CheckedContinuation<Void, Never>? = lock.withLock {
+            released = true
+            defer { waiter = nil }
+            return waiter
+        }
+        waiting?.resume()
+    }
+}
+
+/// A strategy whose plan waits for its gate.
+struct GatedStrategy: PunchStrategy {
+    let gate: PlanGate
+    var name: String { "gated" }
+    func plan(_ ctx: PunchContext) throws -> PunchPlan { try FixedStrategy().plan(ctx) }
+    func detachedPlan(_ ctx: PunchContext) async throws -> PunchPlan {
+        await gate.wait()
+        return try plan(ctx)
     }
 }

@@ -35,6 +35,22 @@ struct PunchSessionTests {
         #expect(session.round == 1)
     }
 
+    @Test("a peer probing from ever new source addresses is answered, but only 64 paths are remembered as proven")
+    func provenPathsAreBounded() {
+        var session = Self.session(role: .target)
+        _ = session.handle(.start(now: 1000 * Self.ms))
+        var answered = 0, proven = 0
+        for port in UInt16(10_000)..<UInt16(10_200) {
+            for action in session.handle(.probeRequest(from: Self.address(port), socket: 0)) {
+                if case .respond = action { answered += 1 }
+                if case .pathProven = action { proven += 1 }
+            }
+        }
+        #expect(answered == 200)
+        #expect(proven == PunchSession.maxProvenPaths)
+        #expect(session.provenAddresses.count == PunchSession.maxProvenPaths)
+    }
+
     @Test("a timer before the start instant starts the session")
     func timerStarts() {
         var session = Self.session()
