@@ -49,6 +49,16 @@ public enum AddressScope: String, Sendable, Hashable, CaseIterable, CustomString
             }
             if bytes[0..<15].allSatisfy({ $0 == 0 }) {
                 self = bytes[15] == 0 ? .unspecified : bytes[15] == 1 ? .loopback : .reserved
+            } else if bytes[0..<12].allSatisfy({ $0 == 0 }) {
+                // IPv4-compatible (::a.b.c.d, deprecated): no host should use it; never dress up an IPv4 target.
+                self = .reserved
+            } else if bytes[0] == 0x00, bytes[1] == 0x64, bytes[2] == 0xFF, bytes[3] == 0x9B,
+                      bytes[4..<12].allSatisfy({ $0 == 0 }) {
+                // NAT64 (64:ff9b::/96): the translator forwards to the IPv4 address it carries.
+                self = Self.v4(bytes[12], bytes[13], .v4(bytes[12], bytes[13], bytes[14], bytes[15]))
+            } else if bytes[0] == 0x20, bytes[1] == 0x02 {
+                // 6to4 (2002::/16): relays forward to the IPv4 address in bits 16-47.
+                self = Self.v4(bytes[2], bytes[3], .v4(bytes[2], bytes[3], bytes[4], bytes[5]))
             } else if bytes[0] == 0xFF {
                 self = .multicast
             } else if bytes[0] == 0xFE, bytes[1] & 0xC0 == 0x80 {
@@ -144,7 +154,9 @@ public struct CandidateFilter: Sendable, Hashable {
     public func permitted(_ candidates: [SocketAddress]) -> [SocketAddress] {
         guard let observed = candidates.first else { return [] }
         var out: [SocketAddress] = []
-        let observedOK = isProbeable(observed)
+        // A rendezvous sees a private address only when it sits on that private network itself; a public one that
+        // names a private address as a peer's observed address names some host on *our* network instead.
+        let observedOK = isProbeable(observed) && (observed.scope != .private || rendezvous.scope == .private)
         if observedOK { out.append(observed) }
         let sharesNAT = observedOK && ourObserved.map { $0.ip == observed.ip } == true
         for lan in candidates.dropFirst() where isProbeable(lan) && !out.contains(lan) {

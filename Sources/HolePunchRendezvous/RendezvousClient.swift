@@ -102,7 +102,10 @@ public actor RendezvousClient {
     private let punchesContinuation: AsyncStream<IncomingPunch>.Continuation
     private var connection: QUICConnection?
     private var stream: QUICStream?
-    private var tasks: [Task<Void, Never>] = []
+    /// Work this client started and cancels on close; each entry removes itself when it ends, so a long-lived
+    /// client that is asked for many punches does not keep one task per punch forever.
+    private var tasks: [UInt64: Task<Void, Never>] = [:]
+    private var nextTaskID: UInt64 = 0
     private var nextRequest: UInt64 = 1
     private var registerWaiter: CheckedContinuation<Result<Registered, RendezvousError>, Never>?
     private var requestWaiters: [UInt64: CheckedContinuation<Result<ReceivedCoordinate, RendezvousError>, Never>] = [:]
@@ -127,7 +130,8 @@ public actor RendezvousClient {
         self.configuration = configuration
         self.logger = logger
         (incoming, incomingContinuation) = AsyncStream.makeStream(of: QUICConnection.self)
-        (incomingPunches, punchesContinuation) = AsyncStream.makeStream(of: IncomingPunch.self)
+        // Newest 64: an app that never reads the stream must not make it grow with every punch a peer asks for.
+        (incomingPunches, punchesContinuation) = AsyncStream.makeStream(of: IncomingPunch.self, bufferingPolicy: .bufferingNewest(64))
     }
 
     /// This peer's NodeID.
@@ -148,9 +152,9 @@ public actor RendezvousClient {
             throw RendezvousError(.connectionFailed, "cannot reach the rendezvous at \(configuration.server): \(error)")
         }
         let reader = Task { await self.readLoop() }
-        tasks.append(reader)
+        track(reader)
         let confirmed = try await register(registration)
-        tasks.append(Task { await self.keepAliveLoop() })
+        track(Task { await self.keepAliveLoop() })
         return confirmed
     }
 
@@ -208,7 +212,7 @@ public actor RendezvousClient {
             handle = .failed(error)
         }
         let session = received.coordinate.sessionID
-        tasks.append(Task {
+        track(Task {
             let outcome: String
             switch await handle.result() {
             case .success: outcome = "connected"
@@ -256,7 +260,7 @@ public actor RendezvousClient {
     /// Closes the control connection and ends ``incoming``; running punches continue to their end.
     public func close() async {
         fail(RendezvousError(.disconnected, "the client was closed"))
-        for task in tasks { task.cancel() }
+        for task in tasks.values { task.cancel() }
         tasks.removeAll()
         await connection?.close()
     }
@@ -292,6 +296,22 @@ public actor RendezvousClient {
             rtt: coordinate.peerRTTMicroseconds.map { .microseconds($0) }, timeout: configuration.punchTimeout
         )
     }
+
+    /// Keeps `task` until it ends (or the client closes).
+    private func track(_ task: Task<Void, Never>) {
+        nextTaskID += 1
+        let id = nextTaskID
+        tasks[id] = task
+        Task { [weak self] in
+            await task.value
+            await self?.forget(task: id)
+        }
+    }
+
+    private func forget(task id: UInt64) { tasks[id] = nil }
+
+    /// Tasks this client is still tracking (for tests: it must not grow with the punches it served).
+    var trackedTaskCount: Int { tasks.count }
 
     private func armTimeout(_ body: @escaping @Sendable (isolated RendezvousClient) -> Void) {
         let limit = configuration.requestTimeout
@@ -371,7 +391,7 @@ public actor RendezvousClient {
                 let handle = await startPunch(received)
                 punchesContinuation.yield(IncomingPunch(coordinate: received, handle: handle))
                 let sink = incomingContinuation
-                tasks.append(Task {
+                track(Task {
                     if case .success(let connection) = await handle.result() { sink.yield(connection) }
                 })
             }

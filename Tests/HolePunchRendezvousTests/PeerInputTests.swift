@@ -283,6 +283,11 @@ struct HostilePeerTests {
         let connection = try await within(.seconds(30)) { try await a.requestPunch(to: Identities.b.nodeID) }
         #expect(connection.peerNodeID == Identities.b.nodeID)
         await connection.close()
+        // Once its punches have ended, B keeps no per-punch task: only its reader and its keep-alive loop.
+        #expect(await eventually(.seconds(30)) { await b.executor.activePunches().isEmpty })
+        let settled = await eventually { await b.trackedTaskCount == 2 }
+        let tracked = await b.trackedTaskCount
+        #expect(settled, "B still tracks \(tracked) tasks")
         await harness.stop(a, b, h1, h2, h3)
     }
 }

@@ -16,7 +16,9 @@ struct AddressScopeTests {
         ("febf::1", .linkLocal), ("ff02::1", .multicast), ("fc00::1", .private), ("fd12:3456::1", .private),
         ("fec0::1", .private), ("2001:db8::1", .global), ("::ffff:127.0.0.1", .loopback),
         ("::ffff:255.255.255.255", .broadcast), ("::ffff:192.168.0.1", .private), ("::ffff:8.8.8.8", .global),
-        ("::2", .reserved),
+        ("::2", .reserved), ("::7f00:1", .reserved), ("::808:808", .reserved), ("64:ff9b::7f00:1", .loopback),
+        ("64:ff9b::808:808", .global), ("64:ff9b::e000:fb", .multicast), ("2002:7f00:1::1", .loopback),
+        ("2002:c0a8:101::1", .private), ("2002:808:808::1", .global),
     ])
     func scopes(host: String, expected: AddressScope) {
         #expect(scope(host) == expected, "\(host)")
@@ -36,6 +38,10 @@ struct AddressScopeTests {
         // Behind our NAT: its private LAN address is meant; a public "LAN" address or loopback is not.
         #expect(filter.permitted([a("203.0.113.5:4100"), a("192.168.1.7:5000"), a("8.8.8.8:53"), a("127.0.0.1:22")])
                 == [a("203.0.113.5:4100"), a("192.168.1.7:5000")])
+        // A public rendezvous cannot have observed a peer at a private address: that names a host on our network.
+        #expect(filter.permitted([a("192.168.1.7:5000")]).isEmpty)
+        #expect(CandidateFilter(rendezvous: a("10.0.0.1:3478"), ourObserved: a("10.0.0.5:4000"), ipv6: false)
+            .permitted([a("10.0.0.9:5000")]) == [a("10.0.0.9:5000")], "a rendezvous on the private network sees private addresses")
         // Another port of the observed host is fine.
         #expect(filter.permitted([a("198.51.100.9:5000"), a("198.51.100.9:5001")]).count == 2)
         #expect(filter.permitted([]).isEmpty)
