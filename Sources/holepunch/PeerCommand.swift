@@ -61,6 +61,14 @@ struct PeerCommand: AsyncParsableCommand {
     @Flag(help: "Debug logs to standard error.")
     var verbose = false
 
+    func validate() throws {
+        // The side that connects opens the stream; with nothing to send it would wait for the other side's data
+        // forever, while the other side waits for a stream that never carries a byte.
+        if echo && connect != nil {
+            throw ValidationError("--echo is for the waiting side; the side that --connects sends its standard input")
+        }
+    }
+
     func run() async throws {
         signal(SIGPIPE, SIG_IGN)
         let server: SocketAddress

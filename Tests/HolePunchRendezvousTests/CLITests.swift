@@ -77,6 +77,8 @@ struct CLITests {
         ["nat", "detect", "--stun", "not-an-address"],
         ["rendezvous", "--listen", "127.0.0.1:0", "--message-burst", "0"],
         ["bench", "rendezvous-flood", "--seconds", "0"],
+        ["peer", "--rendezvous", "127.0.0.1:9", "--rendezvous-id", String(repeating: "a", count: 52), "--identity",
+         "/nonexistent/id.pem", "--connect", String(repeating: "a", count: 52), "--echo"],
     ])
     func badArguments(_ arguments: [String]) throws {
         guard let binary = holepunchBinaryOrSkip() else { return }
