@@ -59,7 +59,8 @@ struct BenchRendezvousCommand: AsyncParsableCommand {
         let lan = Registration(lanAddresses: [SocketAddress(ip: .v4(127, 0, 0, 1), port: 4000)], nat: .portRestricted)
         var state = RendezvousState(configuration: .init(
             sessionTTL: .seconds(3600), maxRegistrations: peers + 1, maxSessions: coordinations + 1,
-            rateBurst: Double(coordinations), ratePerSecond: 1e9))
+            rateBurst: Double(coordinations), ratePerSecond: 1e9,
+            targetRateBurst: Double(coordinations), targetRatePerSecond: 1e9))
         let rssBefore = residentBytes()
         let registerStart = clock.now
         for i in 0..<peers {
@@ -136,7 +137,8 @@ struct BenchRendezvousCommand: AsyncParsableCommand {
     private func realQUIC(clock: ContinuousClock) async throws -> [String: Any] {
         let serverConfiguration = RendezvousServerConfiguration(
             listen: .loopbackV4(port: 0), identity: try Identity.generate(),
-            state: .init(maxSessions: quicCoordinations + 16, rateBurst: Double(quicCoordinations), ratePerSecond: 1e9),
+            state: .init(maxSessions: quicCoordinations + 16, rateBurst: Double(quicCoordinations), ratePerSecond: 1e9,
+                         targetRateBurst: Double(quicCoordinations), targetRatePerSecond: 1e9),
             // A throughput bench, not a hostile one: lift the per-connection message rate and queue bounds.
             limits: RendezvousLimits(messageBurst: 1e12, messagesPerSecond: 1e12, maxQueuedFrames: 4 * quicCoordinations + 64))
         let server: RendezvousServer
