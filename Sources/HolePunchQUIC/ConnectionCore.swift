@@ -150,6 +150,9 @@ final class ConnectionCore {
     var packetsReceived = 0
     /// When the last datagram for this connection arrived (monotonic ns; 0: none yet).
     var lastReceivedAt: UInt64 = 0
+    /// When stream data or a FIN last arrived (monotonic ns); 0 if never. A graceful close lingers for the
+    /// acknowledgements of these only.
+    var lastStreamDataAt: UInt64 = 0
     /// Set when a callback asked the endpoint to announce a newly established server connection.
     var announceAccepted = false
 
@@ -349,6 +352,8 @@ final class ConnectionCore {
     }
 
     func onStreamData(_ id: Int64, flags: UInt32, data: UnsafeBufferPointer<UInt8>) {
+        // Stream data (or a FIN) is what a peer's graceful close waits to see acknowledged.
+        lastStreamDataAt = hp_now_ns()
         let stream: StreamState
         if let existing = streams[id] {
             stream = existing

@@ -1123,9 +1123,11 @@ public actor Endpoint {
             // by default), and CONNECTION_CLOSE carries none: without them the peer, whose own graceful close
             // waits for exactly those acknowledgements, would see our close first and report its data undelivered.
             // The connection's timer sends them when due; wait until then.
-            let ackDue = core.lastReceivedAt + ackDelayAllowance
+            // Only stream data matters: a peer's graceful close waits for nothing else (a connection that carried
+            // no stream data, a bare handshake, closes at once).
+            let ackDue = core.lastStreamDataAt + ackDelayAllowance
             let now = hp_now_ns()
-            if ackDue > now && core.lastReceivedAt > 0 {
+            if ackDue > now && core.lastStreamDataAt > 0 {
                 // Other events wake delivery waiters too: keep waiting until the acknowledgements are due.
                 while !core.isClosed, hp_now_ns() < ackDue {
                     do { try await waitForAcknowledgements(core, until: ackDue) } catch { break }
