@@ -10,13 +10,6 @@ import Testing
 /// `holepunch peer --connect` must still reach it afterwards.
 @Suite("Hostile peer against a waiting holepunch peer process", .serialized)
 struct HostilePeerProcessTests {
-    func nodeID(_ binary: String, _ file: String, in dir: URL) async throws -> String {
-        let child = try Child(binary, ["identity", "show", file], directory: dir)
-        defer { child.stop() }
-        #expect(await child.waitExit(.seconds(10)) == 0)
-        return child.stdout.text.trimmingCharacters(in: .whitespacesAndNewlines)
-    }
-
     /// A client of the rendezvous process at `quic`, made from the public API only.
     func hostileClient(quic: String, dir: URL) async throws -> RendezvousClient {
         let serverID = try NodeID(parsing: String(contentsOf: dir.appendingPathComponent("rdv.id"), encoding: .utf8)
@@ -36,11 +29,9 @@ struct HostilePeerProcessTests {
         let (rendezvous, quic) = try await startRendezvous(binary, in: dir, extra: ["--no-stun"])
         defer { rendezvous.stop() }
         let common = ["peer", "--rendezvous", quic, "--rendezvous-id", "@rdv.id", "--listen", "127.0.0.1:0", "--no-nat-detect"]
-        let victim = try Child(binary, common + ["--identity", "victim.pem"], directory: dir)
+        let (victim, victimText) = try await startWaitingPeer(binary, common, identity: "victim.pem", in: dir)
         defer { victim.stop() }
-        let waiting = await eventually(.seconds(15)) { victim.stderr.text.contains("waiting") }
-        try #require(waiting, "the victim did not register: \(victim.stderr.text)")
-        let victimID = try NodeID(parsing: try await nodeID(binary, "victim.pem", in: dir))
+        let victimID = try NodeID(parsing: victimText)
 
         // 1. NAT profiles no NAT produces: Int.max / Int.min deltas, a NaN confidence. Each is refused where the
         //    rendezvous decodes it; none reaches the victim's planner.

@@ -4,13 +4,6 @@ import Testing
 
 @Suite("holepunch processes on loopback", .serialized)
 struct ProcessTests {
-    func nodeID(_ binary: String, _ file: String, in dir: URL) async throws -> String {
-        let child = try Child(binary, ["identity", "show", file], directory: dir)
-        defer { child.stop() }
-        #expect(await child.waitExit(.seconds(10)) == 0)
-        return child.stdout.text.trimmingCharacters(in: .whitespacesAndNewlines)
-    }
-
     @Test("rendezvous + two peer processes: A connects to B by NodeID and a line goes both ways")
     func lineBothWays() async throws {
         guard let binary = holepunchBinaryOrSkip() else { return }
@@ -19,11 +12,8 @@ struct ProcessTests {
         let (rendezvous, quic) = try await startRendezvous(binary, in: dir)
         defer { rendezvous.stop() }
         let common = ["peer", "--rendezvous", quic, "--rendezvous-id", "@rdv.id", "--listen", "127.0.0.1:0"]
-        let b = try Child(binary, common + ["--identity", "b.pem"], directory: dir)
+        let (b, bID) = try await startWaitingPeer(binary, common, identity: "b.pem", in: dir)
         defer { b.stop() }
-        let waiting = await eventually(.seconds(15)) { b.stderr.text.contains("waiting") }
-        try #require(waiting, "B did not register: \(b.stderr.text)")
-        let bID = try await nodeID(binary, "b.pem", in: dir)
 
         let a = try Child(binary, common + ["--identity", "a.pem", "--connect", bID], directory: dir)
         defer { a.stop() }
@@ -49,11 +39,8 @@ struct ProcessTests {
         let (rendezvous, quic) = try await startRendezvous(binary, in: dir)
         defer { rendezvous.stop() }
         let common = ["peer", "--rendezvous", quic, "--rendezvous-id", "@rdv.id", "--listen", "127.0.0.1:0", "--no-nat-detect"]
-        let b = try Child(binary, common + ["--identity", "b.pem", "--echo"], directory: dir)
+        let (b, bID) = try await startWaitingPeer(binary, common + ["--echo"], identity: "b.pem", in: dir)
         defer { b.stop() }
-        let waiting = await eventually(.seconds(15)) { b.stderr.text.contains("waiting") }
-        try #require(waiting, "B did not register: \(b.stderr.text)")
-        let bID = try await nodeID(binary, "b.pem", in: dir)
 
         let a = try Child(binary, common + ["--identity", "a.pem", "--connect", bID], directory: dir)
         defer { a.stop() }
@@ -91,11 +78,8 @@ struct ProcessTests {
         let (rendezvous, quic) = try await startRendezvous(binary, in: dir, extra: ["--start-delay-ms", "1500", "--no-stun"])
         defer { rendezvous.stop() }
         let common = ["peer", "--rendezvous", quic, "--rendezvous-id", "@rdv.id", "--listen", "127.0.0.1:0", "--no-nat-detect"]
-        let b = try Child(binary, common + ["--identity", "b.pem"], directory: dir)
+        let (b, bID) = try await startWaitingPeer(binary, common, identity: "b.pem", in: dir)
         defer { b.stop() }
-        let waiting = await eventually(.seconds(15)) { b.stderr.text.contains("waiting") }
-        try #require(waiting, "B did not register: \(b.stderr.text)")
-        let bID = try await nodeID(binary, "b.pem", in: dir)
         let a = try Child(binary, common + ["--identity", "a.pem", "--connect", bID, "--timeout", "5"], directory: dir)
         defer { a.stop() }
         let coordinated = await eventually(.seconds(15)) { a.stderr.text.contains("coordinated") }

@@ -238,3 +238,24 @@ public func startRendezvous(_ holepunch: String, in dir: URL, extra: [String] = 
     let quic = try #require(words.firstIndex(of: "quic").map { String(words[$0 + 1]) })
     return (child, quic)
 }
+
+/// The NodeID of identity file `file` in `dir`, as `holepunch identity show` prints it.
+public func identityNodeID(_ binary: String, _ file: String, in dir: URL) async throws -> String {
+    let child = try Child(binary, ["identity", "show", file], directory: dir)
+    defer { child.stop() }
+    #expect(await child.waitExit(.seconds(10)) == 0)
+    return child.stdout.text.trimmingCharacters(in: .whitespacesAndNewlines)
+}
+
+/// Starts `holepunch` with `arguments` (a `peer` command without `--connect`) and waits until it has registered
+/// and waits for punches; returns it with the NodeID of `identity`.
+public func startWaitingPeer(
+    _ binary: String, _ arguments: [String], identity: String, in dir: URL
+) async throws -> (Child, String) {
+    let child = try Child(binary, arguments + ["--identity", identity], directory: dir)
+    let waiting = await eventually(.seconds(15)) { child.stderr.text.contains("waiting") }
+    if !waiting { child.stop() }
+    try #require(waiting, "the peer did not register: \(child.stderr.text)")
+    return (child, try await identityNodeID(binary, identity, in: dir))
+}
+
