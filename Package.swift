@@ -143,8 +143,14 @@ let package = Package(
         // MARK: Tests (swift-testing).
         // Process and wait helpers shared by test targets (a test target cannot depend on another).
         .target(name: "ProcessTestSupport", path: "Tests/ProcessTestSupport", swiftSettings: swiftSettings),
-        .testTarget(name: "HolePunchQUICTests", dependencies: ["HolePunchQUIC", "HolePunchNet"], swiftSettings: swiftSettings),
-        .testTarget(name: "HolePunchSTUNTests", dependencies: ["HolePunchSTUN", "HolePunchNet"], swiftSettings: swiftSettings),
+        .testTarget(
+            name: "HolePunchQUICTests", dependencies: ["HolePunchQUIC", "HolePunchNet", "ProcessTestSupport"],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "HolePunchSTUNTests", dependencies: ["HolePunchSTUN", "HolePunchNet", "ProcessTestSupport"],
+            swiftSettings: swiftSettings
+        ),
         .testTarget(
             name: "HolePunchStrategyTests",
             dependencies: ["HolePunchStrategy", .product(name: "PropertyBased", package: "swift-property-based")],

@@ -1,3 +1,4 @@
+import ProcessTestSupport
 import Foundation
 import Testing
 import HolePunchNet
@@ -90,16 +91,6 @@ struct ConnectionLifecycleTests {
         #expect(error?.code == .handshakeTimeout)
         #expect(await client.connectionCount == 0)
         await client.close()
-    }
-
-    private func eventually(_ condition: () async -> Bool) async -> Bool {
-        let clock = ContinuousClock()
-        let end = clock.now + .seconds(5)
-        while clock.now < end {
-            if await condition() { return true }
-            try? await Task.sleep(for: .milliseconds(5))
-        }
-        return await condition()
     }
 }
 

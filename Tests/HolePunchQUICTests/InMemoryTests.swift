@@ -1,3 +1,4 @@
+import ProcessTestSupport
 import Testing
 import HolePunchNet
 @testable import HolePunchQUIC

@@ -1,3 +1,4 @@
+import ProcessTestSupport
 import Foundation
 import HolePunchNet
 import Synchronization
@@ -19,23 +20,9 @@ func makeEndpoint(
     return try await Endpoint.bind(.loopbackV4(port: 0), configuration: configuration)
 }
 
-/// Runs `body` with a deadline: fails with `TimeoutError` instead of hanging a test forever.
+/// A bounded wait ran out (tests that poll by hand; `withDeadline` comes from ProcessTestSupport).
 struct TimeoutError: Error, CustomStringConvertible {
     var description: String { "timed out" }
-}
-
-func withDeadline<T: Sendable>(
-    _ duration: Duration, _ body: @escaping @Sendable () async throws -> T
-) async throws -> T {
-    try await withThrowingTaskGroup(of: T.self) { group in
-        group.addTask { try await body() }
-        group.addTask {
-            try await Task.sleep(for: duration)
-            throw TimeoutError()
-        }
-        defer { group.cancelAll() }
-        return try await group.next()!
-    }
 }
 
 /// Counts this process's open file descriptors.
@@ -149,17 +136,3 @@ final class AlternateDropRelay: @unchecked Sendable {
     deinit { stop() }
 }
 
-/// A small seeded generator (SplitMix64), so a lossy relay drops the same datagrams on every run of a seed.
-struct SplitMix64: RandomNumberGenerator {
-    private var state: UInt64
-
-    init(seed: UInt64) { state = seed }
-
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}

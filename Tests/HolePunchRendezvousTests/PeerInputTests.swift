@@ -222,7 +222,7 @@ struct AdmissionTests {
         let b = RendezvousClient(executor: PunchExecutor(endpoint: endpoint), configuration: configuration)
         _ = try await a.connect()
         _ = try await b.connect()
-        let connection = try await within(.seconds(20)) { try await a.requestPunch(to: Identities.b.nodeID) }
+        let connection = try await withDeadline(.seconds(20)) { try await a.requestPunch(to: Identities.b.nodeID) }
         #expect(connection.peerNodeID == Identities.b.nodeID)
         #expect(await b.refusedCoordinates == 0)
         await connection.close()
@@ -280,7 +280,7 @@ struct HostilePeerTests {
         // 4. B is alive and an honest peer still punches to it.
         let a = try await harness.client(Identities.a)
         _ = try await a.connect()
-        let connection = try await within(.seconds(30)) { try await a.requestPunch(to: Identities.b.nodeID) }
+        let connection = try await withDeadline(.seconds(30)) { try await a.requestPunch(to: Identities.b.nodeID) }
         #expect(connection.peerNodeID == Identities.b.nodeID)
         await connection.close()
         // Once its punches have ended, B keeps no per-punch task: only its reader and its keep-alive loop.

@@ -76,12 +76,12 @@ struct RendezvousFloodTests {
         }
 
         // During the flood: an honest registration and a punch to a registered peer.
-        _ = try await within(.seconds(20)) { try await a.connect() }
-        let connection = try await within(.seconds(20)) { try await a.requestPunch(to: Identities.b.nodeID) }
+        _ = try await withDeadline(.seconds(20)) { try await a.connect() }
+        let connection = try await withDeadline(.seconds(20)) { try await a.requestPunch(to: Identities.b.nodeID) }
         #expect(connection.peerNodeID == Identities.b.nodeID)
         await stop.set()
 
-        let closes = try await within(.seconds(30)) { await floods.value }
+        let closes = try await withDeadline(.seconds(30)) { await floods.value }
         #expect(!closes.isEmpty, "the server never closed a flooder")
         for closed in closes {
             #expect(closed.code == .connectionClosed, "\(closed)")
@@ -109,7 +109,7 @@ struct RendezvousFloodTests {
         let harness = try await Harness.start(limits: limits)
         let flooder = try await Flooder.connect(harness, identity: Identities.c, receiveWindow: 1_024)
         let flood = Task { await flooder.flood(.keepAlive, count: 400_000) }
-        let closed = try await within(.seconds(15)) { await flooder.connection.waitClosed() }
+        let closed = try await withDeadline(.seconds(15)) { await flooder.connection.waitClosed() }
         #expect(closed.applicationErrorCode == RendezvousCloseCode.backlog, "\(closed)")
         #expect(await flood.value < 400_000)
         let statistics = await harness.server.statistics()
@@ -134,7 +134,7 @@ struct RendezvousFloodTests {
         #expect(await eventually { await harness.server.statistics().streamsRefused == 2 })
         for extra in extras {
             let error = await #expect(throws: QUICError.self) {
-                _ = try await within(.seconds(5)) { try await extra.read() }
+                _ = try await withDeadline(.seconds(5)) { try await extra.read() }
             }
             #expect(error?.applicationErrorCode == RendezvousCloseCode.streamRefused, "\(String(describing: error))")
         }

@@ -12,17 +12,6 @@ enum Identities {
     static let c = try! Identity.generate(commonName: "rdv-c")
 }
 
-/// Runs `body` with a time limit; throws `Deadline` if it does not finish in time.
-struct Deadline: Error {}
-func within<T: Sendable>(_ limit: Duration, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
-    try await withThrowingTaskGroup(of: T?.self) { group in
-        group.addTask { try await body() }
-        group.addTask { try? await Task.sleep(for: limit); return nil }
-        defer { group.cancelAll() }
-        guard let first = try await group.next(), let value = first else { throw Deadline() }
-        return value
-    }
-}
 
 /// A running server plus helpers to make clients.
 struct Harness {
@@ -78,8 +67,8 @@ struct RendezvousLoopbackTests {
             for await connection in b.incoming { return connection }
             return nil
         }
-        let connection = try await within(.seconds(20)) { try await a.requestPunch(to: Identities.b.nodeID) }
-        let inbound = try #require(try await within(.seconds(20)) { await accepted.value })
+        let connection = try await withDeadline(.seconds(20)) { try await a.requestPunch(to: Identities.b.nodeID) }
+        let inbound = try #require(try await withDeadline(.seconds(20)) { await accepted.value })
         #expect(connection.peerNodeID == Identities.b.nodeID)
         #expect(inbound.peerNodeID == Identities.a.nodeID)
         #expect(connection.remoteAddress == b.executor.endpoint.localAddress)
@@ -194,7 +183,7 @@ struct RendezvousLoopbackTests {
         let confirmed = try await a.connect()
         let stun = try #require(confirmed.stunServer)
         #expect(stun == harness.server.stunAddresses.first)
-        let behaviour = try await within(.seconds(15)) { try await a.discoverNAT() }
+        let behaviour = try await withDeadline(.seconds(15)) { try await a.discoverNAT() }
         #expect(behaviour.reflexiveAddress == a.executor.endpoint.localAddress)
         #expect(behaviour.evidence.natDetected == false)
         // Publish it: the registration carries the profile.

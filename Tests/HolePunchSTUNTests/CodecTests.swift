@@ -1,3 +1,4 @@
+import ProcessTestSupport
 import HolePunchNet
 import Testing
 @testable import HolePunchSTUN

@@ -1,3 +1,4 @@
+import ProcessTestSupport
 import HolePunchNet
 import Testing
 @testable import HolePunchSTUN
@@ -15,18 +16,6 @@ func hex(_ text: String) -> [UInt8] {
     return bytes
 }
 
-/// A tiny deterministic generator (SplitMix64) so that fuzz runs are reproducible.
-struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
 
 func addr(_ text: String) -> SocketAddress { try! SocketAddress(parsing: text) }
 
