@@ -148,8 +148,6 @@ final class ConnectionCore {
     var bytesReceived = 0
     var packetsSent = 0
     var packetsReceived = 0
-    /// When the last datagram for this connection arrived (monotonic ns; 0: none yet).
-    var lastReceivedAt: UInt64 = 0
     /// When stream data or a FIN last arrived (monotonic ns); 0 if never. A graceful close lingers for the
     /// acknowledgements of these only.
     var lastStreamDataAt: UInt64 = 0

@@ -593,7 +593,6 @@ public actor Endpoint {
         guard let conn = core.conn else { return }
         core.bytesReceived += count
         core.packetsReceived += 1
-        core.lastReceivedAt = hp_now_ns()
         // Only datagrams from the handshake's own address may earn it copies: the copies go to `core.remote`, and a
         // packet from a vouched-for address must not buy amplification towards an address someone spoofed.
         if !core.hintsAsked, from == core.remote, gate.isPending(core.key), let hints = handshakeHintProvider?(from) {
