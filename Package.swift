@@ -74,6 +74,9 @@ let package = Package(
                 "CLua", "CHolePunchShims",
                 .product(name: "Logging", package: "swift-log"),
             ],
+            // A symlink to strategies/default.lua (the file users read and edit), compiled into the library so
+            // the recommended strategy works wherever the package is used; see docs/design-notes.md.
+            resources: [.embedInCode("Resources/default.lua")],
             swiftSettings: swiftSettings
         ),
         .target(

@@ -31,7 +31,8 @@ public actor PunchExecutor {
         public var maxPunchesPerPeer = 8
 
         /// Creates a configuration.
-        public init(strategy: any PunchStrategy = DefaultStrategy(), limits: PlanLimits = .default, acceptOthers: AcceptPolicy = .none) {
+        /// The default strategy is the bundled `default.lua` (``FallbackStrategy/recommended(limits:logger:onFallback:)``).
+        public init(strategy: any PunchStrategy = FallbackStrategy.recommended(), limits: PlanLimits = .default, acceptOthers: AcceptPolicy = .none) {
             self.strategy = strategy
             self.limits = limits
             self.acceptOthers = acceptOthers
@@ -307,20 +308,19 @@ public actor PunchExecutor {
         )
         context = history.fill(context)
         context.attempt = context.peerHistory.attempts + 1
-        var plan: PunchPlan
-        var strategyName = strategy.name
-        do {
-            // Off the actor: a slow script must not hold up other punches (Lua calls are abandoned when they overrun).
-            plan = try await strategy.detachedPlan(context)
-        } catch {
-            // A strategy never breaks a punch: fall back to the built-in plan and say why, as a warning (it is broken).
+        // Off the actor: a slow script must not hold up other punches (Lua calls are abandoned when they overrun).
+        // A strategy never breaks a punch: a failing one is replaced by the built-in plan, never silently.
+        let decision = await strategy.detachedDecision(context)
+        var plan = decision.plan
+        let strategyName = decision.plannedBy
+        if let reason = decision.fallbackReason {
             logger.warning("strategy failed, using the built-in default plan", metadata: [
-                "punch.id": "\(id)", "strategy": "\(strategy.name)", "error": "\(error)",
+                "punch.id": "\(id)", "strategy": "\(strategy.name)", "error": "\(reason)",
             ])
             metrics.fallback(strategy: strategy.name)
-            plan = DefaultStrategy().plan(context)
-            strategyName = "builtin-default"
+            events.yield(.strategyFellBack(strategy: strategy.name, reason: reason))
         }
+        events.yield(.planned(strategy: strategyName))
         if let timeout = options.timeout { plan.timeout = timeout }
         let (validated, reasons) = plan.validated(configuration.limits)
         for reason in reasons {

@@ -146,6 +146,12 @@ public struct PunchInfo: Sendable, Hashable {
 
 /// Progress of a punch, as a handle's ``PunchHandle/events`` reports it.
 public enum PunchEvent: Sendable, Hashable {
+    /// The strategy named here planned the punch (first event of every punch): the strategy asked, or
+    /// `builtin-default` when it failed and the built-in plan answered.
+    case planned(strategy: String)
+    /// The strategy `strategy` failed with `reason` and the built-in plan is used instead (sent just before
+    /// `.planned(strategy: "builtin-default")`): the script is broken and must be fixed.
+    case strategyFellBack(strategy: String, reason: StrategyError)
     /// A probe round started.
     case roundStarted(round: Int, ports: Int)
     /// An authenticated probe or answer from the peer arrived: a path is open.

@@ -249,7 +249,7 @@ public final class FallbackStrategy: PunchStrategy, @unchecked Sendable {
         do {
             return try primary.plan(ctx)
         } catch {
-            noteFallback(Self.typed(error), hook: "plan")
+            noteFallback(StrategyError.wrapping(error), hook: "plan")
             return fallback.plan(ctx)
         }
     }
@@ -260,7 +260,7 @@ public final class FallbackStrategy: PunchStrategy, @unchecked Sendable {
         do {
             return try primary.onProbe(ctx, event)
         } catch {
-            noteFallback(Self.typed(error), hook: "on_probe")
+            noteFallback(StrategyError.wrapping(error), hook: "on_probe")
             return nil
         }
     }
@@ -271,22 +271,24 @@ public final class FallbackStrategy: PunchStrategy, @unchecked Sendable {
         do {
             try primary.onResult(ctx, outcome)
         } catch {
-            noteFallback(Self.typed(error), hook: "on_result")
+            noteFallback(StrategyError.wrapping(error), hook: "on_result")
         }
     }
 
     /// ``plan(_:)`` through the primary's `detachedPlan`: off the caller's executor, bounded in time.
-    public func detachedPlan(_ ctx: PunchContext) async -> PunchPlan {
+    public func detachedPlan(_ ctx: PunchContext) async -> PunchPlan { await detachedDecision(ctx).plan }
+
+    /// ``detachedPlan(_:)`` with who planned: the primary's name, or `builtin-default` and the primary's
+    /// error (or load error) when the fallback answered. The fallback is counted and logged as usual.
+    public func detachedDecision(_ ctx: PunchContext) async -> PlanDecision {
         guard let primary else {
-            noteFallback(lastError ?? StrategyError(code: .missingHook, message: "no strategy loaded"), hook: "plan")
-            return fallback.plan(ctx)
+            let reason = lastError ?? StrategyError(code: .missingHook, message: "no strategy loaded")
+            noteFallback(reason, hook: "plan")
+            return .fallback(ctx, reason: reason)
         }
-        do {
-            return try await primary.detachedPlan(ctx)
-        } catch {
-            noteFallback(Self.typed(error), hook: "plan")
-            return fallback.plan(ctx)
-        }
+        let decision = await primary.detachedDecision(ctx)
+        if let reason = decision.fallbackReason { noteFallback(reason, hook: "plan") }
+        return decision
     }
 
     /// ``onProbe(_:_:)`` through the primary's `detachedOnProbe`.
@@ -295,7 +297,7 @@ public final class FallbackStrategy: PunchStrategy, @unchecked Sendable {
         do {
             return try await primary.detachedOnProbe(ctx, event)
         } catch {
-            noteFallback(Self.typed(error), hook: "on_probe")
+            noteFallback(StrategyError.wrapping(error), hook: "on_probe")
             return nil
         }
     }
@@ -306,14 +308,8 @@ public final class FallbackStrategy: PunchStrategy, @unchecked Sendable {
         do {
             try await primary.detachedOnResult(ctx, outcome)
         } catch {
-            noteFallback(Self.typed(error), hook: "on_result")
+            noteFallback(StrategyError.wrapping(error), hook: "on_result")
         }
-    }
-
-    private static func typed(_ error: any Error) -> StrategyError {
-        (error as? StrategyError)
-            ?? StrategyError(code: .strategyFailed, message: "the strategy threw an error",
-                             cause: String(describing: error))
     }
 
     private static func metadata(_ e: StrategyError) -> Logger.Metadata {

@@ -33,6 +33,35 @@ public protocol PunchStrategy: Sendable {
 
     /// ``onResult(_:_:)`` as the executor calls it; see ``detachedPlan(_:)``.
     func detachedOnResult(_ ctx: PunchContext, _ outcome: PunchOutcome) async throws
+
+    /// The plan for one attempt together with who made it: ``detachedPlan(_:)``, or ``DefaultStrategy``'s
+    /// plan with the reason when that fails. The executor calls this, so that every punch can say which
+    /// strategy planned it and a fallback is never silent. The default implementation does exactly that;
+    /// ``FallbackStrategy`` also reports the fallbacks it makes itself.
+    func detachedDecision(_ ctx: PunchContext) async -> PlanDecision
+}
+
+/// A plan and the strategy that made it, as the executor reports it (``PunchStrategy/detachedDecision(_:)``).
+public struct PlanDecision: Sendable, Hashable {
+    /// The plan, before validation.
+    public var plan: PunchPlan
+    /// The name of the strategy whose plan this is: the strategy asked, or `builtin-default` after a fallback.
+    public var plannedBy: String
+    /// Why the strategy asked did not plan: its error, when the built-in plan answered instead; nil otherwise.
+    public var fallbackReason: StrategyError?
+
+    /// Creates a decision.
+    public init(plan: PunchPlan, plannedBy: String, fallbackReason: StrategyError? = nil) {
+        self.plan = plan
+        self.plannedBy = plannedBy
+        self.fallbackReason = fallbackReason
+    }
+
+    /// The built-in plan for `ctx`, standing in for a strategy that failed with `reason`.
+    public static func fallback(_ ctx: PunchContext, reason: StrategyError) -> PlanDecision {
+        let builtin = DefaultStrategy()
+        return PlanDecision(plan: builtin.plan(ctx), plannedBy: builtin.name, fallbackReason: reason)
+    }
 }
 
 extension PunchStrategy {
@@ -45,6 +74,15 @@ extension PunchStrategy {
     /// Runs ``onResult(_:_:)`` off the caller's actor.
     public func detachedOnResult(_ ctx: PunchContext, _ outcome: PunchOutcome) async throws {
         try onResult(ctx, outcome)
+    }
+
+    /// The strategy's own plan, or the built-in one with the reason when the strategy throws.
+    public func detachedDecision(_ ctx: PunchContext) async -> PlanDecision {
+        do {
+            return PlanDecision(plan: try await detachedPlan(ctx), plannedBy: name)
+        } catch {
+            return .fallback(ctx, reason: StrategyError.wrapping(error))
+        }
     }
 
     /// Keeps the current plan.

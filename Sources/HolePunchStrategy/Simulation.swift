@@ -33,15 +33,35 @@ public enum StrategyCheck {
                             role: role, seed: seed &+ UInt64(attempt), peerID: "peer-\(remote.name)")
     }
 
-    /// Every context `check` covers: each NAT pair, both roles, attempts 1–5.
-    public static func allContexts(rtt: Duration? = .milliseconds(80)) -> [(label: String, ctx: PunchContext)] {
+    /// The histories `check` plans with: none; successes (every summary field set); failures only, where
+    /// `attempts > 0` but `median_ttc_ms` and `last_offset` are still nil, as after a first failed punch.
+    static let histories: [(label: String, pair: HistorySummary, peer: HistorySummary)] = [
+        ("no history", .empty, .empty),
+        ("history of successes",
+         HistorySummary(attempts: 4, successes: 3, medianTimeToConnect: .milliseconds(240), lastWinningOffset: 2),
+         HistorySummary(attempts: 2, successes: 1, medianTimeToConnect: .milliseconds(180), lastWinningOffset: 1)),
+        ("history of failures", HistorySummary(attempts: 3, successes: 0), HistorySummary(attempts: 1, successes: 0)),
+    ]
+
+    /// Every context `check` covers: each NAT pair, both roles, attempts 1–5, with an 80 ms RTT and with
+    /// none measured (`ctx.rtt_ms` nil, as before the rendezvous has measured it), each with every history of
+    /// ``histories``. The label names the case, so a failure can be reproduced.
+    public static func allContexts() -> [(label: String, ctx: PunchContext)] {
         var out: [(String, PunchContext)] = []
         for a in SimulatedNAT.all {
             for b in SimulatedNAT.all {
                 for role in PunchRole.allCases {
                     for attempt in 1...5 {
-                        out.append(("\(a.name),\(b.name) \(role.rawValue) attempt \(attempt)",
-                                    context(local: a, remote: b, role: role, attempt: attempt, rtt: rtt)))
+                        for rtt in [Duration.milliseconds(80), nil] {
+                            for history in histories {
+                                var ctx = context(local: a, remote: b, role: role, attempt: attempt, rtt: rtt)
+                                ctx.pairHistory = history.pair
+                                ctx.peerHistory = history.peer
+                                let rttLabel = rtt.map { "rtt \(Int($0.milliseconds)) ms" } ?? "rtt nil"
+                                out.append(("\(a.name),\(b.name) \(role.rawValue) attempt \(attempt), \(rttLabel), "
+                                            + history.label, ctx))
+                            }
+                        }
                     }
                 }
             }
@@ -174,43 +194,98 @@ public struct SimulationRow: Sendable, Hashable, Codable {
     public var packetBudget: Int
     /// Estimated probability that the punch opens a path, in 0...1.
     public var successProbability: Double
+    /// The outcome replayed into history and `on_result` for the next attempt: success when
+    /// ``successProbability`` is at least 0.5 (the model's likelier outcome).
+    public var simulatedSuccess: Bool
     /// Clamp reasons for the initiator's plan.
     public var clamps: [String]
-    /// The error, when the strategy failed for this pair (the row then shows the default plan).
+    /// The error, when the strategy failed for this pair (the row then shows the default plan), or when its
+    /// `on_result` failed.
     public var error: String?
 }
 
 /// Runs a strategy on both sides of each NAT pair and rates the plans with ``NATModel``.
+///
+/// Attempts are a series, as when a peer punches to the same peer again: each attempt's modelled outcome
+/// (``SimulationRow/simulatedSuccess``) is recorded in each side's ``PunchHistory`` (so later contexts carry
+/// it in `ctx.history`) and reported to each side's `on_result`, so the plan a learning strategy makes for
+/// attempt n+1 shows what it learnt from attempt n. Histories start empty for every pair.
 public enum StrategySimulator {
     /// Rows for `pairs` (every pair when nil), attempts 1–`attempts`.
-    public static func simulate(_ strategy: some PunchStrategy, pairs: [(SimulatedNAT, SimulatedNAT)]? = nil,
+    ///
+    /// `peer` is the target side's own copy of the strategy (two peers never share a script's state); when nil,
+    /// `strategy` plans both sides and only the initiator's outcomes are reported to its `on_result`.
+    public static func simulate(_ strategy: any PunchStrategy, peer: (any PunchStrategy)? = nil,
+                                pairs: [(SimulatedNAT, SimulatedNAT)]? = nil,
                                 rtt: Duration = .milliseconds(80), attempts: Int = 3,
                                 limits: PlanLimits = .default) -> [SimulationRow] {
         let pairs = pairs ?? SimulatedNAT.all.flatMap { a in SimulatedNAT.all.map { (a, $0) } }
         var rows: [SimulationRow] = []
         for (a, b) in pairs {
+            let historyA = PunchHistory(), historyB = PunchHistory()
             for attempt in 1...max(1, attempts) {
-                let ctxA = StrategyCheck.context(local: a, remote: b, role: .initiator, attempt: attempt, rtt: rtt)
-                let ctxB = StrategyCheck.context(local: b, remote: a, role: .target, attempt: attempt, rtt: rtt)
+                let ctxA = historyA.fill(
+                    StrategyCheck.context(local: a, remote: b, role: .initiator, attempt: attempt, rtt: rtt))
+                let ctxB = historyB.fill(
+                    StrategyCheck.context(local: b, remote: a, role: .target, attempt: attempt, rtt: rtt))
                 var failure: String?
-                func planned(_ ctx: PunchContext) -> PunchPlan {
-                    do { return try strategy.plan(ctx) } catch {
-                        if failure == nil { failure = (error as? StrategyError)?.description ?? "\(error)" }
+                func note(_ error: any Error, _ hook: String) {
+                    if failure == nil { failure = "\(hook): " + StrategyError.wrapping(error).description }
+                }
+                func planned(_ s: any PunchStrategy, _ ctx: PunchContext) -> PunchPlan {
+                    do { return try s.plan(ctx) } catch {
+                        note(error, "plan")
                         return DefaultStrategy().plan(ctx)
                     }
                 }
-                let (planA, reasons) = planned(ctxA).validated(limits)
-                let (planB, _) = planned(ctxB).validated(limits)
+                let (planA, reasons) = planned(strategy, ctxA).validated(limits)
+                let (planB, _) = planned(peer ?? strategy, ctxB).validated(limits)
                 let p = NATModel.successProbability(planA: planA, ctxA: ctxA, planB: planB, ctxB: ctxB)
+                let success = p >= 0.5
+                let outcomeA = NATModel.outcome(success: success, plan: planA, ctx: ctxA, rtt: rtt)
+                let outcomeB = NATModel.outcome(success: success, plan: planB, ctx: ctxB, rtt: rtt)
+                historyA.record(outcomeA, for: ctxA)
+                historyB.record(outcomeB, for: ctxB)
+                do { try strategy.onResult(ctxA, outcomeA) } catch { note(error, "on_result") }
+                if let peer {
+                    do { try peer.onResult(ctxB, outcomeB) } catch { note(error, "on_result") }
+                }
                 rows.append(SimulationRow(
                     pair: "\(a.name),\(b.name)", attempt: attempt, portCount: planA.ports.count,
                     firstPorts: Array(planA.ports.prefix(4)), rounds: planA.rounds,
                     intervalMs: planA.interval.milliseconds, timeoutMs: planA.timeout.milliseconds,
                     packetsPerRound: planA.packetsPerRound, sockets: planA.localSockets,
-                    packetBudget: planA.packetBudget, successProbability: p,
+                    packetBudget: planA.packetBudget, successProbability: p, simulatedSuccess: success,
                     clamps: reasons.map(\.description), error: failure))
             }
         }
         return rows
+    }
+}
+
+extension NATModel {
+    /// The outcome one side reports for a modelled attempt. On success the winning port is the first probed
+    /// port the model counts as a hit (the advertised port for a cone mapping, the nearest predicted one for a
+    /// sequential NAT, the first probed port for a random one), reached after the rounds it takes to get
+    /// there plus one RTT; a failure is a timeout after every round.
+    static func outcome(success: Bool, plan: PunchPlan, ctx: PunchContext, rtt: Duration) -> PunchOutcome {
+        guard success else { return .failure(code: .timeout, rounds: plan.rounds) }
+        let probed = Array(plan.ports.prefix(plan.probedPortCount))
+        let base = ctx.candidatePorts.first ?? probed.first ?? 0
+        let remote = ctx.remoteNAT
+        let predicted = Set((1...max(1, sequentialSpread)).compactMap { remote.predictedPort(after: base, step: $0) })
+        // The same cases as hitProbability's.
+        let index: Int
+        if remote.mapping == .endpointIndependent || remote.mapping == .unknown || remote.allocation == .portPreserving {
+            index = probed.firstIndex(of: base) ?? 0
+        } else if remote.allocation == .random {
+            index = 0
+        } else {
+            index = probed.firstIndex(where: predicted.contains) ?? 0
+        }
+        let port = probed.isEmpty ? base : probed[index]
+        let round = index / max(1, plan.packetsPerRound) + 1
+        let time = plan.startDelay + plan.interval * (round - 1) + rtt
+        return .success(timeToConnect: time, winningPort: port, portOffset: Int(port) - Int(base), rounds: round)
     }
 }

@@ -58,6 +58,14 @@ public struct StrategyError: Error, Sendable, Hashable, CustomStringConvertible 
         self.cause = cause
     }
 
+    /// `error` itself when it is a `StrategyError`, else a `strategyFailed` error carrying its description
+    /// (a Swift strategy may throw anything).
+    public static func wrapping(_ error: any Error) -> StrategyError {
+        (error as? StrategyError)
+            ?? StrategyError(code: .strategyFailed, message: "the strategy threw an error",
+                             cause: String(describing: error))
+    }
+
     /// Whether the sandbox stopped the script (instruction budget, time or memory), as opposed to an error
     /// of the script's own making.
     public var isSandboxAbort: Bool {

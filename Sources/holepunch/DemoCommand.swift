@@ -22,7 +22,7 @@ struct DemoCommand: AsyncParsableCommand {
             """
     )
 
-    @Option(help: "A Lua strategy file (default: strategies/default.lua when present, else the built-in strategy).")
+    @Option(help: "A Lua strategy file (default: the bundled default.lua).")
     var strategy: String?
 
     @Option(help: "Peer A's NAT: full_cone, restricted, port_restricted, symmetric_seq or symmetric_random.")
@@ -53,7 +53,7 @@ struct DemoCommand: AsyncParsableCommand {
     }
 
     func run() async throws {
-        let strategyPath = strategy ?? (FileManager.default.fileExists(atPath: "strategies/default.lua") ? "strategies/default.lua" : nil)
+        let strategyPath = strategy
         if !loopback {
             switch LabDemo.availability() {
             case .available(let script):
@@ -94,6 +94,10 @@ struct DemoOutcome: Codable {
     var rounds: Int?
     var path: String?
     var strategy: String
+    /// The strategy that planned peer A's punch: `strategy`'s name, or `builtin-default` after a fallback.
+    var plannedBy: String?
+    /// Each failure of the script that the built-in plan stood in for (`A: file:line: message`); empty when none.
+    var strategyFallbacks: [String] = []
     var messageRoundTrip: Bool
     var error: String?
 }
@@ -109,13 +113,9 @@ enum LoopbackDemo {
         let b = try await Endpoint.bind(.loopbackV4(port: 0), configuration: EndpointConfiguration(identity: identityB, acceptPolicy: .none))
         narrate("  peer A  \(identityA.nodeID.short)…  on \(a.localAddress)")
         narrate("  peer B  \(identityB.nodeID.short)…  on \(b.localAddress)")
-        let strategy: any PunchStrategy
-        if let strategyPath {
-            strategy = FallbackStrategy.loading(path: strategyPath)
-        } else {
-            strategy = DefaultStrategy()
-        }
-        narrate("  strategy: \(strategyPath ?? "built-in default"); NAT profiles as declared: A=\(natA.type) B=\(natB.type) (no real NAT on loopback)")
+        let strategy = strategyPath.map { FallbackStrategy.loading(path: $0) } ?? FallbackStrategy.recommended()
+        let strategyLabel = strategyPath ?? "default.lua (bundled)"
+        narrate("  strategy: \(strategyLabel); NAT profiles as declared: A=\(natA.type) B=\(natB.type) (no real NAT on loopback)")
         let executorA = PunchExecutor(endpoint: a, configuration: .init(strategy: strategy))
         let executorB = PunchExecutor(endpoint: b, configuration: .init(strategy: strategy))
         let key = (0..<32).map { _ in UInt8.random(in: 0...255) }
@@ -132,9 +132,26 @@ enum LoopbackDemo {
             punchTime: start, role: .initiator, localNAT: natA, remoteNAT: natB,
             targetNodeID: identityB.nodeID
         ))
-        var outcome = DemoOutcome(mode: "loopback", success: false, strategy: strategyPath ?? "built-in default", messageRoundTrip: false)
+        // B plans too: its fallbacks are reported beside A's.
+        let targetFallbacks = Task {
+            var reasons: [String] = []
+            for await event in targetHandle.events {
+                if case .strategyFellBack(let name, let reason) = event {
+                    reasons.append("B: \(reason)")
+                    printError("warning: " + fallbackWarning(name, reason))
+                }
+            }
+            return reasons
+        }
+        var outcome = DemoOutcome(mode: "loopback", success: false, strategy: strategyLabel, messageRoundTrip: false)
         for await event in handle.events {
             switch event {
+            case .planned(let name):
+                outcome.plannedBy = name
+                narrate("  planned by: \(name)")
+            case .strategyFellBack(let name, let reason):
+                outcome.strategyFallbacks.append("A: \(reason)")
+                printError("warning: " + fallbackWarning(name, reason))
             case .roundStarted(let round, let ports):
                 narrate("  round \(round): probing (\(ports) port(s) tried so far)")
             case .probeAnswered(let from):
@@ -155,8 +172,9 @@ enum LoopbackDemo {
             }
         }
         defer { Task { await a.close(); await b.close() } }
-        guard case .success(let connection) = await handle.result(),
-              case .success(let accepted) = await targetHandle.result()
+        let targetResult = await targetHandle.result()
+        outcome.strategyFallbacks += await targetFallbacks.value
+        guard case .success(let connection) = await handle.result(), case .success(let accepted) = targetResult
         else { return outcome }
         let stream = try await connection.openStream()
         try await stream.write(Array("hello from A".utf8))
@@ -171,7 +189,8 @@ enum LoopbackDemo {
         outcome.messageRoundTrip = fromA == "hello from A" && fromB == "hello back from B"
         await connection.close()
         await accepted.close()
-        narrate(outcome.messageRoundTrip ? "demo: punch succeeded, messages exchanged." : "demo: messages did not match.")
+        let planner = outcome.strategyFallbacks.isEmpty ? "" : " (planned by the built-in fallback: \(strategyLabel) failed)"
+        narrate(outcome.messageRoundTrip ? "demo: punch succeeded\(planner), messages exchanged." : "demo: messages did not match.")
         return outcome
     }
 }

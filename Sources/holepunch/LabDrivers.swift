@@ -142,7 +142,7 @@ struct LabPeerCommand: AsyncParsableCommand {
     @Option(help: "The rendezvous's NodeID.") var rendezvousID: String
     @Option(help: "This peer's identity file.") var identity: String
     @Option(help: "Punch to this NodeID (initiator); without it, wait for a punch (target).") var connect: String?
-    @Option(help: "Lua strategy file; default: the built-in default strategy.") var strategy: String?
+    @Option(help: "Lua strategy file; default: the bundled default.lua.") var strategy: String?
     @Option(help: "Tell the rendezvous this NAT type (full_cone … symmetric_random) instead of measuring it.")
     var nat: String?
     @Flag(help: "Measure the NAT (RFC 5780, from the punch socket) and publish the result.") var discover = false
@@ -155,13 +155,8 @@ struct LabPeerCommand: AsyncParsableCommand {
         labUnblockTerminationSignals()
         let started = ContinuousClock.now
         let role = connect == nil ? "target" : "initiator"
-        var strategyName = "default"
-        var chosen: (any PunchStrategy)?
-        if let strategy {
-            let lua = try LuaStrategy(path: strategy)
-            chosen = lua
-            strategyName = lua.name
-        }
+        let chosen = try strategy.map { path throws(StrategyError) in try LuaStrategy(path: path) } ?? LuaStrategy.bundledDefault()
+        let strategyName = chosen.name
         var profile: NATProfile?
         if let nat {
             guard let known = labProfile(nat) else { throw ValidationError("unknown NAT type \(nat)") }
@@ -170,7 +165,7 @@ struct LabPeerCommand: AsyncParsableCommand {
         let endpoint = try await Endpoint.bind(try SocketAddress(parsing: bind),
                                                configuration: EndpointConfiguration(identity: try Identity.load(from: identity),
                                                                                     acceptPolicy: .none))
-        let executor = PunchExecutor(endpoint: endpoint, configuration: .init(strategy: chosen ?? DefaultStrategy()))
+        let executor = PunchExecutor(endpoint: endpoint, configuration: .init(strategy: chosen))
         let client = RendezvousClient(executor: executor, configuration: RendezvousClientConfiguration(
             server: try SocketAddress(parsing: rendezvous), serverNodeID: try NodeID(parsing: rendezvousID),
             requestTimeout: .seconds(5), strategy: chosen, punchTimeout: punchTimeout.map { .milliseconds(Int($0 * 1000)) }))
@@ -220,8 +215,14 @@ struct LabPeerCommand: AsyncParsableCommand {
             var rounds = 0
             var ports = 0
             var done: Result<PunchSuccess, PunchError>?
+            var planned: [String: Any] = [:]
             for await event in handle.events {
                 switch event {
+                case .planned(let name):
+                    planned["planned_by"] = name
+                case .strategyFellBack(let name, let reason):
+                    planned["strategy_fallback"] = reason.description
+                    printError("warning: " + fallbackWarning(name, reason))
                 case .roundStarted(let round, let tried):
                     rounds = max(rounds, round)
                     ports = max(ports, tried)
@@ -237,7 +238,7 @@ struct LabPeerCommand: AsyncParsableCommand {
                 var line: [String: Any] = [
                     "ok": true, "time_ms": labMilliseconds(success.timeToConnect), "rounds": success.rounds,
                     "ports": ports, "remote": "\(success.remoteAddress)", "local_port": Int(success.localPort),
-                ]
+                ].merging(planned) { a, _ in a }
                 if case .success(let connection) = await handle.result() {
                     line["peer_node"] = "\(connection.peerNodeID)"
                     let outcome = await exchangeLine(connection, initiator: target != nil)
@@ -248,7 +249,7 @@ struct LabPeerCommand: AsyncParsableCommand {
             case .failure(let error):
                 return ["ok": false, "error": error.code.rawValue, "message": error.message,
                         "time_ms": labMilliseconds(error.elapsed), "rounds": max(rounds, error.rounds),
-                        "ports": max(ports, error.portsTried.count)]
+                        "ports": max(ports, error.portsTried.count)].merging(planned) { a, _ in a }
             }
         } catch let error as RendezvousError {
             return ["ok": false, "error": "rendezvous." + error.code.name, "message": error.message]

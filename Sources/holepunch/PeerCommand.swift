@@ -35,7 +35,7 @@ struct PeerCommand: AsyncParsableCommand {
     @Option(help: "Local address of the punch socket (default: wildcard of the rendezvous's family, port 0). A specific IP is also published as a LAN candidate.")
     var listen: String?
 
-    @Option(help: "A Lua strategy file (loaded with the built-in default as fallback).")
+    @Option(help: "A Lua strategy file (default: the bundled default.lua; the built-in Swift plan answers when a script fails).")
     var strategy: String?
 
     @Option(help: "Punch to this NodeID instead of waiting for punches.")
@@ -97,15 +97,16 @@ struct PeerCommand: AsyncParsableCommand {
         } catch {
             throw cliFailure("cannot bind \(local): \(error)", hint: "choose another --listen address or port")
         }
-        var chosen: (any PunchStrategy)?
+        let chosen: FallbackStrategy
         if let strategy {
-            let loaded = FallbackStrategy.loading(path: strategy, logger: logger)
-            if let problem = loaded.lastError {
-                status("warning", ["message": "strategy \(strategy) failed to load, using the built-in default: \(problem)"])
+            chosen = FallbackStrategy.loading(path: strategy, logger: logger)
+            if let problem = chosen.lastError {
+                warn("strategy \(strategy) failed to load, using the built-in default: \(problem)")
             }
-            chosen = loaded
+        } else {
+            chosen = FallbackStrategy.recommended(logger: logger)
         }
-        let executor = PunchExecutor(endpoint: endpoint, configuration: PunchExecutor.Configuration(strategy: chosen ?? DefaultStrategy()),
+        let executor = PunchExecutor(endpoint: endpoint, configuration: PunchExecutor.Configuration(strategy: chosen),
                                      logger: logger)
         var clientConfiguration = RendezvousClientConfiguration(server: server, serverNodeID: serverID,
                                                                 punchTimeout: timeout.map { .seconds($0) })
@@ -240,6 +241,9 @@ struct PeerCommand: AsyncParsableCommand {
 
     private func report(_ event: PunchEvent) {
         switch event {
+        case let .planned(strategy): status("planned", ["strategy": strategy])
+        case let .strategyFellBack(strategy, reason):
+            warn(fallbackWarning(strategy, reason))
         case let .roundStarted(round, ports): status("round", ["round": round, "ports": ports])
         case let .probeAnswered(from): status("probe-answered", ["from": from.description])
         case let .connecting(to): status("connecting", ["to": to.description])
@@ -249,6 +253,11 @@ struct PeerCommand: AsyncParsableCommand {
                                  "rounds": success.rounds])
         case .done(.failure): break  // reported once, with a hint, by the caller
         }
+    }
+
+    /// A fault the user must see whatever the verbosity: one `warning: …` line (a JSON status with --json).
+    private func warn(_ message: String) {
+        if json { status("warning", ["message": message]) } else { emitStatus("warning: \(message)") }
     }
 
     private func status(_ event: String, _ fields: [String: Any]) {

@@ -16,6 +16,12 @@ func printError(_ text: String) {
     FileHandle.standardError.write(Data((text + "\n").utf8))
 }
 
+/// The text of the warning every command prints (on standard error, whatever the verbosity) when a script
+/// failed and the built-in plan stood in: a punch that succeeds anyway would otherwise hide a broken script.
+func fallbackWarning(_ strategy: String, _ reason: StrategyError) -> String {
+    "strategy \(strategy) failed, the built-in plan is used for this punch: \(reason)"
+}
+
 /// Sandbox limits shared by the strategy commands.
 struct StrategyLimitOptions: ParsableArguments {
     @Option(help: "Lua instructions allowed per hook call.")
@@ -44,11 +50,21 @@ struct StrategyCheckCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "check",
         abstract: "Load each file and run plan() over every NAT pair, both roles and attempts 1–5.",
-        discussion: "Errors are printed as file:line: message; the exit status is non-zero if any file fails."
+        discussion: """
+            Each case runs with an 80 ms RTT and with none measured (ctx.rtt_ms nil, as in a real run before the \
+            RTT is known), and with no history, a history of successes and a history of failures only (where \
+            history.*.median_ttc_ms and last_offset are nil). Errors are printed as file:line: message, with the \
+            first failing case; the exit status is non-zero if any file fails. Without files, checks the bundled \
+            default.lua.
+
+            Examples:
+              holepunch strategy check strategies/*.lua
+              holepunch strategy check --verbose mine.lua
+            """
     )
 
-    @Argument(help: "Strategy files to check.")
-    var files: [String]
+    @Argument(help: "Strategy files to check (default: the bundled default.lua).")
+    var files: [String] = []
 
     @OptionGroup var limitOptions: StrategyLimitOptions
 
@@ -57,20 +73,26 @@ struct StrategyCheckCommand: AsyncParsableCommand {
 
     func run() async throws {
         var failed = false
-        for file in files {
+        for file in files.isEmpty ? [nil] : files.map(Optional.some) {
             let strategy: LuaStrategy
             do {
-                strategy = try LuaStrategy(path: file, limits: limitOptions.limits)
+                if let file {
+                    strategy = try LuaStrategy(path: file, limits: limitOptions.limits)
+                } else {
+                    strategy = try LuaStrategy.bundledDefault(limits: limitOptions.limits)
+                }
             } catch {
                 printError(error.description)
                 failed = true
                 continue
             }
+            let file = file ?? "\(LuaStrategy.bundledDefaultChunkName) (bundled)"
             let errors = StrategyCheck.run(strategy, file: file)
             for e in errors { printError(e.description) }
             if errors.isEmpty {
                 var clamped = 0
-                for (label, ctx) in StrategyCheck.allContexts() {
+                let contexts = StrategyCheck.allContexts()
+                for (label, ctx) in contexts {
                     guard let plan = try? strategy.plan(ctx) else { continue }
                     let reasons = plan.validated(ctx.limits).reasons
                     clamped += reasons.isEmpty ? 0 : 1
@@ -78,7 +100,7 @@ struct StrategyCheckCommand: AsyncParsableCommand {
                         for r in reasons { print("\(file): note: \(label): clamped \(r)") }
                     }
                 }
-                print("\(file): ok (\(strategy.name), \(StrategyCheck.allContexts().count) plans, \(clamped) clamped)")
+                print("\(file): ok (\(strategy.name), \(contexts.count) plans, \(clamped) clamped)")
             } else {
                 failed = true
             }
@@ -87,7 +109,7 @@ struct StrategyCheckCommand: AsyncParsableCommand {
     }
 }
 
-/// `holepunch strategy simulate FILE [--pair A,B] [--rtt MS] [--json]`
+/// `holepunch strategy simulate [FILE] [--pair A,B] [--rtt MS] [--attempts N] [--json]`
 struct StrategySimulateCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "simulate",
@@ -96,11 +118,21 @@ struct StrategySimulateCommand: AsyncParsableCommand {
             NAT names: full_cone, restricted, port_restricted, symmetric_seq (or symmetric), symmetric_random, \
             unknown. The estimate comes from a simple model: exact for cone mappings, port coverage for \
             sequential allocation, a birthday estimate for random allocation; it ignores loss and timing.
+
+            Attempts are a series to the same peer: each attempt's modelled outcome (success when the estimate is \
+            at least 50 %) goes into each side's history (ctx.history) and to its on_result, and each side runs its \
+            own copy of the script, so a learning strategy's plan for attempt n+1 shows what it learnt from attempt \
+            n. Histories start empty for every pair.
+
+            Examples:
+              holepunch strategy simulate --pair port_restricted,symmetric_random
+              holepunch strategy simulate mine.lua --pair full_cone,symmetric_seq --attempts 5
+              holepunch strategy simulate builtin --json
             """
     )
 
-    @Argument(help: "The strategy file, or 'builtin' for the built-in Swift default.")
-    var file: String
+    @Argument(help: "The strategy file, or 'builtin' for the built-in Swift plan (default: the bundled default.lua).")
+    var file: String?
 
     @Option(help: "Only this NAT pair, as LOCAL,REMOTE (e.g. full_cone,symmetric_random).")
     var pair: String?
@@ -108,7 +140,7 @@ struct StrategySimulateCommand: AsyncParsableCommand {
     @Option(help: "Measured RTT to assume, in milliseconds.")
     var rtt: Double = 80
 
-    @Option(help: "Attempts to simulate per pair.")
+    @Option(help: "Attempts to replay per pair, each learning from the ones before (1–10).")
     var attempts: Int = 3
 
     @Flag(help: "Machine-readable JSON output.")
@@ -133,18 +165,20 @@ struct StrategySimulateCommand: AsyncParsableCommand {
     }
 
     func run() async throws {
-        let strategy: any PunchStrategy
-        if file == "builtin" {
-            strategy = DefaultStrategy()
-        } else {
-            do {
-                strategy = try LuaStrategy(path: file, limits: limitOptions.limits)
-            } catch {
-                printError(error.description)
-                throw ExitCode.failure
+        // Two copies: each peer runs its own script, with its own state for on_result to change.
+        let strategy: any PunchStrategy, peer: any PunchStrategy
+        let limits = limitOptions.limits
+        do {
+            switch file {
+            case "builtin": (strategy, peer) = (DefaultStrategy(), DefaultStrategy())
+            case let path?: (strategy, peer) = (try LuaStrategy(path: path, limits: limits), try LuaStrategy(path: path, limits: limits))
+            case nil: (strategy, peer) = (try LuaStrategy.bundledDefault(limits: limits), try LuaStrategy.bundledDefault(limits: limits))
             }
+        } catch {
+            printError(error.description)
+            throw ExitCode.failure
         }
-        let rows = StrategySimulator.simulate(strategy, pairs: try parsedPair(), rtt: .fromMilliseconds(rtt),
+        let rows = StrategySimulator.simulate(strategy, peer: peer, pairs: try parsedPair(), rtt: .fromMilliseconds(rtt),
                                               attempts: attempts)
         if json {
             let encoder = JSONEncoder()
@@ -159,7 +193,7 @@ struct StrategySimulateCommand: AsyncParsableCommand {
         } else {
             print("strategy \(strategy.name), rtt \(rtt.clean) ms (initiator's plan; success estimated for both sides)")
             let header = ["pair", "try", "ports", "first ports", "rounds", "interval", "timeout", "pkts/rnd",
-                          "sockets", "budget", "success"]
+                          "sockets", "budget", "success", "replayed"]
             var table = [header]
             for r in rows {
                 table.append([
@@ -167,6 +201,7 @@ struct StrategySimulateCommand: AsyncParsableCommand {
                     r.firstPorts.map(String.init).joined(separator: " ") + (r.portCount > r.firstPorts.count ? " …" : ""),
                     "\(r.rounds)", "\(r.intervalMs.clean) ms", "\(r.timeoutMs.clean) ms", "\(r.packetsPerRound)",
                     "\(r.sockets)", "\(r.packetBudget)", String(format: "%5.1f%%", r.successProbability * 100),
+                    r.simulatedSuccess ? "success" : "failure",
                 ])
             }
             printTable(table)

@@ -6,9 +6,9 @@ import HolePunchRendezvous
 
 func say(_ text: String) { FileHandle.standardOutput.write(Data(text.utf8)) }  // unbuffered, even into a pipe
 var args = Array(CommandLine.arguments.dropFirst())
-var strategy: any PunchStrategy = DefaultStrategy()
+var strategy: any PunchStrategy = FallbackStrategy.recommended()  // the bundled strategies/default.lua
 if let i = args.firstIndex(of: "--strategy"), i + 1 < args.count {
-    strategy = FallbackStrategy.loading(path: args[i + 1])  // falls back to the default if the script fails
+    strategy = FallbackStrategy.loading(path: args[i + 1])  // the built-in plan answers if the script fails
     args.removeSubrange(i...i + 1)
 }
 guard args.count >= 2 else { print("usage: hp-embed RENDEZVOUS_HOST:PORT RENDEZVOUS_NODEID [PEER_NODEID] [--strategy FILE]"); exit(1) }

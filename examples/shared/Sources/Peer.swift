@@ -42,11 +42,13 @@ public struct Peer {
         } catch {
             throw fail("cannot bind \(local): \(error)", hint: "choose another --listen address")
         }
-        var chosen: any PunchStrategy = DefaultStrategy()
+        // The bundled default.lua unless a file is named; a script that fails at run time is replaced by the
+        // built-in plan for that call, and says so at once.
+        let warn: @Sendable (StrategyError) -> Void = { say("warning: strategy failed, the built-in plan answers: \($0)") }
+        var chosen = FallbackStrategy.recommended(onFallback: warn)
         if let strategy {
-            let loaded = FallbackStrategy.loading(path: strategy)
-            if let problem = loaded.lastError { say("warning: \(strategy) failed to load, using the default strategy: \(problem)") }
-            chosen = loaded
+            chosen = FallbackStrategy.loading(path: strategy, onFallback: warn)
+            if let problem = chosen.lastError { say("warning: \(strategy) failed to load, using the built-in plan: \(problem)") }
         }
         let executor = PunchExecutor(endpoint: endpoint, configuration: PunchExecutor.Configuration(strategy: chosen))
         var configuration = RendezvousClientConfiguration(server: server, serverNodeID: serverID)
