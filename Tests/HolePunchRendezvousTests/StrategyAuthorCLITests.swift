@@ -1,0 +1,88 @@
+import Foundation
+import ProcessTestSupport
+import Testing
+
+/// The strategy author's loop and loud fallbacks, as a user meets them in the CLI.
+@Suite("holepunch strategy check/simulate and fallback warnings", .serialized)
+struct StrategyAuthorCLITests {
+    /// Writes `source` to a scratch `name` and returns its path; the caller removes `directory`.
+    static func script(_ name: String, _ source: String, in directory: URL) throws -> String {
+        let path = directory.appendingPathComponent(name).path
+        try source.write(toFile: path, atomically: true, encoding: .utf8)
+        return path
+    }
+
+    @Test("check fails a script that divides ctx.rtt_ms, at file:line, naming the nil-RTT case")
+    func checkCatchesNilRTT() throws {
+        guard let binary = holepunchBinaryOrSkip() else { return }
+        let dir = try scratchDirectory("check-rtt")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let file = try Self.script("halfrtt.lua", """
+            return { plan = function(ctx)
+                local half = ctx.rtt_ms / 2
+                return { ports = ctx.ports, interval_ms = half }
+            end }
+            """, in: dir)
+        let r = try StrategyCheckCLITests.run(binary, ["strategy", "check", file], limit: 60)
+        #expect(r.status != 0, "check passed: \(r.out)")
+        #expect(r.err.contains("\(file):2: "), "\(r.err)")
+        #expect(r.err.contains("rtt nil"), "\(r.err)")
+    }
+
+    @Test("simulate --attempts replays outcomes through on_result: a learning script's plan changes")
+    func simulateReplaysAttempts() throws {
+        guard let binary = holepunchBinaryOrSkip() else { return }
+        let dir = try scratchDirectory("simulate-learn")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let file = try Self.script("learner.lua", """
+            local failures = 0
+            return {
+                plan = function(ctx)
+                    return { ports = hp.sequence(ctx.ports[1], 1, 1 + 2 * failures), packets_per_round = 16 }
+                end,
+                on_result = function(ctx, outcome)
+                    if not outcome.success then failures = failures + 1 end
+                end,
+            }
+            """, in: dir)
+        let r = try StrategyCheckCLITests.run(
+            binary, ["strategy", "simulate", file, "--pair", "port_restricted,symmetric_seq", "--attempts", "3", "--json"],
+            limit: 60)
+        #expect(r.status == 0, "\(r.err)")
+        struct Output: Decodable {
+            struct Row: Decodable { var attempt: Int; var portCount: Int; var simulatedSuccess: Bool }
+            var rows: [Row]
+        }
+        let rows = try JSONDecoder().decode(Output.self, from: Data(r.out.utf8)).rows
+        #expect(rows.map(\.portCount).first == 1)
+        #expect(rows.count == 3 && rows[1].portCount > rows[0].portCount, "\(rows.map(\.portCount))")
+    }
+
+    @Test("simulate without a file uses the bundled default.lua")
+    func simulateDefaultsToDefaultLua() throws {
+        guard let binary = holepunchBinaryOrSkip() else { return }
+        let r = try StrategyCheckCLITests.run(
+            binary, ["strategy", "simulate", "--pair", "port_restricted,symmetric_random", "--attempts", "1"], limit: 60)
+        #expect(r.status == 0, "\(r.err)")
+        #expect(r.out.hasPrefix("strategy default,"), "\(r.out)")
+    }
+
+    @Test("demo with a script that fails at run time warns on stderr and reports the fallback in its JSON",
+          arguments: ["returns-string", "hostile"])
+    func demoWarnsAboutABrokenScript(kind: String) throws {
+        guard let binary = holepunchBinaryOrSkip() else { return }
+        let dir = try scratchDirectory("demo-broken")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let file = kind == "hostile"
+            ? StrategyCheckCLITests.repoRoot.appendingPathComponent("strategies/hostile/rep_loop.lua").path
+            : try Self.script("broken.lua", "return { plan = function(ctx) return 'no plan today' end }", in: dir)
+        let r = try StrategyCheckCLITests.run(binary, ["demo", "--loopback", "--json", "--strategy", file], limit: 60)
+        #expect(!r.hung)
+        let warnings = r.err.split(separator: "\n").filter { $0.hasPrefix("warning: ") }
+        #expect(warnings.contains { $0.contains(file + ":") }, "no warning naming the script: \(r.err)")
+        struct Outcome: Decodable { var strategy: String; var plannedBy: String?; var strategyFallbacks: [String] }
+        let outcome = try JSONDecoder().decode(Outcome.self, from: Data(r.out.utf8))
+        #expect(outcome.plannedBy == "builtin-default")
+        #expect(!outcome.strategyFallbacks.isEmpty)
+    }
+}
