@@ -32,19 +32,7 @@ struct StrategyAuthorCLITests {
     @Test("simulate --attempts replays outcomes through on_result: a learning script's plan changes")
     func simulateReplaysAttempts() throws {
         guard let binary = holepunchBinaryOrSkip() else { return }
-        let dir = try scratchDirectory("simulate-learn")
-        defer { try? FileManager.default.removeItem(at: dir) }
-        let file = try Self.script("learner.lua", """
-            local failures = 0
-            return {
-                plan = function(ctx)
-                    return { ports = hp.sequence(ctx.ports[1], 1, 1 + 2 * failures), packets_per_round = 16 }
-                end,
-                on_result = function(ctx, outcome)
-                    if not outcome.success then failures = failures + 1 end
-                end,
-            }
-            """, in: dir)
+        let file = StrategyCheckCLITests.repoRoot.appendingPathComponent("strategies/examples/learner.lua").path
         let r = try StrategyCheckCLITests.run(
             binary, ["strategy", "simulate", file, "--pair", "port_restricted,symmetric_seq", "--attempts", "3", "--json"],
             limit: 60)

@@ -44,24 +44,12 @@ extension LuaTests {
             #expect(contexts.contains { $0.pairHistory.attempts > 0 && $0.pairHistory.successes == 0 })
         }
 
-        /// Widens its port window after every failure it is told about, and ignores `ctx.attempt`, so its plan
-        /// can only change if `on_result` is called.
-        static let learner = """
-            local failures = 0
-            return {
-                name = "learner",
-                plan = function(ctx)
-                    return { ports = hp.sequence(ctx.ports[1], 1, 1 + 2 * failures), packets_per_round = 16 }
-                end,
-                on_result = function(ctx, outcome)
-                    if not outcome.success then failures = failures + 1 end
-                end,
-            }
-            """
-
         @Test func simulateReplaysAttemptsThroughOnResult() throws {
-            let initiator = try LuaStrategy(source: Self.learner, chunkName: "learner.lua")
-            let target = try LuaStrategy(source: Self.learner, chunkName: "learner.lua")
+            // Widens its port window after every failure it is told about and ignores `ctx.attempt`, so its plan
+            // can only change if `on_result` is called.
+            let learner = LuaTests.repoRoot.appendingPathComponent("strategies/examples/learner.lua").path
+            let initiator = try LuaStrategy(path: learner)
+            let target = try LuaStrategy(path: learner)
             // A sequential NAT moved a few ports past the advertised one: only a wider window finds it.
             let pair = (SimulatedNAT.named("port_restricted")!, SimulatedNAT.named("symmetric_seq")!)
             let rows = StrategySimulator.simulate(initiator, peer: target, pairs: [pair], attempts: 4)
