@@ -91,6 +91,8 @@ let package = Package(
             dependencies: [
                 "HolePunch", "HolePunchQUIC", "HolePunchSTUN",
                 .product(name: "Logging", package: "swift-log"),
+                // HolePunchNode passes a metrics factory on to its executor.
+                .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
             swiftSettings: swiftSettings
