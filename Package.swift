@@ -172,6 +172,8 @@ let package = Package(
             dependencies: [
                 "HolePunchRendezvous", "ProcessTestSupport",
                 .product(name: "PropertyBased", package: "swift-property-based"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: swiftSettings
         ),
