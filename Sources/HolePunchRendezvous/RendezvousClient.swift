@@ -49,6 +49,8 @@ public struct RendezvousClientConfiguration: Sendable {
     public var acceptsPunches = true
     /// Who may make this peer punch (target role); ``PunchAdmission/any`` by default.
     public var admission = PunchAdmission.any
+    /// The application protocol (TLS ALPN) the rendezvous speaks, whatever protocols the punch endpoint serves.
+    public var alpn = "holepunch/1"
 
     /// Creates a configuration.
     public init(
@@ -145,7 +147,8 @@ public actor RendezvousClient {
         guard connection == nil else { return try await register(registration) }
         do {
             let quic = try await executor.endpoint.connect(to: configuration.server, expecting: configuration.serverNodeID,
-                                                           options: ConnectOptions(handshakeTimeout: configuration.requestTimeout))
+                                                           options: ConnectOptions(handshakeTimeout: configuration.requestTimeout,
+                                                                                   alpn: configuration.alpn))
             connection = quic
             stream = try await quic.openStream()
         } catch {

@@ -16,16 +16,19 @@ struct HolePunchNodeTests {
             options: .init(bind: .loopbackV4(port: 0), admission: admission, alpns: alpns, punchTimeout: punchTimeout))
     }
 
+    /// The first connection `node.incoming` yields, or nil when the stream ends.
+    static func firstIncoming(_ node: HolePunchNode) async throws -> QUICConnection? {
+        for try await connection in node.incoming { return connection }
+        return nil
+    }
+
     @Test("two nodes: A connects to B by NodeID with a chosen ALPN, a line goes each way, stop ends incoming")
     func connectAndIncoming() async throws {
         let harness = try await Harness.start()
         let b = try await Self.node(Identities.b, harness, admission: .allowList([Identities.a.nodeID]),
                                     alpns: ["chat/1", "file/1"])
         let a = try await Self.node(Identities.a, harness, alpns: ["chat/1", "file/1"])
-        let accepted = Task { () -> QUICConnection? in
-            for try await connection in b.incoming { return connection }
-            return nil
-        }
+        let accepted = Task { try await Self.firstIncoming(b) }
         let connection = try await withDeadline(.seconds(20)) { try await a.connect(to: Identities.b.nodeID, alpn: "file/1") }
         let inbound = try #require(try await withDeadline(.seconds(20)) { try await accepted.value })
         #expect(connection.peerNodeID == Identities.b.nodeID)
@@ -42,8 +45,7 @@ struct HolePunchNodeTests {
 
         await b.stop()
         // After stop the stream ends without an error, and the node refuses new work.
-        var after = b.incoming.makeAsyncIterator()
-        #expect(try await withDeadline(.seconds(5)) { try await after.next() } == nil)
+        #expect(try await withDeadline(.seconds(5)) { try await Self.firstIncoming(b) } == nil)
         let stopped = await #expect(throws: NodeError.self) { _ = try await b.connect(to: Identities.a.nodeID) }
         #expect(stopped?.code == .stopped)
         await a.stop()
@@ -104,8 +106,7 @@ struct HolePunchNodeTests {
         let running = Task { try await group.run() }
         await group.triggerGracefulShutdown()
         try await withDeadline(.seconds(10)) { try await running.value }
-        var incoming = a.incoming.makeAsyncIterator()
-        #expect(try await withDeadline(.seconds(5)) { try await incoming.next() } == nil)
+        #expect(try await withDeadline(.seconds(5)) { try await Self.firstIncoming(a) } == nil)
         let error = await #expect(throws: NodeError.self) { _ = try await a.connect(to: Identities.b.nodeID) }
         #expect(error?.code == .stopped)
         await harness.stop()

@@ -117,7 +117,7 @@ struct PunchExecutorTests {
         await a.close()
     }
 
-    @Test("peerAuthenticationFailed: the peer answers probes but is not the NodeID dialled")
+    @Test("peerAuthenticationFailed: the peer answers probes but is not the NodeID dialled; the description says the code once")
     func wrongNodeID() async throws {
         let (a, b, initiator, target, key) = try await punchPair()
         let targetHandle = await target.startPunch(options(to: a, session: "auth", key: key, role: .target,
@@ -128,6 +128,9 @@ struct PunchExecutorTests {
         }
         #expect(error?.code == .peerAuthenticationFailed)
         #expect(error?.message.contains(PunchIdentities.c.nodeID.description) == true)
+        // The code once: the QUIC error's detail is carried, not its description (which repeats the code).
+        let text = error?.description ?? ""
+        #expect(text.components(separatedBy: "peerAuthenticationFailed").count == 2, "\(text)")
         await target.cancel(targetHandle.id)
         await a.close()
         await b.close()
