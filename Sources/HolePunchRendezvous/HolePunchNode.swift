@@ -79,6 +79,9 @@ public actor HolePunchNode: Service {
     /// What the rendezvous saw at registration: this node's public address among others.
     public nonisolated let registration: Registered
 
+    /// Connections ``incoming`` holds for a reader that has not taken them yet; beyond it the oldest is closed.
+    public static let incomingBuffer = 64
+
     private let options: Options
     private let incomingContinuation: AsyncThrowingStream<QUICConnection, any Error>.Continuation
     private var forwarder: Task<Void, Never>?
@@ -94,7 +97,9 @@ public actor HolePunchNode: Service {
         self.rendezvousClient = client
         self.registration = registration
         self.options = options
-        (incoming, incomingContinuation) = AsyncThrowingStream.makeStream(of: QUICConnection.self)
+        // Bounded: an app that never reads `incoming` must not hold every connection peers punch in.
+        (incoming, incomingContinuation) = AsyncThrowingStream.makeStream(
+            of: QUICConnection.self, bufferingPolicy: .bufferingNewest(HolePunchNode.incomingBuffer))
     }
 
     /// Binds the punch socket and registers at the rendezvous; returns once registered.
@@ -207,7 +212,11 @@ public actor HolePunchNode: Service {
         let sink = incomingContinuation
         let client = rendezvousClient
         forwarder = Task {
-            for await connection in source { sink.yield(connection) }
+            for await connection in source {
+                if case .dropped(let oldest) = sink.yield(connection) {
+                    await oldest.close(errorCode: 0, reason: "not accepted in time")
+                }
+            }
             // After stop() the stream is already finished and this changes nothing.
             if let failure = await client.failure {
                 sink.finish(throwing: NodeError(failure))
