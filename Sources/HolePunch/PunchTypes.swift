@@ -42,7 +42,7 @@ public struct PunchOptions: Sendable {
     /// An overall timeout that overrides the plan's, if set.
     public var timeout: Duration?
     /// The application protocol (TLS ALPN) the initiator dials with; nil uses the endpoint's
-    /// ``EndpointConfiguration/alpn``. The target accepts any protocol its endpoint lists.
+    /// `EndpointConfiguration.alpn`. The target accepts any protocol its endpoint lists.
     public var alpn: String?
 
     /// Creates options. NAT types default to unknown, the start to now.

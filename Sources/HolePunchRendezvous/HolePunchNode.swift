@@ -15,7 +15,7 @@ public import ServiceLifecycle
 /// The node punches out to any NodeID it is asked to, and lets others punch in only as its
 /// ``Options/admission`` allows: by default nobody, so a stranger on a public rendezvous cannot make it probe.
 /// One node serves several protocols: ``Options/alpns`` lists those it accepts, ``connect(to:alpn:)`` picks the
-/// one to dial with, and ``QUICConnection/alpn`` says which one a connection speaks.
+/// one to dial with, and `QUICConnection.alpn` says which one a connection speaks.
 ///
 /// The lower layers stay reachable (``endpoint``, ``executor``, ``rendezvousClient``) for whoever needs them. As a
 /// ServiceLifecycle `Service`, ``run()`` keeps the node until graceful shutdown, then stops it.
@@ -24,7 +24,7 @@ public actor HolePunchNode: Service {
     public struct Options: Sendable {
         /// The local address of the punch socket (default: every IPv4 interface, a port the kernel picks).
         public var bind: SocketAddress
-        /// The strategy for punches; nil uses ``PunchExecutor/Configuration``'s default.
+        /// The strategy for punches; nil uses `PunchExecutor.Configuration`'s default.
         public var strategy: (any PunchStrategy)?
         /// Who may punch to this node (default ``PunchAdmission/none``: only outgoing connections; pass
         /// ``PunchAdmission/allowList(_:)`` with the NodeIDs you expect, or ``PunchAdmission/any`` for a public
@@ -105,7 +105,7 @@ public actor HolePunchNode: Service {
     /// Binds the punch socket and registers at the rendezvous; returns once registered.
     ///
     /// - Parameters:
-    ///   - identity: this node's identity (``Identity/load(from:warning:)`` or ``Identity/generate(commonName:)``).
+    ///   - identity: this node's identity (`Identity.load(from:)` or `Identity.generate()`).
     ///   - rendezvous: the rendezvous's QUIC address.
     ///   - rendezvousID: the rendezvous's NodeID: the handshake must prove it.
     ///   - options: socket, strategy, admission, protocols, logging.
