@@ -94,6 +94,8 @@ let package = Package(
             dependencies: [
                 "HolePunch", "HolePunchQUIC", "HolePunchSTUN",
                 .product(name: "Logging", package: "swift-log"),
+                // HolePunchNode passes a metrics factory on to its executor.
+                .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
             swiftSettings: swiftSettings
@@ -173,6 +175,8 @@ let package = Package(
             dependencies: [
                 "HolePunchRendezvous", "ProcessTestSupport",
                 .product(name: "PropertyBased", package: "swift-property-based"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: swiftSettings
         ),

@@ -104,7 +104,7 @@ public actor PunchExecutor {
         let result = await withTaskCancellationHandler {
             await handle.result()
         } onCancel: {
-            Task { await self.cancelIfActive(id) }
+            Task { await self.cancel(id) }
         }
         return try result.get()
     }
@@ -159,17 +159,24 @@ public actor PunchExecutor {
     }
 
     /// Cancels a punch: timers, probes, extra sockets and half-open handshakes stop, and its result becomes
-    /// `cancelled` (unless it had already ended).
+    /// `cancelled`.
     ///
-    /// - Throws: ``PunchLookupError`` when no punch with that id is active (the seed's `{error, not_found}`).
-    public func cancel(_ id: PunchID) throws(PunchLookupError) {
+    /// Cancelling a punch that already ended changes nothing and says so (the seed's `{error, not_found}` is
+    /// ``PunchCancellation/alreadyFinished`` or ``PunchCancellation/unknown`` here): the race between a result and
+    /// a cancel is normal, not an error.
+    @discardableResult
+    public func cancel(_ id: PunchID) -> PunchCancellation {
         if runtimes[id] == nil, preparingPunches.contains(id) {
             // Still awaiting its strategy: it ends as cancelled as soon as its plan arrives.
             cancelledWhilePreparing.insert(id)
-            return
+            return .cancelled
         }
-        guard let runtime = runtimes[id] else { throw PunchLookupError(id: id) }
+        guard let runtime = runtimes[id] else {
+            // Ids are issued in order from 1, so an id below the next one belonged to a punch that has ended.
+            return (1..<nextID).contains(id.rawValue) ? .alreadyFinished : .unknown
+        }
         apply(runtime, runtime.session.handle(.cancel))
+        return .cancelled
     }
 
     /// The punches in progress, oldest first.
@@ -212,10 +219,6 @@ public actor PunchExecutor {
         acceptTask?.cancel()
         acceptTask = nil
         otherConnectionsContinuation.finish()
-    }
-
-    private func cancelIfActive(_ id: PunchID) {
-        try? cancel(id)
     }
 
     // MARK: Setup
@@ -353,16 +356,17 @@ public actor PunchExecutor {
             var bindAddress = endpoint.localAddress
             bindAddress.port = 0
             let identity = await endpoint.identity
+            let alpns = await endpoint.alpns
             for index in 1..<validated.localSockets {
                 do {
                     // A target's extra sockets accept its peer too: in a birthday punch the initiator dials
                     // whichever of our random mappings its probes found.
                     let admission = self.admission
                     let policy: AcceptPolicy = options.role == .target ? .decide { admission.admits($0) } : .none
-                    let extra = try await Endpoint.bind(
-                        bindAddress,
-                        configuration: EndpointConfiguration(identity: identity, acceptPolicy: policy)
-                    )
+                    // The same protocols as the main socket: a punch may win on any of its sockets.
+                    var extraConfiguration = EndpointConfiguration(identity: identity, acceptPolicy: policy, alpn: alpns[0])
+                    extraConfiguration.additionalALPNs = Array(alpns.dropFirst())
+                    let extra = try await Endpoint.bind(bindAddress, configuration: extraConfiguration)
                     await installHandlers(on: extra, socket: index, punch: id)
                     if options.role == .target {
                         await extra.setHandshakeHintProvider { admission.hints(for: $0) }
@@ -511,6 +515,7 @@ public actor PunchExecutor {
                 let plan = runtime.session.configuration.plan
                 let punchID = runtime.id
                 let serverName = PunchExecutor.serverName(forSession: runtime.options.sessionID)
+                let alpn = runtime.options.alpn
                 runtime.dialSockets[dial] = socket
                 runtime.dialTargets[dial] = to
                 runtime.events.yield(.connecting(to: to))
@@ -521,7 +526,7 @@ public actor PunchExecutor {
                             to: to, expecting: node,
                             options: ConnectOptions(
                                 initialRTT: plan.initialRTT, handshakeTimeout: plan.connectTimeout, serverName: serverName,
-                                handshakePacketCopies: plan.handshakeCopies
+                                handshakePacketCopies: plan.handshakeCopies, alpn: alpn
                             )
                         )
                         result = .success(connection)
@@ -635,7 +640,7 @@ public actor PunchExecutor {
         case .timeout:
             message = "no authenticated connection before the deadline"
             if let proven = runtime.firstPathProven {
-                message += ": a path was proven after \(proven.components.seconds * 1000 + proven.components.attoseconds / 1_000_000_000_000_000) ms"
+                message += ": a path was proven after \(proven.humanDescription)"
                 if runtime.options.role == .initiator {
                     message += ", \(runtime.session.dialsStarted) QUIC handshake(s) started"
                 }
@@ -646,7 +651,8 @@ public actor PunchExecutor {
         case .allPortsFailed: message = "no planned port answered a probe"
         case .cancelled: message = "the punch was cancelled"
         case .peerAuthenticationFailed:
-            message = runtime.authenticationError.map { "\($0)" } ?? "the peer was not the expected NodeID"
+            // The QUIC error's detail, not its description: the code is already this error's own.
+            message = runtime.authenticationError?.detail ?? "the peer was not the expected NodeID"
         default: message = code.rawValue
         }
         if code != .cancelled { message += " (\(runtime.options.targetHost), \(runtime.options.targetPorts.count) candidate ports)" }
@@ -724,11 +730,14 @@ public actor PunchExecutor {
     }
 }
 
-/// No punch has the given id.
-public struct PunchLookupError: Error, Sendable, Hashable, CustomStringConvertible {
-    /// The id that was asked for.
-    public var id: PunchID
-    public var description: String { "not found: no active punch \(id)" }
+/// What ``PunchExecutor/cancel(_:)`` did.
+public enum PunchCancellation: Sendable, Hashable {
+    /// The punch was running (or being prepared): it stops, and its result is `cancelled`.
+    case cancelled
+    /// The punch had already ended (connected, failed or cancelled); nothing changed.
+    case alreadyFinished
+    /// This executor never started a punch with that id; nothing changed.
+    case unknown
 }
 
 /// The mutable state of one punch; owned by the executor actor and touched only there.

@@ -41,6 +41,9 @@ public struct PunchOptions: Sendable {
     public var rtt: Duration?
     /// An overall timeout that overrides the plan's, if set.
     public var timeout: Duration?
+    /// The application protocol (TLS ALPN) the initiator dials with; nil uses the endpoint's
+    /// `EndpointConfiguration.alpn`. The target accepts any protocol its endpoint lists.
+    public var alpn: String?
 
     /// Creates options. NAT types default to unknown, the start to now.
     public init(
@@ -56,7 +59,8 @@ public struct PunchOptions: Sendable {
         targetNodeID: NodeID,
         strategy: (any PunchStrategy)? = nil,
         rtt: Duration? = nil,
-        timeout: Duration? = nil
+        timeout: Duration? = nil,
+        alpn: String? = nil
     ) {
         self.targetHost = targetHost
         self.targetPorts = targetPorts
@@ -71,6 +75,7 @@ public struct PunchOptions: Sendable {
         self.strategy = strategy
         self.rtt = rtt
         self.timeout = timeout
+        self.alpn = alpn
     }
 }
 
@@ -108,7 +113,7 @@ public struct PunchError: Error, Sendable, Hashable, CustomStringConvertible {
     }
 
     public var description: String {
-        "\(code): \(message) (ports tried \(portsTried.count), rounds \(rounds), after \(elapsed))"
+        "\(code): \(message) (ports tried \(portsTried.count), rounds \(rounds), after \(elapsed.humanDescription))"
     }
 }
 

@@ -44,8 +44,12 @@ public struct EndpointConfiguration: Sendable {
     public var identity: Identity
     /// Which incoming connections to accept.
     public var acceptPolicy: AcceptPolicy
-    /// The TLS ALPN protocol both sides must offer.
+    /// The TLS ALPN protocol both sides must offer: what this endpoint dials with (unless
+    /// ``ConnectOptions/alpn`` names another) and the first it accepts.
     public var alpn: String
+    /// Further protocols this endpoint accepts besides ``alpn``, so one socket can serve several; a connection
+    /// tells which one it speaks in ``QUICConnection/alpn``. Empty by default.
+    public var additionalALPNs: [String] = []
     /// Close a connection after this long without traffic.
     public var idleTimeout: Duration
     /// Send a PING after this long without traffic, so NAT mappings stay open; nil disables keep-alive.
@@ -128,12 +132,15 @@ public struct ConnectOptions: Sendable {
     public var serverName: String?
     /// How many times each handshake datagram is sent (1–4; default 1). See ``HandshakeHints/packetCopies``.
     public var handshakePacketCopies: Int
+    /// The application protocol (TLS ALPN) to offer; nil offers ``EndpointConfiguration/alpn``.
+    public var alpn: String?
 
     /// Creates options; nil keeps the endpoint's value.
     public init(
         initialRTT: Duration? = nil, handshakeTimeout: Duration? = nil, serverName: String? = nil,
-        handshakePacketCopies: Int = 1
+        handshakePacketCopies: Int = 1, alpn: String? = nil
     ) {
+        self.alpn = alpn
         self.initialRTT = initialRTT
         self.handshakeTimeout = handshakeTimeout
         self.serverName = serverName

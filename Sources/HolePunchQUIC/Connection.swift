@@ -22,8 +22,14 @@ public final class QUICConnection: Sendable {
     public let isClient: Bool
     /// The TLS server name the client sent (on the accepting side, as received; only known to `.decide` policies).
     public let serverName: String?
+    /// The application protocol (TLS ALPN) the connection speaks: what the client offered and the server accepted.
+    public let alpn: String
 
-    init(endpoint: Endpoint, key: UInt64, peerNodeID: NodeID, remoteAddress: SocketAddress, isClient: Bool, serverName: String?) {
+    init(
+        endpoint: Endpoint, key: UInt64, peerNodeID: NodeID, remoteAddress: SocketAddress, isClient: Bool,
+        serverName: String?, alpn: String
+    ) {
+        self.alpn = alpn
         self.endpoint = endpoint
         self.key = key
         self.peerNodeID = peerNodeID

@@ -117,6 +117,8 @@ final class ConnectionCore {
     var peerNodeID: NodeID?
     /// The SNI: sent by a client, received by a server.
     var serverName: String?
+    /// The application protocol negotiated, once the handshake completed.
+    var alpn: String?
     var verifyError: QUICError?
     var streams: [Int64: StreamState] = [:]
     var pendingIncomingStreams: [Int64] = []
@@ -222,7 +224,9 @@ final class ConnectionCore {
     // MARK: Setup
 
     /// Creates the GnuTLS session: TLS 1.3 only, no middlebox-compat mode, mandatory ALPN, mutual auth.
-    func makeSession(credentials: TLSCredentials, alpn: String) throws {
+    /// A client offers one protocol; a server accepts any of `alpns` (mandatory: a client offering none of them
+    /// fails the handshake).
+    func makeSession(credentials: TLSCredentials, alpns: [String]) throws {
         var session: gnutls_session_t?
         let flags: UInt32 = isClient
             ? GNUTLS_CLIENT.rawValue
@@ -247,11 +251,17 @@ final class ConnectionCore {
             gnutls_credentials_set(session, GNUTLS_CRD_CERTIFICATE, UnsafeMutableRawPointer(credentials.handle)),
             .tls, "attaching credentials"
         )
-        var alpnBytes = Array(alpn.utf8)
-        try alpnBytes.withUnsafeMutableBufferPointer { buffer in
-            var datum = gnutls_datum_t(data: buffer.baseAddress, size: UInt32(buffer.count))
+        // GnuTLS copies the protocol names, so the buffers need only outlive the call.
+        var names = alpns.map { Array($0.utf8) }
+        var data: [gnutls_datum_t] = []
+        for index in names.indices {
+            names[index].withUnsafeMutableBufferPointer { buffer in
+                data.append(gnutls_datum_t(data: buffer.baseAddress, size: UInt32(buffer.count)))
+            }
+        }
+        try withExtendedLifetime(names) {
             try check(
-                gnutls_alpn_set_protocols(session, &datum, 1, UInt32(GNUTLS_ALPN_MANDATORY.rawValue)),
+                gnutls_alpn_set_protocols(session, &data, UInt32(data.count), UInt32(GNUTLS_ALPN_MANDATORY.rawValue)),
                 .tls, "setting ALPN"
             )
         }
@@ -325,6 +335,12 @@ final class ConnectionCore {
     // MARK: Callbacks, as methods (the C thunks in `makeCallbacks` forward here)
 
     func onHandshakeCompleted() {
+        if let session {
+            var selected = gnutls_datum_t()
+            if gnutls_alpn_get_selected_protocol(session, &selected) == 0, let bytes = selected.data {
+                alpn = String(decoding: UnsafeBufferPointer(start: bytes, count: Int(selected.size)), as: UTF8.self)
+            }
+        }
         if !isClient {
             phase = .established
             announceAccepted = true

@@ -213,7 +213,8 @@ public actor Endpoint {
             loop.execute { self.assumeIsolated { $0.abandon(key) } }
         }
         return QUICConnection(
-            endpoint: self, key: key, peerNodeID: peer, remoteAddress: remote, isClient: true, serverName: options.serverName
+            endpoint: self, key: key, peerNodeID: peer, remoteAddress: remote, isClient: true, serverName: options.serverName,
+            alpn: core.alpn ?? options.alpn ?? configuration.alpn
         )
     }
 
@@ -270,6 +271,9 @@ public actor Endpoint {
 
     /// The identity this endpoint presents.
     public var identity: Identity { configuration.identity }
+
+    /// The application protocols this endpoint accepts, its ``EndpointConfiguration/alpn`` first.
+    public var alpns: [String] { [configuration.alpn] + configuration.additionalALPNs }
 
     /// How many connections the endpoint holds, in any state; zero once all are closed or abandoned.
     public var connectionCount: Int { connections.count }
@@ -351,7 +355,7 @@ public actor Endpoint {
             handshakeTimeout: options.handshakeTimeout ?? configuration.handshakeTimeout
         )
         var params = transportParams()
-        try core.makeSession(credentials: credentials, alpn: configuration.alpn)
+        try core.makeSession(credentials: credentials, alpns: [options.alpn ?? configuration.alpn])
         var conn: OpaquePointer?
         let rv = io.withPath(remote: remote) { path in
             ngtcp2_conn_client_new_versioned(
@@ -404,7 +408,7 @@ public actor Endpoint {
             _ = gnutls_rnd(GNUTLS_RND_RANDOM, raw.baseAddress, raw.count)
         }
         do {
-            try core.makeSession(credentials: credentials, alpn: configuration.alpn)
+            try core.makeSession(credentials: credentials, alpns: [configuration.alpn] + configuration.additionalALPNs)
         } catch {
             logger.debug("tls session setup failed", metadata: ["error": "\(error)"])
             return nil
@@ -616,7 +620,7 @@ public actor Endpoint {
                 incomingContinuation.yield(
                     QUICConnection(
                         endpoint: self, key: core.key, peerNodeID: peer, remoteAddress: core.remote, isClient: false,
-                        serverName: core.serverName
+                        serverName: core.serverName, alpn: core.alpn ?? configuration.alpn
                     )
                 )
             }

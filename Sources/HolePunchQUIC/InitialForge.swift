@@ -40,7 +40,7 @@ package final class InitialForge {
     package func make(from local: SocketAddress, to remote: SocketAddress, token: [UInt8] = []) throws -> [UInt8] {
         let core = ConnectionCore(key: 0, isClient: true, remote: remote, expectedNodeID: nil)
         defer { core.freeNative() }
-        try core.makeSession(credentials: credentials, alpn: alpn)
+        try core.makeSession(credentials: credentials, alpns: [alpn])
         var dcid = randomConnectionID(length: 18)
         var scid = randomConnectionID(length: localCIDLength)
         var callbacks = ConnectionCore.makeCallbacks(client: true)

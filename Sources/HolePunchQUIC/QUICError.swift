@@ -58,12 +58,13 @@ public struct QUICError: Error, Hashable, Sendable, CustomStringConvertible {
         self.message = message
     }
 
-    public var description: String {
-        var text = "\(code): \(message)"
-        if let expectedNodeID {
-            text += " (expected \(expectedNodeID), received \(receivedNodeID.map { "\($0)" } ?? "no certificate"))"
-        }
-        return text
+    public var description: String { "\(code): \(detail)" }
+
+    /// The message with the NodeIDs involved, without the code: for errors of other layers that carry this one
+    /// under a code of their own.
+    public var detail: String {
+        guard let expectedNodeID else { return message }
+        return message + " (expected \(expectedNodeID), received \(receivedNodeID.map { "\($0)" } ?? "no certificate"))"
     }
 
     static func peerAuthentication(expected: NodeID?, received: NodeID?, _ message: String) -> QUICError {

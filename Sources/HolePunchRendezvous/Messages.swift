@@ -411,12 +411,17 @@ public struct RendezvousError: Error, Sendable, Hashable, CustomStringConvertibl
         public static let timeout = Code("timeout")
         /// The server is shutting down.
         public static let shuttingDown = Code("shuttingDown")
+        /// The calling task was cancelled; what the request had started was stopped.
+        public static let cancelled = Code("cancelled")
     }
 
     /// The error code.
     public var code: Code
     /// A human-readable explanation.
     public var message: String
+    /// When the punch itself failed (``RendezvousClient/requestPunch(to:alpn:)``): its report, whose code is also
+    /// this error's (`timeout`, `unreachable`, `cancelled`, `peerAuthenticationFailed`…).
+    public var punch: PunchError?
 
     /// Creates an error.
     public init(_ code: Code, _ message: String) {
@@ -424,5 +429,11 @@ public struct RendezvousError: Error, Sendable, Hashable, CustomStringConvertibl
         self.message = message
     }
 
-    public var description: String { "\(code): \(message)" }
+    /// The error a failed punch becomes at this layer: same code name, same message, the report kept.
+    public init(punch: PunchError) {
+        self.init(Code(punch.code.rawValue), punch.message)
+        self.punch = punch
+    }
+
+    public var description: String { punch?.description ?? "\(code): \(message)" }
 }

@@ -49,6 +49,8 @@ public struct RendezvousClientConfiguration: Sendable {
     public var acceptsPunches = true
     /// Who may make this peer punch (target role); ``PunchAdmission/any`` by default.
     public var admission = PunchAdmission.any
+    /// The application protocol (TLS ALPN) the rendezvous speaks, whatever protocols the punch endpoint serves.
+    public var alpn = "holepunch/1"
 
     /// Creates a configuration.
     public init(
@@ -145,7 +147,8 @@ public actor RendezvousClient {
         guard connection == nil else { return try await register(registration) }
         do {
             let quic = try await executor.endpoint.connect(to: configuration.server, expecting: configuration.serverNodeID,
-                                                           options: ConnectOptions(handshakeTimeout: configuration.requestTimeout))
+                                                           options: ConnectOptions(handshakeTimeout: configuration.requestTimeout,
+                                                                                   alpn: configuration.alpn))
             connection = quic
             stream = try await quic.openStream()
         } catch {
@@ -180,30 +183,47 @@ public actor RendezvousClient {
 
     /// Asks the rendezvous to coordinate a punch to `target` and waits for this side's coordinate message.
     ///
-    /// - Throws: ``RendezvousError`` (`unknownTarget`, `rateLimited`, `timeout`, `disconnected`…).
+    /// Cancelling the calling task ends the wait at once with `cancelled`.
+    ///
+    /// - Throws: ``RendezvousError`` (`unknownTarget`, `rateLimited`, `timeout`, `disconnected`, `cancelled`…).
     public func coordinate(to target: NodeID) async throws(RendezvousError) -> ReceivedCoordinate {
         if let closedReason { throw closedReason }
+        guard !Task.isCancelled else { throw RendezvousError(.cancelled, "the punch request was cancelled") }
         let id = nextRequest
         nextRequest += 1
-        let result = await withCheckedContinuation { (continuation: CheckedContinuation<Result<ReceivedCoordinate, RendezvousError>, Never>) in
-            requestWaiters[id] = continuation
-            armTimeout { client in
-                client.requestWaiters.removeValue(forKey: id)?.resume(returning: .failure(
-                    RendezvousError(.timeout, "the rendezvous did not answer the punch request")))
+        let result = await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Result<ReceivedCoordinate, RendezvousError>, Never>) in
+                requestWaiters[id] = continuation
+                armTimeout { client in
+                    client.requestWaiters.removeValue(forKey: id)?.resume(returning: .failure(
+                        RendezvousError(.timeout, "the rendezvous did not answer the punch request")))
+                }
+                Task { await self.send(.requestPunch(requestID: id, target: target)) }
             }
-            Task { await self.send(.requestPunch(requestID: id, target: target)) }
+        } onCancel: {
+            // Runs on the actor after the waiter above is stored (the body holds the actor until it suspends).
+            Task { await self.abandonRequest(id) }
         }
         return try result.get()
+    }
+
+    private func abandonRequest(_ id: UInt64) {
+        requestWaiters.removeValue(forKey: id)?.resume(returning: .failure(
+            RendezvousError(.cancelled, "the punch request was cancelled")))
     }
 
     /// Starts the punch a coordinate message describes, on the executor; the outcome is reported to the server.
     ///
     /// When none of the peer's candidates may be probed (``CandidateFilter``), nothing starts: the handle fails
     /// at once with `refused`.
-    public func startPunch(_ received: ReceivedCoordinate) async -> PunchHandle {
+    ///
+    /// - Parameter alpn: the protocol the initiator dials with; nil uses the endpoint's.
+    public func startPunch(_ received: ReceivedCoordinate, alpn: String? = nil) async -> PunchHandle {
         let handle: PunchHandle
         do {
-            handle = await executor.startPunch(try options(for: received))
+            var options = try options(for: received)
+            options.alpn = alpn
+            handle = await executor.startPunch(options)
         } catch {
             logger.info("punch refused: no candidate may be probed", metadata: [
                 "peer.node": "\(received.coordinate.peer.short)", "session.id": "\(received.coordinate.sessionID)",
@@ -225,11 +245,24 @@ public actor RendezvousClient {
 
     /// Requests a punch to `target`, runs it as the initiator and returns the authenticated connection.
     ///
-    /// - Throws: ``RendezvousError`` when the rendezvous refuses or fails, ``PunchError`` when the punch fails.
-    public func requestPunch(to target: NodeID) async throws -> QUICConnection {
+    /// Cancelling the calling task cancels the request or the punch (probes, timers and extra sockets stop) and
+    /// throws `cancelled`.
+    ///
+    /// - Parameter alpn: the application protocol to dial with; nil uses the endpoint's.
+    /// - Throws: ``RendezvousError``: a rendezvous code (`unknownTarget`, `rateLimited`, `timeout`…) when the
+    ///   rendezvous refuses or fails; the punch's code with ``RendezvousError/punch`` set when the punch fails.
+    public func requestPunch(to target: NodeID, alpn: String? = nil) async throws(RendezvousError) -> QUICConnection {
         let received = try await coordinate(to: target)
-        let handle = await startPunch(received)
-        return try await handle.value()
+        let handle = await startPunch(received, alpn: alpn)
+        let id = handle.id
+        let executor = self.executor
+        // Also fires at once when the task was cancelled while the punch was being started.
+        let result = await withTaskCancellationHandler {
+            await handle.result()
+        } onCancel: {
+            Task { await executor.cancel(id) }
+        }
+        return try result.mapError { RendezvousError(punch: $0) }.get()
     }
 
     /// Runs RFC 5780 NAT behaviour discovery from the punch socket against `server` (by default the STUN

@@ -220,7 +220,7 @@ enum PunchBenchmark {
                 if case .roundStarted(let round, _) = event, round >= 2 { break }
             }
             let start = clock.now
-            try await executor.cancel(handle.id)
+            await executor.cancel(handle.id)
             _ = await handle.result()
             let elapsed = clock.now - start
             samples.append(Double(elapsed.components.seconds) * 1000 + Double(elapsed.components.attoseconds) / 1e15)

@@ -32,12 +32,17 @@ struct Harness {
         return Harness(server: server, task: task)
     }
 
-    func client(_ identity: Identity, strategy: (any PunchStrategy)? = nil) async throws -> RendezvousClient {
+    func client(
+        _ identity: Identity, strategy: (any PunchStrategy)? = nil, admission: PunchAdmission = .any,
+        punchTimeout: Duration = .seconds(10)
+    ) async throws -> RendezvousClient {
         let endpoint = try await Endpoint.bind(.loopbackV4(port: 0), configuration: EndpointConfiguration(identity: identity, acceptPolicy: .none))
         let executor = PunchExecutor(endpoint: endpoint)
-        return RendezvousClient(executor: executor, configuration: RendezvousClientConfiguration(
+        var configuration = RendezvousClientConfiguration(
             server: server.address, serverNodeID: server.nodeID, requestTimeout: .seconds(5), strategy: strategy,
-            punchTimeout: .seconds(10)))
+            punchTimeout: punchTimeout)
+        configuration.admission = admission
+        return RendezvousClient(executor: executor, configuration: configuration)
     }
 
     func stop(_ clients: RendezvousClient...) async {
@@ -137,13 +142,13 @@ struct RendezvousLoopbackTests {
         for round in 0..<3 {
             let targetStart = Task { () -> ContinuousClock.Instant? in
                 for await punch in b.incomingPunches {
-                    try? await b.executor.cancel(punch.handle.id)
+                    await b.executor.cancel(punch.handle.id)
                     return punch.coordinate.startAt
                 }
                 return nil
             }
             let received = try await a.coordinate(to: Identities.b.nodeID)
-            try? await a.executor.cancel((await a.startPunch(received)).id)
+            await a.executor.cancel((await a.startPunch(received)).id)
             let startB = try #require(await targetStart.value, "round \(round)")
             let skew = received.startAt > startB ? received.startAt - startB : startB - received.startAt
             skews.append(skew)

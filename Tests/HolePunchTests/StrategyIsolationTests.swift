@@ -80,8 +80,8 @@ struct StrategyIsolationTests {
         #expect(order.all == ["quick", "hostile"])
         // The hostile punch fell back to the built-in plan, and the executor said so at warning level.
         #expect(warnings.all.contains { $0.hasPrefix("strategy failed") && $0.contains("stall.lua:3:") }, "\(warnings.all)")
-        try? await executor.cancel(quick.id)
-        try? await executor.cancel(slow.id)
+        await executor.cancel(quick.id)
+        await executor.cancel(slow.id)
         await a.close()
     }
 }

@@ -30,11 +30,11 @@ struct Chat: AsyncParsableCommand {
         if let connect {
             connection = try await peer.punch(to: try nodeID(connect, what: "--connect"))
         } else {
-            say("waiting for a peer to connect to node=\(peer.client.nodeID)")
+            say("waiting for a peer to connect to node=\(peer.node.nodeID)")
             connection = try await peer.waitForPunch()
         }
         // The rendezvous is only needed to meet; the punched connection stands on its own.
-        await peer.client.close()
+        await peer.node.rendezvousClient.close()
         try await chat(over: connection)
     }
 }

@@ -6,9 +6,12 @@ import HolePunchRendezvous
 
 func say(_ text: String) { FileHandle.standardOutput.write(Data(text.utf8)) }  // unbuffered, even into a pipe
 var args = Array(CommandLine.arguments.dropFirst())
-var strategy: any PunchStrategy = FallbackStrategy.recommended()  // the bundled strategies/default.lua
+// Who may punch to us: a node admits nobody by default. This demo waits for a peer it does not know yet, so it
+// admits any peer registered at the rendezvous; an app should pass .allowList of the NodeIDs it expects.
+// The strategy is the bundled strategies/default.lua unless --strategy names another file.
+var options = HolePunchNode.Options(admission: .any)
 if let i = args.firstIndex(of: "--strategy"), i + 1 < args.count {
-    strategy = FallbackStrategy.loading(path: args[i + 1])  // the built-in plan answers if the script fails
+    options.strategy = FallbackStrategy.loading(path: args[i + 1])  // the built-in plan answers if the script fails
     args.removeSubrange(i...i + 1)
 }
 guard args.count >= 2 else { print("usage: hp-embed RENDEZVOUS_HOST:PORT RENDEZVOUS_NODEID [PEER_NODEID] [--strategy FILE]"); exit(1) }
@@ -17,24 +20,21 @@ guard args.count >= 2 else { print("usage: hp-embed RENDEZVOUS_HOST:PORT RENDEZV
 let path = "embed-identity.pem"
 let identity = FileManager.default.fileExists(atPath: path) ? try Identity.load(from: path) : try Identity.generate()
 try identity.save(to: path)
-// 2. One UDP endpoint: it talks to the rendezvous and punches from the same port (the NAT mapping is shared).
-let endpoint = try await Endpoint.bind(.anyV4(port: 0), configuration: EndpointConfiguration(identity: identity, acceptPolicy: .none))
-let executor = PunchExecutor(endpoint: endpoint, configuration: PunchExecutor.Configuration(strategy: strategy))
-// 3. Register at the rendezvous, whose NodeID the TLS handshake proves.
-let client = RendezvousClient(executor: executor, configuration: RendezvousClientConfiguration(
-    server: try SocketAddress(parsing: args[0]), serverNodeID: try NodeID(parsing: args[1])))
-_ = try await client.connect()
+// 2. One node: one UDP socket for the rendezvous, probes and QUIC (the NAT mapping is shared), registered at the
+//    rendezvous, whose NodeID the TLS handshake proves.
+let node = try await HolePunchNode.start(identity: identity, rendezvous: try SocketAddress(parsing: args[0]),
+                                         rendezvousID: try NodeID(parsing: args[1]), options: options)
 say("registered as \(identity.nodeID)\n")
-// 4. Punch to a NodeID, or wait for someone to punch to us; either way an authenticated QUIC connection.
+// 3. Punch to a NodeID, or wait for someone to punch to us; either way an authenticated QUIC connection.
 if args.count > 2 {
-    let connection = try await client.requestPunch(to: try NodeID(parsing: args[2]))
+    let connection = try await node.connect(to: try NodeID(parsing: args[2]))
     let stream = try await connection.openStream()
     try await stream.write(Array("hello from \(identity.nodeID.short)\n".utf8))
     try await stream.finish()
     _ = try await stream.readToEnd()  // the peer answers with its end of stream: our line arrived
     await connection.close()
 } else {
-    for await connection in client.incoming {
+    for try await connection in node.incoming {
         guard let stream = try await connection.acceptStream() else { continue }
         say(String(decoding: try await stream.readToEnd(), as: UTF8.self))
         try await stream.finish()
@@ -42,4 +42,4 @@ if args.count > 2 {
         break
     }
 }
-await endpoint.close()
+await node.stop()

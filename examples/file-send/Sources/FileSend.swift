@@ -51,7 +51,7 @@ struct Send: AsyncParsableCommand {
         let target = try nodeID(to, what: "--to")
         let started = try await peer.start()
         let connection = try await started.punch(to: target)
-        await started.client.close()
+        await started.node.rendezvousClient.close()
 
         let header = try JSONEncoder().encode(Header(name: (file as NSString).lastPathComponent, size: size))
         var hash = SHA256()
@@ -102,9 +102,9 @@ struct Receive: AsyncParsableCommand {
             throw fail("--out \(out) is not a directory", hint: "create it first")
         }
         let started = try await peer.start()
-        say("waiting for a sender to connect to node=\(started.client.nodeID)")
+        say("waiting for a sender to connect to node=\(started.node.nodeID)")
         let connection = try await started.waitForPunch()
-        await started.client.close()
+        await started.node.rendezvousClient.close()
 
         var progress = Progress(total: 0, verb: "received")
         var partial: String?

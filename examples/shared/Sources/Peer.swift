@@ -3,15 +3,16 @@ import Foundation
 public import HolePunch
 public import HolePunchRendezvous
 
-/// The punching half of the chat and file-send examples: identity, endpoint, executor and rendezvous client,
-/// wired the way an application would wire them. One copy, shared by both examples.
+/// The punching half of the chat and file-send examples: a ``HolePunchNode`` (identity, punch socket, strategy,
+/// rendezvous registration) with the examples' error lines and hints. One copy, shared by both examples.
 public struct Peer {
-    /// The rendezvous client, registered.
-    public let client: RendezvousClient
+    /// The node, registered.
+    public let node: HolePunchNode
 
     /// Loads or creates the identity, binds the punch socket, registers at the rendezvous.
     ///
-    /// `allow` lists the NodeIDs that may make this peer punch; empty admits any registered peer.
+    /// `allow` lists the NodeIDs that may make this peer punch; empty admits any registered peer (the examples
+    /// wait for a peer whose NodeID they do not know yet; an app should name its peers).
     public static func start(rendezvous: String, rendezvousID: String, identity path: String, strategy: String?,
                       listen: String, allow: [String] = []) async throws -> Peer {
         let server: SocketAddress, local: SocketAddress
@@ -34,72 +35,56 @@ public struct Peer {
         } catch {
             throw fail("cannot load or create the identity \(path): \(error)", hint: "check the path and its permissions")
         }
-
-        // The executor decides which punched connections to accept, so the endpoint itself accepts none.
-        let endpoint: Endpoint
-        do {
-            endpoint = try await Endpoint.bind(local, configuration: EndpointConfiguration(identity: identity, acceptPolicy: .none))
-        } catch {
-            throw fail("cannot bind \(local): \(error)", hint: "choose another --listen address")
-        }
         // The bundled default.lua unless a file is named; a script that fails at run time is replaced by the
         // built-in plan for that call, and says so at once.
         let warn: @Sendable (StrategyError) -> Void = { say("warning: strategy failed, the built-in plan answers: \($0)") }
-        var chosen = FallbackStrategy.recommended(onFallback: warn)
+        var options = HolePunchNode.Options(bind: local, admission: allowed.isEmpty ? .any : .allowList(allowed))
+        options.strategy = FallbackStrategy.recommended(onFallback: warn)
         if let strategy {
-            chosen = FallbackStrategy.loading(path: strategy, onFallback: warn)
-            if let problem = chosen.lastError { say("warning: \(strategy) failed to load, using the built-in plan: \(problem)") }
+            let loaded = FallbackStrategy.loading(path: strategy, onFallback: warn)
+            if let problem = loaded.lastError { say("warning: \(strategy) failed to load, using the built-in plan: \(problem)") }
+            options.strategy = loaded
         }
-        let executor = PunchExecutor(endpoint: endpoint, configuration: PunchExecutor.Configuration(strategy: chosen))
-        var configuration = RendezvousClientConfiguration(server: server, serverNodeID: serverID)
-        // Who may make us punch: a stranger on a public rendezvous could otherwise point our probes at will.
-        configuration.admission = allowed.isEmpty ? .any : .allowList(allowed)
-        let client = RendezvousClient(executor: executor, configuration: configuration)
-        // A specific listen IP is worth publishing: a peer behind the same NAT can reach it directly.
-        let lan = local.ipBytes.allSatisfy { $0 == 0 } ? [] : [endpoint.localAddress]
-        do {
-            let registered = try await client.connect(Registration(lanAddresses: lan))
-            say("registered node=\(identity.nodeID) observed=\(registered.observedAddress)")
+        do throws(NodeError) {
+            let node = try await HolePunchNode.start(identity: identity, rendezvous: server, rendezvousID: serverID, options: options)
+            say("registered node=\(identity.nodeID) observed=\(node.registration.observedAddress)")
+            return Peer(node: node)
+        } catch where error.code == .bindFailed {
+            throw fail(error.message, hint: "choose another --listen address")
         } catch {
             throw fail("rendezvous \(error.code): \(error.message)",
                        hint: "check --rendezvous and --rendezvous-id (the rendezvous prints its NodeID at start)", code: 2)
         }
-        return Peer(client: client)
     }
 
     /// Initiator: asks the rendezvous to coordinate, then punches.
     public func punch(to target: NodeID) async throws -> QUICConnection {
-        let received: ReceivedCoordinate
-        do { received = try await client.coordinate(to: target) } catch {
+        do throws(NodeError) {
+            let connection = try await node.connect(to: target)
+            say("connected peer=\(connection.peerNodeID) path=\(connection.remoteAddress)")
+            return connection
+        } catch where error.punch != nil {
+            throw fail("punch failed: \(error)", hint: "the peer may have gone away, or the NATs need another --strategy", code: 3)
+        } catch {
             throw fail("rendezvous \(error.code): \(error.message)",
                        hint: "is the other peer running and registered? check the NodeID it printed", code: 2)
         }
-        return try await finish(await client.startPunch(received))
     }
 
     /// Target: the rendezvous starts punches for us; the first that succeeds wins, failures are reported.
     public func waitForPunch() async throws -> QUICConnection {
-        for await punch in client.incomingPunches {
-            if case .failure(let error) = await punch.handle.result() {
+        for await punch in node.rendezvousClient.incomingPunches {
+            switch await punch.handle.result() {
+            case .failure(let error):
                 // One failed attempt is not the end: the other peer may retry.
                 say("punch-failed code=\(error.code.rawValue) message=\(error.message)")
-                continue
+            case .success(let connection):
+                say("connected peer=\(connection.peerNodeID) path=\(connection.remoteAddress)")
+                return connection
             }
-            return try await finish(punch.handle)
         }
-        let reason = await client.failure.map { "\($0)" } ?? "the rendezvous connection ended"
+        let reason = await node.rendezvousClient.failure.map { "\($0)" } ?? "the rendezvous connection ended"
         throw fail("stopped waiting: \(reason)", hint: "is the rendezvous still running?", code: 2)
-    }
-
-    private func finish(_ handle: PunchHandle) async throws -> QUICConnection {
-        switch await handle.result() {
-        case .success(let connection):
-            say("connected peer=\(connection.peerNodeID) path=\(connection.remoteAddress)")
-            return connection
-        case .failure(let error):
-            throw fail("punch failed: \(error.code.rawValue): \(error.message)",
-                       hint: "the peer may have gone away, or the NATs need another --strategy", code: 3)
-        }
     }
 }
 

@@ -1,0 +1,228 @@
+public import HolePunch
+public import Logging
+public import CoreMetrics
+public import ServiceLifecycle
+
+/// A peer in one object: identity, punch socket, executor, strategy and rendezvous registration.
+///
+/// ```swift
+/// let node = try await HolePunchNode.start(identity: identity, rendezvous: server, rendezvousID: serverID)
+/// let connection = try await node.connect(to: peerID)
+/// for try await connection in node.incoming { … }
+/// await node.stop()
+/// ```
+///
+/// The node punches out to any NodeID it is asked to, and lets others punch in only as its
+/// ``Options/admission`` allows: by default nobody, so a stranger on a public rendezvous cannot make it probe.
+/// One node serves several protocols: ``Options/alpns`` lists those it accepts, ``connect(to:alpn:)`` picks the
+/// one to dial with, and `QUICConnection.alpn` says which one a connection speaks.
+///
+/// The lower layers stay reachable (``endpoint``, ``executor``, ``rendezvousClient``) for whoever needs them. As a
+/// ServiceLifecycle `Service`, ``run()`` keeps the node until graceful shutdown, then stops it.
+public actor HolePunchNode: Service {
+    /// Settings for a node; every field has a sane default.
+    public struct Options: Sendable {
+        /// The local address of the punch socket (default: every IPv4 interface, a port the kernel picks).
+        public var bind: SocketAddress
+        /// The strategy for punches; nil uses `PunchExecutor.Configuration`'s default.
+        public var strategy: (any PunchStrategy)?
+        /// Who may punch to this node (default ``PunchAdmission/none``: only outgoing connections; pass
+        /// ``PunchAdmission/allowList(_:)`` with the NodeIDs you expect, or ``PunchAdmission/any`` for a public
+        /// service). Every connection still proves the NodeID the rendezvous named.
+        public var admission: PunchAdmission
+        /// The application protocols (TLS ALPN) this node speaks; the first is the one ``connect(to:alpn:)`` uses
+        /// when none is named. Incoming connections may use any of them.
+        public var alpns: [String]
+        /// LAN addresses to publish besides the observed one (peers behind the same NAT dial them directly);
+        /// nil publishes the bind address when it names a specific IP.
+        public var lanAddresses: [SocketAddress]?
+        /// How long to wait for the rendezvous to answer a registration or punch request.
+        public var requestTimeout: Duration
+        /// An overall limit on each punch; nil keeps the strategy's plan.
+        public var punchTimeout: Duration?
+        /// Where the node and its layers log (info and below).
+        public var logger: Logger
+        /// Where punch metrics go; nil uses the process's bootstrapped factory.
+        public var metricsFactory: (any MetricsFactory)?
+
+        /// Creates options.
+        public init(
+            bind: SocketAddress = .anyV4(port: 0), strategy: (any PunchStrategy)? = nil,
+            admission: PunchAdmission = .none, alpns: [String] = ["holepunch/1"], lanAddresses: [SocketAddress]? = nil,
+            requestTimeout: Duration = .seconds(10), punchTimeout: Duration? = nil,
+            logger: Logger = Logger(label: "holepunch.node", factory: { _ in SwiftLogNoOpLogHandler() }),
+            metricsFactory: (any MetricsFactory)? = nil
+        ) {
+            self.bind = bind
+            self.strategy = strategy
+            self.admission = admission
+            self.alpns = alpns
+            self.lanAddresses = lanAddresses
+            self.requestTimeout = requestTimeout
+            self.punchTimeout = punchTimeout
+            self.logger = logger
+            self.metricsFactory = metricsFactory
+        }
+    }
+
+    /// This node's NodeID (its identity's public key).
+    public nonisolated let nodeID: NodeID
+    /// The punch socket: rendezvous traffic, probes and QUIC all share it.
+    public nonisolated let endpoint: Endpoint
+    /// The executor that runs this node's punches.
+    public nonisolated let executor: PunchExecutor
+    /// The registration at the rendezvous.
+    public nonisolated let rendezvousClient: RendezvousClient
+    /// Authenticated connections other peers punched to this node (as ``Options/admission`` allowed). The
+    /// stream ends when the node stops, and throws ``NodeError`` when the rendezvous connection is lost.
+    public nonisolated let incoming: AsyncThrowingStream<QUICConnection, any Error>
+    /// What the rendezvous saw at registration: this node's public address among others.
+    public nonisolated let registration: Registered
+
+    /// Connections ``incoming`` holds for a reader that has not taken them yet; beyond it the oldest is closed.
+    public static let incomingBuffer = 64
+
+    private let options: Options
+    private let incomingContinuation: AsyncThrowingStream<QUICConnection, any Error>.Continuation
+    private var forwarder: Task<Void, Never>?
+    private var stopped = false
+    private var stopWaiters: [CheckedContinuation<Void, Never>] = []
+
+    private init(
+        endpoint: Endpoint, executor: PunchExecutor, client: RendezvousClient, registration: Registered, options: Options
+    ) {
+        self.nodeID = endpoint.nodeID
+        self.endpoint = endpoint
+        self.executor = executor
+        self.rendezvousClient = client
+        self.registration = registration
+        self.options = options
+        // Bounded: an app that never reads `incoming` must not hold every connection peers punch in.
+        (incoming, incomingContinuation) = AsyncThrowingStream.makeStream(
+            of: QUICConnection.self, bufferingPolicy: .bufferingNewest(HolePunchNode.incomingBuffer))
+    }
+
+    /// Binds the punch socket and registers at the rendezvous; returns once registered.
+    ///
+    /// - Parameters:
+    ///   - identity: this node's identity (`Identity.load(from:)` or `Identity.generate()`).
+    ///   - rendezvous: the rendezvous's QUIC address.
+    ///   - rendezvousID: the rendezvous's NodeID: the handshake must prove it.
+    ///   - options: socket, strategy, admission, protocols, logging.
+    /// - Throws: ``NodeError`` `bindFailed`, `connectionFailed`, `timeout` or another rendezvous code.
+    public static func start(
+        identity: Identity, rendezvous: SocketAddress, rendezvousID: NodeID, options: Options = Options()
+    ) async throws(NodeError) -> HolePunchNode {
+        guard let primary = options.alpns.first else {
+            throw NodeError(.unsupportedALPN, "the node needs at least one ALPN")
+        }
+        // The executor decides which punched connections to accept, so the endpoint itself accepts none.
+        var endpointConfiguration = EndpointConfiguration(identity: identity, acceptPolicy: .none, alpn: primary)
+        endpointConfiguration.additionalALPNs = Array(options.alpns.dropFirst())
+        let endpoint: Endpoint
+        do {
+            endpoint = try await Endpoint.bind(options.bind, configuration: endpointConfiguration)
+        } catch {
+            throw NodeError(.bindFailed, "cannot bind \(options.bind): \(error)")
+        }
+        var executorConfiguration = PunchExecutor.Configuration()
+        if let strategy = options.strategy { executorConfiguration.strategy = strategy }
+        let executor = PunchExecutor(endpoint: endpoint, configuration: executorConfiguration, logger: options.logger,
+                                     metricsFactory: options.metricsFactory)
+        var clientConfiguration = RendezvousClientConfiguration(
+            server: rendezvous, serverNodeID: rendezvousID, requestTimeout: options.requestTimeout,
+            punchTimeout: options.punchTimeout)
+        clientConfiguration.admission = options.admission
+        let client = RendezvousClient(executor: executor, configuration: clientConfiguration, logger: options.logger)
+        let lan = options.lanAddresses ?? (options.bind.ipBytes.allSatisfy { $0 == 0 } ? [] : [endpoint.localAddress])
+        let registered: Registered
+        do {
+            registered = try await client.connect(Registration(lanAddresses: lan))
+        } catch {
+            await client.close()
+            await executor.shutdown()
+            await endpoint.close()
+            throw NodeError(error)
+        }
+        let node = HolePunchNode(endpoint: endpoint, executor: executor, client: client, registration: registered,
+                                 options: options)
+        await node.forwardIncoming()
+        options.logger.info("node registered", metadata: [
+            "node.id": "\(endpoint.nodeID.short)", "node.observed": "\(registered.observedAddress)",
+        ])
+        return node
+    }
+
+    /// Punches to `peer` through the rendezvous and returns the authenticated connection.
+    ///
+    /// Cancelling the calling task stops the punch (probes, timers, extra sockets) and throws `cancelled`.
+    ///
+    /// - Parameter alpn: the protocol to speak; one of ``Options/alpns``, the first when nil.
+    /// - Throws: ``NodeError``: `unknownTarget`, `timeout`, `cancelled`, `peerAuthenticationFailed`, `stopped`…
+    public func connect(to peer: NodeID, alpn: String? = nil) async throws(NodeError) -> QUICConnection {
+        guard !stopped else { throw NodeError(.stopped, "the node was stopped") }
+        if let alpn, !options.alpns.contains(alpn) {
+            throw NodeError(.unsupportedALPN, "\(alpn) is not one of this node's protocols \(options.alpns)")
+        }
+        do {
+            return try await rendezvousClient.requestPunch(to: peer, alpn: alpn)
+        } catch {
+            throw NodeError(error)
+        }
+    }
+
+    /// Stops the node: running punches are cancelled, the registration closes, ``incoming`` ends and the socket
+    /// is released. Connections already handed out close with the socket. Calling it again does nothing.
+    public func stop() async {
+        guard !stopped else { return }
+        stopped = true
+        forwarder?.cancel()
+        incomingContinuation.finish()
+        await rendezvousClient.close()
+        await executor.shutdown()
+        await endpoint.close()
+        for waiter in stopWaiters { waiter.resume() }
+        stopWaiters.removeAll()
+    }
+
+    /// Runs until graceful shutdown (or cancellation), then stops the node: the ServiceLifecycle entry point.
+    public func run() async throws {
+        await withGracefulShutdownHandler {
+            await withTaskCancellationHandler {
+                await self.waitUntilStopped()
+            } onCancel: {
+                Task { await self.stop() }
+            }
+        } onGracefulShutdown: {
+            Task { await self.stop() }
+        }
+    }
+
+    // MARK: Internals
+
+    private func waitUntilStopped() async {
+        guard !stopped else { return }
+        await withCheckedContinuation { stopWaiters.append($0) }
+    }
+
+    /// Passes the rendezvous client's punched connections on to ``incoming``; when the client ends before the
+    /// node stops, the stream ends with the client's reason.
+    private func forwardIncoming() {
+        let source = rendezvousClient.incoming
+        let sink = incomingContinuation
+        let client = rendezvousClient
+        forwarder = Task {
+            for await connection in source {
+                if case .dropped(let oldest) = sink.yield(connection) {
+                    await oldest.close(errorCode: 0, reason: "not accepted in time")
+                }
+            }
+            // After stop() the stream is already finished and this changes nothing.
+            if let failure = await client.failure {
+                sink.finish(throwing: NodeError(failure))
+            } else {
+                sink.finish()
+            }
+        }
+    }
+}

@@ -1,0 +1,114 @@
+import ProcessTestSupport
+import HolePunch
+import Logging
+import ServiceLifecycle
+import Testing
+@testable import HolePunchRendezvous
+
+@Suite("HolePunchNode on loopback", .serialized)
+struct HolePunchNodeTests {
+    static func node(
+        _ identity: Identity, _ harness: Harness, admission: PunchAdmission = .none, alpns: [String] = ["holepunch/1"],
+        punchTimeout: Duration? = nil
+    ) async throws -> HolePunchNode {
+        try await HolePunchNode.start(
+            identity: identity, rendezvous: harness.server.address, rendezvousID: harness.server.nodeID,
+            options: .init(bind: .loopbackV4(port: 0), admission: admission, alpns: alpns, punchTimeout: punchTimeout))
+    }
+
+    /// The first connection `node.incoming` yields, or nil when the stream ends.
+    static func firstIncoming(_ node: HolePunchNode) async throws -> QUICConnection? {
+        for try await connection in node.incoming { return connection }
+        return nil
+    }
+
+    @Test("two nodes: A connects to B by NodeID with a chosen ALPN, a line goes each way, stop ends incoming")
+    func connectAndIncoming() async throws {
+        let harness = try await Harness.start()
+        let b = try await Self.node(Identities.b, harness, admission: .allowList([Identities.a.nodeID]),
+                                    alpns: ["chat/1", "file/1"])
+        let a = try await Self.node(Identities.a, harness, alpns: ["chat/1", "file/1"])
+        let accepted = Task { try await Self.firstIncoming(b) }
+        let connection = try await withDeadline(.seconds(20)) { try await a.connect(to: Identities.b.nodeID, alpn: "file/1") }
+        let inbound = try #require(try await withDeadline(.seconds(20)) { try await accepted.value })
+        #expect(connection.peerNodeID == Identities.b.nodeID)
+        #expect(inbound.peerNodeID == Identities.a.nodeID)
+        #expect(connection.alpn == "file/1")
+        #expect(inbound.alpn == "file/1")
+
+        let stream = try await connection.openStream()
+        try await stream.write(Array("hello from A\n".utf8))
+        let incoming = try #require(try await inbound.acceptStream())
+        #expect(String(decoding: try #require(try await incoming.read()), as: UTF8.self) == "hello from A\n")
+        try await incoming.write(Array("hello from B\n".utf8))
+        #expect(String(decoding: try #require(try await stream.read()), as: UTF8.self) == "hello from B\n")
+
+        await b.stop()
+        // After stop the stream ends without an error, and the node refuses new work.
+        #expect(try await withDeadline(.seconds(5)) { try await Self.firstIncoming(b) } == nil)
+        let stopped = await #expect(throws: NodeError.self) { _ = try await b.connect(to: Identities.a.nodeID) }
+        #expect(stopped?.code == .stopped)
+        await a.stop()
+        await harness.stop()
+    }
+
+    @Test("default admission: a node lets nobody punch in; the caller's punch fails, nothing arrives")
+    func defaultAdmissionRefuses() async throws {
+        let harness = try await Harness.start()
+        let b = try await Self.node(Identities.b, harness)
+        let a = try await Self.node(Identities.a, harness, punchTimeout: .seconds(1))
+        let error = await #expect(throws: NodeError.self) {
+            _ = try await withDeadline(.seconds(20)) { try await a.connect(to: Identities.b.nodeID) }
+        }
+        #expect(error?.code == .timeout, "\(String(describing: error))")
+        #expect(error?.punch != nil)
+        #expect(await b.rendezvousClient.refusedCoordinates == 1)
+        await a.stop()
+        await b.stop()
+        await harness.stop()
+    }
+
+    @Test("an ALPN the node does not list is refused before anything is sent; an unknown NodeID is unknownTarget")
+    func refusals() async throws {
+        let harness = try await Harness.start()
+        let a = try await Self.node(Identities.a, harness)
+        let alpn = await #expect(throws: NodeError.self) { _ = try await a.connect(to: Identities.b.nodeID, alpn: "other/1") }
+        #expect(alpn?.code == .unsupportedALPN)
+        let unknown = await #expect(throws: NodeError.self) { _ = try await a.connect(to: Identities.c.nodeID) }
+        #expect(unknown?.code == .unknownTarget)
+        #expect(unknown?.description.hasPrefix("unknownTarget: ") == true)
+        await a.stop()
+        await harness.stop()
+    }
+
+    @Test("cancelling connect's task: cancelled, the punch stops")
+    func cancelConnect() async throws {
+        let harness = try await Harness.start()
+        let b = try await Self.node(Identities.b, harness)
+        let a = try await Self.node(Identities.a, harness, punchTimeout: .seconds(60))
+        let request = Task { try await a.connect(to: Identities.b.nodeID) }
+        #expect(await eventually(.seconds(10)) { await a.executor.activePunches().count == 1 })
+        request.cancel()
+        let result = try await withDeadline(.seconds(3)) { await request.result }
+        guard case .failure(let failure) = result else { Issue.record("expected a failure"); return }
+        #expect((failure as? NodeError)?.code == .cancelled, "\(failure)")
+        #expect(await a.executor.activePunches().isEmpty)
+        await a.stop()
+        await b.stop()
+        await harness.stop()
+    }
+
+    @Test("as a Service: graceful shutdown of its ServiceGroup stops the node")
+    func service() async throws {
+        let harness = try await Harness.start()
+        let a = try await Self.node(Identities.a, harness)
+        let group = ServiceGroup(services: [a], logger: Logger(label: "test"))
+        let running = Task { try await group.run() }
+        await group.triggerGracefulShutdown()
+        try await withDeadline(.seconds(10)) { try await running.value }
+        #expect(try await withDeadline(.seconds(5)) { try await Self.firstIncoming(a) } == nil)
+        let error = await #expect(throws: NodeError.self) { _ = try await a.connect(to: Identities.b.nodeID) }
+        #expect(error?.code == .stopped)
+        await harness.stop()
+    }
+}

@@ -1,0 +1,46 @@
+import ProcessTestSupport
+import Testing
+@testable import HolePunch
+
+/// One error story: messages say their code once, durations read like a person wrote them, and cancelling a
+/// punch that already ended is a no-op that says so.
+@Suite("Errors and cancellation")
+struct ErrorStoryTests {
+    @Test("durations print with three significant digits and a unit", arguments: [
+        (Duration.nanoseconds(1_978_295), "1.98 ms"),
+        (Duration.milliseconds(2300), "2.3 s"),
+        (Duration.nanoseconds(740), "740 ns"),
+        (Duration.microseconds(12), "12 µs"),
+        (Duration.milliseconds(250), "250 ms"),
+        (Duration.nanoseconds(999_700_000), "1 s"),
+        (Duration.seconds(125), "125 s"),
+        (Duration.zero, "0 s"),
+    ])
+    func humanDurations(_ duration: Duration, _ expected: String) {
+        #expect(duration.humanDescription == expected)
+    }
+
+    @Test("a punch error prints its elapsed time humanly")
+    func punchErrorDuration() {
+        let error = PunchError(code: .timeout, message: "no answer", portsTried: [7], rounds: 3, elapsed: .nanoseconds(1_978_295))
+        #expect(error.description == "timeout: no answer (ports tried 1, rounds 3, after 1.98 ms)")
+    }
+
+    @Test("cancel on a finished punch returns alreadyFinished, on an id never issued returns unknown; neither throws")
+    func cancelFinished() async throws {
+        let a = try await bindEndpoint(PunchIdentities.a)
+        let executor = PunchExecutor(endpoint: a)
+        let silent = try SilentSocket()
+        let handle = await executor.startPunch(PunchOptions(
+            targetHost: "127.0.0.1", targetPorts: [silent.port], sessionID: "fin", sessionKey: sessionKey(),
+            role: .initiator, targetNodeID: PunchIdentities.b.nodeID,
+            strategy: FixedStrategy(rounds: 1000, timeout: .seconds(30))
+        ))
+        #expect(await executor.cancel(handle.id) == .cancelled)
+        guard case .failure(let error) = await handle.result() else { Issue.record("expected cancelled"); return }
+        #expect(error.code == .cancelled)
+        #expect(await executor.cancel(handle.id) == .alreadyFinished)
+        #expect(await executor.cancel(PunchID(rawValue: 9_999)) == .unknown)
+        await a.close()
+    }
+}
