@@ -3,7 +3,8 @@
 SHELL := /bin/bash
 SWIFT ?= swift
 APT_PACKAGES := libngtcp2-dev libngtcp2-crypto-gnutls-dev libgnutls28-dev liblua5.4-dev pkg-config \
-	gnutls-bin nftables iproute2 python3 python3-venv ngtcp2-server ngtcp2-client coturn stun-client procps
+	gnutls-bin nftables iproute2 python3 python3-venv ngtcp2-server ngtcp2-client coturn stun-client procps \
+	nats-server libnats-dev
 VENV := .build/venv
 
 .PHONY: deps build test demo bench clean

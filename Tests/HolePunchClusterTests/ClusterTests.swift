@@ -1,0 +1,241 @@
+import Foundation
+import HolePunch
+import HolePunchCluster
+import HolePunchQUIC
+import HolePunchRendezvous
+import ProcessTestSupport
+import Testing
+
+enum ClusterIdentities {
+    static let instance = try! Identity.generate(commonName: "cluster-instance")
+    static let a = try! Identity.generate(commonName: "cluster-a")
+    static let b = try! Identity.generate(commonName: "cluster-b")
+    static let c = try! Identity.generate(commonName: "cluster-c")
+}
+
+/// A `nats-server` child on 127.0.0.1 (a port it picks, or the one given), killed by PID.
+final class NATSServerProcess: @unchecked Sendable {
+    // @unchecked Sendable: set once in init, then only read.
+    let child: Child
+    let port: Int
+    var url: String { "nats://127.0.0.1:\(port)" }
+
+    /// Nil (with a note) when nats-server is not installed.
+    static func startOrSkip(port: Int? = nil) async throws -> NATSServerProcess? {
+        guard let binary = ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
+            .first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
+            print("skipped: nats-server is not installed (make deps installs it)")
+            return nil
+        }
+        return try await NATSServerProcess(binary: binary, port: port)
+    }
+
+    private init(binary: String, port: Int?) async throws {
+        let dir = try scratchDirectory("nats")
+        let child = try Child(binary, ["-a", "127.0.0.1", "-p", String(port ?? -1)], directory: dir)
+        self.child = child
+        let ready = await eventually(.seconds(10)) { child.stderr.text.contains("Server is ready") }
+        if !ready { child.stop() }
+        try #require(ready, "nats-server did not start: \(child.stderr.text)")
+        let text = child.stderr.text
+        let line = try #require(text.split(separator: "\n").first { $0.contains("Listening for client connections on") })
+        self.port = try #require(line.split(separator: ":").last.flatMap { Int($0) })
+    }
+
+    func stop() { child.stop() }
+}
+
+/// Rendezvous instances sharing one NATS, each with its own directory, and clients registered at them.
+final class Cluster: @unchecked Sendable {
+    // @unchecked Sendable: the arrays are only touched by the test's own task.
+    let nats: NATSServerProcess
+    let prefix = "t\(UInt32.random(in: 0...UInt32.max))"
+    var servers: [RendezvousServer] = []
+    var directories: [NATSDirectory] = []
+    var tasks: [Task<Void, any Error>] = []
+    var clients: [RendezvousClient] = []
+    static let ttl = Duration.seconds(3)
+
+    init(nats: NATSServerProcess) { self.nats = nats }
+
+    func configuration() -> NATSDirectoryConfiguration {
+        NATSDirectoryConfiguration(url: nats.url, subjectPrefix: prefix, connectTimeout: .seconds(2),
+                                   requestTimeout: .seconds(2), reconnectWait: .milliseconds(100),
+                                   pingInterval: .milliseconds(500))
+    }
+
+    @discardableResult
+    func addInstance() async throws -> RendezvousServer {
+        let server = try await RendezvousServer.bind(configuration: RendezvousServerConfiguration(
+            listen: .loopbackV4(port: 0), identity: ClusterIdentities.instance,
+            state: .init(registrationTTL: Self.ttl), housekeepingInterval: .milliseconds(100)))
+        let directory = try NATSDirectory.connect(configuration())
+        await server.use(directory: directory)
+        servers.append(server)
+        directories.append(directory)
+        tasks.append(Task { try await server.run() })
+        return server
+    }
+
+    func client(_ identity: Identity, at server: RendezvousServer) async throws -> RendezvousClient {
+        let endpoint = try await Endpoint.bind(.loopbackV4(port: 0), configuration: EndpointConfiguration(identity: identity, acceptPolicy: .none))
+        let client = RendezvousClient(executor: PunchExecutor(endpoint: endpoint), configuration: RendezvousClientConfiguration(
+            server: server.address, serverNodeID: server.nodeID, requestTimeout: .seconds(5), punchTimeout: .seconds(10)))
+        clients.append(client)
+        _ = try await client.connect()
+        return client
+    }
+
+    func stop() async {
+        for client in clients {
+            await client.close()
+            await client.executor.shutdown()
+            await client.executor.endpoint.close()
+        }
+        for server in servers { await server.shutdown() }
+        for task in tasks { _ = await task.result }
+        nats.stop()
+    }
+}
+
+/// `from` punches to `to` through their rendezvous instances; a line goes each way on the punched connection.
+func punchCarriesLine(from: RendezvousClient, to: RendezvousClient) async throws {
+    let accepted = Task { () -> QUICConnection? in
+        for await connection in to.incoming { return connection }
+        return nil
+    }
+    let target = to.executor.endpoint.nodeID
+    let connection = try await withDeadline(.seconds(20)) { try await from.requestPunch(to: target) }
+    let inbound = try #require(try await withDeadline(.seconds(20)) { await accepted.value })
+    #expect(connection.peerNodeID == target)
+    #expect(inbound.peerNodeID == from.executor.endpoint.nodeID)
+    let stream = try await connection.openStream()
+    try await stream.write(Array("ping\n".utf8))
+    let incoming = try #require(try await inbound.acceptStream())
+    #expect(try await incoming.read().map { String(decoding: $0, as: UTF8.self) } == "ping\n")
+    try await incoming.write(Array("pong\n".utf8))
+    #expect(try await stream.read().map { String(decoding: $0, as: UTF8.self) } == "pong\n")
+}
+
+@Suite("Rendezvous cluster over NATS", .serialized)
+struct ClusterTests {
+    @Test("three instances, peers at different ones: punches routed through NATS connect and carry a line")
+    func threeInstances() async throws {
+        guard let nats = try await NATSServerProcess.startOrSkip() else { return }
+        let cluster = Cluster(nats: nats)
+        defer { Task { await cluster.stop() } }
+        for _ in 0..<3 { try await cluster.addInstance() }
+        let a = try await cluster.client(ClusterIdentities.a, at: cluster.servers[0])
+        let b = try await cluster.client(ClusterIdentities.b, at: cluster.servers[1])
+        let c = try await cluster.client(ClusterIdentities.c, at: cluster.servers[2])
+        try await punchCarriesLine(from: a, to: b)
+        try await punchCarriesLine(from: c, to: a)
+        #expect(await cluster.servers[0].statistics().routedCoordinations == 1)
+        #expect(await cluster.servers[1].statistics().coordinations == 1)
+        #expect(await cluster.servers[2].statistics().routedCoordinations == 1)
+        #expect(await cluster.servers[0].statistics().coordinations == 1)
+        await cluster.stop()
+    }
+
+    @Test("a NodeID registered at no instance: unknownTarget naming it, fast (NATS has no responder)")
+    func unknownEverywhere() async throws {
+        guard let nats = try await NATSServerProcess.startOrSkip() else { return }
+        let cluster = Cluster(nats: nats)
+        try await cluster.addInstance()
+        try await cluster.addInstance()
+        let a = try await cluster.client(ClusterIdentities.a, at: cluster.servers[0])
+        let error = await #expect(throws: RendezvousError.self) {
+            _ = try await a.requestPunch(to: ClusterIdentities.c.nodeID)
+        }
+        #expect(error?.code == .unknownTarget)
+        await cluster.stop()
+    }
+
+    @Test("a peer moved from instance 1 to 2 is dropped at 1 and reached at 2 only")
+    func moved() async throws {
+        guard let nats = try await NATSServerProcess.startOrSkip() else { return }
+        let cluster = Cluster(nats: nats)
+        for _ in 0..<3 { try await cluster.addInstance() }
+        _ = try await cluster.client(ClusterIdentities.b, at: cluster.servers[0])
+        #expect(await cluster.servers[0].isRegistered(ClusterIdentities.b.nodeID))
+        let b = try await cluster.client(ClusterIdentities.b, at: cluster.servers[1])
+        let dropped = await eventually(.seconds(5)) { await !cluster.servers[0].isRegistered(ClusterIdentities.b.nodeID) }
+        #expect(dropped, "instance 1 still holds the peer that moved to instance 2")
+        #expect(await cluster.servers[0].statistics().movedAway == 1)
+        let a = try await cluster.client(ClusterIdentities.a, at: cluster.servers[2])
+        try await punchCarriesLine(from: a, to: b)
+        #expect(await cluster.servers[1].statistics().coordinations == 1)
+        #expect(await cluster.servers[0].statistics().coordinations == 0)
+        await cluster.stop()
+    }
+
+    @Test("an instance dies: its peer re-registers at another and is reachable again within one TTL")
+    func instanceDies() async throws {
+        guard let nats = try await NATSServerProcess.startOrSkip() else { return }
+        let cluster = Cluster(nats: nats)
+        for _ in 0..<3 { try await cluster.addInstance() }
+        _ = try await cluster.client(ClusterIdentities.b, at: cluster.servers[0])
+        let a = try await cluster.client(ClusterIdentities.a, at: cluster.servers[2])
+        await cluster.servers[0].shutdown()
+        let clock = ContinuousClock()
+        let died = clock.now
+        let b = try await cluster.client(ClusterIdentities.b, at: cluster.servers[1])
+        try await punchCarriesLine(from: a, to: b)
+        #expect(died.duration(to: clock.now) < Cluster.ttl + .seconds(20))
+        #expect(await cluster.servers[1].statistics().coordinations == 1)
+        await cluster.stop()
+    }
+
+    @Test("NATS restarts: instances reconnect, re-subscribe, and routing works again")
+    func natsRestarts() async throws {
+        guard let nats = try await NATSServerProcess.startOrSkip() else { return }
+        let cluster = Cluster(nats: nats)
+        for _ in 0..<2 { try await cluster.addInstance() }
+        let a = try await cluster.client(ClusterIdentities.a, at: cluster.servers[0])
+        let b = try await cluster.client(ClusterIdentities.b, at: cluster.servers[1])
+        nats.stop()
+        guard let restarted = try await NATSServerProcess.startOrSkip(port: nats.port) else { return }
+        defer { restarted.stop() }
+        let back = await eventually(.seconds(10)) { cluster.directories.allSatisfy { $0.statistics.reconnects >= 1 } }
+        #expect(back, "the instances did not reconnect to the restarted NATS")
+        // Re-subscription is asynchronous in the library: the first request may still find no responder.
+        let routed = await eventually(.seconds(10)) {
+            (try? await withDeadline(.seconds(5)) { try await a.coordinate(to: ClusterIdentities.b.nodeID) }) != nil
+        }
+        #expect(routed, "no punch request was routed after NATS came back")
+        _ = b
+        await cluster.stop()
+    }
+
+    @Test("NATS unreachable at start: connect fails with connectionFailed naming the URL")
+    func unreachable() async throws {
+        guard let nats = try await NATSServerProcess.startOrSkip() else { return }
+        nats.stop()  // Its port is now free: nothing listens there.
+        let url = nats.url
+        let error = #expect(throws: RendezvousError.self) {
+            _ = try NATSDirectory.connect(NATSDirectoryConfiguration(url: url, connectTimeout: .milliseconds(500)))
+        }
+        #expect(error?.code == .connectionFailed)
+        #expect(error?.message.contains(url) == true)
+    }
+
+    @Test("CLI: --cluster to an unreachable NATS exits 1 with one error line; --cluster-optional runs single-instance")
+    func cliUnreachable() async throws {
+        guard let holepunch = holepunchBinaryOrSkip() else { return }
+        guard let nats = try await NATSServerProcess.startOrSkip() else { return }
+        nats.stop()
+        let dir = try scratchDirectory("cluster-cli")
+        let failing = try Child(holepunch, ["rendezvous", "--listen", "127.0.0.1:0", "--no-stun", "--cluster", nats.url],
+                                directory: dir)
+        defer { failing.stop() }
+        #expect(await failing.waitExit(.seconds(15)) == 1)
+        let lines = failing.stderr.text.split(separator: "\n")
+        #expect(lines.first?.hasPrefix("error: cannot connect to NATS at \(nats.url)") == true, "\(failing.stderr.text)")
+        #expect(failing.stdout.text.isEmpty)
+
+        let (optional, _) = try await startRendezvous(holepunch, in: dir, extra: ["--no-stun", "--cluster", nats.url,
+                                                                                 "--cluster-optional"])
+        defer { optional.stop() }
+        #expect(optional.stderr.text.contains("single instance"))
+    }
+}
