@@ -1,6 +1,6 @@
 import Foundation
 import HolePunch
-import HolePunchCluster
+@testable import HolePunchCluster
 import HolePunchQUIC
 import HolePunchRendezvous
 import ProcessTestSupport
@@ -123,7 +123,6 @@ struct ClusterTests {
     func threeInstances() async throws {
         guard let nats = try await NATSServerProcess.startOrSkip() else { return }
         let cluster = Cluster(nats: nats)
-        defer { Task { await cluster.stop() } }
         for _ in 0..<3 { try await cluster.addInstance() }
         let a = try await cluster.client(ClusterIdentities.a, at: cluster.servers[0])
         let b = try await cluster.client(ClusterIdentities.b, at: cluster.servers[1])
@@ -237,5 +236,83 @@ struct ClusterTests {
                                                                                  "--cluster-optional"])
         defer { optional.stop() }
         #expect(optional.stderr.text.contains("single instance"))
+    }
+
+    @Test("hostile NATS payloads (garbage, oversized, out-of-range fields, forged claims) are dropped; routing still works")
+    func hostilePayloads() async throws {
+        guard let nats = try await NATSServerProcess.startOrSkip() else { return }
+        let cluster = Cluster(nats: nats)
+        for _ in 0..<2 { try await cluster.addInstance() }
+        let a = try await cluster.client(ClusterIdentities.a, at: cluster.servers[0])
+        let b = try await cluster.client(ClusterIdentities.b, at: cluster.servers[1])
+        let raw = try NATSConnection(url: nats.url, name: "hostile", timeout: .seconds(2), reconnectWait: .seconds(1),
+                                     pingInterval: .seconds(10), maximumPayload: 1 << 20,
+                                     events: NATSEvents(message: { _ in }, reconnected: {}, disconnected: {}))
+        let subject = "\(cluster.prefix).node.\(ClusterIdentities.b.nodeID)"
+        let valid = RemotePunchRequest(requestID: 1, sessionID: "abc", sessionKey: Array(repeating: 7, count: 32),
+                                       initiator: ClusterIdentities.c.nodeID, target: ClusterIdentities.b.nodeID,
+                                       candidates: [.loopbackV4(port: 9)], nat: .unknown, initiatorRTTMicroseconds: 1000,
+                                       directoryRTTMicroseconds: 0)
+        func body(_ message: NodeSubjectMessage) -> [UInt8] { Array(RendezvousFraming.frame(message).dropFirst(4)) }
+        var tooMany = valid
+        tooMany.candidates = Array(repeating: .loopbackV4(port: 9), count: 100)
+        var badKey = valid
+        badKey.sessionKey = [1]
+        var selfPunch = valid
+        selfPunch.initiator = ClusterIdentities.b.nodeID
+        let hostile: [[UInt8]] = [
+            Array("not json".utf8), Array(repeating: 0x7B, count: 200_000), body(.punch(tooMany)), body(.punch(badKey)),
+            body(.punch(selfPunch)), body(.claim(instance: String(repeating: "x", count: 500), since: .max)),
+        ]
+        for payload in hostile { try raw.publish(subject, payload, reply: "\(cluster.prefix).evil") }
+        // A well-formed claim that is older than B's registration: B stays, and is claimed again by its holder.
+        try raw.publish(subject, body(.claim(instance: "old", since: 0)))
+        let dropped = await eventually(.seconds(5)) { cluster.directories[1].statistics.dropped >= hostile.count }
+        #expect(dropped, "dropped \(cluster.directories[1].statistics.dropped) of \(hostile.count) hostile payloads")
+        #expect(await cluster.servers[1].isRegistered(ClusterIdentities.b.nodeID))
+        #expect(await cluster.servers[1].statistics().coordinations == 0)
+        try await punchCarriesLine(from: a, to: b)
+        await cluster.stop()
+    }
+}
+
+@Suite("Cluster routing in the state machine")
+struct RemotePunchStateTests {
+    @Test("the holder plans for the initiator's RTT plus the directory round trip; the far peer goes first")
+    func remoteSchedule() throws {
+        var state = RendezvousState(configuration: .init(startDelay: .milliseconds(150)))
+        let target = ClusterIdentities.b.nodeID
+        _ = state.register(node: target, connection: 1, observed: .loopbackV4(port: 5000), registration: Registration(), now: .zero)
+        state.rttSample(node: target, rtt: .milliseconds(10))
+        let request = RemotePunchRequest(requestID: 9, sessionID: "s1", sessionKey: Array(repeating: 1, count: 32),
+                                         initiator: ClusterIdentities.a.nodeID, target: target,
+                                         candidates: [.loopbackV4(port: 6000)], nat: .unknown,
+                                         initiatorRTTMicroseconds: 30_000, directoryRTTMicroseconds: 10_000)
+        let (actions, reply) = state.acceptRemotePunch(request, now: .zero)
+        // Initiator effectively 40 ms away, target 10 ms: the target's copy waits (40 - 10) / 2 = 15 ms.
+        guard case let .coordinate(toInitiator, delay) = reply else { Issue.record("refused: \(reply)"); return }
+        #expect(delay == 0)
+        #expect(toInitiator.requestID == 9 && toInitiator.peer == target && toInitiator.role == .initiator)
+        #expect(toInitiator.candidates == [.loopbackV4(port: 5000)])
+        let sends = actions.compactMap { action -> (NodeID, Duration, Coordinate)? in
+            if case let .send(.coordinate(c), node, after) = action { return (node, after, c) }
+            return nil
+        }
+        #expect(sends.count == 1)
+        #expect(sends.first?.0 == target && sends.first?.1 == .milliseconds(15))
+        #expect(sends.first?.2.candidates == [.loopbackV4(port: 6000)] && sends.first?.2.role == .target)
+    }
+
+    @Test("a target not held here is refused with unknownTarget, carrying the request id")
+    func remoteUnknown() {
+        var state = RendezvousState()
+        let request = RemotePunchRequest(requestID: 4, sessionID: "s2", sessionKey: Array(repeating: 1, count: 32),
+                                         initiator: ClusterIdentities.a.nodeID, target: ClusterIdentities.b.nodeID,
+                                         candidates: [.loopbackV4(port: 6000)], nat: .unknown,
+                                         initiatorRTTMicroseconds: nil, directoryRTTMicroseconds: 0)
+        let (actions, reply) = state.acceptRemotePunch(request, now: .zero)
+        #expect(actions.isEmpty)
+        guard case .refused(let error) = reply else { Issue.record("not refused"); return }
+        #expect(error.code == RendezvousError.Code.unknownTarget.name && error.requestID == 4)
     }
 }
