@@ -31,8 +31,8 @@ private final class NATSCallbackBox: Sendable {
     }
 }
 
-/// `natsMsgHandler`: copies the message out (bounded: a larger payload is delivered empty, which every decoder
-/// refuses), frees it, forwards it.
+/// `natsMsgHandler`: copies the message out, frees it, forwards it. A payload over the bound is not copied: it
+/// is delivered as one zero byte, which every decoder refuses (an empty payload means "no responders").
 private let natsMessageThunk: natsMsgHandler = { _, _, msg, closure in
     defer { natsMsg_Destroy(msg) }
     guard let msg, let closure else { return }

@@ -19,7 +19,7 @@ public struct NATSDirectoryConfiguration: Sendable {
     public var pingInterval: Duration
     /// Messages waiting for delivery per subscription, at most; more are dropped by the library.
     public var pendingMessages: Int
-    /// Routed requests from other instances being answered at once, at most; more are dropped unanswered.
+    /// Routed requests and claims from other instances being handled at once, at most; more are dropped.
     public var maxAnswering: Int
 
     /// Creates a configuration.
@@ -82,6 +82,8 @@ public final class NATSDirectory: RendezvousDirectory, @unchecked Sendable {
     private var server: RendezvousServer?
     private var subscriptions: [NodeID: NATSSubscription] = [:]
     private var pending: [UInt64: CheckedContinuation<Result<RemotePunchReply, RendezvousError>, Never>] = [:]
+    /// Each pending request's timeout, cancelled when its answer comes first.
+    private var timers: [UInt64: Task<Void, Never>] = [:]
     private var nextRequest: UInt64 = 1
     private var answering = 0
     private var dropped = 0
@@ -172,11 +174,18 @@ public final class NATSDirectory: RendezvousDirectory, @unchecked Sendable {
                 resolve(id, .failure(error))
                 return
             }
-            Task {
-                try? await Task.sleep(for: timeout)
+            let timer = Task {
+                guard (try? await Task.sleep(for: timeout)) != nil else { return }
                 self.resolve(id, .failure(RendezvousError(.unknownTarget,
                     "no peer \(request.target) is registered at any rendezvous instance (no answer in \(timeout))")))
             }
+            // The answer may already have come: then the timer has nothing left to do.
+            let answered = lock.withLock { () -> Bool in
+                guard pending[id] != nil else { return true }
+                timers[id] = timer
+                return false
+            }
+            if answered { timer.cancel() }
         }
         return try result.get()
     }
@@ -186,6 +195,8 @@ public final class NATSDirectory: RendezvousDirectory, @unchecked Sendable {
         let (waiting, held) = lock.withLock { () -> ([CheckedContinuation<Result<RemotePunchReply, RendezvousError>, Never>], [Any]) in
             let waiting = Array(pending.values)
             pending.removeAll()
+            for timer in timers.values { timer.cancel() }
+            timers.removeAll()
             let held: [Any] = Array(subscriptions.values) + [replies as Any, connection as Any]
             subscriptions.removeAll()
             replies = nil
@@ -229,16 +240,15 @@ public final class NATSDirectory: RendezvousDirectory, @unchecked Sendable {
         do { decoded = try NodeSubjectMessage.decode(message.data) } catch { return countDrop() }
         switch decoded {
         case let .claim(instance, since):
-            guard instance != instanceID, let server = lock.withLock({ self.server }) else { return }
-            Task { await server.moved(node, claimedAt: since) }
+            guard instance != instanceID else { return }
+            guard let (server, _) = admit() else { return countDrop() }
+            Task {
+                await server.moved(node, claimedAt: since)
+                self.lock.withLock { self.answering -= 1 }
+            }
         case .punch(let request):
             guard request.target == node, let reply = message.reply, Self.isSubject(reply) else { return countDrop() }
-            let admitted: (RendezvousServer, NATSConnection)? = lock.withLock {
-                guard let server, let connection, answering < configuration.maxAnswering else { return nil }
-                answering += 1
-                return (server, connection)
-            }
-            guard let (server, connection) = admitted else { return countDrop() }
+            guard let (server, connection) = admit() else { return countDrop() }
             Task {
                 let answer = await server.answerRemotePunch(request)
                 try? connection.publish(reply, Array(RendezvousFraming.frame(answer).dropFirst(4)))
@@ -269,8 +279,20 @@ public final class NATSDirectory: RendezvousDirectory, @unchecked Sendable {
         }
     }
 
+    /// Takes one of the ``NATSDirectoryConfiguration/maxAnswering`` slots for a message that needs the server
+    /// (the caller gives it back); nil when all are taken or the directory is closed.
+    private func admit() -> (RendezvousServer, NATSConnection)? {
+        lock.withLock {
+            guard let server, let connection, answering < configuration.maxAnswering else { return nil }
+            answering += 1
+            return (server, connection)
+        }
+    }
+
     private func resolve(_ id: UInt64, _ result: Result<RemotePunchReply, RendezvousError>) {
-        lock.withLock { pending.removeValue(forKey: id) }?.resume(returning: result)
+        let (continuation, timer) = lock.withLock { (pending.removeValue(forKey: id), timers.removeValue(forKey: id)) }
+        timer?.cancel()
+        continuation?.resume(returning: result)
     }
 
     private func countDrop() { lock.withLock { dropped += 1 } }

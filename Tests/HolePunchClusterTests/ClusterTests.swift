@@ -58,6 +58,14 @@ final class Cluster: @unchecked Sendable {
 
     init(nats: NATSServerProcess) { self.nats = nats }
 
+    /// A NATS server and `instances` instances joined through it; nil (skipped) without nats-server.
+    static func startOrSkip(instances: Int) async throws -> Cluster? {
+        guard let nats = try await NATSServerProcess.startOrSkip() else { return nil }
+        let cluster = Cluster(nats: nats)
+        for _ in 0..<instances { try await cluster.addInstance() }
+        return cluster
+    }
+
     func configuration() -> NATSDirectoryConfiguration {
         NATSDirectoryConfiguration(url: nats.url, subjectPrefix: prefix, connectTimeout: .seconds(2),
                                    requestTimeout: .seconds(2), reconnectWait: .milliseconds(100),
@@ -121,9 +129,7 @@ func punchCarriesLine(from: RendezvousClient, to: RendezvousClient) async throws
 struct ClusterTests {
     @Test("three instances, peers at different ones: punches routed through NATS connect and carry a line")
     func threeInstances() async throws {
-        guard let nats = try await NATSServerProcess.startOrSkip() else { return }
-        let cluster = Cluster(nats: nats)
-        for _ in 0..<3 { try await cluster.addInstance() }
+        guard let cluster = try await Cluster.startOrSkip(instances: 3) else { return }
         let a = try await cluster.client(ClusterIdentities.a, at: cluster.servers[0])
         let b = try await cluster.client(ClusterIdentities.b, at: cluster.servers[1])
         let c = try await cluster.client(ClusterIdentities.c, at: cluster.servers[2])
@@ -138,10 +144,7 @@ struct ClusterTests {
 
     @Test("a NodeID registered at no instance: unknownTarget naming it, fast (NATS has no responder)")
     func unknownEverywhere() async throws {
-        guard let nats = try await NATSServerProcess.startOrSkip() else { return }
-        let cluster = Cluster(nats: nats)
-        try await cluster.addInstance()
-        try await cluster.addInstance()
+        guard let cluster = try await Cluster.startOrSkip(instances: 2) else { return }
         let a = try await cluster.client(ClusterIdentities.a, at: cluster.servers[0])
         let error = await #expect(throws: RendezvousError.self) {
             _ = try await a.requestPunch(to: ClusterIdentities.c.nodeID)
@@ -152,9 +155,7 @@ struct ClusterTests {
 
     @Test("a peer moved from instance 1 to 2 is dropped at 1 and reached at 2 only")
     func moved() async throws {
-        guard let nats = try await NATSServerProcess.startOrSkip() else { return }
-        let cluster = Cluster(nats: nats)
-        for _ in 0..<3 { try await cluster.addInstance() }
+        guard let cluster = try await Cluster.startOrSkip(instances: 3) else { return }
         _ = try await cluster.client(ClusterIdentities.b, at: cluster.servers[0])
         #expect(await cluster.servers[0].isRegistered(ClusterIdentities.b.nodeID))
         let b = try await cluster.client(ClusterIdentities.b, at: cluster.servers[1])
@@ -170,9 +171,7 @@ struct ClusterTests {
 
     @Test("an instance dies: its peer re-registers at another and is reachable again within one TTL")
     func instanceDies() async throws {
-        guard let nats = try await NATSServerProcess.startOrSkip() else { return }
-        let cluster = Cluster(nats: nats)
-        for _ in 0..<3 { try await cluster.addInstance() }
+        guard let cluster = try await Cluster.startOrSkip(instances: 3) else { return }
         _ = try await cluster.client(ClusterIdentities.b, at: cluster.servers[0])
         let a = try await cluster.client(ClusterIdentities.a, at: cluster.servers[2])
         await cluster.servers[0].shutdown()
@@ -187,13 +186,11 @@ struct ClusterTests {
 
     @Test("NATS restarts: instances reconnect, re-subscribe, and routing works again")
     func natsRestarts() async throws {
-        guard let nats = try await NATSServerProcess.startOrSkip() else { return }
-        let cluster = Cluster(nats: nats)
-        for _ in 0..<2 { try await cluster.addInstance() }
+        guard let cluster = try await Cluster.startOrSkip(instances: 2) else { return }
         let a = try await cluster.client(ClusterIdentities.a, at: cluster.servers[0])
         let b = try await cluster.client(ClusterIdentities.b, at: cluster.servers[1])
-        nats.stop()
-        guard let restarted = try await NATSServerProcess.startOrSkip(port: nats.port) else { return }
+        cluster.nats.stop()
+        guard let restarted = try await NATSServerProcess.startOrSkip(port: cluster.nats.port) else { return }
         defer { restarted.stop() }
         let back = await eventually(.seconds(10)) { cluster.directories.allSatisfy { $0.statistics.reconnects >= 1 } }
         #expect(back, "the instances did not reconnect to the restarted NATS")
@@ -240,12 +237,10 @@ struct ClusterTests {
 
     @Test("hostile NATS payloads (garbage, oversized, out-of-range fields, forged claims) are dropped; routing still works")
     func hostilePayloads() async throws {
-        guard let nats = try await NATSServerProcess.startOrSkip() else { return }
-        let cluster = Cluster(nats: nats)
-        for _ in 0..<2 { try await cluster.addInstance() }
+        guard let cluster = try await Cluster.startOrSkip(instances: 2) else { return }
         let a = try await cluster.client(ClusterIdentities.a, at: cluster.servers[0])
         let b = try await cluster.client(ClusterIdentities.b, at: cluster.servers[1])
-        let raw = try NATSConnection(url: nats.url, name: "hostile", timeout: .seconds(2), reconnectWait: .seconds(1),
+        let raw = try NATSConnection(url: cluster.nats.url, name: "hostile", timeout: .seconds(2), reconnectWait: .seconds(1),
                                      pingInterval: .seconds(10), maximumPayload: 1 << 20,
                                      events: NATSEvents(message: { _ in }, reconnected: {}, disconnected: {}))
         let subject = "\(cluster.prefix).node.\(ClusterIdentities.b.nodeID)"
