@@ -43,6 +43,9 @@ final class NATSServerProcess: @unchecked Sendable {
     }
 
     func stop() { child.stop() }
+
+    /// A test that fails half-way still leaves no nats-server behind.
+    deinit { child.stop() }
 }
 
 /// Rendezvous instances sharing one NATS, each with its own directory, and clients registered at them.
