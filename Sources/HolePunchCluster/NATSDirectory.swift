@@ -88,6 +88,7 @@ public final class NATSDirectory: RendezvousDirectory, @unchecked Sendable {
     private var answering = 0
     private var dropped = 0
     private var reconnects = 0
+    private var noResponders = 0
 
     /// Connects to NATS and subscribes this instance's reply subject.
     ///
@@ -123,9 +124,11 @@ public final class NATSDirectory: RendezvousDirectory, @unchecked Sendable {
         }
     }
 
-    /// Counters: NATS messages dropped (undecodable, or over ``NATSDirectoryConfiguration/maxAnswering``) and
-    /// reconnects since start.
-    public var statistics: (dropped: Int, reconnects: Int) { lock.withLock { (dropped, reconnects) } }
+    /// Counters since start: NATS messages dropped (undecodable, or over ``NATSDirectoryConfiguration/maxAnswering``),
+    /// reconnects, and routed requests NATS answered with "no responders" (no instance holds the NodeID).
+    public var statistics: (dropped: Int, reconnects: Int, noResponders: Int) {
+        lock.withLock { (dropped, reconnects, noResponders) }
+    }
 
     // MARK: RendezvousDirectory
 
@@ -218,6 +221,7 @@ public final class NATSDirectory: RendezvousDirectory, @unchecked Sendable {
             guard let id = UInt64(message.subject.dropFirst(replyPrefix.count)) else { return countDrop() }
             // An empty reply is NATS saying that no instance subscribes the subject.
             guard !message.data.isEmpty else {
+                lock.withLock { noResponders += 1 }
                 return resolve(id, .failure(RendezvousError(.unknownTarget, "no peer is registered at any rendezvous instance under that NodeID")))
             }
             do {

@@ -358,6 +358,8 @@ public actor RendezvousServer: Service {
                          to: request.initiator, after: .zero)])
         }
         switch result {
+        case .failure(let error) where error.code == .unknownTarget:
+            refuse(error.code.name, "no peer \(request.target) is registered at any rendezvous instance")
         case .failure(let error):
             refuse(error.code.name, error.message)
         case .success(.refused(let reply)):

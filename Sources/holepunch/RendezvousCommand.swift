@@ -16,7 +16,8 @@ struct RendezvousCommand: AsyncParsableCommand {
             that NodeID with `peer --rendezvous-id`; --identity keeps it stable across restarts and --node-id-file \
             writes it for scripts. STUN runs on --stun-port (default listen port + 1) with its alternate port \
             (--alt-port, default STUN port + 1) and, when given, the alternate IP (--alt-address). SIGTERM or \
-            SIGINT shut down gracefully.
+            SIGINT shut down gracefully. With --cluster nats://HOST:PORT, instances sharing that NATS (and an identity) \
+            form one rendezvous: a peer registered at any of them is reachable from all (docs/rendezvous.md).
             """
     )
 

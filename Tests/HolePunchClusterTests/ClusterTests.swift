@@ -145,7 +145,7 @@ struct ClusterTests {
         await cluster.stop()
     }
 
-    @Test("a NodeID registered at no instance: unknownTarget naming it, fast (NATS has no responder)")
+    @Test("a NodeID registered at no instance: unknownTarget naming it, from NATS's no-responders status")
     func unknownEverywhere() async throws {
         guard let cluster = try await Cluster.startOrSkip(instances: 2) else { return }
         let a = try await cluster.client(ClusterIdentities.a, at: cluster.servers[0])
@@ -153,6 +153,10 @@ struct ClusterTests {
             _ = try await a.requestPunch(to: ClusterIdentities.c.nodeID)
         }
         #expect(error?.code == .unknownTarget)
+        #expect(error?.message.contains(ClusterIdentities.c.nodeID.description) == true)
+        // NATS's no-responders status answered, not the directory's request timeout.
+        #expect(await cluster.servers[0].statistics().refusals == 1)
+        #expect(cluster.directories[0].statistics.noResponders == 1)
         await cluster.stop()
     }
 
@@ -172,17 +176,14 @@ struct ClusterTests {
         await cluster.stop()
     }
 
-    @Test("an instance dies: its peer re-registers at another and is reachable again within one TTL")
+    @Test("an instance dies: its peer re-registers at another and is reachable at once (no stale entry to wait out)")
     func instanceDies() async throws {
         guard let cluster = try await Cluster.startOrSkip(instances: 3) else { return }
         _ = try await cluster.client(ClusterIdentities.b, at: cluster.servers[0])
         let a = try await cluster.client(ClusterIdentities.a, at: cluster.servers[2])
         await cluster.servers[0].shutdown()
-        let clock = ContinuousClock()
-        let died = clock.now
         let b = try await cluster.client(ClusterIdentities.b, at: cluster.servers[1])
         try await punchCarriesLine(from: a, to: b)
-        #expect(died.duration(to: clock.now) < Cluster.ttl + .seconds(20))
         #expect(await cluster.servers[1].statistics().coordinations == 1)
         await cluster.stop()
     }
