@@ -76,10 +76,10 @@ final class Cluster: @unchecked Sendable {
     }
 
     @discardableResult
-    func addInstance() async throws -> RendezvousServer {
+    func addInstance(linkDelay: (@Sendable (NodeID) -> Duration)? = nil) async throws -> RendezvousServer {
         let server = try await RendezvousServer.bind(configuration: RendezvousServerConfiguration(
             listen: .loopbackV4(port: 0), identity: ClusterIdentities.instance,
-            state: .init(registrationTTL: Self.ttl), housekeepingInterval: .milliseconds(100)))
+            state: .init(registrationTTL: Self.ttl), housekeepingInterval: .milliseconds(100), linkDelay: linkDelay))
         let directory = try NATSDirectory.connect(configuration())
         await server.use(directory: directory)
         servers.append(server)
@@ -313,5 +313,47 @@ struct RemotePunchStateTests {
         #expect(actions.isEmpty)
         guard case .refused(let error) = reply else { Issue.record("not refused"); return }
         #expect(error.code == RendezvousError.Code.unknownTarget.name && error.requestID == 4)
+    }
+}
+
+/// Run with the other timing suites (Makefile `TIMING_SUITES`), not beside the load tests.
+@Suite("Cluster start skew", .serialized)
+struct ClusterStartSkewTests {
+    @Test("clock-free start across instances: 40 ms and 2 ms one-way delays at two instances, both peers start within 10 ms")
+    func startSkewAcrossInstances() async throws {
+        guard let nats = try await NATSServerProcess.startOrSkip() else { return }
+        let cluster = Cluster(nats: nats)
+        let far = ClusterIdentities.a.nodeID
+        try await cluster.addInstance(linkDelay: { $0 == far ? .milliseconds(40) : .zero })
+        try await cluster.addInstance(linkDelay: { _ in .milliseconds(2) })
+        let a = try await cluster.client(ClusterIdentities.a, at: cluster.servers[0])
+        let b = try await cluster.client(ClusterIdentities.b, at: cluster.servers[1])
+        let sampled = await eventually(.seconds(10)) {
+            let samplesA = await cluster.servers[0].rttSamples(of: ClusterIdentities.a.nodeID)
+            let samplesB = await cluster.servers[1].rttSamples(of: ClusterIdentities.b.nodeID)
+            return samplesA >= 4 && samplesB >= 4
+        }
+        #expect(sampled)
+        // Uncompensated, B (the target, 4 ms away) would start (80 − 4)/2 = 38 ms before A (80 ms away). The first
+        // request also gives the requesting instance its NATS round-trip estimate.
+        var skews: [Duration] = []
+        for round in 0..<4 {
+            let targetStart = Task { () -> ContinuousClock.Instant? in
+                for await punch in b.incomingPunches {
+                    try? await b.executor.cancel(punch.handle.id)
+                    return punch.coordinate.startAt
+                }
+                return nil
+            }
+            let received = try await a.coordinate(to: ClusterIdentities.b.nodeID)
+            try? await a.executor.cancel((await a.startPunch(received)).id)
+            let startB = try #require(await targetStart.value, "round \(round)")
+            if round > 0 { skews.append(received.startAt > startB ? received.startAt - startB : startB - received.startAt) }
+        }
+        let median = skews.sorted()[skews.count / 2]
+        #expect(median < .milliseconds(10), "start skews \(skews)")
+        #expect(skews.allSatisfy { $0 < .milliseconds(25) }, "start skews \(skews)")
+        #expect(await cluster.servers[0].statistics().routedCoordinations == 4)
+        await cluster.stop()
     }
 }
