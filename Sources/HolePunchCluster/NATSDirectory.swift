@@ -19,13 +19,18 @@ public struct NATSDirectoryConfiguration: Sendable {
     public var pingInterval: Duration
     /// Messages waiting for delivery per subscription, at most; more are dropped by the library.
     public var pendingMessages: Int
+    /// How long to wait before asking again when NATS says no instance subscribes a NodeID: a registration's
+    /// subscription reaches NATS (and spreads through a NATS cluster) a moment after the peer was told it is
+    /// registered, so an immediate request for it may find no responder yet. Empty: answer `unknownTarget` at once.
+    public var noResponderRetries: [Duration]
     /// Routed requests and claims from other instances being handled at once, at most; more are dropped.
     public var maxAnswering: Int
 
     /// Creates a configuration.
     public init(url: String, subjectPrefix: String = "hp", connectTimeout: Duration = .seconds(2),
                 requestTimeout: Duration = .seconds(2), reconnectWait: Duration = .milliseconds(500),
-                pingInterval: Duration = .seconds(10), pendingMessages: Int = 10_000, maxAnswering: Int = 1024) {
+                pingInterval: Duration = .seconds(10), pendingMessages: Int = 10_000,
+                noResponderRetries: [Duration] = [.milliseconds(20), .milliseconds(100)], maxAnswering: Int = 1024) {
         self.url = url
         self.subjectPrefix = subjectPrefix
         self.connectTimeout = connectTimeout
@@ -33,6 +38,7 @@ public struct NATSDirectoryConfiguration: Sendable {
         self.reconnectWait = reconnectWait
         self.pingInterval = pingInterval
         self.pendingMessages = pendingMessages
+        self.noResponderRetries = noResponderRetries
         self.maxAnswering = maxAnswering
     }
 }
@@ -160,6 +166,19 @@ public final class NATSDirectory: RendezvousDirectory, @unchecked Sendable {
 
     /// See ``RendezvousDirectory/requestPunch(_:)``: a request on the target's subject, answered by its holder.
     public func requestPunch(_ request: RemotePunchRequest) async throws(RendezvousError) -> RemotePunchReply {
+        for wait in configuration.noResponderRetries {
+            let result = await ask(request)
+            guard case .failure(let error) = result, error == Self.noResponders else { return try result.get() }
+            try? await Task.sleep(for: wait)
+        }
+        return try await ask(request).get()
+    }
+
+    /// What a request NATS answered with "no responders" fails with (distinct from the timeout's message).
+    private static let noResponders = RendezvousError(.unknownTarget, "no peer is registered at any rendezvous instance under that NodeID")
+
+    /// One request on the target's subject and its answer, the timeout's failure, or "no responders".
+    private func ask(_ request: RemotePunchRequest) async -> Result<RemotePunchReply, RendezvousError> {
         let body = RendezvousFraming.frame(NodeSubjectMessage.punch(request)).dropFirst(4)
         let subject = nodeSubject(request.target)
         let timeout = configuration.requestTimeout
@@ -190,7 +209,7 @@ public final class NATSDirectory: RendezvousDirectory, @unchecked Sendable {
             }
             if answered { timer.cancel() }
         }
-        return try result.get()
+        return result
     }
 
     /// See ``RendezvousDirectory/close()``: unsubscribes everything and closes the NATS connection.
@@ -222,7 +241,7 @@ public final class NATSDirectory: RendezvousDirectory, @unchecked Sendable {
             // An empty reply is NATS saying that no instance subscribes the subject.
             guard !message.data.isEmpty else {
                 lock.withLock { noResponders += 1 }
-                return resolve(id, .failure(RendezvousError(.unknownTarget, "no peer is registered at any rendezvous instance under that NodeID")))
+                return resolve(id, .failure(Self.noResponders))
             }
             do {
                 guard message.data.count <= RendezvousFraming.maximumFrame else {

@@ -87,6 +87,9 @@ public struct RendezvousStatistics: Sendable, Hashable {
     public var routedCoordinations = 0
     /// The most recent round trips of routed requests through the directory (newest last, at most 64).
     public var recentDirectoryRoundTrips: [Duration] = []
+    /// The sum of every routed coordination's round trip through the directory, since start (over
+    /// ``routedCoordinations``: the mean).
+    public var directoryRoundTripTotal = Duration.zero
     /// Registrations dropped since start because another instance registered the same NodeID later.
     public var movedAway = 0
 }
@@ -375,6 +378,7 @@ public actor RendezvousServer: Service {
             stats.recentDirectoryRoundTrips.append(roundTrip)
             if stats.recentDirectoryRoundTrips.count > 64 { stats.recentDirectoryRoundTrips.removeFirst() }
             stats.routedCoordinations += 1
+            stats.directoryRoundTripTotal += roundTrip
             // The holder planned for the round trip we sent; the part of this one beyond it is already spent.
             let planned = Duration.microseconds(delay) + (Duration.microseconds(request.directoryRTTMicroseconds) - roundTrip) / 2
             enqueue(.coordinate(coordinate), to: request.initiator, after: max(.zero, planned))

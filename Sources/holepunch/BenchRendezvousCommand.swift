@@ -323,19 +323,24 @@ extension BenchRendezvousCommand {
             return try await group.reduce((0, Duration.zero)) { ($0.0 + $1.0, $0.1 + $1.1) }
         }
         let elapsed = clock.now - start
-        var roundTrips: [Duration] = []
-        for server in servers { roundTrips += await server.statistics().recentDirectoryRoundTrips }
+        var roundTripTotal = Duration.zero
+        var routed = 0
+        for server in servers {
+            let statistics = await server.statistics()
+            roundTripTotal += statistics.directoryRoundTripTotal
+            routed += statistics.routedCoordinations
+        }
         for client in clients {
             await client.close()
             await client.executor.endpoint.close()
         }
         for server in servers { await server.shutdown() }
         for task in tasks { _ = await task.result }
-        let meanNATS = roundTrips.isEmpty ? 0 : roundTrips.map(seconds).reduce(0, +) / Double(roundTrips.count) * 1000
+        let meanNATS = routed == 0 ? 0 : seconds(roundTripTotal) / Double(routed) * 1000
         return [
             "instances": instances, "peers": quicPeers, "registrations": registrations, "coordinations": done,
             "coordinationsPerSecond": Double(done) / seconds(elapsed), "meanLatencyMs": seconds(latency) / Double(max(1, done)) * 1000,
-            "meanNATSRoundTripMs": meanNATS, "natsRoundTripSamples": roundTrips.count,
+            "meanNATSRoundTripMs": meanNATS, "routedCoordinations": routed,
         ]
     }
 }

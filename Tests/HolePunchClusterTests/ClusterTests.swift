@@ -79,7 +79,7 @@ final class Cluster: @unchecked Sendable {
     func addInstance(linkDelay: (@Sendable (NodeID) -> Duration)? = nil) async throws -> RendezvousServer {
         let server = try await RendezvousServer.bind(configuration: RendezvousServerConfiguration(
             listen: .loopbackV4(port: 0), identity: ClusterIdentities.instance,
-            state: .init(registrationTTL: Self.ttl), housekeepingInterval: .milliseconds(100), linkDelay: linkDelay))
+            state: .init(registrationTTL: Self.ttl, rateBurst: 100), housekeepingInterval: .milliseconds(100), linkDelay: linkDelay))
         let directory = try NATSDirectory.connect(configuration())
         await server.use(directory: directory)
         servers.append(server)
@@ -156,7 +156,21 @@ struct ClusterTests {
         #expect(error?.message.contains(ClusterIdentities.c.nodeID.description) == true)
         // NATS's no-responders status answered, not the directory's request timeout.
         #expect(await cluster.servers[0].statistics().refusals == 1)
-        #expect(cluster.directories[0].statistics.noResponders == 1)
+        // Asked three times: at once, and after each of the two default retry waits.
+        #expect(cluster.directories[0].statistics.noResponders == 3)
+        await cluster.stop()
+    }
+
+    @Test("a peer that has just registered at one instance is reachable from another at once (its subscription may lag)")
+    func justRegistered() async throws {
+        guard let cluster = try await Cluster.startOrSkip(instances: 2) else { return }
+        let a = try await cluster.client(ClusterIdentities.a, at: cluster.servers[0])
+        for round in 0..<20 {
+            let fresh = try Identity.generate(commonName: "cluster-fresh-\(round)")
+            _ = try await cluster.client(fresh, at: cluster.servers[1])
+            do { _ = try await a.coordinate(to: fresh.nodeID) } catch { Issue.record("round \(round): \(error)") }
+        }
+        #expect(await cluster.servers[1].statistics().coordinations == 20)
         await cluster.stop()
     }
 
