@@ -148,6 +148,11 @@ final class NATSConnection: @unchecked Sendable {
         try natsCheck(status, "cannot publish on \(subject)")
     }
 
+    /// Blocks until NATS has processed everything sent so far (a PING/PONG round trip), at most `timeout`.
+    func flush(timeout: Duration) throws(RendezvousError) {
+        try natsCheck(natsConnection_FlushTimeout(pointer, max(1, Int64(timeout / .milliseconds(1)))), "NATS flush")
+    }
+
     deinit {
         natsConnection_Close(pointer)
         natsConnection_Destroy(pointer)

@@ -293,6 +293,12 @@ public final class NATSDirectory: RendezvousDirectory, @unchecked Sendable {
         }
     }
 
+    /// Blocks until NATS has processed this instance's subscriptions so far (tests: a registration's subject
+    /// has interest before something is published on it).
+    func flush() throws(RendezvousError) {
+        try lock.withLock { connection }?.flush(timeout: configuration.requestTimeout)
+    }
+
     // MARK: Helpers
 
     private func publishClaim(_ node: NodeID, since: Int64, on connection: NATSConnection?) {

@@ -179,6 +179,8 @@ struct ClusterTests {
         guard let cluster = try await Cluster.startOrSkip(instances: 3) else { return }
         _ = try await cluster.client(ClusterIdentities.b, at: cluster.servers[0])
         #expect(await cluster.servers[0].isRegistered(ClusterIdentities.b.nodeID))
+        // Instance 1's subscription must have reached NATS for it to hear instance 2's claim (see design-notes.md).
+        try cluster.directories[0].flush()
         let b = try await cluster.client(ClusterIdentities.b, at: cluster.servers[1])
         let dropped = await eventually(.seconds(5)) { await !cluster.servers[0].isRegistered(ClusterIdentities.b.nodeID) }
         #expect(dropped, "instance 1 still holds the peer that moved to instance 2")
@@ -258,6 +260,8 @@ struct ClusterTests {
         guard let cluster = try await Cluster.startOrSkip(instances: 2) else { return }
         let a = try await cluster.client(ClusterIdentities.a, at: cluster.servers[0])
         let b = try await cluster.client(ClusterIdentities.b, at: cluster.servers[1])
+        // B's subscription must have reached NATS, or the payloads below would go nowhere.
+        try cluster.directories[1].flush()
         let raw = try NATSConnection(url: cluster.nats.url, name: "hostile", timeout: .seconds(2), reconnectWait: .seconds(1),
                                      pingInterval: .seconds(10), maximumPayload: 1 << 20,
                                      events: NATSEvents(message: { _ in }, reconnected: {}, disconnected: {}))
