@@ -3,7 +3,8 @@
 SHELL := /bin/bash
 SWIFT ?= swift
 APT_PACKAGES := libngtcp2-dev libngtcp2-crypto-gnutls-dev libgnutls28-dev liblua5.4-dev pkg-config \
-	gnutls-bin nftables iproute2 python3 python3-venv ngtcp2-server ngtcp2-client coturn stun-client procps
+	gnutls-bin nftables iproute2 python3 python3-venv ngtcp2-server ngtcp2-client coturn stun-client procps \
+	nats-server libnats-dev
 VENV := .build/venv
 
 .PHONY: deps build test demo bench clean
@@ -28,7 +29,7 @@ build: deps
 ## test: the whole test suite (tests that need root or namespaces skip with a reason elsewhere).
 ## Suites that check real timings (start skew, idle and keep-alive timers) run second, and the real-NAT lab third,
 ## each on its own: their timings should not compete with the load and flood tests for 2 cores.
-TIMING_SUITES := RendezvousLoopbackTests|ConnectionLifecycleTests
+TIMING_SUITES := RendezvousLoopbackTests|ConnectionLifecycleTests|ClusterStartSkewTests
 test: deps
 	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test --skip HolePunchLabTests --skip '$(TIMING_SUITES)'
 	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test --skip-build --filter '$(TIMING_SUITES)'

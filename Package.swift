@@ -17,6 +17,7 @@ let package = Package(
         .library(name: "HolePunchSTUN", targets: ["HolePunchSTUN"]),
         .library(name: "HolePunchStrategy", targets: ["HolePunchStrategy"]),
         .library(name: "HolePunchRendezvous", targets: ["HolePunchRendezvous"]),
+        .library(name: "HolePunchCluster", targets: ["HolePunchCluster"]),
         .executable(name: "holepunch", targets: ["holepunch"]),
     ],
     dependencies: [
@@ -43,6 +44,11 @@ let package = Package(
             name: "CLua",
             pkgConfig: "lua5.4",
             providers: [.apt(["liblua5.4-dev"])]
+        ),
+        .systemLibrary(
+            name: "CNats",
+            pkgConfig: "libnats",
+            providers: [.apt(["libnats-dev"])]
         ),
         .target(
             name: "CHolePunchShims",
@@ -100,10 +106,20 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // Only the CLI and the tests link it: an app that embeds HolePunchRendezvous needs no libnats.
+        .target(
+            name: "HolePunchCluster",
+            dependencies: [
+                "HolePunchRendezvous", "HolePunch", "CNats",
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
         .executableTarget(
             name: "holepunch",
             dependencies: [
                 "HolePunch", "HolePunchNet", "HolePunchQUIC", "HolePunchSTUN", "HolePunchStrategy", "HolePunchRendezvous",
+                "HolePunchCluster",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -178,6 +194,11 @@ let package = Package(
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Logging", package: "swift-log"),
             ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "HolePunchClusterTests",
+            dependencies: ["HolePunchCluster", "HolePunchRendezvous", "HolePunch", "HolePunchQUIC", "ProcessTestSupport"],
             swiftSettings: swiftSettings
         ),
         .testTarget(name: "HolePunchLabTests", dependencies: [], swiftSettings: swiftSettings),

@@ -1,3 +1,4 @@
+internal import Foundation
 public import HolePunch
 public import HolePunchSTUN
 public import Logging
@@ -22,6 +23,9 @@ public struct RendezvousServerConfiguration: Sendable {
     /// Test seam: a one-way delay added to the path to a peer, in both directions (the server's writes to it
     /// are held back, and its messages are handled late, by this much). Models a far peer on loopback.
     public var linkDelay: (@Sendable (NodeID) -> Duration)?
+    /// Punch requests routed through the ``RendezvousDirectory`` and not answered yet, at most; further ones are
+    /// refused with `capacity` (each holds a task until its answer or the directory's timeout).
+    public var maxRoutedRequests = 1024
 
     /// Creates a configuration.
     public init(
@@ -79,6 +83,15 @@ public struct RendezvousStatistics: Sendable, Hashable {
     public var queuedFrames = 0
     /// The longest any one connection's reply queue has been since start.
     public var largestQueue = 0
+    /// Punch requests for peers held by other instances that were coordinated through the directory, since start.
+    public var routedCoordinations = 0
+    /// The most recent round trips of routed requests through the directory (newest last, at most 64).
+    public var recentDirectoryRoundTrips: [Duration] = []
+    /// The sum of every routed coordination's round trip through the directory, since start (over
+    /// ``routedCoordinations``: the mean).
+    public var directoryRoundTripTotal = Duration.zero
+    /// Registrations dropped since start because another instance registered the same NodeID later.
+    public var movedAway = 0
 }
 
 /// The rendezvous: a QUIC server on our stack that registers peers and coordinates their punches.
@@ -115,6 +128,13 @@ public actor RendezvousServer: Service {
     private var nextPing: UInt64 = 1
     private var stats = RendezvousStatistics()
     private var stopWaiters: [CheckedContinuation<Void, Never>] = []
+    /// The cluster's directory, if this instance is one of several (see ``use(directory:)``).
+    private var directory: (any RendezvousDirectory)?
+    /// NodeIDs announced to the directory, with their registration's wall-clock time in milliseconds.
+    private var announced: [NodeID: Int64] = [:]
+    /// The latest round trip of a routed request (sent with the next one, so the holder can plan for it).
+    private var directoryRTT = Duration.zero
+    private var routedInFlight = 0
 
     /// One peer connection, the queue its writer drains and everything else it may cost (each bounded by
     /// ``RendezvousLimits``).
@@ -226,6 +246,7 @@ public actor RendezvousServer: Service {
     public func shutdown() async {
         guard phase != .stopped else { return }
         phase = .stopped
+        await directory?.close()
         for link in links.values { link.outbox.finish() }
         await endpoint.close()
         stunServer?.stop()
@@ -256,6 +277,113 @@ public actor RendezvousServer: Service {
 
     /// Whether `node` is registered.
     public func isRegistered(_ node: NodeID) -> Bool { state.peer(node) != nil }
+
+    // MARK: Cluster
+
+    /// Makes this instance one of a cluster: registrations are announced to `directory`, and punch requests for
+    /// NodeIDs held elsewhere are routed through it. Call before ``run()``; without it the server is a single
+    /// instance, exactly as before.
+    public func use(directory: any RendezvousDirectory) {
+        self.directory = directory
+        directory.attach(self)
+    }
+
+    /// Answers a punch request another instance routed here (``RendezvousDirectory``): the target's coordinate
+    /// is queued here, the initiator's is returned for the requesting instance to send.
+    public func answerRemotePunch(_ request: RemotePunchRequest) -> RemotePunchReply {
+        guard phase == .running else {
+            return .refused(ErrorReply(requestID: request.requestID, code: RendezvousError.Code.shuttingDown.name,
+                                       message: "the instance holding the target is shutting down"))
+        }
+        let (actions, reply) = state.acceptRemotePunch(request, now: now)
+        apply(actions)
+        return reply
+    }
+
+    /// Another instance registered `node` at `claimedAt` (wall-clock milliseconds). If this instance's registration
+    /// is not newer it is dropped (the peer moved); if it is newer, it is announced again so that the other drops.
+    public func moved(_ node: NodeID, claimedAt: Int64) {
+        guard let since = announced[node], let directory else { return }
+        if since > claimedAt {
+            directory.registered(node, since: since)
+            return
+        }
+        stats.movedAway += 1
+        logger.info("peer moved to another instance", metadata: ["peer.node": "\(node.short)"])
+        apply(state.moved(node))
+    }
+
+    /// The NodeIDs this instance announced, with their registration times (a directory re-announces them after
+    /// it reconnected).
+    public func announcedRegistrations() -> [NodeID: Int64] { announced }
+
+    /// Tells the directory whether `node` is held here now, if that changed.
+    private func syncDirectory(_ node: NodeID) {
+        guard let directory else { return }
+        let holds = state.peer(node) != nil
+        if holds, announced[node] == nil {
+            let since = Int64(Date().timeIntervalSince1970 * 1000)
+            announced[node] = since
+            directory.registered(node, since: since)
+        } else if !holds, announced.removeValue(forKey: node) != nil {
+            directory.unregistered(node)
+        }
+    }
+
+    /// A punch request for a NodeID not held here: the requester's checks run here, the rest at the instance the
+    /// directory finds.
+    private func routePunch(from node: NodeID, requestID: UInt64, target: NodeID, via directory: any RendezvousDirectory) {
+        switch state.prepareRemotePunch(from: node, requestID: requestID, target: target, secret: .random(),
+                                        directoryRTT: directoryRTT, now: now) {
+        case .refused(let actions):
+            apply(actions)
+        case .forward(let request):
+            guard routedInFlight < configuration.maxRoutedRequests else {
+                apply([.send(.error(ErrorReply(requestID: requestID, code: RendezvousError.Code.capacity.name,
+                                               message: "too many punch requests routed to other instances; retry later")),
+                             to: node, after: .zero)])
+                return
+            }
+            routedInFlight += 1
+            Task { await self.finishRoute(request, via: directory) }
+        }
+    }
+
+    private func finishRoute(_ request: RemotePunchRequest, via directory: any RendezvousDirectory) async {
+        let sent = clock.now
+        let result: Result<RemotePunchReply, RendezvousError>
+        do { result = .success(try await directory.requestPunch(request)) } catch { result = .failure(error) }
+        routedInFlight -= 1
+        let roundTrip = sent.duration(to: clock.now)
+        guard phase == .running else { return }
+        func refuse(_ code: String, _ message: String) {
+            apply([.send(.error(ErrorReply(requestID: request.requestID, code: code, message: message)),
+                         to: request.initiator, after: .zero)])
+        }
+        switch result {
+        case .failure(let error) where error.code == .unknownTarget:
+            refuse(error.code.name, "no peer \(request.target) is registered at any rendezvous instance")
+        case .failure(let error):
+            refuse(error.code.name, error.message)
+        case .success(.refused(let reply)):
+            refuse(reply.code, reply.message)
+        case let .success(.coordinate(coordinate, delay)):
+            guard coordinate.requestID == request.requestID, coordinate.sessionID == request.sessionID,
+                  coordinate.sessionKey == request.sessionKey, coordinate.peer == request.target,
+                  coordinate.role == .initiator else {
+                refuse(RendezvousError.Code.protocolViolation.name, "the instance holding the target answered another request")
+                return
+            }
+            directoryRTT = roundTrip
+            stats.recentDirectoryRoundTrips.append(roundTrip)
+            if stats.recentDirectoryRoundTrips.count > 64 { stats.recentDirectoryRoundTrips.removeFirst() }
+            stats.routedCoordinations += 1
+            stats.directoryRoundTripTotal += roundTrip
+            // The holder planned for the round trip we sent; the part of this one beyond it is already spent.
+            let planned = Duration.microseconds(delay) + (Duration.microseconds(request.directoryRTTMicroseconds) - roundTrip) / 2
+            enqueue(.coordinate(coordinate), to: request.initiator, after: max(.zero, planned))
+        }
+    }
 
     // MARK: Connections
 
@@ -298,6 +426,7 @@ public actor RendezvousServer: Service {
         links[id] = nil
         if linkByNode[node] == id { linkByNode[node] = nil }
         apply(state.disconnected(node: node, connection: id))
+        syncDirectory(node)
     }
 
     /// Reads and handles the control stream until it ends or a limit is hit; returns how to close.
@@ -373,6 +502,7 @@ public actor RendezvousServer: Service {
             let actions = state.register(node: node, connection: connection, observed: link.connection.remoteAddress,
                                          registration: registration, stunServer: stun, now: at)
             apply(actions)
+            syncDirectory(node)
             if !wasCurrent, state.peer(node)?.connection == connection {
                 logger.info("peer registered", metadata: ["peer.node": "\(node.short)",
                                                           "peer.observed": "\(link.connection.remoteAddress)"])
@@ -386,7 +516,11 @@ public actor RendezvousServer: Service {
                 ping(node, samples: 1)
             }
         case .requestPunch(let requestID, let target):
-            apply(state.requestPunch(from: node, requestID: requestID, target: target, secret: .random(), now: at))
+            if let directory, state.peer(target) == nil {
+                routePunch(from: node, requestID: requestID, target: target, via: directory)
+            } else {
+                apply(state.requestPunch(from: node, requestID: requestID, target: target, secret: .random(), now: at))
+            }
         case .pong(let id):
             guard let pending = links[connection]?.pings.removeValue(forKey: id), let sent = pending.sentAt else { return }
             state.rttSample(node: node, rtt: at - sent)
@@ -419,6 +553,7 @@ public actor RendezvousServer: Service {
                 if case .coordinate(let coordinate) = message { session = coordinate.sessionID }
                 enqueue(message, to: node, after: after, sessionID: session)
             case let .close(node, connection, reason):
+                syncDirectory(node)
                 guard links[connection] != nil else { continue }
                 logger.info("peer connection closed", metadata: ["peer.node": "\(node.short)", "reason": "\(reason)"])
                 closeSoon(connection, Ending(code: RendezvousCloseCode.replaced, reason: reason))

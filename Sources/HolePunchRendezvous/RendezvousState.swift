@@ -303,67 +303,154 @@ public struct RendezvousState: Sendable {
     public mutating func requestPunch(
         from node: NodeID, requestID: UInt64, target: NodeID, secret: SessionSecret, now: Duration
     ) -> [Action] {
-        func refuse(_ code: RendezvousError.Code, _ message: String) -> [Action] {
-            [.send(.error(ErrorReply(requestID: requestID, code: code.name, message: message)), to: node, after: .zero)]
+        if let refusal = admitRequester(node, requestID: requestID, target: target, now: now) { return refusal }
+        guard let requester = peers[node], peers[target] != nil else {
+            return [refusal(node, requestID, .unknownTarget, "no peer \(target) is registered at this rendezvous")]
         }
+        if let refusal = admitTarget(target, requestID: requestID, to: node, now: now) { return refusal }
+        let plan = schedule(rttI: requester.rtt, rttT: peers[target]?.rtt)
+        let toInitiator = coordinate(requestID: requestID, secret: secret, peer: target, candidates: peers[target]!.candidates,
+                                     nat: peers[target]!.registration.nat, role: .initiator, plan: plan)
+        let toTarget = coordinate(requestID: nil, secret: secret, peer: node, candidates: requester.candidates,
+                                  nat: requester.registration.nat, role: .target, plan: plan)
+        sessions[secret.id] = Session(initiator: node, target: target, expires: now + configuration.sessionTTL,
+                                      planned: plan.planned)
+        let toI = Action.send(.coordinate(toInitiator), to: node, after: plan.initiatorDelay)
+        let toT = Action.send(.coordinate(toTarget), to: target, after: plan.targetDelay)
+        // The farther peer's message first, so that a driver that sends in order never delays it behind the nearer.
+        return [.sessionStarted(sessionID: secret.id, initiator: node, target: target, nearDelay: plan.compensation)]
+            + (plan.initiatorIsFar ? [toI, toT] : [toT, toI])
+    }
+
+    /// What to do with a punch request whose target another instance may hold (see ``RendezvousDirectory``).
+    public enum RemoteLookup: Sendable, Hashable {
+        /// Refused here (the requester's own checks failed): carry out these actions.
+        case refused([Action])
+        /// Ask the directory; the request carries this requester's candidates, NAT profile and RTT.
+        case forward(RemotePunchRequest)
+    }
+
+    /// `from` asks for a punch to `target`, which this instance does not hold: the requester's checks
+    /// (registered, its rate limit, not itself) run here; the target's run at the instance that holds it
+    /// (``acceptRemotePunch(_:now:)``). No session is recorded here: the skew needs both acks, which arrive at
+    /// two instances.
+    public mutating func prepareRemotePunch(
+        from node: NodeID, requestID: UInt64, target: NodeID, secret: SessionSecret, directoryRTT: Duration, now: Duration
+    ) -> RemoteLookup {
+        if let refusal = admitRequester(node, requestID: requestID, target: target, now: now) { return .refused(refusal) }
+        guard let requester = peers[node] else { return .refused([]) }
+        return .forward(RemotePunchRequest(
+            requestID: requestID, sessionID: secret.id, sessionKey: secret.key, initiator: node, target: target,
+            candidates: requester.candidates, nat: requester.registration.nat ?? .unknown,
+            initiatorRTTMicroseconds: requester.rtt.map { Int64($0 / .microseconds(1)) },
+            directoryRTTMicroseconds: Int64(directoryRTT / .microseconds(1))))
+    }
+
+    /// Another instance forwards a punch request for a peer held here (the request was validated on decoding).
+    ///
+    /// The target's rate limit and the session capacity apply as for a local request. The schedule treats the
+    /// initiator as `initiatorRTT + directoryRTT` away (its coordinate travels back through the directory first);
+    /// the reply tells the requesting instance how long to hold the initiator's coordinate. Returns the actions for
+    /// this instance (the target's coordinate) and the reply; a refusal has no actions.
+    public mutating func acceptRemotePunch(_ request: RemotePunchRequest, now: Duration) -> (actions: [Action], reply: RemotePunchReply) {
+        let target = request.target
+        func refused(_ actions: [Action]) -> (actions: [Action], reply: RemotePunchReply) {
+            guard case .send(.error(let reply), _, _)? = actions.first else {
+                return ([], .refused(ErrorReply(requestID: request.requestID, code: RendezvousError.Code.unknownTarget.name,
+                                                message: "refused")))
+            }
+            return ([], .refused(reply))
+        }
+        guard let held = peers[target] else {
+            return refused([refusal(request.initiator, request.requestID, .unknownTarget,
+                                    "no peer \(target) is registered at this rendezvous")])
+        }
+        if let refusal = admitTarget(target, requestID: request.requestID, to: request.initiator, now: now) {
+            return refused(refusal)
+        }
+        let initiatorRTT = request.initiatorRTTMicroseconds.map { Duration.microseconds($0 + request.directoryRTTMicroseconds) }
+        let plan = schedule(rttI: initiatorRTT, rttT: held.rtt)
+        let secret = SessionSecret(id: request.sessionID, key: request.sessionKey)
+        let toInitiator = coordinate(requestID: request.requestID, secret: secret, peer: target, candidates: held.candidates,
+                                     nat: held.registration.nat, role: .initiator, plan: plan)
+        let toTarget = coordinate(requestID: nil, secret: secret, peer: request.initiator, candidates: request.candidates,
+                                  nat: request.nat, role: .target, plan: plan)
+        return ([
+            .sessionStarted(sessionID: secret.id, initiator: request.initiator, target: target, nearDelay: plan.compensation),
+            .send(.coordinate(toTarget), to: target, after: plan.targetDelay),
+        ], .coordinate(toInitiator, delayMicroseconds: Int64(plan.initiatorDelay / .microseconds(1))))
+    }
+
+    /// The holding instance moved `node` away: another instance has a newer registration of it. The registration
+    /// goes, and its connection is closed, so that the peer is reachable at the newer instance only.
+    public mutating func moved(_ node: NodeID) -> [Action] {
+        guard let peer = peers.removeValue(forKey: node) else { return [] }
+        return [.close(node, connection: peer.connection, reason: "registered at another instance")]
+    }
+
+    private func refusal(_ node: NodeID, _ requestID: UInt64, _ code: RendezvousError.Code, _ message: String) -> Action {
+        .send(.error(ErrorReply(requestID: requestID, code: code.name, message: message)), to: node, after: .zero)
+    }
+
+    /// The requester's checks: registered, within its rate limit, not asking for itself. Nil when admitted.
+    private mutating func admitRequester(_ node: NodeID, requestID: UInt64, target: NodeID, now: Duration) -> [Action]? {
         guard var requester = peers[node] else {
-            return refuse(.notRegistered, "register before asking for a punch")
+            return [refusal(node, requestID, .notRegistered, "register before asking for a punch")]
         }
         guard take(&requester, now: now) else {
             peers[node] = requester
-            return refuse(.rateLimited, "more than \(Int(configuration.rateBurst)) requests at once or "
-                          + "\(configuration.ratePerSecond)/s; retry later")
+            return [refusal(node, requestID, .rateLimited, "more than \(Int(configuration.rateBurst)) requests at once or "
+                            + "\(configuration.ratePerSecond)/s; retry later")]
         }
         peers[node] = requester
-        guard target != node else { return refuse(.selfTarget, "cannot punch to yourself") }
-        guard var other = peers[target] else {
-            return refuse(.unknownTarget, "no peer \(target) is registered at this rendezvous")
-        }
+        guard target != node else { return [refusal(node, requestID, .selfTarget, "cannot punch to yourself")] }
+        return nil
+    }
+
+    /// The target's checks (it is held here): its punch-request bucket and the session capacity. Nil when admitted.
+    private mutating func admitTarget(_ target: NodeID, requestID: UInt64, to node: NodeID, now: Duration) -> [Action]? {
+        guard var other = peers[target] else { return nil }
         guard Self.take(&other.targetTokens, &other.targetRefilled, burst: configuration.targetRateBurst,
                         rate: configuration.targetRatePerSecond, now: now) else {
             peers[target] = other
-            return refuse(.rateLimited, "peer \(target.short) receives more than \(Int(configuration.targetRateBurst)) "
-                          + "punch requests at once or \(configuration.targetRatePerSecond)/s; retry later")
+            return [refusal(node, requestID, .rateLimited, "peer \(target.short) receives more than "
+                            + "\(Int(configuration.targetRateBurst)) punch requests at once or "
+                            + "\(configuration.targetRatePerSecond)/s; retry later")]
         }
         peers[target] = other
         guard sessions.count < configuration.maxSessions else {
-            return refuse(.capacity, "the rendezvous holds its maximum of sessions; retry later")
+            return [refusal(node, requestID, .capacity, "the rendezvous holds its maximum of sessions; retry later")]
         }
-        let rttI = requester.rtt ?? .zero
-        let rttT = other.rtt ?? .zero
+        return nil
+    }
+
+    /// When each peer's coordinate goes out: the farther at once, the nearer after half the RTT difference (capped).
+    private struct Plan {
+        var initiatorDelay: Duration
+        var targetDelay: Duration
+        var compensation: Duration
+        /// Residual skew the estimates predict once compensation is capped (zero unless the cap bites).
+        var planned: Duration
+        var hint: Int64?
+        var initiatorIsFar: Bool
+    }
+
+    private func schedule(rttI measuredI: Duration?, rttT measuredT: Duration?) -> Plan {
+        let rttI = measuredI ?? .zero
+        let rttT = measuredT ?? .zero
         let half = (rttI > rttT ? rttI - rttT : rttT - rttI) / 2
         let compensation = min(half, configuration.maxCompensation)
+        let hint: Int64? = (measuredI != nil && measuredT != nil) ? Int64((rttI + rttT) / 2 / .microseconds(1)) : nil
         let initiatorIsFar = rttI >= rttT
-        let pairRTT = (rttI + rttT) / 2
-        let hint: Int64? = (requester.rtt != nil && other.rtt != nil) ? Int64(pairRTT / .microseconds(1)) : nil
-        let start = Int64(configuration.startDelay / .microseconds(1))
-        let toInitiator = Coordinate(
-            requestID: requestID, sessionID: secret.id, sessionKey: secret.key, peer: target,
-            candidates: other.candidates, peerNAT: other.registration.nat ?? .unknown,
-            role: .initiator, startDelayMicroseconds: start, peerRTTMicroseconds: hint
-        )
-        let toTarget = Coordinate(
-            requestID: nil, sessionID: secret.id, sessionKey: secret.key, peer: node,
-            candidates: requester.candidates,
-            peerNAT: requester.registration.nat ?? .unknown,
-            role: .target, startDelayMicroseconds: start, peerRTTMicroseconds: hint
-        )
-        // Residual skew the estimates predict once compensation is capped (zero unless the cap bites).
-        let planned = half - compensation
-        sessions[secret.id] = Session(initiator: node, target: target, expires: now + configuration.sessionTTL, planned: planned)
-        let far: Action
-        let near: Action
-        if initiatorIsFar {
-            far = .send(.coordinate(toInitiator), to: node, after: .zero)
-            near = .send(.coordinate(toTarget), to: target, after: compensation)
-        } else {
-            far = .send(.coordinate(toTarget), to: target, after: .zero)
-            near = .send(.coordinate(toInitiator), to: node, after: compensation)
-        }
-        return [
-            .sessionStarted(sessionID: secret.id, initiator: node, target: target, nearDelay: compensation),
-            far, near,
-        ]
+        return Plan(initiatorDelay: initiatorIsFar ? .zero : compensation, targetDelay: initiatorIsFar ? compensation : .zero,
+                    compensation: compensation, planned: half - compensation, hint: hint, initiatorIsFar: initiatorIsFar)
+    }
+
+    private func coordinate(requestID: UInt64?, secret: SessionSecret, peer: NodeID, candidates: [SocketAddress],
+                            nat: NATProfile?, role: PunchRole, plan: Plan) -> Coordinate {
+        Coordinate(requestID: requestID, sessionID: secret.id, sessionKey: secret.key, peer: peer, candidates: candidates,
+                   peerNAT: nat ?? .unknown, role: role,
+                   startDelayMicroseconds: Int64(configuration.startDelay / .microseconds(1)), peerRTTMicroseconds: plan.hint)
     }
 
     /// The driver actually wrote a session's coordinate message to `node` at `now`.

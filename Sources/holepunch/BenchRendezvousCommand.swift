@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import HolePunch
+import HolePunchCluster
 import HolePunchRendezvous
 import Logging
 
@@ -17,7 +18,12 @@ struct BenchRendezvousCommand: AsyncParsableCommand {
             frames as the server does. (2) Real QUIC: --quic-peers peers, each with its own endpoint, executor and \
             client, register at an in-process RendezvousServer on 127.0.0.1; half of them then request \
             --quic-coordinations punches to the other half over their control streams (the targets only \
-            acknowledge: no punches run). Goal: 10,000 registered peers and >= 1,000 coordinations/s.
+            acknowledge: no punches run). Goal: 10,000 registered peers and >= 1,000 coordinations/s. \
+            (3) With --instances 1,2,4: for each count, a nats-server child on 127.0.0.1 and that many in-process \
+            instances joined through it; the --quic-peers peers are spread over the instances so that every \
+            initiator's target is held by another instance (when there are several), and the share of each \
+            coordination's latency spent on the NATS round trip is reported. All instances share this process's \
+            cores: the figures show the routing's cost, not a scale-out.
             """
     )
 
@@ -33,12 +39,22 @@ struct BenchRendezvousCommand: AsyncParsableCommand {
     @Option(help: "Coordinations over real QUIC.")
     var quicCoordinations: Int = 4_000
 
+    @Option(help: "Instance counts for the cluster part, e.g. 1,2,4 (needs nats-server; none: skip it).")
+    var instances: String?
+
     @Option(help: "Also write the figures as JSON to this file.")
     var json: String?
 
     func validate() throws {
         guard peers >= 2, coordinations >= 1 else { throw ValidationError("--peers must be >= 2 and --coordinations >= 1") }
         guard quicPeers == 0 || quicPeers >= 2 else { throw ValidationError("--quic-peers must be 0 or >= 2") }
+        if let counts = instanceCounts {
+            guard !counts.isEmpty, counts.allSatisfy({ (1...16).contains($0) }), quicPeers >= 2 else {
+                throw ValidationError("--instances takes counts from 1 to 16, e.g. 1,2,4, and needs --quic-peers >= 2")
+            }
+        } else if instances != nil {
+            throw ValidationError("--instances takes comma-separated counts, e.g. 1,2,4")
+        }
     }
 
     func run() async throws {
@@ -92,6 +108,11 @@ struct BenchRendezvousCommand: AsyncParsableCommand {
             quic = try await realQUIC(clock: clock)
         }
 
+        var cluster: [[String: Any]] = []
+        for count in instanceCounts ?? [] {
+            cluster.append(try await clusterRun(instances: count, clock: clock))
+        }
+
         // MARK: Report
         print("bench rendezvous (one process)")
         print("state machine: in-memory registrations, no sockets")
@@ -111,6 +132,17 @@ struct BenchRendezvousCommand: AsyncParsableCommand {
             print(row("target copies received", "\(quic["targetCopies"] as? Int ?? 0)"))
             print(row("server sessions created", "\(quic["serverCoordinations"] as? Int ?? 0)"))
         }
+        if !cluster.isEmpty {
+            print("cluster over NATS: \(quicPeers) peers spread over the instances, one nats-server, all on 127.0.0.1, one process")
+            print("  instances  registrations  coordinations/s  mean latency  mean NATS round trip  NATS share")
+            for run in cluster {
+                let latency = run["meanLatencyMs"] as? Double ?? 0
+                let nats = run["meanNATSRoundTripMs"] as? Double ?? 0
+                print(String(format: "  %9d  %13d  %15.0f  %9.2f ms  %17.2f ms  %9.0f%%", run["instances"] as? Int ?? 0,
+                             run["registrations"] as? Int ?? 0, run["coordinationsPerSecond"] as? Double ?? 0, latency, nats,
+                             latency > 0 ? 100 * nats / latency : 0))
+            }
+        }
         let goalPeers = registered >= 10_000
         let goalRate = stateRate >= 1000 && (quic.isEmpty || (quic["coordinationsPerSecond"] as? Double ?? 0) >= 1000)
         print("goal: 10,000 registered peers \(goalPeers ? "met" : "NOT met"), >= 1,000 coordinations/s \(goalRate ? "met" : "NOT met")")
@@ -124,6 +156,7 @@ struct BenchRendezvousCommand: AsyncParsableCommand {
                     "averageFrameBytes": frameBytes / max(1, 2 * coordinations),
                 ],
                 "quic": quic,
+                "cluster": cluster,
                 "goalMet": goalPeers && goalRate,
             ]
             let data = try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])
@@ -196,6 +229,118 @@ struct BenchRendezvousCommand: AsyncParsableCommand {
             "registerMs": seconds(registerTime) * 1000, "coordinations": done,
             "coordinationsPerSecond": Double(done) / seconds(elapsed), "targetCopies": targetCopies,
             "serverCoordinations": statistics.coordinations,
+        ]
+    }
+}
+
+extension BenchRendezvousCommand {
+    /// The parsed --instances list, nil when absent or malformed.
+    var instanceCounts: [Int]? {
+        guard let instances else { return nil }
+        let counts = instances.split(separator: ",").map { Int($0.trimmingCharacters(in: .whitespaces)) }
+        return counts.contains(nil) ? nil : counts.compactMap { $0 }
+    }
+
+    /// One cluster run: a nats-server child, `instances` in-process rendezvous instances joined through it,
+    /// `quicPeers` clients spread over them; initiator i's target is held by the next instance.
+    private func clusterRun(instances: Int, clock: ContinuousClock) async throws -> [String: Any] {
+        guard let binary = ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
+            .first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
+            throw cliFailure("nats-server is not installed", hint: "make deps installs it (apt-get install nats-server)")
+        }
+        let nats = Process()
+        let log = Pipe()
+        nats.executableURL = URL(fileURLWithPath: binary)
+        nats.arguments = ["-a", "127.0.0.1", "-p", "-1"]
+        nats.standardError = log
+        nats.standardOutput = FileHandle.nullDevice
+        try nats.run()
+        defer {
+            kill(nats.processIdentifier, SIGKILL)
+            nats.waitUntilExit()
+        }
+        // The port nats-server picked is in its "Listening for client connections on HOST:PORT" line.
+        var text = ""
+        while !text.contains("Server is ready") {
+            let chunk = log.fileHandleForReading.availableData
+            guard !chunk.isEmpty else { throw cliFailure("nats-server exited: \(text)", hint: nil) }
+            text += String(decoding: chunk, as: UTF8.self)
+        }
+        guard let line = text.split(separator: "\n").first(where: { $0.contains("Listening for client connections on") }),
+              let port = line.split(separator: ":").last.map(String.init) else {
+            throw cliFailure("cannot read nats-server's port from its log", hint: nil)
+        }
+        let url = "nats://127.0.0.1:\(port)"
+        var servers: [RendezvousServer] = []
+        var tasks: [Task<Void, any Error>] = []
+        for _ in 0..<instances {
+            let server = try await RendezvousServer.bind(configuration: RendezvousServerConfiguration(
+                listen: .loopbackV4(port: 0), identity: try Identity.generate(),
+                state: .init(maxSessions: quicCoordinations + 16, rateBurst: Double(quicCoordinations), ratePerSecond: 1e9,
+                             targetRateBurst: Double(quicCoordinations), targetRatePerSecond: 1e9),
+                limits: RendezvousLimits(messageBurst: 1e12, messagesPerSecond: 1e12, maxQueuedFrames: 4 * quicCoordinations + 64)))
+            let directory: NATSDirectory
+            do { directory = try NATSDirectory.connect(NATSDirectoryConfiguration(url: url, subjectPrefix: "bench")) } catch {
+                throw cliFailure(error.message, hint: nil)
+            }
+            await server.use(directory: directory)
+            servers.append(server)
+            tasks.append(Task { try await server.run() })
+        }
+        let half = quicPeers / 2
+        var clients: [RendezvousClient] = []
+        for i in 0..<quicPeers {
+            // Initiator i sits at instance i % n, its target (half + i) at the next one.
+            let server = servers[(i < half ? i : i - half + 1) % instances]
+            let endpoint = try await Endpoint.bind(.loopbackV4(port: 0), configuration: EndpointConfiguration(
+                identity: try Identity.generate(), acceptPolicy: .none))
+            var configuration = RendezvousClientConfiguration(server: server.address, serverNodeID: server.nodeID, requestTimeout: .seconds(30))
+            configuration.acceptsPunches = false
+            clients.append(RendezvousClient(executor: PunchExecutor(endpoint: endpoint), configuration: configuration))
+        }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for client in clients { group.addTask { _ = try await client.connect() } }
+            try await group.waitForAll()
+        }
+        var registrations = 0
+        for server in servers { registrations += await server.statistics().registrations }
+        let perInitiator = max(1, quicCoordinations / half)
+        let start = clock.now
+        let (done, latency) = try await withThrowingTaskGroup(of: (Int, Duration).self) { group in
+            for i in 0..<half {
+                let initiator = clients[i]
+                let target = clients[half + i].nodeID
+                group.addTask {
+                    var total = Duration.zero
+                    for _ in 0..<perInitiator {
+                        let sent = clock.now
+                        _ = try await initiator.coordinate(to: target)
+                        total += sent.duration(to: clock.now)
+                    }
+                    return (perInitiator, total)
+                }
+            }
+            return try await group.reduce((0, Duration.zero)) { ($0.0 + $1.0, $0.1 + $1.1) }
+        }
+        let elapsed = clock.now - start
+        var roundTripTotal = Duration.zero
+        var routed = 0
+        for server in servers {
+            let statistics = await server.statistics()
+            roundTripTotal += statistics.directoryRoundTripTotal
+            routed += statistics.routedCoordinations
+        }
+        for client in clients {
+            await client.close()
+            await client.executor.endpoint.close()
+        }
+        for server in servers { await server.shutdown() }
+        for task in tasks { _ = await task.result }
+        let meanNATS = routed == 0 ? 0 : seconds(roundTripTotal) / Double(routed) * 1000
+        return [
+            "instances": instances, "peers": quicPeers, "registrations": registrations, "coordinations": done,
+            "coordinationsPerSecond": Double(done) / seconds(elapsed), "meanLatencyMs": seconds(latency) / Double(max(1, done)) * 1000,
+            "meanNATSRoundTripMs": meanNATS, "routedCoordinations": routed,
         ]
     }
 }

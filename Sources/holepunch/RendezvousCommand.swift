@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import HolePunch
+import HolePunchCluster
 import HolePunchRendezvous
 import HolePunchSTUN
 import Logging
@@ -15,7 +16,8 @@ struct RendezvousCommand: AsyncParsableCommand {
             that NodeID with `peer --rendezvous-id`; --identity keeps it stable across restarts and --node-id-file \
             writes it for scripts. STUN runs on --stun-port (default listen port + 1) with its alternate port \
             (--alt-port, default STUN port + 1) and, when given, the alternate IP (--alt-address). SIGTERM or \
-            SIGINT shut down gracefully.
+            SIGINT shut down gracefully. With --cluster nats://HOST:PORT, instances sharing that NATS (and an identity) \
+            form one rendezvous: a peer registered at any of them is reachable from all (docs/rendezvous.md).
             """
     )
 
@@ -64,6 +66,15 @@ struct RendezvousCommand: AsyncParsableCommand {
     @Option(help: "Peer connections held at most (in any state).")
     var maxConnections: Int = RendezvousLimits().maxConnections
 
+    @Option(help: "Join a cluster of instances through NATS at this URL (nats://HOST:PORT): peers registered at any instance are reachable from every other.")
+    var cluster: String?
+
+    @Flag(help: "With --cluster: when NATS is unreachable at start, run as a single instance instead of failing.")
+    var clusterOptional = false
+
+    @Option(help: "With --cluster: subject prefix shared by the instances of one deployment.")
+    var clusterPrefix: String = "hp"
+
     @Flag(help: "Print the start line as JSON.")
     var json = false
 
@@ -73,6 +84,10 @@ struct RendezvousCommand: AsyncParsableCommand {
     func validate() throws {
         guard messageBurst >= 1, messagesPerSecond > 0 else {
             throw ValidationError("--message-burst must be >= 1 and --messages-per-second > 0")
+        }
+        if clusterOptional, cluster == nil { throw ValidationError("--cluster-optional needs --cluster") }
+        guard NATSDirectory.isSubject(clusterPrefix), !clusterPrefix.contains("*"), !clusterPrefix.contains(">") else {
+            throw ValidationError("--cluster-prefix must be printable, without spaces or wildcards")
         }
         guard maxQueuedReplies >= 1, maxConnections >= 1 else {
             throw ValidationError("--max-queued-replies and --max-connections must be >= 1")
@@ -114,6 +129,18 @@ struct RendezvousCommand: AsyncParsableCommand {
         let server: RendezvousServer
         do { server = try await RendezvousServer.bind(configuration: configuration, logger: logger) } catch {
             throw cliFailure("\(error.message)", hint: "is the port (or listen port + 1 for STUN) already in use? try --stun-port or --no-stun")
+        }
+        if let cluster {
+            do {
+                let directory = try NATSDirectory.connect(NATSDirectoryConfiguration(url: cluster, subjectPrefix: clusterPrefix),
+                                                          logger: logger)
+                await server.use(directory: directory)
+            } catch where clusterOptional {
+                FileHandle.standardError.write(Data("warning: \(error.message); running as a single instance\n".utf8))
+            } catch {
+                await server.shutdown()
+                throw cliFailure(error.message, hint: "start nats-server, check --cluster, or add --cluster-optional")
+            }
         }
         if let nodeIDFile {
             do { try (server.nodeID.description + "\n").write(toFile: nodeIDFile, atomically: true, encoding: .utf8) } catch {

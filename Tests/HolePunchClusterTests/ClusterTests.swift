@@ -1,0 +1,377 @@
+import Foundation
+import HolePunch
+@testable import HolePunchCluster
+import HolePunchQUIC
+import HolePunchRendezvous
+import ProcessTestSupport
+import Testing
+
+enum ClusterIdentities {
+    static let instance = try! Identity.generate(commonName: "cluster-instance")
+    static let a = try! Identity.generate(commonName: "cluster-a")
+    static let b = try! Identity.generate(commonName: "cluster-b")
+    static let c = try! Identity.generate(commonName: "cluster-c")
+}
+
+/// A `nats-server` child on 127.0.0.1 (a port it picks, or the one given), killed by PID.
+final class NATSServerProcess: @unchecked Sendable {
+    // @unchecked Sendable: set once in init, then only read.
+    let child: Child
+    let port: Int
+    var url: String { "nats://127.0.0.1:\(port)" }
+
+    /// Nil (with a note) when nats-server is not installed.
+    static func startOrSkip(port: Int? = nil) async throws -> NATSServerProcess? {
+        guard let binary = ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
+            .first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
+            print("skipped: nats-server is not installed (make deps installs it)")
+            return nil
+        }
+        return try await NATSServerProcess(binary: binary, port: port)
+    }
+
+    private init(binary: String, port: Int?) async throws {
+        let dir = try scratchDirectory("nats")
+        let child = try Child(binary, ["-a", "127.0.0.1", "-p", String(port ?? -1)], directory: dir)
+        self.child = child
+        let ready = await eventually(.seconds(10)) { child.stderr.text.contains("Server is ready") }
+        if !ready { child.stop() }
+        try #require(ready, "nats-server did not start: \(child.stderr.text)")
+        let text = child.stderr.text
+        let line = try #require(text.split(separator: "\n").first { $0.contains("Listening for client connections on") })
+        self.port = try #require(line.split(separator: ":").last.flatMap { Int($0) })
+    }
+
+    func stop() { child.stop() }
+
+    /// A test that fails half-way still leaves no nats-server behind.
+    deinit { child.stop() }
+}
+
+/// Rendezvous instances sharing one NATS, each with its own directory, and clients registered at them.
+final class Cluster: @unchecked Sendable {
+    // @unchecked Sendable: the arrays are only touched by the test's own task.
+    let nats: NATSServerProcess
+    let prefix = "t\(UInt32.random(in: 0...UInt32.max))"
+    var servers: [RendezvousServer] = []
+    var directories: [NATSDirectory] = []
+    var tasks: [Task<Void, any Error>] = []
+    var clients: [RendezvousClient] = []
+    static let ttl = Duration.seconds(3)
+
+    init(nats: NATSServerProcess) { self.nats = nats }
+
+    /// A NATS server and `instances` instances joined through it; nil (skipped) without nats-server.
+    static func startOrSkip(instances: Int) async throws -> Cluster? {
+        guard let nats = try await NATSServerProcess.startOrSkip() else { return nil }
+        let cluster = Cluster(nats: nats)
+        for _ in 0..<instances { try await cluster.addInstance() }
+        return cluster
+    }
+
+    func configuration() -> NATSDirectoryConfiguration {
+        NATSDirectoryConfiguration(url: nats.url, subjectPrefix: prefix, connectTimeout: .seconds(2),
+                                   requestTimeout: .seconds(2), reconnectWait: .milliseconds(100),
+                                   pingInterval: .milliseconds(500))
+    }
+
+    @discardableResult
+    func addInstance(linkDelay: (@Sendable (NodeID) -> Duration)? = nil) async throws -> RendezvousServer {
+        let server = try await RendezvousServer.bind(configuration: RendezvousServerConfiguration(
+            listen: .loopbackV4(port: 0), identity: ClusterIdentities.instance,
+            state: .init(registrationTTL: Self.ttl, rateBurst: 100), housekeepingInterval: .milliseconds(100), linkDelay: linkDelay))
+        let directory = try NATSDirectory.connect(configuration())
+        await server.use(directory: directory)
+        servers.append(server)
+        directories.append(directory)
+        tasks.append(Task { try await server.run() })
+        return server
+    }
+
+    func client(_ identity: Identity, at server: RendezvousServer) async throws -> RendezvousClient {
+        let endpoint = try await Endpoint.bind(.loopbackV4(port: 0), configuration: EndpointConfiguration(identity: identity, acceptPolicy: .none))
+        let client = RendezvousClient(executor: PunchExecutor(endpoint: endpoint), configuration: RendezvousClientConfiguration(
+            server: server.address, serverNodeID: server.nodeID, requestTimeout: .seconds(5), punchTimeout: .seconds(10)))
+        clients.append(client)
+        _ = try await client.connect()
+        return client
+    }
+
+    func stop() async {
+        for client in clients {
+            await client.close()
+            await client.executor.shutdown()
+            await client.executor.endpoint.close()
+        }
+        for server in servers { await server.shutdown() }
+        for task in tasks { _ = await task.result }
+        nats.stop()
+    }
+}
+
+/// `from` punches to `to` through their rendezvous instances; a line goes each way on the punched connection.
+func punchCarriesLine(from: RendezvousClient, to: RendezvousClient) async throws {
+    let accepted = Task { () -> QUICConnection? in
+        for await connection in to.incoming { return connection }
+        return nil
+    }
+    let target = to.executor.endpoint.nodeID
+    let connection = try await withDeadline(.seconds(20)) { try await from.requestPunch(to: target) }
+    let inbound = try #require(try await withDeadline(.seconds(20)) { await accepted.value })
+    #expect(connection.peerNodeID == target)
+    #expect(inbound.peerNodeID == from.executor.endpoint.nodeID)
+    let stream = try await connection.openStream()
+    try await stream.write(Array("ping\n".utf8))
+    let incoming = try #require(try await inbound.acceptStream())
+    #expect(try await incoming.read().map { String(decoding: $0, as: UTF8.self) } == "ping\n")
+    try await incoming.write(Array("pong\n".utf8))
+    #expect(try await stream.read().map { String(decoding: $0, as: UTF8.self) } == "pong\n")
+}
+
+@Suite("Rendezvous cluster over NATS", .serialized)
+struct ClusterTests {
+    @Test("three instances, peers at different ones: punches routed through NATS connect and carry a line")
+    func threeInstances() async throws {
+        guard let cluster = try await Cluster.startOrSkip(instances: 3) else { return }
+        let a = try await cluster.client(ClusterIdentities.a, at: cluster.servers[0])
+        let b = try await cluster.client(ClusterIdentities.b, at: cluster.servers[1])
+        let c = try await cluster.client(ClusterIdentities.c, at: cluster.servers[2])
+        try await punchCarriesLine(from: a, to: b)
+        try await punchCarriesLine(from: c, to: a)
+        #expect(await cluster.servers[0].statistics().routedCoordinations == 1)
+        #expect(await cluster.servers[1].statistics().coordinations == 1)
+        #expect(await cluster.servers[2].statistics().routedCoordinations == 1)
+        #expect(await cluster.servers[0].statistics().coordinations == 1)
+        await cluster.stop()
+    }
+
+    @Test("a NodeID registered at no instance: unknownTarget naming it, from NATS's no-responders status")
+    func unknownEverywhere() async throws {
+        guard let cluster = try await Cluster.startOrSkip(instances: 2) else { return }
+        let a = try await cluster.client(ClusterIdentities.a, at: cluster.servers[0])
+        let error = await #expect(throws: RendezvousError.self) {
+            _ = try await a.requestPunch(to: ClusterIdentities.c.nodeID)
+        }
+        #expect(error?.code == .unknownTarget)
+        #expect(error?.message.contains(ClusterIdentities.c.nodeID.description) == true)
+        // NATS's no-responders status answered, not the directory's request timeout.
+        #expect(await cluster.servers[0].statistics().refusals == 1)
+        // Asked three times: at once, and after each of the two default retry waits.
+        #expect(cluster.directories[0].statistics.noResponders == 3)
+        await cluster.stop()
+    }
+
+    @Test("a peer that has just registered at one instance is reachable from another at once (its subscription may lag)")
+    func justRegistered() async throws {
+        guard let cluster = try await Cluster.startOrSkip(instances: 2) else { return }
+        let a = try await cluster.client(ClusterIdentities.a, at: cluster.servers[0])
+        for round in 0..<20 {
+            let fresh = try Identity.generate(commonName: "cluster-fresh-\(round)")
+            _ = try await cluster.client(fresh, at: cluster.servers[1])
+            do { _ = try await a.coordinate(to: fresh.nodeID) } catch { Issue.record("round \(round): \(error)") }
+        }
+        #expect(await cluster.servers[1].statistics().coordinations == 20)
+        await cluster.stop()
+    }
+
+    @Test("a peer moved from instance 1 to 2 is dropped at 1 and reached at 2 only")
+    func moved() async throws {
+        guard let cluster = try await Cluster.startOrSkip(instances: 3) else { return }
+        _ = try await cluster.client(ClusterIdentities.b, at: cluster.servers[0])
+        #expect(await cluster.servers[0].isRegistered(ClusterIdentities.b.nodeID))
+        // Instance 1's subscription must have reached NATS for it to hear instance 2's claim (see design-notes.md).
+        try cluster.directories[0].flush()
+        let b = try await cluster.client(ClusterIdentities.b, at: cluster.servers[1])
+        let dropped = await eventually(.seconds(5)) { await !cluster.servers[0].isRegistered(ClusterIdentities.b.nodeID) }
+        #expect(dropped, "instance 1 still holds the peer that moved to instance 2")
+        #expect(await cluster.servers[0].statistics().movedAway == 1)
+        let a = try await cluster.client(ClusterIdentities.a, at: cluster.servers[2])
+        try await punchCarriesLine(from: a, to: b)
+        #expect(await cluster.servers[1].statistics().coordinations == 1)
+        #expect(await cluster.servers[0].statistics().coordinations == 0)
+        await cluster.stop()
+    }
+
+    @Test("an instance dies: its peer re-registers at another and is reachable at once (no stale entry to wait out)")
+    func instanceDies() async throws {
+        guard let cluster = try await Cluster.startOrSkip(instances: 3) else { return }
+        _ = try await cluster.client(ClusterIdentities.b, at: cluster.servers[0])
+        let a = try await cluster.client(ClusterIdentities.a, at: cluster.servers[2])
+        await cluster.servers[0].shutdown()
+        let b = try await cluster.client(ClusterIdentities.b, at: cluster.servers[1])
+        try await punchCarriesLine(from: a, to: b)
+        #expect(await cluster.servers[1].statistics().coordinations == 1)
+        await cluster.stop()
+    }
+
+    @Test("NATS restarts: instances reconnect, re-subscribe, and routing works again")
+    func natsRestarts() async throws {
+        guard let cluster = try await Cluster.startOrSkip(instances: 2) else { return }
+        let a = try await cluster.client(ClusterIdentities.a, at: cluster.servers[0])
+        let b = try await cluster.client(ClusterIdentities.b, at: cluster.servers[1])
+        cluster.nats.stop()
+        guard let restarted = try await NATSServerProcess.startOrSkip(port: cluster.nats.port) else { return }
+        defer { restarted.stop() }
+        let back = await eventually(.seconds(10)) { cluster.directories.allSatisfy { $0.statistics.reconnects >= 1 } }
+        #expect(back, "the instances did not reconnect to the restarted NATS")
+        // Re-subscription is asynchronous in the library: the first request may still find no responder.
+        let routed = await eventually(.seconds(10)) {
+            (try? await withDeadline(.seconds(5)) { try await a.coordinate(to: ClusterIdentities.b.nodeID) }) != nil
+        }
+        #expect(routed, "no punch request was routed after NATS came back")
+        _ = b
+        await cluster.stop()
+    }
+
+    @Test("NATS unreachable at start: connect fails with connectionFailed naming the URL")
+    func unreachable() async throws {
+        guard let nats = try await NATSServerProcess.startOrSkip() else { return }
+        nats.stop()  // Its port is now free: nothing listens there.
+        let url = nats.url
+        let error = #expect(throws: RendezvousError.self) {
+            _ = try NATSDirectory.connect(NATSDirectoryConfiguration(url: url, connectTimeout: .milliseconds(500)))
+        }
+        #expect(error?.code == .connectionFailed)
+        #expect(error?.message.contains(url) == true)
+    }
+
+    @Test("CLI: --cluster to an unreachable NATS exits 1 with one error line; --cluster-optional runs single-instance")
+    func cliUnreachable() async throws {
+        guard let holepunch = holepunchBinaryOrSkip() else { return }
+        guard let nats = try await NATSServerProcess.startOrSkip() else { return }
+        nats.stop()
+        let dir = try scratchDirectory("cluster-cli")
+        let failing = try Child(holepunch, ["rendezvous", "--listen", "127.0.0.1:0", "--no-stun", "--cluster", nats.url],
+                                directory: dir)
+        defer { failing.stop() }
+        #expect(await failing.waitExit(.seconds(15)) == 1)
+        let lines = failing.stderr.text.split(separator: "\n")
+        #expect(lines.first?.hasPrefix("error: cannot connect to NATS at \(nats.url)") == true, "\(failing.stderr.text)")
+        #expect(failing.stdout.text.isEmpty)
+
+        let (optional, _) = try await startRendezvous(holepunch, in: dir, extra: ["--no-stun", "--cluster", nats.url,
+                                                                                 "--cluster-optional"])
+        defer { optional.stop() }
+        #expect(optional.stderr.text.contains("single instance"))
+    }
+
+    @Test("hostile NATS payloads (garbage, oversized, out-of-range fields, forged claims) are dropped; routing still works")
+    func hostilePayloads() async throws {
+        guard let cluster = try await Cluster.startOrSkip(instances: 2) else { return }
+        let a = try await cluster.client(ClusterIdentities.a, at: cluster.servers[0])
+        let b = try await cluster.client(ClusterIdentities.b, at: cluster.servers[1])
+        // B's subscription must have reached NATS, or the payloads below would go nowhere.
+        try cluster.directories[1].flush()
+        let raw = try NATSConnection(url: cluster.nats.url, name: "hostile", timeout: .seconds(2), reconnectWait: .seconds(1),
+                                     pingInterval: .seconds(10), maximumPayload: 1 << 20,
+                                     events: NATSEvents(message: { _ in }, reconnected: {}, disconnected: {}))
+        let subject = "\(cluster.prefix).node.\(ClusterIdentities.b.nodeID)"
+        let valid = RemotePunchRequest(requestID: 1, sessionID: "abc", sessionKey: Array(repeating: 7, count: 32),
+                                       initiator: ClusterIdentities.c.nodeID, target: ClusterIdentities.b.nodeID,
+                                       candidates: [.loopbackV4(port: 9)], nat: .unknown, initiatorRTTMicroseconds: 1000,
+                                       directoryRTTMicroseconds: 0)
+        func body(_ message: NodeSubjectMessage) -> [UInt8] { Array(RendezvousFraming.frame(message).dropFirst(4)) }
+        var tooMany = valid
+        tooMany.candidates = Array(repeating: .loopbackV4(port: 9), count: 100)
+        var badKey = valid
+        badKey.sessionKey = [1]
+        var selfPunch = valid
+        selfPunch.initiator = ClusterIdentities.b.nodeID
+        let hostile: [[UInt8]] = [
+            Array("not json".utf8), Array(repeating: 0x7B, count: 200_000), body(.punch(tooMany)), body(.punch(badKey)),
+            body(.punch(selfPunch)), body(.claim(instance: String(repeating: "x", count: 500), since: .max)),
+        ]
+        for payload in hostile { try raw.publish(subject, payload, reply: "\(cluster.prefix).evil") }
+        // A well-formed claim that is older than B's registration: B stays, and is claimed again by its holder.
+        try raw.publish(subject, body(.claim(instance: "old", since: 0)))
+        let dropped = await eventually(.seconds(5)) { cluster.directories[1].statistics.dropped >= hostile.count }
+        #expect(dropped, "dropped \(cluster.directories[1].statistics.dropped) of \(hostile.count) hostile payloads")
+        #expect(await cluster.servers[1].isRegistered(ClusterIdentities.b.nodeID))
+        #expect(await cluster.servers[1].statistics().coordinations == 0)
+        try await punchCarriesLine(from: a, to: b)
+        await cluster.stop()
+    }
+}
+
+@Suite("Cluster routing in the state machine")
+struct RemotePunchStateTests {
+    @Test("the holder plans for the initiator's RTT plus the directory round trip; the far peer goes first")
+    func remoteSchedule() throws {
+        var state = RendezvousState(configuration: .init(startDelay: .milliseconds(150)))
+        let target = ClusterIdentities.b.nodeID
+        _ = state.register(node: target, connection: 1, observed: .loopbackV4(port: 5000), registration: Registration(), now: .zero)
+        state.rttSample(node: target, rtt: .milliseconds(10))
+        let request = RemotePunchRequest(requestID: 9, sessionID: "s1", sessionKey: Array(repeating: 1, count: 32),
+                                         initiator: ClusterIdentities.a.nodeID, target: target,
+                                         candidates: [.loopbackV4(port: 6000)], nat: .unknown,
+                                         initiatorRTTMicroseconds: 30_000, directoryRTTMicroseconds: 10_000)
+        let (actions, reply) = state.acceptRemotePunch(request, now: .zero)
+        // Initiator effectively 40 ms away, target 10 ms: the target's copy waits (40 - 10) / 2 = 15 ms.
+        guard case let .coordinate(toInitiator, delay) = reply else { Issue.record("refused: \(reply)"); return }
+        #expect(delay == 0)
+        #expect(toInitiator.requestID == 9 && toInitiator.peer == target && toInitiator.role == .initiator)
+        #expect(toInitiator.candidates == [.loopbackV4(port: 5000)])
+        let sends = actions.compactMap { action -> (NodeID, Duration, Coordinate)? in
+            if case let .send(.coordinate(c), node, after) = action { return (node, after, c) }
+            return nil
+        }
+        #expect(sends.count == 1)
+        #expect(sends.first?.0 == target && sends.first?.1 == .milliseconds(15))
+        #expect(sends.first?.2.candidates == [.loopbackV4(port: 6000)] && sends.first?.2.role == .target)
+    }
+
+    @Test("a target not held here is refused with unknownTarget, carrying the request id")
+    func remoteUnknown() {
+        var state = RendezvousState()
+        let request = RemotePunchRequest(requestID: 4, sessionID: "s2", sessionKey: Array(repeating: 1, count: 32),
+                                         initiator: ClusterIdentities.a.nodeID, target: ClusterIdentities.b.nodeID,
+                                         candidates: [.loopbackV4(port: 6000)], nat: .unknown,
+                                         initiatorRTTMicroseconds: nil, directoryRTTMicroseconds: 0)
+        let (actions, reply) = state.acceptRemotePunch(request, now: .zero)
+        #expect(actions.isEmpty)
+        guard case .refused(let error) = reply else { Issue.record("not refused"); return }
+        #expect(error.code == RendezvousError.Code.unknownTarget.name && error.requestID == 4)
+    }
+}
+
+/// Run with the other timing suites (Makefile `TIMING_SUITES`), not beside the load tests.
+@Suite("Cluster start skew", .serialized)
+struct ClusterStartSkewTests {
+    @Test("clock-free start across instances: 40 ms and 2 ms one-way delays at two instances, both peers start within 10 ms")
+    func startSkewAcrossInstances() async throws {
+        guard let nats = try await NATSServerProcess.startOrSkip() else { return }
+        let cluster = Cluster(nats: nats)
+        let far = ClusterIdentities.a.nodeID
+        try await cluster.addInstance(linkDelay: { $0 == far ? .milliseconds(40) : .zero })
+        try await cluster.addInstance(linkDelay: { _ in .milliseconds(2) })
+        let a = try await cluster.client(ClusterIdentities.a, at: cluster.servers[0])
+        let b = try await cluster.client(ClusterIdentities.b, at: cluster.servers[1])
+        let sampled = await eventually(.seconds(10)) {
+            let samplesA = await cluster.servers[0].rttSamples(of: ClusterIdentities.a.nodeID)
+            let samplesB = await cluster.servers[1].rttSamples(of: ClusterIdentities.b.nodeID)
+            return samplesA >= 4 && samplesB >= 4
+        }
+        #expect(sampled)
+        // Uncompensated, B (the target, 4 ms away) would start (80 − 4)/2 = 38 ms before A (80 ms away). The first
+        // request also gives the requesting instance its NATS round-trip estimate.
+        var skews: [Duration] = []
+        for round in 0..<4 {
+            let targetStart = Task { () -> ContinuousClock.Instant? in
+                for await punch in b.incomingPunches {
+                    try? await b.executor.cancel(punch.handle.id)
+                    return punch.coordinate.startAt
+                }
+                return nil
+            }
+            let received = try await a.coordinate(to: ClusterIdentities.b.nodeID)
+            try? await a.executor.cancel((await a.startPunch(received)).id)
+            let startB = try #require(await targetStart.value, "round \(round)")
+            if round > 0 { skews.append(received.startAt > startB ? received.startAt - startB : startB - received.startAt) }
+        }
+        let median = skews.sorted()[skews.count / 2]
+        #expect(median < .milliseconds(10), "start skews \(skews)")
+        #expect(skews.allSatisfy { $0 < .milliseconds(25) }, "start skews \(skews)")
+        #expect(await cluster.servers[0].statistics().routedCoordinations == 4)
+        await cluster.stop()
+    }
+}
