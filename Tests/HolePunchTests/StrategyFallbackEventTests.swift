@@ -22,7 +22,7 @@ struct StrategyFallbackEventTests {
             events.append(event)
             if case .planned = event { break }
         }
-        try? await executor.cancel(handle.id)
+        _ = await executor.cancel(handle.id)
         _ = await handle.result()
         await a.close()
         return events
