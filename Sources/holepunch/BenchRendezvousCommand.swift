@@ -18,6 +18,10 @@ struct BenchRendezvousCommand: AsyncParsableCommand {
             client, register at an in-process RendezvousServer on 127.0.0.1; half of them then request \
             --quic-coordinations punches to the other half over their control streams (the targets only \
             acknowledge: no punches run). Goal: 10,000 registered peers and >= 1,000 coordinations/s.
+
+            Examples:
+              holepunch bench rendezvous
+              holepunch bench rendezvous --peers 10000 --json bench-results/rendezvous.json
             """
     )
 

@@ -7,6 +7,13 @@ struct StrategyCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "strategy",
         abstract: "Check and simulate Lua punch strategies, without a network.",
+        discussion: """
+            Writing a strategy: docs/strategies.md.
+
+            Examples:
+              holepunch strategy check strategies/*.lua
+              holepunch strategy simulate strategies/default.lua --pair symmetric,full_cone
+            """,
         subcommands: [StrategyCheckCommand.self, StrategySimulateCommand.self]
     )
 }
@@ -44,7 +51,13 @@ struct StrategyCheckCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "check",
         abstract: "Load each file and run plan() over every NAT pair, both roles and attempts 1–5.",
-        discussion: "Errors are printed as file:line: message; the exit status is non-zero if any file fails."
+        discussion: """
+            Errors are printed as file:line: message; the exit status is non-zero if any file fails.
+
+            Examples:
+              holepunch strategy check strategies/*.lua
+              holepunch strategy check mine.lua --verbose
+            """
     )
 
     @Argument(help: "Strategy files to check.")
@@ -96,6 +109,10 @@ struct StrategySimulateCommand: AsyncParsableCommand {
             NAT names: full_cone, restricted, port_restricted, symmetric_seq (or symmetric), symmetric_random, \
             unknown. The estimate comes from a simple model: exact for cone mappings, port coverage for \
             sequential allocation, a birthday estimate for random allocation; it ignores loss and timing.
+
+            Examples:
+              holepunch strategy simulate strategies/default.lua --pair port_restricted,symmetric_random
+              holepunch strategy simulate builtin --rtt 40 --attempts 3 --json
             """
     )
 

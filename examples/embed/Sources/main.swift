@@ -11,7 +11,7 @@ if let i = args.firstIndex(of: "--strategy"), i + 1 < args.count {
     strategy = FallbackStrategy.loading(path: args[i + 1])  // falls back to the default if the script fails
     args.removeSubrange(i...i + 1)
 }
-guard args.count >= 2 else { print("usage: hp-embed RENDEZVOUS_HOST:PORT RENDEZVOUS_NODEID [PEER_NODEID] [--strategy FILE]"); exit(1) }
+guard args.count >= 2 else { print("usage: hp-embed RENDEZVOUS_HOST:PORT RENDEZVOUS_NODEID [PEER_NODEID] [--strategy FILE]"); exit(64) }
 
 // 1. An identity: its public key is this peer's NodeID. Keep the file to keep the NodeID.
 let path = "embed-identity.pem"
@@ -22,7 +22,7 @@ let endpoint = try await Endpoint.bind(.anyV4(port: 0), configuration: EndpointC
 let executor = PunchExecutor(endpoint: endpoint, configuration: PunchExecutor.Configuration(strategy: strategy))
 // 3. Register at the rendezvous, whose NodeID the TLS handshake proves.
 let client = RendezvousClient(executor: executor, configuration: RendezvousClientConfiguration(
-    server: try SocketAddress(parsing: args[0]), serverNodeID: try NodeID(parsing: args[1])))
+    server: try SocketAddress.resolving(args[0]), serverNodeID: try NodeID(parsing: args[1])))
 _ = try await client.connect()
 say("registered as \(identity.nodeID)\n")
 // 4. Punch to a NodeID, or wait for someone to punch to us; either way an authenticated QUIC connection.
