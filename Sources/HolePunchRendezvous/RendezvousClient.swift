@@ -81,7 +81,7 @@ public struct IncomingPunch: Sendable {
     public var handle: PunchHandle
 }
 
-/// A peer's side of the rendezvous, on the peer's punch ``Endpoint`` and its ``PunchExecutor``.
+/// A peer's side of the rendezvous, on the peer's punch `Endpoint` and its `PunchExecutor`.
 ///
 /// The client dials the rendezvous from the punch socket (so the server sees the punch mapping), opens one
 /// control stream, registers and keeps the registration alive. ``requestPunch(to:)`` asks for a punch and runs
@@ -198,7 +198,7 @@ public actor RendezvousClient {
 
     /// Starts the punch a coordinate message describes, on the executor; the outcome is reported to the server.
     ///
-    /// When none of the peer's candidates may be probed (``CandidateFilter``), nothing starts: the handle fails
+    /// When none of the peer's candidates may be probed (`CandidateFilter`), nothing starts: the handle fails
     /// at once with `refused`.
     public func startPunch(_ received: ReceivedCoordinate) async -> PunchHandle {
         let handle: PunchHandle
@@ -225,7 +225,7 @@ public actor RendezvousClient {
 
     /// Requests a punch to `target`, runs it as the initiator and returns the authenticated connection.
     ///
-    /// - Throws: ``RendezvousError`` when the rendezvous refuses or fails, ``PunchError`` when the punch fails.
+    /// - Throws: ``RendezvousError`` when the rendezvous refuses or fails, `PunchError` when the punch fails.
     public func requestPunch(to target: NodeID) async throws -> QUICConnection {
         let received = try await coordinate(to: target)
         let handle = await startPunch(received)

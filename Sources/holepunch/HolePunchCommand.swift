@@ -16,7 +16,7 @@ struct HolePunchCommand: AsyncParsableCommand {
               holepunch identity create a.pem
               holepunch peer --help
             """,
-        version: HolePunchVersion.string,
+        version: HolePunchPackage.version,
         subcommands: [DemoCommand.self, StrategyCommand.self, BenchGroupCommand.self, RendezvousCommand.self, PeerCommand.self, IdentityCommand.self, NATCommand.self, LabCommand.self]
     )
 }

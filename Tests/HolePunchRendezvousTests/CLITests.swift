@@ -133,7 +133,7 @@ struct CLITests {
         guard let binary = holepunchBinaryOrSkip() else { return }
         let (status, out, _) = try run(binary, ["--version"])
         #expect(status == 0)
-        #expect(out.trimmingCharacters(in: .whitespacesAndNewlines) == HolePunchVersion.string)
+        #expect(out.trimmingCharacters(in: .whitespacesAndNewlines) == HolePunchPackage.version)
     }
 
     @Test("the README demo, in its loopback mode, reports a successful punch and a message each way")
