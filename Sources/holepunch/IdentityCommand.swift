@@ -60,9 +60,9 @@ struct IdentityShowCommand: AsyncParsableCommand {
         discussion: """
             The NodeID is what another peer passes to `peer --connect` or `--allow`.
 
-        Examples:
-          holepunch identity show a.pem
-          holepunch identity show a.pem --json
+            Examples:
+              holepunch identity show a.pem
+              holepunch identity show a.pem --json
             """
     )
 

@@ -10,8 +10,8 @@ struct NATCommand: AsyncParsableCommand {
         discussion: """
             Mapping, filtering and port allocation (RFC 5780), measured against a STUN server.
 
-        Examples:
-          holepunch nat detect --stun 127.0.0.1:7001
+            Examples:
+              holepunch nat detect --stun 127.0.0.1:7001
             """,
         subcommands: [NATDetectCommand.self])
 }
