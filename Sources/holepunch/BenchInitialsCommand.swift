@@ -23,7 +23,7 @@ struct BenchInitialsCommand: AsyncParsableCommand {
 
             Examples:
               holepunch bench initials
-              holepunch bench initials --rate 20000 --seconds 3 --json bench-results/initials.json
+              holepunch bench initials --rate 20000 --json bench-results/initials.json
             """
     )
 

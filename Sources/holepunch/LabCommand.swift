@@ -18,7 +18,7 @@ struct LabCommand: AsyncParsableCommand {
             through $HOLEPUNCH_LAB_DIR, else lab/lab.sh above the current directory or above this executable.
 
             Examples:
-              sudo holepunch lab up --nat-a port_restricted --nat-b symmetric_seq --delay 20
+              sudo holepunch lab up --nat-a port_restricted --nat-b symmetric_seq
               sudo holepunch lab matrix --trials 3 --json bench-results/matrix.json
               sudo holepunch lab down
             """,
@@ -119,7 +119,7 @@ struct LabUpCommand: ParsableCommand {
             Needs root. NAT types: full_cone, restricted, port_restricted, symmetric_seq, symmetric_random.
 
             Examples:
-              sudo holepunch lab up --nat-a port_restricted --nat-b symmetric_seq --delay 20
+              sudo holepunch lab up --nat-a port_restricted --nat-b symmetric_seq
               sudo holepunch lab up --nat-a full_cone --nat-b restricted --loss 20
             """
     )

@@ -23,7 +23,7 @@ struct LabMatrixCommand: AsyncParsableCommand {
 
             Examples:
               sudo holepunch lab matrix --trials 3 --json bench-results/matrix.json
-              sudo holepunch lab matrix --trials 40 --pair port_restricted:symmetric_random --strategy strategies/default.lua
+              sudo holepunch lab matrix --trials 40 --pair port_restricted:symmetric_random
             """
     )
 

@@ -22,9 +22,12 @@ struct PeerCommand: AsyncParsableCommand {
             ended cleanly (one error line).
 
             Examples:
-              holepunch peer --rendezvous 127.0.0.1:7000 --rendezvous-id @rdv.id --identity b.pem --echo
-              echo hello | holepunch peer --rendezvous 127.0.0.1:7000 --rendezvous-id @rdv.id --identity a.pem --connect NODEID
-              holepunch peer --rendezvous rdv.example.org:7000 --rendezvous-id @rdv.id --identity b.pem --allow NODEID
+              holepunch peer --rendezvous 127.0.0.1:7000 --rendezvous-id @rdv.id \\
+                  --identity b.pem --echo
+              echo hello | holepunch peer --rendezvous 127.0.0.1:7000 \\
+                  --rendezvous-id @rdv.id --identity a.pem --connect NODEID
+              holepunch peer --rendezvous rdv.example.org:7000 --rendezvous-id @rdv.id \\
+                  --identity b.pem --allow NODEID
             """
     )
 

@@ -19,7 +19,7 @@ struct RendezvousCommand: AsyncParsableCommand {
 
             Examples:
               holepunch rendezvous --listen 127.0.0.1:7000 --node-id-file rdv.id
-              holepunch rendezvous --listen 0.0.0.0:7000 --identity rdv.pem --alt-address 192.0.2.2
+              holepunch rendezvous --listen 0.0.0.0:7000 --identity rdv.pem
             """
     )
 

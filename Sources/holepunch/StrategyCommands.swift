@@ -111,8 +111,8 @@ struct StrategySimulateCommand: AsyncParsableCommand {
             sequential allocation, a birthday estimate for random allocation; it ignores loss and timing.
 
             Examples:
-              holepunch strategy simulate strategies/default.lua --pair port_restricted,symmetric_random
-              holepunch strategy simulate builtin --rtt 40 --attempts 3 --json
+              holepunch strategy simulate strategies/default.lua --rtt 40 --attempts 3
+              holepunch strategy simulate builtin --pair port_restricted,symmetric_random
             """
     )
 
