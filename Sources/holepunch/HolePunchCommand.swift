@@ -8,8 +8,9 @@ struct HolePunchCommand: AsyncParsableCommand {
         commandName: "holepunch",
         abstract: "Direct, encrypted QUIC connections between peers behind NATs.",
         discussion: """
-            Every subcommand has --help with examples. Exit status: 0 success, 1 a local error (a file, an \
-            address, a socket), 2 the rendezvous refused, 3 the punch or the connection failed, 64 bad arguments.
+            Every subcommand has --help with examples. Exit status: 0 success, 1 a local error (a file, a socket, \
+            an address that cannot be bound), 2 the rendezvous refused, 3 the punch or the connection failed, 64 bad \
+            arguments.
 
             Examples:
               holepunch demo
