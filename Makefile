@@ -6,8 +6,13 @@ APT_PACKAGES := libngtcp2-dev libngtcp2-crypto-gnutls-dev libgnutls28-dev liblua
 	gnutls-bin nftables iproute2 python3 python3-venv ngtcp2-server ngtcp2-client coturn stun-client procps \
 	nats-server libnats-dev
 VENV := .build/venv
+# make install: PREFIX is where it goes, DESTDIR a staging root prepended to it (for packagers).
+PREFIX ?= /usr/local
+DESTDIR ?=
+# The public library modules with a DocC catalog (Sources/<module>/Docs.docc).
+DOC_TARGETS := HolePunch HolePunchNet HolePunchQUIC HolePunchSTUN HolePunchStrategy HolePunchRendezvous
 
-.PHONY: deps build test demo bench clean
+.PHONY: deps build test docs install demo bench clean
 
 ## deps: apt-install the system libraries and test tools; a no-op when all are present.
 deps:
@@ -30,10 +35,23 @@ build: deps
 ## Suites that check real timings (start skew, idle and keep-alive timers) run second, and the real-NAT lab third,
 ## each on its own: their timings should not compete with the load and flood tests for 2 cores.
 TIMING_SUITES := RendezvousLoopbackTests|ConnectionLifecycleTests|ClusterStartSkewTests
-test: deps
+test: deps docs
 	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test --skip HolePunchLabTests --skip '$(TIMING_SUITES)'
 	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test --skip-build --filter '$(TIMING_SUITES)'
 	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test --skip-build --filter HolePunchLabTests
+
+## docs: DocC for every public module (HTML under .build/plugins/Swift-DocC/outputs/). Any DocC warning (a broken
+## symbol link, a doc comment naming a parameter that does not exist) fails the target, so the docs cannot rot.
+docs: deps
+	$(SWIFT) package generate-documentation --warnings-as-errors $(foreach t,$(DOC_TARGETS),--target $(t))
+
+## install: a release holepunch in $(DESTDIR)$(PREFIX)/bin, the shipped strategies in
+## $(DESTDIR)$(PREFIX)/share/holepunch/strategies.
+install: deps
+	$(SWIFT) build -c release --product holepunch
+	install -d "$(DESTDIR)$(PREFIX)/bin" "$(DESTDIR)$(PREFIX)/share/holepunch/strategies"
+	install -m 0755 "$$($(SWIFT) build -c release --show-bin-path)/holepunch" "$(DESTDIR)$(PREFIX)/bin/holepunch"
+	install -m 0644 strategies/*.lua "$(DESTDIR)$(PREFIX)/share/holepunch/strategies/"
 
 ## demo: the current main demo.
 demo: deps

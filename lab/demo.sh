@@ -78,4 +78,4 @@ if [[ $status -eq 0 ]] && grep -q "hello through two NATs" "$WORK/a.out"; then
 fi
 say "demo: the punch did not succeed (exit $status). Peer B said:"
 sed 's/^/    /' "$WORK/b.err"
-exit 1
+exit 3

@@ -6,11 +6,11 @@ import Synchronization
 import Glibc
 #endif
 
-/// Runs hole punches on a shared-socket ``Endpoint``: the seed's `macula_hole_punch` API, done right.
+/// Runs hole punches on a shared-socket `Endpoint`: the seed's `macula_hole_punch` API, done right.
 ///
 /// Probes, the QUIC handshake and (through the rendezvous) the advertised mapping all use the endpoint's one
-/// socket. A punch is planned by a ``PunchStrategy`` (Lua or Swift), clamped by ``PlanLimits``, and run by a
-/// ``PunchSession`` state machine; the first connection that proves the pinned NodeID wins.
+/// socket. A punch is planned by a `PunchStrategy` (Lua or Swift), clamped by `PlanLimits`, and run by a
+/// `PunchSession` state machine; the first connection that proves the pinned NodeID wins.
 ///
 /// The executor takes over the endpoint's datagram handler (for probes) and accept policy (to admit only peers
 /// of live target sessions, plus whatever ``Configuration/acceptOthers`` allows). Datagrams and connections that
@@ -93,7 +93,9 @@ public actor PunchExecutor {
     ///
     /// Cancelling the calling task cancels the punch, exactly like ``cancel(_:)``.
     ///
-    /// - Parameter timeout: an overall limit that overrides the plan's timeout.
+    /// - Parameters:
+    ///   - options: the peer, its ports, the session and the roles, as the seed's `execute` took them.
+    ///   - timeout: an overall limit that overrides the plan's timeout.
     /// - Throws: ``PunchError`` with `timeout`, `unreachable`, `allPortsFailed`, `cancelled`,
     ///   `peerAuthenticationFailed` or `invalidOptions`.
     public func punch(_ options: PunchOptions, timeout: Duration? = nil) async throws(PunchError) -> QUICConnection {

@@ -147,9 +147,11 @@ public struct Identity: Sendable {
 
     /// Loads an identity from a PEM file holding the private key and the certificate.
     ///
-    /// - Parameter warning: told (once, before parsing) when the file can be read by users other than its owner:
-    ///   the private key is the node's identity, so anyone who can read it can impersonate the node. Loading goes
-    ///   on; the caller decides how loudly to say it (the CLI prints a `warning:` line).
+    /// - Parameters:
+    ///   - path: the PEM file, as `save(to:)` writes it.
+    ///   - warning: told (once, before parsing) when the file can be read by users other than its owner:
+    ///     the private key is the node's identity, so anyone who can read it can impersonate the node. Loading goes
+    ///     on; the caller decides how loudly to say it (the CLI prints a `warning:` line).
     /// - Throws: ``QUICError`` (`identity`) naming the path for a missing, unreadable or corrupt file.
     public static func load(from path: String, warning: (String) -> Void = { _ in }) throws -> Identity {
         if let problem = permissionProblem(ofFile: path) { warning(problem) }

@@ -52,7 +52,7 @@ public struct Registration: Codable, Sendable, Hashable {
         self.nat = nat
     }
 
-    /// Decodes and validates (``validate()``); the NAT profile validates itself (``NATProfile/init(from:)``).
+    /// Decodes and validates (``validate()``); the NAT profile validates itself (`NATProfile.init(from:)`).
     public init(from decoder: any Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
         self.init(lanAddresses: try c.decodeIfPresent([SocketAddress].self, forKey: .lanAddresses) ?? [],
@@ -61,7 +61,7 @@ public struct Registration: Codable, Sendable, Hashable {
     }
 
     /// Checks the counts against ``RendezvousMessageLimits`` and the NAT profile's ranges. Which addresses may be
-    /// published is the server's decision, against the observed address (``CandidateFilter/isPublishable(lan:observed:)``).
+    /// published is the server's decision, against the observed address (`CandidateFilter.isPublishable(lan:observed:)`).
     ///
     /// - Throws: ``RendezvousError`` `protocolViolation` naming the field.
     public func validate() throws(RendezvousError) {
@@ -82,7 +82,7 @@ public struct Coordinate: Codable, Sendable, Hashable {
     public var peer: NodeID
     /// The other peer's candidates: observed (public) address first, then its LAN addresses.
     public var candidates: [SocketAddress]
-    /// The other peer's NAT profile (``NATProfile/unknown`` if it published none).
+    /// The other peer's NAT profile (`NATProfile.unknown` if it published none).
     public var peerNAT: NATProfile
     /// This recipient's role: the requester is the initiator, the other peer the target.
     public var role: PunchRole
@@ -129,7 +129,7 @@ public struct Coordinate: Codable, Sendable, Hashable {
 
     /// Checks every field against ``RendezvousMessageLimits``: session id and key, candidate count, NAT profile, start
     /// delay and RTT. Which candidates may be probed is decided later, against this side's own addresses
-    /// (``CandidateFilter``).
+    /// (`CandidateFilter`).
     ///
     /// - Throws: ``RendezvousError`` `protocolViolation` naming the field.
     public func validate() throws(RendezvousError) {

@@ -83,7 +83,7 @@ public struct IncomingPunch: Sendable {
     public var handle: PunchHandle
 }
 
-/// A peer's side of the rendezvous, on the peer's punch ``Endpoint`` and its ``PunchExecutor``.
+/// A peer's side of the rendezvous, on the peer's punch `Endpoint` and its `PunchExecutor`.
 ///
 /// The client dials the rendezvous from the punch socket (so the server sees the punch mapping), opens one
 /// control stream, registers and keeps the registration alive. ``requestPunch(to:)`` asks for a punch and runs
@@ -214,7 +214,7 @@ public actor RendezvousClient {
 
     /// Starts the punch a coordinate message describes, on the executor; the outcome is reported to the server.
     ///
-    /// When none of the peer's candidates may be probed (``CandidateFilter``), nothing starts: the handle fails
+    /// When none of the peer's candidates may be probed (`CandidateFilter`), nothing starts: the handle fails
     /// at once with `refused`.
     ///
     /// - Parameter alpn: the protocol the initiator dials with; nil uses the endpoint's.

@@ -96,7 +96,7 @@ public struct RendezvousStatistics: Sendable, Hashable {
 
 /// The rendezvous: a QUIC server on our stack that registers peers and coordinates their punches.
 ///
-/// Peers dial it from their punch socket, so ``QUICConnection/remoteAddress`` is the punch mapping, and the
+/// Peers dial it from their punch socket, so `QUICConnection.remoteAddress` is the punch mapping, and the
 /// TLS handshake proves their NodeID. Each peer opens one bidirectional control stream carrying
 /// length-prefixed JSON (``ClientMessage`` in, ``ServerMessage`` out). The protocol logic lives in
 /// ``RendezvousState``; this actor only does I/O, timers and RTT pings.

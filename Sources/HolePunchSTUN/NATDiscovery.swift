@@ -131,6 +131,7 @@ public struct NATDiscovery: Sendable {
     ///   - server: the STUN server's primary address.
     ///   - localAddresses: local address of each socket the driver opened; index 0 is the primary socket.
     ///     Extra entries are used for the allocation test, up to `configuration.allocationSamples`.
+    ///   - configuration: timeouts, retransmissions and the number of allocation samples.
     public init(server: SocketAddress, localAddresses: [SocketAddress], configuration: Configuration = Configuration()) {
         precondition(!localAddresses.isEmpty, "NATDiscovery needs at least the primary socket")
         self.server = server

@@ -49,7 +49,9 @@ public enum PunchProbe {
     ///
     /// - Parameters:
     ///   - transactionID: the request's transaction ID (from ``Verified/transactionID``).
+    ///   - sessionID: the punch session the request named.
     ///   - senderRole: the responder's own role.
+    ///   - key: the session key that protects the response's integrity.
     ///   - observedAddress: where the request came from, as the responder's socket saw it.
     public static func response(
         transactionID: STUNTransactionID,

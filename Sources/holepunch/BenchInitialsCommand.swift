@@ -20,6 +20,10 @@ struct BenchInitialsCommand: AsyncParsableCommand {
             punch (its own initiator endpoint) starts. The report gives whether the punch connected and how fast, \
             the CPU the target process spent besides the flood sender, and the endpoint's counters. Mode "off" \
             imitates the endpoint before address validation (no Retry, no per-host cap).
+
+            Examples:
+              holepunch bench initials
+              holepunch bench initials --rate 20000 --json bench-results/initials.json
             """
     )
 

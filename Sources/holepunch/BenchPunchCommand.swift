@@ -16,7 +16,9 @@ struct BenchPunchCommand: AsyncParsableCommand {
             runs from `cancel(id)` to the delivered `cancelled` result with the punch's sockets closed, measured on
             punches probing silent ports.
 
-            Example: holepunch bench punch --concurrent 1000 --json bench-results/punch.json
+            Examples:
+              holepunch bench punch
+              holepunch bench punch --concurrent 1000 --json bench-results/punch.json
             """
     )
 

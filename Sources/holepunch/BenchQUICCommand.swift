@@ -18,6 +18,10 @@ struct BenchQUICCommand: AsyncParsableCommand {
             Ours: two endpoints in this process, one stream from client to server. The C examples serve and \
             download a file over HTTP/3 (gtlsserver/gtlsclient, packages ngtcp2-server and ngtcp2-client); \
             aioquic runs bench/aioquic_bulk.py in two processes. Throughput is in MB/s (10^6 bytes per second).
+
+            Examples:
+              holepunch bench quic
+              holepunch bench quic --compare --json bench-results/quic.json
             """
     )
 

@@ -24,6 +24,11 @@ struct BenchRendezvousCommand: AsyncParsableCommand {
             initiator's target is held by another instance (when there are several), and the share of each \
             coordination's latency spent on the NATS round trip is reported. All instances share this process's \
             cores: the figures show the routing's cost, not a scale-out.
+
+            Examples:
+              holepunch bench rendezvous
+              holepunch bench rendezvous --peers 10000 --json bench-results/rendezvous.json
+              holepunch bench rendezvous --quic-peers 32 --instances 1,2,4
             """
     )
 

@@ -17,6 +17,10 @@ struct BenchRendezvousFloodCommand: AsyncParsableCommand {
             streams, then writes keep-alive frames as fast as QUIC takes them with a 4 KiB receive window it never \
             reads; when the server closes one, it reconnects. Meanwhile an honest pair (two RendezvousClients) \
             requests a coordination every --interval-ms. Loopback only.
+
+            Examples:
+              holepunch bench rendezvous-flood --seconds 10
+              holepunch bench rendezvous-flood --seconds 10 --no-limits
             """
     )
 
@@ -57,7 +61,7 @@ struct BenchRendezvousFloodCommand: AsyncParsableCommand {
         let target = try startTarget()
         defer { target.child?.terminate() }
         guard isLoopback(target.address) else {
-            throw cliFailure("--rendezvous must be a loopback address", hint: "this bench floods; point it at 127.0.0.1")
+            throw usageFailure("--rendezvous must be a loopback address", hint: "this bench floods; point it at 127.0.0.1")
         }
         let clock = ContinuousClock()
         var samples: [(Duration, Int)] = []
@@ -142,7 +146,7 @@ struct BenchRendezvousFloodCommand: AsyncParsableCommand {
         if let rendezvous, let rendezvousId {
             let address: SocketAddress
             do { address = try SocketAddress(parsing: rendezvous) } catch {
-                throw cliFailure("\(error)", hint: "use a numeric address such as 127.0.0.1:3478")
+                throw usageFailure("\(error)", hint: "use a numeric address such as 127.0.0.1:3478")
             }
             let id = try parseNodeID(rendezvousId, what: "--rendezvous-id", hint: "copy the NodeID the rendezvous printed")
             return Target(address: address, nodeID: id, pid: pid, child: nil)

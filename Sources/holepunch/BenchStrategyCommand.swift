@@ -7,6 +7,13 @@ struct BenchGroupCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
         abstract: "Benchmarks.",
+        discussion: """
+            Each benchmark prints a table; --json FILE also writes the figures for scripts. Use a release build.
+
+            Examples:
+              holepunch bench quic --compare
+              holepunch bench strategy --iterations 50000
+            """,
         subcommands: [
             BenchStrategyCommand.self, BenchQUICCommand.self, BenchPunchCommand.self, BenchRendezvousCommand.self,
             BenchRendezvousFloodCommand.self, BenchInitialsCommand.self,
@@ -19,7 +26,13 @@ struct BenchStrategyCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "strategy",
         abstract: "Median and p99 latency of plan(ctx) for each shipped strategy and the built-in Swift default.",
-        discussion: "Contexts cycle over every NAT pair, both roles and attempts 1–5. Goal: default.lua median under 20 µs."
+        discussion: """
+            Contexts cycle over every NAT pair, both roles and attempts 1–5. Goal: default.lua median under 20 µs.
+
+            Examples:
+              holepunch bench strategy
+              holepunch bench strategy --iterations 50000 --json bench-results/strategy.json
+            """
     )
 
     @Option(help: "Directory holding the shipped strategies.")

@@ -82,7 +82,7 @@ struct DemoCommand: AsyncParsableCommand {
             encoder.outputFormatting = [.sortedKeys]
             print(String(decoding: try encoder.encode(outcome), as: UTF8.self))
         }
-        if !outcome.success { throw ExitCode(1) }
+        if !outcome.success { throw ExitCode(3) }  // a failed punch, as in every other command
     }
 }
 

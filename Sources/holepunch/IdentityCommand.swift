@@ -7,6 +7,13 @@ struct IdentityCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "identity",
         abstract: "Create or show an identity (a key pair and certificate; its NodeID is the hash of the public key).",
+        discussion: """
+            An identity file is a PEM key pair and certificate, readable by its owner only.
+
+            Examples:
+              holepunch identity create a.pem
+              holepunch identity show a.pem
+            """,
         subcommands: [IdentityCreateCommand.self, IdentityShowCommand.self]
     )
 }
@@ -15,7 +22,14 @@ struct IdentityCommand: AsyncParsableCommand {
 struct IdentityCreateCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "create",
-        abstract: "Generate a new identity, save it to FILE (PEM, mode 0600) and print its NodeID."
+        abstract: "Generate a new identity, save it to FILE (PEM, mode 0600) and print its NodeID.",
+        discussion: """
+            Refuses to replace an existing file unless --force is given.
+
+            Examples:
+              holepunch identity create a.pem
+              holepunch identity create a.pem --force
+            """
     )
 
     @Argument(help: "Where to save the identity.")
@@ -40,7 +54,17 @@ struct IdentityCreateCommand: AsyncParsableCommand {
 
 /// `holepunch identity show FILE [--json]`
 struct IdentityShowCommand: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "show", abstract: "Print the NodeID of the identity in FILE.")
+    static let configuration = CommandConfiguration(
+        commandName: "show",
+        abstract: "Print the NodeID of the identity in FILE.",
+        discussion: """
+            The NodeID is what another peer passes to `peer --connect` or `--allow`.
+
+            Examples:
+              holepunch identity show a.pem
+              holepunch identity show a.pem --json
+            """
+    )
 
     @Argument(help: "An identity file made by `identity create`.")
     var file: String
@@ -68,6 +92,12 @@ func cliFailure(_ message: String, hint: String?, code: Int32 = 1) -> ExitCode {
     if let hint { text += "hint: \(hint)\n" }
     FileHandle.standardError.write(Data(text.utf8))
     return ExitCode(code)
+}
+
+/// `cliFailure` for a bad command-line argument: exit status 64 (`EX_USAGE`), the same status ArgumentParser gives
+/// its own parse and validation errors, so every bad argument exits alike.
+func usageFailure(_ message: String, hint: String?) -> ExitCode {
+    cliFailure(message, hint: hint, code: ExitCode.validationFailure.rawValue)
 }
 
 /// One JSON object on one line, keys sorted (for scripts).

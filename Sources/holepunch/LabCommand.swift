@@ -16,6 +16,11 @@ struct LabCommand: AsyncParsableCommand {
         discussion: """
             Needs root, iproute2 (`ip netns`), nftables and python3; see docs/lab.md. The lab script is found \
             through $HOLEPUNCH_LAB_DIR, else lab/lab.sh above the current directory or above this executable.
+
+            Examples:
+              sudo holepunch lab up --nat-a port_restricted --nat-b symmetric_seq
+              sudo holepunch lab matrix --trials 3 --json bench-results/matrix.json
+              sudo holepunch lab down
             """,
         subcommands: [
             LabUpCommand.self, LabDownCommand.self, LabExecCommand.self, LabStatusCommand.self, LabRenatCommand.self,
@@ -109,7 +114,15 @@ struct LabFailure: Error, CustomStringConvertible {
 struct LabUpCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "up",
-        abstract: "Create the lab (options as `lab.sh up`: --nat-a/--nat-b TYPE, --delay MS, --loss PCT, --probe-server…).")
+        abstract: "Create the lab (options as `lab.sh up`: --nat-a/--nat-b TYPE, --delay MS, --loss PCT, --probe-server…).",
+        discussion: """
+            Needs root. NAT types: full_cone, restricted, port_restricted, symmetric_seq, symmetric_random.
+
+            Examples:
+              sudo holepunch lab up --nat-a port_restricted --nat-b symmetric_seq
+              sudo holepunch lab up --nat-a full_cone --nat-b restricted --loss 20
+            """
+    )
     @OptionGroup var lab: LabNameOptions
     @Argument(parsing: .allUnrecognized, help: "Options passed to `lab.sh up`.")
     var options: [String] = []
@@ -117,14 +130,33 @@ struct LabUpCommand: ParsableCommand {
 }
 
 struct LabDownCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "down", abstract: "Delete everything the lab made (idempotent).")
+    static let configuration = CommandConfiguration(
+        commandName: "down",
+        abstract: "Delete everything the lab made (idempotent).",
+        discussion: """
+            Needs root; safe to run when no lab exists.
+
+            Examples:
+              sudo holepunch lab down
+              sudo holepunch lab down --name lab2
+            """
+    )
     @OptionGroup var lab: LabNameOptions
     func run() throws { try LabScript.exec(["down"], name: lab.name) }
 }
 
 struct LabExecCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "exec", abstract: "Run a command in a lab host's namespace: lab exec HOST -- CMD…")
+        commandName: "exec",
+        abstract: "Run a command in a lab host's namespace: lab exec HOST -- CMD…",
+        discussion: """
+            Needs root and a running lab.
+
+            Examples:
+              sudo holepunch lab exec peer-a -- ip addr
+              sudo holepunch lab exec nat-a -- nft list ruleset
+            """
+    )
     @OptionGroup var lab: LabNameOptions
     @Argument(help: "rdv, other, nat-a, nat-b, peer-a, peer-b or wan.")
     var host: String
@@ -139,7 +171,16 @@ struct LabExecCommand: ParsableCommand {
 
 struct LabStatusCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "status", abstract: "Addresses and NAT settings of the lab; exit 3 when it is down.")
+        commandName: "status",
+        abstract: "Addresses and NAT settings of the lab; exit 3 when it is down.",
+        discussion: """
+            --env prints shell variable assignments for scripts.
+
+            Examples:
+              sudo holepunch lab status
+              sudo holepunch lab status --json
+            """
+    )
     @OptionGroup var lab: LabNameOptions
     @Flag(help: "Print JSON.") var json = false
     @Flag(help: "Print HP_LAB_*= lines.") var env = false
@@ -148,7 +189,15 @@ struct LabStatusCommand: ParsableCommand {
 
 struct LabRenatCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "renat", abstract: "Re-make both routers' NAT in a running lab (--nat-a/--nat-b TYPE…).")
+        commandName: "renat",
+        abstract: "Re-make both routers' NAT in a running lab (--nat-a/--nat-b TYPE…).",
+        discussion: """
+            Faster than lab down and up when only the NAT types change.
+
+            Examples:
+              sudo holepunch lab renat --nat-a full_cone --nat-b symmetric_random
+            """
+    )
     @OptionGroup var lab: LabNameOptions
     @Argument(parsing: .allUnrecognized, help: "Options passed to `lab.sh renat`.")
     var options: [String] = []

@@ -72,7 +72,14 @@ func labMilliseconds(_ duration: Duration) -> Double {
 struct LabRendezvousCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "rendezvous",
-        abstract: "Lab driver: run a rendezvous with a STUN responder and write a ready file once listening.")
+        abstract: "Lab driver: run a rendezvous with a STUN responder and write a ready file once listening.",
+        discussion: """
+            Run by the lab scripts inside the lab's rendezvous namespace; not meant for direct use.
+
+            Examples:
+              holepunch lab rendezvous --identity rdv.pem --ready-file rdv.ready
+            """
+    )
 
     @Option(help: "QUIC listen address, numeric ADDR:PORT.") var listen = "198.51.100.10:7000"
     @Option(help: "Identity file (made with the same format as `identity create`).") var identity: String
@@ -110,7 +117,14 @@ struct LabRendezvousCommand: AsyncParsableCommand {
 struct LabDetectCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "detect",
-        abstract: "Lab driver: classify this host's NAT against a STUN responder; print the verdict as JSON.")
+        abstract: "Lab driver: classify this host's NAT against a STUN responder; print the verdict as JSON.",
+        discussion: """
+            Run by the lab scripts inside a peer's namespace; `nat detect` is the command for other hosts.
+
+            Examples:
+              holepunch lab detect --stun 198.51.100.10:3480
+            """
+    )
 
     @Option(help: "STUN primary address.") var stun = "198.51.100.10:3480"
     @Option(help: "Local address to bind.") var bind = "0.0.0.0:0"
@@ -136,7 +150,16 @@ struct LabDetectCommand: AsyncParsableCommand {
 /// stream, which proves the connection carries data.
 struct LabPeerCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "peer", abstract: "Lab driver: register at a rendezvous, punch once, print JSON lines, exit.")
+        commandName: "peer",
+        abstract: "Lab driver: register at a rendezvous, punch once, print JSON lines, exit.",
+        discussion: """
+            Run by the lab scripts inside a peer's namespace; `holepunch peer` is the command for other hosts.
+
+            Examples:
+              holepunch lab peer --rendezvous-id @rdv.id --identity b.pem
+              holepunch lab peer --rendezvous-id @rdv.id --identity a.pem --connect NODEID
+            """
+    )
 
     @Option(help: "The rendezvous, numeric HOST:PORT.") var rendezvous = "198.51.100.10:7000"
     @Option(help: "The rendezvous's NodeID.") var rendezvousID: String

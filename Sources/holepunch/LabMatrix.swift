@@ -17,7 +17,15 @@ let labNATTypes = ["full_cone", "restricted", "port_restricted", "symmetric_seq"
 struct LabMatrixCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "matrix",
-        abstract: "Punch every ordered pair of lab NAT types with each strategy; print tables, write JSON.")
+        abstract: "Punch every ordered pair of lab NAT types with each strategy; print tables, write JSON.",
+        discussion: """
+            Needs root; builds and removes its own lab. See docs/matrix.md for the results.
+
+            Examples:
+              sudo holepunch lab matrix --trials 3 --json bench-results/matrix.json
+              sudo holepunch lab matrix --trials 40 --pair port_restricted:symmetric_random
+            """
+    )
 
     @Option(name: .customLong("strategy"), help: "A Lua strategy file (repeatable); default strategies/default.lua and strategies/macula.lua.")
     var strategies: [String] = []

@@ -6,7 +6,14 @@ import HolePunchSTUN
 /// `holepunch nat …`
 struct NATCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "nat", abstract: "Measure what this host's NAT does.", subcommands: [NATDetectCommand.self])
+        commandName: "nat", abstract: "Measure what this host's NAT does.",
+        discussion: """
+            Mapping, filtering and port allocation (RFC 5780), measured against a STUN server.
+
+            Examples:
+              holepunch nat detect --stun 127.0.0.1:7001
+            """,
+        subcommands: [NATDetectCommand.self])
 }
 
 /// `holepunch nat detect --stun HOST:PORT [--json]`
@@ -17,6 +24,10 @@ struct NATDetectCommand: AsyncParsableCommand {
         discussion: """
             Works against `holepunch rendezvous` (its STUN port, by default the listen port + 1) and any RFC 5780 \
             server (e.g. coturn with two addresses). Verdicts the server cannot support are reported as unknown.
+
+            Examples:
+              holepunch nat detect --stun 127.0.0.1:7001
+              holepunch nat detect --stun 127.0.0.1:7001 --bind 127.0.0.1:0 --json
             """
     )
 
@@ -35,11 +46,11 @@ struct NATDetectCommand: AsyncParsableCommand {
     func run() async throws {
         let server: SocketAddress
         do { server = try SocketAddress(parsing: stun) } catch {
-            throw cliFailure("\(error)", hint: "use a numeric address such as 127.0.0.1:3479 or [::1]:3479")
+            throw usageFailure("\(error)", hint: "use a numeric address such as 127.0.0.1:3479 or [::1]:3479")
         }
         let local: SocketAddress
         if let bind {
-            do { local = try SocketAddress(parsing: bind) } catch { throw cliFailure("\(error)", hint: "e.g. --bind 127.0.0.1:0") }
+            do { local = try SocketAddress(parsing: bind) } catch { throw usageFailure("\(error)", hint: "e.g. --bind 127.0.0.1:0") }
         } else {
             local = server.isIPv6 ? SocketAddress(ip: .v6([UInt8](repeating: 0, count: 16)), port: 0) : .anyV4(port: 0)
         }

@@ -17,13 +17,21 @@ struct PeerCommand: AsyncParsableCommand {
             can be piped. Standard input is sent to the other peer; the command exits once both directions have \
             ended (stdin EOF and the peer's end of stream) and the peer has acknowledged everything sent, then \
             closes the connection. With --echo, what arrives is sent back instead of stdin. \
-            Exit status: 0 success (both directions ended cleanly, everything sent was acknowledged), 1 usage or \
-            local error, 2 rendezvous error, 3 punch failure or a connection that failed before both directions \
+            Exit status: 0 success (both directions ended cleanly, everything sent was acknowledged), 1 local \
+            error, 64 bad arguments, 2 rendezvous error, 3 punch failure or a connection that failed before both directions \
             ended cleanly (one error line).
+
+            Examples:
+              holepunch peer --rendezvous 127.0.0.1:7000 --rendezvous-id @rdv.id \\
+                  --identity b.pem --echo
+              echo hello | holepunch peer --rendezvous 127.0.0.1:7000 \\
+                  --rendezvous-id @rdv.id --identity a.pem --connect NODEID
+              holepunch peer --rendezvous rdv.example.org:7000 --rendezvous-id @rdv.id \\
+                  --identity b.pem --allow NODEID
             """
     )
 
-    @Option(help: "The rendezvous's QUIC address, numeric HOST:PORT.")
+    @Option(help: "The rendezvous's QUIC address, HOST:PORT (a host name is resolved once at start).")
     var rendezvous: String
 
     @Option(help: "The rendezvous's NodeID (it prints it at start), or @FILE to read it from its --node-id-file.")
@@ -72,8 +80,8 @@ struct PeerCommand: AsyncParsableCommand {
     func run() async throws {
         signal(SIGPIPE, SIG_IGN)
         let server: SocketAddress
-        do { server = try SocketAddress(parsing: rendezvous) } catch {
-            throw cliFailure("\(error)", hint: "--rendezvous takes a numeric HOST:PORT such as 127.0.0.1:3478")
+        do { server = try SocketAddress.resolving(rendezvous) } catch {
+            throw usageFailure("--rendezvous: \(error)", hint: "use HOST:PORT, e.g. 127.0.0.1:3478 or rendezvous.example.org:3478")
         }
         let serverID = try parseNodeID(rendezvousId, what: "--rendezvous-id",
                                        hint: "copy the NodeID printed by `holepunch rendezvous`, or pass @FILE from its --node-id-file")
@@ -81,7 +89,7 @@ struct PeerCommand: AsyncParsableCommand {
         let allowed = try Set(allow.map { try parseNodeID($0, what: "--allow", hint: "copy the NodeID the other peer printed") })
         let local: SocketAddress
         if let listen {
-            do { local = try SocketAddress(parsing: listen) } catch { throw cliFailure("\(error)", hint: "e.g. --listen 127.0.0.1:0") }
+            do { local = try SocketAddress(parsing: listen) } catch { throw usageFailure("\(error)", hint: "e.g. --listen 127.0.0.1:0") }
         } else {
             local = server.isIPv6 ? SocketAddress(ip: .v6([UInt8](repeating: 0, count: 16)), port: 0) : .anyV4(port: 0)
         }
@@ -309,7 +317,7 @@ func parseNodeID(_ text: String, what: String, hint: String) throws -> NodeID {
         value = contents.trimmingCharacters(in: .whitespacesAndNewlines)
     }
     do { return try NodeID(parsing: value) } catch {
-        throw cliFailure("\(what): \(error)", hint: hint)
+        throw usageFailure("\(what): \(error)", hint: hint)
     }
 }
 

@@ -18,6 +18,11 @@ struct RendezvousCommand: AsyncParsableCommand {
             (--alt-port, default STUN port + 1) and, when given, the alternate IP (--alt-address). SIGTERM or \
             SIGINT shut down gracefully. With --cluster nats://HOST:PORT, instances sharing that NATS (and an identity) \
             form one rendezvous: a peer registered at any of them is reachable from all (docs/rendezvous.md).
+
+            Examples:
+              holepunch rendezvous --listen 127.0.0.1:7000 --node-id-file rdv.id
+              holepunch rendezvous --listen 0.0.0.0:7000 --identity rdv.pem
+              holepunch rendezvous --listen 0.0.0.0:7000 --identity rdv.pem --cluster nats://127.0.0.1:4222
             """
     )
 
@@ -97,7 +102,7 @@ struct RendezvousCommand: AsyncParsableCommand {
     func run() async throws {
         let address: SocketAddress
         do { address = try SocketAddress(parsing: listen) } catch {
-            throw cliFailure("\(error)", hint: "use a numeric address such as 127.0.0.1:3478")
+            throw usageFailure("\(error)", hint: "use a numeric address such as 127.0.0.1:3478")
         }
         let id: Identity
         do { id = try loadOrCreateIdentity(identity).0 } catch {
@@ -110,7 +115,7 @@ struct RendezvousCommand: AsyncParsableCommand {
             var altIP: SocketAddress.IP?
             if let altAddress {
                 do { altIP = try SocketAddress(parsing: altAddress.contains(":") && !altAddress.hasPrefix("[") ? "[\(altAddress)]:0" : "\(altAddress):0").ip } catch {
-                    throw cliFailure("\(error)", hint: "--alt-address takes a numeric IP such as 127.0.0.2")
+                    throw usageFailure("\(error)", hint: "--alt-address takes a numeric IP such as 127.0.0.2")
                 }
             }
             stun = STUNResponderConfiguration(primary: SocketAddress(ip: address.ip, port: primaryPort), alternatePort: alternate,

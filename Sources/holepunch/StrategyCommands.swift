@@ -7,6 +7,13 @@ struct StrategyCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "strategy",
         abstract: "Check and simulate Lua punch strategies, without a network.",
+        discussion: """
+            Writing a strategy: docs/strategies.md.
+
+            Examples:
+              holepunch strategy check strategies/*.lua
+              holepunch strategy simulate strategies/default.lua --pair symmetric,full_cone
+            """,
         subcommands: [StrategyCheckCommand.self, StrategySimulateCommand.self]
     )
 }

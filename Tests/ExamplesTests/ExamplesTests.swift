@@ -61,7 +61,7 @@ struct ExamplesTests {
         var generator = SystemRandomNumberGenerator()
         let data = Data((0..<(300 << 10)).map { _ in UInt8.random(in: 0...255, using: &generator) })
         try data.write(to: dir.appendingPathComponent("payload.bin"))
-        try FileManager.default.createDirectory(at: dir.appendingPathComponent("inbox"), withIntermediateDirectories: true)
+        // No inbox/ yet: `receive --out` creates it, as the example's README promises.
         let (rendezvous, quic) = try await startRendezvous(holepunch, in: dir)
         defer { rendezvous.stop() }
         let common = ["--rendezvous", quic, "--rendezvous-id", "@rdv.id", "--listen", "127.0.0.1:0"]

@@ -1,4 +1,5 @@
 import Foundation
+import HolePunch
 import ProcessTestSupport
 import Testing
 #if canImport(Glibc)
@@ -60,6 +61,7 @@ struct CLITests {
             let (status, out, err) = try run(binary, path + ["--help"])
             #expect(status == 0, "holepunch \(path.joined(separator: " ")) --help exited \(status): \(err)")
             #expect(out.contains("USAGE:"), "no usage for \(path)")
+            #expect(out.contains("Examples:"), "holepunch \(path.joined(separator: " ")) --help shows no examples")
             visited += 1
             for name in subcommands(in: out) { queue.append(path + [name]) }
         }
@@ -91,6 +93,47 @@ struct CLITests {
         #expect(lines.count <= 5, "too much output for one error: \(err)")
         #expect(lines.dropFirst().allSatisfy { !$0.lowercased().hasPrefix("error") }, "more than one error line: \(err)")
         #expect(!err.contains("Fatal error") && !err.contains("Stack dump") && !err.contains("backtrace"))
+    }
+
+    @Test("bad arguments exit 64, whether ArgumentParser or the command itself rejects them", arguments: [
+        ["demo", "--nat-a", "nonsense"],
+        ["peer", "--no-such-flag"],
+        ["bench", "punch", "--concurrent", "0"],
+        ["nat", "detect", "--stun", "not-an-address"],
+        ["rendezvous", "--listen", "nonsense"],
+        ["peer", "--rendezvous", "bad..name:7000", "--rendezvous-id", String(repeating: "a", count: 52), "--identity",
+         "id.pem"],
+        ["peer", "--rendezvous", "127.0.0.1:9", "--rendezvous-id", "not-a-node-id", "--identity", "id.pem"],
+        ["peer", "--rendezvous", "127.0.0.1:9", "--rendezvous-id", String(repeating: "a", count: 52), "--identity",
+         "id.pem", "--connect", "not-a-node-id"],
+        ["strategy", "simulate", "builtin", "--attempts", "0"],
+    ])
+    func badArgumentsExit64(_ arguments: [String]) throws {
+        guard let binary = holepunchBinaryOrSkip() else { return }
+        let (status, _, err) = try run(binary, arguments)
+        #expect(status == 64, "holepunch \(arguments.joined(separator: " ")) exited \(status): \(err)")
+    }
+
+    @Test("peer --rendezvous localhost:PORT resolves the name and registers")
+    func rendezvousHostName() async throws {
+        guard let binary = holepunchBinaryOrSkip() else { return }
+        let dir = try scratchDirectory("hp-cli")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let (rendezvous, quic) = try await startRendezvous(binary, in: dir)
+        defer { rendezvous.stop() }
+        let port = try #require(quic.split(separator: ":").last)
+        let (peer, _) = try await startWaitingPeer(
+            binary, ["peer", "--rendezvous", "localhost:\(port)", "--rendezvous-id", "@rdv.id", "--listen", "127.0.0.1:0"],
+            identity: "b.pem", in: dir)
+        peer.stop()
+    }
+
+    @Test("--version prints the package version and exits 0")
+    func version() throws {
+        guard let binary = holepunchBinaryOrSkip() else { return }
+        let (status, out, _) = try run(binary, ["--version"])
+        #expect(status == 0)
+        #expect(out.trimmingCharacters(in: .whitespacesAndNewlines) == HolePunchPackage.version)
     }
 
     @Test("the README demo, in its loopback mode, reports a successful punch and a message each way")

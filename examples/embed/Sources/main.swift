@@ -14,7 +14,7 @@ if let i = args.firstIndex(of: "--strategy"), i + 1 < args.count {
     options.strategy = FallbackStrategy.loading(path: args[i + 1])  // the built-in plan answers if the script fails
     args.removeSubrange(i...i + 1)
 }
-guard args.count >= 2 else { print("usage: hp-embed RENDEZVOUS_HOST:PORT RENDEZVOUS_NODEID [PEER_NODEID] [--strategy FILE]"); exit(1) }
+guard args.count >= 2 else { print("usage: hp-embed RENDEZVOUS_HOST:PORT RENDEZVOUS_NODEID [PEER_NODEID] [--strategy FILE]"); exit(64) }
 
 // 1. An identity: its public key is this peer's NodeID. Keep the file to keep the NodeID.
 let path = "embed-identity.pem"
@@ -22,7 +22,7 @@ let identity = FileManager.default.fileExists(atPath: path) ? try Identity.load(
 try identity.save(to: path)
 // 2. One node: one UDP socket for the rendezvous, probes and QUIC (the NAT mapping is shared), registered at the
 //    rendezvous, whose NodeID the TLS handshake proves.
-let node = try await HolePunchNode.start(identity: identity, rendezvous: try SocketAddress(parsing: args[0]),
+let node = try await HolePunchNode.start(identity: identity, rendezvous: try SocketAddress.resolving(args[0]),
                                          rendezvousID: try NodeID(parsing: args[1]), options: options)
 say("registered as \(identity.nodeID)\n")
 // 3. Punch to a NodeID, or wait for someone to punch to us; either way an authenticated QUIC connection.

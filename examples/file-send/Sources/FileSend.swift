@@ -91,15 +91,16 @@ struct Send: AsyncParsableCommand {
 struct Receive: AsyncParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Wait for a sender, receive one file into DIR.")
 
-    @Option(help: "Directory to write the received file to.")
+    @Option(help: "Directory to write the received file to (created if missing).")
     var out: String
 
     @OptionGroup var peer: PeerOptions
 
     func run() async throws {
-        var isDirectory: ObjCBool = false
-        guard FileManager.default.fileExists(atPath: out, isDirectory: &isDirectory), isDirectory.boolValue else {
-            throw fail("--out \(out) is not a directory", hint: "create it first")
+        // A missing directory is made (with its parents) before waiting, so a typo in --out fails at once.
+        do { try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true) } catch {
+            throw fail("--out \(out): cannot create the directory: \(error.localizedDescription)",
+                       hint: "pick a directory you can write to")
         }
         let started = try await peer.start()
         say("waiting for a sender to connect to node=\(started.node.nodeID)")

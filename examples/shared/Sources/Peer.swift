@@ -16,11 +16,11 @@ public struct Peer {
     public static func start(rendezvous: String, rendezvousID: String, identity path: String, strategy: String?,
                       listen: String, allow: [String] = []) async throws -> Peer {
         let server: SocketAddress, local: SocketAddress
-        do { server = try SocketAddress(parsing: rendezvous) } catch {
-            throw fail("--rendezvous: \(error)", hint: "a numeric HOST:PORT such as 127.0.0.1:3478")
+        do { server = try SocketAddress.resolving(rendezvous) } catch {
+            throw fail("--rendezvous: \(error)", hint: "HOST:PORT such as 127.0.0.1:3478", code: usageExitCode)
         }
         do { local = try SocketAddress(parsing: listen) } catch {
-            throw fail("--listen: \(error)", hint: "a numeric HOST:PORT such as 0.0.0.0:0")
+            throw fail("--listen: \(error)", hint: "a numeric HOST:PORT such as 0.0.0.0:0", code: usageExitCode)
         }
         let serverID = try nodeID(rendezvousID, what: "--rendezvous-id")
         let allowed = try Set(allow.map { try nodeID($0, what: "--allow") })
@@ -93,6 +93,9 @@ public func say(_ line: String) {
     FileHandle.standardError.write(Data((line + "\n").utf8))
 }
 
+/// The exit status of a bad command-line argument (`EX_USAGE`), the same as ArgumentParser's own.
+public let usageExitCode = ExitCode.validationFailure.rawValue
+
 /// Prints one error line and a hint, and returns the exit status to throw.
 public func fail(_ message: String, hint: String, code: Int32 = 1) -> ExitCode {
     say("error: \(message)")
@@ -110,7 +113,7 @@ public func nodeID(_ text: String, what: String) throws -> NodeID {
         value = contents.trimmingCharacters(in: .whitespacesAndNewlines)
     }
     do { return try NodeID(parsing: value) } catch {
-        throw fail("\(what): \(error)", hint: "copy the NodeID exactly as it was printed")
+        throw fail("\(what): \(error)", hint: "copy the NodeID exactly as it was printed", code: usageExitCode)
     }
 }
 
