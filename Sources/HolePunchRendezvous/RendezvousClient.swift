@@ -49,6 +49,16 @@ public struct RendezvousClientConfiguration: Sendable {
     public var acceptsPunches = true
     /// Who may make this peer punch (target role); ``PunchAdmission/any`` by default.
     public var admission = PunchAdmission.any
+    /// NAT discovery that ``RendezvousClient/connect(_:)`` starts once registered, in the background
+    /// (``RendezvousClient/startNATDiscovery(server:configuration:)``), when the registration carries no NAT profile
+    /// and a STUN server is known (``natDiscoveryServer``, else the rendezvous's); nil (the default) starts none.
+    ///
+    /// Registration never waits for it: discovery waits out its filtering tests (seconds behind a filtering NAT),
+    /// while the rendezvous observes the mapped address on its own. Until it ends, punches plan with the profile
+    /// the registration carried (unknown); afterwards the client registers again with the measured profile.
+    public var backgroundNATDiscovery: NATDiscovery.Configuration?
+    /// The STUN server background discovery measures against; nil uses the one the rendezvous advertises.
+    public var natDiscoveryServer: SocketAddress?
 
     /// Creates a configuration.
     public init(
@@ -111,6 +121,9 @@ public actor RendezvousClient {
     private var requestWaiters: [UInt64: CheckedContinuation<Result<ReceivedCoordinate, RendezvousError>, Never>] = [:]
     private var closedReason: RendezvousError?
     private var localNAT: NATProfile = .unknown
+    /// The latest registration sent, so that a profile refinement keeps its LAN addresses.
+    private var lastRegistration = Registration()
+    private var natDiscovery: Task<Result<NATBehaviour, RendezvousError>, Never>?
     /// Target-role coordinate messages received so far.
     public private(set) var targetCoordinates = 0
     /// Target-role coordinate messages refused so far (by ``RendezvousClientConfiguration/admission``, or because
@@ -155,6 +168,10 @@ public actor RendezvousClient {
         track(reader)
         let confirmed = try await register(registration)
         track(Task { await self.keepAliveLoop() })
+        if let discovery = configuration.backgroundNATDiscovery, registration.nat == nil,
+           let stun = configuration.natDiscoveryServer ?? confirmed.stunServer {
+            startNATDiscovery(server: stun, configuration: discovery)
+        }
         return confirmed
     }
 
@@ -164,6 +181,7 @@ public actor RendezvousClient {
     public func register(_ registration: Registration) async throws(RendezvousError) -> Registered {
         if let closedReason { throw closedReason }
         if let nat = registration.nat { localNAT = nat }
+        lastRegistration = registration
         let result = await withCheckedContinuation { (continuation: CheckedContinuation<Result<Registered, RendezvousError>, Never>) in
             registerWaiter?.resume(returning: .failure(RendezvousError(.protocolViolation, "superseded by a newer register")))
             registerWaiter = continuation
@@ -257,8 +275,54 @@ public actor RendezvousClient {
         return behaviour
     }
 
+    /// Starts ``discoverNAT(server:configuration:)`` in the background and, when it ends, registers again with
+    /// the measured profile (and the latest registration's LAN addresses), so that punches coordinated from then
+    /// on carry it. Returns at once; ``natDiscoveryResult()`` waits for the outcome. A discovery already started
+    /// is kept (this call then does nothing).
+    ///
+    /// Punches may start meanwhile: they plan with the profile known so far (unknown unless registered with one).
+    /// Discovery shares the punch socket with them; its mapping tests come last, seconds in, by which time a punch
+    /// between easy NATs has long connected.
+    public func startNATDiscovery(server: SocketAddress? = nil, configuration discovery: NATDiscovery.Configuration = .init()) {
+        guard natDiscovery == nil else { return }
+        natDiscovery = Task { () -> Result<NATBehaviour, RendezvousError> in
+            let behaviour: NATBehaviour
+            do {
+                behaviour = try await self.discoverNAT(server: server, configuration: discovery)
+            } catch let error as RendezvousError {
+                return .failure(error)
+            } catch {
+                return .failure(RendezvousError(.disconnected, "NAT discovery stopped: \(error)"))
+            }
+            do {
+                _ = try await self.refineRegistration(with: NATProfile(behaviour))
+            } catch {
+                return .failure(error)
+            }
+            return .success(behaviour)
+        }
+    }
+
+    /// The outcome of the discovery ``startNATDiscovery(server:configuration:)`` (or ``connect(_:)``, with
+    /// ``RendezvousClientConfiguration/backgroundNATDiscovery``) started, once it and the registration that
+    /// publishes its profile have ended; nil when none was started.
+    public func natDiscoveryResult() async -> Result<NATBehaviour, RendezvousError>? {
+        await natDiscovery?.value
+    }
+
+    /// The NAT profile this client's punches plan with: the registered or discovered one, unknown until either.
+    public var natProfile: NATProfile { localNAT }
+
+    /// Registers again with the latest registration's LAN addresses and `profile`.
+    private func refineRegistration(with profile: NATProfile) async throws(RendezvousError) -> Registered {
+        var update = lastRegistration
+        update.nat = profile
+        return try await register(update)
+    }
+
     /// Closes the control connection and ends ``incoming``; running punches continue to their end.
     public func close() async {
+        natDiscovery?.cancel()
         fail(RendezvousError(.disconnected, "the client was closed"))
         for task in tasks.values { task.cancel() }
         tasks.removeAll()

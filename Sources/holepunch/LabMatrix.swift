@@ -231,6 +231,11 @@ struct TrialResult: Sendable {
     var message: String?
     var peerNode: String? = nil
     var expectedPeer: String? = nil
+    /// Initiator's start-to-first-byte: from its process start to the first echoed byte (discovery, registration,
+    /// coordination, punch and one stream round trip).
+    var firstByteMs: Double? = nil
+    /// The same from the initiator's `connect()` call.
+    var connectFirstByteMs: Double? = nil
 }
 
 /// One pair's results for one strategy.
@@ -243,6 +248,10 @@ struct PairResult: Sendable {
     var times: [Double] { trials.compactMap { $0.ok ? $0.timeMs : nil }.sorted() }
     var median: Double? { percentile(times, 0.5) }
     var p95: Double? { percentile(times, 0.95) }
+    var firstByteTimes: [Double] { trials.compactMap { $0.ok ? $0.firstByteMs : nil }.sorted() }
+    /// Median start-to-first-byte of the successful trials.
+    var firstByteMedian: Double? { percentile(firstByteTimes, 0.5) }
+    var firstByteP95: Double? { percentile(firstByteTimes, 0.95) }
     var meanPackets: Double { trials.isEmpty ? 0 : Double(trials.map(\.packets).reduce(0, +)) / Double(trials.count) }
     var meanRounds: Double { trials.isEmpty ? 0 : Double(trials.map(\.rounds).reduce(0, +)) / Double(trials.count) }
     var errors: [String: Int] {
@@ -280,6 +289,8 @@ struct MatrixReport: Sendable {
     var delay: Double
     var loss: Double
     var date: String
+    /// Whether the peers measured their NAT (`--discover`) rather than being told it.
+    var discover: Bool
 
     private func ms(_ value: Double?) -> String { value.map { String(format: "%.0f", $0) } ?? "–" }
 
@@ -287,11 +298,13 @@ struct MatrixReport: Sendable {
         var out = "Lab matrix, \(date): \(trials) trial(s) per pair, \(Int(delay)) ms one-way delay and \(loss)% loss on each WAN link; "
         out += "peer-to-peer RTT \(String(format: "%.1f", rttMs)) ms. Times are from the coordinated start to the authenticated "
         out += "connection (initiator side); packets are UDP packets both peers sent toward the other's public address "
-        out += "(probes and QUIC), mean per trial; ratio = median / (raw UDP punch + 1 RTT).\n\n"
+        out += "(probes and QUIC), mean per trial; ratio = median / (raw UDP punch + 1 RTT); first byte = the initiator's "
+        out += "start-to-first-byte, from its process start to the first echoed byte (median, p95)"
+        out += discover ? ", peers measuring their NAT.\n\n" : ", peers told their NAT type.\n\n"
         for strategy in strategies {
             out += "### \(strategy)\n\n"
-            out += "| A \\ B | success | median ms | p95 ms | packets | rounds | raw UDP ms | ratio | errors |\n"
-            out += "|---|---|---|---|---|---|---|---|---|\n"
+            out += "| A \\ B | success | median ms | p95 ms | first byte ms | packets | rounds | raw UDP ms | ratio | errors |\n"
+            out += "|---|---|---|---|---|---|---|---|---|---|\n"
             for pair in results[strategy] ?? [] {
                 let raw = raw["\(pair.a):\(pair.b)"]
                 let rawText = raw.map { $0.connected ? ms($0.timeMs) : "fails" } ?? "–"
@@ -301,6 +314,7 @@ struct MatrixReport: Sendable {
                 }
                 let errors = pair.errors.sorted { $0.key < $1.key }.map { "\($0.key) ×\($0.value)" }.joined(separator: ", ")
                 out += "| \(pair.a) × \(pair.b) | \(pair.successes)/\(pair.trials.count) | \(ms(pair.median)) | \(ms(pair.p95)) | "
+                out += "\(ms(pair.firstByteMedian)), \(ms(pair.firstByteP95)) | "
                 out += "\(String(format: "%.0f", pair.meanPackets)) | \(String(format: "%.1f", pair.meanRounds)) | \(rawText) | \(ratio) | \(errors) |\n"
             }
             out += "\n"
@@ -338,6 +352,8 @@ struct MatrixReport: Sendable {
                     "runs": pair.trials.map { trial -> [String: Any] in
                         var run: [String: Any] = ["ok": trial.ok, "rounds": trial.rounds, "packets": trial.packets]
                         if let time = trial.timeMs { run["time_ms"] = time }
+                        if let time = trial.firstByteMs { run["first_byte_ms"] = time }
+                        if let time = trial.connectFirstByteMs { run["connect_first_byte_ms"] = time }
                         if let error = trial.error { run["error"] = error }
                         if let message = trial.message { run["message"] = message }
                         if let peer = trial.peerNode { run["peer_node"] = peer }
@@ -347,6 +363,8 @@ struct MatrixReport: Sendable {
                 ]
                 if let median = pair.median { entry["median_ms"] = median }
                 if let p95 = pair.p95 { entry["p95_ms"] = p95 }
+                if let median = pair.firstByteMedian { entry["first_byte_median_ms"] = median }
+                if let p95 = pair.firstByteP95 { entry["first_byte_p95_ms"] = p95 }
                 if let raw = raw["\(pair.a):\(pair.b)"], raw.connected, let time = raw.timeMs, let median = pair.median {
                     entry["ratio_to_raw_plus_rtt"] = median / (time + rttMs)
                 }
@@ -358,7 +376,7 @@ struct MatrixReport: Sendable {
             if let time = value.timeMs { entry["time_ms"] = time }
             return entry
         }
-        var top: [String: Any] = ["date": date, "trials": trials, "delay_ms": delay, "loss_pct": loss, "rtt_ms": rttMs,
+        var top: [String: Any] = ["date": date, "trials": trials, "delay_ms": delay, "loss_pct": loss, "rtt_ms": rttMs, "discover": discover,
                 "strategies": strategiesJSON, "raw_udp": rawJSON]
         if let impostorPackets { top["impostor_packets"] = impostorPackets }
         return top
@@ -448,7 +466,8 @@ struct MatrixRunner {
                     let outcome = try await runTrial(pair: pair, strategy: strategy, rdvNode: rdvNode)
                     result.trials.append(outcome)
                     let summary = outcome.ok
-                        ? String(format: "ok %.0f ms, %d rounds, %d packets", outcome.timeMs ?? 0, outcome.rounds, outcome.packets)
+                        ? String(format: "ok %.0f ms, %d rounds, %d packets, first byte %.0f ms", outcome.timeMs ?? 0, outcome.rounds,
+                                 outcome.packets, outcome.firstByteMs ?? 0)
                         : "failed: \(outcome.error ?? "?") \(outcome.message ?? "")"
                     progress("\(label) \(short) trial \(trial)/\(trials): \(summary)")
                 }
@@ -461,7 +480,7 @@ struct MatrixRunner {
             }
         }
         return MatrixReport(impostorPackets: impostorPackets, strategies: strategies.map { URL(fileURLWithPath: $0).lastPathComponent }, results: results, raw: raws,
-                            rttMs: rtt, trials: trials, delay: delay, loss: loss, date: date)
+                            rttMs: rtt, trials: trials, delay: delay, loss: loss, date: date, discover: discover)
     }
 
     /// RTT between the peers: each peer's RTT to the rendezvous crosses its own WAN link twice, so the sum is
@@ -545,6 +564,7 @@ struct MatrixRunner {
             error: ok ? nil : error,
             message: ok ? nil : ((result["message"] as? String) ?? initiator.errors.split(separator: "\n").last.map(String.init))
                 .map { $0 + ((targetResult["error"] as? String).map { " (target: \($0))" } ?? "") },
-            peerNode: result["peer_node"] as? String, expectedPeer: "\(b.nodeID)")
+            peerNode: result["peer_node"] as? String, expectedPeer: "\(b.nodeID)",
+            firstByteMs: result["first_byte_ms"] as? Double, connectFirstByteMs: result["connect_first_byte_ms"] as? Double)
     }
 }

@@ -1,0 +1,73 @@
+import HolePunch
+import HolePunchSTUN
+import ProcessTestSupport
+import Testing
+@testable import HolePunchRendezvous
+
+/// Issue 12 item 8: NAT discovery runs beside registration and punches, and refines the registration when it ends.
+@Suite("Background NAT discovery", .serialized)
+struct BackgroundDiscoveryTests {
+    /// A client like the harness's, with background discovery configured.
+    func client(_ harness: Harness, _ identity: Identity, discovery: NATDiscovery.Configuration?,
+                stun: SocketAddress? = nil, acceptsPunches: Bool = true) async throws -> RendezvousClient {
+        let endpoint = try await Endpoint.bind(.loopbackV4(port: 0), configuration: EndpointConfiguration(identity: identity, acceptPolicy: .none))
+        var configuration = RendezvousClientConfiguration(server: harness.server.address, serverNodeID: harness.server.nodeID,
+                                                          requestTimeout: .seconds(5), punchTimeout: .seconds(10))
+        configuration.backgroundNATDiscovery = discovery
+        configuration.natDiscoveryServer = stun
+        configuration.acceptsPunches = acceptsPunches
+        return RendezvousClient(executor: PunchExecutor(endpoint: endpoint), configuration: configuration)
+    }
+
+    @Test("a STUN server that never answers does not delay registration, and a punch coordinated meanwhile connects with an unknown profile")
+    func registersBeforeDiscovery() async throws {
+        let harness = try await Harness.start()
+        // Bound but never read: every discovery request to it goes unanswered.
+        let silent = try UDPSTUNTransport(binding: .loopbackV4(port: 0))
+        defer { silent.closeNow() }
+        // Retransmissions alone take minutes here, so discovery cannot have ended during the test.
+        let slow = NATDiscovery.Configuration(initialRTO: .seconds(30), maxTransmissions: 7, overallTimeout: .seconds(600))
+        let a = try await client(harness, Identities.a, discovery: slow, stun: silent.localAddress)
+        let b = try await harness.client(Identities.b)
+        _ = try await withDeadline(.seconds(5)) { try await a.connect() }
+        _ = try await b.connect()
+        #expect(await harness.server.isRegistered(Identities.a.nodeID))
+        #expect(await a.natProfile == .unknown)
+
+        let accepted = Task { () -> QUICConnection? in
+            for await connection in a.incoming { return connection }
+            return nil
+        }
+        let received = try await b.coordinate(to: Identities.a.nodeID)
+        #expect(received.coordinate.peerNAT == .unknown)
+        let connection = try await withDeadline(.seconds(20)) { try await b.startPunch(received).value() }
+        #expect(connection.peerNodeID == Identities.a.nodeID)
+        let inbound = try #require(try await withDeadline(.seconds(20)) { await accepted.value })
+        #expect(inbound.peerNodeID == Identities.b.nodeID)
+        await connection.close()
+        await harness.stop(a, b)
+        // Closing the client stops the discovery it started.
+        let outcome = try await withDeadline(.seconds(5)) { await a.natDiscoveryResult() }
+        #expect(outcome.map { (try? $0.get()) == nil } == true)
+    }
+
+    @Test("when discovery ends, the client registers again with the measured profile, and the other side's coordinate carries it")
+    func profileUpdateReachesCoordinate() async throws {
+        let harness = try await Harness.start(stun: true)
+        // A only counts target coordinates: the test looks at what B is told, no punch is needed.
+        let a = try await client(harness, Identities.a, discovery: NATDiscovery.Configuration(), acceptsPunches: false)
+        let b = try await harness.client(Identities.b)
+        let lan = try SocketAddress(parsing: "127.0.0.1:4999")
+        _ = try await a.connect(Registration(lanAddresses: [lan]))
+        _ = try await b.connect()
+        let outcome = try #require(try await withDeadline(.seconds(15)) { await a.natDiscoveryResult() })
+        let profile = NATProfile(try outcome.get())
+        #expect(profile != .unknown)
+        #expect(await a.natProfile == profile)
+        let received = try await b.coordinate(to: Identities.a.nodeID)
+        #expect(received.coordinate.peerNAT == profile)
+        // The refinement kept the LAN address of the first registration.
+        #expect(received.coordinate.candidates.contains(lan))
+        await harness.stop(a, b)
+    }
+}
