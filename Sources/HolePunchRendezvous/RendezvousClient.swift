@@ -294,7 +294,7 @@ public actor RendezvousClient {
             } catch {
                 return .failure(RendezvousError(.disconnected, "NAT discovery stopped: \(error)"))
             }
-            do {
+            do throws(RendezvousError) {
                 _ = try await self.refineRegistration(with: NATProfile(behaviour))
             } catch {
                 return .failure(error)

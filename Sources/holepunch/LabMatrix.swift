@@ -28,6 +28,7 @@ struct LabMatrixCommand: AsyncParsableCommand {
     @Option(help: "Write the markdown tables to this file as well.") var markdown: String?
     @Option(name: .customLong("pair"), help: "Only these pairs, A:B (repeatable); default all 25.") var pairs: [String] = []
     @Option(help: "Punch timeout per trial, seconds.") var punchTimeout: Double = 5
+    @Option(help: "The rendezvous's start delay of coordinated punches, ms (its default: 150).") var startDelay = 150
     @Option(help: "Lab name (default hpmx<pid>).") var name: String?
     @Flag(help: "Peers measure their NAT (RFC 5780) instead of being told the lab's configured type.") var discover = false
     @Flag(help: "Skip the raw UDP reference punch.") var noRaw = false
@@ -59,7 +60,7 @@ struct LabMatrixCommand: AsyncParsableCommand {
         defer { lab.down() }
         let report = try await MatrixRunner(
             lab: lab, strategies: files, pairs: selected, trials: trials, delay: delay, loss: loss,
-            punchTimeout: punchTimeout, discover: discover, raw: !noRaw, impostor: impostor
+            punchTimeout: punchTimeout, discover: discover, raw: !noRaw, impostor: impostor, startDelay: startDelay
         ).run()
         let tables = report.markdown()
         print(tables)
@@ -394,6 +395,7 @@ struct MatrixRunner {
     let discover: Bool
     let raw: Bool
     let impostor: Bool
+    let startDelay: Int
 
     /// Where the impostor listens (in `other`); router b DNATs new inbound UDP flows there.
     static let impostorAddress = "198.51.100.20:7443"
@@ -413,7 +415,8 @@ struct MatrixRunner {
         let rdvIdentity = lab.file("rdv.identity")
         try Identity.generate(commonName: "lab-rendezvous").save(to: rdvIdentity)
         let ready = lab.file("rdv.ready")
-        let rendezvous = try lab.exec("rdv", [lab.executable, "lab", "rendezvous", "--identity", rdvIdentity, "--ready-file", ready],
+        let rendezvous = try lab.exec("rdv", [lab.executable, "lab", "rendezvous", "--identity", rdvIdentity, "--ready-file", ready,
+                                                "--start-delay", "\(startDelay)"],
                                       stem: "rendezvous")
         defer { rendezvous.stop() }
         let end = ContinuousClock.now + .seconds(20)

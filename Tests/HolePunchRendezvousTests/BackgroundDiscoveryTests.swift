@@ -70,4 +70,29 @@ struct BackgroundDiscoveryTests {
         #expect(received.coordinate.candidates.contains(lan))
         await harness.stop(a, b)
     }
+
+    @Test("state: a profile update on the same connection reaches later coordinates, keeps the RTT estimate; an invalid one changes nothing")
+    func stateProfileUpdate() {
+        var state = RendezvousState()
+        _ = state.register(node: node(1), connection: 1, observed: addrA, registration: Registration(), now: .zero)
+        _ = state.register(node: node(2), connection: 2, observed: addrB, registration: Registration(), now: .zero)
+        state.rttSample(node: node(1), rtt: .milliseconds(40))
+        let before = coordinates(state.requestPunch(from: node(2), requestID: 1, target: node(1), secret: secret("s1"), now: .seconds(1)))
+        #expect(before.first { $0.1 == node(2) }?.0.peerNAT == .unknown)
+
+        let update = state.register(node: node(1), connection: 1, observed: addrA,
+                                    registration: Registration(nat: .portRestricted), now: .seconds(2))
+        #expect(update.count == 1)  // confirmed, no connection closed
+        #expect(state.peer(node(1))?.rtt == .milliseconds(40))
+        #expect(state.peer(node(1))?.observed == addrA)
+        let after = coordinates(state.requestPunch(from: node(2), requestID: 2, target: node(1), secret: secret("s2"), now: .seconds(3)))
+        #expect(after.first { $0.1 == node(2) }?.0.peerNAT == .portRestricted)
+
+        // Validated like any registration: too many LAN addresses is refused, and the profile stays.
+        let lan = (1...(RendezvousMessageLimits.maxLANAddresses + 1)).map { try! SocketAddress(parsing: "127.0.0.\($0):1") }
+        let refused = state.register(node: node(1), connection: 1, observed: addrA,
+                                     registration: Registration(lanAddresses: lan, nat: .symmetricRandom), now: .seconds(4))
+        #expect(errorCode(refused) == RendezvousError.Code.protocolViolation.name)
+        #expect(state.peer(node(1))?.registration.nat == .portRestricted)
+    }
 }
