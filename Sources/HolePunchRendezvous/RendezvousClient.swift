@@ -244,10 +244,30 @@ public actor RendezvousClient {
     /// Requests a punch to `target`, runs it as the initiator and returns the authenticated connection.
     ///
     /// - Throws: ``RendezvousError`` when the rendezvous refuses or fails, ``PunchError`` when the punch fails.
+    ///
+    /// A punch that planned before background discovery ended (unknown profile) and failed is tried once more
+    /// when discovery has since measured a profile (``profileRefined(since:after:)``).
     public func requestPunch(to target: NodeID) async throws -> QUICConnection {
+        let planned = localNAT
+        do {
+            let received = try await coordinate(to: target)
+            return try await startPunch(received).value()
+        } catch let error as PunchError {
+            guard await profileRefined(since: planned, after: error) else { throw error }
+        }
         let received = try await coordinate(to: target)
-        let handle = await startPunch(received)
-        return try await handle.value()
+        return try await startPunch(received).value()
+    }
+
+    /// Whether a punch that planned with `planned` and failed with `error` is worth one more attempt: it planned
+    /// with an unknown profile while background discovery ran, failed for want of a path (`allPortsFailed`,
+    /// `timeout`), and discovery, awaited here, has since measured a profile. Some pairs need it: a NAT that
+    /// allocates randomly punches through a port-restricted one only when its side knows to open many sockets.
+    public func profileRefined(since planned: NATProfile, after error: PunchError) async -> Bool {
+        guard planned == .unknown, error.code == .allPortsFailed || error.code == .timeout,
+              let discovery = natDiscovery else { return false }
+        guard case .success = await discovery.value else { return false }
+        return localNAT != planned
     }
 
     /// Runs RFC 5780 NAT behaviour discovery from the punch socket against `server` (by default the STUN

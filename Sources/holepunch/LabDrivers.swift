@@ -214,14 +214,31 @@ struct LabPeerCommand: AsyncParsableCommand {
 
             let handle: PunchHandle
             if let target {
-                let received = try await coordinate(client: client, to: try NodeID(parsing: target))
-                handle = await client.startPunch(received)
+                let peer = try NodeID(parsing: target)
+                let planned = await client.natProfile
+                var first = await client.startPunch(try await coordinate(client: client, to: peer))
+                // As requestPunch(to:) does: a punch planned before discovery ended is retried once it has.
+                if case .failure(let error) = await first.result(), await client.profileRefined(since: planned, after: error) {
+                    first = await client.startPunch(try await coordinate(client: client, to: peer))
+                }
+                handle = first
             } else {
                 var iterator = client.incomingPunches.makeAsyncIterator()
                 guard let incoming = await iterator.next() else {
                     return ["ok": false, "error": "disconnected", "message": "\(await client.failure.map { "\($0)" } ?? "closed")"]
                 }
-                handle = incoming.handle
+                var accepted = incoming.handle
+                // The initiator retries a punch it planned before its discovery ended (requestPunch's rule): wait a
+                // little for that second punch after a failed first one.
+                if discover, case .failure = await accepted.result() {
+                    let punches = client.incomingPunches
+                    let retry = await labWithin(.seconds(6)) { () -> IncomingPunch? in
+                        for await punch in punches { return punch }
+                        return nil
+                    }
+                    if let retry = retry ?? nil { accepted = retry.handle }
+                }
+                handle = accepted
             }
             var rounds = 0
             var ports = 0
