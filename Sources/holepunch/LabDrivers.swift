@@ -202,6 +202,8 @@ struct LabPeerCommand: AsyncParsableCommand {
         do {
             let connectCalled = ContinuousClock.now
             let registered = try await client.connect(Registration(nat: profile))
+            let registeredAt = ContinuousClock.now
+            var coordinated: ReceivedCoordinate?
             var line: [String: Any] = ["event": "registered", "observed": "\(registered.observedAddress)",
                                        "node": "\(client.nodeID)", "role": role]
             if discover, target == nil, let outcome = await client.natDiscoveryResult() {
@@ -216,11 +218,14 @@ struct LabPeerCommand: AsyncParsableCommand {
             if let target {
                 let peer = try NodeID(parsing: target)
                 let planned = await client.natProfile
-                var first = await client.startPunch(try await coordinate(client: client, to: peer))
+                var received = try await coordinate(client: client, to: peer)
+                var first = await client.startPunch(received)
                 // As requestPunch(to:) does: a punch planned before discovery ended is retried once it has.
                 if case .failure(let error) = await first.result(), await client.profileRefined(since: planned, after: error) {
-                    first = await client.startPunch(try await coordinate(client: client, to: peer))
+                    received = try await coordinate(client: client, to: peer)
+                    first = await client.startPunch(received)
                 }
+                coordinated = received
                 handle = first
             } else {
                 var iterator = client.incomingPunches.makeAsyncIterator()
@@ -271,6 +276,16 @@ struct LabPeerCommand: AsyncParsableCommand {
                     if let firstByte {
                         line["first_byte_ms"] = labMilliseconds(firstByte - started)
                         line["connect_first_byte_ms"] = labMilliseconds(firstByte - connectCalled)
+                        // Where the time goes, each from the connect() call.
+                        if let coordinated {
+                            line["phases_ms"] = [
+                                "registered": labMilliseconds(registeredAt - connectCalled),
+                                "coordinated": labMilliseconds(coordinated.receivedAt - connectCalled),
+                                "start": labMilliseconds(coordinated.startAt - connectCalled),
+                                "connected": labMilliseconds(coordinated.startAt.advanced(by: success.timeToConnect) - connectCalled),
+                                "first_byte": labMilliseconds(firstByte - connectCalled),
+                            ]
+                        }
                     }
                 }
                 return line

@@ -237,6 +237,8 @@ struct TrialResult: Sendable {
     var firstByteMs: Double? = nil
     /// The same from the initiator's `connect()` call.
     var connectFirstByteMs: Double? = nil
+    /// The initiator's milestones from its `connect()` call: registered, coordinated, start, connected, first_byte.
+    var phases: [String: Double]? = nil
 }
 
 /// One pair's results for one strategy.
@@ -355,6 +357,7 @@ struct MatrixReport: Sendable {
                         if let time = trial.timeMs { run["time_ms"] = time }
                         if let time = trial.firstByteMs { run["first_byte_ms"] = time }
                         if let time = trial.connectFirstByteMs { run["connect_first_byte_ms"] = time }
+                        if let phases = trial.phases { run["phases_ms"] = phases }
                         if let error = trial.error { run["error"] = error }
                         if let message = trial.message { run["message"] = message }
                         if let peer = trial.peerNode { run["peer_node"] = peer }
@@ -568,6 +571,7 @@ struct MatrixRunner {
             message: ok ? nil : ((result["message"] as? String) ?? initiator.errors.split(separator: "\n").last.map(String.init))
                 .map { $0 + ((targetResult["error"] as? String).map { " (target: \($0))" } ?? "") },
             peerNode: result["peer_node"] as? String, expectedPeer: "\(b.nodeID)",
-            firstByteMs: result["first_byte_ms"] as? Double, connectFirstByteMs: result["connect_first_byte_ms"] as? Double)
+            firstByteMs: result["first_byte_ms"] as? Double, connectFirstByteMs: result["connect_first_byte_ms"] as? Double,
+            phases: result["phases_ms"] as? [String: Double])
     }
 }

@@ -68,6 +68,13 @@ struct BackgroundDiscoveryTests {
         #expect(received.coordinate.peerNAT == profile)
         // The refinement kept the LAN address of the first registration.
         #expect(received.coordinate.candidates.contains(lan))
+        // A punch planned with the unknown profile and failed for want of a path is worth one more attempt now;
+        // one that already knew, or failed for another reason, is not.
+        let noPath = PunchError(code: .allPortsFailed, message: "no planned port answered a probe")
+        #expect(await a.profileRefined(since: .unknown, after: noPath))
+        #expect(await !a.profileRefined(since: profile, after: noPath))
+        #expect(await !a.profileRefined(since: .unknown, after: PunchError(code: .refused, message: "not admitted")))
+        #expect(await !b.profileRefined(since: .unknown, after: noPath))  // b started no discovery
         await harness.stop(a, b)
     }
 
