@@ -44,6 +44,12 @@ local function plan(ctx)
 
     if cone(remote) or base == nil or hopeless then
         ports = hp.merge(first, ctx.ports)
+    elseif remote.mapping == "unknown" then
+        -- Not measured yet (the peer punched before its NAT discovery ended): most NATs map endpoint-independently,
+        -- so its known ports go first, then the sequential walk in case it is not. First matters when our own NAT
+        -- is symmetric: every port we try takes a fresh mapping, and the peer only looks a few ports ahead of ours.
+        local delta = remote.port_delta ~= 0 and remote.port_delta or 1
+        ports = hp.merge(first, ctx.ports, hp.sequence(base + delta, delta, 8 * attempt), hp.around(base, 2))
     elseif remote.allocation == "random" and lenient(localnat) then
         -- Their probes to our known port get in wherever their NAT maps them: no need to chase it.
         ports = hp.merge(first, ctx.ports)

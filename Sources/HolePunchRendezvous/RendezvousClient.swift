@@ -51,6 +51,16 @@ public struct RendezvousClientConfiguration: Sendable {
     public var admission = PunchAdmission.any
     /// The application protocol (TLS ALPN) the rendezvous speaks, whatever protocols the punch endpoint serves.
     public var alpn = "holepunch/1"
+    /// NAT discovery that ``RendezvousClient/connect(_:)`` starts once registered, in the background
+    /// (``RendezvousClient/startNATDiscovery(server:configuration:)``), when the registration carries no NAT profile
+    /// and a STUN server is known (``natDiscoveryServer``, else the rendezvous's); nil (the default) starts none.
+    ///
+    /// Registration never waits for it: discovery waits out its filtering tests (seconds behind a filtering NAT),
+    /// while the rendezvous observes the mapped address on its own. Until it ends, punches plan with the profile
+    /// the registration carried (unknown); afterwards the client registers again with the measured profile.
+    public var backgroundNATDiscovery: NATDiscovery.Configuration?
+    /// The STUN server background discovery measures against; nil uses the one the rendezvous advertises.
+    public var natDiscoveryServer: SocketAddress?
 
     /// Creates a configuration.
     public init(
@@ -113,6 +123,9 @@ public actor RendezvousClient {
     private var requestWaiters: [UInt64: CheckedContinuation<Result<ReceivedCoordinate, RendezvousError>, Never>] = [:]
     private var closedReason: RendezvousError?
     private var localNAT: NATProfile = .unknown
+    /// The latest registration sent, so that a profile refinement keeps its LAN addresses.
+    private var lastRegistration = Registration()
+    private var natDiscovery: Task<Result<NATBehaviour, RendezvousError>, Never>?
     /// Target-role coordinate messages received so far.
     public private(set) var targetCoordinates = 0
     /// Target-role coordinate messages refused so far (by ``RendezvousClientConfiguration/admission``, or because
@@ -158,6 +171,10 @@ public actor RendezvousClient {
         track(reader)
         let confirmed = try await register(registration)
         track(Task { await self.keepAliveLoop() })
+        if let discovery = configuration.backgroundNATDiscovery, registration.nat == nil,
+           let stun = configuration.natDiscoveryServer ?? confirmed.stunServer {
+            startNATDiscovery(server: stun, configuration: discovery)
+        }
         return confirmed
     }
 
@@ -167,6 +184,7 @@ public actor RendezvousClient {
     public func register(_ registration: Registration) async throws(RendezvousError) -> Registered {
         if let closedReason { throw closedReason }
         if let nat = registration.nat { localNAT = nat }
+        lastRegistration = registration
         let result = await withCheckedContinuation { (continuation: CheckedContinuation<Result<Registered, RendezvousError>, Never>) in
             registerWaiter?.resume(returning: .failure(RendezvousError(.protocolViolation, "superseded by a newer register")))
             registerWaiter = continuation
@@ -248,10 +266,26 @@ public actor RendezvousClient {
     /// Cancelling the calling task cancels the request or the punch (probes, timers and extra sockets stop) and
     /// throws `cancelled`.
     ///
+    /// A punch that planned before background discovery ended (unknown profile) and failed is tried once more
+    /// when discovery has since measured a profile (``profileRefined(since:after:)``).
+    ///
     /// - Parameter alpn: the application protocol to dial with; nil uses the endpoint's.
     /// - Throws: ``RendezvousError``: a rendezvous code (`unknownTarget`, `rateLimited`, `timeout`…) when the
     ///   rendezvous refuses or fails; the punch's code with ``RendezvousError/punch`` set when the punch fails.
     public func requestPunch(to target: NodeID, alpn: String? = nil) async throws(RendezvousError) -> QUICConnection {
+        let planned = localNAT
+        do throws(RendezvousError) {
+            return try await punchOnce(to: target, alpn: alpn)
+        } catch {
+            guard let punch = error.punch, !Task.isCancelled, await profileRefined(since: planned, after: punch) else {
+                throw error
+            }
+        }
+        return try await punchOnce(to: target, alpn: alpn)
+    }
+
+    /// One coordinate and one punch; task cancellation cancels either.
+    private func punchOnce(to target: NodeID, alpn: String?) async throws(RendezvousError) -> QUICConnection {
         let received = try await coordinate(to: target)
         let handle = await startPunch(received, alpn: alpn)
         let id = handle.id
@@ -263,6 +297,17 @@ public actor RendezvousClient {
             Task { await executor.cancel(id) }
         }
         return try result.mapError { RendezvousError(punch: $0) }.get()
+    }
+
+    /// Whether a punch that planned with `planned` and failed with `error` is worth one more attempt: it planned
+    /// with an unknown profile while background discovery ran, failed for want of a path (`allPortsFailed`,
+    /// `timeout`), and discovery, awaited here, has since measured a profile. Some pairs need it: a NAT that
+    /// allocates randomly punches through a port-restricted one only when its side knows to open many sockets.
+    public func profileRefined(since planned: NATProfile, after error: PunchError) async -> Bool {
+        guard planned == .unknown, error.code == .allPortsFailed || error.code == .timeout,
+              let discovery = natDiscovery else { return false }
+        guard case .success = await discovery.value else { return false }
+        return localNAT != planned
     }
 
     /// Runs RFC 5780 NAT behaviour discovery from the punch socket against `server` (by default the STUN
@@ -290,8 +335,54 @@ public actor RendezvousClient {
         return behaviour
     }
 
+    /// Starts ``discoverNAT(server:configuration:)`` in the background and, when it ends, registers again with
+    /// the measured profile (and the latest registration's LAN addresses), so that punches coordinated from then
+    /// on carry it. Returns at once; ``natDiscoveryResult()`` waits for the outcome. A discovery already started
+    /// is kept (this call then does nothing).
+    ///
+    /// Punches may start meanwhile: they plan with the profile known so far (unknown unless registered with one).
+    /// Discovery shares the punch socket with them; its mapping tests come last, seconds in, by which time a punch
+    /// between easy NATs has long connected.
+    public func startNATDiscovery(server: SocketAddress? = nil, configuration discovery: NATDiscovery.Configuration = .init()) {
+        guard natDiscovery == nil else { return }
+        natDiscovery = Task { () -> Result<NATBehaviour, RendezvousError> in
+            let behaviour: NATBehaviour
+            do {
+                behaviour = try await self.discoverNAT(server: server, configuration: discovery)
+            } catch let error as RendezvousError {
+                return .failure(error)
+            } catch {
+                return .failure(RendezvousError(.disconnected, "NAT discovery stopped: \(error)"))
+            }
+            do throws(RendezvousError) {
+                _ = try await self.refineRegistration(with: NATProfile(behaviour))
+            } catch {
+                return .failure(error)
+            }
+            return .success(behaviour)
+        }
+    }
+
+    /// The outcome of the discovery ``startNATDiscovery(server:configuration:)`` (or ``connect(_:)``, with
+    /// ``RendezvousClientConfiguration/backgroundNATDiscovery``) started, once it and the registration that
+    /// publishes its profile have ended; nil when none was started.
+    public func natDiscoveryResult() async -> Result<NATBehaviour, RendezvousError>? {
+        await natDiscovery?.value
+    }
+
+    /// The NAT profile this client's punches plan with: the registered or discovered one, unknown until either.
+    public var natProfile: NATProfile { localNAT }
+
+    /// Registers again with the latest registration's LAN addresses and `profile`.
+    private func refineRegistration(with profile: NATProfile) async throws(RendezvousError) -> Registered {
+        var update = lastRegistration
+        update.nat = profile
+        return try await register(update)
+    }
+
     /// Closes the control connection and ends ``incoming``; running punches continue to their end.
     public func close() async {
+        natDiscovery?.cancel()
         fail(RendezvousError(.disconnected, "the client was closed"))
         for task in tasks.values { task.cancel() }
         tasks.removeAll()

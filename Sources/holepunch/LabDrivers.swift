@@ -168,7 +168,11 @@ struct LabPeerCommand: AsyncParsableCommand {
     @Option(help: "Lua strategy file; default: the bundled default.lua.") var strategy: String?
     @Option(help: "Tell the rendezvous this NAT type (full_cone … symmetric_random) instead of measuring it.")
     var nat: String?
-    @Flag(help: "Measure the NAT (RFC 5780, from the punch socket) and publish the result.") var discover = false
+    @Flag(help: """
+        Measure the NAT (RFC 5780, from the punch socket) in the background and publish the result; the target \
+        waits for it before it reports ready (a peer that has waited a while), the initiator punches at once.
+        """)
+    var discover = false
     @Option(help: "Give up after this many seconds (whole run).") var timeout: Double = 15
     @Option(help: "Punch timeout in seconds (overrides the plan's).") var punchTimeout: Double?
     @Option(help: "Local address to bind.") var bind = "0.0.0.0:0"
@@ -189,14 +193,16 @@ struct LabPeerCommand: AsyncParsableCommand {
                                                configuration: EndpointConfiguration(identity: try Identity.load(from: identity),
                                                                                     acceptPolicy: .none))
         let executor = PunchExecutor(endpoint: endpoint, configuration: .init(strategy: chosen))
-        let client = RendezvousClient(executor: executor, configuration: RendezvousClientConfiguration(
+        var clientConfiguration = RendezvousClientConfiguration(
             server: try SocketAddress(parsing: rendezvous), serverNodeID: try NodeID(parsing: rendezvousID),
-            requestTimeout: .seconds(5), strategy: chosen, punchTimeout: punchTimeout.map { .milliseconds(Int($0 * 1000)) }))
+            requestTimeout: .seconds(5), strategy: chosen, punchTimeout: punchTimeout.map { .milliseconds(Int($0 * 1000)) })
+        clientConfiguration.backgroundNATDiscovery = discover ? NATDiscovery.Configuration() : nil
+        let client = RendezvousClient(executor: executor, configuration: clientConfiguration)
         let limit = Duration.milliseconds(Int(timeout * 1000))
         let (target, nat, measure, ready) = (connect, profile, discover, readyFile)
         let outcome = await labWithin(limit) {
             LabRecord(fields: await Self.punch(client: client, role: role, target: target, profile: nat, discover: measure,
-                                               readyFile: ready))
+                                               readyFile: ready, started: started))
         }
         var result = outcome?.fields ?? ["ok": false, "error": "harnessTimeout", "message": "no result within \(timeout) s"]
         result["event"] = "result"
@@ -209,15 +215,17 @@ struct LabPeerCommand: AsyncParsableCommand {
     }
 
     private static func punch(client: RendezvousClient, role: String, target: String?, profile: NATProfile?,
-                              discover: Bool, readyFile: String?) async -> [String: Any]
+                              discover: Bool, readyFile: String?, started: ContinuousClock.Instant) async -> [String: Any]
     {
         do {
+            let connectCalled = ContinuousClock.now
             let registered = try await client.connect(Registration(nat: profile))
+            let registeredAt = ContinuousClock.now
+            var coordinated: ReceivedCoordinate?
             var line: [String: Any] = ["event": "registered", "observed": "\(registered.observedAddress)",
                                        "node": "\(client.nodeID)", "role": role]
-            if discover {
-                let behaviour = try await client.discoverNAT()
-                _ = try await client.register(Registration(nat: NATProfile(behaviour)))
+            if discover, target == nil, let outcome = await client.natDiscoveryResult() {
+                let behaviour = try outcome.get()
                 line["nat"] = ["mapping": behaviour.mapping.rawValue, "filtering": behaviour.filtering.rawValue,
                                "allocation": behaviour.allocation.rawValue]
             }
@@ -226,14 +234,34 @@ struct LabPeerCommand: AsyncParsableCommand {
 
             let handle: PunchHandle
             if let target {
-                let received = try await coordinate(client: client, to: try NodeID(parsing: target))
-                handle = await client.startPunch(received)
+                let peer = try NodeID(parsing: target)
+                let planned = await client.natProfile
+                var received = try await coordinate(client: client, to: peer)
+                var first = await client.startPunch(received)
+                // As requestPunch(to:) does: a punch planned before discovery ended is retried once it has.
+                if case .failure(let error) = await first.result(), await client.profileRefined(since: planned, after: error) {
+                    received = try await coordinate(client: client, to: peer)
+                    first = await client.startPunch(received)
+                }
+                coordinated = received
+                handle = first
             } else {
                 var iterator = client.incomingPunches.makeAsyncIterator()
                 guard let incoming = await iterator.next() else {
                     return ["ok": false, "error": "disconnected", "message": "\(await client.failure.map { "\($0)" } ?? "closed")"]
                 }
-                handle = incoming.handle
+                var accepted = incoming.handle
+                // The initiator retries a punch it planned before its discovery ended (requestPunch's rule): wait a
+                // little for that second punch after a failed first one.
+                if discover, case .failure = await accepted.result() {
+                    let punches = client.incomingPunches
+                    let retry = await labWithin(.seconds(6)) { () -> IncomingPunch? in
+                        for await punch in punches { return punch }
+                        return nil
+                    }
+                    if let retry = retry ?? nil { accepted = retry.handle }
+                }
+                handle = accepted
             }
             var rounds = 0
             var ports = 0
@@ -264,9 +292,25 @@ struct LabPeerCommand: AsyncParsableCommand {
                 ].merging(planned) { a, _ in a }
                 if case .success(let connection) = await handle.result() {
                     line["peer_node"] = "\(connection.peerNodeID)"
-                    let outcome = await exchangeLine(connection, initiator: target != nil)
+                    let (outcome, firstByte) = await exchangeLine(connection, initiator: target != nil)
                     line["echo"] = outcome == "delivered"
                     line["echo_outcome"] = outcome
+                    // Start-to-first-byte: what a user waits for, from the process (or the connect call) to the
+                    // first echoed byte, discovery, registration, coordination and punch included.
+                    if let firstByte {
+                        line["first_byte_ms"] = labMilliseconds(firstByte - started)
+                        line["connect_first_byte_ms"] = labMilliseconds(firstByte - connectCalled)
+                        // Where the time goes, each from the connect() call.
+                        if let coordinated {
+                            line["phases_ms"] = [
+                                "registered": labMilliseconds(registeredAt - connectCalled),
+                                "coordinated": labMilliseconds(coordinated.receivedAt - connectCalled),
+                                "start": labMilliseconds(coordinated.startAt - connectCalled),
+                                "connected": labMilliseconds(coordinated.startAt.advanced(by: success.timeToConnect) - connectCalled),
+                                "first_byte": labMilliseconds(firstByte - connectCalled),
+                            ]
+                        }
+                    }
                 }
                 return line
             case .failure(let error):
@@ -303,29 +347,39 @@ struct LabPeerCommand: AsyncParsableCommand {
     /// The initiator sends a line and reads the echo; the target echoes it, finishes and closes at once, as
     /// `holepunch peer --echo` does: the graceful close must carry the echo to the initiator over a lossy path.
     /// Returns `delivered` (the whole line and a clean end), `silentLoss` (a clean end with bytes missing: the bug
-    /// of issue 18), `error: …` or `timeout`.
-    private static func exchangeLine(_ connection: QUICConnection, initiator: Bool) async -> String {
+    /// of issue 18), `error: …` or `timeout`, and (initiator) when the first echoed byte arrived.
+    private static func exchangeLine(_ connection: QUICConnection, initiator: Bool)
+        async -> (String, ContinuousClock.Instant?)
+    {
         let line = Array("hello through the NAT\n".utf8)
-        let outcome = await labWithin(.seconds(8)) { () async -> String in
+        let outcome = await labWithin(.seconds(8)) { () async -> LabEcho in
             do {
                 if initiator {
                     let stream = try await connection.openStream()
                     try await stream.write(line)
                     try await stream.finish()
-                    let echo = try await stream.readToEnd(limit: 1024)
+                    var echo = try await stream.read() ?? []
+                    let firstByte = echo.isEmpty ? nil : ContinuousClock.now
+                    if !echo.isEmpty { echo += try await stream.readToEnd(limit: 1024) }
                     await connection.close()
-                    return echo == line ? "delivered" : "silentLoss"
+                    return LabEcho(outcome: echo == line ? "delivered" : "silentLoss", firstByte: firstByte)
                 } else {
-                    guard let stream = try await connection.acceptStream() else { return "error: no stream" }
+                    guard let stream = try await connection.acceptStream() else { return LabEcho(outcome: "error: no stream") }
                     let received = try await stream.readToEnd(limit: 1024)
                     try await stream.write(received)
                     try await stream.finish()
-                    return await connection.close() ? "delivered" : "error: echo not acknowledged"
+                    return LabEcho(outcome: await connection.close() ? "delivered" : "error: echo not acknowledged")
                 }
             } catch {
-                return "error: \(error)"
+                return LabEcho(outcome: "error: \(error)")
             }
         }
-        return outcome ?? "timeout"
+        return (outcome?.outcome ?? "timeout", outcome?.firstByte)
     }
+}
+
+/// How the line exchange ended, and when the first echoed byte arrived (initiator only).
+private struct LabEcho: Sendable {
+    var outcome: String
+    var firstByte: ContinuousClock.Instant? = nil
 }

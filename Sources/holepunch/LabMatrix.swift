@@ -36,6 +36,7 @@ struct LabMatrixCommand: AsyncParsableCommand {
     @Option(help: "Write the markdown tables to this file as well.") var markdown: String?
     @Option(name: .customLong("pair"), help: "Only these pairs, A:B (repeatable); default all 25.") var pairs: [String] = []
     @Option(help: "Punch timeout per trial, seconds.") var punchTimeout: Double = 5
+    @Option(help: "The rendezvous's start delay of coordinated punches, ms (its default: 150).") var startDelay = 150
     @Option(help: "Lab name (default hpmx<pid>).") var name: String?
     @Flag(help: "Peers measure their NAT (RFC 5780) instead of being told the lab's configured type.") var discover = false
     @Flag(help: "Skip the raw UDP reference punch.") var noRaw = false
@@ -67,7 +68,7 @@ struct LabMatrixCommand: AsyncParsableCommand {
         defer { lab.down() }
         let report = try await MatrixRunner(
             lab: lab, strategies: files, pairs: selected, trials: trials, delay: delay, loss: loss,
-            punchTimeout: punchTimeout, discover: discover, raw: !noRaw, impostor: impostor
+            punchTimeout: punchTimeout, discover: discover, raw: !noRaw, impostor: impostor, startDelay: startDelay
         ).run()
         let tables = report.markdown()
         print(tables)
@@ -239,6 +240,13 @@ struct TrialResult: Sendable {
     var message: String?
     var peerNode: String? = nil
     var expectedPeer: String? = nil
+    /// Initiator's start-to-first-byte: from its process start to the first echoed byte (discovery, registration,
+    /// coordination, punch and one stream round trip).
+    var firstByteMs: Double? = nil
+    /// The same from the initiator's `connect()` call.
+    var connectFirstByteMs: Double? = nil
+    /// The initiator's milestones from its `connect()` call: registered, coordinated, start, connected, first_byte.
+    var phases: [String: Double]? = nil
 }
 
 /// One pair's results for one strategy.
@@ -251,6 +259,10 @@ struct PairResult: Sendable {
     var times: [Double] { trials.compactMap { $0.ok ? $0.timeMs : nil }.sorted() }
     var median: Double? { percentile(times, 0.5) }
     var p95: Double? { percentile(times, 0.95) }
+    var firstByteTimes: [Double] { trials.compactMap { $0.ok ? $0.firstByteMs : nil }.sorted() }
+    /// Median start-to-first-byte of the successful trials.
+    var firstByteMedian: Double? { percentile(firstByteTimes, 0.5) }
+    var firstByteP95: Double? { percentile(firstByteTimes, 0.95) }
     var meanPackets: Double { trials.isEmpty ? 0 : Double(trials.map(\.packets).reduce(0, +)) / Double(trials.count) }
     var meanRounds: Double { trials.isEmpty ? 0 : Double(trials.map(\.rounds).reduce(0, +)) / Double(trials.count) }
     var errors: [String: Int] {
@@ -288,6 +300,8 @@ struct MatrixReport: Sendable {
     var delay: Double
     var loss: Double
     var date: String
+    /// Whether the peers measured their NAT (`--discover`) rather than being told it.
+    var discover: Bool
 
     private func ms(_ value: Double?) -> String { value.map { String(format: "%.0f", $0) } ?? "–" }
 
@@ -295,11 +309,13 @@ struct MatrixReport: Sendable {
         var out = "Lab matrix, \(date): \(trials) trial(s) per pair, \(Int(delay)) ms one-way delay and \(loss)% loss on each WAN link; "
         out += "peer-to-peer RTT \(String(format: "%.1f", rttMs)) ms. Times are from the coordinated start to the authenticated "
         out += "connection (initiator side); packets are UDP packets both peers sent toward the other's public address "
-        out += "(probes and QUIC), mean per trial; ratio = median / (raw UDP punch + 1 RTT).\n\n"
+        out += "(probes and QUIC), mean per trial; ratio = median / (raw UDP punch + 1 RTT); first byte = the initiator's "
+        out += "start-to-first-byte, from its process start to the first echoed byte (median, p95)"
+        out += discover ? ", peers measuring their NAT.\n\n" : ", peers told their NAT type.\n\n"
         for strategy in strategies {
             out += "### \(strategy)\n\n"
-            out += "| A \\ B | success | median ms | p95 ms | packets | rounds | raw UDP ms | ratio | errors |\n"
-            out += "|---|---|---|---|---|---|---|---|---|\n"
+            out += "| A \\ B | success | median ms | p95 ms | first byte ms | packets | rounds | raw UDP ms | ratio | errors |\n"
+            out += "|---|---|---|---|---|---|---|---|---|---|\n"
             for pair in results[strategy] ?? [] {
                 let raw = raw["\(pair.a):\(pair.b)"]
                 let rawText = raw.map { $0.connected ? ms($0.timeMs) : "fails" } ?? "–"
@@ -309,6 +325,7 @@ struct MatrixReport: Sendable {
                 }
                 let errors = pair.errors.sorted { $0.key < $1.key }.map { "\($0.key) ×\($0.value)" }.joined(separator: ", ")
                 out += "| \(pair.a) × \(pair.b) | \(pair.successes)/\(pair.trials.count) | \(ms(pair.median)) | \(ms(pair.p95)) | "
+                out += "\(ms(pair.firstByteMedian)), \(ms(pair.firstByteP95)) | "
                 out += "\(String(format: "%.0f", pair.meanPackets)) | \(String(format: "%.1f", pair.meanRounds)) | \(rawText) | \(ratio) | \(errors) |\n"
             }
             out += "\n"
@@ -346,6 +363,9 @@ struct MatrixReport: Sendable {
                     "runs": pair.trials.map { trial -> [String: Any] in
                         var run: [String: Any] = ["ok": trial.ok, "rounds": trial.rounds, "packets": trial.packets]
                         if let time = trial.timeMs { run["time_ms"] = time }
+                        if let time = trial.firstByteMs { run["first_byte_ms"] = time }
+                        if let time = trial.connectFirstByteMs { run["connect_first_byte_ms"] = time }
+                        if let phases = trial.phases { run["phases_ms"] = phases }
                         if let error = trial.error { run["error"] = error }
                         if let message = trial.message { run["message"] = message }
                         if let peer = trial.peerNode { run["peer_node"] = peer }
@@ -355,6 +375,8 @@ struct MatrixReport: Sendable {
                 ]
                 if let median = pair.median { entry["median_ms"] = median }
                 if let p95 = pair.p95 { entry["p95_ms"] = p95 }
+                if let median = pair.firstByteMedian { entry["first_byte_median_ms"] = median }
+                if let p95 = pair.firstByteP95 { entry["first_byte_p95_ms"] = p95 }
                 if let raw = raw["\(pair.a):\(pair.b)"], raw.connected, let time = raw.timeMs, let median = pair.median {
                     entry["ratio_to_raw_plus_rtt"] = median / (time + rttMs)
                 }
@@ -366,7 +388,7 @@ struct MatrixReport: Sendable {
             if let time = value.timeMs { entry["time_ms"] = time }
             return entry
         }
-        var top: [String: Any] = ["date": date, "trials": trials, "delay_ms": delay, "loss_pct": loss, "rtt_ms": rttMs,
+        var top: [String: Any] = ["date": date, "trials": trials, "delay_ms": delay, "loss_pct": loss, "rtt_ms": rttMs, "discover": discover,
                 "strategies": strategiesJSON, "raw_udp": rawJSON]
         if let impostorPackets { top["impostor_packets"] = impostorPackets }
         return top
@@ -384,6 +406,7 @@ struct MatrixRunner {
     let discover: Bool
     let raw: Bool
     let impostor: Bool
+    let startDelay: Int
 
     /// Where the impostor listens (in `other`); router b DNATs new inbound UDP flows there.
     static let impostorAddress = "198.51.100.20:7443"
@@ -403,7 +426,8 @@ struct MatrixRunner {
         let rdvIdentity = lab.file("rdv.identity")
         try Identity.generate(commonName: "lab-rendezvous").save(to: rdvIdentity)
         let ready = lab.file("rdv.ready")
-        let rendezvous = try lab.exec("rdv", [lab.executable, "lab", "rendezvous", "--identity", rdvIdentity, "--ready-file", ready],
+        let rendezvous = try lab.exec("rdv", [lab.executable, "lab", "rendezvous", "--identity", rdvIdentity, "--ready-file", ready,
+                                                "--start-delay", "\(startDelay)"],
                                       stem: "rendezvous")
         defer { rendezvous.stop() }
         let end = ContinuousClock.now + .seconds(20)
@@ -456,7 +480,8 @@ struct MatrixRunner {
                     let outcome = try await runTrial(pair: pair, strategy: strategy, rdvNode: rdvNode)
                     result.trials.append(outcome)
                     let summary = outcome.ok
-                        ? String(format: "ok %.0f ms, %d rounds, %d packets", outcome.timeMs ?? 0, outcome.rounds, outcome.packets)
+                        ? String(format: "ok %.0f ms, %d rounds, %d packets, first byte %.0f ms", outcome.timeMs ?? 0, outcome.rounds,
+                                 outcome.packets, outcome.firstByteMs ?? 0)
                         : "failed: \(outcome.error ?? "?") \(outcome.message ?? "")"
                     progress("\(label) \(short) trial \(trial)/\(trials): \(summary)")
                 }
@@ -469,7 +494,7 @@ struct MatrixRunner {
             }
         }
         return MatrixReport(impostorPackets: impostorPackets, strategies: strategies.map { URL(fileURLWithPath: $0).lastPathComponent }, results: results, raw: raws,
-                            rttMs: rtt, trials: trials, delay: delay, loss: loss, date: date)
+                            rttMs: rtt, trials: trials, delay: delay, loss: loss, date: date, discover: discover)
     }
 
     /// RTT between the peers: each peer's RTT to the rendezvous crosses its own WAN link twice, so the sum is
@@ -553,6 +578,8 @@ struct MatrixRunner {
             error: ok ? nil : error,
             message: ok ? nil : ((result["message"] as? String) ?? initiator.errors.split(separator: "\n").last.map(String.init))
                 .map { $0 + ((targetResult["error"] as? String).map { " (target: \($0))" } ?? "") },
-            peerNode: result["peer_node"] as? String, expectedPeer: "\(b.nodeID)")
+            peerNode: result["peer_node"] as? String, expectedPeer: "\(b.nodeID)",
+            firstByteMs: result["first_byte_ms"] as? Double, connectFirstByteMs: result["connect_first_byte_ms"] as? Double,
+            phases: result["phases_ms"] as? [String: Double])
     }
 }

@@ -54,7 +54,7 @@ struct PeerCommand: AsyncParsableCommand {
                                valueName: "nodeid"))
     var allow: [String] = []
 
-    @Flag(inversion: .prefixedNo, help: "Measure this NAT against the rendezvous's STUN responder before waiting or punching.")
+    @Flag(inversion: .prefixedNo, help: "Measure this NAT against the rendezvous's STUN responder, beside registering and punching (the result refines the registration).")
     var natDetect = true
 
     @Flag(help: "Send back whatever arrives instead of reading standard input.")
@@ -119,6 +119,8 @@ struct PeerCommand: AsyncParsableCommand {
         var clientConfiguration = RendezvousClientConfiguration(server: server, serverNodeID: serverID,
                                                                 punchTimeout: timeout.map { .seconds($0) })
         clientConfiguration.admission = allowed.isEmpty ? .any : .allowList(allowed)
+        // Discovery runs beside registration and the punch, not before them (it waits out filtering timeouts).
+        clientConfiguration.backgroundNATDiscovery = natDetect ? NATDiscovery.Configuration() : nil
         let client = RendezvousClient(executor: executor, configuration: clientConfiguration, logger: logger)
         defer { endpoint.closeSoon() }
 
@@ -129,15 +131,19 @@ struct PeerCommand: AsyncParsableCommand {
         }
         status("registered", ["node": id.nodeID.description, "observed": registered.observedAddress.description,
                               "local": endpoint.localAddress.description])
-        if natDetect, registered.stunServer != nil {
-            do {
-                let behaviour = try await client.discoverNAT()
+        Task {
+            switch await client.natDiscoveryResult() {
+            case .success(let behaviour):
                 let profile = NATProfile(behaviour)
                 status("nat", ["type": profile.type.rawValue, "mapping": profile.mapping.rawValue, "filtering": profile.filtering.rawValue,
                                "allocation": profile.allocation.rawValue, "confidence": profile.confidence])
-                _ = try await client.register(Registration(lanAddresses: lan, nat: profile))
-            } catch {
-                status("warning", ["message": "NAT discovery failed, punching with an unknown profile: \(error)"])
+            case .failure(let error):
+                // After close() discovery merely stopped: nothing to warn about.
+                if await client.failure == nil {
+                    status("warning", ["message": "NAT discovery failed, punching with an unknown profile: \(error)"])
+                }
+            case nil:
+                break
             }
         }
 
