@@ -1,4 +1,5 @@
 public import HolePunch
+import HolePunchSTUN
 public import Logging
 public import CoreMetrics
 public import ServiceLifecycle
@@ -44,6 +45,10 @@ public actor HolePunchNode: Service {
         public var logger: Logger
         /// Where punch metrics go; nil uses the process's bootstrapped factory.
         public var metricsFactory: (any MetricsFactory)?
+        /// Whether to measure this node's NAT (RFC 5780, from the punch socket, against the rendezvous's STUN
+        /// server) after registering (default true). It runs in the background: registration never waits for it,
+        /// punches before it ends plan with an unknown profile, and the node registers again with the measured one.
+        public var discoversNAT: Bool
 
         /// Creates options.
         public init(
@@ -51,7 +56,7 @@ public actor HolePunchNode: Service {
             admission: PunchAdmission = .none, alpns: [String] = ["holepunch/1"], lanAddresses: [SocketAddress]? = nil,
             requestTimeout: Duration = .seconds(10), punchTimeout: Duration? = nil,
             logger: Logger = Logger(label: "holepunch.node", factory: { _ in SwiftLogNoOpLogHandler() }),
-            metricsFactory: (any MetricsFactory)? = nil
+            metricsFactory: (any MetricsFactory)? = nil, discoversNAT: Bool = true
         ) {
             self.bind = bind
             self.strategy = strategy
@@ -62,6 +67,7 @@ public actor HolePunchNode: Service {
             self.punchTimeout = punchTimeout
             self.logger = logger
             self.metricsFactory = metricsFactory
+            self.discoversNAT = discoversNAT
         }
     }
 
@@ -133,6 +139,7 @@ public actor HolePunchNode: Service {
             server: rendezvous, serverNodeID: rendezvousID, requestTimeout: options.requestTimeout,
             punchTimeout: options.punchTimeout)
         clientConfiguration.admission = options.admission
+        clientConfiguration.backgroundNATDiscovery = options.discoversNAT ? NATDiscovery.Configuration() : nil
         let client = RendezvousClient(executor: executor, configuration: clientConfiguration, logger: options.logger)
         let lan = options.lanAddresses ?? (options.bind.ipBytes.allSatisfy { $0 == 0 } ? [] : [endpoint.localAddress])
         let registered: Registered

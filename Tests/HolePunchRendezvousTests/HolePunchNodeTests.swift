@@ -52,6 +52,26 @@ struct HolePunchNodeTests {
         await harness.stop()
     }
 
+    @Test("a node measures its NAT after registering, in the background, and registers again with the profile")
+    func discoversNATInTheBackground() async throws {
+        let harness = try await Harness.start(stun: true)
+        let node = try await Self.node(Identities.a, harness)
+        // start() returned with the registration; discovery's outcome arrives later and is published.
+        let result = try await withDeadline(.seconds(20)) { await node.rendezvousClient.natDiscoveryResult() }
+        let behaviour = try #require(result).get()
+        #expect(await node.rendezvousClient.natProfile == NATProfile(behaviour))
+        #expect(await node.rendezvousClient.natProfile != .unknown)
+
+        // Told not to, a node starts no discovery.
+        let quiet = try await HolePunchNode.start(
+            identity: Identities.b, rendezvous: harness.server.address, rendezvousID: harness.server.nodeID,
+            options: .init(bind: .loopbackV4(port: 0), discoversNAT: false))
+        #expect(await quiet.rendezvousClient.natDiscoveryResult() == nil)
+        await quiet.stop()
+        await node.stop()
+        await harness.stop()
+    }
+
     @Test("default admission: a node lets nobody punch in; the caller's punch fails, nothing arrives")
     func defaultAdmissionRefuses() async throws {
         let harness = try await Harness.start()
