@@ -50,7 +50,7 @@ enum NodeSubjectMessage: Codable, Sendable {
     /// `instance` registered the NodeID at `since` (wall-clock ms): an older holder drops it.
     case claim(instance: String, since: Int64)
 
-    /// Decodes untrusted bytes: size-bounded, each field validated (``RemotePunchRequest/validate()``), instance ids
+    /// Decodes untrusted bytes: size-bounded, each field validated (`RemotePunchRequest/validate()`), instance ids
     /// short and printable.
     static func decode(_ data: [UInt8]) throws(RendezvousError) -> NodeSubjectMessage {
         guard data.count <= RendezvousFraming.maximumFrame else {
@@ -64,7 +64,7 @@ enum NodeSubjectMessage: Codable, Sendable {
     }
 }
 
-/// A ``RendezvousDirectory`` on NATS: the registry of which instance holds which NodeID is NATS's own subject
+/// A `RendezvousDirectory` on NATS: the registry of which instance holds which NodeID is NATS's own subject
 /// interest.
 ///
 /// - Each held NodeID is a subscription to `PREFIX.node.NODEID`. A punch request for a NodeID not held locally is
@@ -98,7 +98,7 @@ public final class NATSDirectory: RendezvousDirectory, @unchecked Sendable {
 
     /// Connects to NATS and subscribes this instance's reply subject.
     ///
-    /// - Throws: ``RendezvousError`` `connectionFailed` with a one-line reason when NATS cannot be reached.
+    /// - Throws: `RendezvousError` `connectionFailed` with a one-line reason when NATS cannot be reached.
     public static func connect(_ configuration: NATSDirectoryConfiguration,
                                logger: Logger = Logger(label: "holepunch.cluster", factory: { _ in SwiftLogNoOpLogHandler() })
     ) throws(RendezvousError) -> NATSDirectory {
@@ -138,10 +138,10 @@ public final class NATSDirectory: RendezvousDirectory, @unchecked Sendable {
 
     // MARK: RendezvousDirectory
 
-    /// See ``RendezvousDirectory/attach(_:)``.
+    /// See `RendezvousDirectory/attach(_:)`.
     public func attach(_ server: RendezvousServer) { lock.withLock { self.server = server } }
 
-    /// See ``RendezvousDirectory/registered(_:since:)``: subscribes the NodeID's subject and claims it.
+    /// See `RendezvousDirectory/registered(_:since:)`: subscribes the NodeID's subject and claims it.
     public func registered(_ node: NodeID, since: Int64) {
         let subject = nodeSubject(node)
         let connection: NATSConnection? = lock.withLock {
@@ -158,13 +158,13 @@ public final class NATSDirectory: RendezvousDirectory, @unchecked Sendable {
         publishClaim(node, since: since, on: connection)
     }
 
-    /// See ``RendezvousDirectory/unregistered(_:)``: drops the NodeID's subscription.
+    /// See `RendezvousDirectory/unregistered(_:)`: drops the NodeID's subscription.
     public func unregistered(_ node: NodeID) {
         let gone = lock.withLock { subscriptions.removeValue(forKey: node) }
         _ = gone  // Unsubscribed when released, here, outside the lock.
     }
 
-    /// See ``RendezvousDirectory/requestPunch(_:)``: a request on the target's subject, answered by its holder.
+    /// See `RendezvousDirectory/requestPunch(_:)`: a request on the target's subject, answered by its holder.
     public func requestPunch(_ request: RemotePunchRequest) async throws(RendezvousError) -> RemotePunchReply {
         for wait in configuration.noResponderRetries {
             let result = await ask(request)
@@ -212,7 +212,7 @@ public final class NATSDirectory: RendezvousDirectory, @unchecked Sendable {
         return result
     }
 
-    /// See ``RendezvousDirectory/close()``: unsubscribes everything and closes the NATS connection.
+    /// See `RendezvousDirectory/close()`: unsubscribes everything and closes the NATS connection.
     public func close() async {
         let (waiting, held) = lock.withLock { () -> ([CheckedContinuation<Result<RemotePunchReply, RendezvousError>, Never>], [Any]) in
             let waiting = Array(pending.values)
