@@ -31,7 +31,7 @@ public actor PunchExecutor {
         public var maxPunchesPerPeer = 8
 
         /// Creates a configuration.
-        /// The default strategy is the bundled `default.lua` (``FallbackStrategy/recommended(limits:logger:onFallback:)``).
+        /// The default strategy is the bundled `default.lua` (`FallbackStrategy.recommended(limits:logger:onFallback:)`).
         public init(strategy: any PunchStrategy = FallbackStrategy.recommended(), limits: PlanLimits = .default, acceptOthers: AcceptPolicy = .none) {
             self.strategy = strategy
             self.limits = limits

@@ -164,7 +164,9 @@ public actor HolePunchNode: Service {
     ///
     /// Cancelling the calling task stops the punch (probes, timers, extra sockets) and throws `cancelled`.
     ///
-    /// - Parameter alpn: the protocol to speak; one of ``Options/alpns``, the first when nil.
+    /// - Parameters:
+    ///   - peer: the NodeID to connect to; the connection proves it in the TLS handshake.
+    ///   - alpn: the protocol to speak; one of ``Options/alpns``, the first when nil.
     /// - Throws: ``NodeError``: `unknownTarget`, `timeout`, `cancelled`, `peerAuthenticationFailed`, `stopped`…
     public func connect(to peer: NodeID, alpn: String? = nil) async throws(NodeError) -> QUICConnection {
         guard !stopped else { throw NodeError(.stopped, "the node was stopped") }

@@ -96,7 +96,7 @@ public struct IncomingPunch: Sendable {
 /// A peer's side of the rendezvous, on the peer's punch `Endpoint` and its `PunchExecutor`.
 ///
 /// The client dials the rendezvous from the punch socket (so the server sees the punch mapping), opens one
-/// control stream, registers and keeps the registration alive. ``requestPunch(to:)`` asks for a punch and runs
+/// control stream, registers and keeps the registration alive. ``requestPunch(to:alpn:)`` asks for a punch and runs
 /// it as the initiator; coordinate messages for the target role start punches on their own, announced on
 /// ``incomingPunches`` and, once connected, on ``incoming``. Pings are answered and coordinate messages acked
 /// at once, which is what lets the server time the clock-free start.
@@ -235,7 +235,9 @@ public actor RendezvousClient {
     /// When none of the peer's candidates may be probed (`CandidateFilter`), nothing starts: the handle fails
     /// at once with `refused`.
     ///
-    /// - Parameter alpn: the protocol the initiator dials with; nil uses the endpoint's.
+    /// - Parameters:
+    ///   - received: the coordinate message, as ``coordinate(to:)`` returned it.
+    ///   - alpn: the protocol the initiator dials with; nil uses the endpoint's.
     public func startPunch(_ received: ReceivedCoordinate, alpn: String? = nil) async -> PunchHandle {
         let handle: PunchHandle
         do {
@@ -269,7 +271,9 @@ public actor RendezvousClient {
     /// A punch that planned before background discovery ended (unknown profile) and failed is tried once more
     /// when discovery has since measured a profile (``profileRefined(since:after:)``).
     ///
-    /// - Parameter alpn: the application protocol to dial with; nil uses the endpoint's.
+    /// - Parameters:
+    ///   - target: the peer's NodeID; the connection proves it in the TLS handshake.
+    ///   - alpn: the application protocol to dial with; nil uses the endpoint's.
     /// - Throws: ``RendezvousError``: a rendezvous code (`unknownTarget`, `rateLimited`, `timeout`…) when the
     ///   rendezvous refuses or fails; the punch's code with ``RendezvousError/punch`` set when the punch fails.
     public func requestPunch(to target: NodeID, alpn: String? = nil) async throws(RendezvousError) -> QUICConnection {

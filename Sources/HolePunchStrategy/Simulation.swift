@@ -45,7 +45,7 @@ public enum StrategyCheck {
 
     /// Every context `check` covers: each NAT pair, both roles, attempts 1–5, with an 80 ms RTT and with
     /// none measured (`ctx.rtt_ms` nil, as before the rendezvous has measured it), each with every history of
-    /// ``histories``. The label names the case, so a failure can be reproduced.
+    /// `histories`. The label names the case, so a failure can be reproduced.
     public static func allContexts() -> [(label: String, ctx: PunchContext)] {
         var out: [(String, PunchContext)] = []
         for a in SimulatedNAT.all {
