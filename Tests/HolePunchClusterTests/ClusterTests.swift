@@ -295,6 +295,34 @@ struct ClusterTests {
         #expect(await eventually(.seconds(5)) { freed.isSet }, "the callbacks' context (and what it captured) leaked")
     }
 
+    @Test("a claim made in the same millisecond as the holder's registration: the larger instance id keeps the NodeID")
+    func claimTie() async throws {
+        guard let cluster = try await Cluster.startOrSkip(instances: 1) else { return }
+        let node = ClusterIdentities.b.nodeID
+        _ = try await cluster.client(ClusterIdentities.b, at: cluster.servers[0])
+        try cluster.directories[0].flush()  // The holder's own claim has passed before the watcher subscribes.
+        let since = try #require(await cluster.servers[0].announcedRegistrations()[node])
+        let claims = Claims()
+        let raw = try NATSConnection(url: cluster.nats.url, name: "tie", timeout: .seconds(2), reconnectWait: .seconds(1),
+                                     pingInterval: .seconds(10), maximumPayload: 1 << 16,
+                                     events: NATSEvents(message: { claims.note($0) }, reconnected: {}, disconnected: {}))
+        let subject = "\(cluster.prefix).node.\(node)"
+        let watching = try raw.subscribe(subject, pendingMessages: 100)
+        try raw.flush(timeout: .seconds(2))
+        func claim(_ instance: String) throws {
+            try raw.publish(subject, Array(RendezvousFraming.frame(NodeSubjectMessage.claim(instance: instance, since: since)).dropFirst(4)))
+        }
+        // Instance ids are hex without leading zeros: "0" sorts before any other, "~" after every one.
+        try claim("0")
+        let holder = cluster.directories[0].instanceID
+        #expect(await eventually(.seconds(5)) { claims.count(by: holder) >= 1 }, "the holder did not claim the NodeID again")
+        #expect(await cluster.servers[0].isRegistered(node), "both sides of a tie dropped the NodeID")
+        try claim("~")
+        #expect(await eventually(.seconds(5)) { await !cluster.servers[0].isRegistered(node) }, "neither side dropped it")
+        _ = watching
+        await cluster.stop()
+    }
+
     @Test("hostile NATS payloads (garbage, oversized, out-of-range fields, forged claims) are dropped; routing still works")
     func hostilePayloads() async throws {
         guard let cluster = try await Cluster.startOrSkip(instances: 2) else { return }
@@ -448,4 +476,16 @@ final class Probe: Sendable {
     init(_ freed: Flag) { self.freed = freed }
     func touch() {}
     deinit { freed.set() }
+}
+
+/// The claims heard on a subject, by instance id.
+final class Claims: @unchecked Sendable {
+    // @unchecked Sendable: `byInstance` is only touched under `lock`.
+    private let lock = NSLock()
+    private var byInstance: [String: Int] = [:]
+    func note(_ message: NATSMessage) {
+        guard case .claim(let instance, _)? = try? NodeSubjectMessage.decode(message.data) else { return }
+        lock.withLock { byInstance[instance, default: 0] += 1 }
+    }
+    func count(by instance: String) -> Int { lock.withLock { byInstance[instance] ?? 0 } }
 }
