@@ -223,6 +223,25 @@ struct ClusterTests {
         await cluster.stop()
     }
 
+    @Test("a peer that moved while NATS was down is held by the newer instance only, once NATS is back")
+    func movedWhileNATSDown() async throws {
+        guard let cluster = try await Cluster.startOrSkip(instances: 2) else { return }
+        let node = ClusterIdentities.b.nodeID
+        _ = try await cluster.client(ClusterIdentities.b, at: cluster.servers[0])
+        cluster.nats.stop()
+        // Instance 0 cannot hear this claim now: the library's reconnect buffer, or the claims every instance
+        // re-publishes after reconnecting, must settle it once NATS is back.
+        _ = try await cluster.client(ClusterIdentities.b, at: cluster.servers[1])
+        #expect(await cluster.servers[0].isRegistered(node))
+        guard let restarted = try await NATSServerProcess.startOrSkip(port: cluster.nats.port) else { return }
+        defer { restarted.stop() }
+        let settled = await eventually(.seconds(10)) { await !cluster.servers[0].isRegistered(node) }
+        #expect(settled, "the older instance still holds the peer after NATS came back")
+        #expect(await cluster.servers[1].isRegistered(node))
+        #expect(await cluster.servers[0].statistics().movedAway == 1)
+        await cluster.stop()
+    }
+
     @Test("NATS unreachable at start: connect fails with connectionFailed naming the URL")
     func unreachable() async throws {
         guard let nats = try await NATSServerProcess.startOrSkip() else { return }
