@@ -20,8 +20,10 @@ struct NATSEvents: Sendable {
 
 /// The C callbacks' context: the Swift closures, reached from the `void *closure` argument.
 ///
-/// Retained once for the connection's lifetime and released by the closed callback, which the library calls
-/// last, so that no callback ever finds it freed.
+/// Retained once for the connection's callbacks, released by the closed callback (the last of them), and once
+/// per subscription, released by that subscription's completion callback: the library may run a subscription's
+/// message handler once more after the subscription or the connection is closed (nats.h,
+/// `natsSubscription_SetOnCompleteCB`), so no release may depend on the closed callback alone.
 private final class NATSCallbackBox: Sendable {
     let events: NATSEvents
     let maximumPayload: Int
@@ -57,6 +59,13 @@ private let natsReconnectedThunk: natsConnectionHandler = { _, closure in
 private let natsDisconnectedThunk: natsConnectionHandler = { _, closure in
     guard let closure else { return }
     Unmanaged<NATSCallbackBox>.fromOpaque(closure).takeUnretainedValue().events.disconnected()
+}
+
+/// `natsOnCompleteCB`: the subscription is closed and its message handler has returned for the last time:
+/// balances the retain taken when it subscribed.
+private let natsSubscriptionCompleteThunk: natsOnCompleteCB = { closure in
+    guard let closure else { return }
+    Unmanaged<NATSCallbackBox>.fromOpaque(closure).release()
 }
 
 /// The last callback the library makes for a connection: balances the retain taken at connect.
@@ -108,6 +117,9 @@ final class NATSConnection: @unchecked Sendable {
             try natsCheck(natsOptions_SetReconnectWait(options.pointer, milliseconds(reconnectWait)), "cannot set the reconnect wait")
             try natsCheck(natsOptions_SetPingInterval(options.pointer, milliseconds(pingInterval)), "cannot set the ping interval")
             try natsCheck(natsOptions_SetMaxPingsOut(options.pointer, 2), "cannot set the pings out")
+            // By default every asynchronous subscription gets its own delivery thread, and the directory holds one
+            // subscription per registered NodeID: the library's shared delivery pool keeps that to a few threads.
+            try natsCheck(natsOptions_UseGlobalMessageDelivery(options.pointer, true), "cannot share NATS delivery threads")
             try natsCheck(natsOptions_SetReconnectedCB(options.pointer, natsReconnectedThunk, closure), "cannot set a callback")
             try natsCheck(natsOptions_SetDisconnectedCB(options.pointer, natsDisconnectedThunk, closure), "cannot set a callback")
             try natsCheck(natsOptions_SetClosedCB(options.pointer, natsClosedThunk, closure), "cannot set a callback")
@@ -128,10 +140,19 @@ final class NATSConnection: @unchecked Sendable {
     /// Subscribes `subject` (messages go to the connection's ``NATSEvents``); at most `pendingMessages` wait for
     /// delivery, beyond which the library drops them (a slow consumer), so a flood cannot grow memory.
     func subscribe(_ subject: String, pendingMessages: Int) throws(RendezvousError) -> NATSSubscription {
+        // The subscription's own retain on the box, released by its completion callback (see NATSCallbackBox).
+        let retained = box.retain()
         var subscription: OpaquePointer?
-        try natsCheck(natsConnection_Subscribe(&subscription, pointer, subject, natsMessageThunk, box.toOpaque()),
-                      "cannot subscribe to \(subject)")
-        guard let subscription else { throw RendezvousError(.connectionFailed, "cannot subscribe to \(subject)") }
+        let status = natsConnection_Subscribe(&subscription, pointer, subject, natsMessageThunk, retained.toOpaque())
+        guard status == NATS_OK, let subscription else {
+            // Not subscribed, so no message was or will be delivered with this retain.
+            retained.release()
+            try natsCheck(status, "cannot subscribe to \(subject)")
+            throw RendezvousError(.connectionFailed, "cannot subscribe to \(subject)")
+        }
+        // Fails only if the subscription was closed already (the connection closing meanwhile): whether its handler
+        // is still running is then unknown, so the retain is kept: one small box leaked rather than freed too early.
+        _ = natsSubscription_SetOnCompleteCB(subscription, natsSubscriptionCompleteThunk, retained.toOpaque())
         _ = natsSubscription_SetPendingLimits(subscription, Int32(clamping: pendingMessages), Int32(clamping: pendingMessages * 1024))
         return NATSSubscription(pointer: subscription, connection: self)
     }

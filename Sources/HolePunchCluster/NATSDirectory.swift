@@ -47,7 +47,8 @@ public struct NATSDirectoryConfiguration: Sendable {
 enum NodeSubjectMessage: Codable, Sendable {
     /// Coordinate a punch to the NodeID (a request: the answer goes to the reply subject).
     case punch(RemotePunchRequest)
-    /// `instance` registered the NodeID at `since` (wall-clock ms): an older holder drops it.
+    /// `instance` registered the NodeID at `since` (wall-clock ms): an older holder drops it (on a tie, the holder
+    /// with the smaller instance id).
     case claim(instance: String, since: Int64)
 
     /// Decodes untrusted bytes: size-bounded, each field validated (`RemotePunchRequest/validate()`), instance ids
@@ -265,8 +266,11 @@ public final class NATSDirectory: RendezvousDirectory, @unchecked Sendable {
         case let .claim(instance, since):
             guard instance != instanceID else { return }
             guard let (server, _) = admit() else { return countDrop() }
+            // The server keeps its registration only if strictly newer. Two registrations in the same millisecond
+            // would then both be dropped: the larger instance id counts as the newer, the same way at both ends.
+            let claimedAt = instance > instanceID || since == .min ? since : since - 1
             Task {
-                await server.moved(node, claimedAt: since)
+                await server.moved(node, claimedAt: claimedAt)
                 self.lock.withLock { self.answering -= 1 }
             }
         case .punch(let request):

@@ -339,11 +339,15 @@ public struct RendezvousState: Sendable {
     ) -> RemoteLookup {
         if let refusal = admitRequester(node, requestID: requestID, target: target, now: now) { return .refused(refusal) }
         guard let requester = peers[node] else { return .refused([]) }
+        // Capped at the limit the holding instance checks: a round trip measured across a suspended process, or a
+        // peer that holds back its pong, must not make this request (and, for the directory's, every later one) invalid.
+        func microseconds(_ rtt: Duration) -> Int64 {
+            min(Int64(rtt / .microseconds(1)), RendezvousMessageLimits.maxRTTMicroseconds)
+        }
         return .forward(RemotePunchRequest(
             requestID: requestID, sessionID: secret.id, sessionKey: secret.key, initiator: node, target: target,
             candidates: requester.candidates, nat: requester.registration.nat ?? .unknown,
-            initiatorRTTMicroseconds: requester.rtt.map { Int64($0 / .microseconds(1)) },
-            directoryRTTMicroseconds: Int64(directoryRTT / .microseconds(1))))
+            initiatorRTTMicroseconds: requester.rtt.map(microseconds), directoryRTTMicroseconds: microseconds(directoryRTT)))
     }
 
     /// Another instance forwards a punch request for a peer held here (the request was validated on decoding).

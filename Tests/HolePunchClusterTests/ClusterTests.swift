@@ -223,6 +223,25 @@ struct ClusterTests {
         await cluster.stop()
     }
 
+    @Test("a peer that moved while NATS was down is held by the newer instance only, once NATS is back")
+    func movedWhileNATSDown() async throws {
+        guard let cluster = try await Cluster.startOrSkip(instances: 2) else { return }
+        let node = ClusterIdentities.b.nodeID
+        _ = try await cluster.client(ClusterIdentities.b, at: cluster.servers[0])
+        cluster.nats.stop()
+        // Instance 0 cannot hear this claim now: the library's reconnect buffer, or the claims every instance
+        // re-publishes after reconnecting, must settle it once NATS is back.
+        _ = try await cluster.client(ClusterIdentities.b, at: cluster.servers[1])
+        #expect(await cluster.servers[0].isRegistered(node))
+        guard let restarted = try await NATSServerProcess.startOrSkip(port: cluster.nats.port) else { return }
+        defer { restarted.stop() }
+        let settled = await eventually(.seconds(10)) { await !cluster.servers[0].isRegistered(node) }
+        #expect(settled, "the older instance still holds the peer after NATS came back")
+        #expect(await cluster.servers[1].isRegistered(node))
+        #expect(await cluster.servers[0].statistics().movedAway == 1)
+        await cluster.stop()
+    }
+
     @Test("NATS unreachable at start: connect fails with connectionFailed naming the URL")
     func unreachable() async throws {
         guard let nats = try await NATSServerProcess.startOrSkip() else { return }
@@ -253,6 +272,74 @@ struct ClusterTests {
                                                                                  "--cluster-optional"])
         defer { optional.stop() }
         #expect(optional.stderr.text.contains("single instance"))
+    }
+
+    @Test("a registration's subscription costs no thread of its own: 300 registered NodeIDs add a few threads, not 300")
+    func subscriptionsShareThreads() async throws {
+        guard let nats = try await NATSServerProcess.startOrSkip() else { return }
+        defer { nats.stop() }
+        let directory = try NATSDirectory.connect(NATSDirectoryConfiguration(url: nats.url, subjectPrefix: "threads"))
+        func threads() -> Int { (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task").count) ?? 0 }
+        let before = threads()
+        for i in 0..<300 {
+            directory.registered(try NodeID(bytes: [UInt8(i % 256), UInt8(i / 256)] + Array(repeating: 0, count: 30)), since: 1)
+        }
+        try directory.flush()
+        let added = threads() - before
+        // nats.c gives each asynchronous subscription its own delivery thread unless told to use its shared pool:
+        // 10,000 registrations would be 10,000 threads. Other suites running beside this one add a few.
+        #expect(added < 50, "\(added) threads added by 300 subscriptions")
+        await directory.close()
+    }
+
+    @Test("the C callbacks' context is freed once the connection and its subscriptions are gone, after a delivery")
+    func callbackContextFreed() async throws {
+        guard let nats = try await NATSServerProcess.startOrSkip() else { return }
+        defer { nats.stop() }
+        let received = Flag()
+        let freed = Flag()
+        do {
+            let probe = Probe(freed)
+            let connection = try NATSConnection(url: nats.url, name: "lifetime", timeout: .seconds(2), reconnectWait: .seconds(1),
+                                                pingInterval: .seconds(10), maximumPayload: 1024,
+                                                events: NATSEvents(message: { _ in probe.touch(); received.set() },
+                                                                   reconnected: {}, disconnected: {}))
+            var subscriptions = [try connection.subscribe("lifetime.a", pendingMessages: 10),
+                                 try connection.subscribe("lifetime.b", pendingMessages: 10)]
+            try connection.publish("lifetime.a", [1])
+            #expect(await eventually(.seconds(5)) { received.isSet }, "the message was not delivered")
+            subscriptions.removeAll()
+        }
+        // Each subscription's completion callback and the connection's closed callback each drop one retain.
+        #expect(await eventually(.seconds(5)) { freed.isSet }, "the callbacks' context (and what it captured) leaked")
+    }
+
+    @Test("a claim made in the same millisecond as the holder's registration: the larger instance id keeps the NodeID")
+    func claimTie() async throws {
+        guard let cluster = try await Cluster.startOrSkip(instances: 1) else { return }
+        let node = ClusterIdentities.b.nodeID
+        _ = try await cluster.client(ClusterIdentities.b, at: cluster.servers[0])
+        try cluster.directories[0].flush()  // The holder's own claim has passed before the watcher subscribes.
+        let since = try #require(await cluster.servers[0].announcedRegistrations()[node])
+        let claims = Claims()
+        let raw = try NATSConnection(url: cluster.nats.url, name: "tie", timeout: .seconds(2), reconnectWait: .seconds(1),
+                                     pingInterval: .seconds(10), maximumPayload: 1 << 16,
+                                     events: NATSEvents(message: { claims.note($0) }, reconnected: {}, disconnected: {}))
+        let subject = "\(cluster.prefix).node.\(node)"
+        let watching = try raw.subscribe(subject, pendingMessages: 100)
+        try raw.flush(timeout: .seconds(2))
+        func claim(_ instance: String) throws {
+            try raw.publish(subject, Array(RendezvousFraming.frame(NodeSubjectMessage.claim(instance: instance, since: since)).dropFirst(4)))
+        }
+        // Instance ids are hex without leading zeros: "0" sorts before any other, "~" after every one.
+        try claim("0")
+        let holder = cluster.directories[0].instanceID
+        #expect(await eventually(.seconds(5)) { claims.count(by: holder) >= 1 }, "the holder did not claim the NodeID again")
+        #expect(await cluster.servers[0].isRegistered(node), "both sides of a tie dropped the NodeID")
+        try claim("~")
+        #expect(await eventually(.seconds(5)) { await !cluster.servers[0].isRegistered(node) }, "neither side dropped it")
+        _ = watching
+        await cluster.stop()
     }
 
     @Test("hostile NATS payloads (garbage, oversized, out-of-range fields, forged claims) are dropped; routing still works")
@@ -320,6 +407,23 @@ struct RemotePunchStateTests {
         #expect(sends.first?.2.candidates == [.loopbackV4(port: 6000)] && sends.first?.2.role == .target)
     }
 
+    @Test("a requester RTT or directory round trip over the 60 s message limit is capped: the forwarded request validates")
+    func forwardedRTTsCapped() throws {
+        // A round trip measured across a suspended process (or a peer that delays its pong) exceeds the limit the
+        // holding instance checks; uncapped, every later routed request from this instance would be dropped there.
+        var state = RendezvousState()
+        let node = ClusterIdentities.a.nodeID
+        _ = state.register(node: node, connection: 1, observed: .loopbackV4(port: 5000), registration: Registration(), now: .zero)
+        state.rttSample(node: node, rtt: .seconds(61))
+        let lookup = state.prepareRemotePunch(from: node, requestID: 1, target: ClusterIdentities.b.nodeID,
+                                              secret: SessionSecret(id: "s3", key: Array(repeating: 1, count: 32)),
+                                              directoryRTT: .seconds(90), now: .zero)
+        guard case .forward(let request) = lookup else { Issue.record("refused: \(lookup)"); return }
+        #expect(throws: Never.self) { try request.validate() }
+        #expect(request.initiatorRTTMicroseconds == RendezvousMessageLimits.maxRTTMicroseconds)
+        #expect(request.directoryRTTMicroseconds == RendezvousMessageLimits.maxRTTMicroseconds)
+    }
+
     @Test("a target not held here is refused with unknownTarget, carrying the request id")
     func remoteUnknown() {
         var state = RendezvousState()
@@ -374,4 +478,33 @@ struct ClusterStartSkewTests {
         #expect(await cluster.servers[0].statistics().routedCoordinations == 4)
         await cluster.stop()
     }
+}
+
+/// A flag set once from any thread.
+final class Flag: @unchecked Sendable {
+    // @unchecked Sendable: `value` is only touched under `lock`.
+    private let lock = NSLock()
+    private var value = false
+    func set() { lock.withLock { value = true } }
+    var isSet: Bool { lock.withLock { value } }
+}
+
+/// Sets its flag when freed: shows that whatever holds it was freed.
+final class Probe: Sendable {
+    let freed: Flag
+    init(_ freed: Flag) { self.freed = freed }
+    func touch() {}
+    deinit { freed.set() }
+}
+
+/// The claims heard on a subject, by instance id.
+final class Claims: @unchecked Sendable {
+    // @unchecked Sendable: `byInstance` is only touched under `lock`.
+    private let lock = NSLock()
+    private var byInstance: [String: Int] = [:]
+    func note(_ message: NATSMessage) {
+        guard case .claim(let instance, _)? = try? NodeSubjectMessage.decode(message.data) else { return }
+        lock.withLock { byInstance[instance, default: 0] += 1 }
+    }
+    func count(by instance: String) -> Int { lock.withLock { byInstance[instance] ?? 0 } }
 }
