@@ -109,7 +109,7 @@ final class NATSConnection: @unchecked Sendable {
         let closure = box.toOpaque()
         func milliseconds(_ d: Duration) -> Int64 { max(1, Int64(d / .milliseconds(1))) }
         do throws(RendezvousError) {
-            try natsCheck(natsOptions_SetURL(options.pointer, url), "invalid NATS URL \(url)")
+            try natsCheck(natsOptions_SetURL(options.pointer, url), "invalid NATS URL \(redactedNATSURL(url))")
             try natsCheck(natsOptions_SetName(options.pointer, name), "cannot name the NATS connection")
             try natsCheck(natsOptions_SetTimeout(options.pointer, milliseconds(timeout)), "cannot set the NATS timeout")
             try natsCheck(natsOptions_SetAllowReconnect(options.pointer, true), "cannot allow NATS reconnects")
@@ -124,8 +124,8 @@ final class NATSConnection: @unchecked Sendable {
             try natsCheck(natsOptions_SetDisconnectedCB(options.pointer, natsDisconnectedThunk, closure), "cannot set a callback")
             try natsCheck(natsOptions_SetClosedCB(options.pointer, natsClosedThunk, closure), "cannot set a callback")
             var connection: OpaquePointer?
-            try natsCheck(natsConnection_Connect(&connection, options.pointer), "cannot connect to NATS at \(url)")
-            guard let connection else { throw RendezvousError(.connectionFailed, "cannot connect to NATS at \(url)") }
+            try natsCheck(natsConnection_Connect(&connection, options.pointer), "cannot connect to NATS at \(redactedNATSURL(url))")
+            guard let connection else { throw RendezvousError(.connectionFailed, "cannot connect to NATS at \(redactedNATSURL(url))") }
             pointer = connection
         } catch {
             // No connection was made, so the closed callback will never run: balance the retain here.
@@ -195,4 +195,17 @@ final class NATSSubscription: @unchecked Sendable {
         _ = natsSubscription_Unsubscribe(pointer)
         natsSubscription_Destroy(pointer)
     }
+}
+
+/// `url` with the password (or token) of its user-info part replaced by `***`, for error messages and logs:
+/// `nats://user:secret@host:4222` becomes `nats://user:***@host:4222`, `nats://token@host` becomes `nats://***@host`.
+func redactedNATSURL(_ url: String) -> String {
+    // Each comma-separated server URL may carry its own credentials.
+    url.split(separator: ",", omittingEmptySubsequences: false).map { part -> String in
+        let text = String(part)
+        guard let scheme = text.range(of: "://"), let at = text[scheme.upperBound...].lastIndex(of: "@") else { return text }
+        let userInfo = text[scheme.upperBound..<at]
+        let redacted = userInfo.firstIndex(of: ":").map { "\(userInfo[..<$0]):***" } ?? "***"
+        return String(text[..<scheme.upperBound]) + redacted + String(text[at...])
+    }.joined(separator: ",")
 }

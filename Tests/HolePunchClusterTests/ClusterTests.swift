@@ -254,6 +254,24 @@ struct ClusterTests {
         #expect(error?.message.contains(url) == true)
     }
 
+    @Test("a NATS URL's password never appears in an error: nats://user:secret@… is reported as user:***@…")
+    func credentialsRedacted() async throws {
+        #expect(redactedNATSURL("nats://alice:s3cret@127.0.0.1:4222") == "nats://alice:***@127.0.0.1:4222")
+        #expect(redactedNATSURL("nats://t0ken@127.0.0.1:4222") == "nats://***@127.0.0.1:4222")
+        #expect(redactedNATSURL("nats://127.0.0.1:4222") == "nats://127.0.0.1:4222")
+        #expect(redactedNATSURL("nats://a:x@127.0.0.1:1,nats://b:y@127.0.0.2:2") == "nats://a:***@127.0.0.1:1,nats://b:***@127.0.0.2:2")
+
+        guard let nats = try await NATSServerProcess.startOrSkip() else { return }
+        nats.stop()  // Its port is now free: nothing listens there.
+        let url = nats.url.replacingOccurrences(of: "nats://", with: "nats://alice:s3cret@")
+        let error = #expect(throws: RendezvousError.self) {
+            _ = try NATSDirectory.connect(NATSDirectoryConfiguration(url: url, connectTimeout: .milliseconds(500)))
+        }
+        #expect(error?.code == .connectionFailed)
+        #expect(error?.message.contains("alice:***@") == true)
+        #expect(error?.message.contains("s3cret") == false)
+    }
+
     @Test("CLI: --cluster to an unreachable NATS exits 1 with one error line; --cluster-optional runs single-instance")
     func cliUnreachable() async throws {
         guard let holepunch = holepunchBinaryOrSkip() else { return }
