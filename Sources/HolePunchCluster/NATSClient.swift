@@ -139,6 +139,9 @@ final class NATSConnection: @unchecked Sendable {
 
     /// Subscribes `subject` (messages go to the connection's ``NATSEvents``); at most `pendingMessages` wait for
     /// delivery, beyond which the library drops them (a slow consumer), so a flood cannot grow memory.
+    /// Whether the connection is up now (not connecting, reconnecting or closed).
+    var isConnected: Bool { natsConnection_Status(pointer) == NATS_CONN_STATUS_CONNECTED }
+
     func subscribe(_ subject: String, pendingMessages: Int) throws(RendezvousError) -> NATSSubscription {
         // The subscription's own retain on the box, released by its completion callback (see NATSCallbackBox).
         let retained = box.retain()

@@ -192,6 +192,11 @@ public final class NATSDirectory: RendezvousDirectory, @unchecked Sendable {
             }
             do throws(RendezvousError) {
                 guard let connection else { throw RendezvousError(.shuttingDown, "the directory is closed") }
+                // While NATS is down the library would buffer the request and deliver it after reconnecting, long
+                // after this request timed out: the holder would then coordinate a session nobody joins.
+                guard connection.isConnected else {
+                    throw RendezvousError(.capacity, "the cluster's NATS is unreachable: peers registered at other instances cannot be reached now")
+                }
                 try connection.publish(subject, Array(body), reply: replySubject(id))
             } catch {
                 resolve(id, .failure(error))

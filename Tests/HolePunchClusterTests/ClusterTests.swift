@@ -204,12 +204,23 @@ struct ClusterTests {
         await cluster.stop()
     }
 
-    @Test("NATS restarts: instances reconnect, re-subscribe, and routing works again")
+    @Test("NATS restarts: while it is down, routed requests fail at once; instances reconnect, re-subscribe, and routing works again")
     func natsRestarts() async throws {
         guard let cluster = try await Cluster.startOrSkip(instances: 2) else { return }
         let a = try await cluster.client(ClusterIdentities.a, at: cluster.servers[0])
         let b = try await cluster.client(ClusterIdentities.b, at: cluster.servers[1])
         cluster.nats.stop()
+        // While NATS is down, a request for a peer held elsewhere fails at once with a typed error, instead of
+        // being buffered by the library and delivered after the reconnect, long after it timed out.
+        let refused = await eventually(.seconds(10)) {
+            do {
+                _ = try await withDeadline(.seconds(5)) { try await a.coordinate(to: ClusterIdentities.b.nodeID) }
+                return false
+            } catch let error as RendezvousError {
+                return error.code == .capacity && error.message.contains("NATS is unreachable")
+            } catch { return false }
+        }
+        #expect(refused, "a request while NATS was down did not fail with capacity")
         guard let restarted = try await NATSServerProcess.startOrSkip(port: cluster.nats.port) else { return }
         defer { restarted.stop() }
         let back = await eventually(.seconds(10)) { cluster.directories.allSatisfy { $0.statistics.reconnects >= 1 } }
