@@ -34,10 +34,14 @@ build: deps
 ## test: the whole test suite (tests that need root or namespaces skip with a reason elsewhere).
 ## Suites that check real timings (start skew, idle and keep-alive timers) run second, and the real-NAT lab third,
 ## each on its own: their timings should not compete with the load and flood tests for 2 cores.
+## The separate-package test builds HolePunch again in its own scratch directory (a few minutes of both cores): it
+## runs alone after the timing suites, so it does not starve the parallel suite's deadlines.
 TIMING_SUITES := RendezvousLoopbackTests|ConnectionLifecycleTests|ClusterStartSkewTests
+SOLO_SUITES := PathDependencyTests
 test: deps docs
-	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test --skip HolePunchLabTests --skip '$(TIMING_SUITES)'
+	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test --skip HolePunchLabTests --skip '$(TIMING_SUITES)' --skip '$(SOLO_SUITES)'
 	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test --skip-build --filter '$(TIMING_SUITES)'
+	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test --skip-build --filter '$(SOLO_SUITES)'
 	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test --skip-build --filter HolePunchLabTests
 
 ## docs: DocC for every public module (HTML under .build/plugins/Swift-DocC/outputs/). Any DocC warning (a broken

@@ -6,6 +6,32 @@ import Testing
 /// `simulate` replays a series of attempts through `on_result`; plus the bundled default.lua.
 extension LuaTests {
     @Suite struct AuthorLoop {
+        /// Overruns its wall-clock limit on the calls `overrunning` says, and plans normally otherwise.
+        final class WallClockOverrunner: PunchStrategy, @unchecked Sendable {
+            let name = "overrunner"
+            let overrunning: (Int) -> Bool
+            private let lock = NSLock()
+            private var calls = 0
+            init(overrunning: @escaping (Int) -> Bool) { self.overrunning = overrunning }
+            func plan(_ ctx: PunchContext) throws -> PunchPlan {
+                let call = lock.withLock { calls += 1; return calls }
+                if overrunning(call) {
+                    throw StrategyError(code: .timeLimitExceeded, message: "plan: time limit of 100 ms exceeded", file: "overrunner.lua")
+                }
+                return DefaultStrategy().plan(ctx)
+            }
+        }
+
+        @Test func checkDoesNotBlameAScriptForOneWallClockOverrun() {
+            // The first call overruns (a loaded machine), the retry plans: not the script's fault.
+            let once = WallClockOverrunner { $0 == 1 }
+            #expect(StrategyCheck.run(once, file: "overrunner.lua").isEmpty)
+            // Every call overruns: really slow, reported.
+            let always = WallClockOverrunner { _ in true }
+            let errors = StrategyCheck.run(always, file: "overrunner.lua")
+            #expect(errors.first?.code == .timeLimitExceeded)
+        }
+
         @Test func checkReportsADivisionOfAMissingRTTWithItsLine() throws {
             let s = try LuaStrategy(source: """
                 return { plan = function(ctx)
