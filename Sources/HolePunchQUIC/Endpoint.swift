@@ -68,7 +68,9 @@ public actor Endpoint {
     ///   - address: where to bind; port 0 picks a free port (see ``localAddress``).
     ///   - configuration: identity, accept policy and transport settings.
     ///   - logger: where the endpoint logs (at debug level and below, never above info).
-    /// - Throws: ``QUICError`` (`socket`) when the socket cannot be bound, or (`tls`) when the identity is unusable.
+    /// - Throws: ``QUICError`` (`socket`) when the socket cannot be bound, (`tls`) when the identity is unusable, or
+    ///   (`invalidArgument`) when the protocol list breaks ``EndpointConfiguration/maxALPNs`` or
+    ///   ``EndpointConfiguration/maxALPNLength``.
     public static func bind(
         _ address: SocketAddress,
         configuration: EndpointConfiguration,
@@ -80,6 +82,9 @@ public actor Endpoint {
     }
 
     private init(address: SocketAddress, configuration: EndpointConfiguration, logger: Logger) throws {
+        if let problem = EndpointConfiguration.alpnProblem([configuration.alpn] + configuration.additionalALPNs) {
+            throw QUICError(.invalidArgument, problem)
+        }
         let family = address.isIPv6 ? AF_INET6 : AF_INET
         let fd = socket(family, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw QUICError(.socket, "socket(): \(String(cString: strerror(errno)))") }

@@ -26,7 +26,8 @@ public struct NodeError: Error, Sendable, CustomStringConvertible {
         public static let unknownTarget = Code("unknownTarget")
         /// No answer, or no authenticated connection, came in time.
         public static let timeout = Code("timeout")
-        /// The ALPN asked for is not one the node's ``HolePunchNode/Options/alpns`` lists.
+        /// The ALPN asked for is not one the node's ``HolePunchNode/Options/alpns`` lists, or that list is empty
+        /// or beyond what TLS can carry.
         public static let unsupportedALPN = Code("unsupportedALPN")
     }
 
