@@ -171,6 +171,8 @@ public actor HolePunchNode: Service {
         do {
             return try await rendezvousClient.requestPunch(to: peer, alpn: alpn)
         } catch {
+            // stop() cancels the punch or closes the registration under this call: say why, not how.
+            if stopped { throw NodeError(.stopped, "the node was stopped during the punch") }
             throw NodeError(error)
         }
     }
