@@ -44,3 +44,15 @@ struct ErrorStoryTests {
         await a.close()
     }
 }
+
+@Suite("Human durations at the extremes")
+struct HumanDurationExtremesTests {
+    @Test("durations too long for three significant digits print whole seconds instead of trapping", arguments: [
+        (Duration.seconds(Int64.max), "9223372036854775807 s"),
+        (Duration.seconds(Int64.min), "-9223372036854775808 s"),
+        (Duration.seconds(1_000_000), "1000000 s"),
+    ])
+    func extremes(_ duration: Duration, _ expected: String) {
+        #expect(duration.humanDescription == expected)
+    }
+}
