@@ -165,4 +165,26 @@ struct HolePunchNodeTests {
         await b.stop()
         await harness.stop()
     }
+
+    @Test("incoming holds at most incomingBuffer unread connections: beyond it the oldest is closed, not kept")
+    func incomingIsBounded() async throws {
+        // One punch per buffered connection plus one: the rendezvous's request rate must not be what stops them.
+        let harness = try await Harness.start(state: .init(startDelay: .milliseconds(10), rateBurst: 1000, ratePerSecond: 1000,
+                                                           targetRateBurst: 1000, targetRatePerSecond: 1000))
+        let b = try await Self.node(Identities.b, harness, admission: .allowList([Identities.a.nodeID]))
+        let a = try await Self.node(Identities.a, harness)
+        var outgoing: [QUICConnection] = []
+        for _ in 0...HolePunchNode.incomingBuffer {
+            outgoing.append(try await withDeadline(.seconds(20)) { try await a.connect(to: Identities.b.nodeID) })
+        }
+        // B never read: the first connection is the one dropped, and A sees it closed.
+        let first = outgoing[0]
+        _ = try await withDeadline(.seconds(20)) { await first.waitClosed() }
+        await b.stop()
+        var buffered = 0
+        for try await _ in b.incoming { buffered += 1 }
+        #expect(buffered == HolePunchNode.incomingBuffer)
+        await a.stop()
+        await harness.stop()
+    }
 }
