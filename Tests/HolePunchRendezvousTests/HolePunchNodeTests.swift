@@ -180,10 +180,18 @@ struct HolePunchNodeTests {
         // B never read: the first connection is the one dropped, and A sees it closed.
         let first = outgoing[0]
         _ = try await withDeadline(.seconds(20)) { await first.waitClosed() }
+        // The rest wait in order: the session in each TLS server name pairs both sides' connections.
+        let buffered = try await withDeadline(.seconds(10)) { () -> [String?] in
+            var names: [String?] = []
+            for try await connection in b.incoming {
+                names.append(connection.serverName)
+                if names.count == HolePunchNode.incomingBuffer { break }
+            }
+            return names
+        }
+        #expect(buffered == outgoing.dropFirst().map(\.serverName))
+        #expect(Set(buffered).count == HolePunchNode.incomingBuffer)
         await b.stop()
-        var buffered = 0
-        for try await _ in b.incoming { buffered += 1 }
-        #expect(buffered == HolePunchNode.incomingBuffer)
         await a.stop()
         await harness.stop()
     }
