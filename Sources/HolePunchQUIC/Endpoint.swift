@@ -842,7 +842,7 @@ public actor Endpoint {
         let error: QUICError
         switch rv {
         case NGTCP2_ERR_IDLE_CLOSE:
-            error = QUICError(.idleTimeout, "no traffic for \(configuration.idleTimeout)")
+            error = QUICError(.idleTimeout, "no traffic for \(configuration.idleTimeout.humanDescription)")
         case NGTCP2_ERR_HANDSHAKE_TIMEOUT:
             error = QUICError(.handshakeTimeout, "the handshake with \(core.remote) did not complete in time")
         case NGTCP2_ERR_DRAINING, NGTCP2_ERR_DROP_CONN, NGTCP2_ERR_CLOSING:
