@@ -202,7 +202,8 @@ public actor Endpoint {
         guard remote.isIPv6 == localAddress.isIPv6 else {
             throw QUICError(.invalidArgument, "cannot dial \(remote) from a socket bound to \(localAddress)")
         }
-        try Task.checkCancellation()
+        // The documented error type, not `CancellationError`: callers switch on `QUICError.code`.
+        guard !Task.isCancelled else { throw QUICError(.cancelled, "the dial to \(remote) was cancelled") }
         let core = try makeClientConnection(to: remote, expecting: peer, options: options)
         let key = core.key
         flush(core)
