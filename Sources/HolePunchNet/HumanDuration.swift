@@ -9,6 +9,8 @@ extension Duration {
         let sign = nanoseconds < 0 ? "-" : ""
         let units: [(scale: Double, name: String)] = [(1, "ns"), (1e3, "µs"), (1e6, "ms"), (1e9, "s")]
         guard magnitude >= 1 else { return "0 s" }
+        // From a million seconds on, whole seconds say it all, and the rounding below could leave Int's range.
+        if magnitude >= 1e15 { return sign + "\(seconds.magnitude) s" }
         var index = units.lastIndex { magnitude >= $0.scale } ?? 0
         var digits = Duration.threeSignificant(magnitude / units[index].scale)
         // Rounding can carry into the next unit (999.7 ms is 1 s, not 1000 ms).

@@ -48,8 +48,25 @@ public struct EndpointConfiguration: Sendable {
     /// ``ConnectOptions/alpn`` names another) and the first it accepts.
     public var alpn: String
     /// Further protocols this endpoint accepts besides ``alpn``, so one socket can serve several; a connection
-    /// tells which one it speaks in ``QUICConnection/alpn``. Empty by default.
+    /// tells which one it speaks in ``QUICConnection/alpn``. Empty by default. With ``alpn``, at most
+    /// ``maxALPNs`` names of 1 to ``maxALPNLength`` bytes each (``Endpoint/bind(_:configuration:logger:)`` checks).
     public var additionalALPNs: [String] = []
+
+    /// The most protocols an endpoint can list (GnuTLS 3.7 keeps at most 8 per session).
+    public static let maxALPNs = 8
+    /// The longest protocol name in bytes (GnuTLS 3.7 refuses names of 32 bytes or more).
+    public static let maxALPNLength = 31
+
+    /// Why `alpns` cannot be an endpoint's protocol list, or nil when it can. Past GnuTLS's limits every
+    /// handshake's TLS setup fails, so a list that binds would silently accept nothing; an empty name is not
+    /// a protocol at all (RFC 7301).
+    package static func alpnProblem(_ alpns: [String]) -> String? {
+        if alpns.count > maxALPNs { return "\(alpns.count) ALPN protocols; at most \(maxALPNs) fit" }
+        if let bad = alpns.first(where: { $0.utf8.isEmpty || $0.utf8.count > maxALPNLength }) {
+            return "ALPN protocol \"\(bad)\" has \(bad.utf8.count) bytes; 1 to \(maxALPNLength) fit"
+        }
+        return nil
+    }
     /// Close a connection after this long without traffic.
     public var idleTimeout: Duration
     /// Send a PING after this long without traffic, so NAT mappings stay open; nil disables keep-alive.

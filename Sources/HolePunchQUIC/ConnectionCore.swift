@@ -288,6 +288,15 @@ final class ConnectionCore {
     /// Checks the peer's certificate against the expected NodeID or the accept policy. Returns false to abort.
     func verifyPeer(policy: AcceptPolicy) -> Bool {
         guard let session else { return false }
+        // QUIC requires ALPN (RFC 9001 section 8.1) and `QUICConnection.alpn` must name a protocol both sides
+        // agreed on. GnuTLS's mandatory flag refuses a mismatch, but not a peer that sends no ALPN at all; both
+        // sides have sent theirs by the time the peer's certificate is verified.
+        var selected = gnutls_datum_t()
+        guard gnutls_alpn_get_selected_protocol(session, &selected) == 0, let name = selected.data, selected.size > 0 else {
+            verifyError = QUICError(.handshakeFailed, "the peer agreed on no application protocol (ALPN)")
+            return false
+        }
+        alpn = String(decoding: UnsafeBufferPointer(start: name, count: Int(selected.size)), as: UTF8.self)
         var count: UInt32 = 0
         guard let certs = gnutls_certificate_get_peers(session, &count), count > 0 else {
             verifyError = .peerAuthentication(expected: expectedNodeID, received: nil, "the peer presented no certificate")
@@ -617,7 +626,11 @@ final class TLSCredentials {
             guard let userData = ref.pointee.user_data else { return -1 }
             let connection = Unmanaged<ConnectionCore>.fromOpaque(userData).takeUnretainedValue()
             guard let policy = connection.router?.policy else { return -1 }
-            return connection.verifyPeer(policy: policy) ? 0 : -1
+            guard connection.verifyPeer(policy: policy) else {
+                // Without a protocol the peer is told so (alert no_application_protocol), not "bad certificate".
+                return connection.alpn == nil ? GNUTLS_E_NO_APPLICATION_PROTOCOL : -1
+            }
+            return 0
         }
     }
 

@@ -68,7 +68,9 @@ public actor Endpoint {
     ///   - address: where to bind; port 0 picks a free port (see ``localAddress``).
     ///   - configuration: identity, accept policy and transport settings.
     ///   - logger: where the endpoint logs (at debug level and below, never above info).
-    /// - Throws: ``QUICError`` (`socket`) when the socket cannot be bound, or (`tls`) when the identity is unusable.
+    /// - Throws: ``QUICError`` (`socket`) when the socket cannot be bound, (`tls`) when the identity is unusable, or
+    ///   (`invalidArgument`) when the protocol list breaks ``EndpointConfiguration/maxALPNs`` or
+    ///   ``EndpointConfiguration/maxALPNLength``.
     public static func bind(
         _ address: SocketAddress,
         configuration: EndpointConfiguration,
@@ -80,6 +82,9 @@ public actor Endpoint {
     }
 
     private init(address: SocketAddress, configuration: EndpointConfiguration, logger: Logger) throws {
+        if let problem = EndpointConfiguration.alpnProblem([configuration.alpn] + configuration.additionalALPNs) {
+            throw QUICError(.invalidArgument, problem)
+        }
         let family = address.isIPv6 ? AF_INET6 : AF_INET
         let fd = socket(family, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw QUICError(.socket, "socket(): \(String(cString: strerror(errno)))") }
@@ -197,7 +202,8 @@ public actor Endpoint {
         guard remote.isIPv6 == localAddress.isIPv6 else {
             throw QUICError(.invalidArgument, "cannot dial \(remote) from a socket bound to \(localAddress)")
         }
-        try Task.checkCancellation()
+        // The documented error type, not `CancellationError`: callers switch on `QUICError.code`.
+        guard !Task.isCancelled else { throw QUICError(.cancelled, "the dial to \(remote) was cancelled") }
         let core = try makeClientConnection(to: remote, expecting: peer, options: options)
         let key = core.key
         flush(core)
@@ -837,7 +843,7 @@ public actor Endpoint {
         let error: QUICError
         switch rv {
         case NGTCP2_ERR_IDLE_CLOSE:
-            error = QUICError(.idleTimeout, "no traffic for \(configuration.idleTimeout)")
+            error = QUICError(.idleTimeout, "no traffic for \(configuration.idleTimeout.humanDescription)")
         case NGTCP2_ERR_HANDSHAKE_TIMEOUT:
             error = QUICError(.handshakeTimeout, "the handshake with \(core.remote) did not complete in time")
         case NGTCP2_ERR_DRAINING, NGTCP2_ERR_DROP_CONN, NGTCP2_ERR_CLOSING:

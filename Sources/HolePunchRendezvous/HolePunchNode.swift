@@ -32,7 +32,9 @@ public actor HolePunchNode: Service {
         /// service). Every connection still proves the NodeID the rendezvous named.
         public var admission: PunchAdmission
         /// The application protocols (TLS ALPN) this node speaks; the first is the one ``connect(to:alpn:)`` uses
-        /// when none is named. Incoming connections may use any of them.
+        /// when none is named. Incoming connections may use any of them. At most 8 names of 1 to 31 bytes
+        /// (`EndpointConfiguration.maxALPNs`, `maxALPNLength`); ``start(identity:rendezvous:rendezvousID:options:)``
+        /// refuses others with `unsupportedALPN`.
         public var alpns: [String]
         /// LAN addresses to publish besides the observed one (peers behind the same NAT dial them directly);
         /// nil publishes the bind address when it names a specific IP.
@@ -115,13 +117,15 @@ public actor HolePunchNode: Service {
     ///   - rendezvous: the rendezvous's QUIC address.
     ///   - rendezvousID: the rendezvous's NodeID: the handshake must prove it.
     ///   - options: socket, strategy, admission, protocols, logging.
-    /// - Throws: ``NodeError`` `bindFailed`, `connectionFailed`, `timeout` or another rendezvous code.
+    /// - Throws: ``NodeError`` `unsupportedALPN`, `bindFailed`, `connectionFailed`, `timeout`, `cancelled` or another
+    ///   rendezvous code.
     public static func start(
         identity: Identity, rendezvous: SocketAddress, rendezvousID: NodeID, options: Options = Options()
     ) async throws(NodeError) -> HolePunchNode {
         guard let primary = options.alpns.first else {
             throw NodeError(.unsupportedALPN, "the node needs at least one ALPN")
         }
+        if let problem = EndpointConfiguration.alpnProblem(options.alpns) { throw NodeError(.unsupportedALPN, problem) }
         // The executor decides which punched connections to accept, so the endpoint itself accepts none.
         var endpointConfiguration = EndpointConfiguration(identity: identity, acceptPolicy: .none, alpn: primary)
         endpointConfiguration.additionalALPNs = Array(options.alpns.dropFirst())
@@ -176,6 +180,8 @@ public actor HolePunchNode: Service {
         do {
             return try await rendezvousClient.requestPunch(to: peer, alpn: alpn)
         } catch {
+            // stop() cancels the punch or closes the registration under this call: say why, not how.
+            if stopped { throw NodeError(.stopped, "the node was stopped during the punch") }
             throw NodeError(error)
         }
     }

@@ -26,7 +26,34 @@ public struct NodeError: Error, Sendable, CustomStringConvertible {
         public static let unknownTarget = Code("unknownTarget")
         /// No answer, or no authenticated connection, came in time.
         public static let timeout = Code("timeout")
-        /// The ALPN asked for is not one the node's ``HolePunchNode/Options/alpns`` lists.
+        /// The peer's certificate did not prove the NodeID the rendezvous named.
+        public static let peerAuthenticationFailed = Code("peerAuthenticationFailed")
+        /// Every candidate port of the peer answered ICMP unreachable.
+        public static let unreachable = Code("unreachable")
+        /// No planned port of the peer answered a probe.
+        public static let allPortsFailed = Code("allPortsFailed")
+        /// The punch was refused before it started: none of the peer's candidates may be probed from here.
+        public static let refused = Code("refused")
+        /// The executor already runs as many punches (in all, or to this peer) as it allows.
+        public static let tooManyPunches = Code("tooManyPunches")
+        /// The punch's options were invalid.
+        public static let invalidOptions = Code("invalidOptions")
+        /// The rendezvous refused: this node asked faster than its rate limit allows.
+        public static let rateLimited = Code("rateLimited")
+        /// The rendezvous refused: it no longer holds this node's registration.
+        public static let notRegistered = Code("notRegistered")
+        /// The node asked for a punch to itself.
+        public static let selfTarget = Code("selfTarget")
+        /// The rendezvous holds as many registrations or sessions as it allows.
+        public static let capacity = Code("capacity")
+        /// The rendezvous sent something malformed or unexpected.
+        public static let protocolViolation = Code("protocolViolation")
+        /// The connection to the rendezvous ended (``HolePunchNode/incoming`` ends with this too).
+        public static let disconnected = Code("disconnected")
+        /// The rendezvous is shutting down.
+        public static let shuttingDown = Code("shuttingDown")
+        /// The ALPN asked for is not one the node's ``HolePunchNode/Options/alpns`` lists, or that list is empty
+        /// or beyond what TLS can carry.
         public static let unsupportedALPN = Code("unsupportedALPN")
     }
 

@@ -120,6 +120,8 @@ public actor RendezvousClient {
     private var nextTaskID: UInt64 = 0
     private var nextRequest: UInt64 = 1
     private var registerWaiter: CheckedContinuation<Result<Registered, RendezvousError>, Never>?
+    /// Counts register calls, so a cancelled one never ends the wait of a newer one that superseded it.
+    private var registerGeneration: UInt64 = 0
     private var requestWaiters: [UInt64: CheckedContinuation<Result<ReceivedCoordinate, RendezvousError>, Never>] = [:]
     private var closedReason: RendezvousError?
     private var localNAT: NATProfile = .unknown
@@ -155,7 +157,7 @@ public actor RendezvousClient {
     /// Dials the rendezvous from the punch socket, opens the control stream and registers.
     ///
     /// - Returns: the server's confirmation with the observed (public) address.
-    /// - Throws: ``RendezvousError`` `connectionFailed`, `timeout`, `disconnected` or a refusal code.
+    /// - Throws: ``RendezvousError`` `connectionFailed`, `timeout`, `disconnected`, `cancelled` or a refusal code.
     public func connect(_ registration: Registration = Registration()) async throws(RendezvousError) -> Registered {
         guard connection == nil else { return try await register(registration) }
         do {
@@ -165,6 +167,7 @@ public actor RendezvousClient {
             connection = quic
             stream = try await quic.openStream()
         } catch {
+            if Task.isCancelled { throw RendezvousError(.cancelled, "connecting to the rendezvous was cancelled") }
             throw RendezvousError(.connectionFailed, "cannot reach the rendezvous at \(configuration.server): \(error)")
         }
         let reader = Task { await self.readLoop() }
@@ -180,19 +183,31 @@ public actor RendezvousClient {
 
     /// Registers again with new LAN addresses or NAT profile (the NodeID and observed address stay).
     ///
+    /// Cancelling the calling task ends the wait at once with `cancelled`.
+    ///
     /// - Throws: ``RendezvousError``.
     public func register(_ registration: Registration) async throws(RendezvousError) -> Registered {
         if let closedReason { throw closedReason }
+        guard !Task.isCancelled else { throw RendezvousError(.cancelled, "the registration was cancelled") }
         if let nat = registration.nat { localNAT = nat }
         lastRegistration = registration
-        let result = await withCheckedContinuation { (continuation: CheckedContinuation<Result<Registered, RendezvousError>, Never>) in
-            registerWaiter?.resume(returning: .failure(RendezvousError(.protocolViolation, "superseded by a newer register")))
-            registerWaiter = continuation
-            armTimeout { client in
-                client.registerWaiter?.resume(returning: .failure(RendezvousError(.timeout, "the rendezvous did not confirm the registration")))
-                client.registerWaiter = nil
+        registerGeneration += 1
+        let generation = registerGeneration
+        let result = await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Result<Registered, RendezvousError>, Never>) in
+                registerWaiter?.resume(returning: .failure(RendezvousError(.protocolViolation, "superseded by a newer register")))
+                registerWaiter = continuation
+                armTimeout { client in
+                    // Only this call's wait: a newer register has its own timeout.
+                    guard client.registerGeneration == generation else { return }
+                    client.registerWaiter?.resume(returning: .failure(RendezvousError(.timeout, "the rendezvous did not confirm the registration")))
+                    client.registerWaiter = nil
+                }
+                Task { await self.send(.register(registration)) }
             }
-            Task { await self.send(.register(registration)) }
+        } onCancel: {
+            // Runs on the actor after the waiter above is stored (the body holds the actor until it suspends).
+            Task { await self.abandonRegister(generation) }
         }
         let confirmed = try result.get()
         registered = confirmed
@@ -223,6 +238,13 @@ public actor RendezvousClient {
             Task { await self.abandonRequest(id) }
         }
         return try result.get()
+    }
+
+    /// Ends the wait of the `generation`th register call, unless a newer call has already superseded it.
+    private func abandonRegister(_ generation: UInt64) {
+        guard generation == registerGeneration, let waiter = registerWaiter else { return }
+        registerWaiter = nil
+        waiter.resume(returning: .failure(RendezvousError(.cancelled, "the registration was cancelled")))
     }
 
     private func abandonRequest(_ id: UInt64) {

@@ -43,15 +43,75 @@ _ = await serving.result
 
 @Suite("a separate package that depends on HolePunch by path", .serialized)
 struct PathDependencyTests {
-    @Test("the README's Package.swift and node API build and run in a package of their own", .timeLimit(.minutes(20)))
-    func separatePackage() async throws {
-        // Tests/ExamplesTests/PathDependencyTests.swift -> the package root.
-        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-            .deletingLastPathComponent().standardizedFileURL
+    // Tests/ExamplesTests/PathDependencyTests.swift -> the package root.
+    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent().standardizedFileURL
+
+    static func swiftTool() throws -> String {
         let swift = ["/usr/bin/swift", "/usr/local/bin/swift"].first { FileManager.default.isExecutableFile(atPath: $0) }
             ?? ProcessInfo.processInfo.environment["PATH"]?.split(separator: ":")
                 .map { "\($0)/swift" }.first { FileManager.default.isExecutableFile(atPath: $0) }
-        let tool = try #require(swift, "no swift on PATH")
+        return try #require(swift, "no swift on PATH")
+    }
+
+    /// The README's `Package.swift` snippet under "Using it from Swift": the lines of its first swift block.
+    static func readmeSnippet() throws -> String {
+        let readme = try String(contentsOf: root.appendingPathComponent("README.md"), encoding: .utf8)
+        let section = try #require(readme.range(of: "## Using it from Swift"), "README has no \"Using it from Swift\"")
+        let rest = readme[section.upperBound...]
+        let open = try #require(rest.range(of: "```swift\n"), "no swift block in \"Using it from Swift\"")
+        let close = try #require(rest[open.upperBound...].range(of: "```"), "unterminated swift block")
+        return String(rest[open.upperBound..<close.lowerBound])
+    }
+
+    /// The first string literal after `label` in `text` (e.g. the path in `.package(path: "…")`).
+    static func literal(after label: String, in text: String) throws -> String {
+        let start = try #require(text.range(of: label), "no \(label) in the README snippet:\n\(text)")
+        let tail = text[start.upperBound...]
+        let quote = try #require(tail.firstIndex(of: "\""))
+        let end = try #require(tail[tail.index(after: quote)...].firstIndex(of: "\""))
+        return String(tail[tail.index(after: quote)..<end])
+    }
+
+    @Test("the README's Package.swift snippet, verbatim, resolves against a checkout in the directory it names")
+    func readmeSnippetResolves() async throws {
+        let snippet = try Self.readmeSnippet()
+        let dependencyPath = try Self.literal(after: ".package(path:", in: snippet)
+        let target = try Self.literal(after: ".executableTarget(name:", in: snippet)
+        let dir = try scratchDirectory("hp-readme-snippet")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        // The app sits in dir/app; the checkout appears where the snippet's relative path points, under that name.
+        let app = dir.appendingPathComponent("app")
+        let checkout = app.appendingPathComponent(dependencyPath).standardizedFileURL
+        try FileManager.default.createDirectory(at: checkout.deletingLastPathComponent(), withIntermediateDirectories: true)
+        try FileManager.default.createSymbolicLink(at: checkout, withDestinationURL: Self.root)
+        try FileManager.default.createDirectory(at: app.appendingPathComponent("Sources/\(target)"),
+                                                withIntermediateDirectories: true)
+        let manifest = """
+        // swift-tools-version:6.0
+        import PackageDescription
+
+        let package = Package(
+            name: "ReadmeApp",
+            platforms: [.macOS(.v14)],
+        \(snippet))
+        """
+        try manifest.write(to: app.appendingPathComponent("Package.swift"), atomically: true, encoding: .utf8)
+        try "print(\"ok\")\n".write(to: app.appendingPathComponent("Sources/\(target)/main.swift"), atomically: true,
+                                   encoding: .utf8)
+        // Loading the package graph checks every `.product(name:package:)` against the dependency's identity.
+        let describe = try Child(try Self.swiftTool(), [
+            "package", "--package-path", app.path, "--scratch-path", app.appendingPathComponent(".build").path, "describe",
+        ], directory: app)
+        defer { describe.stop() }
+        let status = await describe.waitExit(.seconds(300))
+        #expect(status == 0, "the README snippet does not resolve:\n\(manifest)\n\(describe.stdout.text.suffix(2000)) \(describe.stderr.text.suffix(2000))")
+    }
+
+    @Test("the README's Package.swift and node API build and run in a package of their own", .timeLimit(.minutes(20)))
+    func separatePackage() async throws {
+        let root = Self.root
+        let tool = try Self.swiftTool()
         let dir = try scratchDirectory("hp-path-dependency")
         defer { try? FileManager.default.removeItem(at: dir) }
         // The README's rule: a path dependency's package identity is its directory's name, lower-cased.

@@ -43,4 +43,43 @@ struct ALPNTests {
         await client.close()
         await server.close()
     }
+
+    /// Protocol lists GnuTLS cannot carry: it takes at most 8 names of 1 to 31 bytes, and fails every handshake's
+    /// setup otherwise, so an endpoint bound with one would silently accept nothing.
+    static let unusableLists: [(alpn: String, additional: [String])] = [
+        ("a/1", (2...9).map { "a/\($0)" }),
+        ("", []),
+        (String(repeating: "p", count: 32), []),
+    ]
+
+    @Test("an endpoint whose protocols GnuTLS cannot carry (9 names, an empty or a 32-byte name) is refused at bind",
+          arguments: unusableLists)
+    func unusableListRefused(_ list: (alpn: String, additional: [String])) async throws {
+        let error = await #expect(throws: QUICError.self) {
+            let endpoint = try await makeEndpoint(TestIdentities.b) { configuration in
+                configuration.alpn = list.alpn
+                configuration.additionalALPNs = list.additional
+            }
+            await endpoint.close()
+        }
+        #expect(error?.code == .invalidArgument, "\(String(describing: error))")
+    }
+
+    @Test("the longest list GnuTLS carries (8 names, 31 bytes each) binds and a dial with the last one connects")
+    func longestUsableList() async throws {
+        let names = (1...8).map { String(repeating: "\($0)", count: 31) }
+        let server = try await makeEndpoint(TestIdentities.b) { configuration in
+            configuration.alpn = names[0]
+            configuration.additionalALPNs = Array(names.dropFirst())
+        }
+        let client = try await makeEndpoint(TestIdentities.a)
+        let connection = try await withDeadline(.seconds(10)) {
+            try await client.connect(to: server.localAddress, expecting: TestIdentities.b.nodeID,
+                                     options: ConnectOptions(alpn: names[7]))
+        }
+        #expect(connection.alpn == names[7])
+        await connection.close()
+        await client.close()
+        await server.close()
+    }
 }

@@ -49,6 +49,7 @@ struct ConnectionLifecycleTests {
         }
         let reason = try await withDeadline(.seconds(10)) { await connection.waitClosed() }
         #expect(reason.code == .idleTimeout)
+        #expect(reason.message == "no traffic for 300 ms", "durations read like a person wrote them")
         #expect(await client.connectionCount == 0)
         #expect(await eventually { await server.connectionCount == 0 })
         await client.close()

@@ -184,10 +184,11 @@ struct QUICInteropTests {
     }
 
     /// Starts the aioquic echo server pinned to `client` and returns its port and announced NodeID.
-    func startServer(expecting client: NodeID) async throws -> (PeerScript, UInt16, NodeID) {
+    /// `alpn` "" makes the server negotiate no protocol at all.
+    func startServer(expecting client: NodeID, alpn: String? = nil) async throws -> (PeerScript, UInt16, NodeID) {
         let server = try PeerScript(
             python: try python(), script: AioquicPeer.script("aioquic_echo_server.py"),
-            arguments: ["--expect-client", client.description]
+            arguments: ["--expect-client", client.description] + (alpn.map { ["--alpn", $0] } ?? [])
         )
         do {
             let ready = try await server.expectLine("READY")
@@ -330,5 +331,40 @@ struct QUICInteropTests {
         _ = try await server.expectLine("REJECTED client received=\(TestIdentities.a.nodeID)")
         #expect(await client.connectionCount == 0)
         await client.close()
+    }
+
+    @Test("aioquic server that negotiates no ALPN: our connect fails, it does not get a protocol it never agreed to")
+    func serverWithoutALPNIsRefused() async throws {
+        let client = try await makeEndpoint(TestIdentities.a, policy: .none)
+        let (server, port, serverID) = try await startServer(expecting: TestIdentities.a.nodeID, alpn: "")
+        defer { server.terminate() }
+
+        let error = await #expect(throws: QUICError.self) {
+            _ = try await withDeadline(.seconds(15)) {
+                try await client.connect(to: .loopbackV4(port: port), expecting: serverID)
+            }
+        }
+        #expect(error?.code == .handshakeFailed, "got \(String(describing: error))")
+        #expect(await client.connectionCount == 0)
+        await client.close()
+    }
+
+    @Test("aioquic client that offers no ALPN: our server refuses the handshake and accepts nothing")
+    func clientWithoutALPNIsRefused() async throws {
+        let peer = try PeerScript(
+            python: try python(), script: AioquicPeer.script("aioquic_echo_client.py"),
+            arguments: ["--bytes", "16", "--alpn", "", "--timeout", "10"]
+        )
+        defer { peer.terminate() }
+        let identity = try await peer.expectLine("IDENTITY")
+        let clientID = try NodeID(parsing: try #require(field("nodeid", of: identity), "bad IDENTITY line: \(identity)"))
+        let server = try await makeEndpoint(TestIdentities.b, policy: .allow([clientID]))
+
+        try peer.send("CONNECT \(server.localAddress.port) \(TestIdentities.b.nodeID)")
+        let status = try await peer.waitForExit()
+        #expect(status != 0, "the aioquic client got through without ALPN\n\(peer.transcript.contents)")
+        #expect(!peer.transcript.contents.contains("ECHO ok"), "\(peer.transcript.contents)")
+        #expect(await server.stats.connectionsAccepted == 0)
+        await server.close()
     }
 }

@@ -114,6 +114,22 @@ struct RobustnessTests {
         await client.close()
     }
 
+    @Test("connect from a task already cancelled fails with QUICError cancelled, the documented type, and dials nothing")
+    func connectFromCancelledTask() async throws {
+        let client = try await makeEndpoint(TestIdentities.a)
+        let server = try await makeEndpoint(TestIdentities.b)
+        let dial = Task {
+            withUnsafeCurrentTask { $0?.cancel() }
+            return try await client.connect(to: server.localAddress, expecting: TestIdentities.b.nodeID)
+        }
+        let result = await dial.result
+        guard case .failure(let failure) = result else { Issue.record("expected a failure, got a connection"); return }
+        #expect((failure as? QUICError)?.code == .cancelled, "\(type(of: failure)): \(failure)")
+        #expect(await client.connectionCount == 0)
+        await client.close()
+        await server.close()
+    }
+
     @Test("connect on a closed endpoint and to the wrong address family fails with a typed error")
     func badDials() async throws {
         let client = try await makeEndpoint(TestIdentities.a)

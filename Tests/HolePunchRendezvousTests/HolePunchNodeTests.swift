@@ -131,4 +131,88 @@ struct HolePunchNodeTests {
         #expect(error?.code == .stopped)
         await harness.stop()
     }
+
+    @Test("a node whose protocols GnuTLS cannot carry (9 names, an empty or a 32-byte name) is refused at start",
+          arguments: [(1...9).map { "p/\($0)" }, [""], [String(repeating: "p", count: 32)]])
+    func unusableALPNsRefused(_ alpns: [String]) async throws {
+        let harness = try await Harness.start()
+        let error = await #expect(throws: NodeError.self) {
+            let node = try await Self.node(Identities.a, harness, alpns: alpns)
+            await node.stop()
+        }
+        #expect(error?.code == .unsupportedALPN, "\(String(describing: error))")
+        await harness.stop()
+    }
+
+    @Test("cancelling start's task while the rendezvous has not confirmed the registration: cancelled at once")
+    func cancelStart() async throws {
+        // A QUIC endpoint posing as the rendezvous: the handshake succeeds, the register request is never answered.
+        let silent = try await Endpoint.bind(.loopbackV4(port: 0),
+                                             configuration: EndpointConfiguration(identity: Identities.c, acceptPolicy: .any))
+        let registerArrived = Task { () -> Bool in
+            for await connection in silent.incoming {
+                guard let stream = try? await connection.acceptStream() else { return false }
+                return (try? await stream.read()) != nil
+            }
+            return false
+        }
+        let start = Task {
+            try await HolePunchNode.start(identity: Identities.a, rendezvous: silent.localAddress,
+                                          rendezvousID: Identities.c.nodeID,
+                                          options: .init(bind: .loopbackV4(port: 0), requestTimeout: .seconds(60)))
+        }
+        #expect(try await withDeadline(.seconds(10)) { await registerArrived.value })
+        start.cancel()
+        // Far below the request timeout: a registration wait that ignored the cancellation would outlast this.
+        let result = try await withDeadline(.seconds(3)) { await start.result }
+        guard case .failure(let failure) = result else { Issue.record("expected a failure, got a node"); return }
+        #expect((failure as? NodeError)?.code == .cancelled, "\(failure)")
+        await silent.close()
+    }
+
+    @Test("stop() while connect is punching: connect ends with stopped, not a cancellation the caller never asked for")
+    func stopDuringConnect() async throws {
+        let harness = try await Harness.start()
+        let b = try await Self.node(Identities.b, harness)
+        let a = try await Self.node(Identities.a, harness, punchTimeout: .seconds(60))
+        let request = Task { try await a.connect(to: Identities.b.nodeID) }
+        #expect(await eventually(.seconds(10)) { await a.executor.activePunches().count == 1 })
+        await a.stop()
+        let result = try await withDeadline(.seconds(3)) { await request.result }
+        guard case .failure(let failure) = result else { Issue.record("expected a failure"); return }
+        #expect((failure as? NodeError)?.code == .stopped, "\(failure)")
+        #expect(await a.executor.activePunches().isEmpty)
+        await b.stop()
+        await harness.stop()
+    }
+
+    @Test("incoming holds at most incomingBuffer unread connections: beyond it the oldest is closed, not kept")
+    func incomingIsBounded() async throws {
+        // One punch per buffered connection plus one: the rendezvous's request rate must not be what stops them.
+        let harness = try await Harness.start(state: .init(startDelay: .milliseconds(10), rateBurst: 1000, ratePerSecond: 1000,
+                                                           targetRateBurst: 1000, targetRatePerSecond: 1000))
+        let b = try await Self.node(Identities.b, harness, admission: .allowList([Identities.a.nodeID]))
+        let a = try await Self.node(Identities.a, harness)
+        var outgoing: [QUICConnection] = []
+        for _ in 0...HolePunchNode.incomingBuffer {
+            outgoing.append(try await withDeadline(.seconds(20)) { try await a.connect(to: Identities.b.nodeID) })
+        }
+        // B never read: the first connection is the one dropped, and A sees it closed.
+        let first = outgoing[0]
+        _ = try await withDeadline(.seconds(20)) { await first.waitClosed() }
+        // The rest wait in order: the session in each TLS server name pairs both sides' connections.
+        let buffered = try await withDeadline(.seconds(10)) { () -> [String?] in
+            var names: [String?] = []
+            for try await connection in b.incoming {
+                names.append(connection.serverName)
+                if names.count == HolePunchNode.incomingBuffer { break }
+            }
+            return names
+        }
+        #expect(buffered == outgoing.dropFirst().map(\.serverName))
+        #expect(Set(buffered).count == HolePunchNode.incomingBuffer)
+        await b.stop()
+        await a.stop()
+        await harness.stop()
+    }
 }

@@ -1,3 +1,4 @@
+import Foundation
 import ProcessTestSupport
 import Testing
 @testable import HolePunch
@@ -41,6 +42,72 @@ struct ErrorStoryTests {
         #expect(error.code == .cancelled)
         #expect(await executor.cancel(handle.id) == .alreadyFinished)
         #expect(await executor.cancel(PunchID(rawValue: 9_999)) == .unknown)
+        await a.close()
+    }
+}
+
+@Suite("Human durations at the extremes")
+struct HumanDurationExtremesTests {
+    @Test("durations too long for three significant digits print whole seconds instead of trapping", arguments: [
+        (Duration.seconds(Int64.max), "9223372036854775807 s"),
+        (Duration.seconds(Int64.min), "-9223372036854775808 s"),
+        (Duration.seconds(1_000_000), "1000000 s"),
+    ])
+    func extremes(_ duration: Duration, _ expected: String) {
+        #expect(duration.humanDescription == expected)
+    }
+}
+
+@Suite("Cancellation stops a punch's sockets", .serialized)
+struct CancellationSocketTests {
+    /// The source ports of the datagrams waiting on `silent`, read without blocking.
+    static func sourcePorts(_ silent: SilentSocket) -> Set<UInt16> {
+        var ports: Set<UInt16> = []
+        var buffer = [UInt8](repeating: 0, count: 2048)
+        while true {
+            var storage = sockaddr_in()
+            var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+            let received = withUnsafeMutablePointer(to: &storage) { pointer in
+                pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    recvfrom(silent.fd, &buffer, buffer.count, Int32(MSG_DONTWAIT), $0, &length)
+                }
+            }
+            guard received >= 0 else { return ports }
+            ports.insert(UInt16(bigEndian: storage.sin_port))
+        }
+    }
+
+    /// Whether a fresh UDP socket can bind 127.0.0.1:`port`, i.e. nothing holds it any more.
+    static func isFree(_ port: UInt16) -> Bool {
+        let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
+        defer { close(fd) }
+        return SocketAddress.loopbackV4(port: port).withSockAddr { bind(fd, $0, $1) } == 0
+    }
+
+    @Test("cancelling the task of a punch on four sockets: when the error arrives, its three extra sockets are closed")
+    func cancelClosesExtraSockets() async throws {
+        let a = try await bindEndpoint(PunchIdentities.a)
+        let executor = PunchExecutor(endpoint: a)
+        let silent = try SilentSocket()
+        let options = PunchOptions(
+            targetHost: "127.0.0.1", targetPorts: [silent.port], sessionID: "sockets", sessionKey: sessionKey(),
+            role: .initiator, targetNodeID: PunchIdentities.b.nodeID,
+            strategy: FixedStrategy(rounds: 1000, timeout: .seconds(30), sockets: 4))
+        let task = Task { try await executor.punch(options) }
+        var seen: Set<UInt16> = []
+        #expect(await eventually(.seconds(10)) {
+            seen.formUnion(Self.sourcePorts(silent))
+            return seen.count == 4
+        }, "probes came from \(seen)")
+        let extra = seen.subtracting([a.localAddress.port])
+        #expect(extra.count == 3)
+        #expect(extra.allSatisfy { !Self.isFree($0) }, "the extra sockets should be open while the punch runs")
+        task.cancel()
+        let error = await #expect(throws: PunchError.self) { _ = try await task.value }
+        #expect(error?.code == .cancelled)
+        // No waiting: the result is delivered only once the losing sockets are closed.
+        #expect(extra.filter { !Self.isFree($0) }.isEmpty, "still open after the result: \(extra.filter { !Self.isFree($0) })")
+        #expect(await executor.activePunches().isEmpty)
         await a.close()
     }
 }

@@ -31,7 +31,8 @@ import hp_interop
 async def echo(port: int, server_node_id: str, alpn: str, size: int, key, certificate) -> None:
     hp_interop.install_pinning(hp_interop.parse_node_id(server_node_id))
     # Chain validation is off because HolePunch certificates are self-signed; the NodeID pin replaces it.
-    configuration = QuicConfiguration(is_client=True, alpn_protocols=[alpn], verify_mode=ssl.CERT_NONE)
+    # An empty --alpn sends no ALPN extension at all: a peer QUIC must refuse (RFC 9001 section 8.1).
+    configuration = QuicConfiguration(is_client=True, alpn_protocols=[alpn] if alpn else None, verify_mode=ssl.CERT_NONE)
     configuration.certificate = certificate
     configuration.private_key = key
     connection = QuicConnection(configuration=configuration)
@@ -59,7 +60,7 @@ async def echo(port: int, server_node_id: str, alpn: str, size: int, key, certif
 
 async def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--alpn", default=hp_interop.ALPN)
+    parser.add_argument("--alpn", default=hp_interop.ALPN, help="the protocol to offer; empty offers none")
     parser.add_argument("--bytes", type=int, default=1 << 20)
     parser.add_argument("--timeout", type=float, default=30.0)
     args = parser.parse_args()

@@ -43,13 +43,14 @@ class EchoProtocol(QuicConnectionProtocol):
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--expect-client", required=True, help="the client's NodeID (base32 or hex)")
-    parser.add_argument("--alpn", default=hp_interop.ALPN)
+    parser.add_argument("--alpn", default=hp_interop.ALPN, help="the protocol to accept; empty negotiates none")
     parser.add_argument("--lifetime", type=float, default=120.0)
     args = parser.parse_args()
 
     hp_interop.install_pinning(hp_interop.parse_node_id(args.expect_client))
     key, certificate = hp_interop.generate_identity("aioquic-echo-server")
-    configuration = QuicConfiguration(is_client=False, alpn_protocols=[args.alpn])
+    # An empty --alpn negotiates no protocol at all: a peer QUIC must refuse (RFC 9001 section 8.1).
+    configuration = QuicConfiguration(is_client=False, alpn_protocols=[args.alpn] if args.alpn else None)
     configuration.certificate = certificate
     configuration.private_key = key
 
