@@ -85,13 +85,31 @@ final class LuaEngine: @unchecked Sendable {
         }
         handle = h
         L = hp_lua_state(h)
+        Self.countLive(displayName, +1)
     }
 
     deinit {
         hp_lua_free(handle)
+        Self.countLive(displayName, -1)
     }
 
+    /// Lua states alive in the process (the C layer's own count).
     static var liveStates: Int { Int(hp_lua_live_states()) }
+
+    /// Lua states alive whose script is named `displayName`: what a leak test counts, undisturbed by the states
+    /// other code creates meanwhile (every executor now loads the bundled strategy).
+    static func liveStates(named displayName: String) -> Int {
+        liveByName.withLock { $0[displayName] ?? 0 }
+    }
+
+    private static let liveByName = LockedDictionary()
+
+    private static func countLive(_ displayName: String, _ delta: Int) {
+        liveByName.withLock { counts in
+            let count = (counts[displayName] ?? 0) + delta
+            counts[displayName] = count == 0 ? nil : count
+        }
+    }
 
     var memoryUsed: Int { Int(hp_lua_mem_used(handle)) }
 
@@ -530,5 +548,18 @@ final class LuaEngine: @unchecked Sendable {
             lua_settop(L, -2)
         }
         return PortList(specs)
+    }
+}
+
+/// A `[String: Int]` behind a lock (the live-state counts by script name).
+private final class LockedDictionary: @unchecked Sendable {
+    // @unchecked Sendable: `values` is only touched while holding `lock`.
+    private let lock = NSLock()
+    private var values: [String: Int] = [:]
+
+    func withLock<R>(_ body: (inout [String: Int]) -> R) -> R {
+        lock.lock()
+        defer { lock.unlock() }
+        return body(&values)
     }
 }

@@ -83,6 +83,9 @@ public final class LuaStrategy: PunchStrategy, @unchecked Sendable {
     /// Number of Lua states alive in the process: a debug counter for leak checks.
     public static var liveStateCount: Int { LuaEngine.liveStates }
 
+    /// Live Lua states whose script is named `chunkName` (the display name given at load).
+    static func liveStateCount(named chunkName: String) -> Int { LuaEngine.liveStates(named: chunkName) }
+
     /// The script's `name` field, or its file name without `.lua`.
     public var name: String { lock.withLock { engine.name } }
 
