@@ -36,10 +36,20 @@ build: deps
 ## each on its own: their timings should not compete with the load and flood tests for 2 cores.
 ## The separate-package test builds HolePunch again in its own scratch directory (a few minutes of both cores): it
 ## runs alone after the timing suites, so it does not starve the parallel suite's deadlines.
+## The suites that run whole processes or many punches at once (examples, nodes, the NATS cluster) run in a second
+## parallel phase, so that neither phase puts two cores under more load than the tests' deadlines allow.
 TIMING_SUITES := RendezvousLoopbackTests|ConnectionLifecycleTests|ClusterStartSkewTests
 SOLO_SUITES := PathDependencyTests
+## The strategy suites (`strategy check` over 2160 contexts per file, in-process and as CLI processes) are pure CPU
+## with no network deadlines: they run in a phase of their own too.
+HEAVY_SUITES := HolePunchClusterTests|ExamplesTests|HolePunchNodeTests|HostilePeerProcessTests
+CPU_SUITES := HolePunchStrategyTests|StrategyAuthorCLITests|StrategyCheckCLITests
 test: deps docs
-	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test --skip HolePunchLabTests --skip '$(TIMING_SUITES)' --skip '$(SOLO_SUITES)'
+	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test --skip HolePunchLabTests --skip '$(TIMING_SUITES)' \
+		--skip '$(SOLO_SUITES)' --skip '$(HEAVY_SUITES)' --skip '$(CPU_SUITES)'
+	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test --skip-build --filter '$(HEAVY_SUITES)' \
+		--skip '$(TIMING_SUITES)' --skip '$(SOLO_SUITES)'
+	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test --skip-build --filter '$(CPU_SUITES)'
 	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test --skip-build --filter '$(TIMING_SUITES)'
 	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test --skip-build --filter '$(SOLO_SUITES)'
 	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test --skip-build --filter HolePunchLabTests

@@ -29,7 +29,7 @@ struct BackgroundDiscoveryTests {
         let slow = NATDiscovery.Configuration(initialRTO: .seconds(30), maxTransmissions: 7, overallTimeout: .seconds(600))
         let a = try await client(harness, Identities.a, discovery: slow, stun: silent.localAddress)
         let b = try await harness.client(Identities.b)
-        _ = try await withDeadline(.seconds(5)) { try await a.connect() }
+        _ = try await withDeadline(.seconds(5.1)) { try await a.connect() }
         _ = try await b.connect()
         #expect(await harness.server.isRegistered(Identities.a.nodeID))
         #expect(await a.natProfile == .unknown)
@@ -47,7 +47,7 @@ struct BackgroundDiscoveryTests {
         await connection.close()
         await harness.stop(a, b)
         // Closing the client stops the discovery it started.
-        let outcome = try await withDeadline(.seconds(5)) { await a.natDiscoveryResult() }
+        let outcome = try await withDeadline(.seconds(5.2)) { await a.natDiscoveryResult() }
         #expect(outcome.map { (try? $0.get()) == nil } == true)
     }
 

@@ -11,28 +11,10 @@ import Glibc
 @Suite("holepunch CLI", .serialized)
 struct CLITests {
     /// Runs the binary to completion (bounded), returning exit status, stdout and stderr, both read to EOF.
-    private func run(_ binary: String, _ arguments: [String], limit: TimeInterval = 60) throws -> (Int32, String, String) {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: binary)
-        process.arguments = arguments
-        process.currentDirectoryURL = FileManager.default.temporaryDirectory
-        let outPipe = Pipe(), errPipe = Pipe()
-        process.standardOutput = outPipe
-        process.standardError = errPipe
-        process.standardInput = FileHandle.nullDevice
-        try process.run()
-        let output = Output()
-        let group = DispatchGroup()
-        DispatchQueue.global().async(group: group) { output.setOut(outPipe.fileHandleForReading.readDataToEndOfFile()) }
-        DispatchQueue.global().async(group: group) { output.setErr(errPipe.fileHandleForReading.readDataToEndOfFile()) }
-        if group.wait(timeout: .now() + limit) == .timedOut {
-            // Only the PID this test started.
-            kill(process.processIdentifier, SIGKILL)
-            Issue.record("holepunch \(arguments.joined(separator: " ")) did not finish within \(limit) s")
-            group.wait()
-        }
-        process.waitUntilExit()
-        return (process.terminationStatus, output.out, output.err)
+    private func run(_ binary: String, _ arguments: [String], limit: TimeInterval = 60) async throws -> (Int32, String, String) {
+        let r = try await runToEnd(binary, arguments, limit: limit, directory: FileManager.default.temporaryDirectory)
+        if r.hung { Issue.record("holepunch \(arguments.joined(separator: " ")) did not finish within \(limit) s") }
+        return (r.status, r.out, r.err)
     }
 
     /// The subcommand names listed under SUBCOMMANDS in a help text.
@@ -52,13 +34,13 @@ struct CLITests {
     }
 
     @Test("every subcommand's --help exits 0 and shows a usage line")
-    func helpEverywhere() throws {
+    func helpEverywhere() async throws {
         guard let binary = holepunchBinaryOrSkip() else { return }
         var queue: [[String]] = [[]]
         var visited = 0
         while let path = queue.first {
             queue.removeFirst()
-            let (status, out, err) = try run(binary, path + ["--help"])
+            let (status, out, err) = try await run(binary, path + ["--help"])
             #expect(status == 0, "holepunch \(path.joined(separator: " ")) --help exited \(status): \(err)")
             #expect(out.contains("USAGE:"), "no usage for \(path)")
             #expect(out.contains("Examples:"), "holepunch \(path.joined(separator: " ")) --help shows no examples")
@@ -82,9 +64,9 @@ struct CLITests {
         ["peer", "--rendezvous", "127.0.0.1:9", "--rendezvous-id", String(repeating: "a", count: 52), "--identity",
          "/nonexistent/id.pem", "--connect", String(repeating: "a", count: 52), "--echo"],
     ])
-    func badArguments(_ arguments: [String]) throws {
+    func badArguments(_ arguments: [String]) async throws {
         guard let binary = holepunchBinaryOrSkip() else { return }
-        let (status, _, err) = try run(binary, arguments)
+        let (status, _, err) = try await run(binary, arguments)
         #expect(status != 0)
         // One error line first (what went wrong), then at most a hint or the usage: never a trace.
         let lines = err.split(separator: "\n").map(String.init)
@@ -108,9 +90,9 @@ struct CLITests {
          "id.pem", "--connect", "not-a-node-id"],
         ["strategy", "simulate", "builtin", "--attempts", "0"],
     ])
-    func badArgumentsExit64(_ arguments: [String]) throws {
+    func badArgumentsExit64(_ arguments: [String]) async throws {
         guard let binary = holepunchBinaryOrSkip() else { return }
-        let (status, _, err) = try run(binary, arguments)
+        let (status, _, err) = try await run(binary, arguments)
         #expect(status == 64, "holepunch \(arguments.joined(separator: " ")) exited \(status): \(err)")
     }
 
@@ -129,17 +111,17 @@ struct CLITests {
     }
 
     @Test("--version prints the package version and exits 0")
-    func version() throws {
+    func version() async throws {
         guard let binary = holepunchBinaryOrSkip() else { return }
-        let (status, out, _) = try run(binary, ["--version"])
+        let (status, out, _) = try await run(binary, ["--version"])
         #expect(status == 0)
         #expect(out.trimmingCharacters(in: .whitespacesAndNewlines) == HolePunchPackage.version)
     }
 
     @Test("the README demo, in its loopback mode, reports a successful punch and a message each way")
-    func demoLoopback() throws {
+    func demoLoopback() async throws {
         guard let binary = holepunchBinaryOrSkip() else { return }
-        let (status, out, err) = try run(binary, ["demo", "--loopback", "--json"])
+        let (status, out, err) = try await run(binary, ["demo", "--loopback", "--json"])
         #expect(status == 0, "demo failed: \(err)")
         let object = try JSONSerialization.jsonObject(with: Data(out.utf8)) as? [String: Any]
         #expect(object?["success"] as? Bool == true)
@@ -149,13 +131,3 @@ struct CLITests {
     }
 }
 
-/// Both outputs of a child, filled from two reader threads. `@unchecked Sendable`: guarded by `lock`.
-private final class Output: @unchecked Sendable {
-    private let lock = NSLock()
-    private var outData = Data()
-    private var errData = Data()
-    func setOut(_ data: Data) { lock.withLock { outData = data } }
-    func setErr(_ data: Data) { lock.withLock { errData = data } }
-    var out: String { lock.withLock { String(decoding: outData, as: UTF8.self) } }
-    var err: String { lock.withLock { String(decoding: errData, as: UTF8.self) } }
-}

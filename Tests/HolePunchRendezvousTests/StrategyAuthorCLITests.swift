@@ -13,7 +13,7 @@ struct StrategyAuthorCLITests {
     }
 
     @Test("check fails a script that divides ctx.rtt_ms, at file:line, naming the nil-RTT case")
-    func checkCatchesNilRTT() throws {
+    func checkCatchesNilRTT() async throws {
         guard let binary = holepunchBinaryOrSkip() else { return }
         let dir = try scratchDirectory("check-rtt")
         defer { try? FileManager.default.removeItem(at: dir) }
@@ -23,17 +23,17 @@ struct StrategyAuthorCLITests {
                 return { ports = ctx.ports, interval_ms = half }
             end }
             """, in: dir)
-        let r = try StrategyCheckCLITests.run(binary, ["strategy", "check", file], limit: 60)
+        let r = try await StrategyCheckCLITests.run(binary, ["strategy", "check", file], limit: 60)
         #expect(r.status != 0, "check passed: \(r.out)")
         #expect(r.err.contains("\(file):2: "), "\(r.err)")
         #expect(r.err.contains("rtt nil"), "\(r.err)")
     }
 
     @Test("simulate --attempts replays outcomes through on_result: a learning script's plan changes")
-    func simulateReplaysAttempts() throws {
+    func simulateReplaysAttempts() async throws {
         guard let binary = holepunchBinaryOrSkip() else { return }
         let file = StrategyCheckCLITests.repoRoot.appendingPathComponent("strategies/examples/learner.lua").path
-        let r = try StrategyCheckCLITests.run(
+        let r = try await StrategyCheckCLITests.run(
             binary, ["strategy", "simulate", file, "--pair", "port_restricted,symmetric_seq", "--attempts", "3", "--json"],
             limit: 60)
         #expect(r.status == 0, "\(r.err)")
@@ -47,9 +47,9 @@ struct StrategyAuthorCLITests {
     }
 
     @Test("simulate without a file uses the bundled default.lua")
-    func simulateDefaultsToDefaultLua() throws {
+    func simulateDefaultsToDefaultLua() async throws {
         guard let binary = holepunchBinaryOrSkip() else { return }
-        let r = try StrategyCheckCLITests.run(
+        let r = try await StrategyCheckCLITests.run(
             binary, ["strategy", "simulate", "--pair", "port_restricted,symmetric_random", "--attempts", "1"], limit: 60)
         #expect(r.status == 0, "\(r.err)")
         #expect(r.out.hasPrefix("strategy default,"), "\(r.out)")
@@ -57,14 +57,14 @@ struct StrategyAuthorCLITests {
 
     @Test("demo with a script that fails at run time warns on stderr and reports the fallback in its JSON",
           arguments: ["returns-string", "hostile"])
-    func demoWarnsAboutABrokenScript(kind: String) throws {
+    func demoWarnsAboutABrokenScript(kind: String) async throws {
         guard let binary = holepunchBinaryOrSkip() else { return }
         let dir = try scratchDirectory("demo-broken")
         defer { try? FileManager.default.removeItem(at: dir) }
         let file = kind == "hostile"
             ? StrategyCheckCLITests.repoRoot.appendingPathComponent("strategies/hostile/rep_loop.lua").path
             : try Self.script("broken.lua", "return { plan = function(ctx) return 'no plan today' end }", in: dir)
-        let r = try StrategyCheckCLITests.run(binary, ["demo", "--loopback", "--json", "--strategy", file], limit: 60)
+        let r = try await StrategyCheckCLITests.run(binary, ["demo", "--loopback", "--json", "--strategy", file], limit: 60)
         #expect(!r.hung)
         let warnings = r.err.split(separator: "\n").filter { $0.hasPrefix("warning: ") }
         #expect(warnings.contains { $0.contains(file + ":") }, "no warning naming the script: \(r.err)")

@@ -18,43 +18,16 @@ struct StrategyCheckCLITests {
     }
 
     /// Runs the binary to the end of both outputs, killing it (by its PID) if it outlives `limit`.
-    static func run(_ binary: String, _ arguments: [String], limit: TimeInterval) throws -> (status: Int32, out: String, err: String, hung: Bool) {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: binary)
-        process.arguments = arguments
-        let outPipe = Pipe(), errPipe = Pipe()
-        process.standardOutput = outPipe
-        process.standardError = errPipe
-        process.standardInput = FileHandle.nullDevice
-        try process.run()
-        let out = Collected(), err = Collected()
-        let group = DispatchGroup()
-        DispatchQueue.global().async(group: group) { out.set(outPipe.fileHandleForReading.readDataToEndOfFile()) }
-        DispatchQueue.global().async(group: group) { err.set(errPipe.fileHandleForReading.readDataToEndOfFile()) }
-        var hung = false
-        if group.wait(timeout: .now() + limit) == .timedOut {
-            hung = true
-            kill(process.processIdentifier, SIGKILL)
-            group.wait()
-        }
-        process.waitUntilExit()
-        return (process.terminationStatus, out.text, err.text, hung)
-    }
-
-    /// One pipe's bytes. `@unchecked Sendable`: `data` is only touched under `lock`.
-    final class Collected: @unchecked Sendable {
-        private let lock = NSLock()
-        private var data = Data()
-        func set(_ d: Data) { lock.withLock { data = d } }
-        var text: String { lock.withLock { String(decoding: data, as: UTF8.self) } }
+    static func run(_ binary: String, _ arguments: [String], limit: TimeInterval) async throws -> ProcessOutcome {
+        try await runToEnd(binary, arguments, limit: limit)
     }
 
     @Test("every hostile script is reported failing with a sandbox error at file:line, and the check ends")
-    func hostileCorpusFails() throws {
+    func hostileCorpusFails() async throws {
         guard let binary = holepunchBinaryOrSkip() else { return }
         let files = Self.luaFiles(in: "strategies/hostile")
         #expect(files.count >= 15)
-        let r = try Self.run(binary, ["strategy", "check"] + files, limit: 120)
+        let r = try await Self.run(binary, ["strategy", "check"] + files, limit: 120)
         #expect(!r.hung, "strategy check did not finish")
         #expect(r.status != 0)
         #expect(!r.err.contains("Fatal error") && !r.err.contains("Stack dump"), "\(r.err)")
@@ -73,11 +46,11 @@ struct StrategyCheckCLITests {
     }
 
     @Test("every shipped strategy passes")
-    func shippedStrategiesPass() throws {
+    func shippedStrategiesPass() async throws {
         guard let binary = holepunchBinaryOrSkip() else { return }
         let files = Self.luaFiles(in: "strategies")
         #expect(files.count >= 6)
-        let r = try Self.run(binary, ["strategy", "check"] + files, limit: 120)
+        let r = try await Self.run(binary, ["strategy", "check"] + files, limit: 120)
         #expect(!r.hung)
         #expect(r.status == 0, "\(r.err)")
         for file in files { #expect(r.out.contains("\(file): ok ("), "\(file) did not pass: \(r.out)") }

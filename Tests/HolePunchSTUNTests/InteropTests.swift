@@ -1,5 +1,6 @@
 import Foundation
 import HolePunchNet
+import ProcessTestSupport
 import Testing
 @testable import HolePunchSTUN
 
@@ -99,8 +100,8 @@ extension RealNetworkTests {
             try? FileManager.default.removeItem(atPath: pidFile)
         }
         let server = SocketAddress.loopbackV4(port: port)
-        #expect(try Interop.waitUntilAnswering(server), "coturn did not start answering within 10 s")
-        #expect(try Interop.waitUntilAnswering(SocketAddress(ip: .v4(127, 0, 0, 2), port: altPort)))
+        #expect(try await onOwnThread { try Interop.waitUntilAnswering(server) }, "coturn did not start answering within 10 s")
+        #expect(try await onOwnThread { try Interop.waitUntilAnswering(SocketAddress(ip: .v4(127, 0, 0, 2), port: altPort)) })
 
         let result = try await NATDiscoveryClient.discover(server: server, bindAddress: .loopbackV4(port: 0))
         #expect(result.mapping == .endpointIndependent)
@@ -112,7 +113,7 @@ extension RealNetworkTests {
     }
 
     @Test(.enabled(if: Interop.available("stun"), "Debian's stun client is not installed (apt-get install stun-client)"))
-    func debianStunClientAgainstOurServer() throws {
+    func debianStunClientAgainstOurServer() async throws {
         let stun = try #require(Interop.path(of: "stun"), "stun is missing, and CI requires it")
         let server = try STUNServer(configuration: .init(
             primary: .loopbackV4(port: 0), alternatePort: 0, alternateIP: .v4(127, 0, 0, 2), software: "HolePunch"
@@ -131,7 +132,7 @@ extension RealNetworkTests {
         process.standardError = handle
         try process.run()
         defer { Interop.stop(process) }
-        let exited = Interop.waitForExit(process, seconds: 30)
+        let exited = try await onOwnThread { Interop.waitForExit(process, seconds: 30) }
         if !exited { Interop.stop(process) }
         try handle.close()
         let text = try String(contentsOf: output, encoding: .utf8)

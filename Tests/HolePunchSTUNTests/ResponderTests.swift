@@ -181,14 +181,15 @@ extension RealNetworkTests {
             try FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count
         }
         let before = try openDescriptors()
-        for round in 0..<20 {
+        for round in 0..<200 {
             let server = try STUNServer(configuration: .init(primary: .loopbackV4(port: 0), alternatePort: 0, alternateIP: .v4(127, 0, 0, 2)))
             try server.start()
             // Half are stopped explicitly, half only released (deinit must do the same).
             if round % 2 == 0 { server.stop() }
         }
-        // 20 servers × (4 sockets + 2 pipe ends) would leak 120; allow slack for the test runner's own files.
-        #expect(try openDescriptors() - before < 10)
+        // 200 servers × (4 sockets + 2 pipe ends) would leak 1,200. The slack is for the other tests of the parallel
+        // suite, which open and close sockets meanwhile (the 100-connection test alone holds over 100 at once).
+        #expect(try openDescriptors() - before < 300)
     }
 
     @Test func aPunchProbeIsAnsweredByAPlainResponder() throws {

@@ -167,6 +167,61 @@ public final class Collected: @unchecked Sendable {
     public var reachedEnd: Bool { lock.withLock { ended } }
 }
 
+/// Runs a blocking `body` (a wait, a poll with timeouts) on a thread of its own and returns its result, so that it
+/// never holds one of the concurrency pool's few threads (one per core) while other tests' tasks wait for them.
+public func onOwnThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+    try await withCheckedThrowingContinuation { continuation in
+        Thread { continuation.resume(with: Result { try body() }) }.start()
+    }
+}
+
+/// What a process run to its end printed, and how it ended.
+public struct ProcessOutcome: Sendable {
+    /// The exit status (or the signal's number, for a killed process).
+    public var status: Int32
+    /// Standard output, complete.
+    public var out: String
+    /// Standard error, complete.
+    public var err: String
+    /// Whether it outlived its limit and was killed.
+    public var hung: Bool
+}
+
+/// Runs `binary` to the end of both outputs, killing it (by its own PID) if it outlives `limit`.
+///
+/// The waiting happens on a thread of its own, never on the concurrency pool: that pool has one thread per core,
+/// and a test blocked in a wait there would stall every other test's tasks for as long as the child runs.
+public func runToEnd(_ binary: String, _ arguments: [String], limit: TimeInterval = 60,
+                     directory: URL? = nil) async throws -> ProcessOutcome {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: binary)
+    process.arguments = arguments
+    if let directory { process.currentDirectoryURL = directory }
+    let outPipe = Pipe(), errPipe = Pipe()
+    process.standardOutput = outPipe
+    process.standardError = errPipe
+    process.standardInput = FileHandle.nullDevice
+    try process.run()
+    let out = Collected(reading: outPipe.fileHandleForReading)
+    let err = Collected(reading: errPipe.fileHandleForReading)
+    let hung = await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
+        Thread {
+            let deadline = Date().addingTimeInterval(limit)
+            var hung = false
+            while process.isRunning || !out.reachedEnd || !err.reachedEnd {
+                if !hung, Date() >= deadline {
+                    hung = true
+                    kill(process.processIdentifier, SIGKILL)
+                }
+                usleep(2_000)  // its own thread: polling here blocks no test
+            }
+            process.waitUntilExit()
+            continuation.resume(returning: hung)
+        }.start()
+    }
+    return ProcessOutcome(status: process.terminationStatus, out: out.text, err: err.text, hung: hung)
+}
+
 /// A child process we started, with its stdin, stdout and stderr; `stop()` kills it by its own PID only.
 public final class Child: @unchecked Sendable {
     // @unchecked Sendable: the Process and pipes are set up once in init and then only read.
