@@ -219,7 +219,22 @@ struct LabPeerCommand: AsyncParsableCommand {
     {
         do {
             let connectCalled = ContinuousClock.now
-            let registered = try await client.connect(Registration(nat: profile))
+            let planned = await client.natProfile
+            // The initiator sends its punch request right behind the register (one flight); a target that is not
+            // registered yet is asked again below.
+            var pipelined: ReceivedCoordinate?
+            let registered: Registered
+            if let target {
+                let peer = try NodeID(parsing: target)
+                do {
+                    (registered, pipelined) = try await client.connect(Registration(nat: profile), coordinatingWith: peer)
+                } catch let error where error.code == .unknownTarget {
+                    guard let confirmed = await client.registered else { throw error }
+                    registered = confirmed
+                }
+            } else {
+                registered = try await client.connect(Registration(nat: profile))
+            }
             let registeredAt = ContinuousClock.now
             var coordinated: ReceivedCoordinate?
             var line: [String: Any] = ["event": "registered", "observed": "\(registered.observedAddress)",
@@ -235,8 +250,7 @@ struct LabPeerCommand: AsyncParsableCommand {
             let handle: PunchHandle
             if let target {
                 let peer = try NodeID(parsing: target)
-                let planned = await client.natProfile
-                var received = try await coordinate(client: client, to: peer)
+                var received = try await pipelined ?? coordinate(client: client, to: peer)
                 var first = await client.startPunch(received)
                 // As requestPunch(to:) does: a punch planned before discovery ended is retried once it has.
                 if case .failure(let error) = await first.result(), await client.profileRefined(since: planned, after: error) {

@@ -159,6 +159,40 @@ struct AuthenticationTests {
         await server.close()
     }
 
+    @Test("returnsBeforeConfirmation: the dial returns before the server verified us; data then flows, and a rejection fails the stream instead of the dial")
+    func returnsBeforeConfirmation() async throws {
+        let options = ConnectOptions(returnsBeforeConfirmation: true)
+        let server = try await makeEndpoint(TestIdentities.b)
+        let client = try await makeEndpoint(TestIdentities.a)
+        let echo = startEchoServer(server)
+        defer { echo.cancel() }
+        let connection = try await withDeadline(.seconds(10)) {
+            try await client.connect(to: server.localAddress, expecting: TestIdentities.b.nodeID, options: options)
+        }
+        let stream = try await connection.openStream()
+        try await stream.write(Array("early".utf8))
+        try await stream.finish()
+        let reply = try await withDeadline(.seconds(10)) { try await stream.readToEnd() }
+        #expect(String(decoding: reply, as: UTF8.self) == "early")
+        await connection.close()
+
+        // Without the option this dial throws (allowListRejects); with it, the rejection arrives after the return.
+        let strict = try await makeEndpoint(TestIdentities.c, policy: .allow([TestIdentities.b.nodeID]))
+        let rejected = try await withDeadline(.seconds(10)) {
+            try await client.connect(to: strict.localAddress, expecting: TestIdentities.c.nodeID, options: options)
+        }
+        let error = await #expect(throws: QUICError.self) {
+            let stream = try await rejected.openStream()
+            try await stream.write(Array("refused".utf8))
+            try await stream.finish()
+            _ = try await withDeadline(.seconds(10)) { try await stream.readToEnd() }
+        }
+        #expect(error?.code == .handshakeFailed, "\(String(describing: error))")
+        await client.close()
+        await server.close()
+        await strict.close()
+    }
+
     @Test("a peer with no certificate is rejected")
     func noCertificate() async throws {
         let server = try await makeEndpoint(TestIdentities.b)
