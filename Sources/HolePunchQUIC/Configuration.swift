@@ -138,8 +138,8 @@ public struct ConnectOptions: Sendable {
     /// (we verified the peer), one round trip before confirmation (the peer verified us).
     ///
     /// Data written at once then leaves with our handshake's last flight, and the first answer comes a round trip
-    /// earlier. The price: a peer that rejects our certificate closes the connection after it was returned, so the
-    /// first stream operation fails (`handshakeFailed`) instead of the dial. Default false.
+    /// earlier. The price: a peer that rejects our certificate may close the connection after it was returned, so
+    /// a stream operation fails (`handshakeFailed`) rather than the dial. Default false.
     public var returnsBeforeConfirmation: Bool
 
     /// Creates options; nil keeps the endpoint's value.
