@@ -528,7 +528,10 @@ public actor PunchExecutor {
                             to: to, expecting: node,
                             options: ConnectOptions(
                                 initialRTT: plan.initialRTT, handshakeTimeout: plan.connectTimeout, serverName: serverName,
-                                handshakePacketCopies: plan.handshakeCopies, alpn: alpn
+                                handshakePacketCopies: plan.handshakeCopies, alpn: alpn,
+                                // The caller's first bytes then leave with our Finished: one peer RTT less to the
+                                // first answer. The target admitted this NodeID when it accepted the coordinate.
+                                returnsBeforeConfirmation: true
                             )
                         )
                         result = .success(connection)

@@ -151,12 +151,20 @@ public struct ConnectOptions: Sendable {
     public var handshakePacketCopies: Int
     /// The application protocol (TLS ALPN) to offer; nil offers ``EndpointConfiguration/alpn``.
     public var alpn: String?
+    /// Whether ``Endpoint/connect(to:expecting:options:)`` returns once *our* side of the handshake is complete
+    /// (we verified the peer), one round trip before confirmation (the peer verified us).
+    ///
+    /// Data written at once then leaves with our handshake's last flight, and the first answer comes a round trip
+    /// earlier. The price: a peer that rejects our certificate may close the connection after it was returned, so
+    /// a stream operation fails (`handshakeFailed`) rather than the dial. Default false.
+    public var returnsBeforeConfirmation: Bool
 
     /// Creates options; nil keeps the endpoint's value.
     public init(
         initialRTT: Duration? = nil, handshakeTimeout: Duration? = nil, serverName: String? = nil,
-        handshakePacketCopies: Int = 1, alpn: String? = nil
+        handshakePacketCopies: Int = 1, alpn: String? = nil, returnsBeforeConfirmation: Bool = false
     ) {
+        self.returnsBeforeConfirmation = returnsBeforeConfirmation
         self.alpn = alpn
         self.initialRTT = initialRTT
         self.handshakeTimeout = handshakeTimeout

@@ -124,6 +124,9 @@ final class ConnectionCore {
     var pendingIncomingStreams: [Int64] = []
     let acceptWaiters = WaitList()
     var handshakeWaiter: CheckedContinuation<Void, any Error>?
+    /// A client dial that returns at handshake completion (``ConnectOptions/returnsBeforeConfirmation``); the
+    /// phase stays `handshaking` until confirmation, so handshake copies and failure accounting are unchanged.
+    var returnsOnCompletion = false
     let closeWaiters = WaitList()
     /// Woken by every acknowledgement, stream end and connection end: `delivered()` and the graceful close wait here.
     let deliveryWaiters = WaitList()
@@ -353,6 +356,9 @@ final class ConnectionCore {
         if !isClient {
             phase = .established
             announceAccepted = true
+        } else if returnsOnCompletion {
+            handshakeWaiter?.resume()
+            handshakeWaiter = nil
         }
     }
 

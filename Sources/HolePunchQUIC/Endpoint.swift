@@ -190,7 +190,8 @@ public actor Endpoint {
 
     /// Dials a peer and completes a mutually authenticated handshake.
     ///
-    /// Returns once the handshake is *confirmed*: the peer has also verified our certificate.
+    /// Returns once the handshake is *confirmed*: the peer has also verified our certificate (or, with
+    /// ``ConnectOptions/returnsBeforeConfirmation``, once we verified the peer).
     /// Cancelling the calling task abandons the attempt at once and frees its state.
     ///
     /// - Throws: ``QUICError`` with `peerAuthenticationFailed` (the peer is not `expecting`), `handshakeFailed`
@@ -353,6 +354,7 @@ public actor Endpoint {
         core.waiters = waiters
         core.serverName = options.serverName
         core.handshakeCopies = min(max(options.handshakePacketCopies, 1), HandshakeHints.maxPacketCopies)
+        core.returnsOnCompletion = options.returnsBeforeConfirmation
         var dcid = randomConnectionID(length: 18)
         var scid = randomConnectionID(length: localCIDLength)
         var callbacks = ConnectionCore.makeCallbacks(client: true)

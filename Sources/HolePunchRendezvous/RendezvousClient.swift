@@ -123,6 +123,12 @@ public actor RendezvousClient {
     /// Counts register calls, so a cancelled one never ends the wait of a newer one that superseded it.
     private var registerGeneration: UInt64 = 0
     private var requestWaiters: [UInt64: CheckedContinuation<Result<ReceivedCoordinate, RendezvousError>, Never>] = [:]
+    /// A punch request to write right behind the next register, in the same write (``connect(_:coordinatingWith:)``).
+    private var pipelinedRequest: ClientMessage?
+    /// Pipelined requests whose answer may arrive before anyone waits for it (the register's confirmation comes
+    /// first, and the coordinate can follow before ``connect(_:coordinatingWith:)`` resumes), and those answers.
+    private var pipelinedIDs: Set<UInt64> = []
+    private var unclaimedAnswers: [UInt64: Result<ReceivedCoordinate, RendezvousError>] = [:]
     private var closedReason: RendezvousError?
     private var localNAT: NATProfile = .unknown
     /// The latest registration sent, so that a profile refinement keeps its LAN addresses.
@@ -163,7 +169,9 @@ public actor RendezvousClient {
         do {
             let quic = try await executor.endpoint.connect(to: configuration.server, expecting: configuration.serverNodeID,
                                                            options: ConnectOptions(handshakeTimeout: configuration.requestTimeout,
-                                                                                   alpn: configuration.alpn))
+                                                                                   alpn: configuration.alpn,
+                                                                                   // The register leaves with our Finished.
+                                                                                   returnsBeforeConfirmation: true))
             connection = quic
             stream = try await quic.openStream()
         } catch {
@@ -179,6 +187,37 @@ public actor RendezvousClient {
             startNATDiscovery(server: stun, configuration: discovery)
         }
         return confirmed
+    }
+
+    /// Dials the rendezvous, registers and asks for a punch to `target` in one flight: the punch request is
+    /// written right behind the register, on the same stream, so the rendezvous (which handles a stream's
+    /// messages in order) coordinates as soon as it has registered this peer, without a round trip between.
+    ///
+    /// Cancelling the calling task ends the wait for the coordinate message with `cancelled`.
+    ///
+    /// - Returns: the server's confirmation and this side's coordinate message (start it with
+    ///   ``startPunch(_:alpn:)``).
+    /// - Throws: ``RendezvousError``: as ``connect(_:)``, then as ``coordinate(to:)``.
+    public func connect(_ registration: Registration = Registration(), coordinatingWith target: NodeID)
+        async throws(RendezvousError) -> (registered: Registered, coordinate: ReceivedCoordinate)
+    {
+        let id = nextRequest
+        nextRequest += 1
+        pipelinedIDs.insert(id)
+        pipelinedRequest = .requestPunch(requestID: id, target: target)
+        defer {
+            pipelinedIDs.remove(id)
+            unclaimedAnswers[id] = nil
+        }
+        let confirmed: Registered
+        do {
+            confirmed = try await connect(registration)
+        } catch {
+            pipelinedRequest = nil
+            throw error
+        }
+        let received = try await awaitCoordinate(id) { _ in }
+        return (confirmed, received)
     }
 
     /// Registers again with new LAN addresses or NAT profile (the NodeID and observed address stay).
@@ -203,7 +242,10 @@ public actor RendezvousClient {
                     client.registerWaiter?.resume(returning: .failure(RendezvousError(.timeout, "the rendezvous did not confirm the registration")))
                     client.registerWaiter = nil
                 }
-                Task { await self.send(.register(registration)) }
+                // A pipelined punch request leaves in the same write, so it cannot overtake the register.
+                let messages = [ClientMessage.register(registration)] + [pipelinedRequest].compactMap { $0 }
+                pipelinedRequest = nil
+                Task { await self.send(messages) }
             }
         } onCancel: {
             // Runs on the actor after the waiter above is stored (the body holds the actor until it suspends).
@@ -220,10 +262,21 @@ public actor RendezvousClient {
     ///
     /// - Throws: ``RendezvousError`` (`unknownTarget`, `rateLimited`, `timeout`, `disconnected`, `cancelled`…).
     public func coordinate(to target: NodeID) async throws(RendezvousError) -> ReceivedCoordinate {
-        if let closedReason { throw closedReason }
-        guard !Task.isCancelled else { throw RendezvousError(.cancelled, "the punch request was cancelled") }
         let id = nextRequest
         nextRequest += 1
+        return try await awaitCoordinate(id) { client in
+            Task { await client.send([.requestPunch(requestID: id, target: target)]) }
+        }
+    }
+
+    /// Waits for the answer to punch request `id`; `send` runs once the waiter is in place (an answer to a
+    /// pipelined request may already be here).
+    private func awaitCoordinate(_ id: UInt64, send: @escaping (isolated RendezvousClient) -> Void)
+        async throws(RendezvousError) -> ReceivedCoordinate
+    {
+        if let early = unclaimedAnswers.removeValue(forKey: id) { return try early.get() }
+        if let closedReason { throw closedReason }
+        guard !Task.isCancelled else { throw RendezvousError(.cancelled, "the punch request was cancelled") }
         let result = await withTaskCancellationHandler {
             await withCheckedContinuation { (continuation: CheckedContinuation<Result<ReceivedCoordinate, RendezvousError>, Never>) in
                 requestWaiters[id] = continuation
@@ -231,7 +284,7 @@ public actor RendezvousClient {
                     client.requestWaiters.removeValue(forKey: id)?.resume(returning: .failure(
                         RendezvousError(.timeout, "the rendezvous did not answer the punch request")))
                 }
-                Task { await self.send(.requestPunch(requestID: id, target: target)) }
+                send(self)
             }
         } onCancel: {
             // Runs on the actor after the waiter above is stored (the body holds the actor until it suspends).
@@ -473,9 +526,14 @@ public actor RendezvousClient {
     }
 
     private func send(_ message: ClientMessage) async {
+        await send([message])
+    }
+
+    /// Writes `messages` in one write, in order.
+    private func send(_ messages: [ClientMessage]) async {
         guard let stream, closedReason == nil else { return }
         do {
-            try await stream.write(RendezvousFraming.frame(message))
+            try await stream.write(messages.flatMap { RendezvousFraming.frame($0) })
         } catch {
             fail(RendezvousError(.disconnected, "lost the rendezvous connection: \(error)"))
         }
@@ -522,9 +580,7 @@ public actor RendezvousClient {
             await send(.coordinateAck(sessionID: coordinate.sessionID))
             let received = ReceivedCoordinate(coordinate: coordinate, receivedAt: receivedAt)
             if coordinate.role == .initiator {
-                if let id = coordinate.requestID, let waiter = requestWaiters.removeValue(forKey: id) {
-                    waiter.resume(returning: .success(received))
-                }
+                if let id = coordinate.requestID { answer(id, .success(received)) }
             } else if !configuration.acceptsPunches {
                 targetCoordinates += 1
             } else if !(await configuration.admission.admits(coordinate.peer)) {
@@ -547,14 +603,23 @@ public actor RendezvousClient {
             }
         case .error(let reply):
             let error = RendezvousError(RendezvousError.Code(reply.code), reply.message)
-            if let id = reply.requestID, let waiter = requestWaiters.removeValue(forKey: id) {
-                waiter.resume(returning: .failure(error))
+            if let id = reply.requestID, requestWaiters[id] != nil || pipelinedIDs.contains(id) {
+                answer(id, .failure(error))
             } else if let waiter = registerWaiter {
                 registerWaiter = nil
                 waiter.resume(returning: .failure(error))
             } else {
                 logger.info("rendezvous error", metadata: ["error": "\(error)"])
             }
+        }
+    }
+
+    /// Hands the answer to punch request `id` to its waiter, or keeps it for a pipelined request's caller.
+    private func answer(_ id: UInt64, _ result: Result<ReceivedCoordinate, RendezvousError>) {
+        if let waiter = requestWaiters.removeValue(forKey: id) {
+            waiter.resume(returning: result)
+        } else if pipelinedIDs.contains(id) {
+            unclaimedAnswers[id] = result
         }
     }
 

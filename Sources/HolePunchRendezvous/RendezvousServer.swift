@@ -150,6 +150,8 @@ public actor RendezvousServer: Service {
         var pings: [UInt64: Ping] = [:]
         /// Set once the server decided to close it: nothing more is read, handled or queued.
         var closing = false
+        /// The QUIC handshake's RTT (plus any injected path delay both ways), the registration's provisional RTT.
+        var handshakeRTT: Duration?
     }
 
     /// An RTT ping in flight: `sentAt` is nil until the writer hands it to QUIC.
@@ -411,10 +413,13 @@ public actor RendezvousServer: Service {
         }
         let limits = configuration.limits
         let (outbox, continuation) = AsyncStream.makeStream(of: Outgoing.self)
-        links[id] = Link(node: node, connection: connection, outbox: continuation,
-                         messages: TokenBucket(burst: limits.messageBurst, perSecond: limits.messagesPerSecond, now: now))
-        linkByNode[node] = id
         let delay = configuration.linkDelay?(node) ?? .zero
+        // ngtcp2 reports UINT64_MAX as min_rtt before its first sample: only a plausible figure counts.
+        let measured = await connection.stats()?.minRTT
+        links[id] = Link(node: node, connection: connection, outbox: continuation,
+                         messages: TokenBucket(burst: limits.messageBurst, perSecond: limits.messagesPerSecond, now: now),
+                         handshakeRTT: measured.flatMap { $0 > .zero && $0 < .seconds(10) ? $0 + delay * 2 : nil })
+        linkByNode[node] = id
         await withDiscardingTaskGroup { group in
             group.addTask { await self.write(outbox, to: stream, node: node, connection: id, pathDelay: delay) }
             group.addTask { await self.refuseExtraStreams(on: connection) }
@@ -502,6 +507,9 @@ public actor RendezvousServer: Service {
             let actions = state.register(node: node, connection: connection, observed: link.connection.remoteAddress,
                                          registration: registration, stunServer: stun, now: at)
             apply(actions)
+            if let handshake = link.handshakeRTT, state.peer(node)?.connection == connection, state.peer(node)?.rttSamples == 0 {
+                state.provisionalRTT(node: node, rtt: handshake)
+            }
             syncDirectory(node)
             if !wasCurrent, state.peer(node)?.connection == connection {
                 logger.info("peer registered", metadata: ["peer.node": "\(node.short)",

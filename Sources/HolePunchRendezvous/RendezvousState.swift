@@ -49,8 +49,9 @@ public struct SessionSecret: Sendable, Hashable {
 ///
 /// Clock-free start: ``requestPunch(from:requestID:target:secret:now:)`` sends the coordinate message to the
 /// peer with the larger RTT at once and delays the nearer peer's by (RTT_far − RTT_near)/2, so that both copies
-/// arrive together; both are told to start the same fixed ``Configuration/startDelay`` after receipt. Acks of
-/// the coordinate messages give a measured skew (``Action/skewMeasured(sessionID:skew:planned:)``).
+/// arrive together; both are told to start the same delay after receipt (the session's start delay: see
+/// ``Configuration/minStartDelay``). Acks of the coordinate messages give a measured skew
+/// (``Action/skewMeasured(sessionID:skew:planned:)``).
 public struct RendezvousState: Sendable {
     /// Timers and limits.
     public struct Configuration: Sendable, Hashable {
@@ -58,8 +59,17 @@ public struct RendezvousState: Sendable {
         public var registrationTTL: Duration
         /// A session is forgotten this long after it was created (or earlier, once a result arrives).
         public var sessionTTL: Duration
-        /// Both peers start probing this long after they receive the coordinate message.
+        /// The start delay of a session the measurements cannot vouch for: a peer without an RTT estimate, or a
+        /// peer whose NAT allocates ports at random (its side of a birthday punch opens many sockets before its
+        /// first probe). It is also the most any session gets.
         public var startDelay: Duration
+        /// The floor of a session's start delay. Both peers start the same delay after *their own* receipt of the
+        /// coordinate message, so the delay does not change the skew (the compensation does); it only has to
+        /// cover what each peer does between receipt and first probe (planning with its strategy, arming timers).
+        /// A session between peers with RTT estimates whose NATs do not allocate at random gets this floor plus
+        /// both peers' RTT spread (the RTT pings are answered by the peer's process, so their spread is how late
+        /// that process may run), at most ``startDelay``.
+        public var minStartDelay: Duration
         /// The most a nearer peer's coordinate message is held back, whatever the RTTs say.
         public var maxCompensation: Duration
         /// The most registrations held; further new NodeIDs are refused with `capacity`.
@@ -85,6 +95,7 @@ public struct RendezvousState: Sendable {
             registrationTTL: Duration = .seconds(30),
             sessionTTL: Duration = .seconds(30),
             startDelay: Duration = .milliseconds(150),
+            minStartDelay: Duration = .milliseconds(20),
             maxCompensation: Duration = .seconds(2),
             maxRegistrations: Int = 100_000,
             maxSessions: Int = 100_000,
@@ -96,6 +107,7 @@ public struct RendezvousState: Sendable {
             self.registrationTTL = registrationTTL
             self.sessionTTL = sessionTTL
             self.startDelay = startDelay
+            self.minStartDelay = minStartDelay
             self.maxCompensation = maxCompensation
             self.maxRegistrations = maxRegistrations
             self.maxSessions = maxSessions
@@ -131,8 +143,11 @@ public struct RendezvousState: Sendable {
         public var registration: Registration
         /// When it expires unless refreshed.
         public var expires: Duration
-        /// The RTT estimate: the minimum of the last four samples (scheduling noise only ever adds delay).
-        public var rtt: Duration? { rttWindow.minimum }
+        /// The RTT estimate: the minimum of the last four samples (scheduling noise only ever adds delay), or
+        /// the provisional one (``RendezvousState/provisionalRTT(node:rtt:)``) until the first sample arrives.
+        public var rtt: Duration? { rttWindow.minimum ?? provisionalRTT }
+        /// How much the RTT samples vary (largest minus smallest of the window; zero with fewer than two).
+        public var rttSpread: Duration { rttWindow.spread }
         /// Observed address first, then the LAN addresses that differ from it.
         public var candidates: [SocketAddress] {
             [observed] + registration.lanAddresses.filter { $0 != observed }
@@ -140,6 +155,9 @@ public struct RendezvousState: Sendable {
         /// How many RTT samples have arrived.
         public var rttSamples: Int { rttWindow.next }
         var rttWindow = RTTWindow()
+        /// The QUIC handshake's RTT of the registration's connection: a peer that asks for a punch right behind
+        /// its register has answered no ping yet, and scheduling it as 0 ms away would hold its message back.
+        var provisionalRTT: Duration?
         var tokens: Double
         var refilled: Duration
         /// The bucket for punch requests *to* this peer.
@@ -166,6 +184,12 @@ public struct RendezvousState: Sendable {
         var minimum: Duration? {
             let low = min(min(samples.0, samples.1), min(samples.2, samples.3))
             return low == .max ? nil : .nanoseconds(low)
+        }
+
+        var spread: Duration {
+            let taken = [samples.0, samples.1, samples.2, samples.3].filter { $0 != .max }
+            guard let low = taken.min(), let high = taken.max() else { return .zero }
+            return .nanoseconds(high - low)
         }
 
         static func == (a: RTTWindow, b: RTTWindow) -> Bool {
@@ -242,6 +266,7 @@ public struct RendezvousState: Sendable {
             if existing.connection != connection {
                 actions.append(.close(node, connection: existing.connection, reason: "replaced by a newer connection"))
                 existing.rttWindow = RTTWindow()
+                existing.provisionalRTT = nil
             }
             existing.connection = connection
             existing.observed = observed
@@ -295,6 +320,15 @@ public struct RendezvousState: Sendable {
         peers[node]?.rttWindow.add(rtt)
     }
 
+    /// The RTT the QUIC handshake of `node`'s registration connection measured: used until the first sample
+    /// from ``rttSample(node:rtt:)`` arrives, so that a punch request pipelined behind the register is scheduled
+    /// with the requester's distance rather than none. It includes the peer's handshake processing, so the pings
+    /// (whose minimum is taken) replace it.
+    public mutating func provisionalRTT(node: NodeID, rtt: Duration) {
+        guard rtt > .zero else { return }
+        peers[node]?.provisionalRTT = rtt
+    }
+
     /// `from` asks for a punch to `target`.
     ///
     /// Refusals (`notRegistered`, `rateLimited`, `selfTarget`, `unknownTarget`, `capacity`) go to the requester
@@ -308,7 +342,8 @@ public struct RendezvousState: Sendable {
             return [refusal(node, requestID, .unknownTarget, "no peer \(target) is registered at this rendezvous")]
         }
         if let refusal = admitTarget(target, requestID: requestID, to: node, now: now) { return refusal }
-        let plan = schedule(rttI: requester.rtt, rttT: peers[target]?.rtt)
+        var plan = schedule(rttI: requester.rtt, rttT: peers[target]?.rtt)
+        plan.startDelay = startDelay(requester, peers[target]!)
         let toInitiator = coordinate(requestID: requestID, secret: secret, peer: target, candidates: peers[target]!.candidates,
                                      nat: peers[target]!.registration.nat, role: .initiator, plan: plan)
         let toTarget = coordinate(requestID: nil, secret: secret, peer: node, candidates: requester.candidates,
@@ -373,7 +408,8 @@ public struct RendezvousState: Sendable {
             return refused(refusal)
         }
         let initiatorRTT = request.initiatorRTTMicroseconds.map { Duration.microseconds($0 + request.directoryRTTMicroseconds) }
-        let plan = schedule(rttI: initiatorRTT, rttT: held.rtt)
+        var plan = schedule(rttI: initiatorRTT, rttT: held.rtt)
+        plan.startDelay = startDelay(initiatorRTT: initiatorRTT, initiatorSpread: .zero, initiatorNAT: request.nat, target: held)
         let secret = SessionSecret(id: request.sessionID, key: request.sessionKey)
         let toInitiator = coordinate(requestID: request.requestID, secret: secret, peer: target, candidates: held.candidates,
                                      nat: held.registration.nat, role: .initiator, plan: plan)
@@ -437,6 +473,22 @@ public struct RendezvousState: Sendable {
         var planned: Duration
         var hint: Int64?
         var initiatorIsFar: Bool
+        /// Both peers start this long after receipt.
+        var startDelay: Duration = .zero
+    }
+
+    /// The session's start delay (``Configuration/minStartDelay``).
+    private func startDelay(_ initiator: Peer, _ target: Peer) -> Duration {
+        startDelay(initiatorRTT: initiator.rtt, initiatorSpread: initiator.rttSpread, initiatorNAT: initiator.registration.nat,
+                   target: target)
+    }
+
+    private func startDelay(initiatorRTT: Duration?, initiatorSpread: Duration, initiatorNAT: NATProfile?,
+                            target: Peer) -> Duration {
+        let ceiling = configuration.startDelay
+        guard initiatorRTT != nil, target.rtt != nil,
+              initiatorNAT?.allocation != .random, target.registration.nat?.allocation != .random else { return ceiling }
+        return min(ceiling, configuration.minStartDelay + initiatorSpread + target.rttSpread)
     }
 
     private func schedule(rttI measuredI: Duration?, rttT measuredT: Duration?) -> Plan {
@@ -454,7 +506,7 @@ public struct RendezvousState: Sendable {
                             nat: NATProfile?, role: PunchRole, plan: Plan) -> Coordinate {
         Coordinate(requestID: requestID, sessionID: secret.id, sessionKey: secret.key, peer: peer, candidates: candidates,
                    peerNAT: nat ?? .unknown, role: role,
-                   startDelayMicroseconds: Int64(configuration.startDelay / .microseconds(1)), peerRTTMicroseconds: plan.hint)
+                   startDelayMicroseconds: Int64(plan.startDelay / .microseconds(1)), peerRTTMicroseconds: plan.hint)
     }
 
     /// The driver actually wrote a session's coordinate message to `node` at `now`.

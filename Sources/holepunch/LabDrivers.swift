@@ -86,7 +86,7 @@ struct LabRendezvousCommand: AsyncParsableCommand {
     @Option(help: "STUN primary address.") var stun = "198.51.100.10:3480"
     @Option(help: "STUN alternate port.") var stunAltPort: UInt16 = 3481
     @Option(help: "STUN alternate IP.") var stunAltIP = "198.51.100.11"
-    @Option(help: "Start delay of coordinated punches, ms.") var startDelay = 150
+    @Option(help: "Start delay ceiling of coordinated punches, ms (measured peers get less).") var startDelay = 150
     @Option(help: "Written (with the NodeID) once listening.") var readyFile: String?
     @Flag(help: "Run no STUN responder (e.g. for an impostor QUIC server).") var noStun = false
 
@@ -219,7 +219,10 @@ struct LabPeerCommand: AsyncParsableCommand {
     {
         do {
             let connectCalled = ContinuousClock.now
-            let registered = try await client.connect(Registration(nat: profile))
+            let plannedNAT = await client.natProfile
+            // The initiator sends its punch request right behind the register (one flight); a target that is not
+            // registered yet is asked again below.
+            let (registered, pipelined) = try await Self.register(client: client, profile: profile, target: target)
             let registeredAt = ContinuousClock.now
             var coordinated: ReceivedCoordinate?
             var line: [String: Any] = ["event": "registered", "observed": "\(registered.observedAddress)",
@@ -235,11 +238,11 @@ struct LabPeerCommand: AsyncParsableCommand {
             let handle: PunchHandle
             if let target {
                 let peer = try NodeID(parsing: target)
-                let planned = await client.natProfile
-                var received = try await coordinate(client: client, to: peer)
+                var received: ReceivedCoordinate
+                if let pipelined { received = pipelined } else { received = try await coordinate(client: client, to: peer) }
                 var first = await client.startPunch(received)
                 // As requestPunch(to:) does: a punch planned before discovery ended is retried once it has.
-                if case .failure(let error) = await first.result(), await client.profileRefined(since: planned, after: error) {
+                if case .failure(let error) = await first.result(), await client.profileRefined(since: plannedNAT, after: error) {
                     received = try await coordinate(client: client, to: peer)
                     first = await client.startPunch(received)
                 }
@@ -324,6 +327,26 @@ struct LabPeerCommand: AsyncParsableCommand {
             return ["ok": false, "error": error.code.rawValue, "message": error.message]
         } catch {
             return ["ok": false, "error": "other", "message": "\(error)"]
+        }
+    }
+
+    /// Registers; the initiator sends its punch request in the same flight and gets its coordinate message back,
+    /// unless the target is not registered yet (then nil: ``coordinate(client:to:)`` asks again).
+    private static func register(client: RendezvousClient, profile: NATProfile?, target: String?)
+        async throws -> (Registered, ReceivedCoordinate?)
+    {
+        guard let target else { return (try await client.connect(Registration(nat: profile)), nil) }
+        let peer = try NodeID(parsing: target)
+        let result: Result<(registered: Registered, coordinate: ReceivedCoordinate), RendezvousError>
+        do { result = .success(try await client.connect(Registration(nat: profile), coordinatingWith: peer)) } catch {
+            result = .failure(error)
+        }
+        switch result {
+        case .success(let both):
+            return (both.registered, both.coordinate)
+        case .failure(let error):
+            guard error.code == .unknownTarget, let confirmed = await client.registered else { throw error }
+            return (confirmed, nil)
         }
     }
 

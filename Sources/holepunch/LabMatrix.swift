@@ -36,7 +36,7 @@ struct LabMatrixCommand: AsyncParsableCommand {
     @Option(help: "Write the markdown tables to this file as well.") var markdown: String?
     @Option(name: .customLong("pair"), help: "Only these pairs, A:B (repeatable); default all 25.") var pairs: [String] = []
     @Option(help: "Punch timeout per trial, seconds.") var punchTimeout: Double = 5
-    @Option(help: "The rendezvous's start delay of coordinated punches, ms (its default: 150).") var startDelay = 150
+    @Option(help: "The rendezvous's start delay ceiling, ms (its default: 150; measured peers get less).") var startDelay = 150
     @Option(help: "Lab name (default hpmx<pid>).") var name: String?
     @Flag(help: "Peers measure their NAT (RFC 5780) instead of being told the lab's configured type.") var discover = false
     @Flag(help: "Skip the raw UDP reference punch.") var noRaw = false

@@ -125,12 +125,35 @@ struct PeerCommand: AsyncParsableCommand {
         defer { endpoint.closeSoon() }
 
         let lan: [SocketAddress] = local.isWildcard ? [] : [endpoint.localAddress]
+        // The initiator's punch request leaves right behind its register (one flight, no round trip between).
+        let registration = Registration(lanAddresses: lan)
+        let outcome: Result<(registered: Registered, coordinate: ReceivedCoordinate?), RendezvousError>
+        do {
+            if let target {
+                let both = try await client.connect(registration, coordinatingWith: target)
+                outcome = .success((both.registered, both.coordinate))
+            } else {
+                outcome = .success((try await client.connect(registration), nil))
+            }
+        } catch {
+            outcome = .failure(error)
+        }
+        // A refused request (say, an unknown target) still registered: report that first, as before.
         let registered: Registered
-        do { registered = try await client.connect(Registration(lanAddresses: lan)) } catch {
-            throw rendezvousFailure(error)
+        var refusal: RendezvousError?
+        var pipelined: ReceivedCoordinate?
+        switch outcome {
+        case .success(let both):
+            registered = both.registered
+            pipelined = both.coordinate
+        case .failure(let error):
+            guard let confirmed = await client.registered else { throw rendezvousFailure(error) }
+            registered = confirmed
+            refusal = error
         }
         status("registered", ["node": id.nodeID.description, "observed": registered.observedAddress.description,
                               "local": endpoint.localAddress.description])
+        if let refusal { throw rendezvousFailure(refusal) }
         Task {
             switch await client.natDiscoveryResult() {
             case .success(let behaviour):
@@ -149,7 +172,7 @@ struct PeerCommand: AsyncParsableCommand {
 
         let connection: QUICConnection
         if let target {
-            connection = try await punch(to: target, client: client)
+            connection = try await punch(to: target, client: client, received: pipelined)
         } else {
             status("waiting", ["message": "waiting for punches"])
             connection = try await acceptPunch(client: client)
@@ -160,9 +183,15 @@ struct PeerCommand: AsyncParsableCommand {
 
     // MARK: Steps
 
-    private func punch(to target: NodeID, client: RendezvousClient) async throws -> QUICConnection {
+    private func punch(to target: NodeID, client: RendezvousClient, received pipelined: ReceivedCoordinate?)
+        async throws -> QUICConnection
+    {
         let received: ReceivedCoordinate
-        do { received = try await client.coordinate(to: target) } catch { throw rendezvousFailure(error) }
+        if let pipelined {
+            received = pipelined
+        } else {
+            do { received = try await client.coordinate(to: target) } catch { throw rendezvousFailure(error) }
+        }
         report(received)
         let handle = await client.startPunch(received)
         let progress = Task { for await event in handle.events { self.report(event) } }

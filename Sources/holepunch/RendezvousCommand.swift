@@ -47,8 +47,13 @@ struct RendezvousCommand: AsyncParsableCommand {
     @Flag(help: "Run no STUN responder.")
     var noStun = false
 
-    @Option(help: "Both peers start probing this many ms after receiving the coordinate message.")
+    @Option(help: """
+        Both peers start probing this many ms after receiving the coordinate message when the RTT measurements         cannot vouch for less (see --min-start-delay-ms); the most any punch waits.
+        """)
     var startDelayMs: Int = 150
+
+    @Option(help: "The least start delay, ms: peers with RTT estimates get this plus their RTT spread.")
+    var minStartDelayMs: Int = 20
 
     @Option(help: "Registration lifetime without keep-alives, in seconds (peers keep alive every third of it).")
     var registrationTtl: Int = 30
@@ -127,6 +132,7 @@ struct RendezvousCommand: AsyncParsableCommand {
             listen: address, identity: id, stun: stun,
             state: RendezvousState.Configuration(registrationTTL: .seconds(max(registrationTtl, 1)),
                                                  startDelay: .milliseconds(max(startDelayMs, 0)),
+                                                 minStartDelay: .milliseconds(max(minStartDelayMs, 0)),
                                                  rateBurst: rateBurst, ratePerSecond: ratePerSecond),
             limits: RendezvousLimits(messageBurst: messageBurst, messagesPerSecond: messagesPerSecond,
                                      maxQueuedFrames: maxQueuedReplies, maxConnections: maxConnections)

@@ -159,6 +159,39 @@ struct AuthenticationTests {
         await server.close()
     }
 
+    @Test("returnsBeforeConfirmation: the dial returns once we verified the server, before it confirms; data written at once comes back")
+    func returnsBeforeConfirmation() async throws {
+        let server = try await makeEndpoint(TestIdentities.b)
+        let client = try await makeEndpoint(TestIdentities.a)
+        // Only the client's Initial gets through: the server answers with its whole flight, so the client can
+        // complete, but never sees the client's Finished, so it never confirms (HANDSHAKE_DONE).
+        let relay = try AlternateDropRelay(to: server.localAddress, clientDatagrams: 1)
+        defer { relay.stop() }
+        let early = ConnectOptions(handshakeTimeout: .seconds(5), returnsBeforeConfirmation: true)
+        let connection = try await withDeadline(.seconds(10)) {
+            try await client.connect(to: relay.address, expecting: TestIdentities.b.nodeID, options: early)
+        }
+        #expect(connection.peerNodeID == TestIdentities.b.nodeID)
+        await connection.close()
+
+        // (Without the option the same dial waits for a confirmation that never comes, and fails.)
+
+        // On a clean path, data written at once goes with our Finished and comes back.
+        let echo = startEchoServer(server)
+        defer { echo.cancel() }
+        let direct = try await withDeadline(.seconds(10)) {
+            try await client.connect(to: server.localAddress, expecting: TestIdentities.b.nodeID, options: early)
+        }
+        let stream = try await direct.openStream()
+        try await stream.write(Array("early".utf8))
+        try await stream.finish()
+        let reply = try await withDeadline(.seconds(10)) { try await stream.readToEnd() }
+        #expect(String(decoding: reply, as: UTF8.self) == "early")
+        await direct.close()
+        await client.close()
+        await server.close()
+    }
+
     @Test("a peer with no certificate is rejected")
     func noCertificate() async throws {
         let server = try await makeEndpoint(TestIdentities.b)

@@ -54,6 +54,9 @@ func startEchoServer(_ endpoint: Endpoint) -> Task<Void, Never> {
 /// in each direction, starting with the first (a deterministic stand-in for a lossy path); with `lossRate`, each
 /// datagram independently with that probability, drawn from a generator seeded with `seed` (reproducible).
 ///
+/// With `clientDatagrams`, the client's first that many datagrams pass and its later ones are all dropped (the
+/// target's all pass): a client can then complete its side of a handshake that the server never confirms.
+///
 /// Whoever sends to ``address`` first becomes the client; datagrams from `target` go back to it.
 final class AlternateDropRelay: @unchecked Sendable {
     let address: SocketAddress
@@ -61,12 +64,14 @@ final class AlternateDropRelay: @unchecked Sendable {
     private let target: SocketAddress
     private let lossRate: Double?
     private let seed: UInt64
+    private let clientDatagrams: Int?
     private let stopped = Mutex(false)
     private let counts = Mutex((forwarded: 0, dropped: 0))
     private let finished = DispatchSemaphore(value: 0)
 
-    init(to target: SocketAddress, lossRate: Double? = nil, seed: UInt64 = 1) throws {
+    init(to target: SocketAddress, lossRate: Double? = nil, seed: UInt64 = 1, clientDatagrams: Int? = nil) throws {
         self.target = target
+        self.clientDatagrams = clientDatagrams
         self.lossRate = lossRate
         self.seed = seed
         let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
@@ -110,7 +115,11 @@ final class AlternateDropRelay: @unchecked Sendable {
             if direction == 0 { client = from }
             guard let destination = direction == 0 ? target : client else { continue }
             seen[direction] += 1
-            let drop = lossRate.map { Double(random.next() >> 11) / Double(1 << 53) < $0 } ?? (seen[direction] % 2 == 1)
+            let drop = if let clientDatagrams {
+                direction == 0 && seen[0] > clientDatagrams
+            } else {
+                lossRate.map { Double(random.next() >> 11) / Double(1 << 53) < $0 } ?? (seen[direction] % 2 == 1)
+            }
             if drop {
                 counts.withLock { $0.dropped += 1 }
                 continue

@@ -74,8 +74,10 @@ struct ProcessTests {
         guard let binary = holepunchBinaryOrSkip() else { return }
         let dir = try scratchDirectory("hp-rdv")
         defer { try? FileManager.default.removeItem(at: dir) }
-        // A long start delay opens a window between the coordinate message and the first probe.
-        let (rendezvous, quic) = try await startRendezvous(binary, in: dir, extra: ["--start-delay-ms", "1500", "--no-stun"])
+        // A long start delay opens a window between the coordinate message and the first probe: the floor too, or
+        // the peers' RTT estimates would shorten it.
+        let (rendezvous, quic) = try await startRendezvous(binary, in: dir, extra: ["--start-delay-ms", "1500",
+                                                                                    "--min-start-delay-ms", "1500", "--no-stun"])
         defer { rendezvous.stop() }
         let common = ["peer", "--rendezvous", quic, "--rendezvous-id", "@rdv.id", "--listen", "127.0.0.1:0", "--no-nat-detect"]
         let (b, bID) = try await startWaitingPeer(binary, common, identity: "b.pem", in: dir)

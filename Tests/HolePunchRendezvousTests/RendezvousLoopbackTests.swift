@@ -91,6 +91,33 @@ struct RendezvousLoopbackTests {
         await harness.stop(a, b)
     }
 
+    @Test("a punch request pipelined behind the register: coordinated with the handshake RTT as the requester's estimate")
+    func pipelinedRequest() async throws {
+        let far = Identities.a.nodeID
+        let harness = try await Harness.start(linkDelay: { $0 == far ? .milliseconds(30) : .zero })
+        let a = try await harness.client(Identities.a)
+        let b = try await harness.client(Identities.b)
+        _ = try await b.connect()
+        #expect(await eventually(.seconds(10)) { await harness.server.rttSamples(of: Identities.b.nodeID) >= 4 })
+
+        let (registered, received) = try await a.connect(coordinatingWith: Identities.b.nodeID)
+        #expect(registered.observedAddress == a.executor.endpoint.localAddress)
+        #expect(received.coordinate.role == .initiator && received.coordinate.peer == Identities.b.nodeID)
+        // A answered no ping before its request was handled: without a provisional RTT it would count as
+        // unmeasured and get the 150 ms ceiling; with the handshake's (≥ 60 ms here) the session gets the floor.
+        #expect(received.coordinate.startDelay < .milliseconds(150), "start delay \(received.coordinate.startDelay)")
+        #expect(try #require(received.coordinate.peerRTTMicroseconds) >= 30_000)
+
+        // A target that is not registered: the registration stands, the request is refused with its code.
+        let c = try await harness.client(Identities.c)
+        let error = await #expect(throws: RendezvousError.self) {
+            _ = try await c.connect(coordinatingWith: Identities.server.nodeID)
+        }
+        #expect(error?.code == .unknownTarget)
+        #expect(await harness.server.isRegistered(Identities.c.nodeID))
+        await harness.stop(a, b, c)
+    }
+
     @Test("unknown NodeID: a clear unknownTarget error naming the NodeID, and nothing sent to anyone else")
     func unknownTarget() async throws {
         let harness = try await Harness.start()

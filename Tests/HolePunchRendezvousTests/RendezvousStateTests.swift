@@ -159,6 +159,51 @@ struct RendezvousStateTests {
                 == .milliseconds(100))
     }
 
+    @Test("start delay: the floor plus both RTT spreads for measured peers; the ceiling without an estimate or behind a random NAT")
+    func startDelay() {
+        func delays(_ state: inout RendezvousState, _ id: String) -> [Int64] {
+            coordinates(state.requestPunch(from: node(1), requestID: 1, target: node(2), secret: secret(id), now: .seconds(1)))
+                .map(\.0.startDelayMicroseconds)
+        }
+        var state = twoPeers()
+        state.rttSample(node: node(1), rtt: .milliseconds(40))
+        // Only the target measured: no evidence for the initiator's side, the ceiling.
+        #expect(delays(&state, "a") == [150_000, 150_000])
+        state.rttSample(node: node(2), rtt: .milliseconds(40))
+        #expect(delays(&state, "b") == [20_000, 20_000])
+        state.rttSample(node: node(1), rtt: .milliseconds(43))
+        state.rttSample(node: node(2), rtt: .milliseconds(45))
+        #expect(delays(&state, "c") == [28_000, 28_000])
+        // A spread beyond the ceiling is capped by it.
+        state.rttSample(node: node(2), rtt: .milliseconds(400))
+        #expect(delays(&state, "d") == [150_000, 150_000])
+
+        var random = twoPeers()
+        _ = random.register(node: node(2), connection: 2, observed: addrB, registration: Registration(nat: .symmetricRandom),
+                            now: .zero)
+        random.rttSample(node: node(1), rtt: .milliseconds(40))
+        random.rttSample(node: node(2), rtt: .milliseconds(40))
+        #expect(delays(&random, "e") == [150_000, 150_000])
+    }
+
+    @Test("a punch request right behind the register is scheduled with the handshake RTT until a ping sample replaces it")
+    func provisionalRTT() {
+        var state = twoPeers()
+        state.rttSample(node: node(2), rtt: .milliseconds(20))
+        state.provisionalRTT(node: node(1), rtt: .milliseconds(100))
+        #expect(state.peer(node(1))?.rtt == .milliseconds(100))
+        let sends = coordinates(state.requestPunch(from: node(1), requestID: 1, target: node(2), secret: secret("p"), now: .seconds(1)))
+        // The initiator is the far one: sent at once, the target's copy (100 − 20)/2 = 40 ms later.
+        #expect(sends.map(\.1) == [node(1), node(2)])
+        #expect(sends.map(\.2) == [.zero, .milliseconds(40)])
+        #expect(sends.map(\.0.startDelayMicroseconds) == [20_000, 20_000])
+        state.rttSample(node: node(1), rtt: .milliseconds(30))
+        #expect(state.peer(node(1))?.rtt == .milliseconds(30))
+        // A new connection's registration forgets the old connection's handshake RTT.
+        _ = state.register(node: node(1), connection: 9, observed: addrA, registration: Registration(), now: .seconds(2))
+        #expect(state.peer(node(1))?.rtt == nil)
+    }
+
     @Test("measured skew: arrival = midpoint of send and ack, per peer")
     func skew() {
         var state = twoPeers()
