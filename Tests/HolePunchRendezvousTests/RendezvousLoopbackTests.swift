@@ -118,6 +118,26 @@ struct RendezvousLoopbackTests {
         await harness.stop(a, b, c)
     }
 
+    @Test("a refused re-register with a punch request behind it coordinates nothing: the register's error is the whole outcome")
+    func refusedReregisterCoordinatesNothing() async throws {
+        let harness = try await Harness.start()
+        let a = try await harness.client(Identities.a)
+        let b = try await harness.client(Identities.b)
+        _ = try await b.connect()
+        _ = try await a.connect()
+        // A multicast "LAN" address: the rendezvous refuses the register and keeps A's earlier registration.
+        let multicast = try SocketAddress(parsing: "224.0.0.251:5353")
+        let error = await #expect(throws: RendezvousError.self) {
+            _ = try await a.connect(Registration(lanAddresses: [multicast]), coordinatingWith: Identities.b.nodeID)
+        }
+        #expect(error?.code == .protocolViolation)
+        // The rendezvous handles a stream's messages in order: once this request is answered, anything A wrote
+        // before it was handled. Only this request may have started a session.
+        _ = try await a.coordinate(to: Identities.b.nodeID)
+        #expect(await harness.server.statistics().coordinations == 1)
+        await harness.stop(a, b)
+    }
+
     @Test("unknown NodeID: a clear unknownTarget error naming the NodeID, and nothing sent to anyone else")
     func unknownTarget() async throws {
         let harness = try await Harness.start()
