@@ -138,6 +138,30 @@ struct RendezvousLoopbackTests {
         await harness.stop(a, b)
     }
 
+    @Test("a fresh connection whose register was refused cannot ask for punches on the NodeID's older registration")
+    func refusedRegisterOnNewConnection() async throws {
+        let harness = try await Harness.start()
+        let b = try await harness.client(Identities.b)
+        let old = try await harness.client(Identities.a)
+        _ = try await b.connect()
+        _ = try await old.connect()
+        // A's new connection (a restart, a new network) registers with a multicast "LAN" address: refused, and the
+        // request written behind it would otherwise be coordinated from the old connection's registration.
+        let fresh = try await harness.client(Identities.a)
+        let multicast = try SocketAddress(parsing: "224.0.0.251:5353")
+        let error = await #expect(throws: RendezvousError.self) {
+            _ = try await fresh.connect(Registration(lanAddresses: [multicast]), coordinatingWith: Identities.b.nodeID)
+        }
+        #expect(error?.code == .protocolViolation)
+        let again = await #expect(throws: RendezvousError.self) {
+            _ = try await fresh.coordinate(to: Identities.b.nodeID)
+        }
+        #expect(again?.code == .notRegistered)
+        // The rendezvous handles a stream's messages in order: both requests were handled by now.
+        #expect(await harness.server.statistics().coordinations == 0)
+        await harness.stop(old, fresh, b)
+    }
+
     @Test("unknown NodeID: a clear unknownTarget error naming the NodeID, and nothing sent to anyone else")
     func unknownTarget() async throws {
         let harness = try await Harness.start()
