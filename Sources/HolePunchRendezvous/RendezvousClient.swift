@@ -611,7 +611,9 @@ public actor RendezvousClient {
             }
         case .error(let reply):
             let error = RendezvousError(RendezvousError.Code(reply.code), reply.message)
-            if let id = reply.requestID, requestWaiters[id] != nil || pipelinedIDs.contains(id) {
+            // A refusal naming a request belongs to that request, even one nobody waits for any more (timed out,
+            // cancelled): only a refusal without a request id can be the register's.
+            if let id = reply.requestID {
                 answer(id, .failure(error))
             } else if let waiter = registerWaiter {
                 registerWaiter = nil

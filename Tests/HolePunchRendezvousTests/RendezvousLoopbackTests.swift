@@ -162,6 +162,24 @@ struct RendezvousLoopbackTests {
         await harness.stop(old, fresh, b)
     }
 
+    @Test("the late refusal of an abandoned punch request is not taken for the answer to a register")
+    func lateRefusalIsNotTheRegisters() async throws {
+        let slow = Identities.c.nodeID
+        let harness = try await Harness.start(linkDelay: { $0 == slow ? .milliseconds(200) : .zero })
+        let c = try await harness.client(Identities.c)
+        _ = try await c.connect()
+        let refusals = await harness.server.statistics().refusals
+        let abandoned = Task { try await c.coordinate(to: Identities.server.nodeID) }
+        // The server has refused the request; its answer is still on the (slow) way back when the caller gives up
+        // and registers again.
+        #expect(await eventually(.seconds(10)) { await harness.server.statistics().refusals > refusals })
+        abandoned.cancel()
+        _ = await abandoned.result
+        let registered = try await c.register(Registration())
+        #expect(registered.observedAddress == c.executor.endpoint.localAddress)
+        await harness.stop(c)
+    }
+
     @Test("unknown NodeID: a clear unknownTarget error naming the NodeID, and nothing sent to anyone else")
     func unknownTarget() async throws {
         let harness = try await Harness.start()
