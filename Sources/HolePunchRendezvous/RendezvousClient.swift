@@ -192,6 +192,8 @@ public actor RendezvousClient {
     /// Dials the rendezvous, registers and asks for a punch to `target` in one flight: the punch request is
     /// written right behind the register, on the same stream, so the rendezvous (which handles a stream's
     /// messages in order) coordinates as soon as it has registered this peer, without a round trip between.
+    /// A client that is already connected registers again and asks only once that register is confirmed: the
+    /// rendezvous would coordinate a request written behind a refused re-register from the earlier registration.
     ///
     /// Cancelling the calling task ends the wait for the coordinate message with `cancelled`.
     ///
@@ -201,6 +203,12 @@ public actor RendezvousClient {
     public func connect(_ registration: Registration = Registration(), coordinatingWith target: NodeID)
         async throws(RendezvousError) -> (registered: Registered, coordinate: ReceivedCoordinate)
     {
+        if connection != nil {
+            // A refused re-register leaves the earlier registration in force, so a request written behind it would
+            // still be coordinated (the target told to punch) while the caller hears only the register's error.
+            let confirmed = try await register(registration)
+            return (confirmed, try await coordinate(to: target))
+        }
         let id = nextRequest
         nextRequest += 1
         pipelinedIDs.insert(id)
@@ -603,7 +611,9 @@ public actor RendezvousClient {
             }
         case .error(let reply):
             let error = RendezvousError(RendezvousError.Code(reply.code), reply.message)
-            if let id = reply.requestID, requestWaiters[id] != nil || pipelinedIDs.contains(id) {
+            // A refusal naming a request belongs to that request, even one nobody waits for any more (timed out,
+            // cancelled): only a refusal without a request id can be the register's.
+            if let id = reply.requestID {
                 answer(id, .failure(error))
             } else if let waiter = registerWaiter {
                 registerWaiter = nil

@@ -524,6 +524,14 @@ public actor RendezvousServer: Service {
                 ping(node, samples: 1)
             }
         case .requestPunch(let requestID, let target):
+            // Only the connection holding the registration asks: a newer connection whose register was refused
+            // (a punch request pipelined behind it) would otherwise coordinate from an older connection's addresses.
+            guard let registered = state.peer(node), registered.connection == connection else {
+                apply([.send(.error(ErrorReply(requestID: requestID, code: RendezvousError.Code.notRegistered.name,
+                                               message: "register on this connection before asking for a punch")),
+                             to: node, after: .zero)])
+                return
+            }
             if let directory, state.peer(target) == nil {
                 routePunch(from: node, requestID: requestID, target: target, via: directory)
             } else {

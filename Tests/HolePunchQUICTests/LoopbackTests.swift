@@ -192,6 +192,30 @@ struct AuthenticationTests {
         await server.close()
     }
 
+    @Test("returnsBeforeConfirmation: a server that rejects our certificate after the dial returned fails the first stream operation with handshakeFailed")
+    func earlyReturnThenRejected() async throws {
+        let server = try await makeEndpoint(TestIdentities.b, policy: .allow([TestIdentities.c.nodeID]))
+        let client = try await makeEndpoint(TestIdentities.a)
+        let early = ConnectOptions(handshakeTimeout: .seconds(5), returnsBeforeConfirmation: true)
+        // The server decides on our certificate only when our Finished arrives, after its own flight completed our
+        // side: the dial returns a connection the server never accepts, and no operation on it may succeed.
+        let connection = try await withDeadline(.seconds(10)) {
+            try await client.connect(to: server.localAddress, expecting: TestIdentities.b.nodeID, options: early)
+        }
+        let error = await #expect(throws: QUICError.self) {
+            try await withDeadline(.seconds(10)) {
+                let stream = try await connection.openStream()
+                try await stream.write(Array("never accepted".utf8))
+                try await stream.finish()
+                _ = try await stream.readToEnd()
+            }
+        }
+        #expect(error?.code == .handshakeFailed)
+        #expect(await server.stats.connectionsAccepted == 0)
+        await client.close()
+        await server.close()
+    }
+
     @Test("a peer with no certificate is rejected")
     func noCertificate() async throws {
         let server = try await makeEndpoint(TestIdentities.b)

@@ -118,6 +118,68 @@ struct RendezvousLoopbackTests {
         await harness.stop(a, b, c)
     }
 
+    @Test("a refused re-register with a punch request behind it coordinates nothing: the register's error is the whole outcome")
+    func refusedReregisterCoordinatesNothing() async throws {
+        let harness = try await Harness.start()
+        let a = try await harness.client(Identities.a)
+        let b = try await harness.client(Identities.b)
+        _ = try await b.connect()
+        _ = try await a.connect()
+        // A multicast "LAN" address: the rendezvous refuses the register and keeps A's earlier registration.
+        let multicast = try SocketAddress(parsing: "224.0.0.251:5353")
+        let error = await #expect(throws: RendezvousError.self) {
+            _ = try await a.connect(Registration(lanAddresses: [multicast]), coordinatingWith: Identities.b.nodeID)
+        }
+        #expect(error?.code == .protocolViolation)
+        // The rendezvous handles a stream's messages in order: once this request is answered, anything A wrote
+        // before it was handled. Only this request may have started a session.
+        _ = try await a.coordinate(to: Identities.b.nodeID)
+        #expect(await harness.server.statistics().coordinations == 1)
+        await harness.stop(a, b)
+    }
+
+    @Test("a fresh connection whose register was refused cannot ask for punches on the NodeID's older registration")
+    func refusedRegisterOnNewConnection() async throws {
+        let harness = try await Harness.start()
+        let b = try await harness.client(Identities.b)
+        let old = try await harness.client(Identities.a)
+        _ = try await b.connect()
+        _ = try await old.connect()
+        // A's new connection (a restart, a new network) registers with a multicast "LAN" address: refused, and the
+        // request written behind it would otherwise be coordinated from the old connection's registration.
+        let fresh = try await harness.client(Identities.a)
+        let multicast = try SocketAddress(parsing: "224.0.0.251:5353")
+        let error = await #expect(throws: RendezvousError.self) {
+            _ = try await fresh.connect(Registration(lanAddresses: [multicast]), coordinatingWith: Identities.b.nodeID)
+        }
+        #expect(error?.code == .protocolViolation)
+        let again = await #expect(throws: RendezvousError.self) {
+            _ = try await fresh.coordinate(to: Identities.b.nodeID)
+        }
+        #expect(again?.code == .notRegistered)
+        // The rendezvous handles a stream's messages in order: both requests were handled by now.
+        #expect(await harness.server.statistics().coordinations == 0)
+        await harness.stop(old, fresh, b)
+    }
+
+    @Test("the late refusal of an abandoned punch request is not taken for the answer to a register")
+    func lateRefusalIsNotTheRegisters() async throws {
+        let slow = Identities.c.nodeID
+        let harness = try await Harness.start(linkDelay: { $0 == slow ? .milliseconds(200) : .zero })
+        let c = try await harness.client(Identities.c)
+        _ = try await c.connect()
+        let refusals = await harness.server.statistics().refusals
+        let abandoned = Task { try await c.coordinate(to: Identities.server.nodeID) }
+        // The server has refused the request; its answer is still on the (slow) way back when the caller gives up
+        // and registers again.
+        #expect(await eventually(.seconds(10)) { await harness.server.statistics().refusals > refusals })
+        abandoned.cancel()
+        _ = await abandoned.result
+        let registered = try await c.register(Registration())
+        #expect(registered.observedAddress == c.executor.endpoint.localAddress)
+        await harness.stop(c)
+    }
+
     @Test("unknown NodeID: a clear unknownTarget error naming the NodeID, and nothing sent to anyone else")
     func unknownTarget() async throws {
         let harness = try await Harness.start()

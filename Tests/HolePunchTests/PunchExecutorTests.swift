@@ -39,6 +39,27 @@ struct PunchExecutorTests {
         await b.close()
     }
 
+    @Test("a target that refuses the initiator's certificate: the initiator's punch is no success")
+    func refusedCertificateIsNoSuccess() async throws {
+        let (a, b, initiator, target, key) = try await punchPair()
+        var initiatorOptions = options(to: b, session: "refused", key: key, role: .initiator, expecting: PunchIdentities.b.nodeID)
+        initiatorOptions.timeout = .seconds(1)
+        // The target answers the session's probes but admits only C: it refuses A's certificate when A's Finished
+        // arrives, after A's side of the handshake completed.
+        var targetOptions = options(to: a, session: "refused", key: key, role: .target, expecting: PunchIdentities.c.nodeID)
+        targetOptions.timeout = .seconds(1)
+        let targetHandle = await target.startPunch(targetOptions)
+        let handle = await initiator.startPunch(initiatorOptions)
+        // Known issue: punch dials return before confirmation (returnsBeforeConfirmation), so success is declared,
+        // and recorded in metrics and history, before the target has verified us.
+        await withKnownIssue("punch dials return before the target verified us") {
+            await #expect(throws: PunchError.self) { _ = try await handle.value() }
+        }
+        _ = try? await targetHandle.value()
+        await a.close()
+        await b.close()
+    }
+
     @Test("allPortsFailed: no port answers and the rounds run out before the deadline")
     func allPortsFailed() async throws {
         let a = try await bindEndpoint(PunchIdentities.a)
