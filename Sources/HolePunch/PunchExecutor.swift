@@ -528,10 +528,11 @@ public actor PunchExecutor {
                             to: to, expecting: node,
                             options: ConnectOptions(
                                 initialRTT: plan.initialRTT, handshakeTimeout: plan.connectTimeout, serverName: serverName,
-                                handshakePacketCopies: plan.handshakeCopies, alpn: alpn,
-                                // The caller's first bytes then leave with our Finished: one peer RTT less to the
-                                // first answer. The target admitted this NodeID when it accepted the coordinate.
-                                returnsBeforeConfirmation: true
+                                handshakePacketCopies: plan.handshakeCopies, alpn: alpn
+                                // Not `returnsBeforeConfirmation`: a punch succeeds only once the target has verified
+                                // us and confirmed. Returning at our Finished would save a peer RTT but count as
+                                // success a dial the target refuses (its punch ended, or it kept another of our
+                                // dials), in metrics and history, and hand the app a dead connection.
                             )
                         )
                         result = .success(connection)

@@ -50,11 +50,9 @@ struct PunchExecutorTests {
         targetOptions.timeout = .seconds(1)
         let targetHandle = await target.startPunch(targetOptions)
         let handle = await initiator.startPunch(initiatorOptions)
-        // Known issue: punch dials return before confirmation (returnsBeforeConfirmation), so success is declared,
-        // and recorded in metrics and history, before the target has verified us.
-        await withKnownIssue("punch dials return before the target verified us") {
-            await #expect(throws: PunchError.self) { _ = try await handle.value() }
-        }
+        // A punch dial waits for the target's confirmation: success is never declared (nor recorded in metrics
+        // and history) for a handshake the target refused.
+        await #expect(throws: PunchError.self) { _ = try await handle.value() }
         _ = try? await targetHandle.value()
         await a.close()
         await b.close()
