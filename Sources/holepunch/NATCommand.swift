@@ -43,6 +43,10 @@ struct NATDetectCommand: AsyncParsableCommand {
     @Flag(help: "Print the full verdict and evidence as JSON.")
     var json = false
 
+    func validate() throws {
+        guard timeoutMs >= 1 else { throw ValidationError("--timeout-ms must be at least 1") }
+    }
+
     func run() async throws {
         let server: SocketAddress
         do { server = try SocketAddress(parsing: stun) } catch {

@@ -75,6 +75,7 @@ struct PeerCommand: AsyncParsableCommand {
         if echo && connect != nil {
             throw ValidationError("--echo is for the waiting side; the side that --connects sends its standard input")
         }
+        if let timeout, timeout < 1 { throw ValidationError("--timeout must be at least 1 second") }
     }
 
     func run() async throws {

@@ -48,7 +48,7 @@ struct RendezvousCommand: AsyncParsableCommand {
     var noStun = false
 
     @Option(help: """
-        Both peers start probing this many ms after receiving the coordinate message when the RTT measurements         cannot vouch for less (see --min-start-delay-ms); the most any punch waits.
+        Both peers start probing this many ms after receiving the coordinate message when the RTT measurements cannot vouch for less (see --min-start-delay-ms); the most any punch waits.
         """)
     var startDelayMs: Int = 150
 
@@ -92,6 +92,14 @@ struct RendezvousCommand: AsyncParsableCommand {
     var verbose = false
 
     func validate() throws {
+        // Refused rather than clamped: a rendezvous that runs with other limits than it was given misleads.
+        guard registrationTtl >= 1 else { throw ValidationError("--registration-ttl must be at least 1 second") }
+        guard startDelayMs >= 0, minStartDelayMs >= 0 else {
+            throw ValidationError("--start-delay-ms and --min-start-delay-ms must be >= 0")
+        }
+        guard rateBurst >= 1, ratePerSecond > 0 else {
+            throw ValidationError("--rate-burst must be >= 1 and --rate-per-second > 0")
+        }
         guard messageBurst >= 1, messagesPerSecond > 0 else {
             throw ValidationError("--message-burst must be >= 1 and --messages-per-second > 0")
         }
@@ -130,9 +138,9 @@ struct RendezvousCommand: AsyncParsableCommand {
                              : Logger(label: "holepunch.rendezvous", factory: { _ in SwiftLogNoOpLogHandler() })
         let configuration = RendezvousServerConfiguration(
             listen: address, identity: id, stun: stun,
-            state: RendezvousState.Configuration(registrationTTL: .seconds(max(registrationTtl, 1)),
-                                                 startDelay: .milliseconds(max(startDelayMs, 0)),
-                                                 minStartDelay: .milliseconds(max(minStartDelayMs, 0)),
+            state: RendezvousState.Configuration(registrationTTL: .seconds(registrationTtl),
+                                                 startDelay: .milliseconds(startDelayMs),
+                                                 minStartDelay: .milliseconds(minStartDelayMs),
                                                  rateBurst: rateBurst, ratePerSecond: ratePerSecond),
             limits: RendezvousLimits(messageBurst: messageBurst, messagesPerSecond: messagesPerSecond,
                                      maxQueuedFrames: maxQueuedReplies, maxConnections: maxConnections)

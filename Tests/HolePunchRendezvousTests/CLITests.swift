@@ -89,6 +89,13 @@ struct CLITests {
         ["peer", "--rendezvous", "127.0.0.1:9", "--rendezvous-id", String(repeating: "a", count: 52), "--identity",
          "id.pem", "--connect", "not-a-node-id"],
         ["strategy", "simulate", "builtin", "--attempts", "0"],
+        // Values out of range are refused before anything runs, not clamped or run with.
+        ["peer", "--rendezvous", "127.0.0.1:9", "--rendezvous-id", String(repeating: "a", count: 52), "--identity",
+         "id.pem", "--connect", String(repeating: "a", count: 52), "--timeout", "0"],
+        ["nat", "detect", "--stun", "127.0.0.1:9", "--timeout-ms", "0"],
+        ["rendezvous", "--listen", "127.0.0.1:0", "--no-stun", "--registration-ttl", "0"],
+        ["rendezvous", "--listen", "127.0.0.1:0", "--no-stun", "--rate-burst", "0"],
+        ["rendezvous", "--listen", "127.0.0.1:0", "--no-stun", "--start-delay-ms=-1"],
     ])
     func badArgumentsExit64(_ arguments: [String]) async throws {
         guard let binary = holepunchBinaryOrSkip() else { return }

@@ -119,7 +119,7 @@ public func nodeID(_ text: String, what: String) throws -> NodeID {
 
 /// The options every example peer shares: rendezvous, identity, strategy, punch socket.
 public struct PeerOptions: ParsableArguments {
-    @Option(help: "The rendezvous's QUIC address, numeric HOST:PORT.")
+    @Option(help: "The rendezvous's QUIC address, HOST:PORT (a host name is resolved once at start).")
     public var rendezvous: String
 
     @Option(help: "The rendezvous's NodeID, or @FILE to read it from a file.")
@@ -128,7 +128,7 @@ public struct PeerOptions: ParsableArguments {
     @Option(help: "This peer's identity file (created if missing).")
     public var identity: String
 
-    @Option(help: "A Lua strategy file; the built-in default answers if it fails to load.")
+    @Option(help: "A Lua strategy file (default: the bundled default.lua; the built-in plan answers when a script fails).")
     public var strategy: String?
 
     @Option(help: "Local address of the punch socket.")
