@@ -29,7 +29,9 @@ struct BackgroundDiscoveryTests {
         let slow = NATDiscovery.Configuration(initialRTO: .seconds(30), maxTransmissions: 7, overallTimeout: .seconds(600))
         let a = try await client(harness, Identities.a, discovery: slow, stun: silent.localAddress)
         let b = try await harness.client(Identities.b)
-        _ = try await withDeadline(.seconds(5.1)) { try await a.connect() }
+        // Discovery's first retransmission alone is 30 s away: a registration that waited for it could not return
+        // within 15 s. (The bound leaves room for the parallel suite, which can hold a test up for seconds.)
+        _ = try await withDeadline(.seconds(15)) { try await a.connect() }
         _ = try await b.connect()
         #expect(await harness.server.isRegistered(Identities.a.nodeID))
         #expect(await a.natProfile == .unknown)
@@ -47,7 +49,7 @@ struct BackgroundDiscoveryTests {
         await connection.close()
         await harness.stop(a, b)
         // Closing the client stops the discovery it started.
-        let outcome = try await withDeadline(.seconds(5.2)) { await a.natDiscoveryResult() }
+        let outcome = try await withDeadline(.seconds(5)) { await a.natDiscoveryResult() }
         #expect(outcome.map { (try? $0.get()) == nil } == true)
     }
 
