@@ -31,17 +31,16 @@ deps:
 build: deps
 	$(SWIFT) build
 
-## test: the whole test suite (tests that need root or namespaces skip with a reason elsewhere).
-## Suites that check real timings (start skew, idle and keep-alive timers) run second, and the real-NAT lab third,
-## each on its own: their timings should not compete with the load and flood tests for 2 cores.
-## The separate-package test builds HolePunch again in its own scratch directory (a few minutes of both cores): it
-## runs alone after the timing suites, so it does not starve the parallel suite's deadlines.
-## The suites that run whole processes or many punches at once (examples, nodes, the NATS cluster) run in a second
-## parallel phase, so that neither phase puts two cores under more load than the tests' deadlines allow.
+## test: the whole test suite (tests that need root or namespaces skip with a reason elsewhere), in six phases, so
+## that no phase puts the 2 cores under more load than its tests' deadlines allow (docs/design-notes.md):
+##   1. the parallel suite;
+##   2. the suites that run whole processes or many punches at once (examples, nodes, the NATS cluster);
+##   3. the strategy checks (`strategy check` over 2160 contexts per file): pure CPU, no network deadlines;
+##   4. the suites that check real timings (start skew, idle and keep-alive timers);
+##   5. the separate-package build (HolePunch built again in its own scratch directory: minutes of both cores);
+##   6. the real-NAT lab.
 TIMING_SUITES := RendezvousLoopbackTests|ConnectionLifecycleTests|ClusterStartSkewTests
 SOLO_SUITES := PathDependencyTests
-## The strategy suites (`strategy check` over 2160 contexts per file, in-process and as CLI processes) are pure CPU
-## with no network deadlines: they run in a phase of their own too.
 HEAVY_SUITES := HolePunchClusterTests|ExamplesTests|HolePunchNodeTests|HostilePeerProcessTests
 CPU_SUITES := HolePunchStrategyTests|StrategyAuthorCLITests|StrategyCheckCLITests
 test: deps docs
