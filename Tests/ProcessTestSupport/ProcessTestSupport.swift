@@ -213,6 +213,8 @@ public func runToEnd(_ binary: String, _ arguments: [String], limit: TimeInterva
                     hung = true
                     kill(process.processIdentifier, SIGKILL)
                 }
+                // A grandchild may hold the pipes open after the child died: give up on their EOF 5 s later.
+                if hung, !process.isRunning, Date() >= deadline.addingTimeInterval(5) { break }
                 usleep(2_000)  // its own thread: polling here blocks no test
             }
             process.waitUntilExit()
