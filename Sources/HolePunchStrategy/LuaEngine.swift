@@ -1,6 +1,7 @@
 internal import CHolePunchShims
 internal import CLua
 import Foundation
+import Synchronization
 import Logging
 
 /// Receives `hp.log` lines from C. A separate object so its address can be handed to C before the
@@ -102,7 +103,7 @@ final class LuaEngine: @unchecked Sendable {
         liveByName.withLock { $0[displayName] ?? 0 }
     }
 
-    private static let liveByName = LockedDictionary()
+    private static let liveByName = Mutex<[String: Int]>([:])
 
     private static func countLive(_ displayName: String, _ delta: Int) {
         liveByName.withLock { counts in
@@ -548,18 +549,5 @@ final class LuaEngine: @unchecked Sendable {
             lua_settop(L, -2)
         }
         return PortList(specs)
-    }
-}
-
-/// A `[String: Int]` behind a lock (the live-state counts by script name).
-private final class LockedDictionary: @unchecked Sendable {
-    // @unchecked Sendable: `values` is only touched while holding `lock`.
-    private let lock = NSLock()
-    private var values: [String: Int] = [:]
-
-    func withLock<R>(_ body: (inout [String: Int]) -> R) -> R {
-        lock.lock()
-        defer { lock.unlock() }
-        return body(&values)
     }
 }
