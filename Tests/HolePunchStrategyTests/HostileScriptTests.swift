@@ -212,66 +212,43 @@ extension LuaTests {
             #expect(e.message.contains("table value"))
         }
 
+        /// A plan of a million ports, one line per step so the failing line is known.
+        static let millionPortsScript = """
+            return { plan = function(ctx)
+                local p = {}
+                for i = 1, 1000000 do p[i] = (i % 65535) + 1 end
+                return { ports = p }
+            end }
+            """
+
         @Test func millionPorts() throws {
             let limits = LuaStrategy.Limits(instructionBudget: 50_000_000, memoryLimit: 128 << 20, timeLimit: .seconds(20))
-            let e = try contained("""
-                return { plan = function(ctx)
-                    local p = {}
-                    for i = 1, 1000000 do p[i] = (i % 65535) + 1 end
-                    return { ports = p }
-                end }
-                """, limits: limits, code: .invalidPlan, field: "ports", atLine: 1)
+            let e = try contained(Self.millionPortsScript, limits: limits, code: .invalidPlan, field: "ports", atLine: 1)
             #expect(e.message.contains("at most"))
         }
 
         @Test func millionPortsUnderDefaultLimits() throws {
-            let e = try contained("""
-                return { plan = function(ctx)
-                    local p = {}
-                    for i = 1, 1000000 do p[i] = (i % 65535) + 1 end
-                    return { ports = p }
-                end }
-                """, limits: LuaStrategy.Limits(), code: .instructionBudgetExceeded)
+            let e = try contained(Self.millionPortsScript, limits: LuaStrategy.Limits(), code: .instructionBudgetExceeded)
             #expect(e.line == 3)
         }
 
-        @Test func negativePort() throws {
-            try contained("return { plan = function(ctx) return { ports = { 5, -1 } } end }",
-                          code: .invalidPlan, field: "ports[2]", atLine: 1)
-        }
+        /// One plan field out of range or of the wrong type: the returned table, the field the error names,
+        /// and the line it reports where that is pinned.
+        static let invalidPlanFields: [(plan: String, field: String, line: Int?)] = [
+            ("{ ports = { 5, -1 } }", "ports[2]", 1),
+            ("{ ports = ctx.ports, timeout_ms = 0/0 }", "timeout_ms", nil),
+            ("{ ports = ctx.ports, interval_ms = math.huge }", "interval_ms", nil),
+            ("{ ports = ctx.ports, sockets = 1e9 }", "sockets", nil),
+            ("{ ports = ctx.ports, rounds = 2.5 }", "rounds", nil),
+            ("{ ports = '1,2,3' }", "ports", nil),
+            ("{ ports = ctx.ports, timout_ms = 5 }", "timout_ms", nil),
+            ("{ ports = {} }", "ports", nil),
+        ]
 
-        @Test func nanTimeout() throws {
-            try contained("return { plan = function(ctx) return { ports = ctx.ports, timeout_ms = 0/0 } end }",
-                          code: .invalidPlan, field: "timeout_ms")
-        }
-
-        @Test func infiniteInterval() throws {
-            try contained("return { plan = function(ctx) return { ports = ctx.ports, interval_ms = math.huge } end }",
-                          code: .invalidPlan, field: "interval_ms")
-        }
-
-        @Test func absurdSocketCount() throws {
-            try contained("return { plan = function(ctx) return { ports = ctx.ports, sockets = 1e9 } end }",
-                          code: .invalidPlan, field: "sockets")
-        }
-
-        @Test func fractionalRounds() throws {
-            try contained("return { plan = function(ctx) return { ports = ctx.ports, rounds = 2.5 } end }",
-                          code: .invalidPlan, field: "rounds")
-        }
-
-        @Test func wrongFieldType() throws {
-            try contained("return { plan = function(ctx) return { ports = '1,2,3' } end }",
-                          code: .invalidPlan, field: "ports")
-        }
-
-        @Test func unknownField() throws {
-            try contained("return { plan = function(ctx) return { ports = ctx.ports, timout_ms = 5 } end }",
-                          code: .invalidPlan, field: "timout_ms")
-        }
-
-        @Test func emptyPorts() throws {
-            try contained("return { plan = function(ctx) return { ports = {} } end }", code: .invalidPlan, field: "ports")
+        @Test(arguments: invalidPlanFields)
+        func invalidPlanField(_ c: (plan: String, field: String, line: Int?)) throws {
+            try contained("return { plan = function(ctx) return \(c.plan) end }",
+                          code: .invalidPlan, field: c.field, atLine: c.line)
         }
 
         @Test func planReturnsNothing() throws {
