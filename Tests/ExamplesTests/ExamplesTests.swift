@@ -27,23 +27,16 @@ struct ExamplesTests {
     func chat() async throws {
         guard let bins = binariesOrSkip([("holepunch", "HOLEPUNCH_BINARY"), ("hp-chat", "HP_CHAT_BINARY")]) else { return }
         let (holepunch, chat) = (bins[0], bins[1])
-        let dir = try scratchDirectory("hp-examples")
-        defer { try? FileManager.default.removeItem(at: dir) }
-        let (rendezvous, quic) = try await startRendezvous(holepunch, in: dir)
-        defer { rendezvous.stop() }
-        let common = ["--rendezvous", quic, "--rendezvous-id", "@rdv.id", "--listen", "127.0.0.1:0"]
+        let rdv = try await LoopbackRendezvous(holepunch, prefix: "hp-examples")
+        defer { rdv.close() }
+        let (dir, common) = (rdv.dir, rdv.peerArguments)
 
         let (b, bID) = try await Child.waitingPeer(chat, common + ["--identity", "b.pem"], in: dir)
         defer { b.stop() }
 
         let a = try Child(chat, common + ["--identity", "a.pem", "--connect", bID], directory: dir)
         defer { a.stop() }
-        a.write("hello from A\n")
-        b.write("hello from B\n")
-        let crossed = await eventually(.seconds(20)) {
-            a.stdout.text.contains("hello from B") && b.stdout.text.contains("hello from A")
-        }
-        #expect(crossed, "A out: \(a.stdout.text) err: \(a.stderr.text) | B out: \(b.stdout.text) err: \(b.stderr.text)")
+        await expectLinesCross(a, b)
         // Only the conversation is on stdout: the protocol's greeting line never shows.
         #expect(!b.stdout.text.contains("hp-chat/1"))
         a.closeInput()
@@ -56,22 +49,15 @@ struct ExamplesTests {
     func fileSend() async throws {
         guard let bins = binariesOrSkip([("holepunch", "HOLEPUNCH_BINARY"), ("hp-file-send", "HP_FILE_SEND_BINARY")]) else { return }
         let (holepunch, fileSend) = (bins[0], bins[1])
-        let dir = try scratchDirectory("hp-examples")
-        defer { try? FileManager.default.removeItem(at: dir) }
+        let rdv = try await LoopbackRendezvous(holepunch, prefix: "hp-examples")
+        defer { rdv.close() }
+        let dir = rdv.dir
         var generator = SystemRandomNumberGenerator()
         let data = Data((0..<(300 << 10)).map { _ in UInt8.random(in: 0...255, using: &generator) })
         try data.write(to: dir.appendingPathComponent("payload.bin"))
         // No inbox/ yet: `receive --out` creates it, as the example's README promises.
-        let (rendezvous, quic) = try await startRendezvous(holepunch, in: dir)
-        defer { rendezvous.stop() }
-        let common = ["--rendezvous", quic, "--rendezvous-id", "@rdv.id", "--listen", "127.0.0.1:0"]
-
-        let (receiver, bID) = try await Child.waitingPeer(
-            fileSend, ["receive", "--out", "inbox", "--identity", "b.pem"] + common, in: dir)
-        defer { receiver.stop() }
-
-        let sender = try Child(fileSend, ["send", "payload.bin", "--to", bID, "--identity", "a.pem"] + common, directory: dir)
-        defer { sender.stop() }
+        let (receiver, sender) = try await startTransfer(fileSend, "payload.bin", via: rdv)
+        defer { sender.stop(); receiver.stop() }
         #expect(await sender.waitExit(.seconds(30)) == 0, "sender: \(sender.stderr.text)")
         #expect(await receiver.waitExit(.seconds(10)) == 0, "receiver: \(receiver.stderr.text)")
 
@@ -89,19 +75,14 @@ struct ExamplesTests {
     func fileSendDrop() async throws {
         guard let bins = binariesOrSkip([("holepunch", "HOLEPUNCH_BINARY"), ("hp-file-send", "HP_FILE_SEND_BINARY")]) else { return }
         let (holepunch, fileSend) = (bins[0], bins[1])
-        let dir = try scratchDirectory("hp-examples")
-        defer { try? FileManager.default.removeItem(at: dir) }
+        let rdv = try await LoopbackRendezvous(holepunch, prefix: "hp-examples")
+        defer { rdv.close() }
+        let dir = rdv.dir
         // Large enough that the transfer is still running when the receiver is killed.
         try Data(count: 256 << 20).write(to: dir.appendingPathComponent("big.bin"))
         try FileManager.default.createDirectory(at: dir.appendingPathComponent("inbox"), withIntermediateDirectories: true)
-        let (rendezvous, quic) = try await startRendezvous(holepunch, in: dir)
-        defer { rendezvous.stop() }
-        let common = ["--rendezvous", quic, "--rendezvous-id", "@rdv.id", "--listen", "127.0.0.1:0"]
-        let (receiver, bID) = try await Child.waitingPeer(
-            fileSend, ["receive", "--out", "inbox", "--identity", "b.pem"] + common, in: dir)
-        defer { receiver.stop() }
-        let sender = try Child(fileSend, ["send", "big.bin", "--to", bID, "--identity", "a.pem"] + common, directory: dir)
-        defer { sender.stop() }
+        let (receiver, sender) = try await startTransfer(fileSend, "big.bin", via: rdv)
+        defer { sender.stop(); receiver.stop() }
         let flowing = await eventually(.seconds(20)) { receiver.stderr.text.contains("received [") }
         try #require(flowing, "no data arrived: \(sender.stderr.text)")
         receiver.stop()
@@ -110,6 +91,21 @@ struct ExamplesTests {
         #expect(status == 3, "sender: \(sender.stderr.text)")
         #expect(sender.stderr.text.contains("error: the connection dropped after"))
         #expect(sender.stderr.text.contains("hint:"))
+    }
+}
+
+/// Starts `hp-file-send receive --out inbox` as B, waits until it has registered, then starts `hp-file-send send
+/// file` from A to B's NodeID; returns (receiver, sender), both for the caller to stop.
+func startTransfer(_ fileSend: String, _ file: String, via rdv: LoopbackRendezvous) async throws -> (Child, Child) {
+    let common = rdv.peerArguments
+    let (receiver, bID) = try await Child.waitingPeer(
+        fileSend, ["receive", "--out", "inbox", "--identity", "b.pem"] + common, in: rdv.dir)
+    do {
+        let sender = try Child(fileSend, ["send", file, "--to", bID, "--identity", "a.pem"] + common, directory: rdv.dir)
+        return (receiver, sender)
+    } catch {
+        receiver.stop()
+        throw error
     }
 }
 

@@ -106,14 +106,12 @@ struct CLITests {
     @Test("peer --rendezvous localhost:PORT resolves the name and registers")
     func rendezvousHostName() async throws {
         guard let binary = holepunchBinaryOrSkip() else { return }
-        let dir = try scratchDirectory("hp-cli")
-        defer { try? FileManager.default.removeItem(at: dir) }
-        let (rendezvous, quic) = try await startRendezvous(binary, in: dir)
-        defer { rendezvous.stop() }
-        let port = try #require(quic.split(separator: ":").last)
+        let rdv = try await LoopbackRendezvous(binary, prefix: "hp-cli")
+        defer { rdv.close() }
+        let port = try #require(rdv.quic.split(separator: ":").last)
         let (peer, _) = try await startWaitingPeer(
             binary, ["peer", "--rendezvous", "localhost:\(port)", "--rendezvous-id", "@rdv.id", "--listen", "127.0.0.1:0"],
-            identity: "b.pem", in: dir)
+            identity: "b.pem", in: rdv.dir)
         peer.stop()
     }
 

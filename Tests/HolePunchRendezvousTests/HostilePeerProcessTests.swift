@@ -24,11 +24,10 @@ struct HostilePeerProcessTests {
     @Test("bad profiles, third-party candidates and a punch flood never crash the waiting peer; an honest punch still works")
     func hostileThenHonest() async throws {
         guard let binary = holepunchBinaryOrSkip() else { return }
-        let dir = try scratchDirectory("hp-hostile")
-        defer { try? FileManager.default.removeItem(at: dir) }
-        let (rendezvous, quic) = try await startRendezvous(binary, in: dir, extra: ["--no-stun"])
-        defer { rendezvous.stop() }
-        let common = ["peer", "--rendezvous", quic, "--rendezvous-id", "@rdv.id", "--listen", "127.0.0.1:0", "--no-nat-detect"]
+        let rdv = try await LoopbackRendezvous(binary, prefix: "hp-hostile", extra: ["--no-stun"])
+        defer { rdv.close() }
+        let (dir, quic) = (rdv.dir, rdv.quic)
+        let common = ["peer"] + rdv.peerArguments + ["--no-nat-detect"]
         let (victim, victimText) = try await startWaitingPeer(binary, common, identity: "victim.pem", in: dir)
         defer { victim.stop() }
         let victimID = try NodeID(parsing: victimText)

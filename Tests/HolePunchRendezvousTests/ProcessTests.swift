@@ -7,22 +7,15 @@ struct ProcessTests {
     @Test("rendezvous + two peer processes: A connects to B by NodeID and a line goes both ways")
     func lineBothWays() async throws {
         guard let binary = holepunchBinaryOrSkip() else { return }
-        let dir = try scratchDirectory("hp-rdv")
-        defer { try? FileManager.default.removeItem(at: dir) }
-        let (rendezvous, quic) = try await startRendezvous(binary, in: dir)
-        defer { rendezvous.stop() }
-        let common = ["peer", "--rendezvous", quic, "--rendezvous-id", "@rdv.id", "--listen", "127.0.0.1:0"]
+        let rdv = try await LoopbackRendezvous(binary, prefix: "hp-rdv")
+        defer { rdv.close() }
+        let (dir, common) = (rdv.dir, ["peer"] + rdv.peerArguments)
         let (b, bID) = try await startWaitingPeer(binary, common, identity: "b.pem", in: dir)
         defer { b.stop() }
 
         let a = try Child(binary, common + ["--identity", "a.pem", "--connect", bID], directory: dir)
         defer { a.stop() }
-        a.write("hello from A\n")
-        b.write("hello from B\n")
-        let crossed = await eventually(.seconds(20)) {
-            a.stdout.text.contains("hello from B") && b.stdout.text.contains("hello from A")
-        }
-        #expect(crossed, "A out: \(a.stdout.text) err: \(a.stderr.text) | B out: \(b.stdout.text) err: \(b.stderr.text)")
+        await expectLinesCross(a, b)
         #expect(a.stderr.text.contains("connected"))
         #expect(a.stderr.text.contains("timeToConnectMs="))
         a.closeInput()
@@ -34,11 +27,9 @@ struct ProcessTests {
     @Test("peer --echo: A sends a line and ends its input; the echo comes back whole and both exit 0")
     func echoBothExitZero() async throws {
         guard let binary = holepunchBinaryOrSkip() else { return }
-        let dir = try scratchDirectory("hp-echo")
-        defer { try? FileManager.default.removeItem(at: dir) }
-        let (rendezvous, quic) = try await startRendezvous(binary, in: dir)
-        defer { rendezvous.stop() }
-        let common = ["peer", "--rendezvous", quic, "--rendezvous-id", "@rdv.id", "--listen", "127.0.0.1:0", "--no-nat-detect"]
+        let rdv = try await LoopbackRendezvous(binary, prefix: "hp-echo")
+        defer { rdv.close() }
+        let (dir, common) = (rdv.dir, ["peer"] + rdv.peerArguments + ["--no-nat-detect"])
         let (b, bID) = try await startWaitingPeer(binary, common + ["--echo"], identity: "b.pem", in: dir)
         defer { b.stop() }
 
@@ -56,12 +47,10 @@ struct ProcessTests {
     @Test("an unknown NodeID: one clear error line with a hint, exit status 2")
     func unknownNodeID() async throws {
         guard let binary = holepunchBinaryOrSkip() else { return }
-        let dir = try scratchDirectory("hp-rdv")
-        defer { try? FileManager.default.removeItem(at: dir) }
-        let (rendezvous, quic) = try await startRendezvous(binary, in: dir)
-        defer { rendezvous.stop() }
-        let a = try Child(binary, ["peer", "--rendezvous", quic, "--rendezvous-id", "@rdv.id", "--identity", "a.pem",
-                                   "--no-nat-detect", "--connect", String(repeating: "a", count: 52)], directory: dir)
+        let rdv = try await LoopbackRendezvous(binary, prefix: "hp-rdv")
+        defer { rdv.close() }
+        let a = try Child(binary, ["peer", "--rendezvous", rdv.quic, "--rendezvous-id", "@rdv.id", "--identity", "a.pem",
+                                   "--no-nat-detect", "--connect", String(repeating: "a", count: 52)], directory: rdv.dir)
         defer { a.stop() }
         #expect(await a.waitExit(.seconds(15)) == 2)
         #expect(a.stderr.text.contains("error: rendezvous unknownTarget"))
@@ -72,14 +61,12 @@ struct ProcessTests {
     @Test("killing B mid-punch gives A timeout or unreachable, never a hang")
     func killTargetMidPunch() async throws {
         guard let binary = holepunchBinaryOrSkip() else { return }
-        let dir = try scratchDirectory("hp-rdv")
-        defer { try? FileManager.default.removeItem(at: dir) }
         // A long start delay opens a window between the coordinate message and the first probe: the floor too, or
         // the peers' RTT estimates would shorten it.
-        let (rendezvous, quic) = try await startRendezvous(binary, in: dir, extra: ["--start-delay-ms", "1500",
-                                                                                    "--min-start-delay-ms", "1500", "--no-stun"])
-        defer { rendezvous.stop() }
-        let common = ["peer", "--rendezvous", quic, "--rendezvous-id", "@rdv.id", "--listen", "127.0.0.1:0", "--no-nat-detect"]
+        let rdv = try await LoopbackRendezvous(binary, prefix: "hp-rdv", extra: ["--start-delay-ms", "1500",
+                                                                                 "--min-start-delay-ms", "1500", "--no-stun"])
+        defer { rdv.close() }
+        let (dir, common) = (rdv.dir, ["peer"] + rdv.peerArguments + ["--no-nat-detect"])
         let (b, bID) = try await startWaitingPeer(binary, common, identity: "b.pem", in: dir)
         defer { b.stop() }
         let a = try Child(binary, common + ["--identity", "a.pem", "--connect", bID, "--timeout", "5"], directory: dir)

@@ -1,7 +1,7 @@
 // Helpers shared by the test targets that drive our executables as a user would (the CLI, the examples), and the
 // one bounded wait every test target uses. A plain library target: test targets cannot depend on each other.
 public import Foundation
-import Testing
+public import Testing
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -294,6 +294,53 @@ public func startRendezvous(_ holepunch: String, in dir: URL, extra: [String] = 
     let words = child.stdout.text.split(whereSeparator: { $0 == " " || $0 == "\n" })
     let quic = try #require(words.firstIndex(of: "quic").map { String(words[$0 + 1]) })
     return (child, quic)
+}
+
+/// A scratch directory with a loopback rendezvous running in it (see ``startRendezvous(_:in:extra:)``): the
+/// fixture of every test that starts peers as processes. The test calls ``close()`` (in a `defer`).
+public struct LoopbackRendezvous: Sendable {
+    /// The scratch directory, the peers' working directory: identities and the server's `rdv.id` live here.
+    public let dir: URL
+    /// The `holepunch rendezvous` process.
+    public let server: Child
+    /// The server's QUIC address.
+    public let quic: String
+
+    /// Starts `holepunch rendezvous` (with `extra` arguments) in a fresh scratch directory named after `prefix`.
+    public init(_ holepunch: String, prefix: String, extra: [String] = []) async throws {
+        let dir = try scratchDirectory(prefix)
+        do {
+            (server, quic) = try await startRendezvous(holepunch, in: dir, extra: extra)
+        } catch {
+            try? FileManager.default.removeItem(at: dir)
+            throw error
+        }
+        self.dir = dir
+    }
+
+    /// The arguments that point a peer or an example at this server, listening on a loopback port of its own.
+    public var peerArguments: [String] {
+        ["--rendezvous", quic, "--rendezvous-id", "@rdv.id", "--listen", "127.0.0.1:0"]
+    }
+
+    /// Stops the server and removes the directory.
+    public func close() {
+        server.stop()
+        try? FileManager.default.removeItem(at: dir)
+    }
+}
+
+/// Has each of two connected chat peers (`holepunch peer`, `hp-chat`) write a line, and expects each to print
+/// the other's within `limit`.
+public func expectLinesCross(_ a: Child, _ b: Child, within limit: Duration = .seconds(20),
+                             sourceLocation: SourceLocation = #_sourceLocation) async {
+    a.write("hello from A\n")
+    b.write("hello from B\n")
+    let crossed = await eventually(limit) {
+        a.stdout.text.contains("hello from B") && b.stdout.text.contains("hello from A")
+    }
+    #expect(crossed, "A out: \(a.stdout.text) err: \(a.stderr.text) | B out: \(b.stdout.text) err: \(b.stderr.text)",
+            sourceLocation: sourceLocation)
 }
 
 /// The NodeID of identity file `file` in `dir`, as `holepunch identity show` prints it.
