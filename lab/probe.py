@@ -270,6 +270,24 @@ def cmd_classify(args):
     return 0
 
 
+def receive_for(sock, seconds):
+    """Yields what reaches sock in the next `seconds`: (data, source) for each datagram, or the OSError a
+    receive raised (an ICMP error reported on a connected socket), for the caller to count, skip or raise."""
+    deadline = time.monotonic() + seconds
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        readable, _, _ = select.select([sock], [], [], left)
+        if not readable:
+            continue
+        try:
+            item = sock.recvfrom(65536)
+        except OSError as e:
+            item = e
+        yield item
+
+
 def cmd_query(args):
     c = Client(bind=args.bind or ("0.0.0.0", 0), timeout=args.timeout, tries=args.tries)
     r = c.query(args.server, reply_from=args.reply_from)
@@ -289,18 +307,10 @@ def cmd_query(args):
         # keep the socket (and so the mapping's owner) and report what arrives unasked
         write_ready(args.ready_file)
         got = []
-        deadline = time.monotonic() + args.listen
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            rd, _, _ = select.select([c.sock], [], [], left)
-            if rd:
-                try:
-                    data, src = c.sock.recvfrom(65536)
-                except OSError:
-                    continue
-                got.append({"from": fmt(src), "at": round(time.monotonic() - (deadline - args.listen), 3)})
+        listen_start = time.monotonic()
+        for item in receive_for(c.sock, args.listen):
+            if not isinstance(item, OSError):
+                got.append({"from": fmt(item[1]), "at": round(time.monotonic() - listen_start, 3)})
         res["received"] = got
     out(res)
     return 0 if r else 1
@@ -436,15 +446,11 @@ def cmd_listen(args):
     s.bind(args.bind)
     write_ready(args.ready_file)
     got = []
-    deadline = time.monotonic() + args.timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        r, _, _ = select.select([s], [], [], left)
-        if r:
-            data, src = s.recvfrom(65536)
-            got.append({"from": fmt(src), "len": len(data)})
+    for item in receive_for(s, args.timeout):
+        if isinstance(item, OSError):
+            raise item
+        data, src = item
+        got.append({"from": fmt(src), "len": len(data)})
     out({"bind": fmt(args.bind), "received": got})
     return 0
 
@@ -461,18 +467,11 @@ def cmd_send(args):
         except OSError as e:
             errors.append(e.errno)
         time.sleep(0.01)
-    deadline = time.monotonic() + args.wait
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        r, _, _ = select.select([s], [], [], left)
-        if r:
-            try:
-                s.recv(65536)
-                replies += 1
-            except OSError as e:
-                errors.append(e.errno)
+    for item in receive_for(s, args.wait):
+        if isinstance(item, OSError):
+            errors.append(item.errno)
+        else:
+            replies += 1
     out({"to": fmt(args.to), "local_port": s.getsockname()[1], "sent": args.count,
          "replies": replies, "icmp_errors": len(errors)})
     return 0
