@@ -81,8 +81,11 @@ enum LabSupport {
         let process = Process()
         let outURL: URL
         let errURL: URL
+        /// The file the process writes once it is ready, if any; removed with the output files.
+        let readyFile: String?
 
-        init(_ argv: [String], env: [String: String] = [:]) throws {
+        init(_ argv: [String], env: [String: String] = [:], readyFile: String? = nil) throws {
+            self.readyFile = readyFile
             let dir = FileManager.default.temporaryDirectory
             let id = UUID().uuidString
             outURL = dir.appendingPathComponent("hplab-\(id).out")
@@ -126,6 +129,7 @@ enum LabSupport {
             let err = (try? String(contentsOf: errURL, encoding: .utf8)) ?? ""
             try? FileManager.default.removeItem(at: outURL)
             try? FileManager.default.removeItem(at: errURL)
+            if let readyFile { try? FileManager.default.removeItem(atPath: readyFile) }
             return RunResult(status: process.terminationStatus, stdout: out, stderr: err, timedOut: timedOut)
         }
 
@@ -199,6 +203,18 @@ final class Lab: @unchecked Sendable {
 
     func background(_ host: String, _ argv: [String]) throws -> LabSupport.Background {
         try LabSupport.Background([LabSupport.labScript, "exec", host, "--"] + argv, env: env)
+    }
+
+    /// Starts `argv` in `host` with `--ready-file` appended (probe.py and `holepunch lab rendezvous` write that
+    /// file once they listen), and expects the file within `timeout` seconds. Stopping the process removes it.
+    func backgroundWhenReady(_ host: String, _ argv: [String], timeout: TimeInterval = 10,
+                             sourceLocation: SourceLocation = #_sourceLocation) throws -> LabSupport.Background {
+        let ready = FileManager.default.temporaryDirectory.appendingPathComponent("\(name)-\(host)-\(UUID().uuidString).ready").path
+        let process = try LabSupport.Background([LabSupport.labScript, "exec", host, "--"] + argv + ["--ready-file", ready],
+                                                env: env, readyFile: ready)
+        #expect(LabSupport.waitUntil(timeout: timeout) { FileManager.default.fileExists(atPath: ready) },
+                "\(argv.joined(separator: " ")) in \(host) did not get ready", sourceLocation: sourceLocation)
+        return process
     }
 
     /// Runs `lab/probe.py <args>` inside `host` and decodes its JSON output.

@@ -120,12 +120,10 @@ struct LabTests {
             for (peer, pub, admitted) in [("peer-a", Self.natAPublic, ["198.51.100.20:6001", "\(Self.rdv1):6001"]),
                                           ("peer-b", Self.natBPublic, ["\(Self.rdv1):6001"])] {
                 // The peer contacts rdv:3478 once from port 40010, then only listens.
-                let ready = FileManager.default.temporaryDirectory.appendingPathComponent("\(lab.name)-\(peer)-cone.ready").path
-                let listener = try lab.background(peer, ["python3", LabSupport.probeScript, "query",
-                                                         "--server", "\(Self.rdv1):3478", "--bind", "0.0.0.0:40010",
-                                                         "--listen", "6", "--ready-file", ready])
-                defer { _ = listener.stop(); try? FileManager.default.removeItem(atPath: ready) }
-                #expect(LabSupport.waitUntil(timeout: 10) { FileManager.default.fileExists(atPath: ready) })
+                let listener = try lab.backgroundWhenReady(peer, ["python3", LabSupport.probeScript, "query",
+                                                                  "--server", "\(Self.rdv1):3478", "--bind", "0.0.0.0:40010",
+                                                                  "--listen", "6"])
+                defer { _ = listener.stop() }
                 let start = Date()
                 // within the mapping's life: another host, and the contacted host from another port
                 for src in ["other:198.51.100.20:6001", "rdv:\(Self.rdv1):6001"] {
@@ -153,11 +151,9 @@ struct LabTests {
     func unsolicitedInboundIsDropped() throws {
         try withLab(["--nat-a", "full_cone", "--nat-b", "port_restricted"]) { lab in
             for (peer, pub) in [("peer-a", Self.natAPublic), ("peer-b", Self.natBPublic)] {
-                let ready = FileManager.default.temporaryDirectory.appendingPathComponent("\(lab.name)-\(peer).ready").path
-                let listener = try lab.background(peer, ["python3", LabSupport.probeScript, "listen",
-                                                         "--bind", "0.0.0.0:40002", "--timeout", "1.5", "--ready-file", ready])
-                defer { _ = listener.stop(); try? FileManager.default.removeItem(atPath: ready) }
-                #expect(LabSupport.waitUntil(timeout: 10) { FileManager.default.fileExists(atPath: ready) })
+                let listener = try lab.backgroundWhenReady(peer, ["python3", LabSupport.probeScript, "listen",
+                                                                  "--bind", "0.0.0.0:40002", "--timeout", "1.5"])
+                defer { _ = listener.stop() }
                 let sent = try lab.probe("other", ["send", "--to", "\(pub):40002", "--count", "5", "--wait", "0.5"],
                                          as: SendResult.self)
                 #expect(sent.sent == 5)
@@ -178,12 +174,10 @@ struct LabTests {
         try withLab(["--nat-a", "port_restricted", "--nat-b", "restricted"]) { lab in
             for (peer, pub) in [("peer-a", Self.natAPublic), ("peer-b", Self.natBPublic)] {
                 // The server first "punches" at the router's port 40001, then waits for the peer.
-                let ready = FileManager.default.temporaryDirectory.appendingPathComponent("\(lab.name)-\(peer)-knock.ready").path
-                let server = try lab.background("rdv", ["python3", LabSupport.probeScript, "serve",
-                                                        "--bind", "\(Self.rdv1):5000", "--knock", "\(pub):40001",
-                                                        "--lifetime", "10", "--ready-file", ready])
-                defer { _ = server.stop(); try? FileManager.default.removeItem(atPath: ready) }
-                #expect(LabSupport.waitUntil(timeout: 10) { FileManager.default.fileExists(atPath: ready) })
+                let server = try lab.backgroundWhenReady("rdv", ["python3", LabSupport.probeScript, "serve",
+                                                                 "--bind", "\(Self.rdv1):5000", "--knock", "\(pub):40001",
+                                                                 "--lifetime", "10"])
+                defer { _ = server.stop() }
                 let q = try lab.probe(peer, ["query", "--server", "\(Self.rdv1):5000", "--bind", "0.0.0.0:40001"],
                                       as: QueryResult.self)
                 #expect(q.mapped == "\(pub):40001", "\(peer) was mapped to \(q.mapped ?? "nothing")")
@@ -193,24 +187,28 @@ struct LabTests {
 
     // MARK: Impairments
 
+    /// The RTT from `host` to the rendezvous over 40 probes 10 ms apart, printed under `label`; expects every
+    /// probe answered.
+    static func rttToRendezvous(_ lab: Lab, from host: String, _ label: String,
+                                sourceLocation: SourceLocation = #_sourceLocation) throws -> RTTResult.Stats {
+        let r = try lab.probe(host, ["rtt", "--server", "\(rdv1):3478", "--count", "40", "--interval", "10"],
+                              as: RTTResult.self)
+        let rtt = try #require(r.rtt_ms, sourceLocation: sourceLocation)
+        print("\(label): RTT median \(rtt.median) ms, min \(rtt.min), max \(rtt.max), stdev \(rtt.stdev)")
+        #expect(r.received == r.sent, sourceLocation: sourceLocation)
+        return rtt
+    }
+
     @Test("the delay line delays by the amount asked (±20%)", .timeLimit(.minutes(1)))
     func delayLine() throws {
         try withLab(["--delay-a", "20", "--delay-b", "50", "--jitter-b", "10", "--probe-server"]) { lab in
             let st = try lab.status()
             #expect(st.nat["a"]?.delay_line == true && st.nat["b"]?.delay_line == true)
             // 20 ms each way on nat-a's link only: RTT peer-a <-> rendezvous ≈ 40 ms
-            let a = try lab.probe("peer-a", ["rtt", "--server", "\(Self.rdv1):3478", "--count", "40", "--interval", "10"],
-                                  as: RTTResult.self)
-            let ra = try #require(a.rtt_ms)
-            print("delay 20 ms one-way: RTT median \(ra.median) ms, min \(ra.min), max \(ra.max), stdev \(ra.stdev)")
-            #expect(a.received == a.sent)
+            let ra = try Self.rttToRendezvous(lab, from: "peer-a", "delay 20 ms one-way")
             #expect(ra.median >= 32 && ra.median <= 48, "median RTT \(ra.median) ms, want 40 ± 20%")
             // 50 ± 10 ms each way: RTT ≈ 100, spread between 80 and 120
-            let b = try lab.probe("peer-b", ["rtt", "--server", "\(Self.rdv1):3478", "--count", "40", "--interval", "10"],
-                                  as: RTTResult.self)
-            let rb = try #require(b.rtt_ms)
-            print("delay 50±10 ms one-way: RTT median \(rb.median) ms, min \(rb.min), max \(rb.max), stdev \(rb.stdev)")
-            #expect(b.received == b.sent)
+            let rb = try Self.rttToRendezvous(lab, from: "peer-b", "delay 50±10 ms one-way")
             #expect(rb.median >= 80 && rb.median <= 120, "median RTT \(rb.median) ms, want 100 ± 20%")
             #expect(rb.min >= 79, "min RTT \(rb.min) below 2 × (50 - 10)")
             #expect(rb.max <= 140, "max RTT \(rb.max) far above 2 × (50 + 10)")

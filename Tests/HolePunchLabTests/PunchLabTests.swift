@@ -101,14 +101,9 @@ extension LabTests {
             defer { try? FileManager.default.removeItem(atPath: identity) }
             let made = try LabSupport.run([Self.holepunchBinary!, "identity", "create", identity, "--force"], timeout: 30)
             #expect(made.status == 0, "identity create: \(made.stderr)")
-            let ready = identity + ".ready"
-            let server = try lab.background("rdv", [Self.holepunchBinary!, "lab", "rendezvous", "--identity", identity,
-                                                    "--ready-file", ready])
-            defer {
-                _ = server.stop()
-                try? FileManager.default.removeItem(atPath: ready)
-            }
-            #expect(LabSupport.waitUntil(timeout: 20) { FileManager.default.fileExists(atPath: ready) }, "rendezvous did not start")
+            let server = try lab.backgroundWhenReady("rdv", [Self.holepunchBinary!, "lab", "rendezvous", "--identity", identity],
+                                                     timeout: 20)
+            defer { _ = server.stop() }
             for type in Self.natTypes {
                 let renat = try LabSupport.run([LabSupport.labScript, "renat", "--nat-a", type, "--nat-b", type], env: lab.env)
                 #expect(renat.status == 0, "renat \(type): \(renat.stderr)")
