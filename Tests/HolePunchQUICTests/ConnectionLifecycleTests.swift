@@ -22,10 +22,7 @@ struct ConnectionLifecycleTests {
     @Test("a stream reset reaches the reader as streamReset with the code")
     func streamReset() async throws {
         let (client, server, connection, serverSide) = try await connectedPair()
-        let stream = try await connection.openStream()
-        try await stream.write([1, 2, 3])
-        let incoming = try #require(try await withDeadline(.seconds(10)) { try await serverSide.acceptStream() })
-        #expect(try await incoming.read() == [1, 2, 3])
+        let (stream, incoming) = try await streamPair(connection, serverSide, carrying: [1, 2, 3])
         await stream.reset(errorCode: 7)
         let error = await #expect(throws: QUICError.self) {
             _ = try await withDeadline(.seconds(10)) { try await incoming.readToEnd() }
@@ -113,10 +110,13 @@ extension ConnectionLifecycleTests {
     }
 }
 
-/// Two loopback endpoints, a dialled connection, and the server's side of it.
-func connectedPair() async throws -> (client: Endpoint, server: Endpoint, connection: QUICConnection, accepted: QUICConnection) {
-    let server = try await makeEndpoint(TestIdentities.b)
-    let client = try await makeEndpoint(TestIdentities.a)
+/// Two loopback endpoints (each configured by its closure), a dialled connection, and the server's side of it.
+func connectedPair(
+    server configureServer: (inout EndpointConfiguration) -> Void = { _ in },
+    client configureClient: (inout EndpointConfiguration) -> Void = { _ in }
+) async throws -> (client: Endpoint, server: Endpoint, connection: QUICConnection, accepted: QUICConnection) {
+    let server = try await makeEndpoint(TestIdentities.b, configure: configureServer)
+    let client = try await makeEndpoint(TestIdentities.a, configure: configureClient)
     let connection = try await withDeadline(.seconds(10)) {
         try await client.connect(to: server.localAddress, expecting: TestIdentities.b.nodeID)
     }
@@ -125,4 +125,16 @@ func connectedPair() async throws -> (client: Endpoint, server: Endpoint, connec
         return await iterator.next()
     })
     return (client, server, connection, accepted)
+}
+
+/// Opens a stream on `connection` and writes `bytes`; returns it with the peer's side of it, accepted on
+/// `accepted` once the peer has read those bytes.
+func streamPair(_ connection: QUICConnection, _ accepted: QUICConnection, carrying bytes: [UInt8],
+                sourceLocation: SourceLocation = #_sourceLocation) async throws -> (QUICStream, QUICStream) {
+    let stream = try await connection.openStream()
+    try await stream.write(bytes)
+    let incoming = try #require(try await withDeadline(.seconds(10)) { try await accepted.acceptStream() },
+                                sourceLocation: sourceLocation)
+    #expect(try await incoming.read() == bytes, sourceLocation: sourceLocation)
+    return (stream, incoming)
 }

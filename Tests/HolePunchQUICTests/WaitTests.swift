@@ -10,15 +10,10 @@ struct WaitTests {
     @Test("a cancelled read returns promptly with cancelled, and a later read still gets the data")
     func cancelledRead() async throws {
         let (client, server, connection, serverSide) = try await connectedPair()
-        let stream = try await connection.openStream()
-        try await stream.write([1])
-        let incoming = try #require(try await withDeadline(.seconds(10)) { try await serverSide.acceptStream() })
-        #expect(try await incoming.read() == [1])
+        let (stream, incoming) = try await streamPair(connection, serverSide, carrying: [1])
         let reader = Task { try await incoming.read() }
         try await waitForSuspended(server, count: 1)
-        reader.cancel()
-        let error = await #expect(throws: QUICError.self) { _ = try await withDeadline(.seconds(5)) { try await reader.value } }
-        #expect(error?.code == .cancelled)
+        await expectCancelled(reader)
         #expect(await server.suspendedWaiterCount == 0)
         try await stream.write([2])
         #expect(try await withDeadline(.seconds(10)) { try await incoming.read() } == [2])
@@ -31,9 +26,7 @@ struct WaitTests {
         let (client, server, connection, serverSide) = try await connectedPair()
         let acceptor = Task { try await serverSide.acceptStream() }
         try await waitForSuspended(server, count: 1)
-        acceptor.cancel()
-        let error = await #expect(throws: QUICError.self) { _ = try await withDeadline(.seconds(5)) { try await acceptor.value } }
-        #expect(error?.code == .cancelled)
+        await expectCancelled(acceptor)
         let stream = try await connection.openStream()
         try await stream.write([7])
         let incoming = try #require(try await withDeadline(.seconds(10)) { try await serverSide.acceptStream() })
@@ -57,19 +50,14 @@ struct WaitTests {
 
     @Test("a write waiting for send-buffer room returns promptly when cancelled, having queued nothing")
     func cancelledWrite() async throws {
-        let server = try await makeEndpoint(TestIdentities.b) { $0.streamReceiveWindow = 16 << 10 }
-        let client = try await makeEndpoint(TestIdentities.a) { $0.streamSendBuffer = 32 << 10 }
-        let connection = try await withDeadline(.seconds(10)) {
-            try await client.connect(to: server.localAddress, expecting: TestIdentities.b.nodeID)
-        }
+        let (client, server, connection, _) = try await connectedPair(
+            server: { $0.streamReceiveWindow = 16 << 10 }, client: { $0.streamSendBuffer = 32 << 10 })
         let stream = try await connection.openStream()
         // The peer never reads: 16 KiB of window, so 64 KiB stay unacknowledged, past the 32 KiB buffer.
         try await stream.write([UInt8](repeating: 1, count: 64 << 10))
         let writer = Task { try await stream.write([UInt8](repeating: 2, count: 1024)) }
         try await waitForSuspended(client, count: 1)
-        writer.cancel()
-        let error = await #expect(throws: QUICError.self) { _ = try await withDeadline(.seconds(5)) { try await writer.value } }
-        #expect(error?.code == .cancelled)
+        await expectCancelled(writer)
         await client.close()
         await server.close()
     }
@@ -77,10 +65,7 @@ struct WaitTests {
     @Test("two concurrent readers of one stream both get bytes; neither is lost")
     func twoReaders() async throws {
         let (client, server, connection, serverSide) = try await connectedPair()
-        let stream = try await connection.openStream()
-        try await stream.write([0])
-        let incoming = try #require(try await withDeadline(.seconds(10)) { try await serverSide.acceptStream() })
-        #expect(try await incoming.read() == [0])
+        let (stream, incoming) = try await streamPair(connection, serverSide, carrying: [0])
         let first = Task { try await incoming.read() }
         let second = Task { try await incoming.read() }
         try await waitForSuspended(server, count: 2)
@@ -112,10 +97,7 @@ struct WaitTests {
     @Test("a reset stream reports the reset on every read, never a clean end afterwards")
     func resetIsSticky() async throws {
         let (client, server, connection, serverSide) = try await connectedPair()
-        let stream = try await connection.openStream()
-        try await stream.write([1])
-        let incoming = try #require(try await withDeadline(.seconds(10)) { try await serverSide.acceptStream() })
-        #expect(try await incoming.read() == [1])
+        let (stream, incoming) = try await streamPair(connection, serverSide, carrying: [1])
         await stream.reset(errorCode: 9)
         for _ in 0..<2 {
             let error = await #expect(throws: QUICError.self) { _ = try await withDeadline(.seconds(10)) { try await incoming.read() } }
@@ -128,10 +110,7 @@ struct WaitTests {
     @Test("writing after a reset fails even when everything written before it was delivered")
     func writeAfterResetFails() async throws {
         let (client, server, connection, serverSide) = try await connectedPair()
-        let stream = try await connection.openStream()
-        try await stream.write([1, 2, 3])
-        let incoming = try #require(try await withDeadline(.seconds(10)) { try await serverSide.acceptStream() })
-        #expect(try await incoming.read() == [1, 2, 3])
+        let (stream, _) = try await streamPair(connection, serverSide, carrying: [1, 2, 3])
         try await withDeadline(.seconds(10)) { try await stream.delivered() }
         await stream.reset(errorCode: 7)
         let writeError = await #expect(throws: QUICError.self) { try await stream.write([4]) }
@@ -192,13 +171,7 @@ struct GracefulCloseTests {
 
     @Test("delivered() throws streamReset when the peer stops reading before everything was acknowledged")
     func deliveredAfterStopSending() async throws {
-        let server = try await makeEndpoint(TestIdentities.b) { $0.streamReceiveWindow = 16 << 10 }
-        let client = try await makeEndpoint(TestIdentities.a)
-        let connection = try await withDeadline(.seconds(10)) {
-            try await client.connect(to: server.localAddress, expecting: TestIdentities.b.nodeID)
-        }
-        var iterator = server.incoming.makeAsyncIterator()
-        let serverSide = try #require(await iterator.next())
+        let (client, server, connection, serverSide) = try await connectedPair(server: { $0.streamReceiveWindow = 16 << 10 })
         let stream = try await connection.openStream()
         try await stream.write([UInt8](repeating: 1, count: 64 << 10))
         let incoming = try #require(try await withDeadline(.seconds(10)) { try await serverSide.acceptStream() })
@@ -211,13 +184,7 @@ struct GracefulCloseTests {
 
     @Test("a graceful close towards a silent peer gives up after its timeout and reports the data undelivered")
     func closeTimesOut() async throws {
-        let server = try await makeEndpoint(TestIdentities.b)
-        let relay = try AlternateDropRelay(to: server.localAddress, lossRate: 0, seed: 1)
-        let client = try await makeEndpoint(TestIdentities.a)
-        let connection = try await withDeadline(.seconds(10)) {
-            try await client.connect(to: relay.address, expecting: TestIdentities.b.nodeID)
-        }
-        relay.stop()  // from now on nothing reaches the peer, and nothing comes back
+        let (client, server, connection) = try await connectionToASilentPeer()
         let stream = try await connection.openStream()
         try await stream.write([1, 2, 3])
         try await stream.finish()
@@ -230,23 +197,37 @@ struct GracefulCloseTests {
 
     @Test("a cancelled delivered() returns promptly with cancelled")
     func cancelledDelivered() async throws {
-        let server = try await makeEndpoint(TestIdentities.b)
-        let relay = try AlternateDropRelay(to: server.localAddress, lossRate: 0, seed: 1)
-        let client = try await makeEndpoint(TestIdentities.a)
-        let connection = try await withDeadline(.seconds(10)) {
-            try await client.connect(to: relay.address, expecting: TestIdentities.b.nodeID)
-        }
-        relay.stop()
+        let (client, server, connection) = try await connectionToASilentPeer()
         let stream = try await connection.openStream()
         try await stream.write([1])
         let waiter = Task { try await stream.delivered() }
         try await waitForSuspended(client, count: 1)
-        waiter.cancel()
-        let error = await #expect(throws: QUICError.self) { try await withDeadline(.seconds(5)) { try await waiter.value } }
-        #expect(error?.code == .cancelled)
+        await expectCancelled(waiter)
         await client.close()
         await server.close()
     }
+}
+
+/// A connection through a relay that is stopped at once: from then on nothing reaches the peer, and nothing
+/// comes back.
+private func connectionToASilentPeer() async throws -> (client: Endpoint, server: Endpoint, connection: QUICConnection) {
+    let server = try await makeEndpoint(TestIdentities.b)
+    let relay = try AlternateDropRelay(to: server.localAddress, lossRate: 0, seed: 1)
+    let client = try await makeEndpoint(TestIdentities.a)
+    let connection = try await withDeadline(.seconds(10)) {
+        try await client.connect(to: relay.address, expecting: TestIdentities.b.nodeID)
+    }
+    relay.stop()
+    return (client, server, connection)
+}
+
+/// Cancels `task`, suspended in a wait, and expects it to end within 5 s with `cancelled`.
+func expectCancelled<T: Sendable>(_ task: Task<T, any Error>, sourceLocation: SourceLocation = #_sourceLocation) async {
+    task.cancel()
+    let error = await #expect(throws: QUICError.self, sourceLocation: sourceLocation) {
+        _ = try await withDeadline(.seconds(5)) { try await task.value }
+    }
+    #expect(error?.code == .cancelled, sourceLocation: sourceLocation)
 }
 
 /// Waits (bounded) until `count` callers are suspended in the endpoint's waits.
