@@ -22,6 +22,29 @@ struct HolePunchNodeTests {
         return nil
     }
 
+    /// Starts A's connect to B (B's default admission refuses the punch, so it runs towards A's 60 s punch timeout),
+    /// runs `interrupt` once the punch is under way, and returns the error connect ended with (within 3 s); expects
+    /// the punch gone by then.
+    static func interruptedConnect(
+        _ interrupt: (HolePunchNode, Task<QUICConnection, any Error>) async -> Void,
+        sourceLocation: SourceLocation = #_sourceLocation
+    ) async throws -> (any Error)? {
+        let harness = try await Harness.start()
+        let b = try await node(Identities.b, harness)
+        let a = try await node(Identities.a, harness, punchTimeout: .seconds(60))
+        let request = Task { try await a.connect(to: Identities.b.nodeID) }
+        #expect(await eventually(.seconds(10)) { await a.executor.activePunches().count == 1 }, sourceLocation: sourceLocation)
+        await interrupt(a, request)
+        let result = try await withDeadline(.seconds(3)) { await request.result }
+        var failure: (any Error)?
+        if case .failure(let error) = result { failure = error } else { Issue.record("expected a failure", sourceLocation: sourceLocation) }
+        #expect(await a.executor.activePunches().isEmpty, sourceLocation: sourceLocation)
+        await a.stop()
+        await b.stop()
+        await harness.stop()
+        return failure
+    }
+
     @Test("two nodes: A connects to B by NodeID with a chosen ALPN, a line goes each way, stop ends incoming")
     func connectAndIncoming() async throws {
         let harness = try await Harness.start()
@@ -103,19 +126,8 @@ struct HolePunchNodeTests {
 
     @Test("cancelling connect's task: cancelled, the punch stops")
     func cancelConnect() async throws {
-        let harness = try await Harness.start()
-        let b = try await Self.node(Identities.b, harness)
-        let a = try await Self.node(Identities.a, harness, punchTimeout: .seconds(60))
-        let request = Task { try await a.connect(to: Identities.b.nodeID) }
-        #expect(await eventually(.seconds(10)) { await a.executor.activePunches().count == 1 })
-        request.cancel()
-        let result = try await withDeadline(.seconds(3)) { await request.result }
-        guard case .failure(let failure) = result else { Issue.record("expected a failure"); return }
-        #expect((failure as? NodeError)?.code == .cancelled, "\(failure)")
-        #expect(await a.executor.activePunches().isEmpty)
-        await a.stop()
-        await b.stop()
-        await harness.stop()
+        let failure = try await Self.interruptedConnect { _, request in request.cancel() }
+        #expect((failure as? NodeError)?.code == .cancelled, "\(String(describing: failure))")
     }
 
     @Test("as a Service: graceful shutdown of its ServiceGroup stops the node")
@@ -172,18 +184,8 @@ struct HolePunchNodeTests {
 
     @Test("stop() while connect is punching: connect ends with stopped, not a cancellation the caller never asked for")
     func stopDuringConnect() async throws {
-        let harness = try await Harness.start()
-        let b = try await Self.node(Identities.b, harness)
-        let a = try await Self.node(Identities.a, harness, punchTimeout: .seconds(60))
-        let request = Task { try await a.connect(to: Identities.b.nodeID) }
-        #expect(await eventually(.seconds(10)) { await a.executor.activePunches().count == 1 })
-        await a.stop()
-        let result = try await withDeadline(.seconds(3)) { await request.result }
-        guard case .failure(let failure) = result else { Issue.record("expected a failure"); return }
-        #expect((failure as? NodeError)?.code == .stopped, "\(failure)")
-        #expect(await a.executor.activePunches().isEmpty)
-        await b.stop()
-        await harness.stop()
+        let failure = try await Self.interruptedConnect { a, _ in await a.stop() }
+        #expect((failure as? NodeError)?.code == .stopped, "\(String(describing: failure))")
     }
 
     @Test("incoming holds at most incomingBuffer unread connections: beyond it the oldest is closed, not kept")
