@@ -10,6 +10,19 @@ struct PunchCapTests {
                      punchTime: .after(.seconds(60)), role: .initiator, targetNodeID: peer)
     }
 
+    /// Starts one punch per element of `range`, all at once, with the options `options` makes for it.
+    func startAtOnce(_ executor: PunchExecutor, _ range: Range<Int>,
+                     _ options: @escaping @Sendable (Int) -> PunchOptions) async -> [PunchHandle] {
+        await withTaskGroup(of: PunchHandle.self) { group in
+            for i in range {
+                group.addTask { await executor.startPunch(options(i)) }
+            }
+            var handles: [PunchHandle] = []
+            for await handle in group { handles.append(handle) }
+            return handles
+        }
+    }
+
     @Test("the ninth concurrent punch to one peer fails at once with tooManyPunches (default 8 per peer)")
     func perPeerCap() async throws {
         let endpoint = try await bindEndpoint(PunchIdentities.a)
@@ -57,25 +70,11 @@ struct PunchCapTests {
         let executor = PunchExecutor(endpoint: endpoint)
         let port = unusedPort()
         // Twenty starts at once, all to one peer: each awaits its plan off the actor, so they interleave.
-        let results = await withTaskGroup(of: PunchHandle.self) { group in
-            for i in 0..<20 {
-                group.addTask { await executor.startPunch(self.options(i, peer: PunchIdentities.b.nodeID, port: port)) }
-            }
-            var handles: [PunchHandle] = []
-            for await handle in group { handles.append(handle) }
-            return handles
-        }
+        let results = await startAtOnce(executor, 0..<20) { self.options($0, peer: PunchIdentities.b.nodeID, port: port) }
         #expect(results.count == 20)
         #expect(await executor.activePunches().count == 8)
         // The same session started twice concurrently runs once.
-        let twins = await withTaskGroup(of: PunchHandle.self) { group in
-            for _ in 0..<2 {
-                group.addTask { await executor.startPunch(self.options(99, peer: PunchIdentities.c.nodeID, port: port)) }
-            }
-            var handles: [PunchHandle] = []
-            for await handle in group { handles.append(handle) }
-            return handles
-        }
+        let twins = await startAtOnce(executor, 0..<2) { _ in self.options(99, peer: PunchIdentities.c.nodeID, port: port) }
         #expect(twins.count == 2)
         #expect(await executor.activePunches().count == 9)
         await executor.shutdown()
