@@ -501,14 +501,10 @@ def cmd_ping(args):
         t0 = time.monotonic()
         s.sendto(pkt, (args.to, 0))
         step_end = min(deadline, t0 + args.interval)
-        while True:
-            left = step_end - time.monotonic()
-            if left <= 0:
-                break
-            r, _, _ = select.select([s], [], [], left)
-            if not r:
-                break
-            data, src = s.recvfrom(65536)
+        for item in receive_for(s, step_end - time.monotonic()):
+            if isinstance(item, OSError):
+                raise item
+            data, src = item
             ihl = (data[0] & 0x0F) * 4
             icmp = data[ihl:]
             if src[0] == args.to and len(icmp) >= 8 and icmp[0] == 0 and int.from_bytes(icmp[4:6], "big") == ident:
