@@ -1,7 +1,6 @@
 public import HolePunch
 public import HolePunchSTUN
 public import Logging
-import Synchronization
 
 /// A peer's side of the rendezvous, on the peer's punch `Endpoint` and its `PunchExecutor`.
 ///
