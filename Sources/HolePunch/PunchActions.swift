@@ -151,5 +151,4 @@ extension PunchExecutor {
             apply(runtime, runtime.session.handle(.dialFailed(id: dial, authentication: authentication)))
         }
     }
-
 }

@@ -50,7 +50,7 @@ extension AdmissionTests {
                 try admission.reserve(session, punch: PunchID(rawValue: punch), node: node, maxPunches: 3, maxPerPeer: 2)
                 return nil
             } catch {
-                return (error as? PunchError)?.code
+                return error.code
             }
         }
         try admission.reserve("s1", punch: PunchID(rawValue: 1), node: a, maxPunches: 3, maxPerPeer: 2)
