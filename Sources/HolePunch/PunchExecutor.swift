@@ -64,7 +64,7 @@ public actor PunchExecutor {
     let clock = PunchClock()
     /// The I/O side of each running punch; its protocol state is in the runtime's session.
     var runtimes: [PunchID: PunchRuntime] = [:]
-    var nextID: UInt64 = 1
+    private var nextID: UInt64 = 1
     var installed = false
     var acceptTask: Task<Void, Never>?
     var otherDatagramHandler: (@Sendable ([UInt8], SocketAddress) -> Void)?

@@ -25,24 +25,24 @@ public actor RendezvousClient {
     var stream: QUICStream?
     /// Work this client started and cancels on close; each entry removes itself when it ends, so a long-lived
     /// client that is asked for many punches does not keep one task per punch forever.
-    var tasks: [UInt64: Task<Void, Never>] = [:]
-    var nextTaskID: UInt64 = 0
-    var nextRequest: UInt64 = 1
+    private var tasks: [UInt64: Task<Void, Never>] = [:]
+    private var nextTaskID: UInt64 = 0
+    private var nextRequest: UInt64 = 1
     var registerWaiter: CheckedContinuation<Result<Registered, RendezvousError>, Never>?
     /// Counts register calls, so a cancelled one never ends the wait of a newer one that superseded it.
-    var registerGeneration: UInt64 = 0
+    private var registerGeneration: UInt64 = 0
     var requestWaiters: [UInt64: CheckedContinuation<Result<ReceivedCoordinate, RendezvousError>, Never>] = [:]
     /// A punch request to write right behind the next register, in the same write (``connect(_:coordinatingWith:)``).
-    var pipelinedRequest: ClientMessage?
+    private var pipelinedRequest: ClientMessage?
     /// Pipelined requests whose answer may arrive before anyone waits for it (the register's confirmation comes
     /// first, and the coordinate can follow before ``connect(_:coordinatingWith:)`` resumes), and those answers.
     var pipelinedIDs: Set<UInt64> = []
     var unclaimedAnswers: [UInt64: Result<ReceivedCoordinate, RendezvousError>] = [:]
     var closedReason: RendezvousError?
-    var localNAT: NATProfile = .unknown
+    private var localNAT: NATProfile = .unknown
     /// The latest registration sent, so that a profile refinement keeps its LAN addresses.
-    var lastRegistration = Registration()
-    var natDiscovery: Task<Result<NATBehaviour, RendezvousError>, Never>?
+    private var lastRegistration = Registration()
+    private var natDiscovery: Task<Result<NATBehaviour, RendezvousError>, Never>?
     /// Target-role coordinate messages received so far.
     public internal(set) var targetCoordinates = 0
     /// Target-role coordinate messages refused so far (by ``RendezvousClientConfiguration/admission``, or because
@@ -188,7 +188,7 @@ public actor RendezvousClient {
 
     /// Waits for the answer to punch request `id`; `send` runs once the waiter is in place (an answer to a
     /// pipelined request may already be here).
-    func awaitCoordinate(_ id: UInt64, send: @escaping (isolated RendezvousClient) -> Void)
+    private func awaitCoordinate(_ id: UInt64, send: @escaping (isolated RendezvousClient) -> Void)
         async throws(RendezvousError) -> ReceivedCoordinate
     {
         if let early = unclaimedAnswers.removeValue(forKey: id) { return try early.get() }
@@ -211,13 +211,13 @@ public actor RendezvousClient {
     }
 
     /// Ends the wait of the `generation`th register call, unless a newer call has already superseded it.
-    func abandonRegister(_ generation: UInt64) {
+    private func abandonRegister(_ generation: UInt64) {
         guard generation == registerGeneration, let waiter = registerWaiter else { return }
         registerWaiter = nil
         waiter.resume(returning: .failure(RendezvousError(.cancelled, "the registration was cancelled")))
     }
 
-    func abandonRequest(_ id: UInt64) {
+    private func abandonRequest(_ id: UInt64) {
         requestWaiters.removeValue(forKey: id)?.resume(returning: .failure(
             RendezvousError(.cancelled, "the punch request was cancelled")))
     }
@@ -281,7 +281,7 @@ public actor RendezvousClient {
     }
 
     /// One coordinate and one punch; task cancellation cancels either.
-    func punchOnce(to target: NodeID, alpn: String?) async throws(RendezvousError) -> QUICConnection {
+    private func punchOnce(to target: NodeID, alpn: String?) async throws(RendezvousError) -> QUICConnection {
         let received = try await coordinate(to: target)
         let handle = await startPunch(received, alpn: alpn)
         let id = handle.id
@@ -370,7 +370,7 @@ public actor RendezvousClient {
     public var natProfile: NATProfile { localNAT }
 
     /// Registers again with the latest registration's LAN addresses and `profile`.
-    func refineRegistration(with profile: NATProfile) async throws(RendezvousError) -> Registered {
+    private func refineRegistration(with profile: NATProfile) async throws(RendezvousError) -> Registered {
         var update = lastRegistration
         update.nat = profile
         return try await register(update)
@@ -428,12 +428,12 @@ public actor RendezvousClient {
         }
     }
 
-    func forget(task id: UInt64) { tasks[id] = nil }
+    private func forget(task id: UInt64) { tasks[id] = nil }
 
     /// Tasks this client is still tracking (for tests: it must not grow with the punches it served).
     var trackedTaskCount: Int { tasks.count }
 
-    func armTimeout(_ body: @escaping @Sendable (isolated RendezvousClient) -> Void) {
+    private func armTimeout(_ body: @escaping @Sendable (isolated RendezvousClient) -> Void) {
         let limit = configuration.requestTimeout
         // Not kept in `tasks`: it ends by itself after `limit` and does nothing if the waiter is gone.
         Task {

@@ -73,7 +73,7 @@ extension RendezvousServer {
         }
     }
 
-    func finishRoute(_ request: RemotePunchRequest, via directory: any RendezvousDirectory) async {
+    private func finishRoute(_ request: RemotePunchRequest, via directory: any RendezvousDirectory) async {
         let sent = clock.now
         let result: Result<RemotePunchReply, RendezvousError>
         do { result = .success(try await directory.requestPunch(request)) } catch { result = .failure(error) }

@@ -73,7 +73,7 @@ extension RendezvousServer {
 
     /// The protocol uses one stream per connection: any other the transport lets a peer open is reset unread,
     /// and drained so that its buffered bytes are released.
-    func refuseExtraStreams(on connection: QUICConnection) async {
+    private func refuseExtraStreams(on connection: QUICConnection) async {
         while let extra = try? await connection.acceptStream() {
             stats.streamsRefused += 1
             await extra.reset(errorCode: RendezvousCloseCode.streamRefused)
@@ -97,7 +97,7 @@ extension RendezvousServer {
         }
     }
 
-    func noteSent(_ item: Outgoing, node: NodeID, connection: UInt64) {
+    private func noteSent(_ item: Outgoing, node: NodeID, connection: UInt64) {
         let at = now
         if let session = item.sessionID { state.coordinateSent(node: node, sessionID: session, now: at) }
         if let ping = item.pingID { links[connection]?.pings[ping]?.sentAt = at }
@@ -215,7 +215,7 @@ extension RendezvousServer {
 
     /// Marks a connection closing (nothing more is handled or queued for it) and closes it from a task, since
     /// this runs in the middle of handling; `serve` cleans up once its read fails.
-    func closeSoon(_ connection: UInt64, _ ending: Ending) {
+    private func closeSoon(_ connection: UInt64, _ ending: Ending) {
         guard let link = links[connection], !link.closing else { return }
         links[connection]?.closing = true
         links[connection]?.pings.removeAll()
