@@ -1,4 +1,5 @@
 import CoreMetrics
+import HolePunchStrategy
 import Synchronization
 
 /// The executor's metrics, created once per dimension set from a passed-in factory (never bootstrapped here).
@@ -33,6 +34,19 @@ final class PunchMetrics: Sendable {
             return counter
         }
         counter.increment()
+    }
+
+    /// Counts one finished punch with `outcome` in `holepunch.punch.attempts`.
+    func record(outcome: PunchOutcome, strategy: String, pair: String) {
+        switch outcome {
+        case .success: record(outcome: "success", strategy: strategy, pair: pair)
+        case .failure(let code, _): record(outcome: code.rawValue, strategy: strategy, pair: pair)
+        }
+    }
+
+    /// The `nat_pair` dimension of a punch: this side's NAT type, then the peer's (a bounded set).
+    static func pair(_ options: PunchOptions) -> String {
+        "\(options.localNAT.type)/\(options.remoteNAT.type)"
     }
 
     /// Counts one strategy failure that fell back to the built-in plan, in `holepunch.strategy.fallbacks`.

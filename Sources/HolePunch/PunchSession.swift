@@ -66,8 +66,9 @@ struct PunchSession {
         case dialEstablished(id: Int)
         /// A dial failed; `authentication` when the peer was not the pinned NodeID.
         case dialFailed(id: Int, authentication: Bool)
-        /// The target accepted a QUIC connection from the pinned peer for this session.
-        case accepted(id: Int)
+        /// The target accepted a QUIC connection from the pinned peer for this session, on local socket `socket`
+        /// (its id from ``acceptedConnectionID()``).
+        case accepted(id: Int, socket: Int = 0)
         /// The user cancelled.
         case cancel
     }
@@ -132,6 +133,15 @@ struct PunchSession {
     /// How often one proven path is dialled again after a failed handshake.
     static let maxRedials = 3
     private var winner: Int?
+    /// The local socket the winning connection runs on, once the session succeeded.
+    private(set) var winningSocket: Int?
+    /// The peer address the winning dial went to; nil for an accepted connection (its own address says).
+    private(set) var winningAddress: SocketAddress?
+    /// Ids for accepted connections, apart from dial ids.
+    private var lastAcceptedID = 1_000_000
+    /// Probe transactions sent and seen, against replayed copies. The executor records each request it sends and
+    /// asks before it believes a probe.
+    var ledger = ProbeLedger()
     private var roundsExhaustedAt: UInt64?
     /// The peer answered one of our probes: it hears us, and we hear it. Probing has done its job then, so later
     /// rounds send nothing (requests from the peer are still answered).
@@ -153,7 +163,7 @@ struct PunchSession {
             // A late probe, dial or timer after the end changes nothing, except that a connection completing
             // after another won is closed as a duplicate.
             if case .dialEstablished(let id) = event, id != winner { return [.closeDuplicate(id: id)] }
-            if case .accepted(let id) = event, id != winner { return [.closeDuplicate(id: id)] }
+            if case .accepted(let id, _) = event, id != winner { return [.closeDuplicate(id: id)] }
             return []
         }
         switch event {
@@ -170,8 +180,8 @@ struct PunchSession {
         case .unreachable(let address):
             return markUnreachable(address)
         case .dialEstablished(let id):
-            guard dialsInFlight.removeValue(forKey: id) != nil else { return [] }
-            return succeed(id)
+            guard let path = dialsInFlight.removeValue(forKey: id) else { return [] }
+            return succeed(id, socket: path.socket, address: path.address)
         case .dialFailed(let id, let authentication):
             guard let path = dialsInFlight.removeValue(forKey: id) else { return [] }
             if authentication { return finish(.peerAuthenticationFailed) }
@@ -192,9 +202,9 @@ struct PunchSession {
             }
             if dialsInFlight.isEmpty && phase == .connecting { phase = .probing }
             return allPortsFailedIfDone()
-        case .accepted(let id):
+        case .accepted(let id, let socket):
             guard configuration.role == .target else { return [.closeDuplicate(id: id)] }
-            return succeed(id)
+            return succeed(id, socket: socket, address: nil)
         case .cancel:
             return []
         }
@@ -210,6 +220,12 @@ struct PunchSession {
         configuration.deadline = configuration.startAt + nanoseconds(plan.timeout)
         cursor = 0
         roundsExhaustedAt = nil
+    }
+
+    /// A fresh id for a connection the target accepted, for ``Event/accepted(id:socket:)``.
+    mutating func acceptedConnectionID() -> Int {
+        lastAcceptedID += 1
+        return lastAcceptedID
     }
 
     /// QUIC handshakes this session has started (dials, including redials).
@@ -334,8 +350,10 @@ struct PunchSession {
         return finish(.allPortsFailed)
     }
 
-    private mutating func succeed(_ id: Int) -> [Action] {
+    private mutating func succeed(_ id: Int, socket: Int, address: SocketAddress?) -> [Action] {
         winner = id
+        winningSocket = socket
+        winningAddress = address
         phase = .succeeded
         // Deterministic tie-break: the first connection to complete wins; every other dial is abandoned.
         var actions: [Action] = dialsInFlight.keys.sorted().map { .abandonDial(id: $0) }

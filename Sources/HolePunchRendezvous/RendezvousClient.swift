@@ -1,97 +1,6 @@
 public import HolePunch
 public import HolePunchSTUN
 public import Logging
-import Synchronization
-
-/// Who may make this peer punch: asked, with the requester's NodeID, for every target-role coordinate message
-/// before a punch starts. A refused request starts nothing (no probe leaves), and the rendezvous is told the
-/// outcome `refused`.
-///
-/// The decision runs on the client's message loop, so it should answer quickly (a lookup, not a network call).
-public struct PunchAdmission: Sendable {
-    private let decide: @Sendable (NodeID) async -> Bool
-
-    /// An admission decided by `decide` (true admits).
-    public init(_ decide: @escaping @Sendable (NodeID) async -> Bool) {
-        self.decide = decide
-    }
-
-    /// Whether `peer` may make this side punch.
-    public func admits(_ peer: NodeID) async -> Bool {
-        await decide(peer)
-    }
-
-    /// Every registered peer may (the default: a public rendezvous's peers are strangers, but the punched
-    /// connection still has to prove the NodeID the rendezvous named).
-    public static let any = PunchAdmission { _ in true }
-    /// No one may: this peer only punches out.
-    public static let none = PunchAdmission { _ in false }
-    /// Only these NodeIDs may.
-    public static func allowList(_ nodes: Set<NodeID>) -> PunchAdmission {
-        PunchAdmission { nodes.contains($0) }
-    }
-}
-
-/// Settings for a ``RendezvousClient``.
-public struct RendezvousClientConfiguration: Sendable {
-    /// The rendezvous's QUIC address.
-    public var server: SocketAddress
-    /// The rendezvous's NodeID: the handshake must prove it.
-    public var serverNodeID: NodeID
-    /// How long to wait for the rendezvous to answer a register or punch request.
-    public var requestTimeout: Duration
-    /// The strategy for this client's punches; nil uses the executor's.
-    public var strategy: (any PunchStrategy)?
-    /// An overall limit on each punch; nil keeps the plan's.
-    public var punchTimeout: Duration?
-    /// Whether target-role coordinate messages start punches (true), or are only acknowledged and counted in
-    /// ``RendezvousClient/targetCoordinates`` (false: load tests of the rendezvous itself).
-    public var acceptsPunches = true
-    /// Who may make this peer punch (target role); ``PunchAdmission/any`` by default.
-    public var admission = PunchAdmission.any
-    /// The application protocol (TLS ALPN) the rendezvous speaks, whatever protocols the punch endpoint serves.
-    public var alpn = "holepunch/1"
-    /// NAT discovery that ``RendezvousClient/connect(_:)`` starts once registered, in the background
-    /// (``RendezvousClient/startNATDiscovery(server:configuration:)``), when the registration carries no NAT profile
-    /// and a STUN server is known (``natDiscoveryServer``, else the rendezvous's); nil (the default) starts none.
-    ///
-    /// Registration never waits for it: discovery waits out its filtering tests (seconds behind a filtering NAT),
-    /// while the rendezvous observes the mapped address on its own. Until it ends, punches plan with the profile
-    /// the registration carried (unknown); afterwards the client registers again with the measured profile.
-    public var backgroundNATDiscovery: NATDiscovery.Configuration?
-    /// The STUN server background discovery measures against; nil uses the one the rendezvous advertises.
-    public var natDiscoveryServer: SocketAddress?
-
-    /// Creates a configuration.
-    public init(
-        server: SocketAddress, serverNodeID: NodeID, requestTimeout: Duration = .seconds(10),
-        strategy: (any PunchStrategy)? = nil, punchTimeout: Duration? = nil
-    ) {
-        self.server = server
-        self.serverNodeID = serverNodeID
-        self.requestTimeout = requestTimeout
-        self.strategy = strategy
-        self.punchTimeout = punchTimeout
-    }
-}
-
-/// A coordinate message as this peer received it, with the instants derived from its receipt.
-public struct ReceivedCoordinate: Sendable {
-    /// The message.
-    public var coordinate: Coordinate
-    /// When it was decoded here (monotonic clock).
-    public var receivedAt: ContinuousClock.Instant
-    /// When probing starts: ``receivedAt`` plus the coordinate's start delay.
-    public var startAt: ContinuousClock.Instant { receivedAt.advanced(by: coordinate.startDelay) }
-}
-
-/// A punch the rendezvous asked this peer to accept (the target role), already started.
-public struct IncomingPunch: Sendable {
-    /// The coordinate message that started it.
-    public var coordinate: ReceivedCoordinate
-    /// The running punch: live events and the result.
-    public var handle: PunchHandle
-}
 
 /// A peer's side of the rendezvous, on the peer's punch `Endpoint` and its `PunchExecutor`.
 ///
@@ -108,41 +17,41 @@ public actor RendezvousClient {
     /// Target-role punches as they start (with live events).
     public nonisolated let incomingPunches: AsyncStream<IncomingPunch>
 
-    private let configuration: RendezvousClientConfiguration
-    private let logger: Logger
-    private let incomingContinuation: AsyncStream<QUICConnection>.Continuation
-    private let punchesContinuation: AsyncStream<IncomingPunch>.Continuation
-    private var connection: QUICConnection?
-    private var stream: QUICStream?
+    let configuration: RendezvousClientConfiguration
+    let logger: Logger
+    let incomingContinuation: AsyncStream<QUICConnection>.Continuation
+    let punchesContinuation: AsyncStream<IncomingPunch>.Continuation
+    var connection: QUICConnection?
+    var stream: QUICStream?
     /// Work this client started and cancels on close; each entry removes itself when it ends, so a long-lived
     /// client that is asked for many punches does not keep one task per punch forever.
     private var tasks: [UInt64: Task<Void, Never>] = [:]
     private var nextTaskID: UInt64 = 0
     private var nextRequest: UInt64 = 1
-    private var registerWaiter: CheckedContinuation<Result<Registered, RendezvousError>, Never>?
+    var registerWaiter: CheckedContinuation<Result<Registered, RendezvousError>, Never>?
     /// Counts register calls, so a cancelled one never ends the wait of a newer one that superseded it.
     private var registerGeneration: UInt64 = 0
-    private var requestWaiters: [UInt64: CheckedContinuation<Result<ReceivedCoordinate, RendezvousError>, Never>] = [:]
+    var requestWaiters: [UInt64: CheckedContinuation<Result<ReceivedCoordinate, RendezvousError>, Never>] = [:]
     /// A punch request to write right behind the next register, in the same write (``connect(_:coordinatingWith:)``).
     private var pipelinedRequest: ClientMessage?
     /// Pipelined requests whose answer may arrive before anyone waits for it (the register's confirmation comes
     /// first, and the coordinate can follow before ``connect(_:coordinatingWith:)`` resumes), and those answers.
-    private var pipelinedIDs: Set<UInt64> = []
-    private var unclaimedAnswers: [UInt64: Result<ReceivedCoordinate, RendezvousError>] = [:]
-    private var closedReason: RendezvousError?
+    var pipelinedIDs: Set<UInt64> = []
+    var unclaimedAnswers: [UInt64: Result<ReceivedCoordinate, RendezvousError>] = [:]
+    var closedReason: RendezvousError?
     private var localNAT: NATProfile = .unknown
     /// The latest registration sent, so that a profile refinement keeps its LAN addresses.
     private var lastRegistration = Registration()
     private var natDiscovery: Task<Result<NATBehaviour, RendezvousError>, Never>?
     /// Target-role coordinate messages received so far.
-    public private(set) var targetCoordinates = 0
+    public internal(set) var targetCoordinates = 0
     /// Target-role coordinate messages refused so far (by ``RendezvousClientConfiguration/admission``, or because
     /// none of the requester's candidates may be probed).
-    public private(set) var refusedCoordinates = 0
+    public internal(set) var refusedCoordinates = 0
     /// Messages from the rendezvous dropped because they failed validation (``RendezvousMessageLimits``).
-    public private(set) var invalidMessages = 0
+    public internal(set) var invalidMessages = 0
     /// The last confirmation from the server.
-    public private(set) var registered: Registered?
+    public internal(set) var registered: Registered?
 
     /// Creates a client; nothing is sent until ``connect(_:)``.
     public init(
@@ -509,7 +418,7 @@ public actor RendezvousClient {
     }
 
     /// Keeps `task` until it ends (or the client closes).
-    private func track(_ task: Task<Void, Never>) {
+    func track(_ task: Task<Void, Never>) {
         nextTaskID += 1
         let id = nextTaskID
         tasks[id] = task
@@ -531,125 +440,6 @@ public actor RendezvousClient {
             guard (try? await Task.sleep(for: limit)) != nil else { return }
             body(self)
         }
-    }
-
-    private func send(_ message: ClientMessage) async {
-        await send([message])
-    }
-
-    /// Writes `messages` in one write, in order.
-    private func send(_ messages: [ClientMessage]) async {
-        guard let stream, closedReason == nil else { return }
-        do {
-            try await stream.write(messages.flatMap { RendezvousFraming.frame($0) })
-        } catch {
-            fail(RendezvousError(.disconnected, "lost the rendezvous connection: \(error)"))
-        }
-    }
-
-    private func readLoop() async {
-        guard let stream else { return }
-        var reader = FrameReader()
-        do {
-            while let chunk = try await stream.read() {
-                reader.append(chunk)
-                while let body = try reader.next() {
-                    let receivedAt = ContinuousClock.now
-                    let message: ServerMessage
-                    do {
-                        message = try RendezvousFraming.decode(ServerMessage.self, from: body)
-                    } catch {
-                        // The framing is intact, only this message is out of range (e.g. another peer's profile
-                        // relayed by a server that does not check it): drop it, keep the registration.
-                        invalidMessages += 1
-                        logger.info("invalid message from the rendezvous dropped", metadata: ["error": "\(error)"])
-                        continue
-                    }
-                    await handle(message, receivedAt: receivedAt)
-                }
-            }
-            fail(RendezvousError(.disconnected, "the rendezvous closed the connection"))
-        } catch {
-            fail(RendezvousError(.disconnected, "lost the rendezvous connection: \(error)"))
-        }
-    }
-
-    private func handle(_ message: ServerMessage, receivedAt: ContinuousClock.Instant) async {
-        switch message {
-        case .ping(let id):
-            await send(.pong(id: id))
-        case .registered(let confirmed):
-            registered = confirmed
-            registerWaiter?.resume(returning: .success(confirmed))
-            registerWaiter = nil
-        case .keepAliveAck:
-            break
-        case .coordinate(let coordinate):
-            await send(.coordinateAck(sessionID: coordinate.sessionID))
-            let received = ReceivedCoordinate(coordinate: coordinate, receivedAt: receivedAt)
-            if coordinate.role == .initiator {
-                if let id = coordinate.requestID { answer(id, .success(received)) }
-            } else if !configuration.acceptsPunches {
-                targetCoordinates += 1
-            } else if !(await configuration.admission.admits(coordinate.peer)) {
-                targetCoordinates += 1
-                refusedCoordinates += 1
-                logger.info("punch refused by the admission policy", metadata: [
-                    "peer.node": "\(coordinate.peer.short)", "session.id": "\(coordinate.sessionID)",
-                ])
-                await send(.punchResult(sessionID: coordinate.sessionID, outcome: PunchFailureCode.refused.rawValue))
-            } else {
-                targetCoordinates += 1
-                logger.info("punch requested by peer", metadata: ["peer.node": "\(coordinate.peer.short)",
-                                                                  "session.id": "\(coordinate.sessionID)"])
-                let handle = await startPunch(received)
-                punchesContinuation.yield(IncomingPunch(coordinate: received, handle: handle))
-                let sink = incomingContinuation
-                track(Task {
-                    if case .success(let connection) = await handle.result() { sink.yield(connection) }
-                })
-            }
-        case .error(let reply):
-            let error = RendezvousError(RendezvousError.Code(reply.code), reply.message)
-            // A refusal naming a request belongs to that request, even one nobody waits for any more (timed out,
-            // cancelled): only a refusal without a request id can be the register's.
-            if let id = reply.requestID {
-                answer(id, .failure(error))
-            } else if let waiter = registerWaiter {
-                registerWaiter = nil
-                waiter.resume(returning: .failure(error))
-            } else {
-                logger.info("rendezvous error", metadata: ["error": "\(error)"])
-            }
-        }
-    }
-
-    /// Hands the answer to punch request `id` to its waiter, or keeps it for a pipelined request's caller.
-    private func answer(_ id: UInt64, _ result: Result<ReceivedCoordinate, RendezvousError>) {
-        if let waiter = requestWaiters.removeValue(forKey: id) {
-            waiter.resume(returning: result)
-        } else if pipelinedIDs.contains(id) {
-            unclaimedAnswers[id] = result
-        }
-    }
-
-    private func keepAliveLoop() async {
-        while closedReason == nil {
-            let interval = Duration.milliseconds(max(registered?.keepAliveMilliseconds ?? 10_000, 50))
-            guard (try? await Task.sleep(for: interval)) != nil else { return }
-            await send(.keepAlive)
-        }
-    }
-
-    private func fail(_ error: RendezvousError) {
-        guard closedReason == nil else { return }
-        closedReason = error
-        registerWaiter?.resume(returning: .failure(error))
-        registerWaiter = nil
-        for waiter in requestWaiters.values { waiter.resume(returning: .failure(error)) }
-        requestWaiters.removeAll()
-        incomingContinuation.finish()
-        punchesContinuation.finish()
     }
 
     /// Why the client stopped, once it has (nil while connected).
@@ -687,56 +477,3 @@ extension NATProfile {
     }
 }
 
-/// A ``STUNTransport`` over the punch endpoint's shared socket: sends with ``Endpoint/send(datagram:to:)`` and
-/// receives the STUN-range datagrams that are not punch probes.
-///
-/// Datagrams arrive through ``PunchExecutor/otherDatagrams(_:)``, which installs the executor on the endpoint if
-/// no punch has yet.
-final class EndpointSTUNTransport: STUNTransport {
-    let endpoint: Endpoint
-    let localAddress: SocketAddress
-    private let sink = Mutex<AsyncStream<STUNDatagram>.Continuation?>(nil)
-
-    init(endpoint: Endpoint) {
-        self.endpoint = endpoint
-        self.localAddress = endpoint.localAddress
-    }
-
-    func install(executor: PunchExecutor) async {
-        let handler: @Sendable ([UInt8], SocketAddress) -> Void = { [self] bytes, from in
-            deliver(STUNDatagram(bytes: bytes, from: from))
-        }
-        // The executor owns the endpoint's handler (punch probes) and forwards everything else here. Setting the
-        // endpoint's handler directly would take probes away from the executor for good.
-        await executor.otherDatagrams(handler)
-    }
-
-    private func deliver(_ datagram: STUNDatagram) {
-        _ = sink.withLock { $0?.yield(datagram) }
-    }
-
-    func send(_ bytes: [UInt8], to destination: SocketAddress) async throws {
-        try await endpoint.send(datagram: bytes, to: destination)
-    }
-
-    func incoming() -> AsyncStream<STUNDatagram> {
-        let (stream, continuation) = AsyncStream.makeStream(of: STUNDatagram.self, bufferingPolicy: .bufferingNewest(256))
-        let previous = sink.withLock { current in
-            defer { current = continuation }
-            return current
-        }
-        previous?.finish()
-        return stream
-    }
-
-    func close() async {
-        finish()
-    }
-
-    func finish() {
-        sink.withLock { current in
-            current?.finish()
-            current = nil
-        }
-    }
-}

@@ -291,3 +291,24 @@ extension PunchSessionTests {
         #expect(session.configuration.deadline == 4000 * Self.ms)
     }
 }
+
+extension PunchSessionTests {
+    @Test("the session knows the winning path: a dial's socket and address, an accepted connection's socket")
+    func winningPathIsTheSessions() {
+        var initiator = Self.session()
+        _ = initiator.handle(.start(now: 1000 * Self.ms))
+        _ = initiator.handle(.probeResponse(from: Self.address(4001), socket: 0))
+        #expect(initiator.winningSocket == nil)
+        _ = initiator.handle(.dialEstablished(id: 1))
+        #expect(initiator.winningSocket == 0)
+        #expect(initiator.winningAddress == Self.address(4001))
+
+        var target = Self.session(role: .target)
+        _ = target.handle(.start(now: 1000 * Self.ms))
+        let id = target.acceptedConnectionID()
+        #expect(id != target.acceptedConnectionID(), "accept ids are never reused")
+        #expect(target.handle(.accepted(id: id, socket: 2)) == [.succeed(connection: id)])
+        #expect(target.winningSocket == 2)
+        #expect(target.winningAddress == nil)
+    }
+}

@@ -1,0 +1,112 @@
+import HolePunchNet
+import HolePunchQUIC
+
+/// Ending a punch: its result and last event, the teardown of its timer, dials, losing sockets and session entry,
+/// and the outcome in metrics, history and the strategy's `onResult` hook.
+extension PunchExecutor {
+    func succeed(_ runtime: PunchRuntime, connection id: Int) {
+        guard let connection = runtime.connections.removeValue(forKey: id) else {
+            fail(runtime, code: .timeout)
+            return
+        }
+        let elapsed = elapsedSinceStart(runtime)
+        let winningSocket = runtime.session.winningSocket ?? 0
+        let remote = runtime.session.winningAddress ?? connection.remoteAddress
+        let port = remote.port
+        let offset = runtime.options.targetPorts.first.map { Int(port) - Int($0) } ?? 0
+        let outcome = PunchOutcome.success(timeToConnect: elapsed, winningPort: port, portOffset: offset, rounds: runtime.session.round)
+        let success = PunchSuccess(
+            remoteAddress: remote, localPort: runtime.sockets[min(winningSocket, runtime.sockets.count - 1)].localAddress.port,
+            timeToConnect: elapsed, rounds: runtime.session.round
+        )
+        let closing = end(runtime, outcome: outcome, keepSocket: winningSocket)
+        metrics.timeToConnect.recordNanoseconds(Int64(nanoseconds(elapsed)))
+        deliver(runtime, .success(connection), event: .done(.success(success)), after: closing)
+        logger.debug("punch connected", metadata: [
+            "punch.id": "\(runtime.id)", "peer.address": "\(remote)", "punch.rounds": "\(runtime.session.round)",
+        ])
+    }
+
+    func fail(_ runtime: PunchRuntime, code: PunchFailureCode) {
+        let elapsed = elapsedSinceStart(runtime)
+        var message: String
+        switch code {
+        case .timeout:
+            message = "no authenticated connection before the deadline"
+            if let proven = runtime.firstPathProven {
+                message += ": a path was proven after \(proven.humanDescription)"
+                if runtime.options.role == .initiator {
+                    message += ", \(runtime.session.dialsStarted) QUIC handshake(s) started"
+                }
+            } else {
+                message += ": no probe from the peer arrived"
+            }
+        case .unreachable: message = "every candidate port answered ICMP unreachable"
+        case .allPortsFailed: message = "no planned port answered a probe"
+        case .cancelled: message = "the punch was cancelled"
+        case .peerAuthenticationFailed:
+            // The QUIC error's detail, not its description: the code is already this error's own.
+            message = runtime.authenticationError?.detail ?? "the peer was not the expected NodeID"
+        default: message = code.rawValue
+        }
+        if code != .cancelled { message += " (\(runtime.options.targetHost), \(runtime.options.targetPorts.count) candidate ports)" }
+        let error = PunchError(
+            code: code, message: message, portsTried: runtime.session.portsTried,
+            rounds: runtime.session.round, elapsed: elapsed
+        )
+        let closing = end(runtime, outcome: .failure(code: code, rounds: runtime.session.round), keepSocket: nil)
+        deliver(runtime, .failure(error), event: .done(.failure(error)), after: closing)
+    }
+
+    /// Delivers the result once the punch's losing sockets are closed, so "result delivered" means the punch has
+    /// really stopped.
+    private func deliver(
+        _ runtime: PunchRuntime, _ result: Result<QUICConnection, PunchError>, event: PunchEvent, after closing: [Endpoint]
+    ) {
+        let box = runtime.box
+        let events = runtime.events
+        if closing.isEmpty {
+            if box.deliver(result) { events.yield(event) }
+            events.finish()
+            return
+        }
+        Task {
+            for socket in closing { await socket.close() }
+            if box.deliver(result) { events.yield(event) }
+            events.finish()
+        }
+    }
+
+    /// Tears a punch down: timer, dials, registrations; records the outcome. Returns the losing extra sockets,
+    /// which the caller closes before delivering the result.
+    private func end(_ runtime: PunchRuntime, outcome: PunchOutcome, keepSocket: Int?) -> [Endpoint] {
+        runtime.timerTask?.cancel()
+        runtime.timerTask = nil
+        runtime.timerGeneration += 1
+        for task in runtime.dials.values { task.cancel() }
+        runtime.dials.removeAll()
+        for connection in runtime.connections.values {
+            Task { await connection.close(errorCode: PunchExecutor.duplicateCode, reason: "duplicate connection") }
+        }
+        runtime.connections.removeAll()
+        let closing = runtime.sockets.enumerated().filter { $0.offset > 0 && $0.offset != keepSocket }.map(\.element)
+        runtimes[runtime.id] = nil
+        admission.forget(session: runtime.options.sessionID)
+        metrics.active.decrement()
+        metrics.record(outcome: outcome, strategy: runtime.strategyName, pair: PunchMetrics.pair(runtime.options))
+        if case .failure(.cancelled, _) = outcome {
+            // A cancellation says nothing about the network: it is not history.
+        } else {
+            history.record(outcome, for: runtime.context)
+        }
+        // A failing hook is logged and counted by `FallbackStrategy`, never thrown.
+        let (strategy, context) = (runtime.strategy, runtime.context)
+        Task { await strategy.detachedOnResult(context, outcome) }
+        return closing
+    }
+
+    /// Time since the punch's start instant (zero before it).
+    func elapsedSinceStart(_ runtime: PunchRuntime) -> Duration {
+        clock.elapsed(since: runtime.session.configuration.startAt)
+    }
+}

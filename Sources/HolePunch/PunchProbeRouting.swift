@@ -1,0 +1,97 @@
+import HolePunchNet
+import HolePunchQUIC
+import HolePunchSTUN
+
+/// Routing what the sockets receive: probes to the punch whose session they name, ICMP errors to the punches
+/// that probe the address, accepted connections to the target punch whose session their server name carries;
+/// everything else to ``otherDatagrams(_:)`` and ``otherConnections``. The endpoint wiring is here, in one place.
+extension PunchExecutor {
+    /// Takes over the endpoint's accept policy, handshake hints and datagram handlers, once.
+    func installIfNeeded() async {
+        guard !installed else { return }
+        installed = true
+        let admission = self.admission
+        await endpoint.setAcceptPolicy(admission.policy)
+        await endpoint.setHandshakeHintProvider { admission.hints(for: $0) }
+        await installHandlers(on: endpoint, socket: 0, punch: nil)
+        acceptTask = acceptConnections(from: endpoint, socket: 0)
+    }
+
+    func installHandlers(on endpoint: Endpoint, socket: Int, punch: PunchID?) async {
+        await endpoint.setDatagramHandler { [weak self] bytes, from in
+            guard let self else { return }
+            Task { await self.datagram(bytes, from: from, socket: socket) }
+        }
+        await endpoint.setUnreachableHandler { [weak self] address in
+            guard let self else { return }
+            Task { await self.unreachable(address, punch: punch) }
+        }
+    }
+
+    /// Hands every connection `endpoint` accepts to ``accepted(_:socket:)`` until its stream ends.
+    @discardableResult
+    func acceptConnections(from endpoint: Endpoint, socket: Int) -> Task<Void, Never> {
+        let incoming = endpoint.incoming
+        return Task { [weak self] in
+            for await connection in incoming {
+                guard let self else { return }
+                await self.accepted(connection, socket: socket)
+            }
+        }
+    }
+
+    private func datagram(_ bytes: [UInt8], from: SocketAddress, socket: Int) {
+        guard let message = try? STUNMessage.decode(bytes),
+              let username = message.username,
+              let separator = username.firstIndex(of: ":"),
+              let id = admission.punch(forSession: String(username[..<separator])),
+              let runtime = runtimes[id]
+        else {
+            if socket == 0 { otherDatagramHandler?(bytes, from) }
+            return
+        }
+        guard let probe = try? PunchProbe.verify(message, bytes: bytes, sessionID: runtime.options.sessionID, key: runtime.options.sessionKey),
+              probe.senderRole != runtime.options.role.rawValue
+        else {
+            // Forged, for another key, or our own probe reflected back: ignore.
+            return
+        }
+        // A copy of a genuine probe, replayed from elsewhere or again, proves nothing (see ProbeLedger).
+        let fresh = probe.isResponse
+            ? runtime.session.ledger.acceptResponse(probe.transactionID, socket: socket, from: from)
+            : runtime.session.ledger.acceptRequest(probe.transactionID)
+        guard fresh else { return }
+        let event: PunchSession.Event = probe.isResponse
+            ? .probeResponse(from: from, socket: socket)
+            : .probeRequest(from: from, socket: socket)
+        apply(runtime, runtime.session.handle(event), replyTo: probe.transactionID)
+    }
+
+    private func unreachable(_ address: SocketAddress, punch: PunchID?) {
+        if let punch, let runtime = runtimes[punch] {
+            apply(runtime, runtime.session.handle(.unreachable(address)))
+            return
+        }
+        for runtime in runtimes.values where runtime.session.configuration.candidates.contains(address) {
+            apply(runtime, runtime.session.handle(.unreachable(address)))
+        }
+    }
+
+    /// A handshake from the pinned peer completed on local socket `socket` (0: the endpoint; more: a target's extra
+    /// socket in a birthday punch, which must then be the one kept open).
+    private func accepted(_ connection: QUICConnection, socket: Int) async {
+        // The initiator names the session in the TLS server name, so a late handshake from an earlier session of
+        // the same peer can never be mistaken for this one.
+        guard let serverName = connection.serverName,
+              let session = PunchExecutor.sessionID(fromServerName: serverName),
+              let punchID = admission.punch(forSession: session), let runtime = runtimes[punchID],
+              runtime.options.role == .target, runtime.options.targetNodeID == connection.peerNodeID
+        else {
+            otherConnectionsContinuation.yield(connection)
+            return
+        }
+        let id = runtime.session.acceptedConnectionID()
+        runtime.connections[id] = connection
+        apply(runtime, runtime.session.handle(.accepted(id: id, socket: socket)))
+    }
+}

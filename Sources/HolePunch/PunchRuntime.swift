@@ -1,0 +1,49 @@
+import HolePunchNet
+import HolePunchQUIC
+import HolePunchStrategy
+
+/// The I/O side of one punch: its sockets, dial tasks, connections and timer, and where its result goes. Owned by
+/// the executor actor and touched only there.
+///
+/// Protocol state (phase, rounds, dials in flight and their paths, proven paths, probe transactions) lives in
+/// ``session`` alone; the runtime keeps the handles that perform its actions, keyed by the session's ids.
+final class PunchRuntime {
+    let id: PunchID
+    let options: PunchOptions
+    var session: PunchSession
+    let context: PunchContext
+    /// The strategy's hooks after planning, behind `FallbackStrategy`, so a failing hook never breaks the punch.
+    let strategy: FallbackStrategy
+    let strategyName: String
+    let box: ResultBox
+    let events: AsyncStream<PunchEvent>.Continuation
+    let startedAt: ContinuousClock.Instant
+    /// Local sockets: 0 is the executor's endpoint; more are a birthday punch's extra sockets (`PunchSocketSet`).
+    var sockets: [Endpoint] = []
+    /// Handshakes in flight, by the session's dial id.
+    var dials: [Int: Task<Void, Never>] = [:]
+    /// Established connections not yet handed over or closed, by the session's dial or accept id.
+    var connections: [Int: QUICConnection] = [:]
+    var timerTask: Task<Void, Never>?
+    var timerGeneration = 0
+    /// The QUIC error of a dial whose peer was not the pinned NodeID, for the failure message.
+    var authenticationError: QUICError?
+    /// When the first verified probe from the peer arrived, from the start instant (for failure reports).
+    var firstPathProven: Duration?
+
+    init(
+        id: PunchID, options: PunchOptions, session: PunchSession, context: PunchContext,
+        strategy: FallbackStrategy, strategyName: String, box: ResultBox,
+        events: AsyncStream<PunchEvent>.Continuation, startedAt: ContinuousClock.Instant
+    ) {
+        self.id = id
+        self.options = options
+        self.session = session
+        self.context = context
+        self.strategy = strategy
+        self.strategyName = strategyName
+        self.box = box
+        self.events = events
+        self.startedAt = startedAt
+    }
+}

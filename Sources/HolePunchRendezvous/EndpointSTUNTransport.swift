@@ -1,0 +1,57 @@
+import HolePunch
+import HolePunchSTUN
+import Synchronization
+
+/// A ``STUNTransport`` over the punch endpoint's shared socket: sends with ``Endpoint/send(datagram:to:)`` and
+/// receives the STUN-range datagrams that are not punch probes.
+///
+/// Datagrams arrive through ``PunchExecutor/otherDatagrams(_:)``, which installs the executor on the endpoint if
+/// no punch has yet.
+final class EndpointSTUNTransport: STUNTransport {
+    let endpoint: Endpoint
+    let localAddress: SocketAddress
+    private let sink = Mutex<AsyncStream<STUNDatagram>.Continuation?>(nil)
+
+    init(endpoint: Endpoint) {
+        self.endpoint = endpoint
+        self.localAddress = endpoint.localAddress
+    }
+
+    func install(executor: PunchExecutor) async {
+        let handler: @Sendable ([UInt8], SocketAddress) -> Void = { [self] bytes, from in
+            deliver(STUNDatagram(bytes: bytes, from: from))
+        }
+        // The executor owns the endpoint's handler (punch probes) and forwards everything else here. Setting the
+        // endpoint's handler directly would take probes away from the executor for good.
+        await executor.otherDatagrams(handler)
+    }
+
+    private func deliver(_ datagram: STUNDatagram) {
+        _ = sink.withLock { $0?.yield(datagram) }
+    }
+
+    func send(_ bytes: [UInt8], to destination: SocketAddress) async throws {
+        try await endpoint.send(datagram: bytes, to: destination)
+    }
+
+    func incoming() -> AsyncStream<STUNDatagram> {
+        let (stream, continuation) = AsyncStream.makeStream(of: STUNDatagram.self, bufferingPolicy: .bufferingNewest(256))
+        let previous = sink.withLock { current in
+            defer { current = continuation }
+            return current
+        }
+        previous?.finish()
+        return stream
+    }
+
+    func close() async {
+        finish()
+    }
+
+    func finish() {
+        sink.withLock { current in
+            current?.finish()
+            current = nil
+        }
+    }
+}
