@@ -124,8 +124,10 @@ package final class UDPDatagramTransport: DatagramTransport {
 
     /// Takes the next datagram or unreachable report; see ``DatagramTransport/receive(into:)``.
     package func receive(into buffer: UnsafeMutableRawBufferPointer) -> DatagramInput? {
-        guard let socket = state.withLock({ $0.socket }) else { return nil }
-        if state.withLock({ $0.errorPending }) {
+        guard let (socket, errorPending) = state.withLock({ state in state.socket.map { ($0, state.errorPending) } }) else {
+            return nil
+        }
+        if errorPending {
             if let report = nextUnreachable(socket) { return .unreachable(report) }
             state.withLock { $0.errorPending = false }
         }

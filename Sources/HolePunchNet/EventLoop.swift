@@ -82,20 +82,24 @@ package final class EventLoop: SerialExecutor, @unchecked Sendable {
 
     // MARK: SerialExecutor
 
+    /// Queues an actor job to run on the loop thread.
     package func enqueue(_ job: consuming ExecutorJob) {
         let unowned = UnownedJob(job)
         pending.withLock { $0.jobs.append(unowned) }
         wake()
     }
 
+    /// This loop as the executor of the actors pinned to it.
     package func asUnownedSerialExecutor() -> UnownedSerialExecutor {
         UnownedSerialExecutor(ordinary: self)
     }
 
+    /// Traps unless called on the loop thread (what `assumeIsolated` relies on).
     package func checkIsolated() {
         precondition(inLoop, "not on the endpoint's event loop")
     }
 
+    /// Whether the caller runs on the loop thread.
     package func isIsolatingCurrentContext() -> Bool? {
         inLoop
     }
