@@ -151,7 +151,8 @@ package final class UDPDatagramTransport: DatagramTransport {
         return nil
     }
 
-    /// Unregisters the socket from the loop (waiting for the loop when called elsewhere) and releases it.
+    /// Unregisters the socket from the loop and releases it. Called off the loops, it waits for the loop, so the
+    /// descriptor is closed (and the port free) when it returns.
     package func close() {
         let (socket, registered) = state.withLock { state in
             defer { state.socket = nil }
@@ -161,6 +162,12 @@ package final class UDPDatagramTransport: DatagramTransport {
         // The socket (and so its descriptor) lives until the loop has stopped watching it: a closed descriptor's
         // number may be reused at once by another socket on the same loop.
         let loop = self.loop
-        loop.executeAndWait { loop.unregister(fd: socket.fd) }
+        if loop.inLoop || !EventLoop.onAnyLoop {
+            loop.executeAndWait { loop.unregister(fd: socket.fd) }
+        } else {
+            // On another loop's thread, waiting could deadlock two loops that close each other's sockets at once:
+            // the descriptor closes a moment later instead.
+            loop.execute { withExtendedLifetime(socket) { loop.unregister(fd: socket.fd) } }
+        }
     }
 }
