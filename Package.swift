@@ -132,7 +132,7 @@ let package = Package(
         .target(
             name: "HolePunchExampleSupport",
             dependencies: [
-                "HolePunch", "HolePunchRendezvous",
+                "HolePunch", "HolePunchNet", "HolePunchQUIC", "HolePunchStrategy", "HolePunchRendezvous",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             path: "examples/shared/Sources",
@@ -141,7 +141,7 @@ let package = Package(
         .executableTarget(
             name: "hp-chat",
             dependencies: [
-                "HolePunch", "HolePunchRendezvous", "HolePunchExampleSupport",
+                "HolePunch", "HolePunchQUIC", "HolePunchRendezvous", "HolePunchExampleSupport",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             path: "examples/chat/Sources",
@@ -149,14 +149,14 @@ let package = Package(
         ),
         .executableTarget(
             name: "hp-embed",
-            dependencies: ["HolePunch", "HolePunchRendezvous"],
+            dependencies: ["HolePunch", "HolePunchNet", "HolePunchQUIC", "HolePunchStrategy", "HolePunchRendezvous"],
             path: "examples/embed/Sources",
             swiftSettings: swiftSettings
         ),
         .executableTarget(
             name: "hp-file-send",
             dependencies: [
-                "HolePunch", "HolePunchRendezvous", "HolePunchExampleSupport",
+                "HolePunch", "HolePunchQUIC", "HolePunchRendezvous", "HolePunchExampleSupport",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             path: "examples/file-send/Sources",

@@ -4,6 +4,9 @@ import HolePunchSTUN
 import Synchronization
 #if canImport(Glibc)
 import Glibc
+public import HolePunchNet
+public import HolePunchQUIC
+public import HolePunchStrategy
 #endif
 
 /// Runs hole punches on a shared-socket `Endpoint`: the seed's `macula_hole_punch` API, done right.

@@ -1,5 +1,8 @@
 internal import Foundation
 public import HolePunch
+public import HolePunchStrategy
+public import HolePunchQUIC
+public import HolePunchNet
 
 /// Candidates, profile and TTLs the server confirms after a ``ClientMessage/register(_:)``.
 public struct Registered: Codable, Sendable, Hashable {

@@ -1,6 +1,9 @@
 public import HolePunch
 public import HolePunchSTUN
 public import Logging
+public import HolePunchNet
+public import HolePunchQUIC
+public import HolePunchStrategy
 import Synchronization
 
 /// Who may make this peer punch: asked, with the requester's NodeID, for every target-role coordinate message

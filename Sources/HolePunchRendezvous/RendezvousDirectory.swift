@@ -1,4 +1,7 @@
-public import HolePunch
+import HolePunch
+public import HolePunchStrategy
+public import HolePunchQUIC
+public import HolePunchNet
 
 /// Where a ``RendezvousServer`` finds peers registered at *other* instances of the same deployment.
 ///

@@ -1,8 +1,10 @@
 internal import Foundation
-public import HolePunch
+import HolePunch
 public import HolePunchSTUN
 public import Logging
 public import ServiceLifecycle
+public import HolePunchQUIC
+public import HolePunchNet
 
 /// Settings for a ``RendezvousServer``.
 public struct RendezvousServerConfiguration: Sendable {

@@ -1,4 +1,7 @@
-public import HolePunch
+import HolePunch
+import HolePunchStrategy
+public import HolePunchQUIC
+public import HolePunchNet
 
 /// A session's id and probe key, drawn by the driver (the state machine itself draws no randomness, so tests
 /// can script it).

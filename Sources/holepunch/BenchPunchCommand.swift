@@ -3,6 +3,9 @@ import Foundation
 import HolePunch
 #if canImport(Glibc)
 import Glibc
+import HolePunchNet
+import HolePunchQUIC
+import HolePunchStrategy
 #endif
 
 /// `holepunch bench punch`: many simultaneous punches on loopback, and how fast a cancel really stops one.

@@ -5,6 +5,9 @@ import HolePunchRendezvous
 import HolePunchSTUN
 #if canImport(Glibc)
 import Glibc
+import HolePunchNet
+import HolePunchQUIC
+import HolePunchStrategy
 #endif
 
 // The small programs `holepunch lab matrix` and the lab tests start inside the namespaces. They print one JSON

@@ -3,6 +3,7 @@ import Foundation
 import HolePunch
 #if canImport(Glibc)
 import Glibc
+import HolePunchQUIC
 #endif
 
 /// The five lab NAT types, in the order tables list them.

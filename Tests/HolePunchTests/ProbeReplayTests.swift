@@ -6,6 +6,7 @@ import Testing
 @testable import HolePunch
 #if canImport(Glibc)
 import Glibc
+import HolePunchNet
 #endif
 
 @Suite("Probe ledger: replayed probes prove nothing")

@@ -4,6 +4,9 @@ import Synchronization
 @testable import HolePunch
 #if canImport(Glibc)
 import Glibc
+import HolePunchNet
+import HolePunchQUIC
+import HolePunchStrategy
 #endif
 
 enum PunchIdentities {
