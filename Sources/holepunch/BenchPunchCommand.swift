@@ -1,11 +1,11 @@
 import ArgumentParser
 import Foundation
 import HolePunch
-#if canImport(Glibc)
-import Glibc
 import HolePunchNet
 import HolePunchQUIC
 import HolePunchStrategy
+#if canImport(Glibc)
+import Glibc
 #endif
 
 /// `holepunch bench punch`: many simultaneous punches on loopback, and how fast a cancel really stops one.

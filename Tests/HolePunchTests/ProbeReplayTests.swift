@@ -4,9 +4,9 @@ import ProcessTestSupport
 import Synchronization
 import Testing
 @testable import HolePunch
+import HolePunchNet
 #if canImport(Glibc)
 import Glibc
-import HolePunchNet
 #endif
 
 @Suite("Probe ledger: replayed probes prove nothing")

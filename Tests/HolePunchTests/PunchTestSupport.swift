@@ -2,11 +2,11 @@ import Foundation
 import ProcessTestSupport
 import Synchronization
 @testable import HolePunch
-#if canImport(Glibc)
-import Glibc
 import HolePunchNet
 import HolePunchQUIC
 import HolePunchStrategy
+#if canImport(Glibc)
+import Glibc
 #endif
 
 enum PunchIdentities {
