@@ -117,11 +117,18 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // The lab, matrix and bench machinery: only the CLI (and through it the lab tests) links it, so it is no
+        // product; its API is `package`.
+        .target(
+            name: "HolePunchLab",
+            dependencies: ["HolePunchNet", "HolePunchQUIC", "HolePunchStrategy"],
+            swiftSettings: swiftSettings
+        ),
         .executableTarget(
             name: "holepunch",
             dependencies: [
                 "HolePunch", "HolePunchNet", "HolePunchQUIC", "HolePunchSTUN", "HolePunchStrategy", "HolePunchRendezvous",
-                "HolePunchCluster",
+                "HolePunchCluster", "HolePunchLab",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],

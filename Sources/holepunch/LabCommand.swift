@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import HolePunchLab
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -103,12 +104,6 @@ enum LabScript {
         process.waitUntilExit()
         return process.terminationStatus
     }
-}
-
-/// A failure with a one-line message and exit code 1.
-struct LabFailure: Error, CustomStringConvertible {
-    let description: String
-    init(_ message: String) { description = message }
 }
 
 struct LabUpCommand: ParsableCommand {
