@@ -46,7 +46,7 @@ struct LabMatrixCommand: AsyncParsableCommand {
 
     func run() async throws {
         if let reason = LabScript.unavailableReason() { throw LabFailure(reason) }
-        let labDir = try LabScript.directory()
+        let labDir = try withLabScript { try LabScript.directory() }
         let repo = URL(fileURLWithPath: labDir).deletingLastPathComponent().path
         let files = strategies.isEmpty ? ["\(repo)/strategies/default.lua", "\(repo)/strategies/macula.lua"] : strategies
         for file in files where !FileManager.default.fileExists(atPath: file) { throw ValidationError("no strategy file \(file)") }
