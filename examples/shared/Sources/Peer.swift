@@ -1,10 +1,10 @@
 public import ArgumentParser
 import Foundation
 import HolePunch
+import HolePunchNet
+public import HolePunchQUIC
 public import HolePunchRendezvous
 import HolePunchStrategy
-public import HolePunchQUIC
-import HolePunchNet
 
 /// The punching half of the chat and file-send examples: a ``HolePunchNode`` (identity, punch socket, strategy,
 /// rendezvous registration) with the examples' error lines and hints. One copy, shared by both examples.
