@@ -119,11 +119,18 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // The lab, matrix and bench machinery: only the CLI (and through it the lab tests) links it, so it is no
+        // product; its API is `package`.
+        .target(
+            name: "HolePunchLab",
+            dependencies: ["HolePunchNet", "HolePunchQUIC", "HolePunchStrategy"],
+            swiftSettings: swiftSettings
+        ),
         .executableTarget(
             name: "holepunch",
             dependencies: [
                 "HolePunch", "HolePunchNet", "HolePunchQUIC", "HolePunchSTUN", "HolePunchStrategy", "HolePunchRendezvous",
-                "HolePunchCluster",
+                "HolePunchCluster", "HolePunchLab",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -134,7 +141,7 @@ let package = Package(
         .target(
             name: "HolePunchExampleSupport",
             dependencies: [
-                "HolePunch", "HolePunchRendezvous",
+                "HolePunch", "HolePunchNet", "HolePunchQUIC", "HolePunchStrategy", "HolePunchRendezvous",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             path: "examples/shared/Sources",
@@ -143,7 +150,7 @@ let package = Package(
         .executableTarget(
             name: "hp-chat",
             dependencies: [
-                "HolePunch", "HolePunchRendezvous", "HolePunchExampleSupport",
+                "HolePunch", "HolePunchQUIC", "HolePunchRendezvous", "HolePunchExampleSupport",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             path: "examples/chat/Sources",
@@ -151,14 +158,14 @@ let package = Package(
         ),
         .executableTarget(
             name: "hp-embed",
-            dependencies: ["HolePunch", "HolePunchRendezvous"],
+            dependencies: ["HolePunch", "HolePunchNet", "HolePunchQUIC", "HolePunchStrategy", "HolePunchRendezvous"],
             path: "examples/embed/Sources",
             swiftSettings: swiftSettings
         ),
         .executableTarget(
             name: "hp-file-send",
             dependencies: [
-                "HolePunch", "HolePunchRendezvous", "HolePunchExampleSupport",
+                "HolePunch", "HolePunchQUIC", "HolePunchRendezvous", "HolePunchExampleSupport",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             path: "examples/file-send/Sources",

@@ -1,6 +1,7 @@
 import HolePunchNet
 import HolePunchQUIC
 import Synchronization
+import HolePunchStrategy
 
 /// The one table of live punch sessions, and the handshake admission decided from it.
 ///

@@ -1,6 +1,7 @@
 import HolePunchNet
 import HolePunchQUIC
 import HolePunchSTUN
+import HolePunchStrategy
 
 /// Performing a session's actions: probes and answers on the punch's sockets, dials, the timer, and the strategy's
 /// `onProbe` hook between rounds. Every event the session handles comes back through ``apply(_:_:replyTo:)``.

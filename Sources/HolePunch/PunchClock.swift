@@ -1,3 +1,6 @@
+import HolePunchNet
+import HolePunchQUIC
+import HolePunchStrategy
 /// The executor's one clock: `ContinuousClock`, read as nanoseconds since the executor was created, which is the
 /// unit `PunchSession` counts its instants in.
 ///

@@ -1,5 +1,6 @@
 import HolePunchNet
 import HolePunchQUIC
+import HolePunchStrategy
 
 /// Ending a punch: its result and last event, the teardown of its timer, dials, losing sockets and session entry,
 /// and the outcome in metrics, history and the strategy's `onResult` hook.

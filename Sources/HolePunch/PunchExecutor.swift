@@ -1,5 +1,13 @@
 public import Logging
 public import CoreMetrics
+import HolePunchSTUN
+import Synchronization
+public import HolePunchNet
+public import HolePunchQUIC
+public import HolePunchStrategy
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Runs hole punches on a shared-socket `Endpoint`: the seed's `macula_hole_punch` API, done right.
 ///

@@ -1,3 +1,4 @@
+public import HolePunchQUIC
 import Synchronization
 
 /// An asynchronous punch: its id, its progress, and its result, which is delivered exactly once.

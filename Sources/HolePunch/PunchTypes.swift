@@ -1,6 +1,6 @@
-@_exported public import HolePunchNet
-@_exported public import HolePunchQUIC
-@_exported public import HolePunchStrategy
+public import HolePunchNet
+public import HolePunchQUIC
+public import HolePunchStrategy
 
 /// When a punch starts probing.
 public enum PunchTime: Sendable, Hashable {

@@ -1,7 +1,8 @@
 internal import Foundation
-public import HolePunch
+import HolePunch
 public import HolePunchRendezvous
 public import Logging
+public import HolePunchQUIC
 
 /// Settings for a ``NATSDirectory``.
 public struct NATSDirectoryConfiguration: Sendable {

@@ -3,6 +3,9 @@ import HolePunchSTUN
 public import Logging
 public import CoreMetrics
 public import ServiceLifecycle
+public import HolePunchStrategy
+public import HolePunchQUIC
+public import HolePunchNet
 
 /// A peer in one object: identity, punch socket, executor, strategy and rendezvous registration.
 ///

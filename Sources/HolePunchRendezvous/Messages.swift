@@ -1,7 +1,10 @@
 internal import Foundation
 public import HolePunch
+public import HolePunchStrategy
+public import HolePunchQUIC
+public import HolePunchNet
 
-/// Candidates, profile and TTLs the server confirms after a ``ClientMessage/register(_:)``.
+/// Candidates, profile and TTLs the server confirms after a `ClientMessage/register(_:)`.
 public struct Registered: Codable, Sendable, Hashable {
     /// The peer's address as the server saw it: the punch socket's public mapping.
     public var observedAddress: SocketAddress
@@ -30,7 +33,7 @@ public struct Registered: Codable, Sendable, Hashable {
         try validate()
     }
 
-    /// Checks the timers against ``RendezvousMessageLimits``.
+    /// Checks the timers against `RendezvousMessageLimits`.
     ///
     /// - Throws: ``RendezvousError`` `protocolViolation` naming the field.
     public func validate() throws(RendezvousError) {
@@ -60,7 +63,7 @@ public struct Registration: Codable, Sendable, Hashable {
         try validate()
     }
 
-    /// Checks the counts against ``RendezvousMessageLimits`` and the NAT profile's ranges. Which addresses may be
+    /// Checks the counts against `RendezvousMessageLimits` and the NAT profile's ranges. Which addresses may be
     /// published is the server's decision, against the observed address (`CandidateFilter.isPublishable(lan:observed:)`).
     ///
     /// - Throws: ``RendezvousError`` `protocolViolation` naming the field.
@@ -127,7 +130,7 @@ public struct Coordinate: Codable, Sendable, Hashable {
         try validate()
     }
 
-    /// Checks every field against ``RendezvousMessageLimits``: session id and key, candidate count, NAT profile, start
+    /// Checks every field against `RendezvousMessageLimits`: session id and key, candidate count, NAT profile, start
     /// delay and RTT. Which candidates may be probed is decided later, against this side's own addresses
     /// (`CandidateFilter`).
     ///
@@ -169,7 +172,7 @@ public struct ErrorReply: Codable, Sendable, Hashable {
         try validate()
     }
 
-    /// Checks the string lengths against ``RendezvousMessageLimits``.
+    /// Checks the string lengths against `RendezvousMessageLimits`.
     ///
     /// - Throws: ``RendezvousError`` `protocolViolation` naming the field.
     public func validate() throws(RendezvousError) {
@@ -179,7 +182,7 @@ public struct ErrorReply: Codable, Sendable, Hashable {
 }
 
 /// Messages a peer sends on its control stream.
-public enum ClientMessage: Codable, Sendable, Hashable {
+package enum ClientMessage: Codable, Sendable, Hashable {
     /// Registers (or updates the registration of) the authenticated NodeID.
     case register(Registration)
     /// Keeps the registration (and the NAT mapping) alive.
@@ -204,7 +207,7 @@ public enum ServerMessage: Codable, Sendable, Hashable {
     case keepAliveAck
     /// Punch now: session, candidates, roles and start delay.
     case coordinate(Coordinate)
-    /// Measures the RTT; the peer answers with ``ClientMessage/pong(id:)``.
+    /// Measures the RTT; the peer answers with `ClientMessage/pong(id:)`.
     case ping(id: UInt64)
     /// A request failed.
     case error(ErrorReply)
@@ -215,7 +218,7 @@ extension ClientMessage {
     /// validate themselves when decoded).
     ///
     /// - Throws: ``RendezvousError`` `protocolViolation` naming the field.
-    public func validate() throws(RendezvousError) {
+    package func validate() throws(RendezvousError) {
         switch self {
         case .register(let registration):
             try registration.validate()
@@ -234,7 +237,7 @@ extension ServerMessage {
     /// Checks the message's payload (again, for values built in code rather than decoded).
     ///
     /// - Throws: ``RendezvousError`` `protocolViolation` naming the field.
-    public func validate() throws(RendezvousError) {
+    package func validate() throws(RendezvousError) {
         switch self {
         case .registered(let confirmed): try confirmed.validate()
         case .coordinate(let coordinate): try coordinate.validate()
@@ -245,28 +248,28 @@ extension ServerMessage {
 }
 
 /// The ranges every value of the rendezvous protocol must lie in. Both sides check them where a message is
-/// decoded (``RendezvousFraming/decode(_:from:)``), so a value outside them never reaches a planner, a timer or a
+/// decoded (`RendezvousFraming/decode(_:from:)`), so a value outside them never reaches a planner, a timer or a
 /// log line: the message is refused with ``RendezvousError/Code/protocolViolation``.
-public enum RendezvousMessageLimits {
+package enum RendezvousMessageLimits {
     /// Most LAN addresses one registration may publish.
-    public static let maxLANAddresses = 8
+    package static let maxLANAddresses = 8
     /// Most candidates in a coordinate message: the observed address plus the LAN addresses.
-    public static let maxCandidates = 1 + maxLANAddresses
+    package static let maxCandidates = 1 + maxLANAddresses
     /// Session ids: 1 to 64 characters of `[0-9A-Za-z-]` (the server draws 32 lowercase hex digits); they appear
     /// in probe USERNAMEs (where `:` separates) and in TLS server names.
-    public static let maxSessionIDLength = 64
+    package static let maxSessionIDLength = 64
     /// Session keys: the server draws 32 bytes; 16...64 are accepted.
-    public static let sessionKeyLength = 16...64
+    package static let sessionKeyLength = 16...64
     /// The longest start delay a coordinate may ask for: 10 s.
-    public static let maxStartDelayMicroseconds: Int64 = 10_000_000
+    package static let maxStartDelayMicroseconds: Int64 = 10_000_000
     /// The largest RTT hint: 60 s.
-    public static let maxRTTMicroseconds: Int64 = 60_000_000
+    package static let maxRTTMicroseconds: Int64 = 60_000_000
     /// Registration TTLs from 100 ms (tests run short ones) to a day.
-    public static let ttlMilliseconds = 100...86_400_000
+    package static let ttlMilliseconds = 100...86_400_000
     /// Longest error code or outcome string, in UTF-8 bytes.
-    public static let maxCodeLength = 64
+    package static let maxCodeLength = 64
     /// Longest error message, in UTF-8 bytes.
-    public static let maxMessageLength = 1024
+    package static let maxMessageLength = 1024
 
     static func violation(_ field: String, _ detail: String) -> RendezvousError {
         RendezvousError(.protocolViolation, "field \(field): \(detail)")
@@ -303,12 +306,12 @@ public enum RendezvousMessageLimits {
 /// JSON keeps the protocol readable in captures and trivially versionable; the messages are small and rare
 /// (registration, keep-alive every few seconds, a coordinate per punch), so a binary format buys nothing
 /// measurable here (see `holepunch bench rendezvous`).
-public enum RendezvousFraming {
+package enum RendezvousFraming {
     /// The largest frame either side accepts; anything larger is a protocol error that closes the connection.
-    public static let maximumFrame = 16 * 1024
+    package static let maximumFrame = 16 * 1024
 
     /// Encodes one message into a frame.
-    public static func frame<M: Encodable>(_ message: M) -> [UInt8] {
+    package static func frame<M: Encodable>(_ message: M) -> [UInt8] {
         // The message types only hold strings, numbers and arrays: encoding cannot fail.
         let body = (try? JSONEncoder().encode(message)).map { Array($0) } ?? []
         let n = UInt32(body.count)
@@ -316,10 +319,10 @@ public enum RendezvousFraming {
     }
 
     /// Decodes one message body and validates it: the structs check their fields as they are decoded, and a
-    /// ``ClientMessage`` or ``ServerMessage`` is checked as a whole (``RendezvousMessageLimits``).
+    /// `ClientMessage` or ``ServerMessage`` is checked as a whole (`RendezvousMessageLimits`).
     ///
     /// - Throws: ``RendezvousError`` `protocolViolation`, naming the field when a value is out of range.
-    public static func decode<M: Decodable>(_ type: M.Type, from body: [UInt8]) throws(RendezvousError) -> M {
+    package static func decode<M: Decodable>(_ type: M.Type, from body: [UInt8]) throws(RendezvousError) -> M {
         let message: M
         do {
             message = try JSONDecoder().decode(type, from: Data(body))
@@ -339,7 +342,7 @@ public enum RendezvousFraming {
 /// Consumed frames are skipped by advancing a read index; the buffer is compacted only once the consumed prefix
 /// is at least as long as what remains (and on every append that finds it fully consumed), so each byte is moved
 /// at most once on average however the bytes are chunked.
-public struct FrameReader: Sendable {
+package struct FrameReader: Sendable {
     private var buffer: [UInt8] = []
     /// Where the next unread byte is in `buffer`.
     private var start = 0
@@ -349,10 +352,10 @@ public struct FrameReader: Sendable {
     package var buffered: Int { buffer.count - start }
 
     /// Creates an empty reader.
-    public init() {}
+    package init() {}
 
     /// Appends received bytes.
-    public mutating func append(_ bytes: [UInt8]) {
+    package mutating func append(_ bytes: [UInt8]) {
         if start == buffer.count {
             buffer.removeAll(keepingCapacity: true)
             start = 0
@@ -367,8 +370,8 @@ public struct FrameReader: Sendable {
     /// The next complete frame body, or nil when more bytes are needed.
     ///
     /// - Throws: ``RendezvousError`` `protocolViolation` when a frame announces more than
-    ///   ``RendezvousFraming/maximumFrame`` bytes.
-    public mutating func next() throws(RendezvousError) -> [UInt8]? {
+    ///   `RendezvousFraming/maximumFrame` bytes.
+    package mutating func next() throws(RendezvousError) -> [UInt8]? {
         guard buffer.count - start >= 4 else { return nil }
         let length = Int(buffer[start]) << 24 | Int(buffer[start + 1]) << 16 | Int(buffer[start + 2]) << 8 | Int(buffer[start + 3])
         guard length <= RendezvousFraming.maximumFrame else {

@@ -1,6 +1,10 @@
 public import HolePunch
 public import HolePunchSTUN
 public import Logging
+public import HolePunchNet
+public import HolePunchQUIC
+public import HolePunchStrategy
+import Synchronization
 
 /// A peer's side of the rendezvous, on the peer's punch `Endpoint` and its `PunchExecutor`.
 ///

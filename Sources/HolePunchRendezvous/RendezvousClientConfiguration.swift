@@ -1,5 +1,8 @@
 public import HolePunch
 public import HolePunchSTUN
+public import HolePunchNet
+public import HolePunchQUIC
+public import HolePunchStrategy
 
 /// Who may make this peer punch: asked, with the requester's NodeID, for every target-role coordinate message
 /// before a punch starts. A refused request starts nothing (no probe leaves), and the rendezvous is told the

@@ -1,4 +1,7 @@
-public import HolePunch
+import HolePunch
+public import HolePunchStrategy
+public import HolePunchQUIC
+public import HolePunchNet
 
 /// Where a ``RendezvousServer`` finds peers registered at *other* instances of the same deployment.
 ///
@@ -28,7 +31,7 @@ public protocol RendezvousDirectory: AnyObject, Sendable {
 /// coordinate messages.
 ///
 /// It arrives from another process over the directory's transport, so it is untrusted input: ``validate()`` runs
-/// on decoding and checks it against the same ``RendezvousMessageLimits`` as peer messages.
+/// on decoding and checks it against the same `RendezvousMessageLimits` as peer messages.
 public struct RemotePunchRequest: Codable, Sendable, Hashable {
     /// The requesting peer's request id (echoed in its coordinate message).
     public var requestID: UInt64
@@ -82,7 +85,7 @@ public struct RemotePunchRequest: Codable, Sendable, Hashable {
         try validate()
     }
 
-    /// Checks every field against ``RendezvousMessageLimits``: session id and key, candidate count, NAT profile and
+    /// Checks every field against `RendezvousMessageLimits`: session id and key, candidate count, NAT profile and
     /// both RTTs; the initiator and target must differ.
     ///
     /// - Throws: ``RendezvousError`` `protocolViolation` naming the field.

@@ -1,5 +1,8 @@
 internal import Foundation
-public import HolePunch
+import HolePunch
+import HolePunchNet
+public import HolePunchQUIC
+import HolePunchStrategy
 
 /// The cluster side of the server: announcing registrations to the directory, answering punch requests routed
 /// from other instances, and routing ours to them.

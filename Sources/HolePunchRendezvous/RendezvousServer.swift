@@ -1,14 +1,16 @@
 internal import Foundation
-public import HolePunch
+import HolePunch
 import HolePunchSTUN
 public import Logging
 public import ServiceLifecycle
+public import HolePunchQUIC
+public import HolePunchNet
 
 /// The rendezvous: a QUIC server on our stack that registers peers and coordinates their punches.
 ///
 /// Peers dial it from their punch socket, so `QUICConnection.remoteAddress` is the punch mapping, and the
 /// TLS handshake proves their NodeID. Each peer opens one bidirectional control stream carrying
-/// length-prefixed JSON (``ClientMessage`` in, ``ServerMessage`` out). The protocol logic lives in
+/// length-prefixed JSON (`ClientMessage` in, ``ServerMessage`` out). The protocol logic lives in
 /// ``RendezvousState``; this actor only does I/O, timers and RTT pings.
 ///
 /// Lifecycle: ``bind(configuration:logger:)`` binds the sockets (so callers learn the real ports), ``run()``

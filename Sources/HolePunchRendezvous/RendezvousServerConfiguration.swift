@@ -1,5 +1,8 @@
-public import HolePunch
+import HolePunch
 public import HolePunchSTUN
+public import HolePunchNet
+public import HolePunchQUIC
+import HolePunchStrategy
 
 /// Settings for a ``RendezvousServer``.
 public struct RendezvousServerConfiguration: Sendable {

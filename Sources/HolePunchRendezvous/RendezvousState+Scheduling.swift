@@ -1,4 +1,7 @@
 import HolePunch
+import HolePunchNet
+import HolePunchQUIC
+import HolePunchStrategy
 
 /// When each peer's coordinate message goes out and when both start: the clock-free start.
 extension RendezvousState {

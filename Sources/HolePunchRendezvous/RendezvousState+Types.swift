@@ -1,4 +1,7 @@
-public import HolePunch
+import HolePunch
+public import HolePunchNet
+public import HolePunchQUIC
+import HolePunchStrategy
 
 /// The state machine's configuration, actions and records.
 extension RendezvousState {

@@ -1,4 +1,7 @@
-public import HolePunch
+import HolePunch
+import HolePunchStrategy
+public import HolePunchQUIC
+public import HolePunchNet
 
 /// The rendezvous's registrations, sessions and rate limits: a value-type state machine with no I/O.
 ///
@@ -34,7 +37,7 @@ public struct RendezvousState: Sendable {
     ///
     /// A registration from a new connection replaces the old one, whose connection is closed.
     ///
-    /// A registration out of ``RendezvousMessageLimits``, or with a LAN address other peers must not be sent to
+    /// A registration out of `RendezvousMessageLimits`, or with a LAN address other peers must not be sent to
     /// (`CandidateFilter.isPublishable(lan:observed:)`: multicast, broadcast, unspecified, a loopback or
     /// link-local address of a peer not observed in that scope, a public address that is not the peer's), is
     /// refused with `protocolViolation` and changes nothing.

@@ -3,6 +3,7 @@ import Foundation
 import HolePunch
 import HolePunchNet
 import HolePunchQUIC
+import HolePunchLab
 #if canImport(Glibc)
 import Glibc
 #endif

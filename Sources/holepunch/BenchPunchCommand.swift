@@ -1,6 +1,9 @@
 import ArgumentParser
 import Foundation
 import HolePunch
+import HolePunchNet
+import HolePunchQUIC
+import HolePunchStrategy
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -2,6 +2,8 @@ import ArgumentParser
 import Foundation
 import HolePunch
 import HolePunchCluster
+import HolePunchNet
+import HolePunchQUIC
 import HolePunchRendezvous
 import Logging
 

@@ -1,6 +1,8 @@
 import ArgumentParser
 import Foundation
 import HolePunch
+import HolePunchNet
+import HolePunchQUIC
 import HolePunchRendezvous
 
 /// `holepunch bench rendezvous-flood`: hostile clients flood a rendezvous (its own child process, or one given)

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import HolePunchLab
 import HolePunchStrategy
 
 /// `holepunch bench …`: benchmarks. Other benchmarks (e.g. `bench punch`) add themselves to `subcommands`.

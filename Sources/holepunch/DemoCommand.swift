@@ -1,6 +1,8 @@
 import ArgumentParser
 import Foundation
 import HolePunch
+import HolePunchQUIC
+import HolePunchStrategy
 
 /// `holepunch demo`: a real punch between two peers, with its progress, time to connect and a message exchanged.
 struct DemoCommand: AsyncParsableCommand {

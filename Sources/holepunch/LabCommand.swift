@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import HolePunchLab
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -35,80 +36,9 @@ struct LabNameOptions: ParsableArguments {
     var name: String?
 }
 
-/// Locating and running `lab/lab.sh`.
-enum LabScript {
-    /// A one-line reason why the lab cannot run here, or nil.
-    static func unavailableReason() -> String? {
-        if geteuid() != 0 {
-            return "the lab needs root (network namespaces and nftables); run it with sudo"
-        }
-        guard let ip = which("ip") else { return "`ip` (iproute2) is not installed; the lab needs `ip netns`" }
-        if runQuietly(ip, ["netns", "list"]) != 0 {
-            return "`ip netns` is unavailable on this machine (no network namespace support?)"
-        }
-        return nil
-    }
-
-    /// The path of `lab/lab.sh`.
-    static func path() throws -> String {
-        var candidates: [String] = []
-        if let dir = ProcessInfo.processInfo.environment["HOLEPUNCH_LAB_DIR"] { candidates.append(dir + "/lab.sh") }
-        // Walk up from the working directory, then from the executable (…/.build*/release/holepunch).
-        for start in [FileManager.default.currentDirectoryPath, executableDirectory()] {
-            var url = URL(fileURLWithPath: start)
-            for _ in 0..<6 {
-                candidates.append(url.appendingPathComponent("lab/lab.sh").path)
-                url.deleteLastPathComponent()
-            }
-        }
-        if let found = candidates.first(where: { FileManager.default.isExecutableFile(atPath: $0) }) { return found }
-        throw ValidationError("cannot find lab/lab.sh: run from the repository or set HOLEPUNCH_LAB_DIR")
-    }
-
-    /// The repository's `lab/` directory.
-    static func directory() throws -> String { URL(fileURLWithPath: try path()).deletingLastPathComponent().path }
-
-    /// Replaces this process with `lab.sh ARGS` (so signals, exit codes and the terminal go straight through).
-    static func exec(_ arguments: [String], name: String?) throws -> Never {
-        if let reason = unavailableReason() { throw LabFailure(reason) }
-        let script = try path()
-        if let name { setenv("HP_LAB", name, 1) }
-        let argv = [script] + arguments
-        var cArgs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) }
-        cArgs.append(nil)
-        execv(script, cArgs)
-        throw LabFailure("cannot run \(script): \(String(cString: strerror(errno)))")
-    }
-
-    private static func executableDirectory() -> String {
-        let path = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
-        return URL(fileURLWithPath: path).deletingLastPathComponent().path
-    }
-
-    private static func which(_ tool: String) -> String? {
-        let dirs = (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/sbin:/usr/bin:/sbin:/bin").split(separator: ":")
-        for dir in dirs + ["/usr/sbin", "/sbin"] where FileManager.default.isExecutableFile(atPath: "\(dir)/\(tool)") {
-            return "\(dir)/\(tool)"
-        }
-        return nil
-    }
-
-    private static func runQuietly(_ tool: String, _ arguments: [String]) -> Int32 {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: tool)
-        process.arguments = arguments
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
-        do { try process.run() } catch { return -1 }
-        process.waitUntilExit()
-        return process.terminationStatus
-    }
-}
-
-/// A failure with a one-line message and exit code 1.
-struct LabFailure: Error, CustomStringConvertible {
-    let description: String
-    init(_ message: String) { description = message }
+/// A missing `lab/lab.sh` is a usage error (exit 64, usage shown), as ArgumentParser reports `ValidationError`.
+func withLabScript<T>(_ body: () throws -> T) throws -> T {
+    do { return try body() } catch let missing as LabScriptNotFound { throw ValidationError(missing.description) }
 }
 
 struct LabUpCommand: ParsableCommand {
@@ -126,7 +56,7 @@ struct LabUpCommand: ParsableCommand {
     @OptionGroup var lab: LabNameOptions
     @Argument(parsing: .allUnrecognized, help: "Options passed to `lab.sh up`.")
     var options: [String] = []
-    func run() throws { try LabScript.exec(["up"] + options, name: lab.name) }
+    func run() throws { try withLabScript { try LabScript.exec(["up"] + options, name: lab.name) } }
 }
 
 struct LabDownCommand: ParsableCommand {
@@ -142,7 +72,7 @@ struct LabDownCommand: ParsableCommand {
             """
     )
     @OptionGroup var lab: LabNameOptions
-    func run() throws { try LabScript.exec(["down"], name: lab.name) }
+    func run() throws { try withLabScript { try LabScript.exec(["down"], name: lab.name) } }
 }
 
 struct LabExecCommand: ParsableCommand {
@@ -165,7 +95,7 @@ struct LabExecCommand: ParsableCommand {
     func run() throws {
         let rest = command.first == "--" ? Array(command.dropFirst()) : command
         guard !rest.isEmpty else { throw ValidationError("usage: holepunch lab exec HOST -- CMD…") }
-        try LabScript.exec(["exec", host, "--"] + rest, name: lab.name)
+        try withLabScript { try LabScript.exec(["exec", host, "--"] + rest, name: lab.name) }
     }
 }
 
@@ -184,7 +114,9 @@ struct LabStatusCommand: ParsableCommand {
     @OptionGroup var lab: LabNameOptions
     @Flag(help: "Print JSON.") var json = false
     @Flag(help: "Print HP_LAB_*= lines.") var env = false
-    func run() throws { try LabScript.exec(["status"] + (json ? ["--json"] : env ? ["--env"] : []), name: lab.name) }
+    func run() throws {
+        try withLabScript { try LabScript.exec(["status"] + (json ? ["--json"] : env ? ["--env"] : []), name: lab.name) }
+    }
 }
 
 struct LabRenatCommand: ParsableCommand {
@@ -201,5 +133,5 @@ struct LabRenatCommand: ParsableCommand {
     @OptionGroup var lab: LabNameOptions
     @Argument(parsing: .allUnrecognized, help: "Options passed to `lab.sh renat`.")
     var options: [String] = []
-    func run() throws { try LabScript.exec(["renat"] + options, name: lab.name) }
+    func run() throws { try withLabScript { try LabScript.exec(["renat"] + options, name: lab.name) } }
 }

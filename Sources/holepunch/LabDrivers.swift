@@ -3,6 +3,10 @@ import Foundation
 import HolePunch
 import HolePunchRendezvous
 import HolePunchSTUN
+import HolePunchNet
+import HolePunchQUIC
+import HolePunchStrategy
+import HolePunchLab
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -10,27 +14,6 @@ import Glibc
 // The small programs `holepunch lab matrix` and the lab tests start inside the namespaces. They print one JSON
 // object per line (machine-readable progress and a final result) and exit on their own, so a harness never has
 // to interpret human output or guess when a punch ended.
-
-/// Foundation's `Process` may start us with SIGTERM/SIGINT blocked (it inherits the spawning thread's mask).
-/// Unblocking them before any other thread exists lets the harness stop us with a plain SIGTERM.
-func labUnblockTerminationSignals() {
-    var set = sigset_t()
-    sigemptyset(&set)
-    sigaddset(&set, SIGTERM)
-    sigaddset(&set, SIGINT)
-    pthread_sigmask(SIG_UNBLOCK, &set, nil)
-    signal(SIGTERM, SIG_DFL)
-    signal(SIGINT, SIG_DFL)
-}
-
-/// Prints one JSON object on its own line and flushes (stdout is a file, not a terminal, under the harness).
-func labEmit(_ object: [String: Any]) {
-    if var data = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]) {
-        data.append(0x0A)
-        // FileHandle writes straight to the descriptor: nothing sits in a stdio buffer when we exit.
-        FileHandle.standardOutput.write(data)
-    }
-}
 
 /// The profile a lab NAT type is built to have (docs/lab.md), for peers told their NAT instead of measuring it.
 func labProfile(_ type: String) -> NATProfile? {
@@ -43,27 +26,6 @@ func labProfile(_ type: String) -> NATProfile? {
     case "unknown": .unknown
     default: nil
     }
-}
-
-/// A JSON object crossing task boundaries (the values are plain JSON: strings, numbers, bools, arrays, objects).
-struct LabRecord: @unchecked Sendable {
-    var fields: [String: Any]
-}
-
-/// Runs `body`, or gives up after `limit` with nil.
-func labWithin<T: Sendable>(_ limit: Duration, _ body: @escaping @Sendable () async -> T) async -> T? {
-    await withTaskGroup(of: T?.self) { group in
-        group.addTask { await body() }
-        group.addTask { try? await Task.sleep(for: limit); return nil }
-        let first = await group.next() ?? nil
-        group.cancelAll()
-        return first
-    }
-}
-
-func labMilliseconds(_ duration: Duration) -> Double {
-    let parts = duration.components
-    return ((Double(parts.seconds) * 1e3 + Double(parts.attoseconds) / 1e15) * 1000).rounded() / 1000
 }
 
 // MARK: - lab rendezvous

@@ -1,8 +1,11 @@
 import ArgumentParser
 import Foundation
 import HolePunch
+import HolePunchNet
+import HolePunchQUIC
 import HolePunchRendezvous
 import HolePunchSTUN
+import HolePunchStrategy
 import Logging
 
 /// `holepunch peer …`: register at a rendezvous, then punch to a peer (`--connect`) or accept punches, and pipe

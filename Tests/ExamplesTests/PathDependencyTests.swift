@@ -6,7 +6,7 @@ import Testing
 /// loopback; B admits only A, A connects with the node API, and one line goes each way. The lines carry a nonce
 /// from the test, so the output can only be this run's traffic.
 private let appSource = #"""
-import HolePunch
+import HolePunchQUIC
 import HolePunchRendezvous
 
 let nonce = CommandLine.arguments[1]
@@ -126,7 +126,7 @@ struct PathDependencyTests {
             dependencies: [.package(path: "\(root.path)")],
             targets: [
                 .executableTarget(name: "NodeApp", dependencies: [
-                    .product(name: "HolePunch", package: "\(identity)"),
+                    .product(name: "HolePunchQUIC", package: "\(identity)"),
                     .product(name: "HolePunchRendezvous", package: "\(identity)"),
                 ]),
             ]

@@ -1,5 +1,8 @@
 import HolePunch
+import HolePunchNet
+import HolePunchQUIC
 import HolePunchSTUN
+import HolePunchStrategy
 import ProcessTestSupport
 import Testing
 @testable import HolePunchRendezvous

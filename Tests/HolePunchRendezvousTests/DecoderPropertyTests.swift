@@ -1,5 +1,7 @@
 import Foundation
 import HolePunch
+import HolePunchNet
+import HolePunchStrategy
 import PropertyBased
 import Synchronization
 import Testing

@@ -1,6 +1,8 @@
-import ProcessTestSupport
 import HolePunch
+import HolePunchQUIC
+import HolePunchStrategy
 import Logging
+import ProcessTestSupport
 import ServiceLifecycle
 import Testing
 @testable import HolePunchRendezvous

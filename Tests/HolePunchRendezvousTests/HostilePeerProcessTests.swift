@@ -1,5 +1,8 @@
 import Foundation
 import HolePunch
+import HolePunchNet
+import HolePunchQUIC
+import HolePunchStrategy
 import ProcessTestSupport
 import Testing
 @testable import HolePunchRendezvous

@@ -1,4 +1,5 @@
 import HolePunch
+import HolePunchStrategy
 import Testing
 @testable import HolePunchRendezvous
 

@@ -1,5 +1,6 @@
 import Foundation
 import HolePunch
+import HolePunchQUIC
 import ProcessTestSupport
 import Testing
 @testable import HolePunchRendezvous

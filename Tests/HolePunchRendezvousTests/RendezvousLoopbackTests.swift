@@ -1,7 +1,10 @@
 import Foundation
-import ProcessTestSupport
 import HolePunch
+import HolePunchNet
+import HolePunchQUIC
 import HolePunchSTUN
+import HolePunchStrategy
+import ProcessTestSupport
 import Testing
 @testable import HolePunchRendezvous
 

@@ -1,6 +1,9 @@
 import Foundation
 import HolePunch
+import HolePunchNet
+import HolePunchQUIC
 import HolePunchSTUN
+import HolePunchStrategy
 import Testing
 @testable import HolePunchRendezvous
 

@@ -1,6 +1,7 @@
 import Testing
 import HolePunchNet
 import HolePunchQUIC
+import HolePunchStrategy
 @testable import HolePunch
 
 @Suite("Handshake admission")

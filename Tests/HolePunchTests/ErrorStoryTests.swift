@@ -1,4 +1,5 @@
 import Foundation
+import HolePunchNet
 import ProcessTestSupport
 import Testing
 @testable import HolePunch

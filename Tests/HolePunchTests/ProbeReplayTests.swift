@@ -4,6 +4,7 @@ import ProcessTestSupport
 import Synchronization
 import Testing
 @testable import HolePunch
+import HolePunchNet
 #if canImport(Glibc)
 import Glibc
 #endif

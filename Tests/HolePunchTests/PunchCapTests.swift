@@ -1,4 +1,6 @@
 import Foundation
+import HolePunchQUIC
+import HolePunchStrategy
 import ProcessTestSupport
 import Testing
 @testable import HolePunch

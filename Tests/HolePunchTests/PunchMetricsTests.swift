@@ -1,5 +1,6 @@
-import Testing
+import HolePunchStrategy
 import MetricsTestKit
+import Testing
 @testable import HolePunch
 
 @Suite("Punch metrics", .serialized)

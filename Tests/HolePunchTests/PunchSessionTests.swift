@@ -1,3 +1,5 @@
+import HolePunchNet
+import HolePunchStrategy
 import Testing
 @testable import HolePunch
 

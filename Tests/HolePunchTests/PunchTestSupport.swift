@@ -2,6 +2,9 @@ import Foundation
 import ProcessTestSupport
 import Synchronization
 @testable import HolePunch
+import HolePunchNet
+import HolePunchQUIC
+import HolePunchStrategy
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -1,4 +1,5 @@
 import Foundation
+import HolePunchStrategy
 import ProcessTestSupport
 import Testing
 @testable import HolePunch

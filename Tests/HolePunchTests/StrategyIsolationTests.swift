@@ -1,4 +1,5 @@
 import Foundation
+import HolePunchStrategy
 import Logging
 import Testing
 @testable import HolePunch

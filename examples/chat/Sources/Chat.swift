@@ -1,8 +1,9 @@
 import ArgumentParser
 import Foundation
 import HolePunch
-import HolePunchRendezvous
 import HolePunchExampleSupport
+import HolePunchQUIC
+import HolePunchRendezvous
 
 /// `hp-chat`: two peers register at a rendezvous, one punches to the other by NodeID, and then each side's
 /// standard input goes to the other side's standard output, line by line.

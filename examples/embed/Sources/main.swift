@@ -2,7 +2,10 @@
 // Usage: hp-embed RENDEZVOUS_HOST:PORT RENDEZVOUS_NODEID [PEER_NODEID] [--strategy FILE]
 import Foundation
 import HolePunch
+import HolePunchNet
+import HolePunchQUIC
 import HolePunchRendezvous
+import HolePunchStrategy
 
 func say(_ text: String) { FileHandle.standardOutput.write(Data(text.utf8)) }  // unbuffered, even into a pipe
 var args = Array(CommandLine.arguments.dropFirst())

@@ -1,8 +1,9 @@
 import ArgumentParser
 import Foundation
 import HolePunch
-import HolePunchRendezvous
 import HolePunchExampleSupport
+import HolePunchQUIC
+import HolePunchRendezvous
 
 /// `hp-file-send`: send one file to a peer over a punched QUIC connection, verified by SHA-256.
 ///

@@ -1,7 +1,10 @@
 public import ArgumentParser
 import Foundation
-public import HolePunch
+import HolePunch
+import HolePunchNet
+public import HolePunchQUIC
 public import HolePunchRendezvous
+import HolePunchStrategy
 
 /// The punching half of the chat and file-send examples: a ``HolePunchNode`` (identity, punch socket, strategy,
 /// rendezvous registration) with the examples' error lines and hints. One copy, shared by both examples.

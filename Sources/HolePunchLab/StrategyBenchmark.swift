@@ -1,24 +1,26 @@
-/// Latency of `plan(ctx)`, measured the same way by `holepunch bench strategy` and by any harness.
-public enum StrategyBenchmark {
+package import HolePunchStrategy
+
+/// Latency of `plan(ctx)`, measured the same way by `holepunch bench strategy` and by any harness in this package.
+package enum StrategyBenchmark {
     /// One strategy's figures.
-    public struct Result: Sendable, Hashable, Codable {
+    package struct Result: Sendable, Hashable, Codable {
         /// Display name, e.g. `default.lua`.
-        public var strategy: String
+        package var strategy: String
         /// Where it came from (a path, or `Swift DefaultStrategy`).
-        public var source: String
+        package var source: String
         /// Timed calls.
-        public var iterations: Int
+        package var iterations: Int
         /// Median latency in microseconds.
-        public var medianMicros: Double
+        package var medianMicros: Double
         /// 99th percentile latency in microseconds.
-        public var p99Micros: Double
+        package var p99Micros: Double
         /// Mean latency in microseconds.
-        public var meanMicros: Double
+        package var meanMicros: Double
     }
 
     /// Calls `plan` `iterations` times, cycling over `contexts` (after a warm-up of up to 2000 calls), and
     /// times each call with the continuous clock.
-    public static func measure(_ strategy: some PunchStrategy, label: String, source: String,
+    package static func measure(_ strategy: some PunchStrategy, label: String, source: String,
                                contexts: [PunchContext], iterations: Int) throws -> Result {
         precondition(!contexts.isEmpty && iterations > 0)
         let clock = ContinuousClock()
@@ -33,7 +35,7 @@ public enum StrategyBenchmark {
             let plan = try strategy.plan(ctx)
             let elapsed = clock.now - start
             portsSeen &+= plan.ports.count // keeps the optimiser from discarding the call
-            samples.append(elapsed.seconds * 1e6)
+            samples.append(elapsed.benchSeconds * 1e6)
         }
         samples.sort()
         func percentile(_ p: Double) -> Double { samples[min(samples.count - 1, Int(Double(samples.count) * p))] }

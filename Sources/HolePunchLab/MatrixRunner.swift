@@ -1,0 +1,212 @@
+import Foundation
+import HolePunchQUIC
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Runs the matrix in one lab: brings it up, starts one rendezvous, and for each pair re-makes the NATs and
+/// runs every trial of every strategy, with the raw UDP reference beside them.
+package struct MatrixRunner {
+    package let lab: LabSession
+    package let strategies: [String]
+    package let pairs: [(String, String)]
+    package let trials: Int
+    package let delay: Double
+    package let loss: Double
+    package let punchTimeout: Double
+    package let discover: Bool
+    package let raw: Bool
+    package let impostor: Bool
+    package let startDelay: Int
+
+    /// A runner for one matrix (the memberwise initialiser is internal to this module).
+    package init(lab: LabSession, strategies: [String], pairs: [(String, String)], trials: Int, delay: Double, loss: Double,
+                 punchTimeout: Double, discover: Bool, raw: Bool, impostor: Bool, startDelay: Int) {
+        self.lab = lab
+        self.strategies = strategies
+        self.pairs = pairs
+        self.trials = trials
+        self.delay = delay
+        self.loss = loss
+        self.punchTimeout = punchTimeout
+        self.discover = discover
+        self.raw = raw
+        self.impostor = impostor
+        self.startDelay = startDelay
+    }
+
+    /// Where the impostor listens (in `other`); router b DNATs new inbound UDP flows there.
+    package static let impostorAddress = "198.51.100.20:7443"
+
+    private func progress(_ line: String) {
+        FileHandle.standardError.write(Data((line + "\n").utf8))
+    }
+
+    package func run() async throws -> MatrixReport {
+        let date = ISO8601DateFormatter().string(from: Date())
+        let first = pairs[0]
+        progress("lab \(lab.name): up (\(first.0) × \(first.1), delay \(delay) ms, loss \(loss)%)")
+        try await lab.run(["up", "--nat-a", first.0, "--nat-b", first.1, "--delay", "\(delay)", "--loss", "\(loss)", "--probe-server"],
+                          limit: .seconds(120))
+
+        // One rendezvous for the whole run.
+        let rdvIdentity = lab.file("rdv.identity")
+        try Identity.generate(commonName: "lab-rendezvous").save(to: rdvIdentity)
+        let ready = lab.file("rdv.ready")
+        let rendezvous = try lab.exec("rdv", [lab.executable, "lab", "rendezvous", "--identity", rdvIdentity, "--ready-file", ready,
+                                                "--start-delay", "\(startDelay)"],
+                                      stem: "rendezvous")
+        defer { rendezvous.stop() }
+        let end = ContinuousClock.now + .seconds(20)
+        while !FileManager.default.fileExists(atPath: ready) {
+            guard rendezvous.process.isRunning, ContinuousClock.now < end else {
+                throw LabFailure("the lab rendezvous did not start: \(rendezvous.errors)")
+            }
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        let rdvNode = try String(contentsOfFile: ready, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+
+        var impostorServer: LabChild?
+        defer { impostorServer?.stop() }
+        if impostor {
+            let identity = lab.file("impostor.identity")
+            try Identity.generate(commonName: "lab-impostor").save(to: identity)
+            let impostorReady = lab.file("impostor.ready")
+            impostorServer = try lab.exec("other", [lab.executable, "lab", "rendezvous", "--listen", Self.impostorAddress,
+                                                    "--identity", identity, "--no-stun", "--ready-file", impostorReady],
+                                          stem: "impostor")
+            while !FileManager.default.fileExists(atPath: impostorReady) {
+                guard impostorServer?.process.isRunning == true else { throw LabFailure("the impostor did not start") }
+                try await Task.sleep(for: .milliseconds(10))
+            }
+        }
+
+        let rtt = await measureRTT()
+        progress("peer-to-peer RTT \(String(format: "%.1f", rtt)) ms (sum of both peers' RTTs to the rendezvous)")
+        var impostorPackets: Int? = impostor ? 0 : nil
+        var results: [String: [PairResult]] = [:]
+        var raws: [String: RawResult] = [:]
+        for (index, pair) in pairs.enumerated() {
+            let label = "[\(index + 1)/\(pairs.count)] \(pair.0) × \(pair.1)"
+            if index > 0 { try await lab.run(["renat", "--nat-a", pair.0, "--nat-b", pair.1]) }
+            if impostor {
+                // After the cone DNAT (which admits the real flows of recorded mappings), before nothing else:
+                // every other new inbound UDP flow to b's public address goes to the impostor.
+                try await lab.run(["exec", "nat-b", "--", "nft", "add rule ip hpnat prerouting iifname \"wan0\" meta l4proto udp "
+                                   + "counter dnat ip to \(Self.impostorAddress)"])
+            }
+            if raw {
+                let reference = await rawPunch(tag: index)
+                raws["\(pair.0):\(pair.1)"] = reference
+                progress("\(label) raw UDP: " + (reference.connected ? String(format: "%.0f ms", reference.timeMs ?? 0) : "fails"))
+            }
+            for strategy in strategies {
+                var result = PairResult(a: pair.0, b: pair.1)
+                let short = URL(fileURLWithPath: strategy).lastPathComponent
+                for trial in 1...max(1, trials) {
+                    let outcome = try await runTrial(pair: pair, strategy: strategy, rdvNode: rdvNode)
+                    result.trials.append(outcome)
+                    let summary = outcome.ok
+                        ? String(format: "ok %.0f ms, %d rounds, %d packets, first byte %.0f ms", outcome.timeMs ?? 0, outcome.rounds,
+                                 outcome.packets, outcome.firstByteMs ?? 0)
+                        : "failed: \(outcome.error ?? "?") \(outcome.message ?? "")"
+                    progress("\(label) \(short) trial \(trial)/\(trials): \(summary)")
+                }
+                results[short, default: []].append(result)
+            }
+            // The impostor rule's counter, before renat replaces the table: packets b's router gave to the impostor.
+            if impostor, let child = try? lab.exec("nat-b", ["nft", "list", "chain", "ip", "hpnat", "prerouting"], stem: "impostor-counter"),
+               await child.wait(.seconds(5)) == 0, let range = child.output.range(of: "packets ") {
+                impostorPackets? += Int(child.output[range.upperBound...].prefix { $0.isNumber }) ?? 0
+            }
+        }
+        return MatrixReport(impostorPackets: impostorPackets, strategies: strategies.map { URL(fileURLWithPath: $0).lastPathComponent }, results: results, raw: raws,
+                            rttMs: rtt, trials: trials, delay: delay, loss: loss, date: date, discover: discover)
+    }
+
+    /// RTT between the peers: each peer's RTT to the rendezvous crosses its own WAN link twice, so the sum is
+    /// what a packet from A to B and back crosses.
+    private func measureRTT() async -> Double {
+        var total = 0.0
+        for host in ["peer-a", "peer-b"] {
+            guard let child = try? lab.exec(host, ["python3", "\(lab.labDir)/probe.py", "rtt", "--server", "198.51.100.10:3478",
+                                                   "--count", "20", "--interval", "10"], stem: "rtt"),
+                  await child.wait(.seconds(20)) != nil,
+                  let stats = child.lastJSON?["rtt_ms"] as? [String: Any],
+                  let median = stats["median"] as? Double else { continue }
+            total += median
+        }
+        return total
+    }
+
+    /// `probe.py punch` on both sides at once: the time from knowing the peer's address to hearing each other.
+    private func rawPunch(tag: Int) async -> RawResult {
+        let nameA = "a\(tag)x\(getpid())", nameB = "b\(tag)x\(getpid())"
+        let script = "\(lab.labDir)/probe.py"
+        guard let a = try? lab.exec("peer-a", ["python3", script, "punch", "--name", nameA, "--peer", nameB, "--timeout", "5"], stem: "rawa"),
+              let b = try? lab.exec("peer-b", ["python3", script, "punch", "--name", nameB, "--peer", nameA, "--timeout", "5"], stem: "rawb")
+        else { return RawResult(connected: false) }
+        _ = await a.wait(.seconds(15))
+        _ = await b.wait(.seconds(15))
+        let times = [a.lastJSON, b.lastJSON].map { ($0?["connected"] as? Bool == true) ? $0?["time_ms"] as? Double : nil }
+        guard let ta = times[0], let tb = times[1] else { return RawResult(connected: false) }
+        return RawResult(connected: true, timeMs: max(ta, tb))
+    }
+
+    private func runTrial(pair: (String, String), strategy: String, rdvNode: String) async throws -> TrialResult {
+        let idA = lab.file("a.identity"), idB = lab.file("b.identity")
+        let a = try Identity.generate(commonName: "lab-peer-a")
+        try a.save(to: idA)
+        let b = try Identity.generate(commonName: "lab-peer-b")
+        try b.save(to: idB)
+        let before = await lab.packetCounter("nat-a") + lab.packetCounter("nat-b")
+        func peerArguments(identity: String, nat: String) -> [String] {
+            var arguments = [lab.executable, "lab", "peer", "--rendezvous-id", rdvNode, "--identity", identity,
+                             "--strategy", strategy, "--punch-timeout", "\(punchTimeout)", "--timeout", "\(punchTimeout + 10)"]
+            arguments += discover ? ["--discover"] : ["--nat", nat]
+            return arguments
+        }
+        let ready = lab.file("target.ready")
+        let target = try lab.exec("peer-b", peerArguments(identity: idB, nat: pair.1) + ["--ready-file", ready], stem: "target")
+        let end = ContinuousClock.now + .seconds(15)
+        while !FileManager.default.fileExists(atPath: ready), target.process.isRunning, ContinuousClock.now < end {
+            try await Task.sleep(for: .milliseconds(5))
+        }
+        guard FileManager.default.fileExists(atPath: ready) else {
+            target.stop()
+            return TrialResult(ok: false, rounds: 0, packets: 0, error: "targetNotRegistered",
+                               message: (target.lastJSON?["message"] as? String) ?? target.errors.split(separator: "\n").last.map(String.init))
+        }
+        let initiator = try lab.exec("peer-a", peerArguments(identity: idA, nat: pair.0) + ["--connect", "\(b.nodeID)"], stem: "initiator")
+        let limit = Duration.milliseconds(Int((punchTimeout + 15) * 1000))
+        _ = await initiator.wait(limit)
+        _ = await target.wait(.seconds(8))
+        let after = await lab.packetCounter("nat-a") + lab.packetCounter("nat-b")
+        var result = initiator.lastJSON ?? [:]
+        let targetResult = target.lastJSON ?? [:]
+        var ok = result["ok"] as? Bool == true
+        var error = result["error"] as? String
+        if ok, let peer = result["peer_node"] as? String, peer != "\(b.nodeID)" {
+            // Never expected: the handshake pins the NodeID. Recorded loudly if it ever happens.
+            ok = false
+            error = "wrongPeer"
+        }
+        if ok, result["echo"] as? Bool != true {
+            // The punch reported a connection, but no line made it through and back: not a working connection.
+            ok = false
+            // A clean end with bytes missing is the silent loss a graceful close exists to prevent: named apart.
+            let outcome = result["echo_outcome"] as? String ?? ""
+            error = outcome == "silentLoss" ? "silentLoss" : "noEcho"
+            result["message"] = "echo: \(outcome)"
+        }
+        if result.isEmpty { error = "noResult" }
+        return TrialResult(
+            ok: ok, timeMs: result["time_ms"] as? Double, rounds: result["rounds"] as? Int ?? 0, packets: max(0, after - before),
+            error: ok ? nil : error,
+            message: ok ? nil : ((result["message"] as? String) ?? initiator.errors.split(separator: "\n").last.map(String.init))
+                .map { $0 + ((targetResult["error"] as? String).map { " (target: \($0))" } ?? "") },
+            peerNode: result["peer_node"] as? String, expectedPeer: "\(b.nodeID)",
+            firstByteMs: result["first_byte_ms"] as? Double, connectFirstByteMs: result["connect_first_byte_ms"] as? Double,
+            phases: result["phases_ms"] as? [String: Double])
+    }
+}
