@@ -12,8 +12,8 @@ import Glibc
 /// socket. A punch is planned by a `PunchStrategy` (Lua or Swift), clamped by `PlanLimits`, and run by a
 /// `PunchSession` state machine; the first connection that proves the pinned NodeID wins.
 ///
-/// The executor takes over the endpoint's datagram handler (for probes) and accept policy (to admit only peers
-/// of live target sessions, plus whatever ``Configuration/acceptOthers`` allows). Datagrams and connections that
+/// The executor reads the endpoint's non-QUIC datagrams (for probes) and takes over its accept policy (to admit only
+/// peers of live target sessions, plus whatever ``Configuration/acceptOthers`` allows). Datagrams and connections that
 /// belong to no punch are passed on through ``otherDatagrams(_:)`` and ``otherConnections``.
 public actor PunchExecutor {
     /// Settings for an executor.
@@ -207,7 +207,7 @@ public actor PunchExecutor {
         await installIfNeeded()
     }
 
-    /// Takes over the endpoint's datagram handler and accept policy now, instead of at the first punch.
+    /// Starts reading the endpoint's non-QUIC datagrams and takes over its accept policy now, not at the first punch.
     public func start() async {
         await installIfNeeded()
     }
@@ -241,14 +241,18 @@ public actor PunchExecutor {
         }
     }
 
+    /// Reads `endpoint`'s non-QUIC datagrams (probes, STUN) and unreachable reports until it closes: one reader
+    /// task per socket, not a task per datagram.
     private func installHandlers(on endpoint: Endpoint, socket: Int, punch: PunchID?) async {
-        await endpoint.setDatagramHandler { [weak self] bytes, from in
-            guard let self else { return }
-            Task { await self.datagram(bytes, from: from, socket: socket) }
-        }
-        await endpoint.setUnreachableHandler { [weak self] address in
-            guard let self else { return }
-            Task { await self.unreachable(address, punch: punch) }
+        let received = endpoint.nonQUICDatagrams
+        Task { [weak self] in
+            for await item in received {
+                guard let self else { return }
+                switch item {
+                case .datagram(let bytes, let from): await self.datagram(bytes, from: from, socket: socket)
+                case .unreachable(let address): await self.unreachable(address, punch: punch)
+                }
+            }
         }
     }
 

@@ -10,9 +10,9 @@ import Glibc
 /// One UDP socket that dials and accepts QUIC connections, and carries raw datagrams (STUN, punch probes) too.
 ///
 /// A NAT mapping belongs to one local address and port, so everything a peer sends for a punch leaves from this
-/// one socket. Datagrams are sorted by their first byte (RFC 9443): `0x00–0x03` go to the datagram handler (STUN and
-/// probes), those with the QUIC fixed bit are routed by destination connection ID, and the rest are dropped and
-/// counted.
+/// one socket. Datagrams are sorted by their first byte (RFC 9443): `0x00–0x03` (STUN and probes) are queued for the
+/// owner to read from ``nonQUICDatagrams``, those with the QUIC fixed bit are routed by destination connection ID,
+/// and the rest are dropped and counted.
 ///
 /// The actor's executor is the event loop that owns the socket, so all ngtcp2 and GnuTLS state stays on one thread.
 public actor Endpoint {
@@ -27,8 +27,16 @@ public actor Endpoint {
     public nonisolated let nodeID: NodeID
     /// Accepted connections, each already authenticated: its ``QUICConnection/peerNodeID`` passed the accept policy.
     public nonisolated let incoming: AsyncStream<QUICConnection>
+    /// The datagrams that are not QUIC (first byte 0x00–0x03: STUN, punch probes) and the ICMP unreachable reports,
+    /// in arrival order, for one reader (like quic-go's `Transport.ReadNonQUICPacket`).
+    ///
+    /// Iterate it from one task at a time. It holds at most ``EndpointConfiguration/nonQUICBufferLimit`` items
+    /// while the reader is behind; what arrives beyond that is dropped and counted in
+    /// ``EndpointStats/nonQUICDropped``, as a full socket queue would. It ends when the endpoint closes.
+    public nonisolated let nonQUICDatagrams: AsyncStream<NonQUICDatagram>
 
     let incomingContinuation: AsyncStream<QUICConnection>.Continuation
+    let nonQUICContinuation: AsyncStream<NonQUICDatagram>.Continuation
     let fd: Int32
     var configuration: EndpointConfiguration
     let logger: Logger
@@ -36,8 +44,6 @@ public actor Endpoint {
     let router: ConnectionRouter
     var connections: [UInt64: ConnectionCore] = [:]
     var nextKey: UInt64 = 1
-    var datagramHandler: (@Sendable ([UInt8], SocketAddress) -> Void)?
-    var unreachableHandler: (@Sendable (SocketAddress) -> Void)?
     var counters = EndpointStats()
     /// What new client Initials get (a connection, a Retry, nothing), and the server handshakes pending per source.
     var gate: HandshakeGate
@@ -133,6 +139,9 @@ public actor Endpoint {
         self.loop = EventLoopGroup.shared.next()
         self.io = SocketBuffers(local: local, loop: loop)
         (incoming, incomingContinuation) = AsyncStream.makeStream(of: QUICConnection.self)
+        (nonQUICDatagrams, nonQUICContinuation) = AsyncStream.makeStream(
+            of: NonQUICDatagram.self, bufferingPolicy: .bufferingOldest(max(1, configuration.nonQUICBufferLimit))
+        )
     }
 
     /// Creates an endpoint with no socket, for in-memory tests; `link(to:)` connects two of them.
@@ -150,6 +159,9 @@ public actor Endpoint {
         self.loop = EventLoopGroup.shared.next()
         self.io = SocketBuffers(local: address, loop: loop)
         (incoming, incomingContinuation) = AsyncStream.makeStream(of: QUICConnection.self)
+        (nonQUICDatagrams, nonQUICContinuation) = AsyncStream.makeStream(
+            of: NonQUICDatagram.self, bufferingPolicy: .bufferingOldest(max(1, configuration.nonQUICBufferLimit))
+        )
     }
 
     deinit {
@@ -162,6 +174,7 @@ public actor Endpoint {
                 Glibc.close(fd)
             }
             incomingContinuation.finish()
+            nonQUICContinuation.finish()
         }
     }
 
@@ -223,18 +236,6 @@ public actor Endpoint {
         counters.datagramsSent += 1
     }
 
-    /// Sets the receiver of datagrams whose first byte is 0x00–0x03 (STUN and punch probes).
-    ///
-    /// It runs on the endpoint's event loop for each datagram: keep it short and hand work off.
-    public func setDatagramHandler(_ handler: (@Sendable ([UInt8], SocketAddress) -> Void)?) {
-        datagramHandler = handler
-    }
-
-    /// Sets the receiver of ICMP unreachable reports: the address that a datagram from this socket could not reach.
-    public func setUnreachableHandler(_ handler: (@Sendable (SocketAddress) -> Void)?) {
-        unreachableHandler = handler
-    }
-
     /// Sets what decides the handshake hints of connections that peers open to this endpoint from now on: asked
     /// on the event loop with the peer's address, for each new client Initial and again on the packets of a
     /// handshake that got none yet; nil hints mean the defaults. Keep it short (a lock and a lookup).
@@ -290,6 +291,14 @@ public actor Endpoint {
             Glibc.close(fd)
         }
         incomingContinuation.finish()
+        nonQUICContinuation.finish()
     }
+}
 
+/// What an endpoint hands its owner besides QUIC: read from ``Endpoint/nonQUICDatagrams``.
+public enum NonQUICDatagram: Sendable, Hashable {
+    /// A datagram whose first byte is 0x00–0x03 (STUN, punch probes), and where it came from.
+    case datagram([UInt8], from: SocketAddress)
+    /// An ICMP unreachable report: a datagram from this socket could not reach this address.
+    case unreachable(SocketAddress)
 }

@@ -25,7 +25,7 @@ extension Endpoint {
         }
         if first <= 3 {
             counters.stunDatagrams += 1
-            datagramHandler?(Array(packet), from)
+            deliverNonQUIC(.datagram(Array(packet), from: from))
             return
         }
         // Unknown DCID: only a client Initial (long header, fixed bit set: a client cannot grease before it has

@@ -29,6 +29,11 @@ extension Endpoint {
         }
     }
 
+    /// Queues what the owner reads from ``nonQUICDatagrams``; past the bound it is dropped and counted.
+    func deliverNonQUIC(_ item: NonQUICDatagram) {
+        if case .dropped = nonQUICContinuation.yield(item) { counters.nonQUICDropped += 1 }
+    }
+
     // MARK: Socket
 
     func handleSocketEvents(_ events: UInt32) {
@@ -61,7 +66,7 @@ extension Endpoint {
                 let address = withUnsafePointer(to: &storage) { pointer in
                     pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { SocketAddress($0) }
                 }
-                if let address { unreachableHandler?(address) }
+                if let address { deliverNonQUIC(.unreachable(address)) }
             }
         }
     }
