@@ -229,6 +229,10 @@ public struct EndpointStats: Sendable, Hashable {
     /// Initials from validated sources dropped at a limit (``EndpointConfiguration/maxPendingHandshakesPerHost``
     /// or ``EndpointConfiguration/maxConnections``).
     public var initialsRefused = 0
+    /// Authenticated path probes received (challenges and responses of the path layer).
+    public var pathProbesReceived = 0
+    /// Times a connection's active path changed, by this side's switch or by following the peer.
+    public var pathSwitches = 0
 }
 
 /// Statistics for one connection.

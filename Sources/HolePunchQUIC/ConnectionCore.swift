@@ -73,12 +73,21 @@ final class ConnectionCore {
     var lastStreamDataAt: UInt64 = 0
     /// Set when a callback asked the endpoint to announce a newly established server connection.
     var announceAccepted = false
+    /// The paths to the peer below QUIC, and the active one (``PathTable``).
+    var paths: PathTable
+    /// The key of this connection's path probes, derived once the handshake completed.
+    var pathKey: [UInt8]?
+    /// Woken when a path is validated: ``Endpoint/validatePath(_:_:timeout:)`` waits here.
+    let pathWaiters = WaitList()
+    /// Where changes of the active path go (``QUICConnection/pathChanges()``).
+    var pathChangeSink: AsyncStream<PathChange>.Continuation?
 
     init(key: UInt64, isClient: Bool, remote: SocketAddress, expectedNodeID: NodeID?) {
         self.key = key
         self.isClient = isClient
         self.remote = remote
         self.expectedNodeID = expectedNodeID
+        paths = PathTable(stable: .direct(remote))
         connRef = .allocate(capacity: 1)
         connRef.initialize(to: ngtcp2_crypto_conn_ref())
         writePath = .allocate(capacity: 1)

@@ -28,6 +28,10 @@ extension Endpoint {
             deliverNonQUIC(.datagram(Array(packet), from: from))
             return
         }
+        if first == PathProbe.marker {
+            receivePathProbe(packet, from: from)
+            return
+        }
         // Unknown DCID: only a client Initial (long header, fixed bit set: a client cannot grease before it has
         // seen our transport parameters) may start a new server connection.
         var header = ngtcp2_pkt_hd()
@@ -120,13 +124,14 @@ extension Endpoint {
             core.handshakeCopies = min(max(hints.packetCopies, 1), HandshakeHints.maxPacketCopies)
         }
         var info = ngtcp2_pkt_info()
-        let rv = io.withPath(remote: from) { path in
+        let rv = io.withPath(remote: quicSource(core, from: from)) { path in
             ngtcp2_conn_read_pkt_versioned(conn, path, NGTCP2_PKT_INFO_VERSION, &info, packet, count, hp_now_ns())
         }
         if rv != 0 {
             fail(core, rv: rv)
             return
         }
+        notePacket(core, from: from)
         if core.announceAccepted {
             core.announceAccepted = false
             gate.ended(core.key)

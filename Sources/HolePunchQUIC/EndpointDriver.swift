@@ -210,6 +210,9 @@ extension Endpoint {
         for stream in core.streams.values { core.wakeStream(stream) }
         waiters.wake(core.deliveryWaiters)
         waiters.wake(core.closeWaiters)
+        waiters.wake(core.pathWaiters)
+        core.pathChangeSink?.finish()
+        core.pathChangeSink = nil
         connections[core.key] = nil
         let unread = !core.pendingIncomingStreams.isEmpty || core.streams.values.contains {
             $0.receivedStart < $0.received.count || $0.finReceived || $0.resetError != nil

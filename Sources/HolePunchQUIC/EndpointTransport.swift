@@ -113,8 +113,16 @@ extension Endpoint {
             return
         }
         let remote = core.writePath.pointee.path.remote
+        // QUIC addresses the stable peer address; the path table says which path carries it now. (A path ngtcp2
+        // moved to on its own, after a peer's NAT rebinding, is used as ngtcp2 says.)
+        var redirect: SocketAddress?
+        if core.paths.active != core.paths.stable, SocketAddress(remote.addr) == core.paths.stable.address {
+            redirect = core.paths.active.address
+        }
         for _ in 0..<copies {
-            let sent = sendto(fd, io.sendBuffer.baseAddress, count, 0, remote.addr, remote.addrlen)
+            let sent = redirect.map { active in
+                active.withSockAddr { sendto(fd, io.sendBuffer.baseAddress, count, 0, $0, $1) }
+            } ?? sendto(fd, io.sendBuffer.baseAddress, count, 0, remote.addr, remote.addrlen)
             if sent < 0 {
                 counters.sendErrors += 1
             } else {
@@ -125,6 +133,17 @@ extension Endpoint {
         }
     }
 
+    /// Sends a datagram that belongs to no QUIC packet (a path probe); a refusal counts as a send error.
+    func sendDatagram(_ datagram: [UInt8], to address: SocketAddress) {
+        if fd < 0 {
+            deliverInMemory(datagram)
+            return
+        }
+        let sent = datagram.withUnsafeBytes { bytes in
+            address.withSockAddr { sendto(fd, bytes.baseAddress, bytes.count, 0, $0, $1) }
+        }
+        if sent < 0 { counters.sendErrors += 1 } else { counters.datagramsSent += 1 }
+    }
 }
 
 /// The endpoint's view of its loop's scratch buffers, and the path storage ngtcp2 reads addresses from (owned:
