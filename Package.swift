@@ -56,17 +56,19 @@ let package = Package(
             name: "CHolePunchShims",
             dependencies: ["CNgtcp2", "CGnuTLS", "CLua"]
         ),
+        // The clock and the socket error queue, apart from the shims above so HolePunchNet links no ngtcp2/GnuTLS/Lua.
+        .target(name: "CHolePunchNetShims"),
 
         // MARK: Swift modules. Dependencies point one way: CLI -> HolePunch -> (Strategy, QUIC, STUN) -> C.
         .target(
             name: "HolePunchNet",
-            dependencies: [],
+            dependencies: ["CHolePunchNetShims"],
             swiftSettings: swiftSettings
         ),
         .target(
             name: "HolePunchQUIC",
             dependencies: [
-                "HolePunchNet", "CNgtcp2", "CGnuTLS", "CHolePunchShims",
+                "HolePunchNet", "CNgtcp2", "CGnuTLS", "CHolePunchShims", "CHolePunchNetShims",
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: swiftSettings
@@ -166,6 +168,10 @@ let package = Package(
         // MARK: Tests (swift-testing).
         // Process and wait helpers shared by test targets (a test target cannot depend on another).
         .target(name: "ProcessTestSupport", path: "Tests/ProcessTestSupport", swiftSettings: swiftSettings),
+        .testTarget(
+            name: "HolePunchNetTests", dependencies: ["HolePunchNet", "ProcessTestSupport"],
+            swiftSettings: swiftSettings
+        ),
         .testTarget(
             name: "HolePunchQUICTests", dependencies: ["HolePunchQUIC", "HolePunchNet", "ProcessTestSupport"],
             swiftSettings: swiftSettings

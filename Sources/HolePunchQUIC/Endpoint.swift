@@ -3,6 +3,7 @@ public import Logging
 internal import CNgtcp2
 internal import CGnuTLS
 internal import CHolePunchShims
+internal import CHolePunchNetShims
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -33,57 +33,68 @@ public protocol STUNTransport: Sendable {
     func close() async
 }
 
-/// A ``STUNTransport`` over one plain, non-blocking POSIX UDP socket, read by a background poll thread.
+/// A ``STUNTransport`` over one plain, non-blocking UDP socket, read on one of the process's shared event loops
+/// (the loops the QUIC endpoints run on: a process has one I/O stack, not a thread per STUN socket).
 public final class UDPSTUNTransport: STUNTransport {
     /// The bound local address (with the real port when bound to port 0).
     public let localAddress: SocketAddress
-    private let socket: UDPSocket
-    private let loop: PollLoop
+    private let transport: any DatagramTransport
     private let subscriber: Subscriber
 
     /// Binds a socket to `address`; port 0 picks an ephemeral port.
     ///
     /// - Throws: ``STUNError`` `.socket` when the address cannot be bound.
-    public init(binding address: SocketAddress) throws(STUNError) {
-        let socket = try UDPSocket(binding: address)
-        let subscriber = Subscriber()
-        self.socket = socket
-        self.subscriber = subscriber
-        self.localAddress = socket.localAddress
-        self.loop = PollLoop(sockets: [socket]) { _, bytes, from in
-            subscriber.yield(STUNDatagram(bytes: bytes, from: from))
-        }
+    public convenience init(binding address: SocketAddress) throws(STUNError) {
+        self.init(over: try UDPDatagramTransport.forSTUN(binding: address))
+    }
+
+    /// Runs STUN over `transport` (a UDP socket, or an in-memory transport in tests), which this object now owns
+    /// and closes.
+    package init(over transport: any DatagramTransport) {
+        self.transport = transport
+        self.localAddress = transport.localAddress
+        self.subscriber = Subscriber()
     }
 
     deinit {
-        loop.stop()
-        socket.close()
+        transport.close()
         subscriber.finish()
     }
 
     /// Sends one datagram without blocking; a full socket buffer drops it silently, like the network would.
     public func send(_ bytes: [UInt8], to destination: SocketAddress) async throws {
-        try socket.send(bytes, to: destination)
+        do throws(DatagramError) {
+            try transport.send(bytes, to: destination)
+        } catch {
+            throw STUNError(.socket, error.message)
+        }
     }
 
-    /// Starts a new subscription (ending the previous one); the poll thread starts with the first.
+    /// Starts a new subscription (ending the previous one); the socket is watched from the first on.
     public func incoming() -> AsyncStream<STUNDatagram> {
         let (stream, continuation) = AsyncStream.makeStream(of: STUNDatagram.self, bufferingPolicy: .bufferingNewest(256))
         subscriber.replace(continuation)
-        // The poll thread starts with the first subscriber: nothing is read before anyone listens.
-        do { try loop.start() } catch { subscriber.finish() }
+        // Reading starts with the first subscriber: nothing is read before anyone listens.
+        let subscriber = self.subscriber
+        do {
+            try transport.start { [weak transport] in
+                guard let transport else { return }
+                subscriber.drain(transport)
+            }
+        } catch {
+            subscriber.finish()
+        }
         return stream
     }
 
-    /// Stops the poll thread, closes the socket and ends the stream; idempotent.
+    /// Stops reading, closes the socket and ends the stream; idempotent.
     public func close() async {
         closeNow()
     }
 
-    /// Synchronous ``close()``: stops the poll thread, closes the socket, ends the stream.
+    /// Synchronous ``close()``: stops reading, closes the socket, ends the stream.
     public func closeNow() {
-        loop.stop()
-        socket.close()
+        transport.close()
         subscriber.finish()
     }
 
@@ -102,6 +113,19 @@ public final class UDPSTUNTransport: STUNTransport {
             if lock.withLock({ finished }) { next.finish() }
         }
 
+        /// Reads what is waiting, on the loop, into the subscriber's stream. Bounded, so one busy socket cannot
+        /// starve the others on its loop (the loop calls again while datagrams are left). Unreachable reports mean
+        /// nothing to STUN: its timeouts already handle a server that does not answer.
+        func drain(_ transport: any DatagramTransport) {
+            let buffer = transport.loop.receiveBuffer
+            for _ in 0..<64 {
+                guard let input = transport.receive(into: buffer) else { return }
+                if case let .datagram(received) = input {
+                    yield(STUNDatagram(bytes: Array(buffer.prefix(received.count)), from: received.from))
+                }
+            }
+        }
+
         func yield(_ datagram: STUNDatagram) {
             let current = lock.withLock { continuation }
             current?.yield(datagram)
@@ -114,6 +138,17 @@ public final class UDPSTUNTransport: STUNTransport {
                 return continuation
             }
             current?.finish()
+        }
+    }
+}
+
+extension UDPDatagramTransport {
+    /// A plain STUN socket on the next shared loop (or `loop`), with a bind failure as ``STUNError`` `.socket`.
+    static func forSTUN(binding address: SocketAddress, loop: EventLoop = EventLoopGroup.shared.next()) throws(STUNError) -> UDPDatagramTransport {
+        do throws(DatagramError) {
+            return try UDPDatagramTransport(binding: address, options: .plain, loop: loop)
+        } catch {
+            throw STUNError(.socket, error.message)
         }
     }
 }

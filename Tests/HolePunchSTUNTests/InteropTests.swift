@@ -25,15 +25,16 @@ enum Interop {
     /// Two port numbers free on both 127.0.0.1 and 127.0.0.2 (UDP) at the time of the check.
     static func freePortPair() throws -> (UInt16, UInt16) {
         for _ in 0..<20 {
-            var held: [UDPSocket] = []
-            defer { held.forEach { $0.close() } }
+            var held: [UDPDatagramSocket] = []
+            // Releasing the sockets closes them: the ports are free again for the caller.
+            defer { held.removeAll() }
             do {
-                let a = try UDPSocket(binding: .loopbackV4(port: 0))
+                let a = try UDPDatagramSocket(binding: .loopbackV4(port: 0))
                 held.append(a)
-                held.append(try UDPSocket(binding: SocketAddress(ip: .v4(127, 0, 0, 2), port: a.localAddress.port)))
-                let b = try UDPSocket(binding: .loopbackV4(port: 0))
+                held.append(try UDPDatagramSocket(binding: SocketAddress(ip: .v4(127, 0, 0, 2), port: a.localAddress.port)))
+                let b = try UDPDatagramSocket(binding: .loopbackV4(port: 0))
                 held.append(b)
-                held.append(try UDPSocket(binding: SocketAddress(ip: .v4(127, 0, 0, 2), port: b.localAddress.port)))
+                held.append(try UDPDatagramSocket(binding: SocketAddress(ip: .v4(127, 0, 0, 2), port: b.localAddress.port)))
                 return (a.localAddress.port, b.localAddress.port)
             } catch {
                 continue
@@ -44,8 +45,7 @@ enum Interop {
 
     /// Polls `address` with Binding requests until it answers, for at most `attempts` × 100 ms.
     static func waitUntilAnswering(_ address: SocketAddress, attempts: Int = 100) throws -> Bool {
-        let probe = try UDPSocket(binding: .loopbackV4(port: 0))
-        defer { probe.close() }
+        let probe = try UDPDatagramSocket(binding: .loopbackV4(port: 0))
         for _ in 0..<attempts {
             try probe.send(try STUNMessage(.request).encoded(fingerprint: true), to: address)
             if let (bytes, _) = probe.receive(timeoutMilliseconds: 100), (try? STUNMessage.decode(bytes)) != nil {

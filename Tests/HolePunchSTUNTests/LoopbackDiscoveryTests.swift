@@ -66,8 +66,7 @@ extension RealNetworkTests {
 
     @Test func cancellationStopsDiscoveryPromptly() async throws {
         // A bound socket that never answers: loopback, so no ICMP either; discovery would wait its full timeout.
-        let silent = try UDPSocket(binding: .loopbackV4(port: 0))
-        defer { silent.close() }
+        let silent = try UDPDatagramSocket(binding: .loopbackV4(port: 0))
         let primary = try UDPSTUNTransport(binding: .loopbackV4(port: 0))
         defer { primary.closeNow() }
         let opened = Opened()

@@ -140,8 +140,7 @@ extension RealNetworkTests {
         defer { server.stop() }
         let locals = server.localAddresses
         #expect(locals.count == 4)
-        let client = try UDPSocket(binding: .loopbackV4(port: 0))
-        defer { client.close() }
+        let client = try UDPDatagramSocket(binding: .loopbackV4(port: 0))
 
         let expectations: [(Bool, Bool, SocketAddress)] = [
             (false, false, locals[0]), (false, true, locals[1]), (true, false, locals[2]), (true, true, locals[3]),
@@ -165,8 +164,7 @@ extension RealNetworkTests {
         let server = try STUNServer(configuration: .init(primary: addr("[::1]:0"), alternatePort: 0))
         try server.start()
         defer { server.stop() }
-        let client = try UDPSocket(binding: addr("[::1]:0"))
-        defer { client.close() }
+        let client = try UDPDatagramSocket(binding: addr("[::1]:0"))
         let request = STUNMessage(.request, attributes: [.changeRequest(changeIP: false, changePort: true)])
         try client.send(try request.encoded(fingerprint: true), to: server.primaryAddress)
         let (bytes, from) = try #require(client.receive(timeoutMilliseconds: 2000))

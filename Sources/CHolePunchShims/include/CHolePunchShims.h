@@ -2,4 +2,3 @@
 #pragma once
 #include "hp_gnutls.h"
 #include "hp_lua.h"
-#include "hp_net.h"

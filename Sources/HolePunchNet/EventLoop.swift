@@ -3,9 +3,12 @@ import Glibc
 #endif
 import Synchronization
 import Foundation
-internal import CHolePunchShims
+internal import CHolePunchNetShims
 
 /// One thread running `epoll`: it drives sockets, timers and the jobs of every actor that uses it as executor.
+///
+/// Every datagram transport (``UDPDatagramTransport``, ``InMemoryDatagramTransport``), the QUIC endpoints and the
+/// STUN server and clients run on these loops: one I/O stack per process.
 ///
 /// ngtcp2 connections and GnuTLS sessions are not thread-safe, so every endpoint pins all of its C state to one
 /// loop: the endpoint actor's executor *is* the loop, and socket readiness and timer callbacks run on the same
@@ -13,7 +16,7 @@ internal import CHolePunchShims
 ///
 /// `@unchecked Sendable`: the mutable state is either behind `pending` (a `Mutex`) or touched only on the loop
 /// thread (`timers`, `handlers`), which `preconditionInLoop()` guards in debug builds.
-final class EventLoop: SerialExecutor, @unchecked Sendable {
+package final class EventLoop: SerialExecutor, @unchecked Sendable {
     private struct Pending {
         var jobs: [UnownedJob] = []
         var closures: [() -> Void] = []
@@ -37,8 +40,8 @@ final class EventLoop: SerialExecutor, @unchecked Sendable {
     /// Scratch space for one datagram in and one out, shared by every endpoint on this loop: only the loop's
     /// thread touches them, and no endpoint holds them across a suspension. (Per-endpoint buffers cost 128 KiB
     /// each, which dominated memory with a thousand sockets.)
-    let receiveBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 65_536, alignment: 16)
-    let sendBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 65_536, alignment: 16)
+    package let receiveBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 65_536, alignment: 16)
+    package let sendBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 65_536, alignment: 16)
 
     // Loop-thread only.
     private var timerHeap: [Timer] = []
@@ -47,7 +50,7 @@ final class EventLoop: SerialExecutor, @unchecked Sendable {
     private var handlers: [Int32: (UInt32) -> Void] = [:]
 
     /// Starts a loop on a new thread.
-    init(name: String) {
+    package init(name: String) {
         epollFD = epoll_create1(Int32(EPOLL_CLOEXEC))
         precondition(epollFD >= 0, "epoll_create1 failed: \(errno)")
         wakeFD = eventfd(0, Int32(EFD_NONBLOCK | EFD_CLOEXEC))
@@ -72,42 +75,42 @@ final class EventLoop: SerialExecutor, @unchecked Sendable {
     }
 
     /// Whether the caller runs on this loop's thread.
-    var inLoop: Bool {
+    package var inLoop: Bool {
         guard let threadID else { return false }
         return pthread_equal(threadID, pthread_self()) != 0
     }
 
     // MARK: SerialExecutor
 
-    func enqueue(_ job: consuming ExecutorJob) {
+    package func enqueue(_ job: consuming ExecutorJob) {
         let unowned = UnownedJob(job)
         pending.withLock { $0.jobs.append(unowned) }
         wake()
     }
 
-    func asUnownedSerialExecutor() -> UnownedSerialExecutor {
+    package func asUnownedSerialExecutor() -> UnownedSerialExecutor {
         UnownedSerialExecutor(ordinary: self)
     }
 
-    func checkIsolated() {
+    package func checkIsolated() {
         precondition(inLoop, "not on the endpoint's event loop")
     }
 
-    func isIsolatingCurrentContext() -> Bool? {
+    package func isIsolatingCurrentContext() -> Bool? {
         inLoop
     }
 
     // MARK: Scheduling
 
     /// Runs `work` on the loop thread, soon.
-    func execute(_ work: @escaping @Sendable () -> Void) {
+    package func execute(_ work: @escaping @Sendable () -> Void) {
         pending.withLock { $0.closures.append(work) }
         wake()
     }
 
     /// Arms a one-shot timer at `deadline` (monotonic ns). Loop thread only. Returns an id for `cancelTimer`.
     @discardableResult
-    func schedule(at deadline: UInt64, _ callback: @escaping () -> Void) -> UInt64 {
+    package func schedule(at deadline: UInt64, _ callback: @escaping () -> Void) -> UInt64 {
         checkIsolated()
         let id = nextTimerID
         nextTimerID += 1
@@ -118,28 +121,44 @@ final class EventLoop: SerialExecutor, @unchecked Sendable {
     }
 
     /// Disarms a timer; a no-op when it already fired. Loop thread only.
-    func cancelTimer(_ id: UInt64) {
+    package func cancelTimer(_ id: UInt64) {
         timerCallbacks[id] = nil
     }
 
     /// Watches `fd` for readability; `handler` runs on the loop thread. Loop thread only.
-    func register(fd: Int32, _ handler: @escaping (UInt32) -> Void) throws {
+    package func register(fd: Int32, _ handler: @escaping (UInt32) -> Void) throws(DatagramError) {
         checkIsolated()
         var event = epoll_event()
         event.events = EPOLLIN.rawValue
         event.data.fd = fd
         guard epoll_ctl(epollFD, EPOLL_CTL_ADD, fd, &event) == 0 else {
-            throw QUICError(.socket, "epoll_ctl(ADD) failed: \(String(cString: strerror(errno)))")
+            throw DatagramError(.socket, call: "epoll_ctl(ADD)")
         }
         handlers[fd] = handler
     }
 
     /// Stops watching `fd`. Loop thread only. The caller still owns and closes the descriptor.
-    func unregister(fd: Int32) {
+    package func unregister(fd: Int32) {
         checkIsolated()
         var event = epoll_event()
         _ = epoll_ctl(epollFD, EPOLL_CTL_DEL, fd, &event)
         handlers[fd] = nil
+    }
+
+    /// Runs `work` on the loop thread and returns when it has run: at once when called on the loop, otherwise
+    /// by queueing it and blocking the caller. Only for short set-up and teardown steps (registering or releasing
+    /// a socket) whose caller must know they are done, never from a job the loop itself is waiting for.
+    package func executeAndWait<T: Sendable>(_ work: @escaping @Sendable () -> T) -> T {
+        if inLoop { return work() }
+        let result = Mutex<T?>(nil)
+        let done = DispatchSemaphore(value: 0)
+        execute {
+            let value = work()
+            result.withLock { $0 = value }
+            done.signal()
+        }
+        done.wait()
+        return result.withLock { $0! }
     }
 
     private func wake() {
@@ -254,19 +273,19 @@ final class EventLoop: SerialExecutor, @unchecked Sendable {
 }
 
 /// The process-wide set of event loops, one per core, that endpoints are spread over.
-final class EventLoopGroup: Sendable {
+package final class EventLoopGroup: Sendable {
     /// The shared group used by endpoints that are not given a loop.
-    static let shared = EventLoopGroup(count: max(1, ProcessInfo.processInfo.activeProcessorCount))
+    package static let shared = EventLoopGroup(count: max(1, ProcessInfo.processInfo.activeProcessorCount))
 
     private let loops: [EventLoop]
     private let counter = Atomic<Int>(0)
 
-    init(count: Int) {
+    package init(count: Int) {
         loops = (0..<count).map { EventLoop(name: "holepunch-loop-\($0)") }
     }
 
     /// The next loop, round-robin.
-    func next() -> EventLoop {
+    package func next() -> EventLoop {
         let index = counter.wrappingAdd(1, ordering: .relaxed).oldValue
         return loops[index % loops.count]
     }

@@ -1,0 +1,89 @@
+import Foundation
+import HolePunchNet
+import ProcessTestSupport
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@Suite("UDP datagram socket")
+struct UDPDatagramSocketTests {
+    @Test("binding port 0 reports the real port the kernel chose")
+    func portZeroGetsTheRealPort() throws {
+        let socket = try UDPDatagramSocket(binding: .loopbackV4(port: 0))
+        #expect(socket.localAddress.port != 0)
+        #expect(socket.localAddress == SocketAddress(boundTo: socket.fd))
+    }
+
+    @Test("binding an address that is taken throws a bind error with errno")
+    func bindConflictIsTyped() throws {
+        let first = try UDPDatagramSocket(binding: .loopbackV4(port: 0))
+        let error = #expect(throws: DatagramError.self) {
+            _ = try UDPDatagramSocket(binding: first.localAddress)
+        }
+        #expect(error?.code == .bind)
+        #expect(error?.errno == EADDRINUSE)
+    }
+
+    @Test("releasing the socket closes its descriptor: the address can be bound again")
+    func deinitClosesTheDescriptor() throws {
+        var socket: UDPDatagramSocket? = try UDPDatagramSocket(binding: .loopbackV4(port: 0))
+        let address = try #require(socket?.localAddress)
+        socket = nil
+        _ = try UDPDatagramSocket(binding: address)
+    }
+
+    @Test("the socket is nonblocking and close-on-exec, with the endpoint's buffers and RECVERR")
+    func endpointOptionsAreApplied() throws {
+        let plain = try UDPDatagramSocket(binding: .loopbackV4(port: 0))
+        let endpoint = try UDPDatagramSocket(binding: .loopbackV4(port: 0), options: .endpoint)
+        for socket in [plain, endpoint] {
+            #expect(fcntl(socket.fd, F_GETFL) & O_NONBLOCK != 0)
+            #expect(fcntl(socket.fd, F_GETFD) & FD_CLOEXEC != 0)
+        }
+        #expect(intOption(endpoint.fd, SOL_SOCKET, SO_RCVBUF) > intOption(plain.fd, SOL_SOCKET, SO_RCVBUF))
+        #expect(intOption(endpoint.fd, SOL_SOCKET, SO_SNDBUF) > intOption(plain.fd, SOL_SOCKET, SO_SNDBUF))
+        #expect(intOption(endpoint.fd, Int32(IPPROTO_IP), IP_RECVERR) == 1)
+        #expect(intOption(plain.fd, Int32(IPPROTO_IP), IP_RECVERR) == 0)
+        let v6 = try UDPDatagramSocket(binding: try SocketAddress(parsing: "[::1]:0"))
+        #expect(intOption(v6.fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY) == 1)
+    }
+
+    @Test("receive reads into the caller's buffer, returns nil at once when nothing waits, and cuts long datagrams")
+    func sendAndReceive() throws {
+        let a = try UDPDatagramSocket(binding: .loopbackV4(port: 0))
+        let b = try UDPDatagramSocket(binding: .loopbackV4(port: 0))
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4, alignment: 1)
+        defer { buffer.deallocate() }
+        #expect(try b.receive(into: buffer) == nil)
+
+        #expect(try a.send([1, 2, 3], to: b.localAddress) == .sent)
+        #expect(b.waitReadable(timeoutMilliseconds: 5000))
+        #expect(try b.receive(into: buffer) == ReceivedDatagram(count: 3, from: a.localAddress))
+        #expect(Array(buffer.prefix(3)) == [1, 2, 3])
+
+        #expect(try a.send([9, 8, 7, 6, 5, 4], to: b.localAddress) == .sent)
+        #expect(b.waitReadable(timeoutMilliseconds: 5000))
+        #expect(try b.receive(into: buffer) == ReceivedDatagram(count: 4, from: a.localAddress))
+        #expect(Array(buffer) == [9, 8, 7, 6])
+        #expect(try b.receive(into: buffer) == nil)
+    }
+
+    @Test("a datagram to a closed port comes back as an unreachable report in the error queue")
+    func icmpUnreachableIsQueued() throws {
+        let closed = try UDPDatagramSocket(binding: .loopbackV4(port: 0)).localAddress
+        let socket = try UDPDatagramSocket(binding: .loopbackV4(port: 0), options: .endpoint)
+        #expect(socket.readErrorQueue() == nil)
+        try socket.send([0], to: closed)
+        #expect(socket.waitReadable(timeoutMilliseconds: 5000))
+        #expect(socket.readErrorQueue() == .unreachable(closed))
+        #expect(socket.readErrorQueue() == nil)
+    }
+
+    private func intOption(_ fd: Int32, _ level: Int32, _ name: Int32) -> Int32 {
+        var value: Int32 = -1
+        var length = socklen_t(MemoryLayout<Int32>.size)
+        _ = getsockopt(fd, level, name, &value, &length)
+        return value
+    }
+}
