@@ -38,7 +38,8 @@ public actor Endpoint {
 
     let incomingContinuation: AsyncStream<QUICConnection>.Continuation
     let nonQUICContinuation: AsyncStream<NonQUICDatagram>.Continuation
-    let fd: Int32
+    /// The datagram transport under the endpoint: a UDP socket, or an in-memory one in tests.
+    let transport: any DatagramTransport
     var configuration: EndpointConfiguration
     let logger: Logger
     let credentials: TLSCredentials
@@ -66,8 +67,6 @@ public actor Endpoint {
     var touched: [ConnectionCore] = []
     var touchedKeys: Set<UInt64> = []
     let io: SocketBuffers
-    /// In-memory transport for tests: packets go straight to this peer's dispatch, no socket involved.
-    weak var memoryPeer: Endpoint?
 
     /// Binds a UDP socket and starts serving it.
     ///
@@ -83,82 +82,55 @@ public actor Endpoint {
         configuration: EndpointConfiguration,
         logger: Logger = Logger(label: "holepunch.quic", factory: { _ in SwiftLogNoOpLogHandler() })
     ) async throws -> Endpoint {
-        let endpoint = try Endpoint(address: address, configuration: configuration, logger: logger)
+        if let problem = EndpointConfiguration.alpnProblem([configuration.alpn] + configuration.additionalALPNs) {
+            throw QUICError(.invalidArgument, problem)
+        }
+        let transport: UDPDatagramTransport
+        do {
+            // Bursts (a target answering hundreds of punches, bulk transfer) overflow the default socket queues,
+            // and ICMP errors are queued for us: the endpoint options.
+            transport = try UDPDatagramTransport(binding: address, options: .endpoint)
+        } catch {
+            throw QUICError(.socket, error.description)
+        }
+        return try await open(on: transport, configuration: configuration, logger: logger)
+    }
+
+    /// Serves an endpoint on a transport the caller made (tests: an in-memory one); the endpoint closes it.
+    ///
+    /// - Throws: as ``bind(_:configuration:logger:)``, minus the binding.
+    package static func open(
+        on transport: any DatagramTransport,
+        configuration: EndpointConfiguration,
+        logger: Logger = Logger(label: "holepunch.quic", factory: { _ in SwiftLogNoOpLogHandler() })
+    ) async throws -> Endpoint {
+        let endpoint: Endpoint
+        do {
+            endpoint = try Endpoint(transport: transport, configuration: configuration, logger: logger)
+        } catch {
+            transport.close()
+            throw error
+        }
         try await endpoint.start()
         return endpoint
     }
 
-    private init(address: SocketAddress, configuration: EndpointConfiguration, logger: Logger) throws {
+    private init(transport: any DatagramTransport, configuration: EndpointConfiguration, logger: Logger) throws {
         if let problem = EndpointConfiguration.alpnProblem([configuration.alpn] + configuration.additionalALPNs) {
             throw QUICError(.invalidArgument, problem)
         }
-        let family = address.isIPv6 ? AF_INET6 : AF_INET
-        let fd = socket(family, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw QUICError(.socket, "socket(): \(String(cString: strerror(errno)))") }
-        // Bursts (a target answering hundreds of punches, bulk transfer) overflow the default ~200 KiB queue.
-        // The FORCE variants (root only) go past net.core.rmem_max; otherwise the kernel caps the request.
-        var bufferSize: Int32 = 4 << 20
-        let size = socklen_t(MemoryLayout<Int32>.size)
-        if setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &bufferSize, size) != 0 {
-            _ = setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &bufferSize, size)
-        }
-        if setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &bufferSize, size) != 0 {
-            _ = setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bufferSize, size)
-        }
-        // ICMP errors (port or host unreachable) are queued for us to read, with the address they concern.
-        var on: Int32 = 1
-        if family == AF_INET {
-            _ = setsockopt(fd, Int32(IPPROTO_IP), IP_RECVERR, &on, socklen_t(MemoryLayout<Int32>.size))
-        } else {
-            _ = setsockopt(fd, Int32(IPPROTO_IPV6), IPV6_RECVERR, &on, socklen_t(MemoryLayout<Int32>.size))
-        }
-        let bound = address.withSockAddr { Glibc.bind(fd, $0, $1) }
-        guard bound == 0 else {
-            let message = String(cString: strerror(errno))
-            Glibc.close(fd)
-            throw QUICError(.socket, "bind(\(address)): \(message)")
-        }
-        guard let local = SocketAddress(boundTo: fd) else {
-            Glibc.close(fd)
-            throw QUICError(.socket, "getsockname failed")
-        }
-        do {
-            credentials = try TLSCredentials(
-                identity: configuration.identity, presentCertificate: configuration.presentsCertificate
-            )
-        } catch {
-            Glibc.close(fd)
-            throw error
-        }
-        self.fd = fd
-        self.localAddress = local
+        credentials = try TLSCredentials(
+            identity: configuration.identity, presentCertificate: configuration.presentsCertificate
+        )
+        self.transport = transport
+        self.localAddress = transport.localAddress
         self.nodeID = configuration.identity.nodeID
         self.configuration = configuration
         self.logger = logger
         self.router = ConnectionRouter(policy: configuration.acceptPolicy)
         self.gate = HandshakeGate(configuration)
-        self.loop = EventLoopGroup.shared.next()
-        self.io = SocketBuffers(local: local, loop: loop)
-        (incoming, incomingContinuation) = AsyncStream.makeStream(of: QUICConnection.self)
-        (nonQUICDatagrams, nonQUICContinuation) = AsyncStream.makeStream(
-            of: NonQUICDatagram.self, bufferingPolicy: .bufferingOldest(max(1, configuration.nonQUICBufferLimit))
-        )
-    }
-
-    /// Creates an endpoint with no socket, for in-memory tests; `link(to:)` connects two of them.
-    init(inMemoryAt address: SocketAddress, configuration: EndpointConfiguration) throws {
-        credentials = try TLSCredentials(
-            identity: configuration.identity, presentCertificate: configuration.presentsCertificate
-        )
-        self.fd = -1
-        self.localAddress = address
-        self.nodeID = configuration.identity.nodeID
-        self.configuration = configuration
-        self.logger = Logger(label: "holepunch.quic.memory", factory: { _ in SwiftLogNoOpLogHandler() })
-        self.router = ConnectionRouter(policy: configuration.acceptPolicy)
-        self.gate = HandshakeGate(configuration)
-        self.loop = EventLoopGroup.shared.next()
-        self.io = SocketBuffers(local: address, loop: loop)
+        self.loop = transport.loop
+        self.io = SocketBuffers(local: transport.localAddress, loop: loop)
         (incoming, incomingContinuation) = AsyncStream.makeStream(of: QUICConnection.self)
         (nonQUICDatagrams, nonQUICContinuation) = AsyncStream.makeStream(
             of: NonQUICDatagram.self, bufferingPolicy: .bufferingOldest(max(1, configuration.nonQUICBufferLimit))
@@ -166,14 +138,9 @@ public actor Endpoint {
     }
 
     deinit {
-        // Normally `close()` has run. If not, unregister and close on the loop thread that owns the handler table.
-        if !isClosed && fd >= 0 {
-            let fd = self.fd
-            let loop = self.loop
-            loop.execute {
-                loop.unregister(fd: fd)
-                Glibc.close(fd)
-            }
+        // Normally `close()` has run. If not, the transport stops watching its socket (on the loop) and closes it.
+        if !isClosed {
+            transport.close()
             incomingContinuation.finish()
             nonQUICContinuation.finish()
         }
@@ -223,16 +190,16 @@ public actor Endpoint {
     /// - Throws: ``QUICError`` (`socket`) when the kernel refuses the datagram.
     public func send(datagram: [UInt8], to address: SocketAddress) throws {
         guard !isClosed else { throw QUICError(.endpointClosed, "the endpoint is closed") }
-        if fd < 0 {
-            deliverInMemory(datagram)
-            return
-        }
-        let sent = datagram.withUnsafeBytes { bytes in
-            address.withSockAddr { sendto(fd, bytes.baseAddress, bytes.count, 0, $0, $1) }
-        }
-        guard sent >= 0 else {
+        let outcome: DatagramSendOutcome
+        do {
+            outcome = try transport.send(datagram, to: address)
+        } catch {
             counters.sendErrors += 1
-            throw QUICError(.socket, "sendto(\(address)): \(String(cString: strerror(errno)))")
+            throw QUICError(.socket, "sending to \(address): \(error.message)")
+        }
+        guard outcome == .sent else {
+            counters.sendErrors += 1
+            throw QUICError(.socket, "sending to \(address): the socket buffer is full")
         }
         counters.datagramsSent += 1
     }
@@ -287,10 +254,7 @@ public actor Endpoint {
             finish(core, QUICError(.endpointClosed, "the endpoint was closed"))
         }
         isClosed = true
-        if fd >= 0 {
-            loop.unregister(fd: fd)
-            Glibc.close(fd)
-        }
+        transport.close()
         incomingContinuation.finish()
         nonQUICContinuation.finish()
     }

@@ -1,6 +1,7 @@
 import HolePunchNet
 internal import CNgtcp2
 internal import CHolePunchShims
+internal import CHolePunchNetShims
 internal import CGnuTLS
 
 // The path layer's endpoint side: adding, validating and switching a connection's paths, path probes in and out,
