@@ -1,11 +1,7 @@
-import HolePunchNet
 internal import CNgtcp2
 internal import CGnuTLS
 internal import CHolePunchShims
 internal import CHolePunchNetShims
-#if canImport(Glibc)
-import Glibc
-#endif
 
 // The ngtcp2 callbacks of a connection: C thunks that recover the connection from `user_data`, and the
 // methods they forward to.

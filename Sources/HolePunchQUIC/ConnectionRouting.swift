@@ -1,10 +1,4 @@
-import HolePunchNet
 internal import CNgtcp2
-internal import CGnuTLS
-internal import CHolePunchShims
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// Length of every connection ID this side issues. Fixed, because a short header does not carry the DCID length:
 /// the demultiplexer must know it to read the DCID of any packet addressed to us.

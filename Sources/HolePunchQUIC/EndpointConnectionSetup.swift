@@ -1,7 +1,6 @@
 import HolePunchNet
 internal import CNgtcp2
 internal import CGnuTLS
-internal import CHolePunchShims
 internal import CHolePunchNetShims
 #if canImport(Glibc)
 import Glibc

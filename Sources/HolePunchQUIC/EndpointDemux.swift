@@ -1,11 +1,6 @@
 import HolePunchNet
 internal import CNgtcp2
-internal import CGnuTLS
-internal import CHolePunchShims
 internal import CHolePunchNetShims
-#if canImport(Glibc)
-import Glibc
-#endif
 
 // Demultiplexing: first-byte classification, connection-ID routing, and the Initial accept / Retry / handshake gate.
 extension Endpoint {

@@ -1,11 +1,5 @@
-import HolePunchNet
 internal import CNgtcp2
-internal import CGnuTLS
-internal import CHolePunchShims
 internal import CHolePunchNetShims
-#if canImport(Glibc)
-import Glibc
-#endif
 
 // The connection driver: flushing packets, timers, closing, and the caches of ended connections.
 extension Endpoint {

@@ -1,8 +1,7 @@
 import HolePunchNet
 internal import CNgtcp2
-internal import CHolePunchShims
-internal import CHolePunchNetShims
 internal import CGnuTLS
+internal import CHolePunchNetShims
 
 // The path layer's endpoint side: adding, validating and switching a connection's paths, path probes in and out,
 // and the mapping between QUIC's stable peer address and the active path (see ``PathTable``).

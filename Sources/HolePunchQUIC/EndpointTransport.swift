@@ -1,8 +1,5 @@
 import HolePunchNet
 internal import CNgtcp2
-internal import CGnuTLS
-internal import CHolePunchShims
-internal import CHolePunchNetShims
 #if canImport(Glibc)
 import Glibc
 #endif
