@@ -64,3 +64,34 @@ final class UDPForwarder: Sendable {
         Glibc.close(fd)
     }
 }
+
+/// The in-memory twin of ``UDPForwarder``: a transport on an ``InMemoryDatagramNetwork`` that forwards between
+/// the first sender that is not the server and the server. Kill a path with the network's condition hook.
+final class InMemoryForwarder: @unchecked Sendable {
+    // @unchecked: `buffer` and `client` are touched only by `pump()`, which runs on the network's one loop.
+    private let transport: InMemoryDatagramTransport
+    private let server: SocketAddress
+    private let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 65_536, alignment: 16)
+    private var client: SocketAddress?
+
+    init(on network: InMemoryDatagramNetwork, to server: SocketAddress) throws {
+        transport = try network.bind(.loopbackV4(port: 0))
+        self.server = server
+        try transport.start { [weak self] in self?.pump() }
+    }
+
+    deinit { buffer.deallocate() }
+
+    var address: SocketAddress { transport.localAddress }
+
+    func close() { transport.close() }
+
+    private func pump() {
+        while let input = transport.receive(into: buffer) {
+            guard case .datagram(let datagram) = input else { continue }
+            if datagram.from != server { client = datagram.from }
+            guard let destination = datagram.from == server ? client : server else { continue }
+            _ = try? transport.send(UnsafeRawBufferPointer(rebasing: buffer[0..<datagram.count]), to: destination)
+        }
+    }
+}
