@@ -100,8 +100,8 @@ public struct EndpointConfiguration: Sendable {
     /// what was written before it closes anyway (its default wait is 16 PTOs, at least 1 s, at most this).
     public var closeTimeout: Duration = .seconds(5)
     /// How many non-QUIC datagrams and unreachable reports ``Endpoint/nonQUICDatagrams`` holds for a reader that
-    /// is behind; more are dropped and counted (``EndpointStats/nonQUICDropped``). Default 1024 (about 1.5 MB of
-    /// full-size datagrams at most).
+    /// is behind; more are dropped and counted (``EndpointStats/nonQUICDropped``). Default 1024: about 1.5 MB of
+    /// datagrams of one Ethernet MTU, 64 MiB in theory if every one were a fragmented 64 KiB datagram.
     public var nonQUICBufferLimit: Int = 1024
     /// Test seam: when false, the client presents no certificate, so servers can be tested against that case.
     var presentsCertificate = true
