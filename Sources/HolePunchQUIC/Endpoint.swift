@@ -1,12 +1,5 @@
 public import HolePunchNet
 public import Logging
-internal import CNgtcp2
-internal import CGnuTLS
-internal import CHolePunchShims
-internal import CHolePunchNetShims
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// One UDP socket that dials and accepts QUIC connections, and carries raw datagrams (STUN, punch probes) too.
 ///
