@@ -124,8 +124,10 @@ package final class UDPDatagramTransport: DatagramTransport {
 
     /// Takes the next datagram or unreachable report; see ``DatagramTransport/receive(into:)``.
     package func receive(into buffer: UnsafeMutableRawBufferPointer) -> DatagramInput? {
-        guard let socket = state.withLock({ $0.socket }) else { return nil }
-        if state.withLock({ $0.errorPending }) {
+        guard let (socket, errorPending) = state.withLock({ state in state.socket.map { ($0, state.errorPending) } }) else {
+            return nil
+        }
+        if errorPending {
             if let report = nextUnreachable(socket) { return .unreachable(report) }
             state.withLock { $0.errorPending = false }
         }
@@ -149,7 +151,8 @@ package final class UDPDatagramTransport: DatagramTransport {
         return nil
     }
 
-    /// Unregisters the socket from the loop (waiting for the loop when called elsewhere) and releases it.
+    /// Unregisters the socket from the loop and releases it. Called off the loops, it waits for the loop, so the
+    /// descriptor is closed (and the port free) when it returns.
     package func close() {
         let (socket, registered) = state.withLock { state in
             defer { state.socket = nil }
@@ -159,6 +162,12 @@ package final class UDPDatagramTransport: DatagramTransport {
         // The socket (and so its descriptor) lives until the loop has stopped watching it: a closed descriptor's
         // number may be reused at once by another socket on the same loop.
         let loop = self.loop
-        loop.executeAndWait { loop.unregister(fd: socket.fd) }
+        if loop.inLoop || !EventLoop.onAnyLoop {
+            loop.executeAndWait { loop.unregister(fd: socket.fd) }
+        } else {
+            // On another loop's thread, waiting could deadlock two loops that close each other's sockets at once:
+            // the descriptor closes a moment later instead.
+            loop.execute { withExtendedLifetime(socket) { loop.unregister(fd: socket.fd) } }
+        }
     }
 }

@@ -65,6 +65,7 @@ package final class EventLoop: SerialExecutor, @unchecked Sendable {
         }
         let thread = Thread { [unowned self] in
             self.threadID = pthread_self()
+            pthread_setspecific(EventLoop.loopThreadKey, UnsafeRawPointer(bitPattern: 1))
             self.started.signal()
             self.run()
         }
@@ -72,6 +73,18 @@ package final class EventLoop: SerialExecutor, @unchecked Sendable {
         thread.stackSize = 1 << 20
         thread.start()
         started.wait()
+    }
+
+    /// Marks the threads of every loop (a non-nil value), so code can tell that blocking would stall a loop.
+    private static let loopThreadKey: pthread_key_t = {
+        var key = pthread_key_t()
+        precondition(pthread_key_create(&key, nil) == 0, "pthread_key_create failed")
+        return key
+    }()
+
+    /// Whether the caller runs on the thread of any event loop (this one or another).
+    package static var onAnyLoop: Bool {
+        pthread_getspecific(loopThreadKey) != nil
     }
 
     /// Whether the caller runs on this loop's thread.
@@ -82,20 +95,24 @@ package final class EventLoop: SerialExecutor, @unchecked Sendable {
 
     // MARK: SerialExecutor
 
+    /// Queues an actor job to run on the loop thread.
     package func enqueue(_ job: consuming ExecutorJob) {
         let unowned = UnownedJob(job)
         pending.withLock { $0.jobs.append(unowned) }
         wake()
     }
 
+    /// This loop as the executor of the actors pinned to it.
     package func asUnownedSerialExecutor() -> UnownedSerialExecutor {
         UnownedSerialExecutor(ordinary: self)
     }
 
+    /// Traps unless called on the loop thread (what `assumeIsolated` relies on).
     package func checkIsolated() {
         precondition(inLoop, "not on the endpoint's event loop")
     }
 
+    /// Whether the caller runs on the loop thread.
     package func isIsolatingCurrentContext() -> Bool? {
         inLoop
     }

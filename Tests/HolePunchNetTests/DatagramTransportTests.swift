@@ -1,3 +1,4 @@
+import Dispatch
 import HolePunchNet
 import ProcessTestSupport
 import Testing
@@ -71,6 +72,36 @@ struct UDPDatagramTransportTests {
         #expect(error?.code == .closed)
         #expect(throws: DatagramError.self) { try a.start {} }
         _ = try UDPDatagramSocket(binding: a.localAddress)
+    }
+}
+
+@Suite("UDP transport close across loops")
+struct CrossLoopCloseTests {
+    @Test("closing a transport from another loop's thread does not wait for its loop (which may be waiting for us)")
+    func closeFromAnotherLoopDoesNotBlock() async throws {
+        let first = EventLoop(name: "test-loop-a")
+        let second = EventLoop(name: "test-loop-b")
+        let transport = try UDPDatagramTransport(binding: .loopbackV4(port: 0), loop: second)
+        _ = try arrivals(of: transport)
+        #expect(!EventLoop.onAnyLoop)
+        #expect(second.executeAndWait { EventLoop.onAnyLoop })
+        // The second loop waits for the first to finish its close: a close that waited for the second loop would
+        // deadlock both.
+        let closed = DispatchSemaphore(value: 0)
+        second.execute { closed.wait() }
+        let done = try await withDeadline(.seconds(5)) {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
+                first.execute {
+                    transport.close()
+                    closed.signal()
+                    continuation.resume(returning: true)
+                }
+            }
+        }
+        #expect(done)
+        // Once the second loop has run the queued unregistration, the socket is released and its port free again.
+        let address = transport.localAddress
+        #expect(await eventually { (try? UDPDatagramSocket(binding: address)) != nil })
     }
 }
 
