@@ -15,8 +15,8 @@ import Glibc
 /// socket. A punch is planned by a `PunchStrategy` (Lua or Swift), clamped by `PlanLimits`, and run by a
 /// `PunchSession` state machine; the first connection that proves the pinned NodeID wins.
 ///
-/// The executor takes over the endpoint's datagram handler (for probes) and accept policy (to admit only peers
-/// of live target sessions, plus whatever ``Configuration/acceptOthers`` allows). Datagrams and connections that
+/// The executor reads the endpoint's non-QUIC datagrams (for probes) and takes over its accept policy (to admit only
+/// peers of live target sessions, plus whatever ``Configuration/acceptOthers`` allows). Datagrams and connections that
 /// belong to no punch are passed on through ``otherDatagrams(_:)`` and ``otherConnections``.
 ///
 /// The executor's work is split by job across files: this one holds its state and public API; planning
@@ -221,7 +221,7 @@ public actor PunchExecutor {
         await installIfNeeded()
     }
 
-    /// Takes over the endpoint's datagram handler and accept policy now, instead of at the first punch.
+    /// Starts reading the endpoint's non-QUIC datagrams and takes over its accept policy now, not at the first punch.
     public func start() async {
         await installIfNeeded()
     }

@@ -14,18 +14,22 @@ extension PunchExecutor {
         let admission = self.admission
         await endpoint.setAcceptPolicy(admission.policy)
         await endpoint.setHandshakeHintProvider { admission.hints(for: $0) }
-        await installHandlers(on: endpoint, socket: 0, punch: nil)
+        readNonQUICDatagrams(from: endpoint, socket: 0, punch: nil)
         acceptTask = acceptConnections(from: endpoint, socket: 0)
     }
 
-    func installHandlers(on endpoint: Endpoint, socket: Int, punch: PunchID?) async {
-        await endpoint.setDatagramHandler { [weak self] bytes, from in
-            guard let self else { return }
-            Task { await self.datagram(bytes, from: from, socket: socket) }
-        }
-        await endpoint.setUnreachableHandler { [weak self] address in
-            guard let self else { return }
-            Task { await self.unreachable(address, punch: punch) }
+    /// Reads `endpoint`'s non-QUIC datagrams (probes, STUN) and unreachable reports until it closes: one reader
+    /// task per socket, not a task per datagram.
+    func readNonQUICDatagrams(from endpoint: Endpoint, socket: Int, punch: PunchID?) {
+        let received = endpoint.nonQUICDatagrams
+        Task { [weak self] in
+            for await item in received {
+                guard let self else { return }
+                switch item {
+                case .datagram(let bytes, let from): await self.datagram(bytes, from: from, socket: socket)
+                case .unreachable(let address): await self.unreachable(address, punch: punch)
+                }
+            }
         }
     }
 

@@ -22,7 +22,7 @@ extension PunchExecutor {
                 var extraConfiguration = EndpointConfiguration(identity: identity, acceptPolicy: policy, alpn: alpns[0])
                 extraConfiguration.additionalALPNs = Array(alpns.dropFirst())
                 let extra = try await Endpoint.bind(bindAddress, configuration: extraConfiguration)
-                await installHandlers(on: extra, socket: index, punch: id)
+                readNonQUICDatagrams(from: extra, socket: index, punch: id)
                 if options.role == .target {
                     let admission = self.admission
                     await extra.setHandshakeHintProvider { admission.hints(for: $0) }

@@ -99,6 +99,10 @@ public struct EndpointConfiguration: Sendable {
     /// The longest a graceful ``QUICConnection/close(errorCode:reason:timeout:)`` waits for the peer to acknowledge
     /// what was written before it closes anyway (its default wait is 16 PTOs, at least 1 s, at most this).
     public var closeTimeout: Duration = .seconds(5)
+    /// How many non-QUIC datagrams and unreachable reports ``Endpoint/nonQUICDatagrams`` holds for a reader that
+    /// is behind; more are dropped and counted (``EndpointStats/nonQUICDropped``). Default 1024: about 1.5 MB of
+    /// datagrams of one Ethernet MTU, 64 MiB in theory if every one were a fragmented 64 KiB datagram.
+    public var nonQUICBufferLimit: Int = 1024
     /// Test seam: when false, the client presents no certificate, so servers can be tested against that case.
     var presentsCertificate = true
 
@@ -202,8 +206,11 @@ public struct EndpointStats: Sendable, Hashable {
     public var datagramsReceived = 0
     /// Datagrams sent.
     public var datagramsSent = 0
-    /// Datagrams passed to the STUN-range handler.
+    /// Datagrams in the STUN range (first byte 0x00–0x03), queued for ``Endpoint/nonQUICDatagrams`` or dropped there.
     public var stunDatagrams = 0
+    /// Non-QUIC datagrams and unreachable reports dropped because ``Endpoint/nonQUICDatagrams`` held
+    /// ``EndpointConfiguration/nonQUICBufferLimit`` items its reader had not taken yet.
+    public var nonQUICDropped = 0
     /// Datagrams dropped: not QUIC, not STUN, unroutable, malformed, or unacceptable Initials.
     public var datagramsDropped = 0
     /// Handshakes accepted and completed.
@@ -222,6 +229,10 @@ public struct EndpointStats: Sendable, Hashable {
     /// Initials from validated sources dropped at a limit (``EndpointConfiguration/maxPendingHandshakesPerHost``
     /// or ``EndpointConfiguration/maxConnections``).
     public var initialsRefused = 0
+    /// Authenticated path probes received (challenges and responses of the path layer).
+    public var pathProbesReceived = 0
+    /// Times a connection's active path changed, by this side's switch or by following the peer.
+    public var pathSwitches = 0
 }
 
 /// Statistics for one connection.

@@ -100,6 +100,46 @@ public final class QUICConnection: Sendable {
     public func stats() async -> ConnectionStats? {
         await endpoint.connectionStats(key)
     }
+
+    // MARK: Paths
+
+    /// Adds a path to the peer: one more way the connection's datagrams could go. It carries nothing until it is
+    /// validated (``validatePath(_:timeout:)``) and made active (``switchPath(to:)``).
+    ///
+    /// - Throws: ``QUICError`` `limitExceeded` when the connection has 8 paths already, `invalidArgument` for an
+    ///   address of the other family, or the connection's error when it has ended.
+    public func addPath(_ route: PathRoute) async throws {
+        try await endpoint.addPath(key, route)
+    }
+
+    /// Proves that the peer receives on `route`: sends it authenticated challenges (again each probe timeout)
+    /// until one is answered there. The peer then validates the path back, so it can follow a switch.
+    ///
+    /// - Throws: ``QUICError`` `pathValidationFailed` when no answer came within `timeout`, `invalidArgument` when
+    ///   the path was not added, `cancelled`, or the connection's error.
+    public func validatePath(_ route: PathRoute, timeout: Duration = .seconds(3)) async throws {
+        try await endpoint.validatePath(key, route, timeout: timeout)
+    }
+
+    /// Moves the connection to a validated path: QUIC's datagrams leave on it from now on, with no change QUIC
+    /// sees (its packets, streams and congestion state go on). The peer follows once it has validated the path
+    /// too, when our first packet arrives there.
+    ///
+    /// - Throws: ``QUICError`` `invalidArgument` when the path is not validated, or the connection's error.
+    public func switchPath(to route: PathRoute) async throws {
+        try await endpoint.switchPath(key, to: route)
+    }
+
+    /// The connection's paths, the one it started on first; empty once it ended.
+    public func paths() async -> [PathStatus] {
+        await endpoint.pathStatuses(key)
+    }
+
+    /// The changes of the active path from now on, by either side; ends when the connection does. One subscriber:
+    /// a new call ends the previous stream. It keeps the 16 newest changes its reader has not taken.
+    public func pathChanges() async -> AsyncStream<PathChange> {
+        await endpoint.pathChanges(key)
+    }
 }
 
 /// A bidirectional QUIC stream, read and written as bytes.

@@ -39,6 +39,8 @@ public struct QUICError: Error, Hashable, Sendable, CustomStringConvertible {
         public static let endpointClosed = Code("endpointClosed")
         /// A read would exceed the caller's limit.
         public static let limitExceeded = Code("limitExceeded")
+        /// The peer did not answer a path challenge in time: the path does not reach it (or not both ways).
+        public static let pathValidationFailed = Code("pathValidationFailed")
     }
 
     /// The error's code.

@@ -24,8 +24,8 @@ final class EndpointSTUNTransport: STUNTransport {
         let handler: @Sendable ([UInt8], SocketAddress) -> Void = { [self] bytes, from in
             deliver(STUNDatagram(bytes: bytes, from: from))
         }
-        // The executor owns the endpoint's handler (punch probes) and forwards everything else here. Setting the
-        // endpoint's handler directly would take probes away from the executor for good.
+        // The executor is the one reader of the endpoint's non-QUIC datagrams (punch probes) and forwards the rest
+        // here; reading the endpoint directly as well would split the datagrams between two readers.
         await executor.otherDatagrams(handler)
     }
 

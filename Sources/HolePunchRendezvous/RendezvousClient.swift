@@ -480,4 +480,3 @@ extension NATProfile {
                   portDelta: behaviour.portDelta ?? 0, confidence: behaviour.confidence)
     }
 }
-

@@ -9,10 +9,13 @@ struct InMemoryTests {
     func handshakeAndEcho() async throws {
         let addressA = SocketAddress.loopbackV4(port: 1)
         let addressB = SocketAddress.loopbackV4(port: 2)
-        let a = try Endpoint(inMemoryAt: addressA, configuration: EndpointConfiguration(identity: TestIdentities.a))
-        let b = try Endpoint(inMemoryAt: addressB, configuration: EndpointConfiguration(identity: TestIdentities.b))
-        await a.link(to: b)
-        await b.link(to: a)
+        let network = InMemoryDatagramNetwork()
+        let a = try await Endpoint.open(
+            on: network.bind(addressA), configuration: EndpointConfiguration(identity: TestIdentities.a)
+        )
+        let b = try await Endpoint.open(
+            on: network.bind(addressB), configuration: EndpointConfiguration(identity: TestIdentities.b)
+        )
         let echo = startEchoServer(b)
         defer { echo.cancel() }
         let connection = try await withDeadline(.seconds(10)) {

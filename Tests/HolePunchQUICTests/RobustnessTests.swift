@@ -57,12 +57,11 @@ struct RobustnessTests {
         await server.close()
     }
 
-    @Test("non-QUIC datagrams in the STUN range reach the handler with their source")
+    @Test("non-QUIC datagrams in the STUN range reach the reader with their source")
     func stunRangeHandler() async throws {
         let endpoint = try await makeEndpoint(TestIdentities.a)
         let sender = try await makeEndpoint(TestIdentities.b)
-        let (stream, continuation) = AsyncStream.makeStream(of: ([UInt8], SocketAddress).self)
-        await endpoint.setDatagramHandler { bytes, from in continuation.yield((bytes, from)) }
+        let stream = endpoint.nonQUICDatagrams
         let probe: [UInt8] = [0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42] + Array(repeating: 7, count: 12)
         try await sender.send(datagram: probe, to: endpoint.localAddress)
         try await sender.send(datagram: [0x30, 0x31], to: endpoint.localAddress)  // neither STUN nor QUIC
@@ -70,8 +69,7 @@ struct RobustnessTests {
             var iterator = stream.makeAsyncIterator()
             return await iterator.next()
         }
-        #expect(received?.0 == probe)
-        #expect(received?.1 == sender.localAddress)
+        #expect(received == .datagram(probe, from: sender.localAddress))
         let clock = ContinuousClock()
         let deadline = clock.now + .seconds(5)
         while await endpoint.stats.datagramsDropped < 1 && clock.now < deadline {

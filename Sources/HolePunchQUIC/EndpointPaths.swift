@@ -1,0 +1,159 @@
+import HolePunchNet
+internal import CNgtcp2
+internal import CGnuTLS
+internal import CHolePunchNetShims
+
+// The path layer's endpoint side: adding, validating and switching a connection's paths, path probes in and out,
+// and the mapping between QUIC's stable peer address and the active path (see ``PathTable``).
+extension Endpoint {
+    func addPath(_ key: UInt64, _ route: PathRoute) throws {
+        let core = try established(key)
+        try checkFamily(route)
+        guard core.paths.add(route) else {
+            throw QUICError(.limitExceeded, "a connection keeps at most \(PathTable.maxPaths) paths")
+        }
+    }
+
+    /// Challenges the peer on `route` until it answers or `timeout` passes; resends every PTO (at least 20 ms).
+    func validatePath(_ key: UInt64, _ route: PathRoute, timeout: Duration) async throws {
+        let deadline = hp_now_ns() &+ nanoseconds(timeout)
+        while true {
+            let core = try established(key)
+            guard let entry = core.paths.entries[route] else {
+                throw QUICError(.invalidArgument, "the connection has no path \(route): add it first")
+            }
+            if entry.isValidated { return }
+            let now = hp_now_ns()
+            guard now < deadline else {
+                throw QUICError(.pathValidationFailed, "the peer did not answer on \(route) within \(timeout.humanDescription)")
+            }
+            sendChallenge(core, on: route, now: now)
+            let pto = core.conn.map { ngtcp2_conn_get_pto($0) } ?? 0
+            let wakeAt = min(now &+ max(pto, 20_000_000), deadline)
+            let timer = loop.schedule(at: wakeAt) { [weak self] in
+                self?.assumeIsolated { $0.wakePathWaiters(key) }
+            }
+            defer { loop.cancelTimer(timer) }
+            try await suspend(on: core.pathWaiters)
+        }
+    }
+
+    private func wakePathWaiters(_ key: UInt64) {
+        if let core = connections[key] { waiters.wake(core.pathWaiters) }
+    }
+
+    /// Makes `route` the active path; it must be validated.
+    func switchPath(_ key: UInt64, to route: PathRoute) throws {
+        let core = try established(key)
+        guard core.paths.entries[route]?.isValidated == true else {
+            throw QUICError(.invalidArgument, "the path \(route) is not validated")
+        }
+        if let change = core.paths.activate(route) {
+            counters.pathSwitches += 1
+            core.pathChangeSink?.yield(change)
+        }
+        flush(core)
+    }
+
+    func pathStatuses(_ key: UInt64) -> [PathStatus] {
+        (connections[key] ?? drainable[key])?.paths.statuses ?? []
+    }
+
+    func pathChanges(_ key: UInt64) -> AsyncStream<PathChange> {
+        let (stream, continuation) = AsyncStream.makeStream(of: PathChange.self, bufferingPolicy: .bufferingNewest(16))
+        guard let core = connections[key], !core.isClosed else {
+            continuation.finish()
+            return stream
+        }
+        core.pathChangeSink?.finish()
+        core.pathChangeSink = continuation
+        return stream
+    }
+
+    private func checkFamily(_ route: PathRoute) throws {
+        guard route.address.isIPv6 == localAddress.isIPv6 else {
+            throw QUICError(.invalidArgument, "cannot reach \(route) from a socket bound to \(localAddress)")
+        }
+    }
+
+    // MARK: Probes
+
+    /// The probe key of an established connection (a TLS exporter secret), derived on first use.
+    private func probeKey(_ core: ConnectionCore) -> [UInt8]? {
+        if let key = core.pathKey { return key }
+        guard case .established = core.phase, let session = core.session else { return nil }
+        core.pathKey = PathProbe.key(session: session)
+        return core.pathKey
+    }
+
+    /// The connection ID the peer routes by: the current destination connection ID of our packets.
+    private func peerConnectionID(_ core: ConnectionCore) -> [UInt8]? {
+        guard let conn = core.conn, let dcid = ngtcp2_conn_get_dcid(conn) else { return nil }
+        var copy = dcid.pointee
+        return withUnsafeBytes(of: &copy.data) { Array($0.prefix(copy.datalen)) }
+    }
+
+    func sendChallenge(_ core: ConnectionCore, on route: PathRoute, now: UInt64) {
+        var challenge: UInt64 = 0
+        _ = gnutls_rnd(GNUTLS_RND_NONCE, &challenge, MemoryLayout<UInt64>.size)
+        guard sendProbe(core, .challenge, challenge: challenge, on: route) else { return }
+        core.paths.challengeSent(on: route, challenge: challenge, now: now)
+    }
+
+    @discardableResult
+    private func sendProbe(_ core: ConnectionCore, _ kind: PathProbe.Kind, challenge: UInt64, on route: PathRoute) -> Bool {
+        guard let key = probeKey(core), let cid = peerConnectionID(core) else { return false }
+        let probe = PathProbe(kind: kind, connectionID: cid, challenge: challenge).encoded(key: key)
+        sendDatagram(probe, to: route.address)
+        return true
+    }
+
+    /// A datagram with the path-probe marker: a challenge is answered on the path it came by, a response may
+    /// validate a path. Anything unauthenticated is dropped and counted.
+    func receivePathProbe(_ packet: UnsafeRawBufferPointer, from: SocketAddress) {
+        guard let probe = PathProbe.parse(packet),
+              let core = probe.connectionID.withUnsafeBytes({ router.routes[CIDKey($0)] }),
+              !core.isClosed, let key = probeKey(core), PathProbe.verify(packet, key: key)
+        else {
+            counters.datagramsDropped += 1
+            return
+        }
+        counters.pathProbesReceived += 1
+        let route = PathRoute.direct(from)
+        let now = hp_now_ns()
+        switch probe.kind {
+        case .challenge:
+            let (answer, challengeBack) = core.paths.challengeReceived(on: route, now: now)
+            guard answer else { return }
+            sendProbe(core, .response, challenge: probe.challenge, on: route)
+            // The peer is moving here: validate the path for our own sends, so we can follow.
+            if challengeBack { sendChallenge(core, on: route, now: now) }
+        case .response:
+            if core.paths.responseReceived(on: route, challenge: probe.challenge) {
+                waiters.wake(core.pathWaiters)
+            }
+        }
+    }
+
+    // MARK: QUIC's view
+
+    /// The address QUIC is told a datagram from `from` came from: the stable address when `from` is one of the
+    /// connection's known paths, so QUIC never sees a path change; `from` itself otherwise (ngtcp2 then handles
+    /// it as before: a server validates a client that moved on its own, as after a NAT rebinding).
+    func quicSource(_ core: ConnectionCore, from: SocketAddress) -> SocketAddress {
+        if from == core.remote { return from }
+        return core.paths.carries(from) != nil ? core.paths.stable.address : from
+    }
+
+    /// After a QUIC packet from `from` was accepted: follow the peer to a path it moved to, or challenge a path it
+    /// uses that this side has not validated yet.
+    func notePacket(_ core: ConnectionCore, from: SocketAddress) {
+        guard from != core.paths.active.address, let route = core.paths.carries(from) else { return }
+        if let change = core.paths.packetReceived(on: route) {
+            counters.pathSwitches += 1
+            core.pathChangeSink?.yield(change)
+        } else if core.paths.needsChallenge(route, now: hp_now_ns()) {
+            sendChallenge(core, on: route, now: hp_now_ns())
+        }
+    }
+}
