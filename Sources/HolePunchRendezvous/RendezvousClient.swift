@@ -656,37 +656,6 @@ public actor RendezvousClient {
     public var failure: RendezvousError? { closedReason }
 }
 
-extension NATProfile {
-    /// The strategy vocabulary for a measured NAT behaviour: the one place `NATBehaviour` (HolePunchSTUN)
-    /// becomes a `NATProfile` (HolePunchStrategy). The names match one to one; a missing port delta becomes 0.
-    public init(_ behaviour: NATBehaviour) {
-        func aspect(_ mapping: NATMapping) -> NATBehavior {
-            switch mapping {
-            case .endpointIndependent: .endpointIndependent
-            case .addressDependent: .addressDependent
-            case .addressAndPortDependent: .addressAndPortDependent
-            case .unknown: .unknown
-            }
-        }
-        func aspect(_ filtering: NATFiltering) -> NATBehavior {
-            switch filtering {
-            case .endpointIndependent: .endpointIndependent
-            case .addressDependent: .addressDependent
-            case .addressAndPortDependent: .addressAndPortDependent
-            case .unknown: .unknown
-            }
-        }
-        let allocation: PortAllocation = switch behaviour.allocation {
-        case .portPreserving: .portPreserving
-        case .sequential: .sequential
-        case .random: .random
-        case .unknown: .unknown
-        }
-        self.init(mapping: aspect(behaviour.mapping), filtering: aspect(behaviour.filtering), allocation: allocation,
-                  portDelta: behaviour.portDelta ?? 0, confidence: behaviour.confidence)
-    }
-}
-
 /// A ``STUNTransport`` over the punch endpoint's shared socket: sends with ``Endpoint/send(datagram:to:)`` and
 /// receives the STUN-range datagrams that are not punch probes.
 ///
