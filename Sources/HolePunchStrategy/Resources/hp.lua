@@ -52,6 +52,14 @@ local function is_port(p)
     return p >= 1 and p <= 65535
 end
 
+-- Appends p to the list t of n elements unless `seen` has it; returns the new length.
+local function append_new(t, seen, n, p)
+    if seen[p] then return n end
+    seen[p] = true
+    t[n + 1] = p
+    return n + 1
+end
+
 --- `{lo, lo+step, …, hi}`; counts down when lo > hi; at most 65536 elements.
 function hp.range(lo, hi, step)
     lo = checkinteger(lo, 1, "range")
@@ -125,12 +133,7 @@ function hp.random_ports(count, lo, hi)
     end
     local t, seen, n = {}, {}, 0
     while n < count do
-        local p = random(lo, hi)
-        if not seen[p] then
-            seen[p] = true
-            n = n + 1
-            t[n] = p
-        end
+        n = append_new(t, seen, n, random(lo, hi))
     end
     return t
 end
@@ -152,11 +155,7 @@ function hp.merge(...)
             if p == nil or not is_port(p) then
                 error(format("hp.merge: argument %d, element %d is not a port (1...65535)", a, i), 2)
             end
-            if not seen[p] then
-                seen[p] = true
-                n = n + 1
-                t[n] = p
-            end
+            n = append_new(t, seen, n, p)
         end
     end
     return t
