@@ -6,7 +6,7 @@ import Glibc
 #endif
 
 /// The five lab NAT types, in the order tables list them.
-let labNATTypes = ["full_cone", "restricted", "port_restricted", "symmetric_seq", "symmetric_random"]
+let labNATTypes = NATProfile.labPresets.map(\.name)
 
 /// `holepunch lab matrix`: real punches for every ordered pair of lab NAT types, per strategy, in one lab.
 ///

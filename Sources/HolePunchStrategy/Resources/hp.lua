@@ -24,6 +24,8 @@ local function argerror(n, fname, msg, level)
     error(format("bad argument #%d to '%s' (%s)", n, fname, msg), level or 3)
 end
 
+-- What Lua's own messages call a missing argument. An explicit nil is reported the same way (the C helpers
+-- said "nil"): telling them apart would cost every call a vararg count.
 local function typename(v)
     return v == nil and "no value" or type(v)
 end
@@ -177,9 +179,12 @@ end
 
 -- A legacy NAT type name, from a name or a profile table (its `type` field).
 local function nat_arg(v, n)
-    if type(v) == "table" then v = rawget(v, "type") end
+    local from_table = type(v) == "table"
+    if from_table then v = rawget(v, "type") end
     if type(v) ~= "string" and type(v) ~= "number" then
-        error(format("bad argument #%d to 'worst_nat' (string expected, got %s)", n, typename(v)), 3)
+        -- A profile without a type field holds nil, which was given: not "no value".
+        local got = from_table and type(v) or typename(v)
+        error(format("bad argument #%d to 'worst_nat' (string expected, got %s)", n, got), 3)
     end
     if nat_rank[v] == nil then argerror(n, "worst_nat", "not a NAT type name", 4) end
     return v
