@@ -111,14 +111,24 @@ static void *hp_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
     return p;
 }
 
-// Raises `msg` prefixed with the position of the innermost Lua frame that has a line.
+// Finds the innermost frame, from `level` outwards, that runs the script's code and has a line. Frames of the
+// `hp` library (HP_LUA_PRELUDE_CHUNK) are passed over: a limit hit inside `hp.merge` belongs to the script's
+// line that called it, not to a line of a file the script's author never wrote.
+static int hp_script_frame(lua_State *L, int level, lua_Debug *ar) {
+    for (; lua_getstack(L, level, ar); level++) {
+        if (lua_getinfo(L, "Sl", ar) && ar->currentline > 0 && strcmp(ar->source, HP_LUA_PRELUDE_CHUNK) != 0) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+// Raises `msg` prefixed with the position of the innermost script frame that has a line.
 static int hp_raise_at(lua_State *L, int first_level, const char *msg) {
     lua_Debug ar;
-    for (int level = first_level; lua_getstack(L, level, &ar); level++) {
-        if (lua_getinfo(L, "Sl", &ar) && ar.currentline > 0) {
-            lua_pushfstring(L, "%s:%d: %s", ar.short_src, ar.currentline, msg);
-            return lua_error(L);
-        }
+    if (hp_script_frame(L, first_level, &ar)) {
+        lua_pushfstring(L, "%s:%d: %s", ar.short_src, ar.currentline, msg);
+        return lua_error(L);
     }
     lua_pushstring(L, msg);
     return lua_error(L);
@@ -128,8 +138,10 @@ static int hp_raise_at(lua_State *L, int first_level, const char *msg) {
 // so a script that catches the error only burns another granule before it is raised again.
 static void hp_hook(lua_State *L, lua_Debug *ar) {
     hp_lua *h = hp_from(L);
-    if (lua_getinfo(L, "l", ar) && ar->currentline > 0) {
-        atomic_store_explicit(&h->last_line, ar->currentline, memory_order_relaxed);
+    lua_Debug frame;
+    (void)ar; // the running function's record; hp_script_frame looks further out when it is the library's
+    if (hp_script_frame(L, 0, &frame)) {
+        atomic_store_explicit(&h->last_line, frame.currentline, memory_order_relaxed);
     }
     if (atomic_load_explicit(&h->interrupted, memory_order_relaxed)) {
         // The watchdog saw the deadline pass while one granule ran long (single instructions that do
@@ -306,7 +318,7 @@ static int hp_sb_random(lua_State *L) {
 // Remembers the line of the Lua code that called the running C function, for errors raised from outside.
 static void hp_note_caller_line(lua_State *L, hp_lua *h) {
     lua_Debug ar;
-    if (lua_getstack(L, 1, &ar) && lua_getinfo(L, "l", &ar) && ar.currentline > 0) {
+    if (hp_script_frame(L, 1, &ar)) {
         atomic_store_explicit(&h->last_line, ar.currentline, memory_order_relaxed);
     }
 }

@@ -142,7 +142,7 @@ final class LuaEngine: @unchecked Sendable {
         }
         let status = PackageResources.hp_lua.withUnsafeBufferPointer { buf in
             buf.withMemoryRebound(to: CChar.self) { chars in
-                hp_lua_load_run(handle, chars.baseAddress, chars.count, "@hp.lua", 1, Self.helperLibraryBudget,
+                hp_lua_load_run(handle, chars.baseAddress, chars.count, HP_LUA_PRELUDE_CHUNK, 1, Self.helperLibraryBudget,
                                 Self.helperLibraryTimeNs)
             }
         }

@@ -35,6 +35,16 @@ extension LuaTests {
             #expect(error.message.contains("bad argument #3 to 'range' (step must not be zero)"))
         }
 
+        @Test("a limit hit inside a helper is reported at the strategy's line, not the library's")
+        func limitsInsideHelpersNameTheStrategyLine() throws {
+            let limits = LuaStrategy.Limits(instructionBudget: 1_000_000, memoryLimit: 64 << 20, timeLimit: .seconds(10))
+            let error = try #require(throws: StrategyError.self) {
+                try Self.plan("local x = 1\nfor i = 1, 1000 do hp.range(1, 60000) end", limits: limits)
+            }
+            #expect(error.code == .instructionBudgetExceeded)
+            #expect(error.line == 3, "\(error)")
+        }
+
         @Test("argument checks keep their messages")
         func argumentMessages() throws {
             _ = try Self.plan("""

@@ -22,6 +22,10 @@ enum {
     HP_LUA_ABORT_MEMORY = 3,
 };
 
+/// The chunk name of the `hp` helper library (Resources/hp.lua). Positions in errors and the last line seen
+/// skip its frames, so they always name a line of the strategy.
+#define HP_LUA_PRELUDE_CHUNK "@hp.lua"
+
 /// Creates a state with a capped allocator and the sandboxed libraries, or NULL when out of memory.
 hp_lua *hp_lua_new(size_t mem_limit, hp_lua_log_fn log_fn, void *log_user);
 /// Closes the state and frees the wrapper.
