@@ -81,12 +81,13 @@ let package = Package(
         .target(
             name: "HolePunchStrategy",
             dependencies: [
-                "CLua", "CHolePunchShims",
+                "HolePunchNet", "CLua", "CHolePunchShims",
                 .product(name: "Logging", package: "swift-log"),
             ],
             // A symlink to strategies/default.lua (the file users read and edit), compiled into the library so
             // the recommended strategy works wherever the package is used; see docs/design-notes.md.
-            resources: [.embedInCode("Resources/default.lua")],
+            // hp.lua is the strategy helper library `hp`, run in each sandboxed state before the strategy.
+            resources: [.embedInCode("Resources/default.lua"), .embedInCode("Resources/hp.lua")],
             swiftSettings: swiftSettings
         ),
         .target(
@@ -189,7 +190,9 @@ let package = Package(
         ),
         .testTarget(
             name: "HolePunchStrategyTests",
-            dependencies: ["HolePunchStrategy", .product(name: "PropertyBased", package: "swift-property-based")],
+            dependencies: [
+                "HolePunchStrategy", "HolePunchNet", .product(name: "PropertyBased", package: "swift-property-based"),
+            ],
             swiftSettings: swiftSettings
         ),
         .testTarget(

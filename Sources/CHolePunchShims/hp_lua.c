@@ -1,6 +1,6 @@
-// Sandboxed Lua states for strategy scripts. Everything that can raise a Lua error lives here, in C:
-// the count hook, the capped allocator's consequences, the helper library `hp`, and the replacements for
-// base functions that would let a script escape its limits. Swift only enters Lua through hp_lua_call
+// Sandboxed Lua states for strategy scripts. Everything that can raise a Lua error from C lives here: the
+// count hook, the capped allocator's consequences, `hp.log`, and the replacements for base functions that
+// would let a script escape its limits (the rest of the `hp` library is Lua: Resources/hp.lua). Swift only enters Lua through hp_lua_call
 // (a lua_pcall), so a longjmp never crosses a Swift frame.
 #include "hp_lua.h"
 
@@ -10,8 +10,6 @@
 #include <string.h>
 #include <time.h>
 
-// Helper lists (hp.range and friends) never exceed this many elements: a port list cannot be longer.
-#define HP_MAX_LIST 65536
 // Longest `hp.log` message and most messages per call: a script must not flood the host's logs.
 #define HP_MAX_LOG_LEN 1024
 #define HP_MAX_LOGS_PER_CALL 64
@@ -113,14 +111,24 @@ static void *hp_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
     return p;
 }
 
-// Raises `msg` prefixed with the position of the innermost Lua frame that has a line.
+// Finds the innermost frame, from `level` outwards, that runs the script's code and has a line. Frames of the
+// `hp` library (HP_LUA_PRELUDE_CHUNK) are passed over: a limit hit inside `hp.merge` belongs to the script's
+// line that called it, not to a line of a file the script's author never wrote.
+static int hp_script_frame(lua_State *L, int level, lua_Debug *ar) {
+    for (; lua_getstack(L, level, ar); level++) {
+        if (lua_getinfo(L, "Sl", ar) && ar->currentline > 0 && strcmp(ar->source, HP_LUA_PRELUDE_CHUNK) != 0) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+// Raises `msg` prefixed with the position of the innermost script frame that has a line.
 static int hp_raise_at(lua_State *L, int first_level, const char *msg) {
     lua_Debug ar;
-    for (int level = first_level; lua_getstack(L, level, &ar); level++) {
-        if (lua_getinfo(L, "Sl", &ar) && ar.currentline > 0) {
-            lua_pushfstring(L, "%s:%d: %s", ar.short_src, ar.currentline, msg);
-            return lua_error(L);
-        }
+    if (hp_script_frame(L, first_level, &ar)) {
+        lua_pushfstring(L, "%s:%d: %s", ar.short_src, ar.currentline, msg);
+        return lua_error(L);
     }
     lua_pushstring(L, msg);
     return lua_error(L);
@@ -130,8 +138,10 @@ static int hp_raise_at(lua_State *L, int first_level, const char *msg) {
 // so a script that catches the error only burns another granule before it is raised again.
 static void hp_hook(lua_State *L, lua_Debug *ar) {
     hp_lua *h = hp_from(L);
-    if (lua_getinfo(L, "l", ar) && ar->currentline > 0) {
-        atomic_store_explicit(&h->last_line, ar->currentline, memory_order_relaxed);
+    lua_Debug frame;
+    (void)ar; // the running function's record; hp_script_frame looks further out when it is the library's
+    if (hp_script_frame(L, 0, &frame)) {
+        atomic_store_explicit(&h->last_line, frame.currentline, memory_order_relaxed);
     }
     if (atomic_load_explicit(&h->interrupted, memory_order_relaxed)) {
         // The watchdog saw the deadline pass while one granule ran long (single instructions that do
@@ -308,7 +318,7 @@ static int hp_sb_random(lua_State *L) {
 // Remembers the line of the Lua code that called the running C function, for errors raised from outside.
 static void hp_note_caller_line(lua_State *L, hp_lua *h) {
     lua_Debug ar;
-    if (lua_getstack(L, 1, &ar) && lua_getinfo(L, "l", &ar) && ar.currentline > 0) {
+    if (hp_script_frame(L, 1, &ar)) {
         atomic_store_explicit(&h->last_line, ar.currentline, memory_order_relaxed);
     }
 }
@@ -601,184 +611,9 @@ static void hp_wrap(lua_State *L, const char *lib, const char *name, lua_CFuncti
 }
 
 // MARK: the hp helper library
-
-static int hp_is_port(lua_Integer p) { return p >= 1 && p <= 65535; }
-
-static int hp_range(lua_State *L) {
-    lua_Integer lo = luaL_checkinteger(L, 1);
-    lua_Integer hi = luaL_checkinteger(L, 2);
-    lua_Integer step = luaL_optinteger(L, 3, lo <= hi ? 1 : -1);
-    luaL_argcheck(L, step != 0, 3, "step must not be zero");
-    luaL_argcheck(L, lo > -(1LL << 40) && lo < (1LL << 40), 1, "out of range");
-    luaL_argcheck(L, hi > -(1LL << 40) && hi < (1LL << 40), 2, "out of range");
-    if ((step > 0 && lo > hi) || (step < 0 && lo < hi)) {
-        lua_createtable(L, 0, 0);
-        return 1;
-    }
-    lua_Integer dist = hi > lo ? hi - lo : lo - hi;
-    lua_Integer astep = step > 0 ? step : -step;
-    lua_Integer count = dist / astep + 1;
-    if (count > HP_MAX_LIST) {
-        return luaL_error(L, "hp.range: %I elements requested, at most %d allowed", count, HP_MAX_LIST);
-    }
-    lua_createtable(L, (int)count, 0);
-    for (lua_Integer i = 0; i < count; i++) {
-        lua_pushinteger(L, lo + i * step);
-        lua_rawseti(L, -2, i + 1);
-    }
-    return 1;
-}
-
-static int hp_around(lua_State *L) {
-    lua_Integer base = luaL_checkinteger(L, 1);
-    lua_Integer radius = luaL_checkinteger(L, 2);
-    luaL_argcheck(L, radius >= 0 && radius < HP_MAX_LIST / 2, 2, "radius must be in 0...32767");
-    lua_createtable(L, (int)(2 * radius + 1), 0);
-    lua_Integer n = 0;
-    for (lua_Integer d = 0; d <= radius; d++) {
-        lua_Integer cand[2] = {base + d, base - d};
-        for (int k = 0; k < (d == 0 ? 1 : 2); k++) {
-            if (hp_is_port(cand[k])) {
-                lua_pushinteger(L, cand[k]);
-                lua_rawseti(L, -2, ++n);
-            }
-        }
-    }
-    return 1;
-}
-
-static int hp_sequence(lua_State *L) {
-    lua_Integer base = luaL_checkinteger(L, 1);
-    lua_Integer delta = luaL_checkinteger(L, 2);
-    lua_Integer n = luaL_checkinteger(L, 3);
-    luaL_argcheck(L, n >= 0 && n <= HP_MAX_LIST, 3, "count must be in 0...65536");
-    luaL_argcheck(L, delta > -HP_MAX_LIST && delta < HP_MAX_LIST, 2, "delta out of range");
-    luaL_argcheck(L, base > -(1LL << 40) && base < (1LL << 40), 1, "out of range");
-    lua_createtable(L, (int)n, 0);
-    lua_Integer out = 0;
-    for (lua_Integer i = 0; i < n; i++) {
-        lua_Integer p = base + i * delta;
-        if (hp_is_port(p)) {
-            lua_pushinteger(L, p);
-            lua_rawseti(L, -2, ++out);
-        }
-    }
-    return 1;
-}
-
-static int hp_random_ports(lua_State *L) {
-    hp_lua *h = hp_from(L);
-    lua_Integer n = luaL_checkinteger(L, 1);
-    lua_Integer lo = luaL_optinteger(L, 2, 1024);
-    lua_Integer hi = luaL_optinteger(L, 3, 65535);
-    luaL_argcheck(L, hp_is_port(lo), 2, "must be a port (1...65535)");
-    luaL_argcheck(L, hp_is_port(hi) && hi >= lo, 3, "must be a port not below lo");
-    luaL_argcheck(L, n >= 0 && n <= hi - lo + 1, 1, "more ports requested than the range holds");
-    // A bitmap of drawn ports keeps them distinct. On the C stack: 8 KiB, freed even when an error
-    // longjmps out, and no garbage for the collector on every plan.
-    unsigned char seen[65536 / 8];
-    memset(seen, 0, sizeof seen);
-    uint64_t span = (uint64_t)(hi - lo + 1);
-    lua_createtable(L, (int)n, 0);
-    for (lua_Integer i = 1; i <= n;) {
-        lua_Integer p = lo + (lua_Integer)(hp_next_random(h) % span);
-        if (seen[p >> 3] & (1u << (p & 7))) {
-            continue;
-        }
-        seen[p >> 3] |= (unsigned char)(1u << (p & 7));
-        lua_pushinteger(L, p);
-        lua_rawseti(L, -2, i++);
-    }
-    return 1;
-}
-
-static int hp_merge(lua_State *L) {
-    int nargs = lua_gettop(L);
-    for (int a = 1; a <= nargs; a++) {
-        luaL_checktype(L, a, LUA_TTABLE);
-    }
-    // Every element of every argument is visited, duplicates included (which never reach the output cap):
-    // charge them all before starting, like the wrapped library functions.
-    double elements = 0;
-    for (int a = 1; a <= nargs; a++) {
-        elements += (double)lua_rawlen(L, a);
-    }
-    hp_charge(L, elements * 2.0, "hp.merge");
-    unsigned char seen[65536 / 8]; // as in hp_random_ports
-    memset(seen, 0, sizeof seen);
-    lua_createtable(L, 0, 0);
-    lua_Integer out = 0;
-    for (int a = 1; a <= nargs; a++) {
-        lua_Integer len = (lua_Integer)lua_rawlen(L, a);
-        for (lua_Integer i = 1; i <= len; i++) {
-            lua_rawgeti(L, a, i);
-            int isnum = 0;
-            lua_Integer p = lua_tointegerx(L, -1, &isnum);
-            if (!isnum || !hp_is_port(p)) {
-                return luaL_error(L, "hp.merge: argument %d, element %I is not a port (1...65535)", a, i);
-            }
-            lua_pop(L, 1);
-            if (seen[p >> 3] & (1u << (p & 7))) {
-                continue;
-            }
-            if (out >= HP_MAX_LIST) {
-                return luaL_error(L, "hp.merge: more than %d ports", HP_MAX_LIST);
-            }
-            seen[p >> 3] |= (unsigned char)(1u << (p & 7));
-            lua_pushinteger(L, p);
-            lua_rawseti(L, -2, ++out);
-        }
-    }
-    return 1;
-}
-
-static int hp_clamp(lua_State *L) {
-    lua_Number x = luaL_checknumber(L, 1);
-    lua_Number lo = luaL_checknumber(L, 2);
-    lua_Number hi = luaL_checknumber(L, 3);
-    luaL_argcheck(L, lo <= hi, 3, "hi must not be below lo");
-    int all_int = lua_isinteger(L, 1) && lua_isinteger(L, 2) && lua_isinteger(L, 3);
-    if (isnan(x)) {
-        x = lo;
-    }
-    lua_Number r = x < lo ? lo : (x > hi ? hi : x);
-    if (all_int) {
-        lua_pushinteger(L, (lua_Integer)r);
-    } else {
-        lua_pushnumber(L, r);
-    }
-    return 1;
-}
-
-// Badness of a legacy NAT type name: the worse NAT of a pair picks the timing row.
-static int hp_nat_rank(const char *s) {
-    if (strcmp(s, "full_cone") == 0) return 0;
-    if (strcmp(s, "restricted") == 0) return 1;
-    if (strcmp(s, "port_restricted") == 0) return 2;
-    if (strcmp(s, "unknown") == 0) return 3;
-    if (strcmp(s, "symmetric") == 0) return 4;
-    return -1;
-}
-
-static const char *hp_nat_arg(lua_State *L, int arg) {
-    if (lua_type(L, arg) == LUA_TTABLE) {
-        lua_pushliteral(L, "type");
-        lua_rawget(L, arg);
-        lua_replace(L, arg);
-    }
-    const char *s = luaL_checkstring(L, arg);
-    if (hp_nat_rank(s) < 0) {
-        luaL_argerror(L, arg, "not a NAT type name");
-    }
-    return s;
-}
-
-static int hp_worst_nat(lua_State *L) {
-    const char *a = hp_nat_arg(L, 1);
-    const char *b = hp_nat_arg(L, 2);
-    lua_pushstring(L, hp_nat_rank(a) >= hp_nat_rank(b) ? a : b);
-    return 1;
-}
+//
+// Only `hp.log` is C, because it calls the host. The rest of `hp` (range, merge, worst_nat, …) is Lua, in
+// HolePunchStrategy's Resources/hp.lua, run in each state before the strategy.
 
 static int hp_log(lua_State *L) {
     static const char *const levels[] = {"trace", "debug", "info", "notice", "warning", "error", NULL};
@@ -795,13 +630,6 @@ static int hp_log(lua_State *L) {
 }
 
 static const luaL_Reg hp_funcs[] = {
-    {"range", hp_range},
-    {"around", hp_around},
-    {"sequence", hp_sequence},
-    {"random_ports", hp_random_ports},
-    {"merge", hp_merge},
-    {"clamp", hp_clamp},
-    {"worst_nat", hp_worst_nat},
     {"log", hp_log},
     {NULL, NULL},
 };
@@ -890,8 +718,6 @@ static int hp_open_sandbox(lua_State *L) {
     lua_pop(L, 1);
 
     luaL_newlib(L, hp_funcs);
-    lua_pushinteger(L, 1);
-    lua_setfield(L, -2, "version");
     lua_setfield(L, -2, "hp");
     lua_pop(L, 1);
     return 0;
@@ -997,7 +823,7 @@ void hp_lua_interrupt(hp_lua *h, unsigned long long seq) {
     lua_sethook(h->L, hp_hook, LUA_MASKCOUNT, 1);
 }
 
-int hp_lua_load_run(hp_lua *h, const char *src, size_t len, const char *chunkname,
+int hp_lua_load_run(hp_lua *h, const char *src, size_t len, const char *chunkname, int nargs,
                     int64_t budget, int64_t time_limit_ns) {
     h->abort_reason = HP_LUA_ABORT_NONE;
     h->headroom = 0; // lua_load is protected: a huge chunk fails with LUA_ERRMEM instead of growing
@@ -1006,5 +832,6 @@ int hp_lua_load_run(hp_lua *h, const char *src, size_t len, const char *chunknam
     if (st != LUA_OK) {
         return st;
     }
-    return hp_lua_call(h, 0, budget, time_limit_ns);
+    lua_insert(h->L, -1 - nargs); // the chunk goes below the arguments already pushed
+    return hp_lua_call(h, nargs, budget, time_limit_ns);
 }

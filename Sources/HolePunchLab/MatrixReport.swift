@@ -1,10 +1,11 @@
 import Foundation
+import HolePunchNet
 #if canImport(Glibc)
 import Glibc
 #endif
 
 /// The five lab NAT types, in the order tables list them.
-package let labNATTypes = ["full_cone", "restricted", "port_restricted", "symmetric_seq", "symmetric_random"]
+package let labNATTypes = NATProfile.labPresets.map(\.name)
 
 /// One trial's outcome.
 package struct TrialResult: Sendable {

@@ -3,7 +3,7 @@ public import HolePunchSTUN
 public import Logging
 public import HolePunchNet
 public import HolePunchQUIC
-public import HolePunchStrategy
+import HolePunchStrategy
 import Synchronization
 
 /// A peer's side of the rendezvous, on the peer's punch `Endpoint` and its `PunchExecutor`.
@@ -448,35 +448,4 @@ public actor RendezvousClient {
 
     /// Why the client stopped, once it has (nil while connected).
     public var failure: RendezvousError? { closedReason }
-}
-
-extension NATProfile {
-    /// The strategy vocabulary for a measured NAT behaviour: the one place `NATBehaviour` (HolePunchSTUN)
-    /// becomes a `NATProfile` (HolePunchStrategy). The names match one to one; a missing port delta becomes 0.
-    public init(_ behaviour: NATBehaviour) {
-        func aspect(_ mapping: NATMapping) -> NATBehavior {
-            switch mapping {
-            case .endpointIndependent: .endpointIndependent
-            case .addressDependent: .addressDependent
-            case .addressAndPortDependent: .addressAndPortDependent
-            case .unknown: .unknown
-            }
-        }
-        func aspect(_ filtering: NATFiltering) -> NATBehavior {
-            switch filtering {
-            case .endpointIndependent: .endpointIndependent
-            case .addressDependent: .addressDependent
-            case .addressAndPortDependent: .addressAndPortDependent
-            case .unknown: .unknown
-            }
-        }
-        let allocation: PortAllocation = switch behaviour.allocation {
-        case .portPreserving: .portPreserving
-        case .sequential: .sequential
-        case .random: .random
-        case .unknown: .unknown
-        }
-        self.init(mapping: aspect(behaviour.mapping), filtering: aspect(behaviour.filtering), allocation: allocation,
-                  portDelta: behaviour.portDelta ?? 0, confidence: behaviour.confidence)
-    }
 }

@@ -1,5 +1,5 @@
 import HolePunch
-public import HolePunchStrategy
+import HolePunchStrategy
 public import HolePunchQUIC
 public import HolePunchNet
 

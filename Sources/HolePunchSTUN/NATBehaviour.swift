@@ -1,40 +1,7 @@
 public import HolePunchNet
 
-/// How a NAT maps one local address to public ones (RFC 4787 §4.1, measured as RFC 5780 §4.3 describes).
-public enum NATMapping: String, Hashable, Sendable, Codable, CaseIterable {
-    /// The same public address for every destination.
-    case endpointIndependent
-    /// A new public address per destination IP.
-    case addressDependent
-    /// A new public address per destination IP and port ("symmetric").
-    case addressAndPortDependent
-    /// Not measured, or not measurable with this server.
-    case unknown
-}
-
-/// Which inbound packets a NAT lets through to a mapping (RFC 4787 §5, measured as RFC 5780 §4.4 describes).
-public enum NATFiltering: String, Hashable, Sendable, Codable, CaseIterable {
-    /// Anyone may send to the mapping.
-    case endpointIndependent
-    /// Only IPs the inside host has sent to.
-    case addressDependent
-    /// Only IP:port pairs the inside host has sent to.
-    case addressAndPortDependent
-    /// Not measured, or not measurable with this server.
-    case unknown
-}
-
-/// How a NAT picks the public port of a fresh mapping.
-public enum NATAllocation: String, Hashable, Sendable, Codable, CaseIterable {
-    /// The public port equals the local port.
-    case portPreserving
-    /// Each fresh mapping gets the previous one's port plus a constant delta (see ``NATBehaviour/portDelta``).
-    case sequential
-    /// No pattern found.
-    case random
-    /// Not enough fresh mappings were observed.
-    case unknown
-}
+// The mapping, filtering and allocation vocabulary (`NATMapping`, `NATFiltering`, `NATAllocation`) is HolePunchNet's,
+// shared with the strategy layer; this file adds what only discovery has: the evidence behind a verdict.
 
 /// One STUN transaction that discovery ran, and what came of it.
 public struct NATTestRecord: Hashable, Sendable, Codable {
@@ -123,13 +90,16 @@ public struct NATBehaviour: Hashable, Sendable, Codable {
 
     /// The legacy label for a mapping and filtering pair (see ``legacyLabel``).
     public static func legacyLabel(mapping: NATMapping, filtering: NATFiltering) -> String {
-        switch (mapping, filtering) {
-        case (.addressDependent, _), (.addressAndPortDependent, _): "symmetric"
-        case (.endpointIndependent, .endpointIndependent): "full_cone"
-        case (.endpointIndependent, .addressDependent): "restricted"
-        case (.endpointIndependent, .addressAndPortDependent): "port_restricted"
-        default: "unknown"
+        // Unlike `NATProfile.type`, which plans with port restricted for an unmeasured filtering, a report says
+        // what was measured: unknown.
+        let type: NATType = switch (mapping, filtering) {
+        case (.addressDependent, _), (.addressAndPortDependent, _): .symmetric
+        case (.endpointIndependent, .endpointIndependent): .fullCone
+        case (.endpointIndependent, .addressDependent): .restricted
+        case (.endpointIndependent, .addressAndPortDependent): .portRestricted
+        default: .unknown
         }
+        return type.rawValue
     }
 
     /// Creates a verdict.
@@ -153,9 +123,9 @@ public struct NATBehaviour: Hashable, Sendable, Codable {
     public init(from decoder: any Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
         self.init(
-            mapping: try c.decode(NATMapping.self, forKey: .mapping),
-            filtering: try c.decode(NATFiltering.self, forKey: .filtering),
-            allocation: try c.decode(NATAllocation.self, forKey: .allocation),
+            mapping: try Self.decode(NATMapping.self, .mapping, from: c),
+            filtering: try Self.decode(NATFiltering.self, .filtering, from: c),
+            allocation: try Self.decode(NATAllocation.self, .allocation, from: c),
             portDelta: try c.decodeIfPresent(Int.self, forKey: .portDelta),
             confidence: try c.decode(Double.self, forKey: .confidence),
             evidence: try c.decode(NATEvidence.self, forKey: .evidence)
@@ -165,13 +135,34 @@ public struct NATBehaviour: Hashable, Sendable, Codable {
     /// Encodes the verdict, including the derived `legacyLabel`.
     public func encode(to encoder: any Encoder) throws {
         var c = encoder.container(keyedBy: CodingKeys.self)
-        try c.encode(mapping, forKey: .mapping)
-        try c.encode(filtering, forKey: .filtering)
-        try c.encode(allocation, forKey: .allocation)
+        // Discovery's JSON spells the dimensions in camelCase (`discoveryName`), as it did before they were shared.
+        try c.encode(mapping.discoveryName, forKey: .mapping)
+        try c.encode(filtering.discoveryName, forKey: .filtering)
+        try c.encode(allocation.discoveryName, forKey: .allocation)
         try c.encodeIfPresent(portDelta, forKey: .portDelta)
         try c.encode(confidence, forKey: .confidence)
         try c.encode(evidence, forKey: .evidence)
         // The label is derived, but written out so that JSON readers need not re-derive it.
         try c.encode(legacyLabel, forKey: .legacyLabel)
+    }
+
+    /// One dimension in discovery's camelCase spelling.
+    private static func decode<D: NATBehaviourDimension>(
+        _ type: D.Type, _ key: CodingKeys, from c: KeyedDecodingContainer<CodingKeys>
+    ) throws -> D {
+        let name = try c.decode(String.self, forKey: key)
+        guard let value = D(discoveryName: name) else {
+            throw DecodingError.dataCorruptedError(forKey: key, in: c, debugDescription: "unknown value \(name)")
+        }
+        return value
+    }
+}
+
+extension NATProfile {
+    /// The strategy's view of a measured behaviour: the same mapping, filtering and allocation; a missing port
+    /// delta becomes 0.
+    public init(_ behaviour: NATBehaviour) {
+        self.init(mapping: behaviour.mapping, filtering: behaviour.filtering, allocation: behaviour.allocation,
+                  portDelta: behaviour.portDelta ?? 0, confidence: behaviour.confidence)
     }
 }

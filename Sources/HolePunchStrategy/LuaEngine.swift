@@ -3,6 +3,7 @@ internal import CLua
 import Foundation
 import Synchronization
 import Logging
+import HolePunchNet
 
 /// Receives `hp.log` lines from C. A separate object so its address can be handed to C before the
 /// engine that owns it exists.
@@ -87,6 +88,7 @@ final class LuaEngine: @unchecked Sendable {
         handle = h
         L = hp_lua_state(h)
         Self.countLive(displayName, +1)
+        try runHelperLibrary()
     }
 
     deinit {
@@ -122,13 +124,43 @@ final class LuaEngine: @unchecked Sendable {
 
     // MARK: loading
 
+    /// Instructions the helper library may use to define itself (it runs a few hundred): its own budget, because it is
+    /// the host's code and must load whatever limits a strategy is given.
+    private static let helperLibraryBudget: Int64 = 1_000_000
+    /// Wall-clock limit for the same, in nanoseconds.
+    private static let helperLibraryTimeNs: Int64 = 1_000_000_000
+
+    /// Runs the `hp` helper library (Resources/hp.lua) in the fresh state, before the strategy, passing it the
+    /// legacy NAT types' difficulties so that `hp.worst_nat` ranks them as `NATType.difficulty` does.
+    private func runHelperLibrary() throws(StrategyError) {
+        let top = lua_gettop(L)
+        defer { lua_settop(L, top) }
+        lua_createtable(L, 0, Int32(NATType.allCases.count))
+        for type in NATType.allCases {
+            lua_pushinteger(L, lua_Integer(type.difficulty))
+            lua_setfield(L, -2, type.rawValue)
+        }
+        let status = PackageResources.hp_lua.withUnsafeBufferPointer { buf in
+            buf.withMemoryRebound(to: CChar.self) { chars in
+                hp_lua_load_run(handle, chars.baseAddress, chars.count, HP_LUA_PRELUDE_CHUNK, 1, Self.helperLibraryBudget,
+                                Self.helperLibraryTimeNs)
+            }
+        }
+        guard status == LUA_OK else {
+            // Only a memory cap too small for the library itself gets here; the library is checked by the tests.
+            let reason = lua_type(L, -1) == LUA_TSTRING ? string(-1) : "(no message)"
+            throw StrategyError(code: .stateCreationFailed, message: "cannot load the hp helper library: \(reason)",
+                                file: displayName)
+        }
+    }
+
     private func run(source: [UInt8]) throws(StrategyError) {
         let top = lua_gettop(L)
         defer { lua_settop(L, top) }
         let status = watched {
             source.withUnsafeBufferPointer { buf in
                 buf.withMemoryRebound(to: CChar.self) { chars in
-                    hp_lua_load_run(handle, chars.baseAddress, chars.count, "@" + shortName, budget, timeNs)
+                    hp_lua_load_run(handle, chars.baseAddress, chars.count, "@" + shortName, 0, budget, timeNs)
                 }
             }
         }
@@ -304,250 +336,25 @@ final class LuaEngine: @unchecked Sendable {
     // MARK: raw access helpers (none of these can raise)
 
     /// Pushes `t[key]` without metamethods and returns its type.
-    private func rawField(_ t: Int32, _ key: String) -> Int32 {
+    func rawField(_ t: Int32, _ key: String) -> Int32 {
         lua_pushstring(L, key)
         return lua_rawget(L, t)
     }
 
-    private func typeName(_ idx: Int32) -> String {
+    func typeName(_ idx: Int32) -> String {
         String(cString: lua_typename(L, lua_type(L, idx)))
     }
 
-    private func string(_ idx: Int32) -> String {
+    func string(_ idx: Int32) -> String {
         var len = 0
         guard let p = hp_lua_tolstring(L, idx, &len) else { return "" }
         return String(decoding: UnsafeRawBufferPointer(start: p, count: len), as: UTF8.self)
     }
 
-    private func definitionLine(_ idx: Int32) -> Int? {
+    func definitionLine(_ idx: Int32) -> Int? {
         var ar = lua_Debug()
         lua_pushvalue(L, idx)
         guard lua_getinfo(L, ">S", &ar) != 0, ar.linedefined > 0 else { return nil }
         return Int(ar.linedefined)
-    }
-
-    // MARK: Swift -> Lua values
-
-    private func set(_ key: String, int v: Int) { lua_pushinteger(L, lua_Integer(v)); lua_setfield(L, -2, key) }
-    private func set(_ key: String, number v: Double) { lua_pushnumber(L, v); lua_setfield(L, -2, key) }
-    private func set(_ key: String, bool v: Bool) { lua_pushboolean(L, v ? 1 : 0); lua_setfield(L, -2, key) }
-    private func set(_ key: String, string v: String) { lua_pushstring(L, v); lua_setfield(L, -2, key) }
-    private func set(_ key: String, ports: some Collection<UInt16>) {
-        lua_createtable(L, Int32(clamping: ports.count), 0)
-        for (i, p) in ports.enumerated() {
-            lua_pushinteger(L, lua_Integer(p))
-            lua_rawseti(L, -2, lua_Integer(i + 1))
-        }
-        lua_setfield(L, -2, key)
-    }
-
-    private func pushProfile(_ p: NATProfile) {
-        lua_createtable(L, 0, 6)
-        set("type", string: p.type.rawValue)
-        set("mapping", string: p.mapping.rawValue)
-        set("filtering", string: p.filtering.rawValue)
-        set("allocation", string: p.allocation.rawValue)
-        set("port_delta", int: p.portDelta)
-        set("confidence", number: p.confidence)
-    }
-
-    private func pushHistory(_ h: HistorySummary) {
-        lua_createtable(L, 0, 5)
-        set("attempts", int: h.attempts)
-        set("successes", int: h.successes)
-        set("success_rate", number: h.successRate)
-        if let m = h.medianTimeToConnect { set("median_ttc_ms", number: m.milliseconds) }
-        if let o = h.lastWinningOffset { set("last_offset", int: o) }
-    }
-
-    private func pushContext(_ ctx: PunchContext) {
-        lua_createtable(L, 0, 14)
-        pushProfile(ctx.localNAT)
-        lua_setfield(L, -2, "local_nat")
-        pushProfile(ctx.remoteNAT)
-        lua_setfield(L, -2, "remote_nat")
-        lua_createtable(L, Int32(clamping: ctx.candidateHosts.count), 0)
-        for (i, host) in ctx.candidateHosts.enumerated() {
-            lua_pushstring(L, host)
-            lua_rawseti(L, -2, lua_Integer(i + 1))
-        }
-        lua_setfield(L, -2, "candidates")
-        set("ports", ports: ctx.candidatePorts)
-        if let lp = ctx.localPort { set("local_port", int: Int(lp)) }
-        if let rtt = ctx.rtt { set("rtt_ms", number: rtt.milliseconds) }
-        set("attempt", int: ctx.attempt)
-        set("role", string: ctx.role.rawValue)
-        lua_pushinteger(L, lua_Integer(Int64(bitPattern: ctx.seed)))
-        lua_setfield(L, -2, "seed")
-        set("peer_id", string: ctx.peerID)
-        lua_createtable(L, 0, 2)
-        pushHistory(ctx.pairHistory)
-        lua_setfield(L, -2, "pair")
-        pushHistory(ctx.peerHistory)
-        lua_setfield(L, -2, "peer")
-        lua_setfield(L, -2, "history")
-        lua_createtable(L, 0, 8)
-        set("max_pps", number: ctx.limits.maxPacketsPerSecond)
-        set("max_ports", int: ctx.limits.maxTotalPorts)
-        set("max_sockets", int: ctx.limits.maxLocalSockets)
-        set("max_packets_per_round", int: ctx.limits.maxPacketsPerRound)
-        set("max_rounds", int: ctx.limits.maxRounds)
-        set("min_timeout_ms", number: ctx.limits.timeoutBounds.lowerBound.milliseconds)
-        set("max_timeout_ms", number: ctx.limits.timeoutBounds.upperBound.milliseconds)
-        set("max_handshake_copies", int: ctx.limits.maxHandshakeCopies)
-        lua_setfield(L, -2, "limits")
-    }
-
-    private func pushPlan(_ p: PunchPlan) {
-        lua_createtable(L, 0, 11)
-        set("ports", ports: p.ports)
-        set("sockets", int: p.localSockets)
-        set("packets_per_round", int: p.packetsPerRound)
-        set("interval_ms", number: p.interval.milliseconds)
-        set("rounds", int: p.rounds)
-        set("timeout_ms", number: p.timeout.milliseconds)
-        set("connect_timeout_ms", number: p.connectTimeout.milliseconds)
-        set("start_delay_ms", number: p.startDelay.milliseconds)
-        set("initial_rtt_ms", number: p.initialRTT.milliseconds)
-        set("dial_direct", bool: p.dialCandidatesDirectly)
-        if let ttl = p.lowTTL { set("low_ttl", int: ttl) }
-        set("handshake_copies", int: p.handshakeCopies)
-    }
-
-    private func pushEvent(_ e: ProbeEvent) {
-        lua_createtable(L, 0, 6)
-        set("round", int: e.round)
-        set("elapsed_ms", number: e.elapsed.milliseconds)
-        set("probes_sent", int: e.probesSent)
-        set("answered", ports: e.answeredPorts)
-        set("unreachable", ports: e.unreachablePorts)
-        pushPlan(e.currentPlan)
-        lua_setfield(L, -2, "plan")
-    }
-
-    private func pushOutcome(_ o: PunchOutcome) {
-        lua_createtable(L, 0, 6)
-        switch o {
-        case .success(let ttc, let port, let offset, let rounds):
-            set("success", bool: true)
-            set("time_to_connect_ms", number: ttc.milliseconds)
-            set("winning_port", int: Int(port))
-            set("port_offset", int: offset)
-            set("rounds", int: rounds)
-        case .failure(let code, let rounds):
-            set("success", bool: false)
-            set("error", string: code.rawValue)
-            set("rounds", int: rounds)
-        }
-    }
-
-    // MARK: Lua -> PunchPlan
-
-    /// Most ports a plan may name before clamping; more is an error, not a clamp ("absurd counts").
-    static let hardMaxPorts = 65535
-
-    private func convertPlan(at t: Int32, line: Int?, defaults: () -> PunchPlan) throws(StrategyError) -> PunchPlan {
-        var plan = defaults()
-        func fail(_ field: String, _ message: String) -> StrategyError {
-            StrategyError(code: .invalidPlan, message: "plan field '\(field)': \(message)", file: displayName,
-                          line: line, field: field)
-        }
-        func number(_ field: String, _ idx: Int32 = -1) throws(StrategyError) -> Double {
-            guard lua_type(L, idx) == LUA_TNUMBER else {
-                throw fail(field, "expected a number, got \(typeName(idx))")
-            }
-            let v = lua_tonumberx(L, idx, nil)
-            guard v.isFinite else { throw fail(field, "expected a finite number, got \(v)") }
-            return v
-        }
-        func integer(_ field: String, _ range: ClosedRange<Int>, _ idx: Int32 = -1) throws(StrategyError) -> Int {
-            let v = try number(field, idx)
-            guard v == v.rounded() else { throw fail(field, "expected a whole number, got \(v.formatted)") }
-            guard v >= Double(range.lowerBound), v <= Double(range.upperBound) else {
-                throw fail(field, "\(v.formatted) is out of range \(range.lowerBound)...\(range.upperBound)")
-            }
-            return Int(v)
-        }
-        func millis(_ field: String, allowZero: Bool, max: Double) throws(StrategyError) -> Duration {
-            let v = try number(field)
-            guard allowZero ? v >= 0 : v > 0 else {
-                throw fail(field, "must be \(allowZero ? "zero or more" : "greater than zero"), got \(v.formatted)")
-            }
-            guard v <= max else { throw fail(field, "\(v.formatted) ms is more than \(max.formatted) ms") }
-            return .fromMilliseconds(v)
-        }
-
-        lua_pushnil(L)
-        while lua_next(L, t) != 0 {
-            guard lua_type(L, -2) == LUA_TSTRING else {
-                throw fail("?", "plan keys must be field names; found a \(typeName(-2)) key")
-            }
-            let key = string(-2)
-            switch key {
-            case "ports": plan.ports = try ports(field: key, fail: fail)
-            case "sockets": plan.localSockets = try integer(key, 1...1024)
-            case "packets_per_round": plan.packetsPerRound = try integer(key, 1...65535)
-            case "rounds": plan.rounds = try integer(key, 1...100_000)
-            case "interval_ms": plan.interval = try millis(key, allowZero: false, max: 600_000)
-            case "timeout_ms": plan.timeout = try millis(key, allowZero: false, max: 3_600_000)
-            case "connect_timeout_ms": plan.connectTimeout = try millis(key, allowZero: false, max: 3_600_000)
-            case "start_delay_ms": plan.startDelay = try millis(key, allowZero: true, max: 3_600_000)
-            case "initial_rtt_ms": plan.initialRTT = try millis(key, allowZero: false, max: 600_000)
-            case "low_ttl": plan.lowTTL = try integer(key, 1...255)
-            case "handshake_copies": plan.handshakeCopies = try integer(key, 1...16)
-            case "dial_direct":
-                guard lua_type(L, -1) == LUA_TBOOLEAN else { throw fail(key, "expected a boolean, got \(typeName(-1))") }
-                plan.dialCandidatesDirectly = lua_toboolean(L, -1) != 0
-            default:
-                throw fail(key, "unknown field (known: ports, sockets, packets_per_round, rounds, interval_ms, timeout_ms, connect_timeout_ms, start_delay_ms, initial_rtt_ms, dial_direct, low_ttl, handshake_copies)")
-            }
-            lua_settop(L, -2)
-        }
-        return plan
-    }
-
-    private func ports(field: String, fail: (String, String) -> StrategyError) throws(StrategyError) -> PortList {
-        guard lua_type(L, -1) == LUA_TTABLE else { throw fail(field, "expected an array of ports, got \(typeName(-1))") }
-        let list = lua_gettop(L)
-        let n = Int(lua_rawlen(L, list))
-        guard n > 0 else { throw fail(field, "must be a non-empty array") }
-        guard n <= Self.hardMaxPorts else {
-            throw fail(field, "\(n) entries; a plan may name at most \(Self.hardMaxPorts) ports")
-        }
-        func port(_ idx: Int32, _ name: String) throws(StrategyError) -> UInt16 {
-            guard lua_type(L, idx) == LUA_TNUMBER else { throw fail(name, "expected a port number, got \(typeName(idx))") }
-            let v = lua_tonumberx(L, idx, nil)
-            guard v.isFinite, v == v.rounded() else { throw fail(name, "expected a whole port number, got \(v)") }
-            guard v >= 1, v <= 65535 else { throw fail(name, "\(v.formatted) is not a port (1...65535)") }
-            return UInt16(v)
-        }
-        var specs: [PortSpec] = []
-        specs.reserveCapacity(n)
-        var expanded = 0
-        for i in 1...n {
-            let name = "\(field)[\(i)]"
-            switch lua_rawgeti(L, list, lua_Integer(i)) {
-            case LUA_TNUMBER:
-                specs.append(.port(try port(-1, name)))
-                expanded += 1
-            case LUA_TTABLE:
-                guard lua_rawlen(L, -1) == 2 else { throw fail(name, "a range must be {lo, hi}") }
-                lua_rawgeti(L, -1, 1)
-                let lo = try port(-1, name + "[1]")
-                lua_rawgeti(L, -2, 2)
-                let hi = try port(-1, name + "[2]")
-                guard lo <= hi else { throw fail(name, "range \(lo)...\(hi) is empty") }
-                lua_settop(L, -3)
-                specs.append(.range(lo...hi))
-                expanded += Int(hi - lo) + 1
-            default:
-                throw fail(name, "expected a port or a {lo, hi} range, got \(typeName(-1))")
-            }
-            guard expanded <= Self.hardMaxPorts else {
-                throw fail(field, "more than \(Self.hardMaxPorts) ports after expanding ranges")
-            }
-            lua_settop(L, -2)
-        }
-        return PortList(specs)
     }
 }

@@ -1,3 +1,5 @@
+public import HolePunchNet
+
 /// What history says about earlier punches, for one NAT pair or one peer.
 public struct HistorySummary: Sendable, Hashable, Codable {
     /// Punches recorded.
@@ -157,4 +159,12 @@ public struct ProbeEvent: Sendable, Hashable, Codable {
         self.unreachablePorts = unreachablePorts
         self.currentPlan = currentPlan
     }
+}
+
+/// Which side of a punch this peer plays. The initiator dials QUIC; the target accepts.
+public enum PunchRole: String, Sendable, Hashable, Codable, CaseIterable {
+    /// Dials the QUIC connection once a path is proven.
+    case initiator
+    /// Accepts the QUIC connection from the pinned peer.
+    case target
 }

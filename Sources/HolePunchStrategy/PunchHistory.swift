@@ -1,3 +1,4 @@
+public import HolePunchNet
 public import Foundation
 
 /// A failure to load or save a ``PunchHistory`` file.

@@ -1,3 +1,5 @@
+public import HolePunchNet
+
 /// Decides where and how hard to punch. The executor asks ``plan(_:)`` before each attempt, may ask
 /// ``onProbe(_:_:)`` between rounds, and reports the result through ``onResult(_:_:)``.
 ///

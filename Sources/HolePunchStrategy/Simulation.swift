@@ -1,3 +1,4 @@
+public import HolePunchNet
 import Foundation
 
 /// A named NAT setting used by `strategy check` and `strategy simulate`: the lab's five types plus unknown.

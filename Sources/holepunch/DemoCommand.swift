@@ -1,3 +1,4 @@
+import HolePunchNet
 import ArgumentParser
 import Foundation
 import HolePunch
@@ -42,7 +43,7 @@ struct DemoCommand: AsyncParsableCommand {
     @Flag(help: "Run in this process on loopback, even where the real-NAT lab could run.")
     var loopback = false
 
-    static let labTypes = ["full_cone", "restricted", "port_restricted", "symmetric_seq", "symmetric_random"]
+    static let labTypes = NATProfile.labPresets.map(\.name)
 
     func validate() throws {
         for value in [natA, natB] where !Self.labTypes.contains(value) {

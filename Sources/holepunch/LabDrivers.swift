@@ -16,16 +16,9 @@ import Glibc
 // to interpret human output or guess when a punch ended.
 
 /// The profile a lab NAT type is built to have (docs/lab.md), for peers told their NAT instead of measuring it.
+/// The lab's own names only: `preset(named:)` also takes the alias `symmetric`, which lab commands never accepted.
 func labProfile(_ type: String) -> NATProfile? {
-    switch type {
-    case "full_cone": .fullCone
-    case "restricted": .restricted
-    case "port_restricted": .portRestricted
-    case "symmetric_seq": .symmetricSequential
-    case "symmetric_random": .symmetricRandom
-    case "unknown": .unknown
-    default: nil
-    }
+    type == "symmetric" ? nil : NATProfile.preset(named: type)
 }
 
 // MARK: - lab rendezvous

@@ -1,3 +1,4 @@
+import HolePunchNet
 import HolePunch
 import HolePunchQUIC
 import HolePunchStrategy

@@ -1,3 +1,4 @@
+import HolePunchNet
 import Foundation
 import Logging
 import Testing

@@ -1,3 +1,4 @@
+import HolePunchNet
 import Foundation
 import Testing
 @testable import HolePunchStrategy
@@ -8,14 +9,14 @@ import Testing
     }
 
     @Test(arguments: [
-        (NATBehavior.endpointIndependent, NATBehavior.endpointIndependent, NATType.fullCone),
+        (NATMapping.endpointIndependent, NATFiltering.endpointIndependent, NATType.fullCone),
         (.endpointIndependent, .addressDependent, .restricted),
         (.endpointIndependent, .addressAndPortDependent, .portRestricted),
         (.addressDependent, .endpointIndependent, .symmetric),
         (.addressAndPortDependent, .addressAndPortDependent, .symmetric),
         (.unknown, .addressDependent, .unknown),
     ])
-    func legacyTypeIsDerived(mapping: NATBehavior, filtering: NATBehavior, expected: NATType) {
+    func legacyTypeIsDerived(mapping: NATMapping, filtering: NATFiltering, expected: NATType) {
         #expect(NATProfile(mapping: mapping, filtering: filtering).type == expected)
     }
 

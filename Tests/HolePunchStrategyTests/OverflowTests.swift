@@ -1,3 +1,4 @@
+import HolePunchNet
 import Testing
 @testable import HolePunchStrategy
 

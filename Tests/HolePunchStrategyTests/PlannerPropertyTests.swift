@@ -1,3 +1,4 @@
+import HolePunchNet
 import PropertyBased
 import Testing
 @testable import HolePunchStrategy
@@ -21,7 +22,7 @@ enum HostileInput {
     )
     static let ports = Gen.uint16().array(of: 0...12)
 
-    static let profile = zip(Gen<NATBehavior>.case, Gen<NATBehavior>.case, Gen<PortAllocation>.case, int, double)
+    static let profile = zip(Gen<NATMapping>.case, Gen<NATFiltering>.case, Gen<NATAllocation>.case, int, double)
         .map { mapping, filtering, allocation, delta, confidence in
             var p = NATProfile(mapping: mapping, filtering: filtering, allocation: allocation)
             // Bypass the initializer's clamps: a planner must survive whatever a `var` can hold.

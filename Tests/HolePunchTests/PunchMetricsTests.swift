@@ -1,3 +1,4 @@
+import HolePunchNet
 import HolePunchStrategy
 import MetricsTestKit
 import Testing

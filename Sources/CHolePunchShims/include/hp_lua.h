@@ -22,6 +22,10 @@ enum {
     HP_LUA_ABORT_MEMORY = 3,
 };
 
+/// The chunk name of the `hp` helper library (Resources/hp.lua). Positions in errors and the last line seen
+/// skip its frames, so they always name a line of the strategy.
+#define HP_LUA_PRELUDE_CHUNK "@hp.lua"
+
 /// Creates a state with a capped allocator and the sandboxed libraries, or NULL when out of memory.
 hp_lua *hp_lua_new(size_t mem_limit, hp_lua_log_fn log_fn, void *log_user);
 /// Closes the state and frees the wrapper.
@@ -33,7 +37,7 @@ long hp_lua_live_states(void);
 lua_State *hp_lua_state(hp_lua *h);
 /// Bytes currently allocated by the state.
 size_t hp_lua_mem_used(const hp_lua *h);
-/// Seed for `hp.random_ports` during the next call.
+/// Seed for `math.random` (and so `hp.random_ports`) during the next call.
 void hp_lua_set_seed(hp_lua *h, uint64_t seed);
 /// Why the last protected call was aborted (HP_LUA_ABORT_*), or NONE.
 int hp_lua_abort_reason(const hp_lua *h);
@@ -41,9 +45,10 @@ int hp_lua_abort_reason(const hp_lua *h);
 /// from another thread while a call runs: it names where an abandoned call was when it was given up.
 int hp_lua_last_line(const hp_lua *h);
 
-/// Loads `src` as a text chunk named `chunkname` and runs it with the limits; on LUA_OK the chunk's first
-/// result is on the top of the stack, otherwise the error message (a string) is.
-int hp_lua_load_run(hp_lua *h, const char *src, size_t len, const char *chunkname,
+/// Loads `src` as a text chunk named `chunkname` and runs it with the limits, passing it the top `nargs`
+/// values as `...`; on LUA_OK the chunk's first result is on the top of the stack, otherwise the error
+/// message (a string) is (and on a syntax error the arguments stay below it).
+int hp_lua_load_run(hp_lua *h, const char *src, size_t len, const char *chunkname, int nargs,
                     int64_t budget, int64_t time_limit_ns);
 /// Calls the function below the top `nargs` values, under the limits, with one result. On error the top is
 /// a string message with a position when one is known.

@@ -1,3 +1,7 @@
+// The one vocabulary for what a NAT does, shared by discovery (HolePunchSTUN), planning (HolePunchStrategy) and the
+// rendezvous. It lives in the lowest Swift module because both of its users sit beside each other above it and
+// neither should depend on the other: STUN must not pull in Lua, the strategy layer must not pull in GnuTLS.
+
 /// The legacy NAT classification of the seed (`macula_hole_punch`), derived from a ``NATProfile``.
 ///
 /// The raw values are the seed's stable names, used in Lua (`ctx.local_nat.type`), JSON and the CLI.
@@ -34,38 +38,82 @@ public enum NATType: String, Sendable, Hashable, Codable, CaseIterable, CustomSt
     }
 }
 
-/// RFC 4787 / RFC 5780 behaviour of a NAT for one aspect (mapping or filtering).
-public enum NATBehavior: String, Sendable, Hashable, Codable, CaseIterable {
-    /// The same for every remote endpoint.
+/// How a NAT maps one local address to public ones (RFC 4787 §4.1, measured as RFC 5780 §4.3 describes).
+///
+/// The raw values are the stable names of Lua (`ctx.local_nat.mapping`) and the rendezvous wire; discovery's JSON
+/// (`holepunch nat detect --json`) has always spelled them as the case names (`discoveryName`).
+public enum NATMapping: String, Sendable, Hashable, Codable, CaseIterable {
+    /// The same public address for every destination.
     case endpointIndependent = "endpoint_independent"
-    /// Depends on the remote address only.
+    /// A new public address per destination IP.
     case addressDependent = "address_dependent"
-    /// Depends on the remote address and port.
+    /// A new public address per destination IP and port ("symmetric").
     case addressAndPortDependent = "address_and_port_dependent"
-    /// Not measured.
+    /// Not measured, or not measurable with the server used.
     case unknown = "unknown"
 }
 
-/// How a NAT picks the public port of a new mapping.
-public enum PortAllocation: String, Sendable, Hashable, Codable, CaseIterable {
-    /// The public port equals the local port when free.
-    case portPreserving = "port_preserving"
-    /// Each new mapping takes the previous public port plus a fixed delta.
-    case sequential = "sequential"
-    /// Public ports are drawn at random.
-    case random = "random"
-    /// Not measured.
+/// Which inbound packets a NAT lets through to a mapping (RFC 4787 §5, measured as RFC 5780 §4.4 describes).
+///
+/// Raw values and `discoveryName` as for ``NATMapping``.
+public enum NATFiltering: String, Sendable, Hashable, Codable, CaseIterable {
+    /// Anyone may send to the mapping.
+    case endpointIndependent = "endpoint_independent"
+    /// Only IPs the inside host has sent to.
+    case addressDependent = "address_dependent"
+    /// Only IP:port pairs the inside host has sent to.
+    case addressAndPortDependent = "address_and_port_dependent"
+    /// Not measured, or not measurable with the server used.
     case unknown = "unknown"
 }
+
+/// How a NAT picks the public port of a fresh mapping.
+///
+/// Raw values and `discoveryName` as for ``NATMapping``.
+public enum NATAllocation: String, Sendable, Hashable, Codable, CaseIterable {
+    /// The public port equals the local port when free.
+    case portPreserving = "port_preserving"
+    /// Each fresh mapping takes the previous public port plus a constant delta (``NATProfile/portDelta``).
+    case sequential = "sequential"
+    /// No pattern: public ports are drawn at random.
+    case random = "random"
+    /// Not measured, or not enough fresh mappings were observed.
+    case unknown = "unknown"
+}
+
+/// One of the three NAT behaviour dimensions, with the second spelling that discovery's JSON uses.
+///
+/// Two spellings exist because two wire formats predate this shared vocabulary and neither may change:
+/// snake_case raw values in Lua and rendezvous messages, camelCase in `nat detect --json`. The camelCase name is
+/// derived from the raw value, so a new case cannot get the two out of step.
+package protocol NATBehaviourDimension: RawRepresentable<String>, CaseIterable {}
+
+extension NATBehaviourDimension {
+    /// The camelCase name used by discovery's JSON, e.g. `addressAndPortDependent` for `address_and_port_dependent`.
+    package var discoveryName: String {
+        let words = rawValue.split(separator: "_")
+        return words.prefix(1).joined() + words.dropFirst().map { $0.prefix(1).uppercased() + $0.dropFirst() }.joined()
+    }
+
+    /// The value with that `discoveryName`, or nil.
+    package init?(discoveryName: String) {
+        guard let match = Self.allCases.first(where: { $0.discoveryName == discoveryName }) else { return nil }
+        self = match
+    }
+}
+
+extension NATMapping: NATBehaviourDimension {}
+extension NATFiltering: NATBehaviourDimension {}
+extension NATAllocation: NATBehaviourDimension {}
 
 /// A measured NAT behaviour: mapping, filtering, port allocation and the observed port delta.
 public struct NATProfile: Sendable, Hashable, Codable {
     /// Mapping behaviour.
-    public var mapping: NATBehavior
+    public var mapping: NATMapping
     /// Filtering behaviour.
-    public var filtering: NATBehavior
+    public var filtering: NATFiltering
     /// Port allocation behaviour.
-    public var allocation: PortAllocation
+    public var allocation: NATAllocation
     /// Observed difference between consecutive public ports (sequential allocation); 0 when not known.
     /// Meaningful values lie in ±``maxPortDelta``; planners must still not trust it (it is a public `var`).
     public var portDelta: Int
@@ -77,9 +125,9 @@ public struct NATProfile: Sendable, Hashable, Codable {
 
     /// Creates a profile; `portDelta` is clamped into ±``maxPortDelta`` and `confidence` into 0...1 (NaN becomes 0).
     public init(
-        mapping: NATBehavior,
-        filtering: NATBehavior,
-        allocation: PortAllocation = .unknown,
+        mapping: NATMapping,
+        filtering: NATFiltering,
+        allocation: NATAllocation = .unknown,
         portDelta: Int = 0,
         confidence: Double = 1
     ) {
@@ -107,9 +155,9 @@ public struct NATProfile: Sendable, Hashable, Codable {
             throw DecodingError.dataCorruptedError(forKey: .confidence, in: c,
                                                    debugDescription: "confidence \(confidence) is outside 0...1")
         }
-        self.init(mapping: try c.decode(NATBehavior.self, forKey: .mapping),
-                  filtering: try c.decode(NATBehavior.self, forKey: .filtering),
-                  allocation: try c.decode(PortAllocation.self, forKey: .allocation),
+        self.init(mapping: try c.decode(NATMapping.self, forKey: .mapping),
+                  filtering: try c.decode(NATFiltering.self, forKey: .filtering),
+                  allocation: try c.decode(NATAllocation.self, forKey: .allocation),
                   portDelta: delta, confidence: confidence)
     }
 
@@ -194,12 +242,4 @@ public struct NATProfile: Sendable, Hashable, Codable {
         default: return labPresets.first { $0.name == name }?.profile
         }
     }
-}
-
-/// Which side of a punch this peer plays. The initiator dials QUIC; the target accepts.
-public enum PunchRole: String, Sendable, Hashable, Codable, CaseIterable {
-    /// Dials the QUIC connection once a path is proven.
-    case initiator
-    /// Accepts the QUIC connection from the pinned peer.
-    case target
 }
