@@ -32,7 +32,7 @@ public actor Endpoint {
     private let fd: Int32
     private var configuration: EndpointConfiguration
     private let logger: Logger
-    private let credentials: TLSCredentials
+    let credentials: TLSCredentials
     private let router: ConnectionRouter
     private var connections: [UInt64: ConnectionCore] = [:]
     private var nextKey: UInt64 = 1
@@ -116,9 +116,7 @@ public actor Endpoint {
             throw QUICError(.socket, "getsockname failed")
         }
         do {
-            credentials = try TLSCredentials(
-                identity: configuration.identity, presentCertificate: configuration.presentsCertificate
-            )
+            credentials = try configuration.identity.tlsCredentials(presentCertificate: configuration.presentsCertificate)
         } catch {
             Glibc.close(fd)
             throw error
@@ -137,9 +135,7 @@ public actor Endpoint {
 
     /// Creates an endpoint with no socket, for in-memory tests; `link(to:)` connects two of them.
     init(inMemoryAt address: SocketAddress, configuration: EndpointConfiguration) throws {
-        credentials = try TLSCredentials(
-            identity: configuration.identity, presentCertificate: configuration.presentsCertificate
-        )
+        credentials = try configuration.identity.tlsCredentials(presentCertificate: configuration.presentsCertificate)
         self.fd = -1
         self.localAddress = address
         self.nodeID = configuration.identity.nodeID
