@@ -607,7 +607,10 @@ public actor PunchExecutor {
         runtime.timerGeneration += 1
         let generation = runtime.timerGeneration
         let id = runtime.id
-        let delay = deadline > monotonicNanoseconds() ? deadline - monotonicNanoseconds() : 0
+        // One clock read: reading it again for the subtraction could pass `deadline` in between and trap on underflow
+        // (it did under valgrind, where a thread can stall between the two reads).
+        let now = monotonicNanoseconds()
+        let delay = deadline > now ? deadline - now : 0
         runtime.timerTask = Task {
             if delay > 0 {
                 do { try await Task.sleep(for: .nanoseconds(Int64(delay))) } catch { return }
