@@ -226,7 +226,7 @@ final class ConnectionCore {
 
     // MARK: Setup
 
-    /// Creates the GnuTLS session: the shared priorities (``TLSSessionSetup``), mandatory ALPN, mutual auth.
+    /// Creates the GnuTLS session: the shared priorities (`TLSSessionSetup`), mandatory ALPN, mutual auth.
     /// A client offers one protocol; a server accepts any of `alpns` (mandatory: a client offering none of them
     /// fails the handshake).
     func makeSession(credentials: TLSCredentials, alpns: [String]) throws {

@@ -10,7 +10,7 @@ internal import CNgtcp2
 /// The TLS priorities of every session: TLS 1.3 only, no middlebox-compat mode, and X25519 first among the key
 /// exchange groups.
 ///
-/// X25519 first, with a client sending one key share (`GNUTLS_KEY_SHARE_TOP` in ``TLSSessionSetup/clientFlags``),
+/// X25519 first, with a client sending one key share (`GNUTLS_KEY_SHARE_TOP` in `TLSSessionSetup.clientFlags`),
 /// makes a client generate one X25519 key instead of a P-256 and an X25519 key (GnuTLS's default order and its
 /// default of two shares). The other groups stay listed in NORMAL's order, so a peer that prefers or only speaks
 /// P-256 still completes, without a HelloRetryRequest when its own list includes X25519 (every GnuTLS NORMAL and
@@ -34,7 +34,7 @@ enum TLSSessionSetup {
     }
 }
 
-/// The parsed ``TLSSessionSetup/priorityString``, kept for the life of the process.
+/// The parsed `TLSSessionSetup.priorityString`, kept for the life of the process.
 ///
 /// `@unchecked Sendable`: the handle is written once in `init` and only read afterwards; GnuTLS documents a
 /// priority cache as usable by many sessions at once, on any thread, as long as it is not freed.
@@ -52,7 +52,7 @@ private final class ParsedPriority: @unchecked Sendable {
 // shareable by any number of sessions on any threads once they are set up, which they are by the end of init.
 extension TLSCredentials: @unchecked Sendable {}
 
-/// The credentials built from one ``Identity``, shared by every copy of it: all endpoints of a node (one per punch
+/// The credentials built from one `Identity`, shared by every copy of it: all endpoints of a node (one per punch
 /// socket) use one set instead of each parsing the identity again.
 final class CredentialCache: Sendable {
     /// Built credentials, keyed by whether they present the certificate (false only in tests).

@@ -165,7 +165,7 @@ public final class FallbackStrategy: PunchStrategy, @unchecked Sendable {
     private let reloadLimits: LuaStrategy.Limits
     private let lock = NSLock()
     private var current: (any PunchStrategy)?
-    /// Loads the primary on first use (``recommended(limits:logger:onFallback:)``): every executor configuration
+    /// Loads the primary on first use (`recommended(limits:logger:onFallback:)`): every executor configuration
     /// made with the default strategy would otherwise build a Lua state it may never run.
     private var pendingLoad: (() throws(StrategyError) -> any PunchStrategy)?
     private var count = 0
@@ -237,15 +237,17 @@ public final class FallbackStrategy: PunchStrategy, @unchecked Sendable {
     var hasLoadedPrimary: Bool { lock.withLock { pendingLoad == nil } }
 
     private func loadIfPending() {
-        let failure: StrategyError? = lock.withLock {
+        let failure = lock.withLock { () -> StrategyError? in
             guard let load = pendingLoad else { return nil }
             pendingLoad = nil
             do {
                 current = try load()
                 return nil
             } catch {
-                last = error
-                return error
+                // `load` throws only StrategyError; NSLock's untyped closure erases the type.
+                let failure = StrategyError.wrapping(error)
+                last = failure
+                return failure
             }
         }
         if let failure {

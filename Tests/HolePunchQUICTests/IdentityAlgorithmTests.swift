@@ -80,7 +80,8 @@ struct IdentityAlgorithmTests {
         let identity = try Identity.generate(commonName: "shared")
         let first = try await makeEndpoint(identity, policy: .none)
         let second = try await makeEndpoint(identity, policy: .none)
-        #expect(first.credentials === second.credentials)
+        let (firstCredentials, secondCredentials) = (await first.credentials, await second.credentials)
+        #expect(firstCredentials === secondCredentials)
         await first.close()
         await second.close()
     }
