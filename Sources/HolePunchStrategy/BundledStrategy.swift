@@ -29,8 +29,8 @@ extension FallbackStrategy {
     /// `PunchExecutor.Configuration()` uses when no strategy is given.
     ///
     /// The Lua state is made when the strategy is first used, not here: a configuration is often made and never
-    /// plans with its default (one executor per socket, each given its own strategy), and a state costs about a
-    /// million instructions and tens of kilobytes.
+    /// plans with its default (one executor per socket, each given its own strategy), and making a state costs
+    /// about a million instructions.
     public static func recommended(limits: LuaStrategy.Limits = .init(), logger: Logger? = nil,
                                    onFallback: (@Sendable (StrategyError) -> Void)? = nil) -> FallbackStrategy {
         deferred(logger: logger, onFallback: onFallback) { () throws(StrategyError) in
