@@ -32,6 +32,7 @@ public actor Endpoint {
     private let fd: Int32
     private var configuration: EndpointConfiguration
     private let logger: Logger
+    /// This identity's credentials, shared with every endpoint of the same identity (internal so a test can check).
     let credentials: TLSCredentials
     private let router: ConnectionRouter
     private var connections: [UInt64: ConnectionCore] = [:]
