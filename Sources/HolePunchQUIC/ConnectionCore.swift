@@ -151,13 +151,13 @@ final class ConnectionCore {
 
     // MARK: Setup
 
-    /// Creates the GnuTLS session: TLS 1.3 only, no middlebox-compat mode, mandatory ALPN, mutual auth.
+    /// Creates the GnuTLS session: the shared priorities (`TLSSessionSetup`), mandatory ALPN, mutual auth.
     /// A client offers one protocol; a server accepts any of `alpns` (mandatory: a client offering none of them
     /// fails the handshake).
     func makeSession(credentials: TLSCredentials, alpns: [String]) throws {
         var session: gnutls_session_t?
         let flags: UInt32 = isClient
-            ? GNUTLS_CLIENT.rawValue
+            ? TLSSessionSetup.clientFlags
             : UInt32(GNUTLS_SERVER) | GNUTLS_NO_AUTO_SEND_TICKET.rawValue
         try check(gnutls_init(&session, flags), .tls, "gnutls_init")
         self.session = session
@@ -165,10 +165,7 @@ final class ConnectionCore {
             ? ngtcp2_crypto_gnutls_configure_client_session(session)
             : ngtcp2_crypto_gnutls_configure_server_session(session)
         guard configured == 0 else { throw QUICError(.tls, "configuring the QUIC TLS session failed") }
-        try check(
-            gnutls_priority_set_direct(session, "NORMAL:-VERS-ALL:+VERS-TLS1.3:%DISABLE_TLS13_COMPAT_MODE", nil),
-            .tls, "setting the TLS priority"
-        )
+        try TLSSessionSetup.applyPriority(to: session)
         connRef.pointee.get_conn = { ref in
             guard let ref, let userData = ref.pointee.user_data else { return nil }
             return Unmanaged<ConnectionCore>.fromOpaque(userData).takeUnretainedValue().conn

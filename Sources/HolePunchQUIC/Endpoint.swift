@@ -35,6 +35,7 @@ public actor Endpoint {
     let transport: any DatagramTransport
     var configuration: EndpointConfiguration
     let logger: Logger
+    /// This identity's credentials, shared with every endpoint of the same identity.
     let credentials: TLSCredentials
     let router: ConnectionRouter
     var connections: [UInt64: ConnectionCore] = [:]
@@ -112,9 +113,7 @@ public actor Endpoint {
         if let problem = EndpointConfiguration.alpnProblem([configuration.alpn] + configuration.additionalALPNs) {
             throw QUICError(.invalidArgument, problem)
         }
-        credentials = try TLSCredentials(
-            identity: configuration.identity, presentCertificate: configuration.presentsCertificate
-        )
+        credentials = try configuration.identity.tlsCredentials(presentCertificate: configuration.presentsCertificate)
         self.transport = transport
         self.localAddress = transport.localAddress
         self.nodeID = configuration.identity.nodeID

@@ -27,9 +27,14 @@ extension FallbackStrategy {
     /// The recommended strategy: the bundled `default.lua` (``LuaStrategy/bundledDefault(limits:logger:)``),
     /// with ``DefaultStrategy`` answering whenever the script fails. This is what
     /// `PunchExecutor.Configuration()` uses when no strategy is given.
+    ///
+    /// The Lua state is made when the strategy is first used, not here: a configuration is often made and never
+    /// plans with its default (one executor per socket, each given its own strategy), and making a state costs
+    /// about a million instructions.
     public static func recommended(limits: LuaStrategy.Limits = .init(), logger: Logger? = nil,
                                    onFallback: (@Sendable (StrategyError) -> Void)? = nil) -> FallbackStrategy {
-        loading(source: LuaStrategy.bundledDefaultSource, chunkName: LuaStrategy.bundledDefaultChunkName,
-                limits: limits, logger: logger, onFallback: onFallback)
+        deferred(logger: logger, onFallback: onFallback) { () throws(StrategyError) in
+            try LuaStrategy.bundledDefault(limits: limits, logger: logger)
+        }
     }
 }

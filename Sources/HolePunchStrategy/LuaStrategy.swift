@@ -165,6 +165,9 @@ public final class FallbackStrategy: PunchStrategy, @unchecked Sendable {
     private let reloadLimits: LuaStrategy.Limits
     private let lock = NSLock()
     private var current: (any PunchStrategy)?
+    /// Loads the primary on first use (`recommended(limits:logger:onFallback:)`): every executor configuration
+    /// made with the default strategy would otherwise build a Lua state it may never run.
+    private var pendingLoad: (() throws(StrategyError) -> any PunchStrategy)?
     private var count = 0
     private var last: StrategyError?
 
@@ -217,7 +220,40 @@ public final class FallbackStrategy: PunchStrategy, @unchecked Sendable {
     }
 
     /// The wrapped strategy; nil while the script could not be loaded.
-    public var primary: (any PunchStrategy)? { lock.withLock { current } }
+    public var primary: (any PunchStrategy)? {
+        loadIfPending()
+        return lock.withLock { current }
+    }
+
+    /// A wrapper that loads its primary with `load` when first asked for it, with the same fallback rule.
+    static func deferred(logger: Logger?, onFallback: (@Sendable (StrategyError) -> Void)?,
+                         _ load: @escaping () throws(StrategyError) -> any PunchStrategy) -> FallbackStrategy {
+        let strategy = FallbackStrategy(primary: nil, loadError: nil, logger: logger, onFallback: onFallback)
+        strategy.pendingLoad = load
+        return strategy
+    }
+
+    /// Whether the primary has been loaded (or failed to load): false until a deferred wrapper is first used.
+    var hasLoadedPrimary: Bool { lock.withLock { pendingLoad == nil } }
+
+    private func loadIfPending() {
+        let failure = lock.withLock { () -> StrategyError? in
+            guard let load = pendingLoad else { return nil }
+            pendingLoad = nil
+            do {
+                current = try load()
+                return nil
+            } catch {
+                // `load` throws only StrategyError; NSLock's untyped closure erases the type.
+                let failure = StrategyError.wrapping(error)
+                last = failure
+                return failure
+            }
+        }
+        if let failure {
+            logger.info("strategy failed to load, using the built-in default", metadata: Self.metadata(failure))
+        }
+    }
 
     /// Loads the script file again. A Lua primary reloads in place and keeps its old version if the new
     /// one is invalid; a wrapper whose file never loaded tries to load it now. Throws the load error, or
@@ -241,7 +277,10 @@ public final class FallbackStrategy: PunchStrategy, @unchecked Sendable {
     public var fallbackCount: Int { lock.withLock { count } }
 
     /// The most recent failure (including a load failure), if any.
-    public var lastError: StrategyError? { lock.withLock { last } }
+    public var lastError: StrategyError? {
+        loadIfPending()
+        return lock.withLock { last }
+    }
 
     /// The primary's plan, or the default plan when it fails or is missing.
     public func plan(_ ctx: PunchContext) -> PunchPlan {

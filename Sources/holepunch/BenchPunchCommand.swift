@@ -70,6 +70,8 @@ struct PunchBenchReport: Codable {
     var timeToConnectP95Ms: Double
     var wallSeconds: Double
     var cpuSeconds: Double
+    /// Process CPU (user+sys, both sides of every punch, setup and teardown included) divided by the punches run.
+    var cpuPerPunchMs: Double
     var peakRSSMB: Double
     var cancels: Int
     var cancelP50Ms: Double
@@ -83,6 +85,7 @@ struct PunchBenchReport: Codable {
             ("time to connect, p95", String(format: "%.1f ms", timeToConnectP95Ms), ""),
             ("wall time for all", String(format: "%.2f s", wallSeconds), ""),
             ("CPU time (user+sys)", String(format: "%.2f s", cpuSeconds), ""),
+            ("CPU per punch (both sides)", String(format: "%.2f ms", cpuPerPunchMs), "<= 1 ms"),
             ("peak RSS", String(format: "%.0f MB", peakRSSMB), "< 200 MB"),
             ("cancel latency, p50 (\(cancels) punches)", String(format: "%.3f ms", cancelP50Ms), ""),
             ("cancel latency, p99", String(format: "%.3f ms", cancelP99Ms), "< 2 ms"),
@@ -197,7 +200,7 @@ enum PunchBenchmark {
             concurrent: concurrent, succeeded: times.count, failures: failures,
             timeToConnectMedianMs: percentile(times, 0.5), timeToConnectP95Ms: percentile(times, 0.95),
             wallSeconds: Double(wall.components.seconds) + Double(wall.components.attoseconds) / 1e18,
-            cpuSeconds: cpu, peakRSSMB: rss, cancels: cancelTimes.count,
+            cpuSeconds: cpu, cpuPerPunchMs: cpu * 1000 / Double(concurrent), peakRSSMB: rss, cancels: cancelTimes.count,
             cancelP50Ms: percentile(cancelTimes, 0.5), cancelP99Ms: percentile(cancelTimes, 0.99),
             cancelMaxMs: cancelTimes.last ?? 0
         )
@@ -248,12 +251,10 @@ enum PunchBenchmark {
         return seconds(usage.ru_utime) + seconds(usage.ru_stime)
     }
 
-    /// Peak resident set size, from the kernel's high-water mark.
+    /// Peak resident set size: the kernel's high-water mark, `ru_maxrss` (kilobytes on Linux).
     static func peakRSSMegabytes() -> Double {
-        guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
-              let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmHWM:") }),
-              let kilobytes = Double(line.split(separator: " ").dropFirst().first ?? "")
-        else { return 0 }
-        return kilobytes / 1024
+        var usage = rusage()
+        getrusage(RUSAGE_SELF.rawValue, &usage)
+        return Double(usage.ru_maxrss) / 1024
     }
 }
