@@ -52,7 +52,7 @@ public actor RendezvousClient {
     /// Target-role coordinate messages refused so far (by ``RendezvousClientConfiguration/admission``, or because
     /// none of the requester's candidates may be probed).
     public internal(set) var refusedCoordinates = 0
-    /// Messages from the rendezvous dropped because they failed validation (``RendezvousMessageLimits``).
+    /// Messages from the rendezvous dropped because they failed validation (`RendezvousMessageLimits`).
     public internal(set) var invalidMessages = 0
     /// The last confirmation from the server.
     public internal(set) var registered: Registered?
