@@ -7,6 +7,19 @@ let swiftSettings: [SwiftSetting] = [
     .enableUpcomingFeature("InternalImportsByDefault"),
 ]
 
+/// An example executable whose sources are in `examples/<directory>/Sources`.
+func example(_ name: String, in directory: String, dependencies: [Target.Dependency]) -> Target {
+    .executableTarget(
+        name: name, dependencies: dependencies, path: "examples/\(directory)/Sources", swiftSettings: swiftSettings
+    )
+}
+
+/// What the command-line examples link: the public API they use, the shared example support and ArgumentParser.
+let cliExampleDependencies: [Target.Dependency] = [
+    "HolePunch", "HolePunchQUIC", "HolePunchRendezvous", "HolePunchExampleSupport",
+    .product(name: "ArgumentParser", package: "swift-argument-parser"),
+]
+
 let package = Package(
     name: "HolePunch",
     platforms: [.macOS(.v14)],
@@ -148,30 +161,12 @@ let package = Package(
             path: "examples/shared/Sources",
             swiftSettings: swiftSettings
         ),
-        .executableTarget(
-            name: "hp-chat",
-            dependencies: [
-                "HolePunch", "HolePunchQUIC", "HolePunchRendezvous", "HolePunchExampleSupport",
-                .product(name: "ArgumentParser", package: "swift-argument-parser"),
-            ],
-            path: "examples/chat/Sources",
-            swiftSettings: swiftSettings
+        example("hp-chat", in: "chat", dependencies: cliExampleDependencies),
+        example(
+            "hp-embed", in: "embed",
+            dependencies: ["HolePunch", "HolePunchNet", "HolePunchQUIC", "HolePunchStrategy", "HolePunchRendezvous"]
         ),
-        .executableTarget(
-            name: "hp-embed",
-            dependencies: ["HolePunch", "HolePunchNet", "HolePunchQUIC", "HolePunchStrategy", "HolePunchRendezvous"],
-            path: "examples/embed/Sources",
-            swiftSettings: swiftSettings
-        ),
-        .executableTarget(
-            name: "hp-file-send",
-            dependencies: [
-                "HolePunch", "HolePunchQUIC", "HolePunchRendezvous", "HolePunchExampleSupport",
-                .product(name: "ArgumentParser", package: "swift-argument-parser"),
-            ],
-            path: "examples/file-send/Sources",
-            swiftSettings: swiftSettings
-        ),
+        example("hp-file-send", in: "file-send", dependencies: cliExampleDependencies),
 
         // MARK: Tests (swift-testing).
         // Process and wait helpers shared by test targets (a test target cannot depend on another).

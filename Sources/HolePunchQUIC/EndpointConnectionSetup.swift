@@ -50,34 +50,48 @@ extension Endpoint {
         core.serverName = options.serverName
         core.handshakeCopies = min(max(options.handshakePacketCopies, 1), HandshakeHints.maxPacketCopies)
         core.returnsOnCompletion = options.returnsBeforeConfirmation
-        var dcid = randomConnectionID(length: 18)
-        var scid = randomConnectionID(length: localCIDLength)
-        var callbacks = ConnectionCore.makeCallbacks(client: true)
         var settings = settings(
             initialRTT: options.initialRTT ?? configuration.initialRTT,
             handshakeTimeout: options.handshakeTimeout ?? configuration.handshakeTimeout
         )
         var params = transportParams()
         try core.makeSession(credentials: credentials, alpns: [options.alpn ?? configuration.alpn])
-        var conn: OpaquePointer?
-        let rv = io.withPath(remote: remote) { path in
-            ngtcp2_conn_client_new_versioned(
-                &conn, &dcid, &scid, path, NGTCP2_PROTO_VER_V1,
-                NGTCP2_CALLBACKS_VERSION, &callbacks, NGTCP2_SETTINGS_VERSION, &settings,
-                NGTCP2_TRANSPORT_PARAMS_VERSION, &params, nil, Unmanaged.passUnretained(core).toOpaque()
-            )
+        let opened = io.withPath(remote: remote) { path in
+            Result { try Self.openClientConnection(core, path: path, settings: &settings, params: &params) }
         }
-        guard rv == 0, let conn else {
-            throw QUICError(.invalidArgument, "ngtcp2_conn_client_new: \(String(cString: ngtcp2_strerror(rv)))")
-        }
-        core.conn = conn
-        ngtcp2_conn_set_tls_native_handle(conn, UnsafeMutableRawPointer(core.session))
+        let (conn, scid) = try opened.get()
         configureKeepAlive(conn)
         let key = CIDKey(scid)
         core.localCIDs.insert(key)
         router.routes[key] = core
         connections[core.key] = core
         return core
+    }
+
+    /// Creates `core`'s client `ngtcp2_conn` on `path` with fresh connection IDs and hands it `core`'s TLS session
+    /// (made beforehand). Shared with ``InitialForge``, whose Initials must be built the way a real dial builds them.
+    ///
+    /// - Returns: the connection and the source connection ID it uses.
+    /// - Throws: ``QUICError`` (`invalidArgument`) when ngtcp2 refuses the connection.
+    static func openClientConnection(
+        _ core: ConnectionCore, path: UnsafePointer<ngtcp2_path>,
+        settings: inout ngtcp2_settings, params: inout ngtcp2_transport_params
+    ) throws -> (conn: OpaquePointer, scid: ngtcp2_cid) {
+        var dcid = randomConnectionID(length: 18)
+        var scid = randomConnectionID(length: localCIDLength)
+        var callbacks = ConnectionCore.makeCallbacks(client: true)
+        var conn: OpaquePointer?
+        let rv = ngtcp2_conn_client_new_versioned(
+            &conn, &dcid, &scid, path, NGTCP2_PROTO_VER_V1,
+            NGTCP2_CALLBACKS_VERSION, &callbacks, NGTCP2_SETTINGS_VERSION, &settings,
+            NGTCP2_TRANSPORT_PARAMS_VERSION, &params, nil, Unmanaged.passUnretained(core).toOpaque()
+        )
+        guard rv == 0, let conn else {
+            throw QUICError(.invalidArgument, "ngtcp2_conn_client_new: \(String(cString: ngtcp2_strerror(rv)))")
+        }
+        core.conn = conn
+        ngtcp2_conn_set_tls_native_handle(conn, UnsafeMutableRawPointer(core.session))
+        return (conn, scid)
     }
 
     /// A server connection for a client Initial. `originalDCID` is set when the Initial carried a valid Retry

@@ -1,7 +1,6 @@
 package import HolePunchNet
 internal import CNgtcp2
 internal import CGnuTLS
-internal import CHolePunchShims
 internal import CHolePunchNetShims
 #if canImport(Glibc)
 import Glibc
@@ -42,9 +41,8 @@ package final class InitialForge {
         let core = ConnectionCore(key: 0, isClient: true, remote: remote, expectedNodeID: nil)
         defer { core.freeNative() }
         try core.makeSession(credentials: credentials, alpns: [alpn])
-        var dcid = randomConnectionID(length: 18)
-        var scid = randomConnectionID(length: localCIDLength)
-        var callbacks = ConnectionCore.makeCallbacks(client: true)
+        // ngtcp2's defaults, not an endpoint's configuration: the forge has none, and a flood's Initials need not
+        // match any particular endpoint's.
         var settings = ngtcp2_settings()
         ngtcp2_settings_default_versioned(NGTCP2_SETTINGS_VERSION, &settings)
         settings.initial_ts = hp_now_ns()
@@ -64,21 +62,11 @@ package final class InitialForge {
                 }
             }
         }
-        var conn: OpaquePointer?
-        let rv = token.withUnsafeMutableBufferPointer { tokenBytes in
+        let (conn, _) = try token.withUnsafeMutableBufferPointer { tokenBytes in
             // ngtcp2 copies the token while it creates the connection.
             settings.token = ngtcp2_vec(base: tokenBytes.baseAddress, len: tokenBytes.count)
-            return ngtcp2_conn_client_new_versioned(
-                &conn, &dcid, &scid, &path.pointee.path, NGTCP2_PROTO_VER_V1,
-                NGTCP2_CALLBACKS_VERSION, &callbacks, NGTCP2_SETTINGS_VERSION, &settings,
-                NGTCP2_TRANSPORT_PARAMS_VERSION, &params, nil, Unmanaged.passUnretained(core).toOpaque()
-            )
+            return try Endpoint.openClientConnection(core, path: &path.pointee.path, settings: &settings, params: &params)
         }
-        guard rv == 0, let conn else {
-            throw QUICError(.invalidArgument, "ngtcp2_conn_client_new: \(String(cString: ngtcp2_strerror(rv)))")
-        }
-        core.conn = conn
-        ngtcp2_conn_set_tls_native_handle(conn, UnsafeMutableRawPointer(core.session))
         var consumed: ngtcp2_ssize = -1
         let written = ngtcp2_conn_writev_stream_versioned(
             conn, nil, NGTCP2_PKT_INFO_VERSION, nil, buffer.baseAddress!.assumingMemoryBound(to: UInt8.self),
