@@ -51,6 +51,9 @@ extension Endpoint {
         if let change = core.paths.activate(route) {
             counters.pathSwitches += 1
             core.pathChangeSink?.yield(change)
+            // The peer follows only to the path it saw us challenge from last; a path validated long ago (the
+            // one we started on, say) gets no new challenge from validation, so announce the move with one.
+            sendChallenge(core, on: route, now: hp_now_ns())
         }
         flush(core)
     }
@@ -123,7 +126,7 @@ extension Endpoint {
         let now = hp_now_ns()
         switch probe.kind {
         case .challenge:
-            let (answer, challengeBack) = core.paths.challengeReceived(on: route, now: now)
+            let (answer, challengeBack) = core.paths.challengeReceived(on: route, challenge: probe.challenge, now: now)
             guard answer else { return }
             sendProbe(core, .response, challenge: probe.challenge, on: route)
             // The peer is moving here: validate the path for our own sends, so we can follow.
