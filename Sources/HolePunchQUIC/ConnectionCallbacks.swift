@@ -140,7 +140,7 @@ extension ConnectionCore {
         }
         cb.recv_crypto_data = ngtcp2_crypto_recv_crypto_data_cb
         cb.encrypt = ngtcp2_crypto_encrypt_cb
-        cb.decrypt = ngtcp2_crypto_decrypt_cb
+        cb.decrypt = PacketDecryption.callback
         cb.hp_mask = ngtcp2_crypto_hp_mask_cb
         cb.update_key = ngtcp2_crypto_update_key_cb
         cb.delete_crypto_aead_ctx = ngtcp2_crypto_delete_crypto_aead_ctx_cb

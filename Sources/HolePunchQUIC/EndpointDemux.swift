@@ -120,6 +120,7 @@ extension Endpoint {
             core.handshakeCopies = min(max(hints.packetCopies, 1), HandshakeHints.maxPacketCopies)
         }
         var info = ngtcp2_pkt_info()
+        PacketDecryption.reset()
         let rv = io.withPath(remote: quicSource(core, from: from)) { path in
             ngtcp2_conn_read_pkt_versioned(conn, path, NGTCP2_PKT_INFO_VERSION, &info, packet, count, hp_now_ns())
         }

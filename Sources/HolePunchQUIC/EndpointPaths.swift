@@ -2,6 +2,9 @@ import HolePunchNet
 internal import CNgtcp2
 internal import CGnuTLS
 internal import CHolePunchNetShims
+#if canImport(Glibc)
+import Glibc
+#endif
 
 // The path layer's endpoint side: adding, validating and switching a connection's paths, path probes in and out,
 // and the mapping between QUIC's stable peer address and the active path (see ``PathTable``).
@@ -51,6 +54,9 @@ extension Endpoint {
         if let change = core.paths.activate(route) {
             counters.pathSwitches += 1
             core.pathChangeSink?.yield(change)
+            // The peer follows only to the path it saw us challenge from last; a path validated long ago (the
+            // one we started on, say) gets no new challenge from validation, so announce the move with one.
+            sendChallenge(core, on: route, now: hp_now_ns())
         }
         flush(core)
     }
@@ -123,7 +129,7 @@ extension Endpoint {
         let now = hp_now_ns()
         switch probe.kind {
         case .challenge:
-            let (answer, challengeBack) = core.paths.challengeReceived(on: route, now: now)
+            let (answer, challengeBack) = core.paths.challengeReceived(on: route, challenge: probe.challenge, now: now)
             guard answer else { return }
             sendProbe(core, .response, challenge: probe.challenge, on: route)
             // The peer is moving here: validate the path for our own sends, so we can follow.
@@ -145,15 +151,39 @@ extension Endpoint {
         return core.paths.carries(from) != nil ? core.paths.stable.address : from
     }
 
-    /// After a QUIC packet from `from` was accepted: follow the peer to a path it moved to, or challenge a path it
-    /// uses that this side has not validated yet.
+    /// After a QUIC packet from `from` was read: when ngtcp2 decrypted it, follow the peer to a path it moved to, or
+    /// challenge a path it uses that this side has not validated yet.
     func notePacket(_ core: ConnectionCore, from: SocketAddress) {
-        guard from != core.paths.active.address, let route = core.paths.carries(from) else { return }
+        guard PacketDecryption.happened, from != core.paths.active.address, let route = core.paths.carries(from)
+        else { return }
         if let change = core.paths.packetReceived(on: route) {
             counters.pathSwitches += 1
             core.pathChangeSink?.yield(change)
         } else if core.paths.needsChallenge(route, now: hp_now_ns()) {
             sendChallenge(core, on: route, now: hp_now_ns())
         }
+    }
+}
+
+/// Whether ngtcp2 decrypted a packet during the read in progress on this thread (`Endpoint.read` resets it
+/// first). ngtcp2 0.12 returns 0 from `ngtcp2_conn_read_pkt` for a packet it discards too (one that fails
+/// decryption), and only an authenticated packet may move a connection to a path. Thread-local, because the decrypt
+/// callback gets no user data; a loop reads one datagram at a time.
+enum PacketDecryption {
+    private static let key: pthread_key_t = {
+        var key = pthread_key_t()
+        precondition(pthread_key_create(&key, nil) == 0, "pthread_key_create failed")
+        return key
+    }()
+
+    static func reset() { pthread_setspecific(key, nil) }
+
+    static var happened: Bool { pthread_getspecific(key) != nil }
+
+    /// ngtcp2's decrypt callback, noting each success.
+    static let callback: ngtcp2_decrypt = { dest, aead, context, ciphertext, length, nonce, nonceLength, aad, aadLength in
+        let rv = ngtcp2_crypto_decrypt_cb(dest, aead, context, ciphertext, length, nonce, nonceLength, aad, aadLength)
+        if rv == 0 { pthread_setspecific(PacketDecryption.key, UnsafeRawPointer(bitPattern: 1)) }
+        return rv
     }
 }

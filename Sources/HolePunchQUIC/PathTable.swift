@@ -63,6 +63,10 @@ struct PathTable {
 
     /// The most paths one connection keeps: the peer can make us record paths (by challenging from them).
     static let maxPaths = 8
+    /// How many of the peer's challenge values are remembered to refuse copies. The peer draws a fresh random
+    /// value for every challenge it sends, so a value seen again is a copy (replayed, perhaps from another
+    /// address); 256 values cost 2 KiB at most, and an honest peer sends a few per path.
+    static let rememberedChallenges = 256
 
     /// What QUIC sees as the peer's address for the whole life of the connection.
     let stable: PathRoute
@@ -72,6 +76,9 @@ struct PathTable {
     private var order: [PathRoute]
     /// The path the peer challenged from most recently: where it is moving. Followed once validated.
     private var peerPreferred: PathRoute?
+    /// The peer's challenge values seen lately (``rememberedChallenges``), oldest first in `challengeOrder`.
+    private var seenChallenges: Set<UInt64> = []
+    private var challengeOrder: [UInt64] = []
 
     init(stable: PathRoute) {
         self.stable = stable
@@ -117,10 +124,20 @@ struct PathTable {
         return !entry.isValidated
     }
 
-    /// The peer challenged from `route`. Returns whether to answer (the path is recorded, or the table is full)
-    /// and whether this side should challenge back to validate it for its own sends.
-    mutating func challengeReceived(on route: PathRoute, now: UInt64) -> (answer: Bool, challengeBack: Bool) {
-        guard add(route) else { return (false, false) }
+    /// The peer challenged from `route` with `challenge`. Returns whether to answer (the path is recorded, or the
+    /// table is full) and whether this side should challenge back to validate it for its own sends.
+    ///
+    /// A challenge value seen before is a copy: the tag binds no address, so whoever saw one could otherwise send
+    /// it again from addresses of its choosing, fill the table and name the path the connection follows.
+    mutating func challengeReceived(
+        on route: PathRoute, challenge: UInt64, now: UInt64
+    ) -> (answer: Bool, challengeBack: Bool) {
+        guard !seenChallenges.contains(challenge), add(route) else { return (false, false) }
+        seenChallenges.insert(challenge)
+        challengeOrder.append(challenge)
+        if challengeOrder.count > Self.rememberedChallenges {
+            seenChallenges.remove(challengeOrder.removeFirst())
+        }
         entries[route]?.isPeerProven = true
         peerPreferred = route
         return (true, needsChallenge(route, now: now))

@@ -141,7 +141,7 @@ struct PathLayerTests {
         let b = PathRoute.direct(.loopbackV4(port: 2000))
         var table = PathTable(stable: a)
         // The peer challenges from b: answered, challenged back; packets from b are QUIC's, but not yet followed.
-        let (answer, back) = table.challengeReceived(on: b, now: 1_000_000_000)
+        let (answer, back) = table.challengeReceived(on: b, challenge: 1, now: 1_000_000_000)
         #expect(answer && back)
         #expect(table.carries(b.address) == b)
         let early = table.packetReceived(on: b)
@@ -165,7 +165,9 @@ struct PathLayerTests {
     @Test("a connection keeps at most eight paths, however many the peer challenges from")
     func tableIsBounded() {
         var table = PathTable(stable: .direct(.loopbackV4(port: 1)))
-        for port in 2...20 { _ = table.challengeReceived(on: .direct(.loopbackV4(port: UInt16(port))), now: 0) }
+        for port in 2...20 {
+            _ = table.challengeReceived(on: .direct(.loopbackV4(port: UInt16(port))), challenge: UInt64(port), now: 0)
+        }
         #expect(table.statuses.count == PathTable.maxPaths)
         let added = table.add(.direct(.loopbackV4(port: 99)))
         #expect(!added)
