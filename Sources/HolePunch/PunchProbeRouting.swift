@@ -73,8 +73,10 @@ extension PunchExecutor {
     }
 
     private func unreachable(_ address: SocketAddress, punch: PunchID?) {
-        if let punch, let runtime = runtimes[punch] {
-            apply(runtime, runtime.session.handle(.unreachable(address)))
+        if let punch {
+            // A report on a punch's own extra socket concerns that punch only; once it has ended (a kept extra
+            // socket outlives it), the report concerns no other punch, which probes from different sockets.
+            if let runtime = runtimes[punch] { apply(runtime, runtime.session.handle(.unreachable(address))) }
             return
         }
         for runtime in runtimes.values where runtime.session.configuration.candidates.contains(address) {
