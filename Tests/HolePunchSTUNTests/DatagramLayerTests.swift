@@ -58,7 +58,7 @@ extension RealNetworkTests {
         _ = EventLoopGroup.shared.next()
         let before = try threadCount()
         var servers: [STUNServer] = []
-        for _ in 0..<32 {
+        for _ in 0..<64 {
             let server = try STUNServer(configuration: .init(primary: .loopbackV4(port: 0), alternatePort: 0))
             try server.start()
             servers.append(server)
@@ -72,9 +72,10 @@ extension RealNetworkTests {
             return nil
         }
         #expect(reply?.from == servers[7].primaryAddress)
-        // Before the shared loops, each started server and each subscribed client had a poll thread: 33 here. The
-        // bound leaves room for threads the parallel suite starts meanwhile.
-        #expect(try threadCount() - before < 16)
+        // Before the shared loops, each started server and each subscribed client had a poll thread: 65 here. The
+        // bound still catches one thread per server and leaves room for threads the parallel suite (dispatch
+        // workers, process monitors) starts meanwhile in the same process.
+        #expect(try threadCount() - before < 60)
         for server in servers { server.stop() }
     }
 }
