@@ -15,36 +15,31 @@ extension PunchExecutor {
             case .sendProbes(let probes):
                 let options = runtime.options
                 let sockets = runtime.sockets
-                // Each request's transaction is recorded before it leaves, so only answers to it are believed. The
-                // HMAC signing happens in the sending task, off this actor: one executor serves every punch of its
-                // endpoint, and signing on it made answers to probes wait behind other punches' rounds.
-                var outgoing: [(socket: Endpoint, to: SocketAddress, transaction: STUNTransactionID)] = []
+                // Each request's transaction is recorded before it leaves, so only answers to it are believed.
+                var outgoing: [(socket: Endpoint, to: SocketAddress, bytes: [UInt8])] = []
                 for probe in probes where probe.socket < sockets.count {
                     let transaction = STUNTransactionID.random()
+                    guard let bytes = try? PunchProbe.request(
+                        sessionID: options.sessionID, senderRole: options.role.rawValue, key: options.sessionKey,
+                        transactionID: transaction
+                    ) else { continue }
                     runtime.session.ledger.recordSent(transaction, socket: probe.socket, to: probe.to)
-                    outgoing.append((sockets[probe.socket], probe.to, transaction))
+                    outgoing.append((sockets[probe.socket], probe.to, bytes))
                 }
-                guard !outgoing.isEmpty else { continue }
-                let (sessionID, role, key) = (options.sessionID, options.role.rawValue, options.sessionKey)
                 Task {
                     for datagram in outgoing {
-                        guard let bytes = try? PunchProbe.request(
-                            sessionID: sessionID, senderRole: role, key: key, transactionID: datagram.transaction
-                        ) else { continue }
-                        try? await datagram.socket.send(datagram: bytes, to: datagram.to)
+                        try? await datagram.socket.send(datagram: datagram.bytes, to: datagram.to)
                     }
                 }
             case .respond(let socket, let to):
-                guard let transaction, socket < runtime.sockets.count else { continue }
+                guard let transaction, socket < runtime.sockets.count,
+                      let bytes = try? PunchProbe.response(
+                        transactionID: transaction, sessionID: runtime.options.sessionID,
+                        senderRole: runtime.options.role.rawValue, key: runtime.options.sessionKey, observedAddress: to
+                      )
+                else { continue }
                 let endpoint = runtime.sockets[socket]
-                let (sessionID, role, key) = (runtime.options.sessionID, runtime.options.role.rawValue, runtime.options.sessionKey)
-                // Signed in the sending task, off this actor, like requests.
-                Task {
-                    guard let bytes = try? PunchProbe.response(
-                        transactionID: transaction, sessionID: sessionID, senderRole: role, key: key, observedAddress: to
-                    ) else { return }
-                    try? await endpoint.send(datagram: bytes, to: to)
-                }
+                Task { try? await endpoint.send(datagram: bytes, to: to) }
             case .dial(let dial, let socket, let to):
                 guard socket < runtime.sockets.count else { continue }
                 let endpoint = runtime.sockets[socket]
