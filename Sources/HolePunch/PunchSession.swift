@@ -230,14 +230,17 @@ struct PunchSession {
 
     /// Adopts a new plan between rounds (a strategy's `on_probe` widened or narrowed it): later rounds walk the new
     /// candidates from their start, with the new cadence; the deadline moves to the start plus the new timeout.
-    /// Rounds already sent count towards the new plan's rounds.
-    mutating func replacePlan(_ plan: PunchPlan, candidates: [SocketAddress]) {
-        guard !phase.isTerminal, !candidates.isEmpty else { return }
+    /// Rounds already sent count towards the new plan's rounds. Returns the timer to re-arm while rounds are paused.
+    @discardableResult
+    mutating func replacePlan(_ plan: PunchPlan, candidates: [SocketAddress]) -> [Action] {
+        guard !phase.isTerminal, !candidates.isEmpty else { return [] }
         configuration.plan = plan
         configuration.candidates = candidates
         configuration.deadline = configuration.startAt + nanoseconds(plan.timeout)
         cursor = 0
         roundsExhaustedAt = nil
+        // Paused rounds armed only the old deadline; a shorter timeout must still end the punch on time.
+        return roundsArePaused ? [.armTimer(at: configuration.deadline)] : []
     }
 
     /// A fresh id for a connection the target accepted, for ``Event/accepted(id:socket:)``.

@@ -345,3 +345,17 @@ extension PunchSessionTests {
         #expect(session.handle(.timer(now: 3000 * Self.ms)) == [.fail(.timeout)])
     }
 }
+
+extension PunchSessionTests {
+    @Test("a plan replaced while rounds are paused re-arms the timer at its deadline, so a shorter timeout still ends the punch on time")
+    func replacedPlanWhilePaused() {
+        var session = Self.session(role: .target, rounds: 10)
+        _ = session.handle(.start(now: 1000 * Self.ms))
+        _ = session.handle(.probeResponse(from: Self.address(4000), socket: 0))
+        #expect(session.handle(.timer(now: 1100 * Self.ms)).contains(.armTimer(at: 3000 * Self.ms)))
+        var shorter = session.configuration.plan
+        shorter.timeout = .milliseconds(500)
+        #expect(session.replacePlan(shorter, candidates: session.configuration.candidates) == [.armTimer(at: 1500 * Self.ms)])
+        #expect(session.handle(.timer(now: 1500 * Self.ms)) == [.fail(.timeout)])
+    }
+}
