@@ -336,23 +336,26 @@ extension PunchSessionTests {
         #expect(resumed.contains(.armTimer(at: 1300 * Self.ms)))
     }
 
+    /// A target whose peer answered its first round: its second round (at 1100 ms) pauses the rounds.
+    static func pausedTarget() -> (session: PunchSession, secondRound: [PunchSession.Action]) {
+        var session = Self.session(role: .target, rounds: 10)
+        _ = session.handle(.start(now: 1000 * Self.ms))
+        _ = session.handle(.probeResponse(from: Self.address(4000), socket: 0))
+        let secondRound = session.handle(.timer(now: 1100 * Self.ms))
+        return (session, secondRound)
+    }
+
     @Test("a target's rounds pause once both ways are open; the deadline still ends the punch")
     func targetRoundsPause() {
-        var session = Self.session(role: .target, rounds: 10)
-        _ = session.handle(.start(now: 1000 * Self.ms))
-        _ = session.handle(.probeResponse(from: Self.address(4000), socket: 0))
-        #expect(session.handle(.timer(now: 1100 * Self.ms)).contains(.armTimer(at: 3000 * Self.ms)))
+        var (session, secondRound) = Self.pausedTarget()
+        #expect(secondRound.contains(.armTimer(at: 3000 * Self.ms)))
         #expect(session.handle(.timer(now: 3000 * Self.ms)) == [.fail(.timeout)])
     }
-}
 
-extension PunchSessionTests {
     @Test("a plan replaced while rounds are paused re-arms the timer at its deadline, so a shorter timeout still ends the punch on time")
     func replacedPlanWhilePaused() {
-        var session = Self.session(role: .target, rounds: 10)
-        _ = session.handle(.start(now: 1000 * Self.ms))
-        _ = session.handle(.probeResponse(from: Self.address(4000), socket: 0))
-        #expect(session.handle(.timer(now: 1100 * Self.ms)).contains(.armTimer(at: 3000 * Self.ms)))
+        var (session, secondRound) = Self.pausedTarget()
+        #expect(secondRound.contains(.armTimer(at: 3000 * Self.ms)))
         var shorter = session.configuration.plan
         shorter.timeout = .milliseconds(500)
         #expect(session.replacePlan(shorter, candidates: session.configuration.candidates) == [.armTimer(at: 1500 * Self.ms)])
