@@ -126,7 +126,7 @@ extension PunchExecutor {
         if let timeout = runtime.options.timeout { plan.timeout = timeout }
         let (validated, _) = plan.validated(limits)
         guard let host = runtime.session.configuration.candidates.first else { return }
-        runtime.session.replacePlan(validated, candidates: candidates(validated, host: host))
+        apply(runtime, runtime.session.replacePlan(validated, candidates: candidates(validated, host: host)))
     }
 
     /// The plan's ports on `host`, in the plan's order.

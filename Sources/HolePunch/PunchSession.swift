@@ -146,6 +146,19 @@ struct PunchSession {
     /// The peer answered one of our probes: it hears us, and we hear it. Probing has done its job then, so later
     /// rounds send nothing (requests from the peer are still answered).
     private(set) var bothWaysOpen = false
+    /// When the last round started, so rounds paused by `roundsCanPause` resume where they stopped.
+    private var lastRoundAt: UInt64 = 0
+    /// The last round armed only the deadline because `roundsCanPause` held.
+    private var roundsArePaused = false
+
+    /// Rounds pause (no timer ticks, no `roundStarted`, no `onProbe`) while they could do nothing: both ways are
+    /// open, so rounds send no probes, and a handshake is under way. For the initiator that is a dial in flight;
+    /// the target never dials, and both ways open means the initiator has the proof it dials on. A timer tick per
+    /// interval per punch cost task hops and a strategy call for nothing while handshakes queued; only the
+    /// deadline is armed then, and an initiator whose last dial failed resumes its rounds.
+    private var roundsCanPause: Bool {
+        bothWaysOpen && (configuration.role == .target || !dialsInFlight.isEmpty)
+    }
 
     init(_ configuration: Configuration) {
         self.configuration = configuration
@@ -201,6 +214,11 @@ struct PunchSession {
                 if !next.isEmpty { return next }
             }
             if dialsInFlight.isEmpty && phase == .connecting { phase = .probing }
+            if roundsArePaused && dialsInFlight.isEmpty {
+                // The rounds paused for this dial (see `roundsCanPause`) resume where they stopped.
+                roundsArePaused = false
+                return [.armTimer(at: min(lastRoundAt + nanoseconds(plan.interval), configuration.deadline))]
+            }
             return allPortsFailedIfDone()
         case .accepted(let id, let socket):
             guard configuration.role == .target else { return [.closeDuplicate(id: id)] }
@@ -212,14 +230,17 @@ struct PunchSession {
 
     /// Adopts a new plan between rounds (a strategy's `on_probe` widened or narrowed it): later rounds walk the new
     /// candidates from their start, with the new cadence; the deadline moves to the start plus the new timeout.
-    /// Rounds already sent count towards the new plan's rounds.
-    mutating func replacePlan(_ plan: PunchPlan, candidates: [SocketAddress]) {
-        guard !phase.isTerminal, !candidates.isEmpty else { return }
+    /// Rounds already sent count towards the new plan's rounds. Returns the timer to re-arm while rounds are paused.
+    @discardableResult
+    mutating func replacePlan(_ plan: PunchPlan, candidates: [SocketAddress]) -> [Action] {
+        guard !phase.isTerminal, !candidates.isEmpty else { return [] }
         configuration.plan = plan
         configuration.candidates = candidates
         configuration.deadline = configuration.startAt + nanoseconds(plan.timeout)
         cursor = 0
         roundsExhaustedAt = nil
+        // Paused rounds armed only the old deadline; a shorter timeout must still end the punch on time.
+        return roundsArePaused ? [.armTimer(at: configuration.deadline)] : []
     }
 
     /// A fresh id for a connection the target accepted, for ``Event/accepted(id:socket:)``.
@@ -279,7 +300,9 @@ struct PunchSession {
             // Give the last probes one interval to be answered before calling the ports exhausted.
             roundsExhaustedAt = now + interval
         }
-        actions.append(.armTimer(at: min(now + interval, configuration.deadline)))
+        lastRoundAt = now
+        roundsArePaused = roundsCanPause
+        actions.append(.armTimer(at: roundsArePaused ? configuration.deadline : min(now + interval, configuration.deadline)))
         return actions
     }
 

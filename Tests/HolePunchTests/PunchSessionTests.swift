@@ -314,3 +314,51 @@ extension PunchSessionTests {
         #expect(target.winningAddress == nil)
     }
 }
+
+extension PunchSessionTests {
+    @Test("rounds pause while both ways are open and a dial is in flight, and resume where they stopped when it fails")
+    func roundsPauseDuringTheHandshake() {
+        var session = Self.session(rounds: 10)
+        _ = session.handle(.start(now: 1000 * Self.ms))
+        #expect(session.handle(.probeResponse(from: Self.address(4000), socket: 0)).contains(.dial(id: 1, socket: 0, to: Self.address(4000))))
+        // The round already armed runs; it sends nothing and arms only the deadline.
+        let quiet = session.handle(.timer(now: 1100 * Self.ms))
+        #expect(quiet.contains(.sendProbes([])))
+        #expect(quiet.contains(.armTimer(at: 3000 * Self.ms)), "armed: \(quiet)")
+        #expect(!quiet.contains(.armTimer(at: 1200 * Self.ms)))
+        // A redial keeps them paused; the last failure resumes them one interval after the last round.
+        for attempt in 1...PunchSession.maxRedials {
+            #expect(session.handle(.dialFailed(id: attempt, authentication: false)) == [.dial(id: attempt + 1, socket: 0, to: Self.address(4000))])
+        }
+        #expect(session.handle(.dialFailed(id: PunchSession.maxRedials + 1, authentication: false)) == [.armTimer(at: 1200 * Self.ms)])
+        let resumed = session.handle(.timer(now: 1200 * Self.ms))
+        #expect(resumed.contains(.roundStarted(3)))
+        #expect(resumed.contains(.armTimer(at: 1300 * Self.ms)))
+    }
+
+    /// A target whose peer answered its first round: its second round (at 1100 ms) pauses the rounds.
+    static func pausedTarget() -> (session: PunchSession, secondRound: [PunchSession.Action]) {
+        var session = Self.session(role: .target, rounds: 10)
+        _ = session.handle(.start(now: 1000 * Self.ms))
+        _ = session.handle(.probeResponse(from: Self.address(4000), socket: 0))
+        let secondRound = session.handle(.timer(now: 1100 * Self.ms))
+        return (session, secondRound)
+    }
+
+    @Test("a target's rounds pause once both ways are open; the deadline still ends the punch")
+    func targetRoundsPause() {
+        var (session, secondRound) = Self.pausedTarget()
+        #expect(secondRound.contains(.armTimer(at: 3000 * Self.ms)))
+        #expect(session.handle(.timer(now: 3000 * Self.ms)) == [.fail(.timeout)])
+    }
+
+    @Test("a plan replaced while rounds are paused re-arms the timer at its deadline, so a shorter timeout still ends the punch on time")
+    func replacedPlanWhilePaused() {
+        var (session, secondRound) = Self.pausedTarget()
+        #expect(secondRound.contains(.armTimer(at: 3000 * Self.ms)))
+        var shorter = session.configuration.plan
+        shorter.timeout = .milliseconds(500)
+        #expect(session.replacePlan(shorter, candidates: session.configuration.candidates) == [.armTimer(at: 1500 * Self.ms)])
+        #expect(session.handle(.timer(now: 1500 * Self.ms)) == [.fail(.timeout)])
+    }
+}
