@@ -1,7 +1,6 @@
 import HolePunchNet
 import HolePunchQUIC
 import Synchronization
-import HolePunchStrategy
 
 /// The one table of live punch sessions, and the handshake admission decided from it.
 ///

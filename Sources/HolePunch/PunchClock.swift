@@ -1,6 +1,3 @@
-import HolePunchNet
-import HolePunchQUIC
-import HolePunchStrategy
 /// The executor's one clock: `ContinuousClock`, read as nanoseconds since the executor was created, which is the
 /// unit `PunchSession` counts its instants in.
 ///

@@ -1,7 +1,6 @@
 import HolePunchNet
 import HolePunchStrategy
 import Logging
-import HolePunchQUIC
 
 /// Planning a punch: checking its options, reserving its session, asking its strategy, and building the session
 /// state machine and the runtime that will perform it.

@@ -1,7 +1,6 @@
 import HolePunchNet
 import HolePunchQUIC
 import HolePunchSTUN
-import HolePunchStrategy
 
 /// Routing what the sockets receive: probes to the punch whose session they name, ICMP errors to the punches
 /// that probe the address, accepted connections to the target punch whose session their server name carries;

@@ -1,6 +1,3 @@
-import HolePunchNet
-import HolePunchQUIC
-import HolePunchStrategy
 /// How a punch's session id travels in the TLS server name, so the target can tell which punch a handshake
 /// belongs to before it admits it.
 extension PunchExecutor {

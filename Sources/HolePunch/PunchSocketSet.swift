@@ -1,6 +1,5 @@
 import HolePunchNet
 import HolePunchQUIC
-import HolePunchStrategy
 
 /// The socket set of a birthday punch: extra local sockets beside the endpoint, each with the same identity and
 /// protocols, whose probes are routed to the punch that opened them.

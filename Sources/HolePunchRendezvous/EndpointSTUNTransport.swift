@@ -3,7 +3,6 @@ import HolePunchSTUN
 import Synchronization
 import HolePunchNet
 import HolePunchQUIC
-import HolePunchStrategy
 
 /// A ``STUNTransport`` over the punch endpoint's shared socket: sends with ``Endpoint/send(datagram:to:)`` and
 /// receives the STUN-range datagrams that are not punch probes.

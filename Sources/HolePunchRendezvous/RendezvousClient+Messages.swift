@@ -1,7 +1,5 @@
 import HolePunch
 import Logging
-import HolePunchNet
-import HolePunchQUIC
 import HolePunchStrategy
 
 /// The client's side of the control stream: writing messages, the read loop, and what each server message does.

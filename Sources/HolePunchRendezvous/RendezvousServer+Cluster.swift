@@ -1,8 +1,6 @@
 internal import Foundation
 import HolePunch
-import HolePunchNet
 public import HolePunchQUIC
-import HolePunchStrategy
 
 /// The cluster side of the server: announcing registrations to the directory, answering punch requests routed
 /// from other instances, and routing ours to them.

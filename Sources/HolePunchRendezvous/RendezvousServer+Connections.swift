@@ -1,8 +1,6 @@
 import HolePunch
 import Logging
-import HolePunchNet
 import HolePunchQUIC
-import HolePunchStrategy
 
 /// The server's I/O per peer connection: serving its control stream, reading and writing frames within the
 /// limits, performing the state machine's actions, RTT pings, and housekeeping.

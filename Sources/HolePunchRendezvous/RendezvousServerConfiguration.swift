@@ -2,7 +2,6 @@ import HolePunch
 public import HolePunchSTUN
 public import HolePunchNet
 public import HolePunchQUIC
-import HolePunchStrategy
 
 /// Settings for a ``RendezvousServer``.
 public struct RendezvousServerConfiguration: Sendable {

@@ -1,7 +1,5 @@
 import HolePunch
-import HolePunchNet
 import HolePunchQUIC
-import HolePunchStrategy
 
 /// Who may ask for a punch: the requester's and the target's checks, and the token buckets behind them.
 extension RendezvousState {

@@ -1,7 +1,6 @@
 import HolePunch
 public import HolePunchNet
 public import HolePunchQUIC
-import HolePunchStrategy
 
 /// The state machine's configuration, actions and records.
 extension RendezvousState {

@@ -1,6 +1,3 @@
-import HolePunchNet
-import HolePunchQUIC
-import HolePunchStrategy
 /// A session's id and probe key, drawn by the driver (the state machine itself draws no randomness, so tests
 /// can script it).
 public struct SessionSecret: Sendable, Hashable {
