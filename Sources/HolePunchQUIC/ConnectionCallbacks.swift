@@ -15,6 +15,7 @@ extension ConnectionCore {
                 alpn = String(decoding: UnsafeBufferPointer(start: bytes, count: Int(selected.size)), as: UTF8.self)
             }
         }
+        isHandshakeCompleted = true
         if !isClient {
             phase = .established
             announceAccepted = true

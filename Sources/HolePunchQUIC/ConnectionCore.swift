@@ -43,6 +43,9 @@ final class ConnectionCore {
     /// A client dial that returns at handshake completion (``ConnectOptions/returnsBeforeConfirmation``); the
     /// phase stays `handshaking` until confirmation, so handshake copies and failure accounting are unchanged.
     var returnsOnCompletion = false
+    /// The TLS handshake completed here (we verified the peer). A dial that returns at completion checks it when it
+    /// starts waiting: the completion may have been handled before the dial's waiter was in place.
+    var isHandshakeCompleted = false
     let closeWaiters = WaitList()
     /// Woken by every acknowledgement, stream end and connection end: `delivered()` and the graceful close wait here.
     let deliveryWaiters = WaitList()

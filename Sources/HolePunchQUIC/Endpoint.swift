@@ -165,6 +165,10 @@ public actor Endpoint {
                 switch core.phase {
                 case .closed(let error): continuation.resume(throwing: error)
                 case .established: continuation.resume()
+                case .handshaking where core.returnsOnCompletion && core.isHandshakeCompleted:
+                    // Completed before this waiter was in place (socket events ran between the first flush and
+                    // here); waiting for its resume would wait for a confirmation the caller did not ask for.
+                    continuation.resume()
                 case .handshaking: core.handshakeWaiter = continuation
                 }
             }

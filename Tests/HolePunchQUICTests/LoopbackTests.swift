@@ -168,8 +168,15 @@ struct AuthenticationTests {
         let relay = try AlternateDropRelay(to: server.localAddress, clientDatagrams: 1)
         defer { relay.stop() }
         let early = ConnectOptions(handshakeTimeout: .seconds(5), returnsBeforeConfirmation: true)
-        let connection = try await withDeadline(.seconds(10)) {
-            try await client.connect(to: relay.address, expecting: TestIdentities.b.nodeID, options: early)
+        let connection: QUICConnection
+        do {
+            connection = try await withDeadline(.seconds(10)) {
+                try await client.connect(to: relay.address, expecting: TestIdentities.b.nodeID, options: early)
+            }
+        } catch {
+            let (c, s) = (await client.stats, await server.stats)
+            print("DIAG relay fwd=\(relay.forwarded) drop=\(relay.dropped) client sent=\(c.datagramsSent) recv=\(c.datagramsReceived) dropped=\(c.datagramsDropped) failures=\(await client.recentHandshakeFailures) server recv=\(s.datagramsReceived) sent=\(s.datagramsSent) started=\(s.incomingHandshakesStarted) retries=\(s.retriesSent) refused=\(s.initialsRefused) dropped=\(s.datagramsDropped) sfail=\(await server.recentHandshakeFailures)")
+            throw error
         }
         #expect(connection.peerNodeID == TestIdentities.b.nodeID)
         await connection.close()
