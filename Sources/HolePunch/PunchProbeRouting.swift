@@ -6,7 +6,7 @@ import HolePunchSTUN
 /// that probe the address, accepted connections to the target punch whose session their server name carries;
 /// everything else to ``otherDatagrams(_:)`` and ``otherConnections``. The endpoint wiring is here, in one place.
 extension PunchExecutor {
-    /// Takes over the endpoint's accept policy, handshake hints and datagram handlers, once.
+    /// Takes over the endpoint's accept policy, handshake hints and the reading of its non-QUIC datagrams, once.
     func installIfNeeded() async {
         guard !installed else { return }
         installed = true
