@@ -18,6 +18,13 @@ public struct PunchOptions: Sendable {
     public var targetHost: String
     /// The peer's candidate ports, in the order to try them (order is preserved).
     public var targetPorts: [UInt16]
+    /// Every address of the peer that may be checked, typed and prioritised (issue 14). Empty means the one
+    /// target above, as a server-reflexive candidate per port. Whoever fills it (the rendezvous client) has already
+    /// applied `CandidateFilter`: the executor probes only what is here.
+    public var candidates: [Candidate]
+    /// The last port the peer's NAT is known to have allocated (the base for sequential prediction), when the peer
+    /// published one; nil otherwise.
+    public var remoteLastAllocatedPort: UInt16?
     /// The local port to punch from; nil means the executor's endpoint, whatever its port. When set, it must be
     /// the endpoint's port: a punch only works from the socket whose mapping was advertised.
     public var localPort: UInt16?
@@ -60,10 +67,14 @@ public struct PunchOptions: Sendable {
         strategy: (any PunchStrategy)? = nil,
         rtt: Duration? = nil,
         timeout: Duration? = nil,
-        alpn: String? = nil
+        alpn: String? = nil,
+        candidates: [Candidate] = [],
+        remoteLastAllocatedPort: UInt16? = nil
     ) {
         self.targetHost = targetHost
         self.targetPorts = targetPorts
+        self.candidates = candidates
+        self.remoteLastAllocatedPort = remoteLastAllocatedPort
         self.localPort = localPort
         self.sessionID = sessionID
         self.sessionKey = sessionKey
