@@ -5,7 +5,10 @@
 --   timeout covers the rounds plus a few RTTs and at least three times the median time-to-connect seen
 --   for this NAT pair, and every retry widens it.
 -- * Sequential NATs: predicts the peer's next ports from its observed delta, likely-first (the port
---   that won last time, then base+delta, base+2·delta…), plus a small window around the base.
+--   that won last time, then base+delta, base+2·delta…), plus a small window around its reflexive port. The
+--   base is the last port the peer's NAT is known to have allocated (ctx.last_allocated_port) when the peer
+--   published it: a NAT whose counter all its mappings share has moved on since registration (NAT discovery
+--   alone takes ports), and counting from the registration's port would aim behind the counter.
 -- * Random allocation against an endpoint-independent mapping with a port-dependent filter: a birthday search,
 --   max_sockets local sockets on the random side, max_ports random probes at max_pps from the other. Against a
 --   lenient filter (full cone, restricted) one socket suffices; against another symmetric NAT nothing can aim,
@@ -25,6 +28,8 @@ local function plan(ctx)
     local attempt = ctx.attempt
     local remote, localnat = ctx.remote_nat, ctx.local_nat
     local base = ctx.ports[1]
+    -- Where the peer's NAT counter stands: the last port it allocated, else the registration's port.
+    local seq_base = ctx.last_allocated_port or base
     local history = ctx.history
     local max_pps = ctx.limits.max_pps
 
@@ -49,7 +54,7 @@ local function plan(ctx)
         -- so its known ports go first, then the sequential walk in case it is not. First matters when our own NAT
         -- is symmetric: every port we try takes a fresh mapping, and the peer only looks a few ports ahead of ours.
         local delta = remote.port_delta ~= 0 and remote.port_delta or 1
-        ports = hp.merge(first, ctx.ports, hp.sequence(base + delta, delta, 8 * attempt), hp.around(base, 2))
+        ports = hp.merge(first, ctx.ports, hp.sequence(seq_base + delta, delta, 8 * attempt), hp.around(base, 2))
     elseif remote.allocation == "random" and lenient(localnat) then
         -- Their probes to our known port get in wherever their NAT maps them: no need to chase it.
         ports = hp.merge(first, ctx.ports)
@@ -67,7 +72,7 @@ local function plan(ctx)
         -- base + k·delta), so both sides must use it.
         local delta = remote.port_delta ~= 0 and remote.port_delta or 1
         local ahead = 8 * attempt
-        ports = hp.merge(first, hp.sequence(base + delta, delta, ahead), ctx.ports, hp.around(base, 2))
+        ports = hp.merge(first, hp.sequence(seq_base + delta, delta, ahead), ctx.ports, hp.around(base, 2))
     end
 
     -- Our own NAT picks a random port per destination, and their NAT filters by port: open as many mappings as

@@ -18,14 +18,27 @@ extension PunchExecutor {
         let outcome = PunchOutcome.success(timeToConnect: elapsed, winningPort: port, portOffset: offset, rounds: runtime.session.round)
         let success = PunchSuccess(
             remoteAddress: remote, localPort: runtime.sockets[min(winningSocket, runtime.sockets.count - 1)].localAddress.port,
-            timeToConnect: elapsed, rounds: runtime.session.round
+            timeToConnect: elapsed, rounds: runtime.session.round, candidate: runtime.checks.candidate(for: remote)
         )
+        addFallbackPaths(runtime, to: connection, socket: winningSocket)
         let closing = end(runtime, outcome: outcome, keepSocket: winningSocket)
         metrics.timeToConnect.recordNanoseconds(Int64(nanoseconds(elapsed)))
         deliver(runtime, .success(connection), event: .done(.success(success)), after: closing)
         logger.debug("punch connected", metadata: [
             "punch.id": "\(runtime.id)", "peer.address": "\(remote)", "punch.rounds": "\(runtime.session.round)",
         ])
+    }
+
+    /// Adds the other pairs proven both ways on the winning socket to the connection as extra paths, so that when
+    /// its path dies the connection can move to one of them instead of punching again.
+    private func addFallbackPaths(_ runtime: PunchRuntime, to connection: QUICConnection, socket: Int) {
+        let active = connection.remoteAddress
+        let others = runtime.session.pathsProvenBothWays(socket: socket).filter { $0 != active && $0.family == active.family }
+        guard !others.isEmpty else { return }
+        Task {
+            // A path the table refuses (full, closed connection) is simply not a fallback.
+            for address in others { try? await connection.addPath(.direct(address)) }
+        }
     }
 
     func fail(_ runtime: PunchRuntime, code: PunchFailureCode) {

@@ -34,6 +34,7 @@ extension PunchExecutor {
         events: AsyncStream<PunchEvent>.Continuation, startedAt: ContinuousClock.Instant
     ) async throws -> PunchRuntime {
         let host = try validatedTarget(options)
+        var checks = candidateChecks(options, host: host)
         let strategy = options.strategy ?? defaultStrategy
         var context = PunchContext(
             localNAT: options.localNAT,
@@ -45,7 +46,9 @@ extension PunchExecutor {
             role: options.role,
             seed: stableSeed(options.sessionID),
             peerID: options.targetNodeID.description,
-            limits: limits
+            limits: limits,
+            candidates: checks.pool,
+            lastAllocatedPort: options.remoteLastAllocatedPort
         )
         context = history.fill(context)
         context.attempt = context.peerHistory.attempts + 1
@@ -74,9 +77,10 @@ extension PunchExecutor {
         case .at(let instant): startDelay = max(.zero, instant - clock.instant(at: clock.now()))
         }
         let startAt = clock.now() + nanoseconds(startDelay) + nanoseconds(validated.startDelay)
+        let sessionPlan = checks.build(validated, limits: limits)
         let session = PunchSession(PunchSession.Configuration(
-            role: options.role, candidates: candidates(validated, host: host), plan: validated,
-            startAt: startAt, deadline: startAt + nanoseconds(validated.timeout)
+            role: options.role, candidates: checks.targets, plan: sessionPlan,
+            startAt: startAt, deadline: startAt + nanoseconds(sessionPlan.timeout)
         ))
         // The hooks after planning go through `FallbackStrategy`, which keeps the plan when `on_probe` fails and
         // logs a failing `on_result`; a strategy that is one already is used as it is.
@@ -87,6 +91,7 @@ extension PunchExecutor {
             id: id, options: options, session: session, context: context, strategy: hooks,
             strategyName: strategyName, box: box, events: events, startedAt: startedAt
         )
+        runtime.checks = checks
         runtime.sockets = [endpoint]
         if validated.localSockets > 1 {
             runtime.sockets += try await openExtraSockets(validated.localSockets - 1, for: options, punch: id)
@@ -102,7 +107,9 @@ extension PunchExecutor {
         } catch {
             throw PunchError(code: .invalidOptions, message: "target host: \(error)")
         }
-        guard host.isIPv6 == endpoint.localAddress.isIPv6 else {
+        // With typed candidates the host is only the strategy's `ctx.hosts`; candidates of a family the endpoint
+        // cannot reach are skipped instead (`candidateChecks`).
+        guard !options.candidates.isEmpty || host.isIPv6 == endpoint.localAddress.isIPv6 else {
             throw PunchError(code: .invalidOptions, message: "target \(options.targetHost) is not in the endpoint's address family")
         }
         guard !options.targetPorts.isEmpty, !options.targetPorts.contains(0) else {
@@ -118,23 +125,17 @@ extension PunchExecutor {
     }
 
     /// A `strategy`'s `onProbe` replacement plan, validated and clamped like any plan, for the punch `id` if it
-    /// still runs: later rounds walk its ports on the candidate host.
+    /// still runs: later rounds walk its ports on the checked candidates.
     func replacePlan(_ id: PunchID, with replacement: PunchPlan) {
         guard let runtime = runtimes[id] else { return }
         var plan = replacement
         if let timeout = runtime.options.timeout { plan.timeout = timeout }
         let (validated, _) = plan.validated(limits)
-        guard let host = runtime.session.configuration.candidates.first else { return }
-        apply(runtime, runtime.session.replacePlan(validated, candidates: candidates(validated, host: host)))
-    }
-
-    /// The plan's ports on `host`, in the plan's order.
-    private func candidates(_ plan: PunchPlan, host: SocketAddress) -> [SocketAddress] {
-        plan.ports.map { port -> SocketAddress in
-            var address = host
-            address.port = port
-            return address
-        }
+        var checks = runtime.checks
+        let sessionPlan = checks.build(validated, limits: limits)
+        guard !checks.targets.isEmpty else { return }
+        runtime.checks = checks
+        apply(runtime, runtime.session.replacePlan(sessionPlan, candidates: checks.targets))
     }
 }
 

@@ -30,6 +30,8 @@ final class PunchRuntime {
     var authenticationError: QUICError?
     /// When the first verified probe from the peer arrived, from the start instant (for failure reports).
     var firstPathProven: Duration?
+    /// The peer's candidates this punch checks, their probe targets, and which candidate an address belongs to.
+    var checks = CandidateChecks(pool: [], base: nil, typed: false)
 
     init(
         id: PunchID, options: PunchOptions, session: PunchSession, context: PunchContext,

@@ -124,6 +124,8 @@ struct PunchSession {
     private var provenOrder: [Path] = []
     /// The addresses of ``provenPaths``, for constant-time "first proof of this address" checks.
     private var provenAddressSet: Set<SocketAddress> = []
+    /// Proven paths the peer also answered a probe on (so both directions work), in the order answered.
+    private var answeredPaths: [Path] = []
     /// The most paths one punch remembers as proven. A real punch proves a handful (a birthday punch: a few of
     /// our sockets; a cone peer: a port or two).
     static let maxProvenPaths = 64
@@ -189,7 +191,10 @@ struct PunchSession {
             return [.respond(socket: socket, to: from)] + proven(from, socket: socket)
         case .probeResponse(let from, let socket):
             bothWaysOpen = true
-            return proven(from, socket: socket)
+            let actions = proven(from, socket: socket)
+            let path = Path(socket: socket, address: from)
+            if provenPaths.contains(path), !answeredPaths.contains(path) { answeredPaths.append(path) }
+            return actions
         case .unreachable(let address):
             return markUnreachable(address)
         case .dialEstablished(let id):
@@ -249,6 +254,12 @@ struct PunchSession {
         return lastAcceptedID
     }
 
+    /// Peer addresses proven in both directions on local socket `socket` (the peer answered our probe there), in
+    /// the order answered: after a success, the other pairs a connection can fall back to.
+    func pathsProvenBothWays(socket: Int) -> [SocketAddress] {
+        answeredPaths.filter { $0.socket == socket }.map(\.address)
+    }
+
     /// QUIC handshakes this session has started (dials, including redials).
     var dialsStarted: Int { nextDialID - 1 }
 
@@ -262,11 +273,12 @@ struct PunchSession {
         phase = .probing
         if configuration.candidates.isEmpty { return finish(.unreachable) }
         var actions: [Action] = []
-        if configuration.role == .initiator && plan.dialCandidatesDirectly {
-            // The seed's mode: dial the first candidates straight away; whichever path opens first wins.
-            for address in configuration.candidates.prefix(max(1, plan.packetsPerRound)) {
-                actions += dial(address, socket: 0)
-            }
+        if configuration.role == .initiator && plan.dialCandidatesDirectly && plan.localSockets == 1,
+           let first = configuration.candidates.first {
+            // The seed's mode, one nomination at a time (see `dialNextProvenPath`): dial the first candidate straight
+            // away, before any proof. A birthday punch (several local sockets) does not: its proof names the one
+            // socket whose mapping the peer lets in, and a dial already in flight would hold that one back.
+            actions += dial(first, socket: 0)
         }
         actions += nextRound(now)
         return actions
@@ -324,24 +336,18 @@ struct PunchSession {
         return actions
     }
 
-    /// The initiator's handshakes over proven paths run one at a time, oldest proof first, and a proof abandons
-    /// the unproven direct dials. The target keeps the first handshake *it* completes, so two handshakes racing
-    /// over different paths (a birthday punch proves several of our sockets; a cone peer answers on several
-    /// ports) could leave the two sides holding different connections, each closing the other's as a duplicate.
+    /// The initiator nominates one pair at a time: its handshakes run one after another, oldest proof first, and
+    /// one in flight is never abandoned for another (only the end of the punch abandons it). The target keeps the
+    /// first handshake *it* completes, and it completes one as soon as our Finished arrives, before we hear that it
+    /// did: a handshake we abandoned then (a hairpinning router gave the peer a second public port, and its proof
+    /// arrived while the direct dial to the first was under way) could be the one the target kept, and the sides
+    /// would end up holding different connections (1 run in 19). With one handshake alive at a time, the one the
+    /// initiator completes is the one the target kept.
     private mutating func dialNextProvenPath() -> [Action] {
-        // Without a proof, the direct dials are all we have: leave them running.
-        guard !provenOrder.isEmpty else { return [] }
-        var actions: [Action] = []
-        for (id, path) in dialsInFlight.sorted(by: { $0.key < $1.key }) where !provenPaths.contains(path) {
-            dialsInFlight[id] = nil
-            dialledPaths.remove(path)
-            actions.append(.abandonDial(id: id))
-        }
-        guard dialsInFlight.isEmpty else { return actions }
-        guard let next = provenOrder.first(where: { !dialledPaths.contains($0) && !exhaustedPaths.contains($0) }) else {
-            return actions
-        }
-        return actions + dial(next.address, socket: next.socket)
+        guard dialsInFlight.isEmpty,
+              let next = provenOrder.first(where: { !dialledPaths.contains($0) && !exhaustedPaths.contains($0) })
+        else { return [] }
+        return dial(next.address, socket: next.socket)
     }
 
     private mutating func dial(_ address: SocketAddress, socket: Int) -> [Action] {

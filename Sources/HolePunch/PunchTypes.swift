@@ -188,4 +188,7 @@ public struct PunchSuccess: Sendable, Hashable {
     public var timeToConnect: Duration
     /// Probe rounds started before it connected.
     public var rounds: Int
+    /// The candidate pair that won, as the peer's side of it: the candidate's kind (`prflx` when the path's address
+    /// was learned from a probe, not published), family and the address the connection uses.
+    public var candidate: Candidate
 }

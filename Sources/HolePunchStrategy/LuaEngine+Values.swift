@@ -12,7 +12,7 @@ extension LuaEngine {
     func set(_ key: String, number v: Double) { lua_pushnumber(L, v); lua_setfield(L, -2, key) }
     func set(_ key: String, bool v: Bool) { lua_pushboolean(L, v ? 1 : 0); lua_setfield(L, -2, key) }
     func set(_ key: String, string v: String) { lua_pushstring(L, v); lua_setfield(L, -2, key) }
-    func set(_ key: String, ports: some Collection<UInt16>) {
+    func set(_ key: String, ports: some Collection<some BinaryInteger>) {
         lua_createtable(L, Int32(clamping: ports.count), 0)
         for (i, p) in ports.enumerated() {
             lua_pushinteger(L, lua_Integer(p))
@@ -40,8 +40,19 @@ extension LuaEngine {
         if let o = h.lastWinningOffset { set("last_offset", int: o) }
     }
 
+    /// One typed candidate: `kind`, `family`, `address` (and its alias `host`), `port`, `priority`.
+    func pushCandidate(_ c: Candidate) {
+        lua_createtable(L, 0, 6)
+        set("kind", string: c.kind.rawValue)
+        set("family", string: c.family.rawValue)
+        set("address", string: c.address.host)
+        set("host", string: c.address.host)
+        set("port", int: Int(c.address.port))
+        set("priority", int: Int(c.priority))
+    }
+
     func pushContext(_ ctx: PunchContext) {
-        lua_createtable(L, 0, 14)
+        lua_createtable(L, 0, 17)
         pushProfile(ctx.localNAT)
         lua_setfield(L, -2, "local_nat")
         pushProfile(ctx.remoteNAT)
@@ -51,7 +62,14 @@ extension LuaEngine {
             lua_pushstring(L, host)
             lua_rawseti(L, -2, lua_Integer(i + 1))
         }
+        lua_setfield(L, -2, "hosts")
+        lua_createtable(L, Int32(clamping: ctx.candidates.count), 0)
+        for (i, candidate) in ctx.candidates.enumerated() {
+            pushCandidate(candidate)
+            lua_rawseti(L, -2, lua_Integer(i + 1))
+        }
         lua_setfield(L, -2, "candidates")
+        if let last = ctx.lastAllocatedPort { set("last_allocated_port", int: Int(last)) }
         set("ports", ports: ctx.candidatePorts)
         if let lp = ctx.localPort { set("local_port", int: Int(lp)) }
         if let rtt = ctx.rtt { set("rtt_ms", number: rtt.milliseconds) }
@@ -66,7 +84,7 @@ extension LuaEngine {
         pushHistory(ctx.peerHistory)
         lua_setfield(L, -2, "peer")
         lua_setfield(L, -2, "history")
-        lua_createtable(L, 0, 8)
+        lua_createtable(L, 0, 9)
         set("max_pps", number: ctx.limits.maxPacketsPerSecond)
         set("max_ports", int: ctx.limits.maxTotalPorts)
         set("max_sockets", int: ctx.limits.maxLocalSockets)
@@ -75,6 +93,7 @@ extension LuaEngine {
         set("min_timeout_ms", number: ctx.limits.timeoutBounds.lowerBound.milliseconds)
         set("max_timeout_ms", number: ctx.limits.timeoutBounds.upperBound.milliseconds)
         set("max_handshake_copies", int: ctx.limits.maxHandshakeCopies)
+        set("max_candidates", int: ctx.limits.maxCandidates)
         lua_setfield(L, -2, "limits")
     }
 
@@ -92,6 +111,8 @@ extension LuaEngine {
         set("dial_direct", bool: p.dialCandidatesDirectly)
         if let ttl = p.lowTTL { set("low_ttl", int: ttl) }
         set("handshake_copies", int: p.handshakeCopies)
+        if let order = p.candidateOrder { set("candidates", ports: order.map { $0 + 1 }) }
+        if let cap = p.maxCandidates { set("max_candidates", int: cap) }
     }
 
     func pushEvent(_ e: ProbeEvent) {
@@ -174,16 +195,48 @@ extension LuaEngine {
             case "start_delay_ms": plan.startDelay = try millis(key, allowZero: true, max: 3_600_000)
             case "initial_rtt_ms": plan.initialRTT = try millis(key, allowZero: false, max: 600_000)
             case "low_ttl": plan.lowTTL = try integer(key, 1...255)
+            case "max_candidates": plan.maxCandidates = try integer(key, 1...Self.hardMaxCandidates)
+            case "candidates": plan.candidateOrder = try candidateIndices(field: key, fail: fail)
             case "handshake_copies": plan.handshakeCopies = try integer(key, 1...16)
             case "dial_direct":
                 guard lua_type(L, -1) == LUA_TBOOLEAN else { throw fail(key, "expected a boolean, got \(typeName(-1))") }
                 plan.dialCandidatesDirectly = lua_toboolean(L, -1) != 0
             default:
-                throw fail(key, "unknown field (known: ports, sockets, packets_per_round, rounds, interval_ms, timeout_ms, connect_timeout_ms, start_delay_ms, initial_rtt_ms, dial_direct, low_ttl, handshake_copies)")
+                throw fail(key, "unknown field (known: ports, sockets, packets_per_round, rounds, interval_ms, timeout_ms, connect_timeout_ms, start_delay_ms, initial_rtt_ms, dial_direct, low_ttl, handshake_copies, candidates, max_candidates)")
             }
             lua_settop(L, -2)
         }
         return plan
+    }
+
+    /// Most entries `candidates` and `max_candidates` may name before clamping; more is an error.
+    static let hardMaxCandidates = 1024
+
+    /// `candidates`: an array of 1-based indices into `ctx.candidates`, returned 0-based. Indices past the end are
+    /// accepted here and ignored by the executor (a script need not know how many the peer published).
+    func candidateIndices(field: String, fail: (String, String) -> StrategyError) throws(StrategyError) -> [Int] {
+        guard lua_type(L, -1) == LUA_TTABLE else { throw fail(field, "expected an array of candidate indices, got \(typeName(-1))") }
+        let list = lua_gettop(L)
+        let n = Int(lua_rawlen(L, list))
+        guard n <= Self.hardMaxCandidates else {
+            throw fail(field, "\(n) entries; a plan may name at most \(Self.hardMaxCandidates) candidates")
+        }
+        var indices: [Int] = []
+        indices.reserveCapacity(n)
+        for i in stride(from: 1, through: n, by: 1) {
+            let name = "\(field)[\(i)]"
+            guard lua_rawgeti(L, list, lua_Integer(i)) == LUA_TNUMBER else {
+                throw fail(name, "expected a candidate index, got \(typeName(-1))")
+            }
+            let v = lua_tonumberx(L, -1, nil)
+            guard v.isFinite, v == v.rounded() else { throw fail(name, "expected a whole candidate index, got \(v)") }
+            guard v >= 1, v <= Double(Self.hardMaxCandidates) else {
+                throw fail(name, "\(v.formatted) is not a candidate index (1...\(Self.hardMaxCandidates))")
+            }
+            indices.append(Int(v) - 1)
+            lua_settop(L, -2)
+        }
+        return indices
     }
 
     func ports(field: String, fail: (String, String) -> StrategyError) throws(StrategyError) -> PortList {

@@ -33,8 +33,16 @@ public struct PunchContext: Sendable, Hashable, Codable {
     public var localNAT: NATProfile
     /// The peer's NAT's measured behaviour.
     public var remoteNAT: NATProfile
-    /// The peer's candidate addresses (host strings: reflexive first, then LAN addresses).
+    /// The peer's candidate addresses (host strings: reflexive first, then LAN addresses): Lua's `ctx.hosts`.
     public var candidateHosts: [String]
+    /// The peer's typed candidates the executor can check (of a family our endpoint reaches, not relayed), highest
+    /// priority first: Lua's `ctx.candidates`. ``PunchPlan/candidateOrder`` and ``PunchPlan/maxCandidates`` index
+    /// into it. When the peer published none, the executor lists its one host as a server-reflexive candidate per
+    /// port (and probes exactly as before typed candidates existed).
+    public var candidates: [Candidate]
+    /// The last port the peer's NAT is known to have allocated, when the peer published it: the base for sequential
+    /// prediction (NAT discovery after registration may have moved the NAT's counter past the registration's port).
+    public var lastAllocatedPort: UInt16?
     /// The peer's advertised ports, in the order the rendezvous gave them; the first is its reflexive port.
     public var candidatePorts: [UInt16]
     /// Our punch socket's local port, when known.
@@ -70,8 +78,12 @@ public struct PunchContext: Sendable, Hashable, Codable {
         role: PunchRole = .initiator,
         seed: UInt64 = 0,
         peerID: String = "",
-        limits: PlanLimits = .default
+        limits: PlanLimits = .default,
+        candidates: [Candidate] = [],
+        lastAllocatedPort: UInt16? = nil
     ) {
+        self.candidates = candidates
+        self.lastAllocatedPort = lastAllocatedPort
         self.localNAT = localNAT
         self.remoteNAT = remoteNAT
         self.candidateHosts = candidateHosts
@@ -86,6 +98,9 @@ public struct PunchContext: Sendable, Hashable, Codable {
         self.peerID = peerID
         self.limits = limits
     }
+
+    /// The port sequential prediction counts from: ``lastAllocatedPort`` when known, else the first candidate port.
+    public var sequentialBase: UInt16? { lastAllocatedPort ?? candidatePorts.first }
 
     /// The harder of the two legacy NAT types; it picks the seed's timing row.
     public var worstNAT: NATType { NATType.worst(localNAT.type, remoteNAT.type) }

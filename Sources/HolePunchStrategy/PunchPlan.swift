@@ -117,6 +117,12 @@ public struct PunchPlan: Sendable, Hashable, Codable {
     /// How many times each QUIC handshake datagram is sent on the punched path (1 = once). Copies turn a per-datagram
     /// loss rate p into about p^copies for independent loss, for a few kilobytes once per punch.
     public var handshakeCopies: Int
+    /// Which of the peer's typed candidates (`PunchContext.candidates`, 0-based indices) to check, in this order;
+    /// nil checks them all in priority order. Indices that name no candidate are ignored.
+    public var candidateOrder: [Int]?
+    /// Most candidates to check (the first ones of ``candidateOrder`` or of the priority order); nil: no cap but the
+    /// limits' (``PlanLimits/maxCandidates``).
+    public var maxCandidates: Int?
 
     /// Creates a plan. Defaults are the ones documented in `docs/strategies.md`.
     public init(
@@ -131,8 +137,12 @@ public struct PunchPlan: Sendable, Hashable, Codable {
         initialRTT: Duration = .milliseconds(333),
         dialCandidatesDirectly: Bool = true,
         lowTTL: Int? = nil,
-        handshakeCopies: Int = 1
+        handshakeCopies: Int = 1,
+        candidateOrder: [Int]? = nil,
+        maxCandidates: Int? = nil
     ) {
+        self.candidateOrder = candidateOrder
+        self.maxCandidates = maxCandidates
         self.ports = ports
         self.localSockets = localSockets
         self.packetsPerRound = packetsPerRound
@@ -196,6 +206,8 @@ public struct PlanLimits: Sendable, Hashable, Codable {
     public var initialRTTBounds: ClosedRange<Duration>
     /// Most copies of each handshake datagram.
     public var maxHandshakeCopies: Int
+    /// Most of the peer's candidates one punch checks; the probes to all of them share the packet-rate cap.
+    public var maxCandidates: Int
 
     /// Creates limits; the defaults are the documented ones (1000 packets/s, 2048 ports, 256 sockets…).
     ///
@@ -214,8 +226,10 @@ public struct PlanLimits: Sendable, Hashable, Codable {
         intervalBounds: ClosedRange<Duration> = .milliseconds(1)...(.seconds(10)),
         maxStartDelay: Duration = .seconds(5),
         initialRTTBounds: ClosedRange<Duration> = .milliseconds(1)...(.seconds(10)),
-        maxHandshakeCopies: Int = 3
+        maxHandshakeCopies: Int = 3,
+        maxCandidates: Int = 16
     ) {
+        self.maxCandidates = maxCandidates
         self.maxPacketsPerSecond = maxPacketsPerSecond
         self.maxTotalPorts = maxTotalPorts
         self.maxLocalSockets = maxLocalSockets
@@ -308,17 +322,40 @@ extension PunchPlan {
             p.lowTTL = nil
         }
 
-        if limits.maxPacketsPerSecond > 0, p.packetsPerSecond > limits.maxPacketsPerSecond {
-            let before = p.interval
-            let seconds = Double(p.packetsPerRound) * Double(p.localSockets) / limits.maxPacketsPerSecond
-            // Round up to whole microseconds so the resulting rate is at or just below the cap; a cap so low that
-            // the interval leaves Int64 saturates instead of trapping.
-            let micros = min((seconds * 1_000_000).rounded(.up), 9e18)
-            p.interval = .microseconds(Int64(micros))
-            note("interval", before.formattedMilliseconds, p.interval.formattedMilliseconds,
-                 "max \(limits.maxPacketsPerSecond.formatted) packets/s for \(p.packetsPerRound) packets × \(p.localSockets) sockets per round")
+        let cap = max(1, limits.maxCandidates)
+        if let wanted = p.maxCandidates, !(1...cap).contains(wanted) {
+            let applied = min(max(wanted, 1), cap)
+            note("maxCandidates", wanted, applied, wanted < 1 ? "min 1" : "max \(cap)")
+            p.maxCandidates = applied
         }
+        if let order = p.candidateOrder {
+            var seen: Set<Int> = []
+            let kept = order.filter { $0 >= 0 && seen.insert($0).inserted }.prefix(cap)
+            if kept.count != order.count {
+                note("candidateOrder", "\(order.count) indices", "\(kept.count) indices", "distinct, non-negative, at most \(cap)")
+            }
+            p.candidateOrder = Array(kept)
+        }
+
+        if let reason = p.capRate(limits) { reasons.append(reason) }
         return (p, reasons)
+    }
+
+    /// Stretches the interval so that the plan sends at most `limits.maxPacketsPerSecond`, and says so; nil when the
+    /// plan was within the cap. ``validated(_:)`` applies it last; the executor applies it again after it widened a
+    /// round to reach every candidate, so all candidates together share one cap.
+    public mutating func capRate(_ limits: PlanLimits) -> ClampReason? {
+        guard limits.maxPacketsPerSecond > 0, packetsPerSecond > limits.maxPacketsPerSecond else { return nil }
+        let before = interval
+        let seconds = Double(packetsPerRound) * Double(localSockets) / limits.maxPacketsPerSecond
+        // Round up to whole microseconds so the resulting rate is at or just below the cap; a cap so low that
+        // the interval leaves Int64 saturates instead of trapping.
+        let micros = min((seconds * 1_000_000).rounded(.up), 9e18)
+        interval = .microseconds(Int64(micros))
+        return ClampReason(
+            field: "interval", requested: before.formattedMilliseconds, applied: interval.formattedMilliseconds,
+            rule: "max \(limits.maxPacketsPerSecond.formatted) packets/s for \(packetsPerRound) packets × \(localSockets) sockets per round"
+        )
     }
 }
 

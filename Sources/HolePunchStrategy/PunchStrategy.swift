@@ -110,7 +110,8 @@ extension PunchStrategy {
 ///
 /// Ports: every candidate port in the order given (the seed dropped all but the first N), then, when the
 /// peer's NAT allocates sequentially, the next N ports it would allocate, nearest first (the seed tried
-/// them in ascending order from a wrong base).
+/// them in ascending order from a wrong base), counted from the last port its NAT is known to have allocated
+/// (`PunchContext.lastAllocatedPort`) when the peer published one, else from its first candidate port.
 public struct DefaultStrategy: PunchStrategy {
     /// One row of the seed's timing table.
     public struct TimingRow: Sendable, Hashable {
@@ -167,8 +168,11 @@ public struct DefaultStrategy: PunchStrategy {
         let cadence = Self.cadence(worst: ctx.worstNAT)
         var specs = ctx.candidatePorts.map(PortSpec.port)
         let remote = ctx.remoteNAT
+        // The base is the port the peer's NAT allocated last, when the peer published it: a NAT whose counter is
+        // shared by all its mappings moved on after registration (NAT discovery alone takes ports), so counting
+        // from the registration's port aims behind the counter.
         if remote.mapping != .endpointIndependent, remote.allocation == .sequential,
-           let base = ctx.candidatePorts.first {
+           let base = ctx.sequentialBase {
             for k in 1...row.parallelPorts {
                 if let p = remote.predictedPort(after: base, step: k) { specs.append(.port(p)) }
             }

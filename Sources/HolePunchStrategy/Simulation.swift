@@ -29,9 +29,15 @@ public enum StrategyCheck {
     public static func context(local: SimulatedNAT, remote: SimulatedNAT, role: PunchRole, attempt: Int,
                                rtt: Duration? = .milliseconds(80), seed: UInt64 = 0x5EED) -> PunchContext {
         let (lp, rp, rh) = role == .initiator ? (portA, portB, hostB) : (portB, portA, hostA)
-        return PunchContext(localNAT: local.profile, remoteNAT: remote.profile, candidateHosts: [rh, "192.168.1.20"],
+        let lan = "192.168.1.20"
+        // Typed candidates as a peer on a LAN publishes them: its reflexive address and its host address.
+        let candidates = [(CandidateKind.serverReflexive, rh), (.host, lan)].compactMap { kind, host in
+            (try? SocketAddress(host: host, port: rp)).map { Candidate(kind: kind, address: $0) }
+        }
+        return PunchContext(localNAT: local.profile, remoteNAT: remote.profile, candidateHosts: [rh, lan],
                             candidatePorts: [rp], localPort: lp, rtt: rtt, attempt: attempt,
-                            role: role, seed: seed &+ UInt64(attempt), peerID: "peer-\(remote.name)")
+                            role: role, seed: seed &+ UInt64(attempt), peerID: "peer-\(remote.name)",
+                            candidates: candidates)
     }
 
     /// The histories `check` plans with: none; successes (every summary field set); failures only, where
@@ -46,7 +52,8 @@ public enum StrategyCheck {
 
     /// Every context `check` covers: each NAT pair, both roles, attempts 1–5, with an 80 ms RTT and with
     /// none measured (`ctx.rtt_ms` nil, as before the rendezvous has measured it), each with every history of
-    /// `histories`. The label names the case, so a failure can be reproduced.
+    /// `histories`; a sequential peer publishes its last allocated port on even attempts (`ctx.last_allocated_port`,
+    /// the NAT's counter 3 ports past registration). The label names the case, so a failure can be reproduced.
     public static func allContexts() -> [(label: String, ctx: PunchContext)] {
         var out: [(String, PunchContext)] = []
         for a in SimulatedNAT.all {
@@ -59,8 +66,13 @@ public enum StrategyCheck {
                                 ctx.pairHistory = history.pair
                                 ctx.peerHistory = history.peer
                                 let rttLabel = rtt.map { "rtt \(Int($0.milliseconds)) ms" } ?? "rtt nil"
-                                out.append(("\(a.name),\(b.name) \(role.rawValue) attempt \(attempt), \(rttLabel), "
-                                            + history.label, ctx))
+                                var label = "\(a.name),\(b.name) \(role.rawValue) attempt \(attempt), \(rttLabel), "
+                                    + history.label
+                                if b.profile.allocation == .sequential, attempt % 2 == 0, let base = ctx.candidatePorts.first {
+                                    ctx.lastAllocatedPort = base &+ 3
+                                    label += ", last allocated \(base &+ 3)"
+                                }
+                                out.append((label, ctx))
                             }
                         }
                     }
@@ -150,10 +162,12 @@ public enum NATModel {
             let n = Double(max(1, remoteSockets)), m = Double(probed.count)
             return 1 - Foundation.pow(1 - min(1, n / randomRange), m)
         }
-        // Sequential (or unknown allocation): the mapping is base + k·delta for k in 1...spread, uniformly.
+        // Sequential (or unknown allocation): the mapping is counter + k·delta for k in 1...spread, uniformly, where
+        // the counter is the last port the NAT allocated when the peer published it.
         let set = Set(probed)
+        let counter = ctx.sequentialBase ?? base
         let hits = (1...max(1, sequentialSpread)).filter { k in
-            remote.predictedPort(after: base, step: k).map(set.contains) ?? false
+            remote.predictedPort(after: counter, step: k).map(set.contains) ?? false
         }.count
         return Double(hits) / Double(sequentialSpread)
     }
@@ -286,7 +300,8 @@ extension NATModel {
         let probed = Array(plan.ports.prefix(plan.probedPortCount))
         let base = ctx.candidatePorts.first ?? probed.first ?? 0
         let remote = ctx.remoteNAT
-        let predicted = Set((1...max(1, sequentialSpread)).compactMap { remote.predictedPort(after: base, step: $0) })
+        let counter = ctx.sequentialBase ?? base
+        let predicted = Set((1...max(1, sequentialSpread)).compactMap { remote.predictedPort(after: counter, step: $0) })
         // The same cases as hitProbability's.
         let index: Int
         if remote.mapping == .endpointIndependent || remote.mapping == .unknown || remote.allocation == .portPreserving {

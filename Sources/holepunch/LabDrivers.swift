@@ -247,6 +247,7 @@ struct LabPeerCommand: AsyncParsableCommand {
                 var line: [String: Any] = [
                     "ok": true, "time_ms": labMilliseconds(success.timeToConnect), "rounds": success.rounds,
                     "ports": ports, "remote": "\(success.remoteAddress)", "local_port": Int(success.localPort),
+                    "candidate": success.candidate.kind.rawValue, "candidate_family": success.candidate.family.rawValue,
                 ].merging(planned) { a, _ in a }
                 if case .success(let connection) = await handle.result() {
                     line["peer_node"] = "\(connection.peerNodeID)"

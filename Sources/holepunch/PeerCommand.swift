@@ -297,7 +297,8 @@ struct PeerCommand: AsyncParsableCommand {
         case let .done(.success(success)):
             status("connected", ["path": "\(success.localPort)->\(success.remoteAddress)", "remote": success.remoteAddress.description,
                                  "localPort": Int(success.localPort), "timeToConnectMs": milliseconds(success.timeToConnect),
-                                 "rounds": success.rounds])
+                                 "rounds": success.rounds, "candidate": success.candidate.kind.rawValue,
+                                 "family": success.candidate.family.rawValue])
         case .done(.failure): break  // reported once, with a hint, by the caller
         }
     }

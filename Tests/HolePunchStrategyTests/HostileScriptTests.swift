@@ -243,6 +243,15 @@ extension LuaTests {
             ("{ ports = '1,2,3' }", "ports", nil),
             ("{ ports = ctx.ports, timout_ms = 5 }", "timout_ms", nil),
             ("{ ports = {} }", "ports", nil),
+            ("{ ports = ctx.ports, candidates = { 0 } }", "candidates[1]", nil),
+            ("{ ports = ctx.ports, candidates = { 1.5 } }", "candidates[1]", nil),
+            ("{ ports = ctx.ports, candidates = { 1, 'x' } }", "candidates[2]", nil),
+            ("{ ports = ctx.ports, candidates = { 0/0 } }", "candidates[1]", nil),
+            ("{ ports = ctx.ports, candidates = 3 }", "candidates", nil),
+            ("(function() local c = {} for i = 1, 5000 do c[i] = 1 end return { ports = ctx.ports, candidates = c } end)()", "candidates", nil),
+            ("{ ports = ctx.ports, max_candidates = 0 }", "max_candidates", nil),
+            ("{ ports = ctx.ports, max_candidates = 1e9 }", "max_candidates", nil),
+            ("{ ports = ctx.ports, max_candidates = 'all' }", "max_candidates", nil),
         ]
 
         @Test(arguments: invalidPlanFields)

@@ -139,7 +139,8 @@ extension LuaTests {
             ("ctx.remote_nat.allocation", "'sequential'"),
             ("ctx.remote_nat.port_delta", "2"),
             ("ctx.remote_nat.confidence", "0.5"),
-            ("table.concat(ctx.candidates, ',')", "'203.0.113.7,10.0.0.7'"),
+            // The host strings moved to ctx.hosts when ctx.candidates became typed (CandidatePlanTests).
+            ("table.concat(ctx.hosts, ',')", "'203.0.113.7,10.0.0.7'"),
             ("table.concat(ctx.ports, ',')", "'50000,50100'"),
             ("math.type(ctx.ports[1])", "'integer'"),
             ("ctx.local_port", "40000"),
@@ -176,7 +177,8 @@ extension LuaTests {
         @Test func unmeasuredFieldsAreNil() throws {
             let s = try LuaStrategy(source: """
                 return { plan = function(ctx)
-                    assert(ctx.rtt_ms == nil and ctx.local_port == nil)
+                    assert(ctx.rtt_ms == nil and ctx.local_port == nil and ctx.last_allocated_port == nil)
+                    assert(#ctx.candidates == 0)
                     assert(ctx.history.pair.median_ttc_ms == nil and ctx.history.peer.last_offset == nil)
                     assert(ctx.history.pair.success_rate == 0)
                     return { ports = { 1 } }

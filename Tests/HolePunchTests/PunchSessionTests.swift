@@ -12,10 +12,10 @@ struct PunchSessionTests {
 
     static func session(
         role: PunchRole = .initiator, ports: [UInt16] = [4000, 4001, 4002], rounds: Int = 3,
-        perRound: Int = 3, dialDirect: Bool = false, timeout: UInt64 = 2000
+        perRound: Int = 3, dialDirect: Bool = false, timeout: UInt64 = 2000, sockets: Int = 1
     ) -> PunchSession {
         let plan = PunchPlan(
-            ports: PortList(ports: ports), localSockets: 1, packetsPerRound: perRound,
+            ports: PortList(ports: ports), localSockets: sockets, packetsPerRound: perRound,
             interval: .milliseconds(100), rounds: rounds, timeout: .milliseconds(Int64(timeout)),
             connectTimeout: .milliseconds(500), startDelay: .zero, initialRTT: .milliseconds(50),
             dialCandidatesDirectly: dialDirect
@@ -162,33 +162,31 @@ struct PunchSessionTests {
         #expect(again.contains(.dial(id: PunchSession.maxRedials + 2, socket: 0, to: Self.address(4000))))
     }
 
-    @Test("a path proven on another local socket is dialled from that socket, even while a direct dial to the same address is in flight")
+    @Test("a birthday punch dials from the local socket the proof arrived on, and retries on that socket")
     func dialFollowsTheProvingSocket() {
-        // A birthday punch from a random-allocation NAT: the direct dial leaves from socket 0, whose mapping the
-        // peer's port-dependent filter drops; the peer's probe then arrives on extra socket 7, the only one with a
-        // mapping it lets in. Deduplicating dials by address alone left the punch waiting on the dead socket.
-        var session = Self.session(ports: [4000], dialDirect: true)
+        // A birthday punch from a random-allocation NAT: socket 0's mapping is one of many, which the peer's
+        // port-dependent filter most likely drops; the peer's probe then arrives on extra socket 7, the only one
+        // with a mapping it lets in. So a punch with several sockets makes no direct dial (it would be the one
+        // nomination in flight and hold the proven socket back) and dials socket 7 as soon as it is proven.
+        var session = Self.session(ports: [4000], dialDirect: true, sockets: 8)
         let started = session.handle(.start(now: 1000 * Self.ms))
-        #expect(started.contains(.dial(id: 1, socket: 0, to: Self.address(4000))))
+        #expect(!started.contains { if case .dial = $0 { true } else { false } })
         let proven = session.handle(.probeRequest(from: Self.address(4000), socket: 7))
-        // The proof abandons the unproven direct dial and dials over the proven path.
-        #expect(proven.contains(.abandonDial(id: 1)))
-        #expect(proven.contains(.dial(id: 2, socket: 7, to: Self.address(4000))))
+        #expect(proven.contains(.dial(id: 1, socket: 7, to: Self.address(4000))))
         // A failed handshake on the proven path is retried on the same socket.
-        #expect(session.handle(.dialFailed(id: 2, authentication: false)) == [.dial(id: 3, socket: 7, to: Self.address(4000))])
-        // The abandoned direct dial's late failure changes nothing.
-        #expect(session.handle(.dialFailed(id: 1, authentication: false)).isEmpty)
-        #expect(session.handle(.dialEstablished(id: 3)) == [.succeed(connection: 3)])
+        #expect(session.handle(.dialFailed(id: 1, authentication: false)) == [.dial(id: 2, socket: 7, to: Self.address(4000))])
+        #expect(session.handle(.dialEstablished(id: 2)) == [.succeed(connection: 2)])
     }
 
-    @Test("without a proof, a failed direct dial leaves the other direct dials running")
-    func directDialsSurviveEachOther() {
+    @Test("the seed's direct mode dials the first candidate only; its failure without a proof leaves the punch probing")
+    func directDialIsOneNomination() {
         var session = Self.session(ports: [4000, 4001, 4002], dialDirect: true)
         let started = session.handle(.start(now: 1000 * Self.ms))
-        #expect(started.filter { if case .dial = $0 { true } else { false } }.count == 3)
-        let failed = session.handle(.dialFailed(id: 1, authentication: false))
-        #expect(!failed.contains { if case .abandonDial = $0 { true } else { false } })
-        #expect(session.handle(.dialEstablished(id: 2)) == [.abandonDial(id: 3), .succeed(connection: 2)])
+        #expect(started.filter { if case .dial = $0 { true } else { false } } == [.dial(id: 1, socket: 0, to: Self.address(4000))])
+        #expect(session.handle(.dialFailed(id: 1, authentication: false)).isEmpty)
+        #expect(session.phase == .probing)
+        // The next proof is dialled.
+        #expect(session.handle(.probeResponse(from: Self.address(4002), socket: 0)).contains(.dial(id: 2, socket: 0, to: Self.address(4002))))
     }
 
     @Test("handshakes over proven paths run one at a time, oldest proof first; the next path is dialled when one is exhausted")
@@ -244,15 +242,14 @@ struct PunchSessionTests {
         #expect(session.phase == .succeeded)
     }
 
-    @Test("duplicate connections are tie-broken: the first wins, others are abandoned or closed")
+    @Test("duplicate connections are tie-broken: the first wins, others are closed")
     func duplicates() {
         var session = Self.session(dialDirect: true)
         let started = session.handle(.start(now: 1000 * Self.ms))
         let dials = started.filter { if case .dial = $0 { return true } else { return false } }
-        #expect(dials.count == 3, "the seed's mode dials the first candidates directly")
-        let won = session.handle(.dialEstablished(id: 2))
-        #expect(won == [.abandonDial(id: 1), .abandonDial(id: 3), .succeed(connection: 2)])
-        // A loser that completes anyway is closed, never delivered.
+        #expect(dials.count == 1, "the seed's mode dials the first candidate directly, one nomination at a time")
+        #expect(session.handle(.dialEstablished(id: 1)) == [.succeed(connection: 1)])
+        // A connection that completes anyway after the end is closed, never delivered.
         #expect(session.handle(.dialEstablished(id: 3)) == [.closeDuplicate(id: 3)])
         var target = Self.session(role: .target)
         _ = target.handle(.start(now: 1000 * Self.ms))

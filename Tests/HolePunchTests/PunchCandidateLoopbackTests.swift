@@ -1,0 +1,119 @@
+import Foundation
+import HolePunchNet
+import HolePunchQUIC
+import HolePunchStrategy
+import ProcessTestSupport
+import Synchronization
+import Testing
+@testable import HolePunch
+
+/// A second loopback address of the target: a relay that passes the initiator's datagrams to the target and the
+/// target's answers back, so the initiator proves the target at two addresses, as behind a hairpinning router that
+/// gives the second peer's packets another public port. Runs on its own thread until ``close()``.
+final class SecondPort: Sendable {
+    let address: SocketAddress
+    private let socket: UDPDatagramSocket
+    private let target: SocketAddress
+    private let state = Mutex<(client: SocketAddress?, running: Bool)>((nil, true))
+
+    init(to target: SocketAddress) throws {
+        socket = try UDPDatagramSocket(binding: .loopbackV4(port: 0))
+        address = socket.localAddress
+        self.target = target
+        Thread { [self] in relay() }.start()
+    }
+
+    /// Stops the thread within one poll interval; the socket closes when the last reference goes.
+    func close() { state.withLock { $0.running = false } }
+
+    private func relay() {
+        while state.withLock({ $0.running }) {
+            guard let (bytes, from) = socket.receive(timeoutMilliseconds: 20) else { continue }
+            let destination: SocketAddress? = state.withLock { state in
+                if from == target { return state.client }
+                state.client = from
+                return target
+            }
+            if let destination { _ = try? socket.send(bytes, to: destination) }
+        }
+    }
+}
+
+@Suite("Punch candidates on loopback", .serialized)
+struct PunchCandidateLoopbackTests {
+    /// The punch's success event, from its handle.
+    static func success(_ handle: PunchHandle) async -> PunchSuccess? {
+        for await event in handle.events {
+            if case .done(.success(let success)) = event { return success }
+        }
+        return nil
+    }
+
+    /// Sends a line on the initiator's connection and reads it on the target's: both hold the same connection.
+    static func sameConnection(_ dialled: QUICConnection, _ accepted: QUICConnection, _ line: String) async throws -> Bool {
+        let stream = try await dialled.openStream()
+        try await stream.write(Array(line.utf8))
+        try await stream.finish()
+        let read = try await withDeadline(.seconds(5)) { () -> String? in
+            guard let incoming = try await accepted.acceptStream() else { return nil }
+            return String(decoding: try await incoming.readToEnd(), as: UTF8.self)
+        }
+        return read == line
+    }
+
+    @Test("the target proven at two addresses, dialled directly: both sides keep the same connection, every time")
+    func twoProvenAddressesOneConnection() async throws {
+        let (a, b, initiator, target, key) = try await punchPair()
+        let second = try SecondPort(to: b.localAddress)
+        defer { second.close() }
+        let direct = FixedStrategy(perRound: 2, interval: .milliseconds(20), rounds: 20, dialDirect: true)
+        for run in 1...5 {
+            let session = "two-\(run)"
+            let dialling = await initiator.startPunch(options(
+                to: b, ports: [second.address.port, b.localAddress.port], session: session, key: key,
+                role: .initiator, expecting: PunchIdentities.b.nodeID, strategy: direct))
+            let accepting = await target.startPunch(options(to: a, session: session, key: key, role: .target,
+                                                            expecting: PunchIdentities.a.nodeID))
+            let dialled = try await dialling.value()
+            let accepted = try await accepting.value()
+            #expect(try await Self.sameConnection(dialled, accepted, "run \(run)"), "run \(run): the sides hold different connections")
+            await dialled.close()
+        }
+        await a.close()
+        await b.close()
+    }
+
+    @Test("typed candidates: a silent LAN candidate and an unreachable family are skipped, the srflx pair wins and is reported; the other proven pair becomes an extra path")
+    func typedCandidatesWin() async throws {
+        let (a, b, initiator, target, key) = try await punchPair()
+        let second = try SecondPort(to: b.localAddress)
+        defer { second.close() }
+        let silent = try SilentSocket()
+        var dialling = options(to: b, ports: [b.localAddress.port], session: "typed", key: key, role: .initiator,
+                               expecting: PunchIdentities.b.nodeID)
+        dialling.candidates = [
+            Candidate(kind: .host, address: .loopbackV4(port: silent.port)),
+            Candidate(kind: .host, address: try SocketAddress(host: "::1", port: b.localAddress.port)),
+            Candidate(kind: .serverReflexive, address: b.localAddress),
+            Candidate(kind: .portMapped, address: second.address),
+        ]
+        let handle = await initiator.startPunch(dialling)
+        let accepting = await target.startPunch(options(to: a, session: "typed", key: key, role: .target,
+                                                        expecting: PunchIdentities.a.nodeID))
+        let won = try #require(await Self.success(handle))
+        let dialled = try await handle.value()
+        let accepted = try await accepting.value()
+        #expect(try await Self.sameConnection(dialled, accepted, "typed"))
+        #expect(won.candidate.address == won.remoteAddress)
+        #expect([CandidateKind.serverReflexive, .portMapped].contains(won.candidate.kind), "won by \(won.candidate)")
+        #expect(won.candidate.family == .ipv4)
+        // The other pair the target answered on is an extra path of the connection.
+        let other = won.remoteAddress == b.localAddress ? second.address : b.localAddress
+        let added = await eventually { await dialled.paths().contains { $0.route == .direct(other) } }
+        let paths = await dialled.paths()
+        #expect(added, "paths: \(paths)")
+        await dialled.close()
+        await a.close()
+        await b.close()
+    }
+}
