@@ -83,32 +83,39 @@ struct PunchCandidateLoopbackTests {
         await b.close()
     }
 
-    @Test("typed candidates: a silent LAN candidate and an unreachable family are skipped, the srflx pair wins and is reported; the other proven pair becomes an extra path")
+    @Test("typed candidates: a silent LAN candidate and an unreachable family are skipped, a published pair wins and is reported; the other pair proven both ways becomes an extra path")
     func typedCandidatesWin() async throws {
         let (a, b, initiator, target, key) = try await punchPair()
+        // Two relayed addresses of the target, so that the proof of the second (one relay hop) arrives long before
+        // a handshake over the first (several hops) completes; the target probes a silent port, so the initiator's
+        // proofs are answers only, each proving a pair both ways.
+        let first = try SecondPort(to: b.localAddress)
         let second = try SecondPort(to: b.localAddress)
-        defer { second.close() }
+        defer {
+            first.close()
+            second.close()
+        }
         let silent = try SilentSocket()
         var dialling = options(to: b, ports: [b.localAddress.port], session: "typed", key: key, role: .initiator,
                                expecting: PunchIdentities.b.nodeID)
         dialling.candidates = [
             Candidate(kind: .host, address: .loopbackV4(port: silent.port)),
             Candidate(kind: .host, address: try SocketAddress(host: "::1", port: b.localAddress.port)),
-            Candidate(kind: .serverReflexive, address: b.localAddress),
+            Candidate(kind: .serverReflexive, address: first.address),
             Candidate(kind: .portMapped, address: second.address),
         ]
         let handle = await initiator.startPunch(dialling)
-        let accepting = await target.startPunch(options(to: a, session: "typed", key: key, role: .target,
-                                                        expecting: PunchIdentities.a.nodeID))
+        let accepting = await target.startPunch(options(to: a, ports: [silent.port], session: "typed", key: key,
+                                                        role: .target, expecting: PunchIdentities.a.nodeID))
         let won = try #require(await Self.success(handle))
         let dialled = try await handle.value()
         let accepted = try await accepting.value()
         #expect(try await Self.sameConnection(dialled, accepted, "typed"))
         #expect(won.candidate.address == won.remoteAddress)
-        #expect([CandidateKind.serverReflexive, .portMapped].contains(won.candidate.kind), "won by \(won.candidate)")
+        #expect([first.address, second.address].contains(won.remoteAddress), "won by \(won.candidate)")
+        #expect(won.candidate.kind == (won.remoteAddress == first.address ? .serverReflexive : .portMapped))
         #expect(won.candidate.family == .ipv4)
-        // The other pair the target answered on is an extra path of the connection.
-        let other = won.remoteAddress == b.localAddress ? second.address : b.localAddress
+        let other = won.remoteAddress == first.address ? second.address : first.address
         let added = await eventually { await dialled.paths().contains { $0.route == .direct(other) } }
         let paths = await dialled.paths()
         #expect(added, "paths: \(paths)")
