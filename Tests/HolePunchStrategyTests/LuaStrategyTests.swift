@@ -28,7 +28,12 @@ import Testing
         peerHistory: HistorySummary(attempts: 2, successes: 1, medianTimeToConnect: .milliseconds(300), lastWinningOffset: -1),
         role: .target,
         seed: 0xDEAD_BEEF,
-        peerID: "node-7"
+        peerID: "node-7",
+        candidates: [
+            Candidate(kind: .host, address: try! SocketAddress(host: "10.0.0.7", port: 50200)),
+            Candidate(kind: .serverReflexive, address: try! SocketAddress(host: "203.0.113.7", port: 50000), priority: 7),
+            Candidate(kind: .host, address: try! SocketAddress(host: "2001:db8::7", port: 50300)),
+        ]
     )
 
     static let minimal = "return { plan = function(ctx) return { ports = ctx.ports } end }"
@@ -139,8 +144,20 @@ extension LuaTests {
             ("ctx.remote_nat.allocation", "'sequential'"),
             ("ctx.remote_nat.port_delta", "2"),
             ("ctx.remote_nat.confidence", "0.5"),
-            // The host strings moved to ctx.hosts when ctx.candidates became typed (CandidatePlanTests).
+            // The host strings moved to ctx.hosts when ctx.candidates became typed.
             ("table.concat(ctx.hosts, ',')", "'203.0.113.7,10.0.0.7'"),
+            ("#ctx.candidates", "3"),
+            ("ctx.candidates[1].kind", "'host'"),
+            ("ctx.candidates[1].family", "'ipv4'"),
+            ("ctx.candidates[1].address", "'10.0.0.7'"),
+            ("ctx.candidates[1].host", "'10.0.0.7'"),
+            ("ctx.candidates[1].port", "50200"),
+            ("math.type(ctx.candidates[1].port)", "'integer'"),
+            ("ctx.candidates[2].kind", "'srflx'"),
+            ("ctx.candidates[2].priority", "7"),
+            ("ctx.candidates[3].family", "'ipv6'"),
+            ("ctx.candidates[3].address", "'2001:db8::7'"),
+            ("ctx.last_allocated_port", "nil"),
             ("table.concat(ctx.ports, ',')", "'50000,50100'"),
             ("math.type(ctx.ports[1])", "'integer'"),
             ("ctx.local_port", "40000"),
@@ -162,6 +179,7 @@ extension LuaTests {
             ("ctx.limits.max_ports", "2048"),
             ("ctx.limits.max_sockets", "256"),
             ("ctx.limits.max_handshake_copies", "3"),
+            ("ctx.limits.max_candidates", "16"),
         ])
         func contextFieldArrives(expr: String, expected: String) throws {
             let s = try LuaStrategy(source: """
