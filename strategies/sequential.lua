@@ -11,8 +11,11 @@ local function plan(ctx)
     end
     local delta = remote.port_delta ~= 0 and remote.port_delta or 1
     local ahead = 16 * ctx.attempt
+    -- The NAT's counter stands at the last port it allocated when the peer published it (NAT discovery and other
+    -- flows move it after registration); otherwise at the advertised port.
+    local counter = ctx.last_allocated_port or base
     -- The allocation just after the advertised one is the most likely; a few before it cover reordering.
-    local ports = hp.merge(ctx.ports, hp.sequence(base + delta, delta, ahead), hp.sequence(base - delta, -delta, 4))
+    local ports = hp.merge(ctx.ports, hp.sequence(counter + delta, delta, ahead), hp.sequence(counter - delta, -delta, 4))
     local interval = hp.clamp(rtt / 2, 20, 200)
     local packets = math.min(#ports, math.max(1, math.floor(ctx.limits.max_pps * interval / 1000)))
     local rounds = hp.clamp(math.ceil(#ports / packets) + 3, 5, 200)

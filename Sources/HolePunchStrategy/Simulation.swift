@@ -242,19 +242,31 @@ public enum StrategySimulator {
     ///
     /// `peer` is the target side's own copy of the strategy (two peers never share a script's state); when nil,
     /// `strategy` plans both sides and only the initiator's outcomes are reported to its `on_result`.
+    ///
+    /// `counterMoved`: each NAT's port counter moved this many ports past the registration's port before the punch
+    /// (NAT discovery and other flows allocate too), and each peer published the last port its NAT allocated
+    /// (`ctx.last_allocated_port`); the model aims a sequential NAT's mapping from there. Nil: nothing published,
+    /// the counter is at the registration's port.
     public static func simulate(_ strategy: any PunchStrategy, peer: (any PunchStrategy)? = nil,
                                 pairs: [(SimulatedNAT, SimulatedNAT)]? = nil,
                                 rtt: Duration = .milliseconds(80), attempts: Int = 3,
-                                limits: PlanLimits = .default) -> [SimulationRow] {
+                                limits: PlanLimits = .default, counterMoved: Int? = nil) -> [SimulationRow] {
+        func published(_ ctx: PunchContext) -> PunchContext {
+            var ctx = ctx
+            if let moved = counterMoved, let base = ctx.candidatePorts.first {
+                ctx.lastAllocatedPort = UInt16(clamping: min(65535, Int(base) + moved))
+            }
+            return ctx
+        }
         let pairs = pairs ?? SimulatedNAT.all.flatMap { a in SimulatedNAT.all.map { (a, $0) } }
         var rows: [SimulationRow] = []
         for (a, b) in pairs {
             let historyA = PunchHistory(), historyB = PunchHistory()
             for attempt in 1...max(1, attempts) {
-                let ctxA = historyA.fill(
-                    StrategyCheck.context(local: a, remote: b, role: .initiator, attempt: attempt, rtt: rtt))
-                let ctxB = historyB.fill(
-                    StrategyCheck.context(local: b, remote: a, role: .target, attempt: attempt, rtt: rtt))
+                let ctxA = historyA.fill(published(
+                    StrategyCheck.context(local: a, remote: b, role: .initiator, attempt: attempt, rtt: rtt)))
+                let ctxB = historyB.fill(published(
+                    StrategyCheck.context(local: b, remote: a, role: .target, attempt: attempt, rtt: rtt)))
                 var failure: String?
                 func note(_ error: any Error, _ hook: String) {
                     if failure == nil { failure = "\(hook): " + StrategyError.wrapping(error).description }

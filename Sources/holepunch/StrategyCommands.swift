@@ -150,6 +150,9 @@ struct StrategySimulateCommand: AsyncParsableCommand {
     @Option(help: "Attempts to replay per pair, each learning from the ones before (1–10).")
     var attempts: Int = 3
 
+    @Option(help: "Each NAT's port counter moved this many ports after registration, and each peer published the last port its NAT allocated (ctx.last_allocated_port), 0–1000.")
+    var counterMoved: Int?
+
     @Flag(help: "Machine-readable JSON output.")
     var json = false
 
@@ -157,6 +160,7 @@ struct StrategySimulateCommand: AsyncParsableCommand {
 
     func validate() throws {
         guard rtt.isFinite, rtt >= 0, rtt <= 60_000 else { throw ValidationError("--rtt must be in 0...60000 ms") }
+        if let counterMoved, !(0...1000).contains(counterMoved) { throw ValidationError("--counter-moved must be in 0...1000") }
         guard (1...10).contains(attempts) else { throw ValidationError("--attempts must be in 1...10") }
         _ = try parsedPair()
     }
@@ -186,7 +190,7 @@ struct StrategySimulateCommand: AsyncParsableCommand {
             throw ExitCode.failure
         }
         let rows = StrategySimulator.simulate(strategy, peer: peer, pairs: try parsedPair(), rtt: .fromMilliseconds(rtt),
-                                              attempts: attempts)
+                                              attempts: attempts, counterMoved: counterMoved)
         if json {
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]

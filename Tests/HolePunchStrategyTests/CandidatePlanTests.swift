@@ -66,6 +66,26 @@ extension LuaTests {
             #expect(Array(unknown.ports.prefix(3)) == [50002, 50004, 50006], "from the reflexive port when unknown")
         }
 
+        @Test func simulatorModelsAMovedCounter() throws {
+            // The NAT counter moved 40 ports past registration: a plan that counts from the published last
+            // allocated port meets the peer's mapping; one that counts from the registration's port cannot.
+            let pair: [(SimulatedNAT, SimulatedNAT)] = [(.named("port_restricted")!, .named("symmetric_seq")!)]
+            let ignoring = """
+                return { plan = function(ctx)
+                    return { ports = hp.merge(ctx.ports, hp.sequence(ctx.ports[1] + 1, 1, 8)), packets_per_round = 9 }
+                end }
+                """
+            for (script, moved, expected) in [(ignoring, nil, 1.0), (ignoring, 40, 0.0)] as [(String, Int?, Double)] {
+                let rows = StrategySimulator.simulate(try LuaStrategy(source: script), pairs: pair, attempts: 1, counterMoved: moved)
+                #expect(rows.first?.successProbability == expected, "moved \(moved.map(String.init) ?? "nil")")
+            }
+            for name in ["default", "sequential"] {
+                let rows = StrategySimulator.simulate(try LuaStrategy(path: LuaTests.shippedPath(name)), pairs: pair,
+                                                      attempts: 1, counterMoved: 40)
+                #expect(rows.first?.successProbability == 1, "\(name).lua")
+            }
+        }
+
         @Test func swiftFallbackPredictsFromTheLastAllocatedPort() {
             let known = DefaultStrategy().plan(Self.sequentialContext(lastAllocated: 50010))
             #expect(Array(known.ports) == [50000, 50012, 50014, 50016, 50018, 50020])
