@@ -20,7 +20,8 @@ import Glibc
 /// belong to no punch are passed on through ``otherDatagrams(_:)`` and ``otherConnections``.
 ///
 /// The executor's work is split by job across files: this one holds its state and public API; planning
-/// (`PunchPlanning.swift`), the birthday socket set (`PunchSocketSet.swift`), probe routing and the endpoint wiring
+/// (`PunchPlanning.swift`), the peer's candidates and their probe targets (`PunchCandidates.swift`), the birthday
+/// socket set (`PunchSocketSet.swift`), probe routing and the endpoint wiring
 /// (`PunchProbeRouting.swift`), performing the session's actions (`PunchActions.swift`), ending a punch
 /// (`PunchCompletion.swift`), the live-session table and handshake admission (`Admission.swift`) and the SNI
 /// encoding (`PunchServerName.swift`).

@@ -9,7 +9,8 @@ struct PunchSession {
     /// What the session needs to know up front.
     struct Configuration {
         var role: PunchRole
-        /// The peer's candidate addresses, in the plan's port order.
+        /// The addresses probes go to, in the order rounds walk them: the plan's ports on the peer's host, or every
+        /// checked candidate's targets interleaved (`CandidateChecks`).
         var candidates: [SocketAddress]
         /// The validated plan.
         var plan: PunchPlan

@@ -109,7 +109,8 @@ public struct PunchPlan: Sendable, Hashable, Codable {
     public var startDelay: Duration
     /// Initial RTT estimate handed to QUIC for the handshake.
     public var initialRTT: Duration
-    /// Also send QUIC Initials to candidate ports directly (the seed's "both connect, one wins" mode).
+    /// Also dial the first candidate directly, before any probe proved it (the seed's direct mode; the executor does
+    /// so only for a punch from one local socket, and keeps one handshake in flight at a time).
     public var dialCandidatesDirectly: Bool
     /// Optional IP TTL for the first round of probes: enough to open our own NAT, too low to reach the
     /// peer's NAT and trip its filter before it has punched. Nil means the system default.
