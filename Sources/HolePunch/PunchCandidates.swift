@@ -33,7 +33,10 @@ struct CandidateChecks: Sendable {
 
     /// Builds the checked candidates and their targets for `plan`, and returns the plan the session runs: with
     /// several candidates a round holds at least one probe per candidate (never more than there are targets),
-    /// and the interval is stretched again so that all of them together stay within `limits`' packet rate.
+    /// and the interval is stretched again so that all of them together stay within `limits`' packet rate. A
+    /// direct dial (the one handshake the initiator nominates before any proof) is made only when one candidate is
+    /// checked: with several it is a guess, and a wrong one (a LAN address behind someone else's router) would hold
+    /// the proven pair back for a whole connect timeout.
     mutating func build(_ plan: PunchPlan, limits: PlanLimits) -> PunchPlan {
         checked = typed ? ordered(plan, limits: limits) : Array(pool.prefix(1))
         var lists: [[SocketAddress]] = []
@@ -56,6 +59,7 @@ struct CandidateChecks: Sendable {
         var widened = plan
         let perRound = min(max(plan.packetsPerRound, checked.count), targets.count, max(1, limits.maxPacketsPerRound))
         widened.packetsPerRound = max(1, perRound)
+        widened.dialCandidatesDirectly = plan.dialCandidatesDirectly && checked.count == 1
         _ = widened.capRate(limits)
         return widened
     }

@@ -45,6 +45,18 @@ struct PunchCandidatesTests {
         #expect(sessionPlan.interval == .milliseconds(30), "stretched from 10 ms: 3 probes at 100/s")
     }
 
+    @Test("a direct dial before any proof only when one candidate is checked")
+    func directDialOnlyForOneCandidate() {
+        var direct = Self.plan
+        direct.dialCandidatesDirectly = true
+        var several = CandidateChecks(pool: [Self.lan, Self.srflx], base: 50000, typed: true)
+        #expect(several.build(direct, limits: .default).dialCandidatesDirectly == false)
+        var one = CandidateChecks(pool: [Self.srflx], base: 50000, typed: true)
+        #expect(one.build(direct, limits: .default).dialCandidatesDirectly == true)
+        var legacy = CandidateChecks(pool: [Self.srflx, Self.mapped], base: 50000, typed: false)
+        #expect(legacy.build(direct, limits: .default).dialCandidatesDirectly == true)
+    }
+
     @Test("the plan orders, drops and caps candidates; the limits cap them too")
     func orderAndCap() {
         var checks = CandidateChecks(pool: [Self.lan, Self.srflx, Self.mapped], base: 50000, typed: true)
