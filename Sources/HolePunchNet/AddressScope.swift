@@ -203,8 +203,7 @@ public struct CandidateFilter: Sendable, Hashable {
             && (observed.address.scope != .private || rendezvous.scope == .private)
         if observedOK { out.append(observed) }
         let sharesNAT = observedOK && ourObserved.map { $0.ip == observed.address.ip } == true
-        for candidate in candidates.dropFirst() where isProbeable(candidate.address)
-            && !out.contains(where: { $0.address == candidate.address }) {
+        for candidate in candidates.dropFirst() where isProbeable(candidate.address) {
             let address = candidate.address
             let allowed: Bool
             switch (candidate.kind, address.scope) {
@@ -220,7 +219,10 @@ public struct CandidateFilter: Sendable, Hashable {
             }
             if allowed { out.append(candidate) }
         }
-        // Stable: equal priorities keep the rendezvous's order (observed address first).
-        return out.enumerated().sorted { ($0.element.priority, -$0.offset) > ($1.element.priority, -$1.offset) }.map(\.element)
+        // Stable: equal priorities keep the rendezvous's order (observed address first). Then one entry per address,
+        // the one with the higher priority (an IPv6 host address is often its srflx address too).
+        let sorted = out.enumerated().sorted { ($0.element.priority, -$0.offset) > ($1.element.priority, -$1.offset) }
+        var seen: Set<SocketAddress> = []
+        return sorted.map(\.element).filter { seen.insert($0.address).inserted }
     }
 }
