@@ -2,6 +2,7 @@ import Foundation
 import HolePunch
 @testable import HolePunchCluster
 import HolePunchQUIC
+import HolePunchNet
 import HolePunchRendezvous
 import ProcessTestSupport
 import Testing

@@ -31,10 +31,15 @@ struct HostCandidatesTests {
 
     @Test("a host with hundreds of interfaces publishes at most maxPerFamily addresses of each family")
     func bounded() {
-        let many = (0..<300).flatMap { n in
-            [InterfaceAddress(name: "veth\(n)", ip: .v4(10, UInt8(n / 250), UInt8(n % 250), 1)),
-             InterfaceAddress(name: "veth\(n)", ip: .v6([0x20, 0x01, 0x0d, 0xb8] + [UInt8](repeating: 0, count: 10)
-                                                         + [UInt8(n >> 8), UInt8(n & 0xFF)]))]
+        var many: [InterfaceAddress] = []
+        for n in 0..<300 {
+            let low = UInt8(n & 0xFF)
+            let high = UInt8(n >> 8)
+            var v6: [UInt8] = [0x20, 0x01, 0x0d, 0xb8]
+            v6 += [UInt8](repeating: 0, count: 10)
+            v6 += [high, low]
+            many.append(InterfaceAddress(name: "veth\(n)", ip: .v4(10, high, low, 1)))
+            many.append(InterfaceAddress(name: "veth\(n)", ip: .v6(v6)))
         }
         let gathered = HostCandidates.select(many, port: 1, families: [.ipv4, .ipv6], excluding: [])
         #expect(gathered.filter { $0.family == .ipv4 }.count == HostCandidates.maxPerFamily)
