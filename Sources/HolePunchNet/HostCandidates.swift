@@ -25,7 +25,7 @@ package struct InterfaceAddress: Sendable, Hashable {
 /// The `host` candidates of this machine: the addresses of its usable interfaces, which a peer behind the same
 /// router (no hairpinning) or on the same IPv6 network reaches directly.
 ///
-/// The rules (``select(_:port:families:excluding:)``): interfaces that are down or loopback are skipped, and so are
+/// The rules (`select(_:port:families:excluding:)`): interfaces that are down or loopback are skipped, and so are
 /// loopback, link-local (meaningless beyond one link), unspecified and never-a-target addresses
 /// (`AddressScope/isNeverAProbeTarget`), addresses the user excludes, and duplicates. At most ``maxPerFamily``
 /// addresses per family are kept, in interface order, so a host with hundreds of interfaces (containers, VPNs)
