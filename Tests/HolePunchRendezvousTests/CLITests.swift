@@ -89,6 +89,8 @@ struct CLITests {
         ["peer", "--rendezvous", "127.0.0.1:9", "--rendezvous-id", String(repeating: "a", count: 52), "--identity",
          "id.pem", "--connect", "not-a-node-id"],
         ["strategy", "simulate", "builtin", "--attempts", "0"],
+        ["peer", "--rendezvous", "127.0.0.1:9", "--rendezvous-id", String(repeating: "a", count: 52), "--identity",
+         "id.pem", "--exclude-address", "not-an-ip"],
         // Values out of range are refused before anything runs, not clamped or run with.
         ["peer", "--rendezvous", "127.0.0.1:9", "--rendezvous-id", String(repeating: "a", count: 52), "--identity",
          "id.pem", "--connect", String(repeating: "a", count: 52), "--timeout", "0"],
