@@ -313,7 +313,8 @@ public actor RendezvousClient {
     /// Runs RFC 5780 NAT behaviour discovery from the punch socket against `server` (by default the STUN
     /// responder the rendezvous advertised), and remembers the profile for later punches.
     ///
-    /// Extra sockets for the allocation test bind to the punch socket's IP, port 0.
+    /// Extra sockets for the allocation test bind to the punch socket's IP, port 0 (a wildcard punch socket: the
+    /// wildcard of the server's family).
     ///
     /// - Throws: ``RendezvousError`` `protocolViolation` when no STUN server is known; `CancellationError`.
     public func discoverNAT(server: SocketAddress? = nil, configuration discovery: NATDiscovery.Configuration = .init())
@@ -326,7 +327,11 @@ public actor RendezvousClient {
         await transport.install(executor: executor)
         defer { transport.finish() }
         let local = executor.endpoint.localAddress
-        let fresh = SocketAddress(ip: local.ip, port: 0)
+        // A wildcard punch socket may be dual-stack (`::`) while the server is IPv4: the extra sockets are plain
+        // single-family ones, so they bind the wildcard of the server's family.
+        let wildcard = local.ipBytes.allSatisfy { $0 == 0 }
+        let fresh = !wildcard ? SocketAddress(ip: local.ip, port: 0)
+            : target.isIPv6 ? SocketAddress(ip: .v6([UInt8](repeating: 0, count: 16)), port: 0) : .anyV4(port: 0)
         let client = NATDiscoveryClient(server: target, transport: transport,
                                         makeExtraTransport: { try UDPSTUNTransport(binding: fresh) },
                                         configuration: discovery)
