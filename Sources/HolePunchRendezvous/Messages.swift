@@ -14,13 +14,19 @@ public struct Registered: Codable, Sendable, Hashable {
     public var keepAliveMilliseconds: Int
     /// The server's STUN responder (primary address), if it runs one, for NAT behaviour discovery.
     public var stunServer: SocketAddress?
+    /// The primary STUN address of each IP family the server answers STUN on (at most
+    /// `RendezvousMessageLimits.maxSTUNServers`): a peer registered over one family sends a binding to the other
+    /// family's from its punch socket and publishes the answer as a `srflx` candidate.
+    public var stunServers: [SocketAddress]
 
     /// Creates a confirmation.
-    public init(observedAddress: SocketAddress, ttlMilliseconds: Int, keepAliveMilliseconds: Int, stunServer: SocketAddress?) {
+    public init(observedAddress: SocketAddress, ttlMilliseconds: Int, keepAliveMilliseconds: Int, stunServer: SocketAddress?,
+                stunServers: [SocketAddress] = []) {
         self.observedAddress = observedAddress
         self.ttlMilliseconds = ttlMilliseconds
         self.keepAliveMilliseconds = keepAliveMilliseconds
         self.stunServer = stunServer
+        self.stunServers = stunServers
     }
 
     /// Decodes and validates (``validate()``): a server cannot hand the client absurd timers.
@@ -29,16 +35,22 @@ public struct Registered: Codable, Sendable, Hashable {
         self.init(observedAddress: try c.decode(SocketAddress.self, forKey: .observedAddress),
                   ttlMilliseconds: try c.decode(Int.self, forKey: .ttlMilliseconds),
                   keepAliveMilliseconds: try c.decode(Int.self, forKey: .keepAliveMilliseconds),
-                  stunServer: try c.decodeIfPresent(SocketAddress.self, forKey: .stunServer))
+                  stunServer: try c.decodeIfPresent(SocketAddress.self, forKey: .stunServer),
+                  stunServers: try c.decodeIfPresent([SocketAddress].self, forKey: .stunServers) ?? [])
         try validate()
     }
 
-    /// Checks the timers against `RendezvousMessageLimits`.
+    /// Checks the timers and the STUN addresses against `RendezvousMessageLimits`: a server cannot aim the
+    /// client's bindings at a multicast, broadcast or unspecified address, or at many addresses.
     ///
     /// - Throws: ``RendezvousError`` `protocolViolation` naming the field.
     public func validate() throws(RendezvousError) {
         try RendezvousMessageLimits.check("ttlMilliseconds", ttlMilliseconds, RendezvousMessageLimits.ttlMilliseconds)
         try RendezvousMessageLimits.check("keepAliveMilliseconds", keepAliveMilliseconds, 1...ttlMilliseconds)
+        try RendezvousMessageLimits.check("stunServers count", stunServers.count, 0...RendezvousMessageLimits.maxSTUNServers)
+        if let bad = stunServers.first(where: { $0.port == 0 || $0.scope.isNeverAProbeTarget }) {
+            throw RendezvousMessageLimits.violation("stunServers", "\(bad) is not a STUN server address")
+        }
     }
 }
 

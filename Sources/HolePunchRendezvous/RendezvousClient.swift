@@ -45,7 +45,7 @@ public actor RendezvousClient {
     var closedReason: RendezvousError?
     private var localNAT: NATProfile = .unknown
     /// The latest registration sent, so that a profile refinement keeps its candidates.
-    private var lastRegistration = Registration()
+    var lastRegistration = Registration()
     private var natDiscovery: Task<Result<NATBehaviour, RendezvousError>, Never>?
     /// Target-role coordinate messages received so far.
     public internal(set) var targetCoordinates = 0
@@ -95,9 +95,18 @@ public actor RendezvousClient {
         track(reader)
         let confirmed = try await register(registration)
         track(Task { await self.keepAliveLoop() })
-        if let discovery = configuration.backgroundNATDiscovery, registration.nat == nil,
-           let stun = configuration.natDiscoveryServer ?? confirmed.stunServer {
-            startNATDiscovery(server: stun, configuration: discovery)
+        let discovery = configuration.backgroundNATDiscovery.flatMap { discovery in
+            registration.nat == nil ? (configuration.natDiscoveryServer ?? confirmed.stunServer).map { (discovery, $0) } : nil
+        }
+        if confirmed.stunServers.contains(where: { $0.family != confirmed.observedAddress.family }),
+           executor.endpoint.reachableFamilies.count > 1 {
+            // Discovery waits for the binding: both read the punch socket's STUN answers.
+            track(Task {
+                await self.publishOtherFamilyReflexive(confirmed)
+                if let (configuration, server) = discovery { self.startNATDiscovery(server: server, configuration: configuration) }
+            })
+        } else if let (configuration, server) = discovery {
+            startNATDiscovery(server: server, configuration: configuration)
         }
         return confirmed
     }

@@ -9,6 +9,8 @@ package enum RendezvousMessageLimits {
     package static let maxPublishedCandidates = 12
     /// Most candidates in a coordinate message: the observed address plus the published ones.
     package static let maxCandidates = 1 + maxPublishedCandidates
+    /// Most STUN addresses a `Registered` may advertise: one per family, with room for an alternate.
+    package static let maxSTUNServers = 4
     /// Session ids: 1 to 64 characters of `[0-9A-Za-z-]` (the server draws 32 lowercase hex digits); they appear
     /// in probe USERNAMEs (where `:` separates) and in TLS server names.
     package static let maxSessionIDLength = 64

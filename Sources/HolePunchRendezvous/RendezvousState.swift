@@ -43,7 +43,7 @@ public struct RendezvousState: Sendable {
     /// not the peer's, a `srflx` of the observed family), is refused with `protocolViolation` and changes nothing.
     public mutating func register(
         node: NodeID, connection: UInt64, observed: SocketAddress, registration: Registration,
-        stunServer: SocketAddress? = nil, now: Duration
+        stunServer: SocketAddress? = nil, stunServers: [SocketAddress] = [], now: Duration
     ) -> [Action] {
         func refuse(_ message: String) -> [Action] {
             [.send(.error(ErrorReply(requestID: nil, code: RendezvousError.Code.protocolViolation.name, message: message)),
@@ -85,7 +85,8 @@ public struct RendezvousState: Sendable {
         let ttl = configuration.registrationTTL
         actions.append(.send(.registered(Registered(
             observedAddress: observed, ttlMilliseconds: Int(ttl / .milliseconds(1)),
-            keepAliveMilliseconds: Int(ttl / .milliseconds(3)), stunServer: stunServer
+            keepAliveMilliseconds: Int(ttl / .milliseconds(3)), stunServer: stunServer,
+            stunServers: Array(stunServers.prefix(RendezvousMessageLimits.maxSTUNServers))
         )), to: node, after: .zero))
         return actions
     }

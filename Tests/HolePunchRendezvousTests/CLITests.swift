@@ -98,6 +98,7 @@ struct CLITests {
         ["rendezvous", "--listen", "127.0.0.1:0", "--no-stun", "--registration-ttl", "0"],
         ["rendezvous", "--listen", "127.0.0.1:0", "--no-stun", "--rate-burst", "0"],
         ["rendezvous", "--listen", "127.0.0.1:0", "--no-stun", "--start-delay-ms=-1"],
+        ["rendezvous", "--listen", "127.0.0.1:0", "--stun-other", "127.0.0.2:7001"],
     ])
     func badArgumentsExit64(_ arguments: [String]) async throws {
         guard let binary = holepunchBinaryOrSkip() else { return }

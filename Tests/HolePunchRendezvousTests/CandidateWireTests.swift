@@ -82,6 +82,22 @@ struct CandidateWireTests {
         }
     }
 
+    @Test("Registered advertises at most maxSTUNServers usable STUN addresses")
+    func stunServers() throws {
+        let registered = ServerMessage.registered(Registered(observedAddress: addrA, ttlMilliseconds: 30_000,
+                                                             keepAliveMilliseconds: 10_000, stunServer: nil,
+                                                             stunServers: [a("127.0.0.1:7001"), a("[::1]:7001")]))
+        func refused(_ body: [UInt8]) -> Bool {
+            if case .failure(let error) = decodeResult(ServerMessage.self, body) { return error.code == .protocolViolation }
+            return false
+        }
+        #expect(!refused(Array(RendezvousFraming.frame(registered).dropFirst(4))))
+        #expect(refused(try body(registered, setting: "stunServers", to: ["224.0.0.1:3478"])))
+        #expect(refused(try body(registered, setting: "stunServers", to: ["127.0.0.1:0"])))
+        #expect(refused(try body(registered, setting: "stunServers",
+                                 to: [String](repeating: "127.0.0.1:7001", count: RendezvousMessageLimits.maxSTUNServers + 1))))
+    }
+
     @Test("a coordinate must lead with the observed srflx address")
     func coordinateLeadsWithObserved() {
         var coordinate = sampleCoordinate()

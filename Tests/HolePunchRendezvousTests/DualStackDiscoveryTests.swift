@@ -2,6 +2,7 @@ import HolePunch
 import HolePunchNet
 import HolePunchQUIC
 import HolePunchSTUN
+import ProcessTestSupport
 import Testing
 @testable import HolePunchRendezvous
 
@@ -34,5 +35,42 @@ struct DualStackDiscoveryTests {
         #expect(!allocation.isEmpty)
         #expect(allocation.allSatisfy { $0.outcome == "answered" }, "\(allocation.map { $0.outcome })")
         #expect(behaviour.evidence.lastAllocatedPort != nil)
+    }
+}
+
+@Suite("The other family's reflexive address", .serialized)
+struct OtherFamilyReflexiveTests {
+    @Test("a dual-stack peer registered over IPv4 learns its IPv6 reflexive address from the advertised responder and publishes it as srflx")
+    func learnsAndPublishes() async throws {
+        let loopback6 = SocketAddress(ip: .v6([UInt8](repeating: 0, count: 15) + [1]), port: 0)
+        let wildcard6 = SocketAddress(ip: .v6([UInt8](repeating: 0, count: 16)), port: 0)
+        guard let endpoint = try? await Endpoint.bind(wildcard6, configuration: EndpointConfiguration(identity: Identities.a, acceptPolicy: .none)) else {
+            return  // no IPv6 on this host
+        }
+        guard endpoint.reachableFamilies == [.ipv4, .ipv6] else {
+            await endpoint.close()
+            return  // net.ipv6.bindv6only=1
+        }
+        var configuration = RendezvousServerConfiguration(
+            listen: .loopbackV4(port: 0), identity: Identities.server,
+            stun: STUNResponderConfiguration(primary: .loopbackV4(port: 0)), housekeepingInterval: .milliseconds(100))
+        configuration.otherFamilySTUN = STUNResponderConfiguration(primary: loopback6)
+        let server = try await RendezvousServer.bind(configuration: configuration)
+        let task = Task { try await server.run() }
+        #expect(server.advertisedSTUN.map(\.family) == [.ipv4, .ipv6])
+        let client = RendezvousClient(executor: PunchExecutor(endpoint: endpoint), configuration: RendezvousClientConfiguration(
+            server: server.address, serverNodeID: server.nodeID, requestTimeout: .seconds(5)))
+        let confirmed = try await client.connect(Registration())
+        #expect(confirmed.stunServers == server.advertisedSTUN)
+        let published = await eventually(.seconds(10)) {
+            await client.lastRegistration.candidates.contains { $0.kind == .serverReflexive && $0.family == .ipv6 }
+        }
+        #expect(published, "no IPv6 srflx candidate was registered")
+        let srflx = await client.lastRegistration.candidates.first { $0.kind == .serverReflexive }
+        #expect(srflx?.address == SocketAddress(ip: loopback6.ip, port: endpoint.localAddress.port))
+        await client.close()
+        await endpoint.close()
+        await server.shutdown()
+        _ = await task.result
     }
 }
