@@ -108,23 +108,14 @@ public actor RendezvousServer: Service {
         } catch {
             throw RendezvousError(.connectionFailed, "cannot listen on \(configuration.listen): \(error)")
         }
-        var stun: STUNServer?
-        if let stunConfiguration = configuration.stun {
-            do {
-                stun = try STUNServer(configuration: stunConfiguration)
-            } catch {
-                await endpoint.close()
-                throw RendezvousError(.connectionFailed, "cannot bind the STUN responder: \(error)")
-            }
-        }
-        var other: STUNServer?
-        if let otherConfiguration = configuration.otherFamilySTUN {
-            do {
-                other = try STUNServer(configuration: otherConfiguration)
-            } catch {
-                await endpoint.close()
-                throw RendezvousError(.connectionFailed, "cannot bind the other family's STUN responder: \(error)")
-            }
+        let stun: STUNServer?
+        let other: STUNServer?
+        do {
+            stun = try configuration.stun.map { configuration throws(STUNError) in try STUNServer(configuration: configuration) }
+            other = try configuration.otherFamilySTUN.map { configuration throws(STUNError) in try STUNServer(configuration: configuration) }
+        } catch {
+            await endpoint.close()
+            throw RendezvousError(.connectionFailed, "cannot bind the STUN responder: \(error)")
         }
         return RendezvousServer(endpoint: endpoint, stun: stun, otherSTUN: other, configuration: configuration, logger: logger)
     }

@@ -6,18 +6,25 @@ import ProcessTestSupport
 import Testing
 @testable import HolePunchRendezvous
 
+/// A punch endpoint on `[::]:0` that reaches both families; nil (the test then has nothing to check) when the host
+/// has no IPv6 or `net.ipv6.bindv6only=1` makes the socket IPv6-only.
+func dualStackEndpoint() async -> Endpoint? {
+    let wildcard6 = SocketAddress(ip: .v6([UInt8](repeating: 0, count: 16)), port: 0)
+    guard let endpoint = try? await Endpoint.bind(wildcard6, configuration: EndpointConfiguration(identity: Identities.a, acceptPolicy: .none)) else {
+        return nil
+    }
+    guard endpoint.reachableFamilies == [.ipv4, .ipv6] else {
+        await endpoint.close()
+        return nil
+    }
+    return endpoint
+}
+
 @Suite("NAT discovery from a dual-stack punch socket", .serialized)
 struct DualStackDiscoveryTests {
     @Test("a punch socket on :: measures against an IPv4 STUN server: its extra sockets bind that server's family")
     func extraSocketsFollowTheServer() async throws {
-        let wildcard6 = SocketAddress(ip: .v6([UInt8](repeating: 0, count: 16)), port: 0)
-        guard let endpoint = try? await Endpoint.bind(wildcard6, configuration: EndpointConfiguration(identity: Identities.a, acceptPolicy: .none)) else {
-            return  // no IPv6 on this host
-        }
-        guard endpoint.reachableFamilies == [.ipv4, .ipv6] else {
-            await endpoint.close()
-            return  // net.ipv6.bindv6only=1
-        }
+        guard let endpoint = await dualStackEndpoint() else { return }
         let stun = try STUNServer(configuration: .init(primary: .loopbackV4(port: 0), alternatePort: 0))
         try stun.start()
         defer { stun.stop() }
@@ -43,14 +50,7 @@ struct OtherFamilyReflexiveTests {
     @Test("a dual-stack peer registered over IPv4 learns its IPv6 reflexive address from the advertised responder and publishes it as srflx")
     func learnsAndPublishes() async throws {
         let loopback6 = SocketAddress(ip: .v6([UInt8](repeating: 0, count: 15) + [1]), port: 0)
-        let wildcard6 = SocketAddress(ip: .v6([UInt8](repeating: 0, count: 16)), port: 0)
-        guard let endpoint = try? await Endpoint.bind(wildcard6, configuration: EndpointConfiguration(identity: Identities.a, acceptPolicy: .none)) else {
-            return  // no IPv6 on this host
-        }
-        guard endpoint.reachableFamilies == [.ipv4, .ipv6] else {
-            await endpoint.close()
-            return  // net.ipv6.bindv6only=1
-        }
+        guard let endpoint = await dualStackEndpoint() else { return }
         var configuration = RendezvousServerConfiguration(
             listen: .loopbackV4(port: 0), identity: Identities.server,
             stun: STUNResponderConfiguration(primary: .loopbackV4(port: 0)), housekeepingInterval: .milliseconds(100))
