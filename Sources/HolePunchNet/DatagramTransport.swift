@@ -28,6 +28,9 @@ package protocol DatagramTransport: AnyObject, Sendable {
     var loop: EventLoop { get }
     /// The local address datagrams leave from, with the real port when bound to port 0.
     var localAddress: SocketAddress { get }
+    /// The IP families this transport can send to (a dual-stack socket reaches both); by default the local
+    /// address's family.
+    var reachableFamilies: Set<IPFamily> { get }
     /// Sends one datagram without blocking; callable from any thread.
     ///
     /// - Returns: `.wouldBlock` when the datagram was dropped for lack of buffer space.
@@ -46,6 +49,9 @@ package protocol DatagramTransport: AnyObject, Sendable {
 }
 
 extension DatagramTransport {
+    /// The local address's family only: what any transport that is not a dual-stack socket reaches.
+    package var reachableFamilies: Set<IPFamily> { [localAddress.family] }
+
     /// Sends one datagram held in an array; see ``DatagramTransport/send(_:to:)``.
     @discardableResult
     package func send(_ bytes: [UInt8], to destination: SocketAddress) throws(DatagramError) -> DatagramSendOutcome {
@@ -62,6 +68,8 @@ package final class UDPDatagramTransport: DatagramTransport {
     package let loop: EventLoop
     /// The socket's bound address.
     package let localAddress: SocketAddress
+    /// The families the socket reaches (`UDPDatagramSocket/reachableFamilies`).
+    package let reachableFamilies: Set<IPFamily>
 
     private struct State {
         /// `nil` once closed: dropping the last reference closes the descriptor.
@@ -82,6 +90,7 @@ package final class UDPDatagramTransport: DatagramTransport {
         let socket = try UDPDatagramSocket(binding: address, options: options)
         self.loop = loop
         self.localAddress = socket.localAddress
+        self.reachableFamilies = socket.reachableFamilies
         self.state = Mutex(State(socket: socket))
     }
 

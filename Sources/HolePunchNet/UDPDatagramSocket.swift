@@ -69,6 +69,11 @@ package final class UDPDatagramSocket: Sendable {
     package let fd: Int32
     /// The bound address, with the real port when bound to port 0.
     package let localAddress: SocketAddress
+    /// The families this socket can send to and hear from: its own, plus IPv4 for an IPv6 socket bound to `::`
+    /// with `IPV6_V6ONLY` off (a dual-stack socket, which reaches IPv4 peers as v4-mapped addresses).
+    package let reachableFamilies: Set<IPFamily>
+    /// Whether the descriptor is `AF_INET6`: IPv4 destinations are then sent as v4-mapped addresses.
+    private let isIPv6Socket: Bool
 
     /// Creates a socket with `options` and binds it to `address` (port 0 picks an ephemeral port).
     ///
@@ -111,6 +116,18 @@ package final class UDPDatagramSocket: Sendable {
         }
         self.fd = fd
         self.localAddress = local
+        self.isIPv6Socket = family == AF_INET6
+        self.reachableFamilies = family == AF_INET ? [.ipv4] : Self.ipv6Reach(fd: fd, local: local)
+    }
+
+    /// An IPv6 socket reaches IPv4 too only when it is bound to `::` and `IPV6_V6ONLY` is off (set by us or by
+    /// the `net.ipv6.bindv6only` default): a socket bound to one IPv6 address never hears IPv4.
+    private static func ipv6Reach(fd: Int32, local: SocketAddress) -> Set<IPFamily> {
+        var only: Int32 = 1
+        var size = socklen_t(MemoryLayout<Int32>.size)
+        let read = getsockopt(fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, &only, &size) == 0
+        let wildcard = local.isIPv6 && local.ipBytes.allSatisfy { $0 == 0 }
+        return read && only == 0 && wildcard ? [.ipv4, .ipv6] : [.ipv6]
     }
 
     deinit {
@@ -123,7 +140,7 @@ package final class UDPDatagramSocket: Sendable {
     /// - Throws: ``DatagramError`` `.send` for any other refusal (no route, a queued ICMP error, too big).
     @discardableResult
     package func send(_ bytes: UnsafeRawBufferPointer, to destination: SocketAddress) throws(DatagramError) -> DatagramSendOutcome {
-        let sent = destination.withSockAddr { sendto(fd, bytes.baseAddress, bytes.count, Int32(MSG_NOSIGNAL), $0, $1) }
+        let sent = wire(destination).withSockAddr { sendto(fd, bytes.baseAddress, bytes.count, Int32(MSG_NOSIGNAL), $0, $1) }
         return try Self.outcome(of: sent) { "sendto \(destination)" }
     }
 
@@ -131,9 +148,16 @@ package final class UDPDatagramSocket: Sendable {
     @discardableResult
     package func send(_ bytes: [UInt8], to destination: SocketAddress) throws(DatagramError) -> DatagramSendOutcome {
         let sent = bytes.withUnsafeBytes { buffer in
-            destination.withSockAddr { sendto(fd, buffer.baseAddress, buffer.count, Int32(MSG_NOSIGNAL), $0, $1) }
+            wire(destination).withSockAddr { sendto(fd, buffer.baseAddress, buffer.count, Int32(MSG_NOSIGNAL), $0, $1) }
         }
         return try Self.outcome(of: sent) { "sendto \(destination)" }
+    }
+
+    /// `destination` as this socket's family needs it: above the socket every address is normalised (an IPv4 peer
+    /// is IPv4 even when a dual-stack socket hears it as `::ffff:a.b.c.d`), so it is mapped again here.
+    private func wire(_ destination: SocketAddress) -> SocketAddress {
+        guard isIPv6Socket, case let .v4(a, b, c, d) = destination.ip else { return destination }
+        return SocketAddress(ip: .v6([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, a, b, c, d]), port: destination.port)
     }
 
     /// Turns `sendto`'s result into an outcome; reads `errno` at once, before anything else can change it.

@@ -17,6 +17,9 @@ public actor Endpoint {
 
     /// The address the socket is bound to, with the real port when bound to port 0.
     public nonisolated let localAddress: SocketAddress
+    /// The IP families this endpoint can dial and punch: its socket's family, plus IPv4 for a dual-stack socket
+    /// bound to `::` (IPv4 peers appear as plain IPv4 addresses; the socket maps them on send).
+    public nonisolated let reachableFamilies: Set<IPFamily>
     /// This endpoint's NodeID, from its identity.
     public nonisolated let nodeID: NodeID
     /// Accepted connections, each already authenticated: its ``QUICConnection/peerNodeID`` passed the accept policy.
@@ -116,6 +119,7 @@ public actor Endpoint {
         credentials = try configuration.identity.tlsCredentials(presentCertificate: configuration.presentsCertificate)
         self.transport = transport
         self.localAddress = transport.localAddress
+        self.reachableFamilies = transport.reachableFamilies
         self.nodeID = configuration.identity.nodeID
         self.configuration = configuration
         self.logger = logger
@@ -152,7 +156,7 @@ public actor Endpoint {
         to remote: SocketAddress, expecting peer: NodeID, options: ConnectOptions = ConnectOptions()
     ) async throws -> QUICConnection {
         guard !isClosed else { throw QUICError(.endpointClosed, "the endpoint is closed") }
-        guard remote.isIPv6 == localAddress.isIPv6 else {
+        guard reachableFamilies.contains(remote.family) else {
             throw QUICError(.invalidArgument, "cannot dial \(remote) from a socket bound to \(localAddress)")
         }
         // The documented error type, not `CancellationError`: callers switch on `QUICError.code`.

@@ -77,7 +77,7 @@ extension Endpoint {
     }
 
     private func checkFamily(_ route: PathRoute) throws {
-        guard route.address.isIPv6 == localAddress.isIPv6 else {
+        guard reachableFamilies.contains(route.address.family) else {
             throw QUICError(.invalidArgument, "cannot reach \(route) from a socket bound to \(localAddress)")
         }
     }

@@ -40,8 +40,12 @@ public actor HolePunchNode: Service {
         /// refuses others with `unsupportedALPN`.
         public var alpns: [String]
         /// LAN addresses to publish besides the observed one (peers behind the same NAT dial them directly);
-        /// nil publishes the bind address when it names a specific IP.
+        /// nil publishes the bind address when it names a specific IP, and the addresses of the host's usable
+        /// interfaces when it is a wildcard (`Registration.hostCandidates(of:rendezvous:excluding:)`).
         public var lanAddresses: [SocketAddress]?
+        /// Interface addresses never to publish when the node gathers its own (``lanAddresses`` nil): a VPN's, a
+        /// management network's.
+        public var excludedAddresses: Set<SocketAddress.IP>
         /// How long to wait for the rendezvous to answer a registration or punch request.
         public var requestTimeout: Duration
         /// An overall limit on each punch; nil keeps the strategy's plan.
@@ -61,8 +65,10 @@ public actor HolePunchNode: Service {
             admission: PunchAdmission = .none, alpns: [String] = ["holepunch/1"], lanAddresses: [SocketAddress]? = nil,
             requestTimeout: Duration = .seconds(10), punchTimeout: Duration? = nil,
             logger: Logger = Logger(label: "holepunch.node", factory: { _ in SwiftLogNoOpLogHandler() }),
-            metricsFactory: (any MetricsFactory)? = nil, discoversNAT: Bool = true
+            metricsFactory: (any MetricsFactory)? = nil, discoversNAT: Bool = true,
+            excludedAddresses: Set<SocketAddress.IP> = []
         ) {
+            self.excludedAddresses = excludedAddresses
             self.bind = bind
             self.strategy = strategy
             self.admission = admission
@@ -148,10 +154,11 @@ public actor HolePunchNode: Service {
         clientConfiguration.admission = options.admission
         clientConfiguration.backgroundNATDiscovery = options.discoversNAT ? NATDiscovery.Configuration() : nil
         let client = RendezvousClient(executor: executor, configuration: clientConfiguration, logger: options.logger)
-        let lan = options.lanAddresses ?? (options.bind.ipBytes.allSatisfy { $0 == 0 } ? [] : [endpoint.localAddress])
+        let hosts = options.lanAddresses.map { $0.map { Candidate(kind: .host, address: $0) } }
+            ?? Registration.hostCandidates(of: endpoint, rendezvous: rendezvous, excluding: options.excludedAddresses)
         let registered: Registered
         do {
-            registered = try await client.connect(Registration(lanAddresses: lan))
+            registered = try await client.connect(Registration(candidates: hosts))
         } catch {
             await client.close()
             await executor.shutdown()

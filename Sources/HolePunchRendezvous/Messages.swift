@@ -14,13 +14,19 @@ public struct Registered: Codable, Sendable, Hashable {
     public var keepAliveMilliseconds: Int
     /// The server's STUN responder (primary address), if it runs one, for NAT behaviour discovery.
     public var stunServer: SocketAddress?
+    /// The primary STUN address of each IP family the server answers STUN on (at most
+    /// `RendezvousMessageLimits.maxSTUNServers`): a peer registered over one family sends a binding to the other
+    /// family's from its punch socket and publishes the answer as a `srflx` candidate.
+    public var stunServers: [SocketAddress]
 
     /// Creates a confirmation.
-    public init(observedAddress: SocketAddress, ttlMilliseconds: Int, keepAliveMilliseconds: Int, stunServer: SocketAddress?) {
+    public init(observedAddress: SocketAddress, ttlMilliseconds: Int, keepAliveMilliseconds: Int, stunServer: SocketAddress?,
+                stunServers: [SocketAddress] = []) {
         self.observedAddress = observedAddress
         self.ttlMilliseconds = ttlMilliseconds
         self.keepAliveMilliseconds = keepAliveMilliseconds
         self.stunServer = stunServer
+        self.stunServers = stunServers
     }
 
     /// Decodes and validates (``validate()``): a server cannot hand the client absurd timers.
@@ -29,47 +35,94 @@ public struct Registered: Codable, Sendable, Hashable {
         self.init(observedAddress: try c.decode(SocketAddress.self, forKey: .observedAddress),
                   ttlMilliseconds: try c.decode(Int.self, forKey: .ttlMilliseconds),
                   keepAliveMilliseconds: try c.decode(Int.self, forKey: .keepAliveMilliseconds),
-                  stunServer: try c.decodeIfPresent(SocketAddress.self, forKey: .stunServer))
+                  stunServer: try c.decodeIfPresent(SocketAddress.self, forKey: .stunServer),
+                  stunServers: try c.decodeIfPresent([SocketAddress].self, forKey: .stunServers) ?? [])
         try validate()
     }
 
-    /// Checks the timers against `RendezvousMessageLimits`.
+    /// Checks the timers and the STUN addresses against `RendezvousMessageLimits`: a server cannot aim the
+    /// client's bindings at a multicast, broadcast or unspecified address, or at many addresses.
     ///
     /// - Throws: ``RendezvousError`` `protocolViolation` naming the field.
     public func validate() throws(RendezvousError) {
         try RendezvousMessageLimits.check("ttlMilliseconds", ttlMilliseconds, RendezvousMessageLimits.ttlMilliseconds)
         try RendezvousMessageLimits.check("keepAliveMilliseconds", keepAliveMilliseconds, 1...ttlMilliseconds)
+        try RendezvousMessageLimits.check("stunServers count", stunServers.count, 0...RendezvousMessageLimits.maxSTUNServers)
+        if let bad = stunServers.first(where: { $0.port == 0 || $0.scope.isNeverAProbeTarget }) {
+            throw RendezvousMessageLimits.violation("stunServers", "\(bad) is not a STUN server address")
+        }
     }
 }
 
 /// What a peer publishes when it registers.
 public struct Registration: Codable, Sendable, Hashable {
-    /// Addresses the peer is reachable at on its own network (hairpin and same-LAN cases).
-    public var lanAddresses: [SocketAddress]
+    /// The peer's own candidates: `host` addresses of its interfaces, a `srflx` address of the family it did not
+    /// register over, router mappings. The rendezvous adds the address it observes as the first `srflx`
+    /// candidate itself, and refuses kinds and addresses a peer may not publish
+    /// (`CandidateFilter.isPublishable(_:observed:)`).
+    public var candidates: [Candidate]
     /// What the peer's NAT does, if it measured it.
     public var nat: NATProfile?
+    /// The last port the peer's NAT is known to have allocated (the latest mapping NAT discovery saw): the base
+    /// for sequential port prediction.
+    public var lastAllocatedPort: UInt16?
 
     /// Creates a registration.
-    public init(lanAddresses: [SocketAddress] = [], nat: NATProfile? = nil) {
-        self.lanAddresses = lanAddresses
+    public init(candidates: [Candidate] = [], nat: NATProfile? = nil, lastAllocatedPort: UInt16? = nil) {
+        self.candidates = candidates
         self.nat = nat
+        self.lastAllocatedPort = lastAllocatedPort
     }
 
-    /// Decodes and validates (``validate()``); the NAT profile validates itself (`NATProfile.init(from:)`).
+    /// Creates a registration that publishes `lanAddresses` as `host` candidates.
+    public init(lanAddresses: [SocketAddress], nat: NATProfile? = nil) {
+        self.init(candidates: lanAddresses.map { Candidate(kind: .host, address: $0) }, nat: nat)
+    }
+
+    /// The published `host` addresses (what older peers called LAN addresses).
+    public var lanAddresses: [SocketAddress] { candidates.filter { $0.kind == .host }.map(\.address) }
+
+    private enum CodingKeys: String, CodingKey {
+        case candidates, nat, lastAllocatedPort, lanAddresses
+    }
+
+    /// Decodes and validates (``validate()``); the NAT profile validates itself (`NATProfile.init(from:)`). A
+    /// registration from an older peer, with `lanAddresses` and no `candidates`, publishes them as `host`
+    /// candidates.
     public init(from decoder: any Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
-        self.init(lanAddresses: try c.decodeIfPresent([SocketAddress].self, forKey: .lanAddresses) ?? [],
-                  nat: try c.decodeIfPresent(NATProfile.self, forKey: .nat))
+        let nat = try c.decodeIfPresent(NATProfile.self, forKey: .nat)
+        let port = try c.decodeIfPresent(UInt16.self, forKey: .lastAllocatedPort)
+        if let candidates = try c.decodeIfPresent([Candidate].self, forKey: .candidates) {
+            self.init(candidates: candidates, nat: nat, lastAllocatedPort: port)
+        } else {
+            let lan = try c.decodeIfPresent([SocketAddress].self, forKey: .lanAddresses) ?? []
+            try RendezvousMessageLimits.check("lanAddresses count", lan.count, 0...RendezvousMessageLimits.maxPublishedCandidates)
+            self.init(lanAddresses: lan, nat: nat)
+            lastAllocatedPort = port
+        }
         try validate()
     }
 
-    /// Checks the counts against `RendezvousMessageLimits` and the NAT profile's ranges. Which addresses may be
-    /// published is the server's decision, against the observed address (`CandidateFilter.isPublishable(lan:observed:)`).
+    /// Encodes the candidates (and, for a rendezvous that predates them, the host addresses as `lanAddresses`).
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(candidates, forKey: .candidates)
+        try c.encode(lanAddresses, forKey: .lanAddresses)
+        try c.encodeIfPresent(nat, forKey: .nat)
+        try c.encodeIfPresent(lastAllocatedPort, forKey: .lastAllocatedPort)
+    }
+
+    /// Checks the candidates (count, kinds a peer may publish, priorities) against `RendezvousMessageLimits` and
+    /// the NAT profile's ranges. Which addresses may be published is the server's decision, against the observed
+    /// address (`CandidateFilter.isPublishable(_:observed:)`).
     ///
     /// - Throws: ``RendezvousError`` `protocolViolation` naming the field.
     public func validate() throws(RendezvousError) {
-        try RendezvousMessageLimits.check("lanAddresses count", lanAddresses.count, 0...RendezvousMessageLimits.maxLANAddresses)
+        try RendezvousMessageLimits.check(candidates: candidates, field: "candidates",
+                                          count: 0...RendezvousMessageLimits.maxPublishedCandidates)
         if let nat { try RendezvousMessageLimits.check(nat) }
+        if let port = lastAllocatedPort { try RendezvousMessageLimits.check("lastAllocatedPort", port, 1...UInt16.max) }
     }
 }
 
@@ -83,10 +136,12 @@ public struct Coordinate: Codable, Sendable, Hashable {
     public var sessionKey: [UInt8]
     /// The other peer's NodeID: the punched connection must prove it.
     public var peer: NodeID
-    /// The other peer's candidates: observed (public) address first, then its LAN addresses.
-    public var candidates: [SocketAddress]
+    /// The other peer's candidates: the address the rendezvous observed first (`srflx`), then those it published.
+    public var candidates: [Candidate]
     /// The other peer's NAT profile (`NATProfile.unknown` if it published none).
     public var peerNAT: NATProfile
+    /// The last port the other peer's NAT is known to have allocated, when it published one.
+    public var peerLastAllocatedPort: UInt16?
     /// This recipient's role: the requester is the initiator, the other peer the target.
     public var role: PunchRole
     /// Start probing this many microseconds after the message is received (clock-free start).
@@ -96,8 +151,9 @@ public struct Coordinate: Codable, Sendable, Hashable {
 
     /// Creates a coordinate message.
     public init(
-        requestID: UInt64?, sessionID: String, sessionKey: [UInt8], peer: NodeID, candidates: [SocketAddress],
-        peerNAT: NATProfile, role: PunchRole, startDelayMicroseconds: Int64, peerRTTMicroseconds: Int64?
+        requestID: UInt64?, sessionID: String, sessionKey: [UInt8], peer: NodeID, candidates: [Candidate],
+        peerNAT: NATProfile, role: PunchRole, startDelayMicroseconds: Int64, peerRTTMicroseconds: Int64?,
+        peerLastAllocatedPort: UInt16? = nil
     ) {
         self.requestID = requestID
         self.sessionID = sessionID
@@ -108,6 +164,7 @@ public struct Coordinate: Codable, Sendable, Hashable {
         self.role = role
         self.startDelayMicroseconds = startDelayMicroseconds
         self.peerRTTMicroseconds = peerRTTMicroseconds
+        self.peerLastAllocatedPort = peerLastAllocatedPort
     }
 
     /// The start delay as a `Duration`.
@@ -121,25 +178,33 @@ public struct Coordinate: Codable, Sendable, Hashable {
             sessionID: try c.decode(String.self, forKey: .sessionID),
             sessionKey: try c.decode([UInt8].self, forKey: .sessionKey),
             peer: try c.decode(NodeID.self, forKey: .peer),
-            candidates: try c.decode([SocketAddress].self, forKey: .candidates),
+            candidates: try c.decode([Candidate].self, forKey: .candidates),
             peerNAT: try c.decode(NATProfile.self, forKey: .peerNAT),
             role: try c.decode(PunchRole.self, forKey: .role),
             startDelayMicroseconds: try c.decode(Int64.self, forKey: .startDelayMicroseconds),
-            peerRTTMicroseconds: try c.decodeIfPresent(Int64.self, forKey: .peerRTTMicroseconds)
+            peerRTTMicroseconds: try c.decodeIfPresent(Int64.self, forKey: .peerRTTMicroseconds),
+            peerLastAllocatedPort: try c.decodeIfPresent(UInt16.self, forKey: .peerLastAllocatedPort)
         )
         try validate()
     }
 
-    /// Checks every field against `RendezvousMessageLimits`: session id and key, candidate count, NAT profile, start
-    /// delay and RTT. Which candidates may be probed is decided later, against this side's own addresses
+    /// Checks every field against `RendezvousMessageLimits`: session id and key, candidates (count, kinds,
+    /// priorities; the first is the observed `srflx` address), NAT profile, start delay, RTT and last port. Which candidates may be probed is decided later, against this side's own addresses
     /// (`CandidateFilter`).
     ///
     /// - Throws: ``RendezvousError`` `protocolViolation` naming the field.
     public func validate() throws(RendezvousError) {
         try RendezvousMessageLimits.checkSessionID(sessionID)
         try RendezvousMessageLimits.check("sessionKey length", sessionKey.count, RendezvousMessageLimits.sessionKeyLength)
-        try RendezvousMessageLimits.check("candidates count", candidates.count, 1...RendezvousMessageLimits.maxCandidates)
+        try RendezvousMessageLimits.check(candidates: candidates, field: "candidates",
+                                          count: 1...RendezvousMessageLimits.maxCandidates)
+        guard candidates.first?.kind == .serverReflexive else {
+            throw RendezvousMessageLimits.violation("candidates", "the first must be the observed (srflx) address")
+        }
         try RendezvousMessageLimits.check(peerNAT)
+        if let port = peerLastAllocatedPort {
+            try RendezvousMessageLimits.check("peerLastAllocatedPort", port, 1...UInt16.max)
+        }
         try RendezvousMessageLimits.check("startDelayMicroseconds", startDelayMicroseconds,
                                    0...RendezvousMessageLimits.maxStartDelayMicroseconds)
         if let rtt = peerRTTMicroseconds {
@@ -243,60 +308,6 @@ extension ServerMessage {
         case .coordinate(let coordinate): try coordinate.validate()
         case .error(let reply): try reply.validate()
         case .keepAliveAck, .ping: break
-        }
-    }
-}
-
-/// The ranges every value of the rendezvous protocol must lie in. Both sides check them where a message is
-/// decoded (`RendezvousFraming/decode(_:from:)`), so a value outside them never reaches a planner, a timer or a
-/// log line: the message is refused with ``RendezvousError/Code/protocolViolation``.
-package enum RendezvousMessageLimits {
-    /// Most LAN addresses one registration may publish.
-    package static let maxLANAddresses = 8
-    /// Most candidates in a coordinate message: the observed address plus the LAN addresses.
-    package static let maxCandidates = 1 + maxLANAddresses
-    /// Session ids: 1 to 64 characters of `[0-9A-Za-z-]` (the server draws 32 lowercase hex digits); they appear
-    /// in probe USERNAMEs (where `:` separates) and in TLS server names.
-    package static let maxSessionIDLength = 64
-    /// Session keys: the server draws 32 bytes; 16...64 are accepted.
-    package static let sessionKeyLength = 16...64
-    /// The longest start delay a coordinate may ask for: 10 s.
-    package static let maxStartDelayMicroseconds: Int64 = 10_000_000
-    /// The largest RTT hint: 60 s.
-    package static let maxRTTMicroseconds: Int64 = 60_000_000
-    /// Registration TTLs from 100 ms (tests run short ones) to a day.
-    package static let ttlMilliseconds = 100...86_400_000
-    /// Longest error code or outcome string, in UTF-8 bytes.
-    package static let maxCodeLength = 64
-    /// Longest error message, in UTF-8 bytes.
-    package static let maxMessageLength = 1024
-
-    static func violation(_ field: String, _ detail: String) -> RendezvousError {
-        RendezvousError(.protocolViolation, "field \(field): \(detail)")
-    }
-
-    static func check<T: Comparable & CustomStringConvertible>(
-        _ field: String, _ value: T, _ range: ClosedRange<T>
-    ) throws(RendezvousError) {
-        guard range.contains(value) else {
-            throw violation(field, "\(value) is outside \(range.lowerBound)...\(range.upperBound)")
-        }
-    }
-
-    static func checkSessionID(_ id: String) throws(RendezvousError) {
-        let bytes = id.utf8
-        try check("sessionID length", bytes.count, 1...maxSessionIDLength)
-        let allowed = bytes.allSatisfy { b in
-            (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(b) || (UInt8(ascii: "a")...UInt8(ascii: "z")).contains(b)
-                || (UInt8(ascii: "A")...UInt8(ascii: "Z")).contains(b) || b == UInt8(ascii: "-")
-        }
-        guard allowed else { throw violation("sessionID", "only letters, digits and '-' are allowed") }
-    }
-
-    static func check(_ nat: NATProfile) throws(RendezvousError) {
-        try check("portDelta", nat.portDelta, -NATProfile.maxPortDelta...NATProfile.maxPortDelta)
-        guard nat.confidence.isFinite, (0...1).contains(nat.confidence) else {
-            throw violation("confidence", "\(nat.confidence) is not in 0...1")
         }
     }
 }

@@ -44,8 +44,8 @@ public actor RendezvousClient {
     var unclaimedAnswers: [UInt64: Result<ReceivedCoordinate, RendezvousError>] = [:]
     var closedReason: RendezvousError?
     private var localNAT: NATProfile = .unknown
-    /// The latest registration sent, so that a profile refinement keeps its LAN addresses.
-    private var lastRegistration = Registration()
+    /// The latest registration sent, so that a profile refinement keeps its candidates.
+    var lastRegistration = Registration()
     private var natDiscovery: Task<Result<NATBehaviour, RendezvousError>, Never>?
     /// Target-role coordinate messages received so far.
     public internal(set) var targetCoordinates = 0
@@ -95,9 +95,18 @@ public actor RendezvousClient {
         track(reader)
         let confirmed = try await register(registration)
         track(Task { await self.keepAliveLoop() })
-        if let discovery = configuration.backgroundNATDiscovery, registration.nat == nil,
-           let stun = configuration.natDiscoveryServer ?? confirmed.stunServer {
-            startNATDiscovery(server: stun, configuration: discovery)
+        let discovery = configuration.backgroundNATDiscovery.flatMap { discovery in
+            registration.nat == nil ? (configuration.natDiscoveryServer ?? confirmed.stunServer).map { (discovery, $0) } : nil
+        }
+        if confirmed.stunServers.contains(where: { $0.family != confirmed.observedAddress.family }),
+           executor.endpoint.reachableFamilies.count > 1 {
+            // Discovery waits for the binding: both read the punch socket's STUN answers.
+            track(Task {
+                await self.publishOtherFamilyReflexive(confirmed)
+                if let (configuration, server) = discovery { self.startNATDiscovery(server: server, configuration: configuration) }
+            })
+        } else if let (configuration, server) = discovery {
+            startNATDiscovery(server: server, configuration: configuration)
         }
         return confirmed
     }
@@ -141,7 +150,7 @@ public actor RendezvousClient {
         return (confirmed, received)
     }
 
-    /// Registers again with new LAN addresses or NAT profile (the NodeID and observed address stay).
+    /// Registers again with new candidates or NAT profile (the NodeID and observed address stay).
     ///
     /// Cancelling the calling task ends the wait at once with `cancelled`.
     ///
@@ -313,7 +322,8 @@ public actor RendezvousClient {
     /// Runs RFC 5780 NAT behaviour discovery from the punch socket against `server` (by default the STUN
     /// responder the rendezvous advertised), and remembers the profile for later punches.
     ///
-    /// Extra sockets for the allocation test bind to the punch socket's IP, port 0.
+    /// Extra sockets for the allocation test bind to the punch socket's IP, port 0 (a wildcard punch socket: the
+    /// wildcard of the server's family).
     ///
     /// - Throws: ``RendezvousError`` `protocolViolation` when no STUN server is known; `CancellationError`.
     public func discoverNAT(server: SocketAddress? = nil, configuration discovery: NATDiscovery.Configuration = .init())
@@ -326,7 +336,11 @@ public actor RendezvousClient {
         await transport.install(executor: executor)
         defer { transport.finish() }
         let local = executor.endpoint.localAddress
-        let fresh = SocketAddress(ip: local.ip, port: 0)
+        // A wildcard punch socket may be dual-stack (`::`) while the server is IPv4: the extra sockets are plain
+        // single-family ones, so they bind the wildcard of the server's family.
+        let wildcard = local.ipBytes.allSatisfy { $0 == 0 }
+        let fresh = !wildcard ? SocketAddress(ip: local.ip, port: 0)
+            : target.isIPv6 ? SocketAddress(ip: .v6([UInt8](repeating: 0, count: 16)), port: 0) : .anyV4(port: 0)
         let client = NATDiscoveryClient(server: target, transport: transport,
                                         makeExtraTransport: { try UDPSTUNTransport(binding: fresh) },
                                         configuration: discovery)
@@ -336,7 +350,7 @@ public actor RendezvousClient {
     }
 
     /// Starts ``discoverNAT(server:configuration:)`` in the background and, when it ends, registers again with
-    /// the measured profile (and the latest registration's LAN addresses), so that punches coordinated from then
+    /// the measured profile and last allocated port (and the latest registration's candidates), so that punches coordinated from then
     /// on carry it. Returns at once; ``natDiscoveryResult()`` waits for the outcome. A discovery already started
     /// is kept (this call then does nothing).
     ///
@@ -355,7 +369,7 @@ public actor RendezvousClient {
                 return .failure(RendezvousError(.disconnected, "NAT discovery stopped: \(error)"))
             }
             do throws(RendezvousError) {
-                _ = try await self.refineRegistration(with: NATProfile(behaviour))
+                _ = try await self.refineRegistration(with: behaviour)
             } catch {
                 return .failure(error)
             }
@@ -373,10 +387,12 @@ public actor RendezvousClient {
     /// The NAT profile this client's punches plan with: the registered or discovered one, unknown until either.
     public var natProfile: NATProfile { localNAT }
 
-    /// Registers again with the latest registration's LAN addresses and `profile`.
-    private func refineRegistration(with profile: NATProfile) async throws(RendezvousError) -> Registered {
+    /// Registers again with the latest registration's candidates, the measured profile and the last port the NAT
+    /// was seen to allocate (discovery's own mappings come after the first registration, so that one's port is stale).
+    private func refineRegistration(with behaviour: NATBehaviour) async throws(RendezvousError) -> Registered {
         var update = lastRegistration
-        update.nat = profile
+        update.nat = NATProfile(behaviour)
+        update.lastAllocatedPort = behaviour.evidence.lastAllocatedPort ?? update.lastAllocatedPort
         return try await register(update)
     }
 
@@ -391,33 +407,34 @@ public actor RendezvousClient {
 
     // MARK: Internals
 
-    /// Turns a coordinate message into punch options: which candidate to dial, when to start, what to expect.
+    /// Turns a coordinate message into punch options: which candidates to check, when to start, what to expect.
     ///
-    /// Candidate rule: only candidates ``CandidateFilter`` permits (our family; never loopback, link-local,
-    /// multicast, broadcast or unspecified addresses unless our rendezvous is in that scope; LAN addresses only
-    /// when private and the peer shares our public IP). Of those, the peer's observed address, unless it shares
-    /// our public IP (same NAT, where hairpinning may be unsupported) and a LAN address survived, which is then
-    /// used instead.
+    /// Candidate rule: ``CandidateFilter`` (docs/security.md) with the families our endpoint reaches; every
+    /// permitted candidate goes into `PunchOptions.candidates`, by priority, for the executor to check in parallel.
+    /// `targetHost` and `targetPorts` name the best permitted `srflx` candidate (or the best candidate when none
+    /// is `srflx`), with the other permitted ports of its IP after it, for an executor that dials one host.
     ///
     /// - Throws: ``PunchError`` `refused` when no candidate may be probed.
     func options(for received: ReceivedCoordinate) throws(PunchError) -> PunchOptions {
         let coordinate = received.coordinate
         let filter = CandidateFilter(rendezvous: configuration.server, ourObserved: registered?.observedAddress,
-                                     ipv6: executor.endpoint.localAddress.isIPv6)
+                                     families: executor.endpoint.reachableFamilies)
         let usable = filter.permitted(coordinate.candidates)
-        guard var chosen = usable.first else {
+        guard let best = usable.first(where: { $0.kind == .serverReflexive }) ?? usable.first else {
             throw PunchError(code: .refused, message: "none of the peer's candidates may be probed from here: "
                              + coordinate.candidates.prefix(RendezvousMessageLimits.maxCandidates).map(\.description).joined(separator: ", "))
         }
-        if let mine = registered?.observedAddress, chosen.ip == mine.ip, usable.count > 1 {
-            chosen = usable[1]
+        let chosen = best.address
+        var ports = [chosen.port]
+        for candidate in usable where candidate.address.ip == chosen.ip && !ports.contains(candidate.address.port) {
+            ports.append(candidate.address.port)
         }
-        let ports = [chosen.port] + usable.filter { $0.ip == chosen.ip && $0.port != chosen.port }.map(\.port)
         return PunchOptions(
             targetHost: chosen.host, targetPorts: ports, sessionID: coordinate.sessionID, sessionKey: coordinate.sessionKey,
             punchTime: .at(received.startAt), role: coordinate.role, localNAT: localNAT, remoteNAT: coordinate.peerNAT,
             targetNodeID: coordinate.peer, strategy: configuration.strategy,
-            rtt: coordinate.peerRTTMicroseconds.map { .microseconds($0) }, timeout: configuration.punchTimeout
+            rtt: coordinate.peerRTTMicroseconds.map { .microseconds($0) }, timeout: configuration.punchTimeout,
+            candidates: usable, remoteLastAllocatedPort: coordinate.peerLastAllocatedPort
         )
     }
 

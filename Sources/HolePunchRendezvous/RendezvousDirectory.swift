@@ -44,9 +44,11 @@ public struct RemotePunchRequest: Codable, Sendable, Hashable {
     /// The peer to punch to.
     public var target: NodeID
     /// The requesting peer's candidates (observed address first), as its instance accepted them.
-    public var candidates: [SocketAddress]
+    public var candidates: [Candidate]
     /// The requesting peer's NAT profile.
     public var nat: NATProfile
+    /// The last port the requesting peer's NAT is known to have allocated, when it published one.
+    public var lastAllocatedPort: UInt16?
     /// The requesting peer's RTT to its instance, in microseconds (nil: not measured yet).
     public var initiatorRTTMicroseconds: Int64?
     /// The requesting instance's latest measured round trip through the directory, in microseconds: the reply
@@ -55,8 +57,8 @@ public struct RemotePunchRequest: Codable, Sendable, Hashable {
 
     /// Creates a request.
     public init(requestID: UInt64, sessionID: String, sessionKey: [UInt8], initiator: NodeID, target: NodeID,
-                candidates: [SocketAddress], nat: NATProfile, initiatorRTTMicroseconds: Int64?,
-                directoryRTTMicroseconds: Int64) {
+                candidates: [Candidate], nat: NATProfile, initiatorRTTMicroseconds: Int64?,
+                directoryRTTMicroseconds: Int64, lastAllocatedPort: UInt16? = nil) {
         self.requestID = requestID
         self.sessionID = sessionID
         self.sessionKey = sessionKey
@@ -66,6 +68,7 @@ public struct RemotePunchRequest: Codable, Sendable, Hashable {
         self.nat = nat
         self.initiatorRTTMicroseconds = initiatorRTTMicroseconds
         self.directoryRTTMicroseconds = directoryRTTMicroseconds
+        self.lastAllocatedPort = lastAllocatedPort
     }
 
     /// Decodes and validates (``validate()``).
@@ -77,22 +80,24 @@ public struct RemotePunchRequest: Codable, Sendable, Hashable {
             sessionKey: try c.decode([UInt8].self, forKey: .sessionKey),
             initiator: try c.decode(NodeID.self, forKey: .initiator),
             target: try c.decode(NodeID.self, forKey: .target),
-            candidates: try c.decode([SocketAddress].self, forKey: .candidates),
+            candidates: try c.decode([Candidate].self, forKey: .candidates),
             nat: try c.decode(NATProfile.self, forKey: .nat),
             initiatorRTTMicroseconds: try c.decodeIfPresent(Int64.self, forKey: .initiatorRTTMicroseconds),
-            directoryRTTMicroseconds: try c.decode(Int64.self, forKey: .directoryRTTMicroseconds)
+            directoryRTTMicroseconds: try c.decode(Int64.self, forKey: .directoryRTTMicroseconds),
+            lastAllocatedPort: try c.decodeIfPresent(UInt16.self, forKey: .lastAllocatedPort)
         )
         try validate()
     }
 
-    /// Checks every field against `RendezvousMessageLimits`: session id and key, candidate count, NAT profile and
-    /// both RTTs; the initiator and target must differ.
+    /// Checks every field against `RendezvousMessageLimits`: session id and key, candidates (as a coordinate
+    /// message's), NAT profile and both RTTs; the initiator and target must differ.
     ///
     /// - Throws: ``RendezvousError`` `protocolViolation` naming the field.
     public func validate() throws(RendezvousError) {
         try RendezvousMessageLimits.checkSessionID(sessionID)
         try RendezvousMessageLimits.check("sessionKey length", sessionKey.count, RendezvousMessageLimits.sessionKeyLength)
-        try RendezvousMessageLimits.check("candidates count", candidates.count, 1...RendezvousMessageLimits.maxCandidates)
+        try RendezvousMessageLimits.check(candidates: candidates, field: "candidates",
+                                          count: 1...RendezvousMessageLimits.maxCandidates)
         try RendezvousMessageLimits.check(nat)
         if let rtt = initiatorRTTMicroseconds {
             try RendezvousMessageLimits.check("initiatorRTTMicroseconds", rtt, 0...RendezvousMessageLimits.maxRTTMicroseconds)

@@ -112,7 +112,7 @@ extension RendezvousServer {
             let stun = configuration.stun != nil ? stunAddresses.first : nil
             let wasCurrent = state.peer(node)?.connection == connection
             let actions = state.register(node: node, connection: connection, observed: link.connection.remoteAddress,
-                                         registration: registration, stunServer: stun, now: at)
+                                         registration: registration, stunServer: stun, stunServers: advertisedSTUN, now: at)
             apply(actions)
             if let handshake = link.handshakeRTT, state.peer(node)?.connection == connection, state.peer(node)?.rttSamples == 0 {
                 state.provisionalRTT(node: node, rtt: handshake)

@@ -24,11 +24,16 @@ public actor RendezvousServer: Service {
     public nonisolated let nodeID: NodeID
     /// The QUIC listen address (with the real port).
     public nonisolated let address: SocketAddress
-    /// The STUN responder's bound addresses (primary first), empty when none runs.
+    /// The STUN responders' bound addresses (the main responder's primary first, then the other family's),
+    /// empty when none runs.
     public nonisolated let stunAddresses: [SocketAddress]
+    /// The STUN addresses advertised to peers (`Registered.stunServers`): each responder's primary address, unless
+    /// it is a wildcard (not a destination a peer can use).
+    public nonisolated let advertisedSTUN: [SocketAddress]
 
     let configuration: RendezvousServerConfiguration
     let stunServer: STUNServer?
+    let otherSTUN: STUNServer?
     let logger: Logger
     let clock = ContinuousClock()
     let origin: ContinuousClock.Instant
@@ -103,24 +108,28 @@ public actor RendezvousServer: Service {
         } catch {
             throw RendezvousError(.connectionFailed, "cannot listen on \(configuration.listen): \(error)")
         }
-        var stun: STUNServer?
-        if let stunConfiguration = configuration.stun {
-            do {
-                stun = try STUNServer(configuration: stunConfiguration)
-            } catch {
-                await endpoint.close()
-                throw RendezvousError(.connectionFailed, "cannot bind the STUN responder: \(error)")
-            }
+        let stun: STUNServer?
+        let other: STUNServer?
+        do {
+            stun = try configuration.stun.map { configuration throws(STUNError) in try STUNServer(configuration: configuration) }
+            other = try configuration.otherFamilySTUN.map { configuration throws(STUNError) in try STUNServer(configuration: configuration) }
+        } catch {
+            await endpoint.close()
+            throw RendezvousError(.connectionFailed, "cannot bind the STUN responder: \(error)")
         }
-        return RendezvousServer(endpoint: endpoint, stun: stun, configuration: configuration, logger: logger)
+        return RendezvousServer(endpoint: endpoint, stun: stun, otherSTUN: other, configuration: configuration, logger: logger)
     }
 
-    private init(endpoint: Endpoint, stun: STUNServer?, configuration: RendezvousServerConfiguration, logger: Logger) {
+    private init(endpoint: Endpoint, stun: STUNServer?, otherSTUN: STUNServer?, configuration: RendezvousServerConfiguration,
+                 logger: Logger) {
         self.endpoint = endpoint
         self.nodeID = endpoint.nodeID
         self.address = endpoint.localAddress
         self.stunServer = stun
-        self.stunAddresses = stun?.localAddresses ?? []
+        self.otherSTUN = otherSTUN
+        self.stunAddresses = (stun?.localAddresses ?? []) + (otherSTUN?.localAddresses ?? [])
+        self.advertisedSTUN = [stun, otherSTUN].compactMap { $0?.localAddresses.first }
+            .filter { !$0.ipBytes.allSatisfy { $0 == 0 } }
         self.configuration = configuration
         self.logger = logger
         self.state = RendezvousState(configuration: configuration.state)
@@ -133,8 +142,10 @@ public actor RendezvousServer: Service {
     public func run() async throws {
         guard phase == .bound else { throw RendezvousError(.shuttingDown, "the server has already run") }
         phase = .running
-        do { try stunServer?.start() } catch {
-            logger.info("stun responder failed to start", metadata: ["error": "\(error)"])
+        for responder in [stunServer, otherSTUN].compactMap({ $0 }) {
+            do { try responder.start() } catch {
+                logger.info("stun responder failed to start", metadata: ["error": "\(error)"])
+            }
         }
         logger.info("rendezvous listening", metadata: ["rendezvous.address": "\(address)", "rendezvous.node": "\(nodeID)"])
         await withGracefulShutdownHandler {
@@ -164,6 +175,7 @@ public actor RendezvousServer: Service {
         for link in links.values { link.outbox.finish() }
         await endpoint.close()
         stunServer?.stop()
+        otherSTUN?.stop()
         for waiter in stopWaiters { waiter.resume() }
         stopWaiters.removeAll()
     }
@@ -176,9 +188,9 @@ public actor RendezvousServer: Service {
         snapshot.connections = links.count
         snapshot.pendingPings = links.values.reduce(0) { $0 + $1.pings.count }
         snapshot.queuedFrames = links.values.reduce(0) { $0 + $1.queued }
-        if let stun = stunServer?.statistics {
-            snapshot.stunReceived = stun.received
-            snapshot.stunSent = stun.sent
+        for stun in [stunServer?.statistics, otherSTUN?.statistics].compactMap({ $0 }) {
+            snapshot.stunReceived += stun.received
+            snapshot.stunSent += stun.sent
         }
         return snapshot
     }

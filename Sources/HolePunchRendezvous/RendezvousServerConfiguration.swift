@@ -25,6 +25,10 @@ public struct RendezvousServerConfiguration: Sendable {
     /// Punch requests routed through the ``RendezvousDirectory`` and not answered yet, at most; further ones are
     /// refused with `capacity` (each holds a task until its answer or the directory's timeout).
     public var maxRoutedRequests = 1024
+    /// A STUN responder of the other IP family (a dual-stack rendezvous: `listen` on `[::]` takes QUIC on both).
+    /// Its primary address is advertised in `Registered.stunServers` beside the main responder's, so a peer
+    /// registered over one family learns its reflexive address on the other too. nil runs none.
+    public var otherFamilySTUN: STUNResponderConfiguration?
 
     /// Creates a configuration.
     public init(

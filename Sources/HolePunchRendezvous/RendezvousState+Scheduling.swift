@@ -43,11 +43,12 @@ extension RendezvousState {
                     compensation: compensation, planned: half - compensation, hint: hint, initiatorIsFar: initiatorIsFar)
     }
 
-    func coordinate(requestID: UInt64?, secret: SessionSecret, peer: NodeID, candidates: [SocketAddress],
-                            nat: NATProfile?, role: PunchRole, plan: Plan) -> Coordinate {
+    func coordinate(requestID: UInt64?, secret: SessionSecret, peer: NodeID, candidates: [Candidate],
+                    nat: NATProfile?, lastAllocatedPort: UInt16?, role: PunchRole, plan: Plan) -> Coordinate {
         Coordinate(requestID: requestID, sessionID: secret.id, sessionKey: secret.key, peer: peer, candidates: candidates,
                    peerNAT: nat ?? .unknown, role: role,
-                   startDelayMicroseconds: Int64(plan.startDelay / .microseconds(1)), peerRTTMicroseconds: plan.hint)
+                   startDelayMicroseconds: Int64(plan.startDelay / .microseconds(1)), peerRTTMicroseconds: plan.hint,
+                   peerLastAllocatedPort: lastAllocatedPort)
     }
 
     /// The driver actually wrote a session's coordinate message to `node` at `now`.

@@ -90,7 +90,7 @@ extension RendezvousState {
         public var connection: UInt64
         /// The observed (public) address.
         public var observed: SocketAddress
-        /// Published LAN addresses and NAT profile.
+        /// Published candidates, NAT profile and last allocated port.
         public var registration: Registration
         /// When it expires unless refreshed.
         public var expires: Duration
@@ -99,9 +99,9 @@ extension RendezvousState {
         public var rtt: Duration? { rttWindow.minimum ?? provisionalRTT }
         /// How much the RTT samples vary (largest minus smallest of the window; zero with fewer than two).
         public var rttSpread: Duration { rttWindow.spread }
-        /// Observed address first, then the LAN addresses that differ from it.
-        public var candidates: [SocketAddress] {
-            [observed] + registration.lanAddresses.filter { $0 != observed }
+        /// The observed address first (as `srflx`), then the published candidates at other addresses.
+        public var candidates: [Candidate] {
+            [Candidate(kind: .serverReflexive, address: observed)] + registration.candidates.filter { $0.address != observed }
         }
         /// How many RTT samples have arrived.
         public var rttSamples: Int { rttWindow.next }

@@ -37,21 +37,21 @@ public struct RendezvousState: Sendable {
     ///
     /// A registration from a new connection replaces the old one, whose connection is closed.
     ///
-    /// A registration out of `RendezvousMessageLimits`, or with a LAN address other peers must not be sent to
-    /// (`CandidateFilter.isPublishable(lan:observed:)`: multicast, broadcast, unspecified, a loopback or
-    /// link-local address of a peer not observed in that scope, a public address that is not the peer's), is
-    /// refused with `protocolViolation` and changes nothing.
+    /// A registration out of `RendezvousMessageLimits`, or with a candidate other peers must not be sent to
+    /// (`CandidateFilter.isPublishable(_:observed:)`: multicast, broadcast, unspecified, a loopback or
+    /// link-local address of a peer not observed in that scope, a public address of the observed family that is
+    /// not the peer's, a `srflx` of the observed family), is refused with `protocolViolation` and changes nothing.
     public mutating func register(
         node: NodeID, connection: UInt64, observed: SocketAddress, registration: Registration,
-        stunServer: SocketAddress? = nil, now: Duration
+        stunServer: SocketAddress? = nil, stunServers: [SocketAddress] = [], now: Duration
     ) -> [Action] {
         func refuse(_ message: String) -> [Action] {
             [.send(.error(ErrorReply(requestID: nil, code: RendezvousError.Code.protocolViolation.name, message: message)),
                    to: node, after: .zero)]
         }
         do { try registration.validate() } catch { return refuse(error.message) }
-        if let bad = registration.lanAddresses.first(where: { !CandidateFilter.isPublishable(lan: $0, observed: observed) }) {
-            return refuse("LAN address \(bad) (\(bad.scope)) may not be published by a peer observed at \(observed)")
+        if let bad = registration.candidates.first(where: { !CandidateFilter.isPublishable($0, observed: observed) }) {
+            return refuse("candidate \(bad) (\(bad.address.scope)) may not be published by a peer observed at \(observed)")
         }
         var actions: [Action] = []
         if var existing = peers[node] {
@@ -85,7 +85,8 @@ public struct RendezvousState: Sendable {
         let ttl = configuration.registrationTTL
         actions.append(.send(.registered(Registered(
             observedAddress: observed, ttlMilliseconds: Int(ttl / .milliseconds(1)),
-            keepAliveMilliseconds: Int(ttl / .milliseconds(3)), stunServer: stunServer
+            keepAliveMilliseconds: Int(ttl / .milliseconds(3)), stunServer: stunServer,
+            stunServers: Array(stunServers.prefix(RendezvousMessageLimits.maxSTUNServers))
         )), to: node, after: .zero))
         return actions
     }
@@ -142,9 +143,11 @@ public struct RendezvousState: Sendable {
         var plan = schedule(rttI: requester.rtt, rttT: peers[target]?.rtt)
         plan.startDelay = startDelay(requester, peers[target]!)
         let toInitiator = coordinate(requestID: requestID, secret: secret, peer: target, candidates: peers[target]!.candidates,
-                                     nat: peers[target]!.registration.nat, role: .initiator, plan: plan)
+                                     nat: peers[target]!.registration.nat,
+                                     lastAllocatedPort: peers[target]!.registration.lastAllocatedPort, role: .initiator, plan: plan)
         let toTarget = coordinate(requestID: nil, secret: secret, peer: node, candidates: requester.candidates,
-                                  nat: requester.registration.nat, role: .target, plan: plan)
+                                  nat: requester.registration.nat, lastAllocatedPort: requester.registration.lastAllocatedPort,
+                                  role: .target, plan: plan)
         sessions[secret.id] = Session(initiator: node, target: target, expires: now + configuration.sessionTTL,
                                       planned: plan.planned)
         let toI = Action.send(.coordinate(toInitiator), to: node, after: plan.initiatorDelay)
@@ -179,7 +182,8 @@ public struct RendezvousState: Sendable {
         return .forward(RemotePunchRequest(
             requestID: requestID, sessionID: secret.id, sessionKey: secret.key, initiator: node, target: target,
             candidates: requester.candidates, nat: requester.registration.nat ?? .unknown,
-            initiatorRTTMicroseconds: requester.rtt.map(microseconds), directoryRTTMicroseconds: microseconds(directoryRTT)))
+            initiatorRTTMicroseconds: requester.rtt.map(microseconds), directoryRTTMicroseconds: microseconds(directoryRTT),
+            lastAllocatedPort: requester.registration.lastAllocatedPort))
     }
 
     /// Another instance forwards a punch request for a peer held here (the request was validated on decoding).
@@ -209,9 +213,10 @@ public struct RendezvousState: Sendable {
         plan.startDelay = startDelay(initiatorRTT: initiatorRTT, initiatorSpread: .zero, initiatorNAT: request.nat, target: held)
         let secret = SessionSecret(id: request.sessionID, key: request.sessionKey)
         let toInitiator = coordinate(requestID: request.requestID, secret: secret, peer: target, candidates: held.candidates,
-                                     nat: held.registration.nat, role: .initiator, plan: plan)
+                                     nat: held.registration.nat, lastAllocatedPort: held.registration.lastAllocatedPort,
+                                     role: .initiator, plan: plan)
         let toTarget = coordinate(requestID: nil, secret: secret, peer: request.initiator, candidates: request.candidates,
-                                  nat: request.nat, role: .target, plan: plan)
+                                  nat: request.nat, lastAllocatedPort: request.lastAllocatedPort, role: .target, plan: plan)
         return ([
             .sessionStarted(sessionID: secret.id, initiator: request.initiator, target: target, nearDelay: plan.compensation),
             .send(.coordinate(toTarget), to: target, after: plan.targetDelay),

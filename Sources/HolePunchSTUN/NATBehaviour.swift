@@ -53,6 +53,13 @@ public struct NATEvidence: Hashable, Sendable, Codable {
     /// See ``mappingConfidence``.
     public var allocationConfidence: Double
 
+    /// The port of the latest mapping discovery saw (the last answered test, in the order the tests started: the
+    /// allocation tests come last): the last port the NAT is known to have allocated, which is where a
+    /// sequential NAT's next mapping follows, however many ports discovery itself consumed.
+    public var lastAllocatedPort: UInt16? {
+        tests.last(where: { $0.mappedAddress != nil })?.mappedAddress?.port
+    }
+
     /// Every distinct reflexive address seen, in order.
     public var mappedAddresses: [SocketAddress] {
         var seen: [SocketAddress] = []

@@ -43,8 +43,13 @@ struct PeerCommand: AsyncParsableCommand {
     @Option(help: "This peer's identity file; created if missing.")
     var identity: String
 
-    @Option(help: "Local address of the punch socket (default: wildcard of the rendezvous's family, port 0). A specific IP is also published as a LAN candidate.")
+    @Option(help: "Local address of the punch socket (default: wildcard of the rendezvous's family, port 0). A specific IP is published as a host candidate; a wildcard publishes the addresses of the usable interfaces.")
     var listen: String?
+
+    @Option(name: .customLong("exclude-address"),
+            help: ArgumentHelp("An interface address never to publish as a candidate (repeatable; e.g. a VPN's).",
+                               valueName: "ip"))
+    var excludeAddress: [String] = []
 
     @Option(help: "A Lua strategy file (default: the bundled default.lua; the built-in Swift plan answers when a script fails).")
     var strategy: String?
@@ -91,6 +96,11 @@ struct PeerCommand: AsyncParsableCommand {
                                        hint: "copy the NodeID printed by `holepunch rendezvous`, or pass @FILE from its --node-id-file")
         let target = try connect.map { try parseNodeID($0, what: "--connect", hint: "copy the NodeID the other peer printed") }
         let allowed = try Set(allow.map { try parseNodeID($0, what: "--allow", hint: "copy the NodeID the other peer printed") })
+        let excluded = try Set(excludeAddress.map { text in
+            do { return try SocketAddress(host: text, port: 0).ip } catch {
+                throw usageFailure("--exclude-address: \(error)", hint: "give a numeric IPv4 or IPv6 address, e.g. 10.8.0.2")
+            }
+        })
         let local: SocketAddress
         if let listen {
             do { local = try SocketAddress(parsing: listen) } catch { throw usageFailure("\(error)", hint: "e.g. --listen 127.0.0.1:0") }
@@ -128,9 +138,9 @@ struct PeerCommand: AsyncParsableCommand {
         let client = RendezvousClient(executor: executor, configuration: clientConfiguration, logger: logger)
         defer { endpoint.closeSoon() }
 
-        let lan: [SocketAddress] = local.isWildcard ? [] : [endpoint.localAddress]
+        let hosts = Registration.hostCandidates(of: endpoint, rendezvous: server, excluding: excluded)
         // The initiator's punch request leaves right behind its register (one flight, no round trip between).
-        let registration = Registration(lanAddresses: lan)
+        let registration = Registration(candidates: hosts)
         let outcome: Result<(registered: Registered, coordinate: ReceivedCoordinate?), RendezvousError>
         do {
             if let target {
@@ -282,7 +292,7 @@ struct PeerCommand: AsyncParsableCommand {
     private func report(_ received: ReceivedCoordinate) {
         let c = received.coordinate
         status("coordinated", ["session": c.sessionID, "role": c.role.rawValue, "peer": c.peer.description,
-                               "candidates": c.candidates.map(\.description), "peerNAT": c.peerNAT.type.rawValue,
+                               "candidates": c.candidates.map(\.address.description), "peerNAT": c.peerNAT.type.rawValue,
                                "startInMs": Double(c.startDelayMicroseconds) / 1000])
     }
 
@@ -370,11 +380,6 @@ func standardInputLines() -> AsyncStream<[UInt8]> {
     }
     thread.start()
     return stream
-}
-
-extension SocketAddress {
-    /// Whether this is 0.0.0.0 or ::.
-    var isWildcard: Bool { ipBytes.allSatisfy { $0 == 0 } }
 }
 
 extension Endpoint {

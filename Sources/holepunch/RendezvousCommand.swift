@@ -49,6 +49,9 @@ struct RendezvousCommand: AsyncParsableCommand {
     @Flag(help: "Run no STUN responder.")
     var noStun = false
 
+    @Option(help: "A STUN responder of the other IP family, numeric ADDR:PORT (e.g. [2001:db8::1]:7001), advertised to peers so that one registered over one family learns its reflexive address on the other too. QUIC takes both families when --listen is [::]:PORT.")
+    var stunOther: String?
+
     @Option(help: """
         Both peers start probing this many ms after receiving the coordinate message when the RTT measurements cannot vouch for less (see --min-start-delay-ms); the most any punch waits.
         """)
@@ -138,7 +141,18 @@ struct RendezvousCommand: AsyncParsableCommand {
         }
         let logger = verbose ? Logger(label: "holepunch.rendezvous", factory: { StreamLogHandler.standardError(label: $0) })
                              : Logger(label: "holepunch.rendezvous", factory: { _ in SwiftLogNoOpLogHandler() })
-        let configuration = RendezvousServerConfiguration(
+        var otherFamily: STUNResponderConfiguration?
+        if let stunOther, !noStun {
+            let other: SocketAddress
+            do { other = try SocketAddress(parsing: stunOther) } catch {
+                throw usageFailure("--stun-other: \(error)", hint: "a numeric ADDR:PORT such as [::1]:7001")
+            }
+            guard other.family != address.family else {
+                throw usageFailure("--stun-other \(stunOther) is of --listen's family", hint: "give an address of the other IP family")
+            }
+            otherFamily = STUNResponderConfiguration(primary: other, software: "holepunch")
+        }
+        var configuration = RendezvousServerConfiguration(
             listen: address, identity: id, stun: stun,
             state: RendezvousState.Configuration(registrationTTL: .seconds(registrationTtl),
                                                  startDelay: .milliseconds(startDelayMs),
@@ -147,6 +161,7 @@ struct RendezvousCommand: AsyncParsableCommand {
             limits: RendezvousLimits(messageBurst: messageBurst, messagesPerSecond: messagesPerSecond,
                                      maxQueuedFrames: maxQueuedReplies, maxConnections: maxConnections)
         )
+        configuration.otherFamilySTUN = otherFamily
         let server: RendezvousServer
         do { server = try await RendezvousServer.bind(configuration: configuration, logger: logger) } catch {
             throw cliFailure("\(error.message)", hint: "is the port (or listen port + 1 for STUN) already in use? try --stun-port or --no-stun")

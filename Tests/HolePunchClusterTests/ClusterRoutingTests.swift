@@ -2,6 +2,7 @@ import Foundation
 import HolePunch
 @testable import HolePunchCluster
 import HolePunchQUIC
+import HolePunchNet
 import HolePunchRendezvous
 import ProcessTestSupport
 import Testing
@@ -19,21 +20,21 @@ struct RemotePunchStateTests {
         state.rttSample(node: target, rtt: .milliseconds(10))
         let request = RemotePunchRequest(requestID: 9, sessionID: "s1", sessionKey: Array(repeating: 1, count: 32),
                                          initiator: ClusterIdentities.a.nodeID, target: target,
-                                         candidates: [.loopbackV4(port: 6000)], nat: .unknown,
+                                         candidates: [Candidate(kind: .serverReflexive, address: .loopbackV4(port: 6000))], nat: .unknown,
                                          initiatorRTTMicroseconds: 30_000, directoryRTTMicroseconds: 10_000)
         let (actions, reply) = state.acceptRemotePunch(request, now: .zero)
         // Initiator effectively 40 ms away, target 10 ms: the target's copy waits (40 - 10) / 2 = 15 ms.
         guard case let .coordinate(toInitiator, delay) = reply else { Issue.record("refused: \(reply)"); return }
         #expect(delay == 0)
         #expect(toInitiator.requestID == 9 && toInitiator.peer == target && toInitiator.role == .initiator)
-        #expect(toInitiator.candidates == [.loopbackV4(port: 5000)])
+        #expect(toInitiator.candidates == [Candidate(kind: .serverReflexive, address: .loopbackV4(port: 5000))])
         let sends = actions.compactMap { action -> (NodeID, Duration, Coordinate)? in
             if case let .send(.coordinate(c), node, after) = action { return (node, after, c) }
             return nil
         }
         #expect(sends.count == 1)
         #expect(sends.first?.0 == target && sends.first?.1 == .milliseconds(15))
-        #expect(sends.first?.2.candidates == [.loopbackV4(port: 6000)] && sends.first?.2.role == .target)
+        #expect(sends.first?.2.candidates == [Candidate(kind: .serverReflexive, address: .loopbackV4(port: 6000))] && sends.first?.2.role == .target)
     }
 
     @Test("a requester RTT or directory round trip over the 60 s message limit is capped: the forwarded request validates")
@@ -58,7 +59,7 @@ struct RemotePunchStateTests {
         var state = RendezvousState()
         let request = RemotePunchRequest(requestID: 4, sessionID: "s2", sessionKey: Array(repeating: 1, count: 32),
                                          initiator: ClusterIdentities.a.nodeID, target: ClusterIdentities.b.nodeID,
-                                         candidates: [.loopbackV4(port: 6000)], nat: .unknown,
+                                         candidates: [Candidate(kind: .serverReflexive, address: .loopbackV4(port: 6000))], nat: .unknown,
                                          initiatorRTTMicroseconds: nil, directoryRTTMicroseconds: 0)
         let (actions, reply) = state.acceptRemotePunch(request, now: .zero)
         #expect(actions.isEmpty)

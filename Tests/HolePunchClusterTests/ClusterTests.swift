@@ -2,6 +2,7 @@ import Foundation
 import HolePunch
 @testable import HolePunchCluster
 import HolePunchQUIC
+import HolePunchNet
 import HolePunchRendezvous
 import ProcessTestSupport
 import Testing
@@ -384,11 +385,11 @@ struct ClusterTests {
         let subject = "\(cluster.prefix).node.\(ClusterIdentities.b.nodeID)"
         let valid = RemotePunchRequest(requestID: 1, sessionID: "abc", sessionKey: Array(repeating: 7, count: 32),
                                        initiator: ClusterIdentities.c.nodeID, target: ClusterIdentities.b.nodeID,
-                                       candidates: [.loopbackV4(port: 9)], nat: .unknown, initiatorRTTMicroseconds: 1000,
+                                       candidates: [Candidate(kind: .serverReflexive, address: .loopbackV4(port: 9))], nat: .unknown, initiatorRTTMicroseconds: 1000,
                                        directoryRTTMicroseconds: 0)
         func body(_ message: NodeSubjectMessage) -> [UInt8] { Array(RendezvousFraming.frame(message).dropFirst(4)) }
         var tooMany = valid
-        tooMany.candidates = Array(repeating: .loopbackV4(port: 9), count: 100)
+        tooMany.candidates = Array(repeating: Candidate(kind: .serverReflexive, address: .loopbackV4(port: 9)), count: 100)
         var badKey = valid
         badKey.sessionKey = [1]
         var selfPunch = valid

@@ -87,3 +87,33 @@ struct UDPDatagramSocketTests {
         return value
     }
 }
+
+@Suite("UDP datagram socket: families")
+struct UDPDatagramSocketFamilyTests {
+    /// Whether this host can bind IPv6 at all (some CI containers have it disabled).
+    static var hasIPv6: Bool { (try? UDPDatagramSocket(binding: SocketAddress(ip: .v6([UInt8](repeating: 0, count: 15) + [1]), port: 0))) != nil }
+
+    @Test("an IPv4 socket reaches IPv4; a socket bound to one IPv6 address reaches IPv6 only")
+    func singleFamily() throws {
+        #expect(try UDPDatagramSocket(binding: .loopbackV4(port: 0)).reachableFamilies == [.ipv4])
+        guard Self.hasIPv6 else { return }
+        #expect(try UDPDatagramSocket(binding: SocketAddress(parsing: "[::1]:0"), options: .endpoint).reachableFamilies == [.ipv6])
+        #expect(try UDPDatagramSocket(binding: SocketAddress(parsing: "[::]:0"), options: .plain).reachableFamilies == [.ipv6],
+                "IPV6_V6ONLY on")
+    }
+
+    @Test("a dual-stack socket on :: reaches an IPv4 peer: it sends to the plain IPv4 address and hears it as IPv4")
+    func dualStack() throws {
+        guard Self.hasIPv6 else { return }
+        let dual = try UDPDatagramSocket(binding: SocketAddress(parsing: "[::]:0"), options: .endpoint)
+        guard dual.reachableFamilies == [.ipv4, .ipv6] else { return }  // net.ipv6.bindv6only=1 on this host
+        let peer = try UDPDatagramSocket(binding: .loopbackV4(port: 0))
+        try dual.send([1, 2, 3], to: peer.localAddress)
+        let got = try #require(peer.receive(timeoutMilliseconds: 5000))
+        #expect(got.bytes == [1, 2, 3])
+        #expect(got.from.port == dual.localAddress.port)
+        try peer.send([4], to: got.from)
+        let back = try #require(dual.receive(timeoutMilliseconds: 5000))
+        #expect(back.from == peer.localAddress, "normalised: \(back.from)")
+    }
+}

@@ -313,3 +313,33 @@ extension LoopbackTests {
         await server.close()
     }
 }
+
+extension LoopbackTests {
+    @Test("a dual-stack endpoint on :: dials an IPv4 endpoint and echoes; it reaches both families")
+    func dualStackDialsIPv4() async throws {
+        let wildcard6 = SocketAddress(ip: .v6([UInt8](repeating: 0, count: 16)), port: 0)
+        guard let client = try? await Endpoint.bind(wildcard6, configuration: EndpointConfiguration(identity: TestIdentities.a)) else {
+            return  // no IPv6 on this host
+        }
+        guard client.reachableFamilies == [.ipv4, .ipv6] else {
+            await client.close()
+            return  // net.ipv6.bindv6only=1: the socket is IPv6-only
+        }
+        let server = try await makeEndpoint(TestIdentities.b)
+        #expect(server.reachableFamilies == [.ipv4])
+        let echo = startEchoServer(server)
+        defer { echo.cancel() }
+        let connection = try await withDeadline(.seconds(10)) {
+            try await client.connect(to: server.localAddress, expecting: TestIdentities.b.nodeID)
+        }
+        let stream = try await connection.openStream()
+        try await stream.write(Array("mapped".utf8))
+        try await stream.finish()
+        let reply = try await withDeadline(.seconds(10)) { try await stream.readToEnd() }
+        #expect(String(decoding: reply, as: UTF8.self) == "mapped")
+        #expect(connection.remoteAddress == server.localAddress, "IPv4 above the socket")
+        await connection.close()
+        await client.close()
+        await server.close()
+    }
+}

@@ -72,7 +72,7 @@ struct BackgroundDiscoveryTests {
         let received = try await b.coordinate(to: Identities.a.nodeID)
         #expect(received.coordinate.peerNAT == profile)
         // The refinement kept the LAN address of the first registration.
-        #expect(received.coordinate.candidates.contains(lan))
+        #expect(received.coordinate.candidates.map(\.address).contains(lan))
         // A punch planned with the unknown profile and failed for want of a path is worth one more attempt now;
         // one that already knew, or failed for another reason, is not.
         let noPath = PunchError(code: .allPortsFailed, message: "no planned port answered a probe")
@@ -100,8 +100,8 @@ struct BackgroundDiscoveryTests {
         let after = coordinates(state.requestPunch(from: node(2), requestID: 2, target: node(1), secret: secret("s2"), now: .seconds(3)))
         #expect(after.first { $0.1 == node(2) }?.0.peerNAT == .portRestricted)
 
-        // Validated like any registration: too many LAN addresses is refused, and the profile stays.
-        let lan = (1...(RendezvousMessageLimits.maxLANAddresses + 1)).map { try! SocketAddress(parsing: "127.0.0.\($0):1") }
+        // Validated like any registration: too many candidates is refused, and the profile stays.
+        let lan = (1...(RendezvousMessageLimits.maxPublishedCandidates + 1)).map { try! SocketAddress(parsing: "127.0.0.\($0):1") }
         let refused = state.register(node: node(1), connection: 1, observed: addrA,
                                      registration: Registration(lanAddresses: lan, nat: .symmetricRandom), now: .seconds(4))
         #expect(errorCode(refused) == RendezvousError.Code.protocolViolation.name)

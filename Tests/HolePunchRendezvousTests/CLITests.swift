@@ -89,6 +89,8 @@ struct CLITests {
         ["peer", "--rendezvous", "127.0.0.1:9", "--rendezvous-id", String(repeating: "a", count: 52), "--identity",
          "id.pem", "--connect", "not-a-node-id"],
         ["strategy", "simulate", "builtin", "--attempts", "0"],
+        ["peer", "--rendezvous", "127.0.0.1:9", "--rendezvous-id", String(repeating: "a", count: 52), "--identity",
+         "id.pem", "--exclude-address", "not-an-ip"],
         // Values out of range are refused before anything runs, not clamped or run with.
         ["peer", "--rendezvous", "127.0.0.1:9", "--rendezvous-id", String(repeating: "a", count: 52), "--identity",
          "id.pem", "--connect", String(repeating: "a", count: 52), "--timeout", "0"],
@@ -96,6 +98,7 @@ struct CLITests {
         ["rendezvous", "--listen", "127.0.0.1:0", "--no-stun", "--registration-ttl", "0"],
         ["rendezvous", "--listen", "127.0.0.1:0", "--no-stun", "--rate-burst", "0"],
         ["rendezvous", "--listen", "127.0.0.1:0", "--no-stun", "--start-delay-ms=-1"],
+        ["rendezvous", "--listen", "127.0.0.1:0", "--stun-other", "127.0.0.2:7001"],
     ])
     func badArgumentsExit64(_ arguments: [String]) async throws {
         guard let binary = holepunchBinaryOrSkip() else { return }

@@ -42,6 +42,20 @@ enum WireText {
     ]).map { $0! }
 }
 
+/// Candidates as a hostile sender might write them: any kind name, any address text, any priority.
+enum WireCandidate {
+    static let kind = Gen.element(of: ["host", "srflx", "mapped", "prflx", "relay", "bogus", ""]).map { $0! }
+
+    /// A candidate's JSON; `priority` nil gives the kind's default priority (valid unless the kind is unknown).
+    static func json(kind: String, address: String, priority: WireNumber?) -> [String: Any] {
+        let base = CandidateKind(rawValue: kind).map { Candidate.priority(kind: $0, family: .ipv4) } ?? 0
+        return ["kind": kind, "address": address, "priority": priority?.json ?? Int64(base)]
+    }
+
+    static let hostile = zip(kind, WireText.address, WireNumber.gen.optional())
+        .map { json(kind: $0, address: $1, priority: $2) }
+}
+
 /// The decode as a `Result`, so closures keep the typed error.
 func decodeResult<M: Decodable>(_ type: M.Type, _ body: [UInt8]) -> Result<M, RendezvousError> {
     Result { () throws(RendezvousError) in try RendezvousFraming.decode(type, from: body) }
@@ -66,16 +80,21 @@ struct DecoderPropertyTests {
         let numbers = zip(mostly(.int(1)), mostly(.double(0.5)), mostly(.int(150_000)), mostly(.int(20_000)),
                           WireNumber.gen.optional())
         // Biased towards valid lists, so that a good share of messages pass and reach the planner.
+        let plausible = Gen.element(of: ["198.51.100.7:4000", "192.168.1.5:5000", "127.0.0.1:4000", "224.0.0.1:9",
+                                         "[2001:db8::7]:4000"]).map { $0! }
         let candidateLists = Gen.frequency(
-            (3, Gen.element(of: ["198.51.100.7:4000", "192.168.1.5:5000", "127.0.0.1:4000", "224.0.0.1:9"]).map { $0! }
-                .array(of: 1...3)),
-            (1, WireText.address.array(of: 0...14)))
+            (3, zip(plausible, zip(Gen.element(of: ["host", "srflx", "mapped"]).map { $0! }, plausible).array(of: 0...3))
+                .map { first, rest -> [[String: Any]] in
+                    [WireCandidate.json(kind: "srflx", address: first, priority: nil)]
+                        + rest.map { WireCandidate.json(kind: $0, address: $1, priority: nil) }
+                }),
+            (1, WireCandidate.hostile.array(of: 0...16)))
         let keys = Gen.frequency((3, Gen.always([Int](repeating: 7, count: 32))), (1, Gen.int(in: -1...300).array(of: 0...80)))
         let sessionIDs = Gen.frequency((3, Gen.always("0123456789abcdef")), (1, WireText.gen))
         let shape = zip(sessionIDs, candidateLists, keys,
                         Gen.bool(0.8), Gen.element(of: ["sequential", "random", "unknown", "port_preserving"]).map { $0! })
         let filter = CandidateFilter(rendezvous: try! SocketAddress(parsing: "198.51.100.1:3478"),
-                                     ourObserved: try! SocketAddress(parsing: "203.0.113.5:4000"), ipv6: false)
+                                     ourObserved: try! SocketAddress(parsing: "203.0.113.5:4000"), families: [.ipv4, .ipv6])
         let accepted = Counter()
         await propertyCheck(count: 400, input: numbers, shape) { n, s in
             let (delta, confidence, start, rtt, requestID) = n
@@ -107,9 +126,11 @@ struct DecoderPropertyTests {
             #expect((1...RendezvousMessageLimits.maxCandidates).contains(c.candidates.count))
             #expect(RendezvousMessageLimits.sessionKeyLength.contains(c.sessionKey.count))
             let permitted = filter.permitted(c.candidates)
-            #expect(permitted.allSatisfy { !$0.scope.isNeverAProbeTarget && $0.scope != .loopback })
+            #expect(permitted.allSatisfy { !$0.address.scope.isNeverAProbeTarget && $0.address.scope != .loopback })
+            #expect(permitted.allSatisfy { $0.kind != .peerReflexive && $0.kind != .relayed })
+            #expect(zip(permitted, permitted.dropFirst()).allSatisfy { $0.priority >= $1.priority }, "by priority")
             let ctx = PunchContext(localNAT: .portRestricted, remoteNAT: c.peerNAT,
-                                   candidateHosts: permitted.map(\.host), candidatePorts: permitted.map(\.port),
+                                   candidateHosts: permitted.map(\.address.host), candidatePorts: permitted.map(\.address.port),
                                    rtt: c.peerRTTMicroseconds.map { .microseconds($0) }, role: c.role)
             let (plan, _) = DefaultStrategy().plan(ctx).validated()
             #expect(!plan.ports.contains(0))
@@ -120,10 +141,13 @@ struct DecoderPropertyTests {
 
     @Test("registrations (client to server), then the server's register with what was accepted")
     func registrations() async {
-        let input = zip(WireText.address.array(of: 0...12), WireNumber.gen, WireNumber.gen, Gen.bool, WireText.address)
+        // Typed candidates three times in four, an older peer's LAN addresses otherwise.
+        let lists = Gen.frequency((3, WireCandidate.hostile.array(of: 0...16).map { ["candidates": $0] as [String: Any] }),
+                                  (1, WireText.address.array(of: 0...14).map { ["lanAddresses": $0] as [String: Any] }))
+        let input = zip(lists, WireNumber.gen, WireNumber.gen, Gen.bool, WireText.address)
         let stored = Counter()
-        await propertyCheck(count: 400, input: input) { lan, delta, confidence, withNAT, observedText in
-            var registration: [String: Any] = ["lanAddresses": lan]
+        await propertyCheck(count: 400, input: input) { list, delta, confidence, withNAT, observedText in
+            var registration = list
             if withNAT {
                 registration["nat"] = ["mapping": "endpoint_independent", "filtering": "address_dependent",
                                        "allocation": "sequential", "portDelta": delta.json, "confidence": confidence.json]
@@ -141,12 +165,14 @@ struct DecoderPropertyTests {
                 Issue.record("decoded as \(decoded)")
                 return
             }
-            #expect(r.lanAddresses.count <= RendezvousMessageLimits.maxLANAddresses)
+            #expect(r.candidates.count <= RendezvousMessageLimits.maxPublishedCandidates)
+            #expect(r.candidates.allSatisfy { $0.kind != .peerReflexive && $0.kind != .relayed })
             var state = RendezvousState()
             let actions = state.register(node: node(1), connection: 1, observed: observed, registration: r, now: .zero)
             if let peer = state.peer(node(1)) {
                 stored.add()
-                #expect(peer.registration.lanAddresses.allSatisfy { CandidateFilter.isPublishable(lan: $0, observed: observed) })
+                #expect(peer.registration.candidates.allSatisfy { CandidateFilter.isPublishable($0, observed: observed) })
+                #expect(peer.candidates.first == Candidate(kind: .serverReflexive, address: observed), "observed first")
             } else {
                 #expect(errorCode(actions) == RendezvousError.Code.protocolViolation.name)
             }

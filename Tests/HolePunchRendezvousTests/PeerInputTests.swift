@@ -11,7 +11,8 @@ import Testing
 func sampleCoordinate(nat: NATProfile = .symmetricSequential) -> Coordinate {
     Coordinate(
         requestID: nil, sessionID: "0123456789abcdef0123456789abcdef", sessionKey: [UInt8](repeating: 7, count: 32),
-        peer: node(2), candidates: [addrA, try! SocketAddress(parsing: "192.168.1.20:5000")], peerNAT: nat,
+        peer: node(2), candidates: [Candidate(kind: .serverReflexive, address: addrA),
+                                    Candidate(kind: .host, address: try! SocketAddress(parsing: "192.168.1.20:5000"))], peerNAT: nat,
         role: .target, startDelayMicroseconds: 150_000, peerRTTMicroseconds: 20_000
     )
 }
@@ -40,7 +41,7 @@ struct PeerInputTests {
                 let message = try RendezvousFraming.decode(ServerMessage.self, from: bytes)
                 // Unfixed code gets here and traps in DefaultStrategy.plan ("arithmetic overflow").
                 if case .coordinate(let c) = message {
-                    let ctx = PunchContext(localNAT: .unknown, remoteNAT: c.peerNAT, candidatePorts: c.candidates.map(\.port))
+                    let ctx = PunchContext(localNAT: .unknown, remoteNAT: c.peerNAT, candidatePorts: c.candidates.map(\.address.port))
                     _ = DefaultStrategy().plan(ctx)
                 }
                 Issue.record("a port delta of \(delta) was accepted")
@@ -76,7 +77,9 @@ struct DecoderLimitTests {
         #expect(refused(try body(message, setting: "sessionID", to: "")))
         #expect(refused(try body(message, setting: "sessionKey", to: [Int](repeating: 1, count: 4))))
         #expect(refused(try body(message, setting: "candidates", to: [String]())))
-        #expect(refused(try body(message, setting: "candidates", to: [String](repeating: "192.168.1.2:5000", count: 100))))
+        let host: [String: Any] = ["kind": "host", "address": "192.168.1.2:5000",
+                                   "priority": Candidate.priority(kind: .host, family: .ipv4)]
+        #expect(refused(try body(message, setting: "candidates", to: [[String: Any]](repeating: host, count: 100))))
     }
 
     @Test("registered timers, error strings and client session ids and outcomes are range-checked")
@@ -160,7 +163,9 @@ struct ServerPeerInputTests {
 struct ClientCandidateTests {
     func received(_ candidates: [String]) throws -> ReceivedCoordinate {
         var c = sampleCoordinate()
-        c.candidates = try candidates.map { try SocketAddress(parsing: $0) }
+        c.candidates = try candidates.enumerated().map { index, text in
+            Candidate(kind: index == 0 ? .serverReflexive : .host, address: try SocketAddress(parsing: text))
+        }
         return ReceivedCoordinate(coordinate: c, receivedAt: .now)
     }
 

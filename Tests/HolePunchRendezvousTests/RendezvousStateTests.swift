@@ -124,8 +124,9 @@ struct RendezvousStateTests {
         #expect(toA.sessionID == "abc" && toB.sessionID == "abc")
         #expect(toA.sessionKey == toB.sessionKey && toA.sessionKey.count == 32)
         #expect(toA.peer == node(2) && toB.peer == node(1))
-        #expect(toA.candidates == [addrB])
-        #expect(toB.candidates == [addrA, try! SocketAddress(parsing: "127.0.0.9:1")])
+        #expect(toA.candidates == [Candidate(kind: .serverReflexive, address: addrB)])
+        #expect(toB.candidates == [Candidate(kind: .serverReflexive, address: addrA),
+                                   Candidate(kind: .host, address: try! SocketAddress(parsing: "127.0.0.9:1"))])
         #expect(toA.peerNAT == .unknown)
         #expect(toB.peerNAT == .fullCone)
         #expect(toA.startDelayMicroseconds == 150_000 && toB.startDelayMicroseconds == 150_000)
