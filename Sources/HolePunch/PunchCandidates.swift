@@ -104,10 +104,10 @@ struct CandidateChecks: Sendable {
 }
 
 extension PunchExecutor {
-    /// Whether this executor can send to an address of `family`: the endpoint's socket family for now (a dual-stack
-    /// socket will answer for both).
+    /// Whether this executor can send to an address of `family`: what the endpoint's socket reaches (both families
+    /// for a dual-stack socket).
     nonisolated func canReach(_ family: IPFamily) -> Bool {
-        family == endpoint.localAddress.family
+        endpoint.reachableFamilies.contains(family)
     }
 
     /// The candidate checks for a punch: the peer's typed candidates we can reach (a relayed one is reached through

@@ -109,7 +109,7 @@ extension PunchExecutor {
         }
         // With typed candidates the host is only the strategy's `ctx.hosts`; candidates of a family the endpoint
         // cannot reach are skipped instead (`candidateChecks`).
-        guard !options.candidates.isEmpty || host.isIPv6 == endpoint.localAddress.isIPv6 else {
+        guard !options.candidates.isEmpty || canReach(host.family) else {
             throw PunchError(code: .invalidOptions, message: "target \(options.targetHost) is not in the endpoint's address family")
         }
         guard !options.targetPorts.isEmpty, !options.targetPorts.contains(0) else {

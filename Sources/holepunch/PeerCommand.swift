@@ -43,7 +43,7 @@ struct PeerCommand: AsyncParsableCommand {
     @Option(help: "This peer's identity file; created if missing.")
     var identity: String
 
-    @Option(help: "Local address of the punch socket (default: wildcard of the rendezvous's family, port 0). A specific IP is published as a host candidate; a wildcard publishes the addresses of the usable interfaces.")
+    @Option(help: "Local address of the punch socket (default: port 0 on the IPv6 wildcard (dual-stack) when this host has a usable IPv6 address and the rendezvous is not on loopback, else the wildcard of the rendezvous's family). A specific IP is published as a host candidate; a wildcard publishes the addresses of the usable interfaces.")
     var listen: String?
 
     @Option(name: .customLong("exclude-address"),
@@ -105,7 +105,12 @@ struct PeerCommand: AsyncParsableCommand {
         if let listen {
             do { local = try SocketAddress(parsing: listen) } catch { throw usageFailure("\(error)", hint: "e.g. --listen 127.0.0.1:0") }
         } else {
-            local = server.isIPv6 ? SocketAddress(ip: .v6([UInt8](repeating: 0, count: 16)), port: 0) : .anyV4(port: 0)
+            // An IPv6 wildcard socket is dual-stack (it reaches IPv4 peers too), so a host with a usable IPv6 address
+            // binds one even for an IPv4 rendezvous: the peer's IPv6 path (often un-NATed) can then be checked. A
+            // loopback rendezvous keeps the plain IPv4 socket (tests and local runs see no change).
+            let wantsDualStack = server.isIPv6 || (server.scope != .loopback
+                && !HostCandidates.gather(port: 1, families: [.ipv6], excluding: []).isEmpty)
+            local = wantsDualStack ? SocketAddress(ip: .v6([UInt8](repeating: 0, count: 16)), port: 0) : .anyV4(port: 0)
         }
         let id: Identity
         do { id = try loadOrCreateIdentity(identity).0 } catch {
