@@ -29,6 +29,9 @@ public struct TURNAllocation: Sendable {
         /// Lifetimes granted by the server are clamped into this range of seconds, so a hostile server can make
         /// us neither refresh in a busy loop nor believe an allocation lives for days.
         public var lifetimeBounds: ClosedRange<UInt32> = 30...3600
+        /// The allocation is refreshed at least this often, however long the granted lifetime (coturn grants at
+        /// least 10 minutes; a shorter interval also notices a vanished server sooner).
+        public var maximumRefreshInterval: Duration = .seconds(3600)
         /// At most this many peers get a permission or a channel.
         public var maximumPeers: Int = 64
         /// 438 (stale nonce) retries per request.
@@ -99,6 +102,10 @@ public struct TURNAllocation: Sendable {
     private var nonce: [UInt8]?
     private var key: STUNCredential?
     private var pending: [STUNTransactionID: Transaction] = [:]
+    /// Refresh requests sent to keep the allocation (not counting retransmissions or deletion).
+    package private(set) var refreshesSent = 0
+    /// Requests retried with a fresh nonce after a 438.
+    package private(set) var nonceRetries = 0
     /// Our relayed address once allocated.
     public private(set) var relayedAddress: SocketAddress?
     private var refreshAt: Duration = .zero
@@ -213,6 +220,7 @@ public struct TURNAllocation: Sendable {
         }
         if now >= refreshAt && !pending.values.contains(where: { if case .refresh = $0.request { true } else { false } }) {
             refreshAt = expiresAt
+            refreshesSent += 1
             actions += transmit(.refresh(lifetime: requestedLifetimeSeconds), operations: [], now: now)
         }
         let duePermissions = permissions.filter { $0.value.installed && now >= $0.value.refreshAt }.map(\.key)
@@ -343,6 +351,7 @@ public struct TURNAllocation: Sendable {
                 return failRequest(transaction, TURNError(.malformed, "438 without a NONCE"))
             }
             self.nonce = nonce
+            nonceRetries += 1
             if let realm = try? message.realm(), !realm.isEmpty, realm != self.realm,
                let key = try? STUNCredential.longTerm(username: credentials.username, realm: realm, password: credentials.password) {
                 self.realm = realm
@@ -446,7 +455,7 @@ public struct TURNAllocation: Sendable {
     /// Refresh at half the lifetime when it is short, else a minute before it ends.
     private mutating func schedule(lifetime: Duration, now: Duration) {
         expiresAt = now + lifetime
-        refreshAt = now + (lifetime < .seconds(120) ? lifetime / 2 : lifetime - .seconds(60))
+        refreshAt = now + min(lifetime < .seconds(120) ? lifetime / 2 : lifetime - .seconds(60), configuration.maximumRefreshInterval)
     }
 
     private mutating func transmit(_ request: Request, operations: [Int], now: Duration, nonceRetries: Int = 0) -> [Action] {

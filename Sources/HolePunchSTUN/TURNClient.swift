@@ -113,6 +113,11 @@ public final class TURNClient: RelayFraming, Sendable {
         state.withLock { $0.machine.unwrap(datagram) }
     }
 
+    /// Refreshes sent and stale-nonce retries so far, for tests and diagnostics.
+    package var counters: (refreshes: Int, nonceRetries: Int) {
+        state.withLock { ($0.machine.refreshesSent, $0.machine.nonceRetries) }
+    }
+
     // MARK: Operations
 
     /// Waits until the allocation exists (or failed).
