@@ -56,7 +56,7 @@ public struct TURNGrant: Codable, Sendable, Hashable, CustomStringConvertible {
 ///
 /// Minted at every registration: username `expiry:NodeID`, password base64(HMAC-SHA1(secret, username)). A peer
 /// that needs credentials beyond ``ttl`` registers again. `description` never shows the secret.
-public struct TURNMinting: Sendable, CustomStringConvertible {
+public struct TURNMinting: Sendable, CustomStringConvertible, CustomReflectable {
     /// The TURN servers handed out (at most ``TURNGrant/maximumServers``).
     public var servers: [SocketAddress]
     /// How long minted credentials are valid.
@@ -95,4 +95,7 @@ public struct TURNMinting: Sendable, CustomStringConvertible {
 
     /// The servers and TTL; never the secret.
     public var description: String { "TURNMinting(servers: \(servers), ttl: \(ttl), secret: <redacted>)" }
+
+    /// The servers and TTL without the secret, so that `dump` and reflection-based formatting cannot leak it.
+    public var customMirror: Mirror { Mirror(self, children: ["servers": servers, "ttl": ttl], displayStyle: .struct) }
 }
