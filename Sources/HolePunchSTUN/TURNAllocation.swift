@@ -95,7 +95,7 @@ public struct TURNAllocation: Sendable {
 
     /// The server's address (the driver sends every `.send` there and feeds only its datagrams back).
     public let server: SocketAddress
-    private let credentials: TURNCredentials
+    private var credentials: TURNCredentials
     private let configuration: Configuration
     private var phase: Phase = .idle
     private var realm: String?
@@ -185,6 +185,15 @@ public struct TURNAllocation: Sendable {
             return actions + [.deallocated]
         case .deallocating, .ended:
             return []
+        }
+    }
+
+    /// Uses `credentials` for every later request: REST credentials expire, and coturn checks the expiry on Refresh
+    /// too, so a long-lived allocation needs the fresh ones a later registration brings.
+    public mutating func updateCredentials(_ credentials: TURNCredentials) {
+        self.credentials = credentials
+        if key != nil, let realm {
+            key = try? STUNCredential.longTerm(username: credentials.username, realm: realm, password: credentials.password)
         }
     }
 

@@ -159,6 +159,11 @@ public final class TURNClient: RelayFraming, Sendable {
         try await transport.send(framed, to: server)
     }
 
+    /// Uses `credentials` for every later request (see ``TURNAllocation/updateCredentials(_:)``).
+    public func updateCredentials(_ credentials: TURNCredentials) {
+        state.withLock { $0.machine.updateCredentials(credentials) }
+    }
+
     /// Data from peers that arrived on the transport (a plain socket); the newest 256 are buffered.
     public func received() -> AsyncStream<Received> { data }
 
