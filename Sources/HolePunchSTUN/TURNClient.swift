@@ -164,7 +164,8 @@ public final class TURNClient: RelayFraming, Sendable {
         state.withLock { $0.machine.updateCredentials(credentials) }
     }
 
-    /// Data from peers that arrived on the transport (a plain socket); the newest 256 are buffered.
+    /// Data from peers that arrived on the transport (a plain socket); the newest 256 are buffered. One consumer at a
+    /// time: every call returns the same stream, which ends when ``run()`` does.
     public func received() -> AsyncStream<Received> { data }
 
     /// Deletes the allocation (bounded by the transaction timeout) and makes ``run()`` return.

@@ -211,6 +211,27 @@ struct TURNCoturnTests {
         #expect(first.relayed.host == "127.0.0.1")
     }
 
+    @Test func cancellingRunEndsItAtOnceAndStillDeletesTheAllocation() async throws {
+        let coturn = try await TURNInterop.start()
+        defer { coturn.stop() }
+        let server = SocketAddress.loopbackV4(port: coturn.port)
+        let transport = try UDPSTUNTransport(binding: .loopbackV4(port: 0))
+        defer { transport.closeNow() }
+        let credentials = try TURNInterop.credentials("c")
+        let client = TURNClient(server: server, credentials: credentials, transport: transport, configuration: TURNInterop.quick)
+        let run = Task { try await client.run() }
+        _ = try await client.allocation()
+        run.cancel()
+        let ended = try await withDeadline(.seconds(2)) { await run.result }
+        #expect(throws: CancellationError.self) { try ended.get() }
+        // The one deleting Refresh sent on cancellation frees the 5-tuple (otherwise 437 for 600 s).
+        let reused = await eventually(.seconds(10)) {
+            (try? await TURNClient.withAllocation(server: server, credentials: credentials, transport: transport,
+                                                   configuration: TURNInterop.quick) { try await $0.allocation() }) != nil
+        }
+        #expect(reused)
+    }
+
     @Test func aSecondAllocationOnTheSameFiveTupleIsAMismatch() async throws {
         let coturn = try await TURNInterop.start()
         defer { coturn.stop() }
