@@ -14,35 +14,6 @@ public import HolePunchNet
 /// ``unwrap(_:)`` frame data on the channels and permissions it holds. Everything from the server is bounded:
 /// lifetimes are clamped, channel numbers checked, success responses must carry a valid MESSAGE-INTEGRITY.
 public struct TURNAllocation: Sendable {
-    /// Timers and bounds.
-    public struct Configuration: Hashable, Sendable {
-        /// The lifetime asked for in Allocate and Refresh.
-        public var requestedLifetime: Duration = .seconds(600)
-        /// The first retransmission timeout; it doubles after each transmission.
-        public var initialRTO: Duration = .milliseconds(250)
-        /// A request not answered within this long fails with `unreachable`: the bounded wait.
-        public var transactionTimeout: Duration = .seconds(5)
-        /// How often permissions are re-created (they last 5 minutes on the server).
-        public var permissionRefresh: Duration = .seconds(240)
-        /// How often channels are re-bound (they last 10 minutes on the server).
-        public var channelRefresh: Duration = .seconds(480)
-        /// Lifetimes granted by the server are clamped into this range of seconds, so a hostile server can make
-        /// us neither refresh in a busy loop nor believe an allocation lives for days.
-        public var lifetimeBounds: ClosedRange<UInt32> = 30...3600
-        /// The allocation is refreshed at least this often, however long the granted lifetime (coturn grants at
-        /// least 10 minutes; a shorter interval also notices a vanished server sooner).
-        public var maximumRefreshInterval: Duration = .seconds(3600)
-        /// At most this many peers get a permission or a channel.
-        public var maximumPeers: Int = 64
-        /// 438 (stale nonce) retries per request.
-        public var maximumNonceRetries: Int = 3
-        /// SOFTWARE sent in Allocate.
-        public var software: String? = "HolePunch"
-
-        /// The defaults.
-        public init() {}
-    }
-
     /// What the driver must do.
     public enum Action: Hashable, Sendable {
         /// Send `bytes` to the server.
@@ -70,7 +41,6 @@ public struct TURNAllocation: Sendable {
 
     private struct Transaction: Sendable {
         var request: Request
-        var operations: [Int]
         var bytes: [UInt8]
         var firstSent: Duration
         var nextSend: Duration
@@ -133,7 +103,7 @@ public struct TURNAllocation: Sendable {
     public mutating func start(now: Duration) -> [Action] {
         guard phase == .idle else { return [] }
         phase = .allocating
-        return transmit(.allocate, operations: [], now: now)
+        return transmit(.allocate, now: now)
     }
 
     /// Asks for a permission for `peer`'s IP address; `.completed(operation:…)` follows.
@@ -148,7 +118,7 @@ public struct TURNAllocation: Sendable {
             return [.completed(operation: operation, error: TURNError(.limit, "more than \(configuration.maximumPeers) peers"))]
         }
         permissions[peer.ip] = Permission(waiting: [operation])
-        return transmit(.createPermission([peer]), operations: [], now: now)
+        return transmit(.createPermission([peer]), now: now)
     }
 
     /// Binds a channel to `peer` (which also installs its permission); `.completed(operation:…)` follows.
@@ -167,7 +137,7 @@ public struct TURNAllocation: Sendable {
         nextChannel += 1
         channels[peer] = Channel(number: number, waiting: [operation])
         peerByChannel[number] = peer
-        return transmit(.channelBind(number, peer), operations: [], now: now)
+        return transmit(.channelBind(number, peer), now: now)
     }
 
     /// Deletes the allocation (Refresh with lifetime 0); `.deallocated` follows, also when the server is gone.
@@ -177,7 +147,7 @@ public struct TURNAllocation: Sendable {
             var actions = abandonOperations(TURNError(.closed, "the allocation is being deleted"))
             pending.removeAll()
             phase = .deallocating
-            actions += transmit(.refresh(lifetime: 0), operations: [], now: now)
+            actions += transmit(.refresh(lifetime: 0), now: now)
             return actions
         case .idle, .allocating:
             let actions = abandonOperations(TURNError(.closed, "the allocation was closed"))
@@ -230,16 +200,16 @@ public struct TURNAllocation: Sendable {
         if now >= refreshAt && !pending.values.contains(where: { if case .refresh = $0.request { true } else { false } }) {
             refreshAt = expiresAt
             refreshesSent += 1
-            actions += transmit(.refresh(lifetime: requestedLifetimeSeconds), operations: [], now: now)
+            actions += transmit(.refresh(lifetime: requestedLifetimeSeconds), now: now)
         }
         let duePermissions = permissions.filter { $0.value.installed && now >= $0.value.refreshAt }.map(\.key)
         if !duePermissions.isEmpty {
             for ip in duePermissions { permissions[ip]?.refreshAt = now + configuration.permissionRefresh }
-            actions += transmit(.createPermission(duePermissions.map { SocketAddress(ip: $0, port: 0) }), operations: [], now: now)
+            actions += transmit(.createPermission(duePermissions.map { SocketAddress(ip: $0, port: 0) }), now: now)
         }
         for (peer, channel) in channels where channel.bound && now >= channel.refreshAt {
             channels[peer]?.refreshAt = now + configuration.channelRefresh
-            actions += transmit(.channelBind(channel.number, peer), operations: [], now: now)
+            actions += transmit(.channelBind(channel.number, peer), now: now)
         }
         return actions
     }
@@ -352,7 +322,7 @@ public struct TURNAllocation: Sendable {
             self.realm = realm
             self.nonce = nonce
             self.key = key
-            return transmit(transaction.request, operations: transaction.operations, now: now)
+            return transmit(transaction.request, now: now)
         case 401:
             return failRequest(transaction, TURNError(.wrongCredentials, "the server rejected our credentials (401)"))
         case 438 where transaction.nonceRetries < configuration.maximumNonceRetries:
@@ -366,7 +336,7 @@ public struct TURNAllocation: Sendable {
                 self.realm = realm
                 self.key = key
             }
-            return transmit(transaction.request, operations: transaction.operations, now: now, nonceRetries: transaction.nonceRetries + 1)
+            return transmit(transaction.request, now: now, nonceRetries: transaction.nonceRetries + 1)
         case 486:
             return failRequest(transaction, TURNError(.quotaExceeded, "the server refused another allocation (486)"))
         case 437:
@@ -467,7 +437,7 @@ public struct TURNAllocation: Sendable {
         refreshAt = now + min(lifetime < .seconds(120) ? lifetime / 2 : lifetime - .seconds(60), configuration.maximumRefreshInterval)
     }
 
-    private mutating func transmit(_ request: Request, operations: [Int], now: Duration, nonceRetries: Int = 0) -> [Action] {
+    private mutating func transmit(_ request: Request, now: Duration, nonceRetries: Int = 0) -> [Action] {
         let id = STUNTransactionID.random()
         var attributes: [STUNAttribute] = []
         switch request {
@@ -493,12 +463,12 @@ public struct TURNAllocation: Sendable {
         guard let bytes = try? STUNMessage(.request, method: method, transactionID: id, attributes: attributes)
             .encoded(integrity: key, fingerprint: true) else {
             return failRequest(
-                Transaction(request: request, operations: operations, bytes: [], firstSent: now, nextSend: now, rto: .zero, authenticated: false),
+                Transaction(request: request, bytes: [], firstSent: now, nextSend: now, rto: .zero, authenticated: false),
                 TURNError(.malformed, "a request could not be encoded (a username or nonce too long)")
             )
         }
         pending[id] = Transaction(
-            request: request, operations: operations, bytes: bytes, firstSent: now,
+            request: request, bytes: bytes, firstSent: now,
             nextSend: now + configuration.initialRTO, rto: configuration.initialRTO,
             nonceRetries: nonceRetries, authenticated: key != nil
         )
