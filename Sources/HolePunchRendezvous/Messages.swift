@@ -18,15 +18,18 @@ public struct Registered: Codable, Sendable, Hashable {
     /// `RendezvousMessageLimits.maxSTUNServers`): a peer registered over one family sends a binding to the other
     /// family's from its punch socket and publishes the answer as a `srflx` candidate.
     public var stunServers: [SocketAddress]
+    /// TURN servers and credentials minted for this peer, when the rendezvous has any (``TURNGrant``).
+    public var turn: TURNGrant?
 
     /// Creates a confirmation.
     public init(observedAddress: SocketAddress, ttlMilliseconds: Int, keepAliveMilliseconds: Int, stunServer: SocketAddress?,
-                stunServers: [SocketAddress] = []) {
+                stunServers: [SocketAddress] = [], turn: TURNGrant? = nil) {
         self.observedAddress = observedAddress
         self.ttlMilliseconds = ttlMilliseconds
         self.keepAliveMilliseconds = keepAliveMilliseconds
         self.stunServer = stunServer
         self.stunServers = stunServers
+        self.turn = turn
     }
 
     /// Decodes and validates (``validate()``): a server cannot hand the client absurd timers.
@@ -36,7 +39,8 @@ public struct Registered: Codable, Sendable, Hashable {
                   ttlMilliseconds: try c.decode(Int.self, forKey: .ttlMilliseconds),
                   keepAliveMilliseconds: try c.decode(Int.self, forKey: .keepAliveMilliseconds),
                   stunServer: try c.decodeIfPresent(SocketAddress.self, forKey: .stunServer),
-                  stunServers: try c.decodeIfPresent([SocketAddress].self, forKey: .stunServers) ?? [])
+                  stunServers: try c.decodeIfPresent([SocketAddress].self, forKey: .stunServers) ?? [],
+                  turn: try c.decodeIfPresent(TURNGrant.self, forKey: .turn))
         try validate()
     }
 

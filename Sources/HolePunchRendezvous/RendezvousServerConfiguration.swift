@@ -29,6 +29,8 @@ public struct RendezvousServerConfiguration: Sendable {
     /// Its primary address is advertised in `Registered.stunServers` beside the main responder's, so a peer
     /// registered over one family learns its reflexive address on the other too. nil runs none.
     public var otherFamilySTUN: STUNResponderConfiguration?
+    /// TURN credentials minted for every registered peer; nil hands out none.
+    public var turn: TURNMinting?
 
     /// Creates a configuration.
     public init(
