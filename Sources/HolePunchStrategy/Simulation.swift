@@ -29,7 +29,7 @@ public enum StrategyCheck {
     public static func context(local: SimulatedNAT, remote: SimulatedNAT, role: PunchRole, attempt: Int,
                                rtt: Duration? = .milliseconds(80), seed: UInt64 = 0x5EED) -> PunchContext {
         let (lp, rp, rh) = role == .initiator ? (portA, portB, hostB) : (portB, portA, hostA)
-        return PunchContext(localNAT: local.profile, remoteNAT: remote.profile, candidateHosts: [rh, "192.168.1.20"],
+        return PunchContext(localNAT: local.profile, remoteNAT: remote.profile, candidateHosts: [rh, "10.0.1.20"],
                             candidatePorts: [rp], localPort: lp, rtt: rtt, attempt: attempt,
                             role: role, seed: seed &+ UInt64(attempt), peerID: "peer-\(remote.name)")
     }
