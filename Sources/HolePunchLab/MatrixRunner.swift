@@ -65,15 +65,20 @@ package struct MatrixRunner {
         let rendezvous = try lab.exec("rdv", [lab.executable, "lab", "rendezvous", "--identity", rdvIdentity, "--ready-file", ready,
                                                 "--start-delay", "\(startDelay)"],
                                       stem: "rendezvous")
-        defer { rendezvous.stop() }
-        let end = ContinuousClock.now + .seconds(20)
-        while !FileManager.default.fileExists(atPath: ready) {
-            guard rendezvous.process.isRunning, ContinuousClock.now < end else {
-                throw LabFailure("the lab rendezvous did not start: \(rendezvous.errors)")
+        do {
+            let end = ContinuousClock.now + .seconds(20)
+            while !FileManager.default.fileExists(atPath: ready) {
+                guard rendezvous.process.isRunning, ContinuousClock.now < end else {
+                    throw LabFailure("the lab rendezvous did not start: \(rendezvous.errors)")
+                }
+                try await Task.sleep(for: .milliseconds(10))
             }
-            try await Task.sleep(for: .milliseconds(10))
+            return (rendezvous, try String(contentsOfFile: ready, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines))
+        } catch {
+            // The caller stops it once it returned; until then, a failure here must.
+            rendezvous.stop()
+            throw error
         }
-        return (rendezvous, try String(contentsOfFile: ready, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines))
     }
 
     /// The NAT pairs, in one lab in the default topology (`renat` between pairs) with one rendezvous.
