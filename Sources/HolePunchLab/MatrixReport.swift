@@ -94,14 +94,26 @@ package struct TopologyResult: TrialSeries {
         for trial in trials where trial.ok { counts[trial.path?.rawValue ?? "?", default: 0] += 1 }
         return counts.sorted { $0.key < $1.key }.map { "\($0.key) ×\($0.value)" }.joined(separator: ", ")
     }
-    /// The winning candidate pairs (or, until peers report them, the addresses connected to), distinct, in order.
+    /// The winning candidate pairs (or, until peers report them, the addresses connected to), without ports (each
+    /// trial's sockets have fresh ones), distinct, in order, each with its count.
     package var winners: String {
-        var seen: [String] = []
+        var seen: [(String, Int)] = []
         for trial in trials where trial.ok {
-            let winner = trial.candidatePair ?? trial.remote.map { "→ \($0)" } ?? "?"
-            if !seen.contains(winner) { seen.append(winner) }
+            let winner = Self.withoutPorts(trial.candidatePair ?? trial.remote.map { "→ \($0)" } ?? "?")
+            if let index = seen.firstIndex(where: { $0.0 == winner }) { seen[index].1 += 1 } else { seen.append((winner, 1)) }
         }
-        return seen.joined(separator: "; ")
+        return seen.map { "\($0.0) ×\($0.1)" }.joined(separator: "; ")
+    }
+
+    /// `text` with the port cut from every `ADDR:PORT` or `[ADDR]:PORT` word.
+    package static func withoutPorts(_ text: String) -> String {
+        text.split(separator: " ", omittingEmptySubsequences: false).map { word -> String in
+            guard let colon = word.lastIndex(of: ":"), !word[word.index(after: colon)...].isEmpty,
+                  word[word.index(after: colon)...].allSatisfy(\.isNumber) else { return String(word) }
+            let host = word[..<colon]
+            if host.hasPrefix("["), host.hasSuffix("]") { return String(host.dropFirst().dropLast()) }
+            return host.contains(":") ? String(word) : String(host)
+        }.joined(separator: " ")
     }
 }
 
@@ -141,8 +153,10 @@ package struct MatrixReport: Sendable {
     private func ms(_ value: Double?) -> String { value.map { String(format: "%.0f", $0) } ?? "–" }
 
     package func markdown() -> String {
-        var out = "Lab matrix, \(date): \(trials) trial(s) per pair, \(Int(delay)) ms one-way delay and \(loss)% loss on each WAN link; "
-        out += "peer-to-peer RTT \(String(format: "%.1f", rttMs)) ms. Times are from the coordinated start to the authenticated "
+        var out = "Lab matrix, \(date): \(trials) trial(s) per row, \(Int(delay)) ms one-way delay and \(loss)% loss on each WAN link; "
+        // The RTT is measured in the pairs' lab; a run of topologies alone has none.
+        if !results.isEmpty { out += "peer-to-peer RTT \(String(format: "%.1f", rttMs)) ms. " }
+        out += "Times are from the coordinated start to the authenticated "
         out += "connection (initiator side); packets are UDP packets both peers sent toward the other's public address "
         out += "(probes and QUIC), mean per trial; ratio = median / (raw UDP punch + 1 RTT); first byte = the initiator's "
         out += "start-to-first-byte, from its process start to the first echoed byte (median, p95)"

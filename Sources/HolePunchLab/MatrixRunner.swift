@@ -274,7 +274,7 @@ package struct MatrixRunner {
 
     /// The winning candidate pair from a peer's result: a string as it is, or `{"local": {"kind", "address"},
     /// "remote": {…}}` as `kind address → kind address`; nil when the peer reports none.
-    static func candidatePair(_ value: Any?) -> String? {
+    package static func candidatePair(_ value: Any?) -> String? {
         if let text = value as? String { return text }
         guard let pair = value as? [String: Any] else { return nil }
         func side(_ key: String) -> String {

@@ -1,4 +1,5 @@
 import Foundation
+import HolePunchLab
 import Testing
 
 /// The lab's topologies (`lab.sh up --topology`, docs/lab.md): that each is built as documented, and the acceptance
@@ -16,6 +17,7 @@ extension LabTests {
 
         var testDescription: String { name }
 
+        // The same topologies as the matrix runs (LabTopology.all), with what a raw punch and a LAN packet do there.
         static let homes: Set<String> = ["wan", "rdv", "other", "nat-a", "nat-b", "peer-a", "peer-b"]
         static let all: [TopologyCase] = [
             TopologyCase(name: "same-lan", hosts: homes.subtracting(["nat-b"]), publicPunch: false, lanReachable: true),
@@ -128,7 +130,7 @@ extension LabTests {
 
     @Test("each topology connects 3 of 3 trials, on the LAN, hairpin or IPv6 path the topology allows",
           .timeLimit(.minutes(3)), .enabled(if: LabTests.haveBinary, "needs the holepunch binary"),
-          arguments: TopologyCase.all.map { $0.name })
+          arguments: LabTopology.all.map { $0.name })
     func topologyConnects(_ name: String) throws {
         let report = try Self.matrixReport(["--trials", "3", "--delay", "20", "--punch-timeout", "5",
                                             "--topology", name, "--only-topologies"], timeout: 170)
