@@ -153,9 +153,9 @@ package struct MatrixReport: Sendable {
     private func ms(_ value: Double?) -> String { value.map { String(format: "%.0f", $0) } ?? "–" }
 
     package func markdown() -> String {
-        var out = "Lab matrix, \(date): \(trials) trial(s) per row, \(Int(delay)) ms one-way delay and \(loss)% loss on each WAN link; "
+        var out = "Lab matrix, \(date): \(trials) trial(s) per row, \(Int(delay)) ms one-way delay and \(loss)% loss on each WAN link"
         // The RTT is measured in the pairs' lab; a run of topologies alone has none.
-        if !results.isEmpty { out += "peer-to-peer RTT \(String(format: "%.1f", rttMs)) ms. " }
+        out += results.isEmpty ? ". " : "; peer-to-peer RTT \(String(format: "%.1f", rttMs)) ms. "
         out += "Times are from the coordinated start to the authenticated "
         out += "connection (initiator side); packets are UDP packets both peers sent toward the other's public address "
         out += "(probes and QUIC), mean per trial; ratio = median / (raw UDP punch + 1 RTT); first byte = the initiator's "
@@ -202,14 +202,16 @@ package struct MatrixReport: Sendable {
             guard let rows = topologies[strategy], !rows.isEmpty else { continue }
             out += "### Topologies, \(strategy)\n\n"
             out += "Connected: trials that connected at all; on path: those on a path the topology accepts. Winner: the "
-            out += "candidate pair that won (local → remote), or the address connected to when the peers do not report one.\n\n"
-            out += "| topology | connected | on path (accepted) | median ms | first byte ms | paths taken | winner | errors |\n"
-            out += "|---|---|---|---|---|---|---|---|\n"
+            out += "candidate pair that won (local → remote), or the address connected to when the peers do not report one. "
+            out += "Raw UDP: `probe.py punch` between the peers' public addresses.\n\n"
+            out += "| topology | connected | on path (accepted) | median ms | first byte ms | paths taken | winner | raw UDP ms | errors |\n"
+            out += "|---|---|---|---|---|---|---|---|---|\n"
             for row in rows {
                 let errors = row.errors.sorted { $0.key < $1.key }.map { "\($0.key) ×\($0.value)" }.joined(separator: ", ")
                 let accepted = row.topology.acceptedPaths.map(\.rawValue).joined(separator: ", ")
                 out += "| \(row.topology.name) | \(row.successes)/\(row.trials.count) | \(row.onPath)/\(row.trials.count) (\(accepted)) | "
-                out += "\(ms(row.median)) | \(ms(row.firstByteMedian)) | \(row.paths) | \(row.winners) | \(errors) |\n"
+                let rawText = raw["topology:\(row.topology.name)"].map { $0.connected ? ms($0.timeMs) : "fails" } ?? "–"
+                out += "\(ms(row.median)) | \(ms(row.firstByteMedian)) | \(row.paths) | \(row.winners) | \(rawText) | \(errors) |\n"
             }
             out += "\n"
         }
