@@ -249,13 +249,7 @@ struct LabTests {
     @Test("raw UDP punch through the lab", .timeLimit(.minutes(1)), arguments: PunchCase.all)
     func rawPunch(_ c: PunchCase) throws {
         try withLab(["--nat-a", c.a, "--nat-b", c.b, "--delay", "20", "--probe-server"]) { lab in
-            let timeout = c.connects ? "5" : "2"
-            let a = try lab.background("peer-a", ["python3", LabSupport.probeScript, "punch", "--name", "a", "--peer", "b",
-                                                  "--timeout", timeout])
-            let b = try lab.probe("peer-b", ["punch", "--name", "b", "--peer", "a", "--timeout", timeout],
-                                  as: PunchResult.self, timeout: 20)
-            let ra = a.wait(timeout: 20)
-            let pa = try JSONDecoder().decode(PunchResult.self, from: Data((ra.stdout.split(separator: "\n").last ?? "").utf8))
+            let (pa, b) = try lab.rawPunch(timeout: c.connects ? "5" : "2")
             print("punch \(c.a) × \(c.b): a \(pa.connected) in \(pa.time_ms ?? -1) ms, b \(b.connected) in \(b.time_ms ?? -1) ms")
             #expect(pa.connected == c.connects && b.connected == c.connects)
             if c.connects {

@@ -44,13 +44,7 @@ extension LabTests {
             // Nothing behind a NAT uses 192.168/16 (the project's rules: 10/8 and 100.64/10).
             #expect(!status.hosts.values.flatMap(\.addresses).contains { $0.hasPrefix("192.168.") })
 
-            let timeout = c.publicPunch ? "5" : "2"
-            let a = try lab.background("peer-a", ["python3", LabSupport.probeScript, "punch", "--name", "a", "--peer", "b",
-                                                  "--timeout", timeout])
-            let b = try lab.probe("peer-b", ["punch", "--name", "b", "--peer", "a", "--timeout", timeout],
-                                  as: PunchResult.self, timeout: 20)
-            let ra = a.wait(timeout: 20)
-            let pa = try JSONDecoder().decode(PunchResult.self, from: Data((ra.stdout.split(separator: "\n").last ?? "").utf8))
+            let (pa, b) = try lab.rawPunch(timeout: c.publicPunch ? "5" : "2")
             print("topology \(c.name): raw punch a \(pa.connected) (\(pa.peer_observed ?? "-")), b \(b.connected)")
             #expect(pa.connected == c.publicPunch && b.connected == c.publicPunch)
             if let seen = c.seenByA, c.publicPunch { #expect(pa.peer_observed?.hasPrefix(seen) == true, "\(pa.peer_observed ?? "-")") }
