@@ -319,7 +319,8 @@ struct LabTests {
     func badOptions() throws {
         let name = LabSupport.uniqueName()
         defer { _ = try? LabSupport.run([LabSupport.labScript, "down"], env: ["HP_LAB": name], timeout: 60) }
-        for opts in [["--nat-a", "bogus"], ["--loss", "x"], ["--port-preservation", "maybe"], ["--frobnicate", "1"]] {
+        for opts in [["--nat-a", "bogus"], ["--loss", "x"], ["--port-preservation", "maybe"], ["--frobnicate", "1"],
+                     ["--topology", "nowhere"], ["--topology"]] {
             let r = try LabSupport.run([LabSupport.labScript, "up"] + opts, env: ["HP_LAB": name], timeout: 30)
             #expect(r.status != 0, "up \(opts) should fail")
             #expect(LabSupport.namespaces(ofLab: name).isEmpty)
