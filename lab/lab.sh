@@ -397,7 +397,9 @@ EOF
         type filter hook forward priority filter; policy drop;
         iifname "lan0" oifname "wan0" ip daddr 203.0.113.0/24 meta l4proto udp counter name topeer accept
         iifname "lan0" oifname "wan0" accept
-        # inside to inside: hairpinned flows (only DNATed ones are routed back in) and, with br_netfilter, the bridge
+        # inside to inside: hairpinned flows (only DNATed ones are routed back in; counted, as they were sent to a
+        # public address) and, with br_netfilter, the bridge
+        iifname "lan0" oifname "lan0" ct status dnat meta l4proto udp counter name topeer accept
         iifname "lan0" oifname "lan0" accept
         ct state established,related accept
         iifname "wan0" ct status dnat accept
@@ -407,7 +409,7 @@ EOF
         iifname "wan0" ct state established,related accept
         iifname "wan0" drop
         # inside UDP to our public address that no hairpin rule took: dropped, as a router without hairpinning does
-        iifname "lan0" ip daddr $pub meta l4proto udp drop
+        iifname "lan0" ip daddr $pub meta l4proto udp counter name topeer drop
     }
 }
 EOF
@@ -541,8 +543,12 @@ up_ipv6() {
         nsx "$h" sysctl -qw net.ipv6.conf.all.forwarding=1
         nsx "$h" nft -f - <<EOF
 table ip6 hpfw6 {
+    # UDP from the LAN to the peers' IPv6 LANs (the IPv4 table's topeer, for IPv6 paths): the matrix adds it up too
+    counter topeer {
+    }
     chain forward {
         type filter hook forward priority filter; policy drop;
+        iifname "lan0" oifname "wan0" ip6 daddr { $LAN6_A_NET, $LAN6_B_NET } meta l4proto udp counter name topeer accept
         iifname "lan0" oifname "wan0" accept
         ct state established,related accept
     }
