@@ -84,7 +84,7 @@ nsx() { local h=$1; shift; ip netns exec "$(ns "$h")" "$@"; }
 ns_exists() { [[ -e /run/netns/$1 ]]; }
 
 usage() {
-    sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     cat <<EOF
 
 up options (a plain option applies to both routers; -a / -b suffixed ones to one router):
