@@ -214,7 +214,7 @@ let package = Package(
             dependencies: ["HolePunchCluster", "HolePunchRendezvous", "HolePunch", "HolePunchQUIC", "ProcessTestSupport"],
             swiftSettings: swiftSettings
         ),
-        .testTarget(name: "HolePunchLabTests", dependencies: [], swiftSettings: swiftSettings),
+        .testTarget(name: "HolePunchLabTests", dependencies: ["HolePunchLab"], swiftSettings: swiftSettings),
         .testTarget(name: "ExamplesTests", dependencies: ["ProcessTestSupport"], swiftSettings: swiftSettings),
     ]
 )

@@ -11,6 +11,7 @@
 #   lab.sh list                list the labs present on this machine (any name)
 #   lab.sh renat [--nat-a T] [--nat-b T] [--port-preservation…] [--mapping-timeout…]
 #                              re-make both routers' NAT in a running lab (links and delays stay)
+#   lab.sh topologies          list the topology names (up --topology NAME)
 #
 # Instance name: env HP_LAB (default "hp"); every namespace is "$HP_LAB-<host>".
 set -euo pipefail
@@ -29,7 +30,10 @@ fi
 STATE=${HP_LAB_STATE_DIR:-${TMPDIR:-/tmp}/holepunch-lab-$P}
 PYTHON=${HP_LAB_PYTHON:-python3}
 
+# Every host any topology has (down deletes whichever exist); HOSTS is the running topology's set.
+ALL_HOSTS=(wan rdv other cgn nat-a nat-b peer-a peer-b)
 HOSTS=(wan rdv other nat-a nat-b peer-a peer-b)
+TOPOLOGIES="two-nats same-lan same-lan-hairpin cgnat-homes cgnat-vs-nat dual-stack"
 
 # ---- addresses (documentation ranges on the public side; private LANs exist only inside) ----
 WAN_GW1=198.51.100.1      # the "internet" router (bridge in the wan namespace)
@@ -39,10 +43,32 @@ RDV_IP2=198.51.100.11     # rendezvous, alternate address (RFC 5780)
 OTHER_IP=198.51.100.20    # a third public host (impostors, third-party probes)
 NAT_A_PUB=203.0.113.10
 NAT_B_PUB=203.0.113.20
-NAT_A_LAN=192.168.1.1
-NAT_B_LAN=192.168.2.1
-PEER_A_IP=192.168.1.2
-PEER_B_IP=192.168.2.2
+NAT_A_LAN=10.0.1.1
+NAT_B_LAN=10.0.2.1
+PEER_A_IP=10.0.1.2
+PEER_B_IP=10.0.2.2
+PEER_B_SAME_LAN_IP=10.0.1.3  # same-lan topologies: peer-b on router a's LAN
+LAN_A_NET=10.0.1.0/24
+LAN_B_NET=10.0.2.0/24
+# carrier-grade NAT (cgnat-* topologies): public 203.0.113.30, inside 100.64.0.0/24 (RFC 6598 shared space)
+CGN_PUB=203.0.113.30
+CGN_IN=100.64.0.1
+CGN_NET=100.64.0.0/24
+NAT_A_CGN=100.64.0.10     # router a's WAN address behind the carrier NAT
+NAT_B_CGN=100.64.0.20     # router b's (cgnat-homes)
+# IPv6 (dual-stack only): documentation prefix, no NAT66, a stateful firewall on each router
+WAN6_GW=2001:db8:0:ff::1
+RDV6_IP1=2001:db8:0:ff::10
+RDV6_IP2=2001:db8:0:ff::11
+OTHER6_IP=2001:db8:0:ff::20
+NAT_A_WAN6=2001:db8:0:ff::a
+NAT_B_WAN6=2001:db8:0:ff::b
+LAN6_A_NET=2001:db8:0:1::/64
+LAN6_B_NET=2001:db8:0:2::/64
+NAT_A_LAN6=2001:db8:0:1::1
+NAT_B_LAN6=2001:db8:0:2::1
+PEER_A_IP6=2001:db8:0:1::2
+PEER_B_IP6=2001:db8:0:2::2
 PROBE_PORTS=(3478 3479)   # probe/echo server ports on both rendezvous addresses
 SEQ_BASE=20000            # symmetric_seq: first external port
 SEQ_SIZE=4096             # symmetric_seq: ports SEQ_BASE … SEQ_BASE+SEQ_SIZE-1, then wraps
@@ -58,10 +84,11 @@ nsx() { local h=$1; shift; ip netns exec "$(ns "$h")" "$@"; }
 ns_exists() { [[ -e /run/netns/$1 ]]; }
 
 usage() {
-    sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     cat <<EOF
 
 up options (a plain option applies to both routers; -a / -b suffixed ones to one router):
+  --topology NAME                one of: $TOPOLOGIES  (default two-nats; docs/lab.md)
   --nat-a TYPE, --nat-b TYPE     one of: $NAT_TYPES  (default port_restricted)
   --port-preservation[-a|-b] on|off|auto   (auto: on for cone types, off for symmetric ones)
   --mapping-timeout[-a|-b] SEC   NAT mapping (and UDP conntrack) timeout, default 60
@@ -123,7 +150,7 @@ cmd_down() {
     # Every namespace with this lab's prefix; processes still inside them were started in
     # this lab (by its users), kill them by PID so the namespaces really go away.
     local names=()
-    for n in "${HOSTS[@]}"; do ns_exists "$(ns "$n")" && names+=("$(ns "$n")"); done
+    for n in "${ALL_HOSTS[@]}"; do ns_exists "$(ns "$n")" && names+=("$(ns "$n")"); done
     for n in "${names[@]}"; do
         pids=$(ip netns pids "$n" 2>/dev/null || true)
         for pid in $pids; do kill -TERM "$pid" 2>/dev/null || true; done
@@ -146,13 +173,51 @@ cmd_down() {
 # ------------------------------------------------------------------------------------------
 # up
 # ------------------------------------------------------------------------------------------
+# Router keys: a (nat-a), b (nat-b), c (the carrier-grade NAT `cgn`, cgnat-* topologies only: always an
+# endpoint-independent, port-preserving, hairpinning NAT; only its mapping timeout follows --mapping-timeout).
 declare -A OPT=(
-    [nat_a]=port_restricted [nat_b]=port_restricted
-    [pp_a]=auto [pp_b]=auto
-    [timeout_a]=60 [timeout_b]=60
+    [topology]=two-nats
+    [nat_a]=port_restricted [nat_b]=port_restricted [nat_c]=port_restricted
+    [pp_a]=auto [pp_b]=auto [pp_c]=on
+    [timeout_a]=60 [timeout_b]=60 [timeout_c]=60
     [delay_a]=0 [delay_b]=0 [jitter_a]=0 [jitter_b]=0 [loss_a]=0 [loss_b]=0
+    [delay_c]=0 [jitter_c]=0 [loss_c]=0
     [probe]=0
 )
+
+# The hosts of the topology in OPT[topology] (same-lan: one router; cgnat-*: a carrier NAT as well).
+topology_hosts() {
+    case ${OPT[topology]} in
+        same-lan|same-lan-hairpin) HOSTS=(wan rdv other nat-a peer-a peer-b) ;;
+        cgnat-homes|cgnat-vs-nat) HOSTS=(wan rdv other cgn nat-a nat-b peer-a peer-b) ;;
+        *) HOSTS=(wan rdv other nat-a nat-b peer-a peer-b) ;;
+    esac
+}
+
+# A running lab's options (and so its topology and hosts), when it has saved them.
+load_state() {
+    # shellcheck disable=SC1091
+    if [[ -e $STATE/opts ]]; then source "$STATE/opts"; fi
+    topology_hosts
+}
+
+has_ipv6() { [[ ${OPT[topology]} == dual-stack ]]; }
+router_host() { case $1 in a) echo nat-a ;; b) echo nat-b ;; c) echo cgn ;; esac; }
+
+# R_PUB: the router's WAN address (behind the carrier NAT: its 100.64 address); R_LANNET: its inside network;
+# R_HAIRPIN: 1 when it reflects inside traffic sent to its own public address.  $1 = a|b|c
+router_params() {
+    R_HAIRPIN=0
+    case $1 in
+        a) R_PUB=$NAT_A_PUB; R_LANNET=$LAN_A_NET
+           [[ ${OPT[topology]} == cgnat-* ]] && R_PUB=$NAT_A_CGN
+           [[ ${OPT[topology]} == same-lan-hairpin ]] && R_HAIRPIN=1 ;;
+        b) R_PUB=$NAT_B_PUB; R_LANNET=$LAN_B_NET
+           [[ ${OPT[topology]} == cgnat-homes ]] && R_PUB=$NAT_B_CGN ;;
+        c) R_PUB=$CGN_PUB; R_LANNET=$CGN_NET; R_HAIRPIN=1 ;;
+    esac
+    return 0
+}
 
 parse_up() {
     local o v key
@@ -160,6 +225,10 @@ parse_up() {
         o=$1
         case $o in
             --probe-server) OPT[probe]=1; shift; continue ;;
+            --topology)
+                [[ $# -ge 2 ]] || die "option $o needs a value"
+                [[ " $TOPOLOGIES " == *" $2 "* ]] || die "unknown topology '$2' (one of: $TOPOLOGIES)"
+                OPT[topology]=$2; shift 2; continue ;;
             -h|--help) usage; exit 0 ;;
         esac
         [[ $# -ge 2 ]] || die "option $o needs a value"
@@ -176,7 +245,7 @@ parse_up() {
                 case $o in
                     *-a) OPT[${key}_a]=$v ;;
                     *-b) OPT[${key}_b]=$v ;;
-                    *) OPT[${key}_a]=$v; OPT[${key}_b]=$v ;;
+                    *) OPT[${key}_a]=$v; OPT[${key}_b]=$v; [[ $key == timeout ]] && OPT[timeout_c]=$v ;;
                 esac ;;
             --nat-*) ;;
             *) die "unknown option $o (see lab.sh up --help)" ;;
@@ -191,12 +260,13 @@ parse_up() {
             auto) if [[ $t == symmetric_* ]]; then OPT[pp_$s]=off; else OPT[pp_$s]=on; fi ;;
             *) die "--port-preservation must be on, off or auto" ;;
         esac
-        [[ ${OPT[timeout_$s]} =~ ^[0-9]+$ && ${OPT[timeout_$s]} -ge 1 ]] || die "--mapping-timeout must be a whole number of seconds >= 1"
+        [[ ${OPT[timeout_$s]} =~ ^[0-9]+$ && ${OPT[timeout_$s]} -ge 1 && ${OPT[timeout_c]} =~ ^[0-9]+$ ]] || die "--mapping-timeout must be a whole number of seconds >= 1"
         for key in delay jitter loss; do
             is_num "${OPT[${key}_$s]}" || die "--$key must be a non-negative number, got '${OPT[${key}_$s]}'"
         done
         awk -v l="${OPT[loss_$s]}" 'BEGIN{exit !(l <= 100)}' || die "--loss must be <= 100"
     done
+    topology_hosts
 }
 
 # veth pair from namespace $1 (ifname $2) to namespace $3 (ifname $4); never in the host's namespace.
@@ -204,20 +274,29 @@ mkveth() {
     ip -n "$(ns "$1")" link add "$2" type veth peer name "$4" netns "$(ns "$3")"
 }
 
-ns_base() {  # per-namespace sysctls, loopback up; IPv6 off (no RS/DAD noise on the links)
+ns_base() {  # per-namespace sysctls, loopback up; IPv6 off (no RS/DAD noise on the links) except in dual-stack
     local n; n=$(ns "$1")
     ip netns add "$n"
     ip -n "$n" link set lo up
-    # (tolerated to fail: a kernel booted without IPv6 has no such sysctls)
-    ip netns exec "$n" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 2>/dev/null || true
+    if has_ipv6; then
+        # Static addresses only: no router advertisements or solicitations, and no duplicate address detection
+        # (an address stays "tentative" for a second or more, and a peer binding it early would fail).
+        ip netns exec "$n" sysctl -qw net.ipv6.conf.all.disable_ipv6=0 net.ipv6.conf.default.disable_ipv6=0 \
+            net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0 net.ipv6.conf.all.accept_ra=0 \
+            net.ipv6.conf.default.accept_ra=0 net.ipv6.conf.default.router_solicitations=0
+    else
+        # (tolerated to fail: a kernel booted without IPv6 has no such sysctls)
+        ip netns exec "$n" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 2>/dev/null || true
+    fi
 }
 
 uses_delayline() { awk -v d="${OPT[delay_$1]}" -v j="${OPT[jitter_$1]}" 'BEGIN{exit !(d > 0 || j > 0)}'; }
 
 # The ruleset of a NAT router.  $1 = a|b
 nat_ruleset() {
-    local s=$1 type=${OPT[nat_$1]} pp=${OPT[pp_$1]} to=${OPT[timeout_$1]} pub
-    if [[ $s == a ]]; then pub=$NAT_A_PUB; else pub=$NAT_B_PUB; fi
+    local s=$1 type=${OPT[nat_$1]} pp=${OPT[pp_$1]} to=${OPT[timeout_$1]} pub lannet hairpin
+    router_params "$s"
+    pub=$R_PUB lannet=$R_LANNET hairpin=$R_HAIRPIN
     cat <<EOF
 table ip hpnat {
     # external port -> internal address . port, written by every outbound UDP packet
@@ -269,6 +348,8 @@ EOF
         full_cone) echo '        iifname "wan0" meta l4proto udp dnat ip to udp dport map @eim' ;;
         restricted) echo '        iifname "wan0" meta l4proto udp udp dport . ip saddr @contacted dnat ip to udp dport map @eim' ;;
     esac
+    # Hairpinning: inside traffic to our own public address goes to the inside endpoint that holds that mapping.
+    [[ $hairpin == 1 ]] && echo "        iifname \"lan0\" ip daddr $pub meta l4proto udp dnat ip to udp dport map @eim"
     cat <<EOF
     }
     chain postrouting {
@@ -291,16 +372,23 @@ EOF
             echo "        oifname \"wan0\" meta l4proto { tcp, udp } snat ip to $pub:$RANDOM_RANGE fully-random"
             echo "        oifname \"wan0\" snat ip to $pub" ;;
     esac
+    if [[ $hairpin == 1 ]]; then
+        # ...and leaves with our public address as its source, so the answer comes back through us (and the
+        # receiver sees the sender's public endpoint, as from outside).
+        if [[ $pp == off && $type != symmetric_* ]]; then
+            echo "        oifname \"lan0\" ip saddr $lannet ct status dnat meta l4proto udp snat ip to $pub : udp sport ^ $XOR_PORT"
+        fi
+        echo "        oifname \"lan0\" ip saddr $lannet ct status dnat snat ip to $pub"
+    fi
     cat <<EOF
     }
     # after SNAT: remember the mapping (and the contacted remote address) of each outbound packet
     chain record {
         type filter hook postrouting priority srcnat + 10; policy accept;
 EOF
-    case $type in
-        full_cone|restricted)
-            echo '        oifname "wan0" iifname "lan0" meta l4proto udp update @eim { udp sport : ct original ip saddr . ct original proto-src }' ;;
-    esac
+    if [[ $type == full_cone || $type == restricted || $hairpin == 1 ]]; then
+        echo '        oifname "wan0" iifname "lan0" meta l4proto udp update @eim { udp sport : ct original ip saddr . ct original proto-src }'
+    fi
     [[ $type == restricted ]] && echo '        oifname "wan0" iifname "lan0" meta l4proto udp update @contacted { udp sport . ip daddr }'
     cat <<EOF
     }
@@ -309,6 +397,10 @@ EOF
         type filter hook forward priority filter; policy drop;
         iifname "lan0" oifname "wan0" ip daddr 203.0.113.0/24 meta l4proto udp counter name topeer accept
         iifname "lan0" oifname "wan0" accept
+        # inside to inside: hairpinned flows (only DNATed ones are routed back in; counted, as they were sent to a
+        # public address) and, with br_netfilter, the bridge
+        iifname "lan0" oifname "lan0" ct status dnat meta l4proto udp counter name topeer accept
+        iifname "lan0" oifname "lan0" accept
         ct state established,related accept
         iifname "wan0" ct status dnat accept
     }
@@ -316,6 +408,8 @@ EOF
         type filter hook input priority filter; policy accept;
         iifname "wan0" ct state established,related accept
         iifname "wan0" drop
+        # inside UDP to our public address that no hairpin rule took: dropped, as a router without hairpinning does
+        iifname "lan0" ip daddr $pub meta l4proto udp counter name topeer drop
     }
 }
 EOF
@@ -360,29 +454,25 @@ start_bg() {  # $1 name, rest: command. Detached, fds closed, PID recorded.
     echo $! >"$STATE/pids/$name.pid"
 }
 
-up_router() {  # $1 = a|b
-    local s=$1 h=nat-$1 peer=peer-$1 pub lanip peerip wside
-    if [[ $s == a ]]; then pub=$NAT_A_PUB; lanip=$NAT_A_LAN; peerip=$PEER_A_IP; wside=na
-    else pub=$NAT_B_PUB; lanip=$NAT_B_LAN; peerip=$PEER_B_IP; wside=nb; fi
+# A router's WAN side: $1 = a|b|c, $2 the upstream host (wan, or cgn behind the carrier NAT), $3 the name of the
+# link's far end there (it joins that host's bridge: br0 in wan, lan0 in cgn), $4 the upstream gateway.
+up_router() {
+    local s=$1 up=$2 wside=$3 gw=$4 h bridge=br0
+    h=$(router_host "$s")
+    [[ $up == cgn ]] && bridge=lan0
+    router_params "$s"
 
-    # WAN link: a veth straight to the bridge, or two TAPs joined by the delay line.
+    # WAN link: a veth straight to the upstream bridge, or two TAPs joined by the delay line.
     if uses_delayline "$s"; then
         ip -n "$(ns "$h")" tuntap add dev wan0 mode tap
-        ip -n "$(ns wan)" tuntap add dev "$wside" mode tap
+        ip -n "$(ns "$up")" tuntap add dev "$wside" mode tap
     else
-        mkveth "$h" wan0 wan "$wside"
+        mkveth "$h" wan0 "$up" "$wside"
     fi
-    ip -n "$(ns wan)" link set "$wside" master br0 up
-    ip -n "$(ns "$h")" addr add "$pub/24" dev wan0
+    ip -n "$(ns "$up")" link set "$wside" master "$bridge" up
+    ip -n "$(ns "$h")" addr add "$R_PUB/24" dev wan0
     ip -n "$(ns "$h")" link set wan0 up
-    ip -n "$(ns "$h")" route add default via "$WAN_GW2"
-
-    mkveth "$h" lan0 "$peer" eth0
-    ip -n "$(ns "$h")" addr add "$lanip/24" dev lan0
-    ip -n "$(ns "$h")" link set lan0 up
-    ip -n "$(ns "$peer")" addr add "$peerip/24" dev eth0
-    ip -n "$(ns "$peer")" link set eth0 up
-    ip -n "$(ns "$peer")" route add default via "$lanip"
+    ip -n "$(ns "$h")" route add default via "$gw"
 
     nsx "$h" sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0 \
         net.ipv4.conf.all.send_redirects=0
@@ -392,45 +482,149 @@ up_router() {  # $1 = a|b
     nsx "$h" sysctl -qw net.netfilter.nf_conntrack_udp_timeout="${OPT[timeout_$s]}" \
         net.netfilter.nf_conntrack_udp_timeout_stream="${OPT[timeout_$s]}"
 
-    # loss: inbound on the router's wan0, outbound on the bridge side of the link
+    # loss: inbound on the router's wan0, outbound on the upstream side of the link
     add_loss "$h" wan0 "${OPT[loss_$s]}"
-    add_loss wan "$wside" "${OPT[loss_$s]}"
+    add_loss "$up" "$wside" "${OPT[loss_$s]}"
 
     if uses_delayline "$s"; then
         start_bg "delay-$s" ip netns exec "$(ns wan)" "$PYTHON" "$LAB_DIR/delayline.py" \
-            --a "/run/netns/$(ns "$h"):wan0" --b "/run/netns/$(ns wan):$wside" \
+            --a "/run/netns/$(ns "$h"):wan0" --b "/run/netns/$(ns "$up"):$wside" \
             --delay "${OPT[delay_$s]}" --jitter "${OPT[jitter_$s]}" --ready-file "$STATE/delay-$s.ready"
     fi
 }
 
-write_summary() {
-    local s dl_a=false dl_b=false
-    uses_delayline a && dl_a=true
-    uses_delayline b && dl_b=true
-    cat >"$STATE/lab.json" <<EOF
-{
-  "lab": "$P",
-  "state_dir": "$STATE",
-  "hosts": {
-    "wan":    {"netns": "$(ns wan)",    "addresses": ["$WAN_GW1", "$WAN_GW2"]},
-    "rdv":    {"netns": "$(ns rdv)",    "addresses": ["$RDV_IP1", "$RDV_IP2"], "gateway": "$WAN_GW1"},
-    "other":  {"netns": "$(ns other)",  "addresses": ["$OTHER_IP"], "gateway": "$WAN_GW1"},
-    "nat-a":  {"netns": "$(ns nat-a)",  "addresses": ["$NAT_A_PUB", "$NAT_A_LAN"], "public": "$NAT_A_PUB", "lan": "$NAT_A_LAN", "gateway": "$WAN_GW2"},
-    "nat-b":  {"netns": "$(ns nat-b)",  "addresses": ["$NAT_B_PUB", "$NAT_B_LAN"], "public": "$NAT_B_PUB", "lan": "$NAT_B_LAN", "gateway": "$WAN_GW2"},
-    "peer-a": {"netns": "$(ns peer-a)", "addresses": ["$PEER_A_IP"], "gateway": "$NAT_A_LAN", "router": "nat-a"},
-    "peer-b": {"netns": "$(ns peer-b)", "addresses": ["$PEER_B_IP"], "gateway": "$NAT_B_LAN", "router": "nat-b"}
-  },
-  "nat": {
-    "a": {"type": "${OPT[nat_a]}", "public": "$NAT_A_PUB", "port_preservation": "${OPT[pp_a]}", "mapping_timeout": ${OPT[timeout_a]}, "delay_ms": ${OPT[delay_a]}, "jitter_ms": ${OPT[jitter_a]}, "loss_pct": ${OPT[loss_a]}, "delay_line": $dl_a},
-    "b": {"type": "${OPT[nat_b]}", "public": "$NAT_B_PUB", "port_preservation": "${OPT[pp_b]}", "mapping_timeout": ${OPT[timeout_b]}, "delay_ms": ${OPT[delay_b]}, "jitter_ms": ${OPT[jitter_b]}, "loss_pct": ${OPT[loss_b]}, "delay_line": $dl_b}
-  },
-  "probe_server": $( [[ ${OPT[probe]} == 1 ]] && echo "[\"$RDV_IP1:${PROBE_PORTS[0]}\", \"$RDV_IP1:${PROBE_PORTS[1]}\", \"$RDV_IP2:${PROBE_PORTS[0]}\", \"$RDV_IP2:${PROBE_PORTS[1]}\"]" || echo null)
+# A bridge lan0 with the router's inside address $2/24 in host $1: a LAN (or the carrier NAT's inside) that more
+# than one host joins. Bridged frames skip the IP hooks (br_netfilter off), as in a home switch.
+lan_bridge() {
+    ip -n "$(ns "$1")" link add lan0 type bridge
+    ip -n "$(ns "$1")" addr add "$2/24" dev lan0
+    ip -n "$(ns "$1")" link set lan0 up
+    nsx "$1" sysctl -qw net.bridge.bridge-nf-call-iptables=0 net.bridge.bridge-nf-call-ip6tables=0 2>/dev/null || true
+}
+
+# Peer $2 (address $3) on router $1's LAN with gateway $4: a veth named lan0 in the router, or, when the router
+# has a bridge lan0 already, a port $5 of it.
+lan_peer() {
+    local h=$1 peer=$2 ip=$3 gw=$4 port=${5:-}
+    if [[ -n $port ]]; then
+        mkveth "$h" "$port" "$peer" eth0
+        ip -n "$(ns "$h")" link set "$port" master lan0 up
+    else
+        mkveth "$h" lan0 "$peer" eth0
+        ip -n "$(ns "$h")" addr add "$gw/24" dev lan0
+        ip -n "$(ns "$h")" link set lan0 up
+    fi
+    ip -n "$(ns "$peer")" addr add "$ip/24" dev eth0
+    ip -n "$(ns "$peer")" link set eth0 up
+    ip -n "$(ns "$peer")" route add default via "$gw"
+}
+
+# dual-stack: IPv6 on the public segment, the routers and the peers; global addresses, no NAT66; each router
+# forwards and lets into its LAN only what belongs to a flow the LAN opened (a stateful firewall).
+up_ipv6() {
+    local s h peer wan6 lan6 net6 peer6
+    ip -n "$(ns wan)" -6 addr add "$WAN6_GW/64" dev br0 nodad
+    ip -n "$(ns rdv)" -6 addr add "$RDV6_IP1/64" dev eth0 nodad
+    ip -n "$(ns rdv)" -6 addr add "$RDV6_IP2/64" dev eth0 nodad
+    ip -n "$(ns rdv)" -6 route add default via "$WAN6_GW"
+    ip -n "$(ns other)" -6 addr add "$OTHER6_IP/64" dev eth0 nodad
+    ip -n "$(ns other)" -6 route add default via "$WAN6_GW"
+    nsx wan sysctl -qw net.ipv6.conf.all.forwarding=1
+    for s in a b; do
+        h=nat-$s peer=peer-$s
+        if [[ $s == a ]]; then wan6=$NAT_A_WAN6 lan6=$NAT_A_LAN6 net6=$LAN6_A_NET peer6=$PEER_A_IP6
+        else wan6=$NAT_B_WAN6 lan6=$NAT_B_LAN6 net6=$LAN6_B_NET peer6=$PEER_B_IP6; fi
+        ip -n "$(ns "$h")" -6 addr add "$wan6/64" dev wan0 nodad
+        ip -n "$(ns "$h")" -6 addr add "$lan6/64" dev lan0 nodad
+        ip -n "$(ns "$h")" -6 route add default via "$WAN6_GW"
+        ip -n "$(ns wan)" -6 route add "$net6" via "$wan6"
+        ip -n "$(ns "$peer")" -6 addr add "$peer6/64" dev eth0 nodad
+        ip -n "$(ns "$peer")" -6 route add default via "$lan6"
+        nsx "$h" sysctl -qw net.ipv6.conf.all.forwarding=1
+        nsx "$h" nft -f - <<EOF
+table ip6 hpfw6 {
+    # UDP from the LAN to the peers' IPv6 LANs (the IPv4 table's topeer, for IPv6 paths): the matrix adds it up too
+    counter topeer {
+    }
+    chain forward {
+        type filter hook forward priority filter; policy drop;
+        iifname "lan0" oifname "wan0" ip6 daddr { $LAN6_A_NET, $LAN6_B_NET } meta l4proto udp counter name topeer accept
+        iifname "lan0" oifname "wan0" accept
+        ct state established,related accept
+    }
 }
 EOF
+    done
+}
+
+jarr() {  # a JSON array of the arguments, as strings
+    local out="" x
+    for x in "$@"; do out+="\"$x\", "; done
+    echo "[${out%, }]"
+}
+
+# The topology's addresses as variables: each peer's own address, its router, the router's WAN address and
+# gateway, and the outermost public address the peer's traffic leaves with (the carrier NAT's behind one).
+topology_addresses() {
+    router_params a; A_WAN=$R_PUB
+    router_params b; B_WAN=$R_PUB
+    A_GW=$WAN_GW2 B_GW=$WAN_GW2 PUB_A=$NAT_A_PUB PUB_B=$NAT_B_PUB B_IP=$PEER_B_IP B_ROUTER=nat-b B_LANGW=$NAT_B_LAN
+    case ${OPT[topology]} in
+        same-lan|same-lan-hairpin) B_IP=$PEER_B_SAME_LAN_IP B_ROUTER=nat-a B_LANGW=$NAT_A_LAN PUB_B=$NAT_A_PUB ;;
+        cgnat-homes) A_GW=$CGN_IN B_GW=$CGN_IN PUB_A=$CGN_PUB PUB_B=$CGN_PUB ;;
+        cgnat-vs-nat) A_GW=$CGN_IN PUB_A=$CGN_PUB ;;
+    esac
+    return 0
+}
+
+nat_json() {  # $1 = a|b|c
+    local s=$1 dl=false
+    uses_delayline "$s" && dl=true
+    router_params "$s"
+    echo "\"$s\": {\"type\": \"${OPT[nat_$s]}\", \"public\": \"$R_PUB\", \"port_preservation\": \"${OPT[pp_$s]}\", \"mapping_timeout\": ${OPT[timeout_$s]}, \"delay_ms\": ${OPT[delay_$s]}, \"jitter_ms\": ${OPT[jitter_$s]}, \"loss_pct\": ${OPT[loss_$s]}, \"delay_line\": $dl, \"hairpin\": $([[ $R_HAIRPIN == 1 ]] && echo true || echo false)}"
+}
+
+write_summary() {
+    local s v6=0 hosts=() nats=()
+    has_ipv6 && v6=1
+    topology_addresses
+    six() { [[ $v6 == 1 ]] && echo "$@"; return 0; }  # IPv6 addresses, dual-stack only
+    hosts+=("\"wan\":    {\"netns\": \"$(ns wan)\", \"addresses\": $(jarr "$WAN_GW1" "$WAN_GW2" $(six "$WAN6_GW"))}")
+    hosts+=("\"rdv\":    {\"netns\": \"$(ns rdv)\", \"addresses\": $(jarr "$RDV_IP1" "$RDV_IP2" $(six "$RDV6_IP1" "$RDV6_IP2")), \"gateway\": \"$WAN_GW1\"}")
+    hosts+=("\"other\":  {\"netns\": \"$(ns other)\", \"addresses\": $(jarr "$OTHER_IP" $(six "$OTHER6_IP")), \"gateway\": \"$WAN_GW1\"}")
+    if [[ " ${HOSTS[*]} " == *" cgn "* ]]; then
+        hosts+=("\"cgn\":    {\"netns\": \"$(ns cgn)\", \"addresses\": $(jarr "$CGN_PUB" "$CGN_IN"), \"public\": \"$CGN_PUB\", \"lan\": \"$CGN_IN\", \"gateway\": \"$WAN_GW2\"}")
+    fi
+    hosts+=("\"nat-a\":  {\"netns\": \"$(ns nat-a)\", \"addresses\": $(jarr "$A_WAN" "$NAT_A_LAN" $(six "$NAT_A_WAN6" "$NAT_A_LAN6")), \"public\": \"$A_WAN\", \"lan\": \"$NAT_A_LAN\", \"gateway\": \"$A_GW\"}")
+    if [[ " ${HOSTS[*]} " == *" nat-b "* ]]; then
+        hosts+=("\"nat-b\":  {\"netns\": \"$(ns nat-b)\", \"addresses\": $(jarr "$B_WAN" "$NAT_B_LAN" $(six "$NAT_B_WAN6" "$NAT_B_LAN6")), \"public\": \"$B_WAN\", \"lan\": \"$NAT_B_LAN\", \"gateway\": \"$B_GW\"}")
+    fi
+    hosts+=("\"peer-a\": {\"netns\": \"$(ns peer-a)\", \"addresses\": $(jarr "$PEER_A_IP" $(six "$PEER_A_IP6")), \"gateway\": \"$NAT_A_LAN\", \"router\": \"nat-a\", \"public\": \"$PUB_A\"}")
+    hosts+=("\"peer-b\": {\"netns\": \"$(ns peer-b)\", \"addresses\": $(jarr "$B_IP" $(six "$PEER_B_IP6")), \"gateway\": \"$B_LANGW\", \"router\": \"$B_ROUTER\", \"public\": \"$PUB_B\"}")
+    nats+=("$(nat_json a)")
+    [[ " ${HOSTS[*]} " == *" nat-b "* ]] && nats+=("$(nat_json b)")
+    [[ " ${HOSTS[*]} " == *" cgn "* ]] && nats+=("$(nat_json c)")
+    local IFS=$'\n'
+    {
+        echo "{"
+        echo "  \"lab\": \"$P\","
+        echo "  \"topology\": \"${OPT[topology]}\","
+        echo "  \"state_dir\": \"$STATE\","
+        echo "  \"hosts\": {"
+        printf '    %s\n' "${hosts[@]}" | sed '$!s/$/,/'
+        echo "  },"
+        echo "  \"nat\": {"
+        printf '    %s\n' "${nats[@]}" | sed '$!s/$/,/'
+        echo "  },"
+        echo "  \"probe_server\": $( [[ ${OPT[probe]} == 1 ]] && echo "[\"$RDV_IP1:${PROBE_PORTS[0]}\", \"$RDV_IP1:${PROBE_PORTS[1]}\", \"$RDV_IP2:${PROBE_PORTS[0]}\", \"$RDV_IP2:${PROBE_PORTS[1]}\"]" || echo null)"
+        echo "}"
+    } >"$STATE/lab.json"
+    unset IFS
     {
         echo "HP_LAB=$P"
         echo "HP_LAB_STATE_DIR=$STATE"
-        for s in wan rdv other nat-a nat-b peer-a peer-b; do
+        echo "HP_LAB_TOPOLOGY=${OPT[topology]}"
+        for s in "${HOSTS[@]}"; do
             local u=${s^^}; u=${u//-/_}
             echo "HP_LAB_NS_$u=$(ns "$s")"
         done
@@ -439,12 +633,20 @@ EOF
         echo "HP_LAB_RDV_IP1=$RDV_IP1"
         echo "HP_LAB_RDV_IP2=$RDV_IP2"
         echo "HP_LAB_OTHER_IP=$OTHER_IP"
-        echo "HP_LAB_NAT_A_PUBLIC=$NAT_A_PUB"
-        echo "HP_LAB_NAT_B_PUBLIC=$NAT_B_PUB"
+        echo "HP_LAB_NAT_A_PUBLIC=$A_WAN"
+        [[ " ${HOSTS[*]} " == *" nat-b "* ]] && echo "HP_LAB_NAT_B_PUBLIC=$B_WAN"
+        [[ " ${HOSTS[*]} " == *" cgn "* ]] && echo "HP_LAB_CGN_PUBLIC=$CGN_PUB"
         echo "HP_LAB_NAT_A_LAN=$NAT_A_LAN"
-        echo "HP_LAB_NAT_B_LAN=$NAT_B_LAN"
+        [[ " ${HOSTS[*]} " == *" nat-b "* ]] && echo "HP_LAB_NAT_B_LAN=$NAT_B_LAN"
         echo "HP_LAB_PEER_A_IP=$PEER_A_IP"
-        echo "HP_LAB_PEER_B_IP=$PEER_B_IP"
+        echo "HP_LAB_PEER_B_IP=$B_IP"
+        echo "HP_LAB_PEER_A_PUBLIC=$PUB_A"
+        echo "HP_LAB_PEER_B_PUBLIC=$PUB_B"
+        if [[ $v6 == 1 ]]; then
+            echo "HP_LAB_RDV_IP6=$RDV6_IP1"
+            echo "HP_LAB_PEER_A_IP6=$PEER_A_IP6"
+            echo "HP_LAB_PEER_B_IP6=$PEER_B_IP6"
+        fi
         echo "HP_LAB_NAT_A_TYPE=${OPT[nat_a]}"
         echo "HP_LAB_NAT_B_TYPE=${OPT[nat_b]}"
     } >"$STATE/lab.env"
@@ -453,7 +655,7 @@ EOF
 cmd_up() {
     parse_up "$@"
     local h
-    for h in "${HOSTS[@]}"; do
+    for h in "${ALL_HOSTS[@]}"; do
         ns_exists "$(ns "$h")" && die "lab '$P' (namespace $(ns "$h")) already exists; run 'HP_LAB=$P lab.sh down' first"
     done
     command -v nft >/dev/null || die "nft not found (apt-get install nftables)"
@@ -491,11 +693,30 @@ cmd_up() {
 
     [[ ${HP_LAB_FAIL_AT:-} == public ]] && die "failing on purpose after the public segment (HP_LAB_FAIL_AT)"
 
-    up_router a
-    up_router b
+    case ${OPT[topology]} in
+        same-lan|same-lan-hairpin)  # both peers on router a's LAN (a bridge)
+            up_router a wan na "$WAN_GW2"
+            lan_bridge nat-a "$NAT_A_LAN"
+            lan_peer nat-a peer-a "$PEER_A_IP" "$NAT_A_LAN" pa
+            lan_peer nat-a peer-b "$PEER_B_SAME_LAN_IP" "$NAT_A_LAN" pb ;;
+        cgnat-homes|cgnat-vs-nat)  # router a (and in cgnat-homes b) behind the carrier NAT
+            up_router c wan nc "$WAN_GW2"
+            lan_bridge cgn "$CGN_IN"
+            up_router a cgn na "$CGN_IN"
+            if [[ ${OPT[topology]} == cgnat-homes ]]; then up_router b cgn nb "$CGN_IN"; else up_router b wan nb "$WAN_GW2"; fi
+            lan_peer nat-a peer-a "$PEER_A_IP" "$NAT_A_LAN"
+            lan_peer nat-b peer-b "$PEER_B_IP" "$NAT_B_LAN" ;;
+        *)
+            up_router a wan na "$WAN_GW2"
+            up_router b wan nb "$WAN_GW2"
+            lan_peer nat-a peer-a "$PEER_A_IP" "$NAT_A_LAN"
+            lan_peer nat-b peer-b "$PEER_B_IP" "$NAT_B_LAN" ;;
+    esac
+    has_ipv6 && up_ipv6
     [[ ${HP_LAB_FAIL_AT:-} == routers ]] && die "failing on purpose after the routers (HP_LAB_FAIL_AT)"
 
     for s in a b; do
+        [[ " ${HOSTS[*]} " == *" nat-$s "* ]] || continue
         uses_delayline "$s" && wait_for_file "$STATE/delay-$s.ready" 10 "the delay line of router $s"
     done
 
@@ -517,7 +738,7 @@ cmd_up() {
     write_summary
     declare -p OPT | sed 's/^declare -A/declare -gA/' >"$STATE/opts"
     trap - EXIT INT TERM
-    log "up: nat-a=${OPT[nat_a]} nat-b=${OPT[nat_b]} (state in $STATE)"
+    log "up: topology ${OPT[topology]}, nat-a=${OPT[nat_a]} nat-b=${OPT[nat_b]} (state in $STATE)"
 }
 
 # Re-make both routers' NAT (types, port preservation, mapping timeout) in a running lab, keeping the
@@ -526,16 +747,16 @@ cmd_up() {
 # but belong to ports no new punch uses (each punch binds fresh ephemeral ports).
 cmd_renat() {
     local h
+    [[ -e $STATE/opts ]] || die "lab '$P' is not up or has no saved options (made by an older lab.sh?)"
+    load_state
     for h in "${HOSTS[@]}"; do ns_exists "$(ns "$h")" || die "lab '$P' is not up (no namespace $(ns "$h"))"; done
-    [[ -e $STATE/opts ]] || die "lab '$P' has no saved options (made by an older lab.sh?)"
-    # shellcheck disable=SC1091
-    source "$STATE/opts"
     # the previous types' auto port preservation must be re-derived for the new types
     OPT[pp_a]=auto; OPT[pp_b]=auto
     OPT[seqgen]=$(( ${OPT[seqgen]:-0} + 1 ))
     parse_up "$@"
     local s
     for s in a b; do
+        [[ " ${HOSTS[*]} " == *" nat-$s "* ]] || continue  # same-lan: one home router
         nat_ruleset "$s" >"$STATE/nat-$s.nft"
         { echo "delete table ip hpnat"; cat "$STATE/nat-$s.nft"; } | nsx "nat-$s" nft -f -
         nsx "nat-$s" sysctl -qw net.netfilter.nf_conntrack_udp_timeout="${OPT[timeout_$s]}" \
@@ -549,6 +770,7 @@ cmd_renat() {
 cmd_status() {
     local fmt=${1:-text}
     local up=1 h
+    load_state
     for h in "${HOSTS[@]}"; do ns_exists "$(ns "$h")" || up=0; done
     if [[ $up == 0 || ! -e $STATE/lab.json ]]; then
         case $fmt in
@@ -565,13 +787,13 @@ cmd_status() {
             "$PYTHON" - "$STATE/lab.json" <<'EOF'
 import json, sys
 j = json.load(open(sys.argv[1]))
-print("lab %s is up (state in %s)" % (j["lab"], j["state_dir"]))
+print("lab %s is up, topology %s (state in %s)" % (j["lab"], j.get("topology", "two-nats"), j["state_dir"]))
 for name, h in j["hosts"].items():
     print("  %-7s netns %-14s %s" % (name, h["netns"], ", ".join(h["addresses"])))
-for r in ("a", "b"):
-    n = j["nat"][r]
-    print("  nat-%s: %s, public %s, port preservation %s, mapping timeout %ss, delay %sms +-%sms, loss %s%%"
-          % (r, n["type"], n["public"], n["port_preservation"], n["mapping_timeout"], n["delay_ms"], n["jitter_ms"], n["loss_pct"]))
+for r, n in j["nat"].items():
+    print("  %s: %s, public %s, port preservation %s, mapping timeout %ss, delay %sms +-%sms, loss %s%%%s"
+          % ("cgn" if r == "c" else "nat-" + r, n["type"], n["public"], n["port_preservation"], n["mapping_timeout"],
+             n["delay_ms"], n["jitter_ms"], n["loss_pct"], ", hairpinning" if n.get("hairpin") else ""))
 if j.get("probe_server"):
     print("  probe server on rdv: " + ", ".join(j["probe_server"]))
 EOF
@@ -582,6 +804,7 @@ EOF
 cmd_exec() {
     [[ $# -ge 1 ]] || die "usage: lab.sh exec HOST -- CMD…"
     local h=$1; shift
+    load_state
     [[ " ${HOSTS[*]} " == *" $h "* ]] || die "unknown host '$h' (one of: ${HOSTS[*]})"
     [[ ${1:-} == -- ]] && shift
     [[ $# -ge 1 ]] || die "usage: lab.sh exec HOST -- CMD…"
@@ -608,7 +831,8 @@ main() {
         exec) cmd_exec "$@" ;;
         status) cmd_status "$@" ;;
         check) cmd_check ;;
-        hosts) echo "${HOSTS[*]}" ;;
+        hosts) load_state; echo "${HOSTS[*]}" ;;
+        topologies) echo "$TOPOLOGIES" ;;
         list) cmd_list ;;
         renat) cmd_renat "$@" ;;
         ruleset) parse_up "$@"; nat_ruleset a ;;  # debugging: print router a's ruleset for these options

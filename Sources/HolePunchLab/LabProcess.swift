@@ -130,13 +130,16 @@ package final class LabSession: @unchecked Sendable {
         try? FileManager.default.removeItem(atPath: work)
     }
 
-    /// The `topeer` packet counter of a router (UDP from its LAN toward the public peer range).
+    /// The `topeer` packet counters of a router (UDP from its LAN toward the public peer range, and in the dual-stack
+    /// topology toward the peers' IPv6 LANs); 0 for a router the topology does not have.
     package func packetCounter(_ router: String) async -> Int {
-        guard let child = try? exec(router, ["nft", "list", "counter", "ip", "hpnat", "topeer"], stem: "counter"),
+        // One `nft` call for every table's counters (a call per table would add a process per router and trial).
+        guard let child = try? exec(router, ["nft", "list", "counters"], stem: "counter"),
               await child.wait(.seconds(5)) == 0 else { return 0 }
-        let text = child.output
-        guard let range = text.range(of: "packets ") else { return 0 }
-        return Int(text[range.upperBound...].prefix { $0.isNumber }) ?? 0
+        return child.output.components(separatedBy: "counter topeer").dropFirst().reduce(0) { total, rest in
+            guard let range = rest.range(of: "packets ") else { return total }
+            return total + (Int(rest[range.upperBound...].prefix { $0.isNumber }) ?? 0)
+        }
     }
 
     nonisolated(unsafe) private static var interrupted: LabSession?

@@ -24,14 +24,39 @@ package struct TrialResult: Sendable {
     package var connectFirstByteMs: Double? = nil
     /// The initiator's milestones from its `connect()` call: registered, coordinated, start, connected, first_byte.
     package var phases: [String: Double]? = nil
+    /// The address the initiator connected to (its result's `remote`).
+    package var remote: String? = nil
+    /// The candidate pair that won, `local → remote` with each candidate's kind, when the peer reports one
+    /// (its result's `candidate_pair`).
+    package var candidatePair: String? = nil
+    /// Topology trials: which way the connection went (``LabPath``).
+    package var path: LabPath? = nil
+
+    /// The run's entry in the matrix JSON.
+    package func json() -> [String: Any] {
+        var run: [String: Any] = ["ok": ok, "rounds": rounds, "packets": packets]
+        if let timeMs { run["time_ms"] = timeMs }
+        if let firstByteMs { run["first_byte_ms"] = firstByteMs }
+        if let connectFirstByteMs { run["connect_first_byte_ms"] = connectFirstByteMs }
+        if let phases { run["phases_ms"] = phases }
+        if let error { run["error"] = error }
+        if let message { run["message"] = message }
+        if let peerNode { run["peer_node"] = peerNode }
+        if let expectedPeer { run["expected_peer"] = expectedPeer }
+        if let remote { run["remote"] = remote }
+        if let candidatePair { run["candidate_pair"] = candidatePair }
+        if let path { run["path"] = path.rawValue }
+        return run
+    }
 }
 
-/// One pair's results for one strategy.
-package struct PairResult: Sendable {
-    package var a: String
-    package var b: String
-    package var trials: [TrialResult] = []
+/// Trials of one row of the matrix (a NAT pair or a topology) and the figures the tables show for them.
+package protocol TrialSeries: Sendable {
+    /// The trials in the order they ran.
+    var trials: [TrialResult] { get }
+}
 
+extension TrialSeries {
     package var successes: Int { trials.filter(\.ok).count }
     package var times: [Double] { trials.compactMap { $0.ok ? $0.timeMs : nil }.sorted() }
     package var median: Double? { percentile(times, 0.5) }
@@ -46,6 +71,49 @@ package struct PairResult: Sendable {
         var counts: [String: Int] = [:]
         for trial in trials where !trial.ok { counts[trial.error ?? "unknown", default: 0] += 1 }
         return counts
+    }
+}
+
+/// One pair's results for one strategy.
+package struct PairResult: TrialSeries {
+    package var a: String
+    package var b: String
+    package var trials: [TrialResult] = []
+}
+
+/// One topology's results for one strategy.
+package struct TopologyResult: TrialSeries {
+    package var topology: LabTopology
+    package var trials: [TrialResult] = []
+
+    /// Trials that connected on a path the topology accepts.
+    package var onPath: Int { trials.filter { $0.ok && $0.path.map(topology.acceptedPaths.contains) == true }.count }
+    /// How many successful trials took each path, e.g. `lan ×3`.
+    package var paths: String {
+        var counts: [String: Int] = [:]
+        for trial in trials where trial.ok { counts[trial.path?.rawValue ?? "?", default: 0] += 1 }
+        return counts.sorted { $0.key < $1.key }.map { "\($0.key) ×\($0.value)" }.joined(separator: ", ")
+    }
+    /// The winning candidate pairs (or, until peers report them, the addresses connected to), without ports (each
+    /// trial's sockets have fresh ones), distinct, in order, each with its count.
+    package var winners: String {
+        var seen: [(String, Int)] = []
+        for trial in trials where trial.ok {
+            let winner = Self.withoutPorts(trial.candidatePair ?? trial.remote.map { "→ \($0)" } ?? "?")
+            if let index = seen.firstIndex(where: { $0.0 == winner }) { seen[index].1 += 1 } else { seen.append((winner, 1)) }
+        }
+        return seen.map { "\($0.0) ×\($0.1)" }.joined(separator: "; ")
+    }
+
+    /// `text` with the port cut from every `ADDR:PORT` or `[ADDR]:PORT` word.
+    package static func withoutPorts(_ text: String) -> String {
+        text.split(separator: " ", omittingEmptySubsequences: false).map { word -> String in
+            guard let colon = word.lastIndex(of: ":"), !word[word.index(after: colon)...].isEmpty,
+                  word[word.index(after: colon)...].allSatisfy(\.isNumber) else { return String(word) }
+            let host = word[..<colon]
+            if host.hasPrefix("["), host.hasSuffix("]") { return String(host.dropFirst().dropLast()) }
+            return host.contains(":") ? String(word) : String(host)
+        }.joined(separator: " ")
     }
 }
 
@@ -79,17 +147,21 @@ package struct MatrixReport: Sendable {
     package var date: String
     /// Whether the peers measured their NAT (`--discover`) rather than being told it.
     package var discover: Bool
+    /// The topology rows (strategy -> topologies in order), each run in its own lab after the pairs.
+    package var topologies: [String: [TopologyResult]] = [:]
 
     private func ms(_ value: Double?) -> String { value.map { String(format: "%.0f", $0) } ?? "–" }
 
     package func markdown() -> String {
-        var out = "Lab matrix, \(date): \(trials) trial(s) per pair, \(Int(delay)) ms one-way delay and \(loss)% loss on each WAN link; "
-        out += "peer-to-peer RTT \(String(format: "%.1f", rttMs)) ms. Times are from the coordinated start to the authenticated "
+        var out = "Lab matrix, \(date): \(trials) trial(s) per row, \(Int(delay)) ms one-way delay and \(loss)% loss on each WAN link"
+        // The RTT is measured in the pairs' lab; a run of topologies alone has none.
+        out += results.isEmpty ? ". " : "; peer-to-peer RTT \(String(format: "%.1f", rttMs)) ms. "
+        out += "Times are from the coordinated start to the authenticated "
         out += "connection (initiator side); packets are UDP packets both peers sent toward the other's public address "
         out += "(probes and QUIC), mean per trial; ratio = median / (raw UDP punch + 1 RTT); first byte = the initiator's "
         out += "start-to-first-byte, from its process start to the first echoed byte (median, p95)"
         out += discover ? ", peers measuring their NAT.\n\n" : ", peers told their NAT type.\n\n"
-        for strategy in strategies {
+        for strategy in strategies where !(results[strategy] ?? []).isEmpty {
             out += "### \(strategy)\n\n"
             out += "| A \\ B | success | median ms | p95 ms | first byte ms | packets | rounds | raw UDP ms | ratio | errors |\n"
             out += "|---|---|---|---|---|---|---|---|---|---|\n"
@@ -107,7 +179,7 @@ package struct MatrixReport: Sendable {
             }
             out += "\n"
         }
-        if strategies.count > 1 {
+        if strategies.count > 1, !(results[strategies[0]] ?? []).isEmpty {
             out += "### Side by side (success, median ms)\n\n"
             out += "| pair | " + strategies.joined(separator: " | ") + " | speed-up (\(strategies[1]) / \(strategies[0])) |\n"
             out += "|---|" + String(repeating: "---|", count: strategies.count + 1) + "\n"
@@ -126,6 +198,23 @@ package struct MatrixReport: Sendable {
             }
             out += "\n"
         }
+        for strategy in strategies {
+            guard let rows = topologies[strategy], !rows.isEmpty else { continue }
+            out += "### Topologies, \(strategy)\n\n"
+            out += "Connected: trials that connected at all; on path: those on a path the topology accepts. Winner: the "
+            out += "candidate pair that won (local → remote), or the address connected to when the peers do not report one. "
+            out += "Raw UDP: `probe.py punch` between the peers' public addresses.\n\n"
+            out += "| topology | connected | on path (accepted) | median ms | first byte ms | paths taken | winner | raw UDP ms | errors |\n"
+            out += "|---|---|---|---|---|---|---|---|---|\n"
+            for row in rows {
+                let errors = row.errors.sorted { $0.key < $1.key }.map { "\($0.key) ×\($0.value)" }.joined(separator: ", ")
+                let accepted = row.topology.acceptedPaths.map(\.rawValue).joined(separator: ", ")
+                out += "| \(row.topology.name) | \(row.successes)/\(row.trials.count) | \(row.onPath)/\(row.trials.count) (\(accepted)) | "
+                let rawText = raw["topology:\(row.topology.name)"].map { $0.connected ? ms($0.timeMs) : "fails" } ?? "–"
+                out += "\(ms(row.median)) | \(ms(row.firstByteMedian)) | \(row.paths) | \(row.winners) | \(rawText) | \(errors) |\n"
+            }
+            out += "\n"
+        }
         return out
     }
 
@@ -137,18 +226,7 @@ package struct MatrixReport: Sendable {
                     "a": pair.a, "b": pair.b, "trials": pair.trials.count, "successes": pair.successes,
                     "success_rate": pair.trials.isEmpty ? 0 : Double(pair.successes) / Double(pair.trials.count),
                     "mean_packets": pair.meanPackets, "mean_rounds": pair.meanRounds, "errors": pair.errors,
-                    "runs": pair.trials.map { trial -> [String: Any] in
-                        var run: [String: Any] = ["ok": trial.ok, "rounds": trial.rounds, "packets": trial.packets]
-                        if let time = trial.timeMs { run["time_ms"] = time }
-                        if let time = trial.firstByteMs { run["first_byte_ms"] = time }
-                        if let time = trial.connectFirstByteMs { run["connect_first_byte_ms"] = time }
-                        if let phases = trial.phases { run["phases_ms"] = phases }
-                        if let error = trial.error { run["error"] = error }
-                        if let message = trial.message { run["message"] = message }
-                        if let peer = trial.peerNode { run["peer_node"] = peer }
-                        if let expected = trial.expectedPeer { run["expected_peer"] = expected }
-                        return run
-                    },
+                    "runs": pair.trials.map { $0.json() },
                 ]
                 if let median = pair.median { entry["median_ms"] = median }
                 if let p95 = pair.p95 { entry["p95_ms"] = p95 }
@@ -168,6 +246,20 @@ package struct MatrixReport: Sendable {
         var top: [String: Any] = ["date": date, "trials": trials, "delay_ms": delay, "loss_pct": loss, "rtt_ms": rttMs, "discover": discover,
                 "strategies": strategiesJSON, "raw_udp": rawJSON]
         if let impostorPackets { top["impostor_packets"] = impostorPackets }
+        if !topologies.isEmpty {
+            top["topologies"] = topologies.mapValues { rows in
+                rows.map { row -> [String: Any] in
+                    var entry: [String: Any] = [
+                        "topology": row.topology.name, "accepted_paths": row.topology.acceptedPaths.map(\.rawValue),
+                        "trials": row.trials.count, "successes": row.successes, "on_path": row.onPath, "errors": row.errors,
+                        "runs": row.trials.map { $0.json() },
+                    ]
+                    if let median = row.median { entry["median_ms"] = median }
+                    if let median = row.firstByteMedian { entry["first_byte_median_ms"] = median }
+                    return entry
+                }
+            }
+        }
         return top
     }
 }

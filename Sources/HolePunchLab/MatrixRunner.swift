@@ -5,7 +5,8 @@ import Glibc
 #endif
 
 /// Runs the matrix in one lab: brings it up, starts one rendezvous, and for each pair re-makes the NATs and
-/// runs every trial of every strategy, with the raw UDP reference beside them.
+/// runs every trial of every strategy, with the raw UDP reference beside them. Topologies come after the pairs,
+/// each in a lab of its own (`lab.sh up --topology`), with its own rendezvous.
 package struct MatrixRunner {
     package let lab: LabSession
     package let strategies: [String]
@@ -18,10 +19,11 @@ package struct MatrixRunner {
     package let raw: Bool
     package let impostor: Bool
     package let startDelay: Int
+    package let topologies: [LabTopology]
 
     /// A runner for one matrix (the memberwise initialiser is internal to this module).
     package init(lab: LabSession, strategies: [String], pairs: [(String, String)], trials: Int, delay: Double, loss: Double,
-                 punchTimeout: Double, discover: Bool, raw: Bool, impostor: Bool, startDelay: Int) {
+                 punchTimeout: Double, discover: Bool, raw: Bool, impostor: Bool, startDelay: Int, topologies: [LabTopology] = []) {
         self.lab = lab
         self.strategies = strategies
         self.pairs = pairs
@@ -33,6 +35,7 @@ package struct MatrixRunner {
         self.raw = raw
         self.impostor = impostor
         self.startDelay = startDelay
+        self.topologies = topologies
     }
 
     /// Where the impostor listens (in `other`); router b DNATs new inbound UDP flows there.
@@ -44,27 +47,49 @@ package struct MatrixRunner {
 
     package func run() async throws -> MatrixReport {
         let date = ISO8601DateFormatter().string(from: Date())
-        let first = pairs[0]
-        progress("lab \(lab.name): up (\(first.0) × \(first.1), delay \(delay) ms, loss \(loss)%)")
-        try await lab.run(["up", "--nat-a", first.0, "--nat-b", first.1, "--delay", "\(delay)", "--loss", "\(loss)", "--probe-server"],
-                          limit: .seconds(120))
+        var report = MatrixReport(strategies: strategies.map { URL(fileURLWithPath: $0).lastPathComponent }, results: [:], raw: [:],
+                                  rttMs: 0, trials: trials, delay: delay, loss: loss, date: date, discover: discover)
+        if !pairs.isEmpty { try await runPairs(into: &report) }
+        for (index, topology) in topologies.enumerated() {
+            if index > 0 || !pairs.isEmpty { try await lab.run(["down"]) }
+            try await runTopology(topology, label: "[topology \(index + 1)/\(topologies.count)] \(topology.name)", into: &report)
+        }
+        return report
+    }
 
-        // One rendezvous for the whole run.
+    /// The rendezvous (with its STUN responder) in `rdv`, and its NodeID once it listens.
+    private func startRendezvous() async throws -> (LabChild, String) {
         let rdvIdentity = lab.file("rdv.identity")
         try Identity.generate(commonName: "lab-rendezvous").save(to: rdvIdentity)
         let ready = lab.file("rdv.ready")
         let rendezvous = try lab.exec("rdv", [lab.executable, "lab", "rendezvous", "--identity", rdvIdentity, "--ready-file", ready,
                                                 "--start-delay", "\(startDelay)"],
                                       stem: "rendezvous")
-        defer { rendezvous.stop() }
-        let end = ContinuousClock.now + .seconds(20)
-        while !FileManager.default.fileExists(atPath: ready) {
-            guard rendezvous.process.isRunning, ContinuousClock.now < end else {
-                throw LabFailure("the lab rendezvous did not start: \(rendezvous.errors)")
+        do {
+            let end = ContinuousClock.now + .seconds(20)
+            while !FileManager.default.fileExists(atPath: ready) {
+                guard rendezvous.process.isRunning, ContinuousClock.now < end else {
+                    throw LabFailure("the lab rendezvous did not start: \(rendezvous.errors)")
+                }
+                try await Task.sleep(for: .milliseconds(10))
             }
-            try await Task.sleep(for: .milliseconds(10))
+            return (rendezvous, try String(contentsOfFile: ready, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines))
+        } catch {
+            // The caller stops it once it returned; until then, a failure here must.
+            rendezvous.stop()
+            throw error
         }
-        let rdvNode = try String(contentsOfFile: ready, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    /// The NAT pairs, in one lab in the default topology (`renat` between pairs) with one rendezvous.
+    private func runPairs(into report: inout MatrixReport) async throws {
+        let first = pairs[0]
+        progress("lab \(lab.name): up (\(first.0) × \(first.1), delay \(delay) ms, loss \(loss)%)")
+        try await lab.run(["up", "--nat-a", first.0, "--nat-b", first.1, "--delay", "\(delay)", "--loss", "\(loss)", "--probe-server"],
+                          limit: .seconds(120))
+        // One rendezvous for all pairs.
+        let (rendezvous, rdvNode) = try await startRendezvous()
+        defer { rendezvous.stop() }
 
         var impostorServer: LabChild?
         defer { impostorServer?.stop() }
@@ -120,8 +145,44 @@ package struct MatrixRunner {
                 impostorPackets? += Int(child.output[range.upperBound...].prefix { $0.isNumber }) ?? 0
             }
         }
-        return MatrixReport(impostorPackets: impostorPackets, strategies: strategies.map { URL(fileURLWithPath: $0).lastPathComponent }, results: results, raw: raws,
-                            rttMs: rtt, trials: trials, delay: delay, loss: loss, date: date, discover: discover)
+        report.impostorPackets = impostorPackets
+        report.results = results
+        report.raw = raws
+        report.rttMs = rtt
+    }
+
+    /// One topology in a lab of its own: the home routers are lab.sh's default type (port_restricted), and each trial's
+    /// path is judged from the address the initiator (peer-a) connected to.
+    private func runTopology(_ topology: LabTopology, label: String, into report: inout MatrixReport) async throws {
+        progress("lab \(lab.name): up (topology \(topology.name), delay \(delay) ms, loss \(loss)%)")
+        try await lab.run(["up", "--topology", topology.name, "--delay", "\(delay)", "--loss", "\(loss)", "--probe-server"],
+                          limit: .seconds(120))
+        let status = try await lab.run(["status", "--json"])
+        let hosts = (try? JSONSerialization.jsonObject(with: Data(status.output.utf8)) as? [String: Any])?["hosts"] as? [String: Any]
+        let ownPublic = (hosts?["peer-a"] as? [String: Any])?["public"] as? String
+        let (rendezvous, rdvNode) = try await startRendezvous()
+        defer { rendezvous.stop() }
+        if raw {
+            let reference = await rawPunch(tag: 1000 + (topologies.firstIndex(of: topology) ?? 0))
+            report.raw["topology:\(topology.name)"] = reference
+            progress("\(label) raw UDP: " + (reference.connected ? String(format: "%.0f ms", reference.timeMs ?? 0) : "fails"))
+        }
+        let homeRouters = ("port_restricted", "port_restricted")
+        for strategy in strategies {
+            var row = TopologyResult(topology: topology)
+            let short = URL(fileURLWithPath: strategy).lastPathComponent
+            for trial in 1...max(1, trials) {
+                var outcome = try await runTrial(pair: homeRouters, strategy: strategy, rdvNode: rdvNode)
+                outcome.path = outcome.remote.map { LabPath(remote: $0, ownPublic: ownPublic) }
+                row.trials.append(outcome)
+                let summary = outcome.ok
+                    ? String(format: "ok %.0f ms, ", outcome.timeMs ?? 0) + "path \(outcome.path?.rawValue ?? "?"), "
+                        + (outcome.candidatePair ?? "remote \(outcome.remote ?? "?")")
+                    : "failed: \(outcome.error ?? "?") \(outcome.message ?? "")"
+                progress("\(label) \(short) trial \(trial)/\(trials): \(summary)")
+            }
+            report.topologies[short, default: []].append(row)
+        }
     }
 
     /// RTT between the peers: each peer's RTT to the rendezvous crosses its own WAN link twice, so the sum is
@@ -207,6 +268,19 @@ package struct MatrixRunner {
                 .map { $0 + ((targetResult["error"] as? String).map { " (target: \($0))" } ?? "") },
             peerNode: result["peer_node"] as? String, expectedPeer: "\(b.nodeID)",
             firstByteMs: result["first_byte_ms"] as? Double, connectFirstByteMs: result["connect_first_byte_ms"] as? Double,
-            phases: result["phases_ms"] as? [String: Double])
+            phases: result["phases_ms"] as? [String: Double], remote: result["remote"] as? String,
+            candidatePair: Self.candidatePair(result["candidate_pair"]))
+    }
+
+    /// The winning candidate pair from a peer's result: a string as it is, or `{"local": {"kind", "address"},
+    /// "remote": {…}}` as `kind address → kind address`; nil when the peer reports none.
+    package static func candidatePair(_ value: Any?) -> String? {
+        if let text = value as? String { return text }
+        guard let pair = value as? [String: Any] else { return nil }
+        func side(_ key: String) -> String {
+            guard let candidate = pair[key] as? [String: Any] else { return "?" }
+            return ["kind", "address"].compactMap { candidate[$0] as? String }.joined(separator: " ")
+        }
+        return "\(side("local")) → \(side("remote"))"
     }
 }

@@ -29,7 +29,7 @@ public enum StrategyCheck {
     public static func context(local: SimulatedNAT, remote: SimulatedNAT, role: PunchRole, attempt: Int,
                                rtt: Duration? = .milliseconds(80), seed: UInt64 = 0x5EED) -> PunchContext {
         let (lp, rp, rh) = role == .initiator ? (portA, portB, hostB) : (portB, portA, hostA)
-        let lan = "192.168.1.20"
+        let lan = "10.0.1.20"
         // Typed candidates as a peer on a LAN publishes them: its reflexive address and its host address.
         let candidates = [(CandidateKind.serverReflexive, rh), (.host, lan)].compactMap { kind, host in
             (try? SocketAddress(host: host, port: rp)).map { Candidate(kind: kind, address: $0) }

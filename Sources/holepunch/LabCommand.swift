@@ -44,13 +44,15 @@ func withLabScript<T>(_ body: () throws -> T) throws -> T {
 struct LabUpCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "up",
-        abstract: "Create the lab (options as `lab.sh up`: --nat-a/--nat-b TYPE, --delay MS, --loss PCT, --probe-server…).",
+        abstract: "Create the lab (options as `lab.sh up`: --nat-a/--nat-b TYPE, --delay MS, --loss PCT, --topology NAME…).",
         discussion: """
-            Needs root. NAT types: full_cone, restricted, port_restricted, symmetric_seq, symmetric_random.
+            Needs root. NAT types: full_cone, restricted, port_restricted, symmetric_seq, symmetric_random. \
+            Topologies (docs/lab.md): two-nats (default), same-lan, same-lan-hairpin, cgnat-homes, cgnat-vs-nat, dual-stack.
 
             Examples:
               sudo holepunch lab up --nat-a port_restricted --nat-b symmetric_seq
               sudo holepunch lab up --nat-a full_cone --nat-b restricted --loss 20
+              sudo holepunch lab up --topology cgnat-homes --delay 20
             """
     )
     @OptionGroup var lab: LabNameOptions

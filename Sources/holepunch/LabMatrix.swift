@@ -12,7 +12,8 @@ import Glibc
 /// One lab is brought up once; between pairs `lab.sh renat` re-makes both routers' NAT, and one rendezvous
 /// runs in `rdv` for the whole run. Each trial starts two fresh `holepunch lab peer` processes with fresh
 /// identities (fresh sockets, so fresh NAT mappings). A raw UDP punch (`probe.py punch`) per pair is the
-/// physical reference.
+/// physical reference. `--topology` adds rows for the lab's other topologies (one LAN, a carrier NAT, dual stack),
+/// each run in a lab of its own after the pairs.
 struct LabMatrixCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "matrix",
@@ -23,6 +24,7 @@ struct LabMatrixCommand: AsyncParsableCommand {
             Examples:
               sudo holepunch lab matrix --trials 3 --json bench-results/matrix.json
               sudo holepunch lab matrix --trials 40 --pair port_restricted:symmetric_random
+              sudo holepunch lab matrix --trials 3 --topology all --only-topologies
             """
     )
 
@@ -34,6 +36,11 @@ struct LabMatrixCommand: AsyncParsableCommand {
     @Option(help: "Write the results as JSON to this file.") var json: String?
     @Option(help: "Write the markdown tables to this file as well.") var markdown: String?
     @Option(name: .customLong("pair"), help: "Only these pairs, A:B (repeatable); default all 25.") var pairs: [String] = []
+    @Option(name: .customLong("topology"), help: ArgumentHelp(
+        "Also run this lab topology (repeatable), or all of them: \(LabTopology.all.map(\.name).joined(separator: ", ")), all.",
+        valueName: "name"))
+    var topologyNames: [String] = []
+    @Flag(help: "Run only the topologies given with --topology, not the NAT pairs.") var onlyTopologies = false
     @Option(help: "Punch timeout per trial, seconds.") var punchTimeout: Double = 5
     @Option(help: "The rendezvous's start delay ceiling, ms (its default: 150; measured peers get less).") var startDelay = 150
     @Option(help: "Lab name (default hpmx<pid>).") var name: String?
@@ -50,8 +57,21 @@ struct LabMatrixCommand: AsyncParsableCommand {
         let repo = URL(fileURLWithPath: labDir).deletingLastPathComponent().path
         let files = strategies.isEmpty ? ["\(repo)/strategies/default.lua", "\(repo)/strategies/macula.lua"] : strategies
         for file in files where !FileManager.default.fileExists(atPath: file) { throw ValidationError("no strategy file \(file)") }
+        var topologies: [LabTopology] = []
+        for name in topologyNames {
+            let chosen = name == "all" ? LabTopology.all : LabTopology.named(name).map { [$0] }
+            guard let chosen else {
+                throw ValidationError("bad --topology \(name): one of \(LabTopology.all.map(\.name).joined(separator: ", ")), all")
+            }
+            topologies += chosen.filter { !topologies.contains($0) }
+        }
+        if onlyTopologies && (topologies.isEmpty || !pairs.isEmpty) {
+            throw ValidationError("--only-topologies needs --topology and no --pair")
+        }
         var selected: [(String, String)] = []
-        if pairs.isEmpty {
+        if onlyTopologies {
+            // the topologies alone
+        } else if pairs.isEmpty {
             for a in labNATTypes { for b in labNATTypes { selected.append((a, b)) } }
         } else {
             for pair in pairs {
@@ -67,7 +87,8 @@ struct LabMatrixCommand: AsyncParsableCommand {
         defer { lab.down() }
         let report = try await MatrixRunner(
             lab: lab, strategies: files, pairs: selected, trials: trials, delay: delay, loss: loss,
-            punchTimeout: punchTimeout, discover: discover, raw: !noRaw, impostor: impostor, startDelay: startDelay
+            punchTimeout: punchTimeout, discover: discover, raw: !noRaw, impostor: impostor, startDelay: startDelay,
+            topologies: topologies
         ).run()
         let tables = report.markdown()
         print(tables)

@@ -231,6 +231,16 @@ final class Lab: @unchecked Sendable {
         }
     }
 
+    /// `probe.py punch` on both peers at once (a raw UDP punch through the probe server's name registry, so the lab
+    /// needs `--probe-server`): what each side printed.
+    func rawPunch(timeout: String) throws -> (a: PunchResult, b: PunchResult) {
+        let a = try background("peer-a", ["python3", LabSupport.probeScript, "punch", "--name", "a", "--peer", "b", "--timeout", timeout])
+        let b = try probe("peer-b", ["punch", "--name", "b", "--peer", "a", "--timeout", timeout], as: PunchResult.self, timeout: 20)
+        let ra = a.wait(timeout: 20)
+        let pa = try JSONDecoder().decode(PunchResult.self, from: Data((ra.stdout.split(separator: "\n").last ?? "").utf8))
+        return (pa, b)
+    }
+
     func status() throws -> LabStatus {
         let r = try LabSupport.run([LabSupport.labScript, "status", "--json"], env: env, timeout: 30)
         return try JSONDecoder().decode(LabStatus.self, from: Data(r.stdout.utf8))

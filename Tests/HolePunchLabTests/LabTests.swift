@@ -249,13 +249,7 @@ struct LabTests {
     @Test("raw UDP punch through the lab", .timeLimit(.minutes(1)), arguments: PunchCase.all)
     func rawPunch(_ c: PunchCase) throws {
         try withLab(["--nat-a", c.a, "--nat-b", c.b, "--delay", "20", "--probe-server"]) { lab in
-            let timeout = c.connects ? "5" : "2"
-            let a = try lab.background("peer-a", ["python3", LabSupport.probeScript, "punch", "--name", "a", "--peer", "b",
-                                                  "--timeout", timeout])
-            let b = try lab.probe("peer-b", ["punch", "--name", "b", "--peer", "a", "--timeout", timeout],
-                                  as: PunchResult.self, timeout: 20)
-            let ra = a.wait(timeout: 20)
-            let pa = try JSONDecoder().decode(PunchResult.self, from: Data((ra.stdout.split(separator: "\n").last ?? "").utf8))
+            let (pa, b) = try lab.rawPunch(timeout: c.connects ? "5" : "2")
             print("punch \(c.a) × \(c.b): a \(pa.connected) in \(pa.time_ms ?? -1) ms, b \(b.connected) in \(b.time_ms ?? -1) ms")
             #expect(pa.connected == c.connects && b.connected == c.connects)
             if c.connects {
@@ -325,7 +319,8 @@ struct LabTests {
     func badOptions() throws {
         let name = LabSupport.uniqueName()
         defer { _ = try? LabSupport.run([LabSupport.labScript, "down"], env: ["HP_LAB": name], timeout: 60) }
-        for opts in [["--nat-a", "bogus"], ["--loss", "x"], ["--port-preservation", "maybe"], ["--frobnicate", "1"]] {
+        for opts in [["--nat-a", "bogus"], ["--loss", "x"], ["--port-preservation", "maybe"], ["--frobnicate", "1"],
+                     ["--topology", "nowhere"], ["--topology"]] {
             let r = try LabSupport.run([LabSupport.labScript, "up"] + opts, env: ["HP_LAB": name], timeout: 30)
             #expect(r.status != 0, "up \(opts) should fail")
             #expect(LabSupport.namespaces(ofLab: name).isEmpty)

@@ -50,6 +50,8 @@ extension LabTests {
     struct Matrix: Decodable {
         var strategies: [String: [MatrixPair]]
         var impostor_packets: Int?
+        /// Strategy -> topology rows (`--topology`).
+        var topologies: [String: [TopologyRow]]?
     }
 
     /// Runs `holepunch lab matrix` with a unique lab name; the lab is always deleted (by the matrix, and again
