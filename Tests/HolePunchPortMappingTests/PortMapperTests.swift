@@ -1,0 +1,37 @@
+import HolePunchNet
+import HolePunchPortMapping
+import Testing
+
+@Suite struct PortMapperTests {
+    /// A gateway that never answers (nothing listens on 127.0.0.3:5351): PCP and NAT-PMP both time out, and the
+    /// mapper reports a typed timeout within its first-answer bound, not after the RFCs' retransmission schedules.
+    /// (UPnP is left out: SSDP is multicast, and tests send only to loopback.)
+    @Test func aSilentRouterIsATypedTimeoutWithinTheBound() async throws {
+        var configuration = PortMapper.Configuration()
+        configuration.protocols = [.pcp, .natpmp]
+        configuration.firstAnswerBound = .milliseconds(300)
+        configuration.route = GatewayRoute(gateway: .v4(127, 0, 0, 3), client: .v4(127, 0, 0, 1))
+        let mapper = PortMapper(internalPort: 40_999, configuration: configuration)
+        let started = ContinuousClock.now
+        do {
+            let mapping = try await mapper.map()
+            Issue.record("a silent router granted \(mapping)")
+        } catch {
+            #expect(error.code == .timeout, "\(error)")
+            #expect(error.message.contains("pcp"), "\(error)")
+        }
+        // The bound is 300 ms; a second of slack for a loaded machine, far below PCP's 3 s first retransmission.
+        #expect(ContinuousClock.now - started < .milliseconds(1300))
+        #expect(await mapper.mapping == nil)
+    }
+
+    @Test func theDefaultGatewayIsReadFromTheRouteTable() {
+        let table = """
+            Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
+            eth0\t0001000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
+            eth0\t00000000\t0101000A\t0003\t0\t0\t0\t00000000\t0\t0\t0
+            """
+        #expect(GatewayRoute.defaultGateway(inRouteTable: table) == .v4(10, 0, 1, 1))
+        #expect(GatewayRoute.defaultGateway(inRouteTable: "Iface\tDestination\tGateway\n") == nil)
+    }
+}
