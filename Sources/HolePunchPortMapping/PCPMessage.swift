@@ -152,10 +152,13 @@ public enum PCP {
     /// Decodes a response; options after the opcode data are ignored (we send none, §7.3 lets us skip unknown
     /// optional ones and a server must not add mandatory ones we did not ask for).
     public static func decodeResponse(_ bytes: [UInt8]) throws(DecodeFailure) -> Response {
+        // The version first: a NAT-PMP server's answer (version 0, 8 to 16 bytes) must read as "other version"
+        // (RFC 6887 §9), not as a short PCP message.
+        guard bytes.count >= 2 else { throw .length(bytes.count) }
+        guard bytes[0] == version else { throw .version(bytes[0]) }
         guard bytes.count >= 24, bytes.count <= maximumLength, bytes.count % 4 == 0 else {
             throw .length(bytes.count)
         }
-        guard bytes[0] == version else { throw .version(bytes[0]) }
         guard bytes[1] & 0x80 != 0 else { throw .notResponse }
         guard let opcode = Opcode(rawValue: bytes[1] & 0x7f) else { throw .opcode(bytes[1] & 0x7f) }
         var response = Response(

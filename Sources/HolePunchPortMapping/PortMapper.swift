@@ -1,4 +1,4 @@
-public import HolePunchNet
+import HolePunchNet
 public import Logging
 
 /// Asks the router for a mapping of our socket's port (PCP, then NAT-PMP, then UPnP-IGD), keeps the lease, and

@@ -34,7 +34,7 @@ enum UPnPClient {
         }
         let service = withUnsafeBytes(of: data.first.servicetype) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
         return .success(Gateway(controlURL: String(cString: control), serviceType: service,
-                                lanAddress: String(decoding: lan.prefix(while: { $0 != 0 }).map { UInt8(bitPattern: $0) }, as: UTF8.self),
+                                lanAddress: cText(lan),
                                 connected: found == 1))
     }
 
@@ -51,7 +51,7 @@ enum UPnPClient {
             var reserved = [CChar](repeating: 0, count: 8)
             result = UPNP_AddAnyPortMapping(gateway.controlURL, gateway.serviceType, port, port, client, "holepunch",
                                             "UDP", nil, String(lifetime), &reserved)
-            externalPort = UInt16(String(cString: reserved)) ?? 0
+            externalPort = UInt16(cText(reserved)) ?? 0
         }
         guard result == 0 else {
             return .failure(PortMappingError(.refused, "AddPortMapping failed: \(String(cString: strupnperror(result))) (\(result))",
@@ -60,7 +60,7 @@ enum UPnPClient {
         guard externalPort != 0 else { return .failure(PortMappingError(.malformed, "external port 0", protocol: .upnp)) }
         var external = [CChar](repeating: 0, count: 64)
         let status = UPNP_GetExternalIPAddress(gateway.controlURL, gateway.serviceType, &external)
-        guard status == 0, let address = try? SocketAddress(host: String(cString: external), port: externalPort),
+        guard status == 0, let address = try? SocketAddress(host: cText(external), port: externalPort),
               !address.isIPv6
         else {
             _ = delete(gateway, externalPort: externalPort)
@@ -75,4 +75,9 @@ enum UPnPClient {
     static func delete(_ gateway: Gateway, externalPort: UInt16) -> Bool {
         UPNP_DeletePortMapping(gateway.controlURL, gateway.serviceType, String(externalPort), "UDP", nil) == 0
     }
+}
+
+/// The text of a NUL-terminated C buffer.
+private func cText(_ buffer: [CChar]) -> String {
+    String(decoding: buffer.prefix(while: { $0 != 0 }).map { UInt8(bitPattern: $0) }, as: UTF8.self)
 }

@@ -7,7 +7,7 @@ import HolePunchPortMapping
 struct PortMappingOptions: ParsableArguments {
     @Option(name: .customLong("portmap-protocol"),
             help: "Ask only this protocol (pcp, natpmp, upnp); default: all, in that order.")
-    var protocols: [PortMappingProtocol] = []
+    var protocols: [String] = []
 
     @Option(help: "Lifetime to ask the router for, in seconds.")
     var lifetime: UInt32 = 7200
@@ -21,12 +21,15 @@ struct PortMappingOptions: ParsableArguments {
     func validate() throws {
         guard lifetime >= 1 else { throw ValidationError("--lifetime must be at least 1") }
         guard portmapTimeoutMs >= 1 else { throw ValidationError("--portmap-timeout-ms must be at least 1") }
+        for name in protocols where PortMappingProtocol(rawValue: name) == nil {
+            throw ValidationError("--portmap-protocol must be pcp, natpmp or upnp, not '\(name)'")
+        }
     }
 
     /// The mapper configuration these options describe.
     func configuration() throws -> PortMapper.Configuration {
         var configuration = PortMapper.Configuration()
-        if !protocols.isEmpty { configuration.protocols = protocols }
+        if !protocols.isEmpty { configuration.protocols = protocols.compactMap(PortMappingProtocol.init(rawValue:)) }
         configuration.requestedLifetime = lifetime
         configuration.firstAnswerBound = .milliseconds(portmapTimeoutMs)
         configuration.upnpDiscovery = min(configuration.upnpDiscovery, .milliseconds(max(10, portmapTimeoutMs * 2 / 3)))
@@ -40,8 +43,6 @@ struct PortMappingOptions: ParsableArguments {
         return configuration
     }
 }
-
-extension PortMappingProtocol: ExpressibleByArgument {}
 
 /// `holepunch nat map --bind ADDR [--hold-seconds N]`: map a port, keep it, print what arrives, delete it.
 struct NATMapCommand: AsyncParsableCommand {
