@@ -11,21 +11,25 @@ public import Logging
 public actor PortMapper {
     /// Bounds and choices.
     public struct Configuration: Sendable {
-        /// The longest wait for the first grant, over all protocols together.
+        /// The longest wait for a PCP or NAT-PMP grant (both together).
         public var firstAnswerBound: Duration = .milliseconds(400)
+        /// The longest wait for a UPnP grant, counted from the start too. Longer than the others because an IGD
+        /// delays its SSDP answer by a random time up to the search's MX, at least 1 s (UPnP Device Architecture
+        /// 1.1 §1.3.3; miniupnpd does so): a shorter bound would miss about half the answers.
+        public var upnpBound: Duration = .milliseconds(1500)
         /// The protocols to try, in order of preference.
         public var protocols: [PortMappingProtocol] = PortMappingProtocol.allCases
         /// The lifetime to ask for, in seconds.
         public var requestedLifetime: UInt32 = 7200
         /// Gateway and own address; `nil` reads the default route (``GatewayRoute/discover()``).
         public var route: GatewayRoute?
-        /// How long SSDP listens for IGDs (within the first-answer bound).
-        public var upnpDiscovery: Duration = .milliseconds(250)
+        /// How long SSDP listens for IGDs (per device type; within `upnpBound`).
+        public var upnpDiscovery: Duration = .milliseconds(1100)
         /// How long to wait before mapping again after the mapping was lost and re-mapping failed.
         public var retryAfterLoss: Duration = .seconds(30)
         /// The bound on deleting at the end.
         public var deleteBound: Duration = .seconds(2)
-        /// PCP's retransmission settings (RFC 6887 §8.1.1 defaults).
+        /// PCP's retransmission settings (RFC 6887 §8.1.1 defaults); its lifetime is `requestedLifetime`.
         public var pcp = PCPMapClient.Configuration()
 
         /// The defaults.
@@ -67,31 +71,31 @@ public actor PortMapper {
         self.route = configuration.route
     }
 
-    /// Asks for a mapping: the first grant in order of preference within the bound, or an error naming what each
-    /// protocol said.
+    /// Asks for a mapping: the first grant in order of preference (PCP and NAT-PMP within ``Configuration/firstAnswerBound``,
+    /// UPnP within ``Configuration/upnpBound``), or an error naming what each protocol said.
     ///
     /// - Throws: ``PortMappingError`` (`.timeout` when nobody answered in time).
     @discardableResult
     public func map() async throws(PortMappingError) -> PortMapping {
         if let mapping { return mapping }
         let route = try resolvedRoute()
-        let deadline = ContinuousClock.now + configuration.firstAnswerBound
+        let start = ContinuousClock.now
+        let deadline = start + configuration.firstAnswerBound
+        let upnpDeadline = start + max(configuration.firstAnswerBound, configuration.upnpBound)
         var errors: [PortMappingError] = []
         // SSDP takes its whole delay, so discovery starts at once; mapping through UPnP waits for the others' verdict.
-        let upnpDiscovery: Task<UPnPClient.Gateway?, Never>? = configuration.protocols.contains(.upnp) ? Task {
-            let delay = min(configuration.upnpDiscovery, configuration.firstAnswerBound)
-            switch await onDedicatedThread("hp-upnp-discover", until: deadline, { _ in UPnPClient.discover(delay: delay) }) {
-            case let .success(gateway)?: return gateway
-            case let .failure(error)?:
-                logger.debug("upnp discovery failed", metadata: ["portmap.error": "\(error)"])
-                return nil
-            case nil: return nil
-            }
-        } : nil
+        let upnpDiscovery: Task<Result<UPnPClient.Gateway, PortMappingError>, Never>? =
+            configuration.protocols.contains(.upnp) ? Task {
+                let delay = min(configuration.upnpDiscovery, configuration.upnpBound)
+                return await onDedicatedThread("hp-upnp-discover", until: upnpDeadline) { _ in UPnPClient.discover(delay: delay) }
+                    ?? .failure(PortMappingError(.timeout, "no Internet gateway device answered SSDP in time", protocol: .upnp))
+            } : nil
         defer { upnpDiscovery?.cancel() }
         for mappingProtocol in configuration.protocols {
             do {
-                let granted = try await attempt(mappingProtocol, route: route, deadline: deadline, upnp: upnpDiscovery)
+                let granted = try await attempt(mappingProtocol, route: route,
+                                                deadline: mappingProtocol == .upnp ? upnpDeadline : deadline,
+                                                upnp: upnpDiscovery)
                 mapping = granted
                 logger.info("port mapped", metadata: [
                     "portmap.protocol": "\(granted.mappingProtocol)", "portmap.external": "\(granted.external)",
@@ -181,13 +185,15 @@ public actor PortMapper {
     }
 
     private func attempt(_ mappingProtocol: PortMappingProtocol, route: GatewayRoute, deadline: ContinuousClock.Instant,
-                         upnp: Task<UPnPClient.Gateway?, Never>?) async throws(PortMappingError) -> PortMapping {
+                         upnp: Task<Result<UPnPClient.Gateway, PortMappingError>, Never>?) async throws(PortMappingError) -> PortMapping {
         guard ContinuousClock.now < deadline else {
             throw PortMappingError(.timeout, "no time left in the first-answer bound", protocol: mappingProtocol)
         }
         switch mappingProtocol {
         case .pcp:
-            let session = try PCPSession(route: route, internalPort: internalPort, configuration: configuration.pcp)
+            var pcp = configuration.pcp
+            pcp.requestedLifetime = configuration.requestedLifetime
+            let session = try PCPSession(route: route, internalPort: internalPort, configuration: pcp)
             let outcome = await onDedicatedThread("hp-pcp", until: deadline) { session.start(until: deadline, stop: $0) }
             switch outcome {
             case let .mapped(granted, _)?:
@@ -214,9 +220,10 @@ public actor PortMapper {
             case nil: throw PortMappingError(.timeout, "no NAT-PMP answer within the bound", protocol: .natpmp)
             }
         case .upnp:
-            guard let gateway = await upnp?.value else {
-                throw PortMappingError(.timeout, "no Internet gateway device answered SSDP in time", protocol: .upnp)
+            guard let discovery = await upnp?.value else {
+                throw PortMappingError(.local, "UPnP discovery was not started", protocol: .upnp)
             }
+            let gateway = try discovery.get()
             let client = SocketAddress(ip: route.client, port: 0).host
             let lifetime = configuration.requestedLifetime
             let result = await onDedicatedThread("hp-upnp", until: deadline, late: { late in

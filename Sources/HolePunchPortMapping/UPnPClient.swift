@@ -20,7 +20,11 @@ enum UPnPClient {
     static func discover(delay: Duration) -> Result<Gateway, PortMappingError> {
         let milliseconds = Int32(max(10, delay.components.seconds * 1000 + delay.components.attoseconds / 1_000_000_000_000_000))
         var error: Int32 = 0
-        guard let devices = upnpDiscover(milliseconds, nil, nil, 0, 0, 2, &error) else {
+        // IGDv2 first, then v1; the first type that answers ends the search (each type waits up to `delay`), where
+        // miniupnpc's default list starts with v1 and so costs an IGDv2-only router (miniupnpd) a whole delay.
+        let types = ["urn:schemas-upnp-org:device:InternetGatewayDevice:2", "urn:schemas-upnp-org:device:InternetGatewayDevice:1"]
+        let devices = withCStrings(types) { upnpDiscoverDevices($0, milliseconds, nil, nil, 0, 0, 2, &error, 0) }
+        guard let devices else {
             return .failure(PortMappingError(.timeout, "no SSDP answer within \(milliseconds) ms (error \(error))", protocol: .upnp))
         }
         defer { freeUPNPDevlist(devices) }
@@ -80,4 +84,12 @@ enum UPnPClient {
 /// The text of a NUL-terminated C buffer.
 private func cText(_ buffer: [CChar]) -> String {
     String(decoding: buffer.prefix(while: { $0 != 0 }).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+}
+
+/// Calls `body` with a NULL-terminated array of C strings (miniupnpc's device-type lists), valid only inside it.
+private func withCStrings<R>(_ strings: [String], _ body: (UnsafePointer<UnsafePointer<CChar>?>) -> R) -> R {
+    let copies = strings.map { strdup($0) }
+    defer { copies.forEach { free($0) } }
+    let pointers = copies.map { UnsafePointer($0) } + [nil]
+    return pointers.withUnsafeBufferPointer { body($0.baseAddress!) }
 }

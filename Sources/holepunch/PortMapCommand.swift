@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import HolePunchNet
 import HolePunchPortMapping
+import Logging
 
 /// Options shared by `nat detect --port-mapping` and `nat map`.
 struct PortMappingOptions: ParsableArguments {
@@ -12,7 +13,7 @@ struct PortMappingOptions: ParsableArguments {
     @Option(help: "Lifetime to ask the router for, in seconds.")
     var lifetime: UInt32 = 7200
 
-    @Option(help: "Bound on the first answer, in milliseconds (over all protocols).")
+    @Option(help: "Bound on the first PCP or NAT-PMP answer, in milliseconds (UPnP has its own, 1500 ms).")
     var portmapTimeoutMs: Int = 400
 
     @Option(help: "The router's LAN address (default: the IPv4 default route's gateway).")
@@ -32,7 +33,6 @@ struct PortMappingOptions: ParsableArguments {
         if !protocols.isEmpty { configuration.protocols = protocols.compactMap(PortMappingProtocol.init(rawValue:)) }
         configuration.requestedLifetime = lifetime
         configuration.firstAnswerBound = .milliseconds(portmapTimeoutMs)
-        configuration.upnpDiscovery = min(configuration.upnpDiscovery, .milliseconds(max(10, portmapTimeoutMs * 2 / 3)))
         if let gateway {
             let ip: SocketAddress.IP
             do { ip = try SocketAddress(host: gateway, port: 0).ip } catch {
@@ -72,7 +72,8 @@ struct NATMapCommand: AsyncParsableCommand {
         do { local = try SocketAddress(parsing: bind) } catch { throw usageFailure("\(error)", hint: "e.g. --bind 0.0.0.0:4000") }
         let socket: UDPDatagramSocket
         do { socket = try UDPDatagramSocket(binding: local) } catch { throw cliFailure("\(error)", hint: nil) }
-        let mapper = PortMapper(internalPort: socket.localAddress.port, configuration: try mapping.configuration())
+        let mapper = PortMapper(internalPort: socket.localAddress.port, configuration: try mapping.configuration(),
+                                logger: stderrLogger)
         let granted: PortMapping
         do { granted = try await mapper.map() } catch {
             emit(["event": "failed", "code": "\(error.code)", "error": "\(error)"])
@@ -97,6 +98,9 @@ struct NATMapCommand: AsyncParsableCommand {
         emit(["event": "deleted"])
     }
 }
+
+/// The mapper's log goes to stderr: stdout carries the command's own output (JSON lines for `nat map`).
+private let stderrLogger = Logger(label: "holepunch.portmap") { StreamLogHandler.standardError(label: $0) }
 
 /// The fields of a mapping event.
 private func event(_ mapping: PortMapping, _ name: String) -> [String: String] {
@@ -132,7 +136,7 @@ func printPortMappingOffer(port requested: UInt16, options: PortMappingOptions, 
     }
     defer { withExtendedLifetime(socket) {} }
     let port = socket.localAddress.port
-    let mapper = PortMapper(internalPort: port, configuration: try options.configuration())
+    let mapper = PortMapper(internalPort: port, configuration: try options.configuration(), logger: stderrLogger)
     let answers = await mapper.probe()
     if json {
         for answer in answers {
