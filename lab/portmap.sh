@@ -41,7 +41,7 @@ stop_pid_file() {  # $1 pid file, $2 a word its command line must contain (PIDs 
     pid=$(cat "$1" 2>/dev/null || true)
     rm -f "$1"
     [[ $pid =~ ^[0-9]+$ ]] || return 0
-    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$2" || return 0
+    tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -q -- "$2" || return 0
     kill -TERM "$pid" 2>/dev/null || true
     local i
     for i in $(seq 1 150); do alive "$pid" || return 0; sleep 0.02; done
@@ -109,7 +109,9 @@ CONF
 }
 
 start_miniupnpd() {
-    rm -f "$STATE/miniupnpd.leases"
+    # The old one is gone (or a zombie nobody reaped yet, whose PID still answers kill -0): its PID file would make
+    # the new one exit with "already running".
+    rm -f "$STATE/miniupnpd.leases" "$STATE/miniupnpd.run.pid"
     : >"$STATE/miniupnpd.log"
     start_bg miniupnpd ip netns exec "$NS" miniupnpd -f "$STATE/miniupnpd.conf" -d -P "$STATE/miniupnpd.run.pid"
     # miniupnpd tries STUN three times at start-up only; it says so when the router's NAT lets mappings work.

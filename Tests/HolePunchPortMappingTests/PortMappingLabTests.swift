@@ -142,4 +142,33 @@ struct PortMappingLabTests {
             }
         }
     }
+
+    /// miniupnpd restarted (its rules flushed, as on a reboot) multicasts a PCP ANNOUNCE; the client maps again at
+    /// once instead of at its next refresh (an hour away with a 2-hour lease), and datagrams arrive again.
+    @Test func aRouterRestartIsFollowedByAPCPRemap() async throws {
+        guard let holepunch = holepunchBinaryOrSkip() else { return }
+        try await PortMapLab.with(natA: "port_restricted") { lab in
+            let child = try Child("/usr/sbin/ip", [
+                "netns", "exec", lab["HP_LAB_NS_PEER_A"]!, holepunch, "nat", "map", "--bind", "0.0.0.0:42000",
+                "--portmap-protocol", "pcp", "--lifetime", "7200", "--portmap-timeout-ms", "2000",
+            ], directory: URL(fileURLWithPath: "/tmp"))
+            defer { child.stop() }
+            let mapped = await eventually(.seconds(10)) { PortMapLab.events(child).contains { $0["event"] == "mapped" } }
+            try #require(mapped, "no mapping: \(child.stdout.text) \(child.stderr.text)")
+            let external = try #require(PortMapLab.events(child).first { $0["event"] == "mapped" }?["external"])
+            let port = String(external[external.index(after: external.lastIndex(of: ":")!)...])
+
+            let restart = try await PortMapLab.script(PortMapLab.portmapScript, ["restart"])
+            try #require(restart.status == 0, "portmap.sh restart: \(restart.err)")
+            #expect(await eventually(.seconds(10)) { (try? await PortMapLab.routerForwards(port, lab: lab)) == true },
+                    "the mapping was not made again after the restart: \(child.stdout.text)")
+            let remapped = PortMapLab.events(child).first { $0["event"] == "refreshed" }
+            #expect(remapped?["external"] != nil, "\(child.stdout.text)")
+            let now = try #require(remapped?["external"])
+            try await PortMapLab.send("after-restart", from: lab["HP_LAB_NS_RDV"]!, to: now)
+            #expect(await eventually(.seconds(5)) { PortMapLab.events(child).contains { $0["text"] == "after-restart" } })
+            child.closeInput()
+            #expect(await child.waitExit(.seconds(10)) == 0, "\(child.stderr.text)")
+        }
+    }
 }
