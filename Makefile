@@ -10,7 +10,7 @@ VENV := .build/venv
 PREFIX ?= /usr/local
 DESTDIR ?=
 # The public library modules with a DocC catalog (Sources/<module>/Docs.docc).
-DOC_TARGETS := HolePunch HolePunchNet HolePunchQUIC HolePunchSTUN HolePunchStrategy HolePunchRendezvous HolePunchCluster
+DOC_TARGETS := HolePunch HolePunchNet HolePunchQUIC HolePunchSTUN HolePunchStrategy HolePunchRendezvous HolePunchCluster HolePunchPortMapping
 
 .PHONY: deps build test docs install demo bench clean
 

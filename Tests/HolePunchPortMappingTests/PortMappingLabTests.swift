@@ -171,4 +171,23 @@ struct PortMappingLabTests {
             #expect(await child.waitExit(.seconds(10)) == 0, "\(child.stderr.text)")
         }
     }
+
+    /// `nat detect --port-mapping` reports each protocol that answered, with the external address and the lease,
+    /// and leaves no mapping behind.
+    @Test func natDetectReportsWhatTheRouterOffers() async throws {
+        guard let holepunch = holepunchBinaryOrSkip() else { return }
+        try await PortMapLab.with(natA: "symmetric_random") { lab in
+            let detect = try await runToEnd("/usr/sbin/ip", [
+                "netns", "exec", lab["HP_LAB_NS_PEER_A"]!, holepunch, "nat", "detect",
+                "--stun", "\(lab["HP_LAB_RDV_IP1"]!):3490", "--bind", "0.0.0.0:43000", "--port-mapping",
+            ], limit: 60)
+            #expect(detect.status == 0, "\(detect.err)")
+            let external = lab["HP_LAB_NAT_A_PUBLIC"]!
+            for name in ["pcp", "natpmp", "upnp"] {
+                #expect(detect.out.contains("  \(name): external \(external):"), "\(name): \(detect.out)")
+            }
+            #expect(detect.out.contains("lease 7200s"), "\(detect.out)")
+            #expect(try await !PortMapLab.routerForwards("43000", lab: lab), "a probe left its mapping behind")
+        }
+    }
 }
