@@ -43,15 +43,16 @@ TIMING_SUITES := RendezvousLoopbackTests|ConnectionLifecycleTests|ClusterStartSk
 SOLO_SUITES := PathDependencyTests
 HEAVY_SUITES := HolePunchClusterTests|ExamplesTests|HolePunchNodeTests|HostilePeerProcessTests
 CPU_SUITES := HolePunchStrategyTests|StrategyAuthorCLITests|StrategyCheckCLITests
+LAB_SUITES := HolePunchLabTests|PortMappingLabTests
 test: deps docs
-	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test --skip HolePunchLabTests --skip '$(TIMING_SUITES)' \
+	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test --skip '$(LAB_SUITES)' --skip '$(TIMING_SUITES)' \
 		--skip '$(SOLO_SUITES)' --skip '$(HEAVY_SUITES)' --skip '$(CPU_SUITES)'
 	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test --skip-build --filter '$(HEAVY_SUITES)' \
 		--skip '$(TIMING_SUITES)' --skip '$(SOLO_SUITES)'
 	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test --skip-build --filter '$(CPU_SUITES)'
 	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test --skip-build --filter '$(TIMING_SUITES)'
 	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test --skip-build --filter '$(SOLO_SUITES)'
-	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test --skip-build --filter HolePunchLabTests
+	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test --skip-build --filter '$(LAB_SUITES)'
 
 ## docs: DocC for every public module (HTML under .build/plugins/Swift-DocC/outputs/). Any DocC warning (a broken
 ## symbol link, a doc comment naming a parameter that does not exist) fails the target, so the docs cannot rot.

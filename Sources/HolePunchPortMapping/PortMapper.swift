@@ -68,7 +68,6 @@ public actor PortMapper {
         self.internalPort = internalPort
         self.configuration = configuration
         self.logger = logger
-        self.route = configuration.route
     }
 
     /// Asks for a mapping: the first grant in order of preference (PCP and NAT-PMP within ``Configuration/firstAnswerBound``,
@@ -179,9 +178,15 @@ public actor PortMapper {
 
     private func resolvedRoute() throws(PortMappingError) -> GatewayRoute {
         if let route { return route }
-        let discovered = try GatewayRoute.discover()
-        route = discovered
-        return discovered
+        let resolved: GatewayRoute
+        if let configured = configuration.route { resolved = configured } else { resolved = try GatewayRoute.discover() }
+        // We map only for ourselves: a configured client address must be one this host can bind (nothing is sent).
+        do { _ = try UDPDatagramSocket(binding: SocketAddress(ip: resolved.client, port: 0)) } catch {
+            throw PortMappingError(.local, "\(SocketAddress(ip: resolved.client, port: 0).host) is not an address of this "
+                                   + "host; a mapping is only ever made for ourselves")
+        }
+        route = resolved
+        return resolved
     }
 
     private func attempt(_ mappingProtocol: PortMappingProtocol, route: GatewayRoute, deadline: ContinuousClock.Instant,
