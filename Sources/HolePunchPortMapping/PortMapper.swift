@@ -59,6 +59,8 @@ public actor PortMapper {
     private var held: Held?
     /// The mapping held now, if any.
     public private(set) var mapping: PortMapping?
+    /// The ``map()`` under way, which later callers wait for.
+    private var inFlight: Task<Result<PortMapping, PortMappingError>, Never>?
     /// How many times the router was seen to lose its state and the mapping was made again.
     public private(set) var restarts = 0
 
@@ -77,6 +79,18 @@ public actor PortMapper {
     @discardableResult
     public func map() async throws(PortMappingError) -> PortMapping {
         if let mapping { return mapping }
+        // One request at a time: a second caller (actor re-entrancy at the awaits below) shares the first one's
+        // answer instead of asking the router for a second mapping.
+        if let inFlight { return try await inFlight.value.get() }
+        let attempt = Task { () async -> Result<PortMapping, PortMappingError> in
+            do throws(PortMappingError) { return .success(try await self.firstGrant()) } catch { return .failure(error) }
+        }
+        inFlight = attempt
+        defer { inFlight = nil }
+        return try await withTaskCancellationHandler { await attempt.value } onCancel: { attempt.cancel() }.get()
+    }
+
+    private func firstGrant() async throws(PortMappingError) -> PortMapping {
         let route = try resolvedRoute()
         let start = ContinuousClock.now
         let deadline = start + configuration.firstAnswerBound

@@ -52,3 +52,27 @@ import Testing
         #expect(GatewayRoute.defaultGateway(inRouteTable: "Iface\tDestination\tGateway\n") == nil)
     }
 }
+
+@Suite struct PortMapperLoopbackTests {
+    /// Against a PCP server on loopback: two callers at once get one mapping (one MAP request), and deleting sends
+    /// lifetime 0.
+    @Test func concurrentCallersShareOneRequestAndDeleteSendsLifetimeZero() async throws {
+        let server = try FakePCPServer(ip: .v4(127, 0, 0, 5))
+        defer { server.stop() }
+        var configuration = PortMapper.Configuration()
+        configuration.protocols = [.pcp]
+        configuration.firstAnswerBound = .seconds(2)
+        configuration.route = GatewayRoute(gateway: .v4(127, 0, 0, 5), client: .v4(127, 0, 0, 1))
+        let mapper = PortMapper(internalPort: 40_997, configuration: configuration)
+        async let first = mapper.map()
+        async let second = mapper.map()
+        let (a, b) = try await (first, second)
+        #expect(a == b)
+        #expect(a.mappingProtocol == .pcp)
+        #expect(a.external == SocketAddress(ip: .v4(203, 0, 113, 10), port: 40_997))
+        #expect(server.requests == [7200])
+        await mapper.delete()
+        #expect(server.requests == [7200, 0])
+        #expect(await mapper.mapping == nil)
+    }
+}
