@@ -1,3 +1,4 @@
+import Foundation
 import HolePunchNet
 public import Logging
 
@@ -213,13 +214,23 @@ public actor PortMapper {
             var pcp = configuration.pcp
             pcp.requestedLifetime = configuration.requestedLifetime
             let session = try PCPSession(route: route, internalPort: internalPort, configuration: pcp)
-            let outcome = await onDedicatedThread("hp-pcp", until: deadline) { session.start(until: deadline, stop: $0) }
+            // The router may still grant what we stopped waiting for: take it back (lifetime 0, bounded by the delete
+            // bound) once the exchange's thread is done with the machine, without holding up the caller.
+            let takeBack: @Sendable () -> Void = { _ = session.delete(stop: StopFlag()) }
+            let outcome = await onDedicatedThread("hp-pcp", until: deadline, late: { _ in takeBack() }) {
+                session.start(until: deadline, stop: $0)
+            }
             switch outcome {
             case let .mapped(granted, _)?:
                 held = .pcp(session)
                 return granted
             case let .failed(error)?: throw error
-            default: throw PortMappingError(.timeout, "no PCP answer from \(session.machine.server)", protocol: .pcp)
+            case .deleted?, .stopped?:
+                Thread { takeBack() }.start()
+                throw PortMappingError(.timeout, "no PCP answer from \(session.machine.server)", protocol: .pcp)
+            case nil:
+                // The deadline came first; `late` takes the mapping back when the exchange's thread ends.
+                throw PortMappingError(.timeout, "no PCP answer from \(session.machine.server)", protocol: .pcp)
             }
         case .natpmp:
             let client = try NATPMPClient(gateway: route.gateway)

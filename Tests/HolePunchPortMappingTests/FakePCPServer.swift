@@ -9,8 +9,12 @@ final class FakePCPServer: Sendable {
     private let lifetimes = Mutex<[UInt32]>([])
     private let stopped = Mutex(false)
 
+    /// How long it waits before answering a request with a non-zero lifetime (a slow router).
+    let answerDelay: Duration
+
     /// Binds `ip`:5351 and serves on a thread of its own until ``stop()``.
-    init(ip: SocketAddress.IP) throws {
+    init(ip: SocketAddress.IP, answerDelay: Duration = .zero) throws {
+        self.answerDelay = answerDelay
         socket = try UDPDatagramSocket(binding: SocketAddress(ip: ip, port: 5351))
         Thread { [self] in serve() }.start()
     }
@@ -25,6 +29,9 @@ final class FakePCPServer: Sendable {
             guard let (bytes, from) = socket.receive(timeoutMilliseconds: 20), bytes.count == 60, bytes[1] == 1 else { continue }
             let lifetime = UInt32(bytes[4]) << 24 | UInt32(bytes[5]) << 16 | UInt32(bytes[6]) << 8 | UInt32(bytes[7])
             lifetimes.withLock { $0.append(lifetime) }
+            if lifetime > 0 && answerDelay > .zero {
+                Thread.sleep(forTimeInterval: Double(answerDelay.components.attoseconds) / 1e18 + Double(answerDelay.components.seconds))
+            }
             let internalPort = UInt16(bytes[40]) << 8 | UInt16(bytes[41])
             let answer = pcpMapResponse(nonce: Array(bytes[24..<36]), lifetime: lifetime, epoch: 1000,
                                         internalPort: internalPort, externalPort: internalPort)

@@ -1,5 +1,6 @@
 import HolePunchNet
 import HolePunchPortMapping
+import ProcessTestSupport
 import Testing
 
 @Suite struct PortMapperTests {
@@ -74,5 +75,19 @@ import Testing
         await mapper.delete()
         #expect(server.requests == [7200, 0])
         #expect(await mapper.mapping == nil)
+    }
+
+    /// A router that answers after the bound: the caller gets its timeout on time, and the mapping the router made
+    /// anyway is taken back (a MAP with lifetime 0 follows the request).
+    @Test func aGrantAfterTheBoundIsTakenBack() async throws {
+        let server = try FakePCPServer(ip: .v4(127, 0, 0, 6), answerDelay: .milliseconds(300))
+        defer { server.stop() }
+        var configuration = PortMapper.Configuration()
+        configuration.protocols = [.pcp]
+        configuration.firstAnswerBound = .milliseconds(100)
+        configuration.route = GatewayRoute(gateway: .v4(127, 0, 0, 6), client: .v4(127, 0, 0, 1))
+        let mapper = PortMapper(internalPort: 40_996, configuration: configuration)
+        await #expect(throws: PortMappingError.self) { try await mapper.map() }
+        #expect(await eventually(.seconds(5)) { server.requests == [7200, 0] }, "\(server.requests)")
     }
 }
