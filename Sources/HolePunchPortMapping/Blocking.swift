@@ -59,8 +59,7 @@ func onDedicatedThread<T: Sendable>(
                 // A second thread only waits: the pool stays free, and the body keeps its own bounded waits.
                 let timer = Thread {
                     let left = ContinuousClock.now.duration(to: deadline)
-                    let nanoseconds = max(0, left.components.seconds * 1_000_000_000 + left.components.attoseconds / 1_000_000_000)
-                    if finished.wait(timeout: .now() + .nanoseconds(Int(nanoseconds))) == .timedOut {
+                    if finished.wait(timeout: .now() + .milliseconds(Int(max(0, left.milliseconds)))) == .timedOut {
                         stop.set()
                         _ = first.offer(nil)
                     }
@@ -73,4 +72,9 @@ func onDedicatedThread<T: Sendable>(
         stop.set()
         _ = race.withLock { $0 }?.offer(nil)
     }
+}
+
+extension Duration {
+    /// The duration in whole milliseconds (rounded down), the unit of `poll` and the C libraries' timeouts.
+    var milliseconds: Int64 { components.seconds * 1000 + components.attoseconds / 1_000_000_000_000_000 }
 }

@@ -77,7 +77,7 @@ final class NATPMPClient: @unchecked Sendable {
             _ = getnatpmprequesttimeout(&handle, &pending)
             let untilRetry = Int(pending.tv_sec) * 1000 + Int(pending.tv_usec) / 1000
             let left = ContinuousClock.now.duration(to: deadline)
-            let untilDeadline = Int(left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000)
+            let untilDeadline = Int(left.milliseconds)
             if untilDeadline <= 0 || stop.isSet {
                 return .failure(PortMappingError(.timeout, "no NAT-PMP answer from \(SocketAddress(ip: gateway, port: 5351))",
                                                  protocol: .natpmp))

@@ -99,7 +99,7 @@ final class PCPSession: @unchecked Sendable {
     /// One datagram from either socket, or `nil` at `limit`.
     private func receive(until limit: ContinuousClock.Instant) -> (bytes: [UInt8], from: SocketAddress)? {
         let left = ContinuousClock.now.duration(to: limit)
-        let milliseconds = Int32(max(0, min(1000, left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000)))
+        let milliseconds = Int32(max(0, min(1000, left.milliseconds)))
         var fds = [pollfd(fd: socket.fd, events: Int16(POLLIN), revents: 0)]
         if let announceSocket { fds.append(pollfd(fd: announceSocket.fd, events: Int16(POLLIN), revents: 0)) }
         guard poll(&fds, nfds_t(fds.count), milliseconds) > 0 else { return nil }

@@ -18,7 +18,7 @@ enum UPnPClient {
     /// SSDP search (`delay` bounds the wait for answers) and the description fetch. Accepts GetValidIGD's result 2
     /// ("not connected"): the lab's routers have documentation-range WAN addresses, which miniupnpd reports so.
     static func discover(delay: Duration) -> Result<Gateway, PortMappingError> {
-        let milliseconds = Int32(max(10, delay.components.seconds * 1000 + delay.components.attoseconds / 1_000_000_000_000_000))
+        let milliseconds = Int32(max(10, min(60_000, delay.milliseconds)))
         var error: Int32 = 0
         // IGDv2 first, then v1; the first type that answers ends the search (each type waits up to `delay`), where
         // miniupnpc's default list starts with v1 and so costs an IGDv2-only router (miniupnpd) a whole delay.

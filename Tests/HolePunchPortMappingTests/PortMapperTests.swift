@@ -3,16 +3,23 @@ import HolePunchPortMapping
 import ProcessTestSupport
 import Testing
 
+/// A mapper for `port` that asks `gateway` (a loopback address: tests send nowhere else) on behalf of `client`.
+func loopbackMapper(port: UInt16, protocols: [PortMappingProtocol], gateway: SocketAddress.IP, client: SocketAddress.IP,
+                    bound: Duration = .milliseconds(400)) -> PortMapper {
+    var configuration = PortMapper.Configuration()
+    configuration.protocols = protocols
+    configuration.firstAnswerBound = bound
+    configuration.route = GatewayRoute(gateway: gateway, client: client)
+    return PortMapper(internalPort: port, configuration: configuration)
+}
+
 @Suite struct PortMapperTests {
     /// A gateway that never answers (nothing listens on 127.0.0.3:5351): PCP and NAT-PMP both time out, and the
     /// mapper reports a typed timeout within its first-answer bound, not after the RFCs' retransmission schedules.
     /// (UPnP is left out: SSDP is multicast, and tests send only to loopback.)
     @Test func aSilentRouterIsATypedTimeoutWithinTheBound() async throws {
-        var configuration = PortMapper.Configuration()
-        configuration.protocols = [.pcp, .natpmp]
-        configuration.firstAnswerBound = .milliseconds(300)
-        configuration.route = GatewayRoute(gateway: .v4(127, 0, 0, 3), client: .v4(127, 0, 0, 1))
-        let mapper = PortMapper(internalPort: 40_999, configuration: configuration)
+        let mapper = loopbackMapper(port: 40_999, protocols: [.pcp, .natpmp],
+                                    gateway: .v4(127, 0, 0, 3), client: .v4(127, 0, 0, 1), bound: .milliseconds(300))
         let started = ContinuousClock.now
         do {
             let mapping = try await mapper.map()
@@ -30,10 +37,8 @@ import Testing
     /// A configured route whose client address is not one of ours is refused before anything is sent: we never map
     /// for another host (UPnP's NewInternalClient and PCP's client field could name any LAN host).
     @Test func aClientAddressThatIsNotOursIsRefused() async {
-        var configuration = PortMapper.Configuration()
-        configuration.protocols = [.natpmp]
-        configuration.route = GatewayRoute(gateway: .v4(127, 0, 0, 3), client: .v4(192, 0, 2, 77))
-        let mapper = PortMapper(internalPort: 40_998, configuration: configuration)
+        let mapper = loopbackMapper(port: 40_998, protocols: [.natpmp],
+                                    gateway: .v4(127, 0, 0, 3), client: .v4(192, 0, 2, 77))
         do {
             let mapping = try await mapper.map()
             Issue.record("mapped for another host: \(mapping)")
@@ -60,11 +65,8 @@ import Testing
     @Test func concurrentCallersShareOneRequestAndDeleteSendsLifetimeZero() async throws {
         let server = try FakePCPServer(ip: .v4(127, 0, 0, 5))
         defer { server.stop() }
-        var configuration = PortMapper.Configuration()
-        configuration.protocols = [.pcp]
-        configuration.firstAnswerBound = .seconds(2)
-        configuration.route = GatewayRoute(gateway: .v4(127, 0, 0, 5), client: .v4(127, 0, 0, 1))
-        let mapper = PortMapper(internalPort: 40_997, configuration: configuration)
+        let mapper = loopbackMapper(port: 40_997, protocols: [.pcp],
+                                    gateway: .v4(127, 0, 0, 5), client: .v4(127, 0, 0, 1), bound: .seconds(2))
         async let first = mapper.map()
         async let second = mapper.map()
         let (a, b) = try await (first, second)
@@ -82,11 +84,8 @@ import Testing
     @Test func aGrantAfterTheBoundIsTakenBack() async throws {
         let server = try FakePCPServer(ip: .v4(127, 0, 0, 6), answerDelay: .milliseconds(300))
         defer { server.stop() }
-        var configuration = PortMapper.Configuration()
-        configuration.protocols = [.pcp]
-        configuration.firstAnswerBound = .milliseconds(100)
-        configuration.route = GatewayRoute(gateway: .v4(127, 0, 0, 6), client: .v4(127, 0, 0, 1))
-        let mapper = PortMapper(internalPort: 40_996, configuration: configuration)
+        let mapper = loopbackMapper(port: 40_996, protocols: [.pcp],
+                                    gateway: .v4(127, 0, 0, 6), client: .v4(127, 0, 0, 1), bound: .milliseconds(100))
         await #expect(throws: PortMappingError.self) { try await mapper.map() }
         #expect(await eventually(.seconds(5)) { server.requests == [7200, 0] }, "\(server.requests)")
     }
