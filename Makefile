@@ -4,13 +4,13 @@ SHELL := /bin/bash
 SWIFT ?= swift
 APT_PACKAGES := libngtcp2-dev libngtcp2-crypto-gnutls-dev libgnutls28-dev liblua5.4-dev pkg-config \
 	gnutls-bin nftables iproute2 python3 python3-venv ngtcp2-server ngtcp2-client coturn stun-client procps \
-	nats-server libnats-dev
+	nats-server libnats-dev libnatpmp-dev libminiupnpc-dev miniupnpd-nftables natpmpc miniupnpc conntrack
 VENV := .build/venv
 # make install: PREFIX is where it goes, DESTDIR a staging root prepended to it (for packagers).
 PREFIX ?= /usr/local
 DESTDIR ?=
 # The public library modules with a DocC catalog (Sources/<module>/Docs.docc).
-DOC_TARGETS := HolePunch HolePunchNet HolePunchQUIC HolePunchSTUN HolePunchStrategy HolePunchRendezvous HolePunchCluster
+DOC_TARGETS := HolePunch HolePunchNet HolePunchQUIC HolePunchSTUN HolePunchStrategy HolePunchRendezvous HolePunchCluster HolePunchPortMapping
 
 .PHONY: deps build test docs install demo bench clean
 
@@ -43,15 +43,16 @@ TIMING_SUITES := RendezvousLoopbackTests|ConnectionLifecycleTests|ClusterStartSk
 SOLO_SUITES := PathDependencyTests
 HEAVY_SUITES := HolePunchClusterTests|ExamplesTests|HolePunchNodeTests|HostilePeerProcessTests
 CPU_SUITES := HolePunchStrategyTests|StrategyAuthorCLITests|StrategyCheckCLITests
+LAB_SUITES := HolePunchLabTests|PortMappingLabTests
 test: deps docs
-	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test --skip HolePunchLabTests --skip '$(TIMING_SUITES)' \
+	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test --skip '$(LAB_SUITES)' --skip '$(TIMING_SUITES)' \
 		--skip '$(SOLO_SUITES)' --skip '$(HEAVY_SUITES)' --skip '$(CPU_SUITES)'
 	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test --skip-build --filter '$(HEAVY_SUITES)' \
 		--skip '$(TIMING_SUITES)' --skip '$(SOLO_SUITES)'
 	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test --skip-build --filter '$(CPU_SUITES)'
 	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test --skip-build --filter '$(TIMING_SUITES)'
 	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test --skip-build --filter '$(SOLO_SUITES)'
-	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test --skip-build --filter HolePunchLabTests
+	HOLEPUNCH_PYTHON=$(CURDIR)/$(VENV)/bin/python $(SWIFT) test --skip-build --filter '$(LAB_SUITES)'
 
 ## docs: DocC for every public module (HTML under .build/plugins/Swift-DocC/outputs/). Any DocC warning (a broken
 ## symbol link, a doc comment naming a parameter that does not exist) fails the target, so the docs cannot rot.

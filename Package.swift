@@ -31,6 +31,7 @@ let package = Package(
         .library(name: "HolePunchStrategy", targets: ["HolePunchStrategy"]),
         .library(name: "HolePunchRendezvous", targets: ["HolePunchRendezvous"]),
         .library(name: "HolePunchCluster", targets: ["HolePunchCluster"]),
+        .library(name: "HolePunchPortMapping", targets: ["HolePunchPortMapping"]),
         .executable(name: "holepunch", targets: ["holepunch"]),
     ],
     dependencies: [
@@ -65,6 +66,9 @@ let package = Package(
             pkgConfig: "libnats",
             providers: [.apt(["libnats-dev"])]
         ),
+        // Port mapping (issue 17): NAT-PMP and UPnP-IGD clients from Debian; libnatpmp ships no .pc file.
+        .systemLibrary(name: "CNatPMP", providers: [.apt(["libnatpmp-dev"])]),
+        .systemLibrary(name: "CMiniUPnPc", pkgConfig: "miniupnpc", providers: [.apt(["libminiupnpc-dev"])]),
         .target(
             name: "CHolePunchShims",
             dependencies: ["CNgtcp2", "CGnuTLS", "CLua"]
@@ -133,6 +137,12 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // Asks the router for a port mapping (PCP, NAT-PMP, UPnP-IGD); see docs/port-mapping.md.
+        .target(
+            name: "HolePunchPortMapping",
+            dependencies: ["HolePunchNet", "CNatPMP", "CMiniUPnPc", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: swiftSettings
+        ),
         // The lab, matrix and bench machinery: only the CLI (and through it the lab tests) links it, so it is no
         // product; its API is `package`.
         .target(
@@ -144,7 +154,7 @@ let package = Package(
             name: "holepunch",
             dependencies: [
                 "HolePunch", "HolePunchNet", "HolePunchQUIC", "HolePunchSTUN", "HolePunchStrategy", "HolePunchRendezvous",
-                "HolePunchCluster", "HolePunchLab",
+                "HolePunchCluster", "HolePunchLab", "HolePunchPortMapping",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -214,7 +224,12 @@ let package = Package(
             dependencies: ["HolePunchCluster", "HolePunchRendezvous", "HolePunch", "HolePunchQUIC", "ProcessTestSupport"],
             swiftSettings: swiftSettings
         ),
-        .testTarget(name: "HolePunchLabTests", dependencies: ["HolePunchLab"], swiftSettings: swiftSettings),
+        .testTarget(
+            name: "HolePunchPortMappingTests",
+            dependencies: ["HolePunchPortMapping", "HolePunchNet", "ProcessTestSupport"],
+            swiftSettings: swiftSettings
+        ),
+                .testTarget(name: "HolePunchLabTests", dependencies: ["HolePunchLab"], swiftSettings: swiftSettings),
         .testTarget(name: "ExamplesTests", dependencies: ["ProcessTestSupport"], swiftSettings: swiftSettings),
     ]
 )

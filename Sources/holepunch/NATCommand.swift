@@ -8,12 +8,15 @@ struct NATCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "nat", abstract: "Measure what this host's NAT does.",
         discussion: """
-            Mapping, filtering and port allocation (RFC 5780), measured against a STUN server.
+            Mapping, filtering and port allocation (RFC 5780), measured against a STUN server; and what the router \
+            offers on request (PCP, NAT-PMP, UPnP-IGD port mappings).
 
             Examples:
               holepunch nat detect --stun 127.0.0.1:7001
+              holepunch nat detect --stun 127.0.0.1:7001 --port-mapping
+              holepunch nat map --bind 0.0.0.0:4000 --hold-seconds 60
             """,
-        subcommands: [NATDetectCommand.self])
+        subcommands: [NATDetectCommand.self, NATMapCommand.self])
 }
 
 /// `holepunch nat detect --stun HOST:PORT [--json]`
@@ -43,6 +46,11 @@ struct NATDetectCommand: AsyncParsableCommand {
     @Flag(help: "Print the full verdict and evidence as JSON.")
     var json = false
 
+    @Flag(help: "Also ask the router for a port mapping with each protocol (deleted at once) and report what answered.")
+    var portMapping = false
+
+    @OptionGroup var portMappingOptions: PortMappingOptions
+
     func validate() throws {
         guard timeoutMs >= 1 else { throw ValidationError("--timeout-ms must be at least 1") }
     }
@@ -70,6 +78,7 @@ struct NATDetectCommand: AsyncParsableCommand {
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
             print(String(decoding: (try? encoder.encode(behaviour)) ?? Data(), as: UTF8.self))
+            if portMapping { try await printPortMappingOffer(port: local.port, options: portMappingOptions, json: true) }
             return
         }
         let evidence = behaviour.evidence
@@ -93,5 +102,6 @@ struct NATDetectCommand: AsyncParsableCommand {
             print("  \(test.name): socket \(test.socket) → \(test.destination)\(flags): \(test.outcome)\(mapped)\(from)\(code) (\(test.transmissions) sent)")
         }
         for note in evidence.notes { print("note: \(note)") }
+        if portMapping { try await printPortMappingOffer(port: local.port, options: portMappingOptions, json: false) }
     }
 }
