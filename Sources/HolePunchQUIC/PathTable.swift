@@ -35,14 +35,52 @@ public struct PathStatus: Sendable, Hashable {
 }
 
 /// The active path of a connection changed.
-public struct PathChange: Sendable, Hashable {
+public struct PathChange: Sendable, Hashable, CustomStringConvertible {
+    /// Why the active path changed. Extensible: more reasons may be added.
+    public struct Reason: Sendable, Hashable, CustomStringConvertible {
+        /// The reason's name, as status lines print it.
+        public let name: String
+
+        /// Creates a reason; the static members are the ones the path layer reports.
+        public init(_ name: String) { self.name = name }
+
+        /// This side switched on request (``QUICConnection/switchPath(to:)``).
+        public static let switched = Reason("switched")
+        /// The peer moved to a path this side had validated too, and this side followed.
+        public static let peerMoved = Reason("peer-moved")
+        /// The active path went silent; this side re-checked the connection's paths and moved to one that answered.
+        public static let pathFailed = Reason("path-failed")
+        /// The peer's authenticated packets came from a new address (its NAT dropped and re-made the mapping);
+        /// this side validated the address and moved there.
+        public static let rebinding = Reason("rebinding")
+
+        public var description: String { name }
+    }
+
     /// The path left.
     public var from: PathRoute
     /// The path now carrying the connection.
     public var to: PathRoute
-    /// True when this side switched (``QUICConnection/switchPath(to:)``); false when it followed the peer, which
-    /// moved to a path this side had validated too.
-    public var isLocal: Bool
+    /// Why the connection moved.
+    public var reason: Reason
+
+    /// True when this side chose the move (``Reason/switched`` or ``Reason/pathFailed``); false when it followed the
+    /// peer (``Reason/peerMoved`` or ``Reason/rebinding``).
+    public var isLocal: Bool { reason == .switched || reason == .pathFailed }
+
+    /// Creates a change with a reason.
+    public init(from: PathRoute, to: PathRoute, reason: Reason) {
+        self.from = from
+        self.to = to
+        self.reason = reason
+    }
+
+    /// Creates a change that this side made on request (`isLocal`) or that followed the peer's move.
+    public init(from: PathRoute, to: PathRoute, isLocal: Bool) {
+        self.init(from: from, to: to, reason: isLocal ? .switched : .peerMoved)
+    }
+
+    public var description: String { "from \(from) to \(to) reason \(reason)" }
 }
 
 /// A connection's paths to its peer, and which one is active: a state machine with no I/O (the endpoint sends the

@@ -1,0 +1,147 @@
+import ProcessTestSupport
+import Synchronization
+import Testing
+import HolePunchNet
+@testable import HolePunchQUIC
+
+/// Keeping a connection when its path changes under it: a NAT that rebinds (the peer's packets arrive from a new
+/// port) and an active path that dies while another known path still works (issue 14, item 5).
+@Suite("Path layer: rebinding and dead paths", .serialized)
+struct PathKeepingTests {
+    /// A deterministic payload of `size` bytes.
+    private static func payload(_ size: Int) -> [UInt8] {
+        (0..<size).map { UInt8(truncatingIfNeeded: ($0 &* 2_654_435_761) >> 13) }
+    }
+
+    /// Sends `payload` on a new stream of `sender` while `receiver` reads it; calls `midway` once a quarter arrived.
+    /// Returns what arrived.
+    private static func transfer(
+        _ payload: [UInt8], from sender: QUICConnection, to receiver: QUICConnection, midway: @escaping @Sendable () throws -> Void
+    ) async throws -> [UInt8] {
+        let writer = Task {
+            let stream = try await sender.openStream()
+            for start in stride(from: 0, to: payload.count, by: 32_768) {
+                try await stream.write(Array(payload[start..<min(start + 32_768, payload.count)]))
+            }
+            try await stream.finish()
+        }
+        defer { writer.cancel() }
+        return try await withDeadline(.seconds(20)) {
+            guard let stream = try await receiver.acceptStream() else { return [] }
+            var received: [UInt8] = []
+            var calledMidway = false
+            while let chunk = try await stream.read() {
+                received += chunk
+                if !calledMidway && received.count >= payload.count / 4 {
+                    calledMidway = true
+                    try midway()
+                }
+            }
+            return received
+        }
+    }
+
+    /// The next change of the active path, or nil if none comes within five seconds.
+    private static func nextChange(_ changes: AsyncStream<PathChange>) async throws -> PathChange? {
+        try await withDeadline(.seconds(5)) {
+            var iterator = changes.makeAsyncIterator()
+            return await iterator.next()
+        }
+    }
+
+    private static func connect(
+        _ client: Endpoint, _ server: Endpoint, via address: SocketAddress
+    ) async throws -> (QUICConnection, QUICConnection) {
+        let connection = try await withDeadline(.seconds(10)) {
+            try await client.connect(to: address, expecting: TestIdentities.b.nodeID)
+        }
+        let accepted = try await withDeadline(.seconds(10)) {
+            var incoming = server.incoming.makeAsyncIterator()
+            return await incoming.next()
+        }
+        return (connection, try #require(accepted))
+    }
+
+    @Test("the client's NAT rebinds mid-transfer: the server learns the new port, validates it and moves; every byte arrives")
+    func clientRebindingIsFollowed() async throws {
+        let server = try await makeEndpoint(TestIdentities.b)
+        let client = try await makeEndpoint(TestIdentities.a)
+        let nat = try RebindingForwarder(to: server.localAddress)
+        defer { nat.close() }
+        let (connection, serverConnection) = try await Self.connect(client, server, via: nat.frontAddress)
+        let changes = await serverConnection.pathChanges()
+        let old = PathRoute.direct(nat.backAddress)
+        let payload = Self.payload(4 << 20)
+        let received = try await Self.transfer(payload, from: connection, to: serverConnection) { try nat.rebindBack() }
+        #expect(received.count == payload.count)
+        #expect(received == payload)
+        let change = try await Self.nextChange(changes)
+        #expect(change == PathChange(from: old, to: .direct(nat.backAddress), reason: .rebinding))
+        await connection.abort()
+        await client.close()
+        await server.close()
+    }
+
+    @Test("the server's NAT rebinds mid-transfer: the client learns the new port, validates it and moves; every byte arrives")
+    func serverRebindingIsFollowed() async throws {
+        let server = try await makeEndpoint(TestIdentities.b)
+        let client = try await makeEndpoint(TestIdentities.a)
+        let nat = try RebindingForwarder(to: server.localAddress)
+        defer { nat.close() }
+        let (connection, serverConnection) = try await Self.connect(client, server, via: nat.frontAddress)
+        let changes = await connection.pathChanges()
+        let old = PathRoute.direct(nat.frontAddress)
+        let payload = Self.payload(4 << 20)
+        let received = try await Self.transfer(payload, from: serverConnection, to: connection) { try nat.rebindFront() }
+        #expect(received.count == payload.count)
+        #expect(received == payload)
+        let change = try await Self.nextChange(changes)
+        #expect(change == PathChange(from: old, to: .direct(nat.frontAddress), reason: .rebinding))
+        await connection.abort()
+        await client.close()
+        await server.close()
+    }
+
+    @Test("the active path dies mid-transfer while a second validated path works: the connection moves there by itself")
+    func deadActivePathMoves() async throws {
+        let network = InMemoryDatagramNetwork()
+        let server = try await Endpoint.open(
+            on: network.bind(.loopbackV4(port: 0)), configuration: EndpointConfiguration(identity: TestIdentities.b)
+        )
+        let client = try await Endpoint.open(
+            on: network.bind(.loopbackV4(port: 0)), configuration: EndpointConfiguration(identity: TestIdentities.a)
+        )
+        let first = try InMemoryForwarder(on: network, to: server.localAddress)
+        let second = try InMemoryForwarder(on: network, to: server.localAddress)
+        defer {
+            first.close()
+            second.close()
+        }
+        let (connection, serverConnection) = try await Self.connect(client, server, via: first.address)
+        let clientChanges = await connection.pathChanges()
+        let serverChanges = await serverConnection.pathChanges()
+        // The second path is known and validated, but nobody switches to it.
+        let spare = PathRoute.direct(second.address)
+        try await connection.addPath(spare)
+        try await connection.validatePath(spare)
+
+        let dead = first.address
+        let payload = Self.payload(2 << 20)
+        let received = try await Self.transfer(payload, from: connection, to: serverConnection) {
+            network.setCondition { $0.from == dead || $0.to == dead ? .drop : .deliver }
+        }
+        #expect(received == payload)
+        let moved = try await Self.nextChange(clientChanges)
+        #expect(moved == PathChange(from: .direct(dead), to: spare, reason: .pathFailed))
+        let followed = try await Self.nextChange(serverChanges)
+        #expect(followed == PathChange(from: .direct(dead), to: spare, reason: .peerMoved))
+        await connection.abort()
+        await client.close()
+        await server.close()
+    }
+
+    @Test("keep-alives default to 25 s, below common NAT UDP timeouts, when nothing measured the NAT")
+    func keepAliveDefault() {
+        #expect(EndpointConfiguration(identity: TestIdentities.a).keepAliveInterval == .seconds(25))
+    }
+}
