@@ -143,6 +143,35 @@ struct PathKeepingTests {
         await server.close()
     }
 
+    @Test("a side that switches with nothing to send is followed at once: the switch is announced, not inferred from its next packet")
+    func idleSwitchIsFollowed() async throws {
+        let network = InMemoryDatagramNetwork()
+        let server = try await Endpoint.open(
+            on: network.bind(.loopbackV4(port: 0)), configuration: EndpointConfiguration(identity: TestIdentities.b)
+        )
+        let client = try await Endpoint.open(
+            on: network.bind(.loopbackV4(port: 0)), configuration: EndpointConfiguration(identity: TestIdentities.a)
+        )
+        let first = try InMemoryForwarder(on: network, to: server.localAddress)
+        let second = try InMemoryForwarder(on: network, to: server.localAddress)
+        defer {
+            first.close()
+            second.close()
+        }
+        let (connection, serverConnection) = try await Self.connect(client, server, via: first.address)
+        let serverChanges = await serverConnection.pathChanges()
+        let route = PathRoute.direct(second.address)
+        try await connection.addPath(route)
+        try await connection.validatePath(route)
+        // No stream, no data: the client's next QUIC packet would be a keep-alive 25 s away.
+        try await connection.switchPath(to: route)
+        let followed = try await Self.nextChange(serverChanges)
+        #expect(followed == PathChange(from: .direct(first.address), to: route, reason: .peerMoved))
+        await connection.abort()
+        await client.close()
+        await server.close()
+    }
+
     @Test("keep-alives default to 25 s, below common NAT UDP timeouts, when nothing measured the NAT")
     func keepAliveDefault() {
         #expect(EndpointConfiguration(identity: TestIdentities.a).keepAliveInterval == .seconds(25))
