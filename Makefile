@@ -4,7 +4,7 @@ SHELL := /bin/bash
 SWIFT ?= swift
 APT_PACKAGES := libngtcp2-dev libngtcp2-crypto-gnutls-dev libgnutls28-dev liblua5.4-dev pkg-config \
 	gnutls-bin nftables iproute2 python3 python3-venv ngtcp2-server ngtcp2-client coturn stun-client procps \
-	nats-server libnats-dev
+	nats-server libnats-dev conntrack
 VENV := .build/venv
 # make install: PREFIX is where it goes, DESTDIR a staging root prepended to it (for packagers).
 PREFIX ?= /usr/local
