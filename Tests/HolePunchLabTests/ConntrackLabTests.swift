@@ -52,20 +52,27 @@ extension LabTests {
         return (result.status, result.stdout, result.stderr, text(b.errURL))
     }
 
+    /// Peer A exited 0 after every line came back.
+    static func expectAllEchoed(
+        _ run: (status: Int32, echoed: String, statusA: String, statusB: String),
+        sourceLocation: SourceLocation = #_sourceLocation
+    ) {
+        #expect(run.status == 0, "peer A: \(run.statusA)\npeer B: \(run.statusB)", sourceLocation: sourceLocation)
+        #expect(run.echoed.contains("line-59\n"), "peer A printed: \(run.echoed)", sourceLocation: sourceLocation)
+    }
+
     @Test("conntrack flush on router A (port-preserving NATs): the punched connection goes on, every line echoed")
     func conntrackFlushOneRouter() throws {
         guard Self.haveBinary else { return }
         let run = try Self.echoAcrossConntrackFlush(natA: "port_restricted", natB: "port_restricted", flush: ["nat-a"])
-        #expect(run.status == 0, "peer A: \(run.statusA)\npeer B: \(run.statusB)")
-        #expect(run.echoed.contains("line-59\n"), "peer A printed: \(run.echoed)")
+        Self.expectAllEchoed(run)
     }
 
     @Test("conntrack flush on both routers (port-preserving NATs): the punched connection goes on, every line echoed")
     func conntrackFlushBothRouters() throws {
         guard Self.haveBinary else { return }
         let run = try Self.echoAcrossConntrackFlush(natA: "port_restricted", natB: "port_restricted", flush: ["nat-a", "nat-b"])
-        #expect(run.status == 0, "peer A: \(run.statusA)\npeer B: \(run.statusB)")
-        #expect(run.echoed.contains("line-59\n"), "peer A printed: \(run.echoed)")
+        Self.expectAllEchoed(run)
     }
 
     @Test("conntrack flush on a NAT that gives the new mapping a new port: the peer sees a rebinding, follows it, and every line is echoed")
@@ -74,8 +81,7 @@ extension LabTests {
         // symmetric_random: the mapping made after the flush gets a random new port; full_cone on B lets the
         // packets from that new port in, so B can learn it (a filtering NAT on B would drop them: see docs).
         let run = try Self.echoAcrossConntrackFlush(natA: "symmetric_random", natB: "full_cone", flush: ["nat-a"])
-        #expect(run.status == 0, "peer A: \(run.statusA)\npeer B: \(run.statusB)")
-        #expect(run.echoed.contains("line-59\n"), "peer A printed: \(run.echoed)")
+        Self.expectAllEchoed(run)
         #expect(run.statusB.contains("path-changed") && run.statusB.contains("reason=rebinding"), "peer B: \(run.statusB)")
     }
 
@@ -85,8 +91,7 @@ extension LabTests {
         // B (the waiting peer) accepts the QUIC connection; A dialled it. ngtcp2 lets only a server follow a peer to
         // a new address: A, the client, follows B's new port through the path layer.
         let run = try Self.echoAcrossConntrackFlush(natA: "full_cone", natB: "symmetric_random", flush: ["nat-b"])
-        #expect(run.status == 0, "peer A: \(run.statusA)\npeer B: \(run.statusB)")
-        #expect(run.echoed.contains("line-59\n"), "peer A printed: \(run.echoed)")
+        Self.expectAllEchoed(run)
         #expect(run.statusA.contains("path-changed"), "peer A: \(run.statusA)")
     }
 }

@@ -64,39 +64,35 @@ struct PathKeepingTests {
 
     @Test("the client's NAT rebinds mid-transfer: the server learns the new port, validates it and moves; every byte arrives")
     func clientRebindingIsFollowed() async throws {
-        let server = try await makeEndpoint(TestIdentities.b)
-        let client = try await makeEndpoint(TestIdentities.a)
-        let nat = try RebindingForwarder(to: server.localAddress)
-        defer { nat.close() }
-        let (connection, serverConnection) = try await Self.connect(client, server, via: nat.frontAddress)
-        let changes = await serverConnection.pathChanges()
-        let old = PathRoute.direct(nat.backAddress)
-        let payload = Self.payload(4 << 20)
-        let received = try await Self.transfer(payload, from: connection, to: serverConnection) { try nat.rebindBack() }
-        #expect(received.count == payload.count)
-        #expect(received == payload)
-        let change = try await Self.nextChange(changes)
-        #expect(change == PathChange(from: old, to: .direct(nat.backAddress), reason: .rebinding))
-        await connection.abort()
-        await client.close()
-        await server.close()
+        try await rebindMidTransfer(serverSide: false)
     }
 
     @Test("the server's NAT rebinds mid-transfer: the client learns the new port, validates it and moves; every byte arrives")
     func serverRebindingIsFollowed() async throws {
+        try await rebindMidTransfer(serverSide: true)
+    }
+
+    /// Dials through a ``RebindingForwarder``; the rebinding side's peer sends 4 MiB, and a quarter of the way the
+    /// forwarder gives the rebinding side's flow a new port. The receiver must follow it (`rebinding`), byte-exact.
+    private func rebindMidTransfer(serverSide: Bool) async throws {
         let server = try await makeEndpoint(TestIdentities.b)
         let client = try await makeEndpoint(TestIdentities.a)
         let nat = try RebindingForwarder(to: server.localAddress)
         defer { nat.close() }
         let (connection, serverConnection) = try await Self.connect(client, server, via: nat.frontAddress)
-        let changes = await connection.pathChanges()
-        let old = PathRoute.direct(nat.frontAddress)
+        // The server's NAT rebinding is seen by the client (which receives), the client's by the server.
+        let (sender, receiver) = serverSide ? (serverConnection, connection) : (connection, serverConnection)
+        let address = { serverSide ? nat.frontAddress : nat.backAddress }
+        let changes = await receiver.pathChanges()
+        let old = PathRoute.direct(address())
         let payload = Self.payload(4 << 20)
-        let received = try await Self.transfer(payload, from: serverConnection, to: connection) { try nat.rebindFront() }
+        let received = try await Self.transfer(payload, from: sender, to: receiver) {
+            if serverSide { try nat.rebindFront() } else { try nat.rebindBack() }
+        }
         #expect(received.count == payload.count)
         #expect(received == payload)
         let change = try await Self.nextChange(changes)
-        #expect(change == PathChange(from: old, to: .direct(nat.frontAddress), reason: .rebinding))
+        #expect(change == PathChange(from: old, to: .direct(address()), reason: .rebinding))
         await connection.abort()
         await client.close()
         await server.close()
@@ -104,30 +100,18 @@ struct PathKeepingTests {
 
     @Test("the active path dies mid-transfer while a second validated path works: the connection moves there by itself")
     func deadActivePathMoves() async throws {
-        let network = InMemoryDatagramNetwork()
-        let server = try await Endpoint.open(
-            on: network.bind(.loopbackV4(port: 0)), configuration: EndpointConfiguration(identity: TestIdentities.b)
-        )
-        let client = try await Endpoint.open(
-            on: network.bind(.loopbackV4(port: 0)), configuration: EndpointConfiguration(identity: TestIdentities.a)
-        )
-        let first = try InMemoryForwarder(on: network, to: server.localAddress)
-        let second = try InMemoryForwarder(on: network, to: server.localAddress)
-        defer {
-            first.close()
-            second.close()
-        }
-        let (connection, serverConnection) = try await Self.connect(client, server, via: first.address)
-        let clientChanges = await connection.pathChanges()
-        let serverChanges = await serverConnection.pathChanges()
+        let pair = try await PathReviewTests.Pair()
+        let clientChanges = await pair.connection.pathChanges()
+        let serverChanges = await pair.serverConnection.pathChanges()
         // The second path is known and validated, but nobody switches to it.
-        let spare = PathRoute.direct(second.address)
-        try await connection.addPath(spare)
-        try await connection.validatePath(spare)
+        let spare = PathRoute.direct(pair.second.address)
+        try await pair.connection.addPath(spare)
+        try await pair.connection.validatePath(spare)
 
-        let dead = first.address
+        let dead = pair.first.address
+        let network = pair.network
         let payload = Self.payload(2 << 20)
-        let received = try await Self.transfer(payload, from: connection, to: serverConnection) {
+        let received = try await Self.transfer(payload, from: pair.connection, to: pair.serverConnection) {
             network.setCondition { $0.from == dead || $0.to == dead ? .drop : .deliver }
         }
         #expect(received == payload)
@@ -138,38 +122,21 @@ struct PathKeepingTests {
         #expect(clientChange.from == .direct(dead) && clientChange.to == spare)
         #expect(serverChange.from == .direct(dead) && serverChange.to == spare)
         #expect(Set([clientChange.reason, serverChange.reason]) == [.pathFailed, .peerMoved])
-        await connection.abort()
-        await client.close()
-        await server.close()
+        await pair.close()
     }
 
     @Test("a side that switches with nothing to send is followed at once: the switch is announced, not inferred from its next packet")
     func idleSwitchIsFollowed() async throws {
-        let network = InMemoryDatagramNetwork()
-        let server = try await Endpoint.open(
-            on: network.bind(.loopbackV4(port: 0)), configuration: EndpointConfiguration(identity: TestIdentities.b)
-        )
-        let client = try await Endpoint.open(
-            on: network.bind(.loopbackV4(port: 0)), configuration: EndpointConfiguration(identity: TestIdentities.a)
-        )
-        let first = try InMemoryForwarder(on: network, to: server.localAddress)
-        let second = try InMemoryForwarder(on: network, to: server.localAddress)
-        defer {
-            first.close()
-            second.close()
-        }
-        let (connection, serverConnection) = try await Self.connect(client, server, via: first.address)
-        let serverChanges = await serverConnection.pathChanges()
-        let route = PathRoute.direct(second.address)
-        try await connection.addPath(route)
-        try await connection.validatePath(route)
+        let pair = try await PathReviewTests.Pair()
+        let serverChanges = await pair.serverConnection.pathChanges()
+        let route = PathRoute.direct(pair.second.address)
+        try await pair.connection.addPath(route)
+        try await pair.connection.validatePath(route)
         // No stream, no data: the client's next QUIC packet would be a keep-alive 25 s away.
-        try await connection.switchPath(to: route)
+        try await pair.connection.switchPath(to: route)
         let followed = try await Self.nextChange(serverChanges)
-        #expect(followed == PathChange(from: .direct(first.address), to: route, reason: .peerMoved))
-        await connection.abort()
-        await client.close()
-        await server.close()
+        #expect(followed == PathChange(from: .direct(pair.first.address), to: route, reason: .peerMoved))
+        await pair.close()
     }
 
     @Test("keep-alives default to 25 s, below common NAT UDP timeouts, when nothing measured the NAT")
