@@ -241,7 +241,8 @@ public struct EndpointStats: Sendable, Hashable {
     public var pathProbesReceived = 0
     /// Times a connection's active path changed, by this side's switch or by following the peer.
     public var pathSwitches = 0
-    /// Times a connection's active path went silent and all its paths were re-checked (``PathLiveness``).
+    /// Times a connection's active path went silent (data unanswered for three probe timeouts) and all its paths
+    /// were re-checked.
     public var pathRechecks = 0
 }
 
