@@ -229,7 +229,7 @@ let package = Package(
             dependencies: ["HolePunchPortMapping", "HolePunchNet", "ProcessTestSupport"],
             swiftSettings: swiftSettings
         ),
-                .testTarget(name: "HolePunchLabTests", dependencies: ["HolePunchLab"], swiftSettings: swiftSettings),
+        .testTarget(name: "HolePunchLabTests", dependencies: ["HolePunchLab"], swiftSettings: swiftSettings),
         .testTarget(name: "ExamplesTests", dependencies: ["ProcessTestSupport"], swiftSettings: swiftSettings),
     ]
 )

@@ -69,8 +69,16 @@ public struct EndpointConfiguration: Sendable {
     }
     /// Close a connection after this long without traffic.
     public var idleTimeout: Duration
-    /// Send a PING after this long without traffic, so NAT mappings stay open; nil disables keep-alive.
+    /// Send a PING after this long without traffic, so NAT mappings stay open; nil disables keep-alive. It must
+    /// stay below the shortest UDP mapping timeout of the NATs on the path (and below ``idleTimeout``); default
+    /// ``defaultKeepAliveInterval``. A PING also tells whether the active path still answers: when it does not,
+    /// the connection re-checks its other paths (``PathChange/Reason/pathFailed``).
     public var keepAliveInterval: Duration?
+    /// The default keep-alive interval, 25 s: below the 30 s UDP timeout that RFC 4787 REQ-5 lets a NAT use for
+    /// a mapping without traffic and below common home routers' timeouts (30–60 s; Linux conntrack keeps an
+    /// unreplied UDP flow 30 s, a replied one 120 s). Nothing measures a NAT's idle mapping lifetime yet (NAT
+    /// discovery measures mapping, filtering and allocation only), so the default is this fixed value.
+    public static let defaultKeepAliveInterval: Duration = .seconds(25)
     /// Give up a handshake after this long.
     public var handshakeTimeout: Duration
     /// The RTT assumed before any is measured; it sets how soon Initials are retransmitted.
@@ -112,7 +120,7 @@ public struct EndpointConfiguration: Sendable {
         acceptPolicy: AcceptPolicy = .any,
         alpn: String = "holepunch/1",
         idleTimeout: Duration = .seconds(30),
-        keepAliveInterval: Duration? = .seconds(10),
+        keepAliveInterval: Duration? = EndpointConfiguration.defaultKeepAliveInterval,
         handshakeTimeout: Duration = .seconds(10),
         initialRTT: Duration = .milliseconds(100),
         streamReceiveWindow: Int = 4 << 20,
@@ -233,6 +241,9 @@ public struct EndpointStats: Sendable, Hashable {
     public var pathProbesReceived = 0
     /// Times a connection's active path changed, by this side's switch or by following the peer.
     public var pathSwitches = 0
+    /// Times a connection's active path went silent (data unanswered for three probe timeouts) and all its paths
+    /// were re-checked.
+    public var pathRechecks = 0
 }
 
 /// Statistics for one connection.

@@ -85,6 +85,10 @@ final class ConnectionCore {
     let pathWaiters = WaitList()
     /// Where changes of the active path go (``QUICConnection/pathChanges()``).
     var pathChangeSink: AsyncStream<PathChange>.Continuation?
+    /// Whether the active path still answers, and the re-check of all paths when it does not (``PathLiveness``).
+    var liveness = PathLiveness()
+    /// The timer that repeats a running re-check's challenges.
+    var recheckTimer: UInt64?
 
     init(key: UInt64, isClient: Bool, remote: SocketAddress, expectedNodeID: NodeID?) {
         self.key = key

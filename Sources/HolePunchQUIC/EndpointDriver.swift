@@ -58,6 +58,7 @@ extension Endpoint {
             packets += 1
         }
         ngtcp2_conn_update_pkt_tx_time(conn, now)
+        checkLiveness(core, now: now)
         if packets >= 128 {
             // More may be ready: come back after other sockets and jobs had a turn.
             let key = core.key
@@ -198,6 +199,7 @@ extension Endpoint {
         core.localCIDs.removeAll()
         if let timer = core.timerID { loop.cancelTimer(timer) }
         core.timerID = nil
+        stopRecheck(core)
         core.handshakeWaiter?.resume(throwing: error)
         core.handshakeWaiter = nil
         // Every waiter wakes, re-checks and finds the connection closed (or the data it still may read).

@@ -52,11 +52,10 @@ extension Endpoint {
             throw QUICError(.invalidArgument, "the path \(route) is not validated")
         }
         if let change = core.paths.activate(route) {
-            counters.pathSwitches += 1
-            core.pathChangeSink?.yield(change)
-            // The peer follows only to the path it saw us challenge from last; a path validated long ago (the
-            // one we started on, say) gets no new challenge from validation, so announce the move with one.
-            sendChallenge(core, on: route, now: hp_now_ns())
+            moved(core, change)
+            // Tell the peer, which follows once it has validated the path too (a path validated long ago, the
+            // one we started on say, gets no new challenge from validation).
+            sendChallenge(core, on: route, now: hp_now_ns(), kind: .announcement)
         }
         flush(core)
     }
@@ -99,10 +98,10 @@ extension Endpoint {
         return withUnsafeBytes(of: &copy.data) { Array($0.prefix(copy.datalen)) }
     }
 
-    func sendChallenge(_ core: ConnectionCore, on route: PathRoute, now: UInt64) {
+    func sendChallenge(_ core: ConnectionCore, on route: PathRoute, now: UInt64, kind: PathProbe.Kind = .challenge) {
         var challenge: UInt64 = 0
         _ = gnutls_rnd(GNUTLS_RND_NONCE, &challenge, MemoryLayout<UInt64>.size)
-        guard sendProbe(core, .challenge, challenge: challenge, on: route) else { return }
+        guard sendProbe(core, kind, challenge: challenge, on: route) else { return }
         core.paths.challengeSent(on: route, challenge: challenge, now: now)
     }
 
@@ -128,39 +127,54 @@ extension Endpoint {
         let route = PathRoute.direct(from)
         let now = hp_now_ns()
         switch probe.kind {
-        case .challenge:
-            let (answer, challengeBack) = core.paths.challengeReceived(on: route, challenge: probe.challenge, now: now)
+        case .challenge, .announcement:
+            let (answer, challengeBack) = core.paths.challengeReceived(
+                on: route, challenge: probe.challenge, now: now, announced: probe.kind == .announcement
+            )
             guard answer else { return }
             sendProbe(core, .response, challenge: probe.challenge, on: route)
             // The peer is moving here: validate the path for our own sends, so we can follow.
             if challengeBack { sendChallenge(core, on: route, now: now) }
-        case .response:
-            if core.paths.responseReceived(on: route, challenge: probe.challenge) {
-                waiters.wake(core.pathWaiters)
+            if probe.kind == .announcement, let change = core.paths.followAnnounced(route) {
+                moved(core, change)
+                flush(core)
             }
+        case .response:
+            guard let newlyValidated = core.paths.responseReceived(on: route, challenge: probe.challenge) else { return }
+            if core.liveness.isRechecking {
+                recheckAnswered(core, on: route)
+            } else if newlyValidated, let change = core.paths.followAnnounced(route) {
+                // The peer announced its move here, or its packets came from here (its NAT rebound): follow.
+                moved(core, change)
+                flush(core)
+            }
+            waiters.wake(core.pathWaiters)
         }
     }
 
     // MARK: QUIC's view
 
-    /// The address QUIC is told a datagram from `from` came from: the stable address when `from` is one of the
-    /// connection's known paths, so QUIC never sees a path change; `from` itself otherwise (ngtcp2 then handles
-    /// it as before: a server validates a client that moved on its own, as after a NAT rebinding).
+    /// The address QUIC is told a datagram from `from` came from: once the handshake completed, always the stable
+    /// address, so QUIC never sees a path change (its decryption still decides whether the packet is the peer's);
+    /// `from` itself before. The path layer, not ngtcp2's migration, then follows the peer to a new address, on
+    /// either side of the connection (ngtcp2 0.12 lets only a server follow, and a client drops packets from an
+    /// address it did not dial).
     func quicSource(_ core: ConnectionCore, from: SocketAddress) -> SocketAddress {
-        if from == core.remote { return from }
-        return core.paths.carries(from) != nil ? core.paths.stable.address : from
+        core.isHandshakeCompleted ? core.paths.stable.address : from
     }
 
-    /// After a QUIC packet from `from` was read: when ngtcp2 decrypted it, follow the peer to a path it moved to, or
-    /// challenge a path it uses that this side has not validated yet.
+    /// After a QUIC packet from `from` was read: when ngtcp2 decrypted it, note that the active path works, follow
+    /// the peer to a path it moved to, or challenge a path it uses that this side has not validated yet (a new
+    /// address is a NAT rebinding: ``PathTable/packetReceived(on:now:)``).
     func notePacket(_ core: ConnectionCore, from: SocketAddress) {
-        guard PacketDecryption.happened, from != core.paths.active.address, let route = core.paths.carries(from)
-        else { return }
-        if let change = core.paths.packetReceived(on: route) {
-            counters.pathSwitches += 1
-            core.pathChangeSink?.yield(change)
-        } else if core.paths.needsChallenge(route, now: hp_now_ns()) {
-            sendChallenge(core, on: route, now: hp_now_ns())
+        guard PacketDecryption.happened, core.isHandshakeCompleted else { return }
+        let route = PathRoute.direct(from)
+        let now = hp_now_ns()
+        switch core.paths.packetReceived(on: route, now: now) {
+        case .none: break
+        case .heardOnActive: heardOnActive(core)
+        case .followed(let change): moved(core, change)
+        case .challenge: sendChallenge(core, on: route, now: now)
         }
     }
 }

@@ -3,7 +3,7 @@ internal import CGnuTLS
 /// A path-layer challenge or response: the datagram that validates one path of a connection below QUIC.
 ///
 /// Layout: marker `0x0e` (RFC 9443 leaves 4–15 unassigned, so it is told apart from STUN, DTLS and QUIC's fixed bit
-/// before any lookup), kind (1 challenge, 2 response), the receiver's connection ID (length byte, then the bytes),
+/// before any lookup), kind (1 challenge, 2 response, 3 announcement: a challenge that also says "I moved here"), the receiver's connection ID (length byte, then the bytes),
 /// an 8-byte challenge, and a 16-byte tag: HMAC-SHA256 over everything before it, keyed by a TLS exporter secret
 /// of the connection. Only the two ends of the connection can make a valid probe, so an off-path sender cannot
 /// make a connection record or move to an address; a response is no larger than its challenge (no amplification).
@@ -13,7 +13,14 @@ struct PathProbe: Equatable {
     /// The TLS exporter label the key is derived with (RFC 8446 §7.5).
     static let exporterLabel = Array("EXPORTER-holepunch-path-probe".utf8)
 
-    enum Kind: UInt8 { case challenge = 1, response = 2 }
+    enum Kind: UInt8 {
+        case challenge = 1, response = 2
+        /// A challenge sent by a side that just made this path its active one: the peer answers it like any
+        /// challenge, and follows once it has validated the path too. An explicit signal, because the switching
+        /// side may have no QUIC packet to send for a while (all its data acknowledged), and a plain challenge may
+        /// only be validating a path for later.
+        case announcement = 3
+    }
 
     var kind: Kind
     /// The connection ID the receiver routes by: one it issued.

@@ -58,6 +58,10 @@ public actor HolePunchNode: Service {
         /// server) after registering (default true). It runs in the background: registration never waits for it,
         /// punches before it ends plan with an unknown profile, and the node registers again with the measured one.
         public var discoversNAT: Bool
+        /// How often an idle connection sends a keep-alive, so the NATs on its path keep their mappings (and a dead
+        /// path is noticed); nil disables them. Keep it below the shortest UDP mapping timeout on the way and below
+        /// the 30 s idle timeout. Default `EndpointConfiguration.defaultKeepAliveInterval` (25 s).
+        public var keepAliveInterval: Duration? = EndpointConfiguration.defaultKeepAliveInterval
 
         /// Creates options.
         public init(
@@ -138,6 +142,7 @@ public actor HolePunchNode: Service {
         // The executor decides which punched connections to accept, so the endpoint itself accepts none.
         var endpointConfiguration = EndpointConfiguration(identity: identity, acceptPolicy: .none, alpn: primary)
         endpointConfiguration.additionalALPNs = Array(options.alpns.dropFirst())
+        endpointConfiguration.keepAliveInterval = options.keepAliveInterval
         let endpoint: Endpoint
         do {
             endpoint = try await Endpoint.bind(options.bind, configuration: endpointConfiguration)

@@ -71,6 +71,9 @@ struct PeerCommand: AsyncParsableCommand {
     @Option(help: "Overall punch timeout in seconds (default: the strategy's).")
     var timeout: Int?
 
+    @Option(help: "Seconds between keep-alives on an idle connection: below the shortest UDP mapping timeout of the NATs on the way (default 25; 0 disables).")
+    var keepAlive: Int?
+
     @Flag(help: "Status lines as JSON objects.")
     var json = false
 
@@ -84,6 +87,10 @@ struct PeerCommand: AsyncParsableCommand {
             throw ValidationError("--echo is for the waiting side; the side that --connects sends its standard input")
         }
         if let timeout, timeout < 1 { throw ValidationError("--timeout must be at least 1 second") }
+        // The connection's idle timeout is 30 s: keep-alives any rarer would let an idle connection end.
+        if let keepAlive, !(0..<30).contains(keepAlive) {
+            throw ValidationError("--keep-alive must be 0 (off) to 29 seconds, below the 30 s idle timeout")
+        }
     }
 
     func run() async throws {
@@ -120,7 +127,9 @@ struct PeerCommand: AsyncParsableCommand {
                              : Logger(label: "holepunch.peer", factory: { _ in SwiftLogNoOpLogHandler() })
         let endpoint: Endpoint
         do {
-            endpoint = try await Endpoint.bind(local, configuration: EndpointConfiguration(identity: id, acceptPolicy: .none), logger: logger)
+            var configuration = EndpointConfiguration(identity: id, acceptPolicy: .none)
+            if let keepAlive { configuration.keepAliveInterval = keepAlive == 0 ? nil : .seconds(keepAlive) }
+            endpoint = try await Endpoint.bind(local, configuration: configuration, logger: logger)
         } catch {
             throw cliFailure("cannot bind \(local): \(error)", hint: "choose another --listen address or port")
         }
@@ -258,6 +267,15 @@ struct PeerCommand: AsyncParsableCommand {
             throw connectionFailure("\(error)")
         }
         let echo = self.echo
+        // A move of the connection to another path (the NAT rebound, the path died) is reported, nothing more.
+        let changes = await connection.pathChanges()
+        let pathWatcher = Task {
+            for await change in changes {
+                status("path-changed", ["from": "\(change.from.address)", "to": "\(change.to.address)",
+                                        "reason": change.reason.name])
+            }
+        }
+        defer { pathWatcher.cancel() }
         do {
             try await withThrowingTaskGroup(of: Void.self) { group in
                 if !echo {

@@ -9,7 +9,8 @@ import HolePunchNet
 @Suite("Path layer: replayed challenges and switching back", .serialized)
 struct PathReviewTests {
     /// Two endpoints on an in-memory network, `client` dialled to `server` through `first`, plus a second forwarder.
-    private struct Pair {
+    /// (PathKeepingTests uses it too.)
+    struct Pair {
         let network = InMemoryDatagramNetwork()
         let server: Endpoint
         let client: Endpoint

@@ -96,6 +96,9 @@ struct CLITests {
         // Values out of range are refused before anything runs, not clamped or run with.
         ["peer", "--rendezvous", "127.0.0.1:9", "--rendezvous-id", String(repeating: "a", count: 52), "--identity",
          "id.pem", "--connect", String(repeating: "a", count: 52), "--timeout", "0"],
+        // A keep-alive at or past the 30 s idle timeout would let an idle connection end.
+        ["peer", "--rendezvous", "127.0.0.1:9", "--rendezvous-id", String(repeating: "a", count: 52), "--identity",
+         "id.pem", "--keep-alive", "30"],
         ["nat", "detect", "--stun", "127.0.0.1:9", "--timeout-ms", "0"],
         ["rendezvous", "--listen", "127.0.0.1:0", "--no-stun", "--registration-ttl", "0"],
         ["rendezvous", "--listen", "127.0.0.1:0", "--no-stun", "--rate-burst", "0"],
