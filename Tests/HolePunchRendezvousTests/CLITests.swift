@@ -79,6 +79,10 @@ struct CLITests {
         #expect(!err.contains("Fatal error") && !err.contains("Stack dump") && !err.contains("backtrace"))
     }
 
+    /// More `--turn-server`s than the rendezvous takes (typed apart: inline, it is too much for the type checker).
+    static let fiveTURNServers: [String] = ["rendezvous", "--listen", "127.0.0.1:0", "--no-stun", "--turn-secret-file", "s"]
+        + (1...5).flatMap { ["--turn-server", "127.0.0.1:\(3478 + $0)"] }
+
     @Test("bad arguments exit 64, whether ArgumentParser or the command itself rejects them", arguments: [
         ["demo", "--nat-a", "nonsense"],
         ["peer", "--no-such-flag"],
@@ -107,9 +111,8 @@ struct CLITests {
         ["rendezvous", "--listen", "127.0.0.1:0", "--no-stun", "--turn-server", "127.0.0.1:3478"],
         ["rendezvous", "--listen", "127.0.0.1:0", "--no-stun", "--turn-secret-file", "s", "--turn-credential-ttl", "10",
          "--turn-server", "127.0.0.1:3478"],
-        ["rendezvous", "--listen", "127.0.0.1:0", "--no-stun", "--turn-secret-file", "s"]
-            + (1...5).flatMap { ["--turn-server", "127.0.0.1:\(3478 + $0)"] },
-    ])
+        Self.fiveTURNServers,
+    ] as [[String]])
     func badArgumentsExit64(_ arguments: [String]) async throws {
         guard let binary = holepunchBinaryOrSkip() else { return }
         let (status, _, err) = try await run(binary, arguments)
