@@ -52,13 +52,23 @@ extension Endpoint {
             throw QUICError(.invalidArgument, "the path \(route) is not validated")
         }
         if let change = core.paths.activate(route) {
-            counters.pathSwitches += 1
-            core.pathChangeSink?.yield(change)
+            recordMove(core, change)
             // The peer follows only to the path it saw us challenge from last; a path validated long ago (the
             // one we started on, say) gets no new challenge from validation, so announce the move with one.
             sendChallenge(core, on: route, now: hp_now_ns())
         }
         flush(core)
+    }
+
+    /// Counts a change of the active path, by kind, and tells the connection's listener.
+    private func recordMove(_ core: ConnectionCore, _ change: PathChange) {
+        counters.pathSwitches += 1
+        switch (change.from.isRelayed, change.to.isRelayed) {
+        case (true, false): counters.relayToDirectMoves += 1
+        case (false, true): counters.directToRelayMoves += 1
+        default: break
+        }
+        core.pathChangeSink?.yield(change)
     }
 
     func pathStatuses(_ key: UInt64) -> [PathStatus] {
@@ -77,6 +87,7 @@ extension Endpoint {
     }
 
     private func checkFamily(_ route: PathRoute) throws {
+        // A relayed path's peer may be of either family: only the server is reached from our socket.
         guard route.address.isIPv6 == localAddress.isIPv6 else {
             throw QUICError(.invalidArgument, "cannot reach \(route) from a socket bound to \(localAddress)")
         }
@@ -110,13 +121,13 @@ extension Endpoint {
     private func sendProbe(_ core: ConnectionCore, _ kind: PathProbe.Kind, challenge: UInt64, on route: PathRoute) -> Bool {
         guard let key = probeKey(core), let cid = peerConnectionID(core) else { return false }
         let probe = PathProbe(kind: kind, connectionID: cid, challenge: challenge).encoded(key: key)
-        sendDatagram(probe, to: route.address)
+        sendDatagram(probe, on: route)
         return true
     }
 
     /// A datagram with the path-probe marker: a challenge is answered on the path it came by, a response may
     /// validate a path. Anything unauthenticated is dropped and counted.
-    func receivePathProbe(_ packet: UnsafeRawBufferPointer, from: SocketAddress) {
+    func receivePathProbe(_ packet: UnsafeRawBufferPointer, on route: PathRoute) {
         guard let probe = PathProbe.parse(packet),
               let core = probe.connectionID.withUnsafeBytes({ router.routes[CIDKey($0)] }),
               !core.isClosed, let key = probeKey(core), PathProbe.verify(packet, key: key)
@@ -125,7 +136,6 @@ extension Endpoint {
             return
         }
         counters.pathProbesReceived += 1
-        let route = PathRoute.direct(from)
         let now = hp_now_ns()
         switch probe.kind {
         case .challenge:
@@ -143,22 +153,22 @@ extension Endpoint {
 
     // MARK: QUIC's view
 
-    /// The address QUIC is told a datagram from `from` came from: the stable address when `from` is one of the
-    /// connection's known paths, so QUIC never sees a path change; `from` itself otherwise (ngtcp2 then handles
-    /// it as before: a server validates a client that moved on its own, as after a NAT rebinding).
-    func quicSource(_ core: ConnectionCore, from: SocketAddress) -> SocketAddress {
-        if from == core.remote { return from }
-        return core.paths.carries(from) != nil ? core.paths.stable.address : from
+    /// The address QUIC is told a datagram that arrived on `route` came from: the stable path's peer address when
+    /// `route` is one of the connection's known paths, so QUIC never sees a path change; the source itself for an
+    /// unknown direct path (ngtcp2 then handles it as before: a server validates a client that moved on its own,
+    /// as after a NAT rebinding); nil (drop it) for an unknown relayed path, which QUIC could not answer on.
+    func quicSource(_ core: ConnectionCore, on route: PathRoute) -> SocketAddress? {
+        if route == core.paths.stable || core.paths.carries(route) { return core.paths.stable.peer }
+        if case .direct(let from) = route { return from }
+        return nil
     }
 
-    /// After a QUIC packet from `from` was read: when ngtcp2 decrypted it, follow the peer to a path it moved to, or
-    /// challenge a path it uses that this side has not validated yet.
-    func notePacket(_ core: ConnectionCore, from: SocketAddress) {
-        guard PacketDecryption.happened, from != core.paths.active.address, let route = core.paths.carries(from)
-        else { return }
+    /// After a QUIC packet that arrived on `route` was read: when ngtcp2 decrypted it, follow the peer to a path it
+    /// moved to, or challenge a path it uses that this side has not validated yet.
+    func notePacket(_ core: ConnectionCore, on route: PathRoute) {
+        guard PacketDecryption.happened, route != core.paths.active, core.paths.carries(route) else { return }
         if let change = core.paths.packetReceived(on: route) {
-            counters.pathSwitches += 1
-            core.pathChangeSink?.yield(change)
+            recordMove(core, change)
         } else if core.paths.needsChallenge(route, now: hp_now_ns()) {
             sendChallenge(core, on: route, now: hp_now_ns())
         }
