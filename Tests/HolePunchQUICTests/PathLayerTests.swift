@@ -143,7 +143,7 @@ struct PathLayerTests {
         // The peer challenges from b: answered, challenged back; packets from b are QUIC's, but not yet followed.
         let (answer, back) = table.challengeReceived(on: b, challenge: 1, now: 1_000_000_000)
         #expect(answer && back)
-        #expect(table.carries(b.address) == b)
+        #expect(table.carries(b))
         let early = table.packetReceived(on: b)
         #expect(early == nil)
         table.challengeSent(on: b, challenge: 7, now: 1_000_000_000)
