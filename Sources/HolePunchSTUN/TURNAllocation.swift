@@ -1,0 +1,489 @@
+public import HolePunchNet
+
+/// One TURN allocation (RFC 8656) as a value-type state machine: events in, actions out, no I/O.
+///
+/// The driver (``TURNClient``, or a test) feeds ``start(now:)``, ``receive(_:now:)`` for STUN messages from the
+/// server, ``tick(now:)`` at ``nextDeadline``, and the operations ``createPermission(for:operation:now:)``,
+/// ``bindChannel(to:operation:now:)`` and ``deallocate(now:)``, and performs the returned actions. Time is a
+/// `Duration` since an origin of the driver's choosing, so tests run on virtual time.
+///
+/// The machine authenticates with long-term credentials: the first Allocate goes without them, the server's 401
+/// brings REALM and NONCE, and every later request carries USERNAME, REALM, NONCE and MESSAGE-INTEGRITY; a 438
+/// brings a fresh nonce and the request is retried (a bounded number of times). It refreshes the allocation before
+/// its lifetime ends, every permission before 5 minutes and every channel before 10 minutes, and ``wrap(_:to:)`` /
+/// ``unwrap(_:)`` frame data on the channels and permissions it holds. Everything from the server is bounded:
+/// lifetimes are clamped, channel numbers checked, success responses must carry a valid MESSAGE-INTEGRITY.
+public struct TURNAllocation: Sendable {
+    /// Timers and bounds.
+    public struct Configuration: Hashable, Sendable {
+        /// The lifetime asked for in Allocate and Refresh.
+        public var requestedLifetime: Duration = .seconds(600)
+        /// The first retransmission timeout; it doubles after each transmission.
+        public var initialRTO: Duration = .milliseconds(250)
+        /// A request not answered within this long fails with `unreachable`: the bounded wait.
+        public var transactionTimeout: Duration = .seconds(5)
+        /// How often permissions are re-created (they last 5 minutes on the server).
+        public var permissionRefresh: Duration = .seconds(240)
+        /// How often channels are re-bound (they last 10 minutes on the server).
+        public var channelRefresh: Duration = .seconds(480)
+        /// Lifetimes granted by the server are clamped into this range of seconds, so a hostile server can make
+        /// us neither refresh in a busy loop nor believe an allocation lives for days.
+        public var lifetimeBounds: ClosedRange<UInt32> = 30...3600
+        /// At most this many peers get a permission or a channel.
+        public var maximumPeers: Int = 64
+        /// 438 (stale nonce) retries per request.
+        public var maximumNonceRetries: Int = 3
+        /// SOFTWARE sent in Allocate.
+        public var software: String? = "HolePunch"
+
+        /// The defaults.
+        public init() {}
+    }
+
+    /// What the driver must do.
+    public enum Action: Hashable, Sendable {
+        /// Send `bytes` to the server.
+        case send([UInt8])
+        /// The allocation exists: our relayed address, the server-reflexive address it saw, and the granted lifetime.
+        case allocated(relayed: SocketAddress, mapped: SocketAddress?, lifetime: Duration)
+        /// Operation `operation` (a permission or a channel) finished; `error` is nil on success.
+        case completed(operation: Int, error: TURNError?)
+        /// The allocation failed or was lost; the machine has ended.
+        case failed(TURNError)
+        /// The allocation was deleted on request; the machine has ended.
+        case deallocated
+    }
+
+    private enum Phase: Hashable, Sendable {
+        case idle, allocating, allocated, deallocating, ended
+    }
+
+    private enum Request: Hashable, Sendable {
+        case allocate
+        case refresh(lifetime: UInt32)
+        case createPermission([SocketAddress])
+        case channelBind(UInt16, SocketAddress)
+    }
+
+    private struct Transaction: Sendable {
+        var request: Request
+        var operations: [Int]
+        var bytes: [UInt8]
+        var firstSent: Duration
+        var nextSend: Duration
+        var rto: Duration
+        var nonceRetries = 0
+        /// Whether this transmission carried our credentials (a 401 to one that did means they are wrong).
+        var authenticated: Bool
+    }
+
+    private struct Permission: Sendable {
+        var installed = false
+        var refreshAt: Duration = .zero
+        var waiting: [Int] = []
+    }
+
+    private struct Channel: Sendable {
+        var number: UInt16
+        var bound = false
+        var refreshAt: Duration = .zero
+        var waiting: [Int] = []
+    }
+
+    /// The server's address (the driver sends every `.send` there and feeds only its datagrams back).
+    public let server: SocketAddress
+    private let credentials: TURNCredentials
+    private let configuration: Configuration
+    private var phase: Phase = .idle
+    private var realm: String?
+    private var nonce: [UInt8]?
+    private var key: STUNCredential?
+    private var pending: [STUNTransactionID: Transaction] = [:]
+    /// Our relayed address once allocated.
+    public private(set) var relayedAddress: SocketAddress?
+    private var refreshAt: Duration = .zero
+    private var expiresAt: Duration = .zero
+    private var permissions: [SocketAddress.IP: Permission] = [:]
+    private var channels: [SocketAddress: Channel] = [:]
+    private var peerByChannel: [UInt16: SocketAddress] = [:]
+    private var nextChannel: UInt16 = TURNChannelData.channelRange.lowerBound
+
+    /// Creates a machine for an allocation at `server`.
+    public init(server: SocketAddress, credentials: TURNCredentials, configuration: Configuration = Configuration()) {
+        self.server = server
+        self.credentials = credentials
+        self.configuration = configuration
+    }
+
+    /// Whether the allocation exists and is usable.
+    public var isAllocated: Bool { phase == .allocated }
+    /// Whether the machine has ended (failed or deallocated).
+    public var hasEnded: Bool { phase == .ended }
+
+    // MARK: Events
+
+    /// Sends the first Allocate (without credentials, to learn the realm and nonce).
+    public mutating func start(now: Duration) -> [Action] {
+        guard phase == .idle else { return [] }
+        phase = .allocating
+        return transmit(.allocate, operations: [], now: now)
+    }
+
+    /// Asks for a permission for `peer`'s IP address; `.completed(operation:…)` follows.
+    public mutating func createPermission(for peer: SocketAddress, operation: Int, now: Duration) -> [Action] {
+        guard phase == .allocated else { return [.completed(operation: operation, error: notAllocated)] }
+        if let existing = permissions[peer.ip] {
+            if existing.installed { return [.completed(operation: operation, error: nil)] }
+            permissions[peer.ip]?.waiting.append(operation)
+            return []
+        }
+        guard permissions.count < configuration.maximumPeers else {
+            return [.completed(operation: operation, error: TURNError(.limit, "more than \(configuration.maximumPeers) peers"))]
+        }
+        permissions[peer.ip] = Permission(waiting: [operation])
+        return transmit(.createPermission([peer]), operations: [], now: now)
+    }
+
+    /// Binds a channel to `peer` (which also installs its permission); `.completed(operation:…)` follows.
+    public mutating func bindChannel(to peer: SocketAddress, operation: Int, now: Duration) -> [Action] {
+        guard phase == .allocated else { return [.completed(operation: operation, error: notAllocated)] }
+        if let existing = channels[peer] {
+            if existing.bound { return [.completed(operation: operation, error: nil)] }
+            channels[peer]?.waiting.append(operation)
+            return []
+        }
+        guard channels.count < configuration.maximumPeers,
+              nextChannel <= TURNChannelData.channelRange.upperBound else {
+            return [.completed(operation: operation, error: TURNError(.limit, "no channel left for another peer"))]
+        }
+        let number = nextChannel
+        nextChannel += 1
+        channels[peer] = Channel(number: number, waiting: [operation])
+        peerByChannel[number] = peer
+        return transmit(.channelBind(number, peer), operations: [], now: now)
+    }
+
+    /// Deletes the allocation (Refresh with lifetime 0); `.deallocated` follows, also when the server is gone.
+    public mutating func deallocate(now: Duration) -> [Action] {
+        switch phase {
+        case .allocated:
+            var actions = abandonOperations(TURNError(.closed, "the allocation is being deleted"))
+            pending.removeAll()
+            phase = .deallocating
+            actions += transmit(.refresh(lifetime: 0), operations: [], now: now)
+            return actions
+        case .idle, .allocating:
+            let actions = abandonOperations(TURNError(.closed, "the allocation was closed"))
+            end()
+            return actions + [.deallocated]
+        case .deallocating, .ended:
+            return []
+        }
+    }
+
+    /// The earliest time ``tick(now:)`` has work, or nil when nothing is scheduled.
+    public var nextDeadline: Duration? {
+        var times: [Duration] = pending.values.flatMap { [$0.nextSend, $0.firstSent + configuration.transactionTimeout] }
+        if phase == .allocated {
+            times += [refreshAt, expiresAt]
+            times += permissions.values.filter(\.installed).map(\.refreshAt)
+            times += channels.values.filter(\.bound).map(\.refreshAt)
+        }
+        return times.min()
+    }
+
+    /// Retransmits, gives up on unanswered requests, and refreshes what is due.
+    public mutating func tick(now: Duration) -> [Action] {
+        var actions: [Action] = []
+        for (id, transaction) in pending {
+            if now >= transaction.firstSent + configuration.transactionTimeout {
+                pending[id] = nil
+                actions += timedOut(transaction)
+                if phase == .ended { return actions }
+            } else if now >= transaction.nextSend {
+                actions.append(.send(transaction.bytes))
+                pending[id]?.nextSend = now + transaction.rto * 2
+                pending[id]?.rto = transaction.rto * 2
+            }
+        }
+        guard phase == .allocated else { return actions }
+        if now >= expiresAt {
+            end()
+            return actions + [.failed(TURNError(.expired, "the allocation's lifetime ran out before a refresh succeeded"))]
+        }
+        if now >= refreshAt && !pending.values.contains(where: { if case .refresh = $0.request { true } else { false } }) {
+            refreshAt = expiresAt
+            actions += transmit(.refresh(lifetime: requestedLifetimeSeconds), operations: [], now: now)
+        }
+        let duePermissions = permissions.filter { $0.value.installed && now >= $0.value.refreshAt }.map(\.key)
+        if !duePermissions.isEmpty {
+            for ip in duePermissions { permissions[ip]?.refreshAt = now + configuration.permissionRefresh }
+            actions += transmit(.createPermission(duePermissions.map { SocketAddress(ip: $0, port: 0) }), operations: [], now: now)
+        }
+        for (peer, channel) in channels where channel.bound && now >= channel.refreshAt {
+            channels[peer]?.refreshAt = now + configuration.channelRefresh
+            actions += transmit(.channelBind(channel.number, peer), operations: [], now: now)
+        }
+        return actions
+    }
+
+    /// Handles a STUN message from the server (the driver passes only datagrams from ``server``).
+    ///
+    /// Anything that does not decode or does not answer a pending request is ignored: it may be spoofed, and the
+    /// request's timeout covers a server that only sends junk.
+    public mutating func receive(_ bytes: [UInt8], now: Duration) -> [Action] {
+        guard let message = try? STUNMessage.decode(bytes, options: STUNDecodingOptions(maximumSize: 0xFFFF + 20)),
+              message.messageClass == .successResponse || message.messageClass == .errorResponse,
+              let transaction = pending[message.transactionID] else { return [] }
+        if message.messageClass == .successResponse {
+            // A response without valid integrity may be forged by anyone who saw the transaction ID.
+            if let key, (try? STUNMessage.verifyIntegrity(of: bytes, credential: key, require: .sha1)) == nil { return [] }
+            pending[message.transactionID] = nil
+            return succeeded(transaction, message, now: now)
+        }
+        pending[message.transactionID] = nil
+        return errorResponse(transaction, message, now: now)
+    }
+
+    // MARK: Data framing
+
+    /// `payload` framed for `peer`: ChannelData on a bound channel, else a Send indication when the peer's IP has a
+    /// permission, else nil.
+    public func wrap(_ payload: UnsafeRawBufferPointer, to peer: SocketAddress) -> [UInt8]? {
+        guard phase == .allocated else { return nil }
+        if let channel = channels[peer], channel.bound {
+            return TURNChannelData.encode(channel: channel.number, payload: payload)
+        }
+        guard permissions[peer.ip]?.installed == true || channels[peer]?.bound == true else { return nil }
+        let id = STUNTransactionID.random()
+        let message = STUNMessage(.indication, method: .send, transactionID: id, attributes: [
+            .xorPeerAddress(peer, transactionID: id), .data(Array(payload)),
+        ])
+        return try? message.encoded()
+    }
+
+    /// The peer and payload range of forwarded data from the server: ChannelData on a channel we bound, or a Data
+    /// indication from a peer we permitted. Nil for control messages and for anything else.
+    public func unwrap(_ datagram: UnsafeRawBufferPointer) -> (peer: SocketAddress, payload: Range<Int>)? {
+        guard let first = datagram.first else { return nil }
+        if first & 0xC0 == 0x40 {
+            guard let (number, range) = TURNChannelData.decode(datagram), let peer = peerByChannel[number],
+                  channels[peer]?.bound == true else { return nil }
+            return (peer, range)
+        }
+        // A Data indication: message type 0x0017. Only then is it worth decoding.
+        guard datagram.count >= 20, first == 0x00, datagram[1] == 0x17 else { return nil }
+        let bytes = Array(datagram)
+        guard let message = try? STUNMessage.decode(bytes, options: STUNDecodingOptions(maximumSize: 0xFFFF + 20)),
+              message.messageClass == .indication, message.method == .data,
+              let peer = (try? message.xorPeerAddresses())?.first,
+              permissions[peer.ip]?.installed == true || channels[peer]?.bound == true,
+              let spans = try? STUNMessage.scan(bytes, options: STUNDecodingOptions(maximumSize: 0xFFFF + 20)),
+              let span = spans.spans.first(where: { $0.type == STUNAttributeType.data }) else { return nil }
+        return (peer, span.value)
+    }
+
+    // MARK: Responses
+
+    private mutating func succeeded(_ transaction: Transaction, _ message: STUNMessage, now: Duration) -> [Action] {
+        switch transaction.request {
+        case .allocate:
+            guard let relayed = try? message.xorRelayedAddress() else {
+                return fail(TURNError(.malformed, "Allocate success without a valid XOR-RELAYED-ADDRESS"))
+            }
+            let lifetime = clampedLifetime(message)
+            phase = .allocated
+            relayedAddress = relayed
+            schedule(lifetime: lifetime, now: now)
+            return [.allocated(relayed: relayed, mapped: message.xorMappedAddress, lifetime: lifetime)]
+        case .refresh(lifetime: 0):
+            end()
+            return [.deallocated]
+        case .refresh:
+            schedule(lifetime: clampedLifetime(message), now: now)
+            return []
+        case let .createPermission(peers):
+            var actions: [Action] = []
+            for peer in peers {
+                guard var permission = permissions[peer.ip] else { continue }
+                if !permission.installed { permission.refreshAt = now + configuration.permissionRefresh }
+                permission.installed = true
+                actions += permission.waiting.map { .completed(operation: $0, error: nil) }
+                permission.waiting = []
+                permissions[peer.ip] = permission
+            }
+            return actions
+        case let .channelBind(_, peer):
+            guard var channel = channels[peer] else { return [] }
+            if !channel.bound { channel.refreshAt = now + configuration.channelRefresh }
+            channel.bound = true
+            let actions = channel.waiting.map { Action.completed(operation: $0, error: nil) }
+            channel.waiting = []
+            channels[peer] = channel
+            return actions
+        }
+    }
+
+    private mutating func errorResponse(_ transaction: Transaction, _ message: STUNMessage, now: Duration) -> [Action] {
+        let (code, reason) = message.errorCode ?? (0, "")
+        switch code {
+        case 401 where !transaction.authenticated:
+            guard let realm = try? message.realm(), let nonce = try? message.nonce(), !realm.isEmpty, !nonce.isEmpty,
+                  let key = try? STUNCredential.longTerm(username: credentials.username, realm: realm, password: credentials.password) else {
+                return failRequest(transaction, TURNError(.malformed, "401 without a usable REALM and NONCE"))
+            }
+            self.realm = realm
+            self.nonce = nonce
+            self.key = key
+            return transmit(transaction.request, operations: transaction.operations, now: now)
+        case 401:
+            return failRequest(transaction, TURNError(.wrongCredentials, "the server rejected our credentials (401)"))
+        case 438 where transaction.nonceRetries < configuration.maximumNonceRetries:
+            guard let nonce = try? message.nonce(), !nonce.isEmpty else {
+                return failRequest(transaction, TURNError(.malformed, "438 without a NONCE"))
+            }
+            self.nonce = nonce
+            if let realm = try? message.realm(), !realm.isEmpty, realm != self.realm,
+               let key = try? STUNCredential.longTerm(username: credentials.username, realm: realm, password: credentials.password) {
+                self.realm = realm
+                self.key = key
+            }
+            return transmit(transaction.request, operations: transaction.operations, now: now, nonceRetries: transaction.nonceRetries + 1)
+        case 486:
+            return failRequest(transaction, TURNError(.quotaExceeded, "the server refused another allocation (486)"))
+        case 437:
+            if case .allocate = transaction.request {
+                return failRequest(transaction, TURNError(.allocationMismatch, "the server reports an allocation mismatch (437)"))
+            }
+            return failRequest(transaction, TURNError(.expired, "the server no longer has our allocation (437)"))
+        default:
+            let phrase = String(reason.unicodeScalars.prefix(80).filter { $0.value >= 0x20 && $0.value != 0x7F })
+            return failRequest(transaction, TURNError(.rejected, "the server answered \(code) '\(phrase)'"))
+        }
+    }
+
+    /// A request that will not succeed: Allocate and Refresh failures end the allocation (a failed deallocation
+    /// still ends it); a permission or channel failure completes its waiters with the error.
+    private mutating func failRequest(_ transaction: Transaction, _ error: TURNError) -> [Action] {
+        switch transaction.request {
+        case .allocate:
+            return fail(error)
+        case .refresh(lifetime: 0):
+            end()
+            return [.deallocated]
+        case .refresh:
+            return fail(error)
+        case let .createPermission(peers):
+            var actions: [Action] = []
+            for peer in peers {
+                guard let permission = permissions[peer.ip] else { continue }
+                actions += permission.waiting.map { .completed(operation: $0, error: error) }
+                if permission.installed { permissions[peer.ip]?.waiting = [] } else { permissions[peer.ip] = nil }
+            }
+            return error.code == .expired ? actions + fail(error) : actions
+        case let .channelBind(number, peer):
+            guard let channel = channels[peer] else { return [] }
+            var actions = channel.waiting.map { Action.completed(operation: $0, error: error) }
+            if channel.bound {
+                channels[peer]?.waiting = []
+            } else {
+                channels[peer] = nil
+                peerByChannel[number] = nil
+            }
+            if error.code == .expired { actions += fail(error) }
+            return actions
+        }
+    }
+
+    private mutating func timedOut(_ transaction: Transaction) -> [Action] {
+        let seconds = Double(configuration.transactionTimeout.components.seconds)
+            + Double(configuration.transactionTimeout.components.attoseconds) / 1e18
+        return failRequest(transaction, TURNError(.unreachable, "\(server) did not answer within \(seconds) s"))
+    }
+
+    private mutating func fail(_ error: TURNError) -> [Action] {
+        let actions = abandonOperations(error)
+        end()
+        return actions + [.failed(error)]
+    }
+
+    /// Completes every waiting operation with `error`.
+    private mutating func abandonOperations(_ error: TURNError) -> [Action] {
+        var actions: [Action] = []
+        for (ip, permission) in permissions {
+            actions += permission.waiting.map { .completed(operation: $0, error: error) }
+            permissions[ip]?.waiting = []
+        }
+        for (peer, channel) in channels {
+            actions += channel.waiting.map { .completed(operation: $0, error: error) }
+            channels[peer]?.waiting = []
+        }
+        return actions
+    }
+
+    private mutating func end() {
+        phase = .ended
+        pending.removeAll()
+        permissions.removeAll()
+        channels.removeAll()
+        peerByChannel.removeAll()
+    }
+
+    private var notAllocated: TURNError { TURNError(.closed, "there is no allocation") }
+
+    // MARK: Requests
+
+    private var requestedLifetimeSeconds: UInt32 {
+        UInt32(clamping: configuration.requestedLifetime.components.seconds)
+    }
+
+    private func clampedLifetime(_ message: STUNMessage) -> Duration {
+        let granted = (try? message.lifetimeSeconds()) ?? nil ?? requestedLifetimeSeconds
+        let bounds = configuration.lifetimeBounds
+        return .seconds(min(max(granted, bounds.lowerBound), bounds.upperBound))
+    }
+
+    /// Refresh at half the lifetime when it is short, else a minute before it ends.
+    private mutating func schedule(lifetime: Duration, now: Duration) {
+        expiresAt = now + lifetime
+        refreshAt = now + (lifetime < .seconds(120) ? lifetime / 2 : lifetime - .seconds(60))
+    }
+
+    private mutating func transmit(_ request: Request, operations: [Int], now: Duration, nonceRetries: Int = 0) -> [Action] {
+        let id = STUNTransactionID.random()
+        var attributes: [STUNAttribute] = []
+        switch request {
+        case .allocate:
+            attributes += [.requestedTransport(), .lifetime(seconds: requestedLifetimeSeconds)]
+            if let software = configuration.software { attributes.append(.software(software)) }
+        case let .refresh(lifetime):
+            attributes.append(.lifetime(seconds: lifetime))
+        case let .createPermission(peers):
+            attributes += peers.map { .xorPeerAddress($0, transactionID: id) }
+        case let .channelBind(number, peer):
+            attributes += [.channelNumber(number), .xorPeerAddress(peer, transactionID: id)]
+        }
+        if key != nil, let realm, let nonce {
+            attributes += [.username(credentials.username), .realm(realm), .nonce(nonce)]
+        }
+        let method: STUNMessage.Method = switch request {
+        case .allocate: .allocate
+        case .refresh: .refresh
+        case .createPermission: .createPermission
+        case .channelBind: .channelBind
+        }
+        guard let bytes = try? STUNMessage(.request, method: method, transactionID: id, attributes: attributes)
+            .encoded(integrity: key, fingerprint: true) else {
+            return failRequest(
+                Transaction(request: request, operations: operations, bytes: [], firstSent: now, nextSend: now, rto: .zero, authenticated: false),
+                TURNError(.malformed, "a request could not be encoded (a username or nonce too long)")
+            )
+        }
+        pending[id] = Transaction(
+            request: request, operations: operations, bytes: bytes, firstSent: now,
+            nextSend: now + configuration.initialRTO, rto: configuration.initialRTO,
+            nonceRetries: nonceRetries, authenticated: key != nil
+        )
+        return [.send(bytes)]
+    }
+}
