@@ -176,7 +176,9 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .testTarget(
-            name: "HolePunchQUICTests", dependencies: ["HolePunchQUIC", "HolePunchNet", "ProcessTestSupport"],
+            name: "HolePunchQUICTests",
+            // STUN: the relayed path's acceptance tests run our TURN client against coturn.
+            dependencies: ["HolePunchQUIC", "HolePunchNet", "HolePunchSTUN", "ProcessTestSupport"],
             swiftSettings: swiftSettings
         ),
         .testTarget(

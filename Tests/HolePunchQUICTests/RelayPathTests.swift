@@ -1,6 +1,7 @@
 import ProcessTestSupport
 import Testing
 import HolePunchNet
+import CGnuTLS
 @testable import HolePunchQUIC
 
 /// The relayed route of the path layer against ``TestRelay`` (a loopback stand-in for a TURN server).
@@ -87,42 +88,12 @@ struct RelayPathTests {
         let direct = try UDPForwarder(to: setup.b.localAddress)
         defer { direct.close() }
         let (connection, peer) = try await setup.acceptOverRelay()
-        let changes = await connection.pathChanges()
-        let peerChanges = await peer.pathChanges()
-        let payload = (0..<(3 << 20)).map { UInt8(truncatingIfNeeded: ($0 &* 2_654_435_761) >> 13) }
-        let reader = Task { try await peer.acceptStream()?.readToEnd(limit: 8 << 20) }
-        let stream = try await connection.openStream()
-        let third = payload.count / 3
-        try await write(stream, payload[0..<third])
-
-        let directRoute = PathRoute.direct(direct.address)
-        try await connection.addPath(directRoute)
-        try await connection.validatePath(directRoute)
-        try await connection.switchPath(to: directRoute)
-        let toDirect = try await nextChange(peerChanges)
-        #expect(toDirect == PathChange(from: .direct(setup.relay.relayed), to: .direct(direct.address), isLocal: false))
-        try await write(stream, payload[third..<(2 * third)])
-
-        direct.kill()
-        try await connection.switchPath(to: setup.route)
-        try await write(stream, payload[(2 * third)...])
-        try await stream.finish()
-        let toRelay = try await nextChange(peerChanges)
-        #expect(toRelay == PathChange(from: .direct(direct.address), to: .direct(setup.relay.relayed), isLocal: false))
-        let received = try await withDeadline(.seconds(30)) { try await reader.value }
-        #expect(received?.count == payload.count)
-        #expect(received == payload)
-
+        try await RelayMoves.relayToDirectAndBack(
+            connection: connection, peer: peer, relayRoute: setup.route, relayed: setup.relay.relayed,
+            direct: direct, size: 3 << 20
+        )
         let stats = await setup.a.stats
         #expect(stats.relayToDirectMoves == 1 && stats.directToRelayMoves == 1 && stats.pathSwitches == 2)
-        let moves = try await withDeadline(.seconds(1)) {
-            var iterator = changes.makeAsyncIterator()
-            return [await iterator.next(), await iterator.next()]
-        }
-        #expect(moves == [
-            PathChange(from: setup.route, to: directRoute, isLocal: true),
-            PathChange(from: directRoute, to: setup.route, isLocal: true),
-        ])
         await peer.close()
         await setup.close()
     }
@@ -210,18 +181,69 @@ struct RelayPathTests {
         let switched = table.activate(.direct(peer))
         #expect(switched == nil)
     }
+}
+
+/// The move sequence both relay suites run (the stand-in relay here, coturn in `RelayCoturnTests`).
+enum RelayMoves {
+    /// On a connection accepted over a relay: writes a third of `size` bytes, validates and switches to the direct
+    /// path through `direct` (the peer follows), writes a third, kills `direct` and switches back to the relay (the
+    /// peer follows), writes the rest; checks that every byte arrived in order and that each move was one
+    /// `PathChange` on both sides. Returns the SHA-256 of what was sent and of what arrived.
+    @discardableResult
+    static func relayToDirectAndBack(
+        connection: QUICConnection, peer: QUICConnection, relayRoute: PathRoute, relayed: SocketAddress,
+        direct: UDPForwarder, size: Int
+    ) async throws -> (sentDigest: [UInt8], receivedDigest: [UInt8]) {
+        let changes = await connection.pathChanges()
+        let peerChanges = await peer.pathChanges()
+        let payload = (0..<size).map { UInt8(truncatingIfNeeded: ($0 &* 2_654_435_761) >> 13) }
+        let reader = Task { try await peer.acceptStream()?.readToEnd(limit: 8 << 20) }
+        let stream = try await connection.openStream()
+        let third = payload.count / 3
+        try await write(stream, payload[0..<third])
+
+        let directRoute = PathRoute.direct(direct.address)
+        try await connection.addPath(directRoute)
+        try await connection.validatePath(directRoute)
+        try await connection.switchPath(to: directRoute)
+        let toDirect = try await nextChange(peerChanges)
+        #expect(toDirect == PathChange(from: .direct(relayed), to: directRoute, isLocal: false))
+        try await write(stream, payload[third..<(2 * third)])
+
+        direct.kill()
+        try await connection.switchPath(to: relayRoute)
+        try await write(stream, payload[(2 * third)...])
+        try await stream.finish()
+        let toRelay = try await nextChange(peerChanges)
+        #expect(toRelay == PathChange(from: directRoute, to: .direct(relayed), isLocal: false))
+        let received = try #require(try await withDeadline(.seconds(30)) { try await reader.value })
+        #expect(received.count == payload.count)
+        #expect(received == payload)
+        let moves = [try await nextChange(changes), try await nextChange(changes)]
+        #expect(moves == [
+            PathChange(from: relayRoute, to: directRoute, isLocal: true),
+            PathChange(from: directRoute, to: relayRoute, isLocal: true),
+        ])
+        return (sha256(payload), sha256(received))
+    }
 
     /// The next change on `changes` (iterated by one caller at a time), within ten seconds.
-    private func nextChange(_ changes: AsyncStream<PathChange>) async throws -> PathChange? {
+    static func nextChange(_ changes: AsyncStream<PathChange>) async throws -> PathChange? {
         try await withDeadline(.seconds(10)) {
             var iterator = changes.makeAsyncIterator()
             return await iterator.next()
         }
     }
 
-    private func write(_ stream: QUICStream, _ bytes: ArraySlice<UInt8>) async throws {
+    static func write(_ stream: QUICStream, _ bytes: ArraySlice<UInt8>) async throws {
         for start in stride(from: bytes.startIndex, to: bytes.endIndex, by: 65_536) {
             try await stream.write(Array(bytes[start..<min(start + 65_536, bytes.endIndex)]))
         }
+    }
+
+    static func sha256(_ bytes: [UInt8]) -> [UInt8] {
+        var digest = [UInt8](repeating: 0, count: 32)
+        _ = gnutls_hash_fast(GNUTLS_DIG_SHA256, bytes, bytes.count, &digest)
+        return digest
     }
 }
