@@ -1,0 +1,207 @@
+import Foundation
+import HolePunchNet
+import ProcessTestSupport
+import Testing
+@testable import HolePunchSTUN
+
+/// Our TURN client against coturn on loopback.
+enum TURNInterop {
+    /// coturn with the test secret, `extra` arguments, answering Binding requests.
+    static func start(_ extra: [String] = []) async throws -> Coturn {
+        try await Coturn.start(extra: extra) { port in
+            try await onOwnThread { try Interop.waitUntilAnswering(.loopbackV4(port: port), attempts: 1) }
+        }
+    }
+
+    /// REST credentials for `user`, valid for ten minutes, minted with `secret`.
+    static func credentials(_ user: String, secret: String = Coturn.secret) throws -> TURNCredentials {
+        try .rest(secret: Array(secret.utf8), user: user, expiresAt: Int64(Date().timeIntervalSince1970) + 600)
+    }
+
+    static var quick: TURNAllocation.Configuration {
+        var configuration = TURNAllocation.Configuration()
+        configuration.initialRTO = .milliseconds(100)
+        configuration.transactionTimeout = .seconds(2)
+        return configuration
+    }
+
+    /// Runs a client on a fresh loopback socket in a child task of `group`; returns it once allocated.
+    static func allocate(
+        at server: SocketAddress, _ credentials: TURNCredentials, configuration: TURNAllocation.Configuration = quick,
+        in group: inout ThrowingTaskGroup<Void, any Error>
+    ) async throws -> (TURNClient, TURNClient.Allocation) {
+        try await allocateWithTransport(at: server, credentials, configuration: configuration, in: &group).0
+    }
+
+    /// ``allocate(at:_:configuration:in:)``, also returning the client's transport (the group's task closes it).
+    static func allocateWithTransport(
+        at server: SocketAddress, _ credentials: TURNCredentials, configuration: TURNAllocation.Configuration = quick,
+        in group: inout ThrowingTaskGroup<Void, any Error>
+    ) async throws -> ((TURNClient, TURNClient.Allocation), UDPSTUNTransport) {
+        let transport = try UDPSTUNTransport(binding: .loopbackV4(port: 0))
+        let client = TURNClient(server: server, credentials: credentials, transport: transport, configuration: configuration)
+        group.addTask {
+            defer { transport.closeNow() }
+            try await client.run()
+        }
+        return ((client, try await client.allocation()), transport)
+    }
+
+    /// The next datagram `client` received through the relay, bounded.
+    static func next(_ client: TURNClient) async throws -> TURNClient.Received? {
+        try await withDeadline(.seconds(5)) {
+            var iterator = client.received().makeAsyncIterator()
+            return await iterator.next()
+        }
+    }
+}
+
+extension RealNetworkTests {
+@Suite(.enabled(if: Coturn.available, "coturn's turnserver is not installed (apt-get install coturn)"))
+struct TURNCoturnTests {
+    @Test func twoClientsRelayBothWaysBySendIndicationAndChannelData() async throws {
+        let coturn = try await TURNInterop.start()
+        defer { coturn.stop() }
+        let server = SocketAddress.loopbackV4(port: coturn.port)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            let (a, allocationA) = try await TURNInterop.allocate(at: server, try TURNInterop.credentials("a"), in: &group)
+            let (b, allocationB) = try await TURNInterop.allocate(at: server, try TURNInterop.credentials("b"), in: &group)
+            #expect(allocationA.relayed.host == "127.0.0.1" && allocationA.relayed != allocationB.relayed)
+            #expect(a.relayedAddress == allocationA.relayed)
+            try await a.createPermission(for: allocationB.relayed)
+            try await b.createPermission(for: allocationA.relayed)
+
+            // Send indications out, Data indications in.
+            try await a.send(Array("a to b".utf8), to: allocationB.relayed)
+            #expect(try await TURNInterop.next(b) == .init(peer: allocationA.relayed, payload: Array("a to b".utf8)))
+            try await b.send(Array("b to a".utf8), to: allocationA.relayed)
+            #expect(try await TURNInterop.next(a) == .init(peer: allocationB.relayed, payload: Array("b to a".utf8)))
+
+            // ChannelData both ways.
+            try await a.bindChannel(to: allocationB.relayed)
+            try await b.bindChannel(to: allocationA.relayed)
+            let big = (0..<1200).map { UInt8($0 & 0xFF) }
+            #expect(big.withUnsafeBytes { a.wrap($0, to: allocationB.relayed) }?.first == 0x40, "ChannelData once bound")
+            try await a.send(big, to: allocationB.relayed)
+            #expect(try await TURNInterop.next(b) == .init(peer: allocationA.relayed, payload: big))
+            try await b.send([1, 2, 3], to: allocationA.relayed)
+            #expect(try await TURNInterop.next(a) == .init(peer: allocationB.relayed, payload: [1, 2, 3]))
+
+            await a.close()
+            await b.close()
+            try await group.waitForAll()
+        }
+    }
+
+    @Test func relayFramingRoundTripToAPlainPeer() async throws {
+        let coturn = try await TURNInterop.start()
+        defer { coturn.stop() }
+        let server = SocketAddress.loopbackV4(port: coturn.port)
+        let peer = try UDPDatagramSocket(binding: .loopbackV4(port: 0))
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            let ((client, allocation), transport) = try await TURNInterop.allocateWithTransport(
+                at: server, try TURNInterop.credentials("f"), in: &group
+            )
+            let framing: any RelayFraming = client
+            #expect(framing.server == server && framing.relayedAddress == allocation.relayed)
+            try await client.bindChannel(to: peer.localAddress)
+            // Framed by hand and sent on the allocation's own socket, as the endpoint does with its punch socket.
+            let framed = try #require(Array("through the relay".utf8).withUnsafeBytes { framing.wrap($0, to: peer.localAddress) })
+            #expect(framed.count == 4 + 17, "ChannelData, unpadded over UDP")
+            try await transport.send(framed, to: framing.server)
+            let arrived = try await onOwnThread { peer.receive(timeoutMilliseconds: 5000) }
+            #expect(arrived?.from == allocation.relayed)
+            #expect(arrived.map { String(decoding: $0.bytes, as: UTF8.self) } == "through the relay")
+            _ = try peer.send(Array("reply".utf8), to: allocation.relayed)
+            #expect(try await TURNInterop.next(client) == .init(peer: peer.localAddress, payload: Array("reply".utf8)))
+            await client.close()
+            try await group.waitForAll()
+        }
+    }
+
+    @Test func wrongSecretIsATypedError() async throws {
+        let coturn = try await TURNInterop.start()
+        defer { coturn.stop() }
+        let transport = try UDPSTUNTransport(binding: .loopbackV4(port: 0))
+        defer { transport.closeNow() }
+        let error = await #expect(throws: TURNError.self) {
+            try await TURNClient.withAllocation(
+                server: .loopbackV4(port: coturn.port), credentials: try TURNInterop.credentials("w", secret: "wrong"),
+                transport: transport, configuration: TURNInterop.quick
+            ) { _ in }
+        }
+        #expect(error?.code == .wrongCredentials)
+    }
+
+    @Test func serverNotRunningIsATypedErrorWithinTheBound() async throws {
+        // A port that was just free: nothing answers there.
+        let silent = try UDPDatagramSocket(binding: .loopbackV4(port: 0))
+        let server = silent.localAddress
+        let transport = try UDPSTUNTransport(binding: .loopbackV4(port: 0))
+        defer { transport.closeNow() }
+        let clock = ContinuousClock()
+        let started = clock.now
+        let error = await #expect(throws: TURNError.self) {
+            try await withDeadline(.seconds(10)) {
+                try await TURNClient.withAllocation(
+                    server: server, credentials: try TURNInterop.credentials("u"), transport: transport,
+                    configuration: TURNInterop.quick
+                ) { _ in }
+            }
+        }
+        #expect(error?.code == .unreachable)
+        #expect(clock.now - started < .seconds(10), "the wait is bounded by the transaction timeout (2 s)")
+    }
+
+    @Test func userQuotaRefusesASecondAllocation() async throws {
+        let coturn = try await TURNInterop.start(["--user-quota", "1"])
+        defer { coturn.stop() }
+        let server = SocketAddress.loopbackV4(port: coturn.port)
+        let credentials = try TURNInterop.credentials("q")
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            let (first, _) = try await TURNInterop.allocate(at: server, credentials, in: &group)
+            let transport = try UDPSTUNTransport(binding: .loopbackV4(port: 0))
+            defer { transport.closeNow() }
+            let error = await #expect(throws: TURNError.self) {
+                try await TURNClient.withAllocation(server: server, credentials: credentials, transport: transport,
+                                                    configuration: TURNInterop.quick) { _ in }
+            }
+            #expect(error?.code == .quotaExceeded)
+            await first.close()
+            try await group.waitForAll()
+        }
+    }
+
+    @Test func deleteFreesTheFiveTupleForANewAllocation() async throws {
+        let coturn = try await TURNInterop.start()
+        defer { coturn.stop() }
+        let server = SocketAddress.loopbackV4(port: coturn.port)
+        let transport = try UDPSTUNTransport(binding: .loopbackV4(port: 0))
+        defer { transport.closeNow() }
+        let credentials = try TURNInterop.credentials("d")
+        let first = try await TURNClient.withAllocation(server: server, credentials: credentials, transport: transport,
+                                                        configuration: TURNInterop.quick) { try await $0.allocation() }
+        // Without the deleting Refresh, coturn would answer 437 (allocation mismatch) on the same 5-tuple.
+        let second = try await TURNClient.withAllocation(server: server, credentials: credentials, transport: transport,
+                                                         configuration: TURNInterop.quick) { try await $0.allocation() }
+        #expect(first.relayed.host == "127.0.0.1" && second.relayed.host == "127.0.0.1")
+    }
+
+    @Test func aSecondAllocationOnTheSameFiveTupleIsAMismatch() async throws {
+        let coturn = try await TURNInterop.start()
+        defer { coturn.stop() }
+        let server = SocketAddress.loopbackV4(port: coturn.port)
+        let credentials = try TURNInterop.credentials("m")
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            let ((first, _), transport) = try await TURNInterop.allocateWithTransport(at: server, credentials, in: &group)
+            let error = await #expect(throws: TURNError.self) {
+                try await TURNClient.withAllocation(server: server, credentials: credentials, transport: transport,
+                                                    configuration: TURNInterop.quick) { _ in }
+            }
+            #expect(error?.code == .allocationMismatch)
+            await first.close()
+            try await group.waitForAll()
+        }
+    }
+}
+}
