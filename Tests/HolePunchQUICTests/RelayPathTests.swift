@@ -98,6 +98,35 @@ struct RelayPathTests {
         await setup.close()
     }
 
+    @Test("a direct connection adds the relay as a path, validates it and moves onto it; the peer follows")
+    func directToRelay() async throws {
+        let setup = try await Setup()
+        let reader = Task { () -> [UInt8]? in
+            var incoming = setup.b.incoming.makeAsyncIterator()
+            return try await incoming.next()?.acceptStream()?.readToEnd()
+        }
+        let connection = try await withDeadline(.seconds(10)) {
+            try await setup.a.connect(to: setup.b.localAddress, expecting: TestIdentities.b.nodeID)
+        }
+        let stream = try await connection.openStream()
+        try await stream.write([1, 2, 3])
+        try await connection.addPath(setup.route)
+        try await connection.validatePath(setup.route)
+        try await connection.switchPath(to: setup.route)
+        let forwardedBefore = setup.relay.forwarded
+        try await stream.write([4, 5, 6])
+        try await stream.finish()
+        let received = try await withDeadline(.seconds(10)) { try await reader.value }
+        #expect(received == [1, 2, 3, 4, 5, 6])
+        #expect(setup.relay.forwarded > forwardedBefore)
+        let stats = await setup.a.stats
+        #expect(stats.directToRelayMoves == 1 && stats.relayToDirectMoves == 0)
+        // The peer sees our relayed address as one more direct address of ours, and follows there.
+        #expect(await eventually { await setup.b.stats.pathSwitches == 1 })
+        await connection.close()
+        await setup.close()
+    }
+
     @Test("the relay dies while the connection is on the direct path: the connection carries on")
     func relayDiesWhileDirect() async throws {
         let setup = try await Setup()
