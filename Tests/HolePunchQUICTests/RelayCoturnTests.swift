@@ -91,18 +91,9 @@ struct RelayCoturnTests {
     func coturnDiesWhileDirect() async throws {
         let setup = try await Setup()
         let (connection, peer) = try await setup.acceptOverRelay()
-        let directRoute = PathRoute.direct(setup.b.localAddress)
-        try await connection.addPath(directRoute)
-        try await connection.validatePath(directRoute)
-        try await connection.switchPath(to: directRoute)
-        setup.coturn.stop()
-        let reader = Task { try await peer.acceptStream()?.readToEnd() }
-        let stream = try await connection.openStream()
-        let payload = (0..<1_000_000).map { UInt8(truncatingIfNeeded: $0 &* 7) }
-        try await stream.write(payload)
-        try await stream.finish()
-        let received = try await withDeadline(.seconds(10)) { try await reader.value }
-        #expect(received == payload)
+        try await RelayMoves.relayDiesWhileDirect(
+            connection: connection, peer: peer, direct: .direct(setup.b.localAddress), kill: setup.coturn.stop
+        )
         await peer.close()
         await setup.close()
     }

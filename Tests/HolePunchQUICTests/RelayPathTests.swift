@@ -131,18 +131,9 @@ struct RelayPathTests {
     func relayDiesWhileDirect() async throws {
         let setup = try await Setup()
         let (connection, peer) = try await setup.acceptOverRelay()
-        let directRoute = PathRoute.direct(setup.b.localAddress)
-        try await connection.addPath(directRoute)
-        try await connection.validatePath(directRoute)
-        try await connection.switchPath(to: directRoute)
-        setup.relay.kill()
-        let reader = Task { try await peer.acceptStream()?.readToEnd() }
-        let stream = try await connection.openStream()
-        let payload = [UInt8](repeating: 7, count: 500_000)
-        try await stream.write(payload)
-        try await stream.finish()
-        let received = try await withDeadline(.seconds(10)) { try await reader.value }
-        #expect(received == payload)
+        try await RelayMoves.relayDiesWhileDirect(
+            connection: connection, peer: peer, direct: .direct(setup.b.localAddress), kill: setup.relay.kill
+        )
         await peer.close()
         await setup.close()
     }
@@ -254,6 +245,24 @@ enum RelayMoves {
             PathChange(from: directRoute, to: relayRoute, isLocal: true),
         ])
         return (sha256(payload), sha256(received))
+    }
+
+    /// Moves a connection accepted over a relay to `direct`, calls `kill` (the relay dies), and checks that a
+    /// transfer after that arrives whole.
+    static func relayDiesWhileDirect(
+        connection: QUICConnection, peer: QUICConnection, direct: PathRoute, kill: () -> Void
+    ) async throws {
+        try await connection.addPath(direct)
+        try await connection.validatePath(direct)
+        try await connection.switchPath(to: direct)
+        kill()
+        let reader = Task { try await peer.acceptStream()?.readToEnd() }
+        let stream = try await connection.openStream()
+        let payload = (0..<1_000_000).map { UInt8(truncatingIfNeeded: $0 &* 7) }
+        try await stream.write(payload)
+        try await stream.finish()
+        let received = try await withDeadline(.seconds(10)) { try await reader.value }
+        #expect(received == payload)
     }
 
     /// The next change on `changes` (iterated by one caller at a time), within ten seconds.
