@@ -177,8 +177,8 @@ let package = Package(
         ),
         .testTarget(
             name: "HolePunchQUICTests",
-            // STUN: the relayed path's acceptance tests run our TURN client against coturn.
-            dependencies: ["HolePunchQUIC", "HolePunchNet", "HolePunchSTUN", "ProcessTestSupport"],
+            // STUN and HolePunch: the relayed path's acceptance tests run our TURN client against coturn.
+            dependencies: ["HolePunchQUIC", "HolePunchNet", "HolePunchSTUN", "HolePunch", "ProcessTestSupport"],
             swiftSettings: swiftSettings
         ),
         .testTarget(

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import HolePunch
 import HolePunchNet
 import HolePunchQUIC
 import HolePunchSTUN
@@ -145,7 +146,7 @@ private struct RelaySetup: Sendable {
             secret: Array(secret.utf8), user: "bench", expiresAt: Int64(Date().timeIntervalSince1970) + 600
         )
         return try await TURNClient.withAllocation(
-            server: server, credentials: credentials, transport: EndpointDatagrams(owner)
+            server: server, credentials: credentials, transport: EndpointNonQUICTransport(owner)
         ) { turn in
             try await owner.attachRelay(turn)
             try await turn.bindChannel(to: peer.localAddress)
@@ -154,36 +155,6 @@ private struct RelaySetup: Sendable {
             return result
         }
     }
-}
-
-/// The TURN client's transport on an endpoint's socket: sends with `Endpoint.send(datagram:to:)`, reads the
-/// endpoint's non-QUIC datagrams (the benchmark has no other reader).
-private final class EndpointDatagrams: STUNTransport {
-    let endpoint: Endpoint
-    let localAddress: SocketAddress
-
-    init(_ endpoint: Endpoint) {
-        self.endpoint = endpoint
-        localAddress = endpoint.localAddress
-    }
-
-    func send(_ bytes: [UInt8], to destination: SocketAddress) async throws {
-        try await endpoint.send(datagram: bytes, to: destination)
-    }
-
-    func incoming() -> AsyncStream<STUNDatagram> {
-        let (stream, continuation) = AsyncStream.makeStream(of: STUNDatagram.self)
-        let reader = Task { [endpoint] in
-            for await case .datagram(let bytes, let from) in endpoint.nonQUICDatagrams {
-                continuation.yield(STUNDatagram(bytes: bytes, from: from))
-            }
-            continuation.finish()
-        }
-        continuation.onTermination = { _ in reader.cancel() }
-        return stream
-    }
-
-    func close() async {}
 }
 
 /// The figures of one `bench relay` run, as written by `--json`.

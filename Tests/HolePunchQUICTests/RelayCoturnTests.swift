@@ -1,6 +1,7 @@
 import Foundation
 import ProcessTestSupport
 import Testing
+import HolePunch
 import HolePunchNet
 import HolePunchSTUN
 @testable import HolePunchQUIC
@@ -31,7 +32,7 @@ struct RelayCoturnTests {
                 )
                 let turn = TURNClient(
                     server: .loopbackV4(port: coturn.port), credentials: credentials,
-                    transport: EndpointTURNTransport(a)
+                    transport: EndpointNonQUICTransport(a)
                 )
                 self.turn = turn
                 runner = Task { try await turn.run() }
@@ -116,35 +117,4 @@ struct RelayCoturnTests {
         _ = try await withDeadline(.seconds(5)) { await peer.waitClosed() }
         await setup.close()
     }
-}
-
-/// A `STUNTransport` over an endpoint's socket for the TURN client of these tests: sends with
-/// ``Endpoint/send(datagram:to:)`` and reads ``Endpoint/nonQUICDatagrams`` (these tests have no other reader; the
-/// library's executor-wired transport lives in HolePunchRendezvous).
-final class EndpointTURNTransport: STUNTransport {
-    let endpoint: Endpoint
-    let localAddress: SocketAddress
-
-    init(_ endpoint: Endpoint) {
-        self.endpoint = endpoint
-        localAddress = endpoint.localAddress
-    }
-
-    func send(_ bytes: [UInt8], to destination: SocketAddress) async throws {
-        try await endpoint.send(datagram: bytes, to: destination)
-    }
-
-    func incoming() -> AsyncStream<STUNDatagram> {
-        let (stream, continuation) = AsyncStream.makeStream(of: STUNDatagram.self)
-        let reader = Task { [endpoint] in
-            for await case .datagram(let bytes, let from) in endpoint.nonQUICDatagrams {
-                continuation.yield(STUNDatagram(bytes: bytes, from: from))
-            }
-            continuation.finish()
-        }
-        continuation.onTermination = { _ in reader.cancel() }
-        return stream
-    }
-
-    func close() async {}
 }
