@@ -14,13 +14,17 @@ public struct Registered: Codable, Sendable, Hashable {
     public var keepAliveMilliseconds: Int
     /// The server's STUN responder (primary address), if it runs one, for NAT behaviour discovery.
     public var stunServer: SocketAddress?
+    /// TURN servers and credentials minted for this peer, when the rendezvous has any (``TURNGrant``).
+    public var turn: TURNGrant?
 
     /// Creates a confirmation.
-    public init(observedAddress: SocketAddress, ttlMilliseconds: Int, keepAliveMilliseconds: Int, stunServer: SocketAddress?) {
+    public init(observedAddress: SocketAddress, ttlMilliseconds: Int, keepAliveMilliseconds: Int, stunServer: SocketAddress?,
+                turn: TURNGrant? = nil) {
         self.observedAddress = observedAddress
         self.ttlMilliseconds = ttlMilliseconds
         self.keepAliveMilliseconds = keepAliveMilliseconds
         self.stunServer = stunServer
+        self.turn = turn
     }
 
     /// Decodes and validates (``validate()``): a server cannot hand the client absurd timers.
@@ -29,7 +33,8 @@ public struct Registered: Codable, Sendable, Hashable {
         self.init(observedAddress: try c.decode(SocketAddress.self, forKey: .observedAddress),
                   ttlMilliseconds: try c.decode(Int.self, forKey: .ttlMilliseconds),
                   keepAliveMilliseconds: try c.decode(Int.self, forKey: .keepAliveMilliseconds),
-                  stunServer: try c.decodeIfPresent(SocketAddress.self, forKey: .stunServer))
+                  stunServer: try c.decodeIfPresent(SocketAddress.self, forKey: .stunServer),
+                  turn: try c.decodeIfPresent(TURNGrant.self, forKey: .turn))
         try validate()
     }
 

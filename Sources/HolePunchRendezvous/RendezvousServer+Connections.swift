@@ -113,7 +113,7 @@ extension RendezvousServer {
             let wasCurrent = state.peer(node)?.connection == connection
             let actions = state.register(node: node, connection: connection, observed: link.connection.remoteAddress,
                                          registration: registration, stunServer: stun, now: at)
-            apply(actions)
+            apply(actions.map { grantingTURN($0) })
             if let handshake = link.handshakeRTT, state.peer(node)?.connection == connection, state.peer(node)?.rttSamples == 0 {
                 state.provisionalRTT(node: node, rtt: handshake)
             }

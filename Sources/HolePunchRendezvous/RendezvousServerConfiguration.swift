@@ -25,6 +25,8 @@ public struct RendezvousServerConfiguration: Sendable {
     /// Punch requests routed through the ``RendezvousDirectory`` and not answered yet, at most; further ones are
     /// refused with `capacity` (each holds a task until its answer or the directory's timeout).
     public var maxRoutedRequests = 1024
+    /// TURN credentials minted for every registered peer; nil hands out none.
+    public var turn: TURNMinting?
 
     /// Creates a configuration.
     public init(

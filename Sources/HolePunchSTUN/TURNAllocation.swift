@@ -14,32 +14,6 @@ public import HolePunchNet
 /// ``unwrap(_:)`` frame data on the channels and permissions it holds. Everything from the server is bounded:
 /// lifetimes are clamped, channel numbers checked, success responses must carry a valid MESSAGE-INTEGRITY.
 public struct TURNAllocation: Sendable {
-    /// Timers and bounds.
-    public struct Configuration: Hashable, Sendable {
-        /// The lifetime asked for in Allocate and Refresh.
-        public var requestedLifetime: Duration = .seconds(600)
-        /// The first retransmission timeout; it doubles after each transmission.
-        public var initialRTO: Duration = .milliseconds(250)
-        /// A request not answered within this long fails with `unreachable`: the bounded wait.
-        public var transactionTimeout: Duration = .seconds(5)
-        /// How often permissions are re-created (they last 5 minutes on the server).
-        public var permissionRefresh: Duration = .seconds(240)
-        /// How often channels are re-bound (they last 10 minutes on the server).
-        public var channelRefresh: Duration = .seconds(480)
-        /// Lifetimes granted by the server are clamped into this range of seconds, so a hostile server can make
-        /// us neither refresh in a busy loop nor believe an allocation lives for days.
-        public var lifetimeBounds: ClosedRange<UInt32> = 30...3600
-        /// At most this many peers get a permission or a channel.
-        public var maximumPeers: Int = 64
-        /// 438 (stale nonce) retries per request.
-        public var maximumNonceRetries: Int = 3
-        /// SOFTWARE sent in Allocate.
-        public var software: String? = "HolePunch"
-
-        /// The defaults.
-        public init() {}
-    }
-
     /// What the driver must do.
     public enum Action: Hashable, Sendable {
         /// Send `bytes` to the server.
@@ -67,7 +41,6 @@ public struct TURNAllocation: Sendable {
 
     private struct Transaction: Sendable {
         var request: Request
-        var operations: [Int]
         var bytes: [UInt8]
         var firstSent: Duration
         var nextSend: Duration
@@ -92,13 +65,17 @@ public struct TURNAllocation: Sendable {
 
     /// The server's address (the driver sends every `.send` there and feeds only its datagrams back).
     public let server: SocketAddress
-    private let credentials: TURNCredentials
+    private var credentials: TURNCredentials
     private let configuration: Configuration
     private var phase: Phase = .idle
     private var realm: String?
     private var nonce: [UInt8]?
     private var key: STUNCredential?
     private var pending: [STUNTransactionID: Transaction] = [:]
+    /// Refresh requests sent to keep the allocation (not counting retransmissions or deletion).
+    package private(set) var refreshesSent = 0
+    /// Requests retried with a fresh nonce after a 438.
+    package private(set) var nonceRetries = 0
     /// Our relayed address once allocated.
     public private(set) var relayedAddress: SocketAddress?
     private var refreshAt: Duration = .zero
@@ -126,7 +103,7 @@ public struct TURNAllocation: Sendable {
     public mutating func start(now: Duration) -> [Action] {
         guard phase == .idle else { return [] }
         phase = .allocating
-        return transmit(.allocate, operations: [], now: now)
+        return transmit(.allocate, now: now)
     }
 
     /// Asks for a permission for `peer`'s IP address; `.completed(operation:…)` follows.
@@ -141,7 +118,7 @@ public struct TURNAllocation: Sendable {
             return [.completed(operation: operation, error: TURNError(.limit, "more than \(configuration.maximumPeers) peers"))]
         }
         permissions[peer.ip] = Permission(waiting: [operation])
-        return transmit(.createPermission([peer]), operations: [], now: now)
+        return transmit(.createPermission([peer]), now: now)
     }
 
     /// Binds a channel to `peer` (which also installs its permission); `.completed(operation:…)` follows.
@@ -160,7 +137,7 @@ public struct TURNAllocation: Sendable {
         nextChannel += 1
         channels[peer] = Channel(number: number, waiting: [operation])
         peerByChannel[number] = peer
-        return transmit(.channelBind(number, peer), operations: [], now: now)
+        return transmit(.channelBind(number, peer), now: now)
     }
 
     /// Deletes the allocation (Refresh with lifetime 0); `.deallocated` follows, also when the server is gone.
@@ -170,7 +147,7 @@ public struct TURNAllocation: Sendable {
             var actions = abandonOperations(TURNError(.closed, "the allocation is being deleted"))
             pending.removeAll()
             phase = .deallocating
-            actions += transmit(.refresh(lifetime: 0), operations: [], now: now)
+            actions += transmit(.refresh(lifetime: 0), now: now)
             return actions
         case .idle, .allocating:
             let actions = abandonOperations(TURNError(.closed, "the allocation was closed"))
@@ -178,6 +155,15 @@ public struct TURNAllocation: Sendable {
             return actions + [.deallocated]
         case .deallocating, .ended:
             return []
+        }
+    }
+
+    /// Uses `credentials` for every later request: REST credentials expire, and coturn checks the expiry on Refresh
+    /// too, so a long-lived allocation needs the fresh ones a later registration brings.
+    public mutating func updateCredentials(_ credentials: TURNCredentials) {
+        self.credentials = credentials
+        if key != nil, let realm {
+            key = try? STUNCredential.longTerm(username: credentials.username, realm: realm, password: credentials.password)
         }
     }
 
@@ -213,16 +199,17 @@ public struct TURNAllocation: Sendable {
         }
         if now >= refreshAt && !pending.values.contains(where: { if case .refresh = $0.request { true } else { false } }) {
             refreshAt = expiresAt
-            actions += transmit(.refresh(lifetime: requestedLifetimeSeconds), operations: [], now: now)
+            refreshesSent += 1
+            actions += transmit(.refresh(lifetime: requestedLifetimeSeconds), now: now)
         }
         let duePermissions = permissions.filter { $0.value.installed && now >= $0.value.refreshAt }.map(\.key)
         if !duePermissions.isEmpty {
             for ip in duePermissions { permissions[ip]?.refreshAt = now + configuration.permissionRefresh }
-            actions += transmit(.createPermission(duePermissions.map { SocketAddress(ip: $0, port: 0) }), operations: [], now: now)
+            actions += transmit(.createPermission(duePermissions.map { SocketAddress(ip: $0, port: 0) }), now: now)
         }
         for (peer, channel) in channels where channel.bound && now >= channel.refreshAt {
             channels[peer]?.refreshAt = now + configuration.channelRefresh
-            actions += transmit(.channelBind(channel.number, peer), operations: [], now: now)
+            actions += transmit(.channelBind(channel.number, peer), now: now)
         }
         return actions
     }
@@ -335,7 +322,7 @@ public struct TURNAllocation: Sendable {
             self.realm = realm
             self.nonce = nonce
             self.key = key
-            return transmit(transaction.request, operations: transaction.operations, now: now)
+            return transmit(transaction.request, now: now)
         case 401:
             return failRequest(transaction, TURNError(.wrongCredentials, "the server rejected our credentials (401)"))
         case 438 where transaction.nonceRetries < configuration.maximumNonceRetries:
@@ -343,12 +330,13 @@ public struct TURNAllocation: Sendable {
                 return failRequest(transaction, TURNError(.malformed, "438 without a NONCE"))
             }
             self.nonce = nonce
+            nonceRetries += 1
             if let realm = try? message.realm(), !realm.isEmpty, realm != self.realm,
                let key = try? STUNCredential.longTerm(username: credentials.username, realm: realm, password: credentials.password) {
                 self.realm = realm
                 self.key = key
             }
-            return transmit(transaction.request, operations: transaction.operations, now: now, nonceRetries: transaction.nonceRetries + 1)
+            return transmit(transaction.request, now: now, nonceRetries: transaction.nonceRetries + 1)
         case 486:
             return failRequest(transaction, TURNError(.quotaExceeded, "the server refused another allocation (486)"))
         case 437:
@@ -446,10 +434,10 @@ public struct TURNAllocation: Sendable {
     /// Refresh at half the lifetime when it is short, else a minute before it ends.
     private mutating func schedule(lifetime: Duration, now: Duration) {
         expiresAt = now + lifetime
-        refreshAt = now + (lifetime < .seconds(120) ? lifetime / 2 : lifetime - .seconds(60))
+        refreshAt = now + min(lifetime < .seconds(120) ? lifetime / 2 : lifetime - .seconds(60), configuration.maximumRefreshInterval)
     }
 
-    private mutating func transmit(_ request: Request, operations: [Int], now: Duration, nonceRetries: Int = 0) -> [Action] {
+    private mutating func transmit(_ request: Request, now: Duration, nonceRetries: Int = 0) -> [Action] {
         let id = STUNTransactionID.random()
         var attributes: [STUNAttribute] = []
         switch request {
@@ -475,12 +463,12 @@ public struct TURNAllocation: Sendable {
         guard let bytes = try? STUNMessage(.request, method: method, transactionID: id, attributes: attributes)
             .encoded(integrity: key, fingerprint: true) else {
             return failRequest(
-                Transaction(request: request, operations: operations, bytes: [], firstSent: now, nextSend: now, rto: .zero, authenticated: false),
+                Transaction(request: request, bytes: [], firstSent: now, nextSend: now, rto: .zero, authenticated: false),
                 TURNError(.malformed, "a request could not be encoded (a username or nonce too long)")
             )
         }
         pending[id] = Transaction(
-            request: request, operations: operations, bytes: bytes, firstSent: now,
+            request: request, bytes: bytes, firstSent: now,
             nextSend: now + configuration.initialRTO, rto: configuration.initialRTO,
             nonceRetries: nonceRetries, authenticated: key != nil
         )

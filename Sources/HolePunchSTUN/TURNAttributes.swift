@@ -162,8 +162,11 @@ public enum TURNChannelData {
 
     /// A ChannelData message carrying `payload` on `channel`.
     ///
-    /// - Parameter padded: pad to a multiple of 4 bytes. RFC 8656 §12.5 requires it over TCP and leaves it optional
-    ///   over UDP, where it only costs bytes, so UDP callers pass `false`.
+    /// - Parameters:
+    ///   - channel: the bound channel number.
+    ///   - payload: the data for the peer.
+    ///   - padded: pad to a multiple of 4 bytes. RFC 8656 §12.5 requires it over TCP and leaves it optional over UDP,
+    ///     where it only costs bytes, so UDP callers pass `false`.
     /// - Returns: nil when the payload exceeds 65,535 bytes or the channel is outside ``channelRange``.
     public static func encode(channel: UInt16, payload: UnsafeRawBufferPointer, padded: Bool = false) -> [UInt8]? {
         guard channelRange.contains(channel), payload.count <= 0xFFFF else { return nil }

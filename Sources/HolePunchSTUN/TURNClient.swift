@@ -113,6 +113,11 @@ public final class TURNClient: RelayFraming, Sendable {
         state.withLock { $0.machine.unwrap(datagram) }
     }
 
+    /// Refreshes sent and stale-nonce retries so far, for tests and diagnostics.
+    package var counters: (refreshes: Int, nonceRetries: Int) {
+        state.withLock { ($0.machine.refreshesSent, $0.machine.nonceRetries) }
+    }
+
     // MARK: Operations
 
     /// Waits until the allocation exists (or failed).
@@ -154,7 +159,13 @@ public final class TURNClient: RelayFraming, Sendable {
         try await transport.send(framed, to: server)
     }
 
-    /// Data from peers that arrived on the transport (a plain socket); the newest 256 are buffered.
+    /// Uses `credentials` for every later request (see ``TURNAllocation/updateCredentials(_:)``).
+    public func updateCredentials(_ credentials: TURNCredentials) {
+        state.withLock { $0.machine.updateCredentials(credentials) }
+    }
+
+    /// Data from peers that arrived on the transport (a plain socket); the newest 256 are buffered. One consumer at a
+    /// time: every call returns the same stream, which ends when ``run()`` does.
     public func received() -> AsyncStream<Received> { data }
 
     /// Deletes the allocation (bounded by the transaction timeout) and makes ``run()`` return.

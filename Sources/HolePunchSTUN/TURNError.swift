@@ -28,6 +28,8 @@ public struct TURNError: Error, Sendable, Hashable, CustomStringConvertible {
         public static let rejected = Code("rejected")
         /// More peers than the configured bound.
         public static let limit = Code("limit")
+        /// A TURN setting is unusable (an unreadable or empty secret file…).
+        public static let invalidConfiguration = Code("invalidConfiguration")
         /// The allocation was closed (deallocated, or the client stopped) before the operation finished.
         public static let closed = Code("closed")
     }

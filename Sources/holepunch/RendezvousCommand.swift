@@ -87,6 +87,15 @@ struct RendezvousCommand: AsyncParsableCommand {
     @Option(help: "With --cluster: subject prefix shared by the instances of one deployment.")
     var clusterPrefix: String = "hp"
 
+    @Option(help: "A TURN server (numeric ADDR:PORT) whose credentials registered peers receive; repeatable, at most 4. Needs --turn-secret-file.")
+    var turnServer: [String] = []
+
+    @Option(help: "File holding the secret shared with the TURN servers (coturn --static-auth-secret); it is never printed.")
+    var turnSecretFile: String?
+
+    @Option(help: "Lifetime of minted TURN credentials, in seconds; peers re-register for fresh ones.")
+    var turnCredentialTtl: Int = 600
+
     @Flag(help: "Print the start line as JSON.")
     var json = false
 
@@ -112,6 +121,13 @@ struct RendezvousCommand: AsyncParsableCommand {
         guard maxQueuedReplies >= 1, maxConnections >= 1 else {
             throw ValidationError("--max-queued-replies and --max-connections must be >= 1")
         }
+        guard turnServer.isEmpty == (turnSecretFile == nil) else {
+            throw ValidationError("--turn-server and --turn-secret-file go together")
+        }
+        guard turnServer.count <= TURNGrant.maximumServers else {
+            throw ValidationError("at most \(TURNGrant.maximumServers) --turn-server")
+        }
+        guard turnCredentialTtl >= 60 else { throw ValidationError("--turn-credential-ttl must be at least 60 seconds") }
     }
 
     func run() async throws {
@@ -138,7 +154,7 @@ struct RendezvousCommand: AsyncParsableCommand {
         }
         let logger = verbose ? Logger(label: "holepunch.rendezvous", factory: { StreamLogHandler.standardError(label: $0) })
                              : Logger(label: "holepunch.rendezvous", factory: { _ in SwiftLogNoOpLogHandler() })
-        let configuration = RendezvousServerConfiguration(
+        var configuration = RendezvousServerConfiguration(
             listen: address, identity: id, stun: stun,
             state: RendezvousState.Configuration(registrationTTL: .seconds(registrationTtl),
                                                  startDelay: .milliseconds(startDelayMs),
@@ -147,6 +163,7 @@ struct RendezvousCommand: AsyncParsableCommand {
             limits: RendezvousLimits(messageBurst: messageBurst, messagesPerSecond: messagesPerSecond,
                                      maxQueuedFrames: maxQueuedReplies, maxConnections: maxConnections)
         )
+        configuration.turn = try turnMinting()
         let server: RendezvousServer
         do { server = try await RendezvousServer.bind(configuration: configuration, logger: logger) } catch {
             throw cliFailure("\(error.message)", hint: "is the port (or listen port + 1 for STUN) already in use? try --stun-port or --no-stun")
@@ -177,6 +194,23 @@ struct RendezvousCommand: AsyncParsableCommand {
         }
         do { try await server.runUntilSignalled(logger: logger) } catch {
             throw cliFailure("the rendezvous stopped: \(error)", hint: nil)
+        }
+    }
+
+    /// The TURN minting rule from the options, or nil without --turn-server.
+    private func turnMinting() throws -> TURNMinting? {
+        guard let turnSecretFile, !turnServer.isEmpty else { return nil }
+        var servers: [SocketAddress] = []
+        for text in turnServer {
+            do { servers.append(try SocketAddress(parsing: text)) } catch {
+                throw usageFailure("\(error)", hint: "--turn-server takes a numeric ADDR:PORT such as 127.0.0.1:3478")
+            }
+        }
+        do {
+            let secret = try TURNMinting.secret(fromFile: turnSecretFile)
+            return TURNMinting(servers: servers, secret: secret, ttl: .seconds(turnCredentialTtl))
+        } catch {
+            throw cliFailure(error.message, hint: "write the secret shared with coturn (--static-auth-secret) into the file")
         }
     }
 }

@@ -61,6 +61,8 @@ struct CLITests {
         ["nat", "detect", "--stun", "not-an-address"],
         ["rendezvous", "--listen", "127.0.0.1:0", "--message-burst", "0"],
         ["bench", "rendezvous-flood", "--seconds", "0"],
+        ["rendezvous", "--listen", "127.0.0.1:0", "--no-stun", "--turn-server", "127.0.0.1:3478",
+         "--turn-secret-file", "/nonexistent/turn.secret"],
         ["peer", "--rendezvous", "127.0.0.1:9", "--rendezvous-id", String(repeating: "a", count: 52), "--identity",
          "/nonexistent/id.pem", "--connect", String(repeating: "a", count: 52), "--echo"],
     ])
@@ -96,6 +98,11 @@ struct CLITests {
         ["rendezvous", "--listen", "127.0.0.1:0", "--no-stun", "--registration-ttl", "0"],
         ["rendezvous", "--listen", "127.0.0.1:0", "--no-stun", "--rate-burst", "0"],
         ["rendezvous", "--listen", "127.0.0.1:0", "--no-stun", "--start-delay-ms=-1"],
+        ["rendezvous", "--listen", "127.0.0.1:0", "--no-stun", "--turn-server", "127.0.0.1:3478"],
+        ["rendezvous", "--listen", "127.0.0.1:0", "--no-stun", "--turn-secret-file", "s", "--turn-credential-ttl", "10",
+         "--turn-server", "127.0.0.1:3478"],
+        ["rendezvous", "--listen", "127.0.0.1:0", "--no-stun", "--turn-secret-file", "s"]
+            + (1...5).flatMap { ["--turn-server", "127.0.0.1:\(3478 + $0)"] },
     ])
     func badArgumentsExit64(_ arguments: [String]) async throws {
         guard let binary = holepunchBinaryOrSkip() else { return }

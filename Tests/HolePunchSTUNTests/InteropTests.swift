@@ -78,29 +78,19 @@ enum Interop {
 
 extension RealNetworkTests {
 @Suite struct InteropTests {
-    @Test(.enabled(if: Interop.available("turnserver"), "coturn's turnserver is not installed (apt-get install coturn)"))
+    @Test(.enabled(if: Coturn.available, "coturn's turnserver is not installed (apt-get install coturn)"))
     func ourDiscoveryClientAgainstCoturn() async throws {
-        let turnserver = try #require(Interop.path(of: "turnserver"), "turnserver is missing, and CI requires it")
         let (port, altPort) = try Interop.freePortPair()
-        let pidFile = FileManager.default.temporaryDirectory.appendingPathComponent("holepunch-coturn-\(port).pid").path
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: turnserver)
-        process.arguments = [
-            "-n", "--listening-ip", "127.0.0.1", "--listening-ip", "127.0.0.2",
+        let coturn = try await Coturn.start(port: port, arguments: [
+            "--listening-ip", "127.0.0.1", "--listening-ip", "127.0.0.2",
             "--listening-port", "\(port)", "--alt-listening-port", "\(altPort)",
             "--no-tls", "--no-dtls", "--no-tcp", "--stun-only", "--no-cli",
-            "--pidfile", pidFile, "--log-file", "stdout", "--simple-log",
-        ]
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
-        try process.run()
-        defer {
-            // Only the PID we started.
-            Interop.stop(process)
-            try? FileManager.default.removeItem(atPath: pidFile)
+        ]) { port in
+            try await onOwnThread { try Interop.waitUntilAnswering(.loopbackV4(port: port), attempts: 1) }
         }
+        // Only the PID we started.
+        defer { coturn.stop() }
         let server = SocketAddress.loopbackV4(port: port)
-        #expect(try await onOwnThread { try Interop.waitUntilAnswering(server) }, "coturn did not start answering within 10 s")
         #expect(try await onOwnThread { try Interop.waitUntilAnswering(SocketAddress(ip: .v4(127, 0, 0, 2), port: altPort)) })
 
         let result = try await NATDiscoveryClient.discover(server: server, bindAddress: .loopbackV4(port: 0))

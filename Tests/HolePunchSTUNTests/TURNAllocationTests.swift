@@ -218,6 +218,17 @@ private func completion(_ actions: [TURNAllocation.Action]) -> TURNError?? {
         #expect(completion(actions)??.code == .limit)
     }
 
+    @Test func laterRequestsUseUpdatedCredentials() throws {
+        var machine = try server.allocated()
+        let fresh = TURNCredentials(username: "1700000600:node", password: "pw2")
+        machine.updateCredentials(fresh)
+        let (refresh, bytes) = try server.request(machine.tick(now: .seconds(540)))
+        #expect(refresh.username == fresh.username)
+        try STUNMessage.verifyIntegrity(
+            of: bytes, credential: try .longTerm(username: fresh.username, realm: server.realm, password: fresh.password), require: .sha1
+        )
+    }
+
     @Test func deallocatesWithLifetimeZero() throws {
         var machine = try server.allocated()
         let (refresh, _) = try server.request(machine.deallocate(now: .seconds(1)))

@@ -119,6 +119,26 @@ struct TURNCoturnTests {
         }
     }
 
+    @Test func refreshesKeepTheAllocationAliveThroughStaleNonces() async throws {
+        // coturn grants at least 10 minutes, so the client refreshes every second; coturn calls nonces stale after
+        // 1 s, so refreshes meet 438s.
+        let coturn = try await TURNInterop.start(["--stale-nonce=1"])
+        defer { coturn.stop() }
+        var configuration = TURNInterop.quick
+        configuration.maximumRefreshInterval = .milliseconds(1500)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            let (client, allocation) = try await TURNInterop.allocate(
+                at: .loopbackV4(port: coturn.port), try TURNInterop.credentials("r"), configuration: configuration, in: &group
+            )
+            #expect(allocation.lifetime == .seconds(600))
+            #expect(await eventually(.seconds(15)) { client.counters.refreshes >= 3 }, "\(client.counters)")
+            #expect(client.counters.nonceRetries >= 1, "coturn's stale nonce was never met")
+            try await client.createPermission(for: .loopbackV4(port: 9))
+            await client.close()
+            try await group.waitForAll()
+        }
+    }
+
     @Test func wrongSecretIsATypedError() async throws {
         let coturn = try await TURNInterop.start()
         defer { coturn.stop() }
@@ -181,10 +201,35 @@ struct TURNCoturnTests {
         let credentials = try TURNInterop.credentials("d")
         let first = try await TURNClient.withAllocation(server: server, credentials: credentials, transport: transport,
                                                         configuration: TURNInterop.quick) { try await $0.allocation() }
-        // Without the deleting Refresh, coturn would answer 437 (allocation mismatch) on the same 5-tuple.
-        let second = try await TURNClient.withAllocation(server: server, credentials: credentials, transport: transport,
-                                                         configuration: TURNInterop.quick) { try await $0.allocation() }
-        #expect(first.relayed.host == "127.0.0.1" && second.relayed.host == "127.0.0.1")
+        // Without the deleting Refresh, coturn answers 437 (allocation mismatch) on the same 5-tuple for the whole
+        // lifetime (600 s); after it, coturn frees the session on its next timer run, within a second or two.
+        let reused = await eventually(.seconds(10)) {
+            (try? await TURNClient.withAllocation(server: server, credentials: credentials, transport: transport,
+                                                   configuration: TURNInterop.quick) { try await $0.allocation() }) != nil
+        }
+        #expect(reused, "the 5-tuple was not free again within 10 s of the deletion")
+        #expect(first.relayed.host == "127.0.0.1")
+    }
+
+    @Test func cancellingRunEndsItAtOnceAndStillDeletesTheAllocation() async throws {
+        let coturn = try await TURNInterop.start()
+        defer { coturn.stop() }
+        let server = SocketAddress.loopbackV4(port: coturn.port)
+        let transport = try UDPSTUNTransport(binding: .loopbackV4(port: 0))
+        defer { transport.closeNow() }
+        let credentials = try TURNInterop.credentials("c")
+        let client = TURNClient(server: server, credentials: credentials, transport: transport, configuration: TURNInterop.quick)
+        let run = Task { try await client.run() }
+        _ = try await client.allocation()
+        run.cancel()
+        let ended = try await withDeadline(.seconds(2)) { await run.result }
+        #expect(throws: CancellationError.self) { try ended.get() }
+        // The one deleting Refresh sent on cancellation frees the 5-tuple (otherwise 437 for 600 s).
+        let reused = await eventually(.seconds(10)) {
+            (try? await TURNClient.withAllocation(server: server, credentials: credentials, transport: transport,
+                                                   configuration: TURNInterop.quick) { try await $0.allocation() }) != nil
+        }
+        #expect(reused)
     }
 
     @Test func aSecondAllocationOnTheSameFiveTupleIsAMismatch() async throws {

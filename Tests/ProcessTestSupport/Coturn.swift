@@ -45,18 +45,28 @@ public final class Coturn: Sendable {
         extra: [String] = [],
         ready: @escaping @Sendable (UInt16) async throws -> Bool
     ) async throws -> Coturn {
-        let binary = try #require(binary, "turnserver is missing (apt-get install coturn), and CI requires it")
-        let directory = try scratchDirectory("holepunch-coturn")
         let port = try #require(freeUDPPort(), "no free UDP port on 127.0.0.1")
-        let arguments = [
-            "-n", "--listening-ip", "127.0.0.1", "--relay-ip", "127.0.0.1", "--listening-port", "\(port)",
+        return try await start(port: port, arguments: [
+            "--listening-ip", "127.0.0.1", "--relay-ip", "127.0.0.1", "--listening-port", "\(port)",
             "--use-auth-secret", "--static-auth-secret", secret, "--realm", realm,
             "--no-tls", "--no-dtls", "--no-tcp", "--no-tcp-relay", "--allow-loopback-peers", "--no-cli",
-            "--pidfile", directory.appendingPathComponent("turnserver.pid").path,
-            "--db", directory.appendingPathComponent("turndb").path,
-            "--log-file", "stdout", "--simple-log",
-        ] + extra
-        let child = try Child(binary, arguments, directory: directory)
+        ] + extra, ready: ready)
+    }
+
+    /// Starts coturn with `arguments` (which must make it listen on `port`), plus a pid file, a database and a log
+    /// of its own; returns once `ready(port)` says it answers (polled for at most 10 s).
+    public static func start(
+        port: UInt16,
+        arguments: [String],
+        ready: @escaping @Sendable (UInt16) async throws -> Bool
+    ) async throws -> Coturn {
+        let binary = try #require(binary, "turnserver is missing (apt-get install coturn), and CI requires it")
+        let directory = try scratchDirectory("holepunch-coturn")
+        let own = [
+            "-n", "--pidfile", directory.appendingPathComponent("turnserver.pid").path,
+            "--db", directory.appendingPathComponent("turndb").path, "--log-file", "stdout", "--simple-log",
+        ]
+        let child = try Child(binary, own + arguments, directory: directory)
         let coturn = Coturn(port: port, child: child, directory: directory)
         var answering = false
         let clock = ContinuousClock()
