@@ -159,12 +159,33 @@ struct RelayPathTests {
         // A peer's probe through the relay would pass for a direct one: the endpoint does not hand it on.
         try await setup.b.send(datagram: [0x00, 0x01, 0x00, 0x00], to: setup.relay.relayed)
         #expect(await eventually(.seconds(5)) { await setup.a.stats.datagramsDropped > droppedBefore })
-        setup.relay.sendControl([0x01, 0x01, 0x00, 0x00])
+        setup.relay.sendFromServer([0x01, 0x01, 0x00, 0x00])
         let first = try await withDeadline(.seconds(5)) {
             var iterator = setup.a.nonQUICDatagrams.makeAsyncIterator()
             return await iterator.next()
         }
         #expect(first == .datagram([0x01, 0x01, 0x00, 0x00], from: setup.relay.server))
+        await setup.close()
+    }
+
+    @Test("a QUIC packet of a connection forwarded from a peer address the connection does not know is dropped before QUIC")
+    func unknownRelayedSourceIsDropped() async throws {
+        let setup = try await Setup()
+        let echo = startEchoServer(setup.b)
+        defer { echo.cancel() }
+        let connection = try await withDeadline(.seconds(10)) {
+            try await setup.a.connect(to: setup.b.localAddress, expecting: TestIdentities.b.nodeID)
+        }
+        // A short-header packet to one of the connection's IDs, as if a peer the connection never saw sent it.
+        let cid = try #require(await setup.a.someConnectionID())
+        let packet = [0x40] + cid + [UInt8](repeating: 0x5a, count: 40)
+        let stranger = SocketAddress.loopbackV4(port: 9)
+        let droppedBefore = await setup.a.stats.datagramsDropped
+        setup.relay.sendFromServer(TestRelay.header(stranger) + packet)
+        #expect(await eventually { await setup.a.stats.datagramsDropped > droppedBefore })
+        #expect(await connection.paths().map(\.route) == [.direct(setup.b.localAddress)])
+        #expect(await setup.a.stats.relayedDatagramsReceived == 1)
+        await connection.abort()
         await setup.close()
     }
 
@@ -283,5 +304,12 @@ enum RelayMoves {
         var digest = [UInt8](repeating: 0, count: 32)
         _ = gnutls_hash_fast(GNUTLS_DIG_SHA256, bytes, bytes.count, &digest)
         return digest
+    }
+}
+
+extension Endpoint {
+    /// One connection ID this endpoint routes by (the bytes of a `CIDKey`, which keeps them in its words in order).
+    func someConnectionID() -> [UInt8]? {
+        router.routes.keys.first.map { key in withUnsafeBytes(of: (key.a, key.b, key.c)) { Array($0.prefix(Int(key.length))) } }
     }
 }

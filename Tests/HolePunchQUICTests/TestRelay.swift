@@ -58,8 +58,9 @@ final class TestRelay: Sendable {
     /// From now on every datagram is dropped.
     func kill() { state.withLock { $0.killed = true } }
 
-    /// Sends a control message (not data) from the server to its client: what a TURN refresh response would be.
-    func sendControl(_ bytes: [UInt8]) {
+    /// Sends `bytes` as they are from the server to its client: a control message (what a TURN refresh response
+    /// would be), or data framed by the test (``header(_:)``), as a lying server could.
+    func sendFromServer(_ bytes: [UInt8]) {
         _ = client.withSockAddr { sendto(serverFD, bytes, bytes.count, 0, $0, $1) }
     }
 
