@@ -186,7 +186,9 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .testTarget(
-            name: "HolePunchQUICTests", dependencies: ["HolePunchQUIC", "HolePunchNet", "ProcessTestSupport"],
+            name: "HolePunchQUICTests",
+            // STUN and HolePunch: the relayed path's acceptance tests run our TURN client against coturn.
+            dependencies: ["HolePunchQUIC", "HolePunchNet", "HolePunchSTUN", "HolePunch", "ProcessTestSupport"],
             swiftSettings: swiftSettings
         ),
         .testTarget(

@@ -244,6 +244,17 @@ public struct EndpointStats: Sendable, Hashable {
     /// Times a connection's active path went silent (data unanswered for three probe timeouts) and all its paths
     /// were re-checked.
     public var pathRechecks = 0
+    /// Of ``pathSwitches``, the moves from a relayed path to a direct one.
+    public var relayToDirectMoves = 0
+    /// Of ``pathSwitches``, the moves from a direct path to a relayed one.
+    public var directToRelayMoves = 0
+    /// Datagrams forwarded from a peer that arrived through an attached relay (``Endpoint/attachRelay(_:)``).
+    public var relayedDatagramsReceived = 0
+    /// Datagrams sent wrapped through an attached relay.
+    public var relayedDatagramsSent = 0
+    /// Sends on a relayed path that had no relay attached for its server or no permission for its peer (the
+    /// framing refused to wrap): dropped, and counted in ``sendErrors`` too.
+    public var relaySendsRefused = 0
 }
 
 /// Statistics for one connection.

@@ -90,12 +90,13 @@ final class ConnectionCore {
     /// The timer that repeats a running re-check's challenges.
     var recheckTimer: UInt64?
 
-    init(key: UInt64, isClient: Bool, remote: SocketAddress, expectedNodeID: NodeID?) {
+    /// `route` is the path the connection starts on; QUIC sees its peer address (``remote``) for good.
+    init(key: UInt64, isClient: Bool, route: PathRoute, expectedNodeID: NodeID?) {
         self.key = key
         self.isClient = isClient
-        self.remote = remote
+        self.remote = route.peer
         self.expectedNodeID = expectedNodeID
-        paths = PathTable(stable: .direct(remote))
+        paths = PathTable(stable: route)
         connRef = .allocate(capacity: 1)
         connRef.initialize(to: ngtcp2_crypto_conn_ref())
         writePath = .allocate(capacity: 1)

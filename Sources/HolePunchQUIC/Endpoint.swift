@@ -63,6 +63,9 @@ public actor Endpoint {
     var drainableOrder: [UInt64] = []
     var touched: [ConnectionCore] = []
     var touchedKeys: Set<UInt64> = []
+    /// The relay allocations attached (``attachRelay(_:)``), by server address: datagrams from a key are relay
+    /// traffic, and sends on a relayed path go through its framing.
+    var relays: [SocketAddress: any RelayFraming] = [:]
     let io: SocketBuffers
 
     /// Binds a UDP socket and starts serving it.
@@ -155,13 +158,30 @@ public actor Endpoint {
     public func connect(
         to remote: SocketAddress, expecting peer: NodeID, options: ConnectOptions = ConnectOptions()
     ) async throws -> QUICConnection {
+        try await connect(via: .direct(remote), expecting: peer, options: options)
+    }
+
+    /// Dials a peer on a path: ``PathRoute/direct(_:)`` is ``connect(to:expecting:options:)``;
+    /// ``PathRoute/relay(server:peer:)`` dials through a relay attached with ``attachRelay(_:)`` (the peer
+    /// answers our relayed address as a plain UDP address). The connection keeps `route` as its first path and
+    /// may move off it later (``QUICConnection/switchPath(to:)``); QUIC sees the route's peer address throughout.
+    ///
+    /// - Throws: as ``connect(to:expecting:options:)``, and `invalidArgument` when no relay
+    ///   is attached for the route's server.
+    public func connect(
+        via route: PathRoute, expecting peer: NodeID, options: ConnectOptions = ConnectOptions()
+    ) async throws -> QUICConnection {
         guard !isClosed else { throw QUICError(.endpointClosed, "the endpoint is closed") }
-        guard reachableFamilies.contains(remote.family) else {
-            throw QUICError(.invalidArgument, "cannot dial \(remote) from a socket bound to \(localAddress)")
+        guard reachableFamilies.contains(route.address.family) else {
+            throw QUICError(.invalidArgument, "cannot dial \(route) from a socket bound to \(localAddress)")
         }
+        if case .relay(let server, _) = route, relays[server] == nil {
+            throw QUICError(.invalidArgument, "no relay is attached for \(server)")
+        }
+        let remote = route.peer
         // The documented error type, not `CancellationError`: callers switch on `QUICError.code`.
         guard !Task.isCancelled else { throw QUICError(.cancelled, "the dial to \(remote) was cancelled") }
-        let core = try makeClientConnection(to: remote, expecting: peer, options: options)
+        let core = try makeClientConnection(to: route, expecting: peer, options: options)
         let key = core.key
         flush(core)
         try await withTaskCancellationHandler {

@@ -42,9 +42,10 @@ extension Endpoint {
     }
 
     func makeClientConnection(
-        to remote: SocketAddress, expecting peer: NodeID, options: ConnectOptions
+        to route: PathRoute, expecting peer: NodeID, options: ConnectOptions
     ) throws -> ConnectionCore {
-        let core = ConnectionCore(key: allocateKey(), isClient: true, remote: remote, expectedNodeID: peer)
+        let core = ConnectionCore(key: allocateKey(), isClient: true, route: route, expectedNodeID: peer)
+        let remote = route.peer
         core.router = router
         core.waiters = waiters
         core.serverName = options.serverName
@@ -97,9 +98,10 @@ extension Endpoint {
     /// A server connection for a client Initial. `originalDCID` is set when the Initial carried a valid Retry
     /// token: the DCID of the client's first Initial, which the transport parameters must name.
     func makeServerConnection(
-        header: inout ngtcp2_pkt_hd, from remote: SocketAddress, hints: HandshakeHints?, originalDCID: ngtcp2_cid?
+        header: inout ngtcp2_pkt_hd, from route: PathRoute, hints: HandshakeHints?, originalDCID: ngtcp2_cid?
     ) -> ConnectionCore? {
-        let core = ConnectionCore(key: allocateKey(), isClient: false, remote: remote, expectedNodeID: nil)
+        let core = ConnectionCore(key: allocateKey(), isClient: false, route: route, expectedNodeID: nil)
+        let remote = route.peer
         core.router = router
         core.waiters = waiters
         core.handshakeCopies = min(max(hints?.packetCopies ?? 1, 1), HandshakeHints.maxPacketCopies)

@@ -4,28 +4,35 @@ internal import CHolePunchNetShims
 
 // Demultiplexing: first-byte classification, connection-ID routing, and the Initial accept / Retry / handshake gate.
 extension Endpoint {
-    func dispatch(count: Int, from: SocketAddress) {
+    /// Sorts one datagram that arrived on `route` (for a relayed route: the payload the relay forwarded).
+    func dispatch(_ packet: UnsafeRawBufferPointer, on route: PathRoute) {
+        let count = packet.count
         guard count > 0 else {
             counters.datagramsDropped += 1
             return
         }
-        let packet = UnsafeRawBufferPointer(rebasing: io.receiveBuffer[0..<count])
         let bytes = packet.baseAddress!.assumingMemoryBound(to: UInt8.self)
         let first = packet[0]
         var versionCID = ngtcp2_version_cid()
         let decoded = ngtcp2_pkt_decode_version_cid(&versionCID, bytes, count, localCIDLength) == 0
         if decoded, let dcid = versionCID.dcid,
            let core = router.routes[CIDKey(UnsafeRawBufferPointer(start: dcid, count: versionCID.dcidlen))] {
-            read(core, packet: bytes, count: count, from: from)
+            read(core, packet: bytes, count: count, on: route)
             return
         }
         if first <= 3 {
+            // The owner reads these as arriving from an address: a peer's STUN or punch probe forwarded by a relay
+            // would pass for a direct one, so only direct ones are handed on.
+            guard case .direct(let from) = route else {
+                counters.datagramsDropped += 1
+                return
+            }
             counters.stunDatagrams += 1
             deliverNonQUIC(.datagram(Array(packet), from: from))
             return
         }
         if first == PathProbe.marker {
-            receivePathProbe(packet, from: from)
+            receivePathProbe(packet, on: route)
             return
         }
         // Unknown DCID: only a client Initial (long header, fixed bit set: a client cannot grease before it has
@@ -35,13 +42,15 @@ extension Endpoint {
             counters.datagramsDropped += 1
             return
         }
-        acceptInitial(&header, packet: bytes, count: count, from: from)
+        acceptInitial(&header, packet: bytes, count: count, on: route)
     }
 
     /// A client Initial for a new connection: validates the source's address (``AddressValidation``), then starts
-    /// a server connection, sends a Retry, or drops it.
-    func acceptInitial(_ header: inout ngtcp2_pkt_hd, packet: UnsafePointer<UInt8>, count: Int, from: SocketAddress) {
-        let hints = handshakeHintProvider?(from)
+    /// a server connection, sends a Retry, or drops it. On a relayed route the source is the peer's address as the
+    /// relay saw it, and no handshake hints are asked: they vouch for a direct address.
+    func acceptInitial(_ header: inout ngtcp2_pkt_hd, packet: UnsafePointer<UInt8>, count: Int, on route: PathRoute) {
+        let from = route.peer
+        let hints = route.isRelayed ? nil : handshakeHintProvider?(from)
         var proof: HandshakeGate.Proof = hints == nil ? .none : .vouched
         var originalDCID: ngtcp2_cid?
         if header.token.len > 0, let base = header.token.base, base[0] == RetryTokenKey.magic {
@@ -51,7 +60,7 @@ extension Endpoint {
             ) else {
                 // RFC 9000 §8.1.3: the client will not take another Retry, so tell it at once rather than let it time out.
                 counters.invalidRetryTokens += 1
-                sendInvalidTokenClose(header, to: from)
+                sendInvalidTokenClose(header, to: route)
                 return
             }
             originalDCID = original
@@ -62,20 +71,21 @@ extension Endpoint {
             counters.initialsRefused += 1
             counters.datagramsDropped += 1
         case .retry:
-            sendRetry(header, to: from)
+            sendRetry(header, to: route)
         case .accept(let validated):
-            guard let core = makeServerConnection(header: &header, from: from, hints: hints, originalDCID: originalDCID) else {
+            guard let core = makeServerConnection(header: &header, from: route, hints: hints, originalDCID: originalDCID) else {
                 counters.datagramsDropped += 1
                 return
             }
             core.hintsAsked = hints != nil
             gate.started(core.key, from: from, validated: validated)
-            read(core, packet: packet, count: count, from: from)
+            read(core, packet: packet, count: count, on: route)
         }
     }
 
     /// Answers an Initial with a Retry carrying a token for its source address; keeps no state.
-    func sendRetry(_ header: ngtcp2_pkt_hd, to remote: SocketAddress) {
+    func sendRetry(_ header: ngtcp2_pkt_hd, to route: PathRoute) {
+        let remote = route.peer
         var retrySCID = randomConnectionID(length: localCIDLength)
         var clientSCID = header.scid
         var originalDCID = header.dcid
@@ -88,11 +98,11 @@ extension Endpoint {
         )
         guard written > 0 else { return }
         counters.retriesSent += 1
-        sendStateless(count: Int(written), to: remote)
+        sendStateless(count: Int(written), to: route)
     }
 
     /// Closes, without any connection state, the handshake of an Initial whose Retry token failed verification.
-    func sendInvalidTokenClose(_ header: ngtcp2_pkt_hd, to remote: SocketAddress) {
+    func sendInvalidTokenClose(_ header: ngtcp2_pkt_hd, to route: PathRoute) {
         var clientSCID = header.scid
         var dcid = header.dcid
         let written = ngtcp2_crypto_write_connection_close(
@@ -100,7 +110,7 @@ extension Endpoint {
             &clientSCID, &dcid, UInt64(NGTCP2_INVALID_TOKEN), nil, 0
         )
         guard written > 0 else { return }
-        sendStateless(count: Int(written), to: remote)
+        sendStateless(count: Int(written), to: route)
     }
 
     var isAcceptDisabled: Bool {
@@ -108,27 +118,32 @@ extension Endpoint {
         return false
     }
 
-    func read(_ core: ConnectionCore, packet: UnsafePointer<UInt8>, count: Int, from: SocketAddress) {
+    func read(_ core: ConnectionCore, packet: UnsafePointer<UInt8>, count: Int, on route: PathRoute) {
         guard let conn = core.conn else { return }
+        guard let source = quicSource(core, on: route) else {
+            counters.datagramsDropped += 1
+            return
+        }
         core.bytesReceived += count
         core.packetsReceived += 1
         // Only datagrams from the handshake's own address may earn it copies: the copies go to `core.remote`, and a
         // packet from a vouched-for address must not buy amplification towards an address someone spoofed.
-        if !core.hintsAsked, from == core.remote, gate.isPending(core.key), let hints = handshakeHintProvider?(from) {
+        if !core.hintsAsked, route == .direct(core.remote), gate.isPending(core.key),
+           let hints = handshakeHintProvider?(core.remote) {
             // A probe may prove the path just after the first Initial arrived: later handshake datagrams get copies.
             core.hintsAsked = true
             core.handshakeCopies = min(max(hints.packetCopies, 1), HandshakeHints.maxPacketCopies)
         }
         var info = ngtcp2_pkt_info()
         PacketDecryption.reset()
-        let rv = io.withPath(remote: quicSource(core, from: from)) { path in
+        let rv = io.withPath(remote: source) { path in
             ngtcp2_conn_read_pkt_versioned(conn, path, NGTCP2_PKT_INFO_VERSION, &info, packet, count, hp_now_ns())
         }
         if rv != 0 {
             fail(core, rv: rv)
             return
         }
-        notePacket(core, from: from)
+        notePacket(core, on: route)
         if core.announceAccepted {
             core.announceAccepted = false
             gate.ended(core.key)

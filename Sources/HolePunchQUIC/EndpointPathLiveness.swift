@@ -55,9 +55,14 @@ extension Endpoint {
         stopRecheck(core)
     }
 
-    /// The active path changed: counts it, tells the application, and starts watching the new path afresh.
+    /// The active path changed: counts it (and relay ↔ direct moves by kind), tells the application, and starts watching the new path afresh.
     func moved(_ core: ConnectionCore, _ change: PathChange) {
         counters.pathSwitches += 1
+        switch (change.from.isRelayed, change.to.isRelayed) {
+        case (true, false): counters.relayToDirectMoves += 1
+        case (false, true): counters.directToRelayMoves += 1
+        default: break
+        }
         core.pathChangeSink?.yield(change)
         core.liveness.moved()
         stopRecheck(core)

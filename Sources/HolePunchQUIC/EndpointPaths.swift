@@ -76,6 +76,7 @@ extension Endpoint {
     }
 
     private func checkFamily(_ route: PathRoute) throws {
+        // A relayed path's peer may be of either family: only the server is reached from our socket.
         guard reachableFamilies.contains(route.address.family) else {
             throw QUICError(.invalidArgument, "cannot reach \(route) from a socket bound to \(localAddress)")
         }
@@ -109,13 +110,13 @@ extension Endpoint {
     private func sendProbe(_ core: ConnectionCore, _ kind: PathProbe.Kind, challenge: UInt64, on route: PathRoute) -> Bool {
         guard let key = probeKey(core), let cid = peerConnectionID(core) else { return false }
         let probe = PathProbe(kind: kind, connectionID: cid, challenge: challenge).encoded(key: key)
-        sendDatagram(probe, to: route.address)
+        sendDatagram(probe, on: route)
         return true
     }
 
     /// A datagram with the path-probe marker: a challenge is answered on the path it came by, a response may
     /// validate a path. Anything unauthenticated is dropped and counted.
-    func receivePathProbe(_ packet: UnsafeRawBufferPointer, from: SocketAddress) {
+    func receivePathProbe(_ packet: UnsafeRawBufferPointer, on route: PathRoute) {
         guard let probe = PathProbe.parse(packet),
               let core = probe.connectionID.withUnsafeBytes({ router.routes[CIDKey($0)] }),
               !core.isClosed, let key = probeKey(core), PathProbe.verify(packet, key: key)
@@ -124,7 +125,6 @@ extension Endpoint {
             return
         }
         counters.pathProbesReceived += 1
-        let route = PathRoute.direct(from)
         let now = hp_now_ns()
         switch probe.kind {
         case .challenge, .announcement:
@@ -154,21 +154,23 @@ extension Endpoint {
 
     // MARK: QUIC's view
 
-    /// The address QUIC is told a datagram from `from` came from: once the handshake completed, always the stable
-    /// address, so QUIC never sees a path change (its decryption still decides whether the packet is the peer's);
-    /// `from` itself before. The path layer, not ngtcp2's migration, then follows the peer to a new address, on
+    /// The address QUIC is told a datagram that arrived on `route` came from. Once the handshake completed, always
+    /// the stable path's peer address, so QUIC never sees a path change (its decryption still decides whether the
+    /// packet is the peer's); the path layer, not ngtcp2's migration, then follows the peer to a new address, on
     /// either side of the connection (ngtcp2 0.12 lets only a server follow, and a client drops packets from an
-    /// address it did not dial).
-    func quicSource(_ core: ConnectionCore, from: SocketAddress) -> SocketAddress {
-        core.isHandshakeCompleted ? core.paths.stable.address : from
+    /// address it did not dial). Before, the source itself. nil (drop it) for a relayed route the connection does
+    /// not know: a relay forwards from any peer that has a permission, and QUIC could not answer there.
+    func quicSource(_ core: ConnectionCore, on route: PathRoute) -> SocketAddress? {
+        if route.isRelayed, route != core.paths.stable, core.paths.entries[route] == nil { return nil }
+        if core.isHandshakeCompleted || route == core.paths.stable { return core.paths.stable.peer }
+        return route.peer
     }
 
-    /// After a QUIC packet from `from` was read: when ngtcp2 decrypted it, note that the active path works, follow
-    /// the peer to a path it moved to, or challenge a path it uses that this side has not validated yet (a new
-    /// address is a NAT rebinding: ``PathTable/packetReceived(on:now:)``).
-    func notePacket(_ core: ConnectionCore, from: SocketAddress) {
+    /// After a QUIC packet that arrived on `route` was read: when ngtcp2 decrypted it, note that the active path
+    /// works, follow the peer to a path it moved to, or challenge a path it uses that this side has not validated
+    /// yet (a new address is a NAT rebinding: ``PathTable/packetReceived(on:now:)``).
+    func notePacket(_ core: ConnectionCore, on route: PathRoute) {
         guard PacketDecryption.happened, core.isHandshakeCompleted else { return }
-        let route = PathRoute.direct(from)
         let now = hp_now_ns()
         switch core.paths.packetReceived(on: route, now: now) {
         case .none: break

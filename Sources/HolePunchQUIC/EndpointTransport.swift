@@ -28,7 +28,12 @@ extension Endpoint {
             switch input {
             case .datagram(let datagram):
                 counters.datagramsReceived += 1
-                dispatch(count: datagram.count, from: datagram.from)
+                let packet = UnsafeRawBufferPointer(rebasing: io.receiveBuffer[0..<datagram.count])
+                if let relay = relays[datagram.from] {
+                    receiveFromRelay(packet, relay: relay)
+                } else {
+                    dispatch(packet, on: .direct(datagram.from))
+                }
             case .unreachable(let address):
                 deliverNonQUIC(.unreachable(address))
             }
@@ -43,21 +48,16 @@ extension Endpoint {
 
     // MARK: Sending
 
-    /// Sends the first `count` bytes of the send buffer to `remote`; false when the transport refused them.
+    /// Sends the first `count` bytes of the send buffer on `route`; false when the transport (or the relay's
+    /// framing) refused them.
     @discardableResult
-    func transmit(count: Int, to remote: SocketAddress) -> Bool {
-        let outcome = try? transport.send(UnsafeRawBufferPointer(rebasing: io.sendBuffer[0..<count]), to: remote)
-        guard outcome == .sent else {
-            counters.sendErrors += 1
-            return false
-        }
-        counters.datagramsSent += 1
-        return true
+    func transmit(count: Int, on route: PathRoute) -> Bool {
+        send(UnsafeRawBufferPointer(rebasing: io.sendBuffer[0..<count]), on: route)
     }
 
-    /// Sends the first `count` bytes of the send buffer to `remote`: a packet that belongs to no connection.
-    func sendStateless(count: Int, to remote: SocketAddress) {
-        transmit(count: count, to: remote)
+    /// Sends the first `count` bytes of the send buffer on `route`: a packet that belongs to no connection.
+    func sendStateless(count: Int, to route: PathRoute) {
+        transmit(count: count, on: route)
     }
 
     /// Sends one packet of `core` from the send buffer, as many times as its handshake asks for.
@@ -72,15 +72,13 @@ extension Endpoint {
         }
         // QUIC addresses the stable peer address; the path table says which path carries it now. (A path ngtcp2
         // moved to on its own, after a peer's NAT rebinding, is used as ngtcp2 says.)
-        guard var remote = SocketAddress(core.writePath.pointee.path.remote.addr) else {
+        guard let remote = SocketAddress(core.writePath.pointee.path.remote.addr) else {
             counters.sendErrors += 1
             return
         }
-        if core.paths.active != core.paths.stable, remote == core.paths.stable.address {
-            remote = core.paths.active.address
-        }
+        let route = remote == core.paths.stable.peer ? core.paths.active : .direct(remote)
         for _ in 0..<copies {
-            if transmit(count: count, to: remote) {
+            if transmit(count: count, on: route) {
                 core.bytesSent += count
                 core.packetsSent += 1
             }
@@ -88,9 +86,8 @@ extension Endpoint {
     }
 
     /// Sends a datagram that belongs to no QUIC packet (a path probe); a refusal counts as a send error.
-    func sendDatagram(_ datagram: [UInt8], to address: SocketAddress) {
-        let outcome = try? transport.send(datagram, to: address)
-        if outcome == .sent { counters.datagramsSent += 1 } else { counters.sendErrors += 1 }
+    func sendDatagram(_ datagram: [UInt8], on route: PathRoute) {
+        datagram.withUnsafeBytes { _ = send($0, on: route) }
     }
 }
 

@@ -38,7 +38,7 @@ package final class InitialForge {
     ///
     /// - Throws: ``QUICError`` when ngtcp2 or GnuTLS refuse to build it.
     package func make(from local: SocketAddress, to remote: SocketAddress, token: [UInt8] = []) throws -> [UInt8] {
-        let core = ConnectionCore(key: 0, isClient: true, remote: remote, expectedNodeID: nil)
+        let core = ConnectionCore(key: 0, isClient: true, route: .direct(remote), expectedNodeID: nil)
         defer { core.freeNative() }
         try core.makeSession(credentials: credentials, alpns: [alpn])
         // ngtcp2's defaults, not an endpoint's configuration: the forge has none, and a flood's Initials need not

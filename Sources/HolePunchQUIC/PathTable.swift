@@ -7,19 +7,39 @@ public import HolePunchNet
 public enum PathRoute: Sendable, Hashable, CustomStringConvertible {
     /// From the endpoint's socket straight to this address of the peer.
     case direct(SocketAddress)
-    // The relay issue adds a case here (`relay(server:peer:)`): datagrams wrapped for relay R. Everything below
-    // keys paths by route, so only the endpoint's send and receive of such a path need to learn the wrapping.
+    /// Through a relay allocation: datagrams go to the relay `server` wrapped for `peer` (by the endpoint's
+    /// ``Endpoint/attachRelay(_:)`` framing), and datagrams the server forwards from `peer` arrive on this route.
+    /// `peer` is the peer's address as the relay sees it.
+    case relay(server: SocketAddress, peer: SocketAddress)
 
-    /// The address datagrams on this path are sent to, and come from.
+    /// Where the endpoint's socket sends this path's datagrams, and where they come from: the peer's address on a
+    /// direct path, the relay server on a relayed one.
     public var address: SocketAddress {
         switch self {
         case .direct(let address): address
+        case .relay(let server, _): server
         }
+    }
+
+    /// The peer's address on this path: what its datagrams carry as source, and what QUIC is told for a
+    /// connection that started on this path.
+    public var peer: SocketAddress {
+        switch self {
+        case .direct(let address): address
+        case .relay(_, let peer): peer
+        }
+    }
+
+    /// Whether the path goes through a relay.
+    public var isRelayed: Bool {
+        if case .relay = self { return true }
+        return false
     }
 
     public var description: String {
         switch self {
         case .direct(let address): "direct \(address)"
+        case .relay(let server, let peer): "relay \(server) to \(peer)"
         }
     }
 }
@@ -162,7 +182,12 @@ struct PathTable {
         return true
     }
 
-    /// Whether QUIC packets from `address` belong to this connection's stable path (the peer is known there).
+    /// Whether QUIC packets arriving on `route` belong to this connection (the peer is known there).
+    func carries(_ route: PathRoute) -> Bool {
+        guard let entry = entries[route] else { return false }
+        return entry.isValidated || entry.isPeerProven
+    }
+
     /// Records a challenge sent on `route`.
     mutating func challengeSent(on route: PathRoute, challenge: UInt64, now: UInt64) {
         guard var entry = entries[route] else { return }

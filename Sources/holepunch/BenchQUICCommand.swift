@@ -126,7 +126,10 @@ struct BenchQUICCommand: AsyncParsableCommand {
         }
     }
 
-    static func ourThroughput(bytes: Int, client: Endpoint, server: Endpoint, serverID: NodeID) async throws -> Double {
+    /// `target` is where the client dials (the server's address by default; `bench relay` passes a relayed address).
+    static func ourThroughput(
+        bytes: Int, client: Endpoint, server: Endpoint, serverID: NodeID, target: SocketAddress? = nil
+    ) async throws -> Double {
         let receiver = Task { () -> Int in
             for await connection in server.incoming {
                 guard let stream = try await connection.acceptStream() else { return -1 }
@@ -136,7 +139,7 @@ struct BenchQUICCommand: AsyncParsableCommand {
             }
             return -1
         }
-        let connection = try await client.connect(to: server.localAddress, expecting: serverID)
+        let connection = try await client.connect(to: target ?? server.localAddress, expecting: serverID)
         let chunk = [UInt8](repeating: 0xa5, count: 256 << 10)
         let clock = ContinuousClock()
         let start = clock.now
