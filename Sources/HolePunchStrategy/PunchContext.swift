@@ -63,6 +63,9 @@ public struct PunchContext: Sendable, Hashable, Codable {
     public var peerID: String
     /// The limits the plan will be clamped into, so a strategy can size itself.
     public var limits: PlanLimits
+    /// Whether a TURN relay is available for this punch (the rendezvous granted credentials and an allocation can
+    /// be made), so a plan's `PunchPlan.relay` can take effect.
+    public var relayAvailable: Bool = false
 
     /// Creates a context.
     public init(

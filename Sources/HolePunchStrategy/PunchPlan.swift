@@ -1,3 +1,5 @@
+internal import HolePunchNet
+
 /// One entry of a plan's remote port list: a single port or an inclusive range.
 public enum PortSpec: Sendable, Hashable, Codable {
     /// One port.
@@ -124,6 +126,11 @@ public struct PunchPlan: Sendable, Hashable, Codable {
     /// Most candidates to check (the first ones of ``candidateOrder`` or of the priority order); nil: no cap but the
     /// limits' (``PlanLimits/maxCandidates``).
     public var maxCandidates: Int?
+    /// When to carry the connection over a TURN relay (issue 15); only when `PunchContext.relayAvailable`.
+    public var relay: RelayUse
+    /// How long to keep trying for a direct path once the connection runs over the relay (the punch goes on
+    /// beside it; the connection moves when a direct path is proven).
+    public var directAfterRelay: Duration
 
     /// Creates a plan. Defaults are the ones documented in `docs/strategies.md`.
     public init(
@@ -140,8 +147,12 @@ public struct PunchPlan: Sendable, Hashable, Codable {
         lowTTL: Int? = nil,
         handshakeCopies: Int = 1,
         candidateOrder: [Int]? = nil,
-        maxCandidates: Int? = nil
+        maxCandidates: Int? = nil,
+        relay: RelayUse = .never,
+        directAfterRelay: Duration = .seconds(30)
     ) {
+        self.relay = relay
+        self.directAfterRelay = directAfterRelay
         self.candidateOrder = candidateOrder
         self.maxCandidates = maxCandidates
         self.ports = ports
@@ -399,5 +410,24 @@ extension Double {
     var formatted: String {
         if self == rounded(), abs(self) < 1e15 { return String(Int64(self)) }
         return String((self * 1000).rounded() / 1000)
+    }
+}
+
+/// When a punch carries the connection over a TURN relay.
+public enum RelayUse: Sendable, Hashable, Codable, CustomStringConvertible {
+    /// Never: direct or nothing (the behaviour before relays existed).
+    case never
+    /// At once: connect through the relay while the punch goes on beside it, then move to the direct path.
+    case first
+    /// When no direct path was proven this long after the punch started.
+    case after(Duration)
+
+    /// `never`, `first` or `after 250 ms`.
+    public var description: String {
+        switch self {
+        case .never: "never"
+        case .first: "first"
+        case .after(let delay): "after \(delay.humanDescription)"
+        }
     }
 }
