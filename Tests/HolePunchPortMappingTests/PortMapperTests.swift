@@ -28,9 +28,10 @@ func loopbackMapper(port: UInt16, protocols: [PortMappingProtocol], gateway: Soc
             #expect(error.code == .timeout, "\(error)")
             #expect(error.message.contains("pcp"), "\(error)")
         }
-        // The bound is 300 ms; slack for a loaded machine, still below PCP's first retransmission (3 s) and the
-        // 2 s that libnatpmp's schedule would reach by its fourth try.
-        #expect(ContinuousClock.now - started < .seconds(2))
+        // The bound is 300 ms. This is not a timing measurement: it separates "returned at its own bound" from
+        // "ran the protocols' schedules" (libnatpmp's nine tries take over two minutes; PCP's retransmissions go on
+        // until told to stop), with room for a machine loaded enough to stretch 300 ms tenfold (seen: 3.8 s).
+        #expect(ContinuousClock.now - started < .seconds(30))
         #expect(await mapper.mapping == nil)
     }
 
