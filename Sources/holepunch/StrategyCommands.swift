@@ -60,7 +60,8 @@ struct StrategyCheckCommand: AsyncParsableCommand {
         discussion: """
             Each case runs with an 80 ms RTT and with none measured (ctx.rtt_ms nil, as in a real run before the \
             RTT is known), and with no history, a history of successes and a history of failures only (where \
-            history.*.median_ttc_ms and last_offset are nil). Errors are printed as file:line: message, with the \
+            history.*.median_ttc_ms and last_offset are nil), each with a relay available and without (ctx.relay_available). \
+            Errors are printed as file:line: message, with the \
             first failing case; the exit status is non-zero if any file fails. Without files, checks the bundled \
             default.lua.
 
