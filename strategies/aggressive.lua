@@ -1,6 +1,8 @@
 -- aggressive.lua: fastest to connect, at the price of more packets. Use it on networks you control (or
 -- the lab) when connection time matters more than traffic, e.g. interactive sessions between known
 -- peers. It probes wide windows at the highest rate the core allows, from the first millisecond.
+-- With a relay available it connects through it at once (relay = "first") and keeps punching beside the relayed
+-- connection for 60 s: the first byte never waits for the punch, and the connection moves once a path is proven.
 
 local function cone(p) return p.mapping == "endpoint_independent" end
 
@@ -39,6 +41,8 @@ local function plan(ctx)
         start_delay_ms = 0,
         initial_rtt_ms = hp.clamp(rtt, 10, 500),
         dial_direct = true,
+        relay = ctx.relay_available and "first" or "never",
+        direct_after_relay_ms = 60000,
     }
 end
 

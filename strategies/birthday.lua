@@ -2,6 +2,8 @@
 -- is behind a NAT with random port allocation (symmetric_random in the lab): our random side opens many
 -- mappings towards the peer's known port; against their random side we spray random ports, so that some
 -- probe meets one of their fresh mappings. It sends many packets; the core's rate cap still applies.
+-- It sets no relay fields, so it takes the built-in rule (as default.lua): the relay at once for a pair that cannot
+-- be punched, a race after a delay elsewhere, never without a relay.
 
 local function random_side(p)
     return p.mapping ~= "endpoint_independent" and p.allocation == "random"

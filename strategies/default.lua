@@ -16,6 +16,11 @@
 -- * Lossy paths: probing lasts at least 2.5 s, and each QUIC handshake datagram is sent twice (three times after
 --   failures).
 -- * Easy NATs (endpoint-independent mapping on both sides): only the candidate ports, few packets.
+-- * The relay (when ctx.relay_available): at once for a pair that cannot be punched (the `hopeless` pair below) or
+--   whose NAT-pair history has only failures; elsewhere a race: the relay starts after three times the pair's median
+--   time to connect (five RTTs without history), within 1–10 s, so a pair that punches as before never touches it.
+--   The punch goes on beside a relayed connection for 30 s (10 s for a hopeless pair). The built-in Swift fallback
+--   (DefaultStrategy.relayUse) decides the same.
 
 local function cone(p) return p.mapping == "endpoint_independent" end
 -- Our NAT admits the peer from any of its ports once we have sent to its address.
@@ -118,6 +123,17 @@ local function plan(ctx)
     local failures = (history.peer.attempts - history.peer.successes) + (history.pair.attempts - history.pair.successes)
     local copies = failures > 0 and 3 or 2
 
+    -- The relay: never without one; at once where waiting for the punch only delays the first byte; else a race.
+    local relay
+    if not ctx.relay_available then
+        relay = "never"
+    elseif hopeless or (history.pair.attempts >= 2 and history.pair.successes == 0) then
+        relay = "first"
+    else
+        local expected = history.pair.median_ttc_ms or 5 * rtt
+        relay = { after_ms = hp.clamp(3 * expected, 1000, 10000) }
+    end
+
     return {
         ports = ports,
         sockets = sockets,
@@ -130,6 +146,8 @@ local function plan(ctx)
         initial_rtt_ms = hp.clamp(rtt * 1.5, 10, 1000),
         dial_direct = cone(remote),
         handshake_copies = math.min(copies, math.max(1, ctx.limits.max_handshake_copies)),
+        relay = relay,
+        direct_after_relay_ms = hopeless and 10000 or 30000,
     }
 end
 

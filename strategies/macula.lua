@@ -5,7 +5,10 @@
 --   * the worst-NAT timing table (1000/800 ms with 1 port, 2000/1500 ms with 3, 4000/3000 ms with 5);
 --   * the documented cadence (50/100/150 ms initial delay, 100/200/300 ms interval, 3/5/7 retries);
 --   * ports tried in ascending order, and only the first N of them;
---   * no use of the measured RTT, the attempt number, history or role.
+--   * no use of the measured RTT, the attempt number, history or role;
+--   * macula's connector order: direct, punch, then relay. The relay starts only when the punch's timeout has passed
+--     (when ctx.relay_available), and a relayed connection stays relayed (direct_after_relay_ms = 0): macula never
+--     upgraded a relayed connection.
 -- What the Swift core fixes regardless of the strategy (same socket, peer verification) is not modelled.
 
 local TIMING = {
@@ -60,6 +63,8 @@ local function plan(ctx)
         start_delay_ms = cad.delay,
         initial_rtt_ms = 333,
         dial_direct = true,
+        relay = ctx.relay_available and { after_ms = row.timeout } or "never",
+        direct_after_relay_ms = 0,
     }
 end
 

@@ -1,6 +1,8 @@
 -- sequential.lua: port-contiguity prediction. Use it against NATs that allocate ports sequentially
 -- (symmetric_seq in the lab, many home routers and CGNs): it walks forward from the peer's reflexive
 -- port by the observed delta, the next allocation first, and widens the walk with each attempt.
+-- It sets no relay fields, so it takes the built-in rule (as default.lua): the relay at once for a pair that cannot
+-- be punched, a race after a delay elsewhere, never without a relay.
 
 local function plan(ctx)
     local rtt = ctx.rtt_ms or 100

@@ -52,7 +52,7 @@ extension LuaEngine {
     }
 
     func pushContext(_ ctx: PunchContext) {
-        lua_createtable(L, 0, 17)
+        lua_createtable(L, 0, 18)
         pushProfile(ctx.localNAT)
         lua_setfield(L, -2, "local_nat")
         pushProfile(ctx.remoteNAT)
@@ -78,13 +78,14 @@ extension LuaEngine {
         lua_pushinteger(L, lua_Integer(Int64(bitPattern: ctx.seed)))
         lua_setfield(L, -2, "seed")
         set("peer_id", string: ctx.peerID)
+        set("relay_available", bool: ctx.relayAvailable)
         lua_createtable(L, 0, 2)
         pushHistory(ctx.pairHistory)
         lua_setfield(L, -2, "pair")
         pushHistory(ctx.peerHistory)
         lua_setfield(L, -2, "peer")
         lua_setfield(L, -2, "history")
-        lua_createtable(L, 0, 9)
+        lua_createtable(L, 0, 11)
         set("max_pps", number: ctx.limits.maxPacketsPerSecond)
         set("max_ports", int: ctx.limits.maxTotalPorts)
         set("max_sockets", int: ctx.limits.maxLocalSockets)
@@ -94,11 +95,13 @@ extension LuaEngine {
         set("max_timeout_ms", number: ctx.limits.timeoutBounds.upperBound.milliseconds)
         set("max_handshake_copies", int: ctx.limits.maxHandshakeCopies)
         set("max_candidates", int: ctx.limits.maxCandidates)
+        set("max_relay_after_ms", number: ctx.limits.maxRelayDelay.milliseconds)
+        set("max_direct_after_relay_ms", number: ctx.limits.maxDirectAfterRelay.milliseconds)
         lua_setfield(L, -2, "limits")
     }
 
     func pushPlan(_ p: PunchPlan) {
-        lua_createtable(L, 0, 11)
+        lua_createtable(L, 0, 16)
         set("ports", ports: p.ports)
         set("sockets", int: p.localSockets)
         set("packets_per_round", int: p.packetsPerRound)
@@ -113,6 +116,15 @@ extension LuaEngine {
         set("handshake_copies", int: p.handshakeCopies)
         if let order = p.candidateOrder { set("candidates", ports: order.map { $0 + 1 }) }
         if let cap = p.maxCandidates { set("max_candidates", int: cap) }
+        switch p.relay {
+        case .never: set("relay", string: "never")
+        case .first: set("relay", string: "first")
+        case .after(let delay):
+            lua_createtable(L, 0, 1)
+            set("after_ms", number: delay.milliseconds)
+            lua_setfield(L, -2, "relay")
+        }
+        set("direct_after_relay_ms", number: p.directAfterRelay.milliseconds)
     }
 
     func pushEvent(_ e: ProbeEvent) {
@@ -198,15 +210,57 @@ extension LuaEngine {
             case "max_candidates": plan.maxCandidates = try integer(key, 1...Self.hardMaxCandidates)
             case "candidates": plan.candidateOrder = try candidateIndices(field: key, fail: fail)
             case "handshake_copies": plan.handshakeCopies = try integer(key, 1...16)
+            case "relay": plan.relay = try relayUse(field: key, fail: fail)
+            case "direct_after_relay_ms": plan.directAfterRelay = try millis(key, allowZero: true, max: Self.hardMaxRelayMs)
             case "dial_direct":
                 guard lua_type(L, -1) == LUA_TBOOLEAN else { throw fail(key, "expected a boolean, got \(typeName(-1))") }
                 plan.dialCandidatesDirectly = lua_toboolean(L, -1) != 0
             default:
-                throw fail(key, "unknown field (known: ports, sockets, packets_per_round, rounds, interval_ms, timeout_ms, connect_timeout_ms, start_delay_ms, initial_rtt_ms, dial_direct, low_ttl, handshake_copies, candidates, max_candidates)")
+                throw fail(key, "unknown field (known: ports, sockets, packets_per_round, rounds, interval_ms, timeout_ms, connect_timeout_ms, start_delay_ms, initial_rtt_ms, dial_direct, low_ttl, handshake_copies, candidates, max_candidates, relay, direct_after_relay_ms)")
             }
             lua_settop(L, -2)
         }
         return plan
+    }
+
+    /// Longest relay delay or `direct_after_relay_ms` a plan may name before clamping (one hour); more is an error.
+    static let hardMaxRelayMs = 3_600_000.0
+
+    /// `relay`: `"never"`, `"first"` or `{ after_ms = N }` (N in 0…``hardMaxRelayMs``, clamped later to
+    /// ``PlanLimits/maxRelayDelay``). Anything else, or a table with another key, is a typed plan error.
+    func relayUse(field: String, fail: (String, String) -> StrategyError) throws(StrategyError) -> RelayUse {
+        switch lua_type(L, -1) {
+        case LUA_TSTRING:
+            switch string(-1) {
+            case "never": return .never
+            case "first": return .first
+            case let other:
+                let shown = other.count > 40 ? String(other.prefix(40)) + "…" : other
+                throw fail(field, "expected \"never\", \"first\" or { after_ms = N }, got \"\(shown)\"")
+            }
+        case LUA_TTABLE:
+            let table = lua_gettop(L)
+            var delay: Duration?
+            lua_pushnil(L)
+            while lua_next(L, table) != 0 {
+                guard lua_type(L, -2) == LUA_TSTRING, string(-2) == "after_ms" else {
+                    throw fail(field, "a relay table has one key, after_ms")
+                }
+                let name = "\(field).after_ms"
+                guard lua_type(L, -1) == LUA_TNUMBER else { throw fail(name, "expected a number, got \(typeName(-1))") }
+                let v = lua_tonumberx(L, -1, nil)
+                guard v.isFinite, v >= 0 else { throw fail(name, "expected a finite number of milliseconds, zero or more") }
+                guard v <= Self.hardMaxRelayMs else {
+                    throw fail(name, "\(v.formatted) ms is more than \(Self.hardMaxRelayMs.formatted) ms")
+                }
+                delay = .fromMilliseconds(v)
+                lua_settop(L, -2)
+            }
+            guard let delay else { throw fail(field, "a relay table needs after_ms") }
+            return .after(delay)
+        default:
+            throw fail(field, "expected \"never\", \"first\" or { after_ms = N }, got \(typeName(-1))")
+        }
     }
 
     /// Most entries `candidates` and `max_candidates` may name before clamping; more is an error.

@@ -105,6 +105,15 @@ public struct PunchContext: Sendable, Hashable, Codable {
     /// The port sequential prediction counts from: ``lastAllocatedPort`` when known, else the first candidate port.
     public var sequentialBase: UInt16? { lastAllocatedPort ?? candidatePorts.first }
 
+    /// Whether no punch can be aimed for this pair: both mappings depend on the destination (or are not measured as
+    /// endpoint-independent) and one side allocates at random. The random side's mapping depends on the port the
+    /// other side sends from, which that symmetric side only picks when it sends, so neither side has a port to aim at
+    /// (the lab's symmetric_random pairs). default.lua calls the same condition `hopeless`.
+    public var cannotBePunched: Bool {
+        localNAT.mapping != .endpointIndependent && remoteNAT.mapping != .endpointIndependent
+            && (localNAT.allocation == .random || remoteNAT.allocation == .random)
+    }
+
     /// The harder of the two legacy NAT types; it picks the seed's timing row.
     public var worstNAT: NATType { NATType.worst(localNAT.type, remoteNAT.type) }
 }

@@ -220,6 +220,11 @@ public struct PlanLimits: Sendable, Hashable, Codable {
     public var maxHandshakeCopies: Int
     /// Most of the peer's candidates one punch checks; the probes to all of them share the packet-rate cap.
     public var maxCandidates: Int
+    /// Longest delay of ``RelayUse/after(_:)``: a relay that starts later than this is of no use to a waiting
+    /// application (the punch's own timeout is at most 30 s).
+    public var maxRelayDelay: Duration
+    /// Longest ``PunchPlan/directAfterRelay``: how long the punch may go on beside a relayed connection.
+    public var maxDirectAfterRelay: Duration
 
     /// Creates limits; the defaults are the documented ones (1000 packets/s, 2048 ports, 256 sockets…).
     ///
@@ -239,8 +244,12 @@ public struct PlanLimits: Sendable, Hashable, Codable {
         maxStartDelay: Duration = .seconds(5),
         initialRTTBounds: ClosedRange<Duration> = .milliseconds(1)...(.seconds(10)),
         maxHandshakeCopies: Int = 3,
-        maxCandidates: Int = 16
+        maxCandidates: Int = 16,
+        maxRelayDelay: Duration = .seconds(60),
+        maxDirectAfterRelay: Duration = .seconds(600)
     ) {
+        self.maxRelayDelay = maxRelayDelay
+        self.maxDirectAfterRelay = maxDirectAfterRelay
         self.maxCandidates = maxCandidates
         self.maxPacketsPerSecond = maxPacketsPerSecond
         self.maxTotalPorts = maxTotalPorts
@@ -348,6 +357,12 @@ extension PunchPlan {
             }
             p.candidateOrder = Array(kept)
         }
+
+        if case .after(var delay) = p.relay {
+            clampDuration("relay", &delay, .zero...max(.zero, limits.maxRelayDelay))
+            p.relay = .after(delay)
+        }
+        clampDuration("directAfterRelay", &p.directAfterRelay, .zero...max(.zero, limits.maxDirectAfterRelay))
 
         if let reason = p.capRate(limits) { reasons.append(reason) }
         return (p, reasons)

@@ -188,7 +188,31 @@ public struct DefaultStrategy: PunchStrategy {
             connectTimeout: row.connectTimeout,
             startDelay: cadence.initialDelay,
             initialRTT: ctx.rtt ?? .milliseconds(333),
-            dialCandidatesDirectly: true
+            dialCandidatesDirectly: true,
+            relay: Self.relayUse(ctx),
+            directAfterRelay: Self.directAfterRelay(ctx)
         )
+    }
+
+    /// When default.lua (and this fallback, so that a failing script changes nothing here) uses the relay:
+    ///
+    /// - no relay available: `never`;
+    /// - a pair that cannot be punched (``PunchContext/cannotBePunched``), or one whose NAT-pair history holds two or
+    ///   more attempts and no success: `first`, since waiting for the punch only delays the first byte;
+    /// - anything else: `after` three times the pair's median time to connect (five RTTs without one; 100 ms when
+    ///   the RTT is not measured), within 1…10 s, so a pair that punches as it did before never touches the relay.
+    public static func relayUse(_ ctx: PunchContext) -> RelayUse {
+        guard ctx.relayAvailable else { return .never }
+        let pair = ctx.pairHistory
+        if ctx.cannotBePunched || (pair.attempts >= 2 && pair.successes == 0) { return .first }
+        let rttMs = ctx.rtt?.milliseconds ?? 100
+        let expectedMs = pair.medianTimeToConnect?.milliseconds ?? 5 * rttMs
+        return .after(.fromMilliseconds(min(max(3 * expectedMs, 1000), 10_000)))
+    }
+
+    /// How long default.lua keeps punching beside a relayed connection: 10 s for a pair that cannot be punched (its
+    /// punch tries only the known ports; a NAT that changed may still let one through), 30 s otherwise.
+    public static func directAfterRelay(_ ctx: PunchContext) -> Duration {
+        ctx.cannotBePunched ? .seconds(10) : .seconds(30)
     }
 }

@@ -52,8 +52,9 @@ public enum StrategyCheck {
 
     /// Every context `check` covers: each NAT pair, both roles, attempts 1–5, with an 80 ms RTT and with
     /// none measured (`ctx.rtt_ms` nil, as before the rendezvous has measured it), each with every history of
-    /// `histories`; a sequential peer publishes its last allocated port on even attempts (`ctx.last_allocated_port`,
-    /// the NAT's counter 3 ports past registration). The label names the case, so a failure can be reproduced.
+    /// `histories`, each with a relay available and without (`ctx.relay_available`); a sequential peer publishes its
+    /// last allocated port on even attempts (`ctx.last_allocated_port`, the NAT's counter 3 ports past registration).
+    /// The label names the case, so a failure can be reproduced.
     public static func allContexts() -> [(label: String, ctx: PunchContext)] {
         var out: [(String, PunchContext)] = []
         for a in SimulatedNAT.all {
@@ -62,17 +63,21 @@ public enum StrategyCheck {
                     for attempt in 1...5 {
                         for rtt in [Duration.milliseconds(80), nil] {
                             for history in histories {
-                                var ctx = context(local: a, remote: b, role: role, attempt: attempt, rtt: rtt)
-                                ctx.pairHistory = history.pair
-                                ctx.peerHistory = history.peer
-                                let rttLabel = rtt.map { "rtt \(Int($0.milliseconds)) ms" } ?? "rtt nil"
-                                var label = "\(a.name),\(b.name) \(role.rawValue) attempt \(attempt), \(rttLabel), "
-                                    + history.label
-                                if b.profile.allocation == .sequential, attempt % 2 == 0, let base = ctx.candidatePorts.first {
-                                    ctx.lastAllocatedPort = base &+ 3
-                                    label += ", last allocated \(base &+ 3)"
+                                for relay in [false, true] {
+                                    var ctx = context(local: a, remote: b, role: role, attempt: attempt, rtt: rtt)
+                                    ctx.pairHistory = history.pair
+                                    ctx.peerHistory = history.peer
+                                    ctx.relayAvailable = relay
+                                    let rttLabel = rtt.map { "rtt \(Int($0.milliseconds)) ms" } ?? "rtt nil"
+                                    var label = "\(a.name),\(b.name) \(role.rawValue) attempt \(attempt), \(rttLabel), "
+                                        + history.label + (relay ? ", relay available" : ", no relay")
+                                    if b.profile.allocation == .sequential, attempt % 2 == 0,
+                                       let base = ctx.candidatePorts.first {
+                                        ctx.lastAllocatedPort = base &+ 3
+                                        label += ", last allocated \(base &+ 3)"
+                                    }
+                                    out.append((label, ctx))
                                 }
-                                out.append((label, ctx))
                             }
                         }
                     }
@@ -82,16 +87,20 @@ public enum StrategyCheck {
         return out
     }
 
-    /// Plans `ctx`, once more if the first call overran only its wall-clock limit. The instruction budget is the
+    /// Plans `ctx`, up to twice more if a call overran only its wall-clock limit. The instruction budget is the
     /// deterministic bound on a script's work; the wall clock also counts the time the thread was not running,
-    /// which on a loaded machine can exceed the limit for a script that is fine. A script that is really slow
-    /// overruns the second call too, and is reported.
+    /// which on a loaded machine can exceed the limit for a script that is fine (with 4320 contexts per file, two
+    /// overruns in a row happened on a machine with a load of 10 on 2 cores). A script that is really slow overruns
+    /// every call, and is reported.
     static func planRetryingWallClock(_ strategy: some PunchStrategy, _ ctx: PunchContext) throws -> PunchPlan {
-        do {
-            return try strategy.plan(ctx)
-        } catch let e as StrategyError where e.code == .timeLimitExceeded {
-            return try strategy.plan(ctx)
+        for _ in 1...2 {
+            do {
+                return try strategy.plan(ctx)
+            } catch let e as StrategyError where e.code == .timeLimitExceeded {
+                continue
+            }
         }
+        return try strategy.plan(ctx)
     }
 
     /// Plans every context; returns the errors, one per distinct failure, each saying in how many contexts
@@ -116,7 +125,7 @@ public enum StrategyCheck {
                     add(StrategyError(code: .invalidPlan, message: "the plan has no ports", file: file, field: "ports"),
                         label)
                 }
-                if try strategy.plan(ctx) != plan {
+                if try planRetryingWallClock(strategy, ctx) != plan {
                     add(StrategyError(code: .invalidPlan, message: "plan is not deterministic for the same ctx",
                                       file: file), label)
                 }
@@ -224,6 +233,14 @@ public struct SimulationRow: Sendable, Hashable, Codable {
     /// The outcome replayed into history and `on_result` for the next attempt: success when
     /// ``successProbability`` is at least 0.5 (the model's likelier outcome).
     public var simulatedSuccess: Bool
+    /// The initiator's relay choice (``RelayUse``'s description: `never`, `first`, `after 1.2 s`).
+    public var relay: String = "never"
+    /// Where the modelled connection ends up: `direct`, `relay → direct` (carried over the relay until the punch
+    /// proved a path), `relayed` (the punch failed, the relay carries it) or `none`.
+    public var path: String = "none"
+    /// For a connection the relay carries first: the time from the punch's start until the relay carries it, that is
+    /// the relay's delay plus its setup (``NATModel/relaySetupRTTs`` RTTs); nil when the relay is not used.
+    public var relayMs: Double?
     /// Clamp reasons for the initiator's plan.
     public var clamps: [String]
     /// The error, when the strategy failed for this pair (the row then shows the default plan), or when its
@@ -247,12 +264,17 @@ public enum StrategySimulator {
     /// (NAT discovery and other flows allocate too), and each peer published the last port its NAT allocated
     /// (`ctx.last_allocated_port`); the model aims a sequential NAT's mapping from there. Nil: nothing published,
     /// the counter is at the registration's port.
+    ///
+    /// `relayAvailable` is each side's `ctx.relay_available`; with it, a row whose plans use the relay is modelled by
+    /// ``NATModel/path(success:planA:planB:outcome:relayAvailable:rtt:)``.
     public static func simulate(_ strategy: any PunchStrategy, peer: (any PunchStrategy)? = nil,
                                 pairs: [(SimulatedNAT, SimulatedNAT)]? = nil,
                                 rtt: Duration = .milliseconds(80), attempts: Int = 3,
-                                limits: PlanLimits = .default, counterMoved: Int? = nil) -> [SimulationRow] {
+                                limits: PlanLimits = .default, counterMoved: Int? = nil,
+                                relayAvailable: Bool = false) -> [SimulationRow] {
         func published(_ ctx: PunchContext) -> PunchContext {
             var ctx = ctx
+            ctx.relayAvailable = relayAvailable
             if let moved = counterMoved, let base = ctx.candidatePorts.first {
                 ctx.lastAllocatedPort = UInt16(clamping: min(65535, Int(base) + moved))
             }
@@ -283,6 +305,8 @@ public enum StrategySimulator {
                 let success = p >= 0.5
                 let outcomeA = NATModel.outcome(success: success, plan: planA, ctx: ctxA, rtt: rtt)
                 let outcomeB = NATModel.outcome(success: success, plan: planB, ctx: ctxB, rtt: rtt)
+                let (path, relayAt) = NATModel.path(success: success, planA: planA, planB: planB, outcome: outcomeA,
+                                                    relayAvailable: relayAvailable, rtt: rtt)
                 historyA.record(outcomeA, for: ctxA)
                 historyB.record(outcomeB, for: ctxB)
                 do { try strategy.onResult(ctxA, outcomeA) } catch { note(error, "on_result") }
@@ -295,6 +319,7 @@ public enum StrategySimulator {
                     intervalMs: planA.interval.milliseconds, timeoutMs: planA.timeout.milliseconds,
                     packetsPerRound: planA.packetsPerRound, sockets: planA.localSockets,
                     packetBudget: planA.packetBudget, successProbability: p, simulatedSuccess: success,
+                    relay: planA.relay.description, path: path, relayMs: relayAt?.milliseconds,
                     clamps: reasons.map(\.description), error: failure))
             }
         }
@@ -327,5 +352,37 @@ extension NATModel {
         let round = index / max(1, plan.packetsPerRound) + 1
         let time = plan.startDelay + plan.interval * (round - 1) + rtt
         return .success(timeToConnect: time, winningPort: port, portOffset: Int(port) - Int(base), rounds: round)
+    }
+}
+
+extension NATModel {
+    /// Round trips the relay costs before it carries the connection: Allocate, then CreatePermission and ChannelBind
+    /// together (the TURN server is taken to be as far as the peer). The 401 challenge of the first Allocate is not
+    /// counted: a client that keeps its allocation's nonce skips it.
+    public static let relaySetupRTTs = 2
+
+    /// When the relay would carry the connection under `use`, measured from the punch's start; nil for `never`.
+    static func relayTime(_ use: RelayUse, rtt: Duration) -> Duration? {
+        switch use {
+        case .never: nil
+        case .first: rtt * relaySetupRTTs
+        case .after(let delay): delay + rtt * relaySetupRTTs
+        }
+    }
+
+    /// Where a modelled attempt's connection runs, and when the relay starts carrying it. The relay comes up at the
+    /// earlier of the two sides' relay times (either side may dial through its allocation), only when a relay is
+    /// available. A punch that succeeds before then never touches the relay; one that succeeds later moves the
+    /// connection from the relay to the direct path; one that fails leaves it relayed.
+    public static func path(success: Bool, planA: PunchPlan, planB: PunchPlan, outcome: PunchOutcome,
+                            relayAvailable: Bool, rtt: Duration) -> (path: String, relayAt: Duration?) {
+        let times = [planA.relay, planB.relay].compactMap { relayTime($0, rtt: rtt) }
+        let relayAt = relayAvailable ? times.min() : nil
+        switch (outcome, relayAt) {
+        case (.success(let ttc, _, _, _), let at?) where at < ttc: return ("relay → direct", at)
+        case (.success, _): return ("direct", nil)
+        case (.failure, let at?): return ("relayed", at)
+        case (.failure, nil): return ("none", nil)
+        }
     }
 }

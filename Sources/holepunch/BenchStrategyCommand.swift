@@ -68,7 +68,7 @@ struct BenchStrategyCommand: AsyncParsableCommand {
             }
         }
         // check's cases with an RTT and no history: the same 360 contexts as earlier measurements.
-        let contexts = StrategyCheck.allContexts().map(\.ctx).filter { $0.rtt != nil && $0.pairHistory == .empty }
+        let contexts = StrategyCheck.allContexts().map(\.ctx).filter { $0.rtt != nil && $0.pairHistory == .empty && !$0.relayAvailable }
         var results: [StrategyBenchmark.Result] = []
         for (label, source, strategy) in candidates {
             results.append(try StrategyBenchmark.measure(strategy, label: label, source: source, contexts: contexts,

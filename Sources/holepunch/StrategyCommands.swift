@@ -60,7 +60,8 @@ struct StrategyCheckCommand: AsyncParsableCommand {
         discussion: """
             Each case runs with an 80 ms RTT and with none measured (ctx.rtt_ms nil, as in a real run before the \
             RTT is known), and with no history, a history of successes and a history of failures only (where \
-            history.*.median_ttc_ms and last_offset are nil). Errors are printed as file:line: message, with the \
+            history.*.median_ttc_ms and last_offset are nil), each with a relay available and without (ctx.relay_available). \
+            Errors are printed as file:line: message, with the \
             first failing case; the exit status is non-zero if any file fails. Without files, checks the bundled \
             default.lua.
 
@@ -126,6 +127,11 @@ struct StrategySimulateCommand: AsyncParsableCommand {
             unknown. The estimate comes from a simple model: exact for cone mappings, port coverage for \
             sequential allocation, a birthday estimate for random allocation; it ignores loss and timing.
 
+            With --relay (ctx.relay_available), the relay carries the connection from the earlier of the two plans' \
+            relay times (the plan's delay, none for "first", plus two RTTs to set up the allocation): the path column \
+            says "direct" when the punch succeeds before that, "relay → direct" when it succeeds later, "relayed" \
+            when the punch fails, each with the time the relay starts carrying the connection.
+
             Attempts are a series to the same peer: each attempt's modelled outcome (success when the estimate is \
             at least 50 %) goes into each side's history (ctx.history) and to its on_result, and each side runs its \
             own copy of the script, so a learning strategy's plan for attempt n+1 shows what it learnt from attempt \
@@ -135,6 +141,7 @@ struct StrategySimulateCommand: AsyncParsableCommand {
               holepunch strategy simulate --pair port_restricted,symmetric_random
               holepunch strategy simulate mine.lua --pair full_cone,symmetric_seq --attempts 5
               holepunch strategy simulate builtin --json
+              holepunch strategy simulate --relay --pair symmetric_random,symmetric_seq
             """
     )
 
@@ -152,6 +159,10 @@ struct StrategySimulateCommand: AsyncParsableCommand {
 
     @Option(help: "Each NAT's port counter moved this many ports after registration, and each peer published the last port its NAT allocated (ctx.last_allocated_port), 0–1000.")
     var counterMoved: Int?
+
+    @Flag(inversion: .prefixedNo,
+          help: "Whether a TURN relay is available (ctx.relay_available); with one, a plan that uses it is modelled.")
+    var relay = false
 
     @Flag(help: "Machine-readable JSON output.")
     var json = false
@@ -190,21 +201,23 @@ struct StrategySimulateCommand: AsyncParsableCommand {
             throw ExitCode.failure
         }
         let rows = StrategySimulator.simulate(strategy, peer: peer, pairs: try parsedPair(), rtt: .fromMilliseconds(rtt),
-                                              attempts: attempts, counterMoved: counterMoved)
+                                              attempts: attempts, counterMoved: counterMoved, relayAvailable: relay)
         if json {
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
             struct Output: Encodable {
                 var strategy: String
                 var rttMs: Double
+                var relayAvailable: Bool
                 var rows: [SimulationRow]
             }
-            let data = try encoder.encode(Output(strategy: strategy.name, rttMs: rtt, rows: rows))
+            let data = try encoder.encode(Output(strategy: strategy.name, rttMs: rtt, relayAvailable: relay, rows: rows))
             print(String(decoding: data, as: UTF8.self))
         } else {
-            print("strategy \(strategy.name), rtt \(rtt.clean) ms (initiator's plan; success estimated for both sides)")
+            print("strategy \(strategy.name), rtt \(rtt.clean) ms, \(relay ? "relay available" : "no relay") "
+                  + "(initiator's plan; success estimated for both sides)")
             let header = ["pair", "try", "ports", "first ports", "rounds", "interval", "timeout", "pkts/rnd",
-                          "sockets", "budget", "success", "replayed"]
+                          "sockets", "budget", "success", "replayed", "relay", "path"]
             var table = [header]
             for r in rows {
                 table.append([
@@ -212,7 +225,8 @@ struct StrategySimulateCommand: AsyncParsableCommand {
                     r.firstPorts.map(String.init).joined(separator: " ") + (r.portCount > r.firstPorts.count ? " …" : ""),
                     "\(r.rounds)", "\(r.intervalMs.clean) ms", "\(r.timeoutMs.clean) ms", "\(r.packetsPerRound)",
                     "\(r.sockets)", "\(r.packetBudget)", String(format: "%5.1f%%", r.successProbability * 100),
-                    r.simulatedSuccess ? "success" : "failure",
+                    r.simulatedSuccess ? "success" : "failure", r.relay,
+                    r.path + (r.relayMs.map { ", relay at \($0.clean) ms" } ?? ""),
                 ])
             }
             printTable(table)

@@ -55,6 +55,22 @@ struct StrategyAuthorCLITests {
         #expect(r.out.hasPrefix("strategy default,"), "\(r.out)")
     }
 
+    @Test("simulate --relay connects a pair that cannot be punched through the relay; --no-relay leaves it unconnected")
+    func simulateModelsTheRelay() async throws {
+        guard let binary = holepunchBinaryOrSkip() else { return }
+        let args = ["strategy", "simulate", "--pair", "symmetric_seq,symmetric_random", "--attempts", "1"]
+        let relayed = try await StrategyCheckCLITests.run(binary, args + ["--relay"], limit: 60)
+        #expect(relayed.status == 0, "\(relayed.err)")
+        #expect(relayed.out.contains("relay available"), "\(relayed.out)")
+        // Relay at once (default.lua's choice for this pair), carrying the connection after two 80 ms RTTs.
+        #expect(relayed.out.contains("first  relayed, relay at 160 ms"), "\(relayed.out)")
+        let alone = try await StrategyCheckCLITests.run(binary, args + ["--no-relay"], limit: 60)
+        #expect(alone.status == 0, "\(alone.err)")
+        #expect(alone.out.contains("no relay"), "\(alone.out)")
+        #expect(!alone.out.contains("relayed"), "\(alone.out)")
+        #expect(alone.out.contains("never  none"), "\(alone.out)")
+    }
+
     @Test("demo with a script that fails at run time warns on stderr and reports the fallback in its JSON",
           arguments: ["returns-string", "hostile"])
     func demoWarnsAboutABrokenScript(kind: String) async throws {

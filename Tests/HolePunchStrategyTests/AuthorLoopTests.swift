@@ -68,6 +68,8 @@ extension LuaTests {
             #expect(contexts.contains { $0.pairHistory.attempts == 0 && $0.peerHistory.attempts == 0 })
             #expect(contexts.contains { $0.pairHistory.successes > 0 && $0.pairHistory.medianTimeToConnect != nil })
             #expect(contexts.contains { $0.pairHistory.attempts > 0 && $0.pairHistory.successes == 0 })
+            #expect(contexts.contains { $0.relayAvailable })
+            #expect(contexts.contains { !$0.relayAvailable })
         }
 
         @Test func simulateReplaysAttemptsThroughOnResult() throws {

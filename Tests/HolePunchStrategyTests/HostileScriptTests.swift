@@ -252,6 +252,21 @@ extension LuaTests {
             ("{ ports = ctx.ports, max_candidates = 0 }", "max_candidates", nil),
             ("{ ports = ctx.ports, max_candidates = 1e9 }", "max_candidates", nil),
             ("{ ports = ctx.ports, max_candidates = 'all' }", "max_candidates", nil),
+            ("{ ports = ctx.ports, relay = 'sometimes' }", "relay", nil),
+            ("{ ports = ctx.ports, relay = string.rep('x', 5000) }", "relay", nil),
+            ("{ ports = ctx.ports, relay = true }", "relay", nil),
+            ("{ ports = ctx.ports, relay = 250 }", "relay", nil),
+            ("{ ports = ctx.ports, relay = {} }", "relay", nil),
+            ("{ ports = ctx.ports, relay = { after = 250 } }", "relay", nil),
+            ("{ ports = ctx.ports, relay = { 250 } }", "relay", nil),
+            ("{ ports = ctx.ports, relay = { after_ms = -1 } }", "relay.after_ms", nil),
+            ("{ ports = ctx.ports, relay = { after_ms = 0/0 } }", "relay.after_ms", nil),
+            ("{ ports = ctx.ports, relay = { after_ms = math.huge } }", "relay.after_ms", nil),
+            ("{ ports = ctx.ports, relay = { after_ms = 1e12 } }", "relay.after_ms", nil),
+            ("{ ports = ctx.ports, relay = { after_ms = '250' } }", "relay.after_ms", nil),
+            ("{ ports = ctx.ports, direct_after_relay_ms = -5 }", "direct_after_relay_ms", nil),
+            ("{ ports = ctx.ports, direct_after_relay_ms = 1e12 }", "direct_after_relay_ms", nil),
+            ("{ ports = ctx.ports, direct_after_relay_ms = 'long' }", "direct_after_relay_ms", nil),
         ]
 
         @Test(arguments: invalidPlanFields)

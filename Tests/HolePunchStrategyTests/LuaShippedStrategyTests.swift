@@ -124,7 +124,7 @@ extension LuaTests {
             let port = try #require(errors.first { $0.field == "ports[1]" })
             // Bad plans point at the line where the hook is defined.
             #expect(port.description.hasPrefix("flaky.lua:1: plan field 'ports[1]': 70000 is not a port"))
-            #expect(port.message.contains("in 720 of 2160 contexts"))
+            #expect(port.message.contains("in 1440 of 4320 contexts"))
             let fifth = try #require(errors.first { $0.code == .runtime })
             #expect(fifth.line == 3)
             // math.random restarts from ctx.seed on every call, so even this plan is deterministic.
