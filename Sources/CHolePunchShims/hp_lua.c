@@ -797,6 +797,13 @@ int hp_lua_call(hp_lua *h, int nargs, int64_t budget, int64_t time_limit_ns) {
     lua_pushcfunction(L, hp_msgh);
     lua_insert(L, func);
     hp_begin(h, budget, time_limit_ns);
+    // Until the hook first fires (a loaded machine may abandon the call before it has), the call is known to be in
+    // the function it entered: name that function's first line, when it is the strategy's and not the prelude's.
+    lua_Debug entered;
+    lua_pushvalue(L, func + 1);
+    if (lua_getinfo(L, ">S", &entered) && entered.linedefined > 0 && strcmp(entered.source, HP_LUA_PRELUDE_CHUNK) != 0) {
+        atomic_store_explicit(&h->last_line, entered.linedefined, memory_order_relaxed);
+    }
     int st = lua_pcall(L, nargs, 1, func);
     hp_end(h, st);
     lua_remove(L, func);

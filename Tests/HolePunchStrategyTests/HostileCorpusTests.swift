@@ -158,6 +158,25 @@ extension LuaTests {
             #expect(Array(plan.ports) == [50000, 50100])
         }
 
+        @Test func aCallAbandonedBeforeTheHookFiresStillNamesALine() async throws {
+            // One long instruction (a 4 MiB NUL-string compare) runs before the count hook's first granule: a
+            // caller that gives up first used to get no line at all (seen under load in the corpus test for
+            // nul_string_compare.lua). The function the call entered is known from the start.
+            var limits = LuaStrategy.Limits(instructionBudget: Int.max / 2, timeLimit: .seconds(2))
+            limits.abandonAfterOverride = .milliseconds(200)
+            let strategy = try LuaStrategy(source: """
+                local s = "\0"
+                return { plan = function(ctx)
+                    while #s < (4 << 20) do s = s .. s end
+                    while true do if s < s then break end end
+                end }
+                """, chunkName: "early.lua", limits: limits)
+            let abandoned = await #expect(throws: StrategyError.self) { _ = try await strategy.detachedPlan(LuaTests.ctx) }
+            #expect(abandoned?.code == .timeLimitExceeded)
+            #expect(abandoned?.line == 2, "\(String(describing: abandoned))")
+            try await Self.waitUntilIdle(strategy)
+        }
+
         /// Waits (event, not sleep) until the strategy's queue has finished what it was running.
         static func waitUntilIdle(_ strategy: LuaStrategy) async throws {
             let engine = strategy.engineForTesting
