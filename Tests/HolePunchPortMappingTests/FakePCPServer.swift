@@ -1,5 +1,6 @@
 import Foundation
 import HolePunchNet
+import HolePunchPortMapping
 import Synchronization
 
 /// A PCP server on a loopback address that grants every MAP (external 203.0.113.10, the requested port) and

@@ -45,7 +45,8 @@ struct MappedCandidateTests {
         let published = await eventually(.seconds(5)) {
             await server.candidates(of: node.nodeID)?.contains(expected) == true
         }
-        #expect(published, "registered: \(String(describing: await server.candidates(of: node.nodeID)))")
+        let registered = await server.candidates(of: node.nodeID)
+        #expect(published, "registered: \(String(describing: registered))")
         await node.stop()
         #expect(router.requests == [7200, 0], "mapped once, deleted on stop")
         await server.shutdown()
