@@ -15,11 +15,15 @@ final class FakePCPServer: Sendable {
 
     /// The external address every grant names.
     let external: SocketAddress.IP
+    /// Added to the internal port to make the external one (0: the same port, as a port-preserving router).
+    let portShift: UInt16
 
     /// Binds `ip`:5351 and serves on a thread of its own until ``stop()``.
-    init(ip: SocketAddress.IP, answerDelay: Duration = .zero, external: SocketAddress.IP = .v4(203, 0, 113, 10)) throws {
+    init(ip: SocketAddress.IP, answerDelay: Duration = .zero, external: SocketAddress.IP = .v4(203, 0, 113, 10),
+         portShift: UInt16 = 0) throws {
         self.answerDelay = answerDelay
         self.external = external
+        self.portShift = portShift
         socket = try UDPDatagramSocket(binding: SocketAddress(ip: ip, port: 5351))
         Thread { [self] in serve() }.start()
     }
@@ -39,7 +43,7 @@ final class FakePCPServer: Sendable {
             }
             let internalPort = UInt16(bytes[40]) << 8 | UInt16(bytes[41])
             let answer = pcpMapResponse(nonce: Array(bytes[24..<36]), lifetime: lifetime, epoch: 1000,
-                                        internalPort: internalPort, externalPort: internalPort,
+                                        internalPort: internalPort, externalPort: internalPort &+ portShift,
                                         external: PCP.encode(external))
             _ = try? socket.send(answer, to: from)
         }

@@ -14,6 +14,7 @@ extension RendezvousServer {
 @Suite("Mapped candidate: a node maps its punch port and publishes it", .serialized)
 struct MappedCandidateTests {
     static let identity = try! Identity.generate(commonName: "mapped-node")
+    static let otherIdentity = try! Identity.generate(commonName: "mapped-initiator")
     static let serverIdentity = try! Identity.generate(commonName: "mapped-rdv")
 
     /// A rendezvous on loopback, run until the returned task is cancelled (``RendezvousServer/shutdown()``).
@@ -49,6 +50,32 @@ struct MappedCandidateTests {
         #expect(published, "registered: \(String(describing: registered))")
         await node.stop()
         #expect(router.requests == [7200, 0], "mapped once, deleted on stop")
+        await server.shutdown()
+        _ = await running.result
+    }
+
+    @Test("the initiator's coordinate carries the target's mapped candidate, protocol and lease included")
+    func coordinateCarriesIt() async throws {
+        // Another port than the socket's, as behind a NAT that does not preserve ports: the rendezvous drops a
+        // published copy of the observed address.
+        let router = try FakePCPServer(ip: .v4(127, 0, 0, 24), external: .v4(127, 0, 0, 1), portShift: 1)
+        defer { router.stop() }
+        let (server, running) = try await Self.rendezvous()
+        var options = Self.options(gateway: .v4(127, 0, 0, 24))
+        options.portMapper.requestedLifetime = 600
+        let target = try await HolePunchNode.start(identity: Self.identity, rendezvous: server.address,
+                                                   rendezvousID: server.nodeID, options: options)
+        let initiator = try await HolePunchNode.start(identity: Self.otherIdentity, rendezvous: server.address,
+                                                      rendezvousID: server.nodeID,
+                                                      options: Self.options(gateway: .v4(127, 0, 0, 24), mapping: false))
+        let local = target.endpoint.localAddress
+        let expected = Candidate(kind: .portMapped, address: SocketAddress(ip: local.ip, port: local.port + 1),
+                                 mapping: Candidate.Mapping(protocolName: "pcp", lifetimeSeconds: 600))
+        #expect(await eventually(.seconds(5)) { await server.candidates(of: target.nodeID)?.contains(expected) == true })
+        let received = try await initiator.rendezvousClient.coordinate(to: target.nodeID)
+        #expect(received.coordinate.candidates.contains(expected), "\(received.coordinate.candidates)")
+        await initiator.stop()
+        await target.stop()
         await server.shutdown()
         _ = await running.result
     }
