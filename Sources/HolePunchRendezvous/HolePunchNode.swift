@@ -65,8 +65,9 @@ public actor HolePunchNode: Service {
         public var keepAliveInterval: Duration? = EndpointConfiguration.defaultKeepAliveInterval
         /// Whether to ask the router for a mapping of the punch socket's port (PCP, NAT-PMP, UPnP-IGD) and publish
         /// it as a `mapped` candidate (default true). It runs beside the registration, never delaying it; the node
-        /// registers again when the mapping is granted, refreshed or lost, and deletes it on ``stop()``. Skipped with
-        /// a loopback rendezvous unless ``portMapper`` names a route (`PortMapper.forPunchSocket`).
+        /// registers again when the mapping is granted, refreshed or lost, and deletes it on
+        /// ``HolePunchNode/stop()``. Skipped with a loopback rendezvous unless ``portMapper`` names a route
+        /// (`PortMapper.forPunchSocket`).
         public var portMapping = true
         /// Bounds, protocols and route for ``portMapping``.
         public var portMapper = PortMapper.Configuration()

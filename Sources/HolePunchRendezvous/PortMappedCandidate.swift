@@ -64,7 +64,7 @@ extension RendezvousClient {
     ///
     /// - Parameters:
     ///   - mapper: the mapper `first` ran on.
-    ///   - first: the first ``PortMapper/map()``, started beside the registration so that it never delays it.
+    ///   - first: the first `PortMapper.map()`, started beside the registration so that it never delays it.
     ///   - logger: where outcomes are logged (info).
     public func keepPortMapping(_ mapper: PortMapper, first: Task<PortMapping?, Never>, logger: Logger) async {
         let firstGrant = await withTaskCancellationHandler { await first.value } onCancel: { first.cancel() }
