@@ -33,14 +33,20 @@ struct MappedCandidateTests {
         return options
     }
 
+    /// A node registered at `server`.
+    static func node(_ identity: Identity, at server: RendezvousServer, _ options: HolePunchNode.Options) async throws
+        -> HolePunchNode
+    {
+        try await HolePunchNode.start(identity: identity, rendezvous: server.address, rendezvousID: server.nodeID,
+                                      options: options)
+    }
+
     @Test("a node maps beside registering, publishes the mapped candidate with protocol and lease, and deletes it on stop")
     func publishedAndDeleted() async throws {
         let router = try FakePCPServer(ip: .v4(127, 0, 0, 21), external: .v4(127, 0, 0, 1))
         defer { router.stop() }
         let (server, running) = try await Self.rendezvous()
-        let node = try await HolePunchNode.start(identity: Self.identity, rendezvous: server.address,
-                                                 rendezvousID: server.nodeID,
-                                                 options: Self.options(gateway: .v4(127, 0, 0, 21)))
+        let node = try await Self.node(Self.identity, at: server, Self.options(gateway: .v4(127, 0, 0, 21)))
         let expected = Candidate(kind: .portMapped, address: node.endpoint.localAddress,
                                  mapping: Candidate.Mapping(protocolName: "pcp", lifetimeSeconds: 7200))
         let published = await eventually(.seconds(5)) {
@@ -63,11 +69,8 @@ struct MappedCandidateTests {
         let (server, running) = try await Self.rendezvous()
         var options = Self.options(gateway: .v4(127, 0, 0, 24))
         options.portMapper.requestedLifetime = 600
-        let target = try await HolePunchNode.start(identity: Self.identity, rendezvous: server.address,
-                                                   rendezvousID: server.nodeID, options: options)
-        let initiator = try await HolePunchNode.start(identity: Self.otherIdentity, rendezvous: server.address,
-                                                      rendezvousID: server.nodeID,
-                                                      options: Self.options(gateway: .v4(127, 0, 0, 24), mapping: false))
+        let target = try await Self.node(Self.identity, at: server, options)
+        let initiator = try await Self.node(Self.otherIdentity, at: server, Self.options(gateway: .v4(127, 0, 0, 24), mapping: false))
         let local = target.endpoint.localAddress
         let expected = Candidate(kind: .portMapped, address: SocketAddress(ip: local.ip, port: local.port + 1),
                                  mapping: Candidate.Mapping(protocolName: "pcp", lifetimeSeconds: 600))
@@ -85,9 +88,7 @@ struct MappedCandidateTests {
         let router = try FakePCPServer(ip: .v4(127, 0, 0, 22), external: .v4(127, 0, 0, 1))
         defer { router.stop() }
         let (server, running) = try await Self.rendezvous()
-        let node = try await HolePunchNode.start(identity: Self.identity, rendezvous: server.address,
-                                                 rendezvousID: server.nodeID,
-                                                 options: Self.options(gateway: .v4(127, 0, 0, 22), mapping: false))
+        let node = try await Self.node(Self.identity, at: server, Self.options(gateway: .v4(127, 0, 0, 22), mapping: false))
         // With mapping on, stop() would wait for the first grant and delete it: the router would have heard both.
         await node.stop()
         #expect(router.requests.isEmpty)
@@ -99,9 +100,7 @@ struct MappedCandidateTests {
     @Test("a mapping whose external IP is not the observed one (a router behind another NAT) is not published")
     func foreignExternalNotPublished() async throws {
         let (server, running) = try await Self.rendezvous()
-        let node = try await HolePunchNode.start(identity: Self.identity, rendezvous: server.address,
-                                                 rendezvousID: server.nodeID,
-                                                 options: Self.options(gateway: .v4(127, 0, 0, 23), mapping: false))
+        let node = try await Self.node(Self.identity, at: server, Self.options(gateway: .v4(127, 0, 0, 23), mapping: false))
         let port = node.endpoint.localAddress.port
         let foreign = PortMapping(mappingProtocol: .pcp, external: SocketAddress(ip: .v4(203, 0, 113, 10), port: port),
                                   internalPort: port, lifetimeSeconds: 7200, grantedAt: .now)
