@@ -83,6 +83,23 @@ struct MappedCandidateTests {
         _ = await running.result
     }
 
+    @Test("a mapping the router stops refreshing is withdrawn from the registration (PortMapper.keep's change)")
+    func lostMappingWithdrawn() async throws {
+        let router = try FakePCPServer(ip: .v4(127, 0, 0, 25), external: .v4(127, 0, 0, 1), portShift: 1)
+        let (server, running) = try await Self.rendezvous()
+        var options = Self.options(gateway: .v4(127, 0, 0, 25))
+        options.portMapper.requestedLifetime = 2
+        let node = try await Self.node(Self.identity, at: server, options)
+        func mapped() async -> Bool { await server.candidates(of: node.nodeID)?.contains { $0.kind == .portMapped } == true }
+        #expect(await eventually(.seconds(5)) { await mapped() })
+        router.stop()
+        // The refresh at 1 s goes unanswered until the 2 s lease ends: the mapping is lost and withdrawn.
+        #expect(await eventually(.seconds(10)) { await !mapped() })
+        await node.stop()
+        await server.shutdown()
+        _ = await running.result
+    }
+
     @Test("Options.portMapping = false asks the router nothing")
     func disabled() async throws {
         let router = try FakePCPServer(ip: .v4(127, 0, 0, 22), external: .v4(127, 0, 0, 1))
