@@ -120,7 +120,7 @@ let package = Package(
         .target(
             name: "HolePunchRendezvous",
             dependencies: [
-                "HolePunch", "HolePunchQUIC", "HolePunchSTUN",
+                "HolePunch", "HolePunchQUIC", "HolePunchSTUN", "HolePunchPortMapping",
                 .product(name: "Logging", package: "swift-log"),
                 // HolePunchNode passes a metrics factory on to its executor.
                 .product(name: "CoreMetrics", package: "swift-metrics"),
@@ -228,7 +228,9 @@ let package = Package(
         ),
         .testTarget(
             name: "HolePunchPortMappingTests",
-            dependencies: ["HolePunchPortMapping", "HolePunchNet", "ProcessTestSupport"],
+            dependencies: [
+                "HolePunchPortMapping", "HolePunchNet", "ProcessTestSupport", "HolePunchRendezvous", "HolePunchQUIC",
+            ],
             swiftSettings: swiftSettings
         ),
         .testTarget(name: "HolePunchLabTests", dependencies: ["HolePunchLab"], swiftSettings: swiftSettings),

@@ -67,7 +67,7 @@ struct CandidateChecks: Sendable {
     /// The candidate a proven peer address belongs to: the checked one it was probed as, or a peer-reflexive
     /// candidate (an authenticated probe came from an address nobody published).
     func candidate(for address: SocketAddress) -> Candidate {
-        owners[address].map { Candidate(kind: $0.kind, address: address, priority: $0.priority) }
+        owners[address].map { Candidate(kind: $0.kind, address: address, priority: $0.priority, mapping: $0.mapping) }
             ?? Candidate(kind: .peerReflexive, address: address)
     }
 

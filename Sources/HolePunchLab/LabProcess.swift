@@ -108,11 +108,17 @@ package final class LabSession: @unchecked Sendable {
     /// Runs `lab.sh ARGS` to the end; throws with its stderr when it fails.
     @discardableResult
     package func run(_ arguments: [String], limit: Duration = .seconds(60)) async throws -> LabChild {
-        let child = try start(arguments, stem: arguments.first ?? "lab")
+        try await runToEnd(script, arguments, limit: limit)
+    }
+
+    /// Runs `path ARGS` (a lab script: HP_LAB set, quiet) to the end; throws with its stderr when it fails.
+    private func runToEnd(_ path: String, _ arguments: [String], limit: Duration) async throws -> LabChild {
+        let child = try LabChild([path] + arguments, outPath: file(arguments.first ?? "lab"),
+                                 environment: ["HP_LAB": name, "HP_LAB_QUIET": "1"])
         let status = await child.wait(limit)
         guard status == 0 else {
-            throw LabFailure("lab.sh \(arguments.joined(separator: " ")) failed (\(status.map { "exit \($0)" } ?? "timeout")): "
-                + child.errors.trimmingCharacters(in: .whitespacesAndNewlines))
+            throw LabFailure("\(URL(fileURLWithPath: path).lastPathComponent) \(arguments.joined(separator: " ")) failed "
+                + "(\(status.map { "exit \($0)" } ?? "timeout")): " + child.errors.trimmingCharacters(in: .whitespacesAndNewlines))
         }
         return child
     }
@@ -122,8 +128,22 @@ package final class LabSession: @unchecked Sendable {
         try start(["exec", host, "--"] + command, stem: stem)
     }
 
+    /// Whether `lab/portmap.sh` may be up in this lab (``runPortMap(_:)`` ran): ``down()`` then stops it first.
+    private var portMapUsed = false
+
+    /// Runs `lab/portmap.sh ARGS` (HP_LAB set, quiet) to the end; throws with its stderr when it fails.
+    package func runPortMap(_ arguments: [String], limit: Duration = .seconds(60)) async throws {
+        portMapUsed = true
+        _ = try await runToEnd("\(labDir)/portmap.sh", arguments, limit: limit)
+    }
+
     /// Deletes the lab (synchronously; also used from the interrupt handler).
     package func down() {
+        // A process left in a namespace keeps it alive: miniupnpd and its STUN server go before the lab.
+        if portMapUsed, let child = try? LabChild(["\(labDir)/portmap.sh", "down"], outPath: "\(work)/portmap-down.out",
+                                                  environment: ["HP_LAB": name, "HP_LAB_QUIET": "1"]) {
+            child.process.waitUntilExit()
+        }
         if let child = try? LabChild([script, "down"], outPath: "\(work)/down.out", environment: ["HP_LAB": name, "HP_LAB_QUIET": "1"]) {
             child.process.waitUntilExit()
         }

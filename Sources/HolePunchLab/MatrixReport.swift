@@ -147,6 +147,8 @@ package struct MatrixReport: Sendable {
     package var date: String
     /// Whether the peers measured their NAT (`--discover`) rather than being told it.
     package var discover: Bool
+    /// The router (`a` or `b`) running miniupnpd (`--port-mapping`), whose peer publishes a `mapped` candidate.
+    package var portMappingRouter: String?
     /// The topology rows (strategy -> topologies in order), each run in its own lab after the pairs.
     package var topologies: [String: [TopologyResult]] = [:]
 
@@ -160,7 +162,12 @@ package struct MatrixReport: Sendable {
         out += "connection (initiator side); packets are UDP packets both peers sent toward the other's public address "
         out += "(probes and QUIC), mean per trial; ratio = median / (raw UDP punch + 1 RTT); first byte = the initiator's "
         out += "start-to-first-byte, from its process start to the first echoed byte (median, p95)"
-        out += discover ? ", peers measuring their NAT.\n\n" : ", peers told their NAT type.\n\n"
+        out += discover ? ", peers measuring their NAT." : ", peers told their NAT type."
+        if let router = portMappingRouter {
+            out += " Router \(router) runs miniupnpd (port mapping) in front of its NAT, and peer-\(router) publishes its"
+                + " mapping as a `mapped` candidate: each \(router == "a" ? "A" : "B") is \"type + port mapping\"."
+        }
+        out += "\n\n"
         for strategy in strategies where !(results[strategy] ?? []).isEmpty {
             out += "### \(strategy)\n\n"
             out += "| A \\ B | success | median ms | p95 ms | first byte ms | packets | rounds | raw UDP ms | ratio | errors |\n"
@@ -246,6 +253,7 @@ package struct MatrixReport: Sendable {
         var top: [String: Any] = ["date": date, "trials": trials, "delay_ms": delay, "loss_pct": loss, "rtt_ms": rttMs, "discover": discover,
                 "strategies": strategiesJSON, "raw_udp": rawJSON]
         if let impostorPackets { top["impostor_packets"] = impostorPackets }
+        if let portMappingRouter { top["port_mapping_router"] = portMappingRouter }
         if !topologies.isEmpty {
             top["topologies"] = topologies.mapValues { rows in
                 rows.map { row -> [String: Any] in

@@ -20,10 +20,13 @@ package struct MatrixRunner {
     package let impostor: Bool
     package let startDelay: Int
     package let topologies: [LabTopology]
+    /// The router (`a` or `b`) to run miniupnpd on (`lab/portmap.sh`) for the pairs, whose peer maps its port; nil: none.
+    package let portMappingRouter: String?
 
     /// A runner for one matrix (the memberwise initialiser is internal to this module).
     package init(lab: LabSession, strategies: [String], pairs: [(String, String)], trials: Int, delay: Double, loss: Double,
-                 punchTimeout: Double, discover: Bool, raw: Bool, impostor: Bool, startDelay: Int, topologies: [LabTopology] = []) {
+                 punchTimeout: Double, discover: Bool, raw: Bool, impostor: Bool, startDelay: Int, topologies: [LabTopology] = [],
+                 portMappingRouter: String? = nil) {
         self.lab = lab
         self.strategies = strategies
         self.pairs = pairs
@@ -36,6 +39,7 @@ package struct MatrixRunner {
         self.impostor = impostor
         self.startDelay = startDelay
         self.topologies = topologies
+        self.portMappingRouter = portMappingRouter
     }
 
     /// Where the impostor listens (in `other`); router b DNATs new inbound UDP flows there.
@@ -49,6 +53,7 @@ package struct MatrixRunner {
         let date = ISO8601DateFormatter().string(from: Date())
         var report = MatrixReport(strategies: strategies.map { URL(fileURLWithPath: $0).lastPathComponent }, results: [:], raw: [:],
                                   rttMs: 0, trials: trials, delay: delay, loss: loss, date: date, discover: discover)
+        report.portMappingRouter = portMappingRouter
         if !pairs.isEmpty { try await runPairs(into: &report) }
         for (index, topology) in topologies.enumerated() {
             if index > 0 || !pairs.isEmpty { try await lab.run(["down"]) }
@@ -87,6 +92,7 @@ package struct MatrixRunner {
         progress("lab \(lab.name): up (\(first.0) × \(first.1), delay \(delay) ms, loss \(loss)%)")
         try await lab.run(["up", "--nat-a", first.0, "--nat-b", first.1, "--delay", "\(delay)", "--loss", "\(loss)", "--probe-server"],
                           limit: .seconds(120))
+        try await portMap("up")
         // One rendezvous for all pairs.
         let (rendezvous, rdvNode) = try await startRendezvous()
         defer { rendezvous.stop() }
@@ -113,7 +119,12 @@ package struct MatrixRunner {
         var raws: [String: RawResult] = [:]
         for (index, pair) in pairs.enumerated() {
             let label = "[\(index + 1)/\(pairs.count)] \(pair.0) × \(pair.1)"
-            if index > 0 { try await lab.run(["renat", "--nat-a", pair.0, "--nat-b", pair.1]) }
+            if index > 0 {
+                // renat replaces the router's tables: miniupnpd and its rules go first and come back after.
+                try await portMap("down")
+                try await lab.run(["renat", "--nat-a", pair.0, "--nat-b", pair.1])
+                try await portMap("up")
+            }
             if impostor {
                 // After the cone DNAT (which admits the real flows of recorded mappings), before nothing else:
                 // every other new inbound UDP flow to b's public address goes to the impostor.
@@ -145,6 +156,7 @@ package struct MatrixRunner {
                 impostorPackets? += Int(child.output[range.upperBound...].prefix { $0.isNumber }) ?? 0
             }
         }
+        try await portMap("down")
         report.impostorPackets = impostorPackets
         report.results = results
         report.raw = raws
@@ -183,6 +195,13 @@ package struct MatrixRunner {
             }
             report.topologies[short, default: []].append(row)
         }
+    }
+
+    /// `lab/portmap.sh up --router X` or `down` when the pairs run with port mapping (nothing otherwise). `down` always
+    /// comes before `lab.sh down` or `renat` (LabSession.down does it too).
+    private func portMap(_ action: String) async throws {
+        guard let router = portMappingRouter else { return }
+        try await lab.runPortMap(action == "up" ? ["up", "--router", router] : [action])
     }
 
     /// RTT between the peers: each peer's RTT to the rendezvous crosses its own WAN link twice, so the sum is
@@ -227,8 +246,10 @@ package struct MatrixRunner {
             arguments += discover ? ["--discover"] : ["--nat", nat]
             return arguments
         }
+        // The peer behind the mapping router asks for a mapping (the target publishes it before it reports ready).
+        let mapsA = portMappingRouter == "a" ? ["--port-mapping"] : [], mapsB = portMappingRouter == "b" ? ["--port-mapping"] : []
         let ready = lab.file("target.ready")
-        let target = try lab.exec("peer-b", peerArguments(identity: idB, nat: pair.1) + ["--ready-file", ready], stem: "target")
+        let target = try lab.exec("peer-b", peerArguments(identity: idB, nat: pair.1) + mapsB + ["--ready-file", ready], stem: "target")
         let end = ContinuousClock.now + .seconds(15)
         while !FileManager.default.fileExists(atPath: ready), target.process.isRunning, ContinuousClock.now < end {
             try await Task.sleep(for: .milliseconds(5))
@@ -238,7 +259,7 @@ package struct MatrixRunner {
             return TrialResult(ok: false, rounds: 0, packets: 0, error: "targetNotRegistered",
                                message: (target.lastJSON?["message"] as? String) ?? target.errors.split(separator: "\n").last.map(String.init))
         }
-        let initiator = try lab.exec("peer-a", peerArguments(identity: idA, nat: pair.0) + ["--connect", "\(b.nodeID)"], stem: "initiator")
+        let initiator = try lab.exec("peer-a", peerArguments(identity: idA, nat: pair.0) + mapsA + ["--connect", "\(b.nodeID)"], stem: "initiator")
         let limit = Duration.milliseconds(Int((punchTimeout + 15) * 1000))
         _ = await initiator.wait(limit)
         _ = await target.wait(.seconds(8))

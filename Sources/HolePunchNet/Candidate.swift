@@ -51,13 +51,34 @@ public struct Candidate: Sendable, Hashable, Codable, CustomStringConvertible {
     public var address: SocketAddress
     /// Higher is tried first; see ``Candidate/priority(kind:family:localPreference:)``.
     public var priority: UInt32
+    /// For a `mapped` candidate, how the router granted it (protocol and lease), so strategies can prefer or ignore
+    /// it; nil for every other kind. Optional on the wire: older peers neither send nor read it.
+    public var mapping: Mapping?
+
+    /// How a router granted a `mapped` candidate.
+    public struct Mapping: Sendable, Hashable, Codable {
+        /// The protocol's name: `pcp`, `natpmp` or `upnp` (`PortMappingProtocol`'s raw values); a string so that a
+        /// protocol added later does not make older peers refuse the whole message.
+        public var protocolName: String
+        /// The lease the router granted, in seconds, as the publisher last refreshed it.
+        public var lifetimeSeconds: UInt32
+
+        /// Creates a mapping description.
+        public init(protocolName: String, lifetimeSeconds: UInt32) {
+            self.protocolName = protocolName
+            self.lifetimeSeconds = lifetimeSeconds
+        }
+
+        private enum CodingKeys: String, CodingKey { case protocolName = "protocol", lifetimeSeconds = "lifetime" }
+    }
 
     /// Creates a candidate; `priority` defaults to ``Candidate/priority(kind:family:localPreference:)`` with the
     /// default local preference.
-    public init(kind: CandidateKind, address: SocketAddress, priority: UInt32? = nil) {
+    public init(kind: CandidateKind, address: SocketAddress, priority: UInt32? = nil, mapping: Mapping? = nil) {
         self.kind = kind
         self.address = address
         self.priority = priority ?? Candidate.priority(kind: kind, family: address.family)
+        self.mapping = mapping
     }
 
     /// The candidate's IP family.

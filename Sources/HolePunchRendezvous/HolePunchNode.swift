@@ -6,6 +6,7 @@ public import ServiceLifecycle
 public import HolePunchStrategy
 public import HolePunchQUIC
 public import HolePunchNet
+public import HolePunchPortMapping
 
 /// A peer in one object: identity, punch socket, executor, strategy and rendezvous registration.
 ///
@@ -62,6 +63,14 @@ public actor HolePunchNode: Service {
         /// path is noticed); nil disables them. Keep it below the shortest UDP mapping timeout on the way and below
         /// the 30 s idle timeout. Default `EndpointConfiguration.defaultKeepAliveInterval` (25 s).
         public var keepAliveInterval: Duration? = EndpointConfiguration.defaultKeepAliveInterval
+        /// Whether to ask the router for a mapping of the punch socket's port (PCP, NAT-PMP, UPnP-IGD) and publish
+        /// it as a `mapped` candidate (default true). It runs beside the registration, never delaying it; the node
+        /// registers again when the mapping is granted, refreshed or lost, and deletes it on
+        /// ``HolePunchNode/stop()``. Skipped with a loopback rendezvous unless ``portMapper`` names a route
+        /// (`PortMapper.forPunchSocket`).
+        public var portMapping = true
+        /// Bounds, protocols and route for ``portMapping``.
+        public var portMapper = PortMapper.Configuration()
 
         /// Creates options.
         public init(
@@ -106,6 +115,9 @@ public actor HolePunchNode: Service {
     private let options: Options
     private let incomingContinuation: AsyncThrowingStream<QUICConnection, any Error>.Continuation
     private var forwarder: Task<Void, Never>?
+    /// Keeps the router mapping published (``Options/portMapping``); cancelled by ``stop()``, which waits for the
+    /// mapping's deletion.
+    private var portMapping: Task<Void, Never>?
     private var stopped = false
     private var stopWaiters: [CheckedContinuation<Void, Never>] = []
 
@@ -161,10 +173,17 @@ public actor HolePunchNode: Service {
         let client = RendezvousClient(executor: executor, configuration: clientConfiguration, logger: options.logger)
         let hosts = options.lanAddresses.map { $0.map { Candidate(kind: .host, address: $0) } }
             ?? Registration.hostCandidates(of: endpoint, rendezvous: rendezvous, excluding: options.excludedAddresses)
+        let mapper = options.portMapping
+            ? PortMapper.forPunchSocket(endpoint, rendezvous: rendezvous, configuration: options.portMapper,
+                                        logger: options.logger) : nil
+        // Started before the registration, which never waits for it: the mapping is published by a re-register.
+        let firstMapping = mapper.map { mapper in Task { try? await mapper.map() } }
         let registered: Registered
         do {
             registered = try await client.connect(Registration(candidates: hosts))
         } catch {
+            firstMapping?.cancel()
+            if let mapper { await mapper.delete() }
             await client.close()
             await executor.shutdown()
             await endpoint.close()
@@ -173,6 +192,7 @@ public actor HolePunchNode: Service {
         let node = HolePunchNode(endpoint: endpoint, executor: executor, client: client, registration: registered,
                                  options: options)
         await node.forwardIncoming()
+        if let mapper, let firstMapping { await node.keepPortMapping(mapper, first: firstMapping) }
         options.logger.info("node registered", metadata: [
             "node.id": "\(endpoint.nodeID.short)", "node.observed": "\(registered.observedAddress)",
         ])
@@ -208,6 +228,9 @@ public actor HolePunchNode: Service {
         stopped = true
         forwarder?.cancel()
         incomingContinuation.finish()
+        // The mapping is deleted (bounded by `PortMapper.Configuration.deleteBound`) before the socket closes.
+        portMapping?.cancel()
+        await portMapping?.value
         await rendezvousClient.close()
         await executor.shutdown()
         await endpoint.close()
@@ -233,6 +256,12 @@ public actor HolePunchNode: Service {
     private func waitUntilStopped() async {
         guard !stopped else { return }
         await withCheckedContinuation { stopWaiters.append($0) }
+    }
+
+    private func keepPortMapping(_ mapper: PortMapper, first: Task<PortMapping?, Never>) {
+        let client = rendezvousClient
+        let logger = options.logger
+        portMapping = Task { await client.keepPortMapping(mapper, first: first, logger: logger) }
     }
 
     /// Passes the rendezvous client's punched connections on to ``incoming``; when the client ends before the

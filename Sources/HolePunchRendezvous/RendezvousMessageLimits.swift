@@ -26,6 +26,10 @@ package enum RendezvousMessageLimits {
     package static let maxCodeLength = 64
     /// Longest error message, in UTF-8 bytes.
     package static let maxMessageLength = 1024
+    /// A `mapped` candidate's protocol name: 1 to 16 bytes of `[a-z0-9-]` (`pcp`, `natpmp`, `upnp` today).
+    package static let maxMappingProtocolLength = 16
+    /// A `mapped` candidate's lease: 1 s to a week (UPnP's "0 = forever" is published as the longest).
+    package static let mappingLifetimeSeconds: ClosedRange<UInt32> = 1...604_800
 
     static func violation(_ field: String, _ detail: String) -> RendezvousError {
         RendezvousError(.protocolViolation, "field \(field): \(detail)")
@@ -60,7 +64,23 @@ package enum RendezvousMessageLimits {
             }
             let base = candidate.kind.typePreference << 24
             try check("\(field) priority", candidate.priority, base...(base | 0xFF_FFFF))
+            if let mapping = candidate.mapping { try check(mapping, of: candidate, field: field) }
         }
+    }
+
+    /// A mapping description belongs to a `mapped` candidate only, and its protocol name and lease are bounded:
+    /// they reach strategies (`ctx.candidates[i].protocol`, `.lease`) and log lines.
+    static func check(_ mapping: Candidate.Mapping, of candidate: Candidate, field: String) throws(RendezvousError) {
+        guard candidate.kind == .portMapped else {
+            throw violation(field, "a \(candidate.kind) candidate carries no mapping")
+        }
+        let name = mapping.protocolName.utf8
+        try check("\(field) mapping protocol length", name.count, 1...maxMappingProtocolLength)
+        guard name.allSatisfy({ (UInt8(ascii: "a")...UInt8(ascii: "z")).contains($0)
+            || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains($0) || $0 == UInt8(ascii: "-") }) else {
+            throw violation("\(field) mapping protocol", "only lowercase letters, digits and '-' are allowed")
+        }
+        try check("\(field) mapping lifetime", mapping.lifetimeSeconds, mappingLifetimeSeconds)
     }
 
     static func check(_ nat: NATProfile) throws(RendezvousError) {

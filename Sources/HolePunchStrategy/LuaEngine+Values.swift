@@ -40,15 +40,20 @@ extension LuaEngine {
         if let o = h.lastWinningOffset { set("last_offset", int: o) }
     }
 
-    /// One typed candidate: `kind`, `family`, `address` (and its alias `host`), `port`, `priority`.
+    /// One typed candidate: `kind`, `family`, `address` (and its alias `host`), `port`, `priority`; a `mapped` one
+    /// also `protocol` and `lease` (seconds), so a strategy can prefer or ignore router mappings.
     func pushCandidate(_ c: Candidate) {
-        lua_createtable(L, 0, 6)
+        lua_createtable(L, 0, 8)
         set("kind", string: c.kind.rawValue)
         set("family", string: c.family.rawValue)
         set("address", string: c.address.host)
         set("host", string: c.address.host)
         set("port", int: Int(c.address.port))
         set("priority", int: Int(c.priority))
+        if let mapping = c.mapping {
+            set("protocol", string: mapping.protocolName)
+            set("lease", int: Int(mapping.lifetimeSeconds))
+        }
     }
 
     func pushContext(_ ctx: PunchContext) {

@@ -2,11 +2,13 @@ import ArgumentParser
 import Foundation
 import HolePunch
 import HolePunchRendezvous
+import HolePunchPortMapping
 import HolePunchSTUN
 import HolePunchNet
 import HolePunchQUIC
 import HolePunchStrategy
 import HolePunchLab
+import Logging
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -132,6 +134,11 @@ struct LabPeerCommand: AsyncParsableCommand {
     @Option(help: "Punch timeout in seconds (overrides the plan's).") var punchTimeout: Double?
     @Option(help: "Local address to bind.") var bind = "0.0.0.0:0"
     @Option(help: "Written once registered.") var readyFile: String?
+    @Flag(help: """
+        Ask the router for a port mapping (lab/portmap.sh) beside registering and publish it as a 'mapped' \
+        candidate; the target waits for the first answer before it reports ready.
+        """)
+    var portMapping = false
 
     func run() async throws {
         labUnblockTerminationSignals()
@@ -154,10 +161,14 @@ struct LabPeerCommand: AsyncParsableCommand {
         clientConfiguration.backgroundNATDiscovery = discover ? NATDiscovery.Configuration() : nil
         let client = RendezvousClient(executor: executor, configuration: clientConfiguration)
         let limit = Duration.milliseconds(Int(timeout * 1000))
+        // Started before the registration, as `holepunch peer` does.
+        let mapper = portMapping ? PortMapper.forPunchSocket(endpoint, rendezvous: clientConfiguration.server,
+                                                             logger: Logger(label: "holepunch.lab.portmap")) : nil
+        let mapping = mapper.flatMap { mapper in LabMapping(mapper: mapper, first: Task { try? await mapper.map() }) }
         let (target, nat, measure, ready) = (connect, profile, discover, readyFile)
         let outcome = await labWithin(limit) {
             LabRecord(fields: await Self.punch(client: client, role: role, target: target, profile: nat, discover: measure,
-                                               readyFile: ready, started: started))
+                                               readyFile: ready, started: started, mapping: mapping))
         }
         var result = outcome?.fields ?? ["ok": false, "error": "harnessTimeout", "message": "no result within \(timeout) s"]
         result["event"] = "result"
@@ -170,7 +181,8 @@ struct LabPeerCommand: AsyncParsableCommand {
     }
 
     private static func punch(client: RendezvousClient, role: String, target: String?, profile: NATProfile?,
-                              discover: Bool, readyFile: String?, started: ContinuousClock.Instant) async -> [String: Any]
+                              discover: Bool, readyFile: String?, started: ContinuousClock.Instant,
+                              mapping: LabMapping?) async -> [String: Any]
     {
         do {
             let connectCalled = ContinuousClock.now
@@ -186,6 +198,15 @@ struct LabPeerCommand: AsyncParsableCommand {
                 let behaviour = try outcome.get()
                 line["nat"] = ["mapping": behaviour.mapping.rawValue, "filtering": behaviour.filtering.rawValue,
                                "allocation": behaviour.allocation.rawValue]
+            }
+            if let mapping {
+                // The target's mapping must be in the coordinate the initiator is about to get; the initiator
+                // never waits for its own.
+                if target == nil, let granted = await mapping.first.value {
+                    line["port_mapped"] = "\(granted)"
+                    line["port_mapping_published"] = (try? await client.publishPortMapping(granted)) ?? false
+                }
+                Task { await client.keepPortMapping(mapping.mapper, first: mapping.first, logger: Logger(label: "holepunch.lab")) }
             }
             labEmit(line)
             if let readyFile { try "\(client.nodeID)\n".write(toFile: readyFile, atomically: true, encoding: .utf8) }
@@ -358,6 +379,12 @@ struct LabPeerCommand: AsyncParsableCommand {
 }
 
 /// How the line exchange ended, and when the first echoed byte arrived (initiator only).
+/// `lab peer --port-mapping`: the mapper and its first request, started before the registration.
+private struct LabMapping: Sendable {
+    let mapper: PortMapper
+    let first: Task<PortMapping?, Never>
+}
+
 private struct LabEcho: Sendable {
     var outcome: String
     var firstByte: ContinuousClock.Instant? = nil

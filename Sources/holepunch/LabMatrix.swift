@@ -50,6 +50,11 @@ struct LabMatrixCommand: AsyncParsableCommand {
         Impostor check: a QUIC server with another identity runs in `other`, and router b DNATs every new inbound         UDP flow to it, so whatever the initiator dials first at b's address answers with the wrong identity.
         """)
     var impostor = false
+    @Option(help: ArgumentHelp("""
+        Run miniupnpd (lab/portmap.sh) on this router (a or b) for the NAT pairs; its peer maps its port and \
+        publishes a 'mapped' candidate: the rows of "type + port mapping".
+        """, valueName: "router"))
+    var portMapping: String?
 
     func run() async throws {
         if let reason = LabScript.unavailableReason() { throw LabFailure(reason) }
@@ -64,6 +69,9 @@ struct LabMatrixCommand: AsyncParsableCommand {
                 throw ValidationError("bad --topology \(name): one of \(LabTopology.all.map(\.name).joined(separator: ", ")), all")
             }
             topologies += chosen.filter { !topologies.contains($0) }
+        }
+        if let portMapping, !["a", "b"].contains(portMapping) || onlyTopologies || !topologies.isEmpty || impostor {
+            throw ValidationError("--port-mapping \(portMapping): a or b, for NAT pairs only (no --topology, no --impostor)")
         }
         if onlyTopologies && (topologies.isEmpty || !pairs.isEmpty) {
             throw ValidationError("--only-topologies needs --topology and no --pair")
@@ -88,7 +96,7 @@ struct LabMatrixCommand: AsyncParsableCommand {
         let report = try await MatrixRunner(
             lab: lab, strategies: files, pairs: selected, trials: trials, delay: delay, loss: loss,
             punchTimeout: punchTimeout, discover: discover, raw: !noRaw, impostor: impostor, startDelay: startDelay,
-            topologies: topologies
+            topologies: topologies, portMappingRouter: portMapping
         ).run()
         let tables = report.markdown()
         print(tables)

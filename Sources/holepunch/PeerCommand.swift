@@ -4,6 +4,7 @@ import HolePunch
 import HolePunchNet
 import HolePunchQUIC
 import HolePunchRendezvous
+import HolePunchPortMapping
 import HolePunchSTUN
 import HolePunchStrategy
 import Logging
@@ -64,6 +65,9 @@ struct PeerCommand: AsyncParsableCommand {
 
     @Flag(inversion: .prefixedNo, help: "Measure this NAT against the rendezvous's STUN responder, beside registering and punching (the result refines the registration).")
     var natDetect = true
+
+    @Flag(inversion: .prefixedNo, help: "Ask the router for a mapping of the punch port (PCP, NAT-PMP, UPnP-IGD) beside registering, and publish it as a 'mapped' candidate (never with a loopback rendezvous).")
+    var portMapping = true
 
     @Flag(help: "Send back whatever arrives instead of reading standard input.")
     var echo = false
@@ -152,6 +156,9 @@ struct PeerCommand: AsyncParsableCommand {
         let client = RendezvousClient(executor: executor, configuration: clientConfiguration, logger: logger)
         defer { endpoint.closeSoon() }
 
+        // Started before the registration, which never waits for it; a grant is published by a re-register.
+        let mapper = portMapping ? PortMapper.forPunchSocket(endpoint, rendezvous: server, logger: logger) : nil
+        let firstMapping = mapper.map { mapper in Task { try? await mapper.map() } }
         let hosts = Registration.hostCandidates(of: endpoint, rendezvous: server, excluding: excluded)
         // The initiator's punch request leaves right behind its register (one flight, no round trip between).
         let registration = Registration(candidates: hosts)
@@ -182,6 +189,16 @@ struct PeerCommand: AsyncParsableCommand {
         status("registered", ["node": id.nodeID.description, "observed": registered.observedAddress.description,
                               "local": endpoint.localAddress.description])
         if let refusal { throw rendezvousFailure(refusal) }
+        let mappingKeeper = mapper.flatMap { mapper in
+            firstMapping.map { first in Task { await client.keepPortMapping(mapper, first: first, logger: logger) } }
+        }
+        if let firstMapping {
+            Task {
+                guard let granted = await firstMapping.value else { return }
+                self.status("port-mapped", ["protocol": granted.mappingProtocol.rawValue,
+                                       "external": granted.external.description, "lease": Int(granted.lifetimeSeconds)])
+            }
+        }
         Task {
             switch await client.natDiscoveryResult() {
             case .success(let behaviour):
@@ -198,15 +215,25 @@ struct PeerCommand: AsyncParsableCommand {
             }
         }
 
-        let connection: QUICConnection
-        if let target {
-            connection = try await punch(to: target, client: client, received: pipelined)
-        } else {
-            status("waiting", ["message": "waiting for punches"])
-            connection = try await acceptPunch(client: client)
+        let ended: Result<Void, any Error>
+        do {
+            let connection: QUICConnection
+            if let target {
+                connection = try await punch(to: target, client: client, received: pipelined)
+            } else {
+                status("waiting", ["message": "waiting for punches"])
+                connection = try await acceptPunch(client: client)
+            }
+            await client.close()
+            try await pipe(connection)
+            ended = .success(())
+        } catch {
+            ended = .failure(error)
         }
-        await client.close()
-        try await pipe(connection)
+        // The connection may have run over the mapping: it is deleted only now (bounded), before exit.
+        mappingKeeper?.cancel()
+        await mappingKeeper?.value
+        try ended.get()
     }
 
     // MARK: Steps

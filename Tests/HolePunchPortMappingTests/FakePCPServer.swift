@@ -1,5 +1,6 @@
 import Foundation
 import HolePunchNet
+import HolePunchPortMapping
 import Synchronization
 
 /// A PCP server on a loopback address that grants every MAP (external 203.0.113.10, the requested port) and
@@ -12,9 +13,17 @@ final class FakePCPServer: Sendable {
     /// How long it waits before answering a request with a non-zero lifetime (a slow router).
     let answerDelay: Duration
 
+    /// The external address every grant names.
+    let external: SocketAddress.IP
+    /// Added to the internal port to make the external one (0: the same port, as a port-preserving router).
+    let portShift: UInt16
+
     /// Binds `ip`:5351 and serves on a thread of its own until ``stop()``.
-    init(ip: SocketAddress.IP, answerDelay: Duration = .zero) throws {
+    init(ip: SocketAddress.IP, answerDelay: Duration = .zero, external: SocketAddress.IP = .v4(203, 0, 113, 10),
+         portShift: UInt16 = 0) throws {
         self.answerDelay = answerDelay
+        self.external = external
+        self.portShift = portShift
         socket = try UDPDatagramSocket(binding: SocketAddress(ip: ip, port: 5351))
         Thread { [self] in serve() }.start()
     }
@@ -34,7 +43,8 @@ final class FakePCPServer: Sendable {
             }
             let internalPort = UInt16(bytes[40]) << 8 | UInt16(bytes[41])
             let answer = pcpMapResponse(nonce: Array(bytes[24..<36]), lifetime: lifetime, epoch: 1000,
-                                        internalPort: internalPort, externalPort: internalPort)
+                                        internalPort: internalPort, externalPort: internalPort &+ portShift,
+                                        external: PCP.encode(external))
             _ = try? socket.send(answer, to: from)
         }
     }

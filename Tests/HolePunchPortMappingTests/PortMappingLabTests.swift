@@ -37,16 +37,18 @@ enum PortMapLab {
         }, uniquingKeysWith: { $1 })
     }
 
-    /// Brings up a lab with `nat-a` of `natType` and miniupnpd on it, runs `body`, and takes both down again.
-    static func with(natA natType: String, _ body: ([String: String]) async throws -> Void) async throws {
+    /// Brings up a lab with `nat-a` of `natType` (and `nat-b` of `natB`, if given) and miniupnpd on `router`, runs
+    /// `body`, and takes both down again.
+    static func with(natA natType: String, natB: String? = nil, router: String = "a",
+                     _ body: ([String: String]) async throws -> Void) async throws {
         let check = try await script(labScript, ["check"])
         try #require(check.status == 0, "lab.sh check: \(check.out)\(check.err)")
         _ = try await script(portmapScript, ["down"])
         _ = try await script(labScript, ["down"])
-        let up = try await script(labScript, ["up", "--nat-a", natType])
+        let up = try await script(labScript, ["up", "--nat-a", natType] + (natB.map { ["--nat-b", $0] } ?? []))
         defer { _ = try? runDown() }
         try #require(up.status == 0, "lab.sh up: \(up.err)")
-        let portmap = try await script(portmapScript, ["up", "--router", "a", "--min-lifetime", "4"])
+        let portmap = try await script(portmapScript, ["up", "--router", router, "--min-lifetime", "4"])
         try #require(portmap.status == 0, "portmap.sh up: \(portmap.err)")
         let lab = environment(try await script(labScript, ["status", "--env"]).out)
             .merging(environment(portmap.out), uniquingKeysWith: { $1 })
@@ -189,6 +191,55 @@ struct PortMappingLabTests {
             }
             #expect(detect.out.contains("lease 7200s"), "\(detect.out)")
             #expect(try await !PortMapLab.routerForwards("43000", lab: lab), "a probe left its mapping behind")
+        }
+    }
+
+    /// Issue 17's case: both routers symmetric with random ports (no punch can meet), miniupnpd on b. The target
+    /// (peer-b, `lab peer --port-mapping`) publishes its mapping before it reports ready; the initiator connects
+    /// directly to the mapped candidate, three times out of three, with a line echoed each time.
+    @Test func symmetricRandomPairConnectsDirectlyThroughTheMapping() async throws {
+        guard let holepunch = holepunchBinaryOrSkip() else { return }
+        try await PortMapLab.with(natA: "symmetric_random", natB: "symmetric_random", router: "b") { lab in
+            let dir = try scratchDirectory("pm-pair")
+            func identity(_ name: String) async throws -> String {
+                let made = try await runToEnd(holepunch, ["identity", "create", dir.appendingPathComponent(name).path])
+                return made.out.trimmingCharacters(in: .whitespacesAndNewlines)
+            }
+            func inNamespace(_ key: String, _ arguments: [String]) -> [String] {
+                ["netns", "exec", lab[key]!, holepunch] + arguments
+            }
+            _ = try await identity("rdv.pem")
+            _ = try await identity("a.pem")
+            let targetID = try await identity("b.pem")
+            let rdvReady = dir.appendingPathComponent("rdv.ready").path
+            let rendezvous = try Child("/usr/sbin/ip", inNamespace("HP_LAB_NS_RDV", [
+                "lab", "rendezvous", "--identity", dir.appendingPathComponent("rdv.pem").path, "--ready-file", rdvReady,
+            ]), directory: dir)
+            defer { rendezvous.stop() }
+            try #require(await eventually(.seconds(20)) { FileManager.default.fileExists(atPath: rdvReady) },
+                         "rendezvous: \(rendezvous.stderr.text)")
+            let rdvID = try String(contentsOfFile: rdvReady, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+            for trial in 1...3 {
+                let ready = dir.appendingPathComponent("target\(trial).ready").path
+                let target = try Child("/usr/sbin/ip", inNamespace("HP_LAB_NS_PEER_B", [
+                    "lab", "peer", "--rendezvous-id", rdvID, "--identity", dir.appendingPathComponent("b.pem").path,
+                    "--nat", "symmetric_random", "--port-mapping", "--ready-file", ready, "--timeout", "30",
+                ]), directory: dir)
+                defer { target.stop() }
+                try #require(await eventually(.seconds(15)) { FileManager.default.fileExists(atPath: ready) },
+                             "target: \(target.stdout.text)\(target.stderr.text)")
+                #expect(target.stdout.text.contains("\"port_mapping_published\":true"), "\(target.stdout.text)")
+                let initiator = try await runToEnd("/usr/sbin/ip", inNamespace("HP_LAB_NS_PEER_A", [
+                    "lab", "peer", "--rendezvous-id", rdvID, "--identity", dir.appendingPathComponent("a.pem").path,
+                    "--nat", "symmetric_random", "--connect", targetID, "--timeout", "20",
+                ]), limit: 40)
+                let last = initiator.out.split(separator: "\n").last.map(String.init) ?? ""
+                let result = (try? JSONSerialization.jsonObject(with: Data(last.utf8))) as? [String: Any] ?? [:]
+                #expect(result["ok"] as? Bool == true, "trial \(trial): \(last) \(initiator.err)")
+                #expect(result["candidate"] as? String == "mapped", "trial \(trial): \(last)")
+                #expect(result["echo"] as? Bool == true, "trial \(trial): \(last)")
+                _ = await target.waitExit(.seconds(10))
+            }
         }
     }
 }

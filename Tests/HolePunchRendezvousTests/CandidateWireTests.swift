@@ -53,6 +53,42 @@ struct CandidateWireTests {
         #expect(refused(Array(repeating: candidate("host"), count: 500)))
     }
 
+    @Test("a mapped candidate carries protocol and lease through the wire and the rendezvous; bad mapping fields are refused")
+    func mappingFields() throws {
+        let mapped = Candidate(kind: .portMapped, address: a("203.0.113.5:4000"),
+                               mapping: Candidate.Mapping(protocolName: "pcp", lifetimeSeconds: 7200))
+        let registration = Registration(candidates: [Candidate(kind: .host, address: a("192.168.1.5:4000")), mapped])
+        let decoded = try RendezvousFraming.decode(ClientMessage.self,
+                                                   from: Array(RendezvousFraming.frame(ClientMessage.register(registration)).dropFirst(4)))
+        #expect(decoded == .register(registration))
+        func candidate(_ kind: String, mapping: [String: Any]) -> [String: Any] {
+            let k = CandidateKind(rawValue: kind)!
+            return ["kind": kind, "address": "192.168.1.5:4000", "priority": Candidate.priority(kind: k, family: .ipv4),
+                    "mapping": mapping]
+        }
+        func refused(_ list: [[String: Any]]) -> Bool {
+            if case .failure(let error) = decodeClient(["candidates": list]) { return error.code == .protocolViolation }
+            return false
+        }
+        #expect(!refused([candidate("mapped", mapping: ["protocol": "natpmp", "lifetime": 3600])]))
+        #expect(refused([candidate("host", mapping: ["protocol": "pcp", "lifetime": 3600])]), "a host is no mapping")
+        #expect(refused([candidate("mapped", mapping: ["protocol": "PCP;drop", "lifetime": 3600])]))
+        #expect(refused([candidate("mapped", mapping: ["protocol": "", "lifetime": 3600])]))
+        #expect(refused([candidate("mapped", mapping: ["protocol": String(repeating: "p", count: 17), "lifetime": 3600])]))
+        #expect(refused([candidate("mapped", mapping: ["protocol": "pcp", "lifetime": 0])]))
+        #expect(refused([candidate("mapped", mapping: ["protocol": "pcp", "lifetime": 4_294_967_295])]))
+
+        // The rendezvous accepts the mapping at the observed IP and forwards it, fields intact, to the requester.
+        let observed = a("203.0.113.5:5000")
+        var state = RendezvousState()
+        #expect(errorCode(state.register(node: node(1), connection: 1, observed: observed,
+                                         registration: Registration(candidates: [mapped]), now: .zero)) == nil)
+        _ = state.register(node: node(2), connection: 2, observed: a("198.51.100.9:5000"), registration: Registration(), now: .zero)
+        let sent = coordinates(state.requestPunch(from: node(2), requestID: 1, target: node(1), secret: secret(), now: .zero))
+        let toB = try #require(sent.first { $0.1 == node(2) }).0
+        #expect(toB.candidates.last == mapped)
+    }
+
     @Test("the server puts the observed address first as srflx, checks each kind, and forwards the last allocated port")
     func serverForwards() throws {
         let observedA = a("203.0.113.5:4000")

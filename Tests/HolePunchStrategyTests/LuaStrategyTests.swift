@@ -33,6 +33,8 @@ import Testing
             Candidate(kind: .host, address: try! SocketAddress(host: "10.0.0.7", port: 50200)),
             Candidate(kind: .serverReflexive, address: try! SocketAddress(host: "203.0.113.7", port: 50000), priority: 7),
             Candidate(kind: .host, address: try! SocketAddress(host: "2001:db8::7", port: 50300)),
+            Candidate(kind: .portMapped, address: try! SocketAddress(host: "203.0.113.7", port: 40000),
+                      mapping: Candidate.Mapping(protocolName: "pcp", lifetimeSeconds: 7200)),
         ]
     )
 
@@ -146,7 +148,7 @@ extension LuaTests {
             ("ctx.remote_nat.confidence", "0.5"),
             // The host strings moved to ctx.hosts when ctx.candidates became typed.
             ("table.concat(ctx.hosts, ',')", "'203.0.113.7,10.0.0.7'"),
-            ("#ctx.candidates", "3"),
+            ("#ctx.candidates", "4"),
             ("ctx.candidates[1].kind", "'host'"),
             ("ctx.candidates[1].family", "'ipv4'"),
             ("ctx.candidates[1].address", "'10.0.0.7'"),
@@ -157,6 +159,10 @@ extension LuaTests {
             ("ctx.candidates[2].priority", "7"),
             ("ctx.candidates[3].family", "'ipv6'"),
             ("ctx.candidates[3].address", "'2001:db8::7'"),
+            ("ctx.candidates[1].protocol", "nil"),
+            ("ctx.candidates[4].kind", "'mapped'"),
+            ("ctx.candidates[4].protocol", "'pcp'"),
+            ("ctx.candidates[4].lease", "7200"),
             ("ctx.last_allocated_port", "nil"),
             ("table.concat(ctx.ports, ',')", "'50000,50100'"),
             ("math.type(ctx.ports[1])", "'integer'"),
