@@ -44,19 +44,24 @@ struct LabRendezvousCommand: AsyncParsableCommand {
     @Option(help: "Start delay ceiling of coordinated punches, ms (measured peers get less).") var startDelay = 150
     @Option(help: "Written (with the NodeID) once listening.") var readyFile: String?
     @Flag(help: "Run no STUN responder (e.g. for an impostor QUIC server).") var noStun = false
+    @Option(help: "A STUN responder of the other IP family, numeric ADDR:PORT, advertised to peers (dual-stack topology).")
+    var stunOther: String?
 
     func run() async throws {
         labUnblockTerminationSignals()
         let id = try Identity.load(from: identity)
         let primary = try SocketAddress(parsing: stun)
         let alternate = try SocketAddress(parsing: "\(stunAltIP):\(stunAltPort)")
-        let configuration = RendezvousServerConfiguration(
+        var configuration = RendezvousServerConfiguration(
             listen: try SocketAddress(parsing: listen), identity: id,
             stun: noStun ? nil : STUNResponderConfiguration(primary: primary, alternatePort: stunAltPort, alternateIP: alternate.ip),
             // The matrix registers a fresh pair of identities per trial, quickly: no rate limit worth the name.
             state: RendezvousState.Configuration(startDelay: .milliseconds(startDelay), rateBurst: 10_000, ratePerSecond: 10_000),
             housekeepingInterval: .milliseconds(500)
         )
+        if let stunOther, !noStun {
+            configuration.otherFamilySTUN = STUNResponderConfiguration(primary: try SocketAddress(parsing: stunOther))
+        }
         let server = try await RendezvousServer.bind(configuration: configuration)
         let task = Task { try await server.run() }
         labEmit(["event": "listening", "address": "\(server.address)", "node": "\(server.nodeID)",
