@@ -153,15 +153,19 @@ struct LabPeerCommand: AsyncParsableCommand {
                                                configuration: EndpointConfiguration(identity: try Identity.load(from: identity),
                                                                                     acceptPolicy: .none))
         let executor = PunchExecutor(endpoint: endpoint, configuration: .init(strategy: chosen))
+        let server = try SocketAddress(parsing: rendezvous)
+        // What `holepunch peer` publishes: without its host candidates, two peers on one LAN have no path.
+        let hosts = Registration.hostCandidates(of: endpoint, rendezvous: server)
         var clientConfiguration = RendezvousClientConfiguration(
-            server: try SocketAddress(parsing: rendezvous), serverNodeID: try NodeID(parsing: rendezvousID),
+            server: server, serverNodeID: try NodeID(parsing: rendezvousID),
             requestTimeout: .seconds(5), strategy: chosen, punchTimeout: punchTimeout.map { .milliseconds(Int($0 * 1000)) })
         clientConfiguration.backgroundNATDiscovery = discover ? NATDiscovery.Configuration() : nil
         let client = RendezvousClient(executor: executor, configuration: clientConfiguration)
         let limit = Duration.milliseconds(Int(timeout * 1000))
         let (target, nat, measure, ready) = (connect, profile, discover, readyFile)
         let outcome = await labWithin(limit) {
-            LabRecord(fields: await Self.punch(client: client, role: role, target: target, profile: nat, discover: measure,
+            LabRecord(fields: await Self.punch(client: client, role: role, target: target,
+                                               registration: Registration(candidates: hosts, nat: nat), discover: measure,
                                                readyFile: ready, started: started))
         }
         var result = outcome?.fields ?? ["ok": false, "error": "harnessTimeout", "message": "no result within \(timeout) s"]
@@ -174,7 +178,7 @@ struct LabPeerCommand: AsyncParsableCommand {
         Glibc.exit((result["ok"] as? Bool) == true ? 0 : 1)
     }
 
-    private static func punch(client: RendezvousClient, role: String, target: String?, profile: NATProfile?,
+    private static func punch(client: RendezvousClient, role: String, target: String?, registration: Registration,
                               discover: Bool, readyFile: String?, started: ContinuousClock.Instant) async -> [String: Any]
     {
         do {
@@ -182,7 +186,7 @@ struct LabPeerCommand: AsyncParsableCommand {
             let plannedNAT = await client.natProfile
             // The initiator sends its punch request right behind the register (one flight); a target that is not
             // registered yet is asked again below.
-            let (registered, pipelined) = try await Self.register(client: client, profile: profile, target: target)
+            let (registered, pipelined) = try await Self.register(client: client, registration, target: target)
             let registeredAt = ContinuousClock.now
             var coordinated: ReceivedCoordinate?
             var line: [String: Any] = ["event": "registered", "observed": "\(registered.observedAddress)",
@@ -293,13 +297,13 @@ struct LabPeerCommand: AsyncParsableCommand {
 
     /// Registers; the initiator sends its punch request in the same flight and gets its coordinate message back,
     /// unless the target is not registered yet (then nil: ``coordinate(client:to:)`` asks again).
-    private static func register(client: RendezvousClient, profile: NATProfile?, target: String?)
+    private static func register(client: RendezvousClient, _ registration: Registration, target: String?)
         async throws -> (Registered, ReceivedCoordinate?)
     {
-        guard let target else { return (try await client.connect(Registration(nat: profile)), nil) }
+        guard let target else { return (try await client.connect(registration), nil) }
         let peer = try NodeID(parsing: target)
         let result: Result<(registered: Registered, coordinate: ReceivedCoordinate), RendezvousError>
-        do { result = .success(try await client.connect(Registration(nat: profile), coordinatingWith: peer)) } catch {
+        do { result = .success(try await client.connect(registration, coordinatingWith: peer)) } catch {
             result = .failure(error)
         }
         switch result {
