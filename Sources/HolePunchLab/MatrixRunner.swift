@@ -20,6 +20,8 @@ package struct MatrixRunner {
     package let impostor: Bool
     package let startDelay: Int
     package let topologies: [LabTopology]
+    /// With `discover`: the initiator too waits for its discovery to be published before it asks for the punch.
+    package var discoverFirst = false
 
     /// A runner for one matrix (the memberwise initialiser is internal to this module).
     package init(lab: LabSession, strategies: [String], pairs: [(String, String)], trials: Int, delay: Double, loss: Double,
@@ -234,7 +236,7 @@ package struct MatrixRunner {
         func peerArguments(identity: String, nat: String) -> [String] {
             var arguments = [lab.executable, "lab", "peer", "--rendezvous-id", rdvNode, "--identity", identity,
                              "--strategy", strategy, "--punch-timeout", "\(punchTimeout)", "--timeout", "\(punchTimeout + 10)"]
-            arguments += discover ? ["--discover"] : ["--nat", nat]
+            arguments += discover ? ["--discover"] + (discoverFirst ? ["--discover-first"] : []) : ["--nat", nat]
             if dualStack { arguments += ["--bind", "[::]:0"] }
             return arguments
         }

@@ -133,6 +133,10 @@ struct LabPeerCommand: AsyncParsableCommand {
         waits for it before it reports ready (a peer that has waited a while), the initiator punches at once.
         """)
     var discover = false
+    @Flag(help: """
+        With --discover, the initiator too waits until its discovery has ended and been published (with the last         port its NAT allocated) before it asks for the punch, instead of punching at once.
+        """)
+    var discoverFirst = false
     @Option(help: "Give up after this many seconds (whole run).") var timeout: Double = 15
     @Option(help: "Punch timeout in seconds (overrides the plan's).") var punchTimeout: Double?
     @Option(help: "Local address to bind.") var bind = "0.0.0.0:0"
@@ -162,11 +166,11 @@ struct LabPeerCommand: AsyncParsableCommand {
         clientConfiguration.backgroundNATDiscovery = discover ? NATDiscovery.Configuration() : nil
         let client = RendezvousClient(executor: executor, configuration: clientConfiguration)
         let limit = Duration.milliseconds(Int(timeout * 1000))
-        let (target, nat, measure, ready) = (connect, profile, discover, readyFile)
+        let (target, nat, measure, ready, first) = (connect, profile, discover, readyFile, discover && discoverFirst)
         let outcome = await labWithin(limit) {
             LabRecord(fields: await Self.punch(client: client, role: role, target: target,
                                                registration: Registration(candidates: hosts, nat: nat), discover: measure,
-                                               readyFile: ready, started: started))
+                                               discoverFirst: first, readyFile: ready, started: started))
         }
         var result = outcome?.fields ?? ["ok": false, "error": "harnessTimeout", "message": "no result within \(timeout) s"]
         result["event"] = "result"
@@ -179,19 +183,20 @@ struct LabPeerCommand: AsyncParsableCommand {
     }
 
     private static func punch(client: RendezvousClient, role: String, target: String?, registration: Registration,
-                              discover: Bool, readyFile: String?, started: ContinuousClock.Instant) async -> [String: Any]
+                              discover: Bool, discoverFirst: Bool, readyFile: String?, started: ContinuousClock.Instant)
+        async -> [String: Any]
     {
         do {
             let connectCalled = ContinuousClock.now
             let plannedNAT = await client.natProfile
             // The initiator sends its punch request right behind the register (one flight); a target that is not
             // registered yet is asked again below.
-            let (registered, pipelined) = try await Self.register(client: client, registration, target: target)
+            let (registered, pipelined) = try await Self.register(client: client, registration, target: discoverFirst ? nil : target)
             let registeredAt = ContinuousClock.now
             var coordinated: ReceivedCoordinate?
             var line: [String: Any] = ["event": "registered", "observed": "\(registered.observedAddress)",
                                        "node": "\(client.nodeID)", "role": role]
-            if discover, target == nil, let outcome = await client.natDiscoveryResult() {
+            if discover, target == nil || discoverFirst, let outcome = await client.natDiscoveryResult() {
                 let behaviour = try outcome.get()
                 line["nat"] = ["mapping": behaviour.mapping.rawValue, "filtering": behaviour.filtering.rawValue,
                                "allocation": behaviour.allocation.rawValue]
