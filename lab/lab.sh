@@ -519,6 +519,19 @@ lan_peer() {
     ip -n "$(ns "$peer")" route add default via "$gw"
 }
 
+# One UDP datagram to a closed port of $1 and its ICMPv6 error back (exit 0), or nothing within 2 s (exit 1).
+PRIME6='
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.settimeout(2); s.connect((sys.argv[1], 9))
+s.send(b"x")
+try:
+    s.recv(1)
+except ConnectionRefusedError:
+    sys.exit(0)
+except OSError:
+    sys.exit(1)
+'
+
 # dual-stack: IPv6 on the public segment, the routers and the peers; global addresses, no NAT66; each router
 # forwards and lets into its LAN only what belongs to a flow the LAN opened (a stateful firewall).
 up_ipv6() {
@@ -719,6 +732,16 @@ cmd_up() {
         [[ " ${HOSTS[*]} " == *" nat-$s "* ]] || continue
         uses_delayline "$s" && wait_for_file "$STATE/delay-$s.ready" 10 "the delay line of router $s"
     done
+
+    # dual-stack: resolve the IPv6 neighbours along both peers' paths now, as the IPv4 ones are by the first
+    # registration: one UDP datagram from each peer to a closed port of the rendezvous, whose ICMPv6 "port
+    # unreachable" comes back the same way. Otherwise a fresh lab's first IPv6 packets wait for neighbour discovery
+    # at every hop, and the first punch's IPv6 check lost the race to IPv4 (1 trial in 3, always the first).
+    if has_ipv6; then
+        for h in peer-a peer-b; do
+            nsx "$h" "$PYTHON" -c "$PRIME6" "$RDV6_IP1" || log "IPv6 neighbour priming from $h got no answer"
+        done
+    fi
 
     if [[ ${OPT[probe]} == 1 ]]; then
         start_bg probe-server ip netns exec "$(ns rdv)" "$PYTHON" "$LAB_DIR/probe.py" serve \

@@ -9,6 +9,10 @@ package struct LabTopology: Sendable, Hashable {
     package let name: String
     /// The paths a connection may take here to count: the LAN, a hairpin, IPv6 — whatever the topology is built for.
     package let acceptedPaths: [LabPath]
+    /// Whether the hosts have global IPv6 beside IPv4: the rendezvous then listens and answers STUN on both families,
+    /// and the peers bind dual-stack sockets, as `holepunch rendezvous --listen [::]:PORT --stun-other` and
+    /// `holepunch peer` do on such hosts.
+    package var dualStack = false
 
     /// Every topology besides lab.sh's default `two-nats` (the one the 25 NAT pairs run in), in table order.
     package static let all: [LabTopology] = [
@@ -22,7 +26,7 @@ package struct LabTopology: Sendable, Hashable {
         // A home behind a carrier NAT against a single NAT: the ordinary punch between public addresses.
         LabTopology(name: "cgnat-vs-nat", acceptedPaths: [.publicInternet]),
         // Both peers have global IPv6 behind stateful firewalls (no NAT66): the IPv6 path, the easiest there is.
-        LabTopology(name: "dual-stack", acceptedPaths: [.ipv6]),
+        LabTopology(name: "dual-stack", acceptedPaths: [.ipv6], dualStack: true),
     ]
 
     /// The topology called `name`, or nil.

@@ -209,7 +209,8 @@ package struct MatrixReport: Sendable {
             guard let rows = topologies[strategy], !rows.isEmpty else { continue }
             out += "### Topologies, \(strategy)\n\n"
             out += "Connected: trials that connected at all; on path: those on a path the topology accepts. Winner: the "
-            out += "candidate pair that won (local → remote), or the address connected to when the peers do not report one. "
+            out += "candidate that won (`→ kind family address`, or `local → remote` when the peer reports a pair), or the "
+            out += "address connected to when the peers report neither. "
             out += "Raw UDP: `probe.py punch` between the peers' public addresses.\n\n"
             out += "| topology | connected | on path (accepted) | median ms | first byte ms | paths taken | winner | raw UDP ms | errors |\n"
             out += "|---|---|---|---|---|---|---|---|---|\n"

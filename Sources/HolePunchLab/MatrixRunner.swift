@@ -22,6 +22,8 @@ package struct MatrixRunner {
     package let topologies: [LabTopology]
     /// The router (`a` or `b`) to run miniupnpd on (`lab/portmap.sh`) for the pairs, whose peer maps its port; nil: none.
     package let portMappingRouter: String?
+    /// With `discover`: the initiator too waits for its discovery to be published before it asks for the punch.
+    package var discoverFirst = false
 
     /// A runner for one matrix (the memberwise initialiser is internal to this module).
     package init(lab: LabSession, strategies: [String], pairs: [(String, String)], trials: Int, delay: Double, loss: Double,
@@ -41,6 +43,9 @@ package struct MatrixRunner {
         self.topologies = topologies
         self.portMappingRouter = portMappingRouter
     }
+
+    /// The rendezvous's IPv6 STUN responder in dual-stack topologies (lab.sh's RDV6_IP1).
+    package static let rendezvousSTUN6 = "[2001:db8:0:ff::10]:3480"
 
     /// Where the impostor listens (in `other`); router b DNATs new inbound UDP flows there.
     package static let impostorAddress = "198.51.100.20:7443"
@@ -62,13 +67,16 @@ package struct MatrixRunner {
         return report
     }
 
-    /// The rendezvous (with its STUN responder) in `rdv`, and its NodeID once it listens.
-    private func startRendezvous() async throws -> (LabChild, String) {
+    /// The rendezvous (with its STUN responder) in `rdv`, and its NodeID once it listens. In a dual-stack topology it
+    /// takes QUIC on both families and answers STUN on IPv6 too (advertised, so peers learn their IPv6 reflexive
+    /// address), as a rendezvous deployed on such a host would.
+    private func startRendezvous(dualStack: Bool = false) async throws -> (LabChild, String) {
         let rdvIdentity = lab.file("rdv.identity")
         try Identity.generate(commonName: "lab-rendezvous").save(to: rdvIdentity)
         let ready = lab.file("rdv.ready")
         let rendezvous = try lab.exec("rdv", [lab.executable, "lab", "rendezvous", "--identity", rdvIdentity, "--ready-file", ready,
-                                                "--start-delay", "\(startDelay)"],
+                                                "--start-delay", "\(startDelay)"]
+                                          + (dualStack ? ["--listen", "[::]:7000", "--stun-other", Self.rendezvousSTUN6] : []),
                                       stem: "rendezvous")
         do {
             let end = ContinuousClock.now + .seconds(20)
@@ -172,7 +180,7 @@ package struct MatrixRunner {
         let status = try await lab.run(["status", "--json"])
         let hosts = (try? JSONSerialization.jsonObject(with: Data(status.output.utf8)) as? [String: Any])?["hosts"] as? [String: Any]
         let ownPublic = (hosts?["peer-a"] as? [String: Any])?["public"] as? String
-        let (rendezvous, rdvNode) = try await startRendezvous()
+        let (rendezvous, rdvNode) = try await startRendezvous(dualStack: topology.dualStack)
         defer { rendezvous.stop() }
         if raw {
             let reference = await rawPunch(tag: 1000 + (topologies.firstIndex(of: topology) ?? 0))
@@ -184,7 +192,8 @@ package struct MatrixRunner {
             var row = TopologyResult(topology: topology)
             let short = URL(fileURLWithPath: strategy).lastPathComponent
             for trial in 1...max(1, trials) {
-                var outcome = try await runTrial(pair: homeRouters, strategy: strategy, rdvNode: rdvNode)
+                var outcome = try await runTrial(pair: homeRouters, strategy: strategy, rdvNode: rdvNode,
+                                                 dualStack: topology.dualStack)
                 outcome.path = outcome.remote.map { LabPath(remote: $0, ownPublic: ownPublic) }
                 row.trials.append(outcome)
                 let summary = outcome.ok
@@ -233,7 +242,10 @@ package struct MatrixRunner {
         return RawResult(connected: true, timeMs: max(ta, tb))
     }
 
-    private func runTrial(pair: (String, String), strategy: String, rdvNode: String) async throws -> TrialResult {
+    /// One punch between fresh peers; `dualStack` binds them to `[::]:0`, as `holepunch peer` does on a host with IPv6.
+    private func runTrial(pair: (String, String), strategy: String, rdvNode: String, dualStack: Bool = false)
+        async throws -> TrialResult
+    {
         let idA = lab.file("a.identity"), idB = lab.file("b.identity")
         let a = try Identity.generate(commonName: "lab-peer-a")
         try a.save(to: idA)
@@ -243,7 +255,8 @@ package struct MatrixRunner {
         func peerArguments(identity: String, nat: String) -> [String] {
             var arguments = [lab.executable, "lab", "peer", "--rendezvous-id", rdvNode, "--identity", identity,
                              "--strategy", strategy, "--punch-timeout", "\(punchTimeout)", "--timeout", "\(punchTimeout + 10)"]
-            arguments += discover ? ["--discover"] : ["--nat", nat]
+            arguments += discover ? ["--discover"] + (discoverFirst ? ["--discover-first"] : []) : ["--nat", nat]
+            if dualStack { arguments += ["--bind", "[::]:0"] }
             return arguments
         }
         // The peer behind the mapping router asks for a mapping (the target publishes it before it reports ready).
@@ -290,7 +303,15 @@ package struct MatrixRunner {
             peerNode: result["peer_node"] as? String, expectedPeer: "\(b.nodeID)",
             firstByteMs: result["first_byte_ms"] as? Double, connectFirstByteMs: result["connect_first_byte_ms"] as? Double,
             phases: result["phases_ms"] as? [String: Double], remote: result["remote"] as? String,
-            candidatePair: Self.candidatePair(result["candidate_pair"]))
+            candidatePair: Self.candidatePair(result["candidate_pair"])
+                ?? Self.winningCandidate(kind: result["candidate"], family: result["candidate_family"], remote: result["remote"]))
+    }
+
+    /// The winner as the lab peer reports it (`candidate`, `candidate_family`, `remote`): `→ kind family address`, e.g.
+    /// `→ host ipv6 [2001:db8:0:2::2]:4000`; nil without a kind.
+    package static func winningCandidate(kind: Any?, family: Any?, remote: Any?) -> String? {
+        guard let kind = kind as? String else { return nil }
+        return (["→", kind] + [family, remote].compactMap { $0 as? String }).joined(separator: " ")
     }
 
     /// The winning candidate pair from a peer's result: a string as it is, or `{"local": {"kind", "address"},

@@ -46,19 +46,24 @@ struct LabRendezvousCommand: AsyncParsableCommand {
     @Option(help: "Start delay ceiling of coordinated punches, ms (measured peers get less).") var startDelay = 150
     @Option(help: "Written (with the NodeID) once listening.") var readyFile: String?
     @Flag(help: "Run no STUN responder (e.g. for an impostor QUIC server).") var noStun = false
+    @Option(help: "A STUN responder of the other IP family, numeric ADDR:PORT, advertised to peers (dual-stack topology).")
+    var stunOther: String?
 
     func run() async throws {
         labUnblockTerminationSignals()
         let id = try Identity.load(from: identity)
         let primary = try SocketAddress(parsing: stun)
         let alternate = try SocketAddress(parsing: "\(stunAltIP):\(stunAltPort)")
-        let configuration = RendezvousServerConfiguration(
+        var configuration = RendezvousServerConfiguration(
             listen: try SocketAddress(parsing: listen), identity: id,
             stun: noStun ? nil : STUNResponderConfiguration(primary: primary, alternatePort: stunAltPort, alternateIP: alternate.ip),
             // The matrix registers a fresh pair of identities per trial, quickly: no rate limit worth the name.
             state: RendezvousState.Configuration(startDelay: .milliseconds(startDelay), rateBurst: 10_000, ratePerSecond: 10_000),
             housekeepingInterval: .milliseconds(500)
         )
+        if let stunOther, !noStun {
+            configuration.otherFamilySTUN = STUNResponderConfiguration(primary: try SocketAddress(parsing: stunOther))
+        }
         let server = try await RendezvousServer.bind(configuration: configuration)
         let task = Task { try await server.run() }
         labEmit(["event": "listening", "address": "\(server.address)", "node": "\(server.nodeID)",
@@ -130,6 +135,10 @@ struct LabPeerCommand: AsyncParsableCommand {
         waits for it before it reports ready (a peer that has waited a while), the initiator punches at once.
         """)
     var discover = false
+    @Flag(help: """
+        With --discover, the initiator too waits until its discovery has ended and been published (with the last         port its NAT allocated) before it asks for the punch, instead of punching at once.
+        """)
+    var discoverFirst = false
     @Option(help: "Give up after this many seconds (whole run).") var timeout: Double = 15
     @Option(help: "Punch timeout in seconds (overrides the plan's).") var punchTimeout: Double?
     @Option(help: "Local address to bind.") var bind = "0.0.0.0:0"
@@ -155,8 +164,11 @@ struct LabPeerCommand: AsyncParsableCommand {
                                                configuration: EndpointConfiguration(identity: try Identity.load(from: identity),
                                                                                     acceptPolicy: .none))
         let executor = PunchExecutor(endpoint: endpoint, configuration: .init(strategy: chosen))
+        let server = try SocketAddress(parsing: rendezvous)
+        // What `holepunch peer` publishes: without its host candidates, two peers on one LAN have no path.
+        let hosts = Registration.hostCandidates(of: endpoint, rendezvous: server)
         var clientConfiguration = RendezvousClientConfiguration(
-            server: try SocketAddress(parsing: rendezvous), serverNodeID: try NodeID(parsing: rendezvousID),
+            server: server, serverNodeID: try NodeID(parsing: rendezvousID),
             requestTimeout: .seconds(5), strategy: chosen, punchTimeout: punchTimeout.map { .milliseconds(Int($0 * 1000)) })
         clientConfiguration.backgroundNATDiscovery = discover ? NATDiscovery.Configuration() : nil
         let client = RendezvousClient(executor: executor, configuration: clientConfiguration)
@@ -165,10 +177,11 @@ struct LabPeerCommand: AsyncParsableCommand {
         let mapper = portMapping ? PortMapper.forPunchSocket(endpoint, rendezvous: clientConfiguration.server,
                                                              logger: Logger(label: "holepunch.lab.portmap")) : nil
         let mapping = mapper.flatMap { mapper in LabMapping(mapper: mapper, first: Task { try? await mapper.map() }) }
-        let (target, nat, measure, ready) = (connect, profile, discover, readyFile)
+        let (target, nat, measure, ready, first) = (connect, profile, discover, readyFile, discover && discoverFirst)
         let outcome = await labWithin(limit) {
-            LabRecord(fields: await Self.punch(client: client, role: role, target: target, profile: nat, discover: measure,
-                                               readyFile: ready, started: started, mapping: mapping))
+            LabRecord(fields: await Self.punch(client: client, role: role, target: target,
+                                               registration: Registration(candidates: hosts, nat: nat), discover: measure,
+                                               discoverFirst: first, readyFile: ready, started: started, mapping: mapping))
         }
         var result = outcome?.fields ?? ["ok": false, "error": "harnessTimeout", "message": "no result within \(timeout) s"]
         result["event"] = "result"
@@ -180,8 +193,8 @@ struct LabPeerCommand: AsyncParsableCommand {
         Glibc.exit((result["ok"] as? Bool) == true ? 0 : 1)
     }
 
-    private static func punch(client: RendezvousClient, role: String, target: String?, profile: NATProfile?,
-                              discover: Bool, readyFile: String?, started: ContinuousClock.Instant,
+    private static func punch(client: RendezvousClient, role: String, target: String?, registration: Registration,
+                              discover: Bool, discoverFirst: Bool, readyFile: String?, started: ContinuousClock.Instant,
                               mapping: LabMapping?) async -> [String: Any]
     {
         do {
@@ -189,12 +202,12 @@ struct LabPeerCommand: AsyncParsableCommand {
             let plannedNAT = await client.natProfile
             // The initiator sends its punch request right behind the register (one flight); a target that is not
             // registered yet is asked again below.
-            let (registered, pipelined) = try await Self.register(client: client, profile: profile, target: target)
+            let (registered, pipelined) = try await Self.register(client: client, registration, target: discoverFirst ? nil : target)
             let registeredAt = ContinuousClock.now
             var coordinated: ReceivedCoordinate?
             var line: [String: Any] = ["event": "registered", "observed": "\(registered.observedAddress)",
                                        "node": "\(client.nodeID)", "role": role]
-            if discover, target == nil, let outcome = await client.natDiscoveryResult() {
+            if discover, target == nil || discoverFirst, let outcome = await client.natDiscoveryResult() {
                 let behaviour = try outcome.get()
                 line["nat"] = ["mapping": behaviour.mapping.rawValue, "filtering": behaviour.filtering.rawValue,
                                "allocation": behaviour.allocation.rawValue]
@@ -309,13 +322,13 @@ struct LabPeerCommand: AsyncParsableCommand {
 
     /// Registers; the initiator sends its punch request in the same flight and gets its coordinate message back,
     /// unless the target is not registered yet (then nil: ``coordinate(client:to:)`` asks again).
-    private static func register(client: RendezvousClient, profile: NATProfile?, target: String?)
+    private static func register(client: RendezvousClient, _ registration: Registration, target: String?)
         async throws -> (Registered, ReceivedCoordinate?)
     {
-        guard let target else { return (try await client.connect(Registration(nat: profile)), nil) }
+        guard let target else { return (try await client.connect(registration), nil) }
         let peer = try NodeID(parsing: target)
         let result: Result<(registered: Registered, coordinate: ReceivedCoordinate), RendezvousError>
-        do { result = .success(try await client.connect(Registration(nat: profile), coordinatingWith: peer)) } catch {
+        do { result = .success(try await client.connect(registration, coordinatingWith: peer)) } catch {
             result = .failure(error)
         }
         switch result {
@@ -378,13 +391,13 @@ struct LabPeerCommand: AsyncParsableCommand {
     }
 }
 
-/// How the line exchange ended, and when the first echoed byte arrived (initiator only).
 /// `lab peer --port-mapping`: the mapper and its first request, started before the registration.
 private struct LabMapping: Sendable {
     let mapper: PortMapper
     let first: Task<PortMapping?, Never>
 }
 
+/// How the line exchange ended, and when the first echoed byte arrived (initiator only).
 private struct LabEcho: Sendable {
     var outcome: String
     var firstByte: ContinuousClock.Instant? = nil

@@ -45,6 +45,8 @@ struct LabMatrixCommand: AsyncParsableCommand {
     @Option(help: "The rendezvous's start delay ceiling, ms (its default: 150; measured peers get less).") var startDelay = 150
     @Option(help: "Lab name (default hpmx<pid>).") var name: String?
     @Flag(help: "Peers measure their NAT (RFC 5780) instead of being told the lab's configured type.") var discover = false
+    @Flag(help: "With --discover: the initiator too waits for its discovery to be published before it asks for the punch.")
+    var discoverFirst = false
     @Flag(help: "Skip the raw UDP reference punch.") var noRaw = false
     @Flag(help: """
         Impostor check: a QUIC server with another identity runs in `other`, and router b DNATs every new inbound         UDP flow to it, so whatever the initiator dials first at b's address answers with the wrong identity.
@@ -93,11 +95,13 @@ struct LabMatrixCommand: AsyncParsableCommand {
         let lab = LabSession(script: "\(labDir)/lab.sh", labDir: labDir, name: name ?? "hpmx\(getpid())")
         LabSession.installInterruptCleanup(lab)
         defer { lab.down() }
-        let report = try await MatrixRunner(
+        var runner = MatrixRunner(
             lab: lab, strategies: files, pairs: selected, trials: trials, delay: delay, loss: loss,
             punchTimeout: punchTimeout, discover: discover, raw: !noRaw, impostor: impostor, startDelay: startDelay,
             topologies: topologies, portMappingRouter: portMapping
-        ).run()
+        )
+        runner.discoverFirst = discoverFirst
+        let report = try await runner.run()
         let tables = report.markdown()
         print(tables)
         if let markdown { try tables.write(toFile: markdown, atomically: true, encoding: .utf8) }

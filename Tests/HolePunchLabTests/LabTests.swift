@@ -98,6 +98,21 @@ struct LabTests {
         }
     }
 
+    /// Issue 14's "NAT whose port counter is shared by all of a router's mappings": lab.sh's `numgen inc` sits in one
+    /// snat rule, so every new flow of the router, from any inside socket, takes the next port.
+    @Test("symmetric_seq: one counter for all of a router's mappings (three sockets get consecutive ports)",
+          .timeLimit(.minutes(1)))
+    func sharedSequentialCounter() throws {
+        try withLab(["--nat-a", "symmetric_seq", "--probe-server"]) { lab in
+            var ports: [Int] = []
+            for _ in 0..<3 {
+                let r = try lab.probe("peer-a", ["query", "--server", "\(Self.rdv1):3478"], as: QueryResult.self)
+                ports.append(try #require(r.mapped.flatMap { Int($0.split(separator: ":").last ?? "") }))
+            }
+            #expect(zip(ports, ports.dropFirst()).allSatisfy { $1 == $0 + 1 }, "ports of three sockets: \(ports)")
+        }
+    }
+
     @Test("mapping timeout: an idle mapping expires, a refreshed one does not", .timeLimit(.minutes(1)))
     func mappingTimeout() throws {
         // symmetric_seq shows expiry directly: the same socket and destination get a new port.

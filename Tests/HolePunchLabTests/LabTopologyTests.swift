@@ -60,4 +60,12 @@ struct LabTopologyTests {
         #expect(MatrixRunner.candidatePair(pair) == "host 10.0.1.2:1 → srflx 203.0.113.10:2")
         #expect(MatrixRunner.candidatePair(nil) == nil)
     }
+
+    @Test("the winner is read from the lab peer's candidate and candidate_family fields")
+    func winnerFromPeerFields() {
+        #expect(MatrixRunner.winningCandidate(kind: "host", family: "ipv6", remote: "[2001:db8:0:2::2]:4000")
+            == "→ host ipv6 [2001:db8:0:2::2]:4000")
+        #expect(MatrixRunner.winningCandidate(kind: "srflx", family: "ipv4", remote: nil) == "→ srflx ipv4")
+        #expect(MatrixRunner.winningCandidate(kind: nil, family: "ipv4", remote: "10.0.1.3:1") == nil)
+    }
 }

@@ -156,6 +156,25 @@ extension LabTests {
         }
     }
 
+    /// Issue 14: "`symmetric_seq × symmetric_seq` connects when the NAT's counter is shared". The lab's counter is one
+    /// per router (`sharedSequentialCounter` checks it), so each peer's NAT discovery, which runs after registration,
+    /// moves it past the registered port: the prediction must start from the last port the NAT allocated
+    /// (`lastAllocatedPort`, published after discovery), not from the registration's. Both peers wait for their
+    /// discovery to be published before the punch (`--discover-first`). Fails 0/3 with default.lua counting from the
+    /// registration's port (`local seq_base = base`): `allPortsFailed` on both sides.
+    @Test("symmetric_seq × symmetric_seq with discovery moving the shared counter after registration connects 3 of 3",
+          .timeLimit(.minutes(3)), .enabled(if: LabTests.haveBinary, "needs the holepunch binary"))
+    func sequentialPairAfterDiscovery() throws {
+        let pairs = try Self.matrix(["--trials", "3", "--delay", "20", "--punch-timeout", "5", "--discover", "--discover-first",
+                                     "--pair", "symmetric_seq:symmetric_seq"], timeout: 170)
+        let pair = try #require(pairs.first)
+        let outcomes = pair.runs.map { $0.ok ? "ok" : "\($0.error ?? "?"): \($0.message ?? "")" }
+        print("HolePunchLabTests shared counter symmetric_seq × symmetric_seq: \(outcomes)")
+        #expect(pair.trials == 3)
+        #expect(pair.successes == 3, "\(pair.successes)/3: \(outcomes)")
+        for run in pair.runs where run.ok { #expect(run.peer_node == run.expected_peer) }
+    }
+
     @Test("impostor: a QUIC server with another identity behind b's public address never wins", .timeLimit(.minutes(3)),
           .enabled(if: LabTests.haveBinary, "needs the holepunch binary"))
     func impostorNeverWins() throws {
