@@ -62,6 +62,10 @@ public actor HolePunchNode: Service {
         /// path is noticed); nil disables them. Keep it below the shortest UDP mapping timeout on the way and below
         /// the 30 s idle timeout. Default `EndpointConfiguration.defaultKeepAliveInterval` (25 s).
         public var keepAliveInterval: Duration? = EndpointConfiguration.defaultKeepAliveInterval
+        /// Whether to allocate at the rendezvous's TURN server when it grants one (``Registered/turn``), attach the
+        /// allocation to the punch socket and publish the relayed address as a `relay` candidate (default true).
+        /// A failed allocation is logged once and the node punches only.
+        public var usesRelay = true
 
         /// Creates options.
         public init(
@@ -107,6 +111,10 @@ public actor HolePunchNode: Service {
     private let incomingContinuation: AsyncThrowingStream<QUICConnection, any Error>.Continuation
     private var forwarder: Task<Void, Never>?
     private var stopped = false
+    /// The TURN allocation on the punch socket, when the rendezvous granted one and it succeeded.
+    private var relay: NodeRelay?
+    private var relayStart: Task<SocketAddress?, Never>?
+    private var relayRenewal: Task<Void, Never>?
     private var stopWaiters: [CheckedContinuation<Void, Never>] = []
 
     private init(
@@ -173,6 +181,7 @@ public actor HolePunchNode: Service {
         let node = HolePunchNode(endpoint: endpoint, executor: executor, client: client, registration: registered,
                                  options: options)
         await node.forwardIncoming()
+        if options.usesRelay, let grant = registered.turn { await node.startRelayInBackground(grant) }
         options.logger.info("node registered", metadata: [
             "node.id": "\(endpoint.nodeID.short)", "node.observed": "\(registered.observedAddress)",
         ])
@@ -207,6 +216,10 @@ public actor HolePunchNode: Service {
         guard !stopped else { return }
         stopped = true
         forwarder?.cancel()
+        relayStart?.cancel()
+        _ = await relayStart?.value
+        relayRenewal?.cancel()
+        if let relay { await relay.stop(endpoint: endpoint, executor: executor) }
         incomingContinuation.finish()
         await rendezvousClient.close()
         await executor.shutdown()
@@ -228,7 +241,53 @@ public actor HolePunchNode: Service {
         }
     }
 
+    /// The relayed address this node publishes, once its TURN allocation is ready; nil when the rendezvous granted
+    /// none, ``Options/usesRelay`` is off, or allocating failed. Waits for an allocation in progress (bounded by the
+    /// TURN client's transaction timeout, 5 s per request).
+    public func relayedAddress() async -> SocketAddress? {
+        await relayStart?.value
+    }
+
     // MARK: Internals
+
+    /// Allocates in the background, so that a TURN server that does not answer never delays the node's start.
+    private func startRelayInBackground(_ grant: TURNGrant) {
+        relayStart = Task { await self.startRelay(grant) }
+    }
+
+    /// Allocates at the granted TURN server, publishes the relayed address and keeps the credentials fresh; on any
+    /// failure the node punches only (NodeRelay logs why, once). Returns the relayed address.
+    private func startRelay(_ grant: TURNGrant) async -> SocketAddress? {
+        guard let relay = await NodeRelay.start(grant: grant, endpoint: endpoint, executor: executor,
+                                                logger: options.logger) else { return nil }
+        guard !stopped, !Task.isCancelled else {
+            await relay.stop(endpoint: endpoint, executor: executor)
+            return nil
+        }
+        self.relay = relay
+        do {
+            _ = try await rendezvousClient.publishRelayed([relay.candidate])
+        } catch {
+            options.logger.info("the rendezvous refused the relayed address", metadata: ["error": "\(error)"])
+            return nil
+        }
+        let client = rendezvousClient
+        let logger = options.logger
+        relayRenewal = Task {
+            var credentials = grant.credentials
+            while let delay = NodeRelay.renewalDelay(for: credentials) {
+                do { try await Task.sleep(for: delay) } catch { return }
+                // Every registration mints fresh credentials; keep-alives carry none.
+                guard let fresh = try? await client.publishRelayed([relay.candidate]).turn?.credentials else {
+                    logger.info("no fresh TURN credentials; the allocation ends at the old ones' expiry")
+                    return
+                }
+                relay.client.updateCredentials(fresh)
+                credentials = fresh
+            }
+        }
+        return relay.candidate.address
+    }
 
     private func waitUntilStopped() async {
         guard !stopped else { return }

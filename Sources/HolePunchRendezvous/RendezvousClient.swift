@@ -46,6 +46,9 @@ public actor RendezvousClient {
     private var localNAT: NATProfile = .unknown
     /// The latest registration sent, so that a profile refinement keeps its candidates.
     var lastRegistration = Registration()
+    /// `relay` candidates of this node's TURN allocations, added to every registration sent (so that a later
+    /// registration, e.g. with a measured NAT profile, keeps them).
+    var relayCandidates: [Candidate] = []
     private var natDiscovery: Task<Result<NATBehaviour, RendezvousError>, Never>?
     /// Target-role coordinate messages received so far.
     public internal(set) var targetCoordinates = 0
@@ -173,7 +176,7 @@ public actor RendezvousClient {
                     client.registerWaiter = nil
                 }
                 // A pipelined punch request leaves in the same write, so it cannot overtake the register.
-                let messages = [ClientMessage.register(registration)] + [pipelinedRequest].compactMap { $0 }
+                let messages = [ClientMessage.register(withRelayCandidates(registration))] + [pipelinedRequest].compactMap { $0 }
                 pipelinedRequest = nil
                 Task { await self.send(messages) }
             }
@@ -184,6 +187,26 @@ public actor RendezvousClient {
         let confirmed = try result.get()
         registered = confirmed
         return confirmed
+    }
+
+    /// `registration` with ``relayCandidates`` added, within `RendezvousMessageLimits.maxPublishedCandidates` (a
+    /// relayed address is worth more than the last of many host addresses).
+    private func withRelayCandidates(_ registration: Registration) -> Registration {
+        let relayed = relayCandidates.filter { candidate in !registration.candidates.contains(candidate) }
+        guard !relayed.isEmpty else { return registration }
+        var sent = registration
+        sent.candidates = Array(sent.candidates.prefix(RendezvousMessageLimits.maxPublishedCandidates - relayed.count)) + relayed
+        return sent
+    }
+
+    /// Publishes `candidates` (this node's relayed addresses) in this and every later registration: registers again
+    /// with the latest registration and returns the confirmation (with fresh TURN credentials, when granted).
+    ///
+    /// - Throws: ``RendezvousError``, e.g. `protocolViolation` when the rendezvous refuses an address that is not on
+    ///   one of its TURN servers.
+    package func publishRelayed(_ candidates: [Candidate]) async throws(RendezvousError) -> Registered {
+        relayCandidates = candidates
+        return try await register(lastRegistration)
     }
 
     /// Asks the rendezvous to coordinate a punch to `target` and waits for this side's coordinate message.
