@@ -158,6 +158,7 @@ public actor PunchExecutor {
                 )
             }
             metrics.active.increment()
+            startRelayDial(runtime)
             let now = clock.now()
             if now >= runtime.session.configuration.startAt {
                 apply(runtime, runtime.session.handle(.start(now: now)))

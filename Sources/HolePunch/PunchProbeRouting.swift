@@ -104,6 +104,7 @@ extension PunchExecutor {
             otherConnectionsContinuation.yield(connection)
             return
         }
+        if await acceptRelayed(runtime, connection: connection) { return }
         let id = runtime.session.acceptedConnectionID()
         runtime.connections[id] = connection
         apply(runtime, runtime.session.handle(.accepted(id: id, socket: socket)))

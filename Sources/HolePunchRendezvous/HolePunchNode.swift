@@ -265,6 +265,7 @@ public actor HolePunchNode: Service {
             return nil
         }
         self.relay = relay
+        await rendezvousClient.setRelayPermitter { peers in await relay.permit(peers) }
         do {
             _ = try await rendezvousClient.publishRelayed([relay.candidate])
         } catch {

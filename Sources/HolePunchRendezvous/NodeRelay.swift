@@ -88,6 +88,19 @@ final class NodeRelay: Sendable {
         return max(min(left - credentialMargin, left / 2), .seconds(1))
     }
 
+    /// Most peer addresses one coordinate opens the allocation to (the TURN client holds at most 64 peers).
+    static let maxPermissionsPerPunch = 4
+
+    /// Gives `peers`' IPs (a coordinate's candidates) a permission, so that the peer can dial our relayed address;
+    /// one IP of each, bounded, each request bounded by the TURN client's transaction timeout.
+    func permit(_ peers: [SocketAddress]) async {
+        var seen: Set<SocketAddress.IP> = []
+        for peer in peers where peer.isIPv6 == client.server.isIPv6 && seen.insert(peer.ip).inserted {
+            guard seen.count <= Self.maxPermissionsPerPunch else { break }
+            try? await client.createPermission(for: peer)
+        }
+    }
+
     /// Deletes the allocation and stops its task.
     func stop(endpoint: Endpoint, executor: PunchExecutor) async {
         await endpoint.detachRelay(server: client.server)

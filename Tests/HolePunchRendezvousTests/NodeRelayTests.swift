@@ -3,6 +3,7 @@ import HolePunch
 import HolePunchNet
 import HolePunchQUIC
 import HolePunchSTUN
+import HolePunchStrategy
 import Logging
 import ProcessTestSupport
 import Synchronization
@@ -33,6 +34,26 @@ final class NodeLogLines: Sendable {
     }
 }
 
+/// The built-in plan with `relay = .first` whenever the peer published a relayed address (until strategies say it
+/// themselves); `directPorts` aims every direct probe at those ports instead (a silent socket: no direct path).
+struct RelayFirstStrategy: PunchStrategy {
+    let name = "relay-first-test"
+    var startDelay: Duration = .zero
+    var directPorts: [UInt16]?
+
+    func plan(_ ctx: PunchContext) -> PunchPlan {
+        var plan = DefaultStrategy().plan(ctx)
+        if ctx.relayAvailable { plan.relay = .first }
+        plan.startDelay = startDelay
+        if let directPorts {
+            plan.ports = PortList(ports: directPorts)
+            plan.dialCandidatesDirectly = false
+            plan.timeout = .seconds(3)
+        }
+        return plan
+    }
+}
+
 /// A node granted TURN by its rendezvous allocates on its punch socket and publishes the relayed address
 /// (issue 15 item 3, docs/relay.md "The node's allocation").
 @Suite("A node's TURN allocation", .serialized)
@@ -46,12 +67,101 @@ struct NodeRelayTests {
     }
 
     static func node(_ identity: Identity, _ harness: Harness, admission: PunchAdmission = .none,
+                     strategy: (any PunchStrategy)? = nil,
                      logger: Logger = Logger(label: "quiet", factory: { _ in SwiftLogNoOpLogHandler() }))
         async throws -> HolePunchNode
     {
+        // No host candidates: the observed address is the one direct candidate, so a strategy controls where
+        // direct probes go.
         try await HolePunchNode.start(
             identity: identity, rendezvous: harness.server.address, rendezvousID: harness.server.nodeID,
-            options: .init(bind: .loopbackV4(port: 0), admission: admission, logger: logger, discoversNAT: false))
+            options: .init(bind: .loopbackV4(port: 0), strategy: strategy, admission: admission, lanAddresses: [],
+                           logger: logger, discoversNAT: false))
+    }
+
+    static func payload(_ size: Int) -> [UInt8] {
+        (0..<size).map { UInt8(truncatingIfNeeded: ($0 &* 2_654_435_761) >> 13) }
+    }
+
+    static func firstIncoming(_ node: HolePunchNode) async throws -> QUICConnection? {
+        for try await connection in node.incoming { return connection }
+        return nil
+    }
+
+    @Test("relay first: the punch returns the connection through coturn at once, which then moves to the direct path mid-transfer with every byte in order")
+    func relayFirstThenDirect() async throws {
+        guard Coturn.available else { return }
+        let coturn = try await TURNGrantTests.coturn()
+        defer { coturn.stop() }
+        let harness = try await Self.rendezvous(turn: [.loopbackV4(port: coturn.port)])
+        defer { harness.task.cancel() }
+        let log = NodeLogLines()
+        let a = try await Self.node(Identities.a, harness, admission: .any, logger: log.logger)
+        let relayedA = try #require(await a.relayedAddress(), "\(log.all)")
+        // Probing starts 1.5 s after the relayed dial, so the first part of the transfer runs over the relay.
+        let b = try await Self.node(Identities.b, harness, strategy: RelayFirstStrategy(startDelay: .milliseconds(1500)))
+        let connection = try await b.connect(to: Identities.a.nodeID)
+        #expect(connection.remoteAddress == relayedA, "the punch's result is the relayed connection")
+        let changes = await connection.pathChanges()
+        let peer = try #require(try await withDeadline(.seconds(10)) { try await Self.firstIncoming(a) })
+
+        let payload = Self.payload(3 << 20)
+        let third = payload.count / 3
+        let reader = Task { try await peer.acceptStream()?.readToEnd(limit: 8 << 20) }
+        let stream = try await connection.openStream()
+        try await stream.write(Array(payload[..<third]))
+        try await stream.delivered()
+        let early = await connection.paths()
+        #expect(early.contains { $0.isActive && $0.route == .direct(relayedA) }, "still relayed after the first part: \(early)")
+
+        let move = try await withDeadline(.seconds(15)) { () -> PathChange? in
+            for await change in changes where change.to != .direct(relayedA) { return change }
+            return nil
+        }
+        #expect(move?.from == .direct(relayedA))
+        try await stream.write(Array(payload[third...]))
+        try await stream.finish()
+        let received = try #require(try await withDeadline(.seconds(30)) { try await reader.value })
+        #expect(received.count == payload.count)
+        #expect(received == payload, "bytes lost or reordered across the move")
+        let after = await connection.paths()
+        #expect(after.contains { $0.isActive && !$0.route.isRelayed && $0.route != .direct(relayedA) }, "\(after)")
+        #expect(after.contains { $0.route == .direct(relayedA) }, "the relay path stays in the table: \(after)")
+        await b.stop()
+        await a.stop()
+    }
+
+    @Test("relay first with no direct path: the connection stays relayed and carries data after the punch gave up")
+    func relayFirstStaysRelayed() async throws {
+        guard Coturn.available else { return }
+        let coturn = try await TURNGrantTests.coturn()
+        defer { coturn.stop() }
+        let harness = try await Self.rendezvous(turn: [.loopbackV4(port: coturn.port)])
+        defer { harness.task.cancel() }
+        // Every direct probe, both ways, goes to a socket that never answers.
+        let silent = try UDPDatagramSocket(binding: .loopbackV4(port: 0))
+        let blocked = RelayFirstStrategy(directPorts: [silent.localAddress.port])
+        let a = try await Self.node(Identities.a, harness, admission: .any, strategy: blocked)
+        let relayedA = try #require(await a.relayedAddress())
+        let b = try await Self.node(Identities.b, harness, strategy: blocked)
+        let connection = try await b.connect(to: Identities.a.nodeID)
+        #expect(connection.remoteAddress == relayedA)
+        let peer = try #require(try await withDeadline(.seconds(10)) { try await Self.firstIncoming(a) })
+        // Past both punches' 3 s timeout: nothing proved a direct pair, and the connection is still the relayed one.
+        #expect(await eventually(.seconds(10)) {
+            let (left, right) = (await b.executor.activePunches(), await a.executor.activePunches())
+            return left.isEmpty && right.isEmpty
+        })
+        let payload = Self.payload(256 << 10)
+        let reader = Task { try await peer.acceptStream()?.readToEnd(limit: 1 << 20) }
+        let stream = try await connection.openStream()
+        try await stream.write(payload)
+        try await stream.finish()
+        #expect(try await withDeadline(.seconds(30)) { try await reader.value } == payload)
+        let paths = await connection.paths()
+        #expect(paths.filter(\.isActive).map(\.route) == [.direct(relayedA)], "\(paths)")
+        await b.stop()
+        await a.stop()
     }
 
     @Test("a node granted TURN allocates at coturn on its punch socket and the rendezvous accepts its relay candidate")
