@@ -38,20 +38,53 @@ final class NodeLogLines: Sendable {
 /// themselves); `directPorts` aims every direct probe at those ports instead (a silent socket: no direct path).
 struct RelayFirstStrategy: PunchStrategy {
     let name = "relay-first-test"
-    var startDelay: Duration = .zero
+    /// Where direct probes go, one a round, in order (nil: the built-in plan's ports).
     var directPorts: [UInt16]?
+    var interval: Duration = .milliseconds(300)
+    var timeout: Duration = .seconds(3)
 
     func plan(_ ctx: PunchContext) -> PunchPlan {
         var plan = DefaultStrategy().plan(ctx)
         if ctx.relayAvailable { plan.relay = .first }
-        plan.startDelay = startDelay
         if let directPorts {
             plan.ports = PortList(ports: directPorts)
+            plan.packetsPerRound = 1
+            plan.interval = interval
+            plan.rounds = 50
             plan.dialCandidatesDirectly = false
-            plan.timeout = .seconds(3)
+            plan.timeout = timeout
         }
         return plan
     }
+}
+
+/// A UDP path to `target` that drops everything until ``open()``: the direct pair of a relay-first test, so that
+/// the test decides when the punch can prove it. It forwards between the last sender that is not `target` and
+/// `target`, on its own thread, until ``close()``.
+final class GatedForwarder: Sendable {
+    let socket: UDPDatagramSocket
+    let target: SocketAddress
+    private let state = Mutex<(open: Bool, closed: Bool, client: SocketAddress?)>((false, false, nil))
+
+    init(to target: SocketAddress) throws {
+        socket = try UDPDatagramSocket(binding: .loopbackV4(port: 0))
+        self.target = target
+        Thread { [self] in
+            while !state.withLock({ $0.closed }) {
+                guard let (bytes, from) = socket.receive(timeoutMilliseconds: 50) else { continue }
+                let (open, client) = state.withLock { state in
+                    if from != target { state.client = from }
+                    return (state.open, state.client)
+                }
+                guard open, let destination = from == target ? client : target else { continue }
+                _ = try? socket.send(bytes, to: destination)
+            }
+        }.start()
+    }
+
+    var port: UInt16 { socket.localAddress.port }
+    func open() { state.withLock { $0.open = true } }
+    func close() { state.withLock { $0.closed = true } }
 }
 
 /// A node granted TURN by its rendezvous allocates on its punch socket and publishes the relayed address
@@ -95,30 +128,38 @@ struct NodeRelayTests {
         defer { coturn.stop() }
         let harness = try await Self.rendezvous(turn: [.loopbackV4(port: coturn.port)])
         defer { harness.task.cancel() }
+        // A's probes never reach B, and B's reach A only through a forwarder the test opens after the first part of
+        // the transfer: that part runs over the relay, the rest after the move.
+        let silent = try UDPDatagramSocket(binding: .loopbackV4(port: 0))
         let log = NodeLogLines()
-        let a = try await Self.node(Identities.a, harness, admission: .any, logger: log.logger)
+        let a = try await Self.node(Identities.a, harness, admission: .any,
+                                    strategy: RelayFirstStrategy(directPorts: [silent.localAddress.port], timeout: .seconds(15)),
+                                    logger: log.logger)
         let relayedA = try #require(await a.relayedAddress(), "\(log.all)")
-        // Probing starts 1.5 s after the relayed dial, so the first part of the transfer runs over the relay.
-        let b = try await Self.node(Identities.b, harness, strategy: RelayFirstStrategy(startDelay: .milliseconds(1500)))
+        let gate = try GatedForwarder(to: a.endpoint.localAddress)
+        defer { gate.close() }
+        let b = try await Self.node(Identities.b, harness, strategy: RelayFirstStrategy(directPorts: [gate.port], timeout: .seconds(15)))
         let connection = try await b.connect(to: Identities.a.nodeID)
         #expect(connection.remoteAddress == relayedA, "the punch's result is the relayed connection")
         let changes = await connection.pathChanges()
         let peer = try #require(try await withDeadline(.seconds(10)) { try await Self.firstIncoming(a) })
 
         let payload = Self.payload(3 << 20)
-        let third = payload.count / 3
+        let third = 64 << 10
         let reader = Task { try await peer.acceptStream()?.readToEnd(limit: 8 << 20) }
         let stream = try await connection.openStream()
         try await stream.write(Array(payload[..<third]))
         try await stream.delivered()
         let early = await connection.paths()
         #expect(early.contains { $0.isActive && $0.route == .direct(relayedA) }, "still relayed after the first part: \(early)")
+        gate.open()
 
         let move = try await withDeadline(.seconds(15)) { () -> PathChange? in
             for await change in changes where change.to != .direct(relayedA) { return change }
             return nil
         }
         #expect(move?.from == .direct(relayedA))
+        #expect(move?.to == .direct(SocketAddress.loopbackV4(port: gate.port)))
         try await stream.write(Array(payload[third...]))
         try await stream.finish()
         let received = try #require(try await withDeadline(.seconds(30)) { try await reader.value })
