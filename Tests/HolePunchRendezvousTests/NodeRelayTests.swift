@@ -99,6 +99,16 @@ struct NodeRelayTests {
         return Harness(server: server, task: Task { try await server.run() })
     }
 
+    /// Runs `body` with coturn on loopback and an in-process rendezvous granting it; skips when coturn is absent.
+    static func withCoturn(_ body: (Harness, Coturn) async throws -> Void) async throws {
+        guard Coturn.available else { return }
+        let coturn = try await TURNGrantTests.coturn()
+        defer { coturn.stop() }
+        let harness = try await rendezvous(turn: [.loopbackV4(port: coturn.port)])
+        defer { harness.task.cancel() }
+        try await body(harness, coturn)
+    }
+
     static func node(_ identity: Identity, _ harness: Harness, admission: PunchAdmission = .none,
                      strategy: (any PunchStrategy)? = nil,
                      logger: Logger = Logger(label: "quiet", factory: { _ in SwiftLogNoOpLogHandler() }))
@@ -123,110 +133,101 @@ struct NodeRelayTests {
 
     @Test("relay first: the punch returns the connection through coturn at once, which then moves to the direct path mid-transfer with every byte in order")
     func relayFirstThenDirect() async throws {
-        guard Coturn.available else { return }
-        let coturn = try await TURNGrantTests.coturn()
-        defer { coturn.stop() }
-        let harness = try await Self.rendezvous(turn: [.loopbackV4(port: coturn.port)])
-        defer { harness.task.cancel() }
-        // A's probes never reach B, and B's reach A only through a forwarder the test opens after the first part of
-        // the transfer: that part runs over the relay, the rest after the move.
-        let silent = try UDPDatagramSocket(binding: .loopbackV4(port: 0))
-        let log = NodeLogLines()
-        let a = try await Self.node(Identities.a, harness, admission: .any,
-                                    strategy: RelayFirstStrategy(directPorts: [silent.localAddress.port], timeout: .seconds(15)),
-                                    logger: log.logger)
-        let relayedA = try #require(await a.relayedAddress(), "\(log.all)")
-        let gate = try GatedForwarder(to: a.endpoint.localAddress)
-        defer { gate.close() }
-        let b = try await Self.node(Identities.b, harness, strategy: RelayFirstStrategy(directPorts: [gate.port], timeout: .seconds(15)))
-        let connection = try await b.connect(to: Identities.a.nodeID)
-        #expect(connection.remoteAddress == relayedA, "the punch's result is the relayed connection")
-        let changes = await connection.pathChanges()
-        let peer = try #require(try await withDeadline(.seconds(10)) { try await Self.firstIncoming(a) })
+        try await Self.withCoturn { harness, _ in
+            // A's probes never reach B, and B's reach A only through a forwarder the test opens after the first part of
+            // the transfer: that part runs over the relay, the rest after the move.
+            let silent = try UDPDatagramSocket(binding: .loopbackV4(port: 0))
+            let log = NodeLogLines()
+            let a = try await Self.node(Identities.a, harness, admission: .any,
+                                        strategy: RelayFirstStrategy(directPorts: [silent.localAddress.port], timeout: .seconds(15)),
+                                        logger: log.logger)
+            let relayedA = try #require(await a.relayedAddress(), "\(log.all)")
+            let gate = try GatedForwarder(to: a.endpoint.localAddress)
+            defer { gate.close() }
+            let b = try await Self.node(Identities.b, harness, strategy: RelayFirstStrategy(directPorts: [gate.port], timeout: .seconds(15)))
+            let connection = try await b.connect(to: Identities.a.nodeID)
+            #expect(connection.remoteAddress == relayedA, "the punch's result is the relayed connection")
+            let changes = await connection.pathChanges()
+            let peer = try #require(try await withDeadline(.seconds(10)) { try await Self.firstIncoming(a) })
 
-        let payload = Self.payload(3 << 20)
-        let third = 64 << 10
-        let reader = Task { try await peer.acceptStream()?.readToEnd(limit: 8 << 20) }
-        let stream = try await connection.openStream()
-        try await stream.write(Array(payload[..<third]))
-        try await stream.delivered()
-        let early = await connection.paths()
-        #expect(early.contains { $0.isActive && $0.route == .direct(relayedA) }, "still relayed after the first part: \(early)")
-        gate.open()
+            let payload = Self.payload(3 << 20)
+            let third = 64 << 10
+            let reader = Task { try await peer.acceptStream()?.readToEnd(limit: 8 << 20) }
+            let stream = try await connection.openStream()
+            try await stream.write(Array(payload[..<third]))
+            try await stream.delivered()
+            let early = await connection.paths()
+            #expect(early.contains { $0.isActive && $0.route == .direct(relayedA) }, "still relayed after the first part: \(early)")
+            gate.open()
 
-        let move = try await withDeadline(.seconds(15)) { () -> PathChange? in
-            for await change in changes where change.to != .direct(relayedA) { return change }
-            return nil
+            let move = try await withDeadline(.seconds(15)) { () -> PathChange? in
+                for await change in changes where change.to != .direct(relayedA) { return change }
+                return nil
+            }
+            #expect(move?.from == .direct(relayedA))
+            #expect(move?.to == .direct(SocketAddress.loopbackV4(port: gate.port)))
+            try await stream.write(Array(payload[third...]))
+            try await stream.finish()
+            let received = try #require(try await withDeadline(.seconds(30)) { try await reader.value })
+            #expect(received.count == payload.count)
+            #expect(received == payload, "bytes lost or reordered across the move")
+            let after = await connection.paths()
+            #expect(after.contains { $0.isActive && !$0.route.isRelayed && $0.route != .direct(relayedA) }, "\(after)")
+            #expect(after.contains { $0.route == .direct(relayedA) }, "the relay path stays in the table: \(after)")
+            await b.stop()
+            await a.stop()
         }
-        #expect(move?.from == .direct(relayedA))
-        #expect(move?.to == .direct(SocketAddress.loopbackV4(port: gate.port)))
-        try await stream.write(Array(payload[third...]))
-        try await stream.finish()
-        let received = try #require(try await withDeadline(.seconds(30)) { try await reader.value })
-        #expect(received.count == payload.count)
-        #expect(received == payload, "bytes lost or reordered across the move")
-        let after = await connection.paths()
-        #expect(after.contains { $0.isActive && !$0.route.isRelayed && $0.route != .direct(relayedA) }, "\(after)")
-        #expect(after.contains { $0.route == .direct(relayedA) }, "the relay path stays in the table: \(after)")
-        await b.stop()
-        await a.stop()
     }
 
     @Test("relay first with no direct path: the connection stays relayed and carries data after the punch gave up")
     func relayFirstStaysRelayed() async throws {
-        guard Coturn.available else { return }
-        let coturn = try await TURNGrantTests.coturn()
-        defer { coturn.stop() }
-        let harness = try await Self.rendezvous(turn: [.loopbackV4(port: coturn.port)])
-        defer { harness.task.cancel() }
-        // Every direct probe, both ways, goes to a socket that never answers.
-        let silent = try UDPDatagramSocket(binding: .loopbackV4(port: 0))
-        let blocked = RelayFirstStrategy(directPorts: [silent.localAddress.port])
-        let a = try await Self.node(Identities.a, harness, admission: .any, strategy: blocked)
-        let relayedA = try #require(await a.relayedAddress())
-        let b = try await Self.node(Identities.b, harness, strategy: blocked)
-        let connection = try await b.connect(to: Identities.a.nodeID)
-        #expect(connection.remoteAddress == relayedA)
-        let peer = try #require(try await withDeadline(.seconds(10)) { try await Self.firstIncoming(a) })
-        // Past both punches' 3 s timeout: nothing proved a direct pair, and the connection is still the relayed one.
-        #expect(await eventually(.seconds(10)) {
-            let (left, right) = (await b.executor.activePunches(), await a.executor.activePunches())
-            return left.isEmpty && right.isEmpty
-        })
-        let payload = Self.payload(256 << 10)
-        let reader = Task { try await peer.acceptStream()?.readToEnd(limit: 1 << 20) }
-        let stream = try await connection.openStream()
-        try await stream.write(payload)
-        try await stream.finish()
-        #expect(try await withDeadline(.seconds(30)) { try await reader.value } == payload)
-        let paths = await connection.paths()
-        #expect(paths.filter(\.isActive).map(\.route) == [.direct(relayedA)], "\(paths)")
-        await b.stop()
-        await a.stop()
+        try await Self.withCoturn { harness, _ in
+            // Every direct probe, both ways, goes to a socket that never answers.
+            let silent = try UDPDatagramSocket(binding: .loopbackV4(port: 0))
+            let blocked = RelayFirstStrategy(directPorts: [silent.localAddress.port])
+            let a = try await Self.node(Identities.a, harness, admission: .any, strategy: blocked)
+            let relayedA = try #require(await a.relayedAddress())
+            let b = try await Self.node(Identities.b, harness, strategy: blocked)
+            let connection = try await b.connect(to: Identities.a.nodeID)
+            #expect(connection.remoteAddress == relayedA)
+            let peer = try #require(try await withDeadline(.seconds(10)) { try await Self.firstIncoming(a) })
+            // Past both punches' 3 s timeout: nothing proved a direct pair, and the connection is still the relayed one.
+            #expect(await eventually(.seconds(10)) {
+                let (left, right) = (await b.executor.activePunches(), await a.executor.activePunches())
+                return left.isEmpty && right.isEmpty
+            })
+            let payload = Self.payload(256 << 10)
+            let reader = Task { try await peer.acceptStream()?.readToEnd(limit: 1 << 20) }
+            let stream = try await connection.openStream()
+            try await stream.write(payload)
+            try await stream.finish()
+            #expect(try await withDeadline(.seconds(30)) { try await reader.value } == payload)
+            let paths = await connection.paths()
+            #expect(paths.filter(\.isActive).map(\.route) == [.direct(relayedA)], "\(paths)")
+            await b.stop()
+            await a.stop()
+        }
     }
 
     @Test("a node granted TURN allocates at coturn on its punch socket and the rendezvous accepts its relay candidate")
     func allocatesAndPublishes() async throws {
-        guard Coturn.available else { return }
-        let coturn = try await TURNGrantTests.coturn()
-        defer { coturn.stop() }
-        let harness = try await Self.rendezvous(turn: [.loopbackV4(port: coturn.port)])
-        defer { harness.task.cancel() }
-        let log = NodeLogLines()
-        let a = try await Self.node(Identities.a, harness, admission: .any, logger: log.logger)
-        let b = try await Self.node(Identities.b, harness)
-        let relayed = try #require(await a.relayedAddress(), "no allocation: \(log.all)")
-        #expect(relayed.host == "127.0.0.1" && relayed.port != coturn.port)
-        #expect(await a.rendezvousClient.relayCandidates == [Candidate(kind: .relayed, address: relayed)])
-        // The rendezvous stored it, so another peer's coordinate carries it.
-        let stored = await harness.server.state.peer(Identities.a.nodeID)?.registration.candidates ?? []
-        #expect(stored.contains(Candidate(kind: .relayed, address: relayed)), "\(stored)")
-        #expect(!log.all.contains { $0.contains("refused") }, "\(log.all)")
-        // Punching works as before beside the allocation (the executor still reads the probes).
-        let connection = try await b.connect(to: Identities.a.nodeID)
-        #expect(connection.peerNodeID == Identities.a.nodeID)
-        await b.stop()
-        await a.stop()
+        try await Self.withCoturn { harness, coturn in
+            let log = NodeLogLines()
+            let a = try await Self.node(Identities.a, harness, admission: .any, logger: log.logger)
+            let b = try await Self.node(Identities.b, harness)
+            let relayed = try #require(await a.relayedAddress(), "no allocation: \(log.all)")
+            #expect(relayed.host == "127.0.0.1" && relayed.port != coturn.port)
+            #expect(await a.rendezvousClient.relayCandidates == [Candidate(kind: .relayed, address: relayed)])
+            // The rendezvous stored it, so another peer's coordinate carries it.
+            let stored = await harness.server.state.peer(Identities.a.nodeID)?.registration.candidates ?? []
+            #expect(stored.contains(Candidate(kind: .relayed, address: relayed)), "\(stored)")
+            #expect(!log.all.contains { $0.contains("refused") }, "\(log.all)")
+            // Punching works as before beside the allocation (the executor still reads the probes).
+            let connection = try await b.connect(to: Identities.a.nodeID)
+            #expect(connection.peerNodeID == Identities.a.nodeID)
+            await b.stop()
+            await a.stop()
+        }
     }
 
     @Test("TURN server down: the node starts at once, punches only, and says so in one log line")
