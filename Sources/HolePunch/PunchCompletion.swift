@@ -10,6 +10,13 @@ extension PunchExecutor {
             fail(runtime, code: .timeout)
             return
         }
+        if runtime.relayed != nil {
+            // A direct handshake begun before the relayed connection won (`after(d)`): the app holds the relayed
+            // one, which this punch could not move; this one is a duplicate.
+            Task { await connection.close(errorCode: PunchExecutor.duplicateCode, reason: "duplicate connection") }
+            finishRelayed(runtime)
+            return
+        }
         let elapsed = elapsedSinceStart(runtime)
         let winningSocket = runtime.session.winningSocket ?? 0
         let remote = runtime.session.winningAddress ?? connection.remoteAddress
@@ -52,6 +59,7 @@ extension PunchExecutor {
             finishRelayed(runtime)
             return
         }
+        if relayInsteadOfFailing(runtime, code: code) { return }
         let elapsed = elapsedSinceStart(runtime)
         var message: String
         switch code {

@@ -13,15 +13,45 @@ import HolePunchStrategy
 /// server name. It delivers that connection at once too, and keeps answering probes until its punch ends, so the
 /// initiator can prove a direct pair.
 extension PunchExecutor {
-    /// The peer's relayed address when this punch should connect through it first.
-    func relayFirstTarget(_ runtime: PunchRuntime) -> SocketAddress? {
-        guard runtime.options.role == .initiator, runtime.session.configuration.plan.relay == .first else { return nil }
+    /// The peer's relayed address when this punch may connect through it (the plan's `relay` is not `never`).
+    func relayTarget(_ runtime: PunchRuntime) -> SocketAddress? {
+        guard runtime.options.role == .initiator, runtime.session.configuration.plan.relay != .never else { return nil }
         return runtime.options.candidates.first { $0.kind == .relayed && $0.family == endpoint.localAddress.family }?.address
     }
 
-    /// Starts the relayed dial when the plan asks for it; the session's own dials wait for its outcome.
+    /// Starts the relayed dial as the plan asks: at once for `first`; for `after(d)`, `d` after the punch's start
+    /// when no direct path was proven by then (or earlier, when the punch fails before: ``relayInsteadOfFailing(_:code:)``).
     func startRelayDial(_ runtime: PunchRuntime) {
-        guard let relayed = relayFirstTarget(runtime) else { return }
+        guard let relayed = relayTarget(runtime) else { return }
+        guard case .after(let delay) = runtime.session.configuration.plan.relay else {
+            dialRelay(runtime, relayed)
+            return
+        }
+        let (id, clock) = (runtime.id, clock)
+        let at = runtime.session.configuration.startAt + nanoseconds(delay)
+        runtime.relayDial = Task {
+            do { try await clock.sleep(until: at) } catch { return }
+            self.relayDelayElapsed(id, relayed: relayed)
+        }
+    }
+
+    private func relayDelayElapsed(_ id: PunchID, relayed: SocketAddress) {
+        guard let runtime = runtimes[id], !runtime.relayTried, runtime.session.provenAddresses.isEmpty else { return }
+        dialRelay(runtime, relayed)
+    }
+
+    /// A punch about to fail that may still connect through the relay (`after(d)` before `d`): dials it, and the
+    /// failure waits for that dial. True when it did.
+    func relayInsteadOfFailing(_ runtime: PunchRuntime, code: PunchFailureCode) -> Bool {
+        guard code != .cancelled, !runtime.relayTried, let relayed = relayTarget(runtime) else { return false }
+        runtime.failureAwaitingRelay = code
+        dialRelay(runtime, relayed)
+        return true
+    }
+
+    /// Dials the peer's relayed address; the session's own dials wait for its outcome.
+    private func dialRelay(_ runtime: PunchRuntime, _ relayed: SocketAddress) {
+        runtime.relayTried = true
         runtime.relayDialing = true
         let (endpoint, node, plan, punchID) = (runtime.sockets[0], runtime.options.targetNodeID,
                                                runtime.session.configuration.plan, runtime.id)

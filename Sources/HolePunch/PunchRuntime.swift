@@ -36,6 +36,7 @@ final class PunchRuntime {
     /// and the relayed connection once delivered (the punch goes on beside it).
     var relayDial: Task<Void, Never>?
     var relayDialing = false
+    var relayTried = false
     var waitingDials: [(dial: Int, socket: Int, to: SocketAddress)] = []
     var relayed: QUICConnection?
     /// How the session ended while the relayed dial was still running: the punch's outcome waits for the dial.

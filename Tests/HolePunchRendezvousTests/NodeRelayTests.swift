@@ -38,6 +38,8 @@ final class NodeLogLines: Sendable {
 /// themselves); `directPorts` aims every direct probe at those ports instead (a silent socket: no direct path).
 struct RelayFirstStrategy: PunchStrategy {
     let name = "relay-first-test"
+    /// The plan's `relay` whenever the peer published a relayed address.
+    var use: RelayUse = .first
     /// Where direct probes go, one a round, in order (nil: the built-in plan's ports).
     var directPorts: [UInt16]?
     var interval: Duration = .milliseconds(300)
@@ -45,7 +47,7 @@ struct RelayFirstStrategy: PunchStrategy {
 
     func plan(_ ctx: PunchContext) -> PunchPlan {
         var plan = DefaultStrategy().plan(ctx)
-        if ctx.relayAvailable { plan.relay = .first }
+        if ctx.relayAvailable { plan.relay = use }
         if let directPorts {
             plan.ports = PortList(ports: directPorts)
             plan.packetsPerRound = 1
@@ -179,12 +181,13 @@ struct NodeRelayTests {
         }
     }
 
-    @Test("relay first with no direct path: the connection stays relayed and carries data after the punch gave up")
-    func relayFirstStaysRelayed() async throws {
+    @Test("relay first, or after 500 ms without a direct path, with no direct path: the connection is relayed and carries data after the punch gave up",
+          arguments: [RelayUse.first, .after(.milliseconds(500))])
+    func relayFirstStaysRelayed(use: RelayUse) async throws {
         try await Self.withCoturn { harness, _ in
             // Every direct probe, both ways, goes to a socket that never answers.
             let silent = try UDPDatagramSocket(binding: .loopbackV4(port: 0))
-            let blocked = RelayFirstStrategy(directPorts: [silent.localAddress.port])
+            let blocked = RelayFirstStrategy(use: use, directPorts: [silent.localAddress.port])
             let a = try await Self.node(Identities.a, harness, admission: .any, strategy: blocked)
             let relayedA = try #require(await a.relayedAddress())
             let b = try await Self.node(Identities.b, harness, strategy: blocked)
