@@ -101,6 +101,13 @@ extension PunchExecutor {
         )
         metrics.timeToConnect.recordNanoseconds(Int64(nanoseconds(elapsed)))
         if runtime.box.deliver(.success(connection)) { runtime.events.yield(.done(.success(success))) }
+        // The probing for a direct path goes on for at most the plan's `directAfterRelay` (or to its timeout).
+        let (id, limit) = (runtime.id, runtime.session.configuration.plan.directAfterRelay)
+        runtime.relayDial = Task {
+            do { try await Task.sleep(for: limit) } catch { return }
+            guard let runtime = self.runtimes[id], runtime.relayed != nil else { return }
+            self.finishRelayed(runtime)
+        }
         logger.debug("punch connected through the relay", metadata: [
             "punch.id": "\(runtime.id)", "peer.address": "\(remote)",
         ])
