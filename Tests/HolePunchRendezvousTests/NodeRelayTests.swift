@@ -133,7 +133,7 @@ struct NodeRelayTests {
         return nil
     }
 
-    @Test("relay first: the punch returns the connection through coturn at once, which then moves to the direct path mid-transfer with every byte in order")
+    @Test("relay first: the punch returns the connection through coturn at once, which moves to the direct path mid-transfer and back to the relay when the direct path dies, with every byte in order")
     func relayFirstThenDirect() async throws {
         try await Self.withCoturn { harness, _ in
             // A's probes never reach B, and B's reach A only through a forwarder the test opens after the first part of
@@ -176,6 +176,21 @@ struct NodeRelayTests {
             let after = await connection.paths()
             #expect(after.contains { $0.isActive && !$0.route.isRelayed && $0.route != .direct(relayedA) }, "\(after)")
             #expect(after.contains { $0.route == .direct(relayedA) }, "the relay path stays in the table: \(after)")
+
+            // The direct path dies: the next data goes unanswered there, and the connection moves back to the relay.
+            let backChanges = await connection.pathChanges()
+            gate.close()
+            let again = Self.payload(512 << 10)
+            let secondReader = Task { try await peer.acceptStream()?.readToEnd(limit: 1 << 20) }
+            let second = try await connection.openStream()
+            try await second.write(again)
+            try await second.finish()
+            let back = try await withDeadline(.seconds(20)) { () -> PathChange? in
+                for await change in backChanges where change.to == .direct(relayedA) { return change }
+                return nil
+            }
+            #expect(back?.reason == .pathFailed, "\(String(describing: back))")
+            #expect(try await withDeadline(.seconds(30)) { try await secondReader.value } == again, "bytes lost moving back")
             await b.stop()
             await a.stop()
         }
