@@ -41,7 +41,7 @@ extension PunchExecutor {
                 let endpoint = runtime.sockets[socket]
                 Task { try? await endpoint.send(datagram: bytes, to: to) }
             case .dial(let dial, let socket, let to):
-                guard socket < runtime.sockets.count else { continue }
+                guard socket < runtime.sockets.count, !interceptDial(runtime, dial: dial, socket: socket, to: to) else { continue }
                 let endpoint = runtime.sockets[socket]
                 let node = runtime.options.targetNodeID
                 let plan = runtime.session.configuration.plan

@@ -10,6 +10,13 @@ extension PunchExecutor {
             fail(runtime, code: .timeout)
             return
         }
+        if runtime.relayed != nil {
+            // A direct handshake begun before the relayed connection won (`after(d)`): the app holds the relayed
+            // one, which this punch could not move; this one is a duplicate.
+            Task { await connection.close(errorCode: PunchExecutor.duplicateCode, reason: "duplicate connection") }
+            finishRelayed(runtime)
+            return
+        }
         let elapsed = elapsedSinceStart(runtime)
         let winningSocket = runtime.session.winningSocket ?? 0
         let remote = runtime.session.winningAddress ?? connection.remoteAddress
@@ -42,6 +49,17 @@ extension PunchExecutor {
     }
 
     func fail(_ runtime: PunchRuntime, code: PunchFailureCode) {
+        if runtime.relayDialing, code != .cancelled {
+            // No direct path, but the relayed dial may still connect: its outcome decides (`PunchRelay.swift`).
+            runtime.failureAwaitingRelay = code
+            return
+        }
+        if runtime.relayed != nil, code != .cancelled {
+            // The connection runs over the relay; only the move to a direct path did not happen.
+            finishRelayed(runtime)
+            return
+        }
+        if relayInsteadOfFailing(runtime, code: code) { return }
         let elapsed = elapsedSinceStart(runtime)
         var message: String
         switch code {
@@ -72,6 +90,40 @@ extension PunchExecutor {
         deliver(runtime, .failure(error), event: .done(.failure(error)), after: closing)
     }
 
+    /// Delivers a relayed connection as the punch's result at once (relay first); the punch itself goes on, for
+    /// the move to a direct path (`PunchRelay.swift`), and ends with ``finishRelayed(_:)``.
+    func deliverRelayed(_ runtime: PunchRuntime, connection: QUICConnection, remote: SocketAddress) {
+        runtime.relayed = connection
+        let elapsed = elapsedSinceStart(runtime)
+        let success = PunchSuccess(
+            remoteAddress: remote, localPort: endpoint.localAddress.port, timeToConnect: elapsed,
+            rounds: runtime.session.round, candidate: Candidate(kind: .relayed, address: remote)
+        )
+        metrics.timeToConnect.recordNanoseconds(Int64(nanoseconds(elapsed)))
+        if runtime.box.deliver(.success(connection)) { runtime.events.yield(.done(.success(success))) }
+        // The probing for a direct path goes on for at most the plan's `directAfterRelay` (or to its timeout).
+        let (id, limit) = (runtime.id, runtime.session.configuration.plan.directAfterRelay)
+        runtime.relayDial = Task {
+            do { try await Task.sleep(for: limit) } catch { return }
+            guard let runtime = self.runtimes[id], runtime.relayed != nil else { return }
+            self.finishRelayed(runtime)
+        }
+        logger.debug("punch connected through the relay", metadata: [
+            "punch.id": "\(runtime.id)", "peer.address": "\(remote)",
+        ])
+    }
+
+    /// Ends a punch whose relayed connection was delivered: moved to a direct path, or out of time to find one.
+    func finishRelayed(_ runtime: PunchRuntime) {
+        let elapsed = elapsedSinceStart(runtime)
+        let outcome = PunchOutcome.success(timeToConnect: elapsed, winningPort: runtime.relayed?.remoteAddress.port ?? 0,
+                                           portOffset: 0, rounds: runtime.session.round)
+        let closing = end(runtime, outcome: outcome, keepSocket: 0)
+        // The result went out at delivery; this only closes the losing sockets and ends the events.
+        deliver(runtime, .failure(PunchError(code: .cancelled, message: "already delivered")), event: .done(.failure(
+            PunchError(code: .cancelled, message: "already delivered"))), after: closing)
+    }
+
     /// Delivers the result once the punch's losing sockets are closed, so "result delivered" means the punch has
     /// really stopped.
     private func deliver(
@@ -98,6 +150,8 @@ extension PunchExecutor {
         runtime.timerTask = nil
         runtime.timerGeneration += 1
         for task in runtime.dials.values { task.cancel() }
+        runtime.relayDial?.cancel()
+        runtime.relayDial = nil
         runtime.dials.removeAll()
         for connection in runtime.connections.values {
             Task { await connection.close(errorCode: PunchExecutor.duplicateCode, reason: "duplicate connection") }

@@ -77,6 +77,9 @@ public actor PunchExecutor {
     var installed = false
     var acceptTask: Task<Void, Never>?
     var otherDatagramHandler: (@Sendable ([UInt8], SocketAddress) -> Void)?
+    /// Readers of one relay server's non-QUIC datagrams (`relayDatagrams(from:_:)`), so that a TURN client keeps its
+    /// responses while NAT discovery takes ``otherDatagrams(_:)``.
+    var relayDatagramHandlers: [SocketAddress: @Sendable ([UInt8], SocketAddress) -> Void] = [:]
 
     /// Creates an executor for an endpoint.
     ///
@@ -155,6 +158,7 @@ public actor PunchExecutor {
                 )
             }
             metrics.active.increment()
+            startRelayDial(runtime)
             let now = clock.now()
             if now >= runtime.session.configuration.startAt {
                 apply(runtime, runtime.session.handle(.start(now: now)))

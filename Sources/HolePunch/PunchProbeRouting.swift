@@ -1,4 +1,4 @@
-import HolePunchNet
+package import HolePunchNet
 import HolePunchQUIC
 import HolePunchSTUN
 
@@ -15,6 +15,14 @@ extension PunchExecutor {
         await endpoint.setHandshakeHintProvider { admission.hints(for: $0) }
         readNonQUICDatagrams(from: endpoint, socket: 0, punch: nil)
         acceptTask = acceptConnections(from: endpoint, socket: 0)
+    }
+
+    /// Hands the punch socket's non-QUIC datagrams from `server` (that are not punch probes) to `handler` rather
+    /// than to ``otherDatagrams(_:)``: a relay client's responses, which must not go to whichever STUN client took
+    /// that slot last. nil removes the reader. Installs the executor on its endpoint, as ``otherDatagrams(_:)`` does.
+    package func relayDatagrams(from server: SocketAddress, _ handler: (@Sendable ([UInt8], SocketAddress) -> Void)?) async {
+        relayDatagramHandlers[server] = handler
+        await installIfNeeded()
     }
 
     /// Reads `endpoint`'s non-QUIC datagrams (probes, STUN) and unreachable reports until it closes: one reader
@@ -51,7 +59,7 @@ extension PunchExecutor {
               let id = admission.punch(forSession: String(username[..<separator])),
               let runtime = runtimes[id]
         else {
-            if socket == 0 { otherDatagramHandler?(bytes, from) }
+            if socket == 0 { (relayDatagramHandlers[from] ?? otherDatagramHandler)?(bytes, from) }
             return
         }
         guard let probe = try? PunchProbe.verify(message, bytes: bytes, sessionID: runtime.options.sessionID, key: runtime.options.sessionKey),
@@ -96,6 +104,7 @@ extension PunchExecutor {
             otherConnectionsContinuation.yield(connection)
             return
         }
+        if await acceptRelayed(runtime, connection: connection) { return }
         let id = runtime.session.acceptedConnectionID()
         runtime.connections[id] = connection
         apply(runtime, runtime.session.handle(.accepted(id: id, socket: socket)))

@@ -32,6 +32,15 @@ final class PunchRuntime {
     var firstPathProven: Duration?
     /// The peer's candidates this punch checks, their probe targets, and which candidate an address belongs to.
     var checks = CandidateChecks(pool: [], base: nil, typed: false)
+    /// Relay first (`PunchRelay.swift`): the relayed dial in flight, the session's dials waiting for its outcome,
+    /// and the relayed connection once delivered (the punch goes on beside it).
+    var relayDial: Task<Void, Never>?
+    var relayDialing = false
+    var relayTried = false
+    var waitingDials: [(dial: Int, socket: Int, to: SocketAddress)] = []
+    var relayed: QUICConnection?
+    /// How the session ended while the relayed dial was still running: the punch's outcome waits for the dial.
+    var failureAwaitingRelay: PunchFailureCode?
 
     init(
         id: PunchID, options: PunchOptions, session: PunchSession, context: PunchContext,

@@ -28,6 +28,15 @@ final class EndpointSTUNTransport: STUNTransport {
         await executor.otherDatagrams(handler)
     }
 
+    /// Like ``install(executor:)``, for the datagrams from `server` only (a TURN server): they no longer go to the
+    /// other STUN clients (NAT discovery) that take ``install(executor:)``'s slot after this one.
+    func install(executor: PunchExecutor, relayServer server: SocketAddress) async {
+        let handler: @Sendable ([UInt8], SocketAddress) -> Void = { [self] bytes, from in
+            deliver(STUNDatagram(bytes: bytes, from: from))
+        }
+        await executor.relayDatagrams(from: server, handler)
+    }
+
     private func deliver(_ datagram: STUNDatagram) {
         _ = sink.withLock { $0?.yield(datagram) }
     }

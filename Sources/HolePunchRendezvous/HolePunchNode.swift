@@ -71,6 +71,10 @@ public actor HolePunchNode: Service {
         public var portMapping = true
         /// Bounds, protocols and route for ``portMapping``.
         public var portMapper = PortMapper.Configuration()
+        /// Whether to allocate at the rendezvous's TURN server when it grants one (``Registered/turn``), attach the
+        /// allocation to the punch socket and publish the relayed address as a `relay` candidate (default true).
+        /// A failed allocation is logged once and the node punches only.
+        public var usesRelay = true
 
         /// Creates options.
         public init(
@@ -119,6 +123,10 @@ public actor HolePunchNode: Service {
     /// mapping's deletion.
     private var portMapping: Task<Void, Never>?
     private var stopped = false
+    /// The TURN allocation on the punch socket, when the rendezvous granted one and it succeeded.
+    private var relay: NodeRelay?
+    private var relayStart: Task<SocketAddress?, Never>?
+    private var relayRenewal: Task<Void, Never>?
     private var stopWaiters: [CheckedContinuation<Void, Never>] = []
 
     private init(
@@ -193,6 +201,7 @@ public actor HolePunchNode: Service {
                                  options: options)
         await node.forwardIncoming()
         if let mapper, let firstMapping { await node.keepPortMapping(mapper, first: firstMapping) }
+        if options.usesRelay, let grant = registered.turn { await node.startRelayInBackground(grant) }
         options.logger.info("node registered", metadata: [
             "node.id": "\(endpoint.nodeID.short)", "node.observed": "\(registered.observedAddress)",
         ])
@@ -227,6 +236,10 @@ public actor HolePunchNode: Service {
         guard !stopped else { return }
         stopped = true
         forwarder?.cancel()
+        relayStart?.cancel()
+        _ = await relayStart?.value
+        relayRenewal?.cancel()
+        if let relay { await relay.stop(endpoint: endpoint, executor: executor) }
         incomingContinuation.finish()
         // The mapping is deleted (bounded by `PortMapper.Configuration.deleteBound`) before the socket closes.
         portMapping?.cancel()
@@ -251,7 +264,54 @@ public actor HolePunchNode: Service {
         }
     }
 
+    /// The relayed address this node publishes, once its TURN allocation is ready; nil when the rendezvous granted
+    /// none, ``Options/usesRelay`` is off, or allocating failed. Waits for an allocation in progress (bounded by the
+    /// TURN client's transaction timeout, 5 s per request).
+    public func relayedAddress() async -> SocketAddress? {
+        await relayStart?.value
+    }
+
     // MARK: Internals
+
+    /// Allocates in the background, so that a TURN server that does not answer never delays the node's start.
+    private func startRelayInBackground(_ grant: TURNGrant) {
+        relayStart = Task { await self.startRelay(grant) }
+    }
+
+    /// Allocates at the granted TURN server, publishes the relayed address and keeps the credentials fresh; on any
+    /// failure the node punches only (NodeRelay logs why, once). Returns the relayed address.
+    private func startRelay(_ grant: TURNGrant) async -> SocketAddress? {
+        guard let relay = await NodeRelay.start(grant: grant, endpoint: endpoint, executor: executor,
+                                                logger: options.logger) else { return nil }
+        guard !stopped, !Task.isCancelled else {
+            await relay.stop(endpoint: endpoint, executor: executor)
+            return nil
+        }
+        self.relay = relay
+        await rendezvousClient.setRelayPermitter { peers in await relay.permit(peers) }
+        do {
+            _ = try await rendezvousClient.publishRelayed([relay.candidate])
+        } catch {
+            options.logger.info("the rendezvous refused the relayed address", metadata: ["error": "\(error)"])
+            return nil
+        }
+        let client = rendezvousClient
+        let logger = options.logger
+        relayRenewal = Task {
+            var credentials = grant.credentials
+            while let delay = NodeRelay.renewalDelay(for: credentials) {
+                do { try await Task.sleep(for: delay) } catch { return }
+                // Every registration mints fresh credentials; keep-alives carry none.
+                guard let fresh = try? await client.publishRelayed([relay.candidate]).turn?.credentials else {
+                    logger.info("no fresh TURN credentials; the allocation ends at the old ones' expiry")
+                    return
+                }
+                relay.client.updateCredentials(fresh)
+                credentials = fresh
+            }
+        }
+        return relay.candidate.address
+    }
 
     private func waitUntilStopped() async {
         guard !stopped else { return }

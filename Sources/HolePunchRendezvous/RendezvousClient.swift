@@ -46,6 +46,12 @@ public actor RendezvousClient {
     private var localNAT: NATProfile = .unknown
     /// The latest registration sent, so that a profile refinement keeps its candidates.
     var lastRegistration = Registration()
+    /// `relay` candidates of this node's TURN allocations, added to every registration sent (so that a later
+    /// registration, e.g. with a measured NAT profile, keeps them).
+    var relayCandidates: [Candidate] = []
+    /// Opens this node's TURN allocation to a peer's addresses before it dials our relayed address (set by
+    /// `HolePunchNode` when it holds an allocation).
+    var relayPermitter: (@Sendable ([SocketAddress]) async -> Void)?
     private var natDiscovery: Task<Result<NATBehaviour, RendezvousError>, Never>?
     /// Target-role coordinate messages received so far.
     public internal(set) var targetCoordinates = 0
@@ -173,7 +179,7 @@ public actor RendezvousClient {
                     client.registerWaiter = nil
                 }
                 // A pipelined punch request leaves in the same write, so it cannot overtake the register.
-                let messages = [ClientMessage.register(registration)] + [pipelinedRequest].compactMap { $0 }
+                let messages = [ClientMessage.register(withRelayCandidates(registration))] + [pipelinedRequest].compactMap { $0 }
                 pipelinedRequest = nil
                 Task { await self.send(messages) }
             }
@@ -248,6 +254,13 @@ public actor RendezvousClient {
         do {
             var options = try options(for: received)
             options.alpn = alpn
+            if received.coordinate.role == .target, let permit = relayPermitter {
+                // The initiator may dial our relayed address: the allocation forwards only from permitted IPs.
+                // Not awaited: a TURN server that stopped answering must not hold the punch back (the initiator's
+                // Initial is retransmitted until the permission is there).
+                let peers = received.coordinate.candidates.filter { $0.kind != .relayed }.map(\.address)
+                Task { await permit(peers) }
+            }
             handle = await executor.startPunch(options)
         } catch {
             logger.info("punch refused: no candidate may be probed", metadata: [
@@ -424,6 +437,9 @@ public actor RendezvousClient {
             throw PunchError(code: .refused, message: "none of the peer's candidates may be probed from here: "
                              + coordinate.candidates.prefix(RendezvousMessageLimits.maxCandidates).map(\.description).joined(separator: ", "))
         }
+        // The peer's relayed addresses (the rendezvous accepted them on its own TURN servers) go along for a
+        // relay-first dial; the executor never probes them.
+        let relayed = coordinate.candidates.filter { $0.kind == .relayed && filter.isProbeable($0.address) }
         let chosen = best.address
         var ports = [chosen.port]
         for candidate in usable where candidate.address.ip == chosen.ip && !ports.contains(candidate.address.port) {
@@ -434,7 +450,7 @@ public actor RendezvousClient {
             punchTime: .at(received.startAt), role: coordinate.role, localNAT: localNAT, remoteNAT: coordinate.peerNAT,
             targetNodeID: coordinate.peer, strategy: configuration.strategy,
             rtt: coordinate.peerRTTMicroseconds.map { .microseconds($0) }, timeout: configuration.punchTimeout,
-            candidates: usable, remoteLastAllocatedPort: coordinate.peerLastAllocatedPort
+            candidates: usable + relayed, remoteLastAllocatedPort: coordinate.peerLastAllocatedPort
         )
     }
 

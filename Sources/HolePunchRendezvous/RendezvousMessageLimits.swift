@@ -53,13 +53,19 @@ package enum RendezvousMessageLimits {
         guard allowed else { throw violation("sessionID", "only letters, digits and '-' are allowed") }
     }
 
-    /// Checks a candidate list: its count, no `prflx` or `relay` (a peer learns or allocates those, never publishes
-    /// them) and each priority within its kind's band (`typePreference << 24` plus a 24-bit rest), so that no
+    /// Most `relay` candidates one registration or coordinate may carry: one per granted TURN server
+    /// (`TURNGrant.maximumServers`). Which relayed addresses a peer may publish is the server's decision, against its
+    /// own TURN servers (`RendezvousState.register(node:connection:observed:registration:stunServer:stunServers:relayServers:now:)`).
+    package static let maxRelayedCandidates = TURNGrant.maximumServers
+
+    /// Checks a candidate list: its count, no `prflx` (a peer learns those, never publishes them), at most
+    /// ``maxRelayedCandidates`` `relay` candidates (a peer publishes the addresses it allocated) and each priority within its kind's band (`typePreference << 24` plus a 24-bit rest), so that no
     /// candidate claims a better kind than it has.
     static func check(candidates: [Candidate], field: String, count: ClosedRange<Int>) throws(RendezvousError) {
         try check("\(field) count", candidates.count, count)
+        try check("\(field) relay count", candidates.count { $0.kind == .relayed }, 0...maxRelayedCandidates)
         for candidate in candidates {
-            guard candidate.kind != .peerReflexive, candidate.kind != .relayed else {
+            guard candidate.kind != .peerReflexive else {
                 throw violation(field, "a peer may not publish a \(candidate.kind) candidate")
             }
             let base = candidate.kind.typePreference << 24

@@ -112,7 +112,8 @@ extension RendezvousServer {
             let stun = configuration.stun != nil ? stunAddresses.first : nil
             let wasCurrent = state.peer(node)?.connection == connection
             let actions = state.register(node: node, connection: connection, observed: link.connection.remoteAddress,
-                                         registration: registration, stunServer: stun, stunServers: advertisedSTUN, now: at)
+                                         registration: registration, stunServer: stun, stunServers: advertisedSTUN,
+                                         relayServers: configuration.turn?.servers ?? [], now: at)
             apply(actions.map { grantingTURN($0) })
             if let handshake = link.handshakeRTT, state.peer(node)?.connection == connection, state.peer(node)?.rttSamples == 0 {
                 state.provisionalRTT(node: node, rtt: handshake)

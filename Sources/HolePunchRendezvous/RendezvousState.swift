@@ -41,16 +41,25 @@ public struct RendezvousState: Sendable {
     /// (`CandidateFilter.isPublishable(_:observed:)`: multicast, broadcast, unspecified, a loopback or
     /// link-local address of a peer not observed in that scope, a public address of the observed family that is
     /// not the peer's, a `srflx` of the observed family), is refused with `protocolViolation` and changes nothing.
+    /// A `relay` candidate is accepted only on the IP of one of `relayServers` (this rendezvous's TURN servers, whose
+    /// credentials it grants), at most one per server: otherwise a peer could make others send to any address
+    /// (``relayCandidatesProblem(_:relayServers:)``).
     public mutating func register(
         node: NodeID, connection: UInt64, observed: SocketAddress, registration: Registration,
-        stunServer: SocketAddress? = nil, stunServers: [SocketAddress] = [], now: Duration
+        stunServer: SocketAddress? = nil, stunServers: [SocketAddress] = [], relayServers: [SocketAddress] = [],
+        now: Duration
     ) -> [Action] {
         func refuse(_ message: String) -> [Action] {
             [.send(.error(ErrorReply(requestID: nil, code: RendezvousError.Code.protocolViolation.name, message: message)),
                    to: node, after: .zero)]
         }
         do { try registration.validate() } catch { return refuse(error.message) }
-        if let bad = registration.candidates.first(where: { !CandidateFilter.isPublishable($0, observed: observed) }) {
+        if let problem = Self.relayCandidatesProblem(registration.candidates, relayServers: relayServers) {
+            return refuse(problem)
+        }
+        if let bad = registration.candidates.first(where: {
+            $0.kind != .relayed && !CandidateFilter.isPublishable($0, observed: observed)
+        }) {
             return refuse("candidate \(bad) (\(bad.address.scope)) may not be published by a peer observed at \(observed)")
         }
         var actions: [Action] = []
@@ -89,6 +98,23 @@ public struct RendezvousState: Sendable {
             stunServers: Array(stunServers.prefix(RendezvousMessageLimits.maxSTUNServers))
         )), to: node, after: .zero))
         return actions
+    }
+
+    /// Why the `relay` candidates among `candidates` may not be published, or nil when they may: each must be on
+    /// the IP of one of `relayServers` with a non-zero port, no address twice, and no more of them on an IP than
+    /// servers there (one allocation per peer per server).
+    public static func relayCandidatesProblem(_ candidates: [Candidate], relayServers: [SocketAddress]) -> String? {
+        let relayed = candidates.filter { $0.kind == .relayed }.map(\.address)
+        var room: [SocketAddress.IP: Int] = [:]
+        for server in relayServers { room[server.ip, default: 0] += 1 }
+        for (index, address) in relayed.enumerated() {
+            guard address.port != 0, let left = room[address.ip], left > 0 else {
+                return "relay candidate \(address) is not on one of this rendezvous's TURN servers"
+            }
+            guard !relayed[..<index].contains(address) else { return "relay candidate \(address) is listed twice" }
+            room[address.ip] = left - 1
+        }
+        return nil
     }
 
     /// A keep-alive: refreshes the registration. Unregistered peers are told so.

@@ -33,7 +33,7 @@ struct CandidateWireTests {
         #expect(decoded == .register(registration))
     }
 
-    @Test("prflx and relay candidates, priorities outside their kind's band and too many candidates are refused on decoding")
+    @Test("prflx candidates, more relay candidates than grantable servers, priorities outside their kind's band and too many candidates are refused on decoding")
     func bounds() {
         func candidate(_ kind: String, priority: UInt32? = nil) -> [String: Any] {
             let k = CandidateKind(rawValue: kind)!
@@ -45,7 +45,15 @@ struct CandidateWireTests {
         }
         #expect(!refused([candidate("host"), candidate("mapped"), candidate("srflx")]))
         #expect(refused([candidate("prflx")]))
-        #expect(refused([candidate("relay")]))
+        // A relay candidate decodes (a node publishes its allocation); which ones the rendezvous stores is its own
+        // TURN servers' business (RelayCandidateTests: with none configured, every one is refused).
+        #expect(!refused([candidate("relay")]))
+        #expect(refused(Array(repeating: candidate("relay"), count: RendezvousMessageLimits.maxRelayedCandidates + 1)))
+        var state = RendezvousState()
+        let relayed = Candidate(kind: .relayed, address: a("192.168.1.5:4000"))
+        #expect(errorCode(state.register(node: node(1), connection: 1, observed: a("203.0.113.5:4000"),
+                                         registration: Registration(candidates: [relayed]), now: .zero))
+                == RendezvousError.Code.protocolViolation.name, "a rendezvous without TURN refuses relay candidates")
         #expect(refused([candidate("srflx", priority: Candidate.priority(kind: .host, family: .ipv4))]), "claims a better kind")
         #expect(refused([candidate("host", priority: UInt32.max)]))
         #expect(!refused(Array(repeating: candidate("host"), count: RendezvousMessageLimits.maxPublishedCandidates)))

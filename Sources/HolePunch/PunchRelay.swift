@@ -1,0 +1,161 @@
+import HolePunchNet
+import HolePunchQUIC
+import HolePunchStrategy
+
+/// Relay first, then direct (issue 15 item 3): when the plan says `relay = .first` and the peer published a relayed
+/// address, the initiator dials that address at once (plain UDP from our punch socket; the target's TURN allocation
+/// forwards it, and the target answers through it). The connection is the punch's result as soon as it exists;
+/// the probing goes on beside it, and a direct pair the session would dial becomes a path of that connection
+/// instead (`validatePath` then `switchPath`): no second handshake. The relayed path stays in the connection's
+/// table, so the keeper moves back to it if the direct path dies.
+///
+/// The target needs nothing new to accept: the Initial arrives on its relayed route and is admitted by the session's
+/// server name. It delivers that connection at once too, and keeps answering probes until its punch ends, so the
+/// initiator can prove a direct pair.
+extension PunchExecutor {
+    /// The peer's relayed address when this punch may connect through it (the plan's `relay` is not `never`).
+    func relayTarget(_ runtime: PunchRuntime) -> SocketAddress? {
+        guard runtime.options.role == .initiator, runtime.session.configuration.plan.relay != .never else { return nil }
+        return runtime.options.candidates.first { $0.kind == .relayed && $0.family == endpoint.localAddress.family }?.address
+    }
+
+    /// Starts the relayed dial as the plan asks: at once for `first`; for `after(d)`, `d` after the punch's start
+    /// when no direct path was proven by then (or earlier, when the punch fails before: ``relayInsteadOfFailing(_:code:)``).
+    func startRelayDial(_ runtime: PunchRuntime) {
+        guard let relayed = relayTarget(runtime) else { return }
+        guard case .after(let delay) = runtime.session.configuration.plan.relay else {
+            dialRelay(runtime, relayed)
+            return
+        }
+        let (id, clock) = (runtime.id, clock)
+        let at = runtime.session.configuration.startAt + nanoseconds(delay)
+        runtime.relayDial = Task {
+            do { try await clock.sleep(until: at) } catch { return }
+            self.relayDelayElapsed(id, relayed: relayed)
+        }
+    }
+
+    private func relayDelayElapsed(_ id: PunchID, relayed: SocketAddress) {
+        guard let runtime = runtimes[id], !runtime.relayTried, runtime.session.provenAddresses.isEmpty else { return }
+        dialRelay(runtime, relayed)
+    }
+
+    /// A punch about to fail that may still connect through the relay (`after(d)` before `d`): dials it, and the
+    /// failure waits for that dial. True when it did.
+    func relayInsteadOfFailing(_ runtime: PunchRuntime, code: PunchFailureCode) -> Bool {
+        guard code != .cancelled, !runtime.relayTried, let relayed = relayTarget(runtime) else { return false }
+        runtime.failureAwaitingRelay = code
+        dialRelay(runtime, relayed)
+        return true
+    }
+
+    /// Dials the peer's relayed address; the session's own dials wait for its outcome.
+    private func dialRelay(_ runtime: PunchRuntime, _ relayed: SocketAddress) {
+        runtime.relayTried = true
+        runtime.relayDialing = true
+        let (endpoint, node, plan, punchID) = (runtime.sockets[0], runtime.options.targetNodeID,
+                                               runtime.session.configuration.plan, runtime.id)
+        let options = ConnectOptions(initialRTT: plan.initialRTT, handshakeTimeout: plan.connectTimeout,
+                                     serverName: PunchExecutor.serverName(forSession: runtime.options.sessionID),
+                                     alpn: runtime.options.alpn)
+        runtime.events.yield(.connecting(to: relayed))
+        runtime.relayDial = Task {
+            let result: Result<QUICConnection, any Error>
+            do {
+                result = .success(try await endpoint.connect(to: relayed, expecting: node, options: options))
+            } catch {
+                result = .failure(error)
+            }
+            self.relayDialFinished(punchID, address: relayed, result: result)
+        }
+    }
+
+    /// Whether the session's dial to `to` is handled here: while the relayed dial runs it waits, once the relayed
+    /// connection exists it becomes a path move on it (socket 0 only; a birthday socket is another 5-tuple).
+    func interceptDial(_ runtime: PunchRuntime, dial: Int, socket: Int, to: SocketAddress) -> Bool {
+        guard socket == 0 else { return false }
+        if let connection = runtime.relayed, connection.isClient {
+            moveToDirect(runtime, connection: connection, dial: dial, to: to)
+            return true
+        }
+        guard runtime.relayDialing else { return false }
+        runtime.waitingDials.append((dial, socket, to))
+        return true
+    }
+
+    private func relayDialFinished(_ id: PunchID, address: SocketAddress, result: Result<QUICConnection, any Error>) {
+        guard let runtime = runtimes[id] else {
+            if case .success(let connection) = result {
+                Task { await connection.close(errorCode: PunchExecutor.duplicateCode, reason: "punch already ended") }
+            }
+            return
+        }
+        runtime.relayDialing = false
+        runtime.relayDial = nil
+        let waiting = runtime.waitingDials
+        runtime.waitingDials = []
+        switch result {
+        case .success(let connection):
+            deliverRelayed(runtime, connection: connection, remote: address)
+            if runtime.failureAwaitingRelay != nil {
+                finishRelayed(runtime)
+                return
+            }
+            for (dial, _, to) in waiting { moveToDirect(runtime, connection: connection, dial: dial, to: to) }
+        case .failure(let error):
+            logger.info("relayed dial failed; punching only", metadata: [
+                "punch.id": "\(runtime.id)", "relay.address": "\(address)", "error": "\(error)",
+            ])
+            if let code = runtime.failureAwaitingRelay {
+                fail(runtime, code: code)
+                return
+            }
+            for (dial, socket, to) in waiting { apply(runtime, [.dial(id: dial, socket: socket, to: to)]) }
+        }
+    }
+
+    /// A target punch's accepted connection that arrived through our relay: delivered at once, and the punch goes
+    /// on answering probes. True when it was.
+    func acceptRelayed(_ runtime: PunchRuntime, connection: QUICConnection) async -> Bool {
+        guard runtime.relayed == nil,
+              await connection.paths().contains(where: { $0.isActive && $0.route.isRelayed }) else { return false }
+        guard runtimes[runtime.id] === runtime else {
+            Task { await connection.close(errorCode: PunchExecutor.duplicateCode, reason: "punch already ended") }
+            return true
+        }
+        deliverRelayed(runtime, connection: connection, remote: connection.remoteAddress)
+        return true
+    }
+
+    /// Moves the relayed connection to the direct path `to` the session proved: validate, then switch. The punch
+    /// ends when it moved; a path that does not validate counts as a failed dial, so the session tries the next.
+    private func moveToDirect(_ runtime: PunchRuntime, connection: QUICConnection, dial: Int, to: SocketAddress) {
+        let punchID = runtime.id
+        runtime.events.yield(.connecting(to: to))
+        runtime.dials[dial] = Task {
+            do {
+                try await connection.addPath(.direct(to))
+                try await connection.validatePath(.direct(to))
+                try await connection.switchPath(to: .direct(to))
+                self.movedToDirect(punchID, dial: dial, to: to)
+            } catch {
+                self.moveFailed(punchID, dial: dial)
+            }
+        }
+    }
+
+    private func movedToDirect(_ id: PunchID, dial: Int, to: SocketAddress) {
+        guard let runtime = runtimes[id] else { return }
+        runtime.dials[dial] = nil
+        logger.debug("relayed connection moved to the direct path", metadata: [
+            "punch.id": "\(runtime.id)", "peer.address": "\(to)",
+        ])
+        finishRelayed(runtime)
+    }
+
+    private func moveFailed(_ id: PunchID, dial: Int) {
+        guard let runtime = runtimes[id] else { return }
+        runtime.dials[dial] = nil
+        apply(runtime, runtime.session.handle(.dialFailed(id: dial, authentication: false)))
+    }
+}
