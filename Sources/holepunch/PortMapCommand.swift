@@ -126,12 +126,27 @@ private func waitForEndOfInput() async {
     }
 }
 
+/// Binds `port`, which discovery has just released: a descriptor it closed may still be held for a moment by a send
+/// or a loop finishing with it (CI saw "Address already in use" once), so an in-use port is tried again for up to
+/// one second before the error stands.
+private func bindReleasedPort(_ port: UInt16) async throws(DatagramError) -> UDPDatagramSocket {
+    let clock = ContinuousClock()
+    let giveUp = clock.now + .seconds(1)
+    while true {
+        do {
+            return try UDPDatagramSocket(binding: .anyV4(port: port))
+        } catch where error.errno == EADDRINUSE && port != 0 && clock.now < giveUp {
+            try? await Task.sleep(for: .milliseconds(20))
+        }
+    }
+}
+
 /// Prints what the router offers (`nat detect --port-mapping`): each protocol asked on its own, each mapping deleted
 /// again at once.
 func printPortMappingOffer(port requested: UInt16, options: PortMappingOptions, json: Bool) async throws {
     // Hold the port while asking (port 0: a fresh one), so a mapping never points at a port someone else owns.
     let socket: UDPDatagramSocket
-    do { socket = try UDPDatagramSocket(binding: .anyV4(port: requested)) } catch {
+    do { socket = try await bindReleasedPort(requested) } catch {
         throw cliFailure("cannot bind a port to map: \(error)", hint: "pass a free port with --bind")
     }
     defer { withExtendedLifetime(socket) {} }
