@@ -250,9 +250,11 @@ public struct PCPMapClient: Sendable {
     /// §8.5: the server lost state when its epoch went back, or advanced much less than our own clock did.
     private func epochWentBack(_ epoch: UInt32, now: ContinuousClock.Instant) -> Bool {
         guard let last = lastEpoch else { return false }
-        if epoch + 1 < last.server { return true }
+        // The epoch is the router's number: widen before adding, and subtract as Double (it may be one below the
+        // last, which the first check tolerates), so no value it sends can trap.
+        if UInt64(epoch) + 1 < UInt64(last.server) { return true }
         let clientDelta = Double((now - last.at).components.seconds)
-        let serverDelta = Double(epoch - last.server)
+        let serverDelta = Double(epoch) - Double(last.server)
         return clientDelta + 2 < serverDelta - serverDelta / 16 || serverDelta + 2 < clientDelta - clientDelta / 16
     }
 

@@ -245,7 +245,7 @@ public actor PortMapper {
             case let .success(grant)?:
                 held = .natpmp(client, epoch: grant.epoch, at: .now)
                 return PortMapping(mappingProtocol: .natpmp, external: grant.external, internalPort: internalPort,
-                                   lifetimeSeconds: grant.lifetime, grantedAt: .now)
+                                   lifetimeSeconds: believed(grant.lifetime), grantedAt: .now)
             case let .failure(error)?: throw error
             case nil: throw PortMappingError(.timeout, "no NAT-PMP answer within the bound", protocol: .natpmp)
             }
@@ -303,7 +303,7 @@ public actor PortMapper {
             let restarted = UInt64(grant.epoch) + 2 < UInt64(epoch) + UInt64(elapsed) * 7 / 8
             self.held = .natpmp(client, epoch: grant.epoch, at: now)
             return .success((PortMapping(mappingProtocol: .natpmp, external: grant.external, internalPort: internalPort,
-                                         lifetimeSeconds: grant.lifetime, grantedAt: now), restarted))
+                                         lifetimeSeconds: believed(grant.lifetime), grantedAt: now), restarted))
         case let .upnp(gateway, client):
             do { try await Task.sleep(until: current.refreshAt) } catch {
                 return .failure(PortMappingError(.cancelled, "stopped", protocol: .upnp))
@@ -319,6 +319,10 @@ public actor PortMapper {
             }
         }
     }
+
+    /// A router-granted lifetime as believed: at most `pcp.maximumLifetime` for NAT-PMP as for PCP, so that a liar's
+    /// 2^32−1 s still gets refreshed.
+    private func believed(_ lifetime: UInt32) -> UInt32 { min(lifetime, configuration.pcp.maximumLifetime) }
 
     private func with(_ change: (inout Configuration) -> Void) -> Configuration {
         var copy = configuration

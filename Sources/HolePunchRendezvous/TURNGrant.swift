@@ -40,8 +40,9 @@ public struct TURNGrant: Codable, Sendable, Hashable, CustomStringConvertible {
     /// - Throws: ``RendezvousError`` `protocolViolation` naming the field.
     public func validate() throws(RendezvousError) {
         try RendezvousMessageLimits.check("turn.servers count", servers.count, 1...Self.maximumServers)
-        for server in servers where server.port == 0 {
-            throw RendezvousError(.protocolViolation, "field turn.servers: port 0 in \(server)")
+        // The same rule as a `Registered`'s STUN servers: never an address where nothing or everything listens.
+        for server in servers where server.port == 0 || server.scope.isNeverAProbeTarget {
+            throw RendezvousError(.protocolViolation, "field turn.servers: \(server) is not a TURN server address")
         }
         try RendezvousMessageLimits.check("turn.username length", credentials.username.utf8.count, 1...Self.maximumUsernameBytes)
         try RendezvousMessageLimits.check("turn.password length", credentials.password.utf8.count, 1...Self.maximumPasswordBytes)

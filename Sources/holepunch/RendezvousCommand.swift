@@ -221,6 +221,11 @@ struct RendezvousCommand: AsyncParsableCommand {
                 throw usageFailure("\(error)", hint: "--turn-server takes a numeric ADDR:PORT such as 127.0.0.1:3478")
             }
         }
+        // Clients refuse a grant naming such an address (TURNGrant.validate), so every registration would fail.
+        if let bad = servers.first(where: { $0.port == 0 || $0.scope.isNeverAProbeTarget }) {
+            throw usageFailure("--turn-server \(bad) is not a TURN server address",
+                               hint: "give the TURN server's unicast ADDR:PORT, such as 127.0.0.1:3478")
+        }
         do {
             let secret = try TURNMinting.secret(fromFile: turnSecretFile)
             return TURNMinting(servers: servers, secret: secret, ttl: .seconds(turnCredentialTtl))

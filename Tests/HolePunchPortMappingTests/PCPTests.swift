@@ -205,6 +205,15 @@ func machine() -> PCPMapClient {
         #expect(outcome.count == 0)
     }
 
+    /// The epoch is the router's number: one just below the last (tolerated as reordering by the first check) or
+    /// 2^32−1 must not trap the §8.5 arithmetic. Both disagree with our clock after 1800 s, so both are restarts.
+    @Test(arguments: [UInt32(4999), .max])
+    func extremeEpochsOnRefreshAreRestartsNotTraps(epoch: UInt32) {
+        let outcome = refresh(answeringWithEpoch: epoch)
+        #expect(outcome.restarted == true)
+        #expect(outcome.count == 1)
+    }
+
     @Test func lyingSuccessesAreTypedErrors() {
         let lies: [(String, [UInt8])] = [
             ("lifetime 0", pcpMapResponse(nonce: nonce, lifetime: 0)),

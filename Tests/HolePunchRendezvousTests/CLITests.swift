@@ -89,6 +89,8 @@ struct CLITests {
         ["bench", "punch", "--concurrent", "0"],
         ["nat", "detect", "--stun", "not-an-address"],
         ["rendezvous", "--listen", "nonsense"],
+        // Clients would refuse every grant naming it (TURNGrant.validate): refused before the secret is even read.
+        ["rendezvous", "--listen", "127.0.0.1:0", "--no-stun", "--turn-secret-file", "s", "--turn-server", "224.0.0.1:3478"],
         ["peer", "--rendezvous", "bad..name:7000", "--rendezvous-id", String(repeating: "a", count: 52), "--identity",
          "id.pem"],
         ["peer", "--rendezvous", "127.0.0.1:9", "--rendezvous-id", "not-a-node-id", "--identity", "id.pem"],

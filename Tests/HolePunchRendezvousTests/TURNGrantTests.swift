@@ -64,6 +64,17 @@ struct TURNGrantTests {
         }
     }
 
+    /// A rendezvous names the TURN servers a client sends Allocates to: like its STUN servers, never an address where
+    /// nothing listens or everything does (docs/security.md, "Where a rendezvous can send a client").
+    @Test("the client refuses a grant naming an unspecified, multicast, broadcast or reserved TURN server")
+    func refusesGrantsOutsideTheProbeTargetRules() throws {
+        let credentials = TURNCredentials(username: "1:n", password: "p")
+        for server in ["0.0.0.0:3478", "224.0.0.1:3478", "255.255.255.255:3478", "240.0.0.1:3478", "[ff02::1]:3478", "[::]:3478"] {
+            let data = try JSONEncoder().encode(TURNGrant(servers: [addr(server)], credentials: credentials))
+            #expect(throws: RendezvousError.self, "\(server)") { _ = try JSONDecoder().decode(TURNGrant.self, from: data) }
+        }
+    }
+
     @Test("a peer registered at `holepunch rendezvous --turn-server --turn-secret-file` allocates at coturn; stderr never shows the secret")
     func registeredPeerAllocatesWithMintedCredentials() async throws {
         guard Coturn.available, let holepunch = holepunchBinaryOrSkip() else { return }
