@@ -58,7 +58,7 @@ struct ProcessTests {
         #expect(!a.stderr.text.contains("Fatal error"))
     }
 
-    @Test("killing B mid-punch gives A timeout or unreachable, never a hang")
+    @Test("killing B mid-punch gives A a typed failure (timeout, unreachable or allPortsFailed), never a hang")
     func killTargetMidPunch() async throws {
         guard let binary = holepunchBinaryOrSkip() else { return }
         // A long start delay opens a window between the coordinate message and the first probe: the floor too, or
@@ -77,6 +77,9 @@ struct ProcessTests {
         let status = await a.waitExit(.seconds(30))
         #expect(status == 3, "A: \(a.stderr.text)")
         let text = a.stderr.text
-        #expect(text.contains("punch failed: timeout") || text.contains("punch failed: unreachable"), "A: \(text)")
+        // Unreachable needs an ICMP answer from every planned port; on a loopback shared with parallel tests a
+        // planned neighbour of B's port may be held by another process, which swallows the probes silently, and the
+        // rounds then run out instead (CI: `allPortsFailed … (127.0.0.1, 1 candidate ports)`). Each is a typed end.
+        #expect(["timeout", "unreachable", "allPortsFailed"].contains { text.contains("punch failed: \($0)") }, "A: \(text)")
     }
 }
