@@ -45,6 +45,12 @@ public enum HostCandidates {
         select(interfaceAddresses(), port: port, families: families, excluding: excluding)
     }
 
+    /// Whether this machine has an address of `family` that ``gather(port:families:excluding:)`` would publish (a
+    /// usable IPv6 address decides whether a wildcard punch socket should be dual-stack).
+    public static func hasUsableAddress(of family: IPFamily) -> Bool {
+        !gather(port: 1, families: [family]).isEmpty
+    }
+
     /// Applies the rules above to a list of interface addresses (pure, for tests with a known interface set).
     package static func select(
         _ interfaces: [InterfaceAddress], port: UInt16, families: Set<IPFamily>, excluding: Set<SocketAddress.IP>

@@ -120,7 +120,7 @@ struct PeerCommand: AsyncParsableCommand {
             // binds one even for an IPv4 rendezvous: the peer's IPv6 path (often un-NATed) can then be checked. A
             // loopback rendezvous keeps the plain IPv4 socket (tests and local runs see no change).
             let wantsDualStack = server.isIPv6 || (server.scope != .loopback
-                && !HostCandidates.gather(port: 1, families: [.ipv6], excluding: []).isEmpty)
+                && HostCandidates.hasUsableAddress(of: .ipv6))
             local = wantsDualStack ? SocketAddress(ip: .v6([UInt8](repeating: 0, count: 16)), port: 0) : .anyV4(port: 0)
         }
         let id: Identity
