@@ -49,10 +49,14 @@ extension PunchExecutor {
         return true
     }
 
+    /// Relayed dials one punch makes at most (the first and two more after handshake timeouts).
+    static let maxRelayDials = 3
+
     /// Dials the peer's relayed address; the session's own dials wait for its outcome.
     private func dialRelay(_ runtime: PunchRuntime, _ relayed: SocketAddress) {
         runtime.relayTried = true
         runtime.relayDialing = true
+        runtime.relayDials += 1
         let (endpoint, node, plan, punchID) = (runtime.sockets[0], runtime.options.targetNodeID,
                                                runtime.session.configuration.plan, runtime.id)
         let options = ConnectOptions(initialRTT: plan.initialRTT, handshakeTimeout: plan.connectTimeout,
@@ -103,6 +107,14 @@ extension PunchExecutor {
             }
             for (dial, _, to) in waiting { moveToDirect(runtime, connection: connection, dial: dial, to: to) }
         case .failure(let error):
+            // The target opens its allocation to us when it hears of the punch, as we dial: on a loaded machine our
+            // first Initials can reach the relay before that permission and be dropped (seen once in CI).
+            if runtime.failureAwaitingRelay == nil, runtime.relayDials < Self.maxRelayDials,
+               (error as? QUICError)?.code == .handshakeTimeout {
+                runtime.waitingDials = waiting
+                dialRelay(runtime, address)
+                return
+            }
             logger.info("relayed dial failed; punching only", metadata: [
                 "punch.id": "\(runtime.id)", "relay.address": "\(address)", "error": "\(error)",
             ])

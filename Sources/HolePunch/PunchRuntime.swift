@@ -37,6 +37,9 @@ final class PunchRuntime {
     var relayDial: Task<Void, Never>?
     var relayDialing = false
     var relayTried = false
+    /// Relayed dials made so far: a dial that reaches the relay before the target's permission for us is in place is
+    /// dropped there, so a failed one is tried again while the punch runs (``PunchExecutor/maxRelayDials``).
+    var relayDials = 0
     var waitingDials: [(dial: Int, socket: Int, to: SocketAddress)] = []
     var relayed: QUICConnection?
     /// How the session ended while the relayed dial was still running: the punch's outcome waits for the dial.
