@@ -90,7 +90,7 @@ public struct RemotePunchRequest: Codable, Sendable, Hashable {
     }
 
     /// Checks every field against `RendezvousMessageLimits`: session id and key, candidates (as a coordinate
-    /// message's), NAT profile and both RTTs; the initiator and target must differ.
+    /// message's), NAT profile, both RTTs and the last allocated port; the initiator and target must differ.
     ///
     /// - Throws: ``RendezvousError`` `protocolViolation` naming the field.
     public func validate() throws(RendezvousError) {
@@ -104,6 +104,8 @@ public struct RemotePunchRequest: Codable, Sendable, Hashable {
         }
         try RendezvousMessageLimits.check("directoryRTTMicroseconds", directoryRTTMicroseconds,
                                           0...RendezvousMessageLimits.maxRTTMicroseconds)
+        // As a registration's: port 0 is no port, and a strategy counting "base + delta" from it would aim at nothing.
+        if let port = lastAllocatedPort { try RendezvousMessageLimits.check("lastAllocatedPort", port, 1...UInt16.max) }
         guard initiator != target else {
             throw RendezvousMessageLimits.violation("target", "equals the initiator")
         }

@@ -37,6 +37,18 @@ struct RemotePunchStateTests {
         #expect(sends.first?.2.candidates == [Candidate(kind: .serverReflexive, address: .loopbackV4(port: 6000))] && sends.first?.2.role == .target)
     }
 
+    @Test("a forwarded punch request naming port 0 as the initiator's last allocated port is refused where it is decoded")
+    func remoteRequestLastPortZero() throws {
+        var request = RemotePunchRequest(requestID: 3, sessionID: "s3", sessionKey: Array(repeating: 1, count: 32),
+                                         initiator: ClusterIdentities.a.nodeID, target: ClusterIdentities.b.nodeID,
+                                         candidates: [Candidate(kind: .serverReflexive, address: .loopbackV4(port: 6000))], nat: .unknown,
+                                         initiatorRTTMicroseconds: 1_000, directoryRTTMicroseconds: 1_000, lastAllocatedPort: 0)
+        let encoded = try JSONEncoder().encode(request)
+        #expect(throws: RendezvousError.self) { try JSONDecoder().decode(RemotePunchRequest.self, from: encoded) }
+        request.lastAllocatedPort = 20_001
+        #expect(try JSONDecoder().decode(RemotePunchRequest.self, from: JSONEncoder().encode(request)).lastAllocatedPort == 20_001)
+    }
+
     @Test("a requester RTT or directory round trip over the 60 s message limit is capped: the forwarded request validates")
     func forwardedRTTsCapped() throws {
         // A round trip measured across a suspended process (or a peer that delays its pong) exceeds the limit the
