@@ -190,7 +190,9 @@ public actor HolePunchNode: Service {
         do {
             registered = try await client.connect(Registration(candidates: hosts))
         } catch {
-            firstMapping?.cancel()
+            // Not cancelled: a router may grant a request already sent, and only a finished `map()` knows what to
+            // delete (bounded by `PortMapper.Configuration.upnpBound`).
+            _ = await firstMapping?.value
             if let mapper { await mapper.delete() }
             await client.close()
             await executor.shutdown()
