@@ -7,9 +7,11 @@ extension TURNAllocation {
         public var initialRTO: Duration = .milliseconds(250)
         /// A request not answered within this long fails with `unreachable`: the bounded wait.
         public var transactionTimeout: Duration = .seconds(5)
-        /// How often permissions are re-created (they last 5 minutes on the server).
+        /// How often permissions are re-created (they last 5 minutes on the server); one that carried no data for
+        /// a whole interval is not re-created and lapses.
         public var permissionRefresh: Duration = .seconds(240)
-        /// How often channels are re-bound (they last 10 minutes on the server).
+        /// How often channels are re-bound (they last 10 minutes on the server); one that carried no data for a
+        /// whole interval is not re-bound and lapses.
         public var channelRefresh: Duration = .seconds(480)
         /// Lifetimes granted by the server are clamped into this range of seconds, so a hostile server can make
         /// us neither refresh in a busy loop nor believe an allocation lives for days.
@@ -17,7 +19,7 @@ extension TURNAllocation {
         /// The allocation is refreshed at least this often, however long the granted lifetime (coturn grants at
         /// least 10 minutes; a shorter interval also notices a vanished server sooner).
         public var maximumRefreshInterval: Duration = .seconds(3600)
-        /// At most this many peers get a permission or a channel.
+        /// At most this many peers hold a permission, and at most this many a channel, at a time (idle ones lapse).
         public var maximumPeers: Int = 64
         /// 438 (stale nonce) retries per request.
         public var maximumNonceRetries: Int = 3

@@ -49,7 +49,9 @@ public final class TURNClient: RelayFraming, Sendable {
         var machine: TURNAllocation
         var allocation: Result<Allocation, TURNError>?
         var allocationWaiters: [CheckedContinuation<Allocation, any Error>] = []
-        var operations: [Int: CheckedContinuation<Void, any Error>] = [:]
+        /// Operations whose caller is still there: waiting (a continuation) or about to (nil). A cancelled caller
+        /// removes its entry, so its completion, when it comes, is dropped instead of kept.
+        var operations: [Int: CheckedContinuation<Void, any Error>?] = [:]
         /// Completions that arrived before their caller waited.
         var results: [Int: Result<Void, TURNError>] = [:]
         var nextOperation = 0
@@ -116,6 +118,11 @@ public final class TURNClient: RelayFraming, Sendable {
     /// Refreshes sent and stale-nonce retries so far, for tests and diagnostics.
     package var counters: (refreshes: Int, nonceRetries: Int) {
         state.withLock { ($0.machine.refreshesSent, $0.machine.nonceRetries) }
+    }
+
+    /// Operations waited for or completed but not yet collected, for tests (a cancelled one leaves nothing).
+    package var operationRecords: Int {
+        state.withLock { $0.operations.count + $0.results.count }
     }
 
     // MARK: Operations
@@ -241,6 +248,7 @@ public final class TURNClient: RelayFraming, Sendable {
     private func operation(_ body: (inout TURNAllocation, Int, Duration) -> [TURNAllocation.Action]) async throws {
         let id = state.withLock { state in
             defer { state.nextOperation += 1 }
+            state.operations[state.nextOperation] = .some(nil)
             return state.nextOperation
         }
         // The request goes out first; a completion that arrives before the wait below is parked in `results`.
@@ -248,16 +256,24 @@ public final class TURNClient: RelayFraming, Sendable {
         sink.yield(.poke)
         try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
-                let ready: Result<Void, TURNError>? = state.withLock { state in
-                    if let result = state.results.removeValue(forKey: id) { return result }
-                    if let ended = state.ended { return .failure(ended ?? TURNError(.closed, "the allocation was deleted")) }
+                let ready: Result<Void, any Error>? = state.withLock { state in
+                    if let result = state.results.removeValue(forKey: id) { return result.mapError { $0 } }
+                    if let ended = state.ended {
+                        state.operations[id] = nil
+                        return .failure(ended ?? TURNError(.closed, "the allocation was deleted"))
+                    }
+                    // Cancelled before it waited: the handler below found no continuation to resume.
+                    guard state.operations[id] != nil else { return .failure(CancellationError()) }
                     state.operations[id] = continuation
                     return nil
                 }
-                if let ready { continuation.resume(with: ready.mapError { $0 as any Error }) }
+                if let ready { continuation.resume(with: ready) }
             }
         } onCancel: {
-            let continuation = state.withLock { $0.operations.removeValue(forKey: id) }
+            let continuation = state.withLock { state in
+                state.results[id] = nil
+                return state.operations.removeValue(forKey: id) ?? nil
+            }
             continuation?.resume(throwing: CancellationError())
         }
     }
@@ -283,11 +299,12 @@ public final class TURNClient: RelayFraming, Sendable {
             case let .completed(operation, error):
                 let result: Result<Void, TURNError> = error.map { .failure($0) } ?? .success(())
                 let waiter = state.withLock { state -> CheckedContinuation<Void, any Error>? in
-                    guard let waiter = state.operations.removeValue(forKey: operation) else {
-                        state.results[operation] = result
-                        return nil
+                    switch state.operations.removeValue(forKey: operation) {
+                    case .some(.some(let waiter)): return waiter
+                    case .some(.none): state.results[operation] = result  // The caller is about to wait.
+                    case .none: break  // The caller was cancelled: nobody will collect it.
                     }
-                    return waiter
+                    return nil
                 }
                 waiter?.resume(with: result.mapError { $0 as any Error })
             case let .failed(error):
@@ -309,7 +326,7 @@ public final class TURNClient: RelayFraming, Sendable {
                 state.allocationWaiters = []
                 state.operations = [:]
             }
-            return (state.allocationWaiters, Array(state.operations.values))
+            return (state.allocationWaiters, state.operations.values.compactMap { $0 })
         }
         let failure = error ?? TURNError(.closed, "the allocation was deleted")
         for waiter in waiters { waiter.resume(throwing: failure) }

@@ -139,6 +139,53 @@ struct TURNCoturnTests {
         }
     }
 
+    @Test func theAllocationOutlivesItsFirstCredentialsWhenTheyAreRenewed() async throws {
+        // coturn 4.6 binds an allocation to its username (441 to another) and does not check a REST username's
+        // expiry again once the allocation exists; the node renews its credentials all the same (HolePunchNode).
+        let coturn = try await TURNInterop.start()
+        defer { coturn.stop() }
+        var configuration = TURNInterop.quick
+        configuration.maximumRefreshInterval = .milliseconds(500)
+        let expiry = Int64(Date().timeIntervalSince1970) + 2
+        let first = try TURNCredentials.rest(secret: Array(Coturn.secret.utf8), user: "n", expiresAt: expiry)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            let (client, _) = try await TURNInterop.allocate(
+                at: .loopbackV4(port: coturn.port), first, configuration: configuration, in: &group
+            )
+            client.updateCredentials(try TURNInterop.credentials("n"))
+            let refreshes = client.counters.refreshes
+            let outlived = await eventually(.seconds(10)) {
+                client.counters.refreshes >= refreshes + 4 && Int64(Date().timeIntervalSince1970) > expiry + 1
+            }
+            #expect(outlived, "\(client.counters)")
+            try await client.createPermission(for: .loopbackV4(port: 9))
+            await client.close()
+            try await group.waitForAll()
+        }
+    }
+
+    @Test func cancelledOperationsLeaveNothingBehind() async throws {
+        let coturn = try await TURNInterop.start()
+        defer { coturn.stop() }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            let (client, _) = try await TURNInterop.allocate(
+                at: .loopbackV4(port: coturn.port), try TURNInterop.credentials("k"), in: &group
+            )
+            coturn.stop()  // From now on every request waits for its timeout (2 s).
+            let cancelled = (0..<20).map { index in
+                Task { try await client.createPermission(for: .loopbackV4(port: UInt16(9000 + index))) }
+            }
+            #expect(await eventually { client.operationRecords == 20 })
+            for task in cancelled { task.cancel() }
+            for task in cancelled { await #expect(throws: CancellationError.self) { try await task.value } }
+            // The same permission request: its completion comes after those of the 20 cancelled ones.
+            await #expect(throws: TURNError.self) { try await client.createPermission(for: .loopbackV4(port: 9)) }
+            #expect(client.operationRecords == 0, "completions of cancelled operations were kept")
+            await client.close()
+            try await group.waitForAll()
+        }
+    }
+
     @Test func wrongSecretIsATypedError() async throws {
         let coturn = try await TURNInterop.start()
         defer { coturn.stop() }
@@ -185,6 +232,31 @@ struct TURNCoturnTests {
             let error = await #expect(throws: TURNError.self) {
                 try await TURNClient.withAllocation(server: server, credentials: credentials, transport: transport,
                                                     configuration: TURNInterop.quick) { _ in }
+            }
+            #expect(error?.code == .quotaExceeded)
+            await first.close()
+            try await group.waitForAll()
+        }
+    }
+
+    @Test func coturnSignsItsQuotaErrorSoItEndsTheAllocateAtOnce() async throws {
+        // Errors without a valid MESSAGE-INTEGRITY count only at the transaction's timeout (a forger could have
+        // sent them); coturn signs the errors to requests it authenticated (486 here), so they end the request as
+        // soon as they arrive. The timeout is far beyond the deadline: an unsigned 486 would fail this test.
+        let coturn = try await TURNInterop.start(["--user-quota", "1"])
+        defer { coturn.stop() }
+        let server = SocketAddress.loopbackV4(port: coturn.port)
+        let credentials = try TURNInterop.credentials("s")
+        let patient = { var configuration = TURNInterop.quick; configuration.transactionTimeout = .seconds(60); return configuration }()
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            let (first, _) = try await TURNInterop.allocate(at: server, credentials, in: &group)
+            let transport = try UDPSTUNTransport(binding: .loopbackV4(port: 0))
+            defer { transport.closeNow() }
+            let error = await #expect(throws: TURNError.self) {
+                try await withDeadline(.seconds(20)) {
+                    try await TURNClient.withAllocation(server: server, credentials: credentials, transport: transport,
+                                                        configuration: patient) { _ in }
+                }
             }
             #expect(error?.code == .quotaExceeded)
             await first.close()
