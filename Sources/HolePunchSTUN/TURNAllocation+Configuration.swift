@@ -23,6 +23,10 @@ extension TURNAllocation {
         public var maximumPeers: Int = 64
         /// 438 (stale nonce) retries per request.
         public var maximumNonceRetries: Int = 3
+        /// Whether sending to a permitted peer that has no channel yet also binds one (``TURNClient`` does it on
+        /// its first `wrap`), so that later data goes as ChannelData (4 bytes of framing) instead of Send
+        /// indications (36). Off by default; the node's relay turns it on.
+        public var bindsChannels = false
         /// SOFTWARE sent in Allocate.
         public var software: String? = "HolePunch"
 

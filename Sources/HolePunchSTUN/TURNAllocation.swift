@@ -153,6 +153,15 @@ public struct TURNAllocation: Sendable {
         return transmit(.channelBind(number, peer), now: now)
     }
 
+    /// Binds a channel to `peer` when ``Configuration/bindsChannels`` is on, the peer's IP has a permission, and it
+    /// has no channel yet (requested or bound) and one is left; else nothing. Until the bind is answered,
+    /// ``wrap(_:to:)`` goes on making Send indications.
+    public mutating func bindChannelIfUseful(to peer: SocketAddress, operation: Int, now: Duration) -> [Action] {
+        guard configuration.bindsChannels, phase == .allocated, channels[peer] == nil,
+              permissions[peer.ip]?.installed == true, channels.count < configuration.maximumPeers else { return [] }
+        return bindChannel(to: peer, operation: operation, now: now)
+    }
+
     /// Deletes the allocation (Refresh with lifetime 0); `.deallocated` follows, also when the server is gone.
     public mutating func deallocate(now: Duration) -> [Action] {
         switch phase {
@@ -301,8 +310,9 @@ public struct TURNAllocation: Sendable {
     public mutating func unwrap(_ datagram: UnsafeRawBufferPointer) -> (peer: SocketAddress, payload: Range<Int>)? {
         guard let first = datagram.first else { return nil }
         if first & 0xC0 == 0x40 {
+            // A channel we asked for counts before its answer is handled: the server may forward on it at once.
             guard let (number, range) = TURNChannelData.decode(datagram), let peer = peerByChannel[number],
-                  channels[peer]?.bound == true else { return nil }
+                  channels[peer] != nil else { return nil }
             markUsed(peer)
             return (peer, range)
         }

@@ -43,6 +43,8 @@ public final class TURNClient: RelayFraming, Sendable {
         case timer(generation: Int)
         case poke
         case close
+        /// Actions the machine asked for outside the run loop (a channel bound from `wrap`).
+        case perform([TURNAllocation.Action])
     }
 
     private struct State: ~Copyable {
@@ -105,10 +107,22 @@ public final class TURNClient: RelayFraming, Sendable {
         state.withLock { $0.machine.relayedAddress } ?? .anyV4(port: 0)
     }
 
-    /// `payload` as ChannelData (bound channel) or a Send indication (permission); nil otherwise.
+    /// `payload` as ChannelData (bound channel) or a Send indication (permission); nil otherwise. With
+    /// `bindsChannels`, a Send indication also starts binding a channel to `peer` (nobody waits for it).
     public func wrap(_ payload: UnsafeRawBufferPointer, to peer: SocketAddress) -> [UInt8]? {
-        state.withLock { $0.machine.wrap(payload, to: peer) }
+        let now = self.now
+        let (framed, bind) = state.withLock { state in
+            let framed = state.machine.wrap(payload, to: peer)
+            // A STUN message (Send indication) starts with two zero bits; ChannelData with 01.
+            guard let first = framed?.first, first & 0xC0 == 0 else { return (framed, [TURNAllocation.Action]()) }
+            return (framed, state.machine.bindChannelIfUseful(to: peer, operation: Self.unawaited, now: now))
+        }
+        if !bind.isEmpty { sink.yield(.perform(bind)) }
+        return framed
     }
+
+    /// The operation number of requests nobody waits for: their completion finds no caller and is dropped.
+    private static let unawaited = -1
 
     /// The peer and payload range of forwarded data; nil for control messages.
     public func unwrap(_ datagram: UnsafeRawBufferPointer) -> (peer: SocketAddress, payload: Range<Int>)? {
@@ -233,6 +247,8 @@ public final class TURNClient: RelayFraming, Sendable {
                 break
             case .close:
                 outcome = await perform(step { $0.deallocate(now: $1) })
+            case let .perform(actions):
+                outcome = await perform(actions)
             }
         }
         if case let .some(.some(error)) = outcome { throw error }

@@ -119,6 +119,35 @@ struct TURNCoturnTests {
         }
     }
 
+    @Test func sendingToAPermittedPeerBindsAChannelAndMovesToChannelData() async throws {
+        let coturn = try await TURNInterop.start()
+        defer { coturn.stop() }
+        let peer = try UDPDatagramSocket(binding: .loopbackV4(port: 0))
+        let configuration = { var configuration = TURNInterop.quick; configuration.bindsChannels = true; return configuration }()
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            let (client, allocation) = try await TURNInterop.allocate(
+                at: .loopbackV4(port: coturn.port), try TURNInterop.credentials("h"), configuration: configuration, in: &group
+            )
+            try await client.createPermission(for: peer.localAddress)
+            let payload = Array("hello".utf8)
+            // The first datagram goes as a Send indication (the channel is not bound yet) and arrives all the same.
+            #expect(payload.withUnsafeBytes { client.wrap($0, to: peer.localAddress) }?.first == 0x00)
+            try await client.send(payload, to: peer.localAddress)
+            #expect(try await onOwnThread { peer.receive(timeoutMilliseconds: 5000) }?.bytes == payload)
+            let channelData = await eventually(.seconds(5)) {
+                payload.withUnsafeBytes { client.wrap($0, to: peer.localAddress) }?.count == 4 + payload.count
+            }
+            #expect(channelData, "no channel was bound after sending to a permitted peer")
+            try await client.send(payload, to: peer.localAddress)
+            #expect(try await onOwnThread { peer.receive(timeoutMilliseconds: 5000) }?.bytes == payload)
+            // The peer's answer comes back as ChannelData on the bound channel.
+            _ = try peer.send(Array("back".utf8), to: allocation.relayed)
+            #expect(try await TURNInterop.next(client) == .init(peer: peer.localAddress, payload: Array("back".utf8)))
+            await client.close()
+            try await group.waitForAll()
+        }
+    }
+
     @Test func refreshesKeepTheAllocationAliveThroughStaleNonces() async throws {
         // coturn grants at least 10 minutes, so the client refreshes every second; coturn calls nonces stale after
         // 1 s, so refreshes meet 438s.
