@@ -17,20 +17,9 @@ final class NodeLogLines: Sendable {
     var all: [String] { lines.withLock { $0 } }
 
     var logger: Logger {
-        Logger(label: "node", factory: { _ in Handler(sink: self) })
-    }
-
-    struct Handler: LogHandler {
-        let sink: NodeLogLines
-        var metadata: Logger.Metadata = [:]
-        var logLevel: Logger.Level = .trace
-        subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-            get { metadata[key] }
-            set { metadata[key] = newValue }
-        }
-        func log(event: LogEvent) {
-            sink.lines.withLock { $0.append(event.message.description) }
-        }
+        Logger(label: "node", factory: { _ in
+            ClosureLogHandler { _, message, _ in self.lines.withLock { $0.append(message) } }
+        })
     }
 }
 
