@@ -7,12 +7,16 @@ extension TURNAllocation {
         public var initialRTO: Duration = .milliseconds(250)
         /// A request not answered within this long fails with `unreachable`: the bounded wait.
         public var transactionTimeout: Duration = .seconds(5)
-        /// How often permissions are re-created (they last 5 minutes on the server); one that carried no data for
-        /// a whole interval is not re-created and lapses.
+        /// How often permissions are re-created (they last 5 minutes on the server).
         public var permissionRefresh: Duration = .seconds(240)
-        /// How often channels are re-bound (they last 10 minutes on the server); one that carried no data for a
-        /// whole interval is not re-bound and lapses.
+        /// How often channels are re-bound (they last 10 minutes on the server).
         public var channelRefresh: Duration = .seconds(480)
+        /// A permission or channel that carried no data (`wrap`/`unwrap`) and was not asked for again for this long
+        /// is not refreshed any more and lapses on the server, freeing its place among ``maximumPeers``. Checked at
+        /// its refresh, so it lapses up to one refresh interval plus its server lifetime later. Long, because a
+        /// connection that moved from the relay to a direct path sends nothing on the relayed one, which must
+        /// still be there to move back to; its default, 30 minutes, bounds how long that fallback outlives its use.
+        public var idlePeerLimit: Duration = .seconds(1800)
         /// Lifetimes granted by the server are clamped into this range of seconds, so a hostile server can make
         /// us neither refresh in a busy loop nor believe an allocation lives for days.
         public var lifetimeBounds: ClosedRange<UInt32> = 30...3600

@@ -10,8 +10,8 @@ public import HolePunchNet
 /// The machine authenticates with long-term credentials: the first Allocate goes without them, the server's 401
 /// brings REALM and NONCE, and every later request carries USERNAME, REALM, NONCE and MESSAGE-INTEGRITY; a 438
 /// brings a fresh nonce and the request is retried (a bounded number of times). It refreshes the allocation before
-/// its lifetime ends, and every permission and channel that carried data since its last refresh before 5 and 10
-/// minutes (the idle ones lapse, so a long-lived allocation does not run out of its bounded peers); ``wrap(_:to:)``
+/// its lifetime ends, and every permission and channel before 5 and 10 minutes unless it carried no data for
+/// `Configuration.idlePeerLimit` (those lapse, so a long-lived allocation does not run out of its bounded peers); ``wrap(_:to:)``
 /// / ``unwrap(_:)`` frame data on the channels and permissions it holds. Everything from the server is bounded:
 /// lifetimes are clamped, channel numbers checked, success responses must carry a valid MESSAGE-INTEGRITY, and so
 /// must an error that is to end a request at once (see ``receive(_:now:)``).
@@ -61,6 +61,8 @@ public struct TURNAllocation: Sendable {
         var waiting: [Int] = []
         /// Whether data went to or came from the peer (or it was asked for again) since the last refresh.
         var used = false
+        /// Since when (about: the refresh before the first idle interval) nothing was used; nil while in use.
+        var idleSince: Duration?
     }
 
     private struct Channel: Sendable {
@@ -70,6 +72,8 @@ public struct TURNAllocation: Sendable {
         var waiting: [Int] = []
         /// Whether data went to or came from the peer (or it was asked for again) since the last refresh.
         var used = false
+        /// Since when (about: the refresh before the first idle interval) nothing was used; nil while in use.
+        var idleSince: Duration?
     }
 
     /// The server's address (the driver sends every `.send` there and feeds only its datagrams back).
@@ -227,15 +231,17 @@ public struct TURNAllocation: Sendable {
             refreshesSent += 1
             actions += transmit(.refresh(lifetime: requestedLifetimeSeconds), now: now)
         }
-        // What carried no data for a whole refresh interval is not refreshed: it lapses on the server and frees its
-        // place among the `maximumPeers`.
+        // What carried no data for `idlePeerLimit` is not refreshed: it lapses on the server and frees its place
+        // among the `maximumPeers`.
         var duePermissions: [SocketAddress.IP] = []
         for (ip, permission) in permissions where permission.installed && now >= permission.refreshAt {
-            guard permission.used else {
+            let idleSince = permission.used ? nil : permission.idleSince ?? now - configuration.permissionRefresh
+            if let idleSince, now - idleSince >= configuration.idlePeerLimit {
                 permissions[ip] = nil
                 continue
             }
             permissions[ip]?.used = false
+            permissions[ip]?.idleSince = idleSince
             permissions[ip]?.refreshAt = now + configuration.permissionRefresh
             duePermissions.append(ip)
         }
@@ -243,7 +249,8 @@ public struct TURNAllocation: Sendable {
             actions += transmit(.createPermission(duePermissions.map { SocketAddress(ip: $0, port: 0) }), now: now)
         }
         for (peer, channel) in channels where channel.bound && now >= channel.refreshAt {
-            guard channel.used else {
+            let idleSince = channel.used ? nil : channel.idleSince ?? now - configuration.channelRefresh
+            if let idleSince, now - idleSince >= configuration.idlePeerLimit {
                 channels[peer] = nil
                 peerByChannel[channel.number] = nil
                 // Bound last at `refreshAt - channelRefresh`, it lives 10 minutes on the server, then 5 more unusable.
@@ -251,6 +258,7 @@ public struct TURNAllocation: Sendable {
                 continue
             }
             channels[peer]?.used = false
+            channels[peer]?.idleSince = idleSince
             channels[peer]?.refreshAt = now + configuration.channelRefresh
             actions += transmit(.channelBind(channel.number, peer), now: now)
         }

@@ -250,7 +250,9 @@ private func completion(_ actions: [TURNAllocation.Action]) -> TURNError?? {
     }
 
     @Test func idlePermissionsAndChannelsLapseSoThe65thPeerGetsOne() throws {
-        var machine = try server.allocated(lifetime: 3600)
+        var configuration = TURNAllocation.Configuration()
+        configuration.idlePeerLimit = .seconds(240)
+        var machine = try server.allocated(configuration, lifetime: 3600)
         let limit = TURNAllocation.Configuration().maximumPeers
         let busy = addr("127.0.0.2:7000")
         for index in 0..<limit {
@@ -282,6 +284,23 @@ private func completion(_ actions: [TURNAllocation.Action]) -> TURNError?? {
         #expect(payload.withUnsafeBytes { machine.wrap($0, to: busy) } == nil, "neither channel nor permission is left")
         let (other, _) = try server.request(machine.bindChannel(to: addr("127.0.0.9:1"), operation: 300, now: .seconds(961)))
         #expect(try other.channelNumber() != 0x4000, "a lapsed channel's number waits before it is reused")
+    }
+
+    @Test func anIdlePermissionIsKeptUntilTheIdleLimit() throws {
+        var configuration = TURNAllocation.Configuration()
+        configuration.idlePeerLimit = .seconds(720)
+        var machine = try server.allocated(configuration, lifetime: 3600)
+        let peer = addr("127.0.0.1:7000")
+        let (permission, _) = try server.request(machine.createPermission(for: peer, operation: 1, now: .zero))
+        _ = machine.receive(try server.success(to: permission), now: .zero)
+        // Idle from the start: refreshed at 240 and 480 s (a standby relayed path stays usable), not at 720 s.
+        for at in [240, 480] {
+            let (refresh, _) = try server.request(machine.tick(now: .seconds(at)))
+            #expect(refresh.method == .createPermission, "at \(at) s")
+            _ = machine.receive(try server.success(to: refresh), now: .seconds(at))
+        }
+        #expect(machine.tick(now: .seconds(720)).isEmpty)
+        #expect([UInt8]([1]).withUnsafeBytes { machine.wrap($0, to: peer) } == nil, "lapsed after the idle limit")
     }
 
     @Test func aLiveAllocationKeepsItsUsernameAndTurnsToRenewedCredentialsOnlyWhenRefused() throws {
