@@ -1,3 +1,5 @@
+// Over 500 lines on purpose: one state machine whose state (transactions, permissions, channels) is private to
+// it; splitting its events, framing and requests over files would widen that state to the whole module.
 public import HolePunchNet
 
 /// One TURN allocation (RFC 8656) as a value-type state machine: events in, actions out, no I/O.
