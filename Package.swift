@@ -180,7 +180,9 @@ let package = Package(
 
         // MARK: Tests (swift-testing).
         // Process and wait helpers shared by test targets (a test target cannot depend on another).
-        .target(name: "ProcessTestSupport", path: "Tests/ProcessTestSupport", swiftSettings: swiftSettings),
+        // HolePunchLab: coturn's launcher (CoturnLauncher), shared with `bench relay`; Logging: ClosureLogHandler.
+        .target(name: "ProcessTestSupport", dependencies: ["HolePunchLab", .product(name: "Logging", package: "swift-log")],
+                path: "Tests/ProcessTestSupport", swiftSettings: swiftSettings),
         .testTarget(
             name: "HolePunchNetTests", dependencies: ["HolePunchNet", "ProcessTestSupport"],
             swiftSettings: swiftSettings
@@ -198,7 +200,8 @@ let package = Package(
         .testTarget(
             name: "HolePunchStrategyTests",
             dependencies: [
-                "HolePunchStrategy", "HolePunchNet", .product(name: "PropertyBased", package: "swift-property-based"),
+                "HolePunchStrategy", "HolePunchNet", "ProcessTestSupport",
+                .product(name: "PropertyBased", package: "swift-property-based"),
             ],
             swiftSettings: swiftSettings
         ),

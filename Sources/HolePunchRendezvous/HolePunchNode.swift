@@ -75,6 +75,8 @@ public actor HolePunchNode: Service {
         /// allocation to the punch socket and publish the relayed address as a `relay` candidate (default true).
         /// A failed allocation is logged once and the node punches only.
         public var usesRelay = true
+        /// The TURN client's timers and bounds for the node's allocation (tests shorten them).
+        var relayConfiguration = NodeRelay.configuration
 
         /// Creates options.
         public init(
@@ -124,7 +126,7 @@ public actor HolePunchNode: Service {
     private var portMapping: Task<Void, Never>?
     private var stopped = false
     /// The TURN allocation on the punch socket, when the rendezvous granted one and it succeeded.
-    private var relay: NodeRelay?
+    private(set) var relay: NodeRelay?
     private var relayStart: Task<SocketAddress?, Never>?
     private var relayRenewal: Task<Void, Never>?
     private var stopWaiters: [CheckedContinuation<Void, Never>] = []
@@ -190,7 +192,9 @@ public actor HolePunchNode: Service {
         do {
             registered = try await client.connect(Registration(candidates: hosts))
         } catch {
-            firstMapping?.cancel()
+            // Not cancelled: a router may grant a request already sent, and only a finished `map()` knows what to
+            // delete (bounded by `PortMapper.Configuration.upnpBound`).
+            _ = await firstMapping?.value
             if let mapper { await mapper.delete() }
             await client.close()
             await executor.shutdown()
@@ -282,6 +286,7 @@ public actor HolePunchNode: Service {
     /// failure the node punches only (NodeRelay logs why, once). Returns the relayed address.
     private func startRelay(_ grant: TURNGrant) async -> SocketAddress? {
         guard let relay = await NodeRelay.start(grant: grant, endpoint: endpoint, executor: executor,
+                                                configuration: options.relayConfiguration,
                                                 logger: options.logger) else { return nil }
         guard !stopped, !Task.isCancelled else {
             await relay.stop(endpoint: endpoint, executor: executor)

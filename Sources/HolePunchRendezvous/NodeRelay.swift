@@ -29,7 +29,7 @@ final class NodeRelay: Sendable {
     /// request, so a dead server costs a few seconds, never a hang.
     static func start(
         grant: TURNGrant, endpoint: Endpoint, executor: PunchExecutor,
-        configuration: TURNAllocation.Configuration = TURNAllocation.Configuration(), logger: Logger
+        configuration: TURNAllocation.Configuration = NodeRelay.configuration, logger: Logger
     ) async -> NodeRelay? {
         guard let server = grant.servers.first(where: { $0.isIPv6 == endpoint.localAddress.isIPv6 }) else {
             logger.info("no TURN server of the punch socket's family; punching only", metadata: [
@@ -74,6 +74,14 @@ final class NodeRelay: Sendable {
         ])
         return NodeRelay(client: client, candidate: Candidate(kind: .relayed, address: allocation.relayed),
                          running: running)
+    }
+
+    /// The TURN client's settings for a node: the defaults, with a channel bound to each peer it sends to, so
+    /// relayed QUIC packets carry 4 bytes of ChannelData framing instead of a 36-byte Send indication.
+    static var configuration: TURNAllocation.Configuration {
+        var configuration = TURNAllocation.Configuration()
+        configuration.bindsChannels = true
+        return configuration
     }
 
     /// How long before the credentials' expiry a node registers again for fresh ones: coturn checks the expiry on

@@ -1,3 +1,5 @@
+// Over 500 lines on purpose: one state machine whose state (transactions, permissions, channels) is private to
+// it; splitting its events, framing and requests over files would widen that state to the whole module.
 public import HolePunchNet
 
 /// One TURN allocation (RFC 8656) as a value-type state machine: events in, actions out, no I/O.
@@ -10,9 +12,11 @@ public import HolePunchNet
 /// The machine authenticates with long-term credentials: the first Allocate goes without them, the server's 401
 /// brings REALM and NONCE, and every later request carries USERNAME, REALM, NONCE and MESSAGE-INTEGRITY; a 438
 /// brings a fresh nonce and the request is retried (a bounded number of times). It refreshes the allocation before
-/// its lifetime ends, every permission before 5 minutes and every channel before 10 minutes, and ``wrap(_:to:)`` /
-/// ``unwrap(_:)`` frame data on the channels and permissions it holds. Everything from the server is bounded:
-/// lifetimes are clamped, channel numbers checked, success responses must carry a valid MESSAGE-INTEGRITY.
+/// its lifetime ends, and every permission and channel before 5 and 10 minutes unless it carried no data for
+/// `Configuration.idlePeerLimit` (those lapse, so a long-lived allocation does not run out of its bounded peers); ``wrap(_:to:)``
+/// / ``unwrap(_:)`` frame data on the channels and permissions it holds. Everything from the server is bounded:
+/// lifetimes are clamped, channel numbers checked, success responses must carry a valid MESSAGE-INTEGRITY, and so
+/// must an error that is to end a request at once (see ``receive(_:now:)``).
 public struct TURNAllocation: Sendable {
     /// What the driver must do.
     public enum Action: Hashable, Sendable {
@@ -48,12 +52,19 @@ public struct TURNAllocation: Sendable {
         var nonceRetries = 0
         /// Whether this transmission carried our credentials (a 401 to one that did means they are wrong).
         var authenticated: Bool
+        /// An error answer without valid MESSAGE-INTEGRITY to this authenticated request: anyone who saw the
+        /// transaction ID could have sent it, so it counts only if nothing else answers before the timeout.
+        var unverifiedError: STUNMessage?
     }
 
     private struct Permission: Sendable {
         var installed = false
         var refreshAt: Duration = .zero
         var waiting: [Int] = []
+        /// Whether data went to or came from the peer (or it was asked for again) since the last refresh.
+        var used = false
+        /// Since when (about: the refresh before the first idle interval) nothing was used; nil while in use.
+        var idleSince: Duration?
     }
 
     private struct Channel: Sendable {
@@ -61,11 +72,17 @@ public struct TURNAllocation: Sendable {
         var bound = false
         var refreshAt: Duration = .zero
         var waiting: [Int] = []
+        /// Whether data went to or came from the peer (or it was asked for again) since the last refresh.
+        var used = false
+        /// Since when (about: the refresh before the first idle interval) nothing was used; nil while in use.
+        var idleSince: Duration?
     }
 
     /// The server's address (the driver sends every `.send` there and feeds only its datagrams back).
     public let server: SocketAddress
     private var credentials: TURNCredentials
+    /// Credentials handed in after the allocation's own were first sent: used only if the server refuses those.
+    private var renewed: TURNCredentials?
     private let configuration: Configuration
     private var phase: Phase = .idle
     private var realm: String?
@@ -84,6 +101,9 @@ public struct TURNAllocation: Sendable {
     private var channels: [SocketAddress: Channel] = [:]
     private var peerByChannel: [UInt16: SocketAddress] = [:]
     private var nextChannel: UInt16 = TURNChannelData.channelRange.lowerBound
+    /// Numbers of lapsed channels and when they may name another peer (RFC 8656 12: 5 minutes after the binding
+    /// expires on the server).
+    private var retiredChannels: [UInt16: Duration] = [:]
 
     /// Creates a machine for an allocation at `server`.
     public init(server: SocketAddress, credentials: TURNCredentials, configuration: Configuration = Configuration()) {
@@ -110,6 +130,7 @@ public struct TURNAllocation: Sendable {
     public mutating func createPermission(for peer: SocketAddress, operation: Int, now: Duration) -> [Action] {
         guard phase == .allocated else { return [.completed(operation: operation, error: notAllocated)] }
         if let existing = permissions[peer.ip] {
+            permissions[peer.ip]?.used = true
             if existing.installed { return [.completed(operation: operation, error: nil)] }
             permissions[peer.ip]?.waiting.append(operation)
             return []
@@ -125,19 +146,26 @@ public struct TURNAllocation: Sendable {
     public mutating func bindChannel(to peer: SocketAddress, operation: Int, now: Duration) -> [Action] {
         guard phase == .allocated else { return [.completed(operation: operation, error: notAllocated)] }
         if let existing = channels[peer] {
+            channels[peer]?.used = true
             if existing.bound { return [.completed(operation: operation, error: nil)] }
             channels[peer]?.waiting.append(operation)
             return []
         }
-        guard channels.count < configuration.maximumPeers,
-              nextChannel <= TURNChannelData.channelRange.upperBound else {
+        guard channels.count < configuration.maximumPeers, let number = freeChannelNumber(now: now) else {
             return [.completed(operation: operation, error: TURNError(.limit, "no channel left for another peer"))]
         }
-        let number = nextChannel
-        nextChannel += 1
         channels[peer] = Channel(number: number, waiting: [operation])
         peerByChannel[number] = peer
         return transmit(.channelBind(number, peer), now: now)
+    }
+
+    /// Binds a channel to `peer` when ``Configuration/bindsChannels`` is on, the peer's IP has a permission, and it
+    /// has no channel yet (requested or bound) and one is left; else nothing. Until the bind is answered,
+    /// ``wrap(_:to:)`` goes on making Send indications.
+    public mutating func bindChannelIfUseful(to peer: SocketAddress, operation: Int, now: Duration) -> [Action] {
+        guard configuration.bindsChannels, phase == .allocated, channels[peer] == nil,
+              permissions[peer.ip]?.installed == true, channels.count < configuration.maximumPeers else { return [] }
+        return bindChannel(to: peer, operation: operation, now: now)
     }
 
     /// Deletes the allocation (Refresh with lifetime 0); `.deallocated` follows, also when the server is gone.
@@ -158,13 +186,12 @@ public struct TURNAllocation: Sendable {
         }
     }
 
-    /// Uses `credentials` for every later request: REST credentials expire, and coturn checks the expiry on Refresh
-    /// too, so a long-lived allocation needs the fresh ones a later registration brings.
+    /// Hands in fresh credentials (REST credentials expire). Before the first authenticated Allocate they replace
+    /// the old ones. After it, the allocation keeps its username (RFC 8656 binds an allocation to it; coturn 4.6
+    /// answers 441 to another and does not check the old one's expiry again), and the fresh ones are used only when
+    /// the server refuses the old ones with a 401, as a server that re-checks a REST expiry would.
     public mutating func updateCredentials(_ credentials: TURNCredentials) {
-        self.credentials = credentials
-        if key != nil, let realm {
-            key = try? STUNCredential.longTerm(username: credentials.username, realm: realm, password: credentials.password)
-        }
+        if key == nil { self.credentials = credentials } else { renewed = credentials }
     }
 
     /// The earliest time ``tick(now:)`` has work, or nil when nothing is scheduled.
@@ -184,7 +211,11 @@ public struct TURNAllocation: Sendable {
         for (id, transaction) in pending {
             if now >= transaction.firstSent + configuration.transactionTimeout {
                 pending[id] = nil
-                actions += timedOut(transaction)
+                if let unverified = transaction.unverifiedError {
+                    actions += errorResponse(transaction, unverified, now: now)
+                } else {
+                    actions += timedOut(transaction)
+                }
                 if phase == .ended { return actions }
             } else if now >= transaction.nextSend {
                 actions.append(.send(transaction.bytes))
@@ -202,12 +233,34 @@ public struct TURNAllocation: Sendable {
             refreshesSent += 1
             actions += transmit(.refresh(lifetime: requestedLifetimeSeconds), now: now)
         }
-        let duePermissions = permissions.filter { $0.value.installed && now >= $0.value.refreshAt }.map(\.key)
+        // What carried no data for `idlePeerLimit` is not refreshed: it lapses on the server and frees its place
+        // among the `maximumPeers`.
+        var duePermissions: [SocketAddress.IP] = []
+        for (ip, permission) in permissions where permission.installed && now >= permission.refreshAt {
+            let idleSince = permission.used ? nil : permission.idleSince ?? now - configuration.permissionRefresh
+            if let idleSince, now - idleSince >= configuration.idlePeerLimit {
+                permissions[ip] = nil
+                continue
+            }
+            permissions[ip]?.used = false
+            permissions[ip]?.idleSince = idleSince
+            permissions[ip]?.refreshAt = now + configuration.permissionRefresh
+            duePermissions.append(ip)
+        }
         if !duePermissions.isEmpty {
-            for ip in duePermissions { permissions[ip]?.refreshAt = now + configuration.permissionRefresh }
             actions += transmit(.createPermission(duePermissions.map { SocketAddress(ip: $0, port: 0) }), now: now)
         }
         for (peer, channel) in channels where channel.bound && now >= channel.refreshAt {
+            let idleSince = channel.used ? nil : channel.idleSince ?? now - configuration.channelRefresh
+            if let idleSince, now - idleSince >= configuration.idlePeerLimit {
+                channels[peer] = nil
+                peerByChannel[channel.number] = nil
+                // Bound last at `refreshAt - channelRefresh`, it lives 10 minutes on the server, then 5 more unusable.
+                retiredChannels[channel.number] = now + .seconds(900) - configuration.channelRefresh
+                continue
+            }
+            channels[peer]?.used = false
+            channels[peer]?.idleSince = idleSince
             channels[peer]?.refreshAt = now + configuration.channelRefresh
             actions += transmit(.channelBind(channel.number, peer), now: now)
         }
@@ -217,7 +270,10 @@ public struct TURNAllocation: Sendable {
     /// Handles a STUN message from the server (the driver passes only datagrams from ``server``).
     ///
     /// Anything that does not decode or does not answer a pending request is ignored: it may be spoofed, and the
-    /// request's timeout covers a server that only sends junk.
+    /// request's timeout covers a server that only sends junk. A success must carry a valid MESSAGE-INTEGRITY once
+    /// we have a key. So must an error to a request that carried our credentials, except 438 (only a new nonce,
+    /// retried a bounded number of times): an unsigned one (coturn's 401, or its 437 on Allocate) is kept, the
+    /// request goes on being retransmitted, and the error counts only if nothing else answered by the timeout.
     public mutating func receive(_ bytes: [UInt8], now: Duration) -> [Action] {
         guard let message = try? STUNMessage.decode(bytes, options: STUNDecodingOptions(maximumSize: 0xFFFF + 20)),
               message.messageClass == .successResponse || message.messageClass == .errorResponse,
@@ -228,6 +284,13 @@ public struct TURNAllocation: Sendable {
             pending[message.transactionID] = nil
             return succeeded(transaction, message, now: now)
         }
+        // RFC 8489 9.2.5: 401 and 438 carry no integrity. A 438 only brings a new nonce (bounded retries); every
+        // other error to a request that carried our credentials must be signed to end it at once.
+        if transaction.authenticated, message.errorCode?.code != 438,
+           key.map({ (try? STUNMessage.verifyIntegrity(of: bytes, credential: $0, require: .sha1)) == nil }) ?? true {
+            pending[message.transactionID]?.unverifiedError = message
+            return []
+        }
         pending[message.transactionID] = nil
         return errorResponse(transaction, message, now: now)
     }
@@ -236,12 +299,14 @@ public struct TURNAllocation: Sendable {
 
     /// `payload` framed for `peer`: ChannelData on a bound channel, else a Send indication when the peer's IP has a
     /// permission, else nil.
-    public func wrap(_ payload: UnsafeRawBufferPointer, to peer: SocketAddress) -> [UInt8]? {
+    /// Marks the peer's permission and channel as used, so they are refreshed.
+    public mutating func wrap(_ payload: UnsafeRawBufferPointer, to peer: SocketAddress) -> [UInt8]? {
         guard phase == .allocated else { return nil }
+        markUsed(peer)
         if let channel = channels[peer], channel.bound {
             return TURNChannelData.encode(channel: channel.number, payload: payload)
         }
-        guard permissions[peer.ip]?.installed == true || channels[peer]?.bound == true else { return nil }
+        guard permissions[peer.ip]?.installed == true else { return nil }
         let id = STUNTransactionID.random()
         let message = STUNMessage(.indication, method: .send, transactionID: id, attributes: [
             .xorPeerAddress(peer, transactionID: id), .data(Array(payload)),
@@ -250,12 +315,15 @@ public struct TURNAllocation: Sendable {
     }
 
     /// The peer and payload range of forwarded data from the server: ChannelData on a channel we bound, or a Data
-    /// indication from a peer we permitted. Nil for control messages and for anything else.
-    public func unwrap(_ datagram: UnsafeRawBufferPointer) -> (peer: SocketAddress, payload: Range<Int>)? {
+    /// indication from a peer we permitted. Nil for control messages and for anything else. Marks the peer's
+    /// permission and channel as used.
+    public mutating func unwrap(_ datagram: UnsafeRawBufferPointer) -> (peer: SocketAddress, payload: Range<Int>)? {
         guard let first = datagram.first else { return nil }
         if first & 0xC0 == 0x40 {
+            // A channel we asked for counts before its answer is handled: the server may forward on it at once.
             guard let (number, range) = TURNChannelData.decode(datagram), let peer = peerByChannel[number],
-                  channels[peer]?.bound == true else { return nil }
+                  channels[peer] != nil else { return nil }
+            markUsed(peer)
             return (peer, range)
         }
         // A Data indication: message type 0x0017. Only then is it worth decoding.
@@ -267,7 +335,24 @@ public struct TURNAllocation: Sendable {
               permissions[peer.ip]?.installed == true || channels[peer]?.bound == true,
               let spans = try? STUNMessage.scan(bytes, options: STUNDecodingOptions(maximumSize: 0xFFFF + 20)),
               let span = spans.spans.first(where: { $0.type == STUNAttributeType.data }) else { return nil }
+        markUsed(peer)
         return (peer, span.value)
+    }
+
+    private mutating func markUsed(_ peer: SocketAddress) {
+        if permissions[peer.ip] != nil { permissions[peer.ip]?.used = true }
+        if channels[peer] != nil { channels[peer]?.used = true }
+    }
+
+    /// The next unused channel number, else a lapsed one whose quarantine has passed; nil when none is free.
+    private mutating func freeChannelNumber(now: Duration) -> UInt16? {
+        if nextChannel <= TURNChannelData.channelRange.upperBound {
+            defer { nextChannel += 1 }
+            return nextChannel
+        }
+        guard let (number, _) = retiredChannels.first(where: { $0.value <= now }) else { return nil }
+        retiredChannels[number] = nil
+        return number
     }
 
     // MARK: Responses
@@ -322,6 +407,17 @@ public struct TURNAllocation: Sendable {
             self.realm = realm
             self.nonce = nonce
             self.key = key
+            return transmit(transaction.request, now: now)
+        case 401 where renewed != nil:
+            // A server that re-checks a REST username's expiry: go on with the renewed credentials.
+            guard let fresh = renewed, let realm,
+                  let key = try? STUNCredential.longTerm(username: fresh.username, realm: realm, password: fresh.password) else {
+                return failRequest(transaction, TURNError(.wrongCredentials, "the server rejected our credentials (401)"))
+            }
+            credentials = fresh
+            renewed = nil
+            self.key = key
+            if let nonce = try? message.nonce(), !nonce.isEmpty { self.nonce = nonce }
             return transmit(transaction.request, now: now)
         case 401:
             return failRequest(transaction, TURNError(.wrongCredentials, "the server rejected our credentials (401)"))
@@ -415,6 +511,7 @@ public struct TURNAllocation: Sendable {
         permissions.removeAll()
         channels.removeAll()
         peerByChannel.removeAll()
+        retiredChannels.removeAll()
     }
 
     private var notAllocated: TURNError { TURNError(.closed, "there is no allocation") }

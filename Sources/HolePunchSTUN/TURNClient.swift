@@ -43,13 +43,17 @@ public final class TURNClient: RelayFraming, Sendable {
         case timer(generation: Int)
         case poke
         case close
+        /// Actions the machine asked for outside the run loop (a channel bound from `wrap`).
+        case perform([TURNAllocation.Action])
     }
 
     private struct State: ~Copyable {
         var machine: TURNAllocation
         var allocation: Result<Allocation, TURNError>?
         var allocationWaiters: [CheckedContinuation<Allocation, any Error>] = []
-        var operations: [Int: CheckedContinuation<Void, any Error>] = [:]
+        /// Operations whose caller is still there: waiting (a continuation) or about to (nil). A cancelled caller
+        /// removes its entry, so its completion, when it comes, is dropped instead of kept.
+        var operations: [Int: CheckedContinuation<Void, any Error>?] = [:]
         /// Completions that arrived before their caller waited.
         var results: [Int: Result<Void, TURNError>] = [:]
         var nextOperation = 0
@@ -103,10 +107,22 @@ public final class TURNClient: RelayFraming, Sendable {
         state.withLock { $0.machine.relayedAddress } ?? .anyV4(port: 0)
     }
 
-    /// `payload` as ChannelData (bound channel) or a Send indication (permission); nil otherwise.
+    /// `payload` as ChannelData (bound channel) or a Send indication (permission); nil otherwise. With
+    /// `bindsChannels`, a Send indication also starts binding a channel to `peer` (nobody waits for it).
     public func wrap(_ payload: UnsafeRawBufferPointer, to peer: SocketAddress) -> [UInt8]? {
-        state.withLock { $0.machine.wrap(payload, to: peer) }
+        let now = self.now
+        let (framed, bind) = state.withLock { state in
+            let framed = state.machine.wrap(payload, to: peer)
+            // A STUN message (Send indication) starts with two zero bits; ChannelData with 01.
+            guard let first = framed?.first, first & 0xC0 == 0 else { return (framed, [TURNAllocation.Action]()) }
+            return (framed, state.machine.bindChannelIfUseful(to: peer, operation: Self.unawaited, now: now))
+        }
+        if !bind.isEmpty { sink.yield(.perform(bind)) }
+        return framed
     }
+
+    /// The operation number of requests nobody waits for: their completion finds no caller and is dropped.
+    private static let unawaited = -1
 
     /// The peer and payload range of forwarded data; nil for control messages.
     public func unwrap(_ datagram: UnsafeRawBufferPointer) -> (peer: SocketAddress, payload: Range<Int>)? {
@@ -116,6 +132,11 @@ public final class TURNClient: RelayFraming, Sendable {
     /// Refreshes sent and stale-nonce retries so far, for tests and diagnostics.
     package var counters: (refreshes: Int, nonceRetries: Int) {
         state.withLock { ($0.machine.refreshesSent, $0.machine.nonceRetries) }
+    }
+
+    /// Operations waited for or completed but not yet collected, for tests (a cancelled one leaves nothing).
+    package var operationRecords: Int {
+        state.withLock { $0.operations.count + $0.results.count }
     }
 
     // MARK: Operations
@@ -226,6 +247,8 @@ public final class TURNClient: RelayFraming, Sendable {
                 break
             case .close:
                 outcome = await perform(step { $0.deallocate(now: $1) })
+            case let .perform(actions):
+                outcome = await perform(actions)
             }
         }
         if case let .some(.some(error)) = outcome { throw error }
@@ -241,6 +264,7 @@ public final class TURNClient: RelayFraming, Sendable {
     private func operation(_ body: (inout TURNAllocation, Int, Duration) -> [TURNAllocation.Action]) async throws {
         let id = state.withLock { state in
             defer { state.nextOperation += 1 }
+            state.operations[state.nextOperation] = .some(nil)
             return state.nextOperation
         }
         // The request goes out first; a completion that arrives before the wait below is parked in `results`.
@@ -248,16 +272,24 @@ public final class TURNClient: RelayFraming, Sendable {
         sink.yield(.poke)
         try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
-                let ready: Result<Void, TURNError>? = state.withLock { state in
-                    if let result = state.results.removeValue(forKey: id) { return result }
-                    if let ended = state.ended { return .failure(ended ?? TURNError(.closed, "the allocation was deleted")) }
+                let ready: Result<Void, any Error>? = state.withLock { state in
+                    if let result = state.results.removeValue(forKey: id) { return result.mapError { $0 } }
+                    if let ended = state.ended {
+                        state.operations[id] = nil
+                        return .failure(ended ?? TURNError(.closed, "the allocation was deleted"))
+                    }
+                    // Cancelled before it waited: the handler below found no continuation to resume.
+                    guard state.operations[id] != nil else { return .failure(CancellationError()) }
                     state.operations[id] = continuation
                     return nil
                 }
-                if let ready { continuation.resume(with: ready.mapError { $0 as any Error }) }
+                if let ready { continuation.resume(with: ready) }
             }
         } onCancel: {
-            let continuation = state.withLock { $0.operations.removeValue(forKey: id) }
+            let continuation = state.withLock { state in
+                state.results[id] = nil
+                return state.operations.removeValue(forKey: id) ?? nil
+            }
             continuation?.resume(throwing: CancellationError())
         }
     }
@@ -283,11 +315,12 @@ public final class TURNClient: RelayFraming, Sendable {
             case let .completed(operation, error):
                 let result: Result<Void, TURNError> = error.map { .failure($0) } ?? .success(())
                 let waiter = state.withLock { state -> CheckedContinuation<Void, any Error>? in
-                    guard let waiter = state.operations.removeValue(forKey: operation) else {
-                        state.results[operation] = result
-                        return nil
+                    switch state.operations.removeValue(forKey: operation) {
+                    case .some(.some(let waiter)): return waiter
+                    case .some(.none): state.results[operation] = result  // The caller is about to wait.
+                    case .none: break  // The caller was cancelled: nobody will collect it.
                     }
-                    return waiter
+                    return nil
                 }
                 waiter?.resume(with: result.mapError { $0 as any Error })
             case let .failed(error):
@@ -309,7 +342,7 @@ public final class TURNClient: RelayFraming, Sendable {
                 state.allocationWaiters = []
                 state.operations = [:]
             }
-            return (state.allocationWaiters, Array(state.operations.values))
+            return (state.allocationWaiters, state.operations.values.compactMap { $0 })
         }
         let failure = error ?? TURNError(.closed, "the allocation was deleted")
         for waiter in waiters { waiter.resume(throwing: failure) }

@@ -49,18 +49,15 @@ struct BenchRelayCommand: AsyncParsableCommand {
     }
 
     func run() async throws {
-        let turnserver = try Tools.find("turnserver")
+        guard let turnserver = CoturnLauncher.binary else {
+            throw QUICBenchError("turnserver is not installed (apt-get install coturn)")
+        }
         let port = try Tools.freeUDPPort()
         let secret = (0..<16).map { _ in String(format: "%02x", UInt8.random(in: 0...255)) }.joined()
         let directory = try Tools.temporaryDirectory("holepunch-bench-relay")
         defer { try? FileManager.default.removeItem(at: directory) }
-        let coturn = try Tools.spawn(turnserver, [
-            "-n", "--listening-ip", "127.0.0.1", "--relay-ip", "127.0.0.1", "--listening-port", "\(port)",
-            "--use-auth-secret", "--static-auth-secret", secret, "--realm", "bench.holepunch",
-            "--no-tls", "--no-dtls", "--no-tcp", "--no-tcp-relay", "--allow-loopback-peers", "--no-cli",
-            "--pidfile", directory.appendingPathComponent("turnserver.pid").path,
-            "--db", directory.appendingPathComponent("turndb").path, "--log-file", "stdout", "--simple-log",
-        ])
+        let coturn = try Tools.spawn(turnserver, CoturnLauncher.loopbackArguments(
+            port: port, secret: secret, realm: "bench.holepunch", directory: directory))
         defer { Tools.kill(coturn) }
         let relay = RelaySetup(server: .loopbackV4(port: port), secret: secret)
 

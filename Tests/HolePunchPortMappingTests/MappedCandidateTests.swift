@@ -60,6 +60,22 @@ struct MappedCandidateTests {
         _ = await running.result
     }
 
+    @Test("a start that fails while the router is still granting the mapping deletes it before it throws")
+    func failedStartDeletesTheMapping() async throws {
+        // A slow router (300 ms) and a start that fails at once: the rendezvous proves another NodeID.
+        let router = try FakePCPServer(ip: .v4(127, 0, 0, 27), answerDelay: .milliseconds(300))
+        defer { router.stop() }
+        let (server, running) = try await Self.rendezvous()
+        await #expect(throws: NodeError.self) {
+            try await HolePunchNode.start(identity: Self.identity, rendezvous: server.address,
+                                          rendezvousID: Self.otherIdentity.nodeID,
+                                          options: Self.options(gateway: .v4(127, 0, 0, 27)))
+        }
+        #expect(router.requests == [7200, 0], "the mapping outlived the failed start")
+        await server.shutdown()
+        _ = await running.result
+    }
+
     @Test("the initiator's coordinate carries the target's mapped candidate, protocol and lease included")
     func coordinateCarriesIt() async throws {
         // Another port than the socket's, as behind a NAT that does not preserve ports: the rendezvous drops a

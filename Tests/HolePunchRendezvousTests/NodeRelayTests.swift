@@ -17,20 +17,9 @@ final class NodeLogLines: Sendable {
     var all: [String] { lines.withLock { $0 } }
 
     var logger: Logger {
-        Logger(label: "node", factory: { _ in Handler(sink: self) })
-    }
-
-    struct Handler: LogHandler {
-        let sink: NodeLogLines
-        var metadata: Logger.Metadata = [:]
-        var logLevel: Logger.Level = .trace
-        subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-            get { metadata[key] }
-            set { metadata[key] = newValue }
-        }
-        func log(event: LogEvent) {
-            sink.lines.withLock { $0.append(event.message.description) }
-        }
+        Logger(label: "node", factory: { _ in
+            ClosureLogHandler { _, message, _ in self.lines.withLock { $0.append(message) } }
+        })
     }
 }
 
@@ -93,10 +82,10 @@ final class GatedForwarder: Sendable {
 /// (issue 15 item 3, docs/relay.md "The node's allocation").
 @Suite("A node's TURN allocation", .serialized)
 struct NodeRelayTests {
-    static func rendezvous(turn servers: [SocketAddress]) async throws -> Harness {
+    static func rendezvous(turn servers: [SocketAddress], ttl: Duration = .seconds(600)) async throws -> Harness {
         var configuration = RendezvousServerConfiguration(listen: .loopbackV4(port: 0), identity: Identities.server,
                                                           housekeepingInterval: .milliseconds(100))
-        configuration.turn = TURNMinting(servers: servers, secret: Array(Coturn.secret.utf8))
+        configuration.turn = TURNMinting(servers: servers, secret: Array(Coturn.secret.utf8), ttl: ttl)
         let server = try await RendezvousServer.bind(configuration: configuration)
         return Harness(server: server, task: Task { try await server.run() })
     }
@@ -131,6 +120,36 @@ struct NodeRelayTests {
     static func firstIncoming(_ node: HolePunchNode) async throws -> QUICConnection? {
         for try await connection in node.incoming { return connection }
         return nil
+    }
+
+    @Test("the node renews its TURN credentials, and its allocation outlives the first ones' expiry")
+    func allocationOutlivesTheFirstCredentials() async throws {
+        guard Coturn.available else { return }
+        let coturn = try await TURNGrantTests.coturn()
+        defer { coturn.stop() }
+        // Credentials for 3 s: the node renews them after 1 s; the allocation is refreshed every 500 ms.
+        let harness = try await Self.rendezvous(turn: [.loopbackV4(port: coturn.port)], ttl: .seconds(3))
+        defer { harness.task.cancel() }
+        let log = NodeLogLines()
+        var options = HolePunchNode.Options(bind: .loopbackV4(port: 0), lanAddresses: [], logger: log.logger,
+                                            discoversNAT: false)
+        options.relayConfiguration.maximumRefreshInterval = .milliseconds(500)
+        options.relayConfiguration.initialRTO = .milliseconds(100)
+        options.relayConfiguration.transactionTimeout = .seconds(2)
+        let node = try await HolePunchNode.start(identity: Identities.a, rendezvous: harness.server.address,
+                                                 rendezvousID: harness.server.nodeID, options: options)
+        #expect(await node.relayedAddress() != nil, "\(log.all)")
+        let expiry = try #require(node.registration.turn?.credentials.restExpiry)
+        let client = try #require(await node.relay?.client)
+        let outlived = await eventually(.seconds(15)) {
+            Int64(Date().timeIntervalSince1970) > expiry + 2 && client.counters.refreshes >= 6
+        }
+        #expect(outlived, "\(client.counters)")
+        await #expect(throws: Never.self, "the allocation ended: \(log.all)") {
+            try await client.createPermission(for: .loopbackV4(port: 9))
+        }
+        #expect(!log.all.contains("TURN allocation ended"), "\(log.all)")
+        await node.stop()
     }
 
     @Test("relay first: the punch returns the connection through coturn at once, which moves to the direct path mid-transfer and back to the relay when the direct path dies, with every byte in order")

@@ -17,10 +17,13 @@ struct FakeServer {
         return (try STUNMessage.decode(bytes, options: STUNDecodingOptions(maximumSize: 70_000)), bytes)
     }
 
-    func error(_ code: Int, to request: STUNMessage, realmAndNonce: Bool = true) throws -> [UInt8] {
+    /// An error response; `integrity` signs it with the long-term key, as coturn signs errors to requests it
+    /// authenticated (486, 403…), but not 401, 438 or its 437 on Allocate.
+    func error(_ code: Int, to request: STUNMessage, realmAndNonce: Bool = true, integrity: Bool = false) throws -> [UInt8] {
         var attributes: [STUNAttribute] = [.errorCode(code: code, reason: "scripted")]
         if realmAndNonce { attributes += [.realm(realm), .nonce(nonce)] }
-        return try STUNMessage(.errorResponse, method: request.method, transactionID: request.transactionID, attributes: attributes).encoded()
+        return try STUNMessage(.errorResponse, method: request.method, transactionID: request.transactionID, attributes: attributes)
+            .encoded(integrity: integrity ? key : nil)
     }
 
     func success(to request: STUNMessage, _ attributes: [STUNAttribute] = [], integrity: Bool = true) throws -> [UInt8] {
@@ -81,7 +84,10 @@ private func completion(_ actions: [TURNAllocation.Action]) -> TURNError?? {
         var machine = TURNAllocation(server: addr("127.0.0.1:3478"), credentials: server.credentials)
         let (first, _) = try server.request(machine.start(now: .zero))
         let (second, _) = try server.request(machine.receive(try server.error(401, to: first), now: .zero))
-        let actions = machine.receive(try server.error(401, to: second), now: .zero)
+        // A 401 carries no integrity (RFC 8489 9.2.5), so anyone could send it: it counts only if the server does
+        // not answer otherwise before the transaction's timeout.
+        #expect(machine.receive(try server.error(401, to: second), now: .zero).isEmpty)
+        let actions = machine.tick(now: TURNAllocation.Configuration().transactionTimeout)
         #expect(failure(actions)?.code == .wrongCredentials)
         #expect(machine.hasEnded)
     }
@@ -110,15 +116,36 @@ private func completion(_ actions: [TURNAllocation.Action]) -> TURNError?? {
         var machine = TURNAllocation(server: addr("127.0.0.1:3478"), credentials: server.credentials)
         let (first, _) = try server.request(machine.start(now: .zero))
         let (second, _) = try server.request(machine.receive(try server.error(401, to: first), now: .zero))
-        let actions = machine.receive(try server.error(code, to: second), now: .zero)
+        let actions = machine.receive(try server.error(code, to: second, integrity: true), now: .zero)
         #expect(failure(actions)?.code == expected)
+    }
+
+    @Test func anUnsignedErrorToAnAuthenticatedRefreshDoesNotEndTheAllocation() throws {
+        var machine = try server.allocated()
+        let (refresh, _) = try server.request(machine.tick(now: .seconds(540)))
+        // Forged by someone who saw (or guessed) the transaction ID: no MESSAGE-INTEGRITY.
+        let forged = machine.receive(try server.error(437, to: refresh, realmAndNonce: false), now: .seconds(540))
+        #expect(forged.isEmpty, "an unsigned 437 ended the refresh: \(forged)")
+        #expect(machine.isAllocated)
+        #expect(machine.receive(try server.success(to: refresh, [.lifetime(seconds: 600)]), now: .seconds(541)).isEmpty)
+        #expect(machine.isAllocated && machine.nextDeadline == .seconds(541 + 540), "the genuine answer still counts")
+    }
+
+    @Test func anUnsignedErrorCountsOnlyWhenNothingElseAnsweredByTheTimeout() throws {
+        var machine = try server.allocated()
+        let (refresh, _) = try server.request(machine.tick(now: .seconds(540)))
+        #expect(machine.receive(try server.error(437, to: refresh, realmAndNonce: false), now: .seconds(540)).isEmpty)
+        let retransmitted = try server.request(machine.tick(now: .seconds(540) + .milliseconds(250))).0
+        #expect(retransmitted.transactionID == refresh.transactionID, "the request is still being retransmitted")
+        let actions = machine.tick(now: .seconds(545))
+        #expect(failure(actions)?.code == .expired, "the remembered 437, not 'unreachable': \(actions)")
     }
 
     @Test func refreshAnswered437MeansTheAllocationExpired() throws {
         var machine = try server.allocated()
         let (refresh, _) = try server.request(machine.tick(now: .seconds(540)))
         #expect(refresh.method == .refresh)
-        let actions = machine.receive(try server.error(437, to: refresh), now: .seconds(541))
+        let actions = machine.receive(try server.error(437, to: refresh, integrity: true), now: .seconds(541))
         #expect(failure(actions)?.code == .expired)
     }
 
@@ -167,10 +194,14 @@ private func completion(_ actions: [TURNAllocation.Action]) -> TURNError?? {
         #expect(try bind.channelNumber() == 0x4000)
         #expect(completion(machine.receive(try server.success(to: bind), now: .zero)) == .some(nil))
 
+        // Only what is used is refreshed: the peer sends one datagram in each interval.
+        let payload: [UInt8] = [1]
+        _ = payload.withUnsafeBytes { machine.wrap($0, to: peer) }
         #expect(machine.nextDeadline == .seconds(240), "permissions last 5 minutes; refresh before")
         let (again, _) = try server.request(machine.tick(now: .seconds(240)))
         #expect(again.method == .createPermission)
         _ = machine.receive(try server.success(to: again), now: .seconds(240))
+        _ = payload.withUnsafeBytes { machine.wrap($0, to: peer) }
         let rebind = try server.request(machine.tick(now: .seconds(480))).0
         #expect(rebind.method == .channelBind, "channels last 10 minutes; refresh before")
         #expect(try rebind.channelNumber() == 0x4000)
@@ -218,15 +249,75 @@ private func completion(_ actions: [TURNAllocation.Action]) -> TURNError?? {
         #expect(completion(actions)??.code == .limit)
     }
 
-    @Test func laterRequestsUseUpdatedCredentials() throws {
+    @Test func idlePermissionsAndChannelsLapseSoThe65thPeerGetsOne() throws {
+        var configuration = TURNAllocation.Configuration()
+        configuration.idlePeerLimit = .seconds(240)
+        var machine = try server.allocated(configuration, lifetime: 3600)
+        let limit = TURNAllocation.Configuration().maximumPeers
+        let busy = addr("127.0.0.2:7000")
+        for index in 0..<limit {
+            let peer = index == 0 ? busy : addr("127.0.\(1 + index / 200).\(3 + index % 200):7000")
+            let (permission, _) = try server.request(machine.createPermission(for: peer, operation: index, now: .zero))
+            #expect(completion(machine.receive(try server.success(to: permission), now: .zero)) == .some(nil))
+        }
+        let (bind, _) = try server.request(machine.bindChannel(to: busy, operation: 100, now: .zero))
+        _ = machine.receive(try server.success(to: bind), now: .zero)
+        let full = machine.createPermission(for: addr("10.0.0.1:1"), operation: 200, now: .zero)
+        #expect(completion(full)??.code == .limit, "the bound holds while every peer is fresh")
+
+        // Only `busy` exchanges data; the others are not refreshed again and lapse.
+        let payload: [UInt8] = [1]
+        _ = payload.withUnsafeBytes { machine.wrap($0, to: busy) }
+        let refresh = try server.request(machine.tick(now: .seconds(240))).0
+        #expect(try refresh.xorPeerAddresses().map(\.ip) == [busy.ip], "only the used permission is refreshed")
+        _ = machine.receive(try server.success(to: refresh), now: .seconds(240))
+        let (next, _) = try server.request(machine.createPermission(for: addr("10.0.0.1:1"), operation: 201, now: .seconds(241)))
+        #expect(next.method == .createPermission, "the 65th peer got a permission once the idle ones lapsed")
+        #expect(payload.withUnsafeBytes { machine.wrap($0, to: addr("127.0.1.4:7000")) } == nil, "a lapsed peer is not framed")
+
+        // A channel lapses the same way, one refresh interval after its last use, and its number is not reused at once.
+        let rebound = try server.request(machine.tick(now: .seconds(480))).0
+        #expect(rebound.method == .channelBind, "the channel was used before 240 s, so it is re-bound once")
+        _ = machine.receive(try server.success(to: rebound), now: .seconds(480))
+        let idle = machine.tick(now: .seconds(960))
+        #expect(idle.isEmpty, "the idle channel is not re-bound: \(idle)")
+        #expect(payload.withUnsafeBytes { machine.wrap($0, to: busy) } == nil, "neither channel nor permission is left")
+        let (other, _) = try server.request(machine.bindChannel(to: addr("127.0.0.9:1"), operation: 300, now: .seconds(961)))
+        #expect(try other.channelNumber() != 0x4000, "a lapsed channel's number waits before it is reused")
+    }
+
+    @Test func anIdlePermissionIsKeptUntilTheIdleLimit() throws {
+        var configuration = TURNAllocation.Configuration()
+        configuration.idlePeerLimit = .seconds(720)
+        var machine = try server.allocated(configuration, lifetime: 3600)
+        let peer = addr("127.0.0.1:7000")
+        let (permission, _) = try server.request(machine.createPermission(for: peer, operation: 1, now: .zero))
+        _ = machine.receive(try server.success(to: permission), now: .zero)
+        // Idle from the start: refreshed at 240 and 480 s (a standby relayed path stays usable), not at 720 s.
+        for at in [240, 480] {
+            let (refresh, _) = try server.request(machine.tick(now: .seconds(at)))
+            #expect(refresh.method == .createPermission, "at \(at) s")
+            _ = machine.receive(try server.success(to: refresh), now: .seconds(at))
+        }
+        #expect(machine.tick(now: .seconds(720)).isEmpty)
+        #expect([UInt8]([1]).withUnsafeBytes { machine.wrap($0, to: peer) } == nil, "lapsed after the idle limit")
+    }
+
+    @Test func aLiveAllocationKeepsItsUsernameAndTurnsToRenewedCredentialsOnlyWhenRefused() throws {
         var machine = try server.allocated()
         let fresh = TURNCredentials(username: "1700000600:node", password: "pw2")
         machine.updateCredentials(fresh)
-        let (refresh, bytes) = try server.request(machine.tick(now: .seconds(540)))
-        #expect(refresh.username == fresh.username)
+        // RFC 8656 binds the allocation to its username: coturn answers 441 to any other (TURNCoturnTests).
+        let (refresh, _) = try server.request(machine.tick(now: .seconds(540)))
+        #expect(refresh.username == server.credentials.username, "the renewed username went out on a live allocation")
+        // A server that also checks a REST username's expiry on Refresh answers 401 once it passed.
+        #expect(machine.receive(try server.error(401, to: refresh), now: .seconds(540)).isEmpty)
+        let (retry, bytes) = try server.request(machine.tick(now: .seconds(545)))
+        #expect(retry.method == .refresh && retry.username == fresh.username)
         try STUNMessage.verifyIntegrity(
             of: bytes, credential: try .longTerm(username: fresh.username, realm: server.realm, password: fresh.password), require: .sha1
         )
+        #expect(machine.isAllocated)
     }
 
     @Test func deallocatesWithLifetimeZero() throws {

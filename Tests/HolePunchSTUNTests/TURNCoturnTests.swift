@@ -119,6 +119,35 @@ struct TURNCoturnTests {
         }
     }
 
+    @Test func sendingToAPermittedPeerBindsAChannelAndMovesToChannelData() async throws {
+        let coturn = try await TURNInterop.start()
+        defer { coturn.stop() }
+        let peer = try UDPDatagramSocket(binding: .loopbackV4(port: 0))
+        let configuration = { var configuration = TURNInterop.quick; configuration.bindsChannels = true; return configuration }()
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            let (client, allocation) = try await TURNInterop.allocate(
+                at: .loopbackV4(port: coturn.port), try TURNInterop.credentials("h"), configuration: configuration, in: &group
+            )
+            try await client.createPermission(for: peer.localAddress)
+            let payload = Array("hello".utf8)
+            // The first datagram goes as a Send indication (the channel is not bound yet) and arrives all the same.
+            #expect(payload.withUnsafeBytes { client.wrap($0, to: peer.localAddress) }?.first == 0x00)
+            try await client.send(payload, to: peer.localAddress)
+            #expect(try await onOwnThread { peer.receive(timeoutMilliseconds: 5000) }?.bytes == payload)
+            let channelData = await eventually(.seconds(5)) {
+                payload.withUnsafeBytes { client.wrap($0, to: peer.localAddress) }?.count == 4 + payload.count
+            }
+            #expect(channelData, "no channel was bound after sending to a permitted peer")
+            try await client.send(payload, to: peer.localAddress)
+            #expect(try await onOwnThread { peer.receive(timeoutMilliseconds: 5000) }?.bytes == payload)
+            // The peer's answer comes back as ChannelData on the bound channel.
+            _ = try peer.send(Array("back".utf8), to: allocation.relayed)
+            #expect(try await TURNInterop.next(client) == .init(peer: peer.localAddress, payload: Array("back".utf8)))
+            await client.close()
+            try await group.waitForAll()
+        }
+    }
+
     @Test func refreshesKeepTheAllocationAliveThroughStaleNonces() async throws {
         // coturn grants at least 10 minutes, so the client refreshes every second; coturn calls nonces stale after
         // 1 s, so refreshes meet 438s.
@@ -134,6 +163,53 @@ struct TURNCoturnTests {
             #expect(await eventually(.seconds(15)) { client.counters.refreshes >= 3 }, "\(client.counters)")
             #expect(client.counters.nonceRetries >= 1, "coturn's stale nonce was never met")
             try await client.createPermission(for: .loopbackV4(port: 9))
+            await client.close()
+            try await group.waitForAll()
+        }
+    }
+
+    @Test func theAllocationOutlivesItsFirstCredentialsWhenTheyAreRenewed() async throws {
+        // coturn 4.6 binds an allocation to its username (441 to another) and does not check a REST username's
+        // expiry again once the allocation exists; the node renews its credentials all the same (HolePunchNode).
+        let coturn = try await TURNInterop.start()
+        defer { coturn.stop() }
+        var configuration = TURNInterop.quick
+        configuration.maximumRefreshInterval = .milliseconds(500)
+        let expiry = Int64(Date().timeIntervalSince1970) + 2
+        let first = try TURNCredentials.rest(secret: Array(Coturn.secret.utf8), user: "n", expiresAt: expiry)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            let (client, _) = try await TURNInterop.allocate(
+                at: .loopbackV4(port: coturn.port), first, configuration: configuration, in: &group
+            )
+            client.updateCredentials(try TURNInterop.credentials("n"))
+            let refreshes = client.counters.refreshes
+            let outlived = await eventually(.seconds(10)) {
+                client.counters.refreshes >= refreshes + 4 && Int64(Date().timeIntervalSince1970) > expiry + 1
+            }
+            #expect(outlived, "\(client.counters)")
+            try await client.createPermission(for: .loopbackV4(port: 9))
+            await client.close()
+            try await group.waitForAll()
+        }
+    }
+
+    @Test func cancelledOperationsLeaveNothingBehind() async throws {
+        let coturn = try await TURNInterop.start()
+        defer { coturn.stop() }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            let (client, _) = try await TURNInterop.allocate(
+                at: .loopbackV4(port: coturn.port), try TURNInterop.credentials("k"), in: &group
+            )
+            coturn.stop()  // From now on every request waits for its timeout (2 s).
+            let cancelled = (0..<20).map { index in
+                Task { try await client.createPermission(for: .loopbackV4(port: UInt16(9000 + index))) }
+            }
+            #expect(await eventually { client.operationRecords == 20 })
+            for task in cancelled { task.cancel() }
+            for task in cancelled { await #expect(throws: CancellationError.self) { try await task.value } }
+            // The same permission request: its completion comes after those of the 20 cancelled ones.
+            await #expect(throws: TURNError.self) { try await client.createPermission(for: .loopbackV4(port: 9)) }
+            #expect(client.operationRecords == 0, "completions of cancelled operations were kept")
             await client.close()
             try await group.waitForAll()
         }
@@ -185,6 +261,31 @@ struct TURNCoturnTests {
             let error = await #expect(throws: TURNError.self) {
                 try await TURNClient.withAllocation(server: server, credentials: credentials, transport: transport,
                                                     configuration: TURNInterop.quick) { _ in }
+            }
+            #expect(error?.code == .quotaExceeded)
+            await first.close()
+            try await group.waitForAll()
+        }
+    }
+
+    @Test func coturnSignsItsQuotaErrorSoItEndsTheAllocateAtOnce() async throws {
+        // Errors without a valid MESSAGE-INTEGRITY count only at the transaction's timeout (a forger could have
+        // sent them); coturn signs the errors to requests it authenticated (486 here), so they end the request as
+        // soon as they arrive. The timeout is far beyond the deadline: an unsigned 486 would fail this test.
+        let coturn = try await TURNInterop.start(["--user-quota", "1"])
+        defer { coturn.stop() }
+        let server = SocketAddress.loopbackV4(port: coturn.port)
+        let credentials = try TURNInterop.credentials("s")
+        let patient = { var configuration = TURNInterop.quick; configuration.transactionTimeout = .seconds(60); return configuration }()
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            let (first, _) = try await TURNInterop.allocate(at: server, credentials, in: &group)
+            let transport = try UDPSTUNTransport(binding: .loopbackV4(port: 0))
+            defer { transport.closeNow() }
+            let error = await #expect(throws: TURNError.self) {
+                try await withDeadline(.seconds(20)) {
+                    try await TURNClient.withAllocation(server: server, credentials: credentials, transport: transport,
+                                                        configuration: patient) { _ in }
+                }
             }
             #expect(error?.code == .quotaExceeded)
             await first.close()

@@ -1,6 +1,7 @@
 import HolePunchNet
 import Foundation
 import Logging
+import ProcessTestSupport
 import Testing
 @testable import HolePunchStrategy
 
@@ -49,20 +50,7 @@ final class CapturedLogs: @unchecked Sendable {
     var all: [(Logger.Level, String, Logger.Metadata)] { lock.withLock { items } }
 
     var logger: Logger {
-        Logger(label: "test", factory: { _ in Handler(sink: self) })
-    }
-
-    struct Handler: LogHandler {
-        let sink: CapturedLogs
-        var metadata: Logger.Metadata = [:]
-        var logLevel: Logger.Level = .trace
-        subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-            get { metadata[key] }
-            set { metadata[key] = newValue }
-        }
-        func log(event: LogEvent) {
-            sink.append(event.level, event.message.description, event.metadata ?? [:])
-        }
+        Logger(label: "test", factory: { _ in ClosureLogHandler { self.append($0, $1, $2) } })
     }
 }
 

@@ -1,6 +1,7 @@
 import Foundation
 import HolePunchStrategy
 import Logging
+import ProcessTestSupport
 import Testing
 @testable import HolePunch
 
@@ -26,18 +27,6 @@ struct RecordingStrategy: PunchStrategy {
         defer { log.append(label) }
         return try await inner.detachedPlan(ctx)
     }
-}
-
-/// A log handler that hands every record to a closure.
-struct ClosureLogHandler: LogHandler {
-    let onLog: @Sendable (Logger.Level, String, Logger.Metadata) -> Void
-    var metadata: Logger.Metadata = [:]
-    var logLevel: Logger.Level = .trace
-    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-        get { metadata[key] }
-        set { metadata[key] = newValue }
-    }
-    func log(event: LogEvent) { onLog(event.level, event.message.description, event.metadata ?? [:]) }
 }
 
 @Suite("Strategies run off the executor", .serialized)

@@ -1,6 +1,7 @@
 // coturn's `turnserver` on loopback, for the tests that need a real TURN server: one place that knows how to start
 // it on a free port, wait until it answers, and stop exactly the process that was started.
 public import Foundation
+import HolePunchLab
 import Testing
 #if canImport(Glibc)
 import Glibc
@@ -27,10 +28,7 @@ public final class Coturn: Sendable {
     }
 
     /// `/usr/bin/turnserver` (or another standard place), or nil.
-    public static var binary: String? {
-        ["/usr/bin", "/usr/sbin", "/usr/local/bin"].map { "\($0)/turnserver" }
-            .first { FileManager.default.isExecutableFile(atPath: $0) }
-    }
+    public static var binary: String? { CoturnLauncher.binary }
 
     /// Whether coturn tests run: always in CI (so a missing turnserver fails there), elsewhere when it is installed.
     public static var available: Bool {
@@ -38,19 +36,17 @@ public final class Coturn: Sendable {
         return ci == "true" || ci == "1" || binary != nil
     }
 
-    /// Starts coturn on a free loopback port with shared-secret REST authentication, no TLS/DTLS/TCP, relaying
-    /// only on 127.0.0.1 and allowing loopback peers, plus `extra` arguments; returns once `ready(port)` says it
-    /// answers (polled for at most 10 s).
+    /// Starts coturn on a free loopback port as `CoturnLauncher.loopbackArguments` has it (shared-secret REST
+    /// authentication, UDP only, relaying only on 127.0.0.1 to loopback peers), plus `extra` arguments; returns
+    /// once `ready(port)` says it answers (polled for at most 10 s).
     public static func start(
         extra: [String] = [],
         ready: @escaping @Sendable (UInt16) async throws -> Bool
     ) async throws -> Coturn {
-        let port = try #require(freeUDPPort(), "no free UDP port on 127.0.0.1")
-        return try await start(port: port, arguments: [
-            "--listening-ip", "127.0.0.1", "--relay-ip", "127.0.0.1", "--listening-port", "\(port)",
-            "--use-auth-secret", "--static-auth-secret", secret, "--realm", realm,
-            "--no-tls", "--no-dtls", "--no-tcp", "--no-tcp-relay", "--allow-loopback-peers", "--no-cli",
-        ] + extra, ready: ready)
+        let port = try Tools.freeUDPPort()
+        let directory = try scratchDirectory("holepunch-coturn")
+        let arguments = CoturnLauncher.loopbackArguments(port: port, secret: secret, realm: realm, directory: directory)
+        return try await launch(port: port, arguments: arguments + extra, directory: directory, ready: ready)
     }
 
     /// Starts coturn with `arguments` (which must make it listen on `port`), plus a pid file, a database and a log
@@ -60,13 +56,16 @@ public final class Coturn: Sendable {
         arguments: [String],
         ready: @escaping @Sendable (UInt16) async throws -> Bool
     ) async throws -> Coturn {
-        let binary = try #require(binary, "turnserver is missing (apt-get install coturn), and CI requires it")
         let directory = try scratchDirectory("holepunch-coturn")
-        let own = [
-            "-n", "--pidfile", directory.appendingPathComponent("turnserver.pid").path,
-            "--db", directory.appendingPathComponent("turndb").path, "--log-file", "stdout", "--simple-log",
-        ]
-        let child = try Child(binary, own + arguments, directory: directory)
+        return try await launch(port: port, arguments: CoturnLauncher.ownFiles(in: directory) + arguments,
+                                directory: directory, ready: ready)
+    }
+
+    private static func launch(
+        port: UInt16, arguments: [String], directory: URL, ready: @escaping @Sendable (UInt16) async throws -> Bool
+    ) async throws -> Coturn {
+        let binary = try #require(binary, "turnserver is missing (apt-get install coturn), and CI requires it")
+        let child = try Child(binary, arguments, directory: directory)
         let coturn = Coturn(port: port, child: child, directory: directory)
         var answering = false
         let clock = ContinuousClock()
@@ -91,24 +90,6 @@ public final class Coturn: Sendable {
         }
         child.stop()
         try? FileManager.default.removeItem(at: directory)
-    }
-
-    /// A UDP port that was free on 127.0.0.1 a moment ago.
-    private static func freeUDPPort() -> UInt16? {
-        let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_addr.s_addr = UInt32(0x7F00_0001).bigEndian
-        address.sin_port = 0
-        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-        let bound = withUnsafeMutablePointer(to: &address) { pointer in
-            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa in
-                bind(fd, sa, length) == 0 && getsockname(fd, sa, &length) == 0
-            }
-        }
-        return bound ? UInt16(bigEndian: address.sin_port) : nil
     }
 }
 
