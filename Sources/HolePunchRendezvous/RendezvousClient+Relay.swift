@@ -1,4 +1,5 @@
 package import HolePunchNet
+package import Logging
 
 // The node's relayed addresses in its registrations, and the hook that opens its allocation to a punching peer
 // (issue 15; docs/relay.md, "The node's allocation").
@@ -26,5 +27,33 @@ extension RendezvousClient {
     package func publishRelayed(_ candidates: [Candidate]) async throws(RendezvousError) -> Registered {
         relayCandidates = candidates
         return try await register(lastRegistration)
+    }
+}
+
+/// A TURN allocation a driver outside this module started with ``RendezvousClient/startPublishedRelay(_:logger:)``:
+/// what `holepunch lab peer` holds, so that it uses the relay the way a `HolePunchNode` does without copying it.
+package struct PublishedRelay: Sendable {
+    /// Our relayed address, published as a `relay` candidate.
+    package var address: SocketAddress { relay.candidate.address }
+    let relay: NodeRelay
+}
+
+extension RendezvousClient {
+    /// What a node does with a grant (``HolePunchNode``'s relay start, minus the credential renewal a short-lived
+    /// driver does not need): allocates on the punch socket, opens the allocation to punching peers and publishes
+    /// the relayed address. Nil when allocating failed (NodeRelay logs why, once) or the rendezvous refused the
+    /// address (logged here); the caller then punches only.
+    package func startPublishedRelay(_ grant: TURNGrant, logger: Logger) async -> PublishedRelay? {
+        guard let relay = await NodeRelay.start(grant: grant, endpoint: executor.endpoint, executor: executor, logger: logger)
+        else { return nil }
+        setRelayPermitter { peers in await relay.permit(peers) }
+        do {
+            _ = try await publishRelayed([relay.candidate])
+        } catch {
+            logger.info("the rendezvous refused the relayed address", metadata: ["error": "\(error)"])
+            await relay.stop(endpoint: executor.endpoint, executor: executor)
+            return nil
+        }
+        return PublishedRelay(relay: relay)
     }
 }

@@ -48,10 +48,16 @@ struct LabRendezvousCommand: AsyncParsableCommand {
     @Flag(help: "Run no STUN responder (e.g. for an impostor QUIC server).") var noStun = false
     @Option(help: "A STUN responder of the other IP family, numeric ADDR:PORT, advertised to peers (dual-stack topology).")
     var stunOther: String?
+    @Option(help: "A TURN server (numeric ADDR:PORT, the lab's coturn) whose credentials registered peers receive.")
+    var turnServer: String?
+    @Option(help: "File holding the secret shared with that TURN server; needs --turn-server.") var turnSecretFile: String?
 
     func run() async throws {
         labUnblockTerminationSignals()
         let id = try Identity.load(from: identity)
+        guard (turnServer == nil) == (turnSecretFile == nil) else {
+            throw ValidationError("--turn-server and --turn-secret-file go together")
+        }
         let primary = try SocketAddress(parsing: stun)
         let alternate = try SocketAddress(parsing: "\(stunAltIP):\(stunAltPort)")
         var configuration = RendezvousServerConfiguration(
@@ -63,6 +69,11 @@ struct LabRendezvousCommand: AsyncParsableCommand {
         )
         if let stunOther, !noStun {
             configuration.otherFamilySTUN = STUNResponderConfiguration(primary: try SocketAddress(parsing: stunOther))
+        }
+        if let turnServer, let turnSecretFile {
+            // The lab's coturn (lab.sh up --turn): peers get credentials as from `rendezvous --turn-server`.
+            configuration.turn = TURNMinting(servers: [try SocketAddress(parsing: turnServer)],
+                                             secret: try TURNMinting.secret(fromFile: turnSecretFile))
         }
         let server = try await RendezvousServer.bind(configuration: configuration)
         let task = Task { try await server.run() }
