@@ -24,6 +24,9 @@ package struct MatrixRunner {
     package let portMappingRouter: String?
     /// With `discover`: the initiator too waits for its discovery to be published before it asks for the punch.
     package var discoverFirst = false
+    /// Whether the labs run coturn (`lab.sh up --turn`) and the rendezvous grants it, so that peers may connect
+    /// relayed (issue 15); off: punch only, as before.
+    package var relay = true
 
     /// A runner for one matrix (the memberwise initialiser is internal to this module).
     package init(lab: LabSession, strategies: [String], pairs: [(String, String)], trials: Int, delay: Double, loss: Double,
@@ -59,6 +62,7 @@ package struct MatrixRunner {
         var report = MatrixReport(strategies: strategies.map { URL(fileURLWithPath: $0).lastPathComponent }, results: [:], raw: [:],
                                   rttMs: 0, trials: trials, delay: delay, loss: loss, date: date, discover: discover)
         report.portMappingRouter = portMappingRouter
+        report.relay = relay
         if !pairs.isEmpty { try await runPairs(into: &report) }
         for (index, topology) in topologies.enumerated() {
             if index > 0 || !pairs.isEmpty { try await lab.run(["down"]) }
@@ -71,11 +75,24 @@ package struct MatrixRunner {
     /// takes QUIC on both families and answers STUN on IPv6 too (advertised, so peers learn their IPv6 reflexive
     /// address), as a rendezvous deployed on such a host would.
     private func startRendezvous(dualStack: Bool = false) async throws -> (LabChild, String) {
+        var turn: [String] = []
+        if relay {
+            // lab.sh up --turn says where its coturn listens and where the shared secret is.
+            let status = try await lab.run(["status", "--env"]).output
+            let env = Dictionary(status.split(separator: "\n").compactMap { line -> (String, String)? in
+                let parts = line.split(separator: "=", maxSplits: 1).map(String.init)
+                return parts.count == 2 ? (parts[0], parts[1]) : nil
+            }) { a, _ in a }
+            guard let server = env["HP_LAB_TURN_SERVER"], let secret = env["HP_LAB_TURN_SECRET_FILE"] else {
+                throw LabFailure("the lab runs no TURN server (lab.sh up --turn)")
+            }
+            turn = ["--turn-server", server, "--turn-secret-file", secret]
+        }
         let rdvIdentity = lab.file("rdv.identity")
         try Identity.generate(commonName: "lab-rendezvous").save(to: rdvIdentity)
         let ready = lab.file("rdv.ready")
         let rendezvous = try lab.exec("rdv", [lab.executable, "lab", "rendezvous", "--identity", rdvIdentity, "--ready-file", ready,
-                                                "--start-delay", "\(startDelay)"]
+                                                "--start-delay", "\(startDelay)"] + turn
                                           + (dualStack ? ["--listen", "[::]:7000", "--stun-other", Self.rendezvousSTUN6] : []),
                                       stem: "rendezvous")
         do {
@@ -98,7 +115,7 @@ package struct MatrixRunner {
     private func runPairs(into report: inout MatrixReport) async throws {
         let first = pairs[0]
         progress("lab \(lab.name): up (\(first.0) × \(first.1), delay \(delay) ms, loss \(loss)%)")
-        try await lab.run(["up", "--nat-a", first.0, "--nat-b", first.1, "--delay", "\(delay)", "--loss", "\(loss)", "--probe-server"],
+        try await lab.run(["up", "--nat-a", first.0, "--nat-b", first.1, "--delay", "\(delay)", "--loss", "\(loss)", "--probe-server"] + (relay ? ["--turn"] : []),
                           limit: .seconds(120))
         try await portMap("up")
         // One rendezvous for all pairs.
@@ -152,7 +169,7 @@ package struct MatrixRunner {
                     result.trials.append(outcome)
                     let summary = outcome.ok
                         ? String(format: "ok %.0f ms, %d rounds, %d packets, first byte %.0f ms", outcome.timeMs ?? 0, outcome.rounds,
-                                 outcome.packets, outcome.firstByteMs ?? 0)
+                                 outcome.packets, outcome.firstByteMs ?? 0) + ", path \(outcome.relayPath ?? "?")"
                         : "failed: \(outcome.error ?? "?") \(outcome.message ?? "")"
                     progress("\(label) \(short) trial \(trial)/\(trials): \(summary)")
                 }
@@ -175,7 +192,7 @@ package struct MatrixRunner {
     /// path is judged from the address the initiator (peer-a) connected to.
     private func runTopology(_ topology: LabTopology, label: String, into report: inout MatrixReport) async throws {
         progress("lab \(lab.name): up (topology \(topology.name), delay \(delay) ms, loss \(loss)%)")
-        try await lab.run(["up", "--topology", topology.name, "--delay", "\(delay)", "--loss", "\(loss)", "--probe-server"],
+        try await lab.run(["up", "--topology", topology.name, "--delay", "\(delay)", "--loss", "\(loss)", "--probe-server"] + (relay ? ["--turn"] : []),
                           limit: .seconds(120))
         let status = try await lab.run(["status", "--json"])
         let hosts = (try? JSONSerialization.jsonObject(with: Data(status.output.utf8)) as? [String: Any])?["hosts"] as? [String: Any]
@@ -304,7 +321,8 @@ package struct MatrixRunner {
             firstByteMs: result["first_byte_ms"] as? Double, connectFirstByteMs: result["connect_first_byte_ms"] as? Double,
             phases: result["phases_ms"] as? [String: Double], remote: result["remote"] as? String,
             candidatePair: Self.candidatePair(result["candidate_pair"])
-                ?? Self.winningCandidate(kind: result["candidate"], family: result["candidate_family"], remote: result["remote"]))
+                ?? Self.winningCandidate(kind: result["candidate"], family: result["candidate_family"], remote: result["remote"]),
+            relayPath: result["path"] as? String, timeToDirectMs: result["time_to_direct_ms"] as? Double)
     }
 
     /// The winner as the lab peer reports it (`candidate`, `candidate_family`, `remote`): `→ kind family address`, e.g.

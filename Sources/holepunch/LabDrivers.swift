@@ -159,6 +159,10 @@ struct LabPeerCommand: AsyncParsableCommand {
         candidate; the target waits for the first answer before it reports ready.
         """)
     var portMapping = false
+    @Flag(help: "Allocate no relay even when the rendezvous grants one (the target then publishes no relayed address).")
+    var noRelay = false
+    @Option(help: "After a first echo over the relay, wait up to this many seconds for the move to a direct path, then echo again.")
+    var directWait: Double = 5
 
     func run() async throws {
         labUnblockTerminationSignals()
@@ -189,10 +193,12 @@ struct LabPeerCommand: AsyncParsableCommand {
                                                              logger: Logger(label: "holepunch.lab.portmap")) : nil
         let mapping = mapper.flatMap { mapper in LabMapping(mapper: mapper, first: Task { try? await mapper.map() }) }
         let (target, nat, measure, ready, first) = (connect, profile, discover, readyFile, discover && discoverFirst)
+        let relaying = LabRelaying(enabled: !noRelay, directWait: .milliseconds(Int(directWait * 1000)))
         let outcome = await labWithin(limit) {
             LabRecord(fields: await Self.punch(client: client, role: role, target: target,
                                                registration: Registration(candidates: hosts, nat: nat), discover: measure,
-                                               discoverFirst: first, readyFile: ready, started: started, mapping: mapping))
+                                               discoverFirst: first, readyFile: ready, started: started, mapping: mapping,
+                                               relaying: relaying))
         }
         var result = outcome?.fields ?? ["ok": false, "error": "harnessTimeout", "message": "no result within \(timeout) s"]
         result["event"] = "result"
@@ -206,7 +212,7 @@ struct LabPeerCommand: AsyncParsableCommand {
 
     private static func punch(client: RendezvousClient, role: String, target: String?, registration: Registration,
                               discover: Bool, discoverFirst: Bool, readyFile: String?, started: ContinuousClock.Instant,
-                              mapping: LabMapping?) async -> [String: Any]
+                              mapping: LabMapping?, relaying: LabRelaying) async -> [String: Any]
     {
         do {
             let connectCalled = ContinuousClock.now
@@ -231,6 +237,12 @@ struct LabPeerCommand: AsyncParsableCommand {
                     line["port_mapping_published"] = (try? await client.publishPortMapping(granted)) ?? false
                 }
                 Task { await client.keepPortMapping(mapping.mapper, first: mapping.first, logger: Logger(label: "holepunch.lab")) }
+            }
+            if target == nil {
+                // The target's allocation carries a relayed connection (docs/relay.md): the initiator needs none. It
+                // lives (its task refreshes it) until the process exits.
+                let (_, fields) = await Self.startRelay(client: client, registered: registered, enabled: relaying.enabled)
+                line.merge(fields) { a, _ in a }
             }
             labEmit(line)
             if let readyFile { try "\(client.nodeID)\n".write(toFile: readyFile, atomically: true, encoding: .utf8) }
@@ -296,7 +308,22 @@ struct LabPeerCommand: AsyncParsableCommand {
                 ].merging(planned) { a, _ in a }
                 if case .success(let connection) = await handle.result() {
                     line["peer_node"] = "\(connection.peerNodeID)"
-                    let (outcome, firstByte) = await exchangeLine(connection, initiator: target != nil)
+                    let watch = await LabPathWatch.start(connection, success: success)
+                    let initiator = target != nil
+                    // A connection that started relayed echoes once at once (the first byte), waits a while for the
+                    // move to a direct path, then echoes the closing line on whichever path it is on.
+                    var (outcome, firstByte) = await exchangeLine(connection, initiator: initiator,
+                                                                  line: watch.relayedAddress == nil ? labLastLine : labRelayLine)
+                    if initiator, watch.relayedAddress != nil, outcome == "delivered" {
+                        _ = await watch.directReached(within: relaying.directWait)
+                        (outcome, _) = await exchangeLine(connection, initiator: true, line: labLastLine)
+                    }
+                    if initiator, let coordinated {
+                        let connectedAt = coordinated.startAt.advanced(by: success.timeToConnect)
+                        line.merge(await Self.pathFields(watch: watch, connection: connection, connectCalled: connectCalled,
+                                                         connectedAt: connectedAt)) { a, _ in a }
+                    }
+                    watch.toDirect.cancel()
                     line["echo"] = outcome == "delivered"
                     line["echo_outcome"] = outcome
                     // Start-to-first-byte: what a user waits for, from the process (or the connect call) to the
@@ -372,11 +399,11 @@ struct LabPeerCommand: AsyncParsableCommand {
     /// `holepunch peer --echo` does: the graceful close must carry the echo to the initiator over a lossy path.
     /// Returns `delivered` (the whole line and a clean end), `silentLoss` (a clean end with bytes missing: the bug
     /// of issue 18), `error: …` or `timeout`, and (initiator) when the first echoed byte arrived.
-    private static func exchangeLine(_ connection: QUICConnection, initiator: Bool)
+    private static func exchangeLine(_ connection: QUICConnection, initiator: Bool, line: [UInt8])
         async -> (String, ContinuousClock.Instant?)
     {
-        let line = Array("hello through the NAT\n".utf8)
-        let outcome = await labWithin(.seconds(8)) { () async -> LabEcho in
+        // The target may echo the relay line first, then the last one after the initiator's wait for the direct path.
+        let outcome = await labWithin(initiator ? .seconds(8) : .seconds(16) + .seconds(30)) { () async -> LabEcho in
             do {
                 if initiator {
                     let stream = try await connection.openStream()
@@ -385,14 +412,18 @@ struct LabPeerCommand: AsyncParsableCommand {
                     var echo = try await stream.read() ?? []
                     let firstByte = echo.isEmpty ? nil : ContinuousClock.now
                     if !echo.isEmpty { echo += try await stream.readToEnd(limit: 1024) }
-                    await connection.close()
+                    if line == labLastLine { await connection.close() }
                     return LabEcho(outcome: echo == line ? "delivered" : "silentLoss", firstByte: firstByte)
                 } else {
-                    guard let stream = try await connection.acceptStream() else { return LabEcho(outcome: "error: no stream") }
-                    let received = try await stream.readToEnd(limit: 1024)
-                    try await stream.write(received)
-                    try await stream.finish()
-                    return LabEcho(outcome: await connection.close() ? "delivered" : "error: echo not acknowledged")
+                    while true {
+                        guard let stream = try await connection.acceptStream() else { return LabEcho(outcome: "error: no stream") }
+                        let received = try await stream.readToEnd(limit: 1024)
+                        try await stream.write(received)
+                        try await stream.finish()
+                        if received != labRelayLine {
+                            return LabEcho(outcome: await connection.close() ? "delivered" : "error: echo not acknowledged")
+                        }
+                    }
                 }
             } catch {
                 return LabEcho(outcome: "error: \(error)")
@@ -406,6 +437,12 @@ struct LabPeerCommand: AsyncParsableCommand {
 private struct LabMapping: Sendable {
     let mapper: PortMapper
     let first: Task<PortMapping?, Never>
+}
+
+/// `lab peer`'s use of the relay: whether the target allocates, and how long a relayed initiator waits for a direct path.
+private struct LabRelaying: Sendable {
+    var enabled: Bool
+    var directWait: Duration
 }
 
 /// How the line exchange ended, and when the first echoed byte arrived (initiator only).
