@@ -282,7 +282,8 @@ struct LabPeerCommand: AsyncParsableCommand {
             var ports = 0
             var done: Result<PunchSuccess, PunchError>?
             var planned: [String: Any] = [:]
-            for await event in handle.events {
+            // Read up to `.done`: a relayed punch's probing goes on (and sends events) after its connection exists.
+            events: for await event in handle.events {
                 switch event {
                 case .planned(let name):
                     planned["planned_by"] = name
@@ -294,6 +295,7 @@ struct LabPeerCommand: AsyncParsableCommand {
                     ports = max(ports, tried)
                 case .done(let result):
                     done = result
+                    break events
                 default:
                     break
                 }

@@ -53,10 +53,14 @@ struct LabPathWatch: Sendable {
         return Self.isRelayed(active.route, relayedAddress: relayedAddress)
     }
 
-    /// Waits at most `limit` for the move to a direct path; its instant, or nil.
+    /// Waits at most `limit` for the move to a direct path; its instant, or nil. Giving up ends the watch (awaiting a
+    /// task's value does not end with the waiter's cancellation, so the watch itself is cancelled); a later call
+    /// answers at once.
     func directReached(within limit: Duration) async -> ContinuousClock.Instant? {
         let task = toDirect
-        return await labWithin(limit) { await task.value } ?? nil
+        return await labWithin(limit) {
+            await withTaskCancellationHandler { await task.value } onCancel: { task.cancel() }
+        } ?? nil
     }
 }
 
