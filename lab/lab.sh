@@ -440,7 +440,7 @@ EOF
 
 # coturn in rdv as the lab's TURN server (up --turn): REST shared-secret auth (the lab rendezvous mints credentials
 # from $STATE/turn.secret), UDP only, relayed addresses on RDV_IP1 in a bounded port range, quotas per user (one
-# per NodeID and expiry) and in total. The secret is in a mode-600 config file, never on a command line.
+# per NodeID and expiry) and in total (lab peers delete theirs as they exit; 300 leaves room for killed ones). The secret is in a mode-600 config file, never on a command line.
 up_turn() {
     command -v turnserver >/dev/null || die "turnserver not found (apt-get install coturn)"
     umask 077
@@ -458,7 +458,7 @@ use-auth-secret
 static-auth-secret=$(cat "$STATE/turn.secret")
 realm=holepunch.lab
 user-quota=4
-total-quota=100
+total-quota=300
 no-tls
 no-dtls
 no-tcp

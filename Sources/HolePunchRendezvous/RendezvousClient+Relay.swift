@@ -1,3 +1,4 @@
+import HolePunch
 package import HolePunchNet
 package import Logging
 
@@ -36,6 +37,13 @@ package struct PublishedRelay: Sendable {
     /// Our relayed address, published as a `relay` candidate.
     package var address: SocketAddress { relay.candidate.address }
     let relay: NodeRelay
+    let executor: PunchExecutor
+
+    /// Deletes the allocation (one bounded transaction) and detaches it: a driver that exits at once would otherwise
+    /// leave it counting against coturn's quotas until its lifetime ends.
+    package func stop() async {
+        await relay.stop(endpoint: executor.endpoint, executor: executor)
+    }
 }
 
 extension RendezvousClient {
@@ -54,6 +62,6 @@ extension RendezvousClient {
             await relay.stop(endpoint: executor.endpoint, executor: executor)
             return nil
         }
-        return PublishedRelay(relay: relay)
+        return PublishedRelay(relay: relay, executor: executor)
     }
 }

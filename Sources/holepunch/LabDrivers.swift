@@ -9,6 +9,7 @@ import HolePunchQUIC
 import HolePunchStrategy
 import HolePunchLab
 import Logging
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -206,6 +207,8 @@ struct LabPeerCommand: AsyncParsableCommand {
         result["strategy"] = strategyName
         result["wall_ms"] = labMilliseconds(ContinuousClock.now - started)
         labEmit(result)
+        // The allocation goes first (bounded): left behind, it would count against coturn's quotas for its lifetime.
+        if let relay = relaying.published.value { _ = await labWithin(.seconds(1)) { await relay.stop() } }
         // Exit at once: the result is out, and a graceful QUIC teardown would only add time to every trial.
         Glibc.exit((result["ok"] as? Bool) == true ? 0 : 1)
     }
@@ -222,6 +225,7 @@ struct LabPeerCommand: AsyncParsableCommand {
             let (registered, pipelined) = try await Self.register(client: client, registration, target: discoverFirst ? nil : target)
             let registeredAt = ContinuousClock.now
             var coordinated: ReceivedCoordinate?
+            var relayFields: [String: Any] = [:]
             var line: [String: Any] = ["event": "registered", "observed": "\(registered.observedAddress)",
                                        "node": "\(client.nodeID)", "role": role]
             if discover, target == nil || discoverFirst, let outcome = await client.natDiscoveryResult() {
@@ -241,8 +245,10 @@ struct LabPeerCommand: AsyncParsableCommand {
             if target == nil {
                 // The target's allocation carries a relayed connection (docs/relay.md): the initiator needs none. It
                 // lives (its task refreshes it) until the process exits.
-                let (_, fields) = await Self.startRelay(client: client, registered: registered, enabled: relaying.enabled)
+                let (started, fields) = await Self.startRelay(client: client, registered: registered, enabled: relaying.enabled)
+                relaying.published.set(started)
                 line.merge(fields) { a, _ in a }
+                relayFields = fields
             }
             labEmit(line)
             if let readyFile { try "\(client.nodeID)\n".write(toFile: readyFile, atomically: true, encoding: .utf8) }
@@ -345,11 +351,11 @@ struct LabPeerCommand: AsyncParsableCommand {
                         }
                     }
                 }
-                return line
+                return line.merging(relayFields) { a, _ in a }
             case .failure(let error):
                 return ["ok": false, "error": error.code.rawValue, "message": error.message,
                         "time_ms": labMilliseconds(error.elapsed), "rounds": max(rounds, error.rounds),
-                        "ports": max(ports, error.portsTried.count)].merging(planned) { a, _ in a }
+                        "ports": max(ports, error.portsTried.count)].merging(planned) { a, _ in a }.merging(relayFields) { a, _ in a }
             }
         } catch let error as RendezvousError {
             return ["ok": false, "error": "rendezvous." + error.code.name, "message": error.message]
@@ -445,6 +451,15 @@ private struct LabMapping: Sendable {
 private struct LabRelaying: Sendable {
     var enabled: Bool
     var directWait: Duration
+    /// The target's allocation once started, for `run` to delete before it exits.
+    let published = LabPublishedRelay()
+}
+
+/// Where the punch task leaves the target's allocation for `run`.
+private final class LabPublishedRelay: Sendable {
+    private let state = Mutex<PublishedRelay?>(nil)
+    var value: PublishedRelay? { state.withLock { $0 } }
+    func set(_ relay: PublishedRelay?) { state.withLock { $0 = relay } }
 }
 
 /// How the line exchange ended, and when the first echoed byte arrived (initiator only).
