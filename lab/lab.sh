@@ -100,6 +100,8 @@ up options (a plain option applies to both routers; -a / -b suffixed ones to one
   --probe-server                 run lab/probe.py serve on the rendezvous (ports ${PROBE_PORTS[*]})
   --turn                         run coturn on the rendezvous as a TURN server ($RDV_IP1:$TURN_PORT, REST shared
                                  secret in \$STATE/turn.secret; see docs/lab.md)
+  --turn-loss PCT                with --turn: random loss on the relayed leg (datagrams to and from coturn's relayed
+                                 ports, each way), a lossy relay for tests
 EOF
 }
 
@@ -187,7 +189,7 @@ declare -A OPT=(
     [timeout_a]=60 [timeout_b]=60 [timeout_c]=60
     [delay_a]=0 [delay_b]=0 [jitter_a]=0 [jitter_b]=0 [loss_a]=0 [loss_b]=0
     [delay_c]=0 [jitter_c]=0 [loss_c]=0
-    [probe]=0 [turn]=0
+    [probe]=0 [turn]=0 [turn_loss]=0
 )
 
 # The hosts of the topology in OPT[topology] (same-lan: one router; cgnat-*: a carrier NAT as well).
@@ -242,6 +244,8 @@ parse_up() {
         case $o in
             --nat-a) OPT[nat_a]=$v ;;
             --nat-b) OPT[nat_b]=$v ;;
+            --turn-loss) is_num "$v" && awk -v l="$v" 'BEGIN{exit !(l <= 100)}' || die "--turn-loss must be 0-100"
+                         OPT[turn_loss]=$v ;;
             --port-preservation|--port-preservation-a|--port-preservation-b) key=pp ;;&
             --mapping-timeout|--mapping-timeout-a|--mapping-timeout-b) key=timeout ;;&
             --delay|--delay-a|--delay-b) key=delay ;;&
@@ -474,11 +478,36 @@ CONF
     mv "$STATE/turnserver.conf.tmp" "$STATE/turnserver.conf"
     # (No -n: it would make coturn ignore the config file.)
     start_bg turn ip netns exec "$(ns rdv)" turnserver -c "$STATE/turnserver.conf"
+    turn_loss
     local deadline=$((SECONDS + 10))
     until grep -q "Total General servers" "$STATE/logs/turn.log" 2>/dev/null; do
         [[ $SECONDS -lt $deadline ]] || { tail -20 "$STATE/logs/turn.log" >&2 || true; die "timed out waiting for coturn"; }
         sleep 0.05
     done
+}
+
+# --turn-loss: drop that share of the datagrams to coturn's relayed ports (arriving at rdv) and from them (arriving
+# at the wan bridge from rdv), as add_loss does: the leg between the relay and the peer that dials it.
+turn_loss() {
+    local n ports="${TURN_RELAY_PORTS[0]}-${TURN_RELAY_PORTS[1]}"
+    n=$(awk -v p="${OPT[turn_loss]}" 'BEGIN{printf "%d", p * 100 + 0.5}')
+    [[ $n -gt 0 ]] || return 0
+    nsx rdv nft -f - <<EOF
+table netdev hpturnloss {
+    chain ingress {
+        type filter hook ingress device "eth0" priority -500; policy accept;
+        meta protocol ip meta l4proto udp udp dport $ports numgen random mod 10000 < $n drop
+    }
+}
+EOF
+    nsx wan nft -f - <<EOF
+table netdev hpturnloss {
+    chain ingress {
+        type filter hook ingress device "rdv" priority -500; policy accept;
+        meta protocol ip meta l4proto udp udp sport $ports numgen random mod 10000 < $n drop
+    }
+}
+EOF
 }
 
 wait_for_file() {  # $1 file, $2 seconds, $3 what

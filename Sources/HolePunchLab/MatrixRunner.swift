@@ -27,6 +27,10 @@ package struct MatrixRunner {
     /// Whether the labs run coturn (`lab.sh up --turn`) and the rendezvous grants it, so that peers may connect
     /// relayed (issue 15); off: punch only, as before.
     package var relay = true
+    /// Loss on the relayed leg, percent each way (`lab.sh up --turn-loss`): a lossy relay.
+    package var relayLoss: Double = 0
+    /// Bytes the initiator sends after its last line and expects echoed whole (`lab peer --transfer`).
+    package var transfer = 0
 
     /// A runner for one matrix (the memberwise initialiser is internal to this module).
     package init(lab: LabSession, strategies: [String], pairs: [(String, String)], trials: Int, delay: Double, loss: Double,
@@ -115,7 +119,7 @@ package struct MatrixRunner {
     private func runPairs(into report: inout MatrixReport) async throws {
         let first = pairs[0]
         progress("lab \(lab.name): up (\(first.0) × \(first.1), delay \(delay) ms, loss \(loss)%)")
-        try await lab.run(["up", "--nat-a", first.0, "--nat-b", first.1, "--delay", "\(delay)", "--loss", "\(loss)", "--probe-server"] + (relay ? ["--turn"] : []),
+        try await lab.run(["up", "--nat-a", first.0, "--nat-b", first.1, "--delay", "\(delay)", "--loss", "\(loss)", "--probe-server"] + turnOptions,
                           limit: .seconds(120))
         try await portMap("up")
         // One rendezvous for all pairs.
@@ -192,7 +196,7 @@ package struct MatrixRunner {
     /// path is judged from the address the initiator (peer-a) connected to.
     private func runTopology(_ topology: LabTopology, label: String, into report: inout MatrixReport) async throws {
         progress("lab \(lab.name): up (topology \(topology.name), delay \(delay) ms, loss \(loss)%)")
-        try await lab.run(["up", "--topology", topology.name, "--delay", "\(delay)", "--loss", "\(loss)", "--probe-server"] + (relay ? ["--turn"] : []),
+        try await lab.run(["up", "--topology", topology.name, "--delay", "\(delay)", "--loss", "\(loss)", "--probe-server"] + turnOptions,
                           limit: .seconds(120))
         let status = try await lab.run(["status", "--json"])
         let hosts = (try? JSONSerialization.jsonObject(with: Data(status.output.utf8)) as? [String: Any])?["hosts"] as? [String: Any]
@@ -221,6 +225,12 @@ package struct MatrixRunner {
             }
             report.topologies[short, default: []].append(row)
         }
+    }
+
+    /// `lab.sh up` options for coturn: none without the relay.
+    private var turnOptions: [String] {
+        guard relay else { return [] }
+        return ["--turn"] + (relayLoss > 0 ? ["--turn-loss", "\(relayLoss)"] : [])
     }
 
     /// `lab/portmap.sh up --router X` or `down` when the pairs run with port mapping (nothing otherwise). `down` always
@@ -274,6 +284,7 @@ package struct MatrixRunner {
                              "--strategy", strategy, "--punch-timeout", "\(punchTimeout)", "--timeout", "\(punchTimeout + 10)"]
             arguments += discover ? ["--discover"] + (discoverFirst ? ["--discover-first"] : []) : ["--nat", nat]
             if dualStack { arguments += ["--bind", "[::]:0"] }
+            if transfer > 0 { arguments += ["--transfer", "\(transfer)"] }
             return arguments
         }
         // The peer behind the mapping router asks for a mapping (the target publishes it before it reports ready).

@@ -25,8 +25,17 @@ extension RendezvousClient {
     ///
     /// - Throws: ``RendezvousError``, e.g. `protocolViolation` when the rendezvous refuses an address that is not on
     ///   one of its TURN servers.
-    package func publishRelayed(_ candidates: [Candidate]) async throws(RendezvousError) -> Registered {
+    /// `mapped` is our address as the TURN server saw it: the mapping our NAT made for the allocation, after the
+    /// registration's, so on the registration's IP it becomes the registration's `lastAllocatedPort` (a sequential
+    /// NAT's peer predicts our next ports from it; without it, pairs of sequential NATs missed by one and ended
+    /// relayed in the lab).
+    package func publishRelayed(_ candidates: [Candidate], mapped: SocketAddress? = nil) async throws(RendezvousError)
+        -> Registered
+    {
         relayCandidates = candidates
+        if let mapped, mapped.ip == registered?.observedAddress.ip {
+            lastRegistration.lastAllocatedPort = mapped.port
+        }
         return try await register(lastRegistration)
     }
 }
@@ -56,7 +65,7 @@ extension RendezvousClient {
         else { return nil }
         setRelayPermitter { peers in await relay.permit(peers) }
         do {
-            _ = try await publishRelayed([relay.candidate])
+            _ = try await publishRelayed([relay.candidate], mapped: relay.mapped)
         } catch {
             logger.info("the rendezvous refused the relayed address", metadata: ["error": "\(error)"])
             await relay.stop(endpoint: executor.endpoint, executor: executor)

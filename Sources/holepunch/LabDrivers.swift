@@ -164,6 +164,7 @@ struct LabPeerCommand: AsyncParsableCommand {
     var noRelay = false
     @Option(help: "After a first echo over the relay, wait up to this many seconds for the move to a direct path, then echo again.")
     var directWait: Double = 5
+    @Option(help: "Send this many bytes more after the last line (and expect them echoed whole), 0–4194304.") var transfer = 0
 
     func run() async throws {
         labUnblockTerminationSignals()
@@ -194,7 +195,9 @@ struct LabPeerCommand: AsyncParsableCommand {
                                                              logger: Logger(label: "holepunch.lab.portmap")) : nil
         let mapping = mapper.flatMap { mapper in LabMapping(mapper: mapper, first: Task { try? await mapper.map() }) }
         let (target, nat, measure, ready, first) = (connect, profile, discover, readyFile, discover && discoverFirst)
-        let relaying = LabRelaying(enabled: !noRelay, directWait: .milliseconds(Int(directWait * 1000)))
+        guard (0...LabPeerCommand.transferLimit).contains(transfer) else { throw ValidationError("--transfer is 0–\(LabPeerCommand.transferLimit)") }
+        let relaying = LabRelaying(enabled: !noRelay, directWait: .milliseconds(Int(directWait * 1000)),
+                                   lastLine: labLastLine + labTransferBytes(transfer))
         let outcome = await labWithin(limit) {
             LabRecord(fields: await Self.punch(client: client, role: role, target: target,
                                                registration: Registration(candidates: hosts, nat: nat), discover: measure,
@@ -321,10 +324,10 @@ struct LabPeerCommand: AsyncParsableCommand {
                     // A connection that started relayed echoes once at once (the first byte), waits a while for the
                     // move to a direct path, then echoes the closing line on whichever path it is on.
                     var (outcome, firstByte) = await exchangeLine(connection, initiator: initiator,
-                                                                  line: watch.relayedAddress == nil ? labLastLine : labRelayLine)
+                                                                  line: watch.relayedAddress == nil ? relaying.lastLine : labRelayLine)
                     if initiator, watch.relayedAddress != nil, outcome == "delivered" {
                         _ = await watch.directReached(within: relaying.directWait)
-                        (outcome, _) = await exchangeLine(connection, initiator: true, line: labLastLine)
+                        (outcome, _) = await exchangeLine(connection, initiator: true, line: relaying.lastLine)
                     }
                     if initiator, let coordinated {
                         let connectedAt = coordinated.startAt.advanced(by: success.timeToConnect)
@@ -419,13 +422,13 @@ struct LabPeerCommand: AsyncParsableCommand {
                     try await stream.finish()
                     var echo = try await stream.read() ?? []
                     let firstByte = echo.isEmpty ? nil : ContinuousClock.now
-                    if !echo.isEmpty { echo += try await stream.readToEnd(limit: 1024) }
-                    if line == labLastLine { await connection.close() }
+                    if !echo.isEmpty { echo += try await stream.readToEnd(limit: Self.transferLimit + 1024) }
+                    if line != labRelayLine { await connection.close() }
                     return LabEcho(outcome: echo == line ? "delivered" : "silentLoss", firstByte: firstByte)
                 } else {
                     while true {
                         guard let stream = try await connection.acceptStream() else { return LabEcho(outcome: "error: no stream") }
-                        let received = try await stream.readToEnd(limit: 1024)
+                        let received = try await stream.readToEnd(limit: Self.transferLimit + 1024)
                         try await stream.write(received)
                         try await stream.finish()
                         if received != labRelayLine {
@@ -451,6 +454,8 @@ private struct LabMapping: Sendable {
 private struct LabRelaying: Sendable {
     var enabled: Bool
     var directWait: Duration
+    /// What the last exchange sends: the line, plus `--transfer` bytes.
+    var lastLine: [UInt8]
     /// The target's allocation once started, for `run` to delete before it exits.
     let published = LabPublishedRelay()
 }

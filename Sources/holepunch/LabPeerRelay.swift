@@ -17,6 +17,11 @@ let labRelayLine = Array("hello through the relay\n".utf8)
 /// The line the last exchange carries: the target echoes it and closes at once (the graceful close of issue 18).
 let labLastLine = Array("hello through the NAT\n".utf8)
 
+/// `count` bytes of a fixed pattern that no single lost or reordered datagram leaves intact (`lab peer --transfer`).
+func labTransferBytes(_ count: Int) -> [UInt8] {
+    (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ $0 >> 8) }
+}
+
 /// Which path a lab connection is on: a connection that started on the relay is relayed while its active route is
 /// the relay (the target's `.relay`, or the initiator's dial to the target's relayed address); the first move off it
 /// is the time to the direct path.
@@ -65,6 +70,9 @@ struct LabPathWatch: Sendable {
 }
 
 extension LabPeerCommand {
+    /// Most bytes `--transfer` sends (4 MiB): the target holds them in memory to echo them.
+    static let transferLimit = 4 << 20
+
     /// The target's allocation: with a grant (the lab's rendezvous runs with `--turn-server`) and the relay not turned
     /// off, allocate on the punch socket and publish the relayed address before reporting ready, so that the
     /// initiator's coordinate carries it. Fields for the `registered` line: `relay` (the relayed address) or
