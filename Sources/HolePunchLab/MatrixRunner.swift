@@ -31,6 +31,9 @@ package struct MatrixRunner {
     package var relayLoss: Double = 0
     /// Bytes the initiator sends after its last line and expects echoed whole (`lab peer --transfer`).
     package var transfer = 0
+    /// Run each pair's trials round by round, one trial of every strategy per round (`bench relay-lab`), instead of
+    /// every trial of one strategy, then the next: a machine that gets busier mid-pair then slows both alike.
+    package var alternate = false
 
     /// A runner for one matrix (the memberwise initialiser is internal to this module).
     package init(lab: LabSession, strategies: [String], pairs: [(String, String)], trials: Int, delay: Double, loss: Double,
@@ -165,19 +168,20 @@ package struct MatrixRunner {
                 raws["\(pair.0):\(pair.1)"] = reference
                 progress("\(label) raw UDP: " + (reference.connected ? String(format: "%.0f ms", reference.timeMs ?? 0) : "fails"))
             }
-            for strategy in strategies {
-                var result = PairResult(a: pair.0, b: pair.1)
-                let short = URL(fileURLWithPath: strategy).lastPathComponent
-                for trial in 1...max(1, trials) {
-                    let outcome = try await runTrial(pair: pair, strategy: strategy, rdvNode: rdvNode)
-                    result.trials.append(outcome)
-                    let summary = outcome.ok
-                        ? String(format: "ok %.0f ms, %d rounds, %d packets, first byte %.0f ms", outcome.timeMs ?? 0, outcome.rounds,
-                                 outcome.packets, outcome.firstByteMs ?? 0) + ", path \(outcome.relayPath ?? "?")"
-                        : "failed: \(outcome.error ?? "?") \(outcome.message ?? "")"
-                    progress("\(label) \(short) trial \(trial)/\(trials): \(summary)")
-                }
-                results[short, default: []].append(result)
+            var rows = strategies.map { _ in PairResult(a: pair.0, b: pair.1) }
+            let order = alternate ? (1...max(1, trials)).flatMap { trial in strategies.indices.map { ($0, trial) } }
+                                  : strategies.indices.flatMap { index in (1...max(1, trials)).map { (index, $0) } }
+            for (index, trial) in order {
+                let outcome = try await runTrial(pair: pair, strategy: strategies[index], rdvNode: rdvNode)
+                rows[index].trials.append(outcome)
+                let summary = outcome.ok
+                    ? String(format: "ok %.0f ms, %d rounds, %d packets, first byte %.0f ms", outcome.timeMs ?? 0, outcome.rounds,
+                             outcome.packets, outcome.firstByteMs ?? 0) + ", path \(outcome.relayPath ?? "?")"
+                    : "failed: \(outcome.error ?? "?") \(outcome.message ?? "")"
+                progress("\(label) \(URL(fileURLWithPath: strategies[index]).lastPathComponent) trial \(trial)/\(trials): \(summary)")
+            }
+            for (index, strategy) in strategies.enumerated() {
+                results[URL(fileURLWithPath: strategy).lastPathComponent, default: []].append(rows[index])
             }
             // The impostor rule's counter, before renat replaces the table: packets b's router gave to the impostor.
             if impostor, let child = try? lab.exec("nat-b", ["nft", "list", "chain", "ip", "hpnat", "prerouting"], stem: "impostor-counter"),
