@@ -492,22 +492,18 @@ turn_loss() {
     local n ports="${TURN_RELAY_PORTS[0]}-${TURN_RELAY_PORTS[1]}"
     n=$(awk -v p="${OPT[turn_loss]}" 'BEGIN{printf "%d", p * 100 + 0.5}')
     [[ $n -gt 0 ]] || return 0
-    nsx rdv nft -f - <<EOF
+    local host dev match
+    for host in rdv wan; do
+        if [[ $host == rdv ]]; then dev=eth0 match="udp dport $ports"; else dev=rdv match="udp sport $ports"; fi
+        nsx "$host" nft -f - <<EOF
 table netdev hpturnloss {
     chain ingress {
-        type filter hook ingress device "eth0" priority -500; policy accept;
-        meta protocol ip meta l4proto udp udp dport $ports numgen random mod 10000 < $n drop
+        type filter hook ingress device "$dev" priority -500; policy accept;
+        meta protocol ip meta l4proto udp $match numgen random mod 10000 < $n drop
     }
 }
 EOF
-    nsx wan nft -f - <<EOF
-table netdev hpturnloss {
-    chain ingress {
-        type filter hook ingress device "rdv" priority -500; policy accept;
-        meta protocol ip meta l4proto udp udp sport $ports numgen random mod 10000 < $n drop
-    }
-}
-EOF
+    done
 }
 
 wait_for_file() {  # $1 file, $2 seconds, $3 what

@@ -4,50 +4,11 @@ import Testing
 /// Issue 15 in the lab: coturn in the public namespace (`lab.sh up --turn`, which `lab matrix` passes), the targets
 /// allocating and publishing a relayed address, and the matrix's path column. Part of the serialized lab suite.
 extension LabTests {
-    /// One run of the matrix JSON with the relay's fields.
-    struct RelayRun: Decodable {
-        var ok: Bool
-        var error: String?
-        var message: String?
-        var relay_path: String?
-        var peer_node: String?
-        var expected_peer: String?
-    }
-
-    struct RelayPair: Decodable {
-        var a: String
-        var b: String
-        var runs: [RelayRun]
-    }
-
-    struct RelayMatrix: Decodable {
-        var strategies: [String: [RelayPair]]
-    }
-
-    /// `holepunch lab matrix` (default.lua, no raw reference) with `arguments`; the lab is always deleted.
-    static func relayMatrix(_ arguments: [String], timeout: TimeInterval) throws -> [RelayPair] {
-        let name = LabSupport.uniqueName()
-        let json = NSTemporaryDirectory() + "holepunch-lab-test-\(name).json"
-        defer {
-            _ = try? LabSupport.run([LabSupport.labScript, "down"], env: ["HP_LAB": name], timeout: 60)
-            #expect(LabSupport.namespaces(ofLab: name).isEmpty, "lab \(name) left namespaces behind")
-            try? FileManager.default.removeItem(atPath: json)
-        }
-        let argv = [holepunchBinary!, "lab", "matrix", "--name", name, "--json", json, "--no-raw",
-                    "--strategy", LabSupport.repoRoot.appendingPathComponent("strategies/default.lua").path] + arguments
-        let r = try LabSupport.run(argv, timeout: timeout)
-        guard !r.timedOut, r.status == 0 else {
-            throw LabSupport.LabError(description: "lab matrix failed (exit \(r.status), timed out \(r.timedOut)): \(r.stderr.suffix(2000))")
-        }
-        return try JSONDecoder().decode(RelayMatrix.self, from: Data(contentsOf: URL(fileURLWithPath: json)))
-            .strategies["default.lua"] ?? []
-    }
-
     @Test("the three pairs that cannot be punched connect over the lab's coturn and echo; a punchable pair with the relay available still ends direct",
           .timeLimit(.minutes(3)), .enabled(if: LabTests.haveBinary, "needs the holepunch binary"))
     func unpunchablePairsConnectRelayed() throws {
         let hopeless = ["symmetric_seq:symmetric_random", "symmetric_random:symmetric_seq", "symmetric_random:symmetric_random"]
-        let pairs = try Self.relayMatrix(["--trials", "1", "--delay", "20", "--punch-timeout", "5"]
+        let pairs = try Self.matrix(["--trials", "1", "--delay", "20", "--punch-timeout", "5"]
                                          + (hopeless + ["port_restricted:symmetric_seq"]).flatMap { ["--pair", $0] },
                                          timeout: 170)
         #expect(pairs.count == 4)
@@ -69,7 +30,7 @@ extension LabTests {
     @Test("a lossy relay (10 % loss each way on the relayed leg): the relayed QUIC connection survives and echoes 256 KiB intact",
           .timeLimit(.minutes(3)), .enabled(if: LabTests.haveBinary, "needs the holepunch binary"))
     func lossyRelayDeliversIntact() throws {
-        let pairs = try Self.relayMatrix(["--trials", "2", "--delay", "20", "--punch-timeout", "5", "--relay-loss", "10",
+        let pairs = try Self.matrix(["--trials", "2", "--delay", "20", "--punch-timeout", "5", "--relay-loss", "10",
                                           "--transfer", "\(256 << 10)", "--pair", "symmetric_random:symmetric_random"],
                                          timeout: 170)
         let pair = try #require(pairs.first)
