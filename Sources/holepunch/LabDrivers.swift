@@ -432,6 +432,9 @@ struct LabPeerCommand: AsyncParsableCommand {
                         try await stream.write(received)
                         try await stream.finish()
                         if received != labRelayLine {
+                            // A `--transfer` echo may need longer than the close's bounded wait on a lossy path: wait
+                            // for its acknowledgement first. The plain line still relies on the close (issue 18).
+                            if received.count > labLastLine.count { try await stream.delivered() }
                             return LabEcho(outcome: await connection.close() ? "delivered" : "error: echo not acknowledged")
                         }
                     }
