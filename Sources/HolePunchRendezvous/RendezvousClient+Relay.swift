@@ -40,7 +40,7 @@ extension RendezvousClient {
     }
 }
 
-/// A TURN allocation a driver outside this module started with ``RendezvousClient/startPublishedRelay(_:logger:)``:
+/// A TURN allocation a driver outside this module started with `RendezvousClient.startPublishedRelay(_:logger:)`:
 /// what `holepunch lab peer` holds, so that it uses the relay the way a `HolePunchNode` does without copying it.
 package struct PublishedRelay: Sendable {
     /// Our relayed address, published as a `relay` candidate.
@@ -56,7 +56,7 @@ package struct PublishedRelay: Sendable {
 }
 
 extension RendezvousClient {
-    /// What a node does with a grant (``HolePunchNode``'s relay start, minus the credential renewal a short-lived
+    /// What a node does with a grant (`HolePunchNode`'s relay start, minus the credential renewal a short-lived
     /// driver does not need): allocates on the punch socket, opens the allocation to punching peers and publishes
     /// the relayed address. Nil when allocating failed (NodeRelay logs why, once) or the rendezvous refused the
     /// address (logged here); the caller then punches only.
