@@ -325,13 +325,16 @@ struct LabPeerCommand: AsyncParsableCommand {
                     // move to a direct path, then echoes the closing line on whichever path it is on.
                     var (outcome, firstByte) = await exchangeLine(connection, initiator: initiator,
                                                                   line: watch.relayedAddress == nil ? relaying.lastLine : labRelayLine)
+                    // Where the last echo goes, read while the connection is open (the last exchange closes it).
+                    var relayedAtEnd = watch.relayedAddress != nil
                     if initiator, watch.relayedAddress != nil, outcome == "delivered" {
                         _ = await watch.directReached(within: relaying.directWait)
+                        relayedAtEnd = await watch.isRelayed(connection)
                         (outcome, _) = await exchangeLine(connection, initiator: true, line: relaying.lastLine)
                     }
                     if initiator, let coordinated {
                         let connectedAt = coordinated.startAt.advanced(by: success.timeToConnect)
-                        line.merge(await Self.pathFields(watch: watch, connection: connection, connectCalled: connectCalled,
+                        line.merge(await Self.pathFields(watch: watch, relayedAtEnd: relayedAtEnd, connectCalled: connectCalled,
                                                          connectedAt: connectedAt)) { a, _ in a }
                     }
                     watch.toDirect.cancel()

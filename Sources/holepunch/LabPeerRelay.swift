@@ -90,11 +90,11 @@ extension LabPeerCommand {
 
     /// The path fields of the initiator's result: `path` (`direct`, `relayed` or `relay→direct`), `path_end` (where
     /// the last echo went), `moved`, and `time_to_direct_ms` from the connect call (the connection's own time when
-    /// it started direct; absent while it stayed relayed).
-    static func pathFields(watch: LabPathWatch, connection: QUICConnection, connectCalled: ContinuousClock.Instant,
+    /// it started direct; absent while it stayed relayed). `relayedAtEnd`: whether the last echo went over the relay,
+    /// read while the connection was open (a closed connection has no paths).
+    static func pathFields(watch: LabPathWatch, relayedAtEnd relayedNow: Bool, connectCalled: ContinuousClock.Instant,
                            connectedAt: ContinuousClock.Instant) async -> [String: Any]
     {
-        let relayedNow = await watch.isRelayed(connection)
         let started = watch.relayedAddress != nil
         var fields: [String: Any] = ["path_start": started ? "relayed" : "direct", "path_end": relayedNow ? "relayed" : "direct",
                                      "moved": started && !relayedNow]
