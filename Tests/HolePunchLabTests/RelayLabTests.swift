@@ -42,4 +42,25 @@ extension LabTests {
             #expect(run.relay_path == "relayed", "\(detail)")
         }
     }
+
+    @Test("relay first on a punchable pair: the connection starts relayed, moves to the direct path, and the matrix says relay→direct",
+          .timeLimit(.minutes(3)), .enabled(if: LabTests.haveBinary, "needs the holepunch binary"))
+    func relayFirstMovesToDirect() throws {
+        // default.lua with the relay at once for every pair (what `bench relay-lab` calls relay-first).
+        let source = try String(contentsOf: LabSupport.repoRoot.appendingPathComponent("strategies/default.lua"), encoding: .utf8)
+        let decision = "elseif hopeless or (history.pair.attempts >= 2 and history.pair.successes == 0) then"
+        try #require(source.contains(decision))
+        let file = NSTemporaryDirectory() + "holepunch-lab-test-\(LabSupport.uniqueName())-relay-first.lua"
+        try source.replacingOccurrences(of: decision, with: "elseif true then").write(toFile: file, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(atPath: file) }
+        let report = try Self.matrixReport(["--trials", "2", "--delay", "20", "--punch-timeout", "5", "--strategy", file,
+                                            "--pair", "port_restricted:port_restricted"], timeout: 170)
+        let pair = try #require(report.strategies[URL(fileURLWithPath: file).lastPathComponent]?.first)
+        for run in pair.runs {
+            let detail = "\(run.error ?? "ok") \(run.message ?? "") path \(run.relay_path ?? "?")"
+            print("HolePunchLabTests relay first \(detail)")
+            #expect(run.ok, "\(detail)")
+            #expect(run.relay_path == "relay→direct", "\(detail)")
+        }
+    }
 }
