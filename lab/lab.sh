@@ -70,6 +70,8 @@ NAT_B_LAN6=2001:db8:0:2::1
 PEER_A_IP6=2001:db8:0:1::2
 PEER_B_IP6=2001:db8:0:2::2
 PROBE_PORTS=(3478 3479)   # probe/echo server ports on both rendezvous addresses
+TURN_PORT=3500            # coturn's TURN port on RDV_IP1 (up --turn); 3478/3479 are the probe server's, 3490 portmap.sh's
+TURN_RELAY_PORTS=(50000 50199)  # coturn's relayed ports on RDV_IP1: a bounded range, well clear of the rest
 SEQ_BASE=20000            # symmetric_seq: first external port
 SEQ_SIZE=4096             # symmetric_seq: ports SEQ_BASE … SEQ_BASE+SEQ_SIZE-1, then wraps
 RANDOM_RANGE=1024-65535   # symmetric_random: fully-random allocation range
@@ -96,6 +98,10 @@ up options (a plain option applies to both routers; -a / -b suffixed ones to one
   --jitter[-a|-b] MS             +- uniform jitter added to that delay (no reordering)
   --loss[-a|-b] PCT              random loss on the router's WAN link, each direction
   --probe-server                 run lab/probe.py serve on the rendezvous (ports ${PROBE_PORTS[*]})
+  --turn                         run coturn on the rendezvous as a TURN server ($RDV_IP1:$TURN_PORT, REST shared
+                                 secret in \$STATE/turn.secret; see docs/lab.md)
+  --turn-loss PCT                with --turn: random loss on the relayed leg (datagrams to and from coturn's relayed
+                                 ports, each way), a lossy relay for tests
 EOF
 }
 
@@ -134,7 +140,8 @@ kill_pid_file() {
     pid=$(cat "$f" 2>/dev/null || true)
     [[ $pid =~ ^[0-9]+$ ]] || return 0
     # Only kill it if it still is the process we started (PIDs get reused).
-    if [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q "$LAB_DIR/"; then
+    # coturn is not a lab script: its command line names its config file in this lab's state dir instead.
+    if [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -e "$LAB_DIR/" -e "$STATE/"; then
         kill -TERM "$pid" 2>/dev/null || true
         local i
         for i in $(seq 1 100); do alive "$pid" || break; sleep 0.02; done
@@ -182,7 +189,7 @@ declare -A OPT=(
     [timeout_a]=60 [timeout_b]=60 [timeout_c]=60
     [delay_a]=0 [delay_b]=0 [jitter_a]=0 [jitter_b]=0 [loss_a]=0 [loss_b]=0
     [delay_c]=0 [jitter_c]=0 [loss_c]=0
-    [probe]=0
+    [probe]=0 [turn]=0 [turn_loss]=0
 )
 
 # The hosts of the topology in OPT[topology] (same-lan: one router; cgnat-*: a carrier NAT as well).
@@ -225,6 +232,7 @@ parse_up() {
         o=$1
         case $o in
             --probe-server) OPT[probe]=1; shift; continue ;;
+            --turn) OPT[turn]=1; shift; continue ;;
             --topology)
                 [[ $# -ge 2 ]] || die "option $o needs a value"
                 [[ " $TOPOLOGIES " == *" $2 "* ]] || die "unknown topology '$2' (one of: $TOPOLOGIES)"
@@ -236,6 +244,8 @@ parse_up() {
         case $o in
             --nat-a) OPT[nat_a]=$v ;;
             --nat-b) OPT[nat_b]=$v ;;
+            --turn-loss) is_num "$v" && awk -v l="$v" 'BEGIN{exit !(l <= 100)}' || die "--turn-loss must be 0-100"
+                         OPT[turn_loss]=$v ;;
             --port-preservation|--port-preservation-a|--port-preservation-b) key=pp ;;&
             --mapping-timeout|--mapping-timeout-a|--mapping-timeout-b) key=timeout ;;&
             --delay|--delay-a|--delay-b) key=delay ;;&
@@ -430,6 +440,70 @@ table netdev hploss_$dev {
     }
 }
 EOF
+}
+
+# coturn in rdv as the lab's TURN server (up --turn): REST shared-secret auth (the lab rendezvous mints credentials
+# from $STATE/turn.secret), UDP only, relayed addresses on RDV_IP1 in a bounded port range, quotas per user (one
+# per NodeID and expiry) and in total (lab peers delete theirs as they exit; 300 leaves room for killed ones). The secret is in a mode-600 config file, never on a command line.
+up_turn() {
+    command -v turnserver >/dev/null || die "turnserver not found (apt-get install coturn)"
+    umask 077
+    od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$STATE/turn.secret"
+    : >"$STATE/turnserver.conf.tmp"
+    umask 022
+    (
+        cat <<CONF
+listening-ip=$RDV_IP1
+listening-port=$TURN_PORT
+relay-ip=$RDV_IP1
+min-port=${TURN_RELAY_PORTS[0]}
+max-port=${TURN_RELAY_PORTS[1]}
+use-auth-secret
+static-auth-secret=$(cat "$STATE/turn.secret")
+realm=holepunch.lab
+user-quota=4
+total-quota=300
+no-tls
+no-dtls
+no-tcp
+no-tcp-relay
+no-multicast-peers
+no-cli
+pidfile=$STATE/turnserver.run.pid
+userdb=$STATE/turndb
+log-file=stdout
+simple-log
+CONF
+    ) >"$STATE/turnserver.conf.tmp"  # made under umask 077 below, so never readable by others
+    mv "$STATE/turnserver.conf.tmp" "$STATE/turnserver.conf"
+    # (No -n: it would make coturn ignore the config file.)
+    start_bg turn ip netns exec "$(ns rdv)" turnserver -c "$STATE/turnserver.conf"
+    turn_loss
+    local deadline=$((SECONDS + 10))
+    until grep -q "Total General servers" "$STATE/logs/turn.log" 2>/dev/null; do
+        [[ $SECONDS -lt $deadline ]] || { tail -20 "$STATE/logs/turn.log" >&2 || true; die "timed out waiting for coturn"; }
+        sleep 0.05
+    done
+}
+
+# --turn-loss: drop that share of the datagrams to coturn's relayed ports (arriving at rdv) and from them (arriving
+# at the wan bridge from rdv), as add_loss does: the leg between the relay and the peer that dials it.
+turn_loss() {
+    local n ports="${TURN_RELAY_PORTS[0]}-${TURN_RELAY_PORTS[1]}"
+    n=$(awk -v p="${OPT[turn_loss]}" 'BEGIN{printf "%d", p * 100 + 0.5}')
+    [[ $n -gt 0 ]] || return 0
+    local host dev match
+    for host in rdv wan; do
+        if [[ $host == rdv ]]; then dev=eth0 match="udp dport $ports"; else dev=rdv match="udp sport $ports"; fi
+        nsx "$host" nft -f - <<EOF
+table netdev hpturnloss {
+    chain ingress {
+        type filter hook ingress device "$dev" priority -500; policy accept;
+        meta protocol ip meta l4proto udp $match numgen random mod 10000 < $n drop
+    }
+}
+EOF
+    done
 }
 
 wait_for_file() {  # $1 file, $2 seconds, $3 what
@@ -629,6 +703,7 @@ write_summary() {
         echo "  \"nat\": {"
         printf '    %s\n' "${nats[@]}" | sed '$!s/$/,/'
         echo "  },"
+        echo "  \"turn_server\": $( [[ ${OPT[turn]} == 1 ]] && echo "\"$RDV_IP1:$TURN_PORT\"" || echo null),"
         echo "  \"probe_server\": $( [[ ${OPT[probe]} == 1 ]] && echo "[\"$RDV_IP1:${PROBE_PORTS[0]}\", \"$RDV_IP1:${PROBE_PORTS[1]}\", \"$RDV_IP2:${PROBE_PORTS[0]}\", \"$RDV_IP2:${PROBE_PORTS[1]}\"]" || echo null)"
         echo "}"
     } >"$STATE/lab.json"
@@ -659,6 +734,10 @@ write_summary() {
             echo "HP_LAB_RDV_IP6=$RDV6_IP1"
             echo "HP_LAB_PEER_A_IP6=$PEER_A_IP6"
             echo "HP_LAB_PEER_B_IP6=$PEER_B_IP6"
+        fi
+        if [[ ${OPT[turn]} == 1 ]]; then
+            echo "HP_LAB_TURN_SERVER=$RDV_IP1:$TURN_PORT"
+            echo "HP_LAB_TURN_SECRET_FILE=$STATE/turn.secret"
         fi
         echo "HP_LAB_NAT_A_TYPE=${OPT[nat_a]}"
         echo "HP_LAB_NAT_B_TYPE=${OPT[nat_b]}"
@@ -750,6 +829,8 @@ cmd_up() {
             --ready-file "$STATE/probe-server.ready"
         wait_for_file "$STATE/probe-server.ready" 10 "the probe server"
     fi
+
+    [[ ${OPT[turn]} == 1 ]] && up_turn
 
     # Bounded wait until both peers reach the rendezvous through their NAT (ARP resolved, links up).
     for s in a b; do

@@ -31,6 +31,11 @@ package struct TrialResult: Sendable {
     package var candidatePair: String? = nil
     /// Topology trials: which way the connection went (``LabPath``).
     package var path: LabPath? = nil
+    /// Which path the echoed data ended on (issue 15): `direct`, `relayed`, or `relay→direct` for a connection that
+    /// started on the relay and moved (the initiator's `path`).
+    package var relayPath: String? = nil
+    /// From the initiator's connect call to the direct path: its connection when it started direct, else the move.
+    package var timeToDirectMs: Double? = nil
 
     /// The run's entry in the matrix JSON.
     package func json() -> [String: Any] {
@@ -46,6 +51,8 @@ package struct TrialResult: Sendable {
         if let remote { run["remote"] = remote }
         if let candidatePair { run["candidate_pair"] = candidatePair }
         if let path { run["path"] = path.rawValue }
+        if let relayPath { run["relay_path"] = relayPath }
+        if let timeToDirectMs { run["time_to_direct_ms"] = timeToDirectMs }
         return run
     }
 }
@@ -67,6 +74,16 @@ extension TrialSeries {
     package var firstByteP95: Double? { percentile(firstByteTimes, 0.95) }
     package var meanPackets: Double { trials.isEmpty ? 0 : Double(trials.map(\.packets).reduce(0, +)) / Double(trials.count) }
     package var meanRounds: Double { trials.isEmpty ? 0 : Double(trials.map(\.rounds).reduce(0, +)) / Double(trials.count) }
+    /// Successful trials that ended on a direct path (started there or moved).
+    package var endedDirect: Int { trials.filter { $0.ok && ($0.relayPath == "direct" || $0.relayPath == "relay→direct") }.count }
+    /// The path column: how many successful trials ended each way, e.g. `direct ×2, relayed ×1`.
+    package var relayPaths: String {
+        var counts: [String: Int] = [:]
+        for trial in trials where trial.ok { counts[trial.relayPath ?? "?", default: 0] += 1 }
+        return counts.sorted { $0.key < $1.key }.map { "\($0.key) ×\($0.value)" }.joined(separator: ", ")
+    }
+    /// Median time from the connect call to the direct path, over the trials that reached one.
+    package var timeToDirectMedian: Double? { percentile(trials.compactMap { $0.ok ? $0.timeToDirectMs : nil }.sorted(), 0.5) }
     package var errors: [String: Int] {
         var counts: [String: Int] = [:]
         for trial in trials where !trial.ok { counts[trial.error ?? "unknown", default: 0] += 1 }
@@ -151,6 +168,8 @@ package struct MatrixReport: Sendable {
     package var portMappingRouter: String?
     /// The topology rows (strategy -> topologies in order), each run in its own lab after the pairs.
     package var topologies: [String: [TopologyResult]] = [:]
+    /// Whether the lab ran coturn and peers could connect relayed (`lab matrix` without `--no-relay`).
+    package var relay = false
 
     private func ms(_ value: Double?) -> String { value.map { String(format: "%.0f", $0) } ?? "–" }
 
@@ -163,6 +182,11 @@ package struct MatrixReport: Sendable {
         out += "(probes and QUIC), mean per trial; ratio = median / (raw UDP punch + 1 RTT); first byte = the initiator's "
         out += "start-to-first-byte, from its process start to the first echoed byte (median, p95)"
         out += discover ? ", peers measuring their NAT." : ", peers told their NAT type."
+        if relay {
+            out += " coturn runs in the lab's public network and the targets publish a relayed address: path = where the"
+                + " echoed data ended (direct, relayed, or relay→direct when the connection started relayed and moved);"
+                + " to direct = median from the connect call to the direct path."
+        }
         if let router = portMappingRouter {
             out += " Router \(router) runs miniupnpd (port mapping) in front of its NAT, and peer-\(router) publishes its"
                 + " mapping as a `mapped` candidate: each \(router == "a" ? "A" : "B") is \"type + port mapping\"."
@@ -170,8 +194,8 @@ package struct MatrixReport: Sendable {
         out += "\n\n"
         for strategy in strategies where !(results[strategy] ?? []).isEmpty {
             out += "### \(strategy)\n\n"
-            out += "| A \\ B | success | median ms | p95 ms | first byte ms | packets | rounds | raw UDP ms | ratio | errors |\n"
-            out += "|---|---|---|---|---|---|---|---|---|---|\n"
+            out += "| A \\ B | success | path | median ms | p95 ms | first byte ms | to direct ms | packets | rounds | raw UDP ms | ratio | errors |\n"
+            out += "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
             for pair in results[strategy] ?? [] {
                 let raw = raw["\(pair.a):\(pair.b)"]
                 let rawText = raw.map { $0.connected ? ms($0.timeMs) : "fails" } ?? "–"
@@ -180,8 +204,8 @@ package struct MatrixReport: Sendable {
                     ratio = String(format: "%.2f", median / (rawTime + rttMs))
                 }
                 let errors = pair.errors.sorted { $0.key < $1.key }.map { "\($0.key) ×\($0.value)" }.joined(separator: ", ")
-                out += "| \(pair.a) × \(pair.b) | \(pair.successes)/\(pair.trials.count) | \(ms(pair.median)) | \(ms(pair.p95)) | "
-                out += "\(ms(pair.firstByteMedian)), \(ms(pair.firstByteP95)) | "
+                out += "| \(pair.a) × \(pair.b) | \(pair.successes)/\(pair.trials.count) | \(pair.relayPaths) | \(ms(pair.median)) | \(ms(pair.p95)) | "
+                out += "\(ms(pair.firstByteMedian)), \(ms(pair.firstByteP95)) | \(ms(pair.timeToDirectMedian)) | "
                 out += "\(String(format: "%.0f", pair.meanPackets)) | \(String(format: "%.1f", pair.meanRounds)) | \(rawText) | \(ratio) | \(errors) |\n"
             }
             out += "\n"
@@ -239,6 +263,8 @@ package struct MatrixReport: Sendable {
                 if let median = pair.median { entry["median_ms"] = median }
                 if let p95 = pair.p95 { entry["p95_ms"] = p95 }
                 if let median = pair.firstByteMedian { entry["first_byte_median_ms"] = median }
+                entry["ended_direct"] = pair.endedDirect
+                if let median = pair.timeToDirectMedian { entry["time_to_direct_median_ms"] = median }
                 if let p95 = pair.firstByteP95 { entry["first_byte_p95_ms"] = p95 }
                 if let raw = raw["\(pair.a):\(pair.b)"], raw.connected, let time = raw.timeMs, let median = pair.median {
                     entry["ratio_to_raw_plus_rtt"] = median / (time + rttMs)
@@ -255,6 +281,7 @@ package struct MatrixReport: Sendable {
                 "strategies": strategiesJSON, "raw_udp": rawJSON]
         if let impostorPackets { top["impostor_packets"] = impostorPackets }
         if let portMappingRouter { top["port_mapping_router"] = portMappingRouter }
+        top["relay"] = relay
         if !topologies.isEmpty {
             top["topologies"] = topologies.mapValues { rows in
                 rows.map { row -> [String: Any] in

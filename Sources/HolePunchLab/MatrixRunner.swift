@@ -24,6 +24,16 @@ package struct MatrixRunner {
     package let portMappingRouter: String?
     /// With `discover`: the initiator too waits for its discovery to be published before it asks for the punch.
     package var discoverFirst = false
+    /// Whether the labs run coturn (`lab.sh up --turn`) and the rendezvous grants it, so that peers may connect
+    /// relayed (issue 15); off: punch only, as before.
+    package var relay = true
+    /// Loss on the relayed leg, percent each way (`lab.sh up --turn-loss`): a lossy relay.
+    package var relayLoss: Double = 0
+    /// Bytes the initiator sends after its last line and expects echoed whole (`lab peer --transfer`).
+    package var transfer = 0
+    /// Run each pair's trials round by round, one trial of every strategy per round (`bench relay-lab`), instead of
+    /// every trial of one strategy, then the next: a machine that gets busier mid-pair then slows both alike.
+    package var alternate = false
 
     /// A runner for one matrix (the memberwise initialiser is internal to this module).
     package init(lab: LabSession, strategies: [String], pairs: [(String, String)], trials: Int, delay: Double, loss: Double,
@@ -59,6 +69,7 @@ package struct MatrixRunner {
         var report = MatrixReport(strategies: strategies.map { URL(fileURLWithPath: $0).lastPathComponent }, results: [:], raw: [:],
                                   rttMs: 0, trials: trials, delay: delay, loss: loss, date: date, discover: discover)
         report.portMappingRouter = portMappingRouter
+        report.relay = relay
         if !pairs.isEmpty { try await runPairs(into: &report) }
         for (index, topology) in topologies.enumerated() {
             if index > 0 || !pairs.isEmpty { try await lab.run(["down"]) }
@@ -71,11 +82,24 @@ package struct MatrixRunner {
     /// takes QUIC on both families and answers STUN on IPv6 too (advertised, so peers learn their IPv6 reflexive
     /// address), as a rendezvous deployed on such a host would.
     private func startRendezvous(dualStack: Bool = false) async throws -> (LabChild, String) {
+        var turn: [String] = []
+        if relay {
+            // lab.sh up --turn says where its coturn listens and where the shared secret is.
+            let status = try await lab.run(["status", "--env"]).output
+            let env = Dictionary(status.split(separator: "\n").compactMap { line -> (String, String)? in
+                let parts = line.split(separator: "=", maxSplits: 1).map(String.init)
+                return parts.count == 2 ? (parts[0], parts[1]) : nil
+            }) { a, _ in a }
+            guard let server = env["HP_LAB_TURN_SERVER"], let secret = env["HP_LAB_TURN_SECRET_FILE"] else {
+                throw LabFailure("the lab runs no TURN server (lab.sh up --turn)")
+            }
+            turn = ["--turn-server", server, "--turn-secret-file", secret]
+        }
         let rdvIdentity = lab.file("rdv.identity")
         try Identity.generate(commonName: "lab-rendezvous").save(to: rdvIdentity)
         let ready = lab.file("rdv.ready")
         let rendezvous = try lab.exec("rdv", [lab.executable, "lab", "rendezvous", "--identity", rdvIdentity, "--ready-file", ready,
-                                                "--start-delay", "\(startDelay)"]
+                                                "--start-delay", "\(startDelay)"] + turn
                                           + (dualStack ? ["--listen", "[::]:7000", "--stun-other", Self.rendezvousSTUN6] : []),
                                       stem: "rendezvous")
         do {
@@ -98,7 +122,7 @@ package struct MatrixRunner {
     private func runPairs(into report: inout MatrixReport) async throws {
         let first = pairs[0]
         progress("lab \(lab.name): up (\(first.0) × \(first.1), delay \(delay) ms, loss \(loss)%)")
-        try await lab.run(["up", "--nat-a", first.0, "--nat-b", first.1, "--delay", "\(delay)", "--loss", "\(loss)", "--probe-server"],
+        try await lab.run(["up", "--nat-a", first.0, "--nat-b", first.1, "--delay", "\(delay)", "--loss", "\(loss)", "--probe-server"] + turnOptions,
                           limit: .seconds(120))
         try await portMap("up")
         // One rendezvous for all pairs.
@@ -144,19 +168,20 @@ package struct MatrixRunner {
                 raws["\(pair.0):\(pair.1)"] = reference
                 progress("\(label) raw UDP: " + (reference.connected ? String(format: "%.0f ms", reference.timeMs ?? 0) : "fails"))
             }
-            for strategy in strategies {
-                var result = PairResult(a: pair.0, b: pair.1)
-                let short = URL(fileURLWithPath: strategy).lastPathComponent
-                for trial in 1...max(1, trials) {
-                    let outcome = try await runTrial(pair: pair, strategy: strategy, rdvNode: rdvNode)
-                    result.trials.append(outcome)
-                    let summary = outcome.ok
-                        ? String(format: "ok %.0f ms, %d rounds, %d packets, first byte %.0f ms", outcome.timeMs ?? 0, outcome.rounds,
-                                 outcome.packets, outcome.firstByteMs ?? 0)
-                        : "failed: \(outcome.error ?? "?") \(outcome.message ?? "")"
-                    progress("\(label) \(short) trial \(trial)/\(trials): \(summary)")
-                }
-                results[short, default: []].append(result)
+            var rows = strategies.map { _ in PairResult(a: pair.0, b: pair.1) }
+            let order = alternate ? (1...max(1, trials)).flatMap { trial in strategies.indices.map { ($0, trial) } }
+                                  : strategies.indices.flatMap { index in (1...max(1, trials)).map { (index, $0) } }
+            for (index, trial) in order {
+                let outcome = try await runTrial(pair: pair, strategy: strategies[index], rdvNode: rdvNode)
+                rows[index].trials.append(outcome)
+                let summary = outcome.ok
+                    ? String(format: "ok %.0f ms, %d rounds, %d packets, first byte %.0f ms", outcome.timeMs ?? 0, outcome.rounds,
+                             outcome.packets, outcome.firstByteMs ?? 0) + ", path \(outcome.relayPath ?? "?")"
+                    : "failed: \(outcome.error ?? "?") \(outcome.message ?? "")"
+                progress("\(label) \(URL(fileURLWithPath: strategies[index]).lastPathComponent) trial \(trial)/\(trials): \(summary)")
+            }
+            for (index, strategy) in strategies.enumerated() {
+                results[URL(fileURLWithPath: strategy).lastPathComponent, default: []].append(rows[index])
             }
             // The impostor rule's counter, before renat replaces the table: packets b's router gave to the impostor.
             if impostor, let child = try? lab.exec("nat-b", ["nft", "list", "chain", "ip", "hpnat", "prerouting"], stem: "impostor-counter"),
@@ -175,7 +200,7 @@ package struct MatrixRunner {
     /// path is judged from the address the initiator (peer-a) connected to.
     private func runTopology(_ topology: LabTopology, label: String, into report: inout MatrixReport) async throws {
         progress("lab \(lab.name): up (topology \(topology.name), delay \(delay) ms, loss \(loss)%)")
-        try await lab.run(["up", "--topology", topology.name, "--delay", "\(delay)", "--loss", "\(loss)", "--probe-server"],
+        try await lab.run(["up", "--topology", topology.name, "--delay", "\(delay)", "--loss", "\(loss)", "--probe-server"] + turnOptions,
                           limit: .seconds(120))
         let status = try await lab.run(["status", "--json"])
         let hosts = (try? JSONSerialization.jsonObject(with: Data(status.output.utf8)) as? [String: Any])?["hosts"] as? [String: Any]
@@ -204,6 +229,12 @@ package struct MatrixRunner {
             }
             report.topologies[short, default: []].append(row)
         }
+    }
+
+    /// `lab.sh up` options for coturn: none without the relay.
+    private var turnOptions: [String] {
+        guard relay else { return [] }
+        return ["--turn"] + (relayLoss > 0 ? ["--turn-loss", "\(relayLoss)"] : [])
     }
 
     /// `lab/portmap.sh up --router X` or `down` when the pairs run with port mapping (nothing otherwise). `down` always
@@ -257,6 +288,7 @@ package struct MatrixRunner {
                              "--strategy", strategy, "--punch-timeout", "\(punchTimeout)", "--timeout", "\(punchTimeout + 10)"]
             arguments += discover ? ["--discover"] + (discoverFirst ? ["--discover-first"] : []) : ["--nat", nat]
             if dualStack { arguments += ["--bind", "[::]:0"] }
+            if transfer > 0 { arguments += ["--transfer", "\(transfer)"] }
             return arguments
         }
         // The peer behind the mapping router asks for a mapping (the target publishes it before it reports ready).
@@ -304,7 +336,8 @@ package struct MatrixRunner {
             firstByteMs: result["first_byte_ms"] as? Double, connectFirstByteMs: result["connect_first_byte_ms"] as? Double,
             phases: result["phases_ms"] as? [String: Double], remote: result["remote"] as? String,
             candidatePair: Self.candidatePair(result["candidate_pair"])
-                ?? Self.winningCandidate(kind: result["candidate"], family: result["candidate_family"], remote: result["remote"]))
+                ?? Self.winningCandidate(kind: result["candidate"], family: result["candidate_family"], remote: result["remote"]),
+            relayPath: result["path"] as? String, timeToDirectMs: result["time_to_direct_ms"] as? Double)
     }
 
     /// The winner as the lab peer reports it (`candidate`, `candidate_family`, `remote`): `→ kind family address`, e.g.

@@ -295,7 +295,7 @@ public actor HolePunchNode: Service {
         self.relay = relay
         await rendezvousClient.setRelayPermitter { peers in await relay.permit(peers) }
         do {
-            _ = try await rendezvousClient.publishRelayed([relay.candidate])
+            _ = try await rendezvousClient.publishRelayed([relay.candidate], mapped: relay.mapped)
         } catch {
             options.logger.info("the rendezvous refused the relayed address", metadata: ["error": "\(error)"])
             return nil

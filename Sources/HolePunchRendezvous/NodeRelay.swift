@@ -16,11 +16,14 @@ final class NodeRelay: Sendable {
     let client: TURNClient
     /// Our relayed address as a candidate to publish.
     let candidate: Candidate
+    /// Our address as the TURN server saw it (the allocation's XOR-MAPPED-ADDRESS), when it said.
+    let mapped: SocketAddress?
     private let running: Task<Void, Never>
 
-    private init(client: TURNClient, candidate: Candidate, running: Task<Void, Never>) {
+    private init(client: TURNClient, candidate: Candidate, mapped: SocketAddress?, running: Task<Void, Never>) {
         self.client = client
         self.candidate = candidate
+        self.mapped = mapped
         self.running = running
     }
 
@@ -73,7 +76,7 @@ final class NodeRelay: Sendable {
             "relay.server": "\(server)", "relay.address": "\(allocation.relayed)",
         ])
         return NodeRelay(client: client, candidate: Candidate(kind: .relayed, address: allocation.relayed),
-                         running: running)
+                         mapped: allocation.mapped, running: running)
     }
 
     /// The TURN client's settings for a node: the defaults, with a channel bound to each peer it sends to, so

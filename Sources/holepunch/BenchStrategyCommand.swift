@@ -17,7 +17,7 @@ struct BenchGroupCommand: AsyncParsableCommand {
             """,
         subcommands: [
             BenchStrategyCommand.self, BenchQUICCommand.self, BenchPunchCommand.self, BenchRendezvousCommand.self,
-            BenchRendezvousFloodCommand.self, BenchInitialsCommand.self, BenchRelayCommand.self,
+            BenchRendezvousFloodCommand.self, BenchInitialsCommand.self, BenchRelayCommand.self, BenchRelayLabCommand.self,
         ]
     )
 }

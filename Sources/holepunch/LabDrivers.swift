@@ -9,6 +9,7 @@ import HolePunchQUIC
 import HolePunchStrategy
 import HolePunchLab
 import Logging
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -48,10 +49,16 @@ struct LabRendezvousCommand: AsyncParsableCommand {
     @Flag(help: "Run no STUN responder (e.g. for an impostor QUIC server).") var noStun = false
     @Option(help: "A STUN responder of the other IP family, numeric ADDR:PORT, advertised to peers (dual-stack topology).")
     var stunOther: String?
+    @Option(help: "A TURN server (numeric ADDR:PORT, the lab's coturn) whose credentials registered peers receive.")
+    var turnServer: String?
+    @Option(help: "File holding the secret shared with that TURN server; needs --turn-server.") var turnSecretFile: String?
 
     func run() async throws {
         labUnblockTerminationSignals()
         let id = try Identity.load(from: identity)
+        guard (turnServer == nil) == (turnSecretFile == nil) else {
+            throw ValidationError("--turn-server and --turn-secret-file go together")
+        }
         let primary = try SocketAddress(parsing: stun)
         let alternate = try SocketAddress(parsing: "\(stunAltIP):\(stunAltPort)")
         var configuration = RendezvousServerConfiguration(
@@ -63,6 +70,11 @@ struct LabRendezvousCommand: AsyncParsableCommand {
         )
         if let stunOther, !noStun {
             configuration.otherFamilySTUN = STUNResponderConfiguration(primary: try SocketAddress(parsing: stunOther))
+        }
+        if let turnServer, let turnSecretFile {
+            // The lab's coturn (lab.sh up --turn): peers get credentials as from `rendezvous --turn-server`.
+            configuration.turn = TURNMinting(servers: [try SocketAddress(parsing: turnServer)],
+                                             secret: try TURNMinting.secret(fromFile: turnSecretFile))
         }
         let server = try await RendezvousServer.bind(configuration: configuration)
         let task = Task { try await server.run() }
@@ -148,6 +160,11 @@ struct LabPeerCommand: AsyncParsableCommand {
         candidate; the target waits for the first answer before it reports ready.
         """)
     var portMapping = false
+    @Flag(help: "Allocate no relay even when the rendezvous grants one (the target then publishes no relayed address).")
+    var noRelay = false
+    @Option(help: "After a first echo over the relay, wait up to this many seconds for the move to a direct path, then echo again.")
+    var directWait: Double = 5
+    @Option(help: "Send this many bytes more after the last line (and expect them echoed whole), 0–4194304.") var transfer = 0
 
     func run() async throws {
         labUnblockTerminationSignals()
@@ -178,10 +195,14 @@ struct LabPeerCommand: AsyncParsableCommand {
                                                              logger: Logger(label: "holepunch.lab.portmap")) : nil
         let mapping = mapper.flatMap { mapper in LabMapping(mapper: mapper, first: Task { try? await mapper.map() }) }
         let (target, nat, measure, ready, first) = (connect, profile, discover, readyFile, discover && discoverFirst)
+        guard (0...LabPeerCommand.transferLimit).contains(transfer) else { throw ValidationError("--transfer is 0–\(LabPeerCommand.transferLimit)") }
+        let relaying = LabRelaying(enabled: !noRelay, directWait: .milliseconds(Int(directWait * 1000)),
+                                   lastLine: labLastLine + labTransferBytes(transfer))
         let outcome = await labWithin(limit) {
             LabRecord(fields: await Self.punch(client: client, role: role, target: target,
                                                registration: Registration(candidates: hosts, nat: nat), discover: measure,
-                                               discoverFirst: first, readyFile: ready, started: started, mapping: mapping))
+                                               discoverFirst: first, readyFile: ready, started: started, mapping: mapping,
+                                               relaying: relaying))
         }
         var result = outcome?.fields ?? ["ok": false, "error": "harnessTimeout", "message": "no result within \(timeout) s"]
         result["event"] = "result"
@@ -189,13 +210,15 @@ struct LabPeerCommand: AsyncParsableCommand {
         result["strategy"] = strategyName
         result["wall_ms"] = labMilliseconds(ContinuousClock.now - started)
         labEmit(result)
+        // The allocation goes first (bounded): left behind, it would count against coturn's quotas for its lifetime.
+        if let relay = relaying.published.value { _ = await labWithin(.seconds(1)) { await relay.stop() } }
         // Exit at once: the result is out, and a graceful QUIC teardown would only add time to every trial.
         Glibc.exit((result["ok"] as? Bool) == true ? 0 : 1)
     }
 
     private static func punch(client: RendezvousClient, role: String, target: String?, registration: Registration,
                               discover: Bool, discoverFirst: Bool, readyFile: String?, started: ContinuousClock.Instant,
-                              mapping: LabMapping?) async -> [String: Any]
+                              mapping: LabMapping?, relaying: LabRelaying) async -> [String: Any]
     {
         do {
             let connectCalled = ContinuousClock.now
@@ -205,6 +228,7 @@ struct LabPeerCommand: AsyncParsableCommand {
             let (registered, pipelined) = try await Self.register(client: client, registration, target: discoverFirst ? nil : target)
             let registeredAt = ContinuousClock.now
             var coordinated: ReceivedCoordinate?
+            var relayFields: [String: Any] = [:]
             var line: [String: Any] = ["event": "registered", "observed": "\(registered.observedAddress)",
                                        "node": "\(client.nodeID)", "role": role]
             if discover, target == nil || discoverFirst, let outcome = await client.natDiscoveryResult() {
@@ -220,6 +244,14 @@ struct LabPeerCommand: AsyncParsableCommand {
                     line["port_mapping_published"] = (try? await client.publishPortMapping(granted)) ?? false
                 }
                 Task { await client.keepPortMapping(mapping.mapper, first: mapping.first, logger: Logger(label: "holepunch.lab")) }
+            }
+            if target == nil {
+                // The target's allocation carries a relayed connection (docs/relay.md): the initiator needs none. It
+                // lives (its task refreshes it) until the process exits.
+                let (started, fields) = await Self.startRelay(client: client, registered: registered, enabled: relaying.enabled)
+                relaying.published.set(started)
+                line.merge(fields) { a, _ in a }
+                relayFields = fields
             }
             labEmit(line)
             if let readyFile { try "\(client.nodeID)\n".write(toFile: readyFile, atomically: true, encoding: .utf8) }
@@ -259,7 +291,8 @@ struct LabPeerCommand: AsyncParsableCommand {
             var ports = 0
             var done: Result<PunchSuccess, PunchError>?
             var planned: [String: Any] = [:]
-            for await event in handle.events {
+            // Read up to `.done`: a relayed punch's probing goes on (and sends events) after its connection exists.
+            events: for await event in handle.events {
                 switch event {
                 case .planned(let name):
                     planned["planned_by"] = name
@@ -271,6 +304,7 @@ struct LabPeerCommand: AsyncParsableCommand {
                     ports = max(ports, tried)
                 case .done(let result):
                     done = result
+                    break events
                 default:
                     break
                 }
@@ -285,7 +319,25 @@ struct LabPeerCommand: AsyncParsableCommand {
                 ].merging(planned) { a, _ in a }
                 if case .success(let connection) = await handle.result() {
                     line["peer_node"] = "\(connection.peerNodeID)"
-                    let (outcome, firstByte) = await exchangeLine(connection, initiator: target != nil)
+                    let watch = await LabPathWatch.start(connection, success: success)
+                    let initiator = target != nil
+                    // A connection that started relayed echoes once at once (the first byte), waits a while for the
+                    // move to a direct path, then echoes the closing line on whichever path it is on.
+                    var (outcome, firstByte) = await exchangeLine(connection, initiator: initiator,
+                                                                  line: watch.relayedAddress == nil ? relaying.lastLine : labRelayLine)
+                    // Where the last echo goes, read while the connection is open (the last exchange closes it).
+                    var relayedAtEnd = watch.relayedAddress != nil
+                    if initiator, watch.relayedAddress != nil, outcome == "delivered" {
+                        _ = await watch.directReached(within: relaying.directWait)
+                        relayedAtEnd = await watch.isRelayed(connection)
+                        (outcome, _) = await exchangeLine(connection, initiator: true, line: relaying.lastLine)
+                    }
+                    if initiator, let coordinated {
+                        let connectedAt = coordinated.startAt.advanced(by: success.timeToConnect)
+                        line.merge(await Self.pathFields(watch: watch, relayedAtEnd: relayedAtEnd, connectCalled: connectCalled,
+                                                         connectedAt: connectedAt)) { a, _ in a }
+                    }
+                    watch.toDirect.cancel()
                     line["echo"] = outcome == "delivered"
                     line["echo_outcome"] = outcome
                     // Start-to-first-byte: what a user waits for, from the process (or the connect call) to the
@@ -305,11 +357,11 @@ struct LabPeerCommand: AsyncParsableCommand {
                         }
                     }
                 }
-                return line
+                return line.merging(relayFields) { a, _ in a }
             case .failure(let error):
                 return ["ok": false, "error": error.code.rawValue, "message": error.message,
                         "time_ms": labMilliseconds(error.elapsed), "rounds": max(rounds, error.rounds),
-                        "ports": max(ports, error.portsTried.count)].merging(planned) { a, _ in a }
+                        "ports": max(ports, error.portsTried.count)].merging(planned) { a, _ in a }.merging(relayFields) { a, _ in a }
             }
         } catch let error as RendezvousError {
             return ["ok": false, "error": "rendezvous." + error.code.name, "message": error.message]
@@ -361,11 +413,11 @@ struct LabPeerCommand: AsyncParsableCommand {
     /// `holepunch peer --echo` does: the graceful close must carry the echo to the initiator over a lossy path.
     /// Returns `delivered` (the whole line and a clean end), `silentLoss` (a clean end with bytes missing: the bug
     /// of issue 18), `error: …` or `timeout`, and (initiator) when the first echoed byte arrived.
-    private static func exchangeLine(_ connection: QUICConnection, initiator: Bool)
+    private static func exchangeLine(_ connection: QUICConnection, initiator: Bool, line: [UInt8])
         async -> (String, ContinuousClock.Instant?)
     {
-        let line = Array("hello through the NAT\n".utf8)
-        let outcome = await labWithin(.seconds(8)) { () async -> LabEcho in
+        // The target may echo the relay line first, then the last one after the initiator's wait for the direct path.
+        let outcome = await labWithin(initiator ? .seconds(8) : .seconds(16) + .seconds(30)) { () async -> LabEcho in
             do {
                 if initiator {
                     let stream = try await connection.openStream()
@@ -373,15 +425,22 @@ struct LabPeerCommand: AsyncParsableCommand {
                     try await stream.finish()
                     var echo = try await stream.read() ?? []
                     let firstByte = echo.isEmpty ? nil : ContinuousClock.now
-                    if !echo.isEmpty { echo += try await stream.readToEnd(limit: 1024) }
-                    await connection.close()
+                    if !echo.isEmpty { echo += try await stream.readToEnd(limit: Self.transferLimit + 1024) }
+                    if line != labRelayLine { await connection.close() }
                     return LabEcho(outcome: echo == line ? "delivered" : "silentLoss", firstByte: firstByte)
                 } else {
-                    guard let stream = try await connection.acceptStream() else { return LabEcho(outcome: "error: no stream") }
-                    let received = try await stream.readToEnd(limit: 1024)
-                    try await stream.write(received)
-                    try await stream.finish()
-                    return LabEcho(outcome: await connection.close() ? "delivered" : "error: echo not acknowledged")
+                    while true {
+                        guard let stream = try await connection.acceptStream() else { return LabEcho(outcome: "error: no stream") }
+                        let received = try await stream.readToEnd(limit: Self.transferLimit + 1024)
+                        try await stream.write(received)
+                        try await stream.finish()
+                        if received != labRelayLine {
+                            // A `--transfer` echo may need longer than the close's bounded wait on a lossy path: wait
+                            // for its acknowledgement first. The plain line still relies on the close (issue 18).
+                            if received.count > labLastLine.count { try await stream.delivered() }
+                            return LabEcho(outcome: await connection.close() ? "delivered" : "error: echo not acknowledged")
+                        }
+                    }
                 }
             } catch {
                 return LabEcho(outcome: "error: \(error)")
@@ -395,6 +454,23 @@ struct LabPeerCommand: AsyncParsableCommand {
 private struct LabMapping: Sendable {
     let mapper: PortMapper
     let first: Task<PortMapping?, Never>
+}
+
+/// `lab peer`'s use of the relay: whether the target allocates, and how long a relayed initiator waits for a direct path.
+private struct LabRelaying: Sendable {
+    var enabled: Bool
+    var directWait: Duration
+    /// What the last exchange sends: the line, plus `--transfer` bytes.
+    var lastLine: [UInt8]
+    /// The target's allocation once started, for `run` to delete before it exits.
+    let published = LabPublishedRelay()
+}
+
+/// Where the punch task leaves the target's allocation for `run`.
+private final class LabPublishedRelay: Sendable {
+    private let state = Mutex<PublishedRelay?>(nil)
+    var value: PublishedRelay? { state.withLock { $0 } }
+    func set(_ relay: PublishedRelay?) { state.withLock { $0 = relay } }
 }
 
 /// How the line exchange ended, and when the first echoed byte arrived (initiator only).

@@ -48,6 +48,9 @@ struct LabMatrixCommand: AsyncParsableCommand {
     @Flag(help: "With --discover: the initiator too waits for its discovery to be published before it asks for the punch.")
     var discoverFirst = false
     @Flag(help: "Skip the raw UDP reference punch.") var noRaw = false
+    @Flag(help: "Run no coturn in the lab: peers punch only, as before issue 15.") var noRelay = false
+    @Option(help: "Loss on the relayed leg (to and from coturn's relayed ports), percent each way.") var relayLoss: Double = 0
+    @Option(help: "Bytes the initiator sends after its line, echoed and compared whole (0–4194304).") var transfer = 0
     @Flag(help: """
         Impostor check: a QUIC server with another identity runs in `other`, and router b DNATs every new inbound         UDP flow to it, so whatever the initiator dials first at b's address answers with the wrong identity.
         """)
@@ -101,6 +104,9 @@ struct LabMatrixCommand: AsyncParsableCommand {
             topologies: topologies, portMappingRouter: portMapping
         )
         runner.discoverFirst = discoverFirst
+        runner.relay = !noRelay
+        runner.relayLoss = relayLoss
+        runner.transfer = transfer
         let report = try await runner.run()
         let tables = report.markdown()
         print(tables)

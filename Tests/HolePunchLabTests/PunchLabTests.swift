@@ -39,6 +39,8 @@ extension LabTests {
             var time_ms: Double?
             var peer_node: String?
             var expected_peer: String?
+            /// Where the echoed data ended: direct, relayed or relay→direct (issue 15).
+            var relay_path: String?
         }
         var a: String
         var b: String

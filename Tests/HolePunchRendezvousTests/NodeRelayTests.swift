@@ -267,6 +267,19 @@ struct NodeRelayTests {
         }
     }
 
+    @Test("the allocation's mapping is the last port the node's NAT allocated: the node publishes it (a sequential NAT's peer counts from it)")
+    func publishesTheAllocationsMappedPort() async throws {
+        try await Self.withCoturn { harness, _ in
+            let a = try await Self.node(Identities.a, harness)
+            _ = try #require(await a.relayedAddress())
+            // On loopback coturn sees the punch socket itself; behind a sequential NAT it sees the mapping made after
+            // the registration's, which the peer's port prediction must start from (lab: symmetric_seq pairs).
+            let stored = await harness.server.state.peer(Identities.a.nodeID)?.registration
+            #expect(stored?.lastAllocatedPort == a.endpoint.localAddress.port, "\(String(describing: stored))")
+            await a.stop()
+        }
+    }
+
     @Test("TURN server down: the node starts at once, punches only, and says so in one log line")
     func serverDownPunchesOnly() async throws {
         // A port nothing answers on: our own bound socket that never reads.
