@@ -59,9 +59,14 @@ extension PunchExecutor {
         runtime.relayDials += 1
         let (endpoint, node, plan, punchID) = (runtime.sockets[0], runtime.options.targetNodeID,
                                                runtime.session.configuration.plan, runtime.id)
+        // Returns at our Finished, a peer round trip before the target's confirmation, so the app's first bytes
+        // leave with it (time to first byte: one handshake round trip and one for the data). Punch dials wait for
+        // confirmation because the target may refuse all but one of several; a relayed dial is the punch's only
+        // dial to the target's allocation, made as the target starts its punch, so a refusal needs the target's
+        // punch to end within that round trip, and then the app's first stream operation fails (`handshakeFailed`).
         let options = ConnectOptions(initialRTT: plan.initialRTT, handshakeTimeout: plan.connectTimeout,
                                      serverName: PunchExecutor.serverName(forSession: runtime.options.sessionID),
-                                     alpn: runtime.options.alpn)
+                                     alpn: runtime.options.alpn, returnsBeforeConfirmation: true)
         runtime.events.yield(.connecting(to: relayed))
         runtime.relayDial = Task {
             let result: Result<QUICConnection, any Error>
