@@ -73,6 +73,12 @@ public actor PunchExecutor {
     let clock = PunchClock()
     /// The I/O side of each running punch; its protocol state is in the runtime's session.
     var runtimes: [PunchID: PunchRuntime] = [:]
+    /// Every punch's armed timer, and the one task that sleeps until the earliest (`PunchTimers.swift`).
+    var timers = PunchTimerQueue()
+    var timerSleeper: Task<Void, Never>?
+    var timerSleeperDeadline: UInt64 = .max
+    var timerSleeperGeneration = 0
+    var firingTimers = false
     private var nextID: UInt64 = 1
     var installed = false
     var acceptTask: Task<Void, Never>?

@@ -1,5 +1,6 @@
 import HolePunchNet
 import HolePunchQUIC
+import HolePunchSTUN
 import HolePunchStrategy
 
 /// The I/O side of one punch: its sockets, dial tasks, connections and timer, and where its result goes. Owned by
@@ -18,13 +19,19 @@ final class PunchRuntime {
     let box: ResultBox
     let events: AsyncStream<PunchEvent>.Continuation
     let startedAt: ContinuousClock.Instant
+    /// The session key as a STUN credential, made once: it keeps the HMAC state keyed for every probe this punch
+    /// signs or checks.
+    let credential: STUNCredential
+    /// Signs this side's probes and answers with ``credential``; nil when the session id makes no valid USERNAME, and
+    /// then no probe is sent (as when signing each probe failed).
+    let signer: PunchProbe.Signer?
     /// Local sockets: 0 is the executor's endpoint; more are a birthday punch's extra sockets (`PunchSocketSet`).
     var sockets: [Endpoint] = []
     /// Handshakes in flight, by the session's dial id.
     var dials: [Int: Task<Void, Never>] = [:]
     /// Established connections not yet handed over or closed, by the session's dial or accept id.
     var connections: [Int: QUICConnection] = [:]
-    var timerTask: Task<Void, Never>?
+    /// Bumped by every arm and disarm of the punch's timer, so that only its latest arm fires (`PunchTimers.swift`).
     var timerGeneration = 0
     /// The QUIC error of a dial whose peer was not the pinned NodeID, for the failure message.
     var authenticationError: QUICError?
@@ -59,5 +66,7 @@ final class PunchRuntime {
         self.box = box
         self.events = events
         self.startedAt = startedAt
+        self.credential = STUNCredential(key: options.sessionKey)
+        self.signer = try? PunchProbe.Signer(sessionID: options.sessionID, senderRole: options.role.rawValue, credential: credential)
     }
 }
