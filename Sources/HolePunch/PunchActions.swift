@@ -15,14 +15,18 @@ extension PunchExecutor {
             case .sendProbes(let probes):
                 let sockets = runtime.sockets
                 // Each request's transaction is recorded before it leaves, so only answers to it are believed.
+                var outgoing: [(socket: Endpoint, to: SocketAddress, bytes: [UInt8])] = []
                 for probe in probes where probe.socket < sockets.count {
                     let transaction = STUNTransactionID.random()
                     guard let bytes = try? runtime.signer?.request(transactionID: transaction) else { continue }
                     runtime.session.ledger.recordSent(transaction, socket: probe.socket, to: probe.to)
-                    outbox.add(bytes, to: probe.to, from: sockets[probe.socket])
+                    outgoing.append((sockets[probe.socket], probe.to, bytes))
                 }
-                // While timers fire, the batch's probes leave together at its end (`PunchTimers.swift`).
-                if !firingTimers { flushOutbox() }
+                Task {
+                    for datagram in outgoing {
+                        try? await datagram.socket.send(datagram: datagram.bytes, to: datagram.to)
+                    }
+                }
             case .respond(let socket, let to):
                 guard let transaction, socket < runtime.sockets.count,
                       let bytes = try? runtime.signer?.response(transactionID: transaction, observedAddress: to)
@@ -120,37 +124,5 @@ extension PunchExecutor {
             if authentication { runtime.authenticationError = error as? QUICError }
             apply(runtime, runtime.session.handle(.dialFailed(id: dial, authentication: authentication)))
         }
-    }
-}
-
-/// Probes waiting to leave, by local socket: a batch of timers sends all its probes with one task and one hop per
-/// socket (``PunchExecutor/flushOutbox()``), not a task and a hop per punch.
-struct PunchOutbox {
-    private var bySocket: [ObjectIdentifier: (socket: Endpoint, datagrams: [(bytes: [UInt8], to: SocketAddress)])] = [:]
-
-    /// Queues `bytes` for `to` on `socket`; datagrams for one socket keep their order.
-    mutating func add(_ bytes: [UInt8], to: SocketAddress, from socket: Endpoint) {
-        bySocket[ObjectIdentifier(socket), default: (socket, [])].datagrams.append((bytes, to))
-    }
-
-    /// Everything queued, emptying the outbox.
-    mutating func take() -> [(socket: Endpoint, datagrams: [(bytes: [UInt8], to: SocketAddress)])] {
-        defer { bySocket.removeAll(keepingCapacity: true) }
-        return Array(bySocket.values)
-    }
-}
-
-extension PunchExecutor {
-    /// Sends what the outbox holds: one task per socket, which runs on the socket's endpoint and sends every datagram
-    /// there without a hop each.
-    func flushOutbox() {
-        for (socket, datagrams) in outbox.take() {
-            Task { await PunchExecutor.send(datagrams, on: socket) }
-        }
-    }
-
-    private static func send(_ datagrams: [(bytes: [UInt8], to: SocketAddress)], on endpoint: isolated Endpoint) {
-        // A datagram the socket refuses (closed, unreachable) is a lost probe; the rounds go on.
-        for datagram in datagrams { try? endpoint.send(datagram: datagram.bytes, to: datagram.to) }
     }
 }

@@ -135,7 +135,6 @@ extension PunchExecutor {
             apply(runtime, runtime.session.handle(.timer(now: clock.now())))
         }
         firingTimers = false
-        flushOutbox()
         // Superseded entries (a punch paused its rounds, or ended) wait for their deadlines; drop them once they
         // outnumber the live ones, so the heap stays about one entry per punch.
         if timers.count > 2 * runtimes.count + 64 {
