@@ -23,8 +23,8 @@ import Glibc
 /// (`PunchPlanning.swift`), the peer's candidates and their probe targets (`PunchCandidates.swift`), the birthday
 /// socket set (`PunchSocketSet.swift`), probe routing and the endpoint wiring
 /// (`PunchProbeRouting.swift`), performing the session's actions (`PunchActions.swift`), ending a punch
-/// (`PunchCompletion.swift`), the live-session table and handshake admission (`Admission.swift`) and the SNI
-/// encoding (`PunchServerName.swift`).
+/// (`PunchCompletion.swift`), the live-session table and handshake admission (`Admission.swift`), the one timer for
+/// all punches (`PunchTimers.swift`) and the SNI encoding (`PunchServerName.swift`).
 public actor PunchExecutor {
     /// Settings for an executor.
     public struct Configuration: Sendable {

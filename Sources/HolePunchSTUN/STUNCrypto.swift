@@ -3,7 +3,7 @@ import Synchronization
 
 /// The key that MESSAGE-INTEGRITY and MESSAGE-INTEGRITY-SHA256 are computed with.
 ///
-/// A credential keeps its HMAC states keyed once (``STUNKeyedHMAC``): a punch signs and checks every probe with one
+/// A credential keeps its HMAC states keyed once: a punch signs and checks every probe with one
 /// credential, and keying HMAC-SHA256 afresh for each (`gnutls_hmac_fast`) cost as much as the MAC itself. Two
 /// credentials are equal when their keys are.
 public struct STUNCredential: Hashable, Sendable {
