@@ -106,6 +106,26 @@ extension PunchExecutor {
         }
     }
 
+    func arm(_ runtime: PunchRuntime, at deadline: UInt64) {
+        runtime.timerTask?.cancel()
+        runtime.timerGeneration += 1
+        let generation = runtime.timerGeneration
+        let id = runtime.id
+        let clock = self.clock
+        runtime.timerTask = Task {
+            if deadline > clock.now() {
+                do { try await clock.sleep(until: deadline) } catch { return }
+            }
+            self.timerFired(id, generation: generation)
+        }
+    }
+
+    private func timerFired(_ id: PunchID, generation: Int) {
+        guard let runtime = runtimes[id], runtime.timerGeneration == generation else { return }
+        runtime.timerTask = nil
+        apply(runtime, runtime.session.handle(.timer(now: clock.now())))
+    }
+
     private func dialFinished(_ id: PunchID, dial: Int, result: Result<QUICConnection, any Error>) {
         guard let runtime = runtimes[id] else {
             // The punch ended while this handshake completed: nobody wants the connection.

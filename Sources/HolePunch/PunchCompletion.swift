@@ -146,6 +146,9 @@ extension PunchExecutor {
     /// Tears a punch down: timer, dials, registrations; records the outcome. Returns the losing extra sockets,
     /// which the caller closes before delivering the result.
     private func end(_ runtime: PunchRuntime, outcome: PunchOutcome, keepSocket: Int?) -> [Endpoint] {
+        runtime.timerTask?.cancel()
+        runtime.timerTask = nil
+        runtime.timerGeneration += 1
         for task in runtime.dials.values { task.cancel() }
         runtime.relayDial?.cancel()
         runtime.relayDial = nil
@@ -156,7 +159,6 @@ extension PunchExecutor {
         runtime.connections.removeAll()
         let closing = runtime.sockets.enumerated().filter { $0.offset > 0 && $0.offset != keepSocket }.map(\.element)
         runtimes[runtime.id] = nil
-        disarm(runtime)
         admission.forget(session: runtime.options.sessionID)
         metrics.active.decrement()
         metrics.record(outcome: outcome, strategy: runtime.strategyName, pair: PunchMetrics.pair(runtime.options))

@@ -23,8 +23,8 @@ import Glibc
 /// (`PunchPlanning.swift`), the peer's candidates and their probe targets (`PunchCandidates.swift`), the birthday
 /// socket set (`PunchSocketSet.swift`), probe routing and the endpoint wiring
 /// (`PunchProbeRouting.swift`), performing the session's actions (`PunchActions.swift`), ending a punch
-/// (`PunchCompletion.swift`), the live-session table and handshake admission (`Admission.swift`), the one timer for
-/// all punches (`PunchTimers.swift`) and the SNI encoding (`PunchServerName.swift`).
+/// (`PunchCompletion.swift`), the live-session table and handshake admission (`Admission.swift`) and the SNI
+/// encoding (`PunchServerName.swift`).
 public actor PunchExecutor {
     /// Settings for an executor.
     public struct Configuration: Sendable {
@@ -73,12 +73,6 @@ public actor PunchExecutor {
     let clock = PunchClock()
     /// The I/O side of each running punch; its protocol state is in the runtime's session.
     var runtimes: [PunchID: PunchRuntime] = [:]
-    /// Every punch's armed timer, and the one task that sleeps until the earliest (`PunchTimers.swift`).
-    var timers = PunchTimerQueue()
-    var timerSleeper: Task<Void, Never>?
-    var timerSleeperDeadline: UInt64 = .max
-    var timerSleeperGeneration = 0
-    var firingTimers = false
     private var nextID: UInt64 = 1
     var installed = false
     var acceptTask: Task<Void, Never>?

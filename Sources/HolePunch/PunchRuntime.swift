@@ -31,7 +31,7 @@ final class PunchRuntime {
     var dials: [Int: Task<Void, Never>] = [:]
     /// Established connections not yet handed over or closed, by the session's dial or accept id.
     var connections: [Int: QUICConnection] = [:]
-    /// Bumped by every arm and disarm of the punch's timer, so that only its latest arm fires (`PunchTimers.swift`).
+    var timerTask: Task<Void, Never>?
     var timerGeneration = 0
     /// The QUIC error of a dial whose peer was not the pinned NodeID, for the failure message.
     var authenticationError: QUICError?
