@@ -24,7 +24,23 @@ final class Admission: Sendable {
         /// Cancelled while its plan was being made: it ends as cancelled as soon as the plan arrives.
         var cancelledWhilePreparing = false
     }
-    private let sessions = Mutex<[String: Entry]>([:])
+    /// The sessions, and an index of the proven addresses to the sessions that proved them: the endpoint asks
+    /// ``hints(for:)`` on every handshake datagram until it has hints, so the answer is a lookup, not a scan of
+    /// every live session (a thousand of them at once made that scan a visible share of a punch's CPU).
+    private struct Table {
+        var sessions: [String: Entry] = [:]
+        var proving: [SocketAddress: Set<String>] = [:]
+
+        /// Removes `session` and its addresses from the index.
+        mutating func remove(_ session: String) {
+            guard let entry = sessions.removeValue(forKey: session) else { return }
+            for address in entry.proven {
+                proving[address]?.remove(session)
+                if proving[address]?.isEmpty == true { proving[address] = nil }
+            }
+        }
+    }
+    private let table = Mutex(Table())
     /// Which handshakes that belong to no punch are admitted (the executor's `acceptOthers`, kept only here).
     let others: AcceptPolicy
 
@@ -39,19 +55,19 @@ final class Admission: Sendable {
     func reserve(
         _ session: String, punch: PunchID, node: NodeID, maxPunches: Int, maxPerPeer: Int
     ) throws(PunchError) {
-        let refusal: PunchError? = sessions.withLock { table in
-            guard table.count < maxPunches else {
+        let refusal: PunchError? = table.withLock { table in
+            guard table.sessions.count < maxPunches else {
                 return PunchError(code: .tooManyPunches,
-                                  message: "\(table.count) punches are running, the most this executor allows")
+                                  message: "\(table.sessions.count) punches are running, the most this executor allows")
             }
-            guard table.values.count(where: { $0.node == node }) < maxPerPeer else {
+            guard table.sessions.values.count(where: { $0.node == node }) < maxPerPeer else {
                 return PunchError(code: .tooManyPunches,
                                   message: "\(maxPerPeer) punches to \(node.short) are running already")
             }
-            guard table[session] == nil else {
+            guard table.sessions[session] == nil else {
                 return PunchError(code: .invalidOptions, message: "session \(session) is already being punched")
             }
-            table[session] = Entry(punch: punch, node: node)
+            table.sessions[session] = Entry(punch: punch, node: node)
             return nil
         }
         if let refusal { throw refusal }
@@ -59,14 +75,14 @@ final class Admission: Sendable {
 
     /// The punch that owns `session`, if it is live.
     func punch(forSession session: String) -> PunchID? {
-        sessions.withLock { $0[session]?.punch }
+        table.withLock { $0.sessions[session]?.punch }
     }
 
     /// Marks the punch `punch`, if it is live, as cancelled while preparing; false when it holds no entry.
     func cancelPreparing(_ punch: PunchID) -> Bool {
-        sessions.withLock { table in
-            guard let session = table.first(where: { $0.value.punch == punch })?.key else { return false }
-            table[session]?.cancelledWhilePreparing = true
+        table.withLock { table in
+            guard let session = table.sessions.first(where: { $0.value.punch == punch })?.key else { return false }
+            table.sessions[session]?.cancelledWhilePreparing = true
             return true
         }
     }
@@ -74,52 +90,59 @@ final class Admission: Sendable {
     /// Marks every live session as cancelled while preparing (shutdown); running punches are cancelled by the
     /// executor and ignore the mark.
     func cancelAll() {
-        sessions.withLock { table in
-            for session in table.keys { table[session]?.cancelledWhilePreparing = true }
+        table.withLock { table in
+            for session in table.sessions.keys { table.sessions[session]?.cancelledWhilePreparing = true }
         }
     }
 
     /// Whether `session` was cancelled while its plan was being made.
     func wasCancelledWhilePreparing(_ session: String) -> Bool {
-        sessions.withLock { $0[session]?.cancelledWhilePreparing ?? false }
+        table.withLock { $0.sessions[session]?.cancelledWhilePreparing ?? false }
     }
 
     /// Admits `node` for `session`; handshakes from addresses its probes prove (``proved(_:session:)``) run with
     /// `hints`. The executor calls it when a target punch starts running.
     func expect(_ node: NodeID, session: String, hints: HandshakeHints) {
-        sessions.withLock { table in
-            var entry = table[session] ?? Entry(punch: nil, node: node)
+        table.withLock { table in
+            var entry = table.sessions[session] ?? Entry(punch: nil, node: node)
             entry.node = node
             entry.hints = hints
-            table[session] = entry
+            table.sessions[session] = entry
         }
     }
 
     /// A probe of `session` proved that its peer sends from `address`; a no-op for a session that is not a live
     /// target punch.
     func proved(_ address: SocketAddress, session: String) {
-        sessions.withLock { table in
-            guard table[session]?.hints != nil else { return }
-            table[session]?.proven.insert(address)
+        table.withLock { table in
+            guard table.sessions[session]?.hints != nil else { return }
+            table.sessions[session]?.proven.insert(address)
+            table.proving[address, default: []].insert(session)
         }
     }
 
     /// Removes `session`: its punch has ended (or never started).
-    func forget(session: String) { sessions.withLock { $0[session] = nil } }
+    func forget(session: String) { table.withLock { $0.remove(session) } }
 
     /// Hints for a handshake that `address` starts: those of a live target punch whose probes proved that exact
     /// address (IP and port). Asked before the accept policy sees the ClientHello, and the endpoint takes an answer
     /// as vouching for the address (copies, no Retry): so an address merely expected (the IP the rendezvous named),
     /// which anyone can spoof, gets nothing. With two live punches proving one address, either's hints apply.
     func hints(for address: SocketAddress) -> HandshakeHints? {
-        sessions.withLock { table in table.values.first { $0.hints != nil && $0.proven.contains(address) }?.hints }
+        table.withLock { table in
+            guard let sessions = table.proving[address] else { return nil }
+            for session in sessions {
+                if let hints = table.sessions[session]?.hints { return hints }
+            }
+            return nil
+        }
     }
 
     /// Whether the endpoint completes `handshake`: the pinned peer of a live target punch naming its session, or
     /// whatever ``others`` allows.
     func admits(_ handshake: IncomingHandshake) -> Bool {
         if let name = handshake.serverName, let session = PunchExecutor.sessionID(fromServerName: name),
-           sessions.withLock({ table in table[session].map { $0.hints != nil && $0.node == handshake.nodeID } ?? false }) {
+           table.withLock({ table in table.sessions[session].map { $0.hints != nil && $0.node == handshake.nodeID } ?? false }) {
             return true
         }
         switch others {

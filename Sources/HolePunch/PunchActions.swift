@@ -13,16 +13,12 @@ extension PunchExecutor {
         for action in actions {
             switch action {
             case .sendProbes(let probes):
-                let options = runtime.options
                 let sockets = runtime.sockets
                 // Each request's transaction is recorded before it leaves, so only answers to it are believed.
                 var outgoing: [(socket: Endpoint, to: SocketAddress, bytes: [UInt8])] = []
                 for probe in probes where probe.socket < sockets.count {
                     let transaction = STUNTransactionID.random()
-                    guard let bytes = try? PunchProbe.request(
-                        sessionID: options.sessionID, senderRole: options.role.rawValue, key: options.sessionKey,
-                        transactionID: transaction
-                    ) else { continue }
+                    guard let bytes = try? runtime.signer?.request(transactionID: transaction) else { continue }
                     runtime.session.ledger.recordSent(transaction, socket: probe.socket, to: probe.to)
                     outgoing.append((sockets[probe.socket], probe.to, bytes))
                 }
@@ -33,10 +29,7 @@ extension PunchExecutor {
                 }
             case .respond(let socket, let to):
                 guard let transaction, socket < runtime.sockets.count,
-                      let bytes = try? PunchProbe.response(
-                        transactionID: transaction, sessionID: runtime.options.sessionID,
-                        senderRole: runtime.options.role.rawValue, key: runtime.options.sessionKey, observedAddress: to
-                      )
+                      let bytes = try? runtime.signer?.response(transactionID: transaction, observedAddress: to)
                 else { continue }
                 let endpoint = runtime.sockets[socket]
                 Task { try? await endpoint.send(datagram: bytes, to: to) }

@@ -62,7 +62,7 @@ extension PunchExecutor {
             if socket == 0 { (relayDatagramHandlers[from] ?? otherDatagramHandler)?(bytes, from) }
             return
         }
-        guard let probe = try? PunchProbe.verify(message, bytes: bytes, sessionID: runtime.options.sessionID, key: runtime.options.sessionKey),
+        guard let probe = try? PunchProbe.verify(message, bytes: bytes, sessionID: runtime.options.sessionID, credential: runtime.credential),
               probe.senderRole != runtime.options.role.rawValue
         else {
             // Forged, for another key, or our own probe reflected back: ignore.

@@ -1,5 +1,6 @@
 import HolePunchNet
 import HolePunchQUIC
+import HolePunchSTUN
 import HolePunchStrategy
 
 /// The I/O side of one punch: its sockets, dial tasks, connections and timer, and where its result goes. Owned by
@@ -18,6 +19,12 @@ final class PunchRuntime {
     let box: ResultBox
     let events: AsyncStream<PunchEvent>.Continuation
     let startedAt: ContinuousClock.Instant
+    /// The session key as a STUN credential, made once: it keeps the HMAC state keyed for every probe this punch
+    /// signs or checks.
+    let credential: STUNCredential
+    /// Signs this side's probes and answers with ``credential``; nil when the session id makes no valid USERNAME, and
+    /// then no probe is sent (as when signing each probe failed).
+    let signer: PunchProbe.Signer?
     /// Local sockets: 0 is the executor's endpoint; more are a birthday punch's extra sockets (`PunchSocketSet`).
     var sockets: [Endpoint] = []
     /// Handshakes in flight, by the session's dial id.
@@ -59,5 +66,7 @@ final class PunchRuntime {
         self.box = box
         self.events = events
         self.startedAt = startedAt
+        self.credential = STUNCredential(key: options.sessionKey)
+        self.signer = try? PunchProbe.Signer(sessionID: options.sessionID, senderRole: options.role.rawValue, credential: credential)
     }
 }

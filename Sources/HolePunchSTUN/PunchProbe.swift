@@ -39,10 +39,18 @@ public enum PunchProbe {
         key: [UInt8],
         transactionID: STUNTransactionID = .random()
     ) throws(STUNError) -> [UInt8] {
-        let message = STUNMessage(.request, transactionID: transactionID, attributes: [
-            .username(try checkedUsername(sessionID, senderRole)),
-        ])
-        return try message.encoded(integritySHA256: STUNCredential(key: key), fingerprint: true)
+        try request(sessionID: sessionID, senderRole: senderRole, credential: STUNCredential(key: key), transactionID: transactionID)
+    }
+
+    /// Builds a probe request under `credential`: a punch makes its credential once and reuses its keyed HMAC
+    /// state for every probe (``request(sessionID:senderRole:key:transactionID:)`` keys it afresh each time).
+    public static func request(
+        sessionID: String,
+        senderRole: String,
+        credential: STUNCredential,
+        transactionID: STUNTransactionID = .random()
+    ) throws(STUNError) -> [UInt8] {
+        try Signer(sessionID: sessionID, senderRole: senderRole, credential: credential).request(transactionID: transactionID)
     }
 
     /// Builds the success response to a verified probe request.
@@ -60,11 +68,53 @@ public enum PunchProbe {
         key: [UInt8],
         observedAddress: SocketAddress
     ) throws(STUNError) -> [UInt8] {
-        let message = STUNMessage(.successResponse, transactionID: transactionID, attributes: [
-            .username(try checkedUsername(sessionID, senderRole)),
-            .xorMappedAddress(observedAddress),
-        ])
-        return try message.encoded(integritySHA256: STUNCredential(key: key), fingerprint: true)
+        try response(transactionID: transactionID, sessionID: sessionID, senderRole: senderRole,
+                     credential: STUNCredential(key: key), observedAddress: observedAddress)
+    }
+
+    /// Builds the success response to a verified probe request under `credential` (see
+    /// ``request(sessionID:senderRole:credential:transactionID:)``).
+    public static func response(
+        transactionID: STUNTransactionID,
+        sessionID: String,
+        senderRole: String,
+        credential: STUNCredential,
+        observedAddress: SocketAddress
+    ) throws(STUNError) -> [UInt8] {
+        try Signer(sessionID: sessionID, senderRole: senderRole, credential: credential)
+            .response(transactionID: transactionID, observedAddress: observedAddress)
+    }
+
+    /// One side of a punch session's probe signing: the USERNAME checked and built once, and one credential whose
+    /// HMAC state stays keyed, so that each probe costs its encoding and one MAC only. A punch makes one.
+    public struct Signer: Sendable {
+        /// The USERNAME every probe of this side carries, `"<session id>:<sender role>"`.
+        public let username: String
+        /// The session key, with its keyed HMAC state.
+        public let credential: STUNCredential
+
+        /// Checks the role and the USERNAME's length once.
+        ///
+        /// - Throws: ``STUNError`` `.invalidConfiguration` when the role contains `:` or the username is too long.
+        public init(sessionID: String, senderRole: String, credential: STUNCredential) throws(STUNError) {
+            self.username = try PunchProbe.checkedUsername(sessionID, senderRole)
+            self.credential = credential
+        }
+
+        /// A probe request with this side's USERNAME and a MAC under the credential.
+        public func request(transactionID: STUNTransactionID = .random()) throws(STUNError) -> [UInt8] {
+            let message = STUNMessage(.request, transactionID: transactionID, attributes: [.username(username)])
+            return try message.encoded(integritySHA256: credential, fingerprint: true)
+        }
+
+        /// The success response to a verified request `transactionID` that came from `observedAddress`.
+        public func response(transactionID: STUNTransactionID, observedAddress: SocketAddress) throws(STUNError) -> [UInt8] {
+            let message = STUNMessage(.successResponse, transactionID: transactionID, attributes: [
+                .username(username),
+                .xorMappedAddress(observedAddress),
+            ])
+            return try message.encoded(integritySHA256: credential, fingerprint: true)
+        }
     }
 
     /// Verifies a received probe request or response for `sessionID` under `key`.
@@ -82,6 +132,14 @@ public enum PunchProbe {
     /// ``verify(_:sessionID:key:)`` without decoding twice. `message` must be the decoding of `bytes`.
     public static func verify(
         _ message: STUNMessage, bytes: [UInt8], sessionID: String, key: [UInt8]
+    ) throws(STUNError) -> Verified {
+        try verify(message, bytes: bytes, sessionID: sessionID, credential: STUNCredential(key: key))
+    }
+
+    /// Verifies a decoded probe under `credential`, reusing its keyed HMAC state: the same checks as
+    /// ``verify(_:bytes:sessionID:key:)``.
+    public static func verify(
+        _ message: STUNMessage, bytes: [UInt8], sessionID: String, credential: STUNCredential
     ) throws(STUNError) -> Verified {
         guard message.method == .binding else { throw STUNError(.unexpectedMessage, "probe is not a Binding message") }
         let isResponse: Bool
@@ -101,7 +159,7 @@ public enum PunchProbe {
         guard session == sessionID else {
             throw STUNError(.unexpectedMessage, "probe belongs to session '\(session)', not '\(sessionID)'")
         }
-        try STUNMessage.verifyIntegrity(of: bytes, credential: STUNCredential(key: key), require: .sha256)
+        try STUNMessage.verifyIntegrity(of: bytes, credential: credential, require: .sha256)
         let reflexive = message.xorMappedAddress
         if isResponse && reflexive == nil {
             throw STUNError(.unexpectedMessage, "probe response lacks XOR-MAPPED-ADDRESS")
@@ -115,7 +173,7 @@ public enum PunchProbe {
         )
     }
 
-    private static func checkedUsername(_ sessionID: String, _ role: String) throws(STUNError) -> String {
+    static func checkedUsername(_ sessionID: String, _ role: String) throws(STUNError) -> String {
         guard !role.isEmpty, !role.contains(":") else {
             throw STUNError(.invalidConfiguration, "probe role '\(role)' must be non-empty and contain no ':'")
         }

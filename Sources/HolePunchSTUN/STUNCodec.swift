@@ -161,7 +161,7 @@ extension STUNMessage {
         }
         if let span = sha1 {
             guard span.value.count == 20 else { throw STUNError(.badAttribute, "MESSAGE-INTEGRITY must be 20 bytes") }
-            let mac = try STUNCrypto.hmacSHA1(key: credential.key, prefix(bytes, upTo: span.offset, coveringValue: 20))
+            let mac = try STUNCrypto.hmacSHA1(credential, prefix(bytes, upTo: span.offset, coveringValue: 20))
             guard STUNCrypto.constantTimeEqual(mac, Array(bytes[span.value])) else {
                 throw STUNError(.badIntegrity, "MESSAGE-INTEGRITY does not match")
             }
@@ -169,7 +169,7 @@ extension STUNMessage {
         if let span = sha256 {
             let n = span.value.count
             guard n >= 16, n <= 32, n % 4 == 0 else { throw STUNError(.badAttribute, "MESSAGE-INTEGRITY-SHA256 has a bad length") }
-            let mac = try STUNCrypto.hmacSHA256(key: credential.key, prefix(bytes, upTo: span.offset, coveringValue: n))
+            let mac = try STUNCrypto.hmacSHA256(credential, prefix(bytes, upTo: span.offset, coveringValue: n))
             guard STUNCrypto.constantTimeEqual(Array(mac.prefix(n)), Array(bytes[span.value])) else {
                 throw STUNError(.badIntegrity, "MESSAGE-INTEGRITY-SHA256 does not match")
             }
@@ -203,7 +203,8 @@ extension STUNMessage {
         fingerprint: Bool = false,
         padding: UInt8 = 0
     ) throws(STUNError) -> [UInt8] {
-        let security: Set<UInt16> = [
+        // Three types: an array scan, not a Set built (and hashed into) for every message a punch signs.
+        let security: [UInt16] = [
             STUNAttributeType.messageIntegrity, STUNAttributeType.messageIntegritySHA256, STUNAttributeType.fingerprint,
         ]
         var bytes = try encodedVerbatim(attributes: attributes.filter { !security.contains($0.type) }, padding: padding)
@@ -213,12 +214,12 @@ extension STUNMessage {
         }
         if let integrity {
             setLength(bytes.count - 20 + 24)
-            let mac = try STUNCrypto.hmacSHA1(key: integrity.key, bytes)
+            let mac = try STUNCrypto.hmacSHA1(integrity, bytes)
             bytes += be16(STUNAttributeType.messageIntegrity) + be16(20) + mac
         }
         if let integritySHA256 {
             setLength(bytes.count - 20 + 36)
-            let mac = try STUNCrypto.hmacSHA256(key: integritySHA256.key, bytes)
+            let mac = try STUNCrypto.hmacSHA256(integritySHA256, bytes)
             bytes += be16(STUNAttributeType.messageIntegritySHA256) + be16(32) + mac
         }
         if fingerprint {

@@ -38,3 +38,33 @@ import Testing
         #expect(stunError { _ = try PunchProbe.request(sessionID: "s", senderRole: "a:b", key: key) }?.code == .invalidConfiguration)
     }
 }
+
+extension PunchProbeTests {
+    @Test("one credential signs and checks many probes: each MAC equals one keyed afresh, forgeries still fail")
+    func credentialReusedAcrossProbes() throws {
+        let credential = STUNCredential(key: key)
+        for index in 0..<5 {
+            let transaction = STUNTransactionID.random()
+            let reused = try PunchProbe.request(sessionID: "s\(index)", senderRole: "initiator", credential: credential,
+                                                transactionID: transaction)
+            let fresh = try PunchProbe.request(sessionID: "s\(index)", senderRole: "initiator", key: key,
+                                               transactionID: transaction)
+            #expect(reused == fresh)
+            let message = try STUNMessage.decode(reused)
+            #expect(try PunchProbe.verify(message, bytes: reused, sessionID: "s\(index)", credential: credential).transactionID
+                    == transaction)
+            // A failed check (a flipped MAC byte) leaves the keyed state fit for the next probe.
+            var forged = reused
+            forged[forged.count - 12] ^= 1
+            #expect(stunError { _ = try PunchProbe.verify(message, bytes: forged, sessionID: "s\(index)",
+                                                          credential: credential) }?.code == .badIntegrity)
+        }
+        // SHA-1 and SHA-256 states of one credential do not disturb each other.
+        let both = try STUNMessage(.request, attributes: [.username("u")])
+            .encoded(integrity: credential, integritySHA256: credential, fingerprint: true)
+        let bothFresh = try STUNMessage(.request, transactionID: try STUNMessage.decode(both).transactionID, attributes: [.username("u")])
+            .encoded(integrity: STUNCredential(key: key), integritySHA256: STUNCredential(key: key), fingerprint: true)
+        #expect(both == bothFresh)
+        #expect(STUNCredential(key: key) == credential)
+    }
+}

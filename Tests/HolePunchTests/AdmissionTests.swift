@@ -85,3 +85,22 @@ extension AdmissionTests {
         #expect(admission.punch(forSession: "s1") == PunchID(rawValue: 1), "running keeps the punch it was reserved for")
     }
 }
+
+extension AdmissionTests {
+    @Test("two live punches proving one address: hints while either is live, none once both are forgotten")
+    func oneAddressTwoSessions() throws {
+        let admission = Admission(others: .none)
+        let node = try Identity.generate(commonName: "peer").nodeID
+        admission.expect(node, session: "s1", hints: HandshakeHints(packetCopies: 2))
+        admission.expect(node, session: "s2", hints: HandshakeHints(packetCopies: 2))
+        admission.proved(Self.peer, session: "s1")
+        admission.proved(Self.peer, session: "s2")
+        admission.forget(session: "s1")
+        #expect(admission.hints(for: Self.peer)?.packetCopies == 2)
+        admission.forget(session: "s2")
+        #expect(admission.hints(for: Self.peer) == nil)
+        // A session entered again starts with no proven address.
+        admission.expect(node, session: "s1", hints: HandshakeHints(packetCopies: 2))
+        #expect(admission.hints(for: Self.peer) == nil)
+    }
+}
