@@ -63,6 +63,8 @@ final class ConnectionCore {
     // Statistics.
     /// Times each datagram is sent while the handshake runs (``HandshakeHints/packetCopies``).
     var handshakeCopies = 1
+    /// Bytes written since pacing last spaced this connection's packets (`Endpoint.pacingBurst`).
+    var unpacedBytes = 0
     /// Whether the handshake hint provider answered for this server connection's peer (asked until it does).
     var hintsAsked = false
     /// Datagrams a server still copies after its handshake completed: the first of them carries HANDSHAKE_DONE,
