@@ -7,15 +7,20 @@ import Glibc
 
 /// A loopback UDP forwarder between one client and one server: a second path to the same peer for path-layer
 /// tests. The first sender that is not the server becomes the client. Runs on its own thread until ``close()``;
-/// ``kill()`` makes it drop everything from then on, like a path that died.
+/// ``kill()`` makes it drop everything from then on, like a path that died. With `swapsPairs` it reorders: each
+/// datagram is held until the next one has gone (or the socket was quiet for a poll interval), so every pair leaves
+/// in the opposite order.
 final class UDPForwarder: Sendable {
     let address: SocketAddress
     private let fd: Int32
     private let server: SocketAddress
-    private let state = Mutex<(client: SocketAddress?, killed: Bool, running: Bool, forwarded: Int)>((nil, false, true, 0))
+    private let swapsPairs: Bool
+    private let state = Mutex<(client: SocketAddress?, killed: Bool, running: Bool, forwarded: Int, swapped: Int)>(
+        (nil, false, true, 0, 0))
 
-    init(to server: SocketAddress) throws {
+    init(to server: SocketAddress, swapsPairs: Bool = false) throws {
         self.server = server
+        self.swapsPairs = swapsPairs
         let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
         guard SocketAddress.loopbackV4(port: 0).withSockAddr({ Glibc.bind(fd, $0, $1) }) == 0,
               let bound = SocketAddress(boundTo: fd)
@@ -32,6 +37,9 @@ final class UDPForwarder: Sendable {
     /// Datagrams forwarded so far, in either direction.
     var forwarded: Int { state.withLock { $0.forwarded } }
 
+    /// Datagrams sent after the one that arrived behind them (`swapsPairs`).
+    var swapped: Int { state.withLock { $0.swapped } }
+
     /// From now on every datagram is dropped.
     func kill() { state.withLock { $0.killed = true } }
 
@@ -41,9 +49,18 @@ final class UDPForwarder: Sendable {
     private func run() {
         var buffer = [UInt8](repeating: 0, count: 65_536)
         var storage = sockaddr_storage()
+        var held: (bytes: [UInt8], to: SocketAddress)?
+        func send(_ bytes: [UInt8], to destination: SocketAddress) {
+            let sent = destination.withSockAddr { sendto(fd, bytes, bytes.count, 0, $0, $1) }
+            if sent > 0 { state.withLock { $0.forwarded += 1 } }
+        }
         while state.withLock({ $0.running }) {
             var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            guard poll(&poller, 1, 20) > 0 else { continue }
+            guard poll(&poller, 1, held == nil ? 20 : 2) > 0 else {
+                if let (bytes, to) = held { send(bytes, to: to) }
+                held = nil
+                continue
+            }
             var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
             let count = withUnsafeMutablePointer(to: &storage) { pointer in
                 pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { recvfrom(fd, &buffer, buffer.count, 0, $0, &length) }
@@ -58,8 +75,19 @@ final class UDPForwarder: Sendable {
                 return server
             }
             guard let destination else { continue }
-            let sent = destination.withSockAddr { sendto(fd, buffer, count, 0, $0, $1) }
-            if sent > 0 { state.withLock { $0.forwarded += 1 } }
+            let bytes = Array(buffer[..<count])
+            guard swapsPairs else {
+                send(bytes, to: destination)
+                continue
+            }
+            if let (earlier, to) = held {
+                send(bytes, to: destination)
+                send(earlier, to: to)
+                state.withLock { $0.swapped += 1 }
+                held = nil
+            } else {
+                held = (bytes, destination)
+            }
         }
         Glibc.close(fd)
     }

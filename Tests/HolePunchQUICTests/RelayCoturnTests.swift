@@ -88,6 +88,32 @@ struct RelayCoturnTests {
         await setup.close()
     }
 
+    @Test("a relay path that reorders datagrams (every pair swapped, both ways): the relayed connection carries 1 MiB intact")
+    func reorderingRelay() async throws {
+        let setup = try await Setup()
+        // Between the dialling peer and its peer's relayed address on coturn: the relayed leg reorders.
+        let reordering = try UDPForwarder(to: setup.allocation.relayed, swapsPairs: true)
+        defer { reordering.close() }
+        let dialled = try await withDeadline(.seconds(10)) { [b = setup.b] in
+            try await b.connect(to: reordering.address, expecting: TestIdentities.a.nodeID)
+        }
+        let next = try await withDeadline(.seconds(10)) { [a = setup.a] () async -> QUICConnection? in
+            var incoming = a.incoming.makeAsyncIterator()
+            return await incoming.next()
+        }
+        let accepted = try #require(next)
+        let payload = (0..<(1 << 20)).map { UInt8(truncatingIfNeeded: ($0 &* 2_654_435_761) >> 13) }
+        let reader = Task { try await accepted.acceptStream()?.readToEnd(limit: 4 << 20) }
+        let stream = try await dialled.openStream()
+        try await stream.write(payload)
+        try await stream.finish()
+        let received = try #require(try await withDeadline(.seconds(30)) { try await reader.value })
+        #expect(RelayMoves.sha256(received) == RelayMoves.sha256(payload))
+        #expect(reordering.swapped > 100, "only \(reordering.swapped) pairs were swapped")
+        await dialled.close()
+        await setup.close()
+    }
+
     @Test("coturn killed while the connection is on the direct path: the connection stays up")
     func coturnDiesWhileDirect() async throws {
         let setup = try await Setup()
