@@ -10,16 +10,21 @@ import Testing
 /// A second loopback address of the target: a relay that passes the initiator's datagrams to the target and the
 /// target's answers back, so the initiator proves the target at two addresses, as behind a hairpinning router that
 /// gives the second peer's packets another public port. Runs on its own thread until ``close()``.
+///
+/// With `clientDatagramLimit` it passes only that many of the initiator's datagrams (1: its Initial), and all of the
+/// target's: the initiator can complete a handshake whose Finished never reaches the target.
 final class SecondPort: Sendable {
     let address: SocketAddress
     private let socket: UDPDatagramSocket
     private let target: SocketAddress
-    private let state = Mutex<(client: SocketAddress?, running: Bool)>((nil, true))
+    private let clientDatagramLimit: Int
+    private let state = Mutex<(client: SocketAddress?, running: Bool, fromClient: Int)>((nil, true, 0))
 
-    init(to target: SocketAddress) throws {
+    init(to target: SocketAddress, clientDatagramLimit: Int = .max) throws {
         socket = try UDPDatagramSocket(binding: .loopbackV4(port: 0))
         address = socket.localAddress
         self.target = target
+        self.clientDatagramLimit = clientDatagramLimit
         Thread { [self] in relay() }.start()
     }
 
@@ -31,6 +36,8 @@ final class SecondPort: Sendable {
             guard let (bytes, from) = socket.receive(timeoutMilliseconds: 20) else { continue }
             let destination: SocketAddress? = state.withLock { state in
                 if from == target { return state.client }
+                guard state.fromClient < clientDatagramLimit else { return nil }
+                state.fromClient += 1
                 state.client = from
                 return target
             }
