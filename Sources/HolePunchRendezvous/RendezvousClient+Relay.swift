@@ -33,7 +33,9 @@ extension RendezvousClient {
         -> Registered
     {
         relayCandidates = candidates
-        if let mapped, mapped.ip == registered?.observedAddress.ip {
+        // Port 0 is no mapping (the rendezvous refuses it, and would close our connection over it): a TURN server
+        // that sends it must not cut us off from our rendezvous.
+        if let mapped, mapped.port != 0, mapped.ip == registered?.observedAddress.ip {
             lastRegistration.lastAllocatedPort = mapped.port
         }
         return try await register(lastRegistration)

@@ -174,6 +174,25 @@ struct CandidateOptionsTests {
         await endpoint.close()
     }
 
+    @Test("a TURN server's mapped address with port 0 is not published as our last allocated port: the registration stays one the rendezvous accepts")
+    func mappedPortZeroIgnored() async throws {
+        let endpoint = try await Endpoint.bind(.loopbackV4(port: 0), configuration: EndpointConfiguration(identity: Identities.a, acceptPolicy: .none))
+        let client = RendezvousClient(executor: PunchExecutor(endpoint: endpoint), configuration: RendezvousClientConfiguration(
+            server: a("198.51.100.1:3478"), serverNodeID: node(9)))
+        await client.setRegisteredForTesting(Registered(observedAddress: a("203.0.113.5:4000"), ttlMilliseconds: 30_000,
+                                                        keepAliveMilliseconds: 10_000, stunServer: nil))
+        // Cancelled before it starts: the register is refused at once, after the registration it sends was updated.
+        let publish = Task { [client] in
+            withUnsafeCurrentTask { $0?.cancel() }
+            return try? await client.publishRelayed([], mapped: SocketAddress(ip: .v4(203, 0, 113, 5), port: 0))
+        }
+        _ = await publish.value
+        let registration = await client.lastRegistration
+        #expect(throws: Never.self) { try registration.validate() }
+        #expect(registration.lastAllocatedPort == nil)
+        await endpoint.close()
+    }
+
     @Test("a wildcard socket publishes the host's interfaces (not nothing); a loopback rendezvous or a bound IP does not gather")
     func wildcardPublishes() async throws {
         let wildcard = try await Endpoint.bind(.anyV4(port: 0), configuration: EndpointConfiguration(identity: Identities.a, acceptPolicy: .none))
