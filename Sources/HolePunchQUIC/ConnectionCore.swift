@@ -63,7 +63,7 @@ final class ConnectionCore {
     // Statistics.
     /// Times each datagram is sent while the handshake runs (``HandshakeHints/packetCopies``).
     var handshakeCopies = 1
-    /// Bytes written since pacing last spaced this connection's packets (`Endpoint.pacingBurst`).
+    /// Bytes written before pacing started for this connection, up to `Endpoint.pacingBurst` (then pacing is on).
     var unpacedBytes = 0
     /// Whether the handshake hint provider answered for this server connection's peer (asked until it does).
     var hintsAsked = false
