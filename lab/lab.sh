@@ -447,10 +447,12 @@ EOF
 # per NodeID and expiry) and in total (lab peers delete theirs as they exit; 300 leaves room for killed ones). The secret is in a mode-600 config file, never on a command line.
 up_turn() {
     command -v turnserver >/dev/null || die "turnserver not found (apt-get install coturn)"
+    local mask
+    mask=$(umask)
     umask 077
     od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$STATE/turn.secret"
     : >"$STATE/turnserver.conf.tmp"
-    umask 022
+    umask "$mask"
     (
         cat <<CONF
 listening-ip=$RDV_IP1
@@ -474,7 +476,7 @@ userdb=$STATE/turndb
 log-file=stdout
 simple-log
 CONF
-    ) >"$STATE/turnserver.conf.tmp"  # made under umask 077 below, so never readable by others
+    ) >"$STATE/turnserver.conf.tmp"  # made under umask 077 above, so never readable by others
     mv "$STATE/turnserver.conf.tmp" "$STATE/turnserver.conf"
     # (No -n: it would make coturn ignore the config file.)
     start_bg turn ip netns exec "$(ns rdv)" turnserver -c "$STATE/turnserver.conf"

@@ -166,6 +166,15 @@ struct LabPeerCommand: AsyncParsableCommand {
     var directWait: Double = 5
     @Option(help: "Send this many bytes more after the last line (and expect them echoed whole), 0–4194304.") var transfer = 0
 
+    /// Seconds become whole milliseconds below: a non-finite or huge value would trap there.
+    func validate() throws {
+        guard timeout.isFinite, (0.1...3_600).contains(timeout) else { throw ValidationError("--timeout is 0.1–3600 s") }
+        if let punchTimeout, !(punchTimeout.isFinite && (0.1...600).contains(punchTimeout)) {
+            throw ValidationError("--punch-timeout is 0.1–600 s")
+        }
+        guard directWait.isFinite, (0...600).contains(directWait) else { throw ValidationError("--direct-wait is 0–600 s") }
+    }
+
     func run() async throws {
         labUnblockTerminationSignals()
         let started = ContinuousClock.now

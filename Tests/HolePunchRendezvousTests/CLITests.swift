@@ -97,6 +97,9 @@ struct CLITests {
         ["peer", "--rendezvous", "127.0.0.1:9", "--rendezvous-id", String(repeating: "a", count: 52), "--identity",
          "id.pem", "--connect", "not-a-node-id"],
         ["strategy", "simulate", "builtin", "--attempts", "0"],
+        // Seconds become whole milliseconds: a non-finite or huge value must be refused, not trap.
+        ["lab", "peer", "--rendezvous-id", "x", "--identity", "id.pem", "--direct-wait", "inf"],
+        ["lab", "peer", "--rendezvous-id", "x", "--identity", "id.pem", "--timeout", "1e300"],
         ["peer", "--rendezvous", "127.0.0.1:9", "--rendezvous-id", String(repeating: "a", count: 52), "--identity",
          "id.pem", "--exclude-address", "not-an-ip"],
         // Values out of range are refused before anything runs, not clamped or run with.
