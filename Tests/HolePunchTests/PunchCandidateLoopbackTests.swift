@@ -12,19 +12,23 @@ import Testing
 /// gives the second peer's packets another public port. Runs on its own thread until ``close()``.
 ///
 /// With `clientDatagramLimit` it passes only that many of the initiator's datagrams (1: its Initial), and all of the
-/// target's: the initiator can complete a handshake whose Finished never reaches the target.
+/// target's: the initiator can complete a handshake whose Finished never reaches the target. With `holdsQUIC` it
+/// holds datagrams of 1,000 bytes or more (QUIC's Initials and the flights answering them; probes are far smaller)
+/// for that long, in order, so that every probe through it is answered before a handshake through it completes.
 final class SecondPort: Sendable {
     let address: SocketAddress
     private let socket: UDPDatagramSocket
     private let target: SocketAddress
     private let clientDatagramLimit: Int
+    private let holdsQUIC: Duration?
     private let state = Mutex<(client: SocketAddress?, running: Bool, fromClient: Int)>((nil, true, 0))
 
-    init(to target: SocketAddress, clientDatagramLimit: Int = .max) throws {
+    init(to target: SocketAddress, clientDatagramLimit: Int = .max, holdsQUIC: Duration? = nil) throws {
         socket = try UDPDatagramSocket(binding: .loopbackV4(port: 0))
         address = socket.localAddress
         self.target = target
         self.clientDatagramLimit = clientDatagramLimit
+        self.holdsQUIC = holdsQUIC
         Thread { [self] in relay() }.start()
     }
 
@@ -32,8 +36,14 @@ final class SecondPort: Sendable {
     func close() { state.withLock { $0.running = false } }
 
     private func relay() {
+        let clock = ContinuousClock()
+        var held: [(due: ContinuousClock.Instant, bytes: [UInt8], to: SocketAddress)] = []
         while state.withLock({ $0.running }) {
-            guard let (bytes, from) = socket.receive(timeoutMilliseconds: 20) else { continue }
+            while let first = held.first, first.due <= clock.now {
+                _ = try? socket.send(first.bytes, to: first.to)
+                held.removeFirst()
+            }
+            guard let (bytes, from) = socket.receive(timeoutMilliseconds: held.isEmpty ? 20 : 1) else { continue }
             let destination: SocketAddress? = state.withLock { state in
                 if from == target { return state.client }
                 guard state.fromClient < clientDatagramLimit else { return nil }
@@ -41,7 +51,12 @@ final class SecondPort: Sendable {
                 state.client = from
                 return target
             }
-            if let destination { _ = try? socket.send(bytes, to: destination) }
+            guard let destination else { continue }
+            if let hold = holdsQUIC, bytes.count >= 1_000 || !held.isEmpty {
+                held.append((clock.now + hold, bytes, destination))
+            } else {
+                _ = try? socket.send(bytes, to: destination)
+            }
         }
     }
 }
@@ -93,11 +108,12 @@ struct PunchCandidateLoopbackTests {
     @Test("typed candidates: a silent LAN candidate and an unreachable family are skipped, a published pair wins and is reported; the other pair proven both ways becomes an extra path")
     func typedCandidatesWin() async throws {
         let (a, b, initiator, target, key) = try await punchPair()
-        // Two relayed addresses of the target, so that the proof of the second (one relay hop) arrives long before
-        // a handshake over the first (several hops) completes; the target probes a silent port, so the initiator's
-        // proofs are answers only, each proving a pair both ways.
-        let first = try SecondPort(to: b.localAddress)
-        let second = try SecondPort(to: b.localAddress)
+        // Two relayed addresses of the target, each holding QUIC's large datagrams for 50 ms, so that the proof of
+        // the second arrives long before a handshake over the first completes (without the hold, a loopback
+        // handshake could complete before the second pair was proven: 1 run in 6 in CI); the target probes a
+        // silent port, so the initiator's proofs are answers only, each proving a pair both ways.
+        let first = try SecondPort(to: b.localAddress, holdsQUIC: .milliseconds(50))
+        let second = try SecondPort(to: b.localAddress, holdsQUIC: .milliseconds(50))
         defer {
             first.close()
             second.close()
