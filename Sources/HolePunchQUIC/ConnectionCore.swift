@@ -63,8 +63,6 @@ final class ConnectionCore {
     // Statistics.
     /// Times each datagram is sent while the handshake runs (``HandshakeHints/packetCopies``).
     var handshakeCopies = 1
-    /// Bytes written before pacing started for this connection, up to `Endpoint.pacingBurst` (then pacing is on).
-    var unpacedBytes = 0
     /// Whether the handshake hint provider answered for this server connection's peer (asked until it does).
     var hintsAsked = false
     /// Datagrams a server still copies after its handshake completed: the first of them carries HANDSHAKE_DONE,

@@ -12,7 +12,6 @@ extension Endpoint {
         let pending = core.streams.values.filter { $0.hasUnsent && $0.writeClosedError == nil }.sorted { $0.id < $1.id }
         var index = 0
         var packets = 0
-        var sentBytes = 0
         var vectors = [ngtcp2_vec](repeating: ngtcp2_vec(), count: 16)
         while packets < 128 {
             let stream: StreamState? = index < pending.count ? pending[index] : nil
@@ -56,22 +55,9 @@ extension Endpoint {
             }
             if written == 0 { break }
             sendPacket(core, count: Int(written))
-            sentBytes += Int(written)
             packets += 1
         }
-        // Pacing (RFC 9002 §7.7): ngtcp2 spaces the next packet by the bytes written since the last update over
-        // 1.25 cwnd/RTT. Updated after every flush from the first, it held the first stream bytes after a handshake
-        // flight back by 0.1-0.25 RTT (three handshake datagrams against a 12 KB window: a quarter of an RTT), so a
-        // relayed first byte came 2.2 RTTs after the coordinate instead of 2. So a connection's first burst (the
-        // initial window) goes unpaced; from then on every flush updates, as ngtcp2 asks. Only the first: skipped
-        // updates leave their bytes as a debt the next update charges at once, which after the first burst would
-        // stall small exchanges every 12 KB.
-        if core.unpacedBytes < Self.pacingBurst {
-            core.unpacedBytes += sentBytes
-        }
-        if core.unpacedBytes >= Self.pacingBurst {
-            ngtcp2_conn_update_pkt_tx_time(conn, now)
-        }
+        ngtcp2_conn_update_pkt_tx_time(conn, now)
         checkLiveness(core, now: now)
         if packets >= 128 {
             // More may be ready: come back after other sockets and jobs had a turn.
@@ -80,10 +66,6 @@ extension Endpoint {
         }
         rearm(core)
     }
-
-    /// Bytes a connection sends before ngtcp2's pacing starts spacing its packets: the initial congestion window
-    /// (RFC 9002 §7.2: ten 1,200-byte datagrams), a burst the path is assumed to take.
-    static let pacingBurst = 12_000
 
     func flushIfOpen(_ key: UInt64) {
         if let core = connections[key] { flush(core) }
