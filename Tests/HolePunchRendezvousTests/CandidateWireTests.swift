@@ -154,13 +154,19 @@ struct CandidateWireTests {
 struct CandidateOptionsTests {
     func a(_ text: String) -> SocketAddress { try! SocketAddress(parsing: text) }
 
-    @Test("behind one carrier-grade NAT the LAN and the public (hairpin) candidates are both checked; the target stays the public one")
-    func sharedPublicIP() async throws {
+    /// A client on a loopback endpoint whose registration is confirmed as seen from 203.0.113.5:4000, no rendezvous.
+    func registeredClient() async throws -> (Endpoint, RendezvousClient) {
         let endpoint = try await Endpoint.bind(.loopbackV4(port: 0), configuration: EndpointConfiguration(identity: Identities.a, acceptPolicy: .none))
         let client = RendezvousClient(executor: PunchExecutor(endpoint: endpoint), configuration: RendezvousClientConfiguration(
             server: a("198.51.100.1:3478"), serverNodeID: node(9)))
         await client.setRegisteredForTesting(Registered(observedAddress: a("203.0.113.5:4000"), ttlMilliseconds: 30_000,
                                                         keepAliveMilliseconds: 10_000, stunServer: nil))
+        return (endpoint, client)
+    }
+
+    @Test("behind one carrier-grade NAT the LAN and the public (hairpin) candidates are both checked; the target stays the public one")
+    func sharedPublicIP() async throws {
+        let (endpoint, client) = try await registeredClient()
         var coordinate = sampleCoordinate()
         coordinate.candidates = [Candidate(kind: .serverReflexive, address: a("203.0.113.5:4100")),
                                  Candidate(kind: .host, address: a("192.168.1.7:5000")),
@@ -176,11 +182,7 @@ struct CandidateOptionsTests {
 
     @Test("a TURN server's mapped address with port 0 is not published as our last allocated port: the registration stays one the rendezvous accepts")
     func mappedPortZeroIgnored() async throws {
-        let endpoint = try await Endpoint.bind(.loopbackV4(port: 0), configuration: EndpointConfiguration(identity: Identities.a, acceptPolicy: .none))
-        let client = RendezvousClient(executor: PunchExecutor(endpoint: endpoint), configuration: RendezvousClientConfiguration(
-            server: a("198.51.100.1:3478"), serverNodeID: node(9)))
-        await client.setRegisteredForTesting(Registered(observedAddress: a("203.0.113.5:4000"), ttlMilliseconds: 30_000,
-                                                        keepAliveMilliseconds: 10_000, stunServer: nil))
+        let (endpoint, client) = try await registeredClient()
         // Cancelled before it starts: the register is refused at once, after the registration it sends was updated.
         let publish = Task { [client] in
             withUnsafeCurrentTask { $0?.cancel() }
