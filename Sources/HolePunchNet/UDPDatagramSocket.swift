@@ -136,21 +136,47 @@ package final class UDPDatagramSocket: Sendable {
 
     /// Sends one datagram without blocking.
     ///
+    /// An error the kernel kept from an ICMP report about an *earlier* datagram does not cost this one: with
+    /// `IP_RECVERR` on, Linux also leaves the report's error on the socket, and the next `sendto` to any address
+    /// fails with it (`ECONNREFUSED` after a probe to a closed port) without sending anything. That call clears it,
+    /// so the send is tried again (at most twice more: one report at a time is kept, another may land meanwhile).
+    /// The report itself stays in the error queue for ``readErrorQueue()``.
+    ///
     /// - Returns: `.wouldBlock` when the socket buffer is full (the datagram is lost, as on the wire).
-    /// - Throws: ``DatagramError`` `.send` for any other refusal (no route, a queued ICMP error, too big).
+    /// - Throws: ``DatagramError`` `.send` for a refusal of this datagram (no route, too big) or a report that
+    ///   came back on every try.
     @discardableResult
     package func send(_ bytes: UnsafeRawBufferPointer, to destination: SocketAddress) throws(DatagramError) -> DatagramSendOutcome {
-        let sent = wire(destination).withSockAddr { sendto(fd, bytes.baseAddress, bytes.count, Int32(MSG_NOSIGNAL), $0, $1) }
-        return try Self.outcome(of: sent) { "sendto \(destination)" }
+        let wired = wire(destination)
+        var code: Int32 = 0
+        for _ in 0..<3 {
+            let sent = wired.withSockAddr { sendto(fd, bytes.baseAddress, bytes.count, Int32(MSG_NOSIGNAL), $0, $1) }
+            guard sent < 0 else { return .sent }
+            code = Glibc.errno
+            if code == EAGAIN || code == EWOULDBLOCK { return .wouldBlock }
+            guard Self.mayReportAnEarlierDatagram(code) else { break }
+        }
+        throw DatagramError(.send, call: "sendto \(destination)", errno: code)
     }
 
     /// Sends one datagram held in an array; see ``send(_:to:)-(UnsafeRawBufferPointer,SocketAddress)``.
     @discardableResult
     package func send(_ bytes: [UInt8], to destination: SocketAddress) throws(DatagramError) -> DatagramSendOutcome {
-        let sent = bytes.withUnsafeBytes { buffer in
-            wire(destination).withSockAddr { sendto(fd, buffer.baseAddress, buffer.count, Int32(MSG_NOSIGNAL), $0, $1) }
+        let result = bytes.withUnsafeBytes { buffer in
+            Result { () throws(DatagramError) -> DatagramSendOutcome in try send(buffer, to: destination) }
         }
-        return try Self.outcome(of: sent) { "sendto \(destination)" }
+        return try result.get()
+    }
+
+    /// The `errno` values an ICMP or ICMPv6 report leaves on a socket (Linux's `icmp_err_convert` and
+    /// `icmpv6_err_convert`), and `EINTR`: a failed `sendto` with one of these may not be about this datagram.
+    private static func mayReportAnEarlierDatagram(_ code: Int32) -> Bool {
+        switch code {
+        case ECONNREFUSED, EHOSTUNREACH, ENETUNREACH, EHOSTDOWN, EPROTO, ENOPROTOOPT, EMSGSIZE, EACCES, EOPNOTSUPP, EINTR:
+            true
+        default:
+            false
+        }
     }
 
     /// `destination` as this socket's family needs it: above the socket every address is normalised (an IPv4 peer
@@ -158,14 +184,6 @@ package final class UDPDatagramSocket: Sendable {
     private func wire(_ destination: SocketAddress) -> SocketAddress {
         guard isIPv6Socket, case let .v4(a, b, c, d) = destination.ip else { return destination }
         return SocketAddress(ip: .v6([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, a, b, c, d]), port: destination.port)
-    }
-
-    /// Turns `sendto`'s result into an outcome; reads `errno` at once, before anything else can change it.
-    private static func outcome(of sent: Int, call: () -> String) throws(DatagramError) -> DatagramSendOutcome {
-        guard sent < 0 else { return .sent }
-        let code = Glibc.errno
-        if code == EAGAIN || code == EWOULDBLOCK { return .wouldBlock }
-        throw DatagramError(.send, call: call(), errno: code)
     }
 
     /// Reads one waiting datagram into `buffer`; a longer datagram is cut to the buffer's size (UDP semantics).

@@ -80,6 +80,28 @@ struct UDPDatagramSocketTests {
         #expect(socket.readErrorQueue() == nil)
     }
 
+    @Test("an unreachable report about an earlier datagram does not cost the next one: it is sent, and the report stays queued")
+    func pendingUnreachableReportDoesNotDropTheNextSend() throws {
+        // With IP_RECVERR the kernel also keeps the report's error on the socket, and the next sendto to any
+        // address fails with it (ECONNREFUSED) without sending: a punch's probes to closed ports then cost the
+        // connection's next packet, a CONNECTION_CLOSE among them.
+        let closed = try UDPDatagramSocket(binding: .loopbackV4(port: 0)).localAddress
+        let socket = try UDPDatagramSocket(binding: .loopbackV4(port: 0), options: .endpoint)
+        let receiver = try UDPDatagramSocket(binding: .loopbackV4(port: 0))
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 16, alignment: 1)
+        defer { buffer.deallocate() }
+        for round in 1...3 {
+            try socket.send([0], to: closed)
+            #expect(socket.waitReadable(timeoutMilliseconds: 5000), "round \(round): the report arrived")
+            #expect(try socket.send([UInt8(round)], to: receiver.localAddress) == .sent, "round \(round)")
+            #expect(receiver.waitReadable(timeoutMilliseconds: 5000), "round \(round): the datagram arrived")
+            #expect(try receiver.receive(into: buffer) == ReceivedDatagram(count: 1, from: socket.localAddress))
+            #expect(buffer[0] == UInt8(round))
+            #expect(socket.readErrorQueue() == .unreachable(closed), "round \(round): the report is still there to read")
+            #expect(socket.readErrorQueue() == nil)
+        }
+    }
+
     private func intOption(_ fd: Int32, _ level: Int32, _ name: Int32) -> Int32 {
         var value: Int32 = -1
         var length = socklen_t(MemoryLayout<Int32>.size)
