@@ -46,6 +46,9 @@ final class ConnectionCore {
     /// The TLS handshake completed here (we verified the peer). A dial that returns at completion checks it when it
     /// starts waiting: the completion may have been handled before the dial's waiter was in place.
     var isHandshakeCompleted = false
+    /// Whether ngtcp2's pacing counts this connection's packets yet: from the flush after the one in which its
+    /// handshake completed (see `Endpoint.flush`).
+    var isPaced = false
     let closeWaiters = WaitList()
     /// Woken by every acknowledgement, stream end and connection end: `delivered()` and the graceful close wait here.
     let deliveryWaiters = WaitList()

@@ -57,7 +57,19 @@ extension Endpoint {
             sendPacket(core, count: Int(written))
             packets += 1
         }
-        ngtcp2_conn_update_pkt_tx_time(conn, now)
+        // Pacing (RFC 9002 §7.7): ngtcp2 spaces the next packet by the bytes written since the last update over
+        // 1.25 cwnd/RTT. The handshake's own flights are not paced: charged at the update after the flush that
+        // completed the handshake, they held the first stream bytes back by 0.1-0.25 RTT (a relayed first byte came
+        // 2.2 RTTs after the coordinate, not 2). So updates start there, and that first one is stamped at time 0:
+        // the handshake's bytes are counted as sent long ago, with nothing left to wait for (ngtcp2 0.12 only sets
+        // the next send time from it, and cancels a time that has passed at the next expiry). Skipping updates later
+        // would not do: the skipped bytes stay counted and the next update charges them at once.
+        if core.isPaced {
+            ngtcp2_conn_update_pkt_tx_time(conn, now)
+        } else if core.isHandshakeCompleted {
+            ngtcp2_conn_update_pkt_tx_time(conn, 0)
+            core.isPaced = true
+        }
         checkLiveness(core, now: now)
         if packets >= 128 {
             // More may be ready: come back after other sockets and jobs had a turn.
