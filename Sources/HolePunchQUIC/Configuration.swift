@@ -221,6 +221,9 @@ public struct EndpointStats: Sendable, Hashable {
     public var nonQUICDropped = 0
     /// Datagrams dropped: not QUIC, not STUN, unroutable, malformed, or unacceptable Initials.
     public var datagramsDropped = 0
+    /// CONNECTION_CLOSE datagrams sent again to peers that still sent to a connection this side had closed: their
+    /// copy of the close was lost (the closing state; rate-limited per connection).
+    public var closesRepeated = 0
     /// Handshakes accepted and completed.
     public var connectionsAccepted = 0
     /// Handshakes that failed, either direction.

@@ -62,6 +62,8 @@ final class ConnectionCore {
     var timerID: UInt64?
     var armedDeadline: UInt64 = .max
     var closeReason: [UInt8] = []
+    /// The CONNECTION_CLOSE datagram this side sent, kept for the closing state (``ClosingTable``).
+    var closeDatagram: [UInt8]?
     weak var router: ConnectionRouter?
     // Statistics.
     /// Times each datagram is sent while the handshake runs (``HandshakeHints/packetCopies``).

@@ -57,6 +57,8 @@ public actor Endpoint {
     /// Every suspended caller of a connection or stream operation.
     let waiters = Waiters()
     var endedOrder: [UInt64] = []
+    /// Connections this side closed, answered with their close again while their peers still send (``ClosingTable``).
+    var closing = ClosingTable()
     /// Ended connections that still hold received stream data (or streams not yet accepted): a peer that sends and
     /// closes at once must not lose what already arrived. Bounded: the oldest go first.
     var drainable: [UInt64: ConnectionCore] = [:]

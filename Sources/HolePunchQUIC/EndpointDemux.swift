@@ -15,10 +15,18 @@ extension Endpoint {
         let first = packet[0]
         var versionCID = ngtcp2_version_cid()
         let decoded = ngtcp2_pkt_decode_version_cid(&versionCID, bytes, count, localCIDLength) == 0
-        if decoded, let dcid = versionCID.dcid,
-           let core = router.routes[CIDKey(UnsafeRawBufferPointer(start: dcid, count: versionCID.dcidlen))] {
-            read(core, packet: bytes, count: count, on: route)
-            return
+        if decoded, let dcid = versionCID.dcid {
+            let key = CIDKey(UnsafeRawBufferPointer(start: dcid, count: versionCID.dcidlen))
+            if let core = router.routes[key] {
+                read(core, packet: bytes, count: count, on: route)
+                return
+            }
+            if let close = closing.answer(to: key, now: hp_now_ns()) {
+                // A packet for a connection we closed: its peer missed the close (RFC 9000 §10.2.1).
+                counters.closesRepeated += 1
+                close.withUnsafeBytes { _ = send($0, on: route) }
+                return
+            }
         }
         if first <= 3 {
             // The owner reads these as arriving from an address: a peer's STUN or punch probe forwarded by a relay

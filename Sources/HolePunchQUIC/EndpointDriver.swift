@@ -125,7 +125,10 @@ extension Endpoint {
                 conn, &core.writePath.pointee.path, NGTCP2_PKT_INFO_VERSION, nil,
                 io.sendBuffer.baseAddress!.assumingMemoryBound(to: UInt8.self), io.sendBuffer.count, &ccerr, hp_now_ns()
             )
-            if written > 0 { sendPacket(core, count: Int(written)) }
+            if written > 0 {
+                core.closeDatagram = Array(UnsafeRawBufferPointer(rebasing: io.sendBuffer[0..<Int(written)]))
+                sendPacket(core, count: Int(written))
+            }
         }
     }
 
@@ -205,6 +208,14 @@ extension Endpoint {
             if failures.count > 32 { failures.removeFirst() }
             logger.debug("handshake failed", metadata: ["peer.address": "\(core.remote)", "error": "\(error)"])
         }
+        if let datagram = core.closeDatagram, core.isHandshakeCompleted, let conn = core.conn {
+            // The closing state: three PTOs as RFC 9000 §10.2 asks, and no less than a second, so a peer that was
+            // between packets when the close was lost still hears it. Only after a handshake: a failed handshake's
+            // peer retransmits its Initials, which must not fill the table.
+            let now = hp_now_ns()
+            let linger = max(3 &* ngtcp2_conn_get_pto(conn), Self.closingLingerFloor)
+            closing.insert(cids: Array(core.localCIDs), datagram: datagram, expiry: now &+ linger, now: now)
+        }
         for key in core.localCIDs where router.routes[key] === core {
             router.routes[key] = nil
         }
@@ -238,6 +249,9 @@ extension Endpoint {
         }
         core.freeNative()
     }
+
+    /// The shortest time a closed connection's close is sent again on request (ns).
+    static let closingLingerFloor: UInt64 = 1_000_000_000
 
     func endedError(_ key: UInt64) -> QUICError {
         ended[key]?.reason ?? QUICError(.closedLocally, "the connection is closed")

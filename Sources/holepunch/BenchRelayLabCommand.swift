@@ -72,7 +72,7 @@ struct BenchRelayLabCommand: AsyncParsableCommand {
         print(Self.table(rows, report: report))
         if let json {
             let object: [String: Any] = ["date": report.date, "delay_ms": delay, "rtt_ms": report.rttMs, "trials": trials,
-                                         "rows": rows.map(\.json), "matrix": report.json()]
+                                         "rows": rows.map { $0.json(rtt: report.rttMs) }, "matrix": report.json()]
             try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])
                 .write(to: URL(fileURLWithPath: json))
         }
@@ -89,11 +89,23 @@ struct BenchRelayLabCommand: AsyncParsableCommand {
         var connected: Double?
         var paths: String
 
-        var json: [String: Any] {
+        /// First byte after the registration (the rendezvous round trip), ms.
+        var beyondRendezvous: Double? { firstByte.flatMap { first in registered.map { first - $0 } } }
+
+        /// ``beyondRendezvous`` in peer RTTs.
+        func beyondInRTTs(_ rtt: Double) -> Double? { beyondRendezvous.map { $0 / max(rtt, 1) } }
+
+        /// What ``beyondRendezvous`` takes over two peer RTTs (the relayed handshake and the echo), ms: the hosts'
+        /// processing when the protocol waits for nothing else (it stays the same whatever the delay).
+        func overTwoRTTs(_ rtt: Double) -> Double? { beyondRendezvous.map { $0 - 2 * rtt } }
+
+        func json(rtt: Double) -> [String: Any] {
             var entry: [String: Any] = ["pair": pair, "variant": variant, "successes": successes, "trials": trials, "paths": paths]
             if let firstByte { entry["first_byte_median_ms"] = firstByte }
             if let registered { entry["registered_median_ms"] = registered }
             if let connected { entry["connected_median_ms"] = connected }
+            if let beyond = beyondInRTTs(rtt) { entry["beyond_rendezvous_rtts"] = beyond }
+            if let over = overTwoRTTs(rtt) { entry["over_two_rtts_ms"] = over }
             return entry
         }
     }
@@ -115,12 +127,14 @@ struct BenchRelayLabCommand: AsyncParsableCommand {
         var out = "Relay-first vs punch-only in the lab, \(report.date): \(report.trials) alternating trial(s) per variant, "
         out += "\(Int(report.delay)) ms one-way per WAN link, peer-to-peer RTT \(String(format: "%.1f", report.rttMs)) ms. "
         out += "Medians from the initiator's connect call.\n\n"
-        out += "| pair | variant | success | first byte ms | registered ms | connected ms | beyond the rendezvous, in RTTs | paths |\n"
-        out += "|---|---|---|---|---|---|---|---|\n"
+        out += "| pair | variant | success | first byte ms | registered ms | connected ms | beyond the rendezvous, in RTTs | "
+        out += "over 2 RTTs, ms | paths |\n"
+        out += "|---|---|---|---|---|---|---|---|---|\n"
         for row in rows {
-            let beyond = row.firstByte.flatMap { first in row.registered.map { (first - $0) / max(report.rttMs, 1) } }
+            let beyond = row.beyondInRTTs(report.rttMs).map { String(format: "%.2f", $0) } ?? "–"
+            let over = row.overTwoRTTs(report.rttMs).map { String(format: "%.1f", $0) } ?? "–"
             out += "| \(row.pair) | \(row.variant) | \(row.successes)/\(row.trials) | \(ms(row.firstByte)) | \(ms(row.registered)) | "
-            out += "\(ms(row.connected)) | \(beyond.map { String(format: "%.1f", $0) } ?? "–") | \(row.paths) |\n"
+            out += "\(ms(row.connected)) | \(beyond) | \(over) | \(row.paths) |\n"
         }
         return out
     }

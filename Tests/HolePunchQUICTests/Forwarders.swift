@@ -15,8 +15,8 @@ final class UDPForwarder: Sendable {
     private let fd: Int32
     private let server: SocketAddress
     private let swapsPairs: Bool
-    private let state = Mutex<(client: SocketAddress?, killed: Bool, running: Bool, forwarded: Int, swapped: Int)>(
-        (nil, false, true, 0, 0))
+    private let state = Mutex<(client: SocketAddress?, killed: Bool, running: Bool, forwarded: Int, swapped: Int,
+                               holdsBack: Bool, heldBack: Int)>((nil, false, true, 0, 0, false, 0))
 
     init(to server: SocketAddress, swapsPairs: Bool = false) throws {
         self.server = server
@@ -42,6 +42,12 @@ final class UDPForwarder: Sendable {
 
     /// From now on every datagram is dropped.
     func kill() { state.withLock { $0.killed = true } }
+
+    /// While on, datagrams from the server are dropped (and counted in ``droppedFromServer``); the other way passes.
+    func dropFromServer(_ on: Bool) { state.withLock { $0.holdsBack = on } }
+
+    /// Datagrams from the server dropped by ``dropFromServer(_:)``.
+    var droppedFromServer: Int { state.withLock { $0.heldBack } }
 
     /// Stops the thread (within one poll interval) and closes the socket.
     func close() { state.withLock { $0.running = false } }
@@ -70,7 +76,13 @@ final class UDPForwarder: Sendable {
             }) else { continue }
             let destination: SocketAddress? = state.withLock { state in
                 if state.killed { return nil }
-                if from == server { return state.client }
+                if from == server {
+                    if state.holdsBack {
+                        state.heldBack += 1
+                        return nil
+                    }
+                    return state.client
+                }
                 state.client = from
                 return server
             }
