@@ -119,6 +119,15 @@ struct NodeRelayTests {
         (0..<size).map { UInt8(truncatingIfNeeded: ($0 &* 2_654_435_761) >> 13) }
     }
 
+    /// Sends `payload` on a new stream of `connection`; returns what `peer` read from that stream (within 30 s).
+    static func transfer(_ payload: [UInt8], over connection: QUICConnection, to peer: QUICConnection) async throws -> [UInt8]? {
+        let reader = Task { try await peer.acceptStream()?.readToEnd(limit: payload.count + 1) }
+        let stream = try await connection.openStream()
+        try await stream.write(payload)
+        try await stream.finish()
+        return try await withDeadline(.seconds(30)) { try await reader.value }
+    }
+
     static func firstIncoming(_ node: HolePunchNode) async throws -> QUICConnection? {
         for try await connection in node.incoming { return connection }
         return nil
@@ -236,11 +245,7 @@ struct NodeRelayTests {
                 return left.isEmpty && right.isEmpty
             })
             let payload = Self.payload(256 << 10)
-            let reader = Task { try await peer.acceptStream()?.readToEnd(limit: 1 << 20) }
-            let stream = try await connection.openStream()
-            try await stream.write(payload)
-            try await stream.finish()
-            #expect(try await withDeadline(.seconds(30)) { try await reader.value } == payload)
+            #expect(try await Self.transfer(payload, over: connection, to: peer) == payload)
             let paths = await connection.paths()
             #expect(paths.filter(\.isActive).map(\.route) == [.direct(relayedA)], "\(paths)")
             await b.stop()
@@ -267,11 +272,7 @@ struct NodeRelayTests {
             #expect(connection.remoteAddress == relayedA, "the punch's result is the relayed connection")
             let peer = try #require(try await withDeadline(.seconds(10)) { try await Self.firstIncoming(a) })
             let payload = Self.payload(64 << 10)
-            let reader = Task { try await peer.acceptStream()?.readToEnd(limit: 1 << 20) }
-            let stream = try await connection.openStream()
-            try await stream.write(payload)
-            try await stream.finish()
-            #expect(try await withDeadline(.seconds(30)) { try await reader.value } == payload)
+            #expect(try await Self.transfer(payload, over: connection, to: peer) == payload)
             #expect(await eventually(.seconds(10)) { await a.executor.activePunches().isEmpty })
             await b.stop()
             await a.stop()
