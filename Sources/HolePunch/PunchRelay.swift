@@ -43,7 +43,7 @@ extension PunchExecutor {
     }
 
     /// A punch about to fail that may still connect through the relay: the initiator dials it (`after(d)` before
-    /// `d`), the target waits for that dial (``awaitRelayedDial(_:code:)``); the failure waits for the outcome. True
+    /// `d`), the target waits for that dial (`awaitRelayedDial`); the failure waits for the outcome. True
     /// when it does.
     func relayInsteadOfFailing(_ runtime: PunchRuntime, code: PunchFailureCode) -> Bool {
         guard code != .cancelled, !runtime.relayTried else { return false }

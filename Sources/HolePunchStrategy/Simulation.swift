@@ -376,8 +376,8 @@ extension NATModel {
     public static func path(success: Bool, planA: PunchPlan, planB: PunchPlan, outcome: PunchOutcome,
                             relayAvailable: Bool, rtt: Duration) -> (path: String, relayAt: Duration?) {
         let accepting = max(planB.timeout, planB.relayAcceptEnd ?? .zero)
-        let dialed = relayAvailable ? planA.relayDialStart.flatMap { $0 < accepting ? relayTime(planA, rtt: rtt) : nil } : nil
-        let relayAt = dialed
+        let reached = relayAvailable && (planA.relayDialStart.map { $0 < accepting } ?? false)
+        let relayAt = reached ? relayTime(planA, rtt: rtt) : nil
         switch (outcome, relayAt) {
         case (.success(let ttc, _, _, _), let at?) where at < ttc: return ("relay → direct", at)
         case (.success, _): return ("direct", nil)
