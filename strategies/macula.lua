@@ -7,7 +7,8 @@
 --   * ports tried in ascending order, and only the first N of them;
 --   * no use of the measured RTT, the attempt number, history or role;
 --   * macula's connector order: direct, punch, then relay. The relay starts only when the punch's timeout has passed
---     (when ctx.relay_available), and a relayed connection stays relayed (direct_after_relay_ms = 0): macula never
+--     (when ctx.relay_available; the target, whose rounds end earlier, keeps accepting that relayed dial after its
+--     punch: docs/strategies.md), and a relayed connection stays relayed (direct_after_relay_ms = 0): macula never
 --     upgraded a relayed connection.
 -- What the Swift core fixes regardless of the strategy (same socket, peer verification) is not modelled.
 

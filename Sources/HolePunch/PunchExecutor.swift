@@ -196,7 +196,7 @@ public actor PunchExecutor {
             // Ids are issued in order from 1, so an id below the next one belonged to a punch that has ended.
             return (1..<nextID).contains(id.rawValue) ? .alreadyFinished : .unknown
         }
-        apply(runtime, runtime.session.handle(.cancel))
+        cancelPunch(runtime)
         return .cancelled
     }
 
@@ -235,7 +235,7 @@ public actor PunchExecutor {
     public func shutdown() {
         admission.cancelAll()
         for runtime in runtimes.values.sorted(by: { $0.id < $1.id }) {
-            apply(runtime, runtime.session.handle(.cancel))
+            cancelPunch(runtime)
         }
         acceptTask?.cancel()
         acceptTask = nil

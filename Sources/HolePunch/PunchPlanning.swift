@@ -52,8 +52,14 @@ extension PunchExecutor {
         )
         context = history.fill(context)
         context.attempt = context.peerHistory.attempts + 1
-        // The peer published a relayed address we can reach: the initiator can dial it (`PunchRelay.swift`).
-        context.relayAvailable = options.candidates.contains { $0.kind == .relayed && canReach($0.family) }
+        // The initiator dials the target's relayed address (`PunchRelay.swift`): for the initiator a relay can carry
+        // the connection when the peer published one we can reach; for the target when its own endpoint has one
+        // attached (the address it published), whether or not the initiator has an allocation too.
+        if options.role == .target {
+            context.relayAvailable = await endpoint.hasRelay
+        } else {
+            context.relayAvailable = options.candidates.contains { $0.kind == .relayed && canReach($0.family) }
+        }
         // Off the actor: a slow script must not hold up other punches (Lua calls are abandoned when they overrun).
         // A strategy never breaks a punch: a failing one is replaced by the built-in plan, never silently.
         let decision = await strategy.detachedDecision(context)

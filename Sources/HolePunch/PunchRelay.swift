@@ -11,7 +11,9 @@ import HolePunchStrategy
 ///
 /// The target needs nothing new to accept: the Initial arrives on its relayed route and is admitted by the session's
 /// server name. It delivers that connection at once too, and keeps answering probes until its punch ends, so the
-/// initiator can prove a direct pair.
+/// initiator can prove a direct pair. A target whose punch ends without a connection while its plan uses the relay
+/// (and its endpoint has one) keeps accepting the initiator's relayed dial until that dial's end
+/// (`PunchPlan.relayAcceptEnd`): "punch, then relay" dials when both punches have given up.
 extension PunchExecutor {
     /// The peer's relayed address when this punch may connect through it (the plan's `relay` is not `never`).
     func relayTarget(_ runtime: PunchRuntime) -> SocketAddress? {
@@ -40,13 +42,51 @@ extension PunchExecutor {
         dialRelay(runtime, relayed)
     }
 
-    /// A punch about to fail that may still connect through the relay (`after(d)` before `d`): dials it, and the
-    /// failure waits for that dial. True when it did.
+    /// A punch about to fail that may still connect through the relay: the initiator dials it (`after(d)` before
+    /// `d`), the target waits for that dial (`awaitRelayedDial`); the failure waits for the outcome. True
+    /// when it does.
     func relayInsteadOfFailing(_ runtime: PunchRuntime, code: PunchFailureCode) -> Bool {
-        guard code != .cancelled, !runtime.relayTried, let relayed = relayTarget(runtime) else { return false }
+        guard code != .cancelled, !runtime.relayTried else { return false }
+        if runtime.options.role == .target { return awaitRelayedDial(runtime, code: code) }
+        guard let relayed = relayTarget(runtime) else { return false }
         runtime.failureAwaitingRelay = code
         dialRelay(runtime, relayed)
         return true
+    }
+
+    /// A target punch that ended without a connection keeps its session admitted until the initiator's relayed dial
+    /// can no longer arrive (`PunchPlan.relayAcceptEnd` after the start), when its plan uses the relay and its
+    /// endpoint has one: the initiator dials the relay only when its own punch has given up, or at the plan's delay,
+    /// and both sides' punches end alike (macula's "punch, then relay" found nobody accepting before this). A target
+    /// never dials, so its probing stops; only the relayed Initial is awaited. True when it waits.
+    private func awaitRelayedDial(_ runtime: PunchRuntime, code: PunchFailureCode) -> Bool {
+        guard runtime.context.relayAvailable, let window = runtime.session.configuration.plan.relayAcceptEnd else { return false }
+        let end = runtime.session.configuration.startAt + nanoseconds(window)
+        guard clock.now() < end else { return false }
+        runtime.relayTried = true
+        runtime.failureAwaitingRelay = code
+        let (id, clock) = (runtime.id, clock)
+        runtime.relayDial = Task {
+            do { try await clock.sleep(until: end) } catch { return }
+            self.relayWaitEnded(id)
+        }
+        logger.debug("punch ended; accepting the relayed dial", metadata: [
+            "punch.id": "\(runtime.id)", "punch.outcome": "\(code.rawValue)",
+        ])
+        return true
+    }
+
+    /// The target's wait for the relayed dial is over with no connection: the punch fails as it would have.
+    private func relayWaitEnded(_ id: PunchID) {
+        guard let runtime = runtimes[id], runtime.relayed == nil, let code = runtime.failureAwaitingRelay else { return }
+        fail(runtime, code: code)
+    }
+
+    /// Cancels a punch: through its session while it runs; a punch whose session has ended (it only awaits the relay)
+    /// ends here, since its session has nothing left to cancel.
+    func cancelPunch(_ runtime: PunchRuntime) {
+        let actions = runtime.session.handle(.cancel)
+        if actions.isEmpty { fail(runtime, code: .cancelled) } else { apply(runtime, actions) }
     }
 
     /// Relayed dials one punch makes at most (the first and two more after handshake timeouts).
@@ -140,7 +180,10 @@ extension PunchExecutor {
             Task { await connection.close(errorCode: PunchExecutor.duplicateCode, reason: "punch already ended") }
             return true
         }
+        // A target past its punch (`awaitRelayedDial`) stops waiting: the relayed dial came.
+        runtime.relayDial?.cancel()
         deliverRelayed(runtime, connection: connection, remote: connection.remoteAddress)
+        if runtime.failureAwaitingRelay != nil { finishRelayed(runtime) }
         return true
     }
 

@@ -19,6 +19,10 @@ extension Endpoint {
         relays[framing.server] = framing
     }
 
+    /// Whether a relay allocation is attached: a peer can then reach this endpoint at its relayed address (a target
+    /// punch accepts the initiator's relayed dial by it, `PunchRelay.swift`).
+    package var hasRelay: Bool { !relays.isEmpty }
+
     /// Detaches the relay at `server`: its datagrams are plain datagrams again, and sends on relayed routes through
     /// it are refused (counted in ``EndpointStats/relaySendsRefused``). Connections on such a route stay open: they
     /// move to another validated path, or end at their idle timeout.

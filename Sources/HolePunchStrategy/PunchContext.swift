@@ -64,7 +64,9 @@ public struct PunchContext: Sendable, Hashable, Codable {
     /// The limits the plan will be clamped into, so a strategy can size itself.
     public var limits: PlanLimits
     /// Whether a TURN relay is available for this punch (the rendezvous granted credentials and an allocation can
-    /// be made), so a plan's `PunchPlan.relay` can take effect.
+    /// be made), so a plan's `PunchPlan.relay` can take effect. The target's allocation carries the connection: the
+    /// executor sets it for an initiator when the peer published a relayed address it can reach, and for a target
+    /// when its own endpoint has a relay attached.
     public var relayAvailable: Bool = false
 
     /// Creates a context.

@@ -361,23 +361,23 @@ extension NATModel {
     /// counted: a client that keeps its allocation's nonce skips it.
     public static let relaySetupRTTs = 2
 
-    /// When the relay would carry the connection under `use`, measured from the punch's start; nil for `never`.
-    static func relayTime(_ use: RelayUse, rtt: Duration) -> Duration? {
-        switch use {
-        case .never: nil
-        case .first: rtt * relaySetupRTTs
-        case .after(let delay): delay + rtt * relaySetupRTTs
-        }
+    /// When the relay would carry the connection under `plan`, measured from the punch's start: its relayed dial's
+    /// start (`PunchPlan.relayDialStart`) plus the relay's setup; nil for `never`.
+    static func relayTime(_ plan: PunchPlan, rtt: Duration) -> Duration? {
+        plan.relayDialStart.map { $0 + rtt * relaySetupRTTs }
     }
 
-    /// Where a modelled attempt's connection runs, and when the relay starts carrying it. The relay comes up at the
-    /// earlier of the two sides' relay times (either side may dial through its allocation), only when a relay is
-    /// available. A punch that succeeds before then never touches the relay; one that succeeds later moves the
-    /// connection from the relay to the direct path; one that fails leaves it relayed.
+    /// Where a modelled attempt's connection runs, and when the relay starts carrying it. As in the executor, the
+    /// initiator (A) dials the target's relayed address, from its plan's relay time, only when a relay is
+    /// available; the target (B) accepts that dial while it punches (to its timeout) and, when its plan uses the
+    /// relay, after its punch ended too, to `PunchPlan.relayAcceptEnd`: a dial that starts later finds nobody. A
+    /// punch that succeeds before the relay carries the connection never touches it; one that succeeds later moves
+    /// the connection from the relay to the direct path; one that fails leaves it relayed.
     public static func path(success: Bool, planA: PunchPlan, planB: PunchPlan, outcome: PunchOutcome,
                             relayAvailable: Bool, rtt: Duration) -> (path: String, relayAt: Duration?) {
-        let times = [planA.relay, planB.relay].compactMap { relayTime($0, rtt: rtt) }
-        let relayAt = relayAvailable ? times.min() : nil
+        let accepting = max(planB.timeout, planB.relayAcceptEnd ?? .zero)
+        let reached = relayAvailable && (planA.relayDialStart.map { $0 < accepting } ?? false)
+        let relayAt = reached ? relayTime(planA, rtt: rtt) : nil
         switch (outcome, relayAt) {
         case (.success(let ttc, _, _, _), let at?) where at < ttc: return ("relay → direct", at)
         case (.success, _): return ("direct", nil)

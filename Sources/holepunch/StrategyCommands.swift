@@ -127,10 +127,12 @@ struct StrategySimulateCommand: AsyncParsableCommand {
             unknown. The estimate comes from a simple model: exact for cone mappings, port coverage for \
             sequential allocation, a birthday estimate for random allocation; it ignores loss and timing.
 
-            With --relay (ctx.relay_available), the relay carries the connection from the earlier of the two plans' \
-            relay times (the plan's delay, none for "first", plus two RTTs to set up the allocation): the path column \
-            says "direct" when the punch succeeds before that, "relay → direct" when it succeeds later, "relayed" \
-            when the punch fails, each with the time the relay starts carrying the connection.
+            With --relay (ctx.relay_available), the relay carries the connection from the initiator's relay time \
+            (its plan's delay, none for "first", cut to its timeout, plus two RTTs to set up the allocation) if the \
+            target still accepts then (to its timeout, or after its punch too when its plan uses the relay): the path \
+            column says "direct" when the punch succeeds before that, "relay → direct" when it succeeds later, \
+            "relayed" when the punch fails, "none" when nothing connects, each with the time the relay starts \
+            carrying the connection.
 
             Attempts are a series to the same peer: each attempt's modelled outcome (success when the estimate is \
             at least 50 %) goes into each side's history (ctx.history) and to its on_result, and each side runs its \

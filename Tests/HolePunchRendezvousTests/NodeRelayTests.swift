@@ -33,6 +33,8 @@ struct RelayFirstStrategy: PunchStrategy {
     var directPorts: [UInt16]?
     var interval: Duration = .milliseconds(300)
     var timeout: Duration = .seconds(3)
+    /// Probe rounds with `directPorts`: few make the punch end early (`allPortsFailed`), as macula.lua's do in the lab.
+    var rounds = 50
 
     func plan(_ ctx: PunchContext) -> PunchPlan {
         var plan = DefaultStrategy().plan(ctx)
@@ -41,7 +43,7 @@ struct RelayFirstStrategy: PunchStrategy {
             plan.ports = PortList(ports: directPorts)
             plan.packetsPerRound = 1
             plan.interval = interval
-            plan.rounds = 50
+            plan.rounds = rounds
             plan.dialCandidatesDirectly = false
             plan.timeout = timeout
         }
@@ -115,6 +117,15 @@ struct NodeRelayTests {
 
     static func payload(_ size: Int) -> [UInt8] {
         (0..<size).map { UInt8(truncatingIfNeeded: ($0 &* 2_654_435_761) >> 13) }
+    }
+
+    /// Sends `payload` on a new stream of `connection`; returns what `peer` read from that stream (within 30 s).
+    static func transfer(_ payload: [UInt8], over connection: QUICConnection, to peer: QUICConnection) async throws -> [UInt8]? {
+        let reader = Task { try await peer.acceptStream()?.readToEnd(limit: payload.count + 1) }
+        let stream = try await connection.openStream()
+        try await stream.write(payload)
+        try await stream.finish()
+        return try await withDeadline(.seconds(30)) { try await reader.value }
     }
 
     static func firstIncoming(_ node: HolePunchNode) async throws -> QUICConnection? {
@@ -234,13 +245,35 @@ struct NodeRelayTests {
                 return left.isEmpty && right.isEmpty
             })
             let payload = Self.payload(256 << 10)
-            let reader = Task { try await peer.acceptStream()?.readToEnd(limit: 1 << 20) }
-            let stream = try await connection.openStream()
-            try await stream.write(payload)
-            try await stream.finish()
-            #expect(try await withDeadline(.seconds(30)) { try await reader.value } == payload)
+            #expect(try await Self.transfer(payload, over: connection, to: peer) == payload)
             let paths = await connection.paths()
             #expect(paths.filter(\.isActive).map(\.route) == [.direct(relayedA)], "\(paths)")
+            await b.stop()
+            await a.stop()
+        }
+    }
+
+    @Test("punch, then relay (macula's order): the target's punch ran out of rounds long before the initiator dials the relay, and the connection is relayed all the same")
+    func relayAfterTheTargetGaveUp() async throws {
+        try await Self.withCoturn { harness, _ in
+            // No direct path either way. The target's 3 rounds of 300 ms end its punch (allPortsFailed) after ~0.9 s;
+            // the initiator probes on and dials the relay at 2 s. As in the lab, only the target allocates.
+            let silent = try UDPDatagramSocket(binding: .loopbackV4(port: 0))
+            let after = RelayUse.after(.seconds(2))
+            let target = RelayFirstStrategy(use: after, directPorts: [silent.localAddress.port], rounds: 3)
+            let a = try await Self.node(Identities.a, harness, admission: .any, strategy: target)
+            let relayedA = try #require(await a.relayedAddress())
+            var options = HolePunchNode.Options(bind: .loopbackV4(port: 0), strategy: RelayFirstStrategy(use: after, directPorts: [silent.localAddress.port]),
+                                                lanAddresses: [], discoversNAT: false)
+            options.usesRelay = false
+            let b = try await HolePunchNode.start(identity: Identities.b, rendezvous: harness.server.address,
+                                                  rendezvousID: harness.server.nodeID, options: options)
+            let connection = try await b.connect(to: Identities.a.nodeID)
+            #expect(connection.remoteAddress == relayedA, "the punch's result is the relayed connection")
+            let peer = try #require(try await withDeadline(.seconds(10)) { try await Self.firstIncoming(a) })
+            let payload = Self.payload(64 << 10)
+            #expect(try await Self.transfer(payload, over: connection, to: peer) == payload)
+            #expect(await eventually(.seconds(10)) { await a.executor.activePunches().isEmpty })
             await b.stop()
             await a.stop()
         }

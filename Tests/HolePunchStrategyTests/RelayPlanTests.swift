@@ -150,6 +150,40 @@ extension LuaTests {
             #expect(alone.first?.relayMs == nil)
         }
 
+        @Test func maculaPunchesThenRelaysAndItsTargetWaitsForTheRelayedDial() throws {
+            let pair = [(try #require(SimulatedNAT.named("symmetric_seq")), try #require(SimulatedNAT.named("symmetric_random")))]
+            let s = try LuaStrategy(path: LuaTests.shippedPath("macula"))
+            let plan = try s.plan(try Self.pair("symmetric_seq", "symmetric_random", relay: true))
+            // The initiator dials at the timeout; the target accepts that dial to its connect timeout and a second more.
+            #expect(plan.relayDialStart == plan.timeout)
+            #expect(plan.relayAcceptEnd == plan.timeout + plan.connectTimeout + .seconds(1))
+            let rows = StrategySimulator.simulate(s, pairs: pair, attempts: 1, relayAvailable: true)
+            #expect(rows.first?.path == "relayed", "\(rows)")
+            #expect(rows.first?.relayMs == plan.timeout.milliseconds + 160)
+        }
+
+        @Test func simulatorRelaysOnlyTheInitiatorsDialAndOnlyWhileTheTargetAccepts() throws {
+            let pair = [(try #require(SimulatedNAT.named("symmetric_seq")), try #require(SimulatedNAT.named("symmetric_random")))]
+            func strategy(_ relay: String) throws -> LuaStrategy {
+                try LuaStrategy(source: """
+                    return { plan = function(ctx) return { ports = ctx.ports, timeout_ms = 3000, relay = \(relay) } end }
+                    """)
+            }
+            // The initiator dials at 5 s, past the target's 3 s punch; a target whose plan does not use the relay
+            // stopped accepting when its punch ended.
+            let late = try strategy("{ after_ms = 5000 }")
+            let gone = StrategySimulator.simulate(late, peer: try strategy("\"never\""), pairs: pair, attempts: 1,
+                                                  relayAvailable: true)
+            #expect(gone.first?.path == "none", "\(gone)")
+            // The same dial reaches a target whose plan uses the relay: it waits for the dial after its punch ended.
+            let waits = StrategySimulator.simulate(late, peer: late, pairs: pair, attempts: 1, relayAvailable: true)
+            #expect(waits.first?.path == "relayed", "\(waits)")
+            // Only the initiator dials: a target's `first` carries nothing when the initiator's plan says never.
+            let targetOnly = StrategySimulator.simulate(try strategy("\"never\""), peer: try strategy("\"first\""),
+                                                        pairs: pair, attempts: 1, relayAvailable: true)
+            #expect(targetOnly.first?.path == "none", "\(targetOnly)")
+        }
+
         @Test func simulatorKeepsAnEasyPairOffTheRelay() throws {
             let cone = try #require(SimulatedNAT.named("full_cone"))
             let s = try LuaStrategy(path: LuaTests.shippedPath("default"))

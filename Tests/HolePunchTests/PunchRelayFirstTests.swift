@@ -18,8 +18,42 @@ struct RelayAtOnceStrategy: PunchStrategy {
     }
 }
 
+/// ``FixedStrategy``'s 5 short rounds with the relay at once and a 10 s handshake timeout: against silent addresses the
+/// probing ends (`allPortsFailed`) long before the relayed dial does.
+struct RelayAwaitStrategy: PunchStrategy {
+    let name = "test-relay-await"
+
+    func plan(_ ctx: PunchContext) throws -> PunchPlan {
+        var plan = try FixedStrategy(rounds: 5, timeout: .seconds(20)).plan(ctx)
+        plan.relay = .first
+        plan.connectTimeout = .seconds(10)
+        return plan
+    }
+}
+
 @Suite("Relay-first punches")
 struct PunchRelayFirstTests {
+    @Test("cancelling a punch whose probing failed while its relayed dial still runs ends it at once, as cancelled")
+    func cancelWhileAwaitingTheRelayedDial() async throws {
+        let (a, b, initiator, _, key) = try await punchPair()
+        let silent = try SilentSocket()
+        let relay = try SilentSocket()
+        var dialling = options(to: b, ports: [silent.port], session: "awaiting", key: key, role: .initiator,
+                               expecting: PunchIdentities.b.nodeID, strategy: RelayAwaitStrategy())
+        dialling.candidates = [Candidate(kind: .serverReflexive, address: .loopbackV4(port: silent.port)),
+                               Candidate(kind: .relayed, address: .loopbackV4(port: relay.port))]
+        let handle = await initiator.startPunch(dialling)
+        // The session has ended; the punch waits only for the relayed dial's outcome.
+        #expect(await eventually(.seconds(5)) { await initiator.activePunches().first?.phase == "failed(allPortsFailed)" })
+        #expect(await initiator.cancel(handle.id) == .cancelled)
+        let result = try await withDeadline(.seconds(3)) { await handle.result() }
+        #expect(throws: PunchError.self) { try result.get() }
+        if case .failure(let error) = result { #expect(error.code == .cancelled) }
+        #expect(await initiator.activePunches().isEmpty)
+        await a.close()
+        await b.close()
+    }
+
     @Test("a relay-first punch returns its relayed connection once we verified the target, before the target confirms (its Finished never arrives there)")
     func relayedDialReturnsBeforeConfirmation() async throws {
         let (a, b, initiator, target, key) = try await punchPair()
