@@ -22,6 +22,11 @@ final class SecondPort: Sendable {
     private let clientDatagramLimit: Int
     private let holdsQUIC: Duration?
     private let state = Mutex<(client: SocketAddress?, running: Bool, fromClient: Int)>((nil, true, 0))
+    /// The initiator's first datagram (its Initial) and how many datagrams carried exactly those bytes.
+    private let first = Mutex<(bytes: [UInt8], count: Int)>(([], 0))
+
+    /// How many times the initiator's first datagram came through: its handshake's packet copies.
+    var copiesOfFirstClientDatagram: Int { first.withLock { $0.count } }
 
     init(to target: SocketAddress, clientDatagramLimit: Int = .max, holdsQUIC: Duration? = nil) throws {
         socket = try UDPDatagramSocket(binding: .loopbackV4(port: 0))
@@ -46,6 +51,10 @@ final class SecondPort: Sendable {
             guard let (bytes, from) = socket.receive(timeoutMilliseconds: held.isEmpty ? 20 : 1) else { continue }
             let destination: SocketAddress? = state.withLock { state in
                 if from == target { return state.client }
+                first.withLock { first in
+                    if first.bytes.isEmpty { first.bytes = bytes }
+                    if first.bytes == bytes { first.count += 1 }
+                }
                 guard state.fromClient < clientDatagramLimit else { return nil }
                 state.fromClient += 1
                 state.client = from

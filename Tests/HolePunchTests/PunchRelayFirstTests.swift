@@ -9,11 +9,14 @@ import Testing
 /// The plan of ``FixedStrategy`` with the relay at once.
 struct RelayAtOnceStrategy: PunchStrategy {
     let name = "test-relay-first"
+    /// The plan's handshake copies (1: FixedStrategy's).
+    var handshakeCopies = 1
 
     func plan(_ ctx: PunchContext) throws -> PunchPlan {
         var plan = try FixedStrategy(interval: .milliseconds(50), rounds: 40, timeout: .seconds(4)).plan(ctx)
         plan.relay = .first
         plan.connectTimeout = .seconds(2)
+        plan.handshakeCopies = handshakeCopies
         return plan
     }
 }
@@ -40,6 +43,32 @@ struct PunchRelayFirstTests {
         let connection = try await withDeadline(.seconds(10)) { try await handle.value() }
         #expect(connection.remoteAddress == relay.address)
         #expect(connection.peerNodeID == PunchIdentities.b.nodeID)
+        _ = await initiator.cancel(handle.id)
+        _ = await target.cancel(accepting.id)
+        await connection.close()
+        await a.close()
+        await b.close()
+    }
+
+    @Test("the relayed dial sends its handshake datagrams as many times as the plan's handshake copies, as punch dials do")
+    func relayedDialSendsHandshakeCopies() async throws {
+        let (a, b, initiator, target, key) = try await punchPair()
+        // The relayed leg crosses the same lossy links as the punch: the copies a lossy plan asks for matter there too.
+        let relay = try SecondPort(to: b.localAddress)
+        defer { relay.close() }
+        let silent = try SilentSocket()
+        var strategy = RelayAtOnceStrategy()
+        strategy.handshakeCopies = 2
+        var dialling = options(to: b, ports: [silent.port], session: "copies", key: key, role: .initiator,
+                               expecting: PunchIdentities.b.nodeID, strategy: strategy)
+        dialling.candidates = [Candidate(kind: .serverReflexive, address: .loopbackV4(port: silent.port)),
+                               Candidate(kind: .relayed, address: relay.address)]
+        let accepting = await target.startPunch(options(to: a, ports: [silent.port], session: "copies", key: key,
+                                                        role: .target, expecting: PunchIdentities.a.nodeID))
+        let handle = await initiator.startPunch(dialling)
+        let connection = try await withDeadline(.seconds(10)) { try await handle.value() }
+        #expect(connection.remoteAddress == relay.address)
+        #expect(relay.copiesOfFirstClientDatagram == 2, "the Initial went through the relay \(relay.copiesOfFirstClientDatagram) time(s)")
         _ = await initiator.cancel(handle.id)
         _ = await target.cancel(accepting.id)
         await connection.close()
