@@ -189,8 +189,9 @@ let package = Package(
         ),
         .testTarget(
             name: "HolePunchQUICTests",
-            // STUN and HolePunch: the relayed path's acceptance tests run our TURN client against coturn.
-            dependencies: ["HolePunchQUIC", "HolePunchNet", "HolePunchSTUN", "HolePunch", "ProcessTestSupport"],
+            // STUN and HolePunch: the relayed path's acceptance tests run our TURN client against coturn (and a
+            // punch's plan, from HolePunchStrategy, against the relay stand-in).
+            dependencies: ["HolePunchQUIC", "HolePunchNet", "HolePunchSTUN", "HolePunch", "HolePunchStrategy", "ProcessTestSupport"],
             swiftSettings: swiftSettings
         ),
         .testTarget(

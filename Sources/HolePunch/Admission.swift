@@ -17,8 +17,8 @@ final class Admission: Sendable {
         /// The punch; nil only for entries made by ``expect(_:session:hints:)`` alone.
         var punch: PunchID?
         var node: NodeID
-        /// Set once a target punch runs; nil while its plan is being made, and always for an initiator. Only an
-        /// entry with hints admits a handshake.
+        /// Set once a target punch runs; nil while its plan is being made, again once it delivered a relayed
+        /// connection, and always for an initiator. Only an entry with hints admits a handshake.
         var hints: HandshakeHints?
         var proven: Set<SocketAddress> = []
         /// Cancelled while its plan was being made: it ends as cancelled as soon as the plan arrives.
@@ -119,6 +119,14 @@ final class Admission: Sendable {
             table.sessions[session]?.proven.insert(address)
             table.proving[address, default: []].insert(session)
         }
+    }
+
+    /// Admits no more handshakes for `session`, whose punch goes on: a target that delivered its relayed connection
+    /// reaches a direct path by moving that connection, never by a second handshake. A handshake admitted now would
+    /// be confirmed and then closed as a duplicate, and an initiator that saw the confirmation but not the close
+    /// (sent once, on a lossy path) would keep a connection the target dropped.
+    func admitsNoMoreHandshakes(session: String) {
+        table.withLock { $0.sessions[session]?.hints = nil }
     }
 
     /// Removes `session`: its punch has ended (or never started).

@@ -94,6 +94,7 @@ extension PunchExecutor {
     /// the move to a direct path (`PunchRelay.swift`), and ends with ``finishRelayed(_:)``.
     func deliverRelayed(_ runtime: PunchRuntime, connection: QUICConnection, remote: SocketAddress) {
         runtime.relayed = connection
+        if runtime.options.role == .target { admission.admitsNoMoreHandshakes(session: runtime.options.sessionID) }
         let elapsed = elapsedSinceStart(runtime)
         let success = PunchSuccess(
             remoteAddress: remote, localPort: endpoint.localAddress.port, timeToConnect: elapsed,

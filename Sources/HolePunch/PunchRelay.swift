@@ -104,9 +104,17 @@ extension PunchExecutor {
         // confirmation because the target may refuse all but one of several; a relayed dial is the punch's only
         // dial to the target's allocation, made as the target starts its punch, so a refusal needs the target's
         // punch to end within that round trip, and then the app's first stream operation fails (`handshakeFailed`).
+        // Not so while a direct dial runs beside it (`after(d)` with the first candidate dialled at once): the target
+        // ends its punch with whichever handshake completes there first and refuses the other, so this one too waits
+        // for the target's confirmation; returning early gave the app a relayed connection the target had refused
+        // while the target kept the direct one, which this punch then closed as a duplicate.
+        let alone = runtime.dials.isEmpty
+        // The relayed leg crosses the same lossy links as the punch (ours to the relay, the relay's to the target): the
+        // plan's copies of every handshake datagram apply to it as to the punch's dials.
         let options = ConnectOptions(initialRTT: plan.initialRTT, handshakeTimeout: plan.connectTimeout,
                                      serverName: PunchExecutor.serverName(forSession: runtime.options.sessionID),
-                                     alpn: runtime.options.alpn, returnsBeforeConfirmation: true)
+                                     handshakePacketCopies: plan.handshakeCopies, alpn: runtime.options.alpn,
+                                     returnsBeforeConfirmation: alone)
         runtime.events.yield(.connecting(to: relayed))
         runtime.relayDial = Task {
             let result: Result<QUICConnection, any Error>

@@ -283,9 +283,14 @@ package struct MatrixRunner {
         let b = try Identity.generate(commonName: "lab-peer-b")
         try b.save(to: idB)
         let before = await lab.packetCounter("nat-a") + lab.packetCounter("nat-b")
-        func peerArguments(identity: String, nat: String) -> [String] {
+        // Each peer's whole run is bounded (`lab peer --timeout`); a target cut off there closes its connection at once
+        // (code 0), which the initiator would report as a failed echo. A connection that starts relayed has one phase
+        // more (the initiator waits up to 5 s for the move to a direct path, then echoes again), and the target starts
+        // before the initiator and closes after it: their budgets cover that, so only the product can fail the echo.
+        let budget = punchTimeout + 10 + (relay ? 10 : 0)
+        func peerArguments(identity: String, nat: String, timeout: Double) -> [String] {
             var arguments = [lab.executable, "lab", "peer", "--rendezvous-id", rdvNode, "--identity", identity,
-                             "--strategy", strategy, "--punch-timeout", "\(punchTimeout)", "--timeout", "\(punchTimeout + 10)"]
+                             "--strategy", strategy, "--punch-timeout", "\(punchTimeout)", "--timeout", "\(timeout)"]
             arguments += discover ? ["--discover"] + (discoverFirst ? ["--discover-first"] : []) : ["--nat", nat]
             if dualStack { arguments += ["--bind", "[::]:0"] }
             if transfer > 0 { arguments += ["--transfer", "\(transfer)"] }
@@ -294,7 +299,8 @@ package struct MatrixRunner {
         // The peer behind the mapping router asks for a mapping (the target publishes it before it reports ready).
         let mapsA = portMappingRouter == "a" ? ["--port-mapping"] : [], mapsB = portMappingRouter == "b" ? ["--port-mapping"] : []
         let ready = lab.file("target.ready")
-        let target = try lab.exec("peer-b", peerArguments(identity: idB, nat: pair.1) + mapsB + ["--ready-file", ready], stem: "target")
+        let target = try lab.exec("peer-b", peerArguments(identity: idB, nat: pair.1, timeout: budget + 5) + mapsB + ["--ready-file", ready],
+                                  stem: "target")
         let end = ContinuousClock.now + .seconds(15)
         while !FileManager.default.fileExists(atPath: ready), target.process.isRunning, ContinuousClock.now < end {
             try await Task.sleep(for: .milliseconds(5))
@@ -304,8 +310,9 @@ package struct MatrixRunner {
             return TrialResult(ok: false, rounds: 0, packets: 0, error: "targetNotRegistered",
                                message: (target.lastJSON?["message"] as? String) ?? target.errors.split(separator: "\n").last.map(String.init))
         }
-        let initiator = try lab.exec("peer-a", peerArguments(identity: idA, nat: pair.0) + mapsA + ["--connect", "\(b.nodeID)"], stem: "initiator")
-        let limit = Duration.milliseconds(Int((punchTimeout + 15) * 1000))
+        let initiator = try lab.exec("peer-a", peerArguments(identity: idA, nat: pair.0, timeout: budget) + mapsA + ["--connect", "\(b.nodeID)"],
+                                     stem: "initiator")
+        let limit = Duration.milliseconds(Int((budget + 5) * 1000))
         _ = await initiator.wait(limit)
         _ = await target.wait(.seconds(8))
         let after = await lab.packetCounter("nat-a") + lab.packetCounter("nat-b")

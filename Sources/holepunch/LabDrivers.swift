@@ -165,6 +165,8 @@ struct LabPeerCommand: AsyncParsableCommand {
     @Option(help: "After a first echo over the relay, wait up to this many seconds for the move to a direct path, then echo again.")
     var directWait: Double = 5
     @Option(help: "Send this many bytes more after the last line (and expect them echoed whole), 0–4194304.") var transfer = 0
+    @Flag(help: "Log the endpoint's and the punch's debug lines to standard error (the JSON lines stay on standard output).")
+    var verbose = false
 
     /// Seconds become whole milliseconds below: a non-finite or huge value would trap there.
     func validate() throws {
@@ -186,10 +188,16 @@ struct LabPeerCommand: AsyncParsableCommand {
             guard let known = labProfile(nat) else { throw ValidationError("unknown NAT type \(nat)") }
             profile = known
         }
+        let logs = verbose
+        var logger = Logger(label: "holepunch.lab.peer", factory: { label in
+            logs ? StreamLogHandler.standardError(label: label) as any LogHandler : SwiftLogNoOpLogHandler()
+        })
+        logger.logLevel = .debug
         let endpoint = try await Endpoint.bind(try SocketAddress(parsing: bind),
                                                configuration: EndpointConfiguration(identity: try Identity.load(from: identity),
-                                                                                    acceptPolicy: .none))
-        let executor = PunchExecutor(endpoint: endpoint, configuration: .init(strategy: chosen))
+                                                                                    acceptPolicy: .none),
+                                               logger: logger)
+        let executor = PunchExecutor(endpoint: endpoint, configuration: .init(strategy: chosen), logger: logger)
         let server = try SocketAddress(parsing: rendezvous)
         // What `holepunch peer` publishes: without its host candidates, two peers on one LAN have no path.
         let hosts = Registration.hostCandidates(of: endpoint, rendezvous: server)

@@ -15,20 +15,31 @@ import Testing
 /// target's: the initiator can complete a handshake whose Finished never reaches the target. With `holdsQUIC` it
 /// holds datagrams of 1,000 bytes or more (QUIC's Initials and the flights answering them; probes are far smaller)
 /// for that long, in order, so that every probe through it is answered before a handshake through it completes.
+/// With `holdsSmallAnswers` it holds the target's datagrams under 1,000 bytes (probe answers, and what follows its
+/// padded handshake flight: HANDSHAKE_DONE, acknowledgements) that long: the target completes a handshake through it
+/// that the initiator cannot see confirmed until then.
 final class SecondPort: Sendable {
     let address: SocketAddress
     private let socket: UDPDatagramSocket
     private let target: SocketAddress
     private let clientDatagramLimit: Int
     private let holdsQUIC: Duration?
+    private let holdsSmallAnswers: Duration?
     private let state = Mutex<(client: SocketAddress?, running: Bool, fromClient: Int)>((nil, true, 0))
+    /// The initiator's first datagram (its Initial) and how many datagrams carried exactly those bytes.
+    private let first = Mutex<(bytes: [UInt8], count: Int)>(([], 0))
 
-    init(to target: SocketAddress, clientDatagramLimit: Int = .max, holdsQUIC: Duration? = nil) throws {
+    /// How many times the initiator's first datagram came through: its handshake's packet copies.
+    var copiesOfFirstClientDatagram: Int { first.withLock { $0.count } }
+
+    init(to target: SocketAddress, clientDatagramLimit: Int = .max, holdsQUIC: Duration? = nil,
+         holdsSmallAnswers: Duration? = nil) throws {
         socket = try UDPDatagramSocket(binding: .loopbackV4(port: 0))
         address = socket.localAddress
         self.target = target
         self.clientDatagramLimit = clientDatagramLimit
         self.holdsQUIC = holdsQUIC
+        self.holdsSmallAnswers = holdsSmallAnswers
         Thread { [self] in relay() }.start()
     }
 
@@ -46,13 +57,19 @@ final class SecondPort: Sendable {
             guard let (bytes, from) = socket.receive(timeoutMilliseconds: held.isEmpty ? 20 : 1) else { continue }
             let destination: SocketAddress? = state.withLock { state in
                 if from == target { return state.client }
+                first.withLock { first in
+                    if first.bytes.isEmpty { first.bytes = bytes }
+                    if first.bytes == bytes { first.count += 1 }
+                }
                 guard state.fromClient < clientDatagramLimit else { return nil }
                 state.fromClient += 1
                 state.client = from
                 return target
             }
             guard let destination else { continue }
-            if let hold = holdsQUIC, bytes.count >= 1_000 || !held.isEmpty {
+            if let hold = holdsSmallAnswers, from == target, bytes.count < 1_000 {
+                held.append((clock.now + hold, bytes, destination))
+            } else if let hold = holdsQUIC, bytes.count >= 1_000 || !held.isEmpty {
                 held.append((clock.now + hold, bytes, destination))
             } else {
                 _ = try? socket.send(bytes, to: destination)

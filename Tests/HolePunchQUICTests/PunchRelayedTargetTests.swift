@@ -1,0 +1,73 @@
+import ProcessTestSupport
+import Testing
+import HolePunchNet
+import HolePunchStrategy
+import HolePunchQUIC
+@testable import HolePunch
+
+/// A relay-first plan on loopback: probes every 50 ms for 2 s, the relay at once.
+private struct RelayFirstPlan: PunchStrategy {
+    let name = "test-relayed-target"
+
+    func plan(_ ctx: PunchContext) throws -> PunchPlan {
+        PunchPlan(ports: PortList(ports: ctx.candidatePorts), packetsPerRound: 1, interval: .milliseconds(50), rounds: 40,
+                  timeout: .seconds(4), connectTimeout: .seconds(2), startDelay: .zero, initialRTT: .milliseconds(20),
+                  dialCandidatesDirectly: false, relay: .first)
+    }
+}
+
+/// The target's side of a relayed punch, through ``TestRelay`` (the target owns the allocation, as with coturn).
+@Suite("A target punch with a relayed connection", .serialized)
+struct PunchRelayedTargetTests {
+    @Test("once the target delivered its relayed connection, it refuses another handshake of that punch's session (the direct path comes by a move): no connection the target confirms and then closes as a duplicate")
+    func targetRefusesHandshakesAfterRelayed() async throws {
+        let a = try await makeEndpoint(TestIdentities.a, policy: .none)
+        let b = try await makeEndpoint(TestIdentities.b, policy: .none)
+        let relay = try TestRelay(client: b.localAddress)
+        try await b.attachRelay(relay.framing())
+        let silent = try await makeEndpoint(TestIdentities.c, policy: .none)
+        defer { relay.close() }
+        let (initiator, target) = (PunchExecutor(endpoint: a), PunchExecutor(endpoint: b))
+        let key = (0..<32).map { _ in UInt8.random(in: 0...255) }
+        let session = "relayed-target"
+        // Neither side's probes reach the other (both aim at a silent endpoint): only the relayed dial connects.
+        let dialling = await initiator.startPunch(PunchOptions(
+            targetHost: "127.0.0.1", targetPorts: [silent.localAddress.port], sessionID: session, sessionKey: key,
+            role: .initiator, targetNodeID: TestIdentities.b.nodeID, strategy: RelayFirstPlan(),
+            candidates: [Candidate(kind: .serverReflexive, address: silent.localAddress),
+                         Candidate(kind: .relayed, address: relay.relayed)]))
+        let accepting = await target.startPunch(PunchOptions(
+            targetHost: "127.0.0.1", targetPorts: [silent.localAddress.port], sessionID: session, sessionKey: key,
+            role: .target, targetNodeID: TestIdentities.a.nodeID, strategy: RelayFirstPlan()))
+        let dialled = try await withDeadline(.seconds(10)) { try await dialling.value() }
+        let accepted = try await withDeadline(.seconds(10)) { try await accepting.value() }
+        #expect(await accepted.paths().contains { $0.isActive && $0.route.isRelayed }, "the target's connection is not relayed")
+        // What a direct dial of the initiator begun before the relayed one would bring, arriving now: the target
+        // must refuse it, not complete it. Completed, it is confirmed and then closed as a duplicate; that close is
+        // sent once, and an initiator that saw only the confirmation (a lossy path) keeps a connection the target
+        // has dropped. On loopback the close arrives: the dial fails either way, but only a refusal is a handshake
+        // failure.
+        let late: Result<QUICConnection, QUICError> = try await withDeadline(.seconds(10)) {
+            do {
+                return .success(try await a.connect(to: b.localAddress, expecting: TestIdentities.b.nodeID, options: ConnectOptions(
+                    initialRTT: .milliseconds(20), handshakeTimeout: .seconds(3),
+                    serverName: PunchExecutor.serverName(forSession: session))))
+            } catch let error as QUICError {
+                return .failure(error)
+            }
+        }
+        switch late {
+        case .success(let connection):
+            Issue.record("the target completed a second handshake of its relayed session")
+            await connection.abort()
+        case .failure(let error):
+            #expect(error.code == .handshakeFailed, "the target completed the handshake, then: \(error)")
+        }
+        _ = await initiator.cancel(dialling.id)
+        _ = await target.cancel(accepting.id)
+        await dialled.abort()
+        await silent.close()
+        await a.close()
+        await b.close()
+    }
+}
