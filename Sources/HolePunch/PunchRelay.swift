@@ -108,7 +108,9 @@ extension PunchExecutor {
         // ends its punch with whichever handshake completes there first and refuses the other, so this one too waits
         // for the target's confirmation; returning early gave the app a relayed connection the target had refused
         // while the target kept the direct one, which this punch then closed as a duplicate.
-        let alone = runtime.dials.isEmpty
+        // A birthday punch's extra sockets dial on their own (only socket 0's dials wait for the relayed one,
+        // `interceptDial`), so with extra sockets a direct dial may start beside it later: not alone either.
+        let alone = runtime.dials.isEmpty && runtime.sockets.count == 1
         // The relayed leg crosses the same lossy links as the punch (ours to the relay, the relay's to the target): the
         // plan's copies of every handshake datagram apply to it as to the punch's dials.
         let options = ConnectOptions(initialRTT: plan.initialRTT, handshakeTimeout: plan.connectTimeout,

@@ -139,8 +139,9 @@ package final class UDPDatagramSocket: Sendable {
     /// An error the kernel kept from an ICMP report about an *earlier* datagram does not cost this one: with
     /// `IP_RECVERR` on, Linux also leaves the report's error on the socket, and the next `sendto` to any address
     /// fails with it (`ECONNREFUSED` after a probe to a closed port) without sending anything. That call clears it,
-    /// so the send is tried again (at most twice more: one report at a time is kept, another may land meanwhile).
-    /// The report itself stays in the error queue for ``readErrorQueue()``.
+    /// so the send is tried again (at most twice more: one report at a time is kept, another may land meanwhile, and
+    /// each read of the error queue puts the next queued report's error back on the socket). The report itself stays
+    /// in the error queue for ``readErrorQueue()``.
     ///
     /// - Returns: `.wouldBlock` when the socket buffer is full (the datagram is lost, as on the wire).
     /// - Throws: ``DatagramError`` `.send` for a refusal of this datagram (no route, too big) or a report that
@@ -172,7 +173,8 @@ package final class UDPDatagramSocket: Sendable {
     /// `icmpv6_err_convert`), and `EINTR`: a failed `sendto` with one of these may not be about this datagram.
     private static func mayReportAnEarlierDatagram(_ code: Int32) -> Bool {
         switch code {
-        case ECONNREFUSED, EHOSTUNREACH, ENETUNREACH, EHOSTDOWN, EPROTO, ENOPROTOOPT, EMSGSIZE, EACCES, EOPNOTSUPP, EINTR:
+        case ECONNREFUSED, EHOSTUNREACH, ENETUNREACH, EHOSTDOWN, ENONET, EPROTO, ENOPROTOOPT, EMSGSIZE, EACCES, EOPNOTSUPP,
+             EINTR:
             true
         default:
             false

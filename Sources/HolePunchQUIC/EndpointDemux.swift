@@ -21,7 +21,7 @@ extension Endpoint {
                 read(core, packet: bytes, count: count, on: route)
                 return
             }
-            if let close = closing.answer(to: key, now: hp_now_ns()) {
+            if let close = closing.answer(to: key, on: route, size: count, now: hp_now_ns()) {
                 // A packet for a connection we closed: its peer missed the close (RFC 9000 §10.2.1).
                 counters.closesRepeated += 1
                 close.withUnsafeBytes { _ = send($0, on: route) }

@@ -214,7 +214,7 @@ extension Endpoint {
             // peer retransmits its Initials, which must not fill the table.
             let now = hp_now_ns()
             let linger = max(3 &* ngtcp2_conn_get_pto(conn), Self.closingLingerFloor)
-            closing.insert(cids: Array(core.localCIDs), datagram: datagram, expiry: now &+ linger, now: now)
+            closing.insert(cids: Array(core.localCIDs), datagram: datagram, route: core.paths.active, expiry: now &+ linger, now: now)
         }
         for key in core.localCIDs where router.routes[key] === core {
             router.routes[key] = nil

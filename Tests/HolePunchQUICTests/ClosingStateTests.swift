@@ -18,10 +18,13 @@ struct ClosingStateTests {
             var iterator = server.incoming.makeAsyncIterator()
             return await iterator.next()
         })
-        // The server's close (and whatever it sends just before) never reaches the client.
+        // The server's close (and whatever it sends just before) never reaches the client: dropping lasts until the
+        // forwarder has dropped every datagram the server sent up to and including the close.
+        let sentBefore = await server.stats.datagramsSent
         forwarder.dropFromServer(true)
         await accepted.abort(errorCode: 9, reason: "gone")
-        #expect(await eventually { forwarder.droppedFromServer >= 1 })
+        let sentWithClose = await server.stats.datagramsSent
+        #expect(await eventually { forwarder.droppedFromServer >= sentWithClose - sentBefore })
         forwarder.dropFromServer(false)
         // The client's next packet (an acknowledgement may already be on its way; this write makes sure of one)
         // reaches an endpoint that has freed the connection: it answers with the close.
@@ -41,19 +44,19 @@ struct ClosingStateTests {
         var table = ClosingTable()
         let close: [UInt8] = [0x40, 1, 2, 3]
         let first = cid(1), second = cid(2)
-        table.insert(cids: [first, second], datagram: close, expiry: 1_000, now: 0)
+        table.insert(cids: [first, second], datagram: close, route: Self.path, expiry: 1_000, now: 0)
         var answered: [Int] = []
-        for packet in 1...300 where table.answer(to: packet.isMultiple(of: 2) ? first : second, now: 10) == close {
+        for packet in 1...300 where table.answer(to: packet.isMultiple(of: 2) ? first : second, on: Self.path, size: 21, now: 10) == close {
             answered.append(packet)
         }
         // Both connection IDs count toward one connection's limit.
         #expect(answered == [1, 2, 4, 8, 16, 32, 64, 128])
-        #expect(table.answer(to: cid(3), now: 10) == nil, "not a closed connection's ID")
+        #expect(table.answer(to: cid(3), on: Self.path, size: 21, now: 10) == nil, "not a closed connection's ID")
 
         var expiring = ClosingTable()
-        expiring.insert(cids: [first], datagram: close, expiry: 100, now: 0)
-        #expect(expiring.answer(to: first, now: 99) == close)
-        #expect(expiring.answer(to: first, now: 100) == nil, "expired")
+        expiring.insert(cids: [first], datagram: close, route: Self.path, expiry: 100, now: 0)
+        #expect(expiring.answer(to: first, on: Self.path, size: 21, now: 99) == close)
+        #expect(expiring.answer(to: first, on: Self.path, size: 21, now: 100) == nil, "expired")
         #expect(expiring.count == 0)
     }
 
@@ -63,15 +66,28 @@ struct ClosingStateTests {
         let close: [UInt8] = [0x40, 9]
         for index in 0..<(ClosingTable.capacity + 10) {
             table.insert(cids: [cid(UInt8(truncatingIfNeeded: index), UInt8(truncatingIfNeeded: index >> 8))],
-                         datagram: close, expiry: 1_000, now: 0)
+                         datagram: close, route: Self.path, expiry: 1_000, now: 0)
         }
         #expect(table.count == ClosingTable.capacity)
-        #expect(table.answer(to: cid(0, 0), now: 1) == nil, "the oldest was dropped")
+        #expect(table.answer(to: cid(0, 0), on: Self.path, size: 21, now: 1) == nil, "the oldest was dropped")
         #expect(table.answer(to: cid(UInt8(truncatingIfNeeded: ClosingTable.capacity + 9), UInt8((ClosingTable.capacity + 9) >> 8)),
-                                 now: 1) == close)
-        table.insert(cids: [cid(0xFF, 0xFF)], datagram: close, expiry: 5_000, now: 2_000)
+                                 on: Self.path, size: 21, now: 1) == close)
+        table.insert(cids: [cid(0xFF, 0xFF)], datagram: close, route: Self.path, expiry: 5_000, now: 2_000)
         #expect(table.count == 1, "every earlier entry had expired")
     }
+
+    @Test("a packet from an address the connection was not on gets the close only within three times its size (no amplification)")
+    func answersElsewhereAreAmplificationLimited() {
+        var table = ClosingTable()
+        let close = [UInt8](repeating: 0x40, count: 90)
+        let elsewhere = PathRoute.direct(.loopbackV4(port: 9))
+        table.insert(cids: [cid(1)], datagram: close, route: Self.path, expiry: 1_000, now: 0)
+        #expect(table.answer(to: cid(1), on: elsewhere, size: 29, now: 1) == nil, "87 bytes received allow no 90-byte reply")
+        #expect(table.answer(to: cid(1), on: elsewhere, size: 30, now: 1) == close)
+        #expect(table.answer(to: cid(1), on: Self.path, size: 21, now: 1) == close, "the connection's own path")
+    }
+
+    private static let path = PathRoute.direct(.loopbackV4(port: 4433))
 
     private func cid(_ bytes: UInt8...) -> CIDKey {
         let full = bytes + [UInt8](repeating: 0xAB, count: localCIDLength - bytes.count)

@@ -147,11 +147,12 @@ struct PunchRelayFirstTests {
     @Test("a relay raced against a direct handshake the target completed first: both sides keep the direct connection (the relayed dial waits for confirmation while another dial runs)")
     func relayRacedAgainstDirectDialKeepsOneConnection() async throws {
         // The target's direct address: the handshake through it completes at the target at once, but its
-        // confirmation (and every probe answer) reaches the initiator only after 1.5 s, so no pair is proven when the
-        // relay's delay has passed and the relayed dial starts beside the direct one.
-        let (punch, relay, direct, silent) = try await Self.start(session: "race", strategy: RelayRaceStrategy(),
+        // confirmation (and every probe answer) reaches the initiator only after 2.5 s, so no pair is proven when the
+        // relay's delay (1 s) has passed and the relayed dial starts beside the direct one. The delay leaves the
+        // target's punch a second to end on its direct connection first (300 ms was too little in a loaded CI run).
+        let (punch, relay, direct, silent) = try await Self.start(session: "race", strategy: RelayRaceStrategy(delay: .seconds(1)),
                                                                    relay: { try SecondPort(to: $0) },
-                                                                   direct: { try SecondPort(to: $0, holdsSmallAnswers: .milliseconds(1_500)) })
+                                                                   direct: { try SecondPort(to: $0, holdsSmallAnswers: .milliseconds(2_500)) })
         defer {
             relay.close()
             direct?.close()
