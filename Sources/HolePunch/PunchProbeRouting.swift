@@ -107,6 +107,17 @@ extension PunchExecutor {
         if await acceptRelayed(runtime, connection: connection) { return }
         let id = runtime.session.acceptedConnectionID()
         runtime.connections[id] = connection
+        if runtime.failureAwaitingRelay != nil, runtime.relayed == nil, runtimes[runtime.id] === runtime {
+            // Past its punch and waiting for the relayed dial (`awaitRelayedDial`), the target still admits the
+            // session's handshakes: one the initiator had under way (a redial) completed now, and the initiator's dial
+            // returned at its confirmation. Its session has ended, so it would call this a duplicate and close it,
+            // leaving the initiator a dead connection; it is the punch's connection instead.
+            runtime.relayDial?.cancel()
+            runtime.relayDial = nil
+            runtime.failureAwaitingRelay = nil
+            succeed(runtime, connection: id)
+            return
+        }
         apply(runtime, runtime.session.handle(.accepted(id: id, socket: socket)))
     }
 }
