@@ -31,16 +31,22 @@ private struct RelayAfterPlan: PunchStrategy {
 /// The target's side of a relayed punch, through ``TestRelay`` (the target owns the allocation, as with coturn).
 @Suite("A target punch with a relayed connection", .serialized)
 struct PunchRelayedTargetTests {
-    @Test("once the target delivered its relayed connection, it refuses another handshake of that punch's session (the direct path comes by a move): no connection the target confirms and then closes as a duplicate")
-    func targetRefusesHandshakesAfterRelayed() async throws {
+    /// The initiator's endpoint `a`, the target's `b` with ``TestRelay`` attached (its allocation), a silent endpoint
+    /// both sides' probes aim at, and a session key.
+    static func relayedTarget() async throws -> (a: Endpoint, b: Endpoint, relay: TestRelay, silent: Endpoint, key: [UInt8]) {
         let a = try await makeEndpoint(TestIdentities.a, policy: .none)
         let b = try await makeEndpoint(TestIdentities.b, policy: .none)
         let relay = try TestRelay(client: b.localAddress)
         try await b.attachRelay(relay.framing())
         let silent = try await makeEndpoint(TestIdentities.c, policy: .none)
+        return (a, b, relay, silent, (0..<32).map { _ in UInt8.random(in: 0...255) })
+    }
+
+    @Test("once the target delivered its relayed connection, it refuses another handshake of that punch's session (the direct path comes by a move): no connection the target confirms and then closes as a duplicate")
+    func targetRefusesHandshakesAfterRelayed() async throws {
+        let (a, b, relay, silent, key) = try await Self.relayedTarget()
         defer { relay.close() }
         let (initiator, target) = (PunchExecutor(endpoint: a), PunchExecutor(endpoint: b))
-        let key = (0..<32).map { _ in UInt8.random(in: 0...255) }
         let session = "relayed-target"
         let accepting = await target.startPunch(PunchOptions(
             targetHost: "127.0.0.1", targetPorts: [silent.localAddress.port], sessionID: session, sessionKey: key,
@@ -87,14 +93,9 @@ struct PunchRelayedTargetTests {
 
     @Test("a target past its punch, waiting for the relayed dial, that completes a direct handshake of its session takes it as the punch's connection instead of closing it as a duplicate")
     func waitingTargetKeepsADirectHandshake() async throws {
-        let a = try await makeEndpoint(TestIdentities.a, policy: .none)
-        let b = try await makeEndpoint(TestIdentities.b, policy: .none)
-        let relay = try TestRelay(client: b.localAddress)
-        try await b.attachRelay(relay.framing())
-        let silent = try await makeEndpoint(TestIdentities.c, policy: .none)
+        let (a, b, relay, silent, key) = try await Self.relayedTarget()
         defer { relay.close() }
         let target = PunchExecutor(endpoint: b)
-        let key = (0..<32).map { _ in UInt8.random(in: 0...255) }
         let session = "waiting-target"
         let accepting = await target.startPunch(PunchOptions(
             targetHost: "127.0.0.1", targetPorts: [silent.localAddress.port], sessionID: session, sessionKey: key,
