@@ -36,11 +36,18 @@ extension PunchExecutor {
         ])
     }
 
-    /// Adds the other pairs proven both ways on the winning socket to the connection as extra paths, so that when
-    /// its path dies the connection can move to one of them instead of punching again.
+    /// Adds the other pairs proven both ways on the winning socket, then the other direct candidates the punch
+    /// checked, to the connection as extra paths, so that when its path dies the connection can move to one of them
+    /// instead of punching again. An added path carries nothing until the path layer validates it (a re-check when
+    /// the active path goes silent), so an unproven candidate costs a few probes then, nothing before: the punch stops
+    /// probing once its first handshake runs, and a pair whose answer was still on its way was never a fallback
+    /// before (`typedCandidatesWin` failed 3 runs in 24 on that).
     private func addFallbackPaths(_ runtime: PunchRuntime, to connection: QUICConnection, socket: Int) {
         let active = connection.remoteAddress
-        let others = runtime.session.pathsProvenBothWays(socket: socket).filter { $0 != active && $0.family == active.family }
+        let proven = runtime.session.pathsProvenBothWays(socket: socket)
+        let checked = runtime.checks.checked.filter { $0.kind != .relayed }.map(\.address)
+        var seen: Set<SocketAddress> = [active]
+        let others = (proven + checked).filter { $0.family == active.family && seen.insert($0).inserted }
         guard !others.isEmpty else { return }
         Task {
             // A path the table refuses (full, closed connection) is simply not a fallback.

@@ -108,9 +108,9 @@ extension PunchExecutor {
         // ends its punch with whichever handshake completes there first and refuses the other, so this one too waits
         // for the target's confirmation; returning early gave the app a relayed connection the target had refused
         // while the target kept the direct one, which this punch then closed as a duplicate.
-        // A birthday punch's extra sockets dial on their own (only socket 0's dials wait for the relayed one,
-        // `interceptDial`), so with extra sockets a direct dial may start beside it later: not alone either.
-        let alone = runtime.dials.isEmpty && runtime.sockets.count == 1
+        // Dials the session starts while this one runs, on any socket, wait for its outcome (`interceptDial`), so
+        // only dials already in flight can race it.
+        let alone = runtime.dials.isEmpty
         // The relayed leg crosses the same lossy links as the punch (ours to the relay, the relay's to the target): the
         // plan's copies of every handshake datagram apply to it as to the punch's dials.
         let options = ConnectOptions(initialRTT: plan.initialRTT, handshakeTimeout: plan.connectTimeout,
@@ -129,11 +129,12 @@ extension PunchExecutor {
         }
     }
 
-    /// Whether the session's dial to `to` is handled here: while the relayed dial runs it waits, once the relayed
-    /// connection exists it becomes a path move on it (socket 0 only; a birthday socket is another 5-tuple).
+    /// Whether the session's dial to `to` is handled here: while the relayed dial runs it waits (on every socket: a
+    /// direct handshake beside a relayed dial that returns at our Finished could be the one the target keeps), once
+    /// the relayed connection exists it becomes a path move on it (socket 0 only; a birthday socket is another
+    /// 5-tuple, dialled as before).
     func interceptDial(_ runtime: PunchRuntime, dial: Int, socket: Int, to: SocketAddress) -> Bool {
-        guard socket == 0 else { return false }
-        if let connection = runtime.relayed, connection.isClient {
+        if socket == 0, let connection = runtime.relayed, connection.isClient {
             moveToDirect(runtime, connection: connection, dial: dial, to: to)
             return true
         }
@@ -160,7 +161,13 @@ extension PunchExecutor {
                 finishRelayed(runtime)
                 return
             }
-            for (dial, _, to) in waiting { moveToDirect(runtime, connection: connection, dial: dial, to: to) }
+            for (dial, socket, to) in waiting {
+                if socket == 0 {
+                    moveToDirect(runtime, connection: connection, dial: dial, to: to)
+                } else {
+                    apply(runtime, [.dial(id: dial, socket: socket, to: to)])
+                }
+            }
         case .failure(let error):
             // The target opens its allocation to us when it hears of the punch, as we dial: on a loaded machine our
             // first Initials can reach the relay before that permission and be dropped (seen once in CI).

@@ -122,7 +122,7 @@ struct PunchCandidateLoopbackTests {
         await b.close()
     }
 
-    @Test("typed candidates: a silent LAN candidate and an unreachable family are skipped, a published pair wins and is reported; the other pair proven both ways becomes an extra path")
+    @Test("typed candidates: a silent LAN candidate and an unreachable family are skipped, a published pair wins and is reported; the other published pair becomes an extra path, proven or not yet")
     func typedCandidatesWin() async throws {
         let (a, b, initiator, target, key) = try await punchPair()
         // Two relayed addresses of the target, each holding QUIC's large datagrams for 50 ms, so that the proof of
