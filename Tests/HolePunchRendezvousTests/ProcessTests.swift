@@ -62,9 +62,10 @@ struct ProcessTests {
     func killTargetMidPunch() async throws {
         guard let binary = holepunchBinaryOrSkip() else { return }
         // A long start delay opens a window between the coordinate message and the first probe: the floor too, or
-        // the peers' RTT estimates would shorten it.
-        let rdv = try await LoopbackRendezvous(binary, prefix: "hp-rdv", extra: ["--start-delay-ms", "1500",
-                                                                                 "--min-start-delay-ms", "1500", "--no-stun"])
+        // the peers' RTT estimates would shorten it. 4 s: with 1.5 s a loaded CI run saw the coordinate and killed B
+        // only after A had connected at the start.
+        let rdv = try await LoopbackRendezvous(binary, prefix: "hp-rdv", extra: ["--start-delay-ms", "4000",
+                                                                                 "--min-start-delay-ms", "4000", "--no-stun"])
         defer { rdv.close() }
         let (dir, common) = (rdv.dir, ["peer"] + rdv.peerArguments + ["--no-nat-detect"])
         let (b, bID) = try await startWaitingPeer(binary, common, identity: "b.pem", in: dir)
