@@ -112,9 +112,7 @@ extension PunchExecutor {
             // session's handshakes: one the initiator had under way (a redial) completed now, and the initiator's dial
             // returned at its confirmation. Its session has ended, so it would call this a duplicate and close it,
             // leaving the initiator a dead connection; it is the punch's connection instead.
-            runtime.relayDial?.cancel()
-            runtime.relayDial = nil
-            runtime.failureAwaitingRelay = nil
+            stopAwaitingRelayedDial(runtime)
             succeed(runtime, connection: id)
             return
         }

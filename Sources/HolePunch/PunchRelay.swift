@@ -198,10 +198,19 @@ extension PunchExecutor {
             return true
         }
         // A target past its punch (`awaitRelayedDial`) stops waiting: the relayed dial came.
-        runtime.relayDial?.cancel()
+        let wasAwaiting = runtime.failureAwaitingRelay != nil
+        stopAwaitingRelayedDial(runtime)
         deliverRelayed(runtime, connection: connection, remote: connection.remoteAddress)
-        if runtime.failureAwaitingRelay != nil { finishRelayed(runtime) }
+        if wasAwaiting { finishRelayed(runtime) }
         return true
+    }
+
+    /// Ends a target's wait for the relayed dial (`awaitRelayedDial`): its timer stops and the failure it would have
+    /// reported is dropped, since a connection came.
+    func stopAwaitingRelayedDial(_ runtime: PunchRuntime) {
+        runtime.relayDial?.cancel()
+        runtime.relayDial = nil
+        runtime.failureAwaitingRelay = nil
     }
 
     /// Moves the relayed connection to the direct path `to` the session proved: validate, then switch. The punch
